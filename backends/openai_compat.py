@@ -1,0 +1,314 @@
+"""`OpenAICompatBackend` (kind `openai`): any OpenAI-compatible server (vLLM, llama.cpp, Ollama, our engine).
+
+One pooled `httpx.AsyncClient` (HTTP/1.1 keep-alive) per backend; bodies built and parsed with orjson.
+Invariant: only `BackendError`s leave this module, and every httpx failure / upstream status is mapped
+in one place, `_translate_errors`. Error messages carry upstream's error text, never the request body.
+`timeout_s` bounds each wait on the upstream (connect excluded), not the whole answer; the gateway's
+dispatch owns the per-attempt deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import orjson
+
+from backends.base import (
+    BackendHealth,
+    BackendInfo,
+    BackendKind,
+    ChatRequest,
+    ChatResult,
+    StreamChunk,
+    Usage,
+)
+from backends.errors import (
+    BackendBadResponse,
+    BackendError,
+    BackendMisconfigured,
+    BackendRateLimited,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+)
+
+if TYPE_CHECKING:
+    from httpx._client import UseClientDefault
+
+_STREAM_OPTIONS = {"include_usage": True}
+_ERROR_TEXT_MAX_CHARS = 500
+
+
+class OpenAICompatBackend:
+    """Talks `POST {base_url}/chat/completions` and `GET {base_url}/models`; `base_url` ends in `/v1`."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        *,
+        api_key: str | None,
+        timeout_s: float,
+        connect_timeout_s: float,
+        max_connections: int,
+        supports_tools: bool,
+        supports_response_format: bool,
+    ) -> None:
+        self._info = BackendInfo(
+            name=name,
+            kind=BackendKind.OPENAI,
+            supports_tools=supports_tools,
+            supports_response_format=supports_response_format,
+        )
+        base = base_url.rstrip("/")
+        self._chat_url = base + "/chat/completions"
+        self._models_url = base + "/models"
+        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            http1=True,
+            http2=False,
+            trust_env=False,  # no proxies from the environment between us and a local server
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    async def complete(self, request: ChatRequest) -> ChatResult:
+        body = _request_body(request, stream=False)
+        with _translate_errors(self._info.name, mid_stream=False):
+            response = await self._client.post(self._chat_url, content=body, timeout=self._timeout(request))
+            response.raise_for_status()
+        return _parse_result(self._info.name, response.content, request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        body = _request_body(request, stream=True)
+        name = self._info.name
+        with _translate_errors(name, mid_stream=False):
+            upstream = self._client.build_request(
+                "POST", self._chat_url, content=body, timeout=self._timeout(request)
+            )
+            response = await self._client.send(upstream, stream=True)
+        try:
+            if response.status_code >= 400:
+                with _translate_errors(name, mid_stream=False):
+                    await response.aread()
+                    response.raise_for_status()
+            with _translate_errors(name, mid_stream=True):
+                async for chunk in _parse_stream(name, response, request):
+                    yield chunk
+        finally:
+            await response.aclose()
+
+    async def health(self) -> BackendHealth:
+        try:
+            with _translate_errors(self._info.name, mid_stream=False):
+                response = await self._client.get(self._models_url, timeout=min(self._timeout_s, 10.0))
+                response.raise_for_status()
+        except BackendError as exc:
+            return BackendHealth(ok=False, detail=f"{type(exc).__name__}: {exc.message}")
+        return BackendHealth(ok=True, detail=f"GET {self._models_url} -> {response.status_code}")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _timeout(self, request: ChatRequest) -> httpx.Timeout | UseClientDefault:
+        """The client default unless the request asks for less (no object churn in the common case)."""
+        if request.timeout_s >= self._timeout_s:
+            return httpx.USE_CLIENT_DEFAULT
+        return httpx.Timeout(request.timeout_s, connect=min(self._connect_timeout_s, request.timeout_s))
+
+
+# ---- errors: the one place httpx failures and upstream statuses become BackendErrors -----------------------
+
+
+@contextlib.contextmanager
+def _translate_errors(name: str, *, mid_stream: bool) -> Iterator[None]:
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:
+        raise _status_error(name, exc.response) from exc
+    except httpx.TimeoutException as exc:
+        raise BackendTimeout(f"backend `{name}` timed out ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:
+        if mid_stream or isinstance(exc, httpx.RemoteProtocolError | httpx.DecodingError):
+            raise BackendBadResponse(f"backend `{name}` cut the response: {exc}") from exc
+        raise BackendUnavailable(f"backend `{name}` unreachable: {type(exc).__name__}: {exc}") from exc
+    except httpx.HTTPError as exc:  # e.g. an invalid URL in config
+        raise BackendMisconfigured(
+            f"backend `{name}` request failed: {exc} (config: backends.{name})"
+        ) from exc
+
+
+def _status_error(name: str, response: httpx.Response) -> BackendError:
+    status = response.status_code
+    detail = f"backend `{name}` answered {status}: {_upstream_message(response)}"
+    if status == 429:
+        return BackendRateLimited(detail, retry_after_s=_retry_after_s(response.headers.get("retry-after")))
+    if status in (401, 403):
+        return BackendMisconfigured(f"{detail} (check the key: backends.{name}.api_key_env)")
+    if status >= 500:
+        return BackendUnavailable(detail)
+    return BackendRejected(detail)
+
+
+def _upstream_message(response: httpx.Response) -> str:
+    """Upstream's own error text ({"error": {"message"}} or {"error": "..."} or plain text), truncated."""
+    try:
+        payload = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return response.text[:_ERROR_TEXT_MAX_CHARS] or response.reason_phrase
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    message = error.get("message", error) if isinstance(error, dict) else error
+    return str(message)[:_ERROR_TEXT_MAX_CHARS]
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare upstream, and the caller falls back to its own backoff
+
+
+# ---- wire ---------------------------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _request_body(request: ChatRequest, *, stream: bool) -> bytes:
+    body: dict[str, Any] = {"model": request.model, "messages": request.messages}
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop:
+        body["stop"] = request.stop
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.user is not None:
+        body["user"] = request.user
+    if request.tools is not None:
+        body["tools"] = request.tools
+    if request.tool_choice is not None:
+        body["tool_choice"] = request.tool_choice
+    if request.response_format is not None:
+        body["response_format"] = request.response_format
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = _STREAM_OPTIONS
+    return orjson.dumps(body, default=_json_default)
+
+
+def estimate_prompt_tokens(request: ChatRequest) -> int:
+    """About four characters a token; used only when the upstream reports no usage."""
+    chars = 0
+    for message in request.messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, Mapping))
+    return (chars + 3) // 4 + 4 * len(request.messages)
+
+
+def _usage(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    return Usage(
+        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+        completion_tokens=int(raw.get("completion_tokens") or 0),
+    )
+
+
+def _parse_result(name: str, content: bytes, request: ChatRequest) -> ChatResult:
+    try:
+        payload = orjson.loads(content)
+        choice = payload["choices"][0]
+        message = choice["message"]
+        usage = _usage(payload.get("usage"))
+        if usage is None:
+            text = message.get("content") or ""
+            usage = Usage(estimate_prompt_tokens(request), (len(text) + 3) // 4)
+        return ChatResult(
+            message=message,
+            finish_reason=choice.get("finish_reason") or "stop",
+            usage=usage,
+            served_model=str(payload.get("model") or request.model),
+        )
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise BackendBadResponse(f"backend `{name}` sent an unreadable completion: {exc!r}") from exc
+
+
+async def _sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The payload of each `data:` line; other SSE fields (event:, id:, comments) are ignored."""
+    buffer = b""
+    async for piece in response.aiter_bytes():
+        buffer += piece
+        lines = buffer.split(b"\n")
+        buffer = lines.pop()
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+    if buffer.startswith(b"data:"):
+        yield buffer[5:].strip()
+
+
+async def _parse_stream(
+    name: str, response: httpx.Response, request: ChatRequest
+) -> AsyncIterator[StreamChunk]:
+    """Passes deltas through; holds back the finishing chunk so the last one yielded carries usage."""
+    finish_reason: str | None = None
+    last_delta: Mapping[str, Any] = {}
+    usage: Usage | None = None
+    served_model = request.model
+    n_deltas = 0
+    async for data in _sse_data(response):
+        if data == b"[DONE]":
+            break
+        try:
+            payload = orjson.loads(data)
+            if "error" in payload:
+                raise BackendBadResponse(
+                    f"backend `{name}` failed mid-stream: {_stream_error(payload['error'])}"
+                )
+            usage = _usage(payload.get("usage")) or usage
+            served_model = payload.get("model") or served_model
+            choices = payload.get("choices") or ()
+            choice = choices[0] if choices else None
+            delta = (choice.get("delta") or {}) if choice else {}
+            reason = choice.get("finish_reason") if choice else None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BackendBadResponse(f"backend `{name}` sent an unreadable stream event: {exc!r}") from exc
+        if reason is not None:
+            finish_reason, last_delta = reason, delta
+        elif delta:
+            n_deltas += "content" in delta or "tool_calls" in delta
+            yield StreamChunk(delta=delta)
+    if finish_reason is None:
+        raise BackendBadResponse(f"backend `{name}` ended the stream before a finish_reason")
+    if usage is None:
+        usage = Usage(estimate_prompt_tokens(request), n_deltas + bool(last_delta))
+    yield StreamChunk(delta=last_delta, finish_reason=finish_reason, usage=usage, served_model=served_model)
+
+
+def _stream_error(error: Any) -> str:
+    message = error.get("message", error) if isinstance(error, dict) else error
+    return str(message)[:_ERROR_TEXT_MAX_CHARS]

@@ -1,0 +1,1 @@
+"""Switchboard gateway: FastAPI app, auth, dispatch, ledger, metrics and CLI."""

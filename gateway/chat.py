@@ -1,0 +1,210 @@
+"""The chat completion service: admission (model access, capabilities), dispatch, and exactly one usage record.
+
+Every request that passed authentication ends in exactly one `UsageRecord`, whether it succeeded, failed in a
+backend, or was cut by the client; `_Recorder.finish` is idempotent so no path writes two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+from backends.base import ChatRequest, StreamChunk, Usage
+from backends.errors import SwitchboardError
+from gateway import dispatch
+from gateway.access import check_model
+from gateway.errors import AllBackendsFailed, UnsupportedParameter, error_body
+from gateway.middleware import Timing
+from gateway.records import KeyIdentity, RequestStatus, UsageRecord
+from gateway.services import Services
+from gateway.wire import (
+    SSE_DONE,
+    ChatCompletionBody,
+    render_chunk,
+    render_completion,
+    render_sse_error,
+    render_usage_chunk,
+)
+from routing.decision import Deployment, RouteDecision, choose
+
+
+@dataclass(slots=True)
+class _Recorder:
+    svc: Services
+    identity: KeyIdentity
+    body: ChatCompletionBody
+    timing: Timing
+    received_at: dt.datetime
+    deployment: Deployment | None = None
+    ttft_ms: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    served_model: str | None = None
+    done: bool = False
+
+    def finish(
+        self,
+        status: RequestStatus,
+        http_status: int,
+        usage: Usage = Usage(),
+        *,
+        served_model: str | None = None,
+        error: SwitchboardError | None = None,
+        backend: str | None = None,
+    ) -> None:
+        if self.done:
+            return
+        self.done = True
+        dep = self.deployment
+        cost = dep.price.cost_micro_usd(usage.prompt_tokens, usage.completion_tokens) if dep else 0
+        rec = UsageRecord(
+            request_id=self.timing.request_id,
+            created_at=self.received_at,
+            team=self.identity.team,
+            key_id=self.identity.key_id,
+            requested_model=self.body.model,
+            backend=backend or (dep.backend if dep else None),
+            served_model=served_model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost_micro_usd=cost,
+            latency_ms=round(self.timing.elapsed_ms(), 3),
+            ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            status=status,
+            http_status=http_status,
+            error_type=error.code if error else None,
+            stream=self.body.stream,
+        )
+        self.svc.ledger.record(rec)
+        self.svc.metrics.observe(rec)
+
+    def fail(self, exc: SwitchboardError) -> None:
+        backend = exc.causes[-1][0] if isinstance(exc, AllBackendsFailed) else None
+        self.finish(RequestStatus.ERROR, exc.status_code, error=exc, backend=backend)
+
+
+def _chat_request(svc: Services, body: ChatCompletionBody, request_id: str) -> ChatRequest:
+    return ChatRequest(
+        model=body.model,
+        messages=tuple(m.model_dump(exclude_none=True) for m in body.messages),
+        request_id=request_id,
+        max_tokens=body.max_output_tokens(),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_tuple(),
+        seed=body.seed,
+        user=body.user,
+        tools=tuple(body.tools) if body.tools is not None else None,
+        tool_choice=body.tool_choice,
+        response_format=body.response_format,
+        timeout_s=svc.config.server.request_timeout_s,
+    )
+
+
+def _decide(svc: Services, body: ChatCompletionBody) -> RouteDecision:
+    decision = choose(body.model, svc.deployments)
+    for dep in decision.candidates:
+        if body.tools is not None and not dep.supports_tools:
+            raise UnsupportedParameter(
+                f"`tools` is not supported by model `{body.model}` (backend `{dep.backend}`; "
+                f"config: backends.{dep.backend}.supports_tools)",
+                param="tools",
+            )
+        if body.response_format is not None and not dep.supports_response_format:
+            raise UnsupportedParameter(
+                f"`response_format` is not supported by model `{body.model}` (backend `{dep.backend}`; "
+                f"config: backends.{dep.backend}.supports_response_format)",
+                param="response_format",
+            )
+    return decision
+
+
+async def complete(
+    svc: Services, identity: KeyIdentity, body: ChatCompletionBody, timing: Timing, received_at: dt.datetime
+) -> bytes:
+    """A whole (non-streamed) completion, rendered as the response body."""
+    rec = _Recorder(svc, identity, body, timing, received_at)
+    try:
+        await check_model(svc, identity, body.model)
+        decision = _decide(svc, body)
+        request = _chat_request(svc, body, timing.request_id)
+        served = await dispatch.complete(decision, request, svc.backends, timing, svc.backend_timeouts_s)
+    except SwitchboardError as exc:
+        rec.fail(exc)
+        raise
+    except asyncio.CancelledError:
+        rec.finish(RequestStatus.CLIENT_CLOSED, 499)
+        raise
+    rec.deployment = served.deployment
+    result = served.result
+    rec.finish(RequestStatus.OK, 200, result.usage, served_model=result.served_model)
+    return render_completion(result, request_id=timing.request_id, model=body.model, created=int(time.time()))
+
+
+async def open_stream(
+    svc: Services, identity: KeyIdentity, body: ChatCompletionBody, timing: Timing, received_at: dt.datetime
+) -> SseStream:
+    """Dispatch until the first chunk has arrived (errors so far become HTTP errors), then stream SSE bytes."""
+    rec = _Recorder(svc, identity, body, timing, received_at)
+    try:
+        await check_model(svc, identity, body.model)
+        decision = _decide(svc, body)
+        request = _chat_request(svc, body, timing.request_id)
+        opened = await dispatch.open_stream(decision, request, svc.backends, timing, svc.backend_timeouts_s)
+    except SwitchboardError as exc:
+        rec.fail(exc)
+        raise
+    except asyncio.CancelledError:
+        rec.finish(RequestStatus.CLIENT_CLOSED, 499)
+        raise
+    rec.deployment = opened.deployment
+    return SseStream(rec, opened, _sse(svc, rec, opened))
+
+
+@dataclass(slots=True)
+class SseStream:
+    """SSE bytes plus `finalize`, which the response calls however it ends (even if never iterated)."""
+
+    rec: _Recorder
+    opened: dispatch.OpenStream
+    body: AsyncGenerator[bytes, None]
+
+    async def finalize(self) -> None:
+        await self.body.aclose()
+        if not self.rec.done:
+            # The client went away mid-stream: record what was delivered so far.
+            self.rec.finish(RequestStatus.CLIENT_CLOSED, 499, self.rec.usage, served_model=self.rec.served_model)
+        await dispatch.close_stream(self.opened.rest)
+
+
+async def _sse(svc: Services, rec: _Recorder, opened: dispatch.OpenStream) -> AsyncGenerator[bytes, None]:
+    body, rid = rec.body, rec.timing.request_id
+    created = int(time.time())
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    chunk: StreamChunk | None = opened.first
+    idle_timeout_s = svc.backend_timeouts_s.get(opened.deployment.backend, svc.config.server.request_timeout_s)
+    try:
+        while chunk is not None:
+            rec.served_model = chunk.served_model or rec.served_model
+            if chunk.usage is not None:
+                rec.usage = chunk.usage
+            if rec.ttft_ms is None and (chunk.delta.get("content") or chunk.delta.get("tool_calls")):
+                rec.ttft_ms = rec.timing.elapsed_ms()  # first token, not the role-only opening chunk
+            if chunk.delta or chunk.finish_reason:
+                yield render_chunk(chunk, request_id=rid, model=body.model, created=created)
+            try:
+                chunk = await dispatch.next_chunk(opened, idle_timeout_s)
+            except StopAsyncIteration:
+                chunk = None
+    except SwitchboardError as exc:
+        # Headers are gone already: the error travels as an SSE event, which the OpenAI SDKs raise as APIError.
+        rec.finish(RequestStatus.ERROR, exc.status_code, rec.usage, served_model=rec.served_model, error=exc)
+        yield render_sse_error(error_body(exc))
+        yield SSE_DONE
+        return
+    rec.finish(RequestStatus.OK, 200, rec.usage, served_model=rec.served_model)
+    if include_usage:
+        yield render_usage_chunk(rec.usage, request_id=rid, model=body.model, created=created)
+    yield SSE_DONE

@@ -1,0 +1,171 @@
+"""SQL schema (teams, api_keys, usage), engine construction and programmatic Alembic migration.
+
+Invariants: every datetime column holds timezone-aware UTC (`UTCDateTime` normalises on the way in and
+out, also on SQLite, which has no zone type); money is integer micro-dollars; `usage.request_id` is the
+primary key, so ledger inserts are idempotent. `migrations/versions/` must stay in step with these tables.
+A PostgreSQL `schema` (tests isolate themselves that way) is applied through the connection's
+`search_path`, so the tables themselves carry no schema name.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy.engine import Dialect, Engine
+
+SQLITE_BUSY_TIMEOUT_MS = 5_000
+PG_CONNECT_TIMEOUT_S = 3
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC datetime on every dialect. Naive input is taken to be UTC already."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+        # SQLite would store the offset as text and then compare strings; keep one fixed-width form.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+metadata = sa.MetaData()
+
+teams = sa.Table(
+    "teams",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("models", sa.JSON, nullable=True),  # list of public model names; NULL: every model
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("team", sa.String(64), sa.ForeignKey("teams.name"), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),  # sha256 hex; never the key
+    sa.Column("display_prefix", sa.String(16), nullable=False),
+    sa.Column("models", sa.JSON, nullable=True),  # NULL: whatever the team allows
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=True),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Index("ix_api_keys_team", "team"),
+)
+
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("team", sa.String(64), nullable=False),  # no FK: the ledger must accept every record
+    sa.Column("key_id", sa.String(32), nullable=True),
+    sa.Column("requested_model", sa.Text, nullable=False),
+    sa.Column("backend", sa.Text, nullable=True),
+    sa.Column("served_model", sa.Text, nullable=True),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("cost_micro_usd", sa.BigInteger, nullable=False),
+    sa.Column("latency_ms", sa.Float(precision=53), nullable=False),
+    sa.Column("ttft_ms", sa.Float(precision=53), nullable=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("http_status", sa.Integer, nullable=False),
+    sa.Column("error_type", sa.String(64), nullable=True),
+    sa.Column("stream", sa.Boolean, nullable=False),
+    sa.Column("cache_hit", sa.Boolean, nullable=False),
+    sa.Column("privacy_class", sa.String(64), nullable=True),
+    sa.Column("route_reason", sa.Text, nullable=True),
+    sa.Index("ix_usage_created_at", "created_at"),
+    sa.Index("ix_usage_team_created_at", "team", "created_at"),
+)
+
+
+def check_schema_name(schema: str) -> str:
+    """Schema names go into `search_path` and DDL, so only plain lower-case identifiers are accepted."""
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"schema {schema!r} is not a plain identifier (use lower-case letters, digits, _)")
+    return schema
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str, schema: str | None = None) -> Engine:
+    """A sync engine. SQLite: WAL, busy timeout, usable from worker threads. PostgreSQL: fails fast when
+    the server cannot be reached (connect timeout, TCP user timeout, keepalives) and pings pooled
+    connections before use, so a restarted server costs no request."""
+    sa_url = sa.make_url(url)
+    if sa_url.get_backend_name() == "sqlite":
+        if schema is not None:
+            raise ValueError("a schema can only be given for PostgreSQL URLs")
+        engine = sa.create_engine(
+            sa_url,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        )
+        sa.event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+    connect_args: dict[str, Any] = {}
+    if sa_url.get_backend_name() == "postgresql":
+        connect_args = {
+            "connect_timeout": PG_CONNECT_TIMEOUT_S,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 3,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 15_000,  # ms: a black-holed server errors instead of hanging a thread
+        }
+        if schema is not None:
+            connect_args["options"] = f"-csearch_path={check_schema_name(schema)}"
+    elif schema is not None:
+        raise ValueError("a schema can only be given for PostgreSQL URLs")
+    return sa.create_engine(sa_url, pool_pre_ping=True, connect_args=connect_args)
+
+
+def migrations_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(url: str, schema: str | None = None) -> AlembicConfig:
+    """An Alembic config built in code; `migrations/env.py` reads the URL and schema from it."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    # ConfigParser interpolates `%`, which URL-encoded passwords contain.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if schema is not None:
+        cfg.set_main_option("switchboard.schema", check_schema_name(schema))
+    return cfg
+
+
+def migrate(url: str, schema: str | None = None) -> None:
+    """`alembic upgrade head`; idempotent. Creates the PostgreSQL `schema` first when one is given."""
+    if schema is not None:
+        engine = make_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{check_schema_name(schema)}"')
+        finally:
+            engine.dispose()
+    command.upgrade(alembic_config(url, schema), "head")

@@ -1,0 +1,322 @@
+"""The usage ledger writer: one row per request, written off the hot path, never dropped.
+
+`record()` only enqueues (or, when the queue is full or the writer is closed, appends to the spill file).
+A writer task inserts batches with `ON CONFLICT (request_id) DO NOTHING`, so every insert is idempotent and a
+record may safely be written twice. When the database is unreachable, batches go to the spill file (JSON
+lines, fsynced) and a replay task inserts them once it is back: it first renames the spill file to
+`<spill>.replaying`, inserts it, then deletes it; a crash at any step leaves a file that the next start
+replays. Rows the database refuses as bad data (not an outage) go to `<spill>.rejected` for a human.
+All methods must be called from the event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from gateway.db import usage
+from gateway.records import RequestStatus, UsageRecord
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+_POLL_S = 0.25  # how soon an idle writer notices aclose()
+_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
+
+
+def usage_row(rec: UsageRecord) -> Row:
+    """The `usage` table row for a record (also the spill file's JSON object)."""
+    row = {name: getattr(rec, name) for name in _FIELDS}
+    row["status"] = str(rec.status)
+    return row
+
+
+def _row_from_json(line: bytes) -> Row:
+    """Parse and validate one spill line; raises ValueError/TypeError/KeyError on a malformed one."""
+    obj = orjson.loads(line)
+    obj["created_at"] = dt.datetime.fromisoformat(obj["created_at"])
+    obj["status"] = RequestStatus(obj["status"])
+    return usage_row(UsageRecord(**obj))
+
+
+def _is_outage(exc: DBAPIError) -> bool:
+    """Connection trouble (retry later) as opposed to the database refusing the data."""
+    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
+
+
+def insert_usage_rows(engine: Engine, rows: list[Row]) -> None:
+    """One idempotent executemany insert; rows whose request_id exists are skipped."""
+    name = engine.dialect.name
+    if name == "postgresql":
+        stmt: Any = postgresql.insert(usage).on_conflict_do_nothing(index_elements=["request_id"])
+    elif name == "sqlite":
+        stmt = sqlite.insert(usage).on_conflict_do_nothing(index_elements=["request_id"])
+    else:
+        raise ValueError(f"the ledger supports sqlite and postgresql, not {name} (config: database.url)")
+    with engine.begin() as conn:
+        conn.execute(stmt, rows)
+
+
+class LedgerWriter:
+    """Batches usage records into SQL; see the module docstring for the no-loss protocol."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        spill_path: str,
+        queue_max: int,
+        batch_max: int,
+        flush_interval_s: float,
+        replay_interval_s: float,
+        close_timeout_s: float = 10.0,
+    ) -> None:
+        self._engine = engine
+        self._spill_path = Path(spill_path)
+        self._replaying_path = Path(spill_path + ".replaying")
+        self._rejected_path = Path(spill_path + ".rejected")
+        self._batch_max = batch_max
+        self._flush_interval_s = flush_interval_s
+        self._replay_interval_s = replay_interval_s
+        self._close_timeout_s = close_timeout_s
+        self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=queue_max)
+        self._replay_lock = asyncio.Lock()
+        self._rejected_lock = threading.Lock()  # rejected rows are written from worker threads
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._inflight: list[UsageRecord] = []
+        self._closing = False
+        self._closed = False
+        self._db_down = False
+        self.written = 0  # rows inserted by the writer
+        self.spilled = 0  # records appended to the spill file
+        self.replayed = 0  # spilled rows inserted (or found already present) by the replay task
+        self.rejected = 0  # rows the database refused as bad data, kept in <spill>.rejected
+        self.lost = 0  # records neither inserted nor spilled (the spill file could not be written)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def db_down(self) -> bool:
+        """True after a failed insert until a replay (or ping) succeeds; records go to the spill file."""
+        return self._db_down
+
+    def start(self) -> None:
+        """Start the writer and replay tasks; replays any spill file left by a previous run at once."""
+        if self._tasks:
+            raise RuntimeError("LedgerWriter.start() was called twice")
+        self._spill_path.parent.mkdir(parents=True, exist_ok=True)
+        self._tasks = [
+            asyncio.create_task(self._write_loop(), name="ledger-writer"),
+            asyncio.create_task(self._replay_loop(), name="ledger-replay"),
+        ]
+
+    def record(self, rec: UsageRecord) -> None:
+        """Queue one record; never blocks, never raises."""
+        if self._closed:
+            self._spill([rec])
+            return
+        try:
+            self._queue.put_nowait(rec)
+        except asyncio.QueueFull:
+            self._spill([rec])
+
+    async def aclose(self) -> None:
+        """Write (or spill) everything queued, try one last replay, then stop the tasks."""
+        if not self._tasks or self._closing:
+            self._closed = True
+            return
+        self._closing = True
+        self._stop.set()
+        writer, replayer = self._tasks
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), self._close_timeout_s)
+        except TimeoutError:
+            # A hung insert: spill what it held too; ON CONFLICT absorbs it if the insert lands after all.
+            leftover = list(self._inflight)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            while not self._queue.empty():
+                leftover.append(self._queue.get_nowait())
+            self._spill(leftover)
+        self._closed = True
+        await asyncio.gather(replayer, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._replay_once(), self._close_timeout_s)
+        except (DBAPIError, TimeoutError) as exc:
+            log.warning(
+                "usage ledger: spilled records stay in %s for the next start (%s)", self._spill_path, exc
+            )
+
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """Readiness: can the database answer `SELECT 1` within `timeout_s`?"""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._select_one), timeout_s)
+        except (DBAPIError, TimeoutError):
+            return False
+        return True
+
+    def _select_one(self) -> None:
+        with self._engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    async def _write_loop(self) -> None:
+        while not (self._closing and self._queue.empty()):
+            try:
+                # A timed get, so that aclose() is noticed while idle.
+                first = await asyncio.wait_for(self._queue.get(), min(self._flush_interval_s, _POLL_S))
+            except TimeoutError:
+                continue
+            if self._queue.qsize() + 1 < self._batch_max:
+                await self._pause(self._flush_interval_s)  # let a batch gather
+            batch = [first]
+            while len(batch) < self._batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._write(batch)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when aclose() is called."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            return
+
+    async def _write(self, batch: list[UsageRecord]) -> None:
+        if self._db_down:
+            self._spill(batch)
+            return
+        self._inflight = batch
+        try:
+            accepted = await asyncio.to_thread(self._insert_or_reject, [usage_row(r) for r in batch])
+        except DBAPIError as exc:
+            log.warning("usage ledger: database unreachable, spilling to %s (%s)", self._spill_path, exc)
+            self._db_down = True
+            self._spill(batch)
+        else:
+            self.written += accepted
+        self._inflight = []
+
+    def _insert_or_reject(self, rows: list[Row]) -> int:
+        """Insert rows; rows the database refuses one by one go to the rejected file. Returns how many
+        were accepted (inserted or already present). Raises DBAPIError on an outage."""
+        try:
+            insert_usage_rows(self._engine, rows)
+            return len(rows)
+        except DBAPIError as exc:
+            if _is_outage(exc):
+                raise
+            log.error(
+                "usage ledger: a batch of %d rows was refused (%s); retrying row by row", len(rows), exc
+            )
+        refused: list[Row] = []
+        for row in rows:
+            try:
+                insert_usage_rows(self._engine, [row])
+            except DBAPIError as exc:
+                if _is_outage(exc):
+                    raise
+                refused.append(row)
+        self._reject([orjson.dumps(row) for row in refused])
+        return len(rows) - len(refused)
+
+    def _reject(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        with self._rejected_lock:
+            self.rejected += len(lines)
+            log.error(
+                "usage ledger: %d rows kept in %s; fix and re-import them", len(lines), self._rejected_path
+            )
+            _append_lines(self._rejected_path, lines)
+
+    def _spill(self, records: list[UsageRecord]) -> None:
+        if not records:
+            return
+        try:
+            _append_lines(self._spill_path, [orjson.dumps(usage_row(r)) for r in records])
+        except OSError as exc:
+            self.lost += len(records)
+            log.error(
+                "usage ledger: LOST %d records, cannot write %s: %s", len(records), self._spill_path, exc
+            )
+            return
+        self.spilled += len(records)
+
+    async def _replay_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self._replay_once()
+            except DBAPIError as exc:
+                log.debug("usage ledger: replay failed, will retry (%s)", exc)
+            await self._pause(self._replay_interval_s)
+
+    async def _replay_once(self) -> None:
+        """Insert `.replaying`, then the spill file (renamed to `.replaying` first). Raises DBAPIError
+        when the database is still unreachable; the files then stay for the next try."""
+        async with self._replay_lock:
+            for _ in range(2):
+                if not self._replaying_path.exists():
+                    if not _has_data(self._spill_path):
+                        break
+                    # Safe against concurrent spills: they run on this thread and reopen the path each time.
+                    os.replace(self._spill_path, self._replaying_path)
+                count = await asyncio.to_thread(self._replay_file, self._replaying_path)
+                self._replaying_path.unlink()
+                self.replayed += count
+                if self._db_down:
+                    log.warning("usage ledger: database is back; replayed %d spilled rows", count)
+                self._db_down = False
+            if self._db_down and await self.ping():
+                self._db_down = False
+
+    def _replay_file(self, path: Path) -> int:
+        rows: list[Row] = []
+        bad: list[bytes] = []
+        for line in path.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(_row_from_json(line))
+            except (ValueError, TypeError, KeyError):
+                bad.append(line)  # e.g. a line cut short by a crash mid-write
+        self._reject(bad)
+        accepted = 0
+        for start in range(0, len(rows), self._batch_max):
+            accepted += self._insert_or_reject(rows[start : start + self._batch_max])
+        return accepted
+
+
+def _has_data(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def _append_lines(path: Path, lines: list[bytes]) -> None:
+    """Append whole lines and fsync (and the directory, for a new file): a spilled record survives a crash."""
+    is_new = not path.exists()
+    with open(path, "ab") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    if is_new:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,170 @@
+"""Everything a running gateway holds, built from config in the app's lifespan and closed in reverse order.
+
+`build_services` is the only place that turns config into live objects (database engine, key store, ledger
+writer, backends, deployments). Secrets are read here, from the environment variables config names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol, runtime_checkable
+
+from sqlalchemy.engine import Engine
+
+from backends.base import Backend, BackendKind
+from gateway.config import CloudBackendConfig, Config, ConfigError, OpenAIBackendConfig
+from gateway.db import make_engine, migrate
+from gateway.keys import KeyStore, upsert_teams
+from gateway.ledger import LedgerWriter
+from gateway.metrics import GatewayMetrics
+from routing.decision import FREE, Deployment, Price
+
+log = logging.getLogger("switchboard")
+
+
+@runtime_checkable
+class PriceSource(Protocol):
+    """A backend that knows list prices (the cloud backend reads litellm's local cost map)."""
+
+    def price_usd_per_mtok(self, model: str) -> tuple[Decimal, Decimal] | None: ...
+
+
+@dataclass(slots=True)
+class Services:
+    config: Config
+    db: Engine
+    keys: KeyStore
+    ledger: LedgerWriter
+    backends: dict[str, Backend]
+    deployments: dict[str, tuple[Deployment, ...]]
+    backend_timeouts_s: dict[str, float]
+    metrics: GatewayMetrics
+    admin_key: str | None
+
+    async def aclose(self) -> None:
+        for backend in reversed(list(self.backends.values())):
+            await backend.aclose()
+        await self.ledger.aclose()
+        self.db.dispose()
+
+
+def _secret(env_name: str | None, path: str) -> str | None:
+    if env_name is None:
+        return None
+    value = os.environ.get(env_name)
+    if not value:
+        raise ConfigError("environment", [f"{path}: environment variable {env_name} is not set (export it)"])
+    return value
+
+
+def build_backend(name: str, cfg: CloudBackendConfig | OpenAIBackendConfig) -> Backend:
+    api_key = _secret(cfg.api_key_env, f"backends.{name}.api_key_env")
+    if isinstance(cfg, CloudBackendConfig):
+        from backends.cloud import CloudBackend  # imports litellm: only when a cloud backend is configured
+
+        return CloudBackend(
+            name, cfg.provider, api_key=api_key, api_base=cfg.api_base, timeout_s=cfg.timeout_s
+        )
+    from backends.openai_compat import OpenAICompatBackend
+
+    return OpenAICompatBackend(
+        name,
+        cfg.base_url,
+        api_key=api_key,
+        timeout_s=cfg.timeout_s,
+        connect_timeout_s=cfg.connect_timeout_s,
+        max_connections=cfg.max_connections,
+        supports_tools=cfg.supports_tools,
+        supports_response_format=cfg.supports_response_format,
+    )
+
+
+def _price(config: Config, public: str, backend: Backend) -> Price:
+    m = config.models[public]
+    if m.input_usd_per_mtok is not None and m.output_usd_per_mtok is not None:
+        return Price(m.input_usd_per_mtok, m.output_usd_per_mtok)
+    if isinstance(backend, PriceSource):
+        listed = backend.price_usd_per_mtok(config.upstream_model(public))
+        if listed is not None:
+            return Price(
+                m.input_usd_per_mtok if m.input_usd_per_mtok is not None else listed[0],
+                m.output_usd_per_mtok if m.output_usd_per_mtok is not None else listed[1],
+            )
+    if backend.info.kind is BackendKind.CLOUD:
+        log.warning(
+            "model %s: no price known; cost is recorded as 0 "
+            "(set models.%s.input_usd_per_mtok and output_usd_per_mtok)",
+            public,
+            public,
+        )
+    return FREE
+
+
+def build_deployments(config: Config, backends: Mapping[str, Backend]) -> dict[str, tuple[Deployment, ...]]:
+    out: dict[str, tuple[Deployment, ...]] = {}
+    for public, m in config.models.items():
+        backend = backends[m.backend]
+        info = backend.info
+        out[public] = (
+            Deployment(
+                public_model=public,
+                backend=m.backend,
+                backend_kind=info.kind,
+                upstream_model=config.upstream_model(public),
+                price=_price(config, public, backend),
+                supports_tools=info.supports_tools,
+                supports_response_format=info.supports_response_format,
+                context_tokens=m.context_tokens,
+            ),
+        )
+    return out
+
+
+def should_migrate(config: Config) -> bool:
+    if config.database.auto_migrate is not None:
+        return config.database.auto_migrate
+    return config.database.url.startswith("sqlite")
+
+
+async def build_services(config: Config) -> Services:
+    db_cfg = config.database
+    if should_migrate(config):
+        migrate(db_cfg.url, db_cfg.schema_name)
+    engine = make_engine(db_cfg.url, db_cfg.schema_name)
+    upsert_teams(engine, {name: team.models for name, team in config.teams.items()})
+    backends: dict[str, Backend] = {}
+    try:
+        for name, bcfg in config.backends.items():
+            backends[name] = build_backend(name, bcfg)
+    except BaseException:
+        for b in backends.values():
+            await b.aclose()
+        engine.dispose()
+        raise
+    ledger = LedgerWriter(
+        engine,
+        spill_path=db_cfg.spill_path,
+        queue_max=db_cfg.queue_max,
+        batch_max=db_cfg.batch_max,
+        flush_interval_s=db_cfg.flush_interval_s,
+        replay_interval_s=db_cfg.replay_interval_s,
+    )
+    ledger.start()
+    metrics = GatewayMetrics()
+    metrics.add_gauge("switchboard_ledger_queued", "Usage records waiting to be written", lambda: ledger.queued)
+    metrics.add_gauge("switchboard_ledger_spilled", "Usage records spilled to file", lambda: ledger.spilled)
+    return Services(
+        config=config,
+        db=engine,
+        keys=KeyStore(engine, ttl_s=config.server.key_cache_ttl_s),
+        ledger=ledger,
+        backends=backends,
+        deployments=build_deployments(config, backends),
+        backend_timeouts_s={name: b.timeout_s for name, b in config.backends.items()},
+        metrics=metrics,
+        admin_key=os.environ.get(config.server.admin_key_env) or None,
+    )

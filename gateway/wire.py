@@ -1,0 +1,182 @@
+"""OpenAI wire models at the HTTP edge: parse request bodies, render responses and SSE chunks.
+
+Parsing turns every problem into `InvalidRequest`/`UnsupportedParameter` naming the field (422 never escapes).
+Rendering works on plain dicts and orjson, because it sits on the hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backends.base import ChatResult, StreamChunk, Usage
+from gateway.errors import InvalidRequest, UnsupportedParameter
+
+# Fields OpenAI defines that no Switchboard backend honours yet. A neutral value is accepted; anything else is
+# refused by name, so a client never silently gets something other than what it asked for.
+_NEUTRAL_IF: dict[str, Any] = {
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "parallel_tool_calls": (None, True),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+}
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatCompletionBody(BaseModel):
+    """`POST /v1/chat/completions` as we accept it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[_Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = Field(default=None, max_length=256)
+    n: int | None = Field(default=None, ge=1)
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def stop_tuple(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def max_output_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def parse_chat_body(raw: bytes) -> ChatCompletionBody:
+    if not raw:
+        raise InvalidRequest("request body is empty; send a JSON chat completion request")
+    try:
+        body = ChatCompletionBody.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _invalid_from(exc) from None
+    _refuse_unsupported(body)
+    return body
+
+
+def _invalid_from(exc: ValidationError) -> InvalidRequest:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    if err["type"] == "json_invalid":
+        return InvalidRequest("request body is not valid JSON; send a JSON object")
+    if err["type"] == "model_type" and not err["loc"]:
+        return InvalidRequest("request body must be a JSON object")
+    param = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"])
+    if err["type"] == "missing":
+        return InvalidRequest(f"missing required parameter `{param}`", param=param)
+    if param == "messages" and err["type"] == "too_short":
+        return InvalidRequest("`messages` must contain at least one message", param=param)
+    return InvalidRequest(f"invalid value for `{param}`: {msg}", param=param)
+
+
+def _refuse_unsupported(body: ChatCompletionBody) -> None:
+    if body.n is not None and body.n > 1:
+        raise UnsupportedParameter(
+            "`n` > 1 is not supported: Switchboard returns one choice per request; send n=1 "
+            "or make several requests",
+            param="n",
+        )
+    if isinstance(body.stop, list) and len(body.stop) > 4:
+        raise InvalidRequest("`stop` takes at most 4 sequences", param="stop")
+    for name, value in (body.model_extra or {}).items():
+        neutral = _NEUTRAL_IF.get(name)
+        if neutral is None:
+            raise UnsupportedParameter(f"unknown parameter `{name}`; remove it from the request", param=name)
+        if value not in neutral:
+            raise UnsupportedParameter(
+                f"parameter `{name}` is not supported by Switchboard backends; remove it or leave it at "
+                "its default",
+                param=name,
+            )
+
+
+def _usage_dict(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def render_completion(result: ChatResult, *, request_id: str, model: str, created: int) -> bytes:
+    return orjson.dumps(
+        {
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": dict(result.message),
+                    "logprobs": None,
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": _usage_dict(result.usage),
+        }
+    )
+
+
+def render_chunk(chunk: StreamChunk, *, request_id: str, model: str, created: int) -> bytes:
+    payload = {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "delta": dict(chunk.delta),
+                "logprobs": None,
+                "finish_reason": chunk.finish_reason,
+            }
+        ],
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def render_usage_chunk(usage: Usage, *, request_id: str, model: str, created: int) -> bytes:
+    payload = {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": _usage_dict(usage),
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def render_sse_error(error_json: bytes) -> bytes:
+    return b"data: " + error_json + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"

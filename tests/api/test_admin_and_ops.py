@@ -1,0 +1,59 @@
+"""Admin API guarded by the admin key; health, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import httpx
+from openai import OpenAI
+
+from tests.api.conftest import ADMIN_KEY, Gateway
+
+
+def admin(gw: Gateway) -> httpx.Client:
+    return httpx.Client(base_url=gw.base_url, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+
+
+def test_team_key_can_never_reach_admin(gateway: Gateway) -> None:
+    for method, path in [("GET", "/admin/keys"), ("POST", "/admin/teams"), ("GET", "/admin/teams")]:
+        resp = httpx.request(method, gateway.base_url + path, headers={"authorization": f"Bearer {gateway.key()}"})
+        assert resp.status_code == 403, (method, path, resp.text)
+        assert resp.json()["error"]["code"] == "admin_only"
+    assert httpx.get(gateway.base_url + "/admin/keys").status_code == 401
+
+
+def test_admin_creates_team_and_key_that_works_then_revokes(gateway: Gateway) -> None:
+    with admin(gateway) as c:
+        assert c.post("/admin/teams", json={"name": "gamma", "models": ["fast"]}).status_code == 201
+        resp = c.post("/admin/keys", json={"team": "gamma", "name": "ci", "expires_in_days": 1})
+        assert resp.status_code == 201, resp.text
+        created = resp.json()
+        key = created["plaintext"]
+        assert key.startswith("sk-sb-") and len(key) >= 38
+        listed = c.get("/admin/keys", params={"team": "gamma"}).json()["data"]
+        assert [k["key_id"] for k in listed] == [created["key_id"]]
+        assert all("key_hash" not in k and "plaintext" not in k for k in listed)
+        sdk = OpenAI(base_url=gateway.v1, api_key=key, max_retries=0)
+        assert [m.id for m in sdk.models.list()] == ["fast"]
+        assert c.post(f"/admin/keys/{created['key_id']}/revoke").status_code == 200
+        assert c.post("/admin/keys/nope/revoke").status_code == 404
+
+
+def test_admin_validation_errors_are_400(gateway: Gateway) -> None:
+    with admin(gateway) as c:
+        resp = c.post("/admin/keys", json={"team": "alpha", "bogus": 1})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "bogus"
+        resp = c.post("/admin/keys", json={"team": "no-such-team"})
+        assert resp.status_code == 404 and "teams create" in resp.json()["error"]["message"]
+
+
+def test_health_ready_and_metrics(gateway: Gateway) -> None:
+    assert httpx.get(gateway.base_url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(gateway.base_url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["database"] == "ok"
+    OpenAI(base_url=gateway.v1, api_key=gateway.key("beta"), max_retries=0).chat.completions.create(
+        model="fast", messages=[{"role": "user", "content": "hi"}]
+    )
+    text = httpx.get(gateway.base_url + "/metrics").text
+    assert 'switchboard_requests_total{backend="fakeoai",model="fast",status="ok",team="beta"}' in text
+    assert "switchboard_request_latency_seconds_bucket" in text
+    assert 'switchboard_tokens_total{backend="fakeoai",kind="completion",model="fast",team="beta"}' in text
+    assert "switchboard_cost_usd_total" in text

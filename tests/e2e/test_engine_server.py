@@ -1,0 +1,221 @@
+"""End-to-end: the bundled engine server running the real SmolLM2-135M, driven by the official `openai` SDK.
+
+The model loads once per module and the server runs under uvicorn in a background thread on a pre-bound
+loopback socket. Completions are kept short so the module stays well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+uvicorn = pytest.importorskip("uvicorn")
+
+from backends.local.loader import DEFAULT_MODEL_SPEC, LoadedModel, load_model  # noqa: E402
+from backends.local.server import create_engine_app, encode_chat  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+LONG_ANSWER = [{"role": "user", "content": "Count from 1 to 500, separated by commas."}]
+
+
+@dataclass(frozen=True, slots=True)
+class RunningEngine:
+    base_url: str
+    loaded: LoadedModel
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[RunningEngine]:
+    loaded = load_model(DEFAULT_MODEL_SPEC)
+    app = create_engine_app(loaded, served_names=("smollm2", "SmolLM2-135M-Instruct"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline_s = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline_s, "engine server did not start"
+        time.sleep(0.05)
+    yield RunningEngine(base_url=f"http://127.0.0.1:{port}", loaded=loaded)
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine: RunningEngine) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{engine.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _metric(engine: RunningEngine, line_prefix: str) -> float:
+    text = httpx.get(f"{engine.base_url}/metrics").text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix)]
+    return values[0] if values else 0.0
+
+
+def test_health_and_models(engine: RunningEngine, client: openai.OpenAI) -> None:
+    assert httpx.get(f"{engine.base_url}/health").status_code == 200
+    assert {m.id for m in client.models.list()} == {"smollm2", "SmolLM2-135M-Instruct"}
+
+
+def test_chat_returns_answer_and_usage(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert "Paris" in (choice.message.content or "")
+    assert reply.model == "smollm2"
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0
+    assert 0 < reply.usage.completion_tokens <= 12
+
+
+def test_greedy_matches_transformers_generate(engine: RunningEngine, client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=messages, max_tokens=24, temperature=0
+    )
+    tokenizer, model = engine.loaded.tokenizer, engine.loaded.model
+    prompt_ids = torch.tensor([encode_chat(tokenizer, messages)])  # (1, T)
+    with torch.inference_mode():
+        reference = model.generate(
+            prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False, max_new_tokens=24
+        )
+    new_ids = reference[0, prompt_ids.shape[1] :].tolist()
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == prompt_ids.shape[1]
+    assert reply.usage.completion_tokens == len(new_ids)
+    assert reply.choices[0].message.content == tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def test_stream_with_usage_matches_non_stream(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=12, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="smollm2",
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == whole.choices[0].message.content
+    assert finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_max_tokens_gives_finish_reason_length(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="smollm2", messages=LONG_ANSWER, max_tokens=5, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+
+
+def test_stop_string_ends_generation(client: openai.OpenAI) -> None:
+    free = client.chat.completions.create(model="smollm2", messages=LONG_ANSWER, max_tokens=16, temperature=0)
+    full = free.choices[0].message.content or ""
+    assert "\n3" in full  # a two-character stop string that spans tokens
+    reply = client.chat.completions.create(
+        model="smollm2", messages=LONG_ANSWER, max_tokens=16, temperature=0, stop=["\n3", "never"]
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].message.content == full.split("\n3", 1)[0]
+
+
+async def test_seed_makes_sampling_reproducible(engine: RunningEngine) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{engine.base_url}/v1", api_key="unused", max_retries=0)
+    texts = []
+    for _ in range(2):
+        reply = await client.chat.completions.create(
+            model="smollm2", messages=QUESTION, max_tokens=16, temperature=0.8, seed=1234
+        )
+        texts.append(reply.choices[0].message.content)
+    await client.close()
+    assert texts[0] and texts[0] == texts[1]
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-9", messages=QUESTION, max_tokens=4)
+    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"n": 2},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+        {"response_format": {"type": "json_object"}},
+        {"temperature": 7},
+    ],
+    ids=["n2", "tools", "response_format", "bad_temperature"],
+)
+def test_unsupported_or_bad_input_is_400(client: openai.OpenAI, extra: dict[str, object]) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4, **extra)  # type: ignore[call-overload]
+    assert caught.value.status_code == 400
+    assert set(caught.value.body) >= {"message", "type", "param", "code"}  # type: ignore[arg-type]
+
+
+def test_malformed_json_is_400(engine: RunningEngine) -> None:
+    response = httpx.post(f"{engine.base_url}/v1/chat/completions", content=b"{not json")
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def _wait_until_idle(engine: RunningEngine, cancelled_before: float) -> None:
+    deadline_s = time.monotonic() + 10
+    while time.monotonic() < deadline_s:
+        cancelled = _metric(engine, 'switchboard_engine_requests_total{outcome="cancelled"}')
+        if cancelled > cancelled_before and _metric(engine, "switchboard_engine_running_requests") == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the abandoned request kept the worker busy")
+
+
+def test_stream_disconnect_frees_worker(engine: RunningEngine, client: openai.OpenAI) -> None:
+    cancelled_before = _metric(engine, 'switchboard_engine_requests_total{outcome="cancelled"}')
+    body = {"model": "smollm2", "messages": LONG_ANSWER, "max_tokens": 2000, "temperature": 0, "stream": True}
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{engine.base_url}/v1/chat/completions", json=body) as response,
+    ):
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    _wait_until_idle(engine, cancelled_before)
+    started_s = time.monotonic()
+    reply = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert time.monotonic() - started_s < 10
+
+
+def test_non_stream_disconnect_frees_worker(engine: RunningEngine) -> None:
+    cancelled_before = _metric(engine, 'switchboard_engine_requests_total{outcome="cancelled"}')
+    body = {"model": "smollm2", "messages": LONG_ANSWER, "max_tokens": 2000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{engine.base_url}/v1/chat/completions", json=body, timeout=1.0)
+    _wait_until_idle(engine, cancelled_before)
+
+
+def test_metrics_count_tokens(engine: RunningEngine) -> None:
+    assert _metric(engine, "switchboard_engine_prompt_tokens_total") > 0
+    assert _metric(engine, "switchboard_engine_completion_tokens_total") > 0
+    assert _metric(engine, "switchboard_engine_queue_depth") == 0

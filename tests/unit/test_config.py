@@ -1,0 +1,69 @@
+"""Config: the example loads, the defaults are usable, and every mistake names its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Config, ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_example_config_loads_and_is_consistent() -> None:
+    cfg = load_config(ROOT / "config.example.toml")
+    assert set(cfg.models) >= {"smollm2", "gpt-4o-mini"}
+    for model in cfg.models.values():
+        assert model.backend in cfg.backends
+    assert cfg.teams["research"].models == ["smollm2", "gpt-4o-mini"]
+
+
+def test_embedded_defaults_serve_the_bundled_model() -> None:
+    cfg = load_config(None)
+    assert cfg.database.url.startswith("sqlite")
+    assert cfg.models["smollm2"].backend == "local"
+    assert cfg == Config()
+
+
+def problems(data: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return info.value.problems
+
+
+def test_unknown_setting_names_its_path() -> None:
+    assert problems({"server": {"prot": 80}}) == [
+        "server.prot: unknown setting (remove it, or check its spelling against config.example.toml)"
+    ]
+
+
+def test_unknown_backend_reference_names_the_defined_ones() -> None:
+    got = problems({"backends": {"gpu0": {"kind": "openai", "base_url": "http://x/v1"}},
+                    "models": {"m": {"backend": "gpu9"}}, "teams": {}})
+    assert got == ['models.m.backend: unknown backend "gpu9" (defined backends: gpu0)']
+
+
+def test_team_with_unknown_model() -> None:
+    got = problems({"teams": {"t": {"models": ["nope"]}}})
+    assert got == ['teams.t.models: unknown model "nope" (defined models: smollm2, or "*")']
+
+
+def test_bad_kind_and_bad_type() -> None:
+    got = problems({"backends": {"b": {"kind": "grpc"}}, "server": {"port": "eighty"}})
+    assert any(p.startswith("server.port:") for p in got)
+    assert 'backends.b: set kind = "cloud" or kind = "openai"' in got
+
+
+def test_secrets_only_by_env_reference() -> None:
+    got = problems({"backends": {"c": {"kind": "cloud", "provider": "openai", "api_key": "sk-123"}}})
+    assert got[0].startswith("backends.c.cloud.api_key: unknown setting") or "api_key" in got[0]
+    assert all("sk-123" not in p for p in got)
+
+
+def test_invalid_toml_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert "not valid TOML" in info.value.problems[0]
