@@ -20,7 +20,8 @@ KEY_PREFIX = "sk-sb-"
 def bearer_token(authorization: str | None) -> str:
     if not authorization:
         raise AuthenticationFailed(
-            "missing API key: send `Authorization: Bearer sk-sb-...` (create one with `switchboard keys create`)"
+            "missing API key: send `Authorization: Bearer sk-sb-...` "
+            "(create one with `switchboard keys create`)"
         )
     scheme, _, token = authorization.partition(" ")
     token = token.strip()

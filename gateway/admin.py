@@ -38,7 +38,9 @@ def _json(value: Any, status_code: int = 200) -> Response:
             return sorted(obj)
         raise TypeError(type(obj).__name__)
 
-    return Response(orjson.dumps(value, default=plain), status_code=status_code, media_type="application/json")
+    return Response(
+        orjson.dumps(value, default=plain), status_code=status_code, media_type="application/json"
+    )
 
 
 class TeamIn(BaseModel):

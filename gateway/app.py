@@ -117,7 +117,15 @@ async def readyz(request: Request) -> Response:
     body = {
         "status": "ok" if db_ok else "degraded",
         "database": "ok" if db_ok else "unreachable",
-        "ledger": {"queued": svc.ledger.queued, "spilled": svc.ledger.spilled, "written": svc.ledger.written},
+        "ledger": {
+            "queued": svc.ledger.queued,
+            "written": svc.ledger.written,
+            "spilled": svc.ledger.spilled,
+            "replayed": svc.ledger.replayed,
+            "rejected": svc.ledger.rejected,
+            "lost": svc.ledger.lost,
+            "db_down": svc.ledger.db_down,
+        },
     }
     return Response(orjson.dumps(body), status_code=200 if db_ok else 503, media_type=JSON)
 

@@ -1,4 +1,4 @@
-"""The chat completion service: admission (model access, capabilities), dispatch, and exactly one usage record.
+"""The chat completion service: admission (model access, capabilities), dispatch, one usage record.
 
 Every request that passed authentication ends in exactly one `UsageRecord`, whether it succeeded, failed in a
 backend, or was cut by the client; `_Recorder.finish` is idempotent so no path writes two.
@@ -146,7 +146,7 @@ async def complete(
 async def open_stream(
     svc: Services, identity: KeyIdentity, body: ChatCompletionBody, timing: Timing, received_at: dt.datetime
 ) -> SseStream:
-    """Dispatch until the first chunk has arrived (errors so far become HTTP errors), then stream SSE bytes."""
+    """Dispatch until the first chunk arrives (errors so far become HTTP errors), then stream SSE bytes."""
     rec = _Recorder(svc, identity, body, timing, received_at)
     try:
         await check_model(svc, identity, body.model)
@@ -175,7 +175,9 @@ class SseStream:
         await self.body.aclose()
         if not self.rec.done:
             # The client went away mid-stream: record what was delivered so far.
-            self.rec.finish(RequestStatus.CLIENT_CLOSED, 499, self.rec.usage, served_model=self.rec.served_model)
+            self.rec.finish(
+                RequestStatus.CLIENT_CLOSED, 499, self.rec.usage, served_model=self.rec.served_model
+            )
         await dispatch.close_stream(self.opened.rest)
 
 
@@ -184,7 +186,9 @@ async def _sse(svc: Services, rec: _Recorder, opened: dispatch.OpenStream) -> As
     created = int(time.time())
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     chunk: StreamChunk | None = opened.first
-    idle_timeout_s = svc.backend_timeouts_s.get(opened.deployment.backend, svc.config.server.request_timeout_s)
+    idle_timeout_s = svc.backend_timeouts_s.get(
+        opened.deployment.backend, svc.config.server.request_timeout_s
+    )
     try:
         while chunk is not None:
             rec.served_model = chunk.served_model or rec.served_model
@@ -199,7 +203,7 @@ async def _sse(svc: Services, rec: _Recorder, opened: dispatch.OpenStream) -> As
             except StopAsyncIteration:
                 chunk = None
     except SwitchboardError as exc:
-        # Headers are gone already: the error travels as an SSE event, which the OpenAI SDKs raise as APIError.
+        # Headers are gone: the error travels as an SSE event, which the OpenAI SDKs raise as APIError.
         rec.finish(RequestStatus.ERROR, exc.status_code, rec.usage, served_model=rec.served_model, error=exc)
         yield render_sse_error(error_body(exc))
         yield SSE_DONE

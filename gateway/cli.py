@@ -18,8 +18,10 @@ from rich.table import Table
 
 from gateway.config import Config, ConfigError, load_config
 
-app = typer.Typer(help="Switchboard: one OpenAI-compatible endpoint for cloud, self-hosted and edge models.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Switchboard: one OpenAI-compatible endpoint for cloud, self-hosted and edge models.",
+    no_args_is_help=True,
+)
 teams_app = typer.Typer(help="Manage teams (stored in SQL).", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage per-team API keys (stored in SQL as hashes).", no_args_is_help=True)
 engine_app = typer.Typer(help="The self-hosted inference engine.", no_args_is_help=True)
@@ -100,7 +102,9 @@ def check_config(path: Annotated[Path, typer.Argument(help="TOML config file to 
     for col in ("name", "kind", "target", "api key from"):
         t.add_column(col)
     for name, b in cfg.backends.items():
-        target = getattr(b, "base_url", None) or f"{getattr(b, 'provider', '')} {getattr(b, 'api_base', '') or ''}"
+        target = (
+            getattr(b, "base_url", None) or f"{getattr(b, 'provider', '')} {getattr(b, 'api_base', '') or ''}"
+        )
         key_env = b.api_key_env or "-"
         if b.api_key_env and not os.environ.get(b.api_key_env):
             key_env += " [yellow](not set)[/yellow]"
@@ -169,7 +173,9 @@ def _check_models(cfg: Config, models: list[str] | None, flag: str) -> None:
 def keys_create(
     team: str,
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
-    models: Annotated[str | None, typer.Option(help="Comma-separated allow-list (subset of the team's).")] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated allow-list (subset of the team's).")
+    ] = None,
     expires_in_days: Annotated[float | None, typer.Option(help="Expire after this many days.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -191,21 +197,30 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(team: Annotated[str | None, typer.Option(help="Only this team.")] = None,
-              config: ConfigOpt = None) -> None:
+def keys_list(
+    team: Annotated[str | None, typer.Option(help="Only this team.")] = None, config: ConfigOpt = None
+) -> None:
     """List keys (prefixes only; keys themselves are never stored)."""
     from gateway import keys
 
     t = Table("id", "team", "name", "prefix", "models", "expires", "revoked")
     for k in keys.list_keys(_engine(_load(config)), team):
-        t.add_row(k.key_id, k.team, k.name, k.display_prefix + "...",
-                  ", ".join(k.models) if k.models else "team's", str(k.expires_at or "-"), str(k.revoked_at or "-"))
+        t.add_row(
+            k.key_id,
+            k.team,
+            k.name,
+            k.display_prefix + "...",
+            ", ".join(k.models) if k.models else "team's",
+            str(k.expires_at or "-"),
+            str(k.revoked_at or "-"),
+        )
     console.print(t)
 
 
 @keys_app.command("revoke")
-def keys_revoke(key: Annotated[str, typer.Argument(help="Key id or display prefix.")],
-                config: ConfigOpt = None) -> None:
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="Key id or display prefix.")], config: ConfigOpt = None
+) -> None:
     """Revoke a key. Running gateways stop accepting it within server.key_cache_ttl_s (default 5 s)."""
     from gateway import keys
 

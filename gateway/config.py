@@ -83,14 +83,20 @@ class TeamConfig(_Strict):
     models: list[str] = Field(default_factory=lambda: ["*"])
 
 
+_DEFAULT_BACKENDS: dict[str, CloudBackendConfig | OpenAIBackendConfig] = {
+    "local": OpenAIBackendConfig(
+        kind="openai",
+        base_url="http://127.0.0.1:8081/v1",
+        supports_tools=False,
+        supports_response_format=False,
+    )
+}
+
+
 class Config(_Strict):
     server: ServerConfig = ServerConfig()
     database: DatabaseConfig = DatabaseConfig()
-    backends: dict[str, BackendConfig] = Field(
-        default_factory=lambda: {
-            "local": OpenAIBackendConfig(kind="openai", base_url="http://127.0.0.1:8081/v1")
-        }
-    )
+    backends: dict[str, BackendConfig] = Field(default_factory=lambda: dict(_DEFAULT_BACKENDS))
     models: dict[str, ModelConfig] = Field(
         default_factory=lambda: {
             "smollm2": ModelConfig(

@@ -1,25 +1,25 @@
 """The gateway's error tree and its one renderer to the OpenAI error envelope.
 
-    SwitchboardError (backends/errors.py)          500 api_error            internal_error
-    ├── BackendError                               502 api_error            upstream_error        retryable
-    │   ├── BackendRateLimited                     429 rate_limit_error     upstream_rate_limited retryable
-    │   ├── BackendUnavailable                     503 api_error            upstream_unavailable  retryable
-    │   ├── BackendTimeout                         504 api_error            upstream_timeout      retryable
-    │   ├── BackendBadResponse                     502 api_error            upstream_bad_response retryable
-    │   ├── BackendMisconfigured                   502 api_error            upstream_misconfigured retryable
-    │   └── BackendRejected                        400 invalid_request_error upstream_rejected_request
-    └── GatewayError
-        ├── InvalidRequest                         400 invalid_request_error invalid_request
-        │   └── UnsupportedParameter               400 invalid_request_error unsupported_parameter
-        ├── AuthenticationFailed                   401 authentication_error  invalid_api_key
-        ├── PermissionDenied                       403 permission_error      model_not_allowed
-        │   └── AdminOnly                          403 permission_error      admin_only
-        ├── NotFound                               404 invalid_request_error not_found
-        │   └── ModelNotFound                      404 invalid_request_error model_not_found
-        ├── PayloadTooLarge                        413 invalid_request_error payload_too_large
-        ├── RateLimited                            429 rate_limit_error      rate_limit_exceeded
-        ├── ServiceUnavailable                     503 api_error             service_unavailable
-        └── AllBackendsFailed                      status of the last cause; all causes in the message
+SwitchboardError (backends/errors.py)          500 api_error            internal_error
+├── BackendError                               502 api_error            upstream_error        retryable
+│   ├── BackendRateLimited                     429 rate_limit_error     upstream_rate_limited retryable
+│   ├── BackendUnavailable                     503 api_error            upstream_unavailable  retryable
+│   ├── BackendTimeout                         504 api_error            upstream_timeout      retryable
+│   ├── BackendBadResponse                     502 api_error            upstream_bad_response retryable
+│   ├── BackendMisconfigured                   502 api_error            upstream_misconfigured retryable
+│   └── BackendRejected                        400 invalid_request_error upstream_rejected_request
+└── GatewayError
+    ├── InvalidRequest                         400 invalid_request_error invalid_request
+    │   └── UnsupportedParameter               400 invalid_request_error unsupported_parameter
+    ├── AuthenticationFailed                   401 authentication_error  invalid_api_key
+    ├── PermissionDenied                       403 permission_error      model_not_allowed
+    │   └── AdminOnly                          403 permission_error      admin_only
+    ├── NotFound                               404 invalid_request_error not_found
+    │   └── ModelNotFound                      404 invalid_request_error model_not_found
+    ├── PayloadTooLarge                        413 invalid_request_error payload_too_large
+    ├── RateLimited                            429 rate_limit_error      rate_limit_exceeded
+    ├── ServiceUnavailable                     503 api_error             service_unavailable
+    └── AllBackendsFailed                      status of the last cause; all causes in the message
 """
 
 from __future__ import annotations

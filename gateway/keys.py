@@ -3,8 +3,9 @@
 Only the sha256 of a key is stored; the plaintext is shown once, in `CreatedKey`. `KeyStore.resolve` answers
 from memory: valid keys are cached for `ttl_s`, unknown keys for `NEGATIVE_TTL_S` (bounded), and concurrent
 lookups of one key share one query. So a key revoked by another process keeps working there for up to
-`ttl_s`; `KeyStore.invalidate` makes a revoke in this process take effect at once. Revoked and expired keys
-resolve to a `KeyIdentity` carrying their flags; `check_usable` turns those into distinct errors.
+`ttl_s`; `KeyStore.invalidate` makes a revoke in this process take effect at once. While the database is
+unreachable, keys already cached keep resolving (stale) and unknown ones raise ServiceUnavailable. Revoked
+and expired keys resolve to a `KeyIdentity` carrying their flags; `check_usable` turns those into errors.
 """
 
 from __future__ import annotations
@@ -346,7 +347,15 @@ class KeyStore:
         cached = self._team_models.get(team)
         if cached is not None and cached[1] > self._clock():
             return cached[0]
-        found, models = await asyncio.to_thread(self._fetch_team, team)
+        try:
+            found, models = await asyncio.to_thread(self._fetch_team, team)
+        except DBAPIError as exc:
+            if cached is not None:
+                log.warning("team lookup failed (%s); serving the cached models", type(exc).__name__)
+                return cached[0]
+            raise ServiceUnavailable(
+                "cannot check team models: the database is unreachable (see /readyz)"
+            ) from exc
         if not found:
             raise NotFound(f"team `{team}` does not exist (create it with `switchboard teams create {team}`)")
         value = None if models is None else frozenset(models)

@@ -55,7 +55,9 @@ class GatewayMetrics:
         if rec.prompt_tokens:
             self.tokens.labels(rec.team, rec.requested_model, backend, "prompt").inc(rec.prompt_tokens)
         if rec.completion_tokens:
-            self.tokens.labels(rec.team, rec.requested_model, backend, "completion").inc(rec.completion_tokens)
+            self.tokens.labels(rec.team, rec.requested_model, backend, "completion").inc(
+                rec.completion_tokens
+            )
         if rec.cost_micro_usd:
             self.cost.labels(rec.team, rec.requested_model, backend).inc(rec.cost_micro_usd / 1_000_000)
 

@@ -155,8 +155,19 @@ async def build_services(config: Config) -> Services:
     )
     ledger.start()
     metrics = GatewayMetrics()
-    metrics.add_gauge("switchboard_ledger_queued", "Usage records waiting to be written", lambda: ledger.queued)
+    metrics.add_gauge(
+        "switchboard_ledger_queued", "Usage records waiting to be written", lambda: ledger.queued
+    )
     metrics.add_gauge("switchboard_ledger_spilled", "Usage records spilled to file", lambda: ledger.spilled)
+    metrics.add_gauge(
+        "switchboard_ledger_rejected", "Usage records the database refused", lambda: ledger.rejected
+    )
+    metrics.add_gauge("switchboard_ledger_lost", "Usage records that could not be kept", lambda: ledger.lost)
+    metrics.add_gauge(
+        "switchboard_database_up",
+        "1 while the ledger database is reachable",
+        lambda: 0.0 if ledger.db_down else 1.0,
+    )
     return Services(
         config=config,
         db=engine,

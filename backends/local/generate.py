@@ -14,7 +14,7 @@ import logging
 import queue
 import secrets
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,7 @@ class GenerationFailed:
 
 
 GenerationEvent = TextDelta | GenerationDone | GenerationFailed
+FinishCallback = Callable[[GenerationDone | GenerationFailed], None]
 
 
 class StopStringDecoder:
@@ -162,9 +163,14 @@ class _StreamingStop(StoppingCriteria):
 
 
 class GenerationWorker:
-    """Owns the model and one thread; `submit` queues a request and returns its handle."""
+    """Owns the model and one thread; `submit` queues a request and returns its handle.
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    `on_finish` runs on the worker thread once per request, even when nobody reads its events any more
+    (a disconnected client), so counters kept there see every request.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, on_finish: FinishCallback | None = None) -> None:
+        self._on_finish = on_finish
         self._model = model
         self._tokenizer = tokenizer
         self._eos_ids = _eos_token_ids(model, tokenizer)
@@ -218,17 +224,21 @@ class GenerationWorker:
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
+            outcome: GenerationDone | GenerationFailed
             if job.cancel_event.is_set():
-                job.deliver(GenerationDone(FinishReason.STOP, len(job.prompt_ids), 0, cancelled=True))
-                continue
-            self._running_jobs = 1
-            try:
-                job.deliver(self._run(job))
-            except Exception as exc:  # engine loop: fail this request, keep serving the others
-                log.exception("generation failed")
-                job.deliver(GenerationFailed(f"generation failed: {type(exc).__name__}"))
-            finally:
-                self._running_jobs = 0
+                outcome = GenerationDone(FinishReason.STOP, len(job.prompt_ids), 0, cancelled=True)
+            else:
+                self._running_jobs = 1
+                try:
+                    outcome = self._run(job)
+                except Exception as exc:  # engine loop: fail this request, keep serving the others
+                    log.exception("generation failed")
+                    outcome = GenerationFailed(f"generation failed: {type(exc).__name__}")
+                finally:
+                    self._running_jobs = 0
+            if self._on_finish is not None:
+                self._on_finish(outcome)
+            job.deliver(outcome)
 
     def _run(self, job: _Job) -> GenerationDone:
         params = job.params

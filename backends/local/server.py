@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -118,14 +119,8 @@ def _json(body: Mapping[str, Any]) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-def _build_metrics(worker: GenerationWorker) -> EngineMetrics:
+def _build_metrics() -> EngineMetrics:
     registry = CollectorRegistry()
-    queue_depth = Gauge(
-        "switchboard_engine_queue_depth", "Requests waiting for the worker", registry=registry
-    )
-    queue_depth.set_function(lambda: worker.queue_depth)
-    running = Gauge("switchboard_engine_running_requests", "Requests being generated", registry=registry)
-    running.set_function(lambda: worker.running_requests)
     return EngineMetrics(
         registry=registry,
         requests=Counter(
@@ -136,6 +131,13 @@ def _build_metrics(worker: GenerationWorker) -> EngineMetrics:
             "switchboard_engine_completion_tokens", "Completion tokens", registry=registry
         ),
     )
+
+
+def _add_worker_gauges(registry: CollectorRegistry, worker: GenerationWorker) -> None:
+    depth = Gauge("switchboard_engine_queue_depth", "Requests waiting for the worker", registry=registry)
+    depth.set_function(lambda: worker.queue_depth)
+    running = Gauge("switchboard_engine_running_requests", "Requests being generated", registry=registry)
+    running.set_function(lambda: worker.running_requests)
 
 
 def _message_text(index: int, content: Any) -> str:
@@ -250,10 +252,14 @@ class _CancellingStream(StreamingResponse):
             self._on_close()
 
 
-def _record(state: EngineState, done: GenerationDone) -> None:
-    state.metrics.requests.labels(outcome="cancelled" if done.cancelled else "ok").inc()
-    state.metrics.prompt_tokens.inc(done.prompt_tokens)
-    state.metrics.completion_tokens.inc(done.completion_tokens)
+def _record(metrics: EngineMetrics, outcome: GenerationDone | GenerationFailed) -> None:
+    """Runs on the worker thread (prometheus counters are thread-safe)."""
+    if isinstance(outcome, GenerationFailed):
+        metrics.requests.labels(outcome="error").inc()
+        return
+    metrics.requests.labels(outcome="cancelled" if outcome.cancelled else "ok").inc()
+    metrics.prompt_tokens.inc(outcome.prompt_tokens)
+    metrics.completion_tokens.inc(outcome.completion_tokens)
 
 
 def _usage(done: GenerationDone) -> dict[str, int]:
@@ -264,8 +270,7 @@ def _usage(done: GenerationDone) -> dict[str, int]:
     }
 
 
-def _failure(state: EngineState, failed: GenerationFailed) -> ApiError:
-    state.metrics.requests.labels(outcome="error").inc()
+def _failure(failed: GenerationFailed) -> ApiError:
     return ApiError(500, failed.message, openai_type="api_error", code="engine_error")
 
 
@@ -285,10 +290,9 @@ async def _collect(
         if isinstance(event, TextDelta):
             parts.append(event.text)
         elif isinstance(event, GenerationDone):
-            _record(state, event)
             return "".join(parts), event
         else:
-            raise _failure(state, event)
+            raise _failure(event)
 
 
 async def _sse(
@@ -312,12 +316,11 @@ async def _sse(
         if isinstance(event, TextDelta):
             yield frame([{"index": 0, "delta": {"content": event.text}, "finish_reason": None}])
         elif isinstance(event, GenerationDone):
-            _record(state, event)
             yield frame([{"index": 0, "delta": {}, "finish_reason": str(event.finish_reason)}])
             if include_usage:
                 yield frame([], usage=_usage(event))
         else:
-            error = _failure(state, event)
+            error = _failure(event)
             yield (
                 b"data: "
                 + orjson.dumps(
@@ -431,11 +434,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_engine_app(loaded: LoadedModel, *, served_names: Iterable[str] = DEFAULT_SERVED_NAMES) -> FastAPI:
     """Build the engine app; the generation thread starts with the app's lifespan and stops with it."""
-    worker = GenerationWorker(loaded.model, loaded.tokenizer)
+    engine_metrics = _build_metrics()
+    worker = GenerationWorker(loaded.model, loaded.tokenizer, on_finish=partial(_record, engine_metrics))
+    _add_worker_gauges(engine_metrics.registry, worker)
     state = EngineState(
         loaded=loaded,
         worker=worker,
-        metrics=_build_metrics(worker),
+        metrics=engine_metrics,
         served_names=tuple(served_names),
         context_tokens=int(loaded.model.config.max_position_embeddings),
     )

@@ -103,9 +103,11 @@ class Gateway:
         deadline = time.monotonic() + timeout_s
         while True:
             with self.db.connect() as conn:
-                row = conn.execute(
-                    sa.select(db.usage).where(db.usage.c.request_id == request_id)
-                ).mappings().first()
+                row = (
+                    conn.execute(sa.select(db.usage).where(db.usage.c.request_id == request_id))
+                    .mappings()
+                    .first()
+                )
             if row is not None:
                 return dict(row)
             if time.monotonic() > deadline:
@@ -115,7 +117,9 @@ class Gateway:
     def count_rows(self, request_id: str) -> int:
         with self.db.connect() as conn:
             return int(
-                conn.execute(sa.text("SELECT count(*) FROM usage WHERE request_id = :r"), {"r": request_id}).scalar()
+                conn.execute(
+                    sa.text("SELECT count(*) FROM usage WHERE request_id = :r"), {"r": request_id}
+                ).scalar()
             )
 
 

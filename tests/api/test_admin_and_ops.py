@@ -14,7 +14,9 @@ def admin(gw: Gateway) -> httpx.Client:
 
 def test_team_key_can_never_reach_admin(gateway: Gateway) -> None:
     for method, path in [("GET", "/admin/keys"), ("POST", "/admin/teams"), ("GET", "/admin/teams")]:
-        resp = httpx.request(method, gateway.base_url + path, headers={"authorization": f"Bearer {gateway.key()}"})
+        resp = httpx.request(
+            method, gateway.base_url + path, headers={"authorization": f"Bearer {gateway.key()}"}
+        )
         assert resp.status_code == 403, (method, path, resp.text)
         assert resp.json()["error"]["code"] == "admin_only"
     assert httpx.get(gateway.base_url + "/admin/keys").status_code == 401

@@ -14,22 +14,61 @@ CASES = [
     ("missing model", b'{"messages": [{"role": "user", "content": "hi"}]}', 400, "invalid_request"),
     ("empty messages", b'{"model": "fast", "messages": []}', 400, "invalid_request"),
     ("messages wrong type", b'{"model": "fast", "messages": "hi"}', 400, "invalid_request"),
-    ("bad role", b'{"model": "fast", "messages": [{"role": "wizard", "content": "x"}]}', 400, "invalid_request"),
-    ("temperature type", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
-     400, "invalid_request"),
-    ("temperature range", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
-     400, "invalid_request"),
-    ("max_tokens zero", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
-     400, "invalid_request"),
-    ("unknown field", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "best_of": 3}',
-     400, "unsupported_parameter"),
-    ("logit_bias set", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}',
-     400, "unsupported_parameter"),
-    ("five stops", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}',
-     400, "invalid_request"),
-    ("n=3", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "n": 3}', 400, "unsupported_parameter"),
-    ("stream_options junk", b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "stream": true, '
-     b'"stream_options": {"nope": 1}}', 400, "invalid_request"),
+    (
+        "bad role",
+        b'{"model": "fast", "messages": [{"role": "wizard", "content": "x"}]}',
+        400,
+        "invalid_request",
+    ),
+    (
+        "temperature type",
+        b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
+        400,
+        "invalid_request",
+    ),
+    (
+        "temperature range",
+        b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
+        400,
+        "invalid_request",
+    ),
+    (
+        "max_tokens zero",
+        b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+        400,
+        "invalid_request",
+    ),
+    (
+        "unknown field",
+        b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "best_of": 3}',
+        400,
+        "unsupported_parameter",
+    ),
+    (
+        "logit_bias set",
+        b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}',
+        400,
+        "unsupported_parameter",
+    ),
+    (
+        "five stops",
+        b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}',
+        400,
+        "invalid_request",
+    ),
+    (
+        "n=3",
+        b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "n": 3}',
+        400,
+        "unsupported_parameter",
+    ),
+    (
+        "stream_options junk",
+        b'{"model": "fast", "messages": [{"role": "user", "content": "x"}], "stream": true, '
+        b'"stream_options": {"nope": 1}}',
+        400,
+        "invalid_request",
+    ),
 ]
 
 
@@ -62,7 +101,9 @@ def test_oversized_chunked_body_is_413(gateway: Gateway) -> None:
             yield b"x" * 8192
 
     resp = httpx.post(
-        gateway.v1 + "/chat/completions", content=chunks(), headers={"authorization": f"Bearer {gateway.key()}"}
+        gateway.v1 + "/chat/completions",
+        content=chunks(),
+        headers={"authorization": f"Bearer {gateway.key()}"},
     )
     assert resp.status_code == 413
 

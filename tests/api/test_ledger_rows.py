@@ -27,9 +27,9 @@ def test_row_for_completion(any_gateway: Gateway) -> None:
 
     created = keys.create_key(gw.db, "alpha", name="ledger", models=None, expires_at=None)
     before = dt.datetime.now(dt.UTC)
-    raw = OpenAI(base_url=gw.v1, api_key=created.plaintext, max_retries=0).chat.completions.with_raw_response.create(
-        model="fast", messages=HELLO
-    )
+    raw = OpenAI(
+        base_url=gw.v1, api_key=created.plaintext, max_retries=0
+    ).chat.completions.with_raw_response.create(model="fast", messages=HELLO)
     completion = raw.parse()
     row = gw.usage_row(raw.headers["x-request-id"])
     assert completion.usage is not None
@@ -74,13 +74,19 @@ def test_row_for_upstream_error(any_gateway: Gateway) -> None:
 
 def test_row_for_refused_model_and_none_for_bad_key(any_gateway: Gateway) -> None:
     gw = any_gateway
-    resp = httpx.post(gw.v1 + "/chat/completions", json={"model": "nope", "messages": HELLO},
-                      headers={"authorization": f"Bearer {gw.key('beta')}"})
+    resp = httpx.post(
+        gw.v1 + "/chat/completions",
+        json={"model": "nope", "messages": HELLO},
+        headers={"authorization": f"Bearer {gw.key('beta')}"},
+    )
     assert resp.status_code == 404
     row = gw.usage_row(resp.headers["x-request-id"])
     assert row["status"] == "error" and row["error_type"] == "model_not_found" and row["backend"] is None
-    resp = httpx.post(gw.v1 + "/chat/completions", json={"model": "fast", "messages": HELLO},
-                      headers={"authorization": "Bearer sk-sb-" + "y" * 43})
+    resp = httpx.post(
+        gw.v1 + "/chat/completions",
+        json={"model": "fast", "messages": HELLO},
+        headers={"authorization": "Bearer sk-sb-" + "y" * 43},
+    )
     assert resp.status_code == 401
     time.sleep(0.2)
     assert gw.count_rows(resp.headers["x-request-id"]) == 0
@@ -90,7 +96,8 @@ def test_client_disconnect_mid_stream_is_recorded(any_gateway: Gateway) -> None:
     gw = any_gateway
     gw.fake.configure("mslow", ttft_ms=10, tokens_per_s=20, n_tokens=200)
     with httpx.stream(
-        "POST", gw.v1 + "/chat/completions",
+        "POST",
+        gw.v1 + "/chat/completions",
         json={"model": "mslow", "messages": HELLO, "stream": True},
         headers={"authorization": f"Bearer {gw.key()}"},
     ) as resp:

@@ -19,7 +19,9 @@ def client(gw: Gateway, key: str) -> OpenAI:
 
 
 def test_chat_non_streaming_with_headers(gateway: Gateway) -> None:
-    raw = client(gateway, gateway.key()).chat.completions.with_raw_response.create(model="fast", messages=HELLO)
+    raw = client(gateway, gateway.key()).chat.completions.with_raw_response.create(
+        model="fast", messages=HELLO
+    )
     completion = raw.parse()
     assert completion.choices[0].message.role == "assistant"
     assert completion.choices[0].message.content

@@ -1,4 +1,4 @@
-"""Dependencies point one way: gateway -> routing -> backends.base; backends never import gateway or routing."""
+"""Dependencies point one way: gateway -> routing -> backends.base; backends import neither."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,8 +29,10 @@ from backends.local.server import create_engine_app, encode_chat  # noqa: E402
 
 pytestmark = pytest.mark.model
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-LONG_ANSWER = [{"role": "user", "content": "Count from 1 to 500, separated by commas."}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
+LONG_ANSWER: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Count from 1 to 500, separated by commas."}
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +88,9 @@ def test_chat_returns_answer_and_usage(client: openai.OpenAI) -> None:
 
 
 def test_greedy_matches_transformers_generate(engine: RunningEngine, client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Write one sentence about the sea."}
+    ]
     reply = client.chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=messages, max_tokens=24, temperature=0
     )
@@ -171,7 +176,8 @@ def test_unsupported_or_bad_input_is_400(client: openai.OpenAI, extra: dict[str,
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4, **extra)  # type: ignore[call-overload]
     assert caught.value.status_code == 400
-    assert set(caught.value.body) >= {"message", "type", "param", "code"}  # type: ignore[arg-type]
+    body = caught.value.body
+    assert isinstance(body, dict) and set(body) >= {"message", "type", "param", "code"}
 
 
 def test_malformed_json_is_400(engine: RunningEngine) -> None:

@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`with LiveServer(app) as srv:` serves `app` at `srv.base_url` until the block ends (lifespan included)."""
+    """`with LiveServer(app) as srv:` serves `app` (with lifespan) at `srv.base_url` until the block ends."""
 
     def __init__(self, app: ASGIApp, *, port: int | None = None, startup_timeout_s: float = 120.0) -> None:
         self.port = port or free_port()

@@ -39,8 +39,13 @@ def test_unknown_setting_names_its_path() -> None:
 
 
 def test_unknown_backend_reference_names_the_defined_ones() -> None:
-    got = problems({"backends": {"gpu0": {"kind": "openai", "base_url": "http://x/v1"}},
-                    "models": {"m": {"backend": "gpu9"}}, "teams": {}})
+    got = problems(
+        {
+            "backends": {"gpu0": {"kind": "openai", "base_url": "http://x/v1"}},
+            "models": {"m": {"backend": "gpu9"}},
+            "teams": {},
+        }
+    )
     assert got == ['models.m.backend: unknown backend "gpu9" (defined backends: gpu0)']
 
 

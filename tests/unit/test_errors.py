@@ -5,8 +5,14 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.errors import ALL_ERROR_CLASSES, AllBackendsFailed, BackendRateLimited, BackendTimeout, error_body
 from gateway.app import error_response
+from gateway.errors import (
+    ALL_ERROR_CLASSES,
+    AllBackendsFailed,
+    BackendRateLimited,
+    BackendTimeout,
+    error_body,
+)
 
 
 @pytest.mark.parametrize("cls", ALL_ERROR_CLASSES, ids=lambda c: c.__name__)
@@ -14,7 +20,12 @@ def test_every_error_class_renders_envelope(cls: type) -> None:
     exc = cls("change server.max_body_bytes")
     body = orjson.loads(error_body(exc))
     assert body == {
-        "error": {"message": "change server.max_body_bytes", "type": cls.openai_type, "param": None, "code": cls.code}
+        "error": {
+            "message": "change server.max_body_bytes",
+            "type": cls.openai_type,
+            "param": None,
+            "code": cls.code,
+        }
     }
     resp = error_response(exc)
     assert resp.status_code == cls.status_code
@@ -35,7 +46,9 @@ def test_status_codes_are_distinct_where_they_matter() -> None:
 
 
 def test_all_backends_failed_collects_every_cause() -> None:
-    err = AllBackendsFailed([("a", BackendTimeout("slow")), ("b", BackendRateLimited("busy", retry_after_s=3))])
+    err = AllBackendsFailed(
+        [("a", BackendTimeout("slow")), ("b", BackendRateLimited("busy", retry_after_s=3))]
+    )
     assert err.status_code == 429 and err.code == "upstream_rate_limited"
     assert "`a`: slow" in err.message and "`b`: busy" in err.message
     assert error_response(err).headers["retry-after"] == "3"

@@ -1,0 +1,1 @@
+"""Benchmarks run as scripts (`python -m bench.overhead`); nothing here is imported by the gateway."""
