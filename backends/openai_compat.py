@@ -9,6 +9,7 @@ dispatch owns the per-attempt deadline.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,9 @@ class OpenAICompatBackend:
         self._chat_url = base + "/chat/completions"
         self._models_url = base + "/models"
         self._timeout_s = timeout_s
+        # Queue callers here rather than in httpcore's pool, whose wait queue costs O(waiters) per
+        # released connection and collapses under bursts of thousands of requests.
+        self._slots = asyncio.Semaphore(max_connections)
         self._connect_timeout_s = connect_timeout_s
         headers = {"content-type": "application/json", "accept": "application/json"}
         if api_key:
@@ -86,29 +90,33 @@ class OpenAICompatBackend:
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         body = _request_body(request, stream=False)
-        with _translate_errors(self._info.name, mid_stream=False):
-            response = await self._client.post(self._chat_url, content=body, timeout=self._timeout(request))
-            response.raise_for_status()
+        async with self._slots:
+            with _translate_errors(self._info.name, mid_stream=False):
+                response = await self._client.post(
+                    self._chat_url, content=body, timeout=self._timeout(request)
+                )
+                response.raise_for_status()
         return _parse_result(self._info.name, response.content, request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         body = _request_body(request, stream=True)
         name = self._info.name
-        with _translate_errors(name, mid_stream=False):
-            upstream = self._client.build_request(
-                "POST", self._chat_url, content=body, timeout=self._timeout(request)
-            )
-            response = await self._client.send(upstream, stream=True)
-        try:
-            if response.status_code >= 400:
-                with _translate_errors(name, mid_stream=False):
-                    await response.aread()
-                    response.raise_for_status()
-            with _translate_errors(name, mid_stream=True):
-                async for chunk in _parse_stream(name, response, request):
-                    yield chunk
-        finally:
-            await response.aclose()
+        async with self._slots:
+            with _translate_errors(name, mid_stream=False):
+                upstream = self._client.build_request(
+                    "POST", self._chat_url, content=body, timeout=self._timeout(request)
+                )
+                response = await self._client.send(upstream, stream=True)
+            try:
+                if response.status_code >= 400:
+                    with _translate_errors(name, mid_stream=False):
+                        await response.aread()
+                        response.raise_for_status()
+                with _translate_errors(name, mid_stream=True):
+                    async for chunk in _parse_stream(name, response, request):
+                        yield chunk
+            finally:
+                await response.aclose()
 
     async def health(self) -> BackendHealth:
         try:

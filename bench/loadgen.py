@@ -31,7 +31,8 @@ wrk.body = {body}
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    '{mark}{{"requests": %d, "non2xx": %d, "errors": %d, "duration_s": %.6f, "p50_ms": %.4f, "p99_ms": %.4f}}\\n',
+    '{mark}{{"requests": %d, "non2xx": %d, "errors": %d, "duration_s": %.6f, ' ..
+    '"p50_ms": %.4f, "p99_ms": %.4f}}\\n',
     summary.requests, e.status, e.connect + e.read + e.write + e.timeout, summary.duration / 1e6,
     latency:percentile(50) / 1000, latency:percentile(99) / 1000))
 end
@@ -57,7 +58,7 @@ class LoadResult:
 
 
 def wrk_path(install: bool = True) -> str | None:
-    """`wrk` on PATH; if absent and `install`, try `apt-get install -y wrk` once (Debian package, needs root)."""
+    """`wrk` on PATH; if absent and `install`, try `apt-get install -y wrk` (Debian package, needs root)."""
     found = shutil.which("wrk")
     if found or not install or not shutil.which("apt-get"):
         return found

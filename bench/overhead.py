@@ -302,7 +302,7 @@ def run_phase(r: Rig, phase: Phase, duration_s: float, ledger: Ledger) -> None:
 
 
 def sample_overhead(r: Rig, n: int, ledger: Ledger) -> list[float]:
-    """`n` sequential requests: the gateway's own overhead header, and exactly one ledger row per request id."""
+    """`n` sequential requests: the gateway's overhead header, and exactly one ledger row per request id."""
     overhead_ms, ids = [], []
     headers = {"authorization": f"Bearer {r.key}", "content-type": "application/json"}
     body = chat_body("delay20")
@@ -392,8 +392,9 @@ def render(
         f"{info['python']}), commit {info['commit']}.",
         "",
         f"Command: `{meta['command']}`. Load: {meta['generator']}; {meta['pinning']}. "
-        f"{meta['repeats']} repeat(s) of {meta['duration']} s per phase, direct and gateway phases alternating; "
-        "each cell is the median over repeats, and *added* is the median of the paired per-repeat differences.",
+        f"{meta['repeats']} repeat(s) of {meta['duration']} s per phase, direct and gateway phases "
+        "alternating; each cell is the median over repeats, and *added* is the median of the paired "
+        "per-repeat differences.",
         "",
         "Latency, fake upstream answering in 20 ms (non-streaming):",
         "",
@@ -405,7 +406,8 @@ def render(
         lines.append(
             f"| {gw.connections} | {_ms(direct.median('p50_ms'))} | {_ms(gw.median('p50_ms'))} "
             f"| **{_ms(_added(gw, direct, 'p50_ms'))}** | {_ms(direct.median('p99_ms'))} "
-            f"| {_ms(gw.median('p99_ms'))} | **{_ms(_added(gw, direct, 'p99_ms'))}** | {gw.median('rps'):.0f} |"
+            f"| {_ms(gw.median('p99_ms'))} | **{_ms(_added(gw, direct, 'p99_ms'))}** "
+            f"| {gw.median('rps'):.0f} |"
         )
     lines += [
         "",
@@ -417,8 +419,9 @@ def render(
     for p in tput:
         bad = sum(r.non2xx + r.errors for r in p.runs)
         lines.append(
-            f"| {'gateway' if p.via_gateway else 'fake provider direct'} | {'stream' if p.stream else 'json'} "
-            f"| {p.connections} | **{p.median('rps'):.0f}** | {_ms(p.median('p50_ms'))} | {_ms(p.median('p99_ms'))} "
+            f"| {'gateway' if p.via_gateway else 'fake provider direct'} "
+            f"| {'stream' if p.stream else 'json'} | {p.connections} | **{p.median('rps'):.0f}** "
+            f"| {_ms(p.median('p50_ms'))} | {_ms(p.median('p99_ms'))} "
             f"| {bad} |"
         )
     added_p50_c1 = _added(latency[0][1], latency[0][0], "p50_ms")
@@ -429,13 +432,15 @@ def render(
         f"- Gateway's own `x-switchboard-overhead-ms` over {len(overhead_ms)} sequential requests: median "
         f"{statistics.median(overhead_ms):.3f} ms, p90 {statistics.quantiles(overhead_ms, n=10)[-1]:.3f} ms.",
         f"- Peak RSS of the gateway process (VmHWM): {rss_mib:.0f} MiB.",
-        f"- Ledger: {ledger.rows} rows written during the load phases for {ledger.counted_ok} 2xx answers the "
-        f"load generator counted (at most {ledger.in_flight_bound} more may have been in flight when a phase "
-        f"stopped); {ledger.sample_rows_ok}/{ledger.sample_sent} sampled request ids have exactly one `ok` row. "
+        f"- Ledger: {ledger.rows} rows written during the load phases for {ledger.counted_ok} 2xx answers "
+        f"the load generator counted (at most {ledger.in_flight_bound} more may have been in flight when a "
+        f"phase stopped); {ledger.sample_rows_ok}/{ledger.sample_sent} sampled request ids have exactly one "
+        "`ok` row. "
         f"Rows by status: {status}. Verdict: {'OK' if ledger.verified else 'MISMATCH'}.",
         f"- Goals: added p50 at concurrency 1 <= {GOAL_ADDED_P50_MS:g} ms: "
         f"{'met' if added_p50_c1 <= GOAL_ADDED_P50_MS else 'NOT met'} ({added_p50_c1:.2f} ms); "
-        f">= {GOAL_RPS:,.0f} req/s non-streaming: {'met' if gw_json.median('rps') >= GOAL_RPS else 'NOT met'} "
+        f">= {GOAL_RPS:,.0f} req/s non-streaming: "
+        f"{'met' if gw_json.median('rps') >= GOAL_RPS else 'NOT met'} "
         f"({gw_json.median('rps'):,.0f} req/s).",
     ]
     return "\n".join(lines)
@@ -464,9 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per phase and repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32, help="the high-concurrency level")
-    parser.add_argument(
-        "--samples", type=int, default=200, help="sequential requests for the overhead header"
-    )
+    parser.add_argument("--samples", type=int, default=200, help="sequential requests sampled")
     parser.add_argument("--out", type=Path, help="write/replace the section in this markdown file")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator, not wrk")
@@ -498,7 +501,8 @@ def main(argv: list[str] | None = None) -> None:
                 run_phase(r, phase, args.duration_s, ledger)
                 last = phase.runs[-1]
                 print(
-                    f"[{i + 1}/{args.repeats}] {phase.name:<20} {last.rps:8.0f} req/s  p50 {last.p50_ms:7.2f} ms"
+                    f"[{i + 1}/{args.repeats}] {phase.name:<20} {last.rps:8.0f} req/s"
+                    f"  p50 {last.p50_ms:7.2f} ms"
                     f"  p99 {last.p99_ms:7.2f} ms  non2xx {last.non2xx} errors {last.errors}",
                     file=sys.stderr,
                 )

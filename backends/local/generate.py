@@ -176,7 +176,7 @@ class GenerationWorker:
         self._eos_ids = _eos_token_ids(model, tokenizer)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._running_jobs = 0
+        self._current: _Job | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -184,7 +184,7 @@ class GenerationWorker:
 
     @property
     def running_requests(self) -> int:
-        return self._running_jobs
+        return 0 if self._current is None else 1
 
     @property
     def alive(self) -> bool:
@@ -197,9 +197,12 @@ class GenerationWorker:
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Finish the running request's current step, drop queued ones, and join the thread."""
+        """Abort the running request, fail queued ones, and join the thread."""
         if self._thread is None:
             return
+        current = self._current
+        if current is not None:
+            current.cancel_event.set()
         pending: list[_Job] = []
         while True:
             try:
@@ -228,14 +231,14 @@ class GenerationWorker:
             if job.cancel_event.is_set():
                 outcome = GenerationDone(FinishReason.STOP, len(job.prompt_ids), 0, cancelled=True)
             else:
-                self._running_jobs = 1
+                self._current = job
                 try:
                     outcome = self._run(job)
                 except Exception as exc:  # engine loop: fail this request, keep serving the others
                     log.exception("generation failed")
                     outcome = GenerationFailed(f"generation failed: {type(exc).__name__}")
                 finally:
-                    self._running_jobs = 0
+                    self._current = None
             if self._on_finish is not None:
                 self._on_finish(outcome)
             job.deliver(outcome)

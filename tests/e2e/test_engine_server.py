@@ -6,7 +6,6 @@ loopback socket. Completions are kept short so the module stays well under a min
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -17,8 +16,6 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
