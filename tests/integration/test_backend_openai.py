@@ -259,3 +259,15 @@ async def test_early_stop_releases_the_connection(fake_provider: FakeProvider) -
         assert (await backend.complete(chat("oa-early"))).finish_reason == "stop"
     finally:
         await backend.aclose()
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_bad_json_is_bad_response(
+    backend: OpenAICompatBackend, fake_provider: FakeProvider, streaming: bool
+) -> None:
+    fake_provider.configure("oa-garbage", bad_json=True)
+    with pytest.raises(BackendBadResponse):
+        if streaming:
+            await collect(backend, chat("oa-garbage"))
+        else:
+            await backend.complete(chat("oa-garbage"))

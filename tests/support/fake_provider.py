@@ -45,6 +45,7 @@ class Knobs:
     retry_after_s: float = 1.0  # sent as Retry-After with 429
     hang: bool = False  # never answer; wait until the client disconnects
     cut_after_chunks: int | None = None  # streams: close the connection after k SSE events
+    bad_json: bool = False  # answer 200 with a body (or an SSE event) that is not JSON
     models: tuple[str, ...] = ("fake-model",)  # listed by GET /v1/models (default knobs only)
 
 
@@ -158,6 +159,9 @@ class FakeProviderApp:
         if self._should_fail(model, knobs):
             await _send_failure(send, knobs, anthropic=anthropic)
             return
+        if knobs.bad_json:
+            await _send_garbage(send, stream=bool(body.get("stream")))
+            return
         answer = fake_wire.make_answer(body, knobs.n_tokens)
         created_s = int(time.time())
         if not body.get("stream"):
@@ -218,6 +222,15 @@ async def _send_failure(send: Send, knobs: Knobs, *, anthropic: bool) -> None:
     )
     extra = ((b"retry-after", b"%g" % knobs.retry_after_s),) if status == 429 else ()
     await _send_bytes(send, status, payload, extra)
+
+
+async def _send_garbage(send: Send, *, stream: bool) -> None:
+    if not stream:
+        await _send_bytes(send, 200, b'{"choices": [tru')
+        return
+    headers = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"data: {not json}\n\ndata: [DONE]\n\n"})
 
 
 async def _send_stream(send: Send, events: list[bytes], knobs: Knobs) -> None:
