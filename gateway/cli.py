@@ -237,11 +237,14 @@ def engine_serve(
     ),
     host: str = "127.0.0.1",
     port: int = 8081,
+    max_tokens_default: Annotated[
+        int, typer.Option(min=1, help="Completion cap for requests that send no max_tokens.")
+    ] = 1024,
 ) -> None:
     """Run the self-hosted engine as an OpenAI-compatible server."""
     from backends.local.server import serve_engine
 
-    serve_engine(model, host, port)
+    serve_engine(model, host, port, max_tokens_default=max_tokens_default)
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """The engine's OpenAI-compatible HTTP server: /v1/chat/completions, /v1/models, /health, /metrics.
 
-This is the HTTP edge: it validates OpenAI wire bodies (pydantic), applies the chat template, and renders
+This is the HTTP edge: `wire` parses and checks bodies and applies the chat template; this module renders
 results and errors (`{"error": {message, type, param, code}}`; bad input is 4xx, never 500). Generation lives
 behind `GenerationWorker`, which takes token ids, so the generation insides can change without touching this
 file. All state (worker, metrics registry) hangs off `app.state`; the worker thread starts in the lifespan.
@@ -22,7 +22,6 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -32,58 +31,24 @@ from backends.local.generate import (
     GenerationFailed,
     GenerationHandle,
     GenerationWorker,
-    SamplingParams,
     TextDelta,
 )
 from backends.local.loader import LoadedModel, load_model
+from backends.local.wire import (
+    DEFAULT_MAX_TOKENS,
+    ApiError,
+    ChatCompletionBody,
+    encode_chat,
+    error_envelope,
+    parse_body,
+    reject_unsupported,
+    sampling_params,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SERVED_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
-_ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _DISCONNECT_POLL_S = 0.25
-
-
-class ApiError(Exception):
-    """An error rendered as an OpenAI error envelope."""
-
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        openai_type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.openai_type = openai_type
-        self.code = code
-        self.param = param
-
-
-class ChatCompletionBody(BaseModel):
-    """The subset of the OpenAI chat request this engine reads; unknown fields are ignored, as vLLM does."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = 1
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # torch.manual_seed's range
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-    logprobs: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,18 +66,12 @@ class EngineState:
     metrics: EngineMetrics
     served_names: tuple[str, ...]
     context_tokens: int
+    default_max_tokens: int
 
 
 def _error_response(error: ApiError) -> Response:
-    body = {
-        "error": {
-            "message": error.message,
-            "type": error.openai_type,
-            "param": error.param,
-            "code": error.code,
-        }
-    }
-    return Response(orjson.dumps(body), status_code=error.status_code, media_type="application/json")
+    body = orjson.dumps(error_envelope(error))
+    return Response(body, status_code=error.status_code, media_type="application/json")
 
 
 def _json(body: Mapping[str, Any]) -> Response:
@@ -138,104 +97,6 @@ def _add_worker_gauges(registry: CollectorRegistry, worker: GenerationWorker) ->
     depth.set_function(lambda: worker.queue_depth)
     running = Gauge("switchboard_engine_running_requests", "Requests being generated", registry=registry)
     running.set_function(lambda: worker.running_requests)
-
-
-def _message_text(index: int, content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (
-                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            ):
-                raise ApiError(
-                    400,
-                    "only text content parts are supported by this engine",
-                    param=f"messages.{index}.content",
-                )
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ApiError(
-        400, "message content must be a string or a list of text parts", param=f"messages.{index}.content"
-    )
-
-
-def encode_chat(tokenizer: Any, messages: Iterable[Mapping[str, Any]]) -> list[int]:
-    """Validate OpenAI messages and apply the model's chat template; returns prompt token ids."""
-    normalized = []
-    for index, message in enumerate(messages):
-        role = _ROLE_ALIASES.get(str(message.get("role")))
-        if role is None:
-            raise ApiError(
-                400,
-                f"message role `{message.get('role')}` is not supported by this engine; "
-                f"use one of: {', '.join(_ROLE_ALIASES)}",
-                param=f"messages.{index}.role",
-            )
-        normalized.append({"role": role, "content": _message_text(index, message.get("content"))})
-    encoded = tokenizer.apply_chat_template(
-        normalized, add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return list(encoded["input_ids"])
-
-
-def _reject_unsupported(body: ChatCompletionBody) -> None:
-    if body.n != 1:
-        raise ApiError(
-            400, f"n={body.n} is unsupported: this engine returns exactly one choice (use n=1)", param="n"
-        )
-    if body.tools:
-        raise ApiError(400, "tools are not supported by this engine", param="tools")
-    if body.tool_choice not in (None, "none"):
-        raise ApiError(400, "tool_choice is not supported by this engine", param="tool_choice")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise ApiError(400, "response_format is not supported by this engine", param="response_format")
-    if body.logprobs:
-        raise ApiError(400, "logprobs are not supported by this engine", param="logprobs")
-
-
-def _sampling_params(body: ChatCompletionBody, prompt_tokens: int, context_tokens: int) -> SamplingParams:
-    room = context_tokens - prompt_tokens
-    if room < 1:
-        raise ApiError(
-            400,
-            f"prompt is {prompt_tokens} tokens; this model's context is {context_tokens} tokens",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    requested = body.max_completion_tokens or body.max_tokens
-    if requested is not None and requested > room:
-        raise ApiError(
-            400,
-            f"max_tokens={requested} plus the {prompt_tokens}-token prompt exceeds the "
-            f"{context_tokens}-token context; lower max_tokens",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if len(stop) > 4 or any(not s for s in stop):
-        raise ApiError(400, "stop must be at most 4 non-empty strings", param="stop")
-    return SamplingParams(
-        max_tokens=requested or room,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=stop,
-        seed=body.seed,
-    )
-
-
-async def _parse_body(request: Request) -> ChatCompletionBody:
-    try:
-        data = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc.msg}") from exc
-    try:
-        return ChatCompletionBody.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param) from exc
 
 
 class _CancellingStream(StreamingResponse):
@@ -320,28 +181,14 @@ async def _sse(
             if include_usage:
                 yield frame([], usage=_usage(event))
         else:
-            error = _failure(event)
-            yield (
-                b"data: "
-                + orjson.dumps(
-                    {
-                        "error": {
-                            "message": error.message,
-                            "type": error.openai_type,
-                            "param": None,
-                            "code": error.code,
-                        }
-                    }
-                )
-                + b"\n\n"
-            )
+            yield b"data: " + orjson.dumps(error_envelope(_failure(event))) + b"\n\n"
     yield b"data: [DONE]\n\n"
 
 
 async def chat_completions(request: Request) -> Response:
     state: EngineState = request.app.state.engine
     try:
-        body = await _parse_body(request)
+        body = parse_body(await request.body())
         if body.model not in state.served_names:
             raise ApiError(
                 404,
@@ -349,9 +196,11 @@ async def chat_completions(request: Request) -> Response:
                 param="model",
                 code="model_not_found",
             )
-        _reject_unsupported(body)
+        reject_unsupported(body)
         prompt_ids = encode_chat(state.loaded.tokenizer, body.messages)
-        params = _sampling_params(body, len(prompt_ids), state.context_tokens)
+        params = sampling_params(
+            body, len(prompt_ids), state.context_tokens, default_max_tokens=state.default_max_tokens
+        )
     except ApiError:
         state.metrics.requests.labels(outcome="rejected").inc()
         raise
@@ -432,8 +281,18 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-def create_engine_app(loaded: LoadedModel, *, served_names: Iterable[str] = DEFAULT_SERVED_NAMES) -> FastAPI:
-    """Build the engine app; the generation thread starts with the app's lifespan and stops with it."""
+def create_engine_app(
+    loaded: LoadedModel,
+    *,
+    served_names: Iterable[str] = DEFAULT_SERVED_NAMES,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> FastAPI:
+    """Build the engine app; the generation thread starts with the app's lifespan and stops with it.
+
+    `default_max_tokens` caps a request that sends no max_tokens (never beyond the room left in the context).
+    """
+    if default_max_tokens < 1:
+        raise ValueError(f"default_max_tokens must be at least 1, got {default_max_tokens}")
     engine_metrics = _build_metrics()
     worker = GenerationWorker(loaded.model, loaded.tokenizer, on_finish=partial(_record, engine_metrics))
     _add_worker_gauges(engine_metrics.registry, worker)
@@ -443,6 +302,7 @@ def create_engine_app(loaded: LoadedModel, *, served_names: Iterable[str] = DEFA
         metrics=engine_metrics,
         served_names=tuple(served_names),
         context_tokens=int(loaded.model.config.max_position_embeddings),
+        default_max_tokens=default_max_tokens,
     )
 
     @asynccontextmanager
@@ -479,10 +339,13 @@ def serve_engine(
     *,
     log_level: str = "info",
     served_names: Iterable[str] | None = None,
+    max_tokens_default: int = DEFAULT_MAX_TOKENS,
 ) -> None:
     """Load the model, then serve it over HTTP until interrupted (blocking).
 
-    Served names default to "smollm2", "SmolLM2-135M-Instruct" and the loaded model's own name.
+    Served names default to "smollm2", "SmolLM2-135M-Instruct" and the loaded model's own name. A request
+    without max_tokens generates at most `max_tokens_default` tokens (default 1024), so a CPU engine never
+    runs to the model's full context (8192 for SmolLM2) by accident.
     """
     import uvicorn
 
@@ -490,7 +353,7 @@ def serve_engine(
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded = load_model(model_spec)
     names = served_names if served_names is not None else (*DEFAULT_SERVED_NAMES, loaded.name)
-    app = create_engine_app(loaded, served_names=dict.fromkeys(names))
+    app = create_engine_app(loaded, served_names=dict.fromkeys(names), default_max_tokens=max_tokens_default)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     ready = (
         f"engine ready on http://{host}:{port} (model {loaded.name}, load {loaded.load_s:.1f} s, "

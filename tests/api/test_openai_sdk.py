@@ -184,7 +184,7 @@ def test_revoked_and_expired_keys(gateway: Gateway) -> None:
 def test_n_greater_than_one_is_refused(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client(gateway, gateway.key()).chat.completions.create(model="fast", messages=HELLO, n=2)
-    assert info.value.param == "n" if hasattr(info.value, "param") else True
+    assert info.value.response.json()["error"]["param"] == "n"
     assert "`n`" in info.value.message
 
 
@@ -206,3 +206,27 @@ def test_stream_cut_midway_ends_with_error_event(gateway: Gateway) -> None:
             pass
     row = gateway.usage_row(request_id)
     assert row["status"] == "error" and row["error_type"] == "upstream_bad_response" and row["stream"]
+
+
+async def test_async_client_raises_the_same_exception_classes(gateway: Gateway) -> None:
+    gateway.fake.configure("m429", fail_status=429, retry_after_s=7)
+    async with AsyncOpenAI(base_url=gateway.v1, api_key=gateway.key("beta"), max_retries=0) as aclient:
+        with pytest.raises(openai.NotFoundError):
+            await aclient.chat.completions.create(model="gpt-9", messages=HELLO)
+        with pytest.raises(openai.PermissionDeniedError):
+            await aclient.chat.completions.create(model="m429", messages=HELLO)
+        with pytest.raises(openai.BadRequestError):
+            await aclient.chat.completions.create(model="fast", messages=[])
+        with pytest.raises(openai.APIStatusError) as info:
+            await aclient.chat.completions.create(
+                model="fast", messages=[{"role": "user", "content": "a" * 70_000}]
+            )
+        assert info.value.status_code == 413
+    async with AsyncOpenAI(base_url=gateway.v1, api_key=gateway.key("alpha"), max_retries=0) as aclient:
+        with pytest.raises(openai.RateLimitError):
+            await aclient.chat.completions.create(model="m429", messages=HELLO)
+        with pytest.raises(openai.RateLimitError):  # a stream that fails before its first byte is a plain 429
+            await aclient.chat.completions.create(model="m429", messages=HELLO, stream=True)
+    async with AsyncOpenAI(base_url=gateway.v1, api_key="sk-sb-" + "z" * 43, max_retries=0) as aclient:
+        with pytest.raises(openai.AuthenticationError):
+            await aclient.models.list()

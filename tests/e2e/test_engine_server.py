@@ -22,7 +22,8 @@ pytest.importorskip("transformers")
 uvicorn = pytest.importorskip("uvicorn")
 
 from backends.local.loader import DEFAULT_MODEL_SPEC, LoadedModel, load_model  # noqa: E402
-from backends.local.server import create_engine_app, encode_chat  # noqa: E402
+from backends.local.server import create_engine_app  # noqa: E402
+from backends.local.wire import encode_chat  # noqa: E402
 
 pytestmark = pytest.mark.model
 

@@ -1,0 +1,187 @@
+"""The engine's OpenAI wire format: parse and check a chat request body, turn it into prompt ids and knobs.
+
+Pure functions over bytes, pydantic models and a tokenizer: no HTTP, no I/O, no clock. Every problem with
+the input is raised as an `ApiError` carrying a 4xx status and the offending `param`, so the server can
+render `{"error": {message, type, param, code}}` and never answers bad input with a 500. When the client
+sends no `max_tokens`, generation is capped at the server's default rather than the whole context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backends.local.generate import SamplingParams
+
+DEFAULT_MAX_TOKENS = 1024  # a CPU engine must not run to the full context just because max_tokens is absent
+MAX_STOP_STRINGS = 4
+_ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    """An error rendered as an OpenAI error envelope."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        openai_type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.openai_type = openai_type
+        self.code = code
+        self.param = param
+
+
+def error_envelope(error: ApiError) -> dict[str, Any]:
+    """The OpenAI error body: `{"error": {message, type, param, code}}`."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.openai_type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+class ChatCompletionBody(BaseModel):
+    """The subset of the OpenAI chat request this engine reads; unknown fields are ignored, as vLLM does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # torch.manual_seed's range
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+
+
+def parse_body(raw: bytes) -> ChatCompletionBody:
+    """Decode and validate a request body; the first validation problem names its field as `param`."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc.msg}") from exc
+    try:
+        return ChatCompletionBody.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param) from exc
+
+
+def reject_unsupported(body: ChatCompletionBody) -> None:
+    """Refuse fields this engine cannot honour, rather than silently ignoring them."""
+    if body.n != 1:
+        raise ApiError(
+            400, f"n={body.n} is unsupported: this engine returns exactly one choice (use n=1)", param="n"
+        )
+    if body.tools:
+        raise ApiError(400, "tools are not supported by this engine", param="tools")
+    if body.tool_choice not in (None, "none"):
+        raise ApiError(400, "tool_choice is not supported by this engine", param="tool_choice")
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise ApiError(400, "response_format is not supported by this engine", param="response_format")
+    if body.logprobs:
+        raise ApiError(400, "logprobs are not supported by this engine", param="logprobs")
+
+
+def _message_text(index: int, content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            ):
+                raise ApiError(
+                    400,
+                    "only text content parts are supported by this engine",
+                    param=f"messages.{index}.content",
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(
+        400, "message content must be a string or a list of text parts", param=f"messages.{index}.content"
+    )
+
+
+def normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Map OpenAI roles onto the chat template's (developer -> system) and flatten text parts."""
+    normalized = []
+    for index, message in enumerate(messages):
+        role = _ROLE_ALIASES.get(str(message.get("role")))
+        if role is None:
+            raise ApiError(
+                400,
+                f"message role `{message.get('role')}` is not supported by this engine; "
+                f"use one of: {', '.join(_ROLE_ALIASES)}",
+                param=f"messages.{index}.role",
+            )
+        normalized.append({"role": role, "content": _message_text(index, message.get("content"))})
+    return normalized
+
+
+def encode_chat(tokenizer: Any, messages: Iterable[Mapping[str, Any]]) -> list[int]:
+    """Validate OpenAI messages and apply the model's chat template; returns prompt token ids."""
+    encoded = tokenizer.apply_chat_template(
+        normalize_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
+def sampling_params(
+    body: ChatCompletionBody,
+    prompt_tokens: int,
+    context_tokens: int,
+    *,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> SamplingParams:
+    """Check the token budget and stop strings; an absent max_tokens means min(default, room left)."""
+    room = context_tokens - prompt_tokens
+    if room < 1:
+        raise ApiError(
+            400,
+            f"prompt is {prompt_tokens} tokens; this model's context is {context_tokens} tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    requested = body.max_completion_tokens or body.max_tokens
+    if requested is not None and requested > room:
+        raise ApiError(
+            400,
+            f"max_tokens={requested} plus the {prompt_tokens}-token prompt exceeds the "
+            f"{context_tokens}-token context; lower max_tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+        raise ApiError(400, f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    return SamplingParams(
+        max_tokens=requested or min(default_max_tokens, room),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=stop,
+        seed=body.seed,
+    )
