@@ -7,9 +7,10 @@ backend, or was cut by the client; `_Recorder.finish` is idempotent so no path w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 
 from backends.base import ChatRequest, StreamChunk, Usage
@@ -121,22 +122,32 @@ def _decide(svc: Services, body: ChatCompletionBody) -> RouteDecision:
     return decision
 
 
-async def complete(
-    svc: Services, identity: KeyIdentity, body: ChatCompletionBody, timing: Timing, received_at: dt.datetime
-) -> bytes:
-    """A whole (non-streamed) completion, rendered as the response body."""
-    rec = _Recorder(svc, identity, body, timing, received_at)
+@contextlib.contextmanager
+def _recording_failures(rec: _Recorder) -> Iterator[None]:
+    """Admission and dispatch failures still leave their one usage record."""
     try:
-        await check_model(svc, identity, body.model)
-        decision = _decide(svc, body)
-        request = _chat_request(svc, body, timing.request_id)
-        served = await dispatch.complete(decision, request, svc.backends, timing, svc.backend_timeouts_s)
+        yield
     except SwitchboardError as exc:
         rec.fail(exc)
         raise
     except asyncio.CancelledError:
         rec.finish(RequestStatus.CLIENT_CLOSED, 499)
         raise
+
+
+async def _admit(svc: Services, rec: _Recorder) -> tuple[RouteDecision, ChatRequest]:
+    await check_model(svc, rec.identity, rec.body.model)
+    return _decide(svc, rec.body), _chat_request(svc, rec.body, rec.timing.request_id)
+
+
+async def complete(
+    svc: Services, identity: KeyIdentity, body: ChatCompletionBody, timing: Timing, received_at: dt.datetime
+) -> bytes:
+    """A whole (non-streamed) completion, rendered as the response body."""
+    rec = _Recorder(svc, identity, body, timing, received_at)
+    with _recording_failures(rec):
+        decision, request = await _admit(svc, rec)
+        served = await dispatch.complete(decision, request, svc.backends, timing, svc.backend_timeouts_s)
     rec.deployment = served.deployment
     result = served.result
     rec.finish(RequestStatus.OK, 200, result.usage, served_model=result.served_model)
@@ -148,17 +159,9 @@ async def open_stream(
 ) -> SseStream:
     """Dispatch until the first chunk arrives (errors so far become HTTP errors), then stream SSE bytes."""
     rec = _Recorder(svc, identity, body, timing, received_at)
-    try:
-        await check_model(svc, identity, body.model)
-        decision = _decide(svc, body)
-        request = _chat_request(svc, body, timing.request_id)
+    with _recording_failures(rec):
+        decision, request = await _admit(svc, rec)
         opened = await dispatch.open_stream(decision, request, svc.backends, timing, svc.backend_timeouts_s)
-    except SwitchboardError as exc:
-        rec.fail(exc)
-        raise
-    except asyncio.CancelledError:
-        rec.finish(RequestStatus.CLIENT_CLOSED, 499)
-        raise
     rec.deployment = opened.deployment
     return SseStream(rec, opened, _sse(svc, rec, opened))
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from backends.base import Backend, ChatRequest, ChatResult, StreamChunk
 from backends.errors import BackendTimeout, SwitchboardError
 from gateway.errors import AllBackendsFailed
 from gateway.middleware import Timing
 from routing.decision import Deployment, RouteDecision
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,32 @@ def _timeout_error(dep: Deployment, timeout_s: float) -> BackendTimeout:
     )
 
 
+async def _first_success(
+    decision: RouteDecision,
+    request: ChatRequest,
+    timing: Timing,
+    timeouts_s: Mapping[str, float],
+    attempt: Callable[[Deployment, ChatRequest], Awaitable[T]],
+) -> tuple[Deployment, T, int]:
+    """Run `attempt` on each candidate in order until one succeeds; only retryable errors move on."""
+    causes: list[tuple[str, SwitchboardError]] = []
+    for number, dep in enumerate(decision.candidates, start=1):
+        timeout_s = min(timeouts_s.get(dep.backend, request.timeout_s), request.timeout_s)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return dep, await attempt(dep, _for(request, dep)), number
+        except TimeoutError:
+            causes.append((dep.backend, _timeout_error(dep, timeout_s)))
+        except SwitchboardError as exc:
+            causes.append((dep.backend, exc))
+            if not exc.retryable:
+                break
+        finally:
+            timing.upstream_s += time.perf_counter() - started
+    raise AllBackendsFailed(causes)
+
+
 async def complete(
     decision: RouteDecision,
     request: ChatRequest,
@@ -55,25 +84,11 @@ async def complete(
     timing: Timing,
     timeouts_s: Mapping[str, float],
 ) -> Served:
-    causes: list[tuple[str, SwitchboardError]] = []
-    for attempt, dep in enumerate(decision.candidates, start=1):
-        timeout_s = min(timeouts_s.get(dep.backend, request.timeout_s), request.timeout_s)
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(timeout_s):
-                result = await backends[dep.backend].complete(_for(request, dep))
-        except TimeoutError:
-            causes.append((dep.backend, _timeout_error(dep, timeout_s)))
-            continue
-        except SwitchboardError as exc:
-            causes.append((dep.backend, exc))
-            if not exc.retryable:
-                break
-            continue
-        finally:
-            timing.upstream_s += time.perf_counter() - started
-        return Served(dep, result, attempt)
-    raise AllBackendsFailed(causes)
+    async def attempt(dep: Deployment, req: ChatRequest) -> ChatResult:
+        return await backends[dep.backend].complete(req)
+
+    dep, result, attempts = await _first_success(decision, request, timing, timeouts_s, attempt)
+    return Served(dep, result, attempts)
 
 
 async def open_stream(
@@ -83,30 +98,18 @@ async def open_stream(
     timing: Timing,
     timeouts_s: Mapping[str, float],
 ) -> OpenStream:
-    causes: list[tuple[str, SwitchboardError]] = []
-    for attempt, dep in enumerate(decision.candidates, start=1):
-        timeout_s = min(timeouts_s.get(dep.backend, request.timeout_s), request.timeout_s)
-        iterator = backends[dep.backend].stream(_for(request, dep)).__aiter__()
-        started = time.perf_counter()
+    async def attempt(dep: Deployment, req: ChatRequest) -> tuple[StreamChunk, AsyncIterator[StreamChunk]]:
+        iterator = backends[dep.backend].stream(req).__aiter__()
         try:
-            async with asyncio.timeout(timeout_s):
-                first = await iterator.__anext__()
-        except TimeoutError:
-            causes.append((dep.backend, _timeout_error(dep, timeout_s)))
-            await close_stream(iterator)
-            continue
+            return await iterator.__anext__(), iterator
         except StopAsyncIteration:
-            first = StreamChunk()
-        except SwitchboardError as exc:
-            causes.append((dep.backend, exc))
-            await close_stream(iterator)
-            if not exc.retryable:
-                break
-            continue
-        finally:
-            timing.upstream_s += time.perf_counter() - started
-        return OpenStream(dep, first, iterator, attempt)
-    raise AllBackendsFailed(causes)
+            return StreamChunk(), iterator
+        except BaseException:
+            await close_stream(iterator)  # a failed or timed-out attempt must not leak its connection
+            raise
+
+    dep, (first, rest), attempts = await _first_success(decision, request, timing, timeouts_s, attempt)
+    return OpenStream(dep, first, rest, attempts)
 
 
 async def next_chunk(stream: OpenStream, timeout_s: float) -> StreamChunk:
