@@ -188,7 +188,7 @@ def test_harmless_defaults_of_unsupported_fields_pass() -> None:
 
 
 def test_roles_are_mapped_and_text_parts_joined() -> None:
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
     ]
@@ -208,7 +208,8 @@ def test_roles_are_mapped_and_text_parts_joined() -> None:
     ],
 )
 def test_bad_messages_name_their_index(message: dict[str, Any], param: str) -> None:
-    error = _raised(normalize_messages, [{"role": "user", "content": "ok"}, message])
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "ok"}, message]
+    error = _raised(normalize_messages, messages)
     assert error.param == param
 
 
