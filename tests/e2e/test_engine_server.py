@@ -185,7 +185,7 @@ def test_malformed_json_is_400(engine: RunningEngine) -> None:
 
 
 def _wait_until_idle(engine: RunningEngine, cancelled_before: float) -> None:
-    deadline_s = time.monotonic() + 10
+    deadline_s = time.monotonic() + 30  # generous: CPU generation slows a lot on a loaded machine
     while time.monotonic() < deadline_s:
         cancelled = _metric(engine, 'switchboard_engine_requests_total{outcome="cancelled"}')
         if cancelled > cancelled_before and _metric(engine, "switchboard_engine_running_requests") == 0:
