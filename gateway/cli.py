@@ -46,6 +46,17 @@ def _load(path: Path | None) -> Config:
         raise typer.Exit(2) from None
 
 
+def _load_for_serving(path: Path | None) -> Config:
+    from gateway.services import missing_secrets
+
+    cfg = _load(path)
+    problems = missing_secrets(cfg)
+    if problems:
+        err_console.print(f"[red]{ConfigError(str(path or 'built-in config'), problems)}[/red]")
+        raise typer.Exit(2)
+    return cfg
+
+
 def _engine(config: Config):  # noqa: ANN202 - sqlalchemy Engine, imported lazily
     from gateway.db import make_engine, migrate
 
@@ -65,7 +76,7 @@ def serve(
 
     from gateway.app import create_app
 
-    cfg = _load(config)
+    cfg = _load_for_serving(config)
     uvicorn.run(
         create_app(cfg),
         host=host or cfg.server.host,
@@ -256,7 +267,7 @@ def up(
     """Quickstart: start the bundled engine, create a demo key, print how to call it, and serve."""
     from gateway.quickstart import run_quickstart
 
-    sys.exit(run_quickstart(_load(config), engine_port=engine_port, with_engine=with_engine))
+    sys.exit(run_quickstart(_load_for_serving(config), engine_port=engine_port, with_engine=with_engine))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,15 @@ class Services:
         self.db.dispose()
 
 
+def missing_secrets(config: Config) -> list[str]:
+    """One line per backend whose `api_key_env` names an unset variable (checked before serving)."""
+    return [
+        f"backends.{name}.api_key_env: environment variable {b.api_key_env} is not set (export it)"
+        for name, b in config.backends.items()
+        if b.api_key_env and not os.environ.get(b.api_key_env)
+    ]
+
+
 def _secret(env_name: str | None, path: str) -> str | None:
     if env_name is None:
         return None

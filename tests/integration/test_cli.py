@@ -63,3 +63,14 @@ def test_teams_and_keys_lifecycle(config_file: Path) -> None:
     assert code == 0, out
     code, out = run("keys", "revoke", "sk-sb-doesnotexist", *cfg)
     assert code == 1
+
+
+def test_serve_refuses_missing_secret_before_starting(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.toml"
+    path.write_text(
+        f'[database]\nurl = "sqlite:///{tmp_path}/x.db"\n'
+        '[backends.c]\nkind = "cloud"\nprovider = "openai"\napi_key_env = "SB_SURELY_UNSET_KEY"\n'
+        '[models.m]\nbackend = "c"\n[teams.t]\n'
+    )
+    code, out = run("serve", "--config", str(path))
+    assert code == 2 and "backends.c.api_key_env: environment variable SB_SURELY_UNSET_KEY is not set" in out
