@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -170,6 +171,9 @@ def create_app(config: Config) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.services = await build_services(config)
+        # Everything built so far lives as long as the app: move it out of the collector's sight, so the
+        # periodic full collections under load scan only per-request garbage (shorter pauses, lower p99).
+        gc.freeze()
         try:
             yield
         finally:
