@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -157,14 +158,52 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(err)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        # The one top-level catch: log with the request id, answer with the envelope, never leak details.
-        log.exception("unhandled error in request %s", timing_of(request.scope).request_id)
-        return error_response(SwitchboardError("internal error; the gateway log has details"))
+        return _unexpected(request)
 
     app.add_exception_handler(SwitchboardError, on_switchboard)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def _unexpected(request: Request) -> Response:
+    # The one top-level catch: log with the request id, answer with the envelope, never leak details.
+    log.exception("unhandled error in request %s", timing_of(request.scope).request_id)
+    return error_response(SwitchboardError("internal error; the gateway log has details"))
+
+
+async def _serve_chat(scope: Scope, receive: Receive, send: Send) -> None:
+    request = Request(scope, receive)
+    try:
+        response = await chat_completions(request)
+    except SwitchboardError as exc:
+        response = error_response(exc)
+    except Exception:  # noqa: BLE001 - top-level handler of the fast lane, as on_unexpected is for FastAPI
+        response = _unexpected(request)
+    await response(scope, receive, send)
+
+
+class SwitchboardApp(FastAPI):
+    """FastAPI plus a fast lane: `POST /v1/chat/completions` skips FastAPI's per-request machinery.
+
+    That machinery (five middleware layers, routing, dependency solving) cost ~12% of the gateway's CPU at
+    2k req/s. The lane keeps the request-context middleware and the same error rendering; every other path,
+    and the lifespan, go through FastAPI as usual.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._chat_lane = RequestContextMiddleware(_serve_chat)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
+            scope["app"] = self
+            await self._chat_lane(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(config: Config) -> FastAPI:
@@ -179,8 +218,8 @@ def create_app(config: Config) -> FastAPI:
         finally:
             await app.state.services.aclose()
 
-    app = FastAPI(title="Switchboard", version="0.1.0", lifespan=lifespan)
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app = SwitchboardApp(title="Switchboard", version="0.1.0", lifespan=lifespan)
+    app.add_api_route(CHAT_PATH, chat_completions, methods=["POST"])  # OpenAPI docs; served by the lane
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
