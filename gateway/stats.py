@@ -1,0 +1,285 @@
+"""Live per-deployment statistics for routing: EWMAs from configured priors, recent percentiles, load.
+
+Every observation is O(1): EWMAs update in place and latency/TTFT samples go into fixed-size rings whose
+percentiles are sorted on demand (and cached until the next sample). Time is always passed in. `snapshot`
+returns frozen `LiveStats`; engine readings older than `engine_ttl_s` are left out of it (None), so a dead
+metrics endpoint never looks like an idle engine. Failed requests move only the error rate: a fast 500 must
+not make a backend look fast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import MappingProxyType
+
+DEFAULT_ALPHA = 0.2  # moves 90% of the way to a new steady value in 11 observations
+DEFAULT_WINDOW = 256
+DEFAULT_ENGINE_TTL_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Prior:
+    """What we believe about a deployment before it has served anything (from config or a benchmark)."""
+
+    ttft_ms: float
+    decode_tokens_per_s: float
+    latency_ms: float
+    error_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.decode_tokens_per_s <= 0 or self.ttft_ms < 0 or self.latency_ms < 0:
+            raise ValueError(
+                "prior needs decode_tokens_per_s > 0, ttft_ms >= 0 and latency_ms >= 0; got "
+                f"{self.decode_tokens_per_s}, {self.ttft_ms}, {self.latency_ms}"
+            )
+        if not 0 <= self.error_rate <= 1:
+            raise ValueError(f"prior error_rate must be in [0, 1], got {self.error_rate}")
+
+
+@dataclass(frozen=True, slots=True)
+class LiveStats:
+    """One deployment at one instant. EWMA fields always hold a number (the prior until evidence arrives);
+    percentiles are None until a successful sample exists; engine fields are None when no fresh reading."""
+
+    ttft_ms: float
+    decode_tokens_per_s: float
+    error_rate: float
+    latency_ms: float
+    in_flight: int
+    queue_depth: int | None
+    running: int | None
+    kv_cache_used_frac: float | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    ttft_p95_ms: float | None
+    samples: int  # request observations (ok and failed) since start
+    last_update_s: float | None  # latest request observation or engine reading
+
+
+def observations_to_converge(alpha: float, fraction: float = 0.9) -> int:
+    """How many observations an EWMA needs to move `fraction` of the way from its start to a new level."""
+    if not 0 < alpha <= 1 or not 0 < fraction < 1:
+        raise ValueError(f"need 0 < alpha <= 1 and 0 < fraction < 1, got alpha={alpha}, fraction={fraction}")
+    if alpha == 1:
+        return 1
+    return math.ceil(math.log(1 - fraction) / math.log(1 - alpha))
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks: `statistics.quantiles(method="inclusive")` at p."""
+    position = (len(sorted_values) - 1) * p
+    lo = int(position)
+    if lo + 1 >= len(sorted_values):
+        return sorted_values[-1]
+    return sorted_values[lo] + (position - lo) * (sorted_values[lo + 1] - sorted_values[lo])
+
+
+class _Ring:
+    """The last `size` samples. `push` is O(1); `sorted` sorts a copy once per new sample, on demand."""
+
+    __slots__ = ("_values", "_next", "_pushes", "_sorted", "_sorted_at")
+
+    def __init__(self, size: int) -> None:
+        self._values: list[float] = [0.0] * size
+        self._next = 0
+        self._pushes = 0
+        self._sorted: list[float] = []
+        self._sorted_at = 0
+
+    def push(self, value: float) -> None:
+        self._values[self._next] = value
+        self._next = (self._next + 1) % len(self._values)
+        self._pushes += 1
+
+    def sorted(self) -> list[float]:
+        if self._sorted_at != self._pushes:
+            self._sorted = sorted(self._values[: min(self._pushes, len(self._values))])
+            self._sorted_at = self._pushes
+        return self._sorted
+
+    def quantile(self, p: float) -> float | None:
+        values = self.sorted()
+        return percentile(values, p) if values else None
+
+
+class _Engine:
+    __slots__ = ("queue_depth", "running", "kv_cache_used_frac", "at_s")
+
+    def __init__(
+        self, queue_depth: int | None, running: int | None, kv_cache_used_frac: float | None, at_s: float
+    ) -> None:
+        self.queue_depth = queue_depth
+        self.running = running
+        self.kv_cache_used_frac = kv_cache_used_frac
+        self.at_s = at_s
+
+
+class _Live:
+    """Mutable state of one deployment; never leaves this module."""
+
+    __slots__ = (
+        "ttft_ms",
+        "decode_tokens_per_s",
+        "error_rate",
+        "latency_ms",
+        "in_flight",
+        "samples",
+        "last_update_s",
+        "latencies",
+        "ttfts",
+        "engine",
+        "cached",
+        "cached_from_s",
+        "cached_until_s",
+    )
+
+    def __init__(self, prior: Prior, window: int) -> None:
+        self.ttft_ms = prior.ttft_ms
+        self.decode_tokens_per_s = prior.decode_tokens_per_s
+        self.error_rate = prior.error_rate
+        self.latency_ms = prior.latency_ms
+        self.in_flight = 0
+        self.samples = 0
+        self.last_update_s: float | None = None
+        self.latencies = _Ring(window)
+        self.ttfts = _Ring(window)
+        self.engine: _Engine | None = None
+        self.cached: LiveStats | None = None  # valid for now_s in [cached_from_s, cached_until_s]
+        self.cached_from_s = 0.0
+        self.cached_until_s = 0.0
+
+
+class StatsBook:
+    """Live statistics for a fixed set of deployments (the keys of `priors`). Not thread-safe: call it from
+    the event loop only."""
+
+    def __init__(
+        self,
+        priors: Mapping[str, Prior],
+        *,
+        alpha: float = DEFAULT_ALPHA,
+        window: int = DEFAULT_WINDOW,
+        engine_ttl_s: float = DEFAULT_ENGINE_TTL_S,
+    ) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha} (routing.alpha)")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window} (routing.window)")
+        self._alpha = alpha
+        self._engine_ttl_s = engine_ttl_s
+        self._live = {name: _Live(prior, window) for name, prior in priors.items()}
+
+    def _get(self, deployment_id: str) -> _Live:
+        """The state to change; drops its cached LiveStats (every caller is about to change it)."""
+        try:
+            live = self._live[deployment_id]
+        except KeyError:
+            known = ", ".join(sorted(self._live)) or "none"
+            raise KeyError(f"no statistics for deployment `{deployment_id}`; known: {known}") from None
+        live.cached = None
+        return live
+
+    def observe_request(
+        self,
+        deployment_id: str,
+        *,
+        now_s: float,
+        ok: bool,
+        latency_ms: float,
+        ttft_ms: float | None = None,
+        completion_tokens: int = 0,
+        decode_ms: float | None = None,
+    ) -> None:
+        """One finished request. For streams pass `ttft_ms`; `decode_ms` (time after the first token)
+        defaults to `latency_ms - ttft_ms`. Decode rate counts the tokens after the first one, since the
+        first token's time is TTFT: (completion_tokens - 1) / decode time."""
+        live = self._get(deployment_id)
+        a = self._alpha
+        live.samples += 1
+        live.last_update_s = now_s
+        live.error_rate += a * ((0.0 if ok else 1.0) - live.error_rate)
+        if not ok:
+            return
+        live.latency_ms += a * (latency_ms - live.latency_ms)
+        live.latencies.push(latency_ms)
+        if ttft_ms is None:
+            return
+        live.ttft_ms += a * (ttft_ms - live.ttft_ms)
+        live.ttfts.push(ttft_ms)
+        if decode_ms is None:
+            decode_ms = latency_ms - ttft_ms
+        if completion_tokens >= 2 and decode_ms > 0:
+            rate = (completion_tokens - 1) * 1000.0 / decode_ms
+            live.decode_tokens_per_s += a * (rate - live.decode_tokens_per_s)
+
+    def request_started(self, deployment_id: str) -> None:
+        self._get(deployment_id).in_flight += 1
+
+    def request_finished(self, deployment_id: str) -> None:
+        """Pairs with `request_started`. Never goes below zero, so a double call cannot hide real load."""
+        live = self._get(deployment_id)
+        live.in_flight = max(0, live.in_flight - 1)
+
+    @contextmanager
+    def in_flight(self, deployment_id: str) -> Iterator[None]:
+        """`request_started` on entry and `request_finished` on exit, however the block ends."""
+        self.request_started(deployment_id)
+        try:
+            yield
+        finally:
+            self.request_finished(deployment_id)
+
+    def observe_engine(
+        self,
+        deployment_id: str,
+        *,
+        now_s: float,
+        queue_depth: int | None,
+        kv_cache_used_frac: float | None,
+        running: int | None,
+    ) -> None:
+        """A reading from the engine's /metrics; replaces the previous one and expires after the TTL."""
+        live = self._get(deployment_id)
+        live.engine = _Engine(queue_depth, running, kv_cache_used_frac, now_s)
+        if live.last_update_s is None or now_s > live.last_update_s:
+            live.last_update_s = now_s
+
+    def snapshot(self, now_s: float) -> Mapping[str, LiveStats]:
+        return MappingProxyType({name: self._stats(live, now_s) for name, live in self._live.items()})
+
+    def _stats(self, live: _Live, now_s: float) -> LiveStats:
+        """Cached per deployment until it changes or its engine reading expires: a snapshot of many idle
+        deployments costs one dict copy, not a LiveStats and three percentiles each."""
+        if live.cached is not None and live.cached_from_s <= now_s <= live.cached_until_s:
+            return live.cached
+        engine = live.engine
+        until_s = math.inf
+        if engine is not None:
+            if now_s - engine.at_s > self._engine_ttl_s:
+                engine = None
+            else:
+                until_s = engine.at_s + self._engine_ttl_s
+        live.cached = self._build(live, engine)
+        live.cached_from_s, live.cached_until_s = now_s, until_s
+        return live.cached
+
+    @staticmethod
+    def _build(live: _Live, engine: _Engine | None) -> LiveStats:
+        return LiveStats(
+            ttft_ms=live.ttft_ms,
+            decode_tokens_per_s=live.decode_tokens_per_s,
+            error_rate=live.error_rate,
+            latency_ms=live.latency_ms,
+            in_flight=live.in_flight,
+            queue_depth=engine.queue_depth if engine else None,
+            running=engine.running if engine else None,
+            kv_cache_used_frac=engine.kv_cache_used_frac if engine else None,
+            latency_p50_ms=live.latencies.quantile(0.50),
+            latency_p95_ms=live.latencies.quantile(0.95),
+            ttft_p95_ms=live.ttfts.quantile(0.95),
+            samples=live.samples,
+            last_update_s=live.last_update_s,
+        )
