@@ -125,9 +125,10 @@ def check_config(path: Annotated[Path, typer.Argument(help="TOML config file to 
     for col in ("model", "backend", "upstream model", "in $/Mtok", "out $/Mtok"):
         t.add_column(col)
     for name, m in cfg.models.items():
-        price_in = "litellm map" if m.input_usd_per_mtok is None else str(m.input_usd_per_mtok)
-        price_out = "litellm map" if m.output_usd_per_mtok is None else str(m.output_usd_per_mtok)
-        t.add_row(name, m.backend, cfg.upstream_model(name), price_in, price_out)
+        for d in m.all_deployments():
+            price_in = "litellm map" if d.input_usd_per_mtok is None else str(d.input_usd_per_mtok)
+            price_out = "litellm map" if d.output_usd_per_mtok is None else str(d.output_usd_per_mtok)
+            t.add_row(name, d.backend, d.upstream_model or name, price_in, price_out)
     console.print(t)
     t = Table(title="teams")
     t.add_column("team")

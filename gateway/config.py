@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from routing.privacy import PrivacyTier, SensitivePolicy
+
 
 class ConfigError(Exception):
     """A config file could not be used. `problems` holds one line per mistake."""
@@ -49,15 +51,30 @@ class DatabaseConfig(_Strict):
     auto_migrate: bool | None = None  # None: migrate at start on SQLite only
 
 
-class CloudBackendConfig(_Strict):
+class _RoutedBackend(_Strict):
+    """What routing needs to know about any backend: privacy tier, labels, price of self-hosting, priors."""
+
+    privacy_tier: PrivacyTier | None = None  # default: external for cloud, internal for openai-compatible
+    labels: dict[str, str] = Field(default_factory=dict)  # e.g. {site = "fra1", region = "eu"}
+    usd_per_hour: Decimal | None = Field(default=None, ge=0)  # self-hosted: cost derives from throughput
+    prior_ttft_ms: float = Field(default=500.0, gt=0)  # routing's guess until real traffic is measured
+    prior_tokens_per_s: float = Field(default=50.0, gt=0)
+    prior_latency_ms: float = Field(default=2000.0, gt=0)
+
+
+class CloudBackendConfig(_RoutedBackend):
     kind: Literal["cloud"]
     provider: str  # litellm provider prefix: "openai", "anthropic", "azure", ...
     api_key_env: str | None = None
     api_base: str | None = None
     timeout_s: float = Field(default=600.0, gt=0)
 
+    @property
+    def tier(self) -> PrivacyTier:
+        return self.privacy_tier or PrivacyTier.EXTERNAL
 
-class OpenAIBackendConfig(_Strict):
+
+class OpenAIBackendConfig(_RoutedBackend):
     kind: Literal["openai"]
     base_url: str  # e.g. "http://127.0.0.1:8081/v1"
     api_key_env: str | None = None
@@ -66,21 +83,81 @@ class OpenAIBackendConfig(_Strict):
     max_connections: int = Field(default=256, ge=1)
     supports_tools: bool = True
     supports_response_format: bool = True
+    metrics_url: str | None = None  # an engine's Prometheus /metrics: queue depth and KV use feed routing
+
+    @property
+    def tier(self) -> PrivacyTier:
+        return self.privacy_tier or PrivacyTier.INTERNAL
 
 
 BackendConfig = Annotated[CloudBackendConfig | OpenAIBackendConfig, Field(discriminator="kind")]
 
 
-class ModelConfig(_Strict):
+class DeploymentConfig(_Strict):
+    """One way to serve a public model: a backend, the name it knows the model by, and what it costs."""
+
     backend: str
     upstream_model: str | None = None  # defaults to the public name
     input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
     output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
     context_tokens: int | None = Field(default=None, ge=1)
+    quality_tier: int = Field(default=0, ge=0)  # higher is better; teams may ask for a minimum
+
+
+class ModelConfig(_Strict):
+    """A public model name (or alias such as `auto`): one deployment inline, or several in `deployments`."""
+
+    backend: str | None = None
+    upstream_model: str | None = None
+    input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    context_tokens: int | None = Field(default=None, ge=1)
+    quality_tier: int = Field(default=0, ge=0)
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ModelConfig:
+        if (self.backend is None) == (not self.deployments):
+            raise ValueError("set either `backend` (one deployment) or `deployments` (several), not both")
+        return self
+
+    def all_deployments(self) -> list[DeploymentConfig]:
+        if self.deployments:
+            return self.deployments
+        assert self.backend is not None
+        return [
+            DeploymentConfig(
+                backend=self.backend,
+                upstream_model=self.upstream_model,
+                input_usd_per_mtok=self.input_usd_per_mtok,
+                output_usd_per_mtok=self.output_usd_per_mtok,
+                context_tokens=self.context_tokens,
+                quality_tier=self.quality_tier,
+            )
+        ]
 
 
 class TeamConfig(_Strict):
     models: list[str] = Field(default_factory=lambda: ["*"])
+    privacy_floor: PrivacyTier = PrivacyTier.EXTERNAL  # the least private tier this team's data may reach
+    on_sensitive: SensitivePolicy = SensitivePolicy.RAISE_FLOOR  # detectors fired: raise_floor|block|allow
+    objective: Literal["latency", "cost", "balanced"] = "balanced"
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    max_usd_per_request: Decimal | None = Field(default=None, gt=0)
+    min_quality_tier: int = Field(default=0, ge=0)
+    required_labels: dict[str, list[str]] = Field(default_factory=dict)  # e.g. {site = ["plant-7"]}
+    preferred_labels: dict[str, str] = Field(default_factory=dict)
+    allow_fallbacks: bool = True
+    max_attempts: int = Field(default=3, ge=1, le=10)
+
+
+class RoutingConfig(_Strict):
+    default_output_tokens: int = Field(default=256, ge=1)  # expected output when a request sets no max_tokens
+    stats_alpha: float = Field(default=0.2, gt=0, le=1)  # EWMA weight of each new observation
+    breaker_failures: int = Field(default=5, ge=1)  # consecutive retryable failures that open a circuit
+    breaker_open_s: float = Field(default=5.0, gt=0)  # how long an open circuit rejects before probing
+    retry_backoff_s: float = Field(default=0.05, ge=0)  # first retry delay; doubles, capped by the budget
+    metrics_poll_s: float = Field(default=2.0, gt=0)  # how often engines' /metrics are read
 
 
 _DEFAULT_BACKENDS: dict[str, CloudBackendConfig | OpenAIBackendConfig] = {
@@ -108,16 +185,19 @@ class Config(_Strict):
         }
     )
     teams: dict[str, TeamConfig] = Field(default_factory=lambda: {"demo": TeamConfig()})
+    routing: RoutingConfig = RoutingConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:
         problems: list[str] = []
+        known_backends = ", ".join(sorted(self.backends)) or "none"
         for name, model in self.models.items():
-            if model.backend not in self.backends:
-                known = ", ".join(sorted(self.backends)) or "none"
-                problems.append(
-                    f'models.{name}.backend: unknown backend "{model.backend}" (defined backends: {known})'
-                )
+            for i, dep in enumerate(model.all_deployments()):
+                if dep.backend not in self.backends:
+                    where = f"models.{name}." + ("backend" if model.backend else f"deployments.{i}.backend")
+                    problems.append(
+                        f'{where}: unknown backend "{dep.backend}" (defined backends: {known_backends})'
+                    )
         for team, policy in self.teams.items():
             for model_name in policy.models:
                 if model_name != "*" and model_name not in self.models:
@@ -130,7 +210,8 @@ class Config(_Strict):
         return self
 
     def upstream_model(self, public_name: str) -> str:
-        return self.models[public_name].upstream_model or public_name
+        """The upstream name of a model's first deployment (the public name when not set)."""
+        return self.models[public_name].all_deployments()[0].upstream_model or public_name
 
 
 def _format_validation_error(exc: ValidationError) -> list[str]:

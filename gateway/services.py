@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 from sqlalchemy.engine import Engine
 
 from backends.base import Backend, BackendKind
-from gateway.config import CloudBackendConfig, Config, ConfigError, OpenAIBackendConfig
+from gateway.config import CloudBackendConfig, Config, ConfigError, DeploymentConfig, OpenAIBackendConfig
 from gateway.db import make_engine, migrate
 from gateway.keys import KeyStore, upsert_teams
 from gateway.ledger import LedgerWriter
@@ -92,22 +92,22 @@ def build_backend(name: str, cfg: CloudBackendConfig | OpenAIBackendConfig) -> B
     )
 
 
-def _price(config: Config, public: str, backend: Backend) -> Price:
-    m = config.models[public]
-    if m.input_usd_per_mtok is not None and m.output_usd_per_mtok is not None:
-        return Price(m.input_usd_per_mtok, m.output_usd_per_mtok)
+def _price(public: str, dep: DeploymentConfig, upstream: str, backend: Backend) -> Price:
+    if dep.input_usd_per_mtok is not None and dep.output_usd_per_mtok is not None:
+        return Price(dep.input_usd_per_mtok, dep.output_usd_per_mtok)
     if isinstance(backend, PriceSource):
-        listed = backend.price_usd_per_mtok(config.upstream_model(public))
+        listed = backend.price_usd_per_mtok(upstream)
         if listed is not None:
             return Price(
-                m.input_usd_per_mtok if m.input_usd_per_mtok is not None else listed[0],
-                m.output_usd_per_mtok if m.output_usd_per_mtok is not None else listed[1],
+                dep.input_usd_per_mtok if dep.input_usd_per_mtok is not None else listed[0],
+                dep.output_usd_per_mtok if dep.output_usd_per_mtok is not None else listed[1],
             )
     if backend.info.kind is BackendKind.CLOUD:
         log.warning(
-            "model %s: no price known; cost is recorded as 0 "
-            "(set models.%s.input_usd_per_mtok and output_usd_per_mtok)",
+            "model %s on backend %s: no price known; cost is recorded as 0 "
+            "(set input_usd_per_mtok and output_usd_per_mtok under models.%s)",
             public,
+            dep.backend,
             public,
         )
     return FREE
@@ -115,21 +115,24 @@ def _price(config: Config, public: str, backend: Backend) -> Price:
 
 def build_deployments(config: Config, backends: Mapping[str, Backend]) -> dict[str, tuple[Deployment, ...]]:
     out: dict[str, tuple[Deployment, ...]] = {}
-    for public, m in config.models.items():
-        backend = backends[m.backend]
-        info = backend.info
-        out[public] = (
-            Deployment(
-                public_model=public,
-                backend=m.backend,
-                backend_kind=info.kind,
-                upstream_model=config.upstream_model(public),
-                price=_price(config, public, backend),
-                supports_tools=info.supports_tools,
-                supports_response_format=info.supports_response_format,
-                context_tokens=m.context_tokens,
-            ),
-        )
+    for public, model in config.models.items():
+        deps = []
+        for dep in model.all_deployments():
+            backend = backends[dep.backend]
+            upstream = dep.upstream_model or public
+            deps.append(
+                Deployment(
+                    public_model=public,
+                    backend=dep.backend,
+                    backend_kind=backend.info.kind,
+                    upstream_model=upstream,
+                    price=_price(public, dep, upstream, backend),
+                    supports_tools=backend.info.supports_tools,
+                    supports_response_format=backend.info.supports_response_format,
+                    context_tokens=dep.context_tokens,
+                )
+            )
+        out[public] = tuple(deps)
     return out
 
 

@@ -72,3 +72,44 @@ def test_invalid_toml_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(bad)
     assert "not valid TOML" in info.value.problems[0]
+
+
+def test_model_with_several_deployments_and_tier_defaults() -> None:
+    cfg = parse_config(
+        {
+            "backends": {
+                "gpu": {
+                    "kind": "openai",
+                    "base_url": "http://g/v1",
+                    "usd_per_hour": "2.5",
+                    "labels": {"site": "f"},
+                },
+                "cloud": {"kind": "cloud", "provider": "openai", "privacy_tier": "external_zdr"},
+                "other": {"kind": "cloud", "provider": "anthropic"},
+            },
+            "models": {
+                "auto": {
+                    "deployments": [
+                        {"backend": "gpu", "upstream_model": "smollm2", "quality_tier": 1},
+                        {"backend": "cloud", "upstream_model": "gpt-4o-mini", "input_usd_per_mtok": "0.15"},
+                    ]
+                },
+                "claude": {"backend": "other"},
+            },
+            "teams": {"t": {"privacy_floor": "internal", "on_sensitive": "block", "objective": "cost"}},
+        }
+    )
+    assert [d.backend for d in cfg.models["auto"].all_deployments()] == ["gpu", "cloud"]
+    assert [d.backend for d in cfg.models["claude"].all_deployments()] == ["other"]
+    assert cfg.backends["gpu"].tier == "internal" and cfg.backends["cloud"].tier == "external_zdr"
+    assert cfg.backends["other"].tier == "external"
+    assert cfg.teams["t"].privacy_floor == "internal" and cfg.teams["t"].on_sensitive == "block"
+
+
+def test_deployment_forms_are_exclusive_and_checked() -> None:
+    got = problems({"models": {"m": {"backend": "local", "deployments": [{"backend": "local"}]}}})
+    assert any("set either `backend`" in p for p in got)
+    got = problems({"models": {"m": {"deployments": [{"backend": "local"}, {"backend": "gpu9"}]}}})
+    assert got == ['models.m.deployments.1.backend: unknown backend "gpu9" (defined backends: local)']
+    got = problems({"teams": {"t": {"privacy_floor": "public"}}})
+    assert got[0].startswith("teams.t.privacy_floor:")
