@@ -1,7 +1,9 @@
 """Deployments and route decisions: which backends may serve a public model name, in which order.
 
-Pure functions over frozen values; no I/O, no clock. In [core] a public model maps to one deployment, so the
-decision is that deployment; scoring across several deployments arrives with [routing].
+Pure functions over frozen values; no I/O, no clock. `choose` here is the [core] rule (config order); the
+scored choice lives in `routing.scoring` and returns the same `RouteDecision`, with its explanation filled in:
+`ranked` (every eligible deployment with its score terms) and `rejected` (every other one, with its reasons).
+Invariant: `candidates` is always the try order dispatch uses, a prefix of `ranked` when `ranked` is filled.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from enum import StrEnum
+from typing import NamedTuple
 
 from backends.base import BackendKind
 
@@ -41,11 +45,64 @@ class Deployment:
     context_tokens: int | None = None
 
 
+class RejectCode(StrEnum):
+    """Why a deployment was not eligible; a closed set so metrics can count them."""
+
+    PRIVACY = "privacy"
+    CONTEXT = "context"
+    TOOLS = "tools"
+    JSON = "json"
+    QUALITY = "quality"
+    UNHEALTHY = "unhealthy"
+    CIRCUIT_OPEN = "circuit_open"
+    LABEL = "label"
+    NOT_IN_ONLY = "not_in_only"
+    IGNORED = "ignored"
+    PRICE = "price"
+    LATENCY = "latency"
+    COST = "cost"
+
+
+class ScoredCandidate(NamedTuple):
+    """One eligible deployment and the terms it was ranked by; the fields lead with the sort keys.
+
+    A NamedTuple, not a frozen dataclass, on purpose: one is built per eligible deployment per request, and
+    `tuple.__new__` builds one in ~120 ns against ~760 ns for a frozen dataclass (measured here): at 100
+    deployments that difference alone is most of the 100 µs budget.
+    """
+
+    order_position: int  # index in the requested `order`; len(order) when not listed, so listed ones go first
+    score: float  # lower is better: weighted latency/max + cost/max over the eligible set, + label penalty
+    latency_ms: float  # predicted: queue wait + TTFT + expected output / decode rate
+    cost_pusd: int  # predicted, in pico-USD (1e-12 USD): exact integers, and fast in the loop
+    deployment_id: str  # unique, so ties never reach `deployment`
+    deployment: Deployment
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return Decimal(self.cost_pusd).scaleb(-12)
+
+
+class Rejection(NamedTuple):
+    """One deployment of the model that may not serve this request, with every reason (not just the first).
+
+    A NamedTuple for the same reason as `ScoredCandidate`: built in the per-deployment loop.
+    """
+
+    deployment_id: str
+    backend: str
+    codes: tuple[RejectCode, ...]
+    reasons: tuple[str, ...]  # human text, same order as `codes`, e.g. "tier external < floor internal"
+
+
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
     public_model: str
-    candidates: tuple[Deployment, ...]  # in the order dispatch tries them
+    candidates: tuple[Deployment, ...]  # in the order dispatch tries them; empty means fail closed
     reason: str
+    ranked: tuple[ScoredCandidate, ...] = ()  # every eligible deployment, best first (scored choice only)
+    rejected: tuple[Rejection, ...] = ()
+    privacy_verdict: str = ""
 
 
 def choose(public_model: str, deployments: Mapping[str, Sequence[Deployment]]) -> RouteDecision:

@@ -1,0 +1,307 @@
+"""The frozen inputs of a scored route decision: deployment specs, live stats, the request, the team policy.
+
+A `RoutingSnapshot` is built once per stats refresh (off the request path) and precomputes everything that
+does not depend on the request: the per-model index, each deployment's effective per-token price and the
+dispatch-facing `Deployment`. Invariant: nothing here changes after construction, so `choose` can share a
+snapshot across requests and threads without locks.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+from backends.base import BackendKind
+from routing.decision import Deployment, Price
+from routing.privacy import PrivacyTier
+
+PUSD_PER_USD = 10**12  # routing money is integer pico-USD: exact, and ~5x faster than Decimal in the loop
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _no_labels() -> Mapping[str, Any]:
+    return _EMPTY  # one shared read-only default (a MappingProxyType is not a legal dataclass default)
+
+
+@dataclass(frozen=True, slots=True)
+class HourlyPrice:
+    """A machine we pay for by the hour (self-hosted GPU, edge box); its per-token price depends on load.
+
+    Output tokens cost  occupancy * usd_per_hour / (3600 * decode_tokens_per_s * (in_flight + 1)):
+    the hour is shared by every stream decoding on the box, including this one, and `occupancy` is how much
+    of the box is already used (KV-cache fraction, or 1 when requests queue). Idle capacity is already paid
+    for, so on an idle box a request is free; on a saturated one it pays the full average price. Prompt
+    tokens cost 0: prefill is 10-100x faster than decode, so a request buys box time mostly by its output.
+    """
+
+    usd_per_hour: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    """One way to serve a public model, as configured. `deployment_id` is unique across the snapshot."""
+
+    public_model: str
+    deployment_id: str
+    backend: str
+    backend_kind: BackendKind
+    upstream_model: str
+    privacy_tier: PrivacyTier
+    price: Price | HourlyPrice
+    quality_tier: int = 0  # higher is better; compared with RoutePolicy.min_quality_tier
+    context_tokens: int | None = None  # None: unknown, not checked
+    supports_tools: bool = True
+    supports_json: bool = True
+    labels: Mapping[str, str] = field(default_factory=_no_labels)  # e.g. {"site": "fra1", "region": "eu"}
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentStats:
+    """Live (or prior, from config) measurements of one deployment. Rates must be positive."""
+
+    ttft_ms: float
+    decode_tokens_per_s: float  # per stream, as measured at the current load
+    p50_latency_ms: float = 0.0  # 0: no measurement yet; then a request's own service time stands in
+    p95_latency_ms: float = 0.0
+    error_rate: float = 0.0
+    in_flight: int = 0
+    queue_depth: int = 0
+    kv_cache_used_frac: float = 0.0
+    healthy: bool = True
+    circuit_open_until_s: float | None = None  # None: closed; compared with `now_s`; math.inf: until told
+    sample_count: int = 0  # 0: these are the config priors
+
+    def __post_init__(self) -> None:
+        if self.decode_tokens_per_s <= 0 or self.ttft_ms < 0:
+            raise ValueError(
+                f"decode_tokens_per_s must be > 0 and ttft_ms >= 0, got {self.decode_tokens_per_s}, "
+                f"{self.ttft_ms}"
+            )
+
+
+def usd_per_output_token(price: HourlyPrice, stats: DeploymentStats) -> Decimal:
+    """The load-dependent per-token price of an hourly deployment (formula in `HourlyPrice`)."""
+    occupancy = 1.0 if stats.queue_depth > 0 else min(max(stats.kv_cache_used_frac, 0.0), 1.0)
+    aggregate_tokens_per_s = stats.decode_tokens_per_s * (stats.in_flight + 1)
+    return price.usd_per_hour * Decimal(occupancy) / (3600 * Decimal(aggregate_tokens_per_s))
+
+
+LACKS_TOOLS, LACKS_JSON = 1, 2  # bits of `Entry.lacks`
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A spec and its stats, flattened into what `choose` reads per request. Built by `RoutingSnapshot`.
+
+    The copies of spec/stats fields save attribute hops in the loop that runs once per deployment per request.
+    """
+
+    spec: DeploymentSpec
+    stats: DeploymentStats
+    deployment: Deployment  # what dispatch gets; an hourly price appears as its current per-token price
+    deployment_id: str
+    names: frozenset[str]  # deployment id and backend name: what `order`, `only` and `ignore` match
+    privacy_rank: int
+    context_tokens: int  # sys.maxsize when unknown
+    lacks: int  # LACKS_TOOLS | LACKS_JSON
+    quality_tier: int
+    healthy: bool
+    circuit_open_until_s: float  # -inf when closed
+    blocked_until_s: float  # inf when unhealthy, else circuit_open_until_s: one test in the loop
+    base_latency_ms: float  # predicted latency = base + expected output tokens * per-token (see `_latency`)
+    latency_ms_per_output_token: float
+    input_pusd_per_token: int
+    output_pusd_per_token: int
+
+    def hot(self) -> HotRow:
+        """The fields `choose` screens every entry by, in the order its loop unpacks them."""
+        return (
+            self, self.privacy_rank, self.context_tokens, self.lacks, self.quality_tier, self.blocked_until_s,
+            self.base_latency_ms, self.latency_ms_per_output_token, self.input_pusd_per_token,
+            self.output_pusd_per_token,
+        )  # fmt: skip
+
+
+# An entry's fields as `choose` unpacks them in its loop: tuple unpacking is ~3x cheaper than attribute loads.
+HotRow = tuple[Entry, int, int, int, int, float, float, float, int, int]
+
+
+def _latency(stats: DeploymentStats) -> tuple[float, float]:
+    """(base ms, ms per output token) of: queue wait + TTFT + output tokens / decode rate.
+
+    Queue wait = queue depth x service time; service time is the measured p50 when there is one, else this
+    request's own TTFT + decode time, so the whole prediction is linear in the expected output tokens.
+    """
+    ms_per_token = 1000.0 / stats.decode_tokens_per_s
+    if stats.p50_latency_ms > 0:
+        return stats.queue_depth * stats.p50_latency_ms + stats.ttft_ms, ms_per_token
+    return (stats.queue_depth + 1) * stats.ttft_ms, (stats.queue_depth + 1) * ms_per_token
+
+
+def _pusd(usd_per_token: Decimal) -> int:
+    return int((usd_per_token * PUSD_PER_USD).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def _deployment(spec: DeploymentSpec, price: Price) -> Deployment:
+    return Deployment(
+        public_model=spec.public_model,
+        backend=spec.backend,
+        backend_kind=spec.backend_kind,
+        upstream_model=spec.upstream_model,
+        price=price,
+        supports_tools=spec.supports_tools,
+        supports_response_format=spec.supports_json,
+        context_tokens=spec.context_tokens,
+    )
+
+
+def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
+    if isinstance(spec.price, HourlyPrice):
+        in_pusd, out_pusd = 0, _pusd(usd_per_output_token(spec.price, stats))
+        price = Price(Decimal(0), Decimal(out_pusd).scaleb(-6))  # pico-USD per token = 1e-6 USD per Mtok
+    else:
+        price = spec.price  # USD per Mtok is micro-USD per token
+        in_pusd = _pusd(price.input_usd_per_mtok / 1_000_000)
+        out_pusd = _pusd(price.output_usd_per_mtok / 1_000_000)
+    open_until_s = -math.inf if stats.circuit_open_until_s is None else stats.circuit_open_until_s
+    lacks = (0 if spec.supports_tools else LACKS_TOOLS) | (0 if spec.supports_json else LACKS_JSON)
+    base_ms, ms_per_token = _latency(stats)
+    return Entry(
+        spec=spec,
+        stats=stats,
+        deployment=_deployment(spec, price),
+        deployment_id=spec.deployment_id,
+        names=frozenset((spec.deployment_id, spec.backend)),
+        privacy_rank=spec.privacy_tier.rank,
+        context_tokens=sys.maxsize if spec.context_tokens is None else spec.context_tokens,
+        lacks=lacks,
+        quality_tier=spec.quality_tier,
+        healthy=stats.healthy,
+        circuit_open_until_s=open_until_s,
+        blocked_until_s=open_until_s if stats.healthy else math.inf,
+        base_latency_ms=base_ms,
+        latency_ms_per_output_token=ms_per_token,
+        input_pusd_per_token=in_pusd,
+        output_pusd_per_token=out_pusd,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSnapshot:
+    """Deployment id -> (spec, stats), frozen. Derived: model -> entries (in id order), and their hot rows."""
+
+    deployments: Mapping[str, tuple[DeploymentSpec, DeploymentStats]]
+    by_model: Mapping[str, tuple[Entry, ...]] = field(init=False, repr=False, compare=False)
+    hot_by_model: Mapping[str, tuple[HotRow, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        grouped: dict[str, list[Entry]] = {}
+        for deployment_id in sorted(self.deployments):
+            spec, stats = self.deployments[deployment_id]
+            if spec.deployment_id != deployment_id:
+                raise ValueError(
+                    f"snapshot key `{deployment_id}` != spec.deployment_id `{spec.deployment_id}`"
+                )
+            grouped.setdefault(spec.public_model, []).append(_entry(spec, stats))
+        object.__setattr__(self, "deployments", MappingProxyType(dict(self.deployments)))
+        object.__setattr__(self, "by_model", MappingProxyType({m: tuple(es) for m, es in grouped.items()}))
+        hot = {m: tuple(e.hot() for e in es) for m, es in grouped.items()}
+        object.__setattr__(self, "hot_by_model", MappingProxyType(hot))
+
+
+class Objective(StrEnum):
+    LATENCY = "latency"
+    COST = "cost"
+    BALANCED = "balanced"
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(latency weight, cost weight); ties on the weighted term fall to latency, then cost, then id."""
+        return _WEIGHTS[self]
+
+
+_WEIGHTS = {Objective.LATENCY: (1.0, 0.0), Objective.COST: (0.0, 1.0), Objective.BALANCED: (0.5, 0.5)}
+
+
+class SortBy(StrEnum):
+    """OpenRouter's `provider.sort`; it replaces the team's objective for ranking only."""
+
+    PRICE = "price"
+    LATENCY = "latency"
+
+    @property
+    def objective(self) -> Objective:
+        return Objective.COST if self is SortBy.PRICE else Objective.LATENCY
+
+
+@dataclass(frozen=True, slots=True)
+class MaxPrice:
+    """Caps from a request (OpenRouter's `provider.max_price`); None means no cap."""
+
+    prompt_usd_per_mtok: Decimal | None = None
+    completion_usd_per_mtok: Decimal | None = None
+    request_usd: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePreferences:
+    """What one request asks for, in the spirit of OpenRouter's `provider` object. It can only narrow."""
+
+    order: tuple[str, ...] = ()  # deployment ids or backend names tried first, in this order
+    only: frozenset[str] | None = None
+    ignore: frozenset[str] = frozenset()
+    sort: SortBy | None = None
+    require_parameters: bool | None = None
+    allow_fallbacks: bool | None = None
+    max_price: MaxPrice = MaxPrice()
+    max_latency_ms: float | None = None
+
+
+NO_PREFERENCES = RoutePreferences()
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    """A team's routing rules; `routing.preferences.narrow` folds a request's preferences into a copy."""
+
+    objective: Objective = Objective.BALANCED
+    max_latency_ms: float | None = None
+    max_usd_per_request: Decimal | None = None
+    max_input_usd_per_mtok: Decimal | None = None
+    max_output_usd_per_mtok: Decimal | None = None
+    required_labels: Mapping[str, frozenset[str]] = field(
+        default_factory=_no_labels
+    )  # key -> allowed values; must carry the key
+    preferred_labels: Mapping[str, str] = field(
+        default_factory=_no_labels
+    )  # soft: each mismatch adds to the score
+    preferred_label_weight: float = 0.25
+    min_quality_tier: int = 0
+    require_parameters: bool = True  # False: a deployment without JSON mode may serve `response_format`
+    allow_fallbacks: bool = True
+    max_attempts: int = 3
+    only: frozenset[str] | None = None  # deployment ids or backend names; None: all
+    ignore: frozenset[str] = frozenset()
+    order: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What routing needs to know of one chat request. Token counts are estimates made by the gateway."""
+
+    public_model: str
+    prompt_tokens: int
+    expected_output_tokens: int
+    privacy_floor: PrivacyTier
+    needs_tools: bool = False
+    needs_json: bool = False
+    preferences: RoutePreferences = NO_PREFERENCES
+    privacy_reason: str = (
+        ""  # how the floor was set (routing.privacy.PrivacyVerdict.reason); echoed in the verdict
+    )
