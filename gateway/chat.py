@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 
 from backends.base import ChatRequest, StreamChunk, Usage
 from backends.errors import SwitchboardError
-from gateway import dispatch
+from gateway import dispatch, route
 from gateway.access import check_model
-from gateway.errors import AllBackendsFailed, UnsupportedParameter, error_body
+from gateway.errors import AllBackendsFailed, error_body
 from gateway.middleware import Timing
 from gateway.records import KeyIdentity, RequestStatus, UsageRecord
+from gateway.route import Routed, candidates_json, privacy_class
+from gateway.routing_state import deployment_id
 from gateway.services import Services
 from gateway.wire import (
     SSE_DONE,
@@ -29,7 +31,7 @@ from gateway.wire import (
     render_sse_error,
     render_usage_chunk,
 )
-from routing.decision import Deployment, RouteDecision, choose
+from routing.decision import Deployment
 
 
 @dataclass(slots=True)
@@ -43,6 +45,9 @@ class _Recorder:
     ttft_ms: float | None = None
     usage: Usage = field(default_factory=Usage)
     served_model: str | None = None
+    routed: Routed | None = None
+    attempts: int = 0
+    attempt_started_s: float | None = None  # perf_counter at the start of the successful attempt
     done: bool = False
 
     def finish(
@@ -77,9 +82,45 @@ class _Recorder:
             http_status=http_status,
             error_type=error.code if error else None,
             stream=self.body.stream,
+            privacy_class=privacy_class(self.routed.verdict) if self.routed else None,
+            route_reason=self.routed.decision.reason if self.routed else None,
+            attempts=self.attempts or (len(error.causes) if isinstance(error, AllBackendsFailed) else 0),
+            route_candidates=candidates_json(self.routed.decision) if self.routed else None,
         )
         self.svc.ledger.record(rec)
         self.svc.metrics.observe(rec)
+        if dep is not None:
+            self._feed_routing(dep, status, usage, error)
+
+    def _feed_routing(
+        self, dep: Deployment, status: RequestStatus, usage: Usage, error: SwitchboardError | None
+    ) -> None:
+        """The served attempt's outcome, for live stats and the circuit breaker (failed attempts are fed by
+        dispatch)."""
+        routing = self.svc.routing
+        dep_id = deployment_id(self.body.model, dep.backend)
+        now_s = time.monotonic()
+        routing.stats.request_finished(dep_id)
+        if status is RequestStatus.CLIENT_CLOSED or (error is not None and not error.retryable):
+            routing.breakers.release(dep_id, now_s)
+            return
+        started = self.attempt_started_s or self.timing.start_s
+        since_start_ms = (time.perf_counter() - started) * 1000
+        ttft_ms = None
+        if self.ttft_ms is not None:
+            ttft_ms = max(0.0, self.ttft_ms - (started - self.timing.start_s) * 1000)
+        routing.stats.observe_request(
+            dep_id,
+            now_s=now_s,
+            ok=error is None,
+            latency_ms=since_start_ms,
+            ttft_ms=ttft_ms,
+            completion_tokens=usage.completion_tokens,
+        )
+        if error is None:
+            routing.breakers.record_success(dep_id, now_s)
+        else:
+            routing.breakers.record_failure(dep_id, now_s)
 
     def fail(self, exc: SwitchboardError) -> None:
         backend = exc.causes[-1][0] if isinstance(exc, AllBackendsFailed) else None
@@ -104,24 +145,6 @@ def _chat_request(svc: Services, body: ChatCompletionBody, request_id: str) -> C
     )
 
 
-def _decide(svc: Services, body: ChatCompletionBody) -> RouteDecision:
-    decision = choose(body.model, svc.deployments)
-    for dep in decision.candidates:
-        if body.tools is not None and not dep.supports_tools:
-            raise UnsupportedParameter(
-                f"`tools` is not supported by model `{body.model}` (backend `{dep.backend}`; "
-                f"config: backends.{dep.backend}.supports_tools)",
-                param="tools",
-            )
-        if body.response_format is not None and not dep.supports_response_format:
-            raise UnsupportedParameter(
-                f"`response_format` is not supported by model `{body.model}` (backend `{dep.backend}`; "
-                f"config: backends.{dep.backend}.supports_response_format)",
-                param="response_format",
-            )
-    return decision
-
-
 @contextlib.contextmanager
 def _recording_failures(rec: _Recorder) -> Iterator[None]:
     """Admission and dispatch failures still leave their one usage record."""
@@ -135,34 +158,73 @@ def _recording_failures(rec: _Recorder) -> Iterator[None]:
         raise
 
 
-async def _admit(svc: Services, rec: _Recorder) -> tuple[RouteDecision, ChatRequest]:
+async def _admit(svc: Services, rec: _Recorder, floor_header: str | None) -> tuple[ChatRequest, Routed]:
     await check_model(svc, rec.identity, rec.body.model)
-    return _decide(svc, rec.body), _chat_request(svc, rec.body, rec.timing.request_id)
+    request = _chat_request(svc, rec.body, rec.timing.request_id)
+    routed = route.decide(
+        svc.routing, rec.identity.team, rec.body, request.messages, floor_header, now_s=time.monotonic()
+    )
+    rec.routed = routed
+    rec.timing.headers.append((b"x-switchboard-route", _header_text(routed.decision.reason)))
+    return request, routed
+
+
+def _header_text(text: str, limit: int = 200) -> bytes:
+    return text[:limit].encode("ascii", "replace")
+
+
+def _plan(svc: Services, routed: Routed) -> dispatch.Plan:
+    return dispatch.Plan(
+        backends=svc.backends,
+        timeouts_s=svc.backend_timeouts_s,
+        routing=svc.routing,
+        max_attempts=routed.policy.max_attempts,
+        budget_s=svc.config.server.request_timeout_s,
+        backoff_s=svc.config.routing.retry_backoff_s,
+        max_wait_s=svc.config.routing.max_retry_wait_s,
+    )
+
+
+def _served(rec: _Recorder, dep: Deployment, attempts: int, started_s: float) -> None:
+    rec.deployment = dep
+    rec.attempts = attempts
+    rec.attempt_started_s = started_s
+    rec.timing.headers.append((b"x-switchboard-backend", _header_text(dep.backend)))
 
 
 async def complete(
-    svc: Services, identity: KeyIdentity, body: ChatCompletionBody, timing: Timing, received_at: dt.datetime
+    svc: Services,
+    identity: KeyIdentity,
+    body: ChatCompletionBody,
+    timing: Timing,
+    received_at: dt.datetime,
+    floor_header: str | None = None,
 ) -> bytes:
     """A whole (non-streamed) completion, rendered as the response body."""
     rec = _Recorder(svc, identity, body, timing, received_at)
     with _recording_failures(rec):
-        decision, request = await _admit(svc, rec)
-        served = await dispatch.complete(decision, request, svc.backends, timing, svc.backend_timeouts_s)
-    rec.deployment = served.deployment
+        request, routed = await _admit(svc, rec, floor_header)
+        served = await dispatch.complete(routed.decision, request, timing, _plan(svc, routed))
+    _served(rec, served.deployment, served.attempts, served.started_s)
     result = served.result
     rec.finish(RequestStatus.OK, 200, result.usage, served_model=result.served_model)
     return render_completion(result, request_id=timing.request_id, model=body.model, created=int(time.time()))
 
 
 async def open_stream(
-    svc: Services, identity: KeyIdentity, body: ChatCompletionBody, timing: Timing, received_at: dt.datetime
+    svc: Services,
+    identity: KeyIdentity,
+    body: ChatCompletionBody,
+    timing: Timing,
+    received_at: dt.datetime,
+    floor_header: str | None = None,
 ) -> SseStream:
     """Dispatch until the first chunk arrives (errors so far become HTTP errors), then stream SSE bytes."""
     rec = _Recorder(svc, identity, body, timing, received_at)
     with _recording_failures(rec):
-        decision, request = await _admit(svc, rec)
-        opened = await dispatch.open_stream(decision, request, svc.backends, timing, svc.backend_timeouts_s)
-    rec.deployment = opened.deployment
+        request, routed = await _admit(svc, rec, floor_header)
+        opened = await dispatch.open_stream(routed.decision, request, timing, _plan(svc, routed))
+    _served(rec, opened.deployment, opened.attempts, opened.started_s)
     return SseStream(rec, opened, _sse(svc, rec, opened))
 
 

@@ -157,6 +157,7 @@ class RoutingConfig(_Strict):
     breaker_failures: int = Field(default=5, ge=1)  # consecutive retryable failures that open a circuit
     breaker_open_s: float = Field(default=5.0, gt=0)  # how long an open circuit rejects before probing
     retry_backoff_s: float = Field(default=0.05, ge=0)  # first retry delay; doubles, capped by the budget
+    max_retry_wait_s: float = Field(default=2.0, ge=0)  # a longer Retry-After goes back to the client instead
     metrics_poll_s: float = Field(default=2.0, gt=0)  # how often engines' /metrics are read
 
 

@@ -88,8 +88,10 @@ usage = sa.Table(
     sa.Column("error_type", sa.String(64), nullable=True),
     sa.Column("stream", sa.Boolean, nullable=False),
     sa.Column("cache_hit", sa.Boolean, nullable=False),
-    sa.Column("privacy_class", sa.String(64), nullable=True),
+    sa.Column("privacy_class", sa.String(256), nullable=True),
     sa.Column("route_reason", sa.Text, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("route_candidates", sa.Text, nullable=True),  # JSON: ranked candidates and score terms
     sa.Index("ix_usage_created_at", "created_at"),
     sa.Index("ix_usage_team_created_at", "team", "created_at"),
 )

@@ -1,8 +1,10 @@
-"""The one fallback loop: try each candidate of a route decision in order, each attempt under its own timeout.
+"""The one fallback loop: try the candidates of a route decision in rank order, with retries (tenacity).
 
-Only errors marked `retryable` move on to the next candidate; when all fail, every cause is collected into one
-`AllBackendsFailed`. A stream may fall back only until its first chunk has arrived. Time spent awaiting a
-backend is added to `Timing.upstream_s`, so the overhead header excludes it.
+Each attempt has its own timeout. Only errors marked `retryable` lead to another attempt: the next candidate
+at once, or the same one again after a backoff that honours Retry-After, all within the request's budget.
+Circuit breakers are consulted before and told after each attempt; failed attempts feed the live stats. When
+every attempt fails, all causes are collected into one `AllBackendsFailed`. A stream may be retried only
+until its first chunk has arrived. Time awaiting backends is added to `Timing.upstream_s`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
 from backends.base import Backend, ChatRequest, ChatResult, StreamChunk
-from backends.errors import BackendTimeout, SwitchboardError
+from backends.errors import BackendTimeout, BackendUnavailable, SwitchboardError
 from gateway.errors import AllBackendsFailed
 from gateway.middleware import Timing
+from gateway.routing_state import RoutingState, deployment_id
 from routing.decision import Deployment, RouteDecision
 
 T = TypeVar("T")
@@ -28,6 +33,7 @@ class Served:
     deployment: Deployment
     result: ChatResult
     attempts: int
+    started_s: float  # when the successful attempt began (perf_counter)
 
 
 @dataclass(slots=True)
@@ -38,6 +44,21 @@ class OpenStream:
     first: StreamChunk
     rest: AsyncIterator[StreamChunk]
     attempts: int
+    started_s: float
+
+
+@dataclass(slots=True)
+class Plan:
+    """How hard to try: attempts in all, the time budget, the first backoff, and where outcomes go."""
+
+    backends: Mapping[str, Backend]
+    timeouts_s: Mapping[str, float]
+    routing: RoutingState
+    max_attempts: int = 3
+    budget_s: float = 600.0
+    backoff_s: float = 0.05
+    max_wait_s: float = 2.0
+    causes: list[tuple[str, SwitchboardError]] = field(default_factory=list)
 
 
 def _for(request: ChatRequest, dep: Deployment) -> ChatRequest:
@@ -51,55 +72,118 @@ def _timeout_error(dep: Deployment, timeout_s: float) -> BackendTimeout:
     )
 
 
-async def _first_success(
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, SwitchboardError) and exc.retryable
+
+
+def _wait(plan: Plan, candidates: tuple[Deployment, ...]) -> Callable[[RetryCallState], float]:
+    """No wait when the next attempt goes elsewhere; else exponential backoff, at least Retry-After."""
+
+    def wait(state: RetryCallState) -> float:
+        done = state.attempt_number
+        if len(candidates) > 1 and done % len(candidates) != 0:
+            return 0.0
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after_s", None) or 0.0
+        return max(retry_after, plan.backoff_s * 2 ** (done // len(candidates) - 1))
+
+    return wait
+
+
+async def _run_attempts(
     decision: RouteDecision,
     request: ChatRequest,
     timing: Timing,
-    timeouts_s: Mapping[str, float],
+    plan: Plan,
     attempt: Callable[[Deployment, ChatRequest], Awaitable[T]],
-) -> tuple[Deployment, T, int]:
-    """Run `attempt` on each candidate in order until one succeeds; only retryable errors move on."""
-    causes: list[tuple[str, SwitchboardError]] = []
-    for number, dep in enumerate(decision.candidates, start=1):
-        timeout_s = min(timeouts_s.get(dep.backend, request.timeout_s), request.timeout_s)
+) -> tuple[Deployment, T, int, float]:
+    candidates = decision.candidates
+    deadline = time.perf_counter() + plan.budget_s
+    number = 0
+
+    def out_of_budget(state: RetryCallState) -> bool:
+        if state.attempt_number >= plan.max_attempts:
+            return True
+        upcoming = _wait(plan, candidates)(state)
+        return upcoming > plan.max_wait_s or time.perf_counter() + upcoming >= deadline
+
+    async def one() -> tuple[Deployment, T, int, float]:
+        nonlocal number
+        dep = candidates[number % len(candidates)]
+        number += 1
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(timeout_s):
-                return dep, await attempt(dep, _for(request, dep)), number
-        except TimeoutError:
-            causes.append((dep.backend, _timeout_error(dep, timeout_s)))
-        except SwitchboardError as exc:
-            causes.append((dep.backend, exc))
-            if not exc.retryable:
-                break
+            return dep, await _attempt_once(dep, request, timing, plan, attempt, deadline), number, started
         finally:
             timing.upstream_s += time.perf_counter() - started
-    raise AllBackendsFailed(causes)
+
+    retrying = AsyncRetrying(
+        stop=out_of_budget, wait=_wait(plan, candidates), retry=retry_if_exception(_retryable), reraise=True
+    )
+    try:
+        return await retrying(one)
+    except SwitchboardError:
+        raise AllBackendsFailed(plan.causes) from None
 
 
-async def complete(
-    decision: RouteDecision,
+async def _attempt_once(
+    dep: Deployment,
     request: ChatRequest,
-    backends: Mapping[str, Backend],
     timing: Timing,
-    timeouts_s: Mapping[str, float],
-) -> Served:
-    async def attempt(dep: Deployment, req: ChatRequest) -> ChatResult:
-        return await backends[dep.backend].complete(req)
+    plan: Plan,
+    attempt: Callable[[Deployment, ChatRequest], Awaitable[T]],
+    deadline: float,
+) -> T:
+    dep_id = deployment_id(request.model, dep.backend)
+    routing = plan.routing
+    now_s = time.monotonic()
+    if not routing.breakers.allow(dep_id, now_s):
+        refused = BackendUnavailable("circuit open after repeated failures (config: routing.breaker_open_s)")
+        plan.causes.append((dep.backend, refused))
+        raise refused
+    timeout_s = max(
+        0.0, min(plan.timeouts_s.get(dep.backend, request.timeout_s), deadline - time.perf_counter())
+    )
+    routing.stats.request_started(dep_id)
+    started = time.perf_counter()
+    err: SwitchboardError
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await attempt(dep, _for(request, dep))
+    except TimeoutError:
+        err = _timeout_error(dep, timeout_s)
+    except SwitchboardError as exc:
+        err = exc
+    except BaseException:
+        routing.stats.request_finished(dep_id)
+        routing.breakers.release(dep_id, time.monotonic())
+        raise
+    routing.stats.request_finished(dep_id)
+    now_s = time.monotonic()
+    if err.retryable:
+        routing.breakers.record_failure(dep_id, now_s)
+        routing.stats.observe_request(
+            dep_id, now_s=now_s, ok=False, latency_ms=(time.perf_counter() - started) * 1000
+        )
+    else:
+        routing.breakers.release(dep_id, now_s)
+    plan.causes.append((dep.backend, err))
+    raise err
 
-    dep, result, attempts = await _first_success(decision, request, timing, timeouts_s, attempt)
-    return Served(dep, result, attempts)
+
+async def complete(decision: RouteDecision, request: ChatRequest, timing: Timing, plan: Plan) -> Served:
+    async def attempt(dep: Deployment, req: ChatRequest) -> ChatResult:
+        return await plan.backends[dep.backend].complete(req)
+
+    dep, result, attempts, started = await _run_attempts(decision, request, timing, plan, attempt)
+    return Served(dep, result, attempts, started)
 
 
 async def open_stream(
-    decision: RouteDecision,
-    request: ChatRequest,
-    backends: Mapping[str, Backend],
-    timing: Timing,
-    timeouts_s: Mapping[str, float],
+    decision: RouteDecision, request: ChatRequest, timing: Timing, plan: Plan
 ) -> OpenStream:
     async def attempt(dep: Deployment, req: ChatRequest) -> tuple[StreamChunk, AsyncIterator[StreamChunk]]:
-        iterator = backends[dep.backend].stream(req).__aiter__()
+        iterator = plan.backends[dep.backend].stream(req).__aiter__()
         try:
             return await iterator.__anext__(), iterator
         except StopAsyncIteration:
@@ -108,8 +192,8 @@ async def open_stream(
             await close_stream(iterator)  # a failed or timed-out attempt must not leak its connection
             raise
 
-    dep, (first, rest), attempts = await _first_success(decision, request, timing, timeouts_s, attempt)
-    return OpenStream(dep, first, rest, attempts)
+    dep, (first, rest), attempts, started = await _run_attempts(decision, request, timing, plan, attempt)
+    return OpenStream(dep, first, rest, attempts, started)
 
 
 async def next_chunk(stream: OpenStream, timeout_s: float) -> StreamChunk:

@@ -51,6 +51,9 @@ __all__ = [
     "GatewayError",
     "InvalidRequest",
     "UnsupportedParameter",
+    "NoEligibleDeployment",
+    "SensitiveDataRefused",
+    "NoHealthyDeployment",
     "AuthenticationFailed",
     "PermissionDenied",
     "AdminOnly",
@@ -79,6 +82,12 @@ class UnsupportedParameter(InvalidRequest):
     code = "unsupported_parameter"
 
 
+class NoEligibleDeployment(InvalidRequest):
+    """Routing found no deployment that may serve this request (privacy floor, capabilities, limits)."""
+
+    code = "no_eligible_deployment"
+
+
 class AuthenticationFailed(GatewayError):
     status_code = 401
     openai_type = "authentication_error"
@@ -93,6 +102,10 @@ class PermissionDenied(GatewayError):
 
 class AdminOnly(PermissionDenied):
     code = "admin_only"
+
+
+class SensitiveDataRefused(PermissionDenied):
+    code = "sensitive_data_blocked"
 
 
 class NotFound(GatewayError):
@@ -127,6 +140,12 @@ class ServiceUnavailable(GatewayError):
     code = "service_unavailable"
 
 
+class NoHealthyDeployment(ServiceUnavailable):
+    """Deployments would be eligible but are down (circuit open); privacy never falls back to a lower tier."""
+
+    code = "no_healthy_deployment"
+
+
 class AllBackendsFailed(GatewayError):
     """Every candidate failed. Takes status, type and code from the last cause; lists every cause."""
 
@@ -158,14 +177,17 @@ ALL_ERROR_CLASSES: tuple[type[SwitchboardError], ...] = (
     GatewayError,
     InvalidRequest,
     UnsupportedParameter,
+    NoEligibleDeployment,
     AuthenticationFailed,
     PermissionDenied,
     AdminOnly,
+    SensitiveDataRefused,
     NotFound,
     ModelNotFound,
     PayloadTooLarge,
     RateLimited,
     ServiceUnavailable,
+    NoHealthyDeployment,
 )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +22,7 @@ class Timing:
     start_s: float
     request_id: str
     upstream_s: float = 0.0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added to the response by routing
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.start_s) * 1000
@@ -49,6 +50,7 @@ class RequestContextMiddleware:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", timing.request_id.encode()))
                 headers.append((b"x-switchboard-overhead-ms", f"{overhead_ms:.3f}".encode()))
+                headers.extend(timing.headers)
                 message["headers"] = headers
             await send(message)
 

@@ -35,8 +35,10 @@ class UsageRecord:
     error_type: str | None  # the error `code`, e.g. "upstream_timeout"
     stream: bool
     cache_hit: bool = False
-    privacy_class: str | None = None  # filled by [routing]
-    route_reason: str | None = None  # filled by [routing]
+    privacy_class: str | None = None  # floor and detector kinds, e.g. `internal:email`
+    route_reason: str | None = None  # why routing chose this backend
+    attempts: int = 0  # backend attempts made (0: refused before any)
+    route_candidates: str | None = None  # JSON: ranked candidates with their score terms
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -21,6 +22,7 @@ from gateway.db import make_engine, migrate
 from gateway.keys import KeyStore, upsert_teams
 from gateway.ledger import LedgerWriter
 from gateway.metrics import GatewayMetrics
+from gateway.routing_state import RoutingState, build_specs
 from routing.decision import FREE, Deployment, Price
 
 log = logging.getLogger("switchboard")
@@ -44,8 +46,10 @@ class Services:
     backend_timeouts_s: dict[str, float]
     metrics: GatewayMetrics
     admin_key: str | None
+    routing: RoutingState
 
     async def aclose(self) -> None:
+        await self.routing.aclose()
         for backend in reversed(list(self.backends.values())):
             await backend.aclose()
         await self.ledger.aclose()
@@ -180,14 +184,18 @@ async def build_services(config: Config) -> Services:
         "1 while the ledger database is reachable",
         lambda: 0.0 if ledger.db_down else 1.0,
     )
+    deployments = build_deployments(config, backends)
+    routing = RoutingState(config, build_specs(config, backends, deployments))
+    routing.start_pollers(time.monotonic)
     return Services(
         config=config,
         db=engine,
         keys=KeyStore(engine, ttl_s=config.server.key_cache_ttl_s),
         ledger=ledger,
         backends=backends,
-        deployments=build_deployments(config, backends),
+        deployments=deployments,
         backend_timeouts_s={name: b.timeout_s for name, b in config.backends.items()},
         metrics=metrics,
         admin_key=os.environ.get(config.server.admin_key_env) or None,
+        routing=routing,
     )

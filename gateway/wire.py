@@ -60,6 +60,7 @@ class ChatCompletionBody(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    switchboard: dict[str, Any] | None = None  # routing preferences (see routing.preferences)
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:

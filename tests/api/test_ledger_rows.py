@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from decimal import Decimal
 
@@ -41,7 +42,11 @@ def test_row_for_completion(any_gateway: Gateway) -> None:
     assert row["cost_micro_usd"] > 0
     assert row["status"] == "ok" and row["http_status"] == 200 and row["error_type"] is None
     assert row["stream"] is False or row["stream"] == 0
-    assert not row["cache_hit"] and row["privacy_class"] is None and row["route_reason"] is None
+    assert not row["cache_hit"] and row["privacy_class"] == "external" and row["route_reason"]
+    assert row["attempts"] == 1
+    ranked = json.loads(row["route_candidates"])
+    assert [c["deployment"] for c in ranked] == ["fast@fakeoai"]
+    assert set(ranked[0]) == {"deployment", "backend", "latency_ms", "cost_usd", "score"}
     assert 0 < row["latency_ms"] < 10_000 and row["ttft_ms"] is None
     assert before - dt.timedelta(seconds=1) <= row["created_at"] <= dt.datetime.now(dt.UTC)
 

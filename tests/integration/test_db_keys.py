@@ -53,7 +53,7 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None: 
         assert usage_indexes["ix_usage_created_at"] == ["created_at"]
         assert usage_indexes["ix_usage_team_created_at"] == ["team", "created_at"]
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
     finally:
         eng.dispose()
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from backends.base import BackendHealth, BackendInfo, BackendKind, ChatRequest, ChatResult, StreamChunk, Usage
-from backends.errors import BackendRejected, BackendUnavailable, SwitchboardError
+from backends.errors import BackendRateLimited, BackendRejected, BackendUnavailable, SwitchboardError
 from gateway import dispatch
+from gateway.config import parse_config
 from gateway.errors import AllBackendsFailed
 from gateway.middleware import Timing
+from gateway.routing_state import RoutingState, build_specs
 from routing.decision import FREE, Deployment, RouteDecision
 
 
@@ -51,10 +54,30 @@ class ScriptedBackend:
         return None
 
 
-def setup(*outcomes: SwitchboardError | float | str) -> tuple[RouteDecision, dict[str, ScriptedBackend]]:
+def setup(
+    *outcomes: SwitchboardError | float | str,
+    max_attempts: int | None = None,
+    timeouts_s: dict[str, float] | None = None,
+) -> tuple[RouteDecision, dict[str, ScriptedBackend], dispatch.Plan]:
     backends = {f"b{i}": ScriptedBackend(f"b{i}", o) for i, o in enumerate(outcomes)}
+    config = parse_config(
+        {
+            "backends": {name: {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"} for name in backends},
+            "models": {"m": {"deployments": [{"backend": n, "upstream_model": f"up-{n}"} for n in backends]}},
+            "teams": {"t": {}},
+        }
+    )
     deps = tuple(Deployment("m", name, BackendKind.OPENAI, f"up-{name}", FREE) for name in backends)
-    return RouteDecision("m", deps, "test"), backends
+    routing = RoutingState(config, build_specs(config, backends, {"m": deps}))
+    plan = dispatch.Plan(
+        backends=backends,
+        timeouts_s=timeouts_s or {},
+        routing=routing,
+        max_attempts=max_attempts or len(backends),
+        budget_s=5.0,
+        backoff_s=0.01,
+    )
+    return RouteDecision("m", deps, "test"), backends, plan
 
 
 REQUEST = ChatRequest(model="m", messages=({"role": "user", "content": "x"},), request_id="r1", timeout_s=5)
@@ -65,25 +88,25 @@ def timing() -> Timing:
 
 
 async def test_falls_back_on_retryable_error_and_counts_attempts() -> None:
-    decision, backends = setup(BackendUnavailable("down"), "ok")
-    served = await dispatch.complete(decision, REQUEST, backends, timing(), {})
+    decision, backends, plan = setup(BackendUnavailable("down"), "ok")
+    served = await dispatch.complete(decision, REQUEST, timing(), plan)
     assert served.deployment.backend == "b1" and served.attempts == 2
     assert served.result.message["content"] == "ok"
     assert backends["b0"].calls == ["up-b0"] and backends["b1"].calls == ["up-b1"]
 
 
 async def test_non_retryable_error_stops_the_loop() -> None:
-    decision, backends = setup(BackendRejected("bad request"), "ok")
+    decision, backends, plan = setup(BackendRejected("bad request"), "ok")
     with pytest.raises(AllBackendsFailed) as info:
-        await dispatch.complete(decision, REQUEST, backends, timing(), {})
+        await dispatch.complete(decision, REQUEST, timing(), plan)
     assert info.value.status_code == 400 and backends["b1"].calls == []
 
 
 async def test_each_attempt_has_its_own_timeout_and_all_causes_are_kept() -> None:
-    decision, backends = setup(1.0, BackendUnavailable("down"))
+    decision, backends, plan = setup(1.0, BackendUnavailable("down"), timeouts_s={"b0": 0.05})
     t = timing()
     with pytest.raises(AllBackendsFailed) as info:
-        await dispatch.complete(decision, REQUEST, backends, t, {"b0": 0.05})
+        await dispatch.complete(decision, REQUEST, t, plan)
     assert [name for name, _ in info.value.causes] == ["b0", "b1"]
     assert "backends.b0.timeout_s" in info.value.message and "down" in info.value.message
     assert info.value.status_code == 503
@@ -91,8 +114,35 @@ async def test_each_attempt_has_its_own_timeout_and_all_causes_are_kept() -> Non
 
 
 async def test_stream_falls_back_before_first_chunk() -> None:
-    decision, backends = setup(BackendUnavailable("down"), "hello")
-    opened = await dispatch.open_stream(decision, REQUEST, backends, timing(), {})
+    decision, backends, plan = setup(BackendUnavailable("down"), "hello")
+    opened = await dispatch.open_stream(decision, REQUEST, timing(), plan)
     assert opened.deployment.backend == "b1" and opened.first.delta == {"content": "hello"}
     rest = [chunk async for chunk in opened.rest]
     assert rest[-1].usage == Usage(1, 1)
+
+
+async def test_retries_the_same_deployment_with_backoff_honouring_retry_after() -> None:
+    decision, backends, plan = setup(BackendRateLimited("busy", retry_after_s=0.2), max_attempts=2)
+    t0 = time.perf_counter()
+    with pytest.raises(AllBackendsFailed) as info:
+        await dispatch.complete(decision, REQUEST, timing(), plan)
+    assert backends["b0"].calls == ["up-b0", "up-b0"]
+    assert time.perf_counter() - t0 >= 0.2
+    assert len(info.value.causes) == 2 and info.value.status_code == 429
+
+
+async def test_a_long_retry_after_goes_back_to_the_client_at_once() -> None:
+    decision, backends, plan = setup(BackendRateLimited("busy", retry_after_s=30), max_attempts=3)
+    with pytest.raises(AllBackendsFailed) as info:
+        await dispatch.complete(decision, REQUEST, timing(), plan)
+    assert backends["b0"].calls == ["up-b0"] and info.value.retry_after_s == 30
+
+
+async def test_circuit_opens_after_repeated_failures_and_is_skipped() -> None:
+    decision, backends, plan = setup(BackendUnavailable("down"), "ok", max_attempts=2)
+    for _ in range(5):  # routing.breaker_failures defaults to 5
+        await dispatch.complete(decision, REQUEST, timing(), plan)
+    assert len(backends["b0"].calls) == 5
+    served = await dispatch.complete(decision, REQUEST, timing(), plan)
+    assert served.deployment.backend == "b1" and len(backends["b0"].calls) == 5  # b0's circuit is open
+    assert any("circuit open" in err.message for _, err in plan.causes)

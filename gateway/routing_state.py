@@ -1,0 +1,169 @@
+"""The gateway's live routing state: deployment specs from config, live stats, breakers, engine pollers.
+
+`snapshot(now_s)` hands routing a frozen `RoutingSnapshot`; it is rebuilt at most every `_REFRESH_S` so a
+decision costs no rebuild. Stats are keyed by deployment id (`model@backend`); one team's policy comes from
+`[teams.*]` config (defaults for teams created only in SQL).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+
+from backends.base import Backend
+from gateway.breaker import BreakerBoard, BreakerPolicy, BreakerState, BreakerView
+from gateway.config import Config, OpenAIBackendConfig, TeamConfig
+from gateway.engine_metrics import EngineLoad, MetricsPoller
+from gateway.stats import LiveStats, Prior, StatsBook
+from routing.decision import Deployment
+from routing.privacy import PrivacyTier, SensitivePolicy
+from routing.snapshot import (
+    DeploymentSpec,
+    DeploymentStats,
+    HourlyPrice,
+    Objective,
+    RoutePolicy,
+    RoutingSnapshot,
+)
+
+_REFRESH_S = 0.05  # a decision may see stats this stale; rebuilding per request would cost more than routing
+
+
+def deployment_id(public_model: str, backend: str) -> str:
+    return f"{public_model}@{backend}"
+
+
+def build_specs(
+    config: Config, backends: Mapping[str, Backend], deployments: Mapping[str, tuple[Deployment, ...]]
+) -> dict[str, DeploymentSpec]:
+    specs: dict[str, DeploymentSpec] = {}
+    for public, deps in deployments.items():
+        configured = config.models[public].all_deployments()
+        for dep, dep_cfg in zip(deps, configured, strict=True):
+            bcfg = config.backends[dep.backend]
+            info = backends[dep.backend].info
+            hourly = bcfg.usd_per_hour is not None and dep_cfg.input_usd_per_mtok is None
+            specs[deployment_id(public, dep.backend)] = DeploymentSpec(
+                public_model=public,
+                deployment_id=deployment_id(public, dep.backend),
+                backend=dep.backend,
+                backend_kind=info.kind,
+                upstream_model=dep.upstream_model,
+                privacy_tier=bcfg.tier,
+                price=HourlyPrice(bcfg.usd_per_hour or Decimal(0)) if hourly else dep.price,
+                quality_tier=dep_cfg.quality_tier,
+                context_tokens=dep.context_tokens,
+                supports_tools=info.supports_tools,
+                supports_json=info.supports_response_format,
+                labels=dict(bcfg.labels),
+            )
+    return specs
+
+
+def policy_of(team: TeamConfig | None, *, max_attempts_cap: int | None = None) -> RoutePolicy:
+    if team is None:
+        return RoutePolicy()
+    return RoutePolicy(
+        objective=Objective(team.objective),
+        max_latency_ms=team.max_latency_ms,
+        max_usd_per_request=team.max_usd_per_request,
+        required_labels={k: frozenset(v) for k, v in team.required_labels.items()},
+        preferred_labels=dict(team.preferred_labels),
+        min_quality_tier=team.min_quality_tier,
+        allow_fallbacks=team.allow_fallbacks,
+        max_attempts=min(team.max_attempts, max_attempts_cap or team.max_attempts),
+    )
+
+
+def _stats(live: LiveStats, breaker: BreakerView) -> DeploymentStats:
+    if breaker.state is BreakerState.OPEN:
+        open_until: float | None = breaker.open_until_s if breaker.open_until_s is not None else math.inf
+    elif breaker.state is BreakerState.HALF_OPEN and breaker.probes_available == 0:
+        open_until = math.inf
+    else:
+        open_until = None
+    return DeploymentStats(
+        ttft_ms=live.ttft_ms,
+        decode_tokens_per_s=max(live.decode_tokens_per_s, 1e-3),
+        p50_latency_ms=live.latency_p50_ms or 0.0,
+        p95_latency_ms=live.latency_p95_ms or 0.0,
+        error_rate=live.error_rate,
+        in_flight=live.in_flight,
+        queue_depth=live.queue_depth or 0,
+        kv_cache_used_frac=live.kv_cache_used_frac or 0.0,
+        circuit_open_until_s=open_until,
+        sample_count=live.samples,
+    )
+
+
+class RoutingState:
+    """Owned by `Services`; used from the event loop only (none of its parts are thread-safe)."""
+
+    def __init__(self, config: Config, specs: Mapping[str, DeploymentSpec]) -> None:
+        self.config = config
+        self.specs = dict(specs)
+        rc = config.routing
+        priors = {
+            dep_id: Prior(
+                ttft_ms=config.backends[spec.backend].prior_ttft_ms,
+                decode_tokens_per_s=config.backends[spec.backend].prior_tokens_per_s,
+                latency_ms=config.backends[spec.backend].prior_latency_ms,
+            )
+            for dep_id, spec in specs.items()
+        }
+        self.stats = StatsBook(priors, alpha=rc.stats_alpha)
+        self.breakers = BreakerBoard(
+            list(specs), BreakerPolicy(failure_threshold=rc.breaker_failures, open_s=rc.breaker_open_s)
+        )
+        self.policies = {name: policy_of(team) for name, team in config.teams.items()}
+        self._default_policy = RoutePolicy()
+        self._snapshot: RoutingSnapshot | None = None
+        self._built_s = -math.inf
+        self._pollers: list[MetricsPoller] = []
+
+    def policy(self, team: str) -> RoutePolicy:
+        return self.policies.get(team, self._default_policy)
+
+    def team_floor(self, team: str) -> tuple[PrivacyTier, SensitivePolicy]:
+        cfg = self.config.teams.get(team)
+        if cfg is None:
+            return PrivacyTier.EXTERNAL, SensitivePolicy.RAISE_FLOOR
+        return cfg.privacy_floor, cfg.on_sensitive
+
+    def snapshot(self, now_s: float) -> RoutingSnapshot:
+        if self._snapshot is None or now_s - self._built_s >= _REFRESH_S:
+            live = self.stats.snapshot(now_s)
+            breakers = self.breakers.snapshot(now_s)
+            entries = {
+                dep_id: (spec, _stats(live[dep_id], breakers[dep_id])) for dep_id, spec in self.specs.items()
+            }
+            self._snapshot = RoutingSnapshot(entries)
+            self._built_s = now_s
+        return self._snapshot
+
+    def start_pollers(self, clock: Callable[[], float]) -> None:
+        """Read queue depth and KV use from engines that expose /metrics (config: backends.X.metrics_url)."""
+        for name, bcfg in self.config.backends.items():
+            if not isinstance(bcfg, OpenAIBackendConfig) or bcfg.metrics_url is None:
+                continue
+            ids = [dep_id for dep_id, spec in self.specs.items() if spec.backend == name]
+
+            def on_reading(load: EngineLoad, ids: list[str] = ids) -> None:
+                now_s = clock()
+                for dep_id in ids:
+                    self.stats.observe_engine(
+                        dep_id,
+                        now_s=now_s,
+                        queue_depth=load.queue_depth,
+                        kv_cache_used_frac=load.kv_cache_used_frac,
+                        running=load.running,
+                    )
+
+            poller = MetricsPoller(bcfg.metrics_url, self.config.routing.metrics_poll_s, on_reading)
+            poller.start()
+            self._pollers.append(poller)
+
+    async def aclose(self) -> None:
+        for poller in self._pollers:
+            await poller.aclose()
