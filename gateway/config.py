@@ -167,6 +167,7 @@ _DEFAULT_BACKENDS: dict[str, CloudBackendConfig | OpenAIBackendConfig] = {
         base_url="http://127.0.0.1:8081/v1",
         supports_tools=False,
         supports_response_format=False,
+        metrics_url="http://127.0.0.1:8081/metrics",
     )
 }
 
