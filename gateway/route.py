@@ -71,6 +71,25 @@ def decide(
     *,
     now_s: float,
 ) -> Routed:
+    """`plan`, failing closed when nothing may serve the request."""
+    routed = plan(routing, team, body, messages, floor_header, now_s=now_s)
+    error = fail_closed_error(routed, team)
+    if error is not None:
+        raise error
+    return routed
+
+
+def plan(
+    routing: RoutingState,
+    team: str,
+    body: ChatCompletionBody,
+    messages: Sequence[Mapping[str, Any]],
+    floor_header: str | None,
+    *,
+    now_s: float,
+) -> Routed:
+    """The decision, possibly with no candidates. Raises only for the request itself (bad header or
+    preferences, sensitive data under `on_sensitive = block`)."""
     team_floor, on_sensitive = routing.team_floor(team)
     asked = requested_floor(floor_header)
     try:
@@ -92,10 +111,7 @@ def decide(
         preferences=prefs,
         privacy_reason=verdict.reason,
     )
-    decision = choose(request, routing.snapshot(now_s), policy, now_s=now_s)
-    if not decision.candidates:
-        _fail_closed(decision, verdict, team)
-    return Routed(decision, verdict, policy)
+    return Routed(choose(request, routing.snapshot(now_s), policy, now_s=now_s), verdict, policy)
 
 
 _HINTS = {
@@ -117,15 +133,19 @@ def _explain(rejection: Rejection, team: str, model: str) -> str:
     return f"`{rejection.backend}`: {text}" + (f" ({'; '.join(sorted(hints))})" if hints else "")
 
 
-def _fail_closed(decision: RouteDecision, verdict: PrivacyVerdict, team: str) -> None:
+def fail_closed_error(routed: Routed, team: str) -> NoEligibleDeployment | NoHealthyDeployment | None:
+    """The error a decision without candidates gets: it names the floor and every rejection."""
+    decision, verdict = routed.decision, routed.verdict
+    if decision.candidates:
+        return None
     parts = "; ".join(_explain(r, team, decision.public_model) for r in decision.rejected)
     message = (
         f"no deployment of model `{decision.public_model}` may serve this request under privacy floor "
         f"`{verdict.floor}` ({verdict.reason}): {parts}"
     )
     if any(_TRANSIENT.intersection(r.codes) for r in decision.rejected):
-        raise NoHealthyDeployment(message)
-    raise NoEligibleDeployment(message, param="model")
+        return NoHealthyDeployment(message)
+    return NoEligibleDeployment(message, param="model")
 
 
 def privacy_class(verdict: PrivacyVerdict) -> str:

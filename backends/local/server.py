@@ -48,7 +48,6 @@ from backends.local.wire import (
 log = logging.getLogger(__name__)
 
 DEFAULT_SERVED_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
-_DISCONNECT_POLL_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,21 +138,28 @@ async def _collect(
     state: EngineState, handle: GenerationHandle, request: Request
 ) -> tuple[str, GenerationDone]:
     """Gather a whole answer, aborting generation if the client goes away meanwhile."""
-    events = handle.events()
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
     parts: list[str] = []
+    try:
+        async for event in handle.events():
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, GenerationDone):
+                return "".join(parts), event
+            else:
+                raise _failure(event)
+    finally:
+        watcher.cancel()
+    raise _failure(GenerationFailed("generation ended without a result"))
+
+
+async def _cancel_on_disconnect(request: Request, handle: GenerationHandle) -> None:
+    """Waits on the ASGI channel (the body is already read, so only `http.disconnect` can arrive)."""
     while True:
-        next_event = asyncio.ensure_future(anext(events))
-        while not next_event.done():
-            await asyncio.wait({next_event}, timeout=_DISCONNECT_POLL_S)
-            if not next_event.done() and await request.is_disconnected():
-                handle.cancel()
-        event = next_event.result()
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        elif isinstance(event, GenerationDone):
-            return "".join(parts), event
-        else:
-            raise _failure(event)
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            handle.cancel()
+            return
 
 
 async def _sse(

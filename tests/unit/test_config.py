@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Config, ConfigError, load_config, parse_config
+from gateway.config import Config, ConfigError, RoutingConfig, TeamConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,8 +15,19 @@ def test_example_config_loads_and_is_consistent() -> None:
     cfg = load_config(ROOT / "config.example.toml")
     assert set(cfg.models) >= {"smollm2", "gpt-4o-mini"}
     for model in cfg.models.values():
-        assert model.backend in cfg.backends
+        assert all(d.backend in cfg.backends for d in model.all_deployments())
     assert cfg.teams["research"].models == ["smollm2", "gpt-4o-mini"]
+
+
+def test_example_routes_auto_over_several_deployments() -> None:
+    cfg = load_config(ROOT / "config.example.toml")
+    deployments = cfg.models["auto"].all_deployments()
+    assert len(deployments) >= 3 and len({d.backend for d in deployments}) == len(deployments)
+    tiers = {cfg.backends[d.backend].tier for d in deployments}
+    assert {"internal", "external"} <= tiers  # so a privacy floor visibly narrows the choice
+    assert cfg.teams["legal"].privacy_floor == "internal"
+    assert cfg.routing == RoutingConfig()  # the [routing] section shows the defaults
+    assert cfg.teams["research"] == TeamConfig(models=["smollm2", "gpt-4o-mini"])  # so does `research`
 
 
 def test_embedded_defaults_serve_the_bundled_model() -> None:
