@@ -161,11 +161,14 @@ def _recording_failures(rec: _Recorder) -> Iterator[None]:
 async def _admit(svc: Services, rec: _Recorder, floor_header: str | None) -> tuple[ChatRequest, Routed]:
     await check_model(svc, rec.identity, rec.body.model)
     request = _chat_request(svc, rec.body, rec.timing.request_id)
-    routed = route.decide(
+    routed = route.plan(
         svc.routing, rec.identity.team, rec.body, request.messages, floor_header, now_s=time.monotonic()
     )
-    rec.routed = routed
+    rec.routed = routed  # recorded even when it fails closed below
     rec.timing.headers.append((b"x-switchboard-route", _header_text(routed.decision.reason)))
+    refused = route.fail_closed_error(routed, rec.identity.team)
+    if refused is not None:
+        raise refused
     return request, routed
 
 

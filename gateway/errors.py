@@ -161,7 +161,7 @@ class AllBackendsFailed(GatewayError):
             message = f"backend `{causes[0][0]}` failed: {last.message}"
         else:
             parts = "; ".join(f"`{name}`: {err.message}" for name, err in causes)
-            message = f"all {len(causes)} backends failed: {parts}"
+            message = f"all {len(causes)} attempts failed: {parts}"
         super().__init__(message)
 
 

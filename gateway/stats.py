@@ -206,6 +206,7 @@ class StatsBook:
         live.latency_ms += a * (latency_ms - live.latency_ms)
         live.latencies.push(latency_ms)
         if ttft_ms is None:
+            self._rescale(live, latency_ms, completion_tokens)
             return
         live.ttft_ms += a * (ttft_ms - live.ttft_ms)
         live.ttfts.push(ttft_ms)
@@ -214,6 +215,17 @@ class StatsBook:
         if completion_tokens >= 2 and decode_ms > 0:
             rate = (completion_tokens - 1) * 1000.0 / decode_ms
             live.decode_tokens_per_s += a * (rate - live.decode_tokens_per_s)
+
+    def _rescale(self, live: _Live, latency_ms: float, completion_tokens: int) -> None:
+        """A whole (non-streamed) answer shows only the total: scale TTFT and decode rate together so the
+        predicted total (TTFT + tokens / rate) moves toward the observed one, keeping their split."""
+        if completion_tokens < 1 or latency_ms <= 0:
+            return
+        predicted_ms = live.ttft_ms + completion_tokens * 1000.0 / live.decode_tokens_per_s
+        ratio = min(max(latency_ms / predicted_ms, 0.05), 20.0)
+        a = self._alpha
+        live.ttft_ms += a * (live.ttft_ms * ratio - live.ttft_ms)
+        live.decode_tokens_per_s += a * (live.decode_tokens_per_s / ratio - live.decode_tokens_per_s)
 
     def request_started(self, deployment_id: str) -> None:
         self._get(deployment_id).in_flight += 1

@@ -74,8 +74,8 @@ def test_decode_rate_counts_tokens_after_the_first() -> None:
 
 @pytest.mark.parametrize(
     ("ttft_ms", "completion_tokens", "decode_ms"),
-    [(None, 100, None), (100.0, 1, None), (100.0, 50, 0.0), (100.0, 0, None)],
-    ids=["non-stream", "one-token", "zero-decode-time", "no-tokens"],
+    [(100.0, 1, None), (100.0, 50, 0.0), (100.0, 0, None)],
+    ids=["one-token", "zero-decode-time", "no-tokens"],
 )
 def test_decode_rate_ignores_unusable_samples(
     ttft_ms: float | None, completion_tokens: int, decode_ms: float | None
@@ -86,6 +86,15 @@ def test_decode_rate_ignores_unusable_samples(
         decode_ms=decode_ms,
     )  # fmt: skip
     assert stats(b).decode_tokens_per_s == PRIOR.decode_tokens_per_s
+
+
+def test_non_streamed_total_rescales_ttft_and_rate_together() -> None:
+    b = book(alpha=1.0)
+    # prior: 200 ms TTFT + 100 tokens at 50 tok/s = 2,200 ms predicted; observed twice that
+    b.observe_request("a", now_s=0, ok=True, latency_ms=4400.0, completion_tokens=100)
+    s = stats(b)
+    assert s.ttft_ms == pytest.approx(400.0) and s.decode_tokens_per_s == pytest.approx(25.0)
+    assert s.ttft_ms + 100 * 1000 / s.decode_tokens_per_s == pytest.approx(4400.0)
 
 
 def test_failures_move_error_rate_only() -> None:
