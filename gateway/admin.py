@@ -223,7 +223,7 @@ async def explain_route(svc: Services, q: ExplainQuery) -> dict[str, object]:
     now_s = time.monotonic()
     decision: RouteDecision | None
     try:
-        routed = route.plan(svc.routing, q.team, body, messages, q.privacy, now_s=now_s)
+        routed = route.plan(svc.routing, q.team, body, messages, route.Hints(privacy=q.privacy), now_s=now_s)
         decision, verdict, policy = routed.decision, routed.verdict, routed.policy
         error = error or route.fail_closed_error(routed, q.team)
     except SensitiveDataRefused as exc:

@@ -29,7 +29,7 @@ from gateway.admin import admin_router
 from gateway.config import Config
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, error_body
 from gateway.middleware import RequestContextMiddleware, timing_of
-from gateway.route import PRIVACY_HEADER
+from gateway.route import Hints
 from gateway.services import Services, build_services
 from gateway.wire import parse_chat_body
 
@@ -92,11 +92,11 @@ async def chat_completions(request: Request) -> Response:
     except SwitchboardError:
         svc.metrics.rejected.labels("invalid_request").inc()
         raise
-    floor_header = request.headers.get(PRIVACY_HEADER)
+    hints = Hints.from_headers(request.headers)
     if body.stream:
-        stream = await chat.open_stream(svc, identity, body, timing, received_at, floor_header)
+        stream = await chat.open_stream(svc, identity, body, timing, received_at, hints)
         return SseResponse(stream)
-    payload = await chat.complete(svc, identity, body, timing, received_at, floor_header)
+    payload = await chat.complete(svc, identity, body, timing, received_at, hints)
     return Response(payload, media_type=JSON)
 
 

@@ -158,11 +158,11 @@ def _recording_failures(rec: _Recorder) -> Iterator[None]:
         raise
 
 
-async def _admit(svc: Services, rec: _Recorder, floor_header: str | None) -> tuple[ChatRequest, Routed]:
+async def _admit(svc: Services, rec: _Recorder, hints: route.Hints) -> tuple[ChatRequest, Routed]:
     await check_model(svc, rec.identity, rec.body.model)
     request = _chat_request(svc, rec.body, rec.timing.request_id)
     routed = route.plan(
-        svc.routing, rec.identity.team, rec.body, request.messages, floor_header, now_s=time.monotonic()
+        svc.routing, rec.identity.team, rec.body, request.messages, hints, now_s=time.monotonic()
     )
     rec.routed = routed  # recorded even when it fails closed below
     rec.timing.headers.append((b"x-switchboard-route", _header_text(routed.decision.reason)))
@@ -201,12 +201,12 @@ async def complete(
     body: ChatCompletionBody,
     timing: Timing,
     received_at: dt.datetime,
-    floor_header: str | None = None,
+    hints: route.Hints = route.NO_HINTS,
 ) -> bytes:
     """A whole (non-streamed) completion, rendered as the response body."""
     rec = _Recorder(svc, identity, body, timing, received_at)
     with _recording_failures(rec):
-        request, routed = await _admit(svc, rec, floor_header)
+        request, routed = await _admit(svc, rec, hints)
         served = await dispatch.complete(routed.decision, request, timing, _plan(svc, routed))
     _served(rec, served.deployment, served.attempts, served.started_s)
     result = served.result
@@ -220,12 +220,12 @@ async def open_stream(
     body: ChatCompletionBody,
     timing: Timing,
     received_at: dt.datetime,
-    floor_header: str | None = None,
+    hints: route.Hints = route.NO_HINTS,
 ) -> SseStream:
     """Dispatch until the first chunk arrives (errors so far become HTTP errors), then stream SSE bytes."""
     rec = _Recorder(svc, identity, body, timing, received_at)
     with _recording_failures(rec):
-        request, routed = await _admit(svc, rec, floor_header)
+        request, routed = await _admit(svc, rec, hints)
         opened = await dispatch.open_stream(routed.decision, request, timing, _plan(svc, routed))
     _served(rec, opened.deployment, opened.attempts, opened.started_s)
     return SseStream(rec, opened, _sse(svc, rec, opened))

@@ -28,7 +28,35 @@ from routing.scoring import choose
 from routing.snapshot import RoutePolicy, RouteRequest
 
 PRIVACY_HEADER = "x-switchboard-privacy"
+PREFERENCES_HEADER = "x-switchboard-preferences"  # JSON, same shape as the `switchboard` body field
 _TRANSIENT = {RejectCode.UNHEALTHY, RejectCode.CIRCUIT_OPEN}
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """What a request's headers may ask of routing (only ever narrowing what its team allows)."""
+
+    privacy: str | None = None
+    preferences: str | None = None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> Hints:
+        return cls(headers.get(PRIVACY_HEADER), headers.get(PREFERENCES_HEADER))
+
+    def preferences_field(self, body_field: dict[str, Any] | None) -> object:
+        """The body field wins; the header is read only when the body has none."""
+        if body_field is not None or self.preferences is None:
+            return body_field
+        try:
+            return orjson.loads(self.preferences)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest(
+                f"header {PREFERENCES_HEADER} must be a JSON object like the `switchboard` body field",
+                param=PREFERENCES_HEADER,
+            ) from None
+
+
+NO_HINTS = Hints()
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +95,12 @@ def decide(
     team: str,
     body: ChatCompletionBody,
     messages: Sequence[Mapping[str, Any]],
-    floor_header: str | None,
+    hints: Hints = NO_HINTS,
     *,
     now_s: float,
 ) -> Routed:
     """`plan`, failing closed when nothing may serve the request."""
-    routed = plan(routing, team, body, messages, floor_header, now_s=now_s)
+    routed = plan(routing, team, body, messages, hints, now_s=now_s)
     error = fail_closed_error(routed, team)
     if error is not None:
         raise error
@@ -84,20 +112,20 @@ def plan(
     team: str,
     body: ChatCompletionBody,
     messages: Sequence[Mapping[str, Any]],
-    floor_header: str | None,
+    hints: Hints = NO_HINTS,
     *,
     now_s: float,
 ) -> Routed:
     """The decision, possibly with no candidates. Raises only for the request itself (bad header or
     preferences, sensitive data under `on_sensitive = block`)."""
     team_floor, on_sensitive = routing.team_floor(team)
-    asked = requested_floor(floor_header)
+    asked = requested_floor(hints.privacy)
     try:
         verdict = privacy_floor(team_floor, asked, detect_messages(messages), on_sensitive)
     except SensitiveDataBlocked as exc:
         raise SensitiveDataRefused(str(exc) + f" (config: teams.{team}.on_sensitive)") from None
     try:
-        prefs = parse_preferences(body.switchboard)
+        prefs = parse_preferences(hints.preferences_field(body.switchboard))
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=str(exc).split(":", 1)[0]) from None
     policy = narrow(routing.policy(team), prefs)

@@ -230,3 +230,23 @@ async def test_async_client_raises_the_same_exception_classes(gateway: Gateway) 
     async with AsyncOpenAI(base_url=gateway.v1, api_key="sk-sb-" + "z" * 43, max_retries=0) as aclient:
         with pytest.raises(openai.AuthenticationError):
             await aclient.models.list()
+
+
+def test_routing_preferences_in_a_header(gateway: Gateway) -> None:
+    sdk = client(gateway, gateway.key())
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(
+            model="fast",
+            messages=HELLO,
+            extra_headers={"x-switchboard-preferences": '{"ignore": ["fakeoai"]}'},
+        )
+    assert info.value.response.json()["error"]["code"] == "no_eligible_deployment"
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(
+            model="fast", messages=HELLO, extra_headers={"x-switchboard-preferences": "{"}
+        )
+    assert info.value.response.json()["error"]["param"] == "x-switchboard-preferences"
+    ok = sdk.chat.completions.with_raw_response.create(
+        model="fast", messages=HELLO, extra_headers={"x-switchboard-preferences": '{"only": ["fakeoai"]}'}
+    )
+    assert ok.headers["x-switchboard-backend"] == "fakeoai"
