@@ -1,0 +1,116 @@
+"""Property: whatever the config, policy, headers and text, no request reaches a backend below its privacy
+floor, sensitive text never reaches an external backend under `raise_floor`, and fallback keeps both true."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backends.base import BackendKind, ChatRequest
+from backends.errors import BackendUnavailable
+from gateway import dispatch, route
+from gateway.config import parse_config
+from gateway.errors import AllBackendsFailed, NoEligibleDeployment, NoHealthyDeployment, SensitiveDataRefused
+from gateway.middleware import Timing
+from gateway.routing_state import RoutingState, build_specs
+from gateway.wire import parse_chat_body
+from routing.decision import FREE, Deployment
+from routing.privacy import PrivacyTier, SensitivePolicy
+from tests.unit.test_dispatch import ScriptedBackend
+
+TIERS = list(PrivacyTier)
+SECRETS = ["reach me at jane.doe@example.com", "card 4111 1111 1111 1111", "IBAN DE89 3704 0044 0532 0130 00"]
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> dict[str, object]:
+    n = draw(st.integers(1, 5))
+    return {
+        "tiers": [draw(st.sampled_from(TIERS)) for _ in range(n)],
+        "fails": [draw(st.booleans()) for _ in range(n)],
+        "team_floor": draw(st.sampled_from(TIERS)),
+        "on_sensitive": draw(st.sampled_from([SensitivePolicy.RAISE_FLOOR, SensitivePolicy.ALLOW])),
+        "header": draw(st.none() | st.sampled_from([t.value for t in TIERS])),
+        "secret": draw(st.none() | st.sampled_from(SECRETS)),
+        "objective": draw(st.sampled_from(["cost", "latency", "balanced"])),
+    }
+
+
+def build(s: dict[str, object]) -> tuple[RoutingState, dict[str, ScriptedBackend]]:
+    tiers = s["tiers"]
+    assert isinstance(tiers, list)
+    names = [f"b{i}" for i in range(len(tiers))]
+    backends = {
+        name: ScriptedBackend(name, BackendUnavailable("down") if fail else "ok")
+        for name, fail in zip(names, s["fails"], strict=True)  # type: ignore[call-overload]
+    }
+    config = parse_config(
+        {
+            "backends": {
+                name: {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "privacy_tier": tier.value}
+                for name, tier in zip(names, tiers, strict=True)
+            },
+            "models": {"m": {"deployments": [
+                {"backend": n, "input_usd_per_mtok": i, "output_usd_per_mtok": i} for i, n in enumerate(names)
+            ]}},
+            "teams": {"t": {"privacy_floor": s["team_floor"], "on_sensitive": s["on_sensitive"],
+                            "objective": s["objective"], "max_attempts": 5}},
+        }
+    )  # fmt: skip
+    deps = {"m": tuple(Deployment("m", n, BackendKind.OPENAI, "m", FREE) for n in names)}
+    return RoutingState(config, build_specs(config, backends, deps)), backends
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_no_request_reaches_a_backend_below_its_floor(s: dict[str, object]) -> None:
+    routing, backends = build(s)
+    text = f"hello {s['secret']}" if s["secret"] else "hello"
+    body = parse_chat_body(
+        f'{{"model": "m", "messages": [{{"role": "user", "content": "{text}"}}]}}'.encode()
+    )
+    messages = tuple(m.model_dump(exclude_none=True) for m in body.messages)
+    hints = route.Hints(privacy=s["header"])  # type: ignore[arg-type]
+    try:
+        routed = route.decide(routing, "t", body, messages, hints, now_s=0.0)
+    except (NoEligibleDeployment, NoHealthyDeployment):
+        return  # fail closed: nothing was sent anywhere
+    floor = routed.verdict.floor
+    team_floor = s["team_floor"]
+    assert isinstance(team_floor, PrivacyTier)
+    assert floor.rank <= team_floor.rank  # never less private than the team's floor
+    if s["header"] is not None:
+        assert floor.rank <= PrivacyTier(s["header"]).rank
+    if s["secret"] is not None and s["on_sensitive"] is SensitivePolicy.RAISE_FLOOR:
+        assert floor.rank <= PrivacyTier.INTERNAL.rank
+    tier_of = dict(zip([f"b{i}" for i in range(5)], s["tiers"], strict=False))  # type: ignore[call-overload]
+    for dep in routed.decision.candidates:
+        assert floor.allows(tier_of[dep.backend])
+    plan = dispatch.Plan(backends=backends, timeouts_s={}, routing=routing, max_attempts=5, backoff_s=0.0)
+    request = ChatRequest(model="m", messages=messages, request_id="r", timeout_s=5)
+    try:
+        served = asyncio.run(dispatch.complete(routed.decision, request, Timing(0.0, "r"), plan))
+        assert floor.allows(tier_of[served.deployment.backend])
+    except AllBackendsFailed:
+        pass
+    for name, backend in backends.items():
+        if backend.calls:  # every backend that saw the request, fallbacks included, was private enough
+            assert floor.allows(tier_of[name]), (name, tier_of[name], floor)
+
+
+def test_block_policy_refuses_sensitive_text_before_routing() -> None:
+    routing, backends = build(
+        {"tiers": [PrivacyTier.EXTERNAL], "fails": [False], "team_floor": PrivacyTier.EXTERNAL,
+         "on_sensitive": SensitivePolicy.BLOCK, "header": None, "secret": None, "objective": "cost"}
+    )  # fmt: skip
+    body = parse_chat_body(
+        b'{"model": "m", "messages": [{"role": "user", "content": "mail a.b@example.com"}]}'
+    )
+    messages = tuple(m.model_dump(exclude_none=True) for m in body.messages)
+    with pytest.raises(SensitiveDataRefused) as info:
+        route.decide(routing, "t", body, messages, now_s=0.0)
+    assert "email" in info.value.message and "a.b@example.com" not in info.value.message
+    assert backends["b0"].calls == []
