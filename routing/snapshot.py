@@ -35,7 +35,8 @@ class HourlyPrice:
 
     Output tokens cost  occupancy * usd_per_hour / (3600 * decode_tokens_per_s * (in_flight + 1)):
     the hour is shared by every stream decoding on the box, including this one, and `occupancy` is how much
-    of the box is already used (KV-cache fraction, or 1 when requests queue). Idle capacity is already paid
+    of the box is already used (KV-cache fraction, or in_flight/(in_flight+1) without engine metrics, or 1
+    when requests queue). Idle capacity is already paid
     for, so on an idle box a request is free; on a saturated one it pays the full average price. Prompt
     tokens cost 0: prefill is 10-100x faster than decode, so a request buys box time mostly by its output.
     """
@@ -87,7 +88,9 @@ class DeploymentStats:
 
 def usd_per_output_token(price: HourlyPrice, stats: DeploymentStats) -> Decimal:
     """The load-dependent per-token price of an hourly deployment (formula in `HourlyPrice`)."""
-    occupancy = 1.0 if stats.queue_depth > 0 else min(max(stats.kv_cache_used_frac, 0.0), 1.0)
+    # Without engine metrics, the gateway's own in-flight count stands in: 0 -> idle, 8 in flight -> 0.89.
+    busy = stats.in_flight / (stats.in_flight + 1)
+    occupancy = 1.0 if stats.queue_depth > 0 else min(max(stats.kv_cache_used_frac, busy, 0.0), 1.0)
     aggregate_tokens_per_s = stats.decode_tokens_per_s * (stats.in_flight + 1)
     return price.usd_per_hour * Decimal(occupancy) / (3600 * Decimal(aggregate_tokens_per_s))
 

@@ -339,7 +339,10 @@ HOURLY = HourlyPrice(Decimal("3.6"))  # 0.001 USD per second
     [
         (dict(), Decimal(0)),  # idle: the hour is paid anyway
         (dict(kv_cache_used_frac=0.5), Decimal("0.5") * Decimal("0.001") / 100),
-        (dict(kv_cache_used_frac=0.5, in_flight=4), Decimal("0.5") * Decimal("0.001") / 500),
+        (dict(kv_cache_used_frac=0.9, in_flight=4), Decimal("0.9") * Decimal("0.001") / 500),
+        # without engine metrics the gateway's in-flight count stands in: 4 in flight -> 0.8 busy
+        (dict(in_flight=4), Decimal("0.8") * Decimal("0.001") / 500),
+        (dict(kv_cache_used_frac=0.5, in_flight=4), Decimal("0.8") * Decimal("0.001") / 500),
         (dict(kv_cache_used_frac=0.2, in_flight=4, queue_depth=1), Decimal("0.001") / 500),  # queued: full
     ],
 )
