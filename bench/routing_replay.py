@@ -461,7 +461,11 @@ def _cost_lines(mine: list[Row], wall_s: float) -> list[str]:
     cost = sum(r.cost_micro_usd for r in mine)
     cloud = sum(_at_cloud_price(r) for r in mine)
     box = SELFHOSTED_USD_PER_HOUR * Decimal(wall_s) / 3600 * 1_000_000
-    saved = f"{100 * (1 - cost / cloud):.0f}% less" if cloud else "no cloud-priced tokens"
+    if not cloud:
+        saved = "no cloud-priced tokens"
+    else:
+        change = 100 * (1 - cost / cloud)
+        saved = f"{change:.0f}% less" if change >= 0 else f"{-change:.0f}% more"
     return [
         "Cost from the ledger (integer micro-USD):",
         "",
