@@ -158,8 +158,22 @@ def _scan(hot: tuple[HotRow, ...], ctx: _Context, now_s: float) -> tuple[list[Ro
     for e, privacy_rank, ctx_tokens, lacks, quality, blocked_s, base_ms, ms_per_tok, in_pusd, out_pusd in hot:
         latency_ms = base_ms + out_tokens * ms_per_tok
         cost_pusd = prompt_tokens * in_pusd + out_tokens * out_pusd
+        below = privacy_rank > floor_rank
+        if below and not (
+            ctx_tokens < needed
+            or lacks & needs
+            or quality < min_quality
+            or now_s < blocked_s
+            or latency_ms > max_latency_ms
+            or cost_pusd > max_pusd
+            or (narrowed and _narrowed_out(e, ctx))
+        ):
+            rejection = e.below_floor[floor_rank]  # privacy alone: the snapshot built this one already
+            if rejection is not None:
+                rejected.append(rejection)
+                continue
         if (
-            privacy_rank > floor_rank
+            below
             or ctx_tokens < needed
             or lacks & needs
             or quality < min_quality

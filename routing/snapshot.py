@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from backends.base import BackendKind
-from routing.decision import Deployment, Price
+from routing.decision import Deployment, Price, RejectCode, Rejection
 from routing.privacy import PrivacyTier
 
 PUSD_PER_USD = 10**12  # routing money is integer pico-USD: exact, and ~5x faster than Decimal in the loop
@@ -121,6 +121,9 @@ class Entry:
     latency_ms_per_output_token: float
     input_pusd_per_token: int
     output_pusd_per_token: int
+    # Indexed by a request's floor rank: the rejection when privacy is the only rule that fails (the common
+    # case), built once per snapshot instead of per request; None where the tier is private enough.
+    below_floor: tuple[Rejection | None, ...] = ()
 
     def hot(self) -> HotRow:
         """The fields `choose` screens every entry by, in the order its loop unpacks them."""
@@ -192,7 +195,20 @@ def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
         latency_ms_per_output_token=ms_per_token,
         input_pusd_per_token=in_pusd,
         output_pusd_per_token=out_pusd,
+        below_floor=_below_floor(spec),
     )
+
+
+def _below_floor(spec: DeploymentSpec) -> tuple[Rejection | None, ...]:
+    """Must match `routing.scoring._spec_reasons`'s privacy text (a test compares them)."""
+    out: list[Rejection | None] = []
+    for floor in sorted(PrivacyTier, key=lambda t: t.rank):
+        if spec.privacy_tier.rank > floor.rank:
+            text = f"tier {spec.privacy_tier} < floor {floor}"
+            out.append(Rejection(spec.deployment_id, spec.backend, (RejectCode.PRIVACY,), (text,)))
+        else:
+            out.append(None)
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

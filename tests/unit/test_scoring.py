@@ -521,3 +521,20 @@ def test_choice_properties(
     # Preferences only narrow: without them, everything eligible stays eligible.
     plain = choose(replace(request, preferences=RoutePreferences()), snapshot, team, now_s=now_s)
     assert eligible <= set(ids(plain))
+
+
+def test_precomputed_privacy_rejection_matches_the_full_rule_text() -> None:
+    from routing.scoring import _Context, _spec_reasons
+    from routing.snapshot import RoutePolicy as Policy
+
+    snap = RoutingSnapshot({"ext": (spec("ext", tier=T.EXTERNAL), stats())})
+    entry = snap.by_model["m"][0]
+    for floor in T:
+        codes: list[object] = []
+        texts: list[str] = []
+        _spec_reasons(entry, _Context(Policy(), req(floor)), codes, texts)  # type: ignore[arg-type]
+        fast = entry.below_floor[floor.rank]
+        if codes:
+            assert fast is not None and (fast.codes, fast.reasons) == (tuple(codes), tuple(texts))
+        else:
+            assert fast is None
