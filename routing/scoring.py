@@ -159,7 +159,7 @@ def _scan(hot: tuple[HotRow, ...], ctx: _Context, now_s: float) -> tuple[list[Ro
         latency_ms = base_ms + out_tokens * ms_per_tok
         cost_pusd = prompt_tokens * in_pusd + out_tokens * out_pusd
         below = privacy_rank > floor_rank
-        if below and not (
+        flagged = (
             ctx_tokens < needed
             or lacks & needs
             or quality < min_quality
@@ -167,21 +167,13 @@ def _scan(hot: tuple[HotRow, ...], ctx: _Context, now_s: float) -> tuple[list[Ro
             or latency_ms > max_latency_ms
             or cost_pusd > max_pusd
             or (narrowed and _narrowed_out(e, ctx))
-        ):
+        )
+        if below and not flagged:
             rejection = e.below_floor[floor_rank]  # privacy alone: the snapshot built this one already
             if rejection is not None:
                 rejected.append(rejection)
                 continue
-        if (
-            below
-            or ctx_tokens < needed
-            or lacks & needs
-            or quality < min_quality
-            or now_s < blocked_s
-            or latency_ms > max_latency_ms
-            or cost_pusd > max_pusd
-            or (narrowed and _narrowed_out(e, ctx))
-        ):
+        if below or flagged:
             codes: list[RejectCode] = []
             texts: list[str] = []
             _spec_reasons(e, ctx, codes, texts)
