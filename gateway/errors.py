@@ -54,6 +54,7 @@ __all__ = [
     "NoEligibleDeployment",
     "SensitiveDataRefused",
     "NoHealthyDeployment",
+    "LimiterUnavailable",
     "AuthenticationFailed",
     "PermissionDenied",
     "AdminOnly",
@@ -146,6 +147,12 @@ class NoHealthyDeployment(ServiceUnavailable):
     code = "no_healthy_deployment"
 
 
+class LimiterUnavailable(ServiceUnavailable):
+    """The limit store did not answer in time and limits fail closed."""
+
+    code = "limiter_unavailable"
+
+
 class AllBackendsFailed(GatewayError):
     """Every candidate failed. Takes status, type and code from the last cause; lists every cause."""
 
@@ -188,6 +195,7 @@ ALL_ERROR_CLASSES: tuple[type[SwitchboardError], ...] = (
     RateLimited,
     ServiceUnavailable,
     NoHealthyDeployment,
+    LimiterUnavailable,
 )
 
 
