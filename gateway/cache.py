@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import orjson
 
 from backends.base import ChatResult, StreamChunk, Usage
+from gateway.outage import OutageGuard
 from gateway.wire import ChatCompletionBody
 
 log = logging.getLogger(__name__)
@@ -317,51 +318,40 @@ class RedisCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client, self.prefix, self.timeout_s = client, prefix, timeout_s
-        self.max_entry_bytes, self.retry_after_s, self._clock = max_entry_bytes, retry_after_s, clock
-        self._down_until: float | None = None  # set while an outage is known: no calls until then
+        self.max_entry_bytes = max_entry_bytes
+        self._outage = OutageGuard(
+            log,
+            "response cache",
+            retry_after_s=retry_after_s,
+            clock=clock,
+            while_down="bypassing the cache",
+            when_back="cache in use again",
+        )
         from redis.exceptions import RedisError  # only a Redis-backed cache needs the package
 
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
     async def get(self, key: str) -> CachedResponse | None:
-        if self._skipping():
+        if self._outage.skipping:
             return None
         try:
             async with asyncio.timeout(self.timeout_s):
                 raw = await self._client.get(self.prefix + key)
         except self._errors as exc:
-            self._note_failure("GET", exc)
+            self._outage.failed("GET", exc)
             return None
-        self._note_success()
+        self._outage.succeeded()
         return None if raw is None else decode_entry(raw)
 
     async def put(self, key: str, value: CachedResponse, ttl_s: float) -> None:
         raw = encode_entry(value)
         ttl_ms = int(ttl_s * 1000)
-        if ttl_ms <= 0 or len(raw) > self.max_entry_bytes or self._skipping():
+        if ttl_ms <= 0 or len(raw) > self.max_entry_bytes or self._outage.skipping:
             return
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self._client.set(self.prefix + key, raw, px=ttl_ms)
         except self._errors as exc:
-            self._note_failure("SET", exc)
+            self._outage.failed("SET", exc)
             return
-        self._note_success()
-
-    def _skipping(self) -> bool:
-        return self._down_until is not None and self._clock() < self._down_until
-
-    def _note_failure(self, command: str, exc: BaseException) -> None:
-        if self._down_until is None:
-            log.warning(
-                "response cache: Redis %s failed (%s); bypassing the cache, retrying every %gs",
-                command,
-                type(exc).__name__,
-                self.retry_after_s,
-            )
-        self._down_until = self._clock() + self.retry_after_s
-
-    def _note_success(self) -> None:
-        if self._down_until is not None:
-            log.info("response cache: Redis is back; cache in use again")
-            self._down_until = None
+        self._outage.succeeded()

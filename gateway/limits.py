@@ -27,6 +27,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 from gateway.errors import LimiterUnavailable
+from gateway.outage import OutageGuard
 
 log = logging.getLogger(__name__)
 
@@ -470,17 +471,24 @@ class RedisLimiter:
         from redis.exceptions import NoScriptError, RedisError  # only a Redis limiter needs the package
 
         self._client, self.prefix, self.timeout_s, self.fail_open = client, prefix, timeout_s, fail_open
-        self.retry_after_s, self._clock_ms, self._monotonic_s = retry_after_s, clock_ms, monotonic_s
+        self._clock_ms = clock_ms
         self._script = resources.files("gateway").joinpath("limits.lua").read_text()
         self._sha = hashlib.sha1(self._script.encode()).hexdigest()
         self._noscript: type[BaseException] = NoScriptError
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
-        self._down_until: float | None = None
+        self._outage = OutageGuard(
+            log,
+            "limits",
+            retry_after_s=retry_after_s,
+            clock=monotonic_s,
+            while_down="admitting requests unchecked (fail_open)" if fail_open else "refusing requests",
+            when_back="limits enforced again",
+        )
 
     async def _call(
         self, op: str, keys: Sequence[str], args: Sequence[object], now_ms: float | None
     ) -> list[int]:
-        if self._down_until is not None and self._monotonic_s() < self._down_until:
+        if self._outage.skipping:
             raise LimiterUnavailable(self._unavailable("failed moments ago"))
         argv = [op, "" if now_ms is None else repr(float(now_ms)), *(str(a) for a in args)]
         try:
@@ -490,14 +498,9 @@ class RedisLimiter:
                 except self._noscript:  # first call on this server, or after SCRIPT FLUSH / a restart
                     reply = await self._client.eval(self._script, len(keys), *keys, *argv)
         except self._errors as exc:
-            if self._down_until is None:
-                mode = "admitting requests unchecked (fail_open)" if self.fail_open else "refusing requests"
-                log.warning("limits: Redis %s failed (%s: %s); %s", op, type(exc).__name__, exc, mode)
-            self._down_until = self._monotonic_s() + self.retry_after_s
+            self._outage.failed(op, exc)
             raise LimiterUnavailable(self._unavailable(f"failed ({type(exc).__name__})")) from exc
-        if self._down_until is not None:
-            log.info("limits: Redis is back; limits enforced again")
-            self._down_until = None
+        self._outage.succeeded()
         return [int(x) for x in reply]
 
     def _unavailable(self, what: str) -> str:
