@@ -2,7 +2,7 @@
 
 Admin operations are synchronous SQL; they run in a worker thread so the event loop keeps serving traffic.
 A revoke also drops the key from this process's cache at once; other replicas follow within the cache TTL.
-`GET /admin/route/explain` is a dry run through `gateway.route.decide`: it dispatches nothing, reports the
+`GET /admin/route/explain` is a dry run through `gateway.route.plan`: it dispatches nothing, reports the
 error a real request would get instead of raising it, and never echoes the sample text it was given.
 """
 
@@ -142,7 +142,7 @@ async def _access_error(svc: Services, team: str, model: str) -> PermissionDenie
 def _preferences(body: ChatCompletionBody) -> RoutePreferences:
     try:
         return parse_preferences(body.switchboard)
-    except ValueError as exc:  # as `route.decide` reports it
+    except ValueError as exc:  # as `route.plan` reports it
         raise InvalidRequest(str(exc), param=str(exc).split(":", 1)[0]) from None
 
 

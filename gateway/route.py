@@ -90,23 +90,6 @@ def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     return chars // 4 + 4 * len(messages)
 
 
-def decide(
-    routing: RoutingState,
-    team: str,
-    body: ChatCompletionBody,
-    messages: Sequence[Mapping[str, Any]],
-    hints: Hints = NO_HINTS,
-    *,
-    now_s: float,
-) -> Routed:
-    """`plan`, failing closed when nothing may serve the request."""
-    routed = plan(routing, team, body, messages, hints, now_s=now_s)
-    error = fail_closed_error(routed, team)
-    if error is not None:
-        raise error
-    return routed
-
-
 def plan(
     routing: RoutingState,
     team: str,

@@ -16,13 +16,27 @@ from gateway.config import parse_config
 from gateway.errors import AllBackendsFailed, NoEligibleDeployment, NoHealthyDeployment, SensitiveDataRefused
 from gateway.middleware import Timing
 from gateway.routing_state import RoutingState, build_specs
-from gateway.wire import parse_chat_body
+from gateway.wire import ChatCompletionBody, parse_chat_body
 from routing.decision import FREE, Deployment
 from routing.privacy import PrivacyTier, SensitivePolicy
 from tests.unit.test_dispatch import ScriptedBackend
 
 TIERS = list(PrivacyTier)
 SECRETS = ["reach me at jane.doe@example.com", "card 4111 1111 1111 1111", "IBAN DE89 3704 0044 0532 0130 00"]
+
+
+def decide(
+    routing: RoutingState,
+    body: ChatCompletionBody,
+    messages: tuple[dict[str, object], ...],
+    hints: route.Hints,
+) -> route.Routed:
+    """What `gateway.chat` does before dispatch: plan, then fail closed."""
+    routed = route.plan(routing, "t", body, messages, hints, now_s=0.0)
+    refused = route.fail_closed_error(routed, "t")
+    if refused is not None:
+        raise refused
+    return routed
 
 
 @st.composite
@@ -75,7 +89,7 @@ def test_no_request_reaches_a_backend_below_its_floor(s: dict[str, object]) -> N
     messages = tuple(m.model_dump(exclude_none=True) for m in body.messages)
     hints = route.Hints(privacy=s["header"])  # type: ignore[arg-type]
     try:
-        routed = route.decide(routing, "t", body, messages, hints, now_s=0.0)
+        routed = decide(routing, body, messages, hints)
     except (NoEligibleDeployment, NoHealthyDeployment):
         return  # fail closed: nothing was sent anywhere
     floor = routed.verdict.floor
@@ -111,6 +125,6 @@ def test_block_policy_refuses_sensitive_text_before_routing() -> None:
     )
     messages = tuple(m.model_dump(exclude_none=True) for m in body.messages)
     with pytest.raises(SensitiveDataRefused) as info:
-        route.decide(routing, "t", body, messages, now_s=0.0)
+        decide(routing, body, messages, route.NO_HINTS)
     assert "email" in info.value.message and "a.b@example.com" not in info.value.message
     assert backends["b0"].calls == []
