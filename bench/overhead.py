@@ -206,12 +206,17 @@ def rig(*, pin: bool, force_python: bool) -> Iterator[tuple[Rig, str]]:
                 pin_note,
             )
         finally:
-            for proc in reversed(procs):
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate in reverse start order, killing any process that ignores SIGTERM for 10 s."""
+    for proc in reversed(procs):
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _bind(fn: Callable[..., LoadResult], wrk: str) -> Callable[..., LoadResult]:

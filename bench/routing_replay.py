@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from bench.overhead import _spawn, _wait_http, free_port, machine_info
+from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
 from bench.routing import update_section
 from routing.privacy import PrivacyTier
 
@@ -231,12 +231,7 @@ def rig() -> Iterator[Rig]:
             _wait_http(gateway_url + "/healthz", procs[-1], tmp / "gateway.log")
             yield Rig(gateway_url, tmp / "ledger.db", team_keys)
         finally:
-            for proc in reversed(procs):
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_all(procs)
 
 
 # ---- the replay --------------------------------------------------------------------------------------------
