@@ -1,4 +1,4 @@
-"""`/admin/...`: teams, keys and route explanations, guarded by the admin key (never by a team key).
+"""`/admin/...`: teams, keys, route explanations and reports, guarded by the admin key (never a team key).
 
 Admin operations are synchronous SQL; they run in a worker thread so the event loop keeps serving traffic.
 A revoke also drops the key from this process's cache at once; other replicas follow within the cache TTL.
@@ -14,7 +14,7 @@ import datetime as dt
 import time
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from backends.errors import SwitchboardError
-from gateway import keys, route
+from gateway import keys, route, usage_api
 from gateway.access import authenticate_admin
 from gateway.errors import (
     InvalidRequest,
@@ -31,7 +31,9 @@ from gateway.errors import (
     PermissionDenied,
     SensitiveDataRefused,
 )
+from gateway.records import KeyBudget
 from gateway.services import Services
+from gateway.spend import micro_to_usd_text, usd_to_micro
 from gateway.wire import ChatCompletionBody
 from routing.decision import RouteDecision
 from routing.preferences import narrow, parse_preferences
@@ -66,6 +68,40 @@ class TeamIn(BaseModel):
     models: list[str] | None = None
 
 
+class KeyLimitsIn(BaseModel):
+    """The key's own rate limits, per `limits.window_s` (default: per minute)."""
+
+    model_config = ConfigDict(extra="forbid")
+    requests: int | None = Field(default=None, ge=1, le=keys.MAX_KEY_LIMIT)
+    tokens: int | None = Field(default=None, ge=1, le=keys.MAX_KEY_LIMIT)
+
+
+class KeyBudgetIn(BaseModel):
+    """Spend limit per UTC day or calendar month; amounts are USD as strings ("12.50") or numbers."""
+
+    model_config = ConfigDict(extra="forbid")
+    period: Literal["day", "month"] = "month"
+    usd: Decimal = Field(gt=0)
+    soft_usd: Decimal | None = Field(default=None, gt=0)
+
+    def to_budget(self) -> KeyBudget:
+        limit = _micro(self.usd, "budget.usd")
+        soft = None if self.soft_usd is None else _micro(self.soft_usd, "budget.soft_usd")
+        if soft is not None and soft > limit:
+            raise InvalidRequest(
+                f"budget.soft_usd ({self.soft_usd}) must not exceed budget.usd ({self.usd})",
+                param="budget.soft_usd",
+            )
+        return KeyBudget(self.period, limit, soft)
+
+
+def _micro(usd: Decimal, param: str) -> int:
+    try:
+        return usd_to_micro(usd)
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid value for `{param}`: {exc}", param=param) from None
+
+
 class KeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     team: str = Field(min_length=1, max_length=64)
@@ -73,6 +109,8 @@ class KeyIn(BaseModel):
     models: list[str] | None = None
     expires_at: dt.datetime | None = None
     expires_in_days: float | None = Field(default=None, gt=0)
+    limits: KeyLimitsIn | None = None
+    budget: KeyBudgetIn | None = None
 
     def expiry(self) -> dt.datetime | None:
         if self.expires_at is not None:
@@ -155,6 +193,23 @@ def _blocked_verdict(
     kinds = detect_messages(messages)
     reason = f"{base.reason}; detected {', '.join(kinds)}; blocked (config: teams.{team}.on_sensitive)"
     return PrivacyVerdict(base.floor, kinds, reason)
+
+
+def _key_view(key: keys.KeyInfo | keys.CreatedKey) -> dict[str, object]:
+    """A key as the admin API shows it: limits and budget in the shape POST /admin/keys takes them."""
+    view = {k: v for k, v in dataclasses.asdict(key).items() if k not in _HIDDEN}
+    del view["limit_requests"], view["limit_tokens"]
+    view["limits"] = {"requests": key.limit_requests, "tokens": key.limit_tokens}
+    budget = key.budget
+    view["budget"] = None
+    if budget is not None:
+        soft = budget.soft_limit_micro_usd
+        view["budget"] = {
+            "period": budget.period,
+            "usd": micro_to_usd_text(budget.limit_micro_usd),
+            "soft_usd": None if soft is None else micro_to_usd_text(soft),
+        }
+    return view
 
 
 def _usd(value: Decimal | None) -> str | None:
@@ -258,14 +313,24 @@ def admin_router() -> APIRouter:
 
     @router.get("/keys")
     async def list_keys(team: str | None = None, svc: Services = Depends(_svc)) -> Response:
-        return _json({"data": await asyncio.to_thread(keys.list_keys, svc.db, team)})
+        listed = await asyncio.to_thread(keys.list_keys, svc.db, team)
+        return _json({"data": [_key_view(k) for k in listed]})
 
     @router.post("/keys")
     async def create_key(body: KeyIn, svc: Services = Depends(_svc)) -> Response:
+        limits = body.limits or KeyLimitsIn()
         created = await asyncio.to_thread(
-            keys.create_key, svc.db, body.team, name=body.name, models=body.models, expires_at=body.expiry()
+            keys.create_key,
+            svc.db,
+            body.team,
+            name=body.name,
+            models=body.models,
+            expires_at=body.expiry(),
+            limit_requests=limits.requests,
+            limit_tokens=limits.tokens,
+            budget=None if body.budget is None else body.budget.to_budget(),
         )
-        return _json(created, status_code=201)
+        return _json(_key_view(created), status_code=201)
 
     @router.post("/keys/{key_id}/revoke")
     async def revoke_key(key_id: str, svc: Services = Depends(_svc)) -> Response:
@@ -288,5 +353,17 @@ def admin_router() -> APIRouter:
     ) -> Response:
         query = ExplainQuery(team, model, max_tokens, privacy, tools, json_mode, text, preferences)
         return _json(await explain_route(svc, query))
+
+    @router.get("/reports/usage")
+    async def usage_report(
+        params: usage_api.ReportParams = Depends(), svc: Services = Depends(_svc)
+    ) -> Response:
+        return await usage_api.usage_response(svc, params.query(), params.output_format())
+
+    @router.get("/reports/savings")
+    async def savings_report(
+        params: usage_api.ReportParams = Depends(), svc: Services = Depends(_svc)
+    ) -> Response:
+        return await usage_api.savings_response(svc, params.query(), params.output_format())
 
     return router

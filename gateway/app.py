@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import gc
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, error_body
 from gateway.middleware import RequestContextMiddleware, timing_of
 from gateway.route import Hints
 from gateway.services import Services, build_services
+from gateway.usage_api import usage_router
 from gateway.wire import parse_chat_body
 
 log = logging.getLogger("switchboard")
@@ -41,7 +43,7 @@ def error_response(exc: SwitchboardError) -> Response:
     headers = {}
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
-        headers["retry-after"] = str(max(1, round(retry_after)))
+        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
     return Response(error_body(exc), status_code=exc.status_code, media_type=JSON, headers=headers)
 
 
@@ -94,9 +96,9 @@ async def chat_completions(request: Request) -> Response:
         raise
     hints = Hints.from_headers(request.headers)
     if body.stream:
-        stream = await chat.open_stream(svc, identity, body, timing, received_at, hints)
+        stream = await chat.open_stream(svc, identity, body, timing, received_at, hints, request.headers)
         return SseResponse(stream)
-    payload = await chat.complete(svc, identity, body, timing, received_at, hints)
+    payload = await chat.complete(svc, identity, body, timing, received_at, hints, request.headers)
     return Response(payload, media_type=JSON)
 
 
@@ -118,9 +120,14 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     svc = services_of(request)
     db_ok = await svc.ledger.ping()
+    redis_ok = await svc.redis_ok()
+    # Without Redis a fail-closed replica refuses limited requests: not ready. Fail-open, it still serves.
+    redis_blocks = redis_ok is False and not svc.config.limits.fail_open
+    ready = db_ok and not redis_blocks
     body = {
-        "status": "ok" if db_ok else "degraded",
+        "status": "ok" if db_ok and redis_ok is not False else "degraded",
         "database": "ok" if db_ok else "unreachable",
+        "redis": "not configured" if redis_ok is None else ("ok" if redis_ok else "unreachable"),
         "ledger": {
             "queued": svc.ledger.queued,
             "written": svc.ledger.written,
@@ -131,7 +138,7 @@ async def readyz(request: Request) -> Response:
             "db_down": svc.ledger.db_down,
         },
     }
-    return Response(orjson.dumps(body), status_code=200 if db_ok else 503, media_type=JSON)
+    return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type=JSON)
 
 
 async def metrics(request: Request) -> Response:
@@ -227,6 +234,7 @@ def create_app(config: Config) -> FastAPI:
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.include_router(admin_router())
+    app.include_router(usage_router())
     _install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
     return app

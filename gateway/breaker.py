@@ -5,6 +5,8 @@ half_open --(a probe succeeds)--> closed; half_open --(a probe fails)--> open, t
 Callers record only failures that say the backend is unwell (retryable errors, timeouts), never a 400
 caused by the request. Every method takes `now_s`; nothing reads a clock. Leaving `open` happens lazily when
 the time is next looked at, so an idle breaker costs nothing. Not thread-safe: use it from the event loop.
+Shared (several replicas): `force_open` follows another replica's trip; until `hold_until_s` that replica
+probes and this one neither probes nor counts outcomes; `release_forced` follows its probe's success.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class BreakerView:
     consecutive_failures: int
     open_until_s: float | None  # when state is open
     probes_available: int  # half-open slots free now; 0 unless half_open
+    shared: bool = False  # this open (or half-open) period follows another replica's trip
 
 
 class CircuitBreaker:
@@ -71,6 +74,8 @@ class CircuitBreaker:
         self._open_until_s = 0.0
         self._probes = 0  # probes granted and not yet reported
         self._last_probe_s = 0.0
+        self._forced = False  # the current trip is another replica's (`force_open`), not ours
+        self._hold_until_s = 0.0  # while forced: that replica probes until then, we wait
 
     @classmethod
     def from_policy(cls, policy: BreakerPolicy) -> CircuitBreaker:
@@ -93,7 +98,7 @@ class CircuitBreaker:
         state = self.state(now_s)
         if state is BreakerState.CLOSED:
             return True
-        if state is BreakerState.OPEN:
+        if state is BreakerState.OPEN or self._holding(now_s):
             return False
         if self._probes >= self._probe_limit and now_s - self._last_probe_s >= self._open_s:
             self._probes = 0  # probes silent for a whole open period are presumed lost (cancelled requests)
@@ -110,17 +115,18 @@ class CircuitBreaker:
 
     def record_success(self, now_s: float) -> None:
         state = self.state(now_s)
-        if state is BreakerState.OPEN:
+        if state is BreakerState.OPEN or self._holding(now_s):
             return  # a request from before the trip; the probe decides
         self._failures.clear()
         if state is BreakerState.HALF_OPEN:
             self._state = BreakerState.CLOSED
             self._open_s = self._base_open_s
             self._probes = 0
+            self._forced = False
 
     def record_failure(self, now_s: float) -> None:
         state = self.state(now_s)
-        if state is BreakerState.OPEN:
+        if state is BreakerState.OPEN or self._holding(now_s):
             return
         if state is BreakerState.HALF_OPEN:
             self._open_s = min(self._open_s * 2, self._max_open_s)
@@ -135,6 +141,47 @@ class CircuitBreaker:
         self._open_until_s = now_s + self._open_s
         self._failures.clear()
         self._probes = 0
+        self._forced = False
+
+    def _holding(self, now_s: float) -> bool:
+        """Half-open on another replica's trip, whose own probe is still due: do not probe here too."""
+        return self._forced and now_s < self._hold_until_s and self.state(now_s) is BreakerState.HALF_OPEN
+
+    def force_open(self, until_s: float, *, hold_until_s: float, now_s: float) -> bool:
+        """Another replica tripped: stay open until `until_s`, then leave probing to it until `hold_until_s`.
+
+        Ignored (False) while our own trip (open or half-open) lasts at least as long: of two replicas that
+        both tripped, the later trip leads and the other follows, so they never wait on each other.
+        """
+        state = self.state(now_s)
+        if not self._forced and state is not BreakerState.CLOSED and self._open_until_s >= until_s:
+            return False
+        self._state = BreakerState.OPEN
+        self._open_until_s = until_s
+        self._hold_until_s = max(hold_until_s, until_s)
+        self._forced = True
+        self._failures.clear()
+        self._probes = 0
+        self.state(now_s)  # an `until_s` already past means half-open (holding) now
+        return True
+
+    def release_forced(self, now_s: float) -> bool:
+        """The replica whose trip we follow closed its breaker (its probe succeeded): close ours too.
+        A trip of our own since then is kept (False)."""
+        if not self._forced or self.state(now_s) is BreakerState.CLOSED:
+            return False
+        self._state = BreakerState.CLOSED
+        self._forced = False
+        self._failures.clear()
+        self._probes = 0
+        return True
+
+    def own_trip(self, now_s: float) -> float | None:
+        """`open_until_s` of our own current trip (open, or half-open and not yet closed by a probe); None
+        when closed or following another replica."""
+        if self._forced or self.state(now_s) is BreakerState.CLOSED:
+            return None
+        return self._open_until_s
 
     def view(self, now_s: float) -> BreakerView:
         state = self.state(now_s)
@@ -143,8 +190,9 @@ class CircuitBreaker:
             consecutive_failures=len(self._failures),
             open_until_s=self._open_until_s if state is BreakerState.OPEN else None,
             probes_available=max(0, self._probe_limit - self._probes)
-            if state is BreakerState.HALF_OPEN
+            if state is BreakerState.HALF_OPEN and not self._holding(now_s)
             else 0,
+            shared=self._forced and state is not BreakerState.CLOSED,
         )
 
 
@@ -174,6 +222,17 @@ class BreakerBoard:
 
     def release(self, deployment_id: str, now_s: float) -> None:
         self[deployment_id].release(now_s)
+
+    def force_open(self, deployment_id: str, until_s: float, *, hold_until_s: float, now_s: float) -> bool:
+        return self[deployment_id].force_open(until_s, hold_until_s=hold_until_s, now_s=now_s)
+
+    def release_forced(self, deployment_id: str, now_s: float) -> bool:
+        return self[deployment_id].release_forced(now_s)
+
+    def own_trips(self, now_s: float) -> Mapping[str, float]:
+        """Deployment id -> `open_until_s` of each trip this replica made itself and has not closed yet."""
+        trips = {name: b.own_trip(now_s) for name, b in self._breakers.items()}
+        return MappingProxyType({name: until for name, until in trips.items() if until is not None})
 
     def snapshot(self, now_s: float) -> Mapping[str, BreakerView]:
         return MappingProxyType({name: b.view(now_s) for name, b in self._breakers.items()})

@@ -27,7 +27,7 @@ from gateway.wire import ChatCompletionBody
 log = logging.getLogger(__name__)
 
 KEY_VERSION = 1  # bump when key normalisation changes: old entries then simply miss
-ENTRY_VERSION = 1  # bump when the stored shape changes: old entries decode as misses
+ENTRY_VERSION = 2  # bump when the stored shape changes: old entries decode as misses
 DEFAULT_MAX_ENTRY_BYTES = 1 << 20
 # Routing preferences that restrict *which backend may answer*. A hit must not hand a client an answer from
 # a backend it excluded, so these are in the key. The rest (sort, order, max_price, max_latency_ms,
@@ -123,6 +123,7 @@ class CachedResponse:
     backend: str
     cost_micro_usd: int  # what the original call cost: a hit saves this much
     deltas: tuple[Mapping[str, Any], ...] | None = None
+    route_reason: str = ""  # the original's x-switchboard-route, so a hit carries the same headers
 
     def to_result(self) -> ChatResult:
         return ChatResult(dict(self.message), self.finish_reason, self.usage, self.served_model)
@@ -148,7 +149,9 @@ def _deltas_of(message: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
     return (first,)
 
 
-def entry_from_result(result: ChatResult, *, backend: str, cost_micro_usd: int) -> CachedResponse:
+def entry_from_result(
+    result: ChatResult, *, backend: str, cost_micro_usd: int, route_reason: str = ""
+) -> CachedResponse:
     return CachedResponse(
         message=dict(result.message),
         finish_reason=result.finish_reason,
@@ -156,11 +159,17 @@ def entry_from_result(result: ChatResult, *, backend: str, cost_micro_usd: int) 
         served_model=result.served_model,
         backend=backend,
         cost_micro_usd=cost_micro_usd,
+        route_reason=route_reason,
     )
 
 
 def entry_from_chunks(
-    chunks: Iterable[StreamChunk], *, backend: str, cost_micro_usd: int, served_model: str = ""
+    chunks: Iterable[StreamChunk],
+    *,
+    backend: str,
+    cost_micro_usd: int,
+    served_model: str = "",
+    route_reason: str = "",
 ) -> CachedResponse | None:
     """A finished stream as an entry; None if it never got a finish_reason (a cut stream is not cached)."""
     deltas: list[Mapping[str, Any]] = []
@@ -181,6 +190,7 @@ def entry_from_chunks(
         backend=backend,
         cost_micro_usd=cost_micro_usd,
         deltas=tuple(deltas),
+        route_reason=route_reason,
     )
 
 
@@ -216,6 +226,7 @@ def encode_entry(entry: CachedResponse) -> bytes:
             "backend": entry.backend,
             "cost_micro_usd": entry.cost_micro_usd,
             "deltas": None if entry.deltas is None else [dict(d) for d in entry.deltas],
+            "route": entry.route_reason,
         }
     )
 
@@ -236,6 +247,7 @@ def decode_entry(raw: bytes | str) -> CachedResponse | None:
             backend=data["backend"],
             cost_micro_usd=int(data["cost_micro_usd"]),
             deltas=None if deltas is None else tuple(deltas),
+            route_reason=str(data["route"]),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None

@@ -1,7 +1,8 @@
-"""The chat completion service: admission (model access, capabilities), dispatch, one usage record.
+"""The chat completion service: admission (model access, route, limits), cache, dispatch, one usage record.
 
-Every request that passed authentication ends in exactly one `UsageRecord`, whether it succeeded, failed in a
-backend, or was cut by the client; `_Recorder.finish` is idempotent so no path writes two.
+Every request that passed authentication ends in exactly one `UsageRecord`, whether it succeeded, was served
+from the cache, was refused by a limit, failed in a backend, or was cut by the client; `_Recorder.finish` is
+idempotent so no path writes two, and it settles the request's limits and budget reservation.
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
-from backends.base import ChatRequest, StreamChunk, Usage
+from backends.base import ChatRequest, ChatResult, StreamChunk, Usage
 from backends.errors import SwitchboardError
 from gateway import dispatch, route
 from gateway.access import check_model
+from gateway.admission import Ticket
+from gateway.cache import CachedResponse, entry_from_chunks, entry_from_result
+from gateway.caching import CACHE_HEADER, CachePlan, plan_cache, servable
 from gateway.errors import AllBackendsFailed, error_body
 from gateway.middleware import Timing
 from gateway.records import KeyIdentity, RequestStatus, UsageRecord
@@ -33,6 +38,8 @@ from gateway.wire import (
 )
 from routing.decision import Deployment
 
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
 
 @dataclass(slots=True)
 class _Recorder:
@@ -48,6 +55,9 @@ class _Recorder:
     routed: Routed | None = None
     attempts: int = 0
     attempt_started_s: float | None = None  # perf_counter at the start of the successful attempt
+    ticket: Ticket | None = None  # limits and budget held by this request, settled by `finish`
+    hit: CachedResponse | None = None  # served from the cache
+    cost_micro_usd: int = 0
     done: bool = False
 
     def finish(
@@ -63,8 +73,11 @@ class _Recorder:
         if self.done:
             return
         self.done = True
-        dep = self.deployment
+        dep, hit = self.deployment, self.hit
         cost = dep.price.cost_micro_usd(usage.prompt_tokens, usage.completion_tokens) if dep else 0
+        self.cost_micro_usd = cost
+        if hit is not None:
+            backend = hit.backend
         rec = UsageRecord(
             request_id=self.timing.request_id,
             created_at=self.received_at,
@@ -82,6 +95,8 @@ class _Recorder:
             http_status=http_status,
             error_type=error.code if error else None,
             stream=self.body.stream,
+            cache_hit=hit is not None,
+            cost_saved_micro_usd=hit.cost_micro_usd if hit is not None else 0,
             privacy_class=privacy_class(self.routed.verdict) if self.routed else None,
             route_reason=self.routed.decision.reason if self.routed else None,
             attempts=self.attempts or (len(error.causes) if isinstance(error, AllBackendsFailed) else 0),
@@ -89,6 +104,10 @@ class _Recorder:
         )
         self.svc.ledger.record(rec)
         self.svc.metrics.observe(rec)
+        if self.ticket is not None:
+            # A hit used no model tokens: what admission reserved for it is handed back.
+            tokens = 0 if hit is not None else usage.prompt_tokens + usage.completion_tokens
+            self.svc.gate.settle_soon(self.ticket, tokens=tokens, cost_micro_usd=cost)
         if dep is not None:
             self._feed_routing(dep, status, usage, error)
 
@@ -158,18 +177,42 @@ def _recording_failures(rec: _Recorder) -> Iterator[None]:
         raise
 
 
-async def _admit(svc: Services, rec: _Recorder, hints: route.Hints) -> tuple[ChatRequest, Routed]:
-    await check_model(svc, rec.identity, rec.body.model)
-    request = _chat_request(svc, rec.body, rec.timing.request_id)
-    routed = route.plan(
-        svc.routing, rec.identity.team, rec.body, request.messages, hints, now_s=time.monotonic()
-    )
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    request: ChatRequest
+    routed: Routed
+    cache: CachePlan | None
+    hit: CachedResponse | None
+
+
+async def _admit(svc: Services, rec: _Recorder, hints: route.Hints, headers: Mapping[str, str]) -> _Admitted:
+    """Model access, route, rate limits, then the cache; on a miss, the budget reservation."""
+    body, team, out = rec.body, rec.identity.team, rec.timing.headers
+    await check_model(svc, rec.identity, body.model)
+    request = _chat_request(svc, body, rec.timing.request_id)
+    routed = route.plan(svc.routing, team, body, request.messages, hints, now_s=time.monotonic())
     rec.routed = routed  # recorded even when it fails closed below
-    rec.timing.headers.append((b"x-switchboard-route", _header_text(routed.decision.reason)))
-    refused = route.fail_closed_error(routed, rec.identity.team)
+    refused = route.fail_closed_error(routed, team)
     if refused is not None:
+        out.append((b"x-switchboard-route", _header_text(routed.decision.reason)))
         raise refused
-    return request, routed
+    prompt_tokens, output_tokens = routed.prompt_tokens, routed.output_tokens
+    rec.ticket = await svc.gate.admit(rec.identity, body.model, prompt_tokens + output_tokens, out)
+    plan = plan_cache(svc.config, team, body, headers.get("cache-control"), headers.get(CACHE_HEADER))
+    hit = await svc.cache.get(plan.key) if plan is not None and plan.read else None
+    if hit is not None and servable(hit, routed):
+        rec.hit = hit
+        out.append((b"x-switchboard-route", _header_text(hit.route_reason)))
+        out.append((b"x-switchboard-backend", _header_text(hit.backend)))
+        out.append((CACHE_HEADER.encode(), b"hit"))
+        svc.metrics.cache.labels(team, "hit").inc()
+        return _Admitted(request, routed, plan, hit)
+    out.append((b"x-switchboard-route", _header_text(routed.decision.reason)))
+    out.append((CACHE_HEADER.encode(), b"skip" if plan is None else b"miss"))
+    svc.metrics.cache.labels(team, "skip" if plan is None else "miss").inc()
+    estimate = max(d.price.cost_micro_usd(prompt_tokens, output_tokens) for d in routed.decision.candidates)
+    await svc.gate.reserve(rec.ticket, estimate)
+    return _Admitted(request, routed, plan, None)
 
 
 def _header_text(text: str, limit: int = 200) -> bytes:
@@ -202,16 +245,37 @@ async def complete(
     timing: Timing,
     received_at: dt.datetime,
     hints: route.Hints = route.NO_HINTS,
+    headers: Mapping[str, str] = _NO_HEADERS,
 ) -> bytes:
     """A whole (non-streamed) completion, rendered as the response body."""
     rec = _Recorder(svc, identity, body, timing, received_at)
     with _recording_failures(rec):
-        request, routed = await _admit(svc, rec, hints)
-        served = await dispatch.complete(routed.decision, request, timing, _plan(svc, routed))
+        admitted = await _admit(svc, rec, hints, headers)
+        if admitted.hit is not None:
+            result = admitted.hit.to_result()
+            rec.finish(RequestStatus.OK, 200, result.usage, served_model=result.served_model)
+            return _render(result, rec)
+        routed = admitted.routed
+        served = await dispatch.complete(routed.decision, admitted.request, timing, _plan(svc, routed))
     _served(rec, served.deployment, served.attempts, served.started_s)
     result = served.result
     rec.finish(RequestStatus.OK, 200, result.usage, served_model=result.served_model)
-    return render_completion(result, request_id=timing.request_id, model=body.model, created=int(time.time()))
+    plan = admitted.cache
+    if plan is not None and plan.write:
+        entry = entry_from_result(
+            result,
+            backend=served.deployment.backend,
+            cost_micro_usd=rec.cost_micro_usd,
+            route_reason=routed.decision.reason,
+        )
+        await svc.cache.put(plan.key, entry, plan.ttl_s)
+    return _render(result, rec)
+
+
+def _render(result: ChatResult, rec: _Recorder) -> bytes:
+    return render_completion(
+        result, request_id=rec.timing.request_id, model=rec.body.model, created=int(time.time())
+    )
 
 
 async def open_stream(
@@ -221,14 +285,49 @@ async def open_stream(
     timing: Timing,
     received_at: dt.datetime,
     hints: route.Hints = route.NO_HINTS,
+    headers: Mapping[str, str] = _NO_HEADERS,
 ) -> SseStream:
     """Dispatch until the first chunk arrives (errors so far become HTTP errors), then stream SSE bytes."""
     rec = _Recorder(svc, identity, body, timing, received_at)
     with _recording_failures(rec):
-        request, routed = await _admit(svc, rec, hints)
-        opened = await dispatch.open_stream(routed.decision, request, timing, _plan(svc, routed))
+        admitted = await _admit(svc, rec, hints, headers)
+        if admitted.hit is not None:
+            replay = _Replay(admitted.hit)
+            return SseStream(rec, None, _sse(svc, rec, await replay.next(), replay.next, None))
+        opened = await dispatch.open_stream(
+            admitted.routed.decision, admitted.request, timing, _plan(svc, admitted.routed)
+        )
     _served(rec, opened.deployment, opened.attempts, opened.started_s)
-    return SseStream(rec, opened, _sse(svc, rec, opened))
+    timeouts = svc.backend_timeouts_s
+    idle_timeout_s = timeouts.get(opened.deployment.backend, svc.config.server.request_timeout_s)
+
+    def next_chunk() -> Awaitable[StreamChunk]:
+        return dispatch.next_chunk(opened, idle_timeout_s)
+
+    plan = admitted.cache
+    keep = _Keep(plan, admitted.routed.decision.reason) if plan is not None and plan.write else None
+    return SseStream(rec, opened, _sse(svc, rec, opened.first, next_chunk, keep))
+
+
+class _Replay:
+    """A cached answer as the chunk source of a stream."""
+
+    def __init__(self, entry: CachedResponse) -> None:
+        self._chunks = entry.replay()
+
+    async def next(self) -> StreamChunk:
+        for chunk in self._chunks:
+            return chunk
+        raise StopAsyncIteration
+
+
+@dataclass(slots=True)
+class _Keep:
+    """A streamed answer being collected for the cache."""
+
+    plan: CachePlan
+    route_reason: str
+    chunks: list[StreamChunk] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -236,7 +335,7 @@ class SseStream:
     """SSE bytes plus `finalize`, which the response calls however it ends (even if never iterated)."""
 
     rec: _Recorder
-    opened: dispatch.OpenStream
+    opened: dispatch.OpenStream | None  # None when replayed from the cache
     body: AsyncGenerator[bytes, None]
 
     async def finalize(self) -> None:
@@ -246,17 +345,21 @@ class SseStream:
             self.rec.finish(
                 RequestStatus.CLIENT_CLOSED, 499, self.rec.usage, served_model=self.rec.served_model
             )
-        await dispatch.close_stream(self.opened.rest)
+        if self.opened is not None:
+            await dispatch.close_stream(self.opened.rest)
 
 
-async def _sse(svc: Services, rec: _Recorder, opened: dispatch.OpenStream) -> AsyncGenerator[bytes, None]:
+async def _sse(
+    svc: Services,
+    rec: _Recorder,
+    first: StreamChunk,
+    next_chunk: Callable[[], Awaitable[StreamChunk]],
+    keep: _Keep | None,
+) -> AsyncGenerator[bytes, None]:
     body, rid = rec.body, rec.timing.request_id
     created = int(time.time())
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    chunk: StreamChunk | None = opened.first
-    idle_timeout_s = svc.backend_timeouts_s.get(
-        opened.deployment.backend, svc.config.server.request_timeout_s
-    )
+    chunk: StreamChunk | None = first
     try:
         while chunk is not None:
             rec.served_model = chunk.served_model or rec.served_model
@@ -264,10 +367,12 @@ async def _sse(svc: Services, rec: _Recorder, opened: dispatch.OpenStream) -> As
                 rec.usage = chunk.usage
             if rec.ttft_ms is None and (chunk.delta.get("content") or chunk.delta.get("tool_calls")):
                 rec.ttft_ms = rec.timing.elapsed_ms()  # first token, not the role-only opening chunk
+            if keep is not None:
+                keep.chunks.append(chunk)
             if chunk.delta or chunk.finish_reason:
                 yield render_chunk(chunk, request_id=rid, model=body.model, created=created)
             try:
-                chunk = await dispatch.next_chunk(opened, idle_timeout_s)
+                chunk = await next_chunk()
             except StopAsyncIteration:
                 chunk = None
     except SwitchboardError as exc:
@@ -277,6 +382,16 @@ async def _sse(svc: Services, rec: _Recorder, opened: dispatch.OpenStream) -> As
         yield SSE_DONE
         return
     rec.finish(RequestStatus.OK, 200, rec.usage, served_model=rec.served_model)
+    if keep is not None and rec.deployment is not None:
+        entry = entry_from_chunks(
+            keep.chunks,
+            backend=rec.deployment.backend,
+            cost_micro_usd=rec.cost_micro_usd,
+            served_model=rec.served_model or "",
+            route_reason=keep.route_reason,
+        )
+        if entry is not None:  # a stream that never finished is not kept
+            await svc.cache.put(keep.plan.key, entry, keep.plan.ttl_s)
     if include_usage:
         yield render_usage_chunk(rec.usage, request_id=rid, model=body.model, created=created)
     yield SSE_DONE

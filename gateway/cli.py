@@ -1,4 +1,5 @@
-"""The `switchboard` command: serve, migrate, check-config, teams, keys, engine, and the `up` quickstart.
+"""The `switchboard` command: serve, migrate, check-config, teams, keys, engine, the `up` quickstart, and
+usage reports from the SQL ledger (report, rollup, prune).
 
 Every command reads the same TOML config (`--config` or $SWITCHBOARD_CONFIG; none means embedded defaults)
 and reports a config mistake as `path: what to change`, with exit status 2.
@@ -9,14 +10,26 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
+from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.limits import BudgetPeriod
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from rich.progress import TaskID
+
+    from gateway.errors import GatewayError
+    from gateway.records import KeyBudget
+    from gateway.rollup import RollupResult
 
 app = typer.Typer(
     help="Switchboard: one OpenAI-compatible endpoint for cloud, self-hosted and edge models.",
@@ -30,6 +43,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(engine_app, name="engine")
 
 console = Console()
+PIPED_TABLE_WIDTH = 240
 err_console = Console(stderr=True)
 
 ConfigOpt = Annotated[
@@ -181,14 +195,79 @@ def _check_models(cfg: Config, models: list[str] | None, flag: str) -> None:
         raise typer.Exit(2)
 
 
+def _key_budget(usd: str | None, period: BudgetPeriod | None, soft_usd: str | None) -> KeyBudget | None:
+    """The `KeyBudget` the budget options describe (None: no budget); bad values exit with status 2."""
+    from gateway.records import KeyBudget
+
+    if usd is None:
+        if period is not None or soft_usd is not None:
+            _fail_usage("--budget-period and --soft-budget-usd need --budget-usd")
+        return None
+    limit = _usd_option(usd, "--budget-usd")
+    soft = None if soft_usd is None else _usd_option(soft_usd, "--soft-budget-usd")
+    if soft is not None and soft > limit:
+        _fail_usage(f"--soft-budget-usd ({soft_usd}) must not exceed --budget-usd ({usd})")
+    return KeyBudget(str(period or BudgetPeriod.MONTH), limit, soft)
+
+
+def _usd_option(value: str, flag: str) -> int:
+    from gateway.spend import usd_to_micro
+
+    try:
+        micro = usd_to_micro(value)
+    except ValueError as exc:
+        _fail_usage(f"{flag}: {exc}")
+    if micro <= 0:
+        _fail_usage(f"{flag} must be more than 0 USD, not {value}")
+    return micro
+
+
+def _fail_usage(message: str) -> NoReturn:
+    from rich.markup import escape
+
+    # Escaped: messages quote user input and `switchboard[charts]`; soft-wrapped: one line, greppable.
+    err_console.print(f"[red]{escape(message)}[/red]", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _limits_text(limit_requests: int | None, limit_tokens: int | None) -> str:
+    parts = [f"{n} {unit}" for n, unit in ((limit_requests, "req"), (limit_tokens, "tok")) if n is not None]
+    return ", ".join(parts) or "team's"
+
+
+def _budget_text(budget: KeyBudget | None) -> str:
+    from gateway.spend import micro_to_usd_text
+
+    if budget is None:
+        return "-"
+    text = f"${micro_to_usd_text(budget.limit_micro_usd)}/{budget.period}"
+    soft = budget.soft_limit_micro_usd
+    return text if soft is None else f"{text} (soft ${micro_to_usd_text(soft)})"
+
+
 @keys_app.command("create")
 def keys_create(
-    team: str,
+    team: Annotated[str, typer.Argument(help="The team the key belongs to.")],
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
     models: Annotated[
         str | None, typer.Option(help="Comma-separated allow-list (subset of the team's).")
     ] = None,
     expires_in_days: Annotated[float | None, typer.Option(help="Expire after this many days.")] = None,
+    requests: Annotated[
+        int | None, typer.Option(min=1, help="This key's request limit per limits.window_s (default 60 s).")
+    ] = None,
+    tokens: Annotated[
+        int | None, typer.Option(min=1, help="This key's token limit (prompt + completion) per window.")
+    ] = None,
+    budget_usd: Annotated[
+        str | None, typer.Option(help="Spend limit in USD per budget period, e.g. 12.50.")
+    ] = None,
+    budget_period: Annotated[
+        BudgetPeriod | None, typer.Option(help="UTC day or calendar month (default: month).")
+    ] = None,
+    soft_budget_usd: Annotated[
+        str | None, typer.Option(help="Alert (log and metric) when spend reaches this many USD.")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Create an API key for a team. The key is printed once and never stored."""
@@ -198,9 +277,19 @@ def keys_create(
     cfg = _load(config)
     model_list = _split(models)
     _check_models(cfg, model_list, "--models")
+    budget = _key_budget(budget_usd, budget_period, soft_budget_usd)
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=expires_in_days) if expires_in_days else None
     try:
-        created = keys.create_key(_engine(cfg), team, name=name, models=model_list, expires_at=expires)
+        created = keys.create_key(
+            _engine(cfg),
+            team,
+            name=name,
+            models=model_list,
+            expires_at=expires,
+            limit_requests=requests,
+            limit_tokens=tokens,
+            budget=budget,
+        )
     except GatewayError as exc:
         err_console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
@@ -212,10 +301,20 @@ def keys_create(
 def keys_list(
     team: Annotated[str | None, typer.Option(help="Only this team.")] = None, config: ConfigOpt = None
 ) -> None:
-    """List keys (prefixes only; keys themselves are never stored)."""
+    """List keys (prefixes only; keys themselves are never stored) with their limits and budgets."""
     from gateway import keys
 
-    t = Table("id", "team", "name", "prefix", "models", "expires", "revoked")
+    t = Table(
+        Column("id", no_wrap=True),
+        "team",
+        "name",
+        Column("prefix", no_wrap=True),
+        "models",
+        "limits",
+        "budget",
+        "expires",
+        "revoked",
+    )
     for k in keys.list_keys(_engine(_load(config)), team):
         t.add_row(
             k.key_id,
@@ -223,10 +322,13 @@ def keys_list(
             k.name,
             k.display_prefix + "...",
             ", ".join(k.models) if k.models else "team's",
+            _limits_text(k.limit_requests, k.limit_tokens),
+            _budget_text(k.budget),
             str(k.expires_at or "-"),
             str(k.revoked_at or "-"),
         )
-    console.print(t)
+    # Piped into a script or a file: one line per key rather than a table squeezed into 80 columns.
+    (console if console.is_terminal else Console(width=PIPED_TABLE_WIDTH)).print(t)
 
 
 @keys_app.command("revoke")
@@ -250,13 +352,197 @@ def engine_serve(
     host: str = "127.0.0.1",
     port: int = 8081,
     max_tokens_default: Annotated[
-        int, typer.Option(min=1, help="Completion cap for requests that send no max_tokens.")
+        int, typer.Option(min=1, help="Completion cap for chat requests that send no max_tokens.")
     ] = 1024,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 (exact) | bfloat16 (faster) | float16.")] = "float32",
+    quant: Annotated[str, typer.Option(help="Weight quantization: none | int8 | int4.")] = "none",
+    attn: Annotated[str, typer.Option(help="Attention kernel: sdpa | eager | flash (CUDA).")] = "sdpa",
+    spec: Annotated[str, typer.Option(help="Speculative decoding: none | draft | self | ngram.")] = "none",
+    draft_model: Annotated[str | None, typer.Option(help="Draft model spec for --spec draft.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests running at once.")] = 32,
+    kv_cache_mb: Annotated[float, typer.Option(min=1, help="KV-cache memory budget in MiB.")] = 512,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU compute threads (default: all).")] = None,
+    block_size: Annotated[int, typer.Option(min=1, help="Tokens per KV-cache block.")] = 16,
+    max_prefill_tokens: Annotated[
+        int, typer.Option(min=1, help="Prompt tokens computed per step (longer prompts are chunked).")
+    ] = 512,
 ) -> None:
-    """Run the self-hosted engine as an OpenAI-compatible server."""
+    """Run the self-hosted engine (continuous batching, paged KV cache) as an OpenAI-compatible server."""
+    from backends.local.build import EngineOptions
     from backends.local.server import serve_engine
 
-    serve_engine(model, host, port, max_tokens_default=max_tokens_default)
+    try:
+        options = EngineOptions(
+            device=device,
+            dtype=dtype,
+            quant=quant,
+            attn=attn,
+            spec=spec,
+            draft_model=draft_model,
+            max_batch=max_batch,
+            kv_cache_mb=kv_cache_mb,
+            threads=threads,
+            block_size=block_size,
+            max_prefill_tokens=max_prefill_tokens,
+        )
+    except ValueError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    serve_engine(model, host, port, max_tokens_default=max_tokens_default, options=options)
+
+
+class ReportFormat(StrEnum):
+    TABLE = "table"
+    CSV = "csv"
+    JSON = "json"
+
+
+@contextmanager
+def _progress_bar() -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done, total)` callback: a transient bar on a terminal's stderr once the report has more
+    than one step; silent when stderr is not a terminal, so piped output stays clean."""
+    from rich.progress import Progress
+
+    bar = Progress(console=err_console, transient=True)
+    task: list[TaskID] = []
+
+    def progress(done: int, total: int) -> None:
+        if not err_console.is_terminal or total <= 1:
+            return
+        if not task:
+            bar.start()
+            task.append(bar.add_task("report", total=total))
+        bar.update(task[0], completed=done, total=total)
+
+    try:
+        yield progress
+    finally:
+        bar.stop()
+
+
+@app.command()
+def report(
+    group_by: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated dimensions: team, key, model, backend, privacy, day, hour."),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Start (inclusive), UTC: 2026-11-01 or 2026-11-01T08:00.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="End (exclusive), UTC; default: no end.")] = None,
+    team: Annotated[str | None, typer.Option(help="Only this team.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this requested (public) model.")] = None,
+    fmt: Annotated[
+        ReportFormat, typer.Option("--format", help="table (rich), or csv / json on stdout.")
+    ] = ReportFormat.TABLE,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="auto: hourly rollups where they cover the window; raw: ledger rows (exact percentiles); "
+            "rollup: rollups only."
+        ),
+    ] = "auto",
+    chart: Annotated[
+        Path | None, typer.Option(help="Also draw cost per day as a PNG here (needs switchboard[charts]).")
+    ] = None,
+    chart_by: Annotated[str, typer.Option(help="Stack the chart's bars by team or backend.")] = "team",
+    savings: Annotated[
+        bool, typer.Option(help="Report what self-hosted serving saved against reports.reference_model.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Usage and cost from the SQL ledger, grouped and filtered; optionally savings or a cost chart."""
+    from gateway.errors import GatewayError
+    from gateway.reports import parse_query, savings_report, usage_report
+    from gateway.reports.chart import (
+        ChartBy,
+        ChartUnavailable,
+        chart_query,
+        draw_cost_chart,
+        require_matplotlib,
+    )
+    from gateway.reports.render import to_csv, to_json, to_table
+
+    cfg = _load(config)
+    if chart_by not in set(ChartBy):
+        _fail_usage(f"--chart-by: `{chart_by}` is not one of {', '.join(ChartBy)}")
+    by = ChartBy(chart_by)
+    try:
+        query = parse_query(group_by, since, until, team=team, model=model, source=source)
+        if chart is not None:
+            require_matplotlib()  # before the query, not after it
+        engine = _engine(cfg)
+        with _progress_bar() as progress:
+            result = (
+                savings_report(engine, cfg, query)
+                if savings
+                else usage_report(engine, query, progress=progress)
+            )
+            chart_rows = None if chart is None else usage_report(engine, chart_query(query, by)).rows
+    except GatewayError as exc:
+        _fail_usage(_cli_message(exc))
+    except ChartUnavailable as exc:
+        _fail_usage(f"--chart: {exc}")
+    if fmt is ReportFormat.JSON:
+        sys.stdout.write(to_json(result).decode() + "\n")
+    elif fmt is ReportFormat.CSV:
+        sys.stdout.write(to_csv(result))
+    else:
+        (console if console.is_terminal else Console(width=PIPED_TABLE_WIDTH)).print(to_table(result))
+    if chart is not None and chart_rows is not None:
+        draw_cost_chart(chart_rows, by=by, path=chart)
+        err_console.print(f"chart: cost per day by {by} written to {chart}")
+
+
+def _cli_message(exc: GatewayError) -> str:
+    """The error as the CLI's options name it: `--group-by: ...` rather than `group_by: ...`."""
+    if not exc.param:
+        return exc.message
+    message = exc.message.removeprefix(f"{exc.param}: ")
+    return f"--{exc.param.replace('_', '-')}: {message}"
+
+
+@app.command()
+def rollup(config: ConfigOpt = None) -> None:
+    """Fold new ledger rows into the hourly rollups once (the gateway also does this every
+    reports.rollup_interval_s)."""
+    from gateway.rollup import Rollup
+
+    console.print(_rollup_text(Rollup(_engine(_load(config))).run_once()))
+
+
+def _rollup_text(done: RollupResult) -> str:
+    if done.skipped:
+        return "rollup skipped: another process (a gateway replica?) is running it right now"
+    text = f"rollup: recomputed {done.hours_recomputed} hours"
+    if done.rows_added_late:
+        text += f", added {done.rows_added_late} late rows to pruned hours"
+    written = "" if done.watermark is None else done.watermark.isoformat(timespec="seconds")
+    return text + f" in {done.elapsed_s:.2f} s; rollups hold every row written before {written}"
+
+
+@app.command()
+def prune(
+    retention_days: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Delete ledger rows older than this many days (default: reports.retention_days)."
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Delete raw ledger rows past retention, after rolling them up; reports keep working from rollups."""
+    from gateway.rollup import Rollup
+
+    cfg = _load(config)
+    days = retention_days or cfg.reports.retention_days
+    if days is None:
+        _fail_usage("nothing to prune: pass --retention-days N, or set reports.retention_days in the config")
+    deleted = Rollup(_engine(cfg)).prune(days)
+    console.print(
+        f"pruned {deleted} ledger rows created more than {days} days ago (their hourly rollups stay)"
+    )
 
 
 @app.command()

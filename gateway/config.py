@@ -114,6 +114,7 @@ class ModelConfig(_Strict):
     context_tokens: int | None = Field(default=None, ge=1)
     quality_tier: int = Field(default=0, ge=0)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
+    cache_ttl_s: float | None = Field(default=None, ge=0)  # overrides cache.ttl_s for this model; 0: off
 
     @model_validator(mode="after")
     def _one_form(self) -> ModelConfig:
@@ -137,6 +138,38 @@ class ModelConfig(_Strict):
         ]
 
 
+class ModelLimitsConfig(_Strict):
+    """Per (team, model) limits, counted over `limits.window_s`."""
+
+    requests: int | None = Field(default=None, ge=1)
+    tokens: int | None = Field(default=None, ge=1)
+
+
+class TeamLimitsConfig(_Strict):
+    """Rate limits of one team, each counted over `limits.window_s` (default 60 s: RPM and TPM)."""
+
+    requests: int | None = Field(default=None, ge=1)  # whole team, all keys together
+    tokens: int | None = Field(default=None, ge=1)  # prompt + completion tokens
+    max_concurrent: int | None = Field(default=None, ge=1)  # requests in flight at once, over all replicas
+    key_requests: int | None = Field(default=None, ge=1)  # each key of the team (a key's own limit wins)
+    key_tokens: int | None = Field(default=None, ge=1)
+    models: dict[str, ModelLimitsConfig] = Field(default_factory=dict)  # per (team, public model)
+
+
+class BudgetConfig(_Strict):
+    """A spend limit per period (UTC day or calendar month); `soft_usd` only alerts (log and metric)."""
+
+    period: Literal["day", "month"]
+    usd: Decimal = Field(gt=0)
+    soft_usd: Decimal | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _soft_below_hard(self) -> BudgetConfig:
+        if self.soft_usd is not None and self.soft_usd > self.usd:
+            raise ValueError(f"soft_usd ({self.soft_usd}) must not exceed usd ({self.usd})")
+        return self
+
+
 class TeamConfig(_Strict):
     models: list[str] = Field(default_factory=lambda: ["*"])
     privacy_floor: PrivacyTier = PrivacyTier.EXTERNAL  # the least private tier this team's data may reach
@@ -149,6 +182,11 @@ class TeamConfig(_Strict):
     preferred_labels: dict[str, str] = Field(default_factory=dict)
     allow_fallbacks: bool = True
     max_attempts: int = Field(default=3, ge=1, le=10)
+    limits: TeamLimitsConfig = TeamLimitsConfig()
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    cache_ttl_s: float | None = Field(default=None, ge=0)  # overrides the model's and cache.ttl_s; 0: off
+    cache_share: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # same group: shared
+    cache_all: bool = False  # cache non-deterministic requests too (temperature > 0 and no seed)
 
 
 class RoutingConfig(_Strict):
@@ -159,6 +197,44 @@ class RoutingConfig(_Strict):
     retry_backoff_s: float = Field(default=0.05, ge=0)  # first retry delay; doubles, capped by the budget
     max_retry_wait_s: float = Field(default=2.0, ge=0)  # a longer Retry-After goes back to the client instead
     metrics_poll_s: float = Field(default=2.0, gt=0)  # how often engines' /metrics are read
+
+
+class RedisConfig(_Strict):
+    """Shared state for several replicas. Without `url`, cache, limits and budgets live in this process,
+    which is exact for one replica only."""
+
+    url: str | None = None  # e.g. "redis://127.0.0.1:6379/0"
+    prefix: str = Field(default="sb:", pattern=r"^[A-Za-z0-9_.:-]{0,64}$")  # one Redis, several gateways
+    timeout_ms: float = Field(default=250.0, gt=0, le=10_000)  # per call; 3 slow in a row: Redis is down
+    connect_timeout_ms: float = Field(default=1000.0, gt=0, le=10_000)
+    retry_after_s: float = Field(default=1.0, gt=0)  # after a failure Redis is left alone this long
+    max_connections: int = Field(default=128, ge=1)
+    routing_sync_s: float = Field(default=0.5, gt=0)  # how often routing stats and circuits are shared
+
+
+class CacheConfig(_Strict):
+    enabled: bool = True
+    ttl_s: float = Field(default=3600.0, ge=0)  # models.X.cache_ttl_s and teams.X.cache_ttl_s override
+    max_entry_bytes: int = Field(default=1 << 20, ge=1024)  # larger answers are not stored
+    memory_max_entries: int = Field(default=10_000, ge=1)  # in-process cache only (no redis.url)
+    memory_max_mb: int = Field(default=256, ge=1)
+
+
+class LimitsConfig(_Strict):
+    window_s: float = Field(default=60.0, gt=0)  # what `requests`/`tokens` limits count over
+    fail_open: bool = False  # Redis down: admit requests unchecked (true) or answer 503 (false)
+    budgets_fail_open: bool = False  # the same choice for spend budgets
+    budget_sync_s: float = Field(default=60.0, gt=0)  # how often budget counters are reconciled with SQL
+
+
+class ReportsConfig(_Strict):
+    """Usage reports: rollups, retention and the cloud model that savings are measured against."""
+
+    reference_model: str | None = None  # a model under [models] (its first deployment's prices) ...
+    reference_input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)  # ... or explicit prices
+    reference_output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    rollup_interval_s: float = Field(default=60.0, gt=0)  # how often the gateway updates hourly rollups
+    retention_days: int | None = Field(default=None, ge=1)  # prune raw rows older than this; rollups stay
 
 
 _DEFAULT_BACKENDS: dict[str, CloudBackendConfig | OpenAIBackendConfig] = {
@@ -188,6 +264,10 @@ class Config(_Strict):
     )
     teams: dict[str, TeamConfig] = Field(default_factory=lambda: {"demo": TeamConfig()})
     routing: RoutingConfig = RoutingConfig()
+    redis: RedisConfig = RedisConfig()
+    cache: CacheConfig = CacheConfig()
+    limits: LimitsConfig = LimitsConfig()
+    reports: ReportsConfig = ReportsConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:
@@ -207,6 +287,16 @@ class Config(_Strict):
                     problems.append(
                         f'teams.{team}.models: unknown model "{model_name}" (defined models: {known}, or "*")'
                     )
+            for model_name in policy.limits.models:
+                if model_name not in self.models:
+                    known = ", ".join(sorted(self.models)) or "none"
+                    problems.append(
+                        f'teams.{team}.limits.models: unknown model "{model_name}" (defined models: {known})'
+                    )
+        ref = self.reports.reference_model
+        if ref is not None and ref not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            problems.append(f'reports.reference_model: unknown model "{ref}" (defined models: {known})')
         if problems:
             raise ValueError("\n".join(problems))
         return self

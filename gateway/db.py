@@ -1,4 +1,4 @@
-"""SQL schema (teams, api_keys, usage), engine construction and programmatic Alembic migration.
+"""SQL schema (teams, api_keys, usage, hourly rollups), engine construction and Alembic migration in code.
 
 Invariants: every datetime column holds timezone-aware UTC (`UTCDateTime` normalises on the way in and
 out, also on SQLite, which has no zone type); money is integer micro-dollars; `usage.request_id` is the
@@ -18,6 +18,8 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import Dialect, Engine
+
+from gateway.histogram import LATENCY_PREFIX, TTFT_PREFIX, column_names
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 PG_CONNECT_TIMEOUT_S = 3
@@ -65,6 +67,12 @@ api_keys = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("expires_at", UTCDateTime, nullable=True),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
+    # The key's own limits (NULL: none beyond the team's); checked in Redis, stored here.
+    sa.Column("limit_requests", sa.Integer, nullable=True),  # per limits.window_s
+    sa.Column("limit_tokens", sa.Integer, nullable=True),
+    sa.Column("budget_period", sa.String(8), nullable=True),  # "day" | "month"; NULL: no budget
+    sa.Column("budget_micro_usd", sa.BigInteger, nullable=True),
+    sa.Column("soft_budget_micro_usd", sa.BigInteger, nullable=True),
     sa.Index("ix_api_keys_team", "team"),
 )
 
@@ -92,8 +100,68 @@ usage = sa.Table(
     sa.Column("route_reason", sa.Text, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("route_candidates", sa.Text, nullable=True),  # JSON: ranked candidates and score terms
+    sa.Column("cost_saved_micro_usd", sa.BigInteger, nullable=False, server_default="0"),  # cache hits
+    # When the writer inserted the row (batch time; also for replayed spill rows). NULL: written before
+    # migration 0004, taken to be written at created_at. Rollups find late rows through it.
+    sa.Column("written_at", UTCDateTime, nullable=True),
     sa.Index("ix_usage_created_at", "created_at"),
-    sa.Index("ix_usage_team_created_at", "team", "created_at"),
+    sa.Index("ix_usage_team_created_at", "team", "created_at"),  # team spend per period (gateway/spend.py)
+    sa.Index("ix_usage_key_id_created_at", "key_id", "created_at"),  # key spend per period
+    sa.Index("ix_usage_written_at", "written_at"),
+)
+
+
+def _measure(name: str, type_: Any) -> sa.Column[Any]:
+    return sa.Column(name, type_, nullable=False, server_default="0")
+
+
+# Hourly rollups of `usage` (gateway/rollup.py); reports read these instead of millions of raw rows.
+# One row per UTC hour and group; '' stands for "none" in the key columns (a primary key cannot be NULL).
+usage_hourly = sa.Table(
+    "usage_hourly",
+    metadata,
+    sa.Column("hour", UTCDateTime, primary_key=True),  # start of the UTC hour the requests were created in
+    sa.Column("team", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("model", sa.String(200), primary_key=True),  # usage.requested_model
+    sa.Column("backend", sa.String(200), primary_key=True),
+    sa.Column("privacy", sa.String(32), primary_key=True),  # the tier: privacy_class before ':'
+    _measure("requests", sa.Integer),
+    _measure("errors", sa.Integer),  # status = 'error'
+    _measure("client_closed", sa.Integer),
+    _measure("prompt_tokens", sa.BigInteger),
+    _measure("completion_tokens", sa.BigInteger),
+    _measure("cost_micro_usd", sa.BigInteger),
+    _measure("cache_hits", sa.Integer),
+    _measure("cost_saved_micro_usd", sa.BigInteger),
+    _measure("fallbacks", sa.Integer),  # attempts > 1
+    _measure("latency_sum_ms", sa.Float(precision=53)),
+    _measure("ttft_count", sa.Integer),  # rows with a ttft_ms
+    _measure("ttft_sum_ms", sa.Float(precision=53)),
+    *(_measure(name, sa.BigInteger) for name in column_names(LATENCY_PREFIX)),  # gateway/histogram.py
+    *(_measure(name, sa.BigInteger) for name in column_names(TTFT_PREFIX)),
+)
+
+# Measured busy time per backend and hour: the union of [created_at, created_at + latency_ms] of the
+# requests it served (cache hits excluded), clipped to the hour. Self-hosted cost is usd_per_hour * busy.
+backend_busy_hourly = sa.Table(
+    "backend_busy_hourly",
+    metadata,
+    sa.Column("hour", UTCDateTime, primary_key=True),
+    sa.Column("backend", sa.String(200), primary_key=True),
+    _measure("busy_ms", sa.Float(precision=53)),
+    _measure("requests", sa.Integer),  # requests created in the hour that the backend served
+)
+
+# One row per rollup job ("usage"): rows with written_at <= watermark - margin are in the rollups; raw rows
+# created before pruned_before were deleted after being rolled up (any still there are late, not yet added).
+rollup_state = sa.Table(
+    "rollup_state",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("watermark", UTCDateTime, nullable=False),
+    sa.Column("pruned_before", UTCDateTime, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
 

@@ -17,6 +17,8 @@ from enum import StrEnum
 
 import httpx
 
+from gateway.background import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +32,7 @@ class Fold(StrEnum):
 QUEUE_DEPTH = ("switchboard_engine_queue_depth", "vllm:num_requests_waiting", "llamacpp:requests_deferred")
 RUNNING = ("switchboard_engine_running_requests", "vllm:num_requests_running", "llamacpp:requests_processing")
 KV_CACHE_USED_FRAC = (
+    "switchboard_engine_kv_cache_usage_ratio",
     "vllm:kv_cache_usage_perc",
     "vllm:gpu_cache_usage_perc",
     "llamacpp:kv_cache_usage_ratio",
@@ -197,13 +200,6 @@ class MetricsPoller:
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            current = asyncio.current_task()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if current is not None and current.cancelling():
-                    raise  # we are being cancelled ourselves, not just reaping the poller
+        await cancel_and_wait(task)
         if self._owns_client:
             await self._client.aclose()

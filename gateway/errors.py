@@ -18,6 +18,7 @@ SwitchboardError (backends/errors.py)          500 api_error            internal
     │   └── ModelNotFound                      404 invalid_request_error model_not_found
     ├── PayloadTooLarge                        413 invalid_request_error payload_too_large
     ├── RateLimited                            429 rate_limit_error      rate_limit_exceeded
+    │   └── BudgetExceeded                     429 insufficient_quota    insufficient_quota
     ├── ServiceUnavailable                     503 api_error             service_unavailable
     └── AllBackendsFailed                      status of the last cause; all causes in the message
 """
@@ -62,6 +63,7 @@ __all__ = [
     "ModelNotFound",
     "PayloadTooLarge",
     "RateLimited",
+    "BudgetExceeded",
     "ServiceUnavailable",
     "AllBackendsFailed",
     "error_body",
@@ -135,6 +137,11 @@ class RateLimited(GatewayError):
         self.retry_after_s = retry_after_s
 
 
+class BudgetExceeded(RateLimited):
+    openai_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class ServiceUnavailable(GatewayError):
     status_code = 503
     openai_type = "api_error"
@@ -193,6 +200,7 @@ ALL_ERROR_CLASSES: tuple[type[SwitchboardError], ...] = (
     ModelNotFound,
     PayloadTooLarge,
     RateLimited,
+    BudgetExceeded,
     ServiceUnavailable,
     NoHealthyDeployment,
     LimiterUnavailable,

@@ -6,6 +6,7 @@ lookups of one key share one query. So a key revoked by another process keeps wo
 `ttl_s`; `KeyStore.invalidate` makes a revoke in this process take effect at once. While the database is
 unreachable, keys already cached keep resolving (stale) and unknown ones raise ServiceUnavailable. Revoked
 and expired keys resolve to a `KeyIdentity` carrying their flags; `check_usable` turns those into errors.
+A key's own rate limits and budget are stored here and travel in its `KeyIdentity`; gateway/limits enforces.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from gateway.db import api_keys, teams
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, ServiceUnavailable
-from gateway.records import KeyIdentity
+from gateway.records import KeyBudget, KeyIdentity
+from gateway.spend import micro_to_usd_text
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ NEGATIVE_TTL_S = 1.0
 NEGATIVE_CACHE_MAX = 10_000
 MAX_CONCURRENT_LOOKUPS = 4
 ALL_MODELS = "*"
+MAX_KEY_LIMIT = 2**31 - 1  # api_keys.limit_* are 32-bit INTEGER columns
+MAX_BUDGET_MICRO_USD = 2**63 - 1  # BIGINT
 _KEY_ALPHABET = frozenset(string.ascii_letters + string.digits + "-_")
 _NAME_CHARS = frozenset(string.ascii_letters + string.digits + "-_.")
 
@@ -58,6 +62,9 @@ class KeyInfo:
     created_at: dt.datetime
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+    budget: KeyBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,9 @@ class CreatedKey:
     models: tuple[str, ...] | None
     created_at: dt.datetime
     expires_at: dt.datetime | None
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+    budget: KeyBudget | None = None
 
 
 def hash_key(plaintext: str) -> str:
@@ -187,8 +197,13 @@ def create_key(
     models: list[str] | None,
     expires_at: dt.datetime | None,
     now: dt.datetime | None = None,
+    limit_requests: int | None = None,
+    limit_tokens: int | None = None,
+    budget: KeyBudget | None = None,
 ) -> CreatedKey:
-    """A new key for `team`. Its `models` must be a subset of the team's, unless the team allows all."""
+    """A new key for `team`. Its `models` must be a subset of the team's, unless the team allows all.
+    `limit_requests`/`limit_tokens` (per limits.window_s) and `budget` are the key's own limits."""
+    _check_limits(limit_requests, limit_tokens, budget)
     now = now or _utcnow()
     if expires_at is not None:
         if expires_at.tzinfo is None:
@@ -224,9 +239,51 @@ def create_key(
                 models=column,
                 created_at=now,
                 expires_at=expires_at,
+                limit_requests=limit_requests,
+                limit_tokens=limit_tokens,
+                **_budget_columns(budget),
             )
         )
-    return CreatedKey(key_id, team, name, display_prefix, plaintext, _models_tuple(column), now, expires_at)
+    return CreatedKey(
+        key_id,
+        team,
+        name,
+        display_prefix,
+        plaintext,
+        _models_tuple(column),
+        now,
+        expires_at,
+        limit_requests,
+        limit_tokens,
+        budget,
+    )
+
+
+def _check_limits(limit_requests: int | None, limit_tokens: int | None, budget: KeyBudget | None) -> None:
+    """Bounds the columns can hold; `KeyBudget` itself checks period, > 0 and soft <= hard."""
+    for value, param in ((limit_requests, "limits.requests"), (limit_tokens, "limits.tokens")):
+        if value is not None and not 1 <= value <= MAX_KEY_LIMIT:
+            raise InvalidRequest(f"{param} must be between 1 and {MAX_KEY_LIMIT}, not {value}", param=param)
+    if budget is not None and budget.limit_micro_usd > MAX_BUDGET_MICRO_USD:
+        most = micro_to_usd_text(MAX_BUDGET_MICRO_USD)
+        raise InvalidRequest(f"budget.usd must be at most {most} (USD)", param="budget.usd")
+
+
+def _budget_columns(budget: KeyBudget | None) -> dict[str, object]:
+    if budget is None:
+        return {"budget_period": None, "budget_micro_usd": None, "soft_budget_micro_usd": None}
+    return {
+        "budget_period": budget.period,
+        "budget_micro_usd": budget.limit_micro_usd,
+        "soft_budget_micro_usd": budget.soft_limit_micro_usd,
+    }
+
+
+def _budget_of(m: sa.RowMapping) -> KeyBudget | None:
+    period, limit, soft = m["budget_period"], m["budget_micro_usd"], m["soft_budget_micro_usd"]
+    if period is None or limit is None:
+        return None
+    return KeyBudget(period, int(limit), None if soft is None else int(soft))
 
 
 def _key_info(r: sa.Row[tuple[object, ...]]) -> KeyInfo:
@@ -240,6 +297,9 @@ def _key_info(r: sa.Row[tuple[object, ...]]) -> KeyInfo:
         created_at=m["created_at"],
         expires_at=m["expires_at"],
         revoked_at=m["revoked_at"],
+        limit_requests=m["limit_requests"],
+        limit_tokens=m["limit_tokens"],
+        budget=_budget_of(m),
     )
 
 
@@ -303,6 +363,9 @@ def _fetch_key(engine: Engine, key_hash: str) -> _Lookup | None:
         models=None if info.models is None else frozenset(info.models),
         expires_at=info.expires_at,
         revoked=info.revoked_at is not None,
+        limit_requests=info.limit_requests,
+        limit_tokens=info.limit_tokens,
+        budget=info.budget,
     )
     team_models = row._mapping["team_models"]
     return _Lookup(identity, None if team_models is None else frozenset(team_models))

@@ -6,6 +6,8 @@ record may safely be written twice. When the database is unreachable, batches go
 lines, fsynced) and a replay task inserts them once it is back: it first renames the spill file to
 `<spill>.replaying`, inserts it, then deletes it; a crash at any step leaves a file that the next start
 replays. Rows the database refuses as bad data (not an outage) go to `<spill>.rejected` for a human.
+Each insert stamps `written_at` (the batch's UTC time, also for replayed rows); spill lines never carry it.
+Spill lines written by an older version lack newer fields; they replay with the `UsageRecord` defaults.
 All methods must be called from the event loop thread.
 """
 
@@ -17,6 +19,7 @@ import datetime as dt
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +59,13 @@ def _is_outage(exc: DBAPIError) -> bool:
     return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
 
 
-def insert_usage_rows(engine: Engine, rows: list[Row]) -> None:
-    """One idempotent executemany insert; rows whose request_id exists are skipped."""
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def insert_usage_rows(engine: Engine, rows: list[Row], *, written_at: dt.datetime | None = None) -> None:
+    """One idempotent executemany insert; rows whose request_id exists are skipped. Every row is stamped
+    `written_at` (default: now), which tells the rollups it is new even when its created_at is old."""
     name = engine.dialect.name
     if name == "postgresql":
         stmt: Any = postgresql.insert(usage).on_conflict_do_nothing(index_elements=["request_id"])
@@ -65,8 +73,9 @@ def insert_usage_rows(engine: Engine, rows: list[Row]) -> None:
         stmt = sqlite.insert(usage).on_conflict_do_nothing(index_elements=["request_id"])
     else:
         raise ValueError(f"the ledger supports sqlite and postgresql, not {name} (config: database.url)")
+    stamp = written_at or _utc_now()
     with engine.begin() as conn:
-        conn.execute(stmt, rows)
+        conn.execute(stmt, [{**row, "written_at": stamp} for row in rows])
 
 
 class LedgerWriter:
@@ -82,8 +91,10 @@ class LedgerWriter:
         flush_interval_s: float,
         replay_interval_s: float,
         close_timeout_s: float = 10.0,
+        clock: Callable[[], dt.datetime] = _utc_now,
     ) -> None:
         self._engine = engine
+        self._clock = clock  # stamps usage.written_at
         self._spill_path = Path(spill_path)
         self._replaying_path = Path(spill_path + ".replaying")
         self._rejected_path = Path(spill_path + ".rejected")
@@ -213,8 +224,9 @@ class LedgerWriter:
     def _insert_or_reject(self, rows: list[Row]) -> int:
         """Insert rows; rows the database refuses one by one go to the rejected file. Returns how many
         were accepted (inserted or already present). Raises DBAPIError on an outage."""
+        written_at = self._clock()
         try:
-            insert_usage_rows(self._engine, rows)
+            insert_usage_rows(self._engine, rows, written_at=written_at)
             return len(rows)
         except DBAPIError as exc:
             if _is_outage(exc):
@@ -225,7 +237,7 @@ class LedgerWriter:
         refused: list[Row] = []
         for row in rows:
             try:
-                insert_usage_rows(self._engine, [row])
+                insert_usage_rows(self._engine, [row], written_at=written_at)
             except DBAPIError as exc:
                 if _is_outage(exc):
                     raise

@@ -27,7 +27,7 @@ local function admit()
     local window = tonumber(ARGV[3 * i + 1])
     local cost = tonumber(ARGV[3 * i + 2])
     local slot_ms = window / limit
-    local now_slot = math.floor(now / slot_ms)
+    local now_slot = math.floor(now * limit / window)  -- not now / slot_ms: that rounds a boundary down
     local tat = math.max(tonumber(redis.call('GET', KEYS[i])) or 0, now_slot)
     local new_tat = tat + cost
     local fits = 1
@@ -35,7 +35,7 @@ local function admit()
       fits, allowed, retry = 0, 0, -1
     elseif new_tat - now_slot > limit then
       fits, allowed = 0, 0
-      if retry >= 0 then retry = math.max(retry, ceil0((new_tat - limit) * slot_ms - now)) end
+      if retry >= 0 then retry = math.max(retry, 1, ceil0((new_tat - limit) * window / limit - now)) end
     end
     tats[i] = {tat, new_tat, limit, slot_ms, now_slot}
     replies[i] = fits
@@ -59,8 +59,9 @@ end
 -- A key that has already expired has nothing left to refund.
 local function settle()
   for i = 1, #KEYS do
-    local slot_ms = tonumber(ARGV[3 * i + 1]) / tonumber(ARGV[3 * i])
-    local now_slot = math.floor(now / slot_ms)
+    local limit, window = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+    local slot_ms = window / limit
+    local now_slot = math.floor(now * limit / window)
     local tat = math.max(tonumber(redis.call('GET', KEYS[i])) or 0, now_slot) + tonumber(ARGV[3 * i + 2])
     if tat > now_slot then
       redis.call('SET', KEYS[i], string.format('%.17g', tat), 'PX', ceil0(tat * slot_ms - now) + 1)

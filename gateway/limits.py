@@ -268,9 +268,15 @@ def _rule_key(rule: LimitRule) -> str:
     return f"rl:{rule.kind}:{rule.limit}/{rule.window_ms}:{rule.scope}"
 
 
+def _now_slot(rule: LimitRule, now_ms: float) -> int:
+    """The slot `now_ms` falls in. Multiplying first keeps a slot boundary exact; `now / slot_ms` can round
+    it down by one slot (1.7e12 ms at 159 per second), which denied a request with Retry-After 0."""
+    return math.floor(now_ms * rule.limit / rule.window_ms)
+
+
 def _rule_status(rule: LimitRule, tat: int, now_ms: float, fits: bool) -> RuleStatus:
     slot_ms = rule.window_ms / rule.limit
-    used = tat - math.floor(now_ms / slot_ms)
+    used = tat - _now_slot(rule, now_ms)
     remaining = min(rule.limit, max(0, rule.limit - used))
     return RuleStatus(rule, remaining, _ceil0(tat * slot_ms - now_ms), fits)
 
@@ -334,8 +340,7 @@ class MemoryLimiter:
         retry_ms: int | None = 0
         plans: list[tuple[LimitRule, int, int, bool]] = []
         for rule in rules:
-            slot_ms = rule.window_ms / rule.limit
-            now_slot = math.floor(now / slot_ms)
+            now_slot = _now_slot(rule, now)
             tat = max(self._tats.get(_rule_key(rule), 0), now_slot)
             cost = rule.cost(cost_tokens)
             fits = cost <= rule.limit and tat + cost - now_slot <= rule.limit
@@ -344,7 +349,8 @@ class MemoryLimiter:
             elif not fits:
                 allowed = False
                 if retry_ms is not None:
-                    retry_ms = max(retry_ms, _ceil0((tat + cost - rule.limit) * slot_ms - now))
+                    denied_for = (tat + cost - rule.limit) * rule.window_ms / rule.limit - now
+                    retry_ms = max(retry_ms, 1, _ceil0(denied_for))
             plans.append((rule, tat, tat + cost, fits))
         statuses = []
         for rule, tat, new_tat, fits in plans:
@@ -365,7 +371,7 @@ class MemoryLimiter:
         now = self._now(now_ms)
         for rule, delta in _settle_deltas(admission, actual_tokens, count_request):
             key = _rule_key(rule)
-            now_slot = math.floor(now / (rule.window_ms / rule.limit))
+            now_slot = _now_slot(rule, now)
             tat = max(self._tats.get(key, 0), now_slot) + delta
             if tat > now_slot:
                 self._tats[key] = tat

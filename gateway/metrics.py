@@ -13,6 +13,11 @@ from gateway.records import UsageRecord
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _LABELS = ("team", "model", "backend", "status")
+_LIMIT_REASONS = {
+    "rate_limit_exceeded": "rate",
+    "insufficient_quota": "budget",
+    "limiter_unavailable": "limiter_unavailable",
+}
 
 
 class GatewayMetrics:
@@ -45,6 +50,25 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.cache = Counter(
+            "switchboard_cache_lookups", "Response cache: hit, miss or skip", ("team", "result"), registry=r
+        )
+        self.limited = Counter(
+            "switchboard_limited_requests",
+            "Requests refused by the gateway's limits: rate (incl. concurrency), budget, limiter_unavailable",
+            ("team", "reason"),
+            registry=r,
+        )
+        self.budget_alerts = Counter(
+            "switchboard_budget_soft_limit_crossed",
+            "Budgets that crossed their soft limit (scope is team:<name> or key:<id>)",
+            ("scope", "period"),
+            registry=r,
+        )
+        self.saved = Counter(
+            "switchboard_cache_saved_usd", "Cost the response cache saved", ("team", "model"), registry=r
+        )
+
     def observe(self, rec: UsageRecord) -> None:
         backend = rec.backend or "none"
         labels = (rec.team, rec.requested_model, backend, rec.status.value)
@@ -58,6 +82,11 @@ class GatewayMetrics:
             self.tokens.labels(rec.team, rec.requested_model, backend, "completion").inc(
                 rec.completion_tokens
             )
+        if rec.cost_saved_micro_usd:
+            self.saved.labels(rec.team, rec.requested_model).inc(rec.cost_saved_micro_usd / 1_000_000)
+        reason = _LIMIT_REASONS.get(rec.error_type or "")
+        if reason is not None:
+            self.limited.labels(rec.team, reason).inc()
         if rec.cost_micro_usd:
             self.cost.labels(rec.team, rec.requested_model, backend).inc(rec.cost_micro_usd / 1_000_000)
 

@@ -1,6 +1,6 @@
-"""Values that cross gateway modules: the usage record, key identity and team policy.
+"""Values that cross gateway modules: the usage record, key identity (with its limits) and team policy.
 
-A `UsageRecord` holds counts, cost and ids, never prompt or completion text. Cost is integer micro-dollars.
+A `UsageRecord` holds counts, cost and ids, never prompt or completion text. Money is integer micro-dollars.
 """
 
 from __future__ import annotations
@@ -35,10 +35,35 @@ class UsageRecord:
     error_type: str | None  # the error `code`, e.g. "upstream_timeout"
     stream: bool
     cache_hit: bool = False
+    cost_saved_micro_usd: int = 0  # a cache hit: what the original answer cost (cost_micro_usd is then 0)
     privacy_class: str | None = None  # floor and detector kinds, e.g. `internal:email`
     route_reason: str | None = None  # why routing chose this backend
     attempts: int = 0  # backend attempts made (0: refused before any)
     route_candidates: str | None = None  # JSON: ranked candidates with their score terms
+
+
+BUDGET_PERIODS = ("day", "month")  # a UTC day or calendar month: the values of gateway.limits.BudgetPeriod
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBudget:
+    """A key's spend limit per period, in micro-dollars; `soft_limit_micro_usd` only alerts."""
+
+    period: str  # "day" | "month"
+    limit_micro_usd: int
+    soft_limit_micro_usd: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.period not in BUDGET_PERIODS:
+            raise ValueError(f"budget period {self.period!r} is not one of: {', '.join(BUDGET_PERIODS)}")
+        if self.limit_micro_usd <= 0:
+            raise ValueError(f"budget limit must be > 0 micro-USD, not {self.limit_micro_usd}")
+        soft = self.soft_limit_micro_usd
+        if soft is not None and not 0 < soft <= self.limit_micro_usd:
+            raise ValueError(
+                f"soft budget limit ({soft} micro-USD) must be > 0 and at most the limit "
+                f"({self.limit_micro_usd} micro-USD)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +76,9 @@ class KeyIdentity:
     models: frozenset[str] | None
     expires_at: dt.datetime | None
     revoked: bool
+    limit_requests: int | None = None  # per `limits.window_s`; None: the team's key_requests, if any
+    limit_tokens: int | None = None
+    budget: KeyBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,8 @@ class Routed:
     decision: RouteDecision
     verdict: PrivacyVerdict
     policy: RoutePolicy
+    prompt_tokens: int  # the estimate routing used; admission reserves it too
+    output_tokens: int  # max_tokens, or routing.default_output_tokens
 
 
 def requested_floor(header: str | None) -> PrivacyTier | None:
@@ -112,17 +114,20 @@ def plan(
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=str(exc).split(":", 1)[0]) from None
     policy = narrow(routing.policy(team), prefs)
+    prompt_tokens = estimate_prompt_tokens(messages)
+    output_tokens = body.max_output_tokens() or routing.config.routing.default_output_tokens
     request = RouteRequest(
         public_model=body.model,
-        prompt_tokens=estimate_prompt_tokens(messages),
-        expected_output_tokens=body.max_output_tokens() or routing.config.routing.default_output_tokens,
+        prompt_tokens=prompt_tokens,
+        expected_output_tokens=output_tokens,
         privacy_floor=verdict.floor,
         needs_tools=body.tools is not None,
         needs_json=body.response_format is not None,
         preferences=prefs,
         privacy_reason=verdict.reason,
     )
-    return Routed(choose(request, routing.snapshot(now_s), policy, now_s=now_s), verdict, policy)
+    decision = choose(request, routing.snapshot(now_s), policy, now_s=now_s)
+    return Routed(decision, verdict, policy, prompt_tokens, output_tokens)
 
 
 _HINTS = {

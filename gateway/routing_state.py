@@ -2,7 +2,9 @@
 
 `snapshot(now_s)` hands routing a frozen `RoutingSnapshot`; it is rebuilt at most every `_REFRESH_S` so a
 decision costs no rebuild. Stats are keyed by deployment id (`model@backend`); one team's policy comes from
-`[teams.*]` config (defaults for teams created only in SQL).
+`[teams.*]` config (defaults for teams created only in SQL). With several replicas, `set_shared` installs the
+other replicas' stats (gateway/shared_routing.py); they are merged into each rebuilt snapshot only, never
+into this replica's own `StatsBook`, so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from decimal import Decimal
+from typing import Protocol
 
 from backends.base import Backend
 from gateway.breaker import BreakerBoard, BreakerPolicy, BreakerState, BreakerView
 from gateway.config import Config, OpenAIBackendConfig, TeamConfig
 from gateway.engine_metrics import EngineLoad, MetricsPoller
-from gateway.stats import LiveStats, Prior, StatsBook
+from gateway.stats import Evidence, LiveStats, Prior, StatsBook
 from routing.decision import Deployment
 from routing.privacy import PrivacyTier, SensitivePolicy
 from routing.snapshot import (
@@ -28,6 +31,14 @@ from routing.snapshot import (
 )
 
 _REFRESH_S = 0.05  # a decision may see stats this stale; rebuilding per request would cost more than routing
+
+
+class SharedStats(Protocol):
+    """Other replicas' view of the deployments, folded into this replica's at snapshot time."""
+
+    def merge(
+        self, local: Mapping[str, LiveStats], evidence: Mapping[str, Evidence], now_s: float
+    ) -> Mapping[str, LiveStats]: ...
 
 
 def deployment_id(public_model: str, backend: str) -> str:
@@ -121,6 +132,12 @@ class RoutingState:
         self._snapshot: RoutingSnapshot | None = None
         self._built_s = -math.inf
         self._pollers: list[MetricsPoller] = []
+        self._shared: SharedStats | None = None
+
+    def set_shared(self, shared: SharedStats | None) -> None:
+        """Use other replicas' stats from the next snapshot on (None: this replica's alone)."""
+        self._shared = shared
+        self._built_s = -math.inf
 
     def policy(self, team: str) -> RoutePolicy:
         return self.policies.get(team, self._default_policy)
@@ -134,6 +151,8 @@ class RoutingState:
     def snapshot(self, now_s: float) -> RoutingSnapshot:
         if self._snapshot is None or now_s - self._built_s >= _REFRESH_S:
             live = self.stats.snapshot(now_s)
+            if self._shared is not None:
+                live = self._shared.merge(live, self.stats.evidence(now_s), now_s)
             breakers = self.breakers.snapshot(now_s)
             entries = {
                 dep_id: (spec, _stats(live[dep_id], breakers[dep_id])) for dep_id, spec in self.specs.items()

@@ -6,23 +6,36 @@ writer, backends, deployments). Secrets are read here, from the environment vari
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import secrets
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol, runtime_checkable
 
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from sqlalchemy.engine import Engine
 
 from backends.base import Backend, BackendKind
+from gateway.admission import Gate, QuotaStore
+from gateway.cache import MemoryCache, RedisCache, ResponseCache
 from gateway.config import CloudBackendConfig, Config, ConfigError, DeploymentConfig, OpenAIBackendConfig
 from gateway.db import make_engine, migrate
 from gateway.keys import KeyStore, upsert_teams
 from gateway.ledger import LedgerWriter
+from gateway.limits import BudgetRule, MemoryLimiter, RedisLimiter
 from gateway.metrics import GatewayMetrics
+from gateway.rollup_job import RollupJob
 from gateway.routing_state import RoutingState, build_specs
+from gateway.shared_routing import RoutingSync
+from gateway.spend import spent_micro_usd
 from routing.decision import FREE, Deployment, Price
 
 log = logging.getLogger("switchboard")
@@ -47,13 +60,35 @@ class Services:
     metrics: GatewayMetrics
     admin_key: str | None
     routing: RoutingState
+    gate: Gate
+    cache: ResponseCache
+    redis: Redis | None = None  # None: cache, limits and budgets live in this process
+    routing_sync: RoutingSync | None = None  # shares routing stats and circuits through Redis
+    rollup: RollupJob | None = None
 
     async def aclose(self) -> None:
+        if self.rollup is not None:
+            await self.rollup.aclose()
+        if self.routing_sync is not None:
+            await self.routing_sync.aclose()  # first: it removes this replica's key with the client
         await self.routing.aclose()
         for backend in reversed(list(self.backends.values())):
             await backend.aclose()
+        await self.gate.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
         await self.ledger.aclose()
         self.db.dispose()
+
+    async def redis_ok(self) -> bool | None:
+        """None without Redis; else whether it answers a PING within the configured timeout."""
+        if self.redis is None:
+            return None
+        try:
+            async with asyncio.timeout(self.config.redis.timeout_ms / 1000):
+                return bool(await self.redis.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
 
 
 def missing_secrets(config: Config) -> list[str]:
@@ -140,6 +175,49 @@ def build_deployments(config: Config, backends: Mapping[str, Backend]) -> dict[s
     return out
 
 
+def build_redis(config: Config) -> Redis | None:
+    """One pool for cache, limits and routing sync. No client-side retries: every call is bounded by
+    `redis.timeout_ms`, and a failed call leaves Redis alone for `redis.retry_after_s` (gateway/outage.py)."""
+    rc = config.redis
+    if rc.url is None:
+        return None
+    return Redis.from_url(
+        rc.url,
+        socket_timeout=rc.timeout_ms / 1000,
+        socket_connect_timeout=rc.connect_timeout_ms / 1000,
+        max_connections=rc.max_connections,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+
+
+def build_quota(config: Config, redis: Redis | None) -> tuple[QuotaStore, ResponseCache]:
+    rc, cc = config.redis, config.cache
+    if redis is None:
+        cache: ResponseCache = MemoryCache(
+            max_entries=cc.memory_max_entries,
+            max_bytes=cc.memory_max_mb << 20,
+            max_entry_bytes=cc.max_entry_bytes,
+        )
+        return MemoryLimiter(), cache
+    timeout_s = rc.timeout_ms / 1000
+    limiter = RedisLimiter(
+        redis,
+        prefix=rc.prefix + "limits:",
+        timeout_s=timeout_s,
+        fail_open=config.limits.fail_open,
+        retry_after_s=rc.retry_after_s,
+    )
+    cache = RedisCache(
+        redis,
+        prefix=rc.prefix + "cache:",
+        timeout_s=timeout_s,
+        max_entry_bytes=cc.max_entry_bytes,
+        retry_after_s=rc.retry_after_s,
+    )
+    return limiter, cache
+
+
 def should_migrate(config: Config) -> bool:
     if config.database.auto_migrate is not None:
         return config.database.auto_migrate
@@ -187,6 +265,32 @@ async def build_services(config: Config) -> Services:
     deployments = build_deployments(config, backends)
     routing = RoutingState(config, build_specs(config, backends, deployments))
     routing.start_pollers(time.monotonic)
+    redis = build_redis(config)
+    store, cache = build_quota(config, redis)
+    routing_sync = None
+    if redis is not None:
+        rc = config.redis
+        routing_sync = RoutingSync(
+            redis,
+            routing,
+            replica_id=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}",
+            prefix=rc.prefix,
+            interval_s=rc.routing_sync_s,
+            timeout_s=rc.timeout_ms / 1000,
+            retry_after_s=rc.retry_after_s,
+        )
+        routing_sync.start()
+
+    def on_soft_limit(rule: BudgetRule, period: str, spent_micro_usd: int) -> None:
+        metrics.budget_alerts.labels(rule.scope, period).inc()
+
+    def spend(scope: str, period: str) -> int:
+        return spent_micro_usd(engine, scope, period)
+
+    gate = Gate(store, config, spend=spend, on_soft_limit=on_soft_limit)
+    await gate.preload()
+    rollup = RollupJob(engine, config.reports)
+    rollup.start()
     return Services(
         config=config,
         db=engine,
@@ -198,4 +302,9 @@ async def build_services(config: Config) -> Services:
         metrics=metrics,
         admin_key=os.environ.get(config.server.admin_key_env) or None,
         routing=routing,
+        gate=gate,
+        cache=cache,
+        redis=redis,
+        routing_sync=routing_sync,
+        rollup=rollup,
     )

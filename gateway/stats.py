@@ -4,13 +4,14 @@ Every observation is O(1): EWMAs update in place and latency/TTFT samples go int
 percentiles are sorted on demand (and cached until the next sample). Time is always passed in. `snapshot`
 returns frozen `LiveStats`; engine readings older than `engine_ttl_s` are left out of it (None), so a dead
 metrics endpoint never looks like an idle engine. Failed requests move only the error rate: a fast 500 must
-not make a backend look fast.
+not make a backend look fast. `evidence` says how much recent observation stands behind each EWMA (counts
+decayed with `recent_tau_s`); `merge_stats` weighs several replicas' numbers by it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -18,6 +19,8 @@ from types import MappingProxyType
 DEFAULT_ALPHA = 0.2  # moves 90% of the way to a new steady value in 11 observations
 DEFAULT_WINDOW = 256
 DEFAULT_ENGINE_TTL_S = 10.0
+DEFAULT_RECENT_TAU_S = 60.0  # an observation this old counts 1/e as much as a new one
+STALE_WEIGHT = 1e-6  # in merge_stats: evidence decayed to ~0 still outweighs none (a replica on its priors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,20 @@ class LiveStats:
     ttft_p95_ms: float | None
     samples: int  # request observations (ok and failed) since start
     last_update_s: float | None  # latest request observation or engine reading
+    engine_at_s: float | None = None  # when the engine reading above was taken
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Observations behind one deployment's EWMAs, each weighted exp(-age / recent_tau_s): about the count
+    of the last tau seconds. `recent_ok` (successes only) backs latency, TTFT, decode rate and percentiles;
+    `recent` (all) backs the error rate. Zero when the numbers are still the priors."""
+
+    recent: float
+    recent_ok: float
+
+
+NO_EVIDENCE = Evidence(0.0, 0.0)
 
 
 def observations_to_converge(alpha: float, fraction: float = 0.9) -> int:
@@ -128,6 +145,9 @@ class _Live:
         "in_flight",
         "samples",
         "last_update_s",
+        "recent",
+        "recent_ok",
+        "recent_at_s",
         "latencies",
         "ttfts",
         "engine",
@@ -144,6 +164,9 @@ class _Live:
         self.in_flight = 0
         self.samples = 0
         self.last_update_s: float | None = None
+        self.recent = 0.0  # decayed observation counts as of recent_at_s (see Evidence)
+        self.recent_ok = 0.0
+        self.recent_at_s = 0.0
         self.latencies = _Ring(window)
         self.ttfts = _Ring(window)
         self.engine: _Engine | None = None
@@ -163,13 +186,17 @@ class StatsBook:
         alpha: float = DEFAULT_ALPHA,
         window: int = DEFAULT_WINDOW,
         engine_ttl_s: float = DEFAULT_ENGINE_TTL_S,
+        recent_tau_s: float = DEFAULT_RECENT_TAU_S,
     ) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha} (routing.alpha)")
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window} (routing.window)")
+        if recent_tau_s <= 0:
+            raise ValueError(f"recent_tau_s must be > 0, got {recent_tau_s}")
         self._alpha = alpha
-        self._engine_ttl_s = engine_ttl_s
+        self.engine_ttl_s = engine_ttl_s
+        self._tau_s = recent_tau_s
         self._live = {name: _Live(prior, window) for name, prior in priors.items()}
 
     def _get(self, deployment_id: str) -> _Live:
@@ -200,6 +227,10 @@ class StatsBook:
         a = self._alpha
         live.samples += 1
         live.last_update_s = now_s
+        decay = self._decay(live, now_s)
+        live.recent = live.recent * decay + 1.0
+        live.recent_ok = live.recent_ok * decay + (1.0 if ok else 0.0)
+        live.recent_at_s = max(now_s, live.recent_at_s)
         live.error_rate += a * ((0.0 if ok else 1.0) - live.error_rate)
         if not ok:
             return
@@ -215,6 +246,20 @@ class StatsBook:
         if completion_tokens >= 2 and decode_ms > 0:
             rate = (completion_tokens - 1) * 1000.0 / decode_ms
             live.decode_tokens_per_s += a * (rate - live.decode_tokens_per_s)
+
+    def _decay(self, live: _Live, now_s: float) -> float:
+        return math.exp(-max(0.0, now_s - live.recent_at_s) / self._tau_s)
+
+    def evidence(self, now_s: float) -> Mapping[str, Evidence]:
+        """Deployment id -> its decayed observation counts at `now_s` (not cached: they change with time)."""
+        out: dict[str, Evidence] = {}
+        for name, live in self._live.items():
+            if live.recent == 0.0:
+                out[name] = NO_EVIDENCE
+                continue
+            decay = self._decay(live, now_s)
+            out[name] = Evidence(live.recent * decay, live.recent_ok * decay)
+        return MappingProxyType(out)
 
     def _rescale(self, live: _Live, latency_ms: float, completion_tokens: int) -> None:
         """A whole (non-streamed) answer shows only the total: scale TTFT and decode rate together so the
@@ -270,10 +315,10 @@ class StatsBook:
         engine = live.engine
         until_s = math.inf
         if engine is not None:
-            if now_s - engine.at_s > self._engine_ttl_s:
+            if now_s - engine.at_s > self.engine_ttl_s:
                 engine = None
             else:
-                until_s = engine.at_s + self._engine_ttl_s
+                until_s = engine.at_s + self.engine_ttl_s
         live.cached = self._build(live, engine)
         live.cached_from_s, live.cached_until_s = now_s, until_s
         return live.cached
@@ -294,4 +339,61 @@ class StatsBook:
             ttft_p95_ms=live.ttfts.quantile(0.95),
             samples=live.samples,
             last_update_s=live.last_update_s,
+            engine_at_s=engine.at_s if engine else None,
         )
+
+
+def _mean(rows: Iterable[tuple[float | None, float]]) -> float | None:
+    """Weighted mean of (value, weight) pairs, skipping missing values; None when nothing is left."""
+    pairs = [(value, weight) for value, weight in rows if value is not None]
+    total = sum(weight for _, weight in pairs)
+    return sum(value * weight for value, weight in pairs) / total if total > 0 else None
+
+
+def _engine_at(stats: LiveStats) -> float:
+    return stats.engine_at_s if stats.engine_at_s is not None else -math.inf
+
+
+def merge_stats(
+    rows: Sequence[tuple[LiveStats, Evidence]], *, now_s: float, engine_ttl_s: float
+) -> LiveStats:
+    """One deployment as several replicas together see it; `rows[0]` is this replica's, whose numbers (its
+    priors) stand where no replica has evidence. Pure: no row is changed, so nothing is counted twice.
+
+    EWMAs and percentiles are averaged, weighted by each replica's `Evidence` (observations decayed with
+    time constant tau, about "the count of the last tau seconds"): a replica that served much, lately, counts
+    most; one busy an hour ago counts little. A count since start would let an idle replica's old numbers
+    outvote fresh ones, and a capped count would weigh every busy replica alike however stale. Latency,
+    TTFT, decode rate and percentiles use successes only (a failure moves only the error rate); a replica
+    still on its priors has weight 0, so it never pulls real evidence back toward them. In-flight counts
+    add up; the freshest engine reading (queue depth, KV use) within `engine_ttl_s` wins.
+    """
+    local = rows[0][0]
+    if len(rows) == 1:
+        return local
+    seen = [(s, e.recent + STALE_WEIGHT) for s, e in rows if s.samples > 0]
+    ok = [(s, e.recent_ok + STALE_WEIGHT) for s, e in rows if s.latency_p50_ms is not None]
+    fresh = [s for s, _ in rows if s.engine_at_s is not None and now_s - s.engine_at_s <= engine_ttl_s]
+    engine = max(fresh, key=_engine_at) if fresh else None
+    updates = [s.last_update_s for s, _ in rows if s.last_update_s is not None]
+
+    def mean(values: Iterable[tuple[float | None, float]], fallback: float) -> float:
+        found = _mean(values)
+        return fallback if found is None else found
+
+    return LiveStats(
+        ttft_ms=mean(((s.ttft_ms, w) for s, w in ok), local.ttft_ms),
+        decode_tokens_per_s=mean(((s.decode_tokens_per_s, w) for s, w in ok), local.decode_tokens_per_s),
+        error_rate=mean(((s.error_rate, w) for s, w in seen), local.error_rate),
+        latency_ms=mean(((s.latency_ms, w) for s, w in ok), local.latency_ms),
+        in_flight=sum(s.in_flight for s, _ in rows),
+        queue_depth=engine.queue_depth if engine else None,
+        running=engine.running if engine else None,
+        kv_cache_used_frac=engine.kv_cache_used_frac if engine else None,
+        latency_p50_ms=_mean((s.latency_p50_ms, w) for s, w in ok),
+        latency_p95_ms=_mean((s.latency_p95_ms, w) for s, w in ok),
+        ttft_p95_ms=_mean((s.ttft_p95_ms, w) for s, w in ok),
+        samples=sum(s.samples for s, _ in rows),
+        last_update_s=max(updates) if updates else None,
+        engine_at_s=engine.engine_at_s if engine else None,
+    )

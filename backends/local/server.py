@@ -1,9 +1,10 @@
-"""The engine's OpenAI-compatible HTTP server: /v1/chat/completions, /v1/models, /health, /metrics.
+"""The engine's OpenAI-compatible HTTP server: chat and text completions, /v1/models, /health, /metrics.
 
 This is the HTTP edge: `wire` parses and checks bodies and applies the chat template; this module renders
-results and errors (`{"error": {message, type, param, code}}`; bad input is 4xx, never 500). Generation lives
-behind `GenerationWorker`, which takes token ids, so the generation insides can change without touching this
-file. All state (worker, metrics registry) hangs off `app.state`; the worker thread starts in the lifespan.
+results and errors (`{"error": {message, type, param, code}}`; bad input is 4xx, never 500). Generation is
+the continuous-batching `Engine`, which takes and returns token ids: here they become text through a
+`StopStringDecoder`, and a stop string or a client disconnect aborts the request (freeing its KV blocks).
+All state (engine, tokenizer, metrics) hangs off `app.state`; the engine thread starts in the lifespan.
 """
 
 from __future__ import annotations
@@ -14,34 +15,36 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from backends.local.generate import (
-    GenerationDone,
-    GenerationFailed,
-    GenerationHandle,
-    GenerationWorker,
-    TextDelta,
-)
+from backends.base import FinishReason
+from backends.local.build import EngineOptions, build_engine_parts, stage
+from backends.local.engine.engine import Engine, Failed, Finished, RequestHandle, Tokens
+from backends.local.engine.scheduler import FinishCause, RequestTooLarge, SamplingParams
+from backends.local.generate import StopStringDecoder
 from backends.local.loader import LoadedModel, load_model
+from backends.local.metrics import EngineMetrics
 from backends.local.wire import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
     DEFAULT_MAX_TOKENS,
     ApiError,
     ChatCompletionBody,
+    CompletionBody,
     encode_chat,
+    encode_prompt,
     error_envelope,
-    parse_body,
+    parse_json,
     reject_unsupported,
+    reject_unsupported_completion,
     sampling_params,
 )
 
@@ -51,21 +54,85 @@ DEFAULT_SERVED_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
 
 
 @dataclass(frozen=True, slots=True)
-class EngineMetrics:
-    registry: CollectorRegistry
-    requests: Counter
-    prompt_tokens: Counter
-    completion_tokens: Counter
-
-
-@dataclass(frozen=True, slots=True)
 class EngineState:
     loaded: LoadedModel
-    worker: GenerationWorker
+    engine: Engine
     metrics: EngineMetrics
     served_names: tuple[str, ...]
     context_tokens: int
+    vocab_size: int
     default_max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+@dataclass(slots=True)
+class Generation:
+    """One request in flight: turns engine tokens into text and counts its outcome exactly once."""
+
+    state: EngineState
+    handle: RequestHandle
+    params: SamplingParams
+    prompt_tokens: int
+    outcome: str | None = field(default=None)
+
+    def close(self) -> None:
+        """However the response ended: abort the engine request (a no-op once finished)."""
+        self.handle.abort()
+        self._count("cancelled")
+
+    def _count(self, outcome: str) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.state.metrics.requests.labels(outcome=outcome).inc()
+
+    async def texts(self) -> AsyncIterator[TextDelta | Done]:
+        """Text deltas (one per engine event), then one `Done`; a failed engine request raises ApiError."""
+        decoder = StopStringDecoder(self.state.loaded.tokenizer, self.params.stop)
+        completion = 0
+        async for event in self.handle.events():
+            if isinstance(event, Tokens):
+                parts = []
+                for token in event.token_ids:
+                    completion += 1
+                    parts.append(decoder.add(token))
+                    if decoder.stopped:
+                        break
+                if text := "".join(parts):
+                    yield TextDelta(text)
+                if decoder.stopped:
+                    self.handle.abort()  # the engine may have run a step further; those tokens are dropped
+                    self._count("ok")
+                    yield Done(FinishReason.STOP, self.prompt_tokens, completion)
+                    return
+            elif isinstance(event, Finished):
+                if tail := decoder.finish():
+                    yield TextDelta(tail)
+                self._count("ok")
+                reason = FinishReason.LENGTH if event.cause is FinishCause.LENGTH else FinishReason.STOP
+                yield Done(reason, self.prompt_tokens, completion)
+                return
+            else:
+                self._count("error")
+                raise _failure(event)
+        raise _failure(Failed("generation ended without a result"))
 
 
 def _error_response(error: ApiError) -> Response:
@@ -77,28 +144,11 @@ def _json(body: Mapping[str, Any]) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-def _build_metrics() -> EngineMetrics:
-    registry = CollectorRegistry()
-    return EngineMetrics(
-        registry=registry,
-        requests=Counter(
-            "switchboard_engine_requests", "Chat requests by outcome", ["outcome"], registry=registry
-        ),
-        prompt_tokens=Counter("switchboard_engine_prompt_tokens", "Prompt tokens", registry=registry),
-        completion_tokens=Counter(
-            "switchboard_engine_completion_tokens", "Completion tokens", registry=registry
-        ),
-    )
+def _failure(failed: Failed) -> ApiError:
+    return ApiError(500, f"generation failed: {failed.message}", openai_type="api_error", code="engine_error")
 
 
-def _add_worker_gauges(registry: CollectorRegistry, worker: GenerationWorker) -> None:
-    depth = Gauge("switchboard_engine_queue_depth", "Requests waiting for the worker", registry=registry)
-    depth.set_function(lambda: worker.queue_depth)
-    running = Gauge("switchboard_engine_running_requests", "Requests being generated", registry=registry)
-    running.set_function(lambda: worker.running_requests)
-
-
-class _CancellingStream(StreamingResponse):
+class _ClosingStream(StreamingResponse):
     """Calls `on_close` however the response ends, so a client disconnect aborts generation."""
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
@@ -112,128 +162,148 @@ class _CancellingStream(StreamingResponse):
             self._on_close()
 
 
-def _record(metrics: EngineMetrics, outcome: GenerationDone | GenerationFailed) -> None:
-    """Runs on the worker thread (prometheus counters are thread-safe)."""
-    if isinstance(outcome, GenerationFailed):
-        metrics.requests.labels(outcome="error").inc()
-        return
-    metrics.requests.labels(outcome="cancelled" if outcome.cancelled else "ok").inc()
-    metrics.prompt_tokens.inc(outcome.prompt_tokens)
-    metrics.completion_tokens.inc(outcome.completion_tokens)
-
-
-def _usage(done: GenerationDone) -> dict[str, int]:
-    return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-    }
-
-
-def _failure(failed: GenerationFailed) -> ApiError:
-    return ApiError(500, failed.message, openai_type="api_error", code="engine_error")
-
-
-async def _collect(
-    state: EngineState, handle: GenerationHandle, request: Request
-) -> tuple[str, GenerationDone]:
+async def _collect(gen: Generation, request: Request) -> tuple[str, Done]:
     """Gather a whole answer, aborting generation if the client goes away meanwhile."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+    watcher = asyncio.create_task(_close_on_disconnect(request, gen))
     parts: list[str] = []
     try:
-        async for event in handle.events():
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            elif isinstance(event, GenerationDone):
-                return "".join(parts), event
+        async for item in gen.texts():
+            if isinstance(item, TextDelta):
+                parts.append(item.text)
             else:
-                raise _failure(event)
+                return "".join(parts), item
     finally:
         watcher.cancel()
-    raise _failure(GenerationFailed("generation ended without a result"))
+        gen.close()
+    raise _failure(Failed("generation ended without a result"))
 
 
-async def _cancel_on_disconnect(request: Request, handle: GenerationHandle) -> None:
+async def _close_on_disconnect(request: Request, gen: Generation) -> None:
     """Waits on the ASGI channel (the body is already read, so only `http.disconnect` can arrive)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            handle.cancel()
+            gen.close()
             return
 
 
-async def _sse(
-    state: EngineState, handle: GenerationHandle, body: ChatCompletionBody
+def _sse(data: Mapping[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def _stream(
+    gen: Generation,
+    base: dict[str, Any],
+    include_usage: bool,
+    choice: Callable[[str, str | None], dict[str, Any]],
 ) -> AsyncIterator[bytes]:
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
-    base: dict[str, Any] = {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": body.model,
-    }
+    """SSE frames: `choice(text, finish_reason)` per delta, a finish frame, optional usage, `[DONE]`."""
     if include_usage:
-        base["usage"] = None
-
-    def frame(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return b"data: " + orjson.dumps({**base, "choices": choices, **extra}) + b"\n\n"
-
-    yield frame([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-    async for event in handle.events():
-        if isinstance(event, TextDelta):
-            yield frame([{"index": 0, "delta": {"content": event.text}, "finish_reason": None}])
-        elif isinstance(event, GenerationDone):
-            yield frame([{"index": 0, "delta": {}, "finish_reason": str(event.finish_reason)}])
-            if include_usage:
-                yield frame([], usage=_usage(event))
-        else:
-            yield b"data: " + orjson.dumps(error_envelope(_failure(event))) + b"\n\n"
+        base = {**base, "usage": None}
+    try:
+        async for item in gen.texts():
+            if isinstance(item, TextDelta):
+                yield _sse({**base, "choices": [choice(item.text, None)]})
+            else:
+                yield _sse({**base, "choices": [choice("", str(item.finish_reason))]})
+                if include_usage:
+                    yield _sse({**base, "choices": [], "usage": item.usage()})
+    except ApiError as exc:
+        yield _sse(error_envelope(exc))
     yield b"data: [DONE]\n\n"
+
+
+def _check_model(state: EngineState, model: str) -> None:
+    if model not in state.served_names:
+        raise ApiError(
+            404,
+            f"model `{model}` is not served here; served: {', '.join(state.served_names)}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _start(state: EngineState, prompt_ids: list[int], params: SamplingParams) -> Generation:
+    try:
+        handle = state.engine.submit(prompt_ids, params)
+    except RequestTooLarge as exc:
+        raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from exc
+    return Generation(state, handle, params, len(prompt_ids))
+
+
+def _base(kind: str, model: str) -> dict[str, Any]:
+    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model}
+
+
+def _chat_chunk(text: str, finish: str | None) -> dict[str, Any]:
+    return {"index": 0, "delta": {"content": text} if finish is None else {}, "finish_reason": finish}
+
+
+async def _chat_frames(gen: Generation, base: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+    first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    yield _sse({**base, "choices": [first]})
+    async for frame in _stream(gen, base, include_usage, _chat_chunk):
+        yield frame
 
 
 async def chat_completions(request: Request) -> Response:
     state: EngineState = request.app.state.engine
     try:
-        body = parse_body(await request.body())
-        if body.model not in state.served_names:
-            raise ApiError(
-                404,
-                f"model `{body.model}` is not served here; served: {', '.join(state.served_names)}",
-                param="model",
-                code="model_not_found",
-            )
+        body = parse_json(await request.body(), ChatCompletionBody)
+        _check_model(state, body.model)
         reject_unsupported(body)
         prompt_ids = encode_chat(state.loaded.tokenizer, body.messages)
         params = sampling_params(
-            body, len(prompt_ids), state.context_tokens, default_max_tokens=state.default_max_tokens
+            body,
+            len(prompt_ids),
+            state.context_tokens,
+            default_max_tokens=state.default_max_tokens,
+            kv_tokens=state.engine.max_kv_tokens(),
         )
+        gen = _start(state, prompt_ids, params)
     except ApiError:
         state.metrics.requests.labels(outcome="rejected").inc()
         raise
-    handle = state.worker.submit(prompt_ids, params)
     if body.stream:
-        return _CancellingStream(_sse(state, handle, body), on_close=handle.cancel)
+        base = _base("chat.completion.chunk", body.model)
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return _ClosingStream(_chat_frames(gen, base, include_usage), on_close=gen.close)
+    text, done = await _collect(gen, request)
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": str(done.finish_reason)}
+    return _json({**_base("chat.completion", body.model), "choices": [choice], "usage": done.usage()})
+
+
+async def completions(request: Request) -> Response:
+    state: EngineState = request.app.state.engine
     try:
-        text, done = await _collect(state, handle, request)
-    finally:
-        handle.cancel()
-    return _json(
-        {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": str(done.finish_reason),
-                }
-            ],
-            "usage": _usage(done),
-        }
-    )
+        body = parse_json(await request.body(), CompletionBody)
+        _check_model(state, body.model)
+        reject_unsupported_completion(body)
+        prompt_ids = encode_prompt(state.loaded.tokenizer, body.prompt, state.vocab_size)
+        params = sampling_params(
+            body,
+            len(prompt_ids),
+            state.context_tokens,
+            default_max_tokens=min(COMPLETIONS_DEFAULT_MAX_TOKENS, state.default_max_tokens),
+            kv_tokens=state.engine.max_kv_tokens(),
+            prompt_param="prompt",
+        )
+        gen = _start(state, prompt_ids, params)
+    except ApiError:
+        state.metrics.requests.labels(outcome="rejected").inc()
+        raise
+
+    def choice(text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    base = _base("text_completion", body.model)
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return _ClosingStream(_stream(gen, base, include_usage, choice), on_close=gen.close)
+    text, done = await _collect(gen, request)
+    return _json({**base, "choices": [choice(text, str(done.finish_reason))], "usage": done.usage()})
 
 
 async def list_models(request: Request) -> Response:
@@ -248,11 +318,9 @@ async def list_models(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     state: EngineState = request.app.state.engine
-    if not state.worker.alive:
+    if not state.engine.alive:
         return _error_response(
-            ApiError(
-                503, "generation worker is not running", openai_type="api_error", code="engine_unavailable"
-            )
+            ApiError(503, "engine loop is not running", openai_type="api_error", code="engine_unavailable")
         )
     return _json({"status": "ok", "model": state.loaded.name})
 
@@ -292,36 +360,47 @@ def create_engine_app(
     *,
     served_names: Iterable[str] = DEFAULT_SERVED_NAMES,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    options: EngineOptions | None = None,
 ) -> FastAPI:
-    """Build the engine app; the generation thread starts with the app's lifespan and stops with it.
+    """Build the engine app; the engine thread starts with the app's lifespan and stops with it.
 
-    `default_max_tokens` caps a request that sends no max_tokens (never beyond the room left in the context).
+    `default_max_tokens` caps a chat request that sends no max_tokens (never beyond the room left in the
+    context or the KV cache). Unless `options.release_source`, `loaded.model` stays usable.
     """
     if default_max_tokens < 1:
         raise ValueError(f"default_max_tokens must be at least 1, got {default_max_tokens}")
-    engine_metrics = _build_metrics()
-    worker = GenerationWorker(loaded.model, loaded.tokenizer, on_finish=partial(_record, engine_metrics))
-    _add_worker_gauges(engine_metrics.registry, worker)
+    engine_metrics = EngineMetrics()
+    parts = build_engine_parts(loaded, options or EngineOptions())
+    engine = Engine(
+        parts.runner,
+        parts.scheduler,
+        stop_token_ids=parts.stop_token_ids,
+        proposer=parts.proposer,
+        observer=engine_metrics,
+    )
+    engine_metrics.watch(engine.stats)
     state = EngineState(
         loaded=loaded,
-        worker=worker,
+        engine=engine,
         metrics=engine_metrics,
         served_names=tuple(served_names),
-        context_tokens=int(loaded.model.config.max_position_embeddings),
+        context_tokens=parts.context_tokens,
+        vocab_size=parts.vocab_size,
         default_max_tokens=default_max_tokens,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        worker.start()
+        engine.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(worker.stop)
+            await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="Switchboard engine", lifespan=lifespan)
     app.state.engine = state
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
@@ -346,23 +425,31 @@ def serve_engine(
     log_level: str = "info",
     served_names: Iterable[str] | None = None,
     max_tokens_default: int = DEFAULT_MAX_TOKENS,
+    options: EngineOptions | None = None,
 ) -> None:
-    """Load the model, then serve it over HTTP until interrupted (blocking).
+    """Load the model, build the engine, then serve it over HTTP until interrupted (blocking).
 
-    Served names default to "smollm2", "SmolLM2-135M-Instruct" and the loaded model's own name. A request
-    without max_tokens generates at most `max_tokens_default` tokens (default 1024), so a CPU engine never
-    runs to the model's full context (8192 for SmolLM2) by accident.
+    Served names default to "smollm2", "SmolLM2-135M-Instruct" and the loaded model's own name. A chat
+    request without max_tokens generates at most `max_tokens_default` tokens (default 1024).
     """
     import uvicorn
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loaded = load_model(model_spec)
+    options = options or EngineOptions()
+    started_s = time.perf_counter()
+    with stage(f"load {model_spec}"):
+        loaded = load_model(model_spec)
     names = served_names if served_names is not None else (*DEFAULT_SERVED_NAMES, loaded.name)
-    app = create_engine_app(loaded, served_names=dict.fromkeys(names), default_max_tokens=max_tokens_default)
+    app = create_engine_app(
+        loaded,
+        served_names=dict.fromkeys(names),
+        default_max_tokens=max_tokens_default,
+        options=replace(options, release_source=True),
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     ready = (
-        f"engine ready on http://{host}:{port} (model {loaded.name}, load {loaded.load_s:.1f} s, "
-        f"RSS {loaded.rss_mb:.0f} MB)"
+        f"engine ready on http://{host}:{port} (model {loaded.name}, {options.dtype} on {options.device}, "
+        f"quant {options.quant}, load {time.perf_counter() - started_s:.1f} s)"
     )
     asyncio.run(_serve_until_stopped(server, ready))

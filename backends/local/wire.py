@@ -1,22 +1,24 @@
-"""The engine's OpenAI wire format: parse and check a chat request body, turn it into prompt ids and knobs.
+"""The engine's OpenAI wire format: parse and check chat and completion bodies, turn them into ids and knobs.
 
 Pure functions over bytes, pydantic models and a tokenizer: no HTTP, no I/O, no clock. Every problem with
 the input is raised as an `ApiError` carrying a 4xx status and the offending `param`, so the server can
 render `{"error": {message, type, param, code}}` and never answers bad input with a 500. When the client
-sends no `max_tokens`, generation is capped at the server's default rather than the whole context.
+sends no `max_tokens`, generation is capped at the server's default (chat) or OpenAI's 16 (completions),
+and never beyond the room left in the context or the KV cache.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backends.local.generate import SamplingParams
+from backends.local.engine.scheduler import SamplingParams
 
 DEFAULT_MAX_TOKENS = 1024  # a CPU engine must not run to the full context just because max_tokens is absent
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI legacy completions default
 MAX_STOP_STRINGS = 4
 _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -75,14 +77,43 @@ class ChatCompletionBody(BaseModel):
     logprobs: bool | None = None
 
 
+class CompletionBody(BaseModel):
+    """The subset of the OpenAI (legacy) completions request this engine reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = 1
+    best_of: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+
+Body = TypeVar("Body", ChatCompletionBody, CompletionBody)
+
+
 def parse_body(raw: bytes) -> ChatCompletionBody:
+    """Decode and validate a chat request body."""
+    return parse_json(raw, ChatCompletionBody)
+
+
+def parse_json(raw: bytes, model: type[Body]) -> Body:
     """Decode and validate a request body; the first validation problem names its field as `param`."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc.msg}") from exc
     try:
-        return ChatCompletionBody.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -103,6 +134,18 @@ def reject_unsupported(body: ChatCompletionBody) -> None:
         raise ApiError(400, "response_format is not supported by this engine", param="response_format")
     if body.logprobs:
         raise ApiError(400, "logprobs are not supported by this engine", param="logprobs")
+
+
+def reject_unsupported_completion(body: CompletionBody) -> None:
+    """Refuse completion fields this engine cannot honour."""
+    if body.n != 1 or body.best_of not in (None, 1):
+        raise ApiError(400, "this engine returns exactly one choice (use n=1 and best_of=1)", param="n")
+    if body.echo:
+        raise ApiError(400, "echo is not supported by this engine", param="echo")
+    if body.logprobs is not None:
+        raise ApiError(400, "logprobs are not supported by this engine", param="logprobs")
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported by this engine", param="suffix")
 
 
 def _message_text(index: int, content: Any) -> str:
@@ -150,23 +193,53 @@ def encode_chat(tokenizer: Any, messages: Iterable[Mapping[str, Any]]) -> list[i
     return list(encoded["input_ids"])
 
 
+def encode_prompt(
+    tokenizer: Any, prompt: str | list[int] | list[str] | list[list[int]], vocab_size: int
+) -> list[int]:
+    """A completions prompt (text, token ids, or a one-element list of either) as token ids."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise ApiError(
+                400, f"this engine takes one prompt per request, got {len(prompt)}", param="prompt"
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = list(tokenizer.encode(prompt)) if prompt else []
+    else:
+        ids = [int(i) for i in prompt]  # type: ignore[arg-type]
+        bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+        if bad is not None:
+            raise ApiError(
+                400, f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})", param="prompt"
+            )
+    if not ids:
+        raise ApiError(400, "prompt is empty; send at least one token", param="prompt")
+    return ids
+
+
 def sampling_params(
-    body: ChatCompletionBody,
+    body: ChatCompletionBody | CompletionBody,
     prompt_tokens: int,
     context_tokens: int,
     *,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    kv_tokens: int | None = None,
+    prompt_param: str = "messages",
 ) -> SamplingParams:
-    """Check the token budget and stop strings; an absent max_tokens means min(default, room left)."""
+    """Check the token budget and stop strings; an absent max_tokens means min(default, room left).
+
+    `kv_tokens` (positions the KV cache holds) only caps the default: an explicit max_tokens that cannot fit
+    the cache is the engine's to refuse, with a message naming --kv-cache-mb.
+    """
     room = context_tokens - prompt_tokens
     if room < 1:
         raise ApiError(
             400,
             f"prompt is {prompt_tokens} tokens; this model's context is {context_tokens} tokens",
-            param="messages",
+            param=prompt_param,
             code="context_length_exceeded",
         )
-    requested = body.max_completion_tokens or body.max_tokens
+    requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if requested is not None and requested > room:
         raise ApiError(
             400,
@@ -178,8 +251,12 @@ def sampling_params(
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
         raise ApiError(400, f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", param="stop")
+    if requested is None:
+        # The last sampled token is never cached, so a cache of kv_tokens positions allows one more.
+        kv_room = room if kv_tokens is None else kv_tokens + 1 - prompt_tokens
+        requested = max(1, min(default_max_tokens, room, kv_room))
     return SamplingParams(
-        max_tokens=requested or min(default_max_tokens, room),
+        max_tokens=requested,
         temperature=body.temperature,
         top_p=body.top_p,
         stop=stop,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from openai import OpenAI
 
+from gateway import keys
+from gateway.records import KeyBudget
 from tests.api.conftest import ADMIN_KEY, Gateway
 
 
@@ -45,6 +48,66 @@ def test_admin_validation_errors_are_400(gateway: Gateway) -> None:
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "bogus"
         resp = c.post("/admin/keys", json={"team": "no-such-team"})
         assert resp.status_code == 404 and "teams create" in resp.json()["error"]["message"]
+
+
+def test_admin_keys_with_limits_and_budget(gateway: Gateway) -> None:
+    body = {
+        "team": "alpha",
+        "name": "limited",
+        "limits": {"requests": 60, "tokens": 100_000},
+        "budget": {"period": "day", "usd": "12.5", "soft_usd": 10},
+    }
+    with admin(gateway) as c:
+        resp = c.post("/admin/keys", json=body)
+        assert resp.status_code == 201, resp.text
+        created = resp.json()
+        assert created["limits"] == {"requests": 60, "tokens": 100_000}
+        assert created["budget"] == {"period": "day", "usd": "12.50", "soft_usd": "10.00"}
+        assert not {"limit_requests", "limit_tokens"} & set(created)
+        resp = c.post("/admin/keys", json={"team": "alpha", "budget": {"usd": 0.000001}})
+        assert resp.status_code == 201, resp.text
+        month_only = resp.json()
+        assert month_only["budget"] == {"period": "month", "usd": "0.000001", "soft_usd": None}
+        assert month_only["limits"] == {"requests": None, "tokens": None}
+        plain = c.post("/admin/keys", json={"team": "alpha"}).json()
+        assert plain["budget"] is None and plain["limits"] == {"requests": None, "tokens": None}
+        listed = {k["key_id"]: k for k in c.get("/admin/keys", params={"team": "alpha"}).json()["data"]}
+    assert listed[created["key_id"]]["limits"] == created["limits"]
+    assert listed[created["key_id"]]["budget"] == created["budget"]
+    assert listed[month_only["key_id"]]["budget"] == month_only["budget"]
+    assert listed[plain["key_id"]]["budget"] is None
+    stored = {k.key_id: k for k in keys.list_keys(gateway.db, "alpha")}[created["key_id"]]
+    assert stored.budget == KeyBudget("day", 12_500_000, 10_000_000)
+    assert (stored.limit_requests, stored.limit_tokens) == (60, 100_000)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"limits": {"requests": 0}}, "limits.requests"),
+        ({"limits": {"tokens": "many"}}, "limits.tokens"),
+        ({"limits": {"tokens": 2**31}}, "limits.tokens"),
+        ({"limits": {"rpm": 5}}, "limits.rpm"),
+        ({"budget": {"period": "week", "usd": "1"}}, "budget.period"),
+        ({"budget": {"period": "day"}}, "budget.usd"),
+        ({"budget": {"usd": "-1"}}, "budget.usd"),
+        ({"budget": {"usd": "0"}}, "budget.usd"),
+        ({"budget": {"usd": "twelve"}}, "budget.usd"),
+        ({"budget": {"usd": "0.0000001"}}, "budget.usd"),
+        ({"budget": {"usd": "1e20"}}, "budget.usd"),
+        ({"budget": {"usd": "5", "soft_usd": "5.01"}}, "budget.soft_usd"),
+        ({"budget": {"usd": "5", "soft_usd": 0}}, "budget.soft_usd"),
+    ],
+)
+def test_admin_key_limits_bad_values_are_400(gateway: Gateway, extra: dict[str, object], param: str) -> None:
+    before = len(keys.list_keys(gateway.db, "beta"))
+    with admin(gateway) as c:
+        resp = c.post("/admin/keys", json={"team": "beta", **extra})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert param in error["message"]
+    assert len(keys.list_keys(gateway.db, "beta")) == before  # nothing was created
 
 
 def test_health_ready_and_metrics(gateway: Gateway) -> None:

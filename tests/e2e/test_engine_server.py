@@ -1,11 +1,14 @@
 """End-to-end: the bundled engine server running the real SmolLM2-135M, driven by the official `openai` SDK.
 
 The model loads once per module and the server runs under uvicorn in a background thread on a pre-bound
-loopback socket. Completions are kept short so the module stays well under a minute on two cores.
+loopback socket; the continuous-batching engine runs in float32 (so greedy output equals transformers')
+with a small KV cache, so an oversized request meets the cache limit before the context limit.
+Completions are kept short so the module stays around a minute on two cores, after the model load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -21,11 +24,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 uvicorn = pytest.importorskip("uvicorn")
 
+from backends.local.build import EngineOptions  # noqa: E402
 from backends.local.loader import DEFAULT_MODEL_SPEC, LoadedModel, load_model  # noqa: E402
 from backends.local.server import create_engine_app  # noqa: E402
 from backends.local.wire import encode_chat  # noqa: E402
+from gateway.engine_metrics import engine_load, parse_prometheus  # noqa: E402
 
 pytestmark = pytest.mark.model
+
+KV_CACHE_MB = 128  # float32 SmolLM2: 45 KiB per token, so 182 blocks of 16 = 2912 tokens
 
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 LONG_ANSWER: list[ChatCompletionMessageParam] = [
@@ -42,7 +49,8 @@ class RunningEngine:
 @pytest.fixture(scope="module")
 def engine() -> Iterator[RunningEngine]:
     loaded = load_model(DEFAULT_MODEL_SPEC)
-    app = create_engine_app(loaded, served_names=("smollm2", "SmolLM2-135M-Instruct"))
+    options = EngineOptions(kv_cache_mb=KV_CACHE_MB, max_batch=16, max_prefill_tokens=256)
+    app = create_engine_app(loaded, served_names=("smollm2", "SmolLM2-135M-Instruct"), options=options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -230,3 +238,121 @@ def test_metrics_count_tokens(engine: RunningEngine) -> None:
     assert _metric(engine, "switchboard_engine_prompt_tokens_total") > 0
     assert _metric(engine, "switchboard_engine_completion_tokens_total") > 0
     assert _metric(engine, "switchboard_engine_queue_depth") == 0
+
+
+def _reference(engine: RunningEngine, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation: what the engine must reproduce token for token."""
+    ids = torch.tensor([prompt_ids])  # (1, T)
+    with torch.inference_mode():
+        out = engine.loaded.model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_completions_text_and_token_prompts_match_transformers(
+    engine: RunningEngine, client: openai.OpenAI
+) -> None:
+    tokenizer = engine.loaded.tokenizer
+    prompt = "The three primary colours are"
+    prompt_ids = tokenizer.encode(prompt)
+    expected = tokenizer.decode(_reference(engine, prompt_ids, 12), skip_special_tokens=True)
+    by_text = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0)
+    by_ids = client.completions.create(model="smollm2", prompt=prompt_ids, max_tokens=12, temperature=0)
+    assert by_text.object == "text_completion"
+    assert by_text.choices[0].text == by_ids.choices[0].text == expected
+    assert by_text.usage is not None and by_text.usage.prompt_tokens == len(prompt_ids)
+    assert by_text.usage.completion_tokens == 12 and by_text.choices[0].finish_reason == "length"
+
+
+def test_completions_stream_matches_non_stream(client: openai.OpenAI) -> None:
+    prompt = "Once upon a time"
+    whole = client.completions.create(model="smollm2", prompt=prompt, max_tokens=10, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="smollm2",
+            prompt=prompt,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "length"
+    ]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_completions_without_max_tokens_stop_at_16(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", temperature=0)
+    assert reply.usage is not None and reply.usage.completion_tokens <= 16
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"prompt": ["one", "two"]}, "prompt"),
+        ({"prompt": [5, 10**9]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+    ],
+    ids=["two_prompts", "bad_token_id", "empty", "echo", "logprobs"],
+)
+def test_completions_bad_input_is_400(engine: RunningEngine, extra: dict[str, object], param: str) -> None:
+    response = httpx.post(f"{engine.base_url}/v1/completions", json={"model": "smollm2", **extra})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_request_larger_than_the_kv_cache_is_400_naming_the_flag(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=5000)
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "context_length_exceeded"
+    assert "--kv-cache-mb" in body["message"] and body["param"] == "max_tokens"
+
+
+async def test_concurrent_requests_are_batched_and_match_their_solo_answers(engine: RunningEngine) -> None:
+    topics = ["the sea", "a cat", "winter", "bread", "a train", "the moon"]
+    client = openai.AsyncOpenAI(
+        base_url=f"{engine.base_url}/v1", api_key="unused", max_retries=0, timeout=120
+    )
+
+    async def ask(topic: str) -> str:
+        reply = await client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": f"Write one sentence about {topic}."}],
+            max_tokens=16,
+            temperature=0,
+        )
+        return reply.choices[0].message.content or ""
+
+    solo = [await ask(t) for t in topics]
+    together = await asyncio.gather(*(ask(t) for t in topics))
+    await client.close()
+    assert list(together) == solo
+
+
+def test_metrics_expose_load_latency_and_the_gateway_can_read_them(engine: RunningEngine) -> None:
+    text = httpx.get(f"{engine.base_url}/metrics").text
+    for name in (
+        "switchboard_engine_time_to_first_token_seconds_count",
+        "switchboard_engine_inter_token_latency_seconds_count",
+        "switchboard_engine_prompt_tokens_total",
+        "switchboard_engine_completion_tokens_total",
+    ):
+        assert _metric(engine, name) > 0, name
+    total = _metric(engine, "switchboard_engine_kv_blocks_total")
+    assert total == KV_CACHE_MB * 2**20 // (
+        2 * 30 * 16 * 3 * 64 * 4
+    )  # layers, block, kv heads, head dim, fp32
+    assert _metric(engine, "switchboard_engine_kv_blocks_free") == total
+    assert _metric(engine, "switchboard_engine_kv_blocks_used") == 0
+    assert "switchboard_engine_spec_acceptance_ratio" in text
+    assert "switchboard_engine_preemptions_total" in text
+    load = engine_load(parse_prometheus(text))
+    assert load.queue_depth == 0 and load.running == 0

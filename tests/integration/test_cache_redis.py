@@ -16,8 +16,9 @@ import pytest
 from redis import asyncio as aioredis
 
 from backends.base import ChatResult, StreamChunk, Usage
-from gateway.cache import MemoryCache, RedisCache, encode_entry, entry_from_chunks, entry_from_result
+from gateway.cache import RedisCache, encode_entry, entry_from_chunks, entry_from_result
 from tests.conftest import REDIS_URL
+from tests.support.timing import CUT_OFF_S
 
 USAGE = Usage(prompt_tokens=40, completion_tokens=12)
 ENTRY = entry_from_result(
@@ -107,32 +108,6 @@ async def test_closed_port_is_a_quick_miss_and_a_skipped_write(caplog: pytest.Lo
             assert await cache.get("k") is None
             await cache.put("k", ENTRY, ttl_s=60)
             again_s = time.perf_counter() - started
-    assert first_s < 0.15 and again_s < 0.15, (first_s, again_s)
+    assert first_s < CUT_OFF_S and again_s < CUT_OFF_S, (first_s, again_s)
     warnings = [r for r in caplog.records if r.name == "gateway.cache"]
     assert len(warnings) == 1 and "bypassing the cache" in warnings[0].getMessage()
-
-
-async def test_hit_latency_redis_and_memory(capsys: pytest.CaptureFixture[str]) -> None:
-    """p50 of a hit must stay under 1 ms (the issue's budget); p99 is reported, not asserted."""
-    n = 2000
-    memory = MemoryCache(max_entries=1000, max_bytes=1 << 24)
-    await memory.put("k", ENTRY, 60)
-    async with live_cache() as (redis_cache, _, _):
-        await redis_cache.put("k", ENTRY, 60)
-        results = {}
-        for name, cache in (("redis", redis_cache), ("memory", memory)):
-            for _ in range(200):  # warm the connection pool and caches
-                await cache.get("k")
-            samples = []
-            for _ in range(n):
-                started = time.perf_counter()
-                hit = await cache.get("k")
-                samples.append(time.perf_counter() - started)
-                assert hit is not None
-            results[name] = percentiles_us(samples)
-    with capsys.disabled():
-        for name, (p50, p99) in results.items():
-            print(
-                f"\ncache hit {name}: p50 {p50:.1f} us, p99 {p99:.1f} us ({len(encode_entry(ENTRY))} B entry)"
-            )
-    assert results["redis"][0] < 1000 and results["memory"][0] < 1000, results

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from gateway import keys
 from gateway.cli import app
+from gateway.db import make_engine
+from gateway.records import KeyBudget
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,6 +66,64 @@ def test_teams_and_keys_lifecycle(config_file: Path) -> None:
     assert code == 0, out
     code, out = run("keys", "revoke", "sk-sb-doesnotexist", *cfg)
     assert code == 1
+
+
+def test_keys_with_limits_and_budget(config_file: Path, tmp_path: Path) -> None:
+    cfg = ["--config", str(config_file)]
+    assert run("teams", "create", "research", *cfg)[0] == 0
+    limited = ["--name", "capped", "--requests", "60", "--tokens", "5000", "--budget-usd", "12.5"]
+    code, out = run("keys", "create", "research", *limited, "--soft-budget-usd", "10", *cfg)
+    assert code == 0, out
+    code, out = run("keys", "create", "research", "--budget-usd", "3", "--budget-period", "day", *cfg)
+    assert code == 0, out
+    assert run("keys", "create", "research", "--name", "plain", *cfg)[0] == 0
+    code, out = run("keys", "list", *cfg)
+    assert code == 0, out
+    assert "60 req, 5000 tok" in out and "$12.50/month (soft $10.00)" in out and "$3.00/day" in out
+
+    engine = make_engine(f"sqlite:///{tmp_path}/cli.db")
+    try:
+        stored = {k.name: k for k in keys.list_keys(engine)}
+    finally:
+        engine.dispose()
+    assert (stored["capped"].limit_requests, stored["capped"].limit_tokens) == (60, 5000)
+    assert stored["capped"].budget == KeyBudget("month", 12_500_000, 10_000_000)
+    assert stored[""].budget == KeyBudget("day", 3_000_000)
+    assert stored["plain"].budget is None and stored["plain"].limit_requests is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--requests", "0"], "--requests"),
+        (["--tokens", "-1"], "--tokens"),
+        (["--budget-period", "week", "--budget-usd", "1"], "--budget-period"),
+        (["--budget-period", "day"], "need --budget-usd"),
+        (["--soft-budget-usd", "1"], "need --budget-usd"),
+        (["--budget-usd", "twelve"], "--budget-usd: 'twelve' is not a USD amount"),
+        (["--budget-usd", "0"], "--budget-usd must be more than 0 USD"),
+        (["--budget-usd", "1", "--soft-budget-usd", "-1"], "--soft-budget-usd must be more than 0 USD"),
+        (["--budget-usd", "0.0000001"], "6 decimal places"),
+        (
+            ["--budget-usd", "5", "--soft-budget-usd", "6"],
+            "--soft-budget-usd (6) must not exceed --budget-usd (5)",
+        ),
+    ],
+)
+def test_keys_create_refuses_bad_limits(config_file: Path, options: list[str], message: str) -> None:
+    cfg = ["--config", str(config_file)]
+    assert run("teams", "create", "research", *cfg)[0] == 0
+    code, out = run("keys", "create", "research", *options, *cfg)
+    assert code == 2 and message in out, out
+    code, out = run("keys", "list", *cfg)
+    assert "research" not in out  # nothing was created
+
+
+def test_keys_create_help_names_every_option() -> None:
+    code, out = run("keys", "create", "--help")
+    assert code == 0
+    for option in ["--requests", "--tokens", "--budget-usd", "--budget-period", "--soft-budget-usd"]:
+        assert option in out
 
 
 def test_serve_refuses_missing_secret_before_starting(tmp_path: Path) -> None:

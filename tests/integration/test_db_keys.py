@@ -9,6 +9,7 @@ import string
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from sqlalchemy.engine import Engine
 
 from gateway import db
@@ -25,6 +26,7 @@ from gateway.keys import (
     revoke_key,
     upsert_teams,
 )
+from gateway.records import KeyBudget
 from tests.support.db import DbTarget, QueryLog, db_target, engine, pg_target  # noqa: F401 (fixtures)
 from tests.support.tcp_proxy import TcpProxy
 
@@ -45,15 +47,98 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None: 
     eng = db_target.make_engine()
     try:
         inspector = sa.inspect(eng)
-        assert {"teams", "api_keys", "usage", "alembic_version"} <= set(inspector.get_table_names())
+        tables = {"teams", "api_keys", "usage", "usage_hourly", "backend_busy_hourly", "rollup_state"}
+        assert tables | {"alembic_version"} <= set(inspector.get_table_names())
         for table in db.metadata.sorted_tables:
             # The hand-written migration must match gateway/db.py column for column.
-            assert [c["name"] for c in inspector.get_columns(table.name)] == [c.name for c in table.columns]
+            columns = inspector.get_columns(table.name)
+            assert [c["name"] for c in columns] == [c.name for c in table.columns]
+            assert [c["nullable"] for c in columns] == [c.nullable for c in table.columns]
+            primary_key = inspector.get_pk_constraint(table.name)["constrained_columns"]
+            assert primary_key == [c.name for c in table.primary_key.columns]
+            indexes = {
+                ix["name"]: ix["column_names"]
+                for ix in inspector.get_indexes(table.name)
+                if not ix.get("duplicates_constraint")  # PostgreSQL's index behind UNIQUE(key_hash)
+            }
+            assert indexes == {ix.name: [c.name for c in ix.columns] for ix in table.indexes}
         usage_indexes = {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("usage")}
         assert usage_indexes["ix_usage_created_at"] == ["created_at"]
         assert usage_indexes["ix_usage_team_created_at"] == ["team", "created_at"]
+        assert usage_indexes["ix_usage_key_id_created_at"] == ["key_id", "created_at"]
+        assert usage_indexes["ix_usage_written_at"] == ["written_at"]
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
+    finally:
+        eng.dispose()
+
+
+_NEW_KEY_COLUMNS = [
+    "limit_requests",
+    "limit_tokens",
+    "budget_period",
+    "budget_micro_usd",
+    "soft_budget_micro_usd",
+]
+
+
+def _columns(eng: Engine, table: str) -> list[str]:
+    return [c["name"] for c in sa.inspect(eng).get_columns(table)]
+
+
+def test_migration_0002_to_0003_keeps_rows_and_adds_defaults(db_target: DbTarget) -> None:  # noqa: F811
+    if db_target.schema is not None:
+        admin = db.make_engine(db_target.url)
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{db_target.schema}"')
+        admin.dispose()
+    cfg = db.alembic_config(db_target.url, db_target.schema)
+    command.upgrade(cfg, "0002")
+    eng = db_target.make_engine()
+    try:
+        assert "cost_saved_micro_usd" not in _columns(eng, "usage")
+        create_team(eng, "research", None)  # works on 0002: it names only old columns
+        with eng.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO api_keys (id, team, name, key_hash, display_prefix, created_at) "
+                    "VALUES ('old', 'research', 'legacy', :h, 'sk-sb-old', :t)"
+                ),
+                {"h": hash_key("sk-sb-legacy"), "t": NOW.replace(tzinfo=None)},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO usage (request_id, created_at, team, key_id, requested_model, "
+                    "prompt_tokens, completion_tokens, cost_micro_usd, latency_ms, status, http_status, "
+                    "stream, cache_hit) "
+                    "VALUES ('r1', :t, 'research', 'old', 'm', 1, 2, 30, 4.5, 'ok', 200, false, true)"
+                ),
+                {"t": NOW.replace(tzinfo=None)},
+            )
+        db.migrate(db_target.url, db_target.schema)  # 0002 -> 0003
+        assert _columns(eng, "api_keys")[-5:] == _NEW_KEY_COLUMNS
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT cost_micro_usd, cost_saved_micro_usd FROM usage")).one() == (
+                30,
+                0,
+            )
+        (legacy,) = list_keys(eng)
+        assert (legacy.key_id, legacy.limit_requests, legacy.limit_tokens, legacy.budget) == (
+            "old",
+            None,
+            None,
+            None,
+        )
+
+        command.downgrade(cfg, "0002")
+        assert "cost_saved_micro_usd" not in _columns(eng, "usage")
+        assert not set(_NEW_KEY_COLUMNS) & set(_columns(eng, "api_keys"))
+        assert "ix_usage_key_id_created_at" not in {ix["name"] for ix in sa.inspect(eng).get_indexes("usage")}
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM usage")).scalar_one() == 1
+            assert conn.execute(sa.text("SELECT id FROM api_keys")).scalar_one() == "old"
+        db.migrate(db_target.url, db_target.schema)
+        assert _columns(eng, "api_keys")[-5:] == _NEW_KEY_COLUMNS
     finally:
         eng.dispose()
 
@@ -138,6 +223,62 @@ def test_key_validation_messages(engine: Engine) -> None:  # noqa: F811
         create_key(engine, "research", name="x", models=None, expires_at=dt.datetime(2040, 1, 1))
     assert create_key(engine, "open", name="x", models=["anything"], expires_at=None).models == ("anything",)
     assert create_key(engine, "research", name="x", models=["b", "a"], expires_at=None).models == ("a", "b")
+
+
+async def test_key_limits_and_budget_round_trip(engine: Engine) -> None:  # noqa: F811
+    create_team(engine, "research", None)
+    budget = KeyBudget("day", 12_500_000, 10_000_000)
+    created = create_key(
+        engine,
+        "research",
+        name="limited",
+        models=None,
+        expires_at=None,
+        limit_requests=60,
+        limit_tokens=2**31 - 1,
+        budget=budget,
+    )
+    plain = create_key(engine, "research", name="plain", models=None, expires_at=None)
+    hard_only = create_key(
+        engine, "research", name="hard", models=None, expires_at=None, budget=KeyBudget("month", 2**62)
+    )
+    assert (created.limit_requests, created.limit_tokens, created.budget) == (60, 2**31 - 1, budget)
+    listed = {k.key_id: k for k in list_keys(engine)}
+    assert (listed[created.key_id].limit_requests, listed[created.key_id].limit_tokens) == (60, 2**31 - 1)
+    assert listed[created.key_id].budget == budget
+    assert listed[hard_only.key_id].budget == KeyBudget("month", 2**62, None)
+    assert (listed[plain.key_id].limit_requests, listed[plain.key_id].budget) == (None, None)
+
+    store = KeyStore(engine, ttl_s=5.0)
+    identity = await store.resolve(created.plaintext)
+    assert identity is not None
+    assert (identity.limit_requests, identity.limit_tokens, identity.budget) == (60, 2**31 - 1, budget)
+    other = await store.resolve(plain.plaintext)
+    assert other is not None and (other.limit_requests, other.limit_tokens, other.budget) == (
+        None,
+        None,
+        None,
+    )
+
+
+def test_key_limit_validation(engine: Engine) -> None:  # noqa: F811
+    create_team(engine, "research", None)
+    for kwargs, param in [
+        ({"limit_requests": 0}, "limits.requests"),
+        ({"limit_tokens": -5}, "limits.tokens"),
+        ({"limit_tokens": 2**31}, "limits.tokens"),
+        ({"budget": KeyBudget("month", 2**63)}, "budget.usd"),
+    ]:
+        with pytest.raises(InvalidRequest) as info:
+            create_key(engine, "research", name="x", models=None, expires_at=None, **kwargs)  # type: ignore[arg-type]
+        assert info.value.param == param
+    with pytest.raises(ValueError, match="period 'week'"):
+        KeyBudget("week", 1)
+    with pytest.raises(ValueError, match="must be > 0"):
+        KeyBudget("day", 0)
+    with pytest.raises(ValueError, match="at most the limit"):
+        KeyBudget("day", 10, 11)
+    assert list_keys(engine) == []
 
 
 async def test_keystore_caches_positive_and_negative_lookups(engine: Engine) -> None:  # noqa: F811

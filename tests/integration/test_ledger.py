@@ -5,19 +5,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway.db import make_engine, migrate
+from gateway.db import make_engine, migrate, usage
 from gateway.ledger import LedgerWriter, insert_usage_rows, usage_row
 from gateway.records import RequestStatus
 from tests.support.db import DbTarget, QueryLog, db_target, engine  # noqa: F401 (fixtures)
 from tests.support.usage import count_usage, make_record, read_usage
 
 
-def make_writer(engine: Engine, tmp_path: Path, **overrides: float) -> LedgerWriter:  # noqa: F811
+def make_writer(
+    engine: Engine,  # noqa: F811
+    tmp_path: Path,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    **overrides: float,
+) -> LedgerWriter:
     settings: dict[str, float] = {
         "queue_max": 1000,
         "batch_max": 100,
@@ -32,6 +39,7 @@ def make_writer(engine: Engine, tmp_path: Path, **overrides: float) -> LedgerWri
         batch_max=int(settings["batch_max"]),
         flush_interval_s=settings["flush_interval_s"],
         replay_interval_s=settings["replay_interval_s"],
+        clock=clock,
     )
 
 
@@ -53,6 +61,7 @@ async def test_rows_are_written_field_by_field(engine: Engine, tmp_path: Path) -
         error_type="client_closed",
         stream=True,
         cache_hit=True,
+        cost_saved_micro_usd=5_000_000_000_017,  # beyond 32 bits too
         privacy_class="internal",
         route_reason="lowest latency: local 12ms < cloud 340ms",
     )
@@ -119,6 +128,65 @@ async def test_full_queue_spills_and_is_replayed(engine: Engine, tmp_path: Path)
     await writer.aclose()
     assert read_usage(engine) == [make_record(i) for i in range(12)]
     assert list(tmp_path.glob("ledger.spill*")) == []
+
+
+async def test_cost_saved_survives_spill_and_replay(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+    hit = make_record(1, cache_hit=True, cost_micro_usd=0, cost_saved_micro_usd=4321)
+    writer = make_writer(engine, tmp_path, queue_max=1)
+    writer.record(make_record(0))
+    writer.record(hit)  # the queue is full: spilled
+    assert orjson.loads((tmp_path / "ledger.spill.jsonl").read_bytes())["cost_saved_micro_usd"] == 4321
+    writer.start()
+    await wait_for(lambda: writer.replayed == 1)
+    await writer.aclose()
+    assert read_usage(engine) == [make_record(0), hit]
+
+
+async def test_spill_lines_from_older_versions_replay_with_defaults(
+    engine: Engine,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    before_0003 = usage_row(make_record(1, cache_hit=True))
+    del before_0003["cost_saved_micro_usd"]
+    before_0002 = usage_row(make_record(2))
+    del before_0002["cost_saved_micro_usd"], before_0002["attempts"], before_0002["route_candidates"]
+    current = usage_row(make_record(3, cost_saved_micro_usd=77))
+    spill = tmp_path / "ledger.spill.jsonl"
+    spill.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in [before_0003, before_0002, current]))
+    writer = make_writer(engine, tmp_path)
+    writer.start()
+    await wait_for(lambda: writer.replayed == 3)
+    await writer.aclose()
+    rows = {r.request_id: r for r in read_usage(engine)}
+    assert rows["req-000001"] == make_record(1, cache_hit=True, cost_saved_micro_usd=0)
+    assert rows["req-000002"] == make_record(2, cost_saved_micro_usd=0, attempts=0, route_candidates=None)
+    assert rows["req-000003"] == make_record(3, cost_saved_micro_usd=77)
+    assert writer.rejected == 0 and not spill.exists()
+
+
+async def test_written_at_is_the_insert_time_also_for_replayed_rows(
+    engine: Engine,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    now = [dt.datetime(2031, 1, 1, 9, 30, tzinfo=dt.UTC)]
+    writer = make_writer(engine, tmp_path, clock=lambda: now[0], queue_max=1)
+    writer.record(make_record(0))
+    writer.record(make_record(1))  # the queue is full: spilled
+    spilled = orjson.loads((tmp_path / "ledger.spill.jsonl").read_bytes())
+    assert "written_at" not in spilled  # a replay stamps its own time
+    writer.start()
+    await wait_for(lambda: writer.written == 1 and writer.replayed == 1)
+    now[0] += dt.timedelta(minutes=5)
+    writer.record(make_record(2))
+    await writer.aclose()
+    with engine.connect() as conn:
+        stamps = dict(conn.execute(sa.select(usage.c.request_id, usage.c.written_at)).all())
+    assert stamps == {
+        "req-000000": dt.datetime(2031, 1, 1, 9, 30, tzinfo=dt.UTC),
+        "req-000001": dt.datetime(2031, 1, 1, 9, 30, tzinfo=dt.UTC),  # old created_at, written now
+        "req-000002": dt.datetime(2031, 1, 1, 9, 35, tzinfo=dt.UTC),
+    }
+    assert read_usage(engine) == [make_record(i) for i in range(3)]
 
 
 async def test_aclose_flushes_what_is_queued(engine: Engine, tmp_path: Path) -> None:  # noqa: F811

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +18,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from gateway.limits import (
@@ -30,13 +31,14 @@ from gateway.limits import (
     RedisLimiter,
 )
 from tests.conftest import REDIS_URL
+from tests.support.timing import CUT_OFF_S
 from tests.unit.test_limits import LimiterContract
 
 REPLICAS = 3
 
 
 @asynccontextmanager
-async def replicas(n: int = 1, *, timeout_s: float = 0.5) -> AsyncIterator[list[RedisLimiter]]:
+async def replicas(n: int = 1, *, timeout_s: float = 2.0) -> AsyncIterator[list[RedisLimiter]]:
     """`n` limiters sharing a fresh prefix, each with its own client; the prefix's keys are deleted after."""
     prefix = f"test:limits:{uuid.uuid4().hex}:"
     clients = [aioredis.Redis.from_url(REDIS_URL) for _ in range(n)]
@@ -204,7 +206,7 @@ async def test_an_unavailable_redis_fails_open_or_closed_in_time(outage: str, fa
                 limiter.reserve_budget([budget], 10),
             ):
                 result, elapsed_s = await _timed(call)
-                assert elapsed_s < 0.1
+                assert elapsed_s < CUT_OFF_S
                 if fail_open:
                     assert result.allowed if hasattr(result, "allowed") else result.acquired
                     assert result.degraded
@@ -223,11 +225,13 @@ async def test_an_unavailable_redis_fails_open_or_closed_in_time(outage: str, fa
 
 async def test_after_a_failure_redis_is_skipped_for_retry_after_s() -> None:
     now = [0.0]
-    client = aioredis.Redis(host="127.0.0.1", port=_closed_port())
+    # As the gateway builds it (services.build_redis): no client-side retries, so a refused connection is
+    # reported as such at once, and one refusal is an outage (a lone timeout is not: see outage.py).
+    client = aioredis.Redis(host="127.0.0.1", port=_closed_port(), retry=Retry(NoBackoff(), 0))
     limiter = RedisLimiter(client, timeout_s=0.05, retry_after_s=1.0, monotonic_s=lambda: now[0])
     rule = LimitRule("key:skip", LimitKind.REQUESTS, 1, 60)
     try:
-        with pytest.raises(LimiterUnavailable, match=r"failed \((ConnectionError|TimeoutError)\)"):
+        with pytest.raises(LimiterUnavailable, match=r"failed \(ConnectionError\)"):
             await limiter.admit([rule], cost_tokens=0)
         with pytest.raises(LimiterUnavailable, match="failed moments ago"):
             await limiter.admit([rule], cost_tokens=0)
@@ -236,24 +240,3 @@ async def test_after_a_failure_redis_is_skipped_for_retry_after_s() -> None:
             await limiter.admit([rule], cost_tokens=0)
     finally:
         await client.aclose()
-
-
-async def test_admit_latency_is_one_round_trip() -> None:
-    """Six rules (key, team, team x model; requests and tokens), as a real request checks. Prints p50/p99."""
-    rules = [
-        LimitRule(scope, kind, 1_000_000, 60)
-        for scope in ("key:lat", "team:lat", "team_model:lat:m")
-        for kind in LimitKind
-    ]
-    async with replicas() as (limiter,):
-        for _ in range(50):  # warm the connection and the script cache
-            await limiter.admit(rules, cost_tokens=10)
-        samples_s = []
-        for _ in range(2_000):
-            start = time.perf_counter()
-            await limiter.admit(rules, cost_tokens=10)
-            samples_s.append(time.perf_counter() - start)
-    cuts = statistics.quantiles(samples_s, n=100)
-    p50_us, p99_us = cuts[49] * 1e6, cuts[98] * 1e6
-    print(f"admit, 6 rules, local Redis: p50 {p50_us:.0f} us, p99 {p99_us:.0f} us")
-    assert p99_us < 20_000  # a loose bound for shared CI machines; the numbers printed are what to report

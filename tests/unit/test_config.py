@@ -124,3 +124,32 @@ def test_deployment_forms_are_exclusive_and_checked() -> None:
     assert got == ['models.m.deployments.1.backend: unknown backend "gpu9" (defined backends: local)']
     got = problems({"teams": {"t": {"privacy_floor": "public"}}})
     assert got[0].startswith("teams.t.privacy_floor:")
+
+
+def test_limits_budgets_cache_and_reports_settings_are_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {
+                "teams": {
+                    "t": {
+                        "limits": {"requests": 0, "models": {"nope": {"requests": 1}}},
+                        "budgets": [{"period": "week", "usd": 1}, {"period": "day", "usd": 1, "soft_usd": 2}],
+                        "cache_share": "has space",
+                    }
+                },
+                "reports": {"reference_model": "gpt-9"},
+            }
+        )
+    text = str(info.value)
+    for expected in (
+        "teams.t.limits.requests",
+        "teams.t.budgets.0.period",
+        "soft_usd (2) must not exceed usd (1)",
+        "teams.t.cache_share",
+    ):
+        assert expected in text, text
+    with pytest.raises(ConfigError) as refs:
+        bad_refs = {"teams": {"t": {"limits": {"models": {"nope": {}}}}}, "reports": {"reference_model": "x"}}
+        parse_config(bad_refs)
+    assert 'teams.t.limits.models: unknown model "nope"' in str(refs.value)
+    assert 'reports.reference_model: unknown model "x"' in str(refs.value)

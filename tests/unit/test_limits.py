@@ -10,7 +10,7 @@ import calendar
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gateway.limits import (
@@ -210,6 +210,7 @@ class TestMemoryLimiter(LimiterContract):
         with pytest.raises(ValueError, match="cost_tokens must be >= 0"):
             await MemoryLimiter().admit([requests("k", 1)], cost_tokens=-1)
 
+    @example(limit=159, window_s=1, kind=LimitKind.REQUESTS, cost_share=1.0, now_ms=1.7e12)  # a slot boundary
     @given(
         limit=st.integers(1, 500),
         window_s=st.sampled_from([0.333, 1, 7, 13.7, 60, 3600, 86400]),

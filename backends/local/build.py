@@ -1,0 +1,194 @@
+"""Assemble a running engine from a loaded transformers model and the `engine serve` options.
+
+Stages: our model from the transformers weights (dtype, device), optional quantization, a KV cache sized by
+`kv_cache_mb`, the runner, the scheduler over the cache's blocks, the speculative proposer. Each stage is
+logged with its time and the process's memory; a stage still running after a few seconds logs that it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from backends.local.engine.engine import NoProposer, Proposer
+from backends.local.engine.kv_cache import BlockAllocator
+from backends.local.engine.scheduler import Scheduler, SchedulerConfig
+from backends.local.loader import LoadedModel, current_rss_mb
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+QUANT_MODES = ("none", "int8", "int4")
+ATTN_IMPLS = ("sdpa", "eager", "flash")
+SPEC_KINDS = ("none", "draft", "self", "ngram")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    device: str = "cpu"
+    dtype: str = "float32"
+    quant: str = "none"
+    attn: str = "sdpa"
+    spec: str = "none"
+    draft_model: str | None = None
+    num_spec_tokens: int = 4  # draft slots per decode when `spec` is not "none"
+    max_batch: int = 32
+    kv_cache_mb: float = 512.0
+    threads: int | None = None
+    block_size: int = 16
+    max_prefill_tokens: int = 512
+    release_source: bool = False  # free the transformers weights once converted (the server does)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("device", DEVICES),
+            ("dtype", DTYPES),
+            ("quant", QUANT_MODES),
+            ("attn", ATTN_IMPLS),
+            ("spec", SPEC_KINDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"--{name} `{getattr(self, name)}` is unknown; use one of {', '.join(allowed)}"
+                )
+        if self.spec == "draft" and not self.draft_model:
+            raise ValueError(
+                "--spec draft needs --draft-model (a GGUF file, HF directory or pkg:PACKAGE/FILE)"
+            )
+        if self.kv_cache_mb <= 0:
+            raise ValueError(f"--kv-cache-mb must be positive, got {self.kv_cache_mb}")
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltEngine:
+    """Everything `Engine(...)` takes, plus what the server needs to know about the model."""
+
+    runner: Any  # ModelRunner
+    scheduler: Scheduler
+    proposer: Proposer
+    stop_token_ids: tuple[int, ...]
+    context_tokens: int
+    vocab_size: int
+
+
+@contextmanager
+def stage(name: str, *, every_s: float = 5.0) -> Iterator[None]:
+    """Log a load stage's duration and RSS; while it runs, a heartbeat every `every_s` shows progress."""
+    started_s = time.perf_counter()
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(every_s):
+            log.info("%s: still running (%.0f s)", name, time.perf_counter() - started_s)
+
+    ticker = threading.Thread(target=heartbeat, name="switchboard-load-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+    log.info("%s: %.1f s (RSS %.0f MB)", name, time.perf_counter() - started_s, current_rss_mb())
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [i for i in ids if i is not None]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("model has no end-of-sequence token; set generation_config.eos_token_id")
+    return tuple(ids)
+
+
+def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngine:
+    """Convert, quantize and size everything; the caller wraps the parts in an `Engine`."""
+    import torch
+
+    from backends.local.engine.runner import build_runner
+    from backends.local.engine.weights import build_model
+
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+    stops = stop_token_ids(loaded.model, loaded.tokenizer)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    with stage(f"engine model ({options.dtype} on {options.device})"):
+        model = build_model(
+            loaded.model,
+            dtype=getattr(torch, options.dtype),
+            device=options.device,
+            release_source=options.release_source,
+        )
+    if options.quant != "none":
+        from backends.local.engine.quant import quantize_model
+
+        with stage(f"quantize ({options.quant})"):
+            # Group size 32: on SmolLM2 (itself a Q4_1 GGUF, blocks of 32) it costs no perplexity, while 128
+            # costs +87% (docs/BENCHMARKS.md, bench/quant).
+            manifest = quantize_model(model, options.quant, group_size=32)
+        log.info(
+            "quantized: %s; weights %.0f -> %.0f MB",
+            manifest.scheme_counts(),
+            manifest.bytes_before / 2**20,
+            manifest.bytes_after / 2**20,
+        )
+    with stage(f"KV cache ({options.kv_cache_mb:.0f} MB)"):
+        runner = build_runner(
+            model,
+            kv_cache_mb=options.kv_cache_mb,
+            block_size=options.block_size,
+            attn_impl=options.attn,
+            num_threads=options.threads,
+        )
+    cache = runner.kv_cache
+    log.info(
+        "KV cache: %d blocks of %d tokens (%d tokens, %.0f MB, %s)",
+        cache.num_blocks,
+        cache.block_size,
+        cache.num_blocks * cache.block_size,
+        cache.num_bytes / 2**20,
+        cache.dtype,
+    )
+    proposer = _proposer(options, model)
+    config = SchedulerConfig(
+        max_batch=options.max_batch,
+        max_prefill_tokens=options.max_prefill_tokens,
+        block_size=options.block_size,
+        num_spec_tokens=0 if isinstance(proposer, NoProposer) else options.num_spec_tokens,
+    )
+    return BuiltEngine(
+        runner=runner,
+        scheduler=Scheduler(config, BlockAllocator(cache.num_blocks)),
+        proposer=proposer,
+        stop_token_ids=stops,
+        context_tokens=runner.max_seq_len,
+        vocab_size=runner.vocab_size,
+    )
+
+
+def _proposer(options: EngineOptions, model: Any) -> Proposer:
+    """The speculative-decoding seam: `backends.local.engine.speculative.build_proposer` when asked for."""
+    if options.spec == "none":
+        return NoProposer()
+    module = "backends.local.engine.speculative"
+    try:
+        speculative = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        raise ValueError(f"--spec {options.spec} is not available in this build; use --spec none") from exc
+    with stage(f"speculative proposer ({options.spec})"):
+        proposer: Proposer = speculative.build_proposer(
+            options.spec, target=model, draft_model=options.draft_model, device=options.device
+        )
+    return proposer

@@ -1,0 +1,278 @@
+"""Paged attention: `attend` computes every sequence's attention over its cached prefix plus its new tokens.
+
+The implementation is chosen per step by `AttentionMetadata.impl` (the runner's `attn_impl` argument; there is
+no module-level switch): "sdpa" (torch scaled_dot_product_attention, the default), "eager" (reference math,
+what transformers' eager path computes) or "flash" (flash_attn on CUDA). Sequences are grouped: all short
+chunks (decode tokens, speculative drafts) go in one padded batch, each long prefill chunk attends on its own.
+Queries are left-padded so the real ones end at the sequence's last key: query row j of a group with q_len Q
+sits at position ctx_len - Q + j, and it sees key positions <= that (bottom-right causal, as flash does).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from backends.local.engine.kv_cache import blocks_needed
+
+AttnImpl = Literal["sdpa", "eager", "flash"]
+ATTN_IMPLS: tuple[AttnImpl, ...] = ("sdpa", "eager", "flash")
+MAX_BATCHED_Q = 8  # chunks with at most this many new tokens share one padded attention call
+
+
+@dataclass(frozen=True, slots=True)
+class AttnGroup:
+    """Sequences attended in one call: `batch` sequences, queries left-padded to `q_len` rows each."""
+
+    batch: int
+    q_len: int
+    block_table: torch.Tensor  # (B, nb) long: blocks covering the group's longest context (0-padded)
+    ctx_lens: torch.Tensor  # (B,) int32: keys per sequence once this step's K/V are written
+    # sdpa: additive 0 / -inf in the model dtype, (B, 1, n_rep*Q, L) or (B, 1, 1, L) for one query;
+    # eager: bool (B, 1, Q, L), True = may attend; flash: None (it masks by ctx_lens).
+    mask: torch.Tensor | None
+    q_rows: torch.Tensor | None  # (B*Q,) long: packed token row of each padded query; None = identity
+    real_rows: torch.Tensor | None  # (n,) long: padded rows holding real queries; None = all of them
+    out_rows: torch.Tensor | None  # (n,) long: the packed rows those queries belong to
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """What `attend` needs for one step, built once and shared by every layer."""
+
+    slots: torch.Tensor  # (T,) long: flat cache slot of each new token, where its K/V are written
+    groups: tuple[AttnGroup, ...]
+    num_tokens: int
+    impl: AttnImpl
+    identity: bool  # one group, no padding, rows in packed order: its output is the step's output
+
+
+@dataclass(frozen=True, slots=True)
+class SeqSpan:
+    """One sequence's share of a step: `num_tokens` new tokens at `start_pos` (packed rows in order)."""
+
+    start_pos: int
+    num_tokens: int
+    block_table: Sequence[int]
+
+
+def flash_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def check_impl(impl: str, *, device: torch.device, dtype: torch.dtype) -> AttnImpl:
+    """Validate an implementation name for a device and dtype; the message says what to change."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attention impl `{impl}` is unknown; choose one of {', '.join(ATTN_IMPLS)}")
+    if impl == "flash":
+        if device.type != "cuda" or not flash_available():
+            raise ValueError("attention impl `flash` needs CUDA and the flash_attn package; use `sdpa`")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attention impl `flash` needs float16 or bfloat16 weights, not {dtype}")
+    return impl
+
+
+def build_metadata(
+    spans: Sequence[SeqSpan],
+    slots: torch.Tensor,
+    *,
+    block_size: int,
+    n_rep: int,
+    impl: AttnImpl = "sdpa",
+    max_batched_q: int = MAX_BATCHED_Q,
+    dtype: torch.dtype = torch.float32,
+) -> AttentionMetadata:
+    """Group the spans and precompute masks and row maps for all layers of one step (`dtype`: the model's)."""
+    row_starts, row = [], 0
+    for s in spans:
+        row_starts.append(row)
+        row += s.num_tokens
+    short = [i for i, s in enumerate(spans) if s.num_tokens <= max_batched_q]
+    members = [short] if short else []
+    members += [[i] for i, s in enumerate(spans) if s.num_tokens > max_batched_q]
+    groups = []
+    for m in members:
+        group_spans, starts = [spans[i] for i in m], [row_starts[i] for i in m]
+        alone = len(members) == 1
+        groups.append(_build_group(group_spans, starts, block_size, n_rep, impl, alone, slots.device, dtype))
+    identity = len(groups) == 1 and groups[0].q_rows is None
+    return AttentionMetadata(slots=slots, groups=tuple(groups), num_tokens=row, impl=impl, identity=identity)
+
+
+def _build_group(
+    spans: list[SeqSpan],
+    row_starts: list[int],
+    block_size: int,
+    n_rep: int,
+    impl: AttnImpl,
+    alone: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> AttnGroup:
+    batch, q_len = len(spans), max(s.num_tokens for s in spans)
+    ctx = [s.start_pos + s.num_tokens for s in spans]
+    nb = blocks_needed(max(ctx), block_size)
+    table = [list(s.block_table[:nb]) + [0] * (nb - len(s.block_table[:nb])) for s in spans]
+    q_rows: list[int] = []
+    real_rows: list[int] = []
+    out_rows: list[int] = []
+    for b, (s, r0) in enumerate(zip(spans, row_starts, strict=True)):
+        pad = q_len - s.num_tokens
+        q_rows += [r0] * pad + list(range(r0, r0 + s.num_tokens))
+        real_rows += range(b * q_len + pad, (b + 1) * q_len)
+        out_rows += range(r0, r0 + s.num_tokens)
+    # The only group, unpadded, in packed order: its output rows are the step's rows.
+    identity = alone and q_rows == list(range(batch * q_len))
+    return AttnGroup(
+        batch=batch,
+        q_len=q_len,
+        block_table=torch.tensor(table, dtype=torch.long, device=device),
+        ctx_lens=torch.tensor(ctx, dtype=torch.int32, device=device),
+        mask=_mask(ctx, q_len, nb * block_size, n_rep, impl, device, dtype),
+        q_rows=None if identity else torch.tensor(q_rows, dtype=torch.long, device=device),
+        real_rows=None if identity else torch.tensor(real_rows, dtype=torch.long, device=device),
+        out_rows=None if identity else torch.tensor(out_rows, dtype=torch.long, device=device),
+    )
+
+
+def _mask(
+    ctx: list[int],
+    q_len: int,
+    num_keys: int,
+    n_rep: int,
+    impl: AttnImpl,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    if impl == "flash":
+        return None
+    # Query row j of sequence b is at position ctx_b - Q + j; left-padding rows (< 0) see key 0 only.
+    ctx_t = torch.tensor(ctx, dtype=torch.long, device=device)
+    q_pos = (ctx_t[:, None] - q_len + torch.arange(q_len, device=device)).clamp(min=0)  # (B, Q)
+    allowed = torch.arange(num_keys, device=device)[None, None, :] <= q_pos[:, :, None]  # (B, Q, L)
+    allowed = allowed.unsqueeze(1)  # (B, 1, Q, L)
+    if impl == "sdpa" and q_len > 1 and n_rep > 1:
+        allowed = allowed.repeat(1, 1, n_rep, 1)  # rows g*Q + j: GQA heads stacked along the query axis
+    if impl == "sdpa":
+        # Additive, in the compute dtype: given a bool mask, CPU SDPA converts it in every layer.
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    return allowed
+
+
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """(num_blocks, bs, Hkv, D) cache and (B, nb) table -> (B, nb*bs, Hkv, D), whole blocks in table order.
+
+    index_select, not advanced indexing: on CPU `cache[table]` was three orders of magnitude slower here.
+    """
+    batch, nb = block_table.shape
+    picked = cache.index_select(0, block_table.view(-1))  # (B*nb, bs, Hkv, D)
+    return picked.view(batch, nb * cache.shape[1], cache.shape[2], cache.shape[3])
+
+
+def attend(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, *, scale: float
+) -> torch.Tensor:
+    """Attention of new queries q (T, H, D) over one layer's paged cache (num_blocks, bs, Hkv, D) -> (T, H*D).
+
+    The new tokens' K/V must already be in the cache (`KVCache.write`).
+    """
+    if meta.identity:
+        return _attend_group(q, k_cache, v_cache, meta.groups[0], meta.impl, scale)
+    num_tokens, n_heads, head_dim = q.shape
+    out = q.new_empty(num_tokens, n_heads * head_dim)
+    for group in meta.groups:
+        padded = _attend_group(q, k_cache, v_cache, group, meta.impl, scale)  # (B*Q, H*D)
+        assert group.real_rows is not None and group.out_rows is not None
+        out.index_copy_(0, group.out_rows, padded.index_select(0, group.real_rows))
+    return out
+
+
+def _attend_group(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: AttnGroup,
+    impl: AttnImpl,
+    scale: float,
+) -> torch.Tensor:
+    batch, q_len, n_heads, head_dim = group.batch, group.q_len, q.shape[1], q.shape[2]
+    q_pad = q if group.q_rows is None else q.index_select(0, group.q_rows)
+    q_pad = q_pad.view(batch, q_len, n_heads, head_dim)
+    if impl == "flash":
+        out = _flash(q_pad, k_cache, v_cache, group, scale)
+    else:
+        k, v = gather_blocks(k_cache, group.block_table), gather_blocks(v_cache, group.block_table)
+        assert group.mask is not None
+        fn = _sdpa if impl == "sdpa" else _eager
+        out = fn(q_pad, k, v, group.mask, scale)
+    return out.reshape(batch * q_len, n_heads * head_dim)
+
+
+def _stack_heads(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """(B, Q, H, D) -> (B, Hkv, n_rep*Q, D): the query heads sharing a KV head, stacked along the query axis.
+
+    GQA without repeating K/V; for one decode token per sequence it is a free view.
+    """
+    batch, q_len, n_heads, head_dim = q.shape
+    if q_len == 1:
+        return q.view(batch, n_kv, n_heads // n_kv, head_dim)
+    return q.permute(0, 2, 1, 3).reshape(batch, n_kv, n_heads // n_kv * q_len, head_dim)
+
+
+def _unstack_heads(out: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, Hkv, n_rep*Q, D) -> (B, Q, H, D)."""
+    batch, n_kv, rows, head_dim = out.shape
+    if q_len == 1:
+        return out.view(batch, 1, n_kv * rows, head_dim)
+    return out.view(batch, n_kv, rows // q_len, q_len, head_dim).permute(0, 3, 1, 2, 4)
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q (B, Q, H, D), k/v (B, L, Hkv, D) -> (B, Q, H, D)."""
+    qs = _stack_heads(q, k.shape[2])
+    out = F.scaled_dot_product_attention(
+        qs, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    return _unstack_heads(out, q.shape[1])
+
+
+def _eager(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Reference: repeat K/V per query head, softmax in float32 (as transformers' eager attention)."""
+    n_rep = q.shape[2] // k.shape[2]
+    qh = q.transpose(1, 2)  # (B, H, Q, D)
+    kh = k.transpose(1, 2).repeat_interleave(n_rep, dim=1)  # (B, H, L, D)
+    vh = v.transpose(1, 2).repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(qh, kh.transpose(2, 3)) * scale  # (B, H, Q, L)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, vh).transpose(1, 2)  # (B, Q, H, D)
+
+
+def _flash(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttnGroup, scale: float
+) -> torch.Tensor:
+    """flash_attn over the paged cache; causal alignment is bottom-right, which left padding matches."""
+    from flash_attn import flash_attn_with_kvcache
+
+    if k_cache.shape[1] % 256 == 0:  # flash reads pages in place when they hold a multiple of 256 tokens
+        table = group.block_table.to(torch.int32)
+        return flash_attn_with_kvcache(
+            q,
+            k_cache,
+            v_cache,
+            cache_seqlens=group.ctx_lens,
+            block_table=table,
+            softmax_scale=scale,
+            causal=True,
+        )
+    k, v = gather_blocks(k_cache, group.block_table), gather_blocks(v_cache, group.block_table)
+    return flash_attn_with_kvcache(q, k, v, cache_seqlens=group.ctx_lens, softmax_scale=scale, causal=True)

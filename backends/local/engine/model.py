@@ -1,0 +1,164 @@
+"""The decoder as a pure `nn.Module`: packed tokens, positions and the paged KV cache in, logits out.
+
+Llama-family layout (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP) that reproduces
+transformers' Llama/Qwen2/Mistral arithmetic op for op, including the rotate_half RoPE convention. Every
+projection is a plain `nn.Linear` attribute (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj,
+lm_head), so quantization is a module swap at load time and never a branch here. The model keeps no
+per-request state: the step's layout lives in `AttentionMetadata`, keys and values in `KVCache`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.local.engine.attention import AttentionMetadata, attend
+from backends.local.engine.config import ModelArgs
+from backends.local.engine.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As transformers: normalise in float32, round to the input dtype, then scale.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) float32, as transformers' default / linear / llama3 RoPE init."""
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(args: ModelArgs, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for every position, each (max_seq_len, head_dim / 2) float32.
+
+    transformers builds cat(freqs, freqs) so both halves of its tables are equal; we keep one half.
+    """
+    positions = torch.arange(args.max_seq_len, device=device).float()
+    freqs = positions[:, None] * rope_inv_freq(args, device)[None, :]
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, D) with cos/sin (T, 1, D/2): x * cos + rotate_half(x) * sin, in the same rounding order."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata, kv: KVCache
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv.write(self.layer_idx, k, v, attn.slots)
+        out = attend(q, kv.k[self.layer_idx], kv.v[self.layer_idx], attn, scale=self.scale)  # (T, H*D)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.attention = Attention(args, layer_idx)
+        self.mlp_norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata, kv: KVCache
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn, kv)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """`forward(tokens (T,), positions (T,), attn, kv, logits_rows=None) -> logits (N, vocab)`."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope_cos: torch.Tensor
+        self.rope_sin: torch.Tensor
+        self.init_rope_tables()
+
+    def init_rope_tables(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        """(Re)build the RoPE tables: computed in float32, stored in the compute dtype (as transformers)."""
+        weight = self.embed_tokens.weight
+        cos, sin = rope_tables(self.args, device or weight.device)
+        dtype = dtype or weight.dtype
+        self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv: KVCache,
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of `logits_rows` (all rows when None) in the model dtype; writes every token's K/V."""
+        x = self.embed_tokens(tokens)  # (T, dim)
+        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)  # (T, 1, D/2)
+        sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn, kv)
+        if logits_rows is not None:
+            x = x.index_select(0, logits_rows)
+        return self.lm_head(self.norm(x))

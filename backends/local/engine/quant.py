@@ -1,0 +1,418 @@
+"""Weight-only int8/int4 quantization of linear layers: a module swap applied at load time.
+
+`quantize_model` replaces `nn.Linear` children with `Int8Linear` (per-output-channel symmetric int8) or
+`Int4Linear` (grouped asymmetric int4 in PyTorch's CPU packed layout) and returns a `QuantManifest` naming
+every layer's scheme; the model's own code never branches on quantization, and `apply_manifest` replays a
+recorded scheme rather than guessing one. Activations are cast to bf16 around the CPU kernels
+(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) and back to the caller's dtype.
+Invariant: a quantized layer computes bf16(x) @ dequantize(q).T (+ bias) up to the kernel's bf16 output
+rounding; tests hold each layer to that and whole models to stated top-1/KL bounds against full precision.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes `_weight_int4pack_mm_for_cpu` accepts
+INT4_OUT_MULTIPLE = 16  # `_convert_weight_to_int4pack_for_cpu`: "expect N to be dividable by 16"
+INT8_IN_MULTIPLE = 16  # `_weight_int8pack_mm` (torch 2.13, bf16) segfaults when in_features % 16 != 0
+LM_HEAD_NAME = "lm_head"
+MANIFEST_VERSION = 1
+_INT4_MID = 8  # stored nibble q in 0..15 means (q - 8) * scale + zero
+_MIN_SCALE = 1e-8  # an all-equal (e.g. all-zero padding) row or group still gets a finite scale
+
+
+class QuantMode(StrEnum):
+    NONE = "none"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class LayerScheme(StrEnum):
+    KEEP = "keep"  # left as the original nn.Linear
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerQuant:
+    """What one linear layer became. `note` says why it differs from what the mode asked for."""
+
+    name: str
+    scheme: LayerScheme
+    in_features: int
+    out_features: int
+    group_size: int | None  # int4 only
+    padded_in_features: int  # == in_features unless zero columns were appended for the kernel
+    bytes_before: int
+    bytes_after: int
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QuantManifest:
+    """The recorded scheme of a quantized model. Byte totals are `model_bytes` before and after the swap."""
+
+    mode: QuantMode
+    group_size: int | None  # int4 only
+    lm_head: LayerScheme
+    layers: tuple[LayerQuant, ...]
+    bytes_before: int
+    bytes_after: int
+    version: int = MANIFEST_VERSION
+
+    def scheme_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            counts[layer.scheme.value] = counts.get(layer.scheme.value, 0) + 1
+        return counts
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantManifest:
+        raw = json.loads(text)
+        if raw.get("version") != MANIFEST_VERSION:
+            raise ValueError(
+                f"quant manifest version {raw.get('version')!r}; this engine reads {MANIFEST_VERSION}"
+            )
+        layers = tuple(
+            LayerQuant(**{**layer, "scheme": LayerScheme(layer["scheme"])}) for layer in raw["layers"]
+        )
+        return cls(
+            mode=QuantMode(raw["mode"]),
+            group_size=raw["group_size"],
+            lm_head=LayerScheme(raw["lm_head"]),
+            layers=layers,
+            bytes_before=raw["bytes_before"],
+            bytes_after=raw["bytes_after"],
+        )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _kernel_input(x: Tensor, in_features: int, padded_in_features: int) -> Tensor:
+    """(..., K) any float dtype -> (M, K_padded) contiguous bf16, zero columns matching the zero weights."""
+    x2 = x.reshape(-1, in_features).to(torch.bfloat16)
+    if padded_in_features != in_features:
+        x2 = F.pad(x2, (0, padded_in_features - in_features))
+    return x2.contiguous()
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, K) float -> q (N, K) int8 in [-127, 127], scales (N,) bf16; w ~= q * scales[:, None]."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=_MIN_SCALE).to(torch.bfloat16)
+    # Quantise against the bf16 scale the kernel will use, so its rounding adds no error of its own.
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """(N, K) float, K % group_size == 0 -> q (N, K) int32 in [0, 15], scales_and_zeros (K/gs, N, 2) bf16.
+
+    Asymmetric per group, as the kernel expects: w ~= (q - 8) * scale + zero, with `zero` the value at q = 8.
+    """
+    w = weight.detach().float()
+    n, k = w.shape
+    groups = w.reshape(n, k // group_size, group_size)  # (N, G, gs)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # (N, G)
+    scale = ((hi - lo) / 15).clamp(min=_MIN_SCALE).to(torch.bfloat16)
+    zero = (lo + _INT4_MID * scale.float()).to(torch.bfloat16)
+    q = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None]) + _INT4_MID
+    q = q.clamp(0, 15).to(torch.int32).reshape(n, k)
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
+    return q, scales_and_zeros
+
+
+def dequantize_int4(q: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
+    """Inverse of `quantize_int4` in float32: the weight the int4 kernel multiplies by."""
+    n, k = q.shape
+    sz = scales_and_zeros.float().transpose(0, 1)  # (N, G, 2)
+    groups = q.float().reshape(n, k // group_size, group_size) - _INT4_MID
+    return (groups * sz[..., :1] + sz[..., 1:]).reshape(n, k)
+
+
+class Int8Linear(nn.Module):
+    """y = bf16(x) @ (q * scales[:, None]).T + bias; q (N, K_padded) int8, one symmetric scale per row."""
+
+    weight: Tensor
+    scales: Tensor
+    bias: Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.padded_in_features = _round_up(in_features, INT8_IN_MULTIPLE)
+        self.register_buffer("weight", torch.zeros(out_features, self.padded_in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.bfloat16))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        weight = linear.weight.detach().float()
+        q, scales = quantize_int8(F.pad(weight, (0, layer.padded_in_features - linear.in_features)))
+        layer.weight.copy_(q)
+        layer.scales.copy_(scales)
+        if linear.bias is not None and layer.bias is not None:
+            layer.bias.copy_(linear.bias.detach().float())
+        return layer
+
+    def dequantized_weight(self) -> Tensor:
+        """(N, K) float32: what the kernel multiplies by (padding columns dropped)."""
+        return (self.weight.float() * self.scales.float()[:, None])[:, : self.in_features]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = _kernel_input(x, self.in_features, self.padded_in_features)
+        out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+class Int4Linear(nn.Module):
+    """y = bf16(x) @ W.T + bias with W[n, k] = (q[n, k] - 8) * scale[k // gs, n] + zero[k // gs, n].
+
+    `weight` is q packed by `_convert_weight_to_int4pack_for_cpu`: (N, K_padded / 2) uint8, in a blocked
+    layout only the kernel reads. K is zero-padded to a multiple of `group_size`.
+    """
+
+    weight: Tensor
+    scales_and_zeros: Tensor
+    bias: Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, group_size: int) -> None:
+        super().__init__()
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+        if out_features % INT4_OUT_MULTIPLE:
+            raise ValueError(f"Int4Linear needs out_features % {INT4_OUT_MULTIPLE} == 0, got {out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.padded_in_features = _round_up(in_features, group_size)
+        k = self.padded_in_features
+        self.register_buffer("weight", torch.zeros(out_features, k // 2, dtype=torch.uint8))
+        self.register_buffer(
+            "scales_and_zeros", torch.zeros(k // group_size, out_features, 2, dtype=torch.bfloat16)
+        )
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, group_size=group_size
+        )
+        weight = linear.weight.detach().float()
+        q, scales_and_zeros = quantize_int4(
+            F.pad(weight, (0, layer.padded_in_features - linear.in_features)), group_size
+        )
+        # The CPU packing ignores inner_k_tiles (every value gives the same bytes); 2 is the CUDA default.
+        layer.weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        layer.scales_and_zeros.copy_(scales_and_zeros)
+        if linear.bias is not None and layer.bias is not None:
+            layer.bias.copy_(linear.bias.detach().float())
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = _kernel_input(x, self.in_features, self.padded_in_features)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.weight, self.group_size, self.scales_and_zeros
+        )
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}"
+        )
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each storage counted once (tied weights: once)."""
+    storages: dict[int, int] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _is_lm_head(name: str) -> bool:
+    return name == LM_HEAD_NAME or name.endswith("." + LM_HEAD_NAME)
+
+
+def _feasible(scheme: LayerScheme, linear: nn.Linear) -> tuple[LayerScheme, str]:
+    """The scheme the kernels can run for this shape, and why it differs from the one asked for."""
+    if scheme is LayerScheme.INT4 and linear.out_features % INT4_OUT_MULTIPLE:
+        return LayerScheme.INT8, (
+            f"int4 kernel needs out_features % {INT4_OUT_MULTIPLE} == 0 "
+            f"(got {linear.out_features}); int8 instead"
+        )
+    return scheme, ""
+
+
+def _build(linear: nn.Linear, scheme: LayerScheme, group_size: int | None) -> nn.Module:
+    if scheme is LayerScheme.INT8:
+        return Int8Linear.from_linear(linear)
+    if scheme is LayerScheme.INT4 and group_size is not None:
+        return Int4Linear.from_linear(linear, group_size)
+    return linear
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    name: str
+    linear: nn.Linear
+    scheme: LayerScheme
+    group_size: int | None
+    note: str
+
+
+def _execute(model: nn.Module, plan: list[_Step]) -> tuple[LayerQuant, ...]:
+    """Swap every planned layer; checks the whole plan first so a refusal leaves the model untouched."""
+    for step in plan:
+        if step.scheme is not LayerScheme.KEEP and step.linear.weight.device.type != "cpu":
+            raise ValueError(
+                f"layer `{step.name}` is on {step.linear.weight.device}; these int8/int4 kernels are "
+                "CPU-only (quantize before moving the model, or use mode none)"
+            )
+        if step.scheme is LayerScheme.INT4 and step.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(
+                f"int4 group_size {step.group_size} is not supported; use one of {INT4_GROUP_SIZES}"
+            )
+    layers = []
+    for step in plan:
+        new = _build(step.linear, step.scheme, step.group_size)
+        if new is not step.linear:
+            model.set_submodule(step.name, new)
+        layers.append(
+            LayerQuant(
+                name=step.name,
+                scheme=step.scheme,
+                in_features=step.linear.in_features,
+                out_features=step.linear.out_features,
+                group_size=step.group_size if step.scheme is LayerScheme.INT4 else None,
+                padded_in_features=getattr(new, "padded_in_features", step.linear.in_features),
+                bytes_before=_module_bytes(step.linear),
+                bytes_after=_module_bytes(new),
+                note=step.note,
+            )
+        )
+    return tuple(layers)
+
+
+def _parse(enum: type[QuantMode] | type[LayerScheme], value: str, what: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in enum)
+        raise ValueError(f"{what} `{value}` is unknown; use one of: {choices}") from None
+
+
+def quantize_model(
+    model: nn.Module,
+    mode: str = "int8",
+    *,
+    group_size: int = 128,
+    lm_head: str = "int8",
+    skip: tuple[str, ...] = (),
+) -> QuantManifest:
+    """Swap every `nn.Linear` in `model` (in place, on CPU) for its quantized form and record what was done.
+
+    `mode` is "none" | "int8" | "int4" for the body; `lm_head` ("int8" | "int4" | "keep") is the scheme of the
+    output layer (a Linear named `lm_head`), which int4 hurts most. `skip` holds fnmatch patterns of module
+    names to keep. Layers the int4 kernel cannot take fall back to int8; the manifest says which and why.
+    """
+    quant_mode: QuantMode = _parse(QuantMode, mode, "quant mode")
+    head: LayerScheme = _parse(LayerScheme, lm_head, "lm_head scheme")
+    if quant_mode is QuantMode.NONE:
+        head = LayerScheme.KEEP
+    body = {
+        QuantMode.NONE: LayerScheme.KEEP,
+        QuantMode.INT8: LayerScheme.INT8,
+        QuantMode.INT4: LayerScheme.INT4,
+    }
+    plan = []
+    for name, linear in model.named_modules():
+        if not isinstance(linear, nn.Linear):
+            continue
+        wanted = head if _is_lm_head(name) else body[quant_mode]
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
+            wanted = LayerScheme.KEEP
+        scheme, note = _feasible(wanted, linear)
+        plan.append(_Step(name, linear, scheme, group_size, note))
+    bytes_before = model_bytes(model)
+    layers = _execute(model, plan)
+    return QuantManifest(
+        mode=quant_mode,
+        group_size=group_size if LayerScheme.INT4 in (body[quant_mode], head) else None,
+        lm_head=head,
+        layers=layers,
+        bytes_before=bytes_before,
+        bytes_after=model_bytes(model),
+    )
+
+
+def apply_manifest(model: nn.Module, manifest: QuantManifest) -> None:
+    """Quantize `model` exactly as `manifest` records (e.g. when loading saved quantized weights)."""
+    modules = dict(model.named_modules())
+    plan = []
+    for layer in manifest.layers:
+        linear = modules.get(layer.name)
+        if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != (
+            layer.in_features,
+            layer.out_features,
+        ):
+            raise ValueError(
+                f"manifest layer `{layer.name}` ({layer.in_features}->{layer.out_features}) does not match "
+                f"the model's {linear!r}; was the manifest written for another model?"
+            )
+        plan.append(_Step(layer.name, linear, layer.scheme, layer.group_size, layer.note))
+    _execute(model, plan)
+
+
+@dataclass(frozen=True, slots=True)
+class LogitAgreement:
+    """Teacher-forced agreement of a candidate's next-token distributions with a reference's."""
+
+    positions: int
+    top1: float  # fraction of positions where both argmaxes agree
+    kl_mean: float  # mean over positions of KL(reference || candidate), nats
+    kl_max: float
+
+
+def compare_logits(reference: Tensor, candidate: Tensor) -> LogitAgreement:
+    """Compare two (..., V) logit tensors over the same positions."""
+    ref = reference.detach().float().reshape(-1, reference.shape[-1])
+    cand = candidate.detach().float().reshape(-1, candidate.shape[-1])
+    ref_logp, cand_logp = ref.log_softmax(-1), cand.log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1)  # (positions,)
+    top1 = (ref.argmax(-1) == cand.argmax(-1)).float().mean()
+    return LogitAgreement(
+        positions=ref.shape[0], top1=top1.item(), kl_mean=kl.mean().item(), kl_max=kl.max().item()
+    )

@@ -1,0 +1,133 @@
+"""`ModelRunner.execute(plan)`: one forward pass for every chunk of a `StepPlan`, logits back in chunk order.
+
+All chunks' tokens are packed into one (T,) batch: the projections and MLPs run once over all of them, and
+attention runs per group (see `attention`): one padded call for all decode/draft chunks, one call per long
+prefill chunk. The runner owns no scheduling state; the plan says which blocks hold which positions.
+Output: (sum of num_logits, vocab) float32, the last `num_logits` positions of each chunk, in plan order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backends.local.engine.attention import MAX_BATCHED_Q, SeqSpan, build_metadata, check_impl
+from backends.local.engine.kv_cache import KVCache
+from backends.local.engine.model import Transformer
+from backends.local.engine.types import SeqChunk, StepPlan
+
+
+class ModelRunner:
+    """Executes steps of `model` against `kv_cache`; `attn_impl` is "sdpa", "eager" or "flash"."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        kv_cache: KVCache,
+        *,
+        attn_impl: str = "sdpa",
+        num_threads: int | None = None,
+        max_batched_q: int = MAX_BATCHED_Q,
+    ) -> None:
+        weight = model.embed_tokens.weight
+        if kv_cache.dtype != weight.dtype or kv_cache.device != weight.device:
+            raise ValueError(
+                f"KV cache is {kv_cache.dtype} on {kv_cache.device} but the model is {weight.dtype} on "
+                f"{weight.device}; build the cache with the model's dtype and device"
+            )
+        if kv_cache.n_layers != model.args.n_layers:
+            raise ValueError(f"KV cache has {kv_cache.n_layers} layers, the model {model.args.n_layers}")
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)  # process-wide: the engine thread is the only one computing
+        self.model = model
+        self.kv_cache = kv_cache
+        self.attn_impl = check_impl(attn_impl, device=weight.device, dtype=weight.dtype)
+        self.device = weight.device
+        self.dtype = weight.dtype
+        self.block_size = kv_cache.block_size
+        self.n_rep = model.args.n_heads // model.args.n_kv_heads
+        self.max_batched_q = max_batched_q
+        self.vocab_size = model.args.vocab_size
+        self.max_seq_len = model.args.max_seq_len
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run one step; returns logits (sum of num_logits, vocab) float32 in chunk order."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        spans: list[SeqSpan] = []
+        bs = self.block_size
+        for chunk in plan.chunks:
+            self._check(chunk)
+            row, n, start, table = len(tokens), len(chunk.token_ids), chunk.start_pos, chunk.block_table
+            tokens += chunk.token_ids
+            positions += range(start, start + n)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            logits_rows += range(row + n - chunk.num_logits, row + n)
+            spans.append(SeqSpan(start_pos=start, num_tokens=n, block_table=table))
+        if not tokens:
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
+        device = self.device
+        meta = build_metadata(
+            spans,
+            torch.tensor(slots, dtype=torch.long, device=device),
+            block_size=bs,
+            n_rep=self.n_rep,
+            impl=self.attn_impl,
+            max_batched_q=self.max_batched_q,
+            dtype=self.dtype,
+        )
+        rows = (
+            None
+            if len(logits_rows) == len(tokens)
+            else torch.tensor(logits_rows, dtype=torch.long, device=device)
+        )
+        logits = self.model(
+            torch.tensor(tokens, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            meta,
+            self.kv_cache,
+            rows,
+        )
+        return logits.float()
+
+    def _check(self, chunk: SeqChunk) -> None:
+        n = len(chunk.token_ids)
+        end = chunk.start_pos + n
+        if n == 0 or not 0 <= chunk.num_logits <= n or chunk.start_pos < 0:
+            raise ValueError(
+                f"sequence {chunk.seq_id}: a chunk needs >= 1 token and 0 <= num_logits <= tokens "
+                f"(got {n} tokens, num_logits={chunk.num_logits}, start_pos={chunk.start_pos})"
+            )
+        if end > len(chunk.block_table) * self.block_size:
+            raise ValueError(
+                f"sequence {chunk.seq_id}: positions up to {end - 1} need "
+                f"{-(-end // self.block_size)} blocks; the block table has {len(chunk.block_table)}"
+            )
+        if end > self.max_seq_len:
+            raise ValueError(
+                f"sequence {chunk.seq_id}: {end} positions exceed the model's {self.max_seq_len}"
+            )
+
+
+def build_runner(
+    model: Transformer,
+    *,
+    kv_cache_mb: float,
+    block_size: int = 16,
+    attn_impl: str = "sdpa",
+    num_threads: int | None = None,
+) -> ModelRunner:
+    """A runner over a fresh KV cache sized to `kv_cache_mb` MiB in the model's dtype and device."""
+    weight = model.embed_tokens.weight
+    cache = KVCache.from_budget(
+        kv_cache_mb=kv_cache_mb,
+        n_layers=model.args.n_layers,
+        n_kv_heads=model.args.n_kv_heads,
+        head_dim=model.args.head_dim,
+        block_size=block_size,
+        dtype=weight.dtype,
+        device=weight.device,
+    )
+    return ModelRunner(model, cache, attn_impl=attn_impl, num_threads=num_threads)

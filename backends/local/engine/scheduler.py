@@ -1,0 +1,424 @@
+"""Iteration-level scheduling over a paged KV cache: which tokens of which sequences run in the next step.
+
+`schedule() -> StepPlan`, then `update(plan, sampled) -> finished`. Decodes go first, then prefill chunks
+(oldest first) within `max_prefill_tokens`, then waiting requests join, so a long prompt never stalls the
+running decodes. When blocks run out the youngest running sequence is preempted: its blocks are freed and it
+is recomputed later from its prompt plus the tokens it already produced. Full, computed blocks are indexed by
+content, so a sequence starting with the same tokens shares them (ref-counted) instead of recomputing.
+Invariants: a block is written only by its one holder, and shared only once full; a request is accepted only
+if it could run alone in the whole cache, so the oldest running sequence always makes progress.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from backends.local.engine.types import SeqChunk, StepPlan
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request knobs. `temperature == 0` means greedy; `seed=None` means fresh randomness.
+
+    `stop` strings are matched by the caller's detokeniser (the engine sees token ids only): the caller
+    aborts the request once its text contains one.
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class SeqStatus(StrEnum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again, to be recomputed from its tokens so far
+    FINISHED = "finished"
+
+
+class FinishCause(StrEnum):
+    STOP = "stop"  # a stop token (end of sequence)
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # the caller gave up (client disconnect, stop string)
+    ERROR = "error"  # a step failed
+
+
+class Allocator(Protocol):
+    """What the scheduler needs of the KV block allocator."""
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def num_free(self) -> int: ...
+
+    def allocate(self, n: int) -> list[int] | None: ...  # None when fewer than n are free
+
+    def free(self, blocks: Iterable[int]) -> None: ...
+
+    def share(self, blocks: Iterable[int]) -> None: ...
+
+    def ref_count(self, block: int) -> int: ...
+
+
+class RequestTooLarge(ValueError):
+    """The request can never fit the KV cache, even alone; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch: int = 32  # sequences running at once
+    max_prefill_tokens: int = 512  # prompt tokens computed per step, across all prefill chunks
+    block_size: int = 16  # tokens per KV block
+    num_spec_tokens: int = 0  # draft slots reserved per decode (speculative decoding)
+    prefix_sharing: bool = True  # reuse full blocks of identical prompt prefixes
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_prefill_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_spec_tokens < 0:
+            raise ValueError(f"num_spec_tokens must be >= 0, got {self.num_spec_tokens}")
+
+
+@dataclass(slots=True, eq=False)
+class Seq:
+    """One request's state. `tokens[:num_computed]` have K/V in `block_table`; the rest run next."""
+
+    seq_id: int
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival: int
+    stop_token_ids: frozenset[int]
+    status: SeqStatus = SeqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_indexed_blocks: int = 0  # leading blocks already offered to the prefix index
+    num_preemptions: int = 0
+    finish_cause: FinishCause | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return [*self.prompt_ids, *self.output_ids]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_decoding(self) -> bool:
+        return bool(self.output_ids) and self.num_computed == self.num_tokens - 1
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class Scheduler:
+    """Owns every live sequence; the engine thread is its only caller."""
+
+    def __init__(self, config: SchedulerConfig, allocator: Allocator) -> None:
+        self.config = config
+        self._allocator = allocator
+        self._seqs: dict[int, Seq] = {}
+        self._waiting: list[Seq] = []  # WAITING and PREEMPTED, by arrival (preempted ones keep their place)
+        self._running: list[Seq] = []  # by arrival: the last is the youngest, the first to be preempted
+        self._arrivals = 0
+        self._draft_rooms: dict[int, int] = {}
+        # Full, computed blocks by content: (parent block or -1, the block's tokens) -> block, and back.
+        self._prefix: dict[tuple[int, tuple[int, ...]], int] = {}
+        self._prefix_key: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self.num_preemptions = 0
+        self.num_prefix_hit_tokens = 0
+
+    # -- requests in and out ---------------------------------------------------------------------------------
+
+    def max_kv_tokens(self) -> int:
+        return self._allocator.num_blocks * self.config.block_size
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise `RequestTooLarge` unless the prompt and all `max_tokens` could be cached at once."""
+        # The last sampled token is never fed back, so the cache holds prompt + max_tokens - 1 positions.
+        needed = blocks_for(num_prompt_tokens + max_tokens - 1, self.config.block_size)
+        if needed > self._allocator.num_blocks:
+            room = self.max_kv_tokens() - num_prompt_tokens + 1
+            hint = f"lower max_tokens to at most {room}" if room >= 1 else "shorten the prompt"
+            raise RequestTooLarge(
+                f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) needs {needed} "
+                f"KV blocks of {self.config.block_size} tokens; this engine's KV cache has "
+                f"{self._allocator.num_blocks} ({self.max_kv_tokens()} tokens): {hint}, "
+                "or restart the engine with a larger --kv-cache-mb"
+            )
+
+    def add(
+        self,
+        seq_id: int,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stop_token_ids: Iterable[int] = (),
+    ) -> Seq:
+        """Queue a request; it joins the running batch at the next `schedule()` that has room."""
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id} is already scheduled")
+        if not prompt_ids:
+            raise ValueError("prompt must hold at least one token")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
+        self.check_fits(len(prompt_ids), params.max_tokens)
+        seq = Seq(seq_id, tuple(prompt_ids), params, self._arrivals, frozenset(stop_token_ids))
+        self._arrivals += 1
+        self._seqs[seq_id] = seq
+        self._waiting.append(seq)  # the newest arrival sorts last
+        return seq
+
+    def abort(self, seq_id: int, cause: FinishCause = FinishCause.ABORT) -> Seq | None:
+        """End a live sequence now and free its blocks; None if it is unknown or already finished."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return None
+        if seq.status is SeqStatus.RUNNING:
+            self._running.remove(seq)
+        else:
+            self._waiting.remove(seq)
+        self._finish(seq, cause)
+        return seq
+
+    def get(self, seq_id: int) -> Seq | None:
+        return self._seqs.get(seq_id)
+
+    # -- load, for metrics -----------------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def allocator(self) -> Allocator:
+        return self._allocator
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._allocator.num_free
+
+    @property
+    def num_blocks(self) -> int:
+        return self._allocator.num_blocks
+
+    # -- one step --------------------------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """Decide the next step: decodes, then prefill chunks, then newly admitted requests."""
+        planned: dict[int, SeqChunk] = {}  # seq_id -> chunk; a preempted sequence's chunk is dropped
+        prefills: set[int] = set()
+        self._draft_rooms = {}
+        preempted = False
+        for seq in [s for s in self._running if s.is_decoding]:
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            room = min(self.config.num_spec_tokens, seq.params.max_tokens - len(seq.output_ids) - 1)
+            if not self._reserve(seq, seq.num_computed + 1 + room, planned):
+                preempted = True
+                continue
+            planned[seq.seq_id] = SeqChunk(
+                seq.seq_id, (seq.output_ids[-1],), seq.num_computed, tuple(seq.block_table)
+            )
+            if room > 0:
+                self._draft_rooms[seq.seq_id] = room
+        for seq in [s for s in self._running if not s.is_decoding]:
+            budget = self._budget_left(planned, prefills)
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            end = min(seq.num_tokens, seq.num_computed + budget)
+            if not self._reserve(seq, end, planned):
+                preempted = True
+                continue
+            planned[seq.seq_id] = self._prefill_chunk(seq, end)
+            prefills.add(seq.seq_id)
+        self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k in planned}
+        if not preempted:
+            planned.update((c.seq_id, c) for c in self._admit(self._budget_left(planned, prefills)))
+        return StepPlan(tuple(planned.values()))
+
+    def _budget_left(self, planned: Mapping[int, SeqChunk], prefills: set[int]) -> int:
+        spent = sum(len(planned[s].token_ids) for s in prefills if s in planned)
+        return self.config.max_prefill_tokens - spent
+
+    def draft_rooms(self) -> dict[int, int]:
+        """Decode chunks of the last plan that have draft slots reserved: seq_id -> most drafts allowed."""
+        return dict(self._draft_rooms)
+
+    def with_drafts(self, plan: StepPlan, drafts: Mapping[int, Sequence[int]]) -> StepPlan:
+        """The plan with draft tokens appended to decode chunks (each within its reserved room)."""
+        chunks = []
+        for chunk in plan.chunks:
+            proposed = tuple(drafts.get(chunk.seq_id, ()))
+            if proposed:
+                room = self._draft_rooms.get(chunk.seq_id, 0)
+                if len(proposed) > room:
+                    raise ValueError(f"sequence {chunk.seq_id}: {len(proposed)} drafts, room for {room}")
+                seq = self._seqs[chunk.seq_id]
+                chunk = SeqChunk(
+                    chunk.seq_id,
+                    chunk.token_ids + proposed,
+                    chunk.start_pos,
+                    tuple(seq.block_table),
+                    num_logits=1 + len(proposed),
+                )
+            chunks.append(chunk)
+        return StepPlan(tuple(chunks))
+
+    def update(self, plan: StepPlan, sampled: Mapping[int, Sequence[int]]) -> list[Seq]:
+        """Apply one step's accepted tokens (per seq_id: none for a non-final prefill chunk, else 1 to
+        `num_logits`); returns the sequences that finished, whose blocks are already free."""
+        finished = []
+        for chunk in plan.chunks:
+            seq = self._seqs.get(chunk.seq_id)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue
+            new = list(sampled.get(chunk.seq_id, ()))
+            if len(new) > chunk.num_logits or (chunk.num_logits > 0 and not new):
+                raise ValueError(f"sequence {seq.seq_id}: {len(new)} tokens for {chunk.num_logits} logits")
+            # Rejected drafts' K/V slots stay allocated and are overwritten by later tokens.
+            seq.num_computed = chunk.start_pos + len(chunk.token_ids) - chunk.num_logits + len(new)
+            cause = self._append(seq, new)
+            if cause is None and self.config.prefix_sharing:
+                self._index_full_blocks(seq)
+            if cause is not None:
+                self._running.remove(seq)
+                self._finish(seq, cause)
+                finished.append(seq)
+        return finished
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _append(self, seq: Seq, new: list[int]) -> FinishCause | None:
+        for token in new:
+            seq.output_ids.append(token)
+            if token in seq.stop_token_ids:
+                return FinishCause.STOP
+            if len(seq.output_ids) >= seq.params.max_tokens:
+                return FinishCause.LENGTH
+        return None
+
+    def _prefill_chunk(self, seq: Seq, end: int) -> SeqChunk:
+        """`seq`'s tokens from `num_computed` up to `end`; logits only when that reaches its last token."""
+        return SeqChunk(
+            seq.seq_id,
+            tuple(seq.tokens[seq.num_computed : end]),
+            seq.num_computed,
+            tuple(seq.block_table),
+            num_logits=1 if end == seq.num_tokens else 0,
+        )
+
+    def _reserve(self, seq: Seq, num_tokens: int, planned: dict[int, SeqChunk]) -> bool:
+        """Grow `seq` to hold `num_tokens` positions, preempting younger sequences (or `seq` itself)."""
+        needed = blocks_for(num_tokens, self.config.block_size) - len(seq.block_table)
+        while needed > self._allocator.num_free:
+            victim = self._running[-1]
+            self._preempt(victim)
+            planned.pop(victim.seq_id, None)
+            if victim is seq:
+                return False
+        if needed > 0:
+            seq.block_table.extend(self._take(needed))
+        return True
+
+    def _take(self, n: int) -> list[int]:
+        blocks = self._allocator.allocate(n)
+        if blocks is None:  # callers check num_free first
+            raise RuntimeError(f"block allocator refused {n} blocks with {self._allocator.num_free} free")
+        return blocks
+
+    def _admit(self, budget: int) -> list[SeqChunk]:
+        """Start waiting sequences in arrival order while there is budget, batch room and free blocks."""
+        admitted = []
+        while self._waiting and budget > 0 and len(self._running) < self.config.max_batch:
+            seq = self._waiting[0]
+            shared = self._match_prefix(seq)
+            start = len(shared) * self.config.block_size
+            end = min(seq.num_tokens, start + budget)
+            needed = blocks_for(end, self.config.block_size) - len(shared)
+            # Headroom of one block per running sequence, so admitting this one does not force a
+            # preemption at the very next decode; with nothing running, the whole cache is available.
+            if needed + len(self._running) > self._allocator.num_free:
+                break
+            self._waiting.pop(0)
+            self._allocator.share(shared)
+            seq.block_table = shared + self._take(needed)
+            seq.num_computed = start
+            seq.num_indexed_blocks = len(shared)
+            self.num_prefix_hit_tokens += start
+            seq.status = SeqStatus.RUNNING
+            bisect.insort(self._running, seq, key=lambda s: s.arrival)
+            admitted.append(self._prefill_chunk(seq, end))
+            budget -= end - start
+        return admitted
+
+    def _match_prefix(self, seq: Seq) -> list[int]:
+        """Indexed blocks holding `seq`'s leading tokens; at least its last token is left to compute."""
+        if not self.config.prefix_sharing or not self._prefix:
+            return []
+        bs, tokens = self.config.block_size, seq.tokens
+        matched: list[int] = []
+        for i in range((len(tokens) - 1) // bs):
+            block = self._prefix.get((matched[-1] if matched else -1, tuple(tokens[i * bs : (i + 1) * bs])))
+            if block is None:
+                break
+            matched.append(block)
+        return matched
+
+    def _index_full_blocks(self, seq: Seq) -> None:
+        """Offer `seq`'s newly completed blocks to the prefix index (the first holder of a content wins)."""
+        bs = self.config.block_size
+        full = min(seq.num_computed // bs, len(seq.block_table))
+        if seq.num_indexed_blocks >= full:
+            return
+        tokens = seq.tokens
+        for i in range(seq.num_indexed_blocks, full):
+            key = (seq.block_table[i - 1] if i else -1, tuple(tokens[i * bs : (i + 1) * bs]))
+            block = seq.block_table[i]
+            if key not in self._prefix and block not in self._prefix_key:
+                self._prefix[key] = block
+                self._prefix_key[block] = key
+        seq.num_indexed_blocks = full
+
+    def _release(self, seq: Seq) -> None:
+        """Drop `seq`'s hold on its blocks; a block nobody holds leaves the prefix index."""
+        self._allocator.free(seq.block_table)
+        for block in seq.block_table:
+            if block in self._prefix_key and self._allocator.ref_count(block) == 0:
+                del self._prefix[self._prefix_key.pop(block)]
+        seq.block_table = []
+        seq.num_indexed_blocks = 0
+
+    def _preempt(self, seq: Seq) -> None:
+        self._running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.PREEMPTED
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self._waiting, seq, key=lambda s: s.arrival)
+
+    def _finish(self, seq: Seq, cause: FinishCause) -> None:
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_cause = cause
+        del self._seqs[seq.seq_id]

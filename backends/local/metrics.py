@@ -1,0 +1,112 @@
+"""The engine server's Prometheus metrics: request outcomes, token counters, latency histograms, engine load.
+
+`EngineMetrics` is the engine's `EngineObserver` (called on the engine thread; prometheus_client metrics are
+thread-safe) and reads load gauges from an `EngineStats` snapshot at scrape time. Names the gateway's poller
+reads (gateway/engine_metrics.py) are `switchboard_engine_queue_depth` and
+`switchboard_engine_running_requests`; keep them stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from backends.local.engine.engine import EngineStats, Failed, Finished
+
+PREFIX = "switchboard_engine"
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _LoadCollector(Collector):
+    """Gauges (and monotonic counts the engine keeps) read from one stats snapshot per scrape."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        gauges = [
+            ("queue_depth", "Requests waiting to run (new or preempted)", s.waiting),
+            ("running_requests", "Requests in the running batch", s.running),
+            ("kv_blocks_used", "KV-cache blocks held by requests", s.kv_blocks_used),
+            ("kv_blocks_free", "KV-cache blocks free", s.kv_blocks_free),
+            ("kv_blocks_total", "KV-cache blocks in all", s.kv_blocks_total),
+            (
+                "kv_cache_usage_ratio",
+                "Fraction of KV-cache blocks in use (0..1)",
+                s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0,
+            ),
+            (
+                "spec_acceptance_ratio",
+                "Accepted / proposed speculative draft tokens since start (0 before any draft)",
+                s.accepted_tokens / s.drafted_tokens if s.drafted_tokens else 0.0,
+            ),
+        ]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        counters = [
+            (
+                "preemptions",
+                "Running requests preempted (to be recomputed) for want of KV blocks",
+                s.preemptions,
+            ),
+            ("prefix_hit_tokens", "Prompt tokens served from shared prefix blocks", s.prefix_hit_tokens),
+            ("spec_drafted_tokens", "Speculative draft tokens proposed", s.drafted_tokens),
+            ("spec_accepted_tokens", "Speculative draft tokens accepted", s.accepted_tokens),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+class EngineMetrics:
+    """One registry per app; also the engine's observer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Requests by outcome (ok, cancelled, error, rejected)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens prefilled (once per request)", registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            f"{PREFIX}_completion_tokens", "Tokens generated", registry=self.registry
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            buckets=TTFT_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Time between successive generated tokens of one request",
+            buckets=ITL_BUCKETS_S,
+            registry=self.registry,
+        )
+
+    def watch(self, stats: Callable[[], EngineStats]) -> None:
+        """Export the engine's load (queue depth, running, KV blocks, speculation) on every scrape."""
+        self.registry.register(_LoadCollector(stats))
+
+    # EngineObserver, on the engine thread
+
+    def first_token(self, ttft_s: float, prompt_tokens: int) -> None:
+        self.ttft.observe(ttft_s)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc()
+
+    def next_tokens(self, count: int, gap_s: float) -> None:
+        for _ in range(count):
+            self.itl.observe(gap_s / count)
+        self.completion_tokens.inc(count)
+
+    def finished(self, outcome: Finished | Failed) -> None:
+        return None  # outcomes are counted by the server, which knows a stop string from a disconnect

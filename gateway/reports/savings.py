@@ -1,0 +1,284 @@
+"""`savings_report`: what self-hosted serving and the cache cost, next to what a reference cloud model would.
+
+Rows per backend (and team, if the query groups by team; other dimensions are ignored) over whole UTC hours
+(`since` rounds down, `until` up). Self-hosted backends (kind "openai" with `usd_per_hour`) cost usd_per_hour
+x busy time (backend_busy_hourly, rolled-up hours only); a team grouping or team/model filter gets each hour's
+busy time by its share of the backend's tokens that hour (cache hits included: rollups do not split them),
+busy hours in which no request started by the window's share. Cache hits cost 0. Reference = tokens x
+reference prices. Traffic sums are exact (`usage_report`, the query's source); cache hits are split out of
+raw rows, so past retention they stay in their backend's row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ColumnElement
+
+from gateway.config import CloudBackendConfig, Config
+from gateway.db import backend_busy_hourly, usage, usage_hourly
+from gateway.errors import InvalidRequest
+from gateway.reports import sql
+from gateway.reports.model import Dimension, ReportQuery, ReportRow
+from gateway.reports.query import ceil_hour, created_between, floor_hour, no_progress, report_on, snapshot
+from routing.decision import Price
+
+ListPrice = Callable[[str, str], tuple[Decimal, Decimal] | None]  # (provider, model) -> USD per Mtok in, out
+_MS_PER_HOUR = Decimal(3_600_000)
+_ZEROS = [0] * len(sql.SUM_FIELDS)
+
+
+class ServedBy(StrEnum):
+    SELF_HOSTED = "self_hosted"  # our own engines: cost is busy time x usd_per_hour
+    CACHE = "cache"  # answered from the response cache: cost 0
+    ALL = "all"  # the totals row
+
+
+@dataclass(frozen=True, slots=True)
+class ReferencePrice:
+    input_usd_per_mtok: Decimal
+    output_usd_per_mtok: Decimal
+    source: str  # where the prices come from, for the reader
+
+    def cost_micro_usd(self, prompt_tokens: int, completion_tokens: int) -> int:
+        return Price(self.input_usd_per_mtok, self.output_usd_per_mtok).cost_micro_usd(
+            prompt_tokens, completion_tokens
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SavingsRow:
+    group: tuple[str | None, ...]  # values of SavingsReport.group_by; backend: the one that made the answer
+    served_by: ServedBy
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    busy_ms: float  # self-hosted: measured busy time charged to this row; 0 for cache hits
+    actual_micro_usd: int
+    reference_micro_usd: int  # the same tokens at the reference prices
+
+    @property
+    def saved_micro_usd(self) -> int:
+        return self.reference_micro_usd - self.actual_micro_usd
+
+
+@dataclass(frozen=True, slots=True)
+class SavingsReport:
+    query: ReportQuery
+    group_by: tuple[Dimension, ...]  # (backend,) or (team, backend)
+    since: dt.datetime | None  # the whole-hour window reported
+    until: dt.datetime | None
+    reference: ReferencePrice
+    rows: tuple[SavingsRow, ...]  # self-hosted rows, then cache rows, each sorted by group
+    totals: SavingsRow  # group (), served_by ALL
+    source: str  # of the traffic sums: "raw" | "rollup" | "mixed"
+
+
+def savings_report(
+    engine: Engine, config: Config, query: ReportQuery, *, list_price: ListPrice | None = None
+) -> SavingsReport:
+    """Savings of self-hosted serving and the cache over `query`'s window and filters. `list_price` looks
+    up a cloud model's list price (default: litellm's local cost map, through the cloud backend); raises
+    `InvalidRequest` when no reference price is configured or known."""
+    reference = reference_price(config, list_price)
+    dims = (Dimension.TEAM, Dimension.BACKEND) if Dimension.TEAM in query.group_by else (Dimension.BACKEND,)
+    since = None if query.since is None else floor_hour(query.since)
+    until = None if query.until is None else ceil_hour(query.until)
+    hosted = {
+        name: b.usd_per_hour
+        for name, b in config.backends.items()
+        if b.kind == "openai" and b.usd_per_hour is not None
+    }
+    with snapshot(engine) as conn:
+        traffic = report_on(
+            conn, dataclasses.replace(query, group_by=dims, since=since, until=until), no_progress
+        )
+        window = [*created_between(since, until), usage.c.cache_hit == sa.true()]
+        cached = sql.raw_sum_vectors(conn, dims, sql.raw_filters(query.team, query.model, sa.and_(*window)))
+        busy = _busy_ms(conn, dims, (since, until), sorted(hosted), query) if hosted else {}
+    cache = {tuple(v or None for v in key): sums for key, sums in cached.items()}
+    rows = _self_hosted_rows(traffic.rows, cache, busy, hosted, reference)
+    for key in sorted(cache, key=_order):
+        c = cache[key]
+        rows.append(
+            SavingsRow(key, ServedBy.CACHE, c[0], c[3], c[4], 0.0, 0, reference.cost_micro_usd(c[3], c[4]))
+        )
+    return SavingsReport(query, dims, since, until, reference, tuple(rows), _totals(rows), traffic.source)
+
+
+def _self_hosted_rows(
+    traffic: Sequence[ReportRow],
+    cache: Mapping[tuple[str | None, ...], list[int]],
+    busy: Mapping[tuple[str | None, ...], float],
+    hosted: Mapping[str, Decimal],
+    reference: ReferencePrice,
+) -> list[SavingsRow]:
+    """Self-hosted backends' traffic rows less their cache hits (vectors in sql.SUM_FIELDS order)."""
+    rows = []
+    for row in traffic:
+        usd_per_hour = hosted.get(row.group[-1] or "")
+        if usd_per_hour is None:
+            continue
+        c = cache.get(row.group, _ZEROS)
+        prompt, completion = row.prompt_tokens - c[3], row.completion_tokens - c[4]
+        busy_ms = busy.get(row.group, 0.0)
+        rows.append(
+            SavingsRow(
+                group=row.group,
+                served_by=ServedBy.SELF_HOSTED,
+                requests=row.requests - c[0],
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                busy_ms=busy_ms,
+                actual_micro_usd=busy_cost_micro_usd(busy_ms, usd_per_hour),
+                reference_micro_usd=reference.cost_micro_usd(prompt, completion),
+            )
+        )
+    return rows
+
+
+def busy_cost_micro_usd(busy_ms: float, usd_per_hour: Decimal) -> int:
+    """usd_per_hour x busy time, in whole micro-dollars (half up)."""
+    exact = Decimal(repr(busy_ms)) * usd_per_hour * 1_000_000 / _MS_PER_HOUR
+    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def reference_price(config: Config, list_price: ListPrice | None = None) -> ReferencePrice:
+    """Explicit `reports.reference_*_usd_per_mtok`, else the reference model's configured prices, else
+    its list price (`list_price`, default: litellm's local cost map via backends.cloud)."""
+    rc = config.reports
+    if rc.reference_input_usd_per_mtok is not None or rc.reference_output_usd_per_mtok is not None:
+        if rc.reference_input_usd_per_mtok is None or rc.reference_output_usd_per_mtok is None:
+            raise InvalidRequest(
+                "set both reports.reference_input_usd_per_mtok and reports.reference_output_usd_per_mtok "
+                "in the config, or neither (then reports.reference_model's prices are used)"
+            )
+        source = "config: reports.reference_input_usd_per_mtok / reference_output_usd_per_mtok"
+        return ReferencePrice(rc.reference_input_usd_per_mtok, rc.reference_output_usd_per_mtok, source)
+    name = rc.reference_model
+    if name is None:
+        raise InvalidRequest(
+            "savings need a reference cloud price: set reports.reference_model (a model under [models]) or "
+            "reports.reference_input_usd_per_mtok and reports.reference_output_usd_per_mtok in the config"
+        )
+    dep = config.models[name].all_deployments()[0]
+    prices: list[Decimal | None] = [dep.input_usd_per_mtok, dep.output_usd_per_mtok]
+    source = f"config: models.{name} prices"
+    backend = config.backends[dep.backend]
+    if None in prices and isinstance(backend, CloudBackendConfig):
+        upstream = dep.upstream_model or name
+        listed = (list_price or _litellm_list_price)(backend.provider, upstream)
+        if listed is not None:
+            prices = [p if p is not None else lp for p, lp in zip(prices, listed, strict=True)]
+            source = f"list price of {backend.provider}/{upstream} (reports.reference_model = {name})"
+    if prices[0] is None or prices[1] is None:
+        raise InvalidRequest(
+            f"no price is known for reports.reference_model `{name}`: set input_usd_per_mtok and "
+            f"output_usd_per_mtok under models.{name}, or reports.reference_*_usd_per_mtok"
+        )
+    return ReferencePrice(prices[0], prices[1], source)
+
+
+def _litellm_list_price(provider: str, model: str) -> tuple[Decimal, Decimal] | None:
+    from backends.cloud import CloudBackend  # imports litellm: only when a list price is needed
+
+    probe = CloudBackend("reports.reference_model", provider, api_key=None, api_base=None, timeout_s=1.0)
+    return probe.price_usd_per_mtok(model)
+
+
+def _busy_ms(
+    conn: Connection,
+    dims: Sequence[Dimension],
+    hours: tuple[dt.datetime | None, dt.datetime | None],
+    backends: list[str],
+    query: ReportQuery,
+) -> dict[tuple[str | None, ...], float]:
+    """Busy time per group (dims end with backend), apportioned by token share per hour (see module doc)."""
+    h, b = usage_hourly.c, backend_busy_hourly.c
+    by_team = Dimension.TEAM in dims
+    scope: list[ColumnElement[bool]] = [h.backend.in_(backends)]
+    scope += [h.hour >= hours[0]] if hours[0] is not None else []
+    scope += [h.hour < hours[1]] if hours[1] is not None else []
+    mine = [*scope]
+    mine += [h.team == query.team] if query.team is not None else []
+    mine += [h.model == query.model] if query.model is not None else []
+    tokens = sa.func.sum(h.prompt_tokens + h.completion_tokens)
+    team_cols = [h.team] if by_team else []
+    g = _hour_sums(sa.select(h.hour, h.backend, *team_cols), tokens, mine, [h.hour, h.backend, *team_cols])
+    t = _hour_sums(sa.select(h.hour, h.backend), tokens, scope, [h.hour, h.backend])
+    busy = sa.select(b.hour, b.backend, b.busy_ms).where(b.backend.in_(backends))
+    busy = busy.where(*([b.hour >= hours[0]] if hours[0] else []), *([b.hour < hours[1]] if hours[1] else []))
+    bb = busy.subquery("bb")
+    share = sa.case(
+        (t.c.tok > 0, sa.cast(g.c.tok, sa.Float) / sa.cast(t.c.tok, sa.Float)),
+        (t.c.req > 0, sa.cast(g.c.req, sa.Float) / sa.cast(t.c.req, sa.Float)),
+        else_=sa.literal_column("0.0"),
+    )
+    same_hour = sa.and_(g.c.hour == t.c.hour, g.c.backend == t.c.backend)
+    keys = [g.c.backend, *([g.c.team] if by_team else [])]
+    joined = g.join(t, same_hour).outerjoin(bb, sa.and_(bb.c.hour == g.c.hour, bb.c.backend == g.c.backend))
+    stmt = (
+        sa.select(*keys, sa.func.sum(sa.func.coalesce(bb.c.busy_ms, 0.0) * share), sa.func.sum(g.c.tok))
+        .select_from(joined)
+        .group_by(*keys)
+    )
+    shared: dict[tuple[str | None, ...], tuple[float, int]] = {}
+    for row in conn.execute(stmt):
+        key = (row[1], row[0]) if by_team else (row[0],)
+        shared[key] = (float(row[-2] or 0.0), int(row[-1] or 0))
+    return _add_unshared(conn, shared, bb, t)
+
+
+def _hour_sums(select: Any, tokens: Any, where: list[Any], group: list[Any]) -> Any:
+    return (
+        select.add_columns(tokens.label("tok"), sa.func.sum(usage_hourly.c.requests).label("req"))
+        .where(*where)
+        .group_by(*group)
+        .subquery()
+    )
+
+
+def _add_unshared(
+    conn: Connection, shared: Mapping[tuple[str | None, ...], tuple[float, int]], bb: Any, t: Any
+) -> dict[tuple[str | None, ...], float]:
+    """Busy time in hours where a backend started no request (a long one ran into them) goes to the groups
+    by their share of the backend's tokens over the window."""
+    out = {key: busy for key, (busy, _tok) in shared.items()}
+    all_tokens = conn.execute(sa.select(t.c.backend, sa.func.sum(t.c.tok)).group_by(t.c.backend))
+    window_tokens = {backend: int(tok or 0) for backend, tok in all_tokens}
+    uncovered = (
+        sa.select(bb.c.backend, sa.func.sum(bb.c.busy_ms))
+        .where(~sa.exists().where(t.c.hour == bb.c.hour, t.c.backend == bb.c.backend))
+        .group_by(bb.c.backend)
+    )
+    for backend, busy_ms in conn.execute(uncovered):
+        total = window_tokens.get(backend, 0)
+        for key, (_busy, tok) in shared.items():
+            if key[-1] == backend and total > 0:
+                out[key] = out[key] + float(busy_ms) * tok / total
+    return out
+
+
+def _order(key: tuple[str | None, ...]) -> tuple[tuple[bool, str], ...]:
+    return tuple((v is None, v or "") for v in key)
+
+
+def _totals(rows: Sequence[SavingsRow]) -> SavingsRow:
+    return SavingsRow(
+        group=(),
+        served_by=ServedBy.ALL,
+        requests=sum(r.requests for r in rows),
+        prompt_tokens=sum(r.prompt_tokens for r in rows),
+        completion_tokens=sum(r.completion_tokens for r in rows),
+        busy_ms=sum(r.busy_ms for r in rows),
+        actual_micro_usd=sum(r.actual_micro_usd for r in rows),
+        reference_micro_usd=sum(r.reference_micro_usd for r in rows),
+    )

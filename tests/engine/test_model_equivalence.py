@@ -1,0 +1,295 @@
+"""The engine reproduces transformers on the same weights: logits under teacher forcing, greedy tokens.
+
+Sequences arrive at different steps and prefill in chunks of different sizes while others decode, so one
+step mixes long prefill chunks (own attention call), short ones and single decode tokens (one padded call).
+Tolerances (float32): tiny models max |diff| < 1e-4; SmolLM2-135M < 1e-3 on logits of magnitude ~30
+(different summation orders in attention and matmuls). sdpa and eager agree within 1e-5 in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from backends.local.engine.attention import SeqSpan, attend, build_metadata
+from backends.local.engine.config import ModelArgs, UnsupportedModelError
+from backends.local.engine.kv_cache import blocks_needed
+from backends.local.engine.types import SeqChunk, StepPlan
+from backends.local.engine.weights import build_model
+from tests.engine.conftest import TINY_KINDS, ToySeq, drive, tiny_hf_model, tiny_runner
+
+torch = pytest.importorskip("torch")
+
+TINY_ATOL = 1e-4
+SMOLLM2_ATOL = 1e-3
+
+# (arrival step, prompt length, chunk size, total length): chunk 11 > MAX_BATCHED_Q attends on its own.
+SCHEDULE = ((0, 23, 11, 40), (0, 5, 5, 30), (2, 17, 3, 33), (3, 1, 1, 20), (6, 30, 8, 45))
+
+
+def _random_tokens(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def _reference_logits(hf_model: Any, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([tokens])).logits[0].float()  # (L, V)
+
+
+def _random_seqs(schedule: Any, vocab: int) -> list[ToySeq]:
+    return [
+        ToySeq(i, _random_tokens(total, vocab, seed=i), prompt, arrival, chunk, total)
+        for i, (arrival, prompt, chunk, total) in enumerate(schedule)
+    ]
+
+
+def _teacher_forced_max_diff(runner: Any, hf_model: Any, seqs: list[ToySeq]) -> float:
+    """Max |ours - transformers| over every position of every sequence."""
+    vocab = hf_model.config.vocab_size
+    expected = {s.seq_id: _reference_logits(hf_model, s.tokens) for s in seqs}
+    worst = 0.0
+
+    def check(seq: ToySeq, chunk: Any, logits: torch.Tensor) -> None:
+        nonlocal worst
+        positions = list(range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids)))
+        assert logits.shape == (len(positions), vocab) and logits.dtype == torch.float32
+        worst = max(worst, (logits - expected[seq.seq_id][positions]).abs().max().item())
+
+    plans = list(drive(runner, seqs, check, all_logits=True))
+    assert any(len({len(c.token_ids) for c in p.chunks}) > 2 for p in plans), "schedule never mixed phases"
+    return worst
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_teacher_forced_logits_match_transformers(kind: str, block_size: int) -> None:
+    hf = tiny_hf_model(kind)
+    runner = tiny_runner(hf, block_size=block_size)
+    assert _teacher_forced_max_diff(runner, hf, _random_seqs(SCHEDULE, hf.config.vocab_size)) < TINY_ATOL
+
+
+def _greedy_tokens(runner: Any, prompts: list[list[int]], new_tokens: int, eos: set[int]) -> list[list[int]]:
+    seqs = [
+        ToySeq(
+            i, list(p), len(p), arrival_step=2 * i, chunk_size=(7, 3, 16)[i % 3], max_len=len(p) + new_tokens
+        )
+        for i, p in enumerate(prompts)
+    ]
+
+    def append(seq: ToySeq, chunk: Any, logits: torch.Tensor) -> None:
+        ended = seq.tokens[-1] in eos and len(seq.tokens) > seq.prompt_len
+        if chunk.num_logits and len(seq.tokens) < seq.max_len and not ended:
+            seq.tokens.append(int(logits[-1].argmax()))
+
+    for _ in drive(runner, seqs, append):
+        pass
+    return [s.tokens for s in seqs]
+
+
+def _generate(hf_model: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf_model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens
+        )
+    return out[0].tolist()
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_greedy_matches_generate(kind: str) -> None:
+    hf = tiny_hf_model(kind)
+    prompts = [_random_tokens(n, hf.config.vocab_size, seed=100 + n) for n in (9, 1, 21, 14)]
+    ours = _greedy_tokens(tiny_runner(hf), prompts, new_tokens=24, eos=set())
+    assert ours == [_generate(hf, p, 24) for p in prompts]
+
+
+def test_sdpa_agrees_with_eager() -> None:
+    hf = tiny_hf_model("llama")
+    sdpa = _teacher_forced_logits(tiny_runner(hf, attn_impl="sdpa"))
+    eager = _teacher_forced_logits(tiny_runner(hf, attn_impl="eager"))
+    assert max((a - b).abs().max().item() for a, b in zip(sdpa, eager, strict=True)) < 1e-5
+
+
+def _random_attention_case(dtype: Any, device: str = "cpu", block_size: int = 4) -> tuple[Any, ...]:
+    """A filled paged cache, and new queries for spans mixing a long prefill, short chunks and decodes."""
+    g = torch.Generator().manual_seed(0)
+    n_blocks, n_kv, head_dim, n_heads = 64, 2, 16, 6
+    k_cache = torch.randn(n_blocks, block_size, n_kv, head_dim, generator=g).to(device, dtype)
+    v_cache = torch.randn(n_blocks, block_size, n_kv, head_dim, generator=g).to(device, dtype)
+    order = torch.randperm(n_blocks, generator=g).tolist()
+    spans, taken = [], 0
+    for start, n in ((0, 13), (9, 1), (30, 5), (3, 2), (17, 1), (0, 1)):
+        need = blocks_needed(start + n, block_size)
+        spans.append(SeqSpan(start, n, order[taken : taken + need]))
+        taken += need
+    q = torch.randn(sum(s.num_tokens for s in spans), n_heads, head_dim, generator=g).to(device, dtype)
+    slots = torch.zeros(q.shape[0], dtype=torch.long, device=device)  # unused by attend
+    return q, k_cache, v_cache, spans, slots
+
+
+def _attend_with(impl: Any, case: tuple[Any, ...], block_size: int = 4) -> torch.Tensor:
+    q, k_cache, v_cache, spans, slots = case
+    n_rep = q.shape[1] // k_cache.shape[2]
+    meta = build_metadata(spans, slots, block_size=block_size, n_rep=n_rep, impl=impl, dtype=q.dtype)
+    assert len(meta.groups) == 2 and not meta.identity  # one padded group of short chunks, one long chunk
+    return attend(q, k_cache, v_cache, meta, scale=q.shape[-1] ** -0.5).float()
+
+
+def _naive_attention(case: tuple[Any, ...], block_size: int = 4) -> torch.Tensor:
+    """One sequence at a time, float64, explicit causal mask over the gathered prefix."""
+    q, k_cache, v_cache, spans, _ = case
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    n_rep = n_heads // k_cache.shape[2]
+    outs, row = [], 0
+    for s in spans:
+        ctx = s.start_pos + s.num_tokens
+        index = torch.tensor(s.block_table, dtype=torch.long)
+        k = k_cache[index].flatten(0, 1)[:ctx].double().repeat_interleave(n_rep, dim=1)  # (L, H, D)
+        v = v_cache[index].flatten(0, 1)[:ctx].double().repeat_interleave(n_rep, dim=1)
+        qs = q[row : row + s.num_tokens].double()  # (n, H, D)
+        scores = torch.einsum("nhd,lhd->hnl", qs, k) * head_dim**-0.5
+        q_pos = torch.arange(s.start_pos, ctx)[:, None]
+        scores = scores.masked_fill(torch.arange(ctx)[None, :] > q_pos, float("-inf"))
+        outs.append(torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v).reshape(s.num_tokens, -1))
+        row += s.num_tokens
+    return torch.cat(outs)
+
+
+def test_attention_impls_match_naive_reference_fp32() -> None:
+    case = _random_attention_case(torch.float32)
+    reference = _naive_attention(case).float()
+    for impl in ("sdpa", "eager"):
+        assert (_attend_with(impl, case) - reference).abs().max().item() < 1e-5, impl
+    # The same groups through torch SDPA itself, as CUDA runs them (CPU decode groups use batched matmuls).
+
+
+def test_sdpa_agrees_with_eager_bf16() -> None:
+    case = _random_attention_case(torch.bfloat16)
+    reference = _naive_attention(case).float()
+    sdpa, eager = _attend_with("sdpa", case), _attend_with("eager", case)
+    # bf16 has an 8-bit mantissa: outputs ~1 round at ~4e-3, and eager also rounds the probabilities.
+    assert (sdpa - eager).abs().max().item() < 3e-2
+    assert (sdpa - reference).abs().max().item() < 2e-2
+
+
+def _teacher_forced_logits(runner: Any) -> list[torch.Tensor]:
+    vocab = runner.vocab_size
+    seqs = [
+        ToySeq(i, _random_tokens(t, vocab, seed=i), p, a, c, t) for i, (a, p, c, t) in enumerate(SCHEDULE)
+    ]
+    out: list[torch.Tensor] = []
+    for _ in drive(runner, seqs, lambda seq, chunk, logits: out.append(logits), all_logits=True):
+        pass
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block_size", [4, 256])
+def test_flash_attention_agrees_with_sdpa(block_size: int) -> None:
+    pytest.importorskip("flash_attn")
+    case = _random_attention_case(torch.bfloat16, device="cuda", block_size=block_size)
+    sdpa = _attend_with("sdpa", case, block_size)
+    flash = _attend_with("flash", case, block_size)
+    assert (sdpa - flash).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_flash_model_agrees_with_sdpa(block_size: int) -> None:
+    pytest.importorskip("flash_attn")
+    hf = tiny_hf_model("llama")
+    runs = {
+        impl: _teacher_forced_logits(
+            tiny_runner(hf, dtype=torch.bfloat16, attn_impl=impl, device="cuda", block_size=block_size)
+        )
+        for impl in ("sdpa", "flash")
+    }
+    scale = max(x.abs().max().item() for x in runs["sdpa"])
+    diff = max((a - b).abs().max().item() for a, b in zip(runs["sdpa"], runs["flash"], strict=True))
+    assert diff < 0.02 * scale
+
+
+def test_args_from_configs() -> None:
+    llama = ModelArgs.from_hf_config(tiny_hf_model("llama").config)
+    assert (llama.n_heads, llama.n_kv_heads, llama.head_dim, llama.tie_word_embeddings) == (4, 2, 16, True)
+    assert not llama.qkv_bias and llama.rope_scaling is None
+    qwen = ModelArgs.from_hf_config(tiny_hf_model("qwen2").config)
+    assert qwen.qkv_bias and not qwen.o_bias and qwen.rope_theta == 1_000_000.0
+    scaled = ModelArgs.from_hf_config(tiny_hf_model("llama3_rope").config)
+    assert scaled.rope_scaling is not None and scaled.rope_scaling.kind == "llama3"
+    mistral = ModelArgs.from_hf_config(tiny_hf_model("mistral").config)
+    assert mistral.sliding_window == 64 and mistral.max_seq_len == 64
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_type"),
+    ],
+)
+def test_args_refuse_what_the_engine_cannot_reproduce(change: dict[str, Any], message: str) -> None:
+    config = tiny_hf_model("llama").config
+    for key, value in change.items():
+        setattr(config, key, value)
+    with pytest.raises(UnsupportedModelError, match=message):
+        ModelArgs.from_hf_config(config)
+
+
+def test_runner_refuses_positions_past_the_context_limit() -> None:
+    runner = tiny_runner(tiny_hf_model("mistral"), block_size=16)
+    with pytest.raises(ValueError, match="exceed the model's 64"):
+        runner.execute(StepPlan((SeqChunk(0, tuple(range(65)), 0, tuple(range(5)), 1),)))
+
+
+def test_build_model_releases_transformers_weights() -> None:
+    hf = tiny_hf_model("llama")
+    reference = _reference_logits(hf, list(range(10)))
+    runner = tiny_runner(hf)  # keeps hf's weights: the reference must stay usable
+    model = build_model(hf, release_source=True)
+    assert all(p.device.type == "meta" for p in hf.parameters())
+    assert model.lm_head.weight is model.embed_tokens.weight  # tied like SmolLM2
+    runner.model = model
+    diff = (_teacher_one(runner, list(range(10))) - reference).abs().max().item()
+    assert diff < TINY_ATOL
+
+
+def _teacher_one(runner: Any, tokens: list[int]) -> torch.Tensor:
+    seq = ToySeq(0, tokens, len(tokens), 0, len(tokens), len(tokens))
+    out: list[torch.Tensor] = []
+    for _ in drive(runner, [seq], lambda s, c, logits: out.append(logits), all_logits=True):
+        pass
+    return torch.cat(out)
+
+
+@pytest.mark.model
+def test_smollm2_matches_transformers(smollm2: Any) -> None:
+    hf, tokenizer = smollm2.model, smollm2.tokenizer
+    runner = tiny_runner(hf, block_size=16, kv_cache_mb=64)
+    texts = [
+        "The capital of France is Paris, and the capital of Italy is Rome. Both cities are famous for",
+        "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)",
+        "Once upon a time, in a land far away, there lived a",
+    ]
+    token_lists = [tokenizer(t)["input_ids"] for t in texts]
+    seqs = [
+        ToySeq(
+            i,
+            list(tokens),
+            prompt_len=len(tokens) // 2,
+            arrival_step=i,
+            chunk_size=(4, 9, 1)[i],
+            max_len=len(tokens),
+        )
+        for i, tokens in enumerate(token_lists)
+    ]
+    assert _teacher_forced_max_diff(runner, hf, seqs) < SMOLLM2_ATOL
+    configured = hf.generation_config.eos_token_id
+    eos = set(configured) if isinstance(configured, list) else {configured}
+    prompts = [tokens[: len(tokens) // 2] for tokens in token_lists]
+    ours = _greedy_tokens(runner, prompts, new_tokens=16, eos=eos)
+    assert ours == [_generate(hf, p, 16) for p in prompts]

@@ -1,0 +1,369 @@
+"""The scheduler fed made-up outputs: no model, no torch, no clock.
+
+A fake "model" samples token `1000 + position`, so a sequence's tokens do not depend on how its steps were
+batched, chunked or recomputed, and a test can check every chunk against the sequence it came from.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backends.local.engine.kv_cache import BlockAllocator
+from backends.local.engine.scheduler import (
+    FinishCause,
+    RequestTooLarge,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+    Seq,
+    SeqStatus,
+)
+from backends.local.engine.types import StepPlan
+
+EOS = 7
+
+
+def make(
+    num_blocks: int = 64, *, block_size: int = 4, max_batch: int = 8, budget: int = 64, spec: int = 0
+) -> tuple[Scheduler, BlockAllocator]:
+    blocks = BlockAllocator(num_blocks)
+    config = SchedulerConfig(
+        max_batch=max_batch, max_prefill_tokens=budget, block_size=block_size, num_spec_tokens=spec
+    )
+    return Scheduler(config, blocks), blocks
+
+
+def token_at(position: int) -> int:
+    return 1000 + position
+
+
+def check_plan(scheduler: Scheduler, plan: StepPlan) -> None:
+    """Every chunk continues its sequence and fits its blocks; the blocks it writes are its alone."""
+    bs = scheduler.config.block_size
+    written: set[int] = set()
+    for chunk in plan.chunks:
+        seq = scheduler.get(chunk.seq_id)
+        assert seq is not None and seq.status is SeqStatus.RUNNING
+        assert chunk.start_pos == seq.num_computed
+        assert list(chunk.token_ids[:1]) == seq.tokens[chunk.start_pos : chunk.start_pos + 1]
+        end = chunk.start_pos + len(chunk.token_ids)
+        assert end <= len(chunk.block_table) * bs
+        mine = set(chunk.block_table[chunk.start_pos // bs : -(-end // bs)])
+        assert all(scheduler.allocator.ref_count(b) == 1 for b in mine)
+        assert not written & mine
+        written |= mine
+
+
+def step(scheduler: Scheduler, *, wrong_draft: int = 1) -> tuple[StepPlan, list[Seq]]:
+    """One step of the fake model; decodes with draft room get drafts, all right but the `wrong_draft`-th."""
+    plan = scheduler.schedule()
+    drafts = {}
+    for chunk in plan.chunks:
+        room = scheduler.draft_rooms().get(chunk.seq_id, 0)
+        drafts[chunk.seq_id] = [
+            token_at(chunk.start_pos + 1 + i) if i != wrong_draft else -1 for i in range(room)
+        ]
+    plan = scheduler.with_drafts(plan, drafts)
+    check_plan(scheduler, plan)
+    sampled = {}
+    for c in plan.chunks:
+        if c.num_logits == 0:
+            continue
+        first = c.start_pos + len(c.token_ids) - c.num_logits  # logits row r predicts position first + r + 1
+        targets = [token_at(first + r + 1) for r in range(c.num_logits)]
+        accepted = []
+        for draft, target in zip(c.token_ids[len(c.token_ids) - c.num_logits + 1 :], targets, strict=False):
+            accepted.append(target)
+            if draft != target:
+                break
+        else:
+            accepted.append(targets[-1])
+        sampled[c.seq_id] = accepted
+    return plan, scheduler.update(plan, sampled)
+
+
+def run_all(scheduler: Scheduler, max_steps: int = 10_000) -> dict[int, Seq]:
+    done: dict[int, Seq] = {}
+    for _ in range(max_steps):
+        if not scheduler.has_work:
+            return done
+        _, finished = step(scheduler)
+        done.update((s.seq_id, s) for s in finished)
+    raise AssertionError("the scheduler made no progress")
+
+
+def params(max_tokens: int = 4) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0)
+
+
+def prompt(n: int, salt: int) -> list[int]:
+    """Prompts with different salts share no block; with the same salt, one is a prefix of the other."""
+    return [salt * 100_000 + token_at(p) for p in range(n)]
+
+
+def expected_output(prompt_len: int, max_tokens: int) -> list[int]:
+    return [token_at(prompt_len + i) for i in range(max_tokens)]
+
+
+def test_a_new_request_joins_the_running_batch_at_the_next_step() -> None:
+    scheduler, _ = make()
+    scheduler.add(1, prompt(5, 1), params(10))
+    step(scheduler)
+    plan = scheduler.schedule()
+    assert [c.seq_id for c in plan.chunks] == [1]
+    scheduler.update(plan, {1: [token_at(6)]})
+    scheduler.add(2, prompt(3, 2), params(10))
+    plan = scheduler.schedule()
+    assert {c.seq_id: len(c.token_ids) for c in plan.chunks} == {1: 1, 2: 3}
+
+
+def test_a_finished_request_leaves_at_once_and_frees_its_blocks() -> None:
+    scheduler, blocks = make()
+    scheduler.add(1, prompt(5, 1), params(2))
+    scheduler.add(2, prompt(5, 2), params(10))
+    step(scheduler)
+    _, finished = step(scheduler)
+    assert [s.seq_id for s in finished] == [1]
+    assert finished[0].finish_cause is FinishCause.LENGTH and finished[0].status is SeqStatus.FINISHED
+    assert scheduler.get(1) is None and scheduler.num_running == 1
+    assert blocks.num_free == 64 - len(scheduler.get(2).block_table)  # type: ignore[union-attr]
+    assert [c.seq_id for c in scheduler.schedule().chunks] == [2]
+
+
+def test_a_stop_token_finishes_with_stop() -> None:
+    scheduler, blocks = make()
+    scheduler.add(1, prompt(5, 1), params(10), stop_token_ids=[EOS])
+    plan = scheduler.schedule()
+    [seq] = scheduler.update(plan, {1: [EOS]})
+    assert seq.finish_cause is FinishCause.STOP and seq.output_ids == [EOS]
+    assert blocks.num_free == 64
+
+
+def test_long_prompt_is_chunked_and_interleaves_with_decodes() -> None:
+    scheduler, _ = make(budget=8)
+    scheduler.add(1, prompt(4, 1), params(50))
+    step(scheduler)
+    scheduler.add(2, prompt(30, 2), params(3))
+    chunk_sizes = []
+    for _ in range(4):
+        plan, _ = step(scheduler)
+        by_seq = {c.seq_id: c for c in plan.chunks}
+        assert len(by_seq[1].token_ids) == 1  # the decode runs every step
+        chunk_sizes.append((len(by_seq[2].token_ids), by_seq[2].num_logits))
+    assert chunk_sizes == [(8, 0), (8, 0), (8, 0), (6, 1)]  # logits only for the prompt's last token
+    assert scheduler.get(2).output_ids == [token_at(30)]  # type: ignore[union-attr]
+
+
+def test_prefill_tokens_per_step_stay_within_the_budget_and_batch() -> None:
+    scheduler, _ = make(num_blocks=400, budget=10, max_batch=3)
+    for seq_id in range(6):
+        scheduler.add(seq_id, prompt(7, seq_id), params(5))
+    for _ in range(30):
+        if not scheduler.has_work:
+            break
+        plan, _ = step(scheduler)
+        prefill = sum(len(c.token_ids) for c in plan.chunks if len(c.token_ids) > 1 or c.num_logits == 0)
+        assert prefill <= 10 and len(plan.chunks) <= 3 and scheduler.num_running <= 3
+    assert not scheduler.has_work
+
+
+def test_waiting_requests_are_admitted_in_arrival_order() -> None:
+    scheduler, _ = make(max_batch=1)
+    for seq_id in (5, 3, 9):
+        scheduler.add(seq_id, prompt(2, seq_id), params(1))
+    order = [step(scheduler)[1][0].seq_id for _ in range(3)]
+    assert order == [5, 3, 9]
+
+
+def test_the_youngest_is_preempted_and_recomputed_with_its_outputs() -> None:
+    # 6 blocks of 4 slots. Each request needs 8 + 8 - 1 = 15 slots (4 blocks) to finish.
+    scheduler, blocks = make(num_blocks=6, budget=64)
+    scheduler.add(1, prompt(8, 1), params(8))
+    scheduler.add(2, prompt(8, 2), params(8))
+    step(scheduler)  # both prefill: 2 + 2 blocks
+    preempted_at = None
+    for i in range(20):
+        plan, _ = step(scheduler)
+        seq2 = scheduler.get(2)
+        if preempted_at is None and seq2 is not None and seq2.status is SeqStatus.PREEMPTED:
+            preempted_at = i
+            assert [c.seq_id for c in plan.chunks] == [1]  # the older one keeps running
+            assert seq2.block_table == [] and seq2.num_computed == 0 and seq2.num_preemptions == 1
+            kept_outputs = list(seq2.output_ids)
+            assert kept_outputs  # it had produced tokens, which it keeps
+        if preempted_at is not None and seq2 is not None and seq2.status is SeqStatus.RUNNING:
+            recompute = next(c for c in plan.chunks if c.seq_id == 2)
+            assert recompute.start_pos == 0 and list(recompute.token_ids) == prompt(8, 2) + kept_outputs
+            break
+    assert preempted_at is not None, "the cache never filled"
+    done = run_all(scheduler)
+    assert done[2].output_ids == expected_output(8, 8) and blocks.num_free == 6
+    assert scheduler.num_preemptions >= 1
+
+
+def test_a_preempted_request_is_readmitted_before_newer_ones() -> None:
+    scheduler, _ = make(num_blocks=6)
+    scheduler.add(1, prompt(8, 1), params(8))
+    scheduler.add(2, prompt(8, 2), params(8))
+    step(scheduler)
+    while scheduler.get(2).status is not SeqStatus.PREEMPTED:  # type: ignore[union-attr]
+        step(scheduler)
+    scheduler.add(3, prompt(2, 3), params(2))
+    admitted = []
+    while scheduler.has_work:
+        plan, _ = step(scheduler)
+        admitted += [c.seq_id for c in plan.chunks if c.start_pos == 0 and c.seq_id not in admitted]
+    assert admitted.index(2) < admitted.index(3)
+
+
+def test_abort_frees_blocks_whether_running_or_waiting() -> None:
+    scheduler, blocks = make(max_batch=1)
+    scheduler.add(1, prompt(9, 1), params(20))
+    scheduler.add(2, prompt(9, 2), params(20))
+    step(scheduler)
+    assert blocks.num_free < 64
+    running = scheduler.abort(1)
+    assert running is not None and running.finish_cause is FinishCause.ABORT
+    assert blocks.num_free == 64 and scheduler.num_running == 0
+    assert scheduler.abort(2) is not None and scheduler.num_waiting == 0
+    assert scheduler.abort(2) is None and not scheduler.has_work
+
+
+def test_tokens_sampled_for_an_aborted_sequence_are_ignored() -> None:
+    scheduler, blocks = make()
+    scheduler.add(1, prompt(3, 1), params(5))
+    plan = scheduler.schedule()
+    scheduler.abort(1)
+    assert scheduler.update(plan, {1: [token_at(3)]}) == [] and blocks.num_free == 64
+
+
+def test_a_request_that_can_never_fit_is_refused_with_a_hint() -> None:
+    scheduler, _ = make(num_blocks=4)  # 16 slots
+    scheduler.add(1, prompt(10, 1), params(7))  # 10 + 7 - 1 = 16 slots: fits exactly
+    with pytest.raises(RequestTooLarge, match="lower max_tokens to at most 7"):
+        scheduler.add(2, prompt(10, 2), params(8))
+    with pytest.raises(RequestTooLarge, match="shorten the prompt"):
+        scheduler.add(3, prompt(17, 3), params(1))
+
+
+def test_a_request_needing_the_whole_cache_still_runs_behind_others() -> None:
+    scheduler, blocks = make(num_blocks=4, max_batch=4)
+    scheduler.add(1, prompt(3, 1), params(6))
+    scheduler.add(2, prompt(10, 2), params(7))  # needs all 4 blocks
+    scheduler.add(3, prompt(3, 3), params(6))
+    done = run_all(scheduler)
+    assert {s: len(d.output_ids) for s, d in done.items()} == {1: 6, 2: 7, 3: 6}
+    assert blocks.num_free == 4
+
+
+def test_draft_slots_are_reserved_and_partial_acceptance_keeps_positions_right() -> None:
+    scheduler, _ = make(spec=3)
+    scheduler.add(1, prompt(4, 1), params(10))
+    step(scheduler)
+    plan = scheduler.schedule()
+    assert scheduler.draft_rooms() == {1: 3}
+    plan = scheduler.with_drafts(plan, {1: [55, 56, 57]})
+    [chunk] = plan.chunks
+    assert chunk.token_ids == (token_at(4), 55, 56, 57) and chunk.num_logits == 4
+    assert len(chunk.block_table) * 4 >= chunk.start_pos + 4
+    scheduler.update(plan, {1: [55, 99]})  # one draft accepted, then the target's own token
+    seq = scheduler.get(1)
+    assert seq is not None and seq.output_ids == [token_at(4), 55, 99] and seq.num_computed == 6
+    with pytest.raises(ValueError, match="room for 3"):
+        scheduler.with_drafts(scheduler.schedule(), {1: [1, 2, 3, 4]})
+
+
+def test_draft_room_never_exceeds_the_tokens_left() -> None:
+    scheduler, _ = make(spec=4)
+    scheduler.add(1, prompt(4, 1), params(3))
+    step(scheduler)
+    scheduler.schedule()
+    assert scheduler.draft_rooms() == {1: 1}  # one token so far, max 3: one draft plus the bonus token
+
+
+def test_identical_prefix_shares_full_blocks_until_the_last_holder_leaves() -> None:
+    scheduler, blocks = make(block_size=4)
+    scheduler.add(1, prompt(12, 0), params(4))
+    step(scheduler)  # seq 1's 12 prompt tokens fill blocks 0..2
+    scheduler.add(2, prompt(15, 0), params(4))  # same 12 tokens, then 3 more
+    plan, _ = step(scheduler)
+    seq1, seq2 = scheduler.get(1), scheduler.get(2)
+    assert seq1 is not None and seq2 is not None
+    chunk = next(c for c in plan.chunks if c.seq_id == 2)
+    assert chunk.start_pos == 12 and chunk.token_ids == tuple(prompt(15, 0)[12:])
+    assert seq2.block_table[:3] == seq1.block_table[:3]
+    assert [blocks.ref_count(b) for b in seq2.block_table[:3]] == [2, 2, 2]
+    assert scheduler.num_prefix_hit_tokens == 12
+    done = run_all(scheduler)
+    assert done[2].output_ids == expected_output(15, 4) and blocks.num_free == 64
+    scheduler.add(3, prompt(15, 0), params(1))  # every holder left: nothing is indexed any more
+    step(scheduler)
+    assert scheduler.num_prefix_hit_tokens == 12
+
+
+def test_the_last_prompt_token_is_always_computed() -> None:
+    scheduler, _ = make(block_size=4)
+    scheduler.add(1, prompt(8, 0), params(4))
+    step(scheduler)
+    scheduler.add(2, prompt(8, 0), params(4))  # the very same prompt: share one block, compute 4 tokens
+    plan, _ = step(scheduler)
+    chunk = next(c for c in plan.chunks if c.seq_id == 2)
+    assert chunk.start_pos == 4 and chunk.num_logits == 1
+
+
+def test_prefix_sharing_can_be_turned_off() -> None:
+    blocks = BlockAllocator(64)
+    scheduler = Scheduler(SchedulerConfig(block_size=4, prefix_sharing=False), blocks)
+    scheduler.add(1, prompt(12, 0), params(4))
+    step(scheduler)
+    scheduler.add(2, prompt(12, 0), params(4))
+    plan, _ = step(scheduler)
+    assert next(c for c in plan.chunks if c.seq_id == 2).start_pos == 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    num_blocks=st.integers(4, 24),
+    block_size=st.sampled_from([1, 2, 4, 8]),
+    max_batch=st.integers(1, 6),
+    budget=st.integers(1, 20),
+    spec=st.integers(0, 3),
+    requests=st.lists(
+        st.tuples(st.integers(1, 12), st.integers(1, 10), st.integers(0, 5), st.integers(0, 2)), max_size=12
+    ),
+)
+def test_any_load_completes_within_the_blocks(
+    num_blocks: int,
+    block_size: int,
+    max_batch: int,
+    budget: int,
+    spec: int,
+    requests: list[tuple[int, int, int, int]],
+) -> None:
+    """Random prompts (some sharing prefixes), lengths, arrival steps and draft slots: every request that
+    fits finishes with the right tokens, no written block is shared, and every block comes back."""
+    scheduler, blocks = make(num_blocks, block_size=block_size, max_batch=max_batch, budget=budget, spec=spec)
+    pending = sorted(enumerate(requests), key=lambda r: r[1][2])
+    accepted: dict[int, tuple[int, int]] = {}
+    done: dict[int, Seq] = {}
+    for now in range(5000):
+        while pending and pending[0][1][2] <= now:
+            seq_id, (prompt_len, max_tokens, _, salt) = pending.pop(0)
+            try:
+                scheduler.add(seq_id, prompt(prompt_len, salt), params(max_tokens))
+            except RequestTooLarge:
+                assert prompt_len + max_tokens - 1 > num_blocks * block_size
+                continue
+            accepted[seq_id] = (prompt_len, max_tokens)
+        if not pending and not scheduler.has_work:
+            break
+        _, finished = step(scheduler)
+        done.update((s.seq_id, s) for s in finished)
+        held = {b for i in accepted if (seq := scheduler.get(i)) is not None for b in seq.block_table}
+        assert len(held) + blocks.num_free == num_blocks
+    assert set(done) == set(accepted)
+    for seq_id, (prompt_len, max_tokens) in accepted.items():
+        assert done[seq_id].output_ids == expected_output(prompt_len, max_tokens)
+    assert blocks.num_free == num_blocks

@@ -1,0 +1,447 @@
+"""Rollup on SQLite and PostgreSQL: hourly sums and histograms equal the raw rows', idempotent reruns, late
+rows (spill replays), busy-time unions, pruning, the advisory lock and migration 0003 -> 0004.
+
+The expected figures are computed here in Python from the generated records, independently of the SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import math
+import random
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from sqlalchemy.engine import Engine
+
+from gateway import db
+from gateway.db import backend_busy_hourly, rollup_state, usage, usage_hourly
+from gateway.histogram import EDGES_MS, LATENCY_PREFIX, TTFT_PREFIX, bucket_of, column_names
+from gateway.ledger import LedgerWriter, insert_usage_rows, usage_row
+from gateway.records import RequestStatus, UsageRecord
+from gateway.rollup import Rollup
+from tests.support.db import DbTarget, db_target, engine, pg_target  # noqa: F401 (fixtures)
+
+START = dt.datetime(2030, 3, 1, tzinfo=dt.UTC)  # ledger rows fall in [START, START + HOURS)
+HOURS = 30
+NOW = START + dt.timedelta(days=3)  # the clock when the rollups first run
+HOUR = dt.timedelta(hours=1)
+LONG_MODEL = "m" * 250  # longer than usage_hourly.model: cut to 200 characters
+KEYS = ("hour", "team", "key_id", "model", "backend", "privacy")
+
+
+class Clock:
+    def __init__(self, now: dt.datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+def generate(n: int, seed: int = 1, start: dt.datetime = START, hours: int = HOURS) -> list[UsageRecord]:
+    rng = random.Random(seed)
+    edges = [*EDGES_MS[:12], *EDGES_MS[-3:]]  # histogram edges and their float neighbours hit the SQL
+    records = []
+    for i in range(n):
+        offset = dt.timedelta(microseconds=rng.randrange(hours * 3_600_000_000))
+        if i % 50 == 0:
+            offset = rng.randrange(hours) * HOUR  # exactly on an hour
+        status = rng.choice([RequestStatus.OK] * 6 + [RequestStatus.ERROR, RequestStatus.CLIENT_CLOSED])
+        cache_hit = status is RequestStatus.OK and rng.random() < 0.1
+        if i % 7 == 0:
+            edge = rng.choice(edges)
+            latency = rng.choice((edge, math.nextafter(edge, 0.0), math.nextafter(edge, math.inf)))
+        else:
+            latency = rng.choice((0.0, rng.lognormvariate(6.0, 1.5), rng.uniform(0, 5_000)))
+        ttft = None if rng.random() < 0.4 else rng.choice((latency * rng.random(), rng.choice(edges)))
+        records.append(
+            UsageRecord(
+                request_id=f"g{seed}-{i:06d}",
+                created_at=start + offset,
+                team=rng.choice(("research", "support", "ops")),
+                key_id=rng.choice((None, "k1", "k2", "k3")),
+                requested_model=rng.choice(("smollm2", "gpt-4o-mini", LONG_MODEL)),
+                backend=rng.choice((None, "", "gpu0", "cloud", "edge1")),
+                served_model=None,
+                prompt_tokens=rng.randrange(4_000),
+                completion_tokens=rng.randrange(1_500),
+                cost_micro_usd=0 if cache_hit else rng.randrange(10**10),
+                latency_ms=latency,
+                ttft_ms=ttft,
+                status=status,
+                http_status=200,
+                error_type=None,
+                stream=ttft is not None,
+                cache_hit=cache_hit,
+                cost_saved_micro_usd=rng.randrange(10**6) if cache_hit else 0,
+                privacy_class=rng.choice((None, "", "internal", "internal:email", "external:phone,email")),
+                attempts=rng.choice((0, 1, 1, 2, 3)),
+            )
+        )
+    return records
+
+
+def insert(engine: Engine, records: list[UsageRecord], written_at: dt.datetime | None) -> None:  # noqa: F811
+    rows = [usage_row(r) for r in records]
+    insert_usage_rows(engine, rows, written_at=written_at or NOW)
+    if written_at is None:  # as written before migration 0004
+        with engine.begin() as conn:
+            ids = [r.request_id for r in records]
+            conn.execute(sa.update(usage).where(usage.c.request_id.in_(ids)).values(written_at=None))
+
+
+def floor_hour(at: dt.datetime) -> dt.datetime:
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+def expected_hourly(records: list[UsageRecord]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    lat, ttft = column_names(LATENCY_PREFIX), column_names(TTFT_PREFIX)
+    for r in records:
+        tier = (r.privacy_class or "").partition(":")[0]
+        key = (
+            floor_hour(r.created_at),
+            r.team,
+            r.key_id or "",
+            r.requested_model[:200],
+            r.backend or "",
+            tier,
+        )
+        acc = out.setdefault(key, defaultdict(int))
+        acc["requests"] += 1
+        acc["errors"] += r.status == "error"
+        acc["client_closed"] += r.status == "client_closed"
+        acc["prompt_tokens"] += r.prompt_tokens
+        acc["completion_tokens"] += r.completion_tokens
+        acc["cost_micro_usd"] += r.cost_micro_usd
+        acc["cache_hits"] += r.cache_hit
+        acc["cost_saved_micro_usd"] += r.cost_saved_micro_usd
+        acc["fallbacks"] += r.attempts > 1
+        acc["latency_sum_ms"] += r.latency_ms
+        acc[lat[bucket_of(r.latency_ms)]] += 1
+        if r.ttft_ms is not None:
+            acc["ttft_count"] += 1
+            acc["ttft_sum_ms"] += r.ttft_ms
+            acc[ttft[bucket_of(r.ttft_ms)]] += 1
+    measures = [c.name for c in usage_hourly.columns if c.name not in KEYS]
+    return {key: {m: acc[m] for m in measures} for key, acc in out.items()}
+
+
+def ms_since_start(at: dt.datetime) -> float:
+    return (at - START) / dt.timedelta(milliseconds=1)  # exact enough: a float of a few days in ms
+
+
+def expected_busy(records: list[UsageRecord]) -> dict[tuple[dt.datetime, str], tuple[float, int]]:
+    """Per hour and backend: merge the served intervals clipped to the hour; count requests started in it."""
+    intervals: dict[tuple[dt.datetime, str], list[tuple[float, float]]] = defaultdict(list)
+    started: dict[tuple[dt.datetime, str], int] = defaultdict(int)
+    for r in records:
+        if not r.backend or r.cache_hit:
+            continue
+        started[(floor_hour(r.created_at), r.backend)] += 1
+        begin = ms_since_start(r.created_at)
+        end = begin + r.latency_ms
+        hour = floor_hour(r.created_at)
+        while ms_since_start(hour) < end:
+            h_ms = ms_since_start(hour)
+            lo, hi = max(begin, h_ms), min(end, h_ms + 3_600_000)
+            if hi > lo:
+                intervals[(hour, r.backend)].append((lo, hi))
+            hour += HOUR
+    out = {}
+    for key in set(intervals) | set(started):
+        total, reach = 0.0, -math.inf
+        for lo, hi in sorted(intervals.get(key, [])):
+            lo = max(lo, reach)
+            total += max(0.0, hi - lo)
+            reach = max(reach, hi)
+        out[key] = (total, started.get(key, 0))
+    return out
+
+
+def read_hourly(engine: Engine) -> dict[tuple[Any, ...], dict[str, Any]]:  # noqa: F811
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(usage_hourly)).mappings().all()
+    return {tuple(r[k] for k in KEYS): {k: v for k, v in r.items() if k not in KEYS} for r in rows}
+
+
+def read_busy(engine: Engine) -> dict[tuple[dt.datetime, str], tuple[float, int]]:  # noqa: F811
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(backend_busy_hourly)).all()
+    return {(r.hour, r.backend): (r.busy_ms, r.requests) for r in rows}
+
+
+def assert_matches(engine: Engine, records: list[UsageRecord]) -> None:  # noqa: F811
+    assert_hourly_matches(engine, records)
+    busy, want_busy = read_busy(engine), expected_busy(records)
+    assert set(busy) == set(want_busy)
+    for key, (busy_ms, requests) in want_busy.items():
+        assert busy[key][1] == requests, key
+        assert busy[key][0] == pytest.approx(busy_ms, rel=1e-9, abs=1e-6), key
+
+
+def assert_hourly_matches(engine: Engine, records: list[UsageRecord]) -> None:  # noqa: F811
+    got, want = read_hourly(engine), expected_hourly(records)
+    assert set(got) == set(want)
+    for key, measures in want.items():
+        for name, value in measures.items():
+            if isinstance(value, float) or name.endswith("_sum_ms"):
+                assert got[key][name] == pytest.approx(value, rel=1e-12, abs=1e-9), (key, name)
+            else:
+                assert got[key][name] == value, (key, name)
+
+
+def assert_same(got: dict[Any, Any], want: dict[Any, Any]) -> None:
+    """Equal, up to float rounding in sums the database may add up in another order."""
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9), key
+
+
+def raw_ids(engine: Engine) -> set[str]:  # noqa: F811
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(usage.c.request_id)).scalars())
+
+
+def test_rollup_equals_raw_sums_and_a_rerun_changes_nothing(engine: Engine) -> None:  # noqa: F811
+    records = generate(3_000)
+    insert(engine, records[:1_000], written_at=None)  # from before migration 0004
+    insert(engine, records[1_000:], written_at=NOW - dt.timedelta(days=1))
+    clock = Clock(NOW)
+    rollup = Rollup(engine, clock=clock, chunk_hours=7)
+    first = rollup.run_once()
+    assert not first.skipped and first.rows_added_late == 0 and first.watermark == NOW
+    assert HOURS <= first.hours_recomputed <= HOURS + 2  # long requests run into the next hours
+    assert_matches(engine, records)
+    clock.now += dt.timedelta(minutes=1)
+    assert rollup.run_once().hours_recomputed == 0  # nothing written since
+    # An older gateway still running (no written_at): its new rows count by created_at.
+    recent = [
+        dataclasses.replace(r, created_at=clock.now - dt.timedelta(minutes=2))
+        for r in generate(30, seed=5, start=clock.now)
+    ]
+    insert(engine, recent, written_at=None)
+    clock.now += dt.timedelta(minutes=1)
+    assert rollup.run_once().hours_recomputed >= 1
+    records += recent
+    assert_matches(engine, records)
+    hourly, busy = read_hourly(engine), read_busy(engine)
+    clock.now += dt.timedelta(hours=1)
+    assert Rollup(engine, clock=clock, margin_s=10 * 86_400).run_once().hours_recomputed >= HOURS
+    assert_same(read_hourly(engine), hourly)  # recomputed, not added
+    assert_same(read_busy(engine), busy)
+    with engine.connect() as conn:
+        state = conn.execute(sa.select(rollup_state)).one()
+    assert (state.name, state.watermark, state.pruned_before) == ("usage", clock.now, None)
+
+
+async def test_late_rows_from_a_spill_replay_are_rolled_up(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+    records = generate(2_000)
+    insert(engine, records, written_at=NOW - dt.timedelta(hours=1))
+    clock = Clock(NOW)
+    rollup = Rollup(engine, clock=clock)
+    rollup.run_once()
+    late = generate(300, seed=2, start=START + 5 * HOUR, hours=3)  # old created_at, replayed now
+    spill = tmp_path / "ledger.spill.jsonl"
+    spill.write_bytes(b"".join(orjson.dumps(usage_row(r)) + b"\n" for r in late))
+    clock.now += dt.timedelta(minutes=10)
+    writer = LedgerWriter(
+        engine,
+        spill_path=str(spill),
+        queue_max=10,
+        batch_max=100,
+        flush_interval_s=0.01,
+        replay_interval_s=0.05,
+        clock=clock,
+    )
+    writer.start()
+    deadline = asyncio.get_running_loop().time() + 10
+    while writer.replayed < len(late):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    await writer.aclose()
+    with engine.connect() as conn:
+        stamps = set(
+            conn.execute(sa.select(usage.c.written_at).where(usage.c.request_id.like("g2-%"))).scalars()
+        )
+    assert stamps == {clock.now}  # replayed rows carry the replay time, not their created_at
+    clock.now += dt.timedelta(minutes=1)
+    result = rollup.run_once()
+    assert 3 <= result.hours_recomputed <= 5  # the three late hours (and what their requests ran into)
+    assert_matches(engine, records + late)
+
+
+def test_busy_time_is_the_union_of_intervals_clipped_to_hours(engine: Engine) -> None:  # noqa: F811
+    h0 = START + 10 * HOUR
+
+    def rec(
+        i: int, at: dt.timedelta, latency_ms: float, backend: str | None = "gpu0", **kw: Any
+    ) -> UsageRecord:
+        return UsageRecord(
+            request_id=f"b{i}",
+            created_at=h0 + at,
+            team="t",
+            key_id=None,
+            requested_model="m",
+            backend=backend,
+            served_model=None,
+            prompt_tokens=1,
+            completion_tokens=1,
+            cost_micro_usd=0,
+            latency_ms=latency_ms,
+            ttft_ms=None,
+            status=RequestStatus.OK,
+            http_status=200,
+            error_type=None,
+            stream=False,
+            **kw,
+        )
+
+    s = dt.timedelta(seconds=1)
+    records = [
+        rec(1, 10 * s, 5_000),  # [10, 15] s
+        rec(2, 12 * s, 1_000),  # nested: [12, 13]
+        rec(3, 14 * s, 4_000),  # overlaps the end: union [10, 18]
+        rec(4, 100 * s, 2_000),  # disjoint: [100, 102]
+        rec(5, 102 * s, 1_000),  # touching: union [100, 103]
+        rec(6, 200 * s, 9_000, cache_hit=True),  # cache hits keep no backend busy
+        rec(7, 300 * s, 9_000, backend=None),  # refused: no backend
+        rec(8, 3_590 * s, 30_000),  # crosses into the next hour: 10 s here, 20 s there
+        rec(9, -5 * s, 7_000),  # started in the previous hour: 5 s there, 2 s here
+        rec(10, 3_595 * s, 3_600_000 + 15_000),  # runs 5 s here, all of hour 1, 10 s of hour 2
+        rec(11, 50 * s, 1_000, backend="cloud"),  # another backend
+        rec(12, 7_200 * s + 3 * s, 4_000),  # hour 2: [3, 7] s, inside rec 10's [0, 10] s
+    ]
+    insert(engine, records, written_at=NOW)
+    Rollup(engine, clock=Clock(NOW)).run_once()
+    busy = read_busy(engine)
+    assert busy == {
+        (h0 - HOUR, "gpu0"): (pytest.approx(5_000.0), 1),
+        (h0, "gpu0"): (pytest.approx(2_000 + 8_000 + 3_000 + 10_000), 7),
+        (h0, "cloud"): (pytest.approx(1_000.0), 1),
+        (h0 + HOUR, "gpu0"): (pytest.approx(3_600_000.0), 0),
+        (h0 + 2 * HOUR, "gpu0"): (pytest.approx(10_000.0), 1),
+    }
+    assert_matches(engine, records)
+
+
+def test_prune_keeps_rollups_and_late_rows_for_pruned_hours_are_added(engine: Engine) -> None:  # noqa: F811
+    records = generate(2_000)
+    insert(engine, records, written_at=NOW - dt.timedelta(days=1))
+    clock = Clock(START + 12 * HOUR + dt.timedelta(days=1, minutes=30))  # retention 1 day: cut at 12:00
+    rollup = Rollup(engine, clock=clock)
+    rollup.run_once()
+    before_hourly, before_busy = read_hourly(engine), read_busy(engine)
+    cutoff = START + 12 * HOUR
+    new = generate(50, seed=3, start=cutoff - 3 * HOUR, hours=6)  # not rolled up yet: prune rolls them up
+    insert(engine, new, written_at=clock.now)
+    clock.now += dt.timedelta(seconds=1)
+    deleted = rollup.prune(retention_days=1)
+    kept = {r.request_id for r in records + new if r.created_at >= cutoff}
+    assert raw_ids(engine) == kept
+    assert deleted == len(records) + len(new) - len(kept)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(rollup_state.c.pruned_before)).scalar_one() == cutoff
+    assert_matches(engine, records + new)  # nothing lost: every pruned row is in the rollups
+    assert before_hourly != read_hourly(engine)  # (the new rows did change them)
+
+    # A late row for a pruned hour is added to that hour's rollup row, never recomputed away.
+    late = generate(20, seed=4, start=START + 2 * HOUR, hours=2)
+    clock.now += dt.timedelta(minutes=5)
+    insert(engine, late, written_at=clock.now)
+    clock.now += dt.timedelta(seconds=1)
+    result = rollup.run_once()
+    assert result.rows_added_late == len(late) and raw_ids(engine) == kept  # added, then deleted
+    assert_hourly_matches(engine, records + new + late)
+    got = read_hourly(engine)
+    # Busy time of late rows is added per row (their union with pruned rows is unknown): at least as much.
+    busy = read_busy(engine)
+    for key, (busy_ms, requests) in expected_busy(records + new + late).items():
+        if key[0] < START + 4 * HOUR:
+            assert busy[key][1] == requests and busy[key][0] >= busy_ms - 1e-6
+    clock.now += dt.timedelta(hours=1)
+    again = rollup.run_once()
+    assert again.rows_added_late == 0  # added exactly once
+    assert_same(read_hourly(engine), got)
+    assert before_busy.keys() <= busy.keys()
+
+
+def test_prune_before_any_run_rolls_up_first(engine: Engine) -> None:  # noqa: F811
+    records = generate(500)
+    insert(engine, records, written_at=None)
+    assert Rollup(engine, clock=Clock(NOW)).prune(retention_days=1) == 500  # NOW is 3 days after START
+    assert raw_ids(engine) == set()
+    assert_matches(engine, records)
+
+
+def test_a_run_is_skipped_while_another_holds_the_lock(pg_target: DbTarget) -> None:  # noqa: F811
+    db.migrate(pg_target.url, pg_target.schema)
+    eng = pg_target.make_engine()
+    try:
+        insert(eng, generate(10), written_at=NOW)
+        lock = sa.text("SELECT pg_advisory_lock(:k, hashtext(current_schema()))")
+        with eng.connect() as holder:
+            holder.execute(lock, {"k": 0x53425255})
+            result = Rollup(eng, clock=Clock(NOW)).run_once()
+            assert result.skipped and result.hours_recomputed == 0 and read_hourly(eng) == {}
+            holder.execute(sa.text("SELECT pg_advisory_unlock_all()"))
+        assert not Rollup(eng, clock=Clock(NOW)).run_once().skipped
+        assert read_hourly(eng) != {}
+    finally:
+        eng.dispose()
+
+
+def test_replicas_running_at_once_never_double_count(engine: Engine) -> None:  # noqa: F811
+    records = generate(1_500)
+    insert(engine, records, written_at=NOW)
+    clocks = [Clock(NOW + dt.timedelta(seconds=i)) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:  # PostgreSQL: the others skip; SQLite: they take turns
+        results = list(pool.map(lambda c: Rollup(engine, clock=c).run_once(), clocks))
+    assert any(not r.skipped for r in results)
+    assert_matches(engine, records)
+
+
+def test_migration_0003_to_0004_and_back(db_target: DbTarget) -> None:  # noqa: F811
+    if db_target.schema is not None:
+        admin = db.make_engine(db_target.url)
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{db_target.schema}"')
+        admin.dispose()
+    cfg = db.alembic_config(db_target.url, db_target.schema)
+    command.upgrade(cfg, "0003")
+    eng = db_target.make_engine()
+    try:
+        old = generate(40)
+        with eng.begin() as conn:  # the 0003 columns only, as an older gateway writes them
+            names = [c["name"] for c in sa.inspect(eng).get_columns("usage")]
+            assert "written_at" not in names
+            conn.execute(
+                sa.table("usage", *(sa.column(n) for n in names)).insert(),
+                [{k: v for k, v in usage_row(r).items() if k in names} for r in old],
+            )
+        db.migrate(db_target.url, db_target.schema)
+        inspector = sa.inspect(eng)
+        assert {"usage_hourly", "backend_busy_hourly", "rollup_state"} <= set(inspector.get_table_names())
+        assert "ix_usage_written_at" in {ix["name"] for ix in inspector.get_indexes("usage")}
+        with eng.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).where(usage.c.written_at.is_(None))).scalar() == 40
+        Rollup(eng, clock=Clock(NOW)).run_once()
+        assert_matches(eng, old)
+        command.downgrade(cfg, "0003")
+        inspector = sa.inspect(eng)
+        assert not {"usage_hourly", "backend_busy_hourly", "rollup_state"} & set(inspector.get_table_names())
+        assert "written_at" not in [c["name"] for c in inspector.get_columns("usage")]
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM usage")).scalar_one() == 40
+        db.migrate(db_target.url, db_target.schema)
+        assert "written_at" in [c["name"] for c in sa.inspect(eng).get_columns("usage")]
+    finally:
+        eng.dispose()
