@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import importlib.util
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -205,7 +206,13 @@ def engine_cmd(model_dir: Path, threads: int, *flags: str) -> list[str]:
     return [*serve, "--model", str(model_dir), "--port", "{port}", "--dtype", "bfloat16", *flags]
 
 
-def llama_cmd(gguf: Path, threads: int) -> list[str] | None:
+def llama_cmd(gguf: Path, threads: int, server: Path | None, streams: int) -> list[str] | None:
+    """llama.cpp's own `llama-server` binary when given (or on PATH), else llama-cpp-python's server."""
+    binary = server or (Path(found) if (found := shutil.which("llama-server")) else None)
+    if binary is not None:
+        # -np: one slot per concurrent stream (continuous batching across slots); -c is split among them.
+        return [str(binary), "-m", str(gguf), "--port", "{port}", "-a", "smollm2", "-t", str(threads),
+                "-tb", str(threads), "-np", str(streams), "-c", str(512 * streams), "-cb"]  # fmt: skip
     if importlib.util.find_spec("llama_cpp") is None:
         return None
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", "{port}",
@@ -321,9 +328,9 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[Results, Results, Results]
             if label == "bf16":
                 speculation(model_dir, url, args, tmp, eng)
         print(f"engine {label}: {eng.single.get(label)} {eng.burst.get(label)}", file=sys.stderr)
-    cmd = llama_cmd(gguf, args.threads)
+    cmd = llama_cmd(gguf, args.threads, args.llama_server, args.streams)
     if cmd is None:
-        llama.notes.append("llama-cpp-python is not installed, so there is no llama.cpp column")
+        llama.notes.append("no llama-server (--llama-server) and no llama-cpp-python: no llama.cpp column")
     else:
         log = tmp / "llama.log"
         with serving(cmd, log) as url:
@@ -480,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gap-ms", type=float, default=50.0, help="arrival gap between staggered streams")
     parser.add_argument("--threads", type=int, default=1, help="compute threads for every system measured")
     parser.add_argument("--weights", type=Path, help="reuse (or create) the exported HF weights here")
+    parser.add_argument("--llama-server", type=Path, help="llama.cpp llama-server binary (default: PATH)")
     parser.add_argument("--out", type=Path, help="write/replace the bench/engine section in this file")
     args = parser.parse_args(argv)
     args.max_tokens, args.repeats, args.streams, args.burst_tokens = (

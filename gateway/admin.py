@@ -132,6 +132,8 @@ class ExplainQuery:
     json: bool = False
     text: str = ""
     preferences: str | None = None  # JSON of the body's `switchboard` field
+    site: str | None = None  # as the x-switchboard-site header would carry it
+    labels: str | None = None  # as x-switchboard-labels: "site=plant-7,line=2"
 
 
 _PROBE_TOOL = {"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}
@@ -278,7 +280,8 @@ async def explain_route(svc: Services, q: ExplainQuery) -> dict[str, object]:
     now_s = time.monotonic()
     decision: RouteDecision | None
     try:
-        routed = route.plan(svc.routing, q.team, body, messages, route.Hints(privacy=q.privacy), now_s=now_s)
+        hints = route.Hints(privacy=q.privacy, site=q.site, labels=q.labels)
+        routed = route.plan(svc.routing, q.team, body, messages, hints, now_s=now_s)
         decision, verdict, policy = routed.decision, routed.verdict, routed.policy
         error = error or route.fail_closed_error(routed, q.team)
     except SensitiveDataRefused as exc:
@@ -349,9 +352,13 @@ def admin_router() -> APIRouter:
         json_mode: bool = Query(default=False, alias="json"),
         text: str = "",
         preferences: str | None = None,
+        site: str | None = None,
+        labels: str | None = None,
         svc: Services = Depends(_svc),
     ) -> Response:
-        query = ExplainQuery(team, model, max_tokens, privacy, tools, json_mode, text, preferences)
+        query = ExplainQuery(
+            team, model, max_tokens, privacy, tools, json_mode, text, preferences, site, labels
+        )
         return _json(await explain_route(svc, query))
 
     @router.get("/reports/usage")

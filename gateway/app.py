@@ -28,6 +28,7 @@ from gateway import chat
 from gateway.access import allowed_models, authenticate
 from gateway.admin import admin_router
 from gateway.config import Config
+from gateway.edge.api import edge_router
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, error_body
 from gateway.middleware import RequestContextMiddleware, timing_of
 from gateway.route import Hints
@@ -235,6 +236,7 @@ def create_app(config: Config) -> FastAPI:
     app.add_api_route("/metrics", metrics, methods=["GET"])
     app.include_router(admin_router())
     app.include_router(usage_router())
+    app.include_router(edge_router())  # /v1/edge/connect (WebSocket) and /admin/edge/...
     _install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -214,6 +214,13 @@ class BreakerBoard:
     def allow(self, deployment_id: str, now_s: float) -> bool:
         return self[deployment_id].allow(now_s)
 
+    def view(self, deployment_id: str, now_s: float) -> BreakerView:
+        return self[deployment_id].view(now_s)
+
+    def forget(self, deployment_id: str) -> None:
+        """Drop a gone deployment's breaker (an edge node that left); a later use starts a fresh one."""
+        self._breakers.pop(deployment_id, None)
+
     def record_success(self, deployment_id: str, now_s: float) -> None:
         self[deployment_id].record_success(now_s)
 

@@ -221,7 +221,7 @@ def _header_text(text: str, limit: int = 200) -> bytes:
 
 def _plan(svc: Services, routed: Routed) -> dispatch.Plan:
     return dispatch.Plan(
-        backends=svc.backends,
+        backends=svc.dispatch_backends,
         timeouts_s=svc.backend_timeouts_s,
         routing=svc.routing,
         max_attempts=routed.policy.max_attempts,

@@ -1,5 +1,5 @@
-"""The `switchboard` command: serve, migrate, check-config, teams, keys, engine, the `up` quickstart, and
-usage reports from the SQL ledger (report, rollup, prune).
+"""The `switchboard` command: serve, migrate, check-config, teams, keys, engine, edge (gateway/edge/cli.py),
+the `up` quickstart, and usage reports from the SQL ledger (report, rollup, prune).
 
 Every command reads the same TOML config (`--config` or $SWITCHBOARD_CONFIG; none means embedded defaults)
 and reports a config mistake as `path: what to change`, with exit status 2.
@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.edge.cli import edge_app
 from gateway.limits import BudgetPeriod
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ engine_app = typer.Typer(help="The self-hosted inference engine.", no_args_is_he
 app.add_typer(teams_app, name="teams")
 app.add_typer(keys_app, name="keys")
 app.add_typer(engine_app, name="engine")
+app.add_typer(edge_app, name="edge")
 
 console = Console()
 PIPED_TABLE_WIDTH = 240

@@ -84,13 +84,44 @@ class OpenAIBackendConfig(_RoutedBackend):
     supports_tools: bool = True
     supports_response_format: bool = True
     metrics_url: str | None = None  # an engine's Prometheus /metrics: queue depth and KV use feed routing
+    # GET {base_url}/models this often; a server failing it leaves routing until it answers again.
+    # None: every EDGE_HEALTH_INTERVAL_S for privacy_tier = "edge" (a box at a site), off otherwise; 0: off.
+    health_interval_s: float | None = Field(default=None, ge=0)
 
     @property
     def tier(self) -> PrivacyTier:
         return self.privacy_tier or PrivacyTier.INTERNAL
 
+    @property
+    def probe_interval_s(self) -> float | None:
+        """How often the health probe runs (None: never)."""
+        if self.health_interval_s is None:
+            return EDGE_HEALTH_INTERVAL_S if self.tier is PrivacyTier.EDGE else None
+        return self.health_interval_s or None
 
-BackendConfig = Annotated[CloudBackendConfig | OpenAIBackendConfig, Field(discriminator="kind")]
+
+class EdgeBackendConfig(_RoutedBackend):
+    """The edge nodes connected to the gateway: at routing time, one deployment per live node that serves
+    the deployment's upstream_model. `labels` are defaults under each node's own; `usd_per_hour`, when set,
+    replaces what each node reports; the priors stand in until a node reports its measured speed."""
+
+    kind: Literal["edge"]
+    timeout_s: float = Field(default=120.0, gt=0)  # one attempt's limit (first chunk, and between chunks)
+
+    @property
+    def tier(self) -> PrivacyTier:
+        return PrivacyTier.EDGE
+
+    @property
+    def api_key_env(self) -> None:
+        """Nodes authenticate with enrollment tokens, never with a key from the environment."""
+        return None
+
+
+BackendConfig = Annotated[
+    CloudBackendConfig | OpenAIBackendConfig | EdgeBackendConfig, Field(discriminator="kind")
+]
+EDGE_HEALTH_INTERVAL_S = 10.0
 
 
 class DeploymentConfig(_Strict):
@@ -237,7 +268,26 @@ class ReportsConfig(_Strict):
     retention_days: int | None = Field(default=None, ge=1)  # prune raw rows older than this; rollups stay
 
 
-_DEFAULT_BACKENDS: dict[str, CloudBackendConfig | OpenAIBackendConfig] = {
+class EdgeConfig(_Strict):
+    """Edge nodes dialling in over `/v1/edge/connect` (see README, "Edge nodes")."""
+
+    enabled: bool | None = None  # None: on when a backend has kind = "edge"
+    heartbeat_s: float = Field(default=2.0, gt=0, le=60)  # nodes send load this often (told in `welcome`)
+    ttl_s: float = Field(default=10.0, gt=0, le=600)  # a node silent this long leaves routing
+    token_check_s: float = Field(default=2.0, gt=0, le=60)  # revoked/expired tokens disconnect within this
+    hello_timeout_s: float = Field(default=10.0, gt=0, le=120)  # a connection must say hello within this
+
+    @model_validator(mode="after")
+    def _ttl_covers_heartbeats(self) -> EdgeConfig:
+        if self.ttl_s <= self.heartbeat_s:
+            raise ValueError(
+                f"edge.ttl_s ({self.ttl_s:g}) must be longer than edge.heartbeat_s ({self.heartbeat_s:g}), "
+                "or live nodes leave routing between two heartbeats (set ttl_s to 3-5 x heartbeat_s)"
+            )
+        return self
+
+
+_DEFAULT_BACKENDS: dict[str, CloudBackendConfig | OpenAIBackendConfig | EdgeBackendConfig] = {
     "local": OpenAIBackendConfig(
         kind="openai",
         base_url="http://127.0.0.1:8081/v1",
@@ -268,10 +318,17 @@ class Config(_Strict):
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
     reports: ReportsConfig = ReportsConfig()
+    edge: EdgeConfig = EdgeConfig()
+
+    @property
+    def edge_enabled(self) -> bool:
+        if self.edge.enabled is not None:
+            return self.edge.enabled
+        return any(isinstance(b, EdgeBackendConfig) for b in self.backends.values())
 
     @model_validator(mode="after")
     def _check_references(self) -> Config:
-        problems: list[str] = []
+        problems = self._edge_problems()
         known_backends = ", ".join(sorted(self.backends)) or "none"
         for name, model in self.models.items():
             for i, dep in enumerate(model.all_deployments()):
@@ -301,6 +358,28 @@ class Config(_Strict):
             raise ValueError("\n".join(problems))
         return self
 
+    def _edge_problems(self) -> list[str]:
+        problems = []
+        for name, backend in self.backends.items():
+            if "/" in name:
+                problems.append(
+                    f'backends.{name}: a backend name may not contain "/" (reserved for edge nodes, '
+                    "which route as <edge backend>/<node id>); rename it"
+                )
+            if not isinstance(backend, EdgeBackendConfig):
+                continue
+            if backend.privacy_tier not in (None, PrivacyTier.EDGE):
+                problems.append(
+                    f'backends.{name}.privacy_tier: a kind = "edge" backend is always tier "edge", not '
+                    f'"{backend.privacy_tier}" (remove the setting)'
+                )
+            if self.edge.enabled is False:
+                problems.append(
+                    f'backends.{name}: kind = "edge" needs the edge hub, but edge.enabled = false '
+                    "(remove that setting, or this backend)"
+                )
+        return problems
+
     def upstream_model(self, public_name: str) -> str:
         """The upstream name of a model's first deployment (the public name when not set)."""
         return self.models[public_name].all_deployments()[0].upstream_model or public_name
@@ -314,7 +393,7 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
         if err["type"] == "extra_forbidden":
             msg = "unknown setting (remove it, or check its spelling against config.example.toml)"
         elif err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
-            msg = 'set kind = "cloud" or kind = "openai"'
+            msg = 'set kind = "cloud", "openai" or "edge"'
         elif msg.startswith("Value error, "):
             for line in msg.removeprefix("Value error, ").splitlines():
                 problems.append(line)

@@ -1,4 +1,4 @@
-"""SQL schema (teams, api_keys, usage, hourly rollups), engine construction and Alembic migration in code.
+"""SQL schema (teams, api_keys, usage, hourly rollups, edge tokens), engine construction and migrations.
 
 Invariants: every datetime column holds timezone-aware UTC (`UTCDateTime` normalises on the way in and
 out, also on SQLite, which has no zone type); money is integer micro-dollars; `usage.request_id` is the
@@ -162,6 +162,20 @@ rollup_state = sa.Table(
     sa.Column("watermark", UTCDateTime, nullable=False),
     sa.Column("pruned_before", UTCDateTime, nullable=True),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+
+# Edge enrollment tokens (gateway/edge/tokens.py): a node authenticates with one; only the sha256 is stored.
+edge_tokens = sa.Table(
+    "edge_tokens",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # short public id, shown in listings and revokes
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),  # sha256 hex; never the token
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),  # {key: value}; override the labels a node reports
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=True),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
 )
 
 

@@ -20,6 +20,9 @@ SwitchboardError (backends/errors.py)          500 api_error            internal
     ├── RateLimited                            429 rate_limit_error      rate_limit_exceeded
     │   └── BudgetExceeded                     429 insufficient_quota    insufficient_quota
     ├── ServiceUnavailable                     503 api_error             service_unavailable
+    │   ├── NoHealthyDeployment                503 api_error             no_healthy_deployment
+    │   ├── NoLiveEdgeNode                     503 api_error             no_live_edge_node
+    │   └── LimiterUnavailable                 503 api_error             limiter_unavailable
     └── AllBackendsFailed                      status of the last cause; all causes in the message
 """
 
@@ -55,6 +58,7 @@ __all__ = [
     "NoEligibleDeployment",
     "SensitiveDataRefused",
     "NoHealthyDeployment",
+    "NoLiveEdgeNode",
     "LimiterUnavailable",
     "AuthenticationFailed",
     "PermissionDenied",
@@ -154,6 +158,13 @@ class NoHealthyDeployment(ServiceUnavailable):
     code = "no_healthy_deployment"
 
 
+class NoLiveEdgeNode(ServiceUnavailable):
+    """The request may only be served at the edge (floor `edge`) and no edge node that may serve it is
+    connected; it is never sent to a less private tier instead."""
+
+    code = "no_live_edge_node"
+
+
 class LimiterUnavailable(ServiceUnavailable):
     """The limit store did not answer in time and limits fail closed."""
 
@@ -203,6 +214,7 @@ ALL_ERROR_CLASSES: tuple[type[SwitchboardError], ...] = (
     BudgetExceeded,
     ServiceUnavailable,
     NoHealthyDeployment,
+    NoLiveEdgeNode,
     LimiterUnavailable,
 )
 

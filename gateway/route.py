@@ -2,17 +2,27 @@
 
 Privacy fails closed: when no deployment at or above the floor can serve, the request gets an error naming the
 floor and each rejection; it is never sent to a lower tier. Detector hits are recorded by kind, never text.
+Headers may require labels (`x-switchboard-site`, `x-switchboard-labels`), narrowing the team's policy.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from gateway.errors import InvalidRequest, NoEligibleDeployment, NoHealthyDeployment, SensitiveDataRefused
+from gateway.edge.pool import split_node_backend
+from gateway.errors import (
+    InvalidRequest,
+    NoEligibleDeployment,
+    NoHealthyDeployment,
+    NoLiveEdgeNode,
+    SensitiveDataRefused,
+)
 from gateway.routing_state import RoutingState
 from gateway.wire import ChatCompletionBody
 from routing.decision import RejectCode, Rejection, RouteDecision
@@ -25,11 +35,14 @@ from routing.privacy import (
     privacy_floor,
 )
 from routing.scoring import choose
-from routing.snapshot import RoutePolicy, RouteRequest
+from routing.snapshot import RoutePolicy, RouteRequest, RoutingSnapshot
 
 PRIVACY_HEADER = "x-switchboard-privacy"
 PREFERENCES_HEADER = "x-switchboard-preferences"  # JSON, same shape as the `switchboard` body field
+SITE_HEADER = "x-switchboard-site"  # `plant-7`: only deployments labelled site=plant-7
+LABELS_HEADER = "x-switchboard-labels"  # `site=plant-7,region=eu`: only deployments with all of these
 _TRANSIENT = {RejectCode.UNHEALTHY, RejectCode.CIRCUIT_OPEN}
+_LABEL_TEXT = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +51,44 @@ class Hints:
 
     privacy: str | None = None
     preferences: str | None = None
+    site: str | None = None
+    labels: str | None = None
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> Hints:
-        return cls(headers.get(PRIVACY_HEADER), headers.get(PREFERENCES_HEADER))
+        return cls(
+            headers.get(PRIVACY_HEADER),
+            headers.get(PREFERENCES_HEADER),
+            headers.get(SITE_HEADER),
+            headers.get(LABELS_HEADER),
+        )
+
+    def required_labels(self) -> dict[str, str]:
+        """The labels every deployment must carry, from `x-switchboard-labels` and `x-switchboard-site`."""
+        wanted: dict[str, str] = {}
+        for pair in (self.labels or "").split(","):
+            if not pair.strip():
+                continue
+            key, sep, value = (part.strip() for part in pair.partition("="))
+            if not sep or not _LABEL_TEXT.match(key) or not _LABEL_TEXT.match(value):
+                raise InvalidRequest(
+                    f"header {LABELS_HEADER} must be comma-separated key=value pairs, e.g. "
+                    "site=plant-7,region=eu",
+                    param=LABELS_HEADER,
+                )
+            wanted[key] = value
+        if self.site is not None:
+            site = self.site.strip()
+            if not _LABEL_TEXT.match(site):
+                raise InvalidRequest(
+                    f"header {SITE_HEADER} must be one site name, e.g. plant-7", param=SITE_HEADER
+                )
+            if wanted.get("site", site) != site:
+                raise InvalidRequest(
+                    f"headers {SITE_HEADER} and {LABELS_HEADER} ask for different sites", param=SITE_HEADER
+                )
+            wanted["site"] = site
+        return wanted
 
     def preferences_field(self, body_field: dict[str, Any] | None) -> object:
         """The body field wins; the header is read only when the body has none."""
@@ -66,6 +113,7 @@ class Routed:
     policy: RoutePolicy
     prompt_tokens: int  # the estimate routing used; admission reserves it too
     output_tokens: int  # max_tokens, or routing.default_output_tokens
+    edge_missing: tuple[str, ...] = ()  # edge backends with no live node that may serve (no candidates only)
 
 
 def requested_floor(header: str | None) -> PrivacyTier | None:
@@ -113,7 +161,7 @@ def plan(
         prefs = parse_preferences(hints.preferences_field(body.switchboard))
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=str(exc).split(":", 1)[0]) from None
-    policy = narrow(routing.policy(team), prefs)
+    policy = with_labels(narrow(routing.policy(team), prefs), hints.required_labels(), team)
     prompt_tokens = estimate_prompt_tokens(messages)
     output_tokens = body.max_output_tokens() or routing.config.routing.default_output_tokens
     request = RouteRequest(
@@ -126,8 +174,42 @@ def plan(
         preferences=prefs,
         privacy_reason=verdict.reason,
     )
-    decision = choose(request, routing.snapshot(now_s), policy, now_s=now_s)
-    return Routed(decision, verdict, policy, prompt_tokens, output_tokens)
+    snapshot = routing.snapshot(now_s)
+    decision = choose(request, snapshot, policy, now_s=now_s)
+    missing = () if decision.candidates else edge_missing(routing, snapshot, body.model, policy)
+    return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing)
+
+
+def with_labels(policy: RoutePolicy, wanted: Mapping[str, str], team: str) -> RoutePolicy:
+    """The team's policy, further requiring the labels a request asked for; never widening it."""
+    if not wanted:
+        return policy
+    required = dict(policy.required_labels)
+    for key, value in wanted.items():
+        allowed = required.get(key)
+        if allowed is not None and value not in allowed:
+            raise InvalidRequest(
+                f"the request asks for label {key}={value}, but team `{team}` allows only "
+                f"{key} in {', '.join(sorted(allowed))} (config: teams.{team}.required_labels)",
+                param=SITE_HEADER if key == "site" else LABELS_HEADER,
+            )
+        required[key] = frozenset((value,))
+    return dataclasses.replace(policy, required_labels=required)
+
+
+def edge_missing(
+    routing: RoutingState, snapshot: RoutingSnapshot, model: str, policy: RoutePolicy
+) -> tuple[str, ...]:
+    """The model's edge backends (kind = "edge") without a live node carrying the required labels."""
+    backends = {t.backend for t in routing.edge_templates if t.public_model == model}
+    if not backends:
+        return ()
+    for entry in snapshot.by_model.get(model, ()):
+        pair = split_node_backend(entry.spec.backend)
+        labels = entry.spec.labels
+        if pair is not None and all(labels.get(k) in v for k, v in policy.required_labels.items()):
+            backends.discard(pair[0])
+    return tuple(sorted(backends))
 
 
 _HINTS = {
@@ -136,6 +218,9 @@ _HINTS = {
     RejectCode.JSON: "config: backends.{backend}.supports_response_format",
     RejectCode.CONTEXT: "config: models.{model} context_tokens; or send a shorter prompt or max_tokens",
     RejectCode.CIRCUIT_OPEN: "it failed repeatedly; retried after routing.breaker_open_s",
+    RejectCode.LABEL: "config: teams.{team}.required_labels, or the request's "
+    + f"{SITE_HEADER} / {LABELS_HEADER} header",
+    RejectCode.UNHEALTHY: "its health probe fails; see backends.{backend}.health_interval_s",
 }
 
 
@@ -149,17 +234,33 @@ def _explain(rejection: Rejection, team: str, model: str) -> str:
     return f"`{rejection.backend}`: {text}" + (f" ({'; '.join(sorted(hints))})" if hints else "")
 
 
-def fail_closed_error(routed: Routed, team: str) -> NoEligibleDeployment | NoHealthyDeployment | None:
-    """The error a decision without candidates gets: it names the floor and every rejection."""
+def _no_node(backend: str, model: str, policy: RoutePolicy) -> str:
+    labels = ", ".join(f"{k}={'|'.join(sorted(v))}" for k, v in sorted(policy.required_labels.items()))
+    which = f" labelled {labels}" if labels else ""
+    return (
+        f"`{backend}`: no live edge node{which} serves `{model}` (start one with `switchboard edge serve "
+        "--gateway URL --token TOKEN`; see GET /admin/edge/nodes)"
+    )
+
+
+def fail_closed_error(
+    routed: Routed, team: str
+) -> NoEligibleDeployment | NoHealthyDeployment | NoLiveEdgeNode | None:
+    """The error a decision without candidates gets: it names the floor and every rejection. An edge
+    backend without a live node is transient (503): a node may connect at any moment."""
     decision, verdict = routed.decision, routed.verdict
     if decision.candidates:
         return None
-    parts = "; ".join(_explain(r, team, decision.public_model) for r in decision.rejected)
+    model = decision.public_model
+    explained = [_explain(r, team, model) for r in decision.rejected]
+    explained += [_no_node(b, model, routed.policy) for b in routed.edge_missing]
     message = (
-        f"no deployment of model `{decision.public_model}` may serve this request under privacy floor "
-        f"`{verdict.floor}` ({verdict.reason}): {parts}"
+        f"no deployment of model `{model}` may serve this request under privacy floor "
+        f"`{verdict.floor}` ({verdict.reason}): {'; '.join(explained)}"
     )
-    if any(_TRANSIENT.intersection(r.codes) for r in decision.rejected):
+    if routed.edge_missing and verdict.floor is PrivacyTier.EDGE:
+        return NoLiveEdgeNode(message)
+    if routed.edge_missing or any(_TRANSIENT.intersection(r.codes) for r in decision.rejected):
         return NoHealthyDeployment(message)
     return NoEligibleDeployment(message, param="model")
 

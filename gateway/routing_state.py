@@ -4,19 +4,21 @@
 decision costs no rebuild. Stats are keyed by deployment id (`model@backend`); one team's policy comes from
 `[teams.*]` config (defaults for teams created only in SQL). With several replicas, `set_shared` installs the
 other replicas' stats (gateway/shared_routing.py); they are merged into each rebuilt snapshot only, never
-into this replica's own `StatsBook`, so nothing is counted twice.
+into this replica's own `StatsBook`, so nothing is counted twice. Edge nodes (`set_edge_source`) join each
+rebuilt snapshot as deployments of their own while their heartbeats are fresh (gateway/edge/pool.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Protocol
 
 from backends.base import Backend
 from gateway.breaker import BreakerBoard, BreakerPolicy, BreakerState, BreakerView
-from gateway.config import Config, OpenAIBackendConfig, TeamConfig
+from gateway.config import Config, EdgeBackendConfig, OpenAIBackendConfig, TeamConfig
+from gateway.edge.pool import LiveNode, edge_templates, expand, prior_for, with_node_load
 from gateway.engine_metrics import EngineLoad, MetricsPoller
 from gateway.stats import Evidence, LiveStats, Prior, StatsBook
 from routing.decision import Deployment
@@ -31,6 +33,7 @@ from routing.snapshot import (
 )
 
 _REFRESH_S = 0.05  # a decision may see stats this stale; rebuilding per request would cost more than routing
+_EDGE_PRUNE_EVERY_S = 60.0
 
 
 class SharedStats(Protocol):
@@ -39,6 +42,17 @@ class SharedStats(Protocol):
     def merge(
         self, local: Mapping[str, LiveStats], evidence: Mapping[str, Evidence], now_s: float
     ) -> Mapping[str, LiveStats]: ...
+
+
+class EdgeSource(Protocol):
+    """The edge nodes this replica holds (gateway/edge/hub.py), live or not; routing keeps the live ones."""
+
+    def live_nodes(self) -> Iterable[LiveNode]: ...
+
+
+def is_edge(backend: object) -> bool:
+    """A `kind = "edge"` backend: its deployments exist only while nodes are connected (gateway/edge/pool)."""
+    return isinstance(backend, EdgeBackendConfig)
 
 
 def deployment_id(public_model: str, backend: str) -> str:
@@ -50,7 +64,9 @@ def build_specs(
 ) -> dict[str, DeploymentSpec]:
     specs: dict[str, DeploymentSpec] = {}
     for public, deps in deployments.items():
-        configured = config.models[public].all_deployments()
+        configured = [
+            d for d in config.models[public].all_deployments() if not is_edge(config.backends[d.backend])
+        ]
         for dep, dep_cfg in zip(deps, configured, strict=True):
             bcfg = config.backends[dep.backend]
             info = backends[dep.backend].info
@@ -87,7 +103,7 @@ def policy_of(team: TeamConfig | None, *, max_attempts_cap: int | None = None) -
     )
 
 
-def _stats(live: LiveStats, breaker: BreakerView) -> DeploymentStats:
+def _stats(live: LiveStats, breaker: BreakerView, *, healthy: bool = True) -> DeploymentStats:
     if breaker.state is BreakerState.OPEN:
         open_until: float | None = breaker.open_until_s if breaker.open_until_s is not None else math.inf
     elif breaker.state is BreakerState.HALF_OPEN and breaker.probes_available == 0:
@@ -105,6 +121,7 @@ def _stats(live: LiveStats, breaker: BreakerView) -> DeploymentStats:
         kv_cache_used_frac=live.kv_cache_used_frac or 0.0,
         circuit_open_until_s=open_until,
         sample_count=live.samples,
+        healthy=healthy,
     )
 
 
@@ -133,6 +150,20 @@ class RoutingState:
         self._built_s = -math.inf
         self._pollers: list[MetricsPoller] = []
         self._shared: SharedStats | None = None
+        self.edge_templates = edge_templates(config)
+        self._edge: EdgeSource | None = None
+        self._edge_seen: dict[str, float] = {}  # edge deployment id -> last time it was live
+        self._edge_pruned_s = -math.inf
+        self.down_backends: set[str] = set()  # failing their health probe (gateway/health.py)
+
+    def set_edge_source(self, source: EdgeSource | None) -> None:
+        """Route to the live nodes `source` holds, from the next snapshot on."""
+        self._edge = source
+        self._built_s = -math.inf
+
+    def refresh(self) -> None:
+        """Rebuild the next snapshot even if the current one is fresh (a node or a probe changed)."""
+        self._built_s = -math.inf
 
     def set_shared(self, shared: SharedStats | None) -> None:
         """Use other replicas' stats from the next snapshot on (None: this replica's alone)."""
@@ -150,16 +181,45 @@ class RoutingState:
 
     def snapshot(self, now_s: float) -> RoutingSnapshot:
         if self._snapshot is None or now_s - self._built_s >= _REFRESH_S:
+            edge = self._edge_deployments(now_s)
             live = self.stats.snapshot(now_s)
             if self._shared is not None:
                 live = self._shared.merge(live, self.stats.evidence(now_s), now_s)
             breakers = self.breakers.snapshot(now_s)
+            down = self.down_backends
             entries = {
-                dep_id: (spec, _stats(live[dep_id], breakers[dep_id])) for dep_id, spec in self.specs.items()
+                dep_id: (spec, _stats(live[dep_id], breakers[dep_id], healthy=spec.backend not in down))
+                for dep_id, spec in self.specs.items()
             }
+            for spec, node in edge:
+                stats = _stats(live[spec.deployment_id], self.breakers.view(spec.deployment_id, now_s))
+                entries[spec.deployment_id] = (spec, with_node_load(stats, node))
             self._snapshot = RoutingSnapshot(entries)
             self._built_s = now_s
         return self._snapshot
+
+    def _edge_deployments(self, now_s: float) -> list[tuple[DeploymentSpec, LiveNode]]:
+        if self._edge is None or not self.edge_templates:
+            return []
+        found = expand(
+            self.edge_templates, self._edge.live_nodes(), now_s=now_s, ttl_s=self.config.edge.ttl_s
+        )
+        for template, node, spec in found:
+            self.stats.ensure(spec.deployment_id, prior_for(template, node))
+            self._edge_seen[spec.deployment_id] = now_s
+        if now_s - self._edge_pruned_s >= _EDGE_PRUNE_EVERY_S:
+            self._prune_edge(now_s)
+        return [(spec, node) for _, node, spec in found]
+
+    def _prune_edge(self, now_s: float) -> None:
+        """Forget nodes gone for longer than any request can last (node ids may be new at each restart)."""
+        self._edge_pruned_s = now_s
+        keep_s = self.config.server.request_timeout_s + _EDGE_PRUNE_EVERY_S
+        for dep_id, seen_s in list(self._edge_seen.items()):
+            if now_s - seen_s > keep_s and self.stats.in_flight_of(dep_id) == 0:
+                self.stats.forget(dep_id)
+                self.breakers.forget(dep_id)
+                del self._edge_seen[dep_id]
 
     def start_pollers(self, clock: Callable[[], float]) -> None:
         """Read queue depth and KV use from engines that expose /metrics (config: backends.X.metrics_url)."""

@@ -26,14 +26,25 @@ from sqlalchemy.engine import Engine
 from backends.base import Backend, BackendKind
 from gateway.admission import Gate, QuotaStore
 from gateway.cache import MemoryCache, RedisCache, ResponseCache
-from gateway.config import CloudBackendConfig, Config, ConfigError, DeploymentConfig, OpenAIBackendConfig
+from gateway.config import (
+    CloudBackendConfig,
+    Config,
+    ConfigError,
+    DeploymentConfig,
+    EdgeBackendConfig,
+    OpenAIBackendConfig,
+)
 from gateway.db import make_engine, migrate
+from gateway.edge.hub import EdgeHub
+from gateway.edge.link import NodeTimeouts
+from gateway.edge.registry import MemoryRegistry, RedisRegistry, Registry
+from gateway.health import HealthProber
 from gateway.keys import KeyStore, upsert_teams
 from gateway.ledger import LedgerWriter
 from gateway.limits import BudgetRule, MemoryLimiter, RedisLimiter
 from gateway.metrics import GatewayMetrics
 from gateway.rollup_job import RollupJob
-from gateway.routing_state import RoutingState, build_specs
+from gateway.routing_state import RoutingState, build_specs, is_edge
 from gateway.shared_routing import RoutingSync
 from gateway.spend import spent_micro_usd
 from routing.decision import FREE, Deployment, Price
@@ -56,7 +67,7 @@ class Services:
     ledger: LedgerWriter
     backends: dict[str, Backend]
     deployments: dict[str, tuple[Deployment, ...]]
-    backend_timeouts_s: dict[str, float]
+    backend_timeouts_s: Mapping[str, float]  # a node's backend (`edge/node-1`) takes its edge backend's
     metrics: GatewayMetrics
     admin_key: str | None
     routing: RoutingState
@@ -65,12 +76,23 @@ class Services:
     redis: Redis | None = None  # None: cache, limits and budgets live in this process
     routing_sync: RoutingSync | None = None  # shares routing stats and circuits through Redis
     rollup: RollupJob | None = None
+    edge: EdgeHub | None = None  # None: edge nodes are off (config: edge.enabled)
+    health: HealthProber | None = None
+
+    @property
+    def dispatch_backends(self) -> Mapping[str, Backend]:
+        """Backends by the name a deployment carries: configured ones, and `edge/<node>` for edge nodes."""
+        return self.backends if self.edge is None else self.edge.backends
 
     async def aclose(self) -> None:
         if self.rollup is not None:
             await self.rollup.aclose()
         if self.routing_sync is not None:
             await self.routing_sync.aclose()  # first: it removes this replica's key with the client
+        if self.edge is not None:
+            await self.edge.aclose()  # before Redis: it marks its nodes disconnected in the registry
+        if self.health is not None:
+            await self.health.aclose()
         await self.routing.aclose()
         for backend in reversed(list(self.backends.values())):
             await backend.aclose()
@@ -110,6 +132,7 @@ def _secret(env_name: str | None, path: str) -> str | None:
 
 
 def build_backend(name: str, cfg: CloudBackendConfig | OpenAIBackendConfig) -> Backend:
+    """A configured backend (kind "edge" has none: its nodes' backends come from the edge hub)."""
     api_key = _secret(cfg.api_key_env, f"backends.{name}.api_key_env")
     if isinstance(cfg, CloudBackendConfig):
         from backends.cloud import CloudBackend  # imports litellm: only when a cloud backend is configured
@@ -157,6 +180,8 @@ def build_deployments(config: Config, backends: Mapping[str, Backend]) -> dict[s
     for public, model in config.models.items():
         deps = []
         for dep in model.all_deployments():
+            if is_edge(config.backends[dep.backend]):
+                continue  # one deployment per live node, made at snapshot time (gateway/edge/pool.py)
             backend = backends[dep.backend]
             upstream = dep.upstream_model or public
             deps.append(
@@ -233,7 +258,8 @@ async def build_services(config: Config) -> Services:
     backends: dict[str, Backend] = {}
     try:
         for name, bcfg in config.backends.items():
-            backends[name] = build_backend(name, bcfg)
+            if not isinstance(bcfg, EdgeBackendConfig):
+                backends[name] = build_backend(name, bcfg)
     except BaseException:
         for b in backends.values():
             await b.aclose()
@@ -265,15 +291,28 @@ async def build_services(config: Config) -> Services:
     deployments = build_deployments(config, backends)
     routing = RoutingState(config, build_specs(config, backends, deployments))
     routing.start_pollers(time.monotonic)
+    health = build_health(config, backends, routing)
     redis = build_redis(config)
     store, cache = build_quota(config, redis)
+    replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    edge = None
+    if config.edge_enabled:
+        edge = EdgeHub(
+            config, engine, build_registry(config, redis), routing, backends, replica_id=replica_id
+        )
+        edge.start()
+        metrics.add_gauge(
+            "switchboard_edge_nodes_connected",
+            "Edge nodes connected to this replica",
+            lambda: float(len(edge.links)) if edge is not None else 0.0,
+        )
     routing_sync = None
     if redis is not None:
         rc = config.redis
         routing_sync = RoutingSync(
             redis,
             routing,
-            replica_id=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}",
+            replica_id=replica_id,
             prefix=rc.prefix,
             interval_s=rc.routing_sync_s,
             timeout_s=rc.timeout_ms / 1000,
@@ -298,7 +337,7 @@ async def build_services(config: Config) -> Services:
         ledger=ledger,
         backends=backends,
         deployments=deployments,
-        backend_timeouts_s={name: b.timeout_s for name, b in config.backends.items()},
+        backend_timeouts_s=NodeTimeouts({name: b.timeout_s for name, b in config.backends.items()}),
         metrics=metrics,
         admin_key=os.environ.get(config.server.admin_key_env) or None,
         routing=routing,
@@ -307,4 +346,40 @@ async def build_services(config: Config) -> Services:
         redis=redis,
         routing_sync=routing_sync,
         rollup=rollup,
+        edge=edge,
+        health=health,
     )
+
+
+def build_registry(config: Config, redis: Redis | None) -> Registry:
+    """Where the node listing lives: Redis when configured (every replica lists every node), else here."""
+    ttl_s = config.edge.ttl_s
+    expire_s = 3 * ttl_s  # listed as stale, then disconnected, for a while before vanishing
+    if redis is None:
+        return MemoryRegistry(ttl_s=ttl_s, expire_s=expire_s)
+    rc = config.redis
+    return RedisRegistry(
+        redis,
+        prefix=rc.prefix + "edge:",
+        ttl_s=ttl_s,
+        expire_s=expire_s,
+        timeout_s=rc.timeout_ms / 1000,
+        retry_after_s=rc.retry_after_s,
+    )
+
+
+def build_health(
+    config: Config, backends: Mapping[str, Backend], routing: RoutingState
+) -> HealthProber | None:
+    """Health probes for backends that ask for them (backends.X.health_interval_s; on by default for
+    openai-compatible servers with privacy_tier = "edge")."""
+    intervals = {
+        name: every_s
+        for name, b in config.backends.items()
+        if isinstance(b, OpenAIBackendConfig) and (every_s := b.probe_interval_s) is not None
+    }
+    if not intervals:
+        return None
+    prober = HealthProber(backends, intervals, routing)
+    prober.start()
+    return prober

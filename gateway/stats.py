@@ -195,9 +195,23 @@ class StatsBook:
         if recent_tau_s <= 0:
             raise ValueError(f"recent_tau_s must be > 0, got {recent_tau_s}")
         self._alpha = alpha
+        self._window = window
         self.engine_ttl_s = engine_ttl_s
         self._tau_s = recent_tau_s
         self._live = {name: _Live(prior, window) for name, prior in priors.items()}
+
+    def ensure(self, deployment_id: str, prior: Prior) -> None:
+        """Track a deployment that appeared after start (an edge node); a known one is left as it is."""
+        if deployment_id not in self._live:
+            self._live[deployment_id] = _Live(prior, self._window)
+
+    def forget(self, deployment_id: str) -> None:
+        """Stop tracking a deployment that is gone (nothing may be in flight on it)."""
+        self._live.pop(deployment_id, None)
+
+    def in_flight_of(self, deployment_id: str) -> int:
+        live = self._live.get(deployment_id)
+        return 0 if live is None else live.in_flight
 
     def _get(self, deployment_id: str) -> _Live:
         """The state to change; drops its cached LiveStats (every caller is about to change it)."""

@@ -2,7 +2,7 @@
 
 This is the HTTP edge: `wire` parses and checks bodies and applies the chat template; this module renders
 results and errors (`{"error": {message, type, param, code}}`; bad input is 4xx, never 500). Generation is
-the continuous-batching `Engine`, which takes and returns token ids: here they become text through a
+the continuous-batching `Engine`, which takes and returns token ids: `serving` turns them into text through a
 `StopStringDecoder`, and a stop string or a client disconnect aborts the request (freeing its KV blocks).
 All state (engine, tokenizer, metrics) hangs off `app.state`; the engine thread starts in the lifespan.
 """
@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -26,24 +26,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from backends.base import FinishReason
-from backends.local.build import EngineOptions, build_engine_parts, stage
-from backends.local.engine.engine import Engine, Failed, Finished, RequestHandle, Tokens
-from backends.local.engine.scheduler import FinishCause, RequestTooLarge, SamplingParams
-from backends.local.generate import StopStringDecoder
+from backends.local.build import EngineOptions, stage
+from backends.local.engine.engine import Failed
 from backends.local.loader import LoadedModel, load_model
-from backends.local.metrics import EngineMetrics
+from backends.local.serving import (
+    Done,
+    EngineState,
+    Generation,
+    TextDelta,
+    build_engine_state,
+    check_model,
+    failure,
+    start,
+    start_chat,
+)
 from backends.local.wire import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     DEFAULT_MAX_TOKENS,
     ApiError,
     ChatCompletionBody,
     CompletionBody,
-    encode_chat,
     encode_prompt,
     error_envelope,
     parse_json,
-    reject_unsupported,
     reject_unsupported_completion,
     sampling_params,
 )
@@ -53,88 +58,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SERVED_NAMES = ("smollm2", "SmolLM2-135M-Instruct")
 
 
-@dataclass(frozen=True, slots=True)
-class EngineState:
-    loaded: LoadedModel
-    engine: Engine
-    metrics: EngineMetrics
-    served_names: tuple[str, ...]
-    context_tokens: int
-    vocab_size: int
-    default_max_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-
-
-@dataclass(slots=True)
-class Generation:
-    """One request in flight: turns engine tokens into text and counts its outcome exactly once."""
-
-    state: EngineState
-    handle: RequestHandle
-    params: SamplingParams
-    prompt_tokens: int
-    outcome: str | None = field(default=None)
-
-    def close(self) -> None:
-        """However the response ended: abort the engine request (a no-op once finished)."""
-        self.handle.abort()
-        self._count("cancelled")
-
-    def _count(self, outcome: str) -> None:
-        if self.outcome is None:
-            self.outcome = outcome
-            self.state.metrics.requests.labels(outcome=outcome).inc()
-
-    async def texts(self) -> AsyncIterator[TextDelta | Done]:
-        """Text deltas (one per engine event), then one `Done`; a failed engine request raises ApiError."""
-        decoder = StopStringDecoder(self.state.loaded.tokenizer, self.params.stop)
-        completion = 0
-        async for event in self.handle.events():
-            if isinstance(event, Tokens):
-                parts = []
-                for token in event.token_ids:
-                    completion += 1
-                    parts.append(decoder.add(token))
-                    if decoder.stopped:
-                        break
-                if text := "".join(parts):
-                    yield TextDelta(text)
-                if decoder.stopped:
-                    self.handle.abort()  # the engine may have run a step further; those tokens are dropped
-                    self._count("ok")
-                    yield Done(FinishReason.STOP, self.prompt_tokens, completion)
-                    return
-            elif isinstance(event, Finished):
-                if tail := decoder.finish():
-                    yield TextDelta(tail)
-                self._count("ok")
-                reason = FinishReason.LENGTH if event.cause is FinishCause.LENGTH else FinishReason.STOP
-                yield Done(reason, self.prompt_tokens, completion)
-                return
-            else:
-                self._count("error")
-                raise _failure(event)
-        raise _failure(Failed("generation ended without a result"))
-
-
 def _error_response(error: ApiError) -> Response:
     body = orjson.dumps(error_envelope(error))
     return Response(body, status_code=error.status_code, media_type="application/json")
@@ -142,10 +65,6 @@ def _error_response(error: ApiError) -> Response:
 
 def _json(body: Mapping[str, Any]) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
-
-
-def _failure(failed: Failed) -> ApiError:
-    return ApiError(500, f"generation failed: {failed.message}", openai_type="api_error", code="engine_error")
 
 
 class _ClosingStream(StreamingResponse):
@@ -175,7 +94,7 @@ async def _collect(gen: Generation, request: Request) -> tuple[str, Done]:
     finally:
         watcher.cancel()
         gen.close()
-    raise _failure(Failed("generation ended without a result"))
+    raise failure(Failed("generation ended without a result"))
 
 
 async def _close_on_disconnect(request: Request, gen: Generation) -> None:
@@ -213,24 +132,6 @@ async def _stream(
     yield b"data: [DONE]\n\n"
 
 
-def _check_model(state: EngineState, model: str) -> None:
-    if model not in state.served_names:
-        raise ApiError(
-            404,
-            f"model `{model}` is not served here; served: {', '.join(state.served_names)}",
-            param="model",
-            code="model_not_found",
-        )
-
-
-def _start(state: EngineState, prompt_ids: list[int], params: SamplingParams) -> Generation:
-    try:
-        handle = state.engine.submit(prompt_ids, params)
-    except RequestTooLarge as exc:
-        raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from exc
-    return Generation(state, handle, params, len(prompt_ids))
-
-
 def _base(kind: str, model: str) -> dict[str, Any]:
     prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model}
@@ -251,17 +152,7 @@ async def chat_completions(request: Request) -> Response:
     state: EngineState = request.app.state.engine
     try:
         body = parse_json(await request.body(), ChatCompletionBody)
-        _check_model(state, body.model)
-        reject_unsupported(body)
-        prompt_ids = encode_chat(state.loaded.tokenizer, body.messages)
-        params = sampling_params(
-            body,
-            len(prompt_ids),
-            state.context_tokens,
-            default_max_tokens=state.default_max_tokens,
-            kv_tokens=state.engine.max_kv_tokens(),
-        )
-        gen = _start(state, prompt_ids, params)
+        gen = start_chat(state, body)
     except ApiError:
         state.metrics.requests.labels(outcome="rejected").inc()
         raise
@@ -279,7 +170,7 @@ async def completions(request: Request) -> Response:
     state: EngineState = request.app.state.engine
     try:
         body = parse_json(await request.body(), CompletionBody)
-        _check_model(state, body.model)
+        check_model(state, body.model)
         reject_unsupported_completion(body)
         prompt_ids = encode_prompt(state.loaded.tokenizer, body.prompt, state.vocab_size)
         params = sampling_params(
@@ -290,7 +181,7 @@ async def completions(request: Request) -> Response:
             kv_tokens=state.engine.max_kv_tokens(),
             prompt_param="prompt",
         )
-        gen = _start(state, prompt_ids, params)
+        gen = start(state, prompt_ids, params)
     except ApiError:
         state.metrics.requests.labels(outcome="rejected").inc()
         raise
@@ -367,27 +258,10 @@ def create_engine_app(
     `default_max_tokens` caps a chat request that sends no max_tokens (never beyond the room left in the
     context or the KV cache). Unless `options.release_source`, `loaded.model` stays usable.
     """
-    if default_max_tokens < 1:
-        raise ValueError(f"default_max_tokens must be at least 1, got {default_max_tokens}")
-    engine_metrics = EngineMetrics()
-    parts = build_engine_parts(loaded, options or EngineOptions())
-    engine = Engine(
-        parts.runner,
-        parts.scheduler,
-        stop_token_ids=parts.stop_token_ids,
-        proposer=parts.proposer,
-        observer=engine_metrics,
+    state = build_engine_state(
+        loaded, options or EngineOptions(), served_names=served_names, default_max_tokens=default_max_tokens
     )
-    engine_metrics.watch(engine.stats)
-    state = EngineState(
-        loaded=loaded,
-        engine=engine,
-        metrics=engine_metrics,
-        served_names=tuple(served_names),
-        context_tokens=parts.context_tokens,
-        vocab_size=parts.vocab_size,
-        default_max_tokens=default_max_tokens,
-    )
+    engine = state.engine
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

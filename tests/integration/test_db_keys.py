@@ -47,7 +47,15 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None: 
     eng = db_target.make_engine()
     try:
         inspector = sa.inspect(eng)
-        tables = {"teams", "api_keys", "usage", "usage_hourly", "backend_busy_hourly", "rollup_state"}
+        tables = {
+            "teams",
+            "api_keys",
+            "usage",
+            "usage_hourly",
+            "backend_busy_hourly",
+            "rollup_state",
+            "edge_tokens",
+        }
         assert tables | {"alembic_version"} <= set(inspector.get_table_names())
         for table in db.metadata.sorted_tables:
             # The hand-written migration must match gateway/db.py column for column.
@@ -68,7 +76,7 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None: 
         assert usage_indexes["ix_usage_key_id_created_at"] == ["key_id", "created_at"]
         assert usage_indexes["ix_usage_written_at"] == ["written_at"]
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0005"
     finally:
         eng.dispose()
 

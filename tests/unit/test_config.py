@@ -68,7 +68,7 @@ def test_team_with_unknown_model() -> None:
 def test_bad_kind_and_bad_type() -> None:
     got = problems({"backends": {"b": {"kind": "grpc"}}, "server": {"port": "eighty"}})
     assert any(p.startswith("server.port:") for p in got)
-    assert 'backends.b: set kind = "cloud" or kind = "openai"' in got
+    assert 'backends.b: set kind = "cloud", "openai" or "edge"' in got
 
 
 def test_secrets_only_by_env_reference() -> None:
