@@ -135,8 +135,13 @@ async def stream_chat(client: httpx.AsyncClient, url: str, messages: Any, max_to
     return Stream(stamps[0] - sent, (tokens - 1) / decode_s if decode_s > 0 else 0.0, tokens)
 
 
+# A new connection per request for every system: llama-server closes idle keep-alive connections, and a
+# loopback connect costs well under a millisecond of TTFT.
+_FRESH = httpx.Limits(max_keepalive_connections=0)
+
+
 async def _single(url: str, messages: Any, max_tokens: int, repeats: int) -> Stream:
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=_FRESH) as client:
         await stream_chat(client, url, [{"role": "user", "content": "Hi"}], 8)  # warm-up
         runs = [await stream_chat(client, url, messages, max_tokens) for _ in range(repeats)]
     return median_stream(runs)
@@ -151,8 +156,7 @@ def median_stream(runs: list[Stream]) -> Stream:
 
 
 async def _burst(url: str, n: int, max_tokens: int, gap_s: float) -> Burst:
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
-    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=900, limits=_FRESH) as client:
         await stream_chat(client, url, [{"role": "user", "content": "Hi"}], 8)
 
         async def late(i: int, messages: Any) -> Stream:
