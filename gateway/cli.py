@@ -19,7 +19,17 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from gateway.config import Config, ConfigError, load_config
+from backends.edge.wire import CONNECT_PATH
+from gateway.config import (
+    BackendConfig,
+    CloudBackendConfig,
+    Config,
+    ConfigError,
+    DeploymentConfig,
+    EdgeBackendConfig,
+    OpenAIBackendConfig,
+    load_config,
+)
 from gateway.edge.cli import edge_app
 from gateway.limits import BudgetPeriod
 
@@ -129,22 +139,17 @@ def check_config(path: Annotated[Path, typer.Argument(help="TOML config file to 
     for col in ("name", "kind", "target", "api key from"):
         t.add_column(col)
     for name, b in cfg.backends.items():
-        target = (
-            getattr(b, "base_url", None) or f"{getattr(b, 'provider', '')} {getattr(b, 'api_base', '') or ''}"
-        )
-        key_env = b.api_key_env or "-"
+        key_env = b.api_key_env or ("enrollment tokens" if isinstance(b, EdgeBackendConfig) else "-")
         if b.api_key_env and not os.environ.get(b.api_key_env):
             key_env += " [yellow](not set)[/yellow]"
-        t.add_row(name, b.kind, target.strip(), key_env)
+        t.add_row(name, b.kind, _backend_target(b), key_env)
     console.print(t)
     t = Table(title="models")
     for col in ("model", "backend", "upstream model", "in $/Mtok", "out $/Mtok"):
         t.add_column(col)
     for name, m in cfg.models.items():
         for d in m.all_deployments():
-            price_in = "litellm map" if d.input_usd_per_mtok is None else str(d.input_usd_per_mtok)
-            price_out = "litellm map" if d.output_usd_per_mtok is None else str(d.output_usd_per_mtok)
-            t.add_row(name, d.backend, d.upstream_model or name, price_in, price_out)
+            t.add_row(name, d.backend, d.upstream_model or name, *_price_cells(cfg.backends[d.backend], d))
     console.print(t)
     t = Table(title="teams")
     t.add_column("team")
@@ -152,6 +157,29 @@ def check_config(path: Annotated[Path, typer.Argument(help="TOML config file to 
     for name, team in cfg.teams.items():
         t.add_row(name, ", ".join(team.models))
     console.print(t)
+
+
+def _backend_target(b: BackendConfig) -> str:
+    """Where a backend's requests go, as check-config shows it."""
+    if isinstance(b, EdgeBackendConfig):
+        return f"edge nodes (enrolled with `switchboard edge token`; they dial {CONNECT_PATH})"
+    if isinstance(b, CloudBackendConfig):
+        return f"{b.provider} {b.api_base or ''}".strip()
+    return b.base_url
+
+
+def _price_cells(b: BackendConfig, d: DeploymentConfig) -> tuple[str, str]:
+    """A deployment's prices as routing charges them: per token, by the hour, or litellm's list price."""
+    hourly: str | None = None
+    if isinstance(b, EdgeBackendConfig) and None in (d.input_usd_per_mtok, d.output_usd_per_mtok):
+        hourly = "each node's $/h" if b.usd_per_hour is None else f"{b.usd_per_hour} $/h"
+    elif isinstance(b, OpenAIBackendConfig) and b.usd_per_hour is not None and d.input_usd_per_mtok is None:
+        hourly = f"{b.usd_per_hour} $/h"
+    if hourly is not None:
+        return f"hourly: {hourly}", f"hourly: {hourly}"
+    unset = "litellm map" if isinstance(b, CloudBackendConfig) else "0"
+    price_in, price_out = d.input_usd_per_mtok, d.output_usd_per_mtok
+    return unset if price_in is None else str(price_in), unset if price_out is None else str(price_out)
 
 
 @teams_app.command("create")
@@ -450,7 +478,11 @@ def report(
     ] = None,
     chart_by: Annotated[str, typer.Option(help="Stack the chart's bars by team or backend.")] = "team",
     savings: Annotated[
-        bool, typer.Option(help="Report what self-hosted serving saved against reports.reference_model.")
+        bool,
+        typer.Option(
+            help="Report what self-hosted serving, edge nodes and the cache saved against "
+            "reports.reference_model."
+        ),
     ] = False,
     config: ConfigOpt = None,
 ) -> None:

@@ -1,4 +1,5 @@
-"""Cost and usage reports from the SQL ledger: usage per group, and what self-hosting and the cache saved.
+"""Cost and usage reports from the SQL ledger: usage per group, and what self-hosting, edge nodes and the
+cache saved.
 
 `usage_report` and `savings_report` are synchronous SQL (run them in a worker thread from the event loop);
 `render` turns either report into JSON, CSV or a rich table. Money is integer micro-dollars throughout.

@@ -60,7 +60,10 @@ def to_table(report: AnyReport) -> Table:
         heads: tuple[str, ...] = _SAVINGS_HEADS
         lines = [(r.group, _savings_cells(r)) for r in report.rows]
         total = _savings_cells(report.totals)
-        caption = f"reference: {report.reference.source}; hours {_span(report.since, report.until)}"
+        caption = (
+            f"reference: {report.reference.source}; hours {_span(report.since, report.until)}; "
+            f"actual $: {SAVINGS_COST_BASIS}"
+        )
     else:
         names = [str(d) for d in report.query.group_by]
         heads = _USAGE_HEADS
@@ -141,6 +144,7 @@ _SAVINGS_CELLS = (
     "served_by", "requests", "prompt_tokens", "completion_tokens", "busy_hours", "actual_usd",
     "reference_usd", "saved_usd",
 )  # fmt: skip
+SAVINGS_COST_BASIS = "self_hosted = busy h x usd_per_hour, edge = as the ledger recorded it, cache = 0"
 _SAVINGS_HEADS = (
     "served by",
     "requests",

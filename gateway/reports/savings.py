@@ -1,12 +1,12 @@
-"""`savings_report`: what self-hosted serving and the cache cost, next to what a reference cloud model would.
+"""`savings_report`: what self-hosted serving, edge nodes and the cache cost, next to a reference cloud model.
 
 Rows per backend (and team, if the query groups by team; other dimensions are ignored) over whole UTC hours
 (`since` rounds down, `until` up). Self-hosted backends (kind "openai" with `usd_per_hour`) cost usd_per_hour
-x busy time (backend_busy_hourly, rolled-up hours only); a team grouping or team/model filter gets each hour's
-busy time by its share of the backend's tokens that hour (cache hits included: rollups do not split them),
-busy hours in which no request started by the window's share. Cache hits cost 0. Reference = tokens x
-reference prices. Traffic sums are exact (`usage_report`, the query's source); cache hits are split out of
-raw rows, so past retention they stay in their backend's row.
+x busy time (backend_busy_hourly, rolled-up hours only; a team grouping or team/model filter shares each
+hour's busy time by token share, cache hits included, and busy hours without a request start by the window's
+share). Edge nodes (backend `<edge backend>/<node id>`) cost what the ledger recorded: their hourly price by
+occupancy at request time. Cache hits cost 0. Reference = tokens x reference prices. Traffic sums are exact
+(`usage_report`); cache hits are split out of raw rows, so past retention they stay in their backend's row.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
-from gateway.config import CloudBackendConfig, Config
+from gateway.config import CloudBackendConfig, Config, EdgeBackendConfig
 from gateway.db import backend_busy_hourly, usage, usage_hourly
+from gateway.edge.pool import split_node_backend
 from gateway.errors import InvalidRequest
 from gateway.reports import sql
 from gateway.reports.model import Dimension, ReportQuery, ReportRow
@@ -38,6 +39,7 @@ _ZEROS = [0] * len(sql.SUM_FIELDS)
 
 class ServedBy(StrEnum):
     SELF_HOSTED = "self_hosted"  # our own engines: cost is busy time x usd_per_hour
+    EDGE = "edge"  # edge nodes: cost as the ledger recorded it (hourly price by occupancy)
     CACHE = "cache"  # answered from the response cache: cost 0
     ALL = "all"  # the totals row
 
@@ -61,7 +63,7 @@ class SavingsRow:
     requests: int
     prompt_tokens: int
     completion_tokens: int
-    busy_ms: float  # self-hosted: measured busy time charged to this row; 0 for cache hits
+    busy_ms: float  # measured busy time charged to this row (edge: for information only); 0 for cache hits
     actual_micro_usd: int
     reference_micro_usd: int  # the same tokens at the reference prices
 
@@ -77,7 +79,7 @@ class SavingsReport:
     since: dt.datetime | None  # the whole-hour window reported
     until: dt.datetime | None
     reference: ReferencePrice
-    rows: tuple[SavingsRow, ...]  # self-hosted rows, then cache rows, each sorted by group
+    rows: tuple[SavingsRow, ...]  # self-hosted rows, then edge rows, then cache rows, each sorted by group
     totals: SavingsRow  # group (), served_by ALL
     source: str  # of the traffic sums: "raw" | "rollup" | "mixed"
 
@@ -85,9 +87,9 @@ class SavingsReport:
 def savings_report(
     engine: Engine, config: Config, query: ReportQuery, *, list_price: ListPrice | None = None
 ) -> SavingsReport:
-    """Savings of self-hosted serving and the cache over `query`'s window and filters. `list_price` looks
-    up a cloud model's list price (default: litellm's local cost map, through the cloud backend); raises
-    `InvalidRequest` when no reference price is configured or known."""
+    """Savings of self-hosted serving, edge nodes and the cache over `query`'s window and filters.
+    `list_price` looks up a cloud model's list price (default: litellm's local cost map, through the cloud
+    backend); raises `InvalidRequest` when no reference price is configured or known."""
     reference = reference_price(config, list_price)
     dims = (Dimension.TEAM, Dimension.BACKEND) if Dimension.TEAM in query.group_by else (Dimension.BACKEND,)
     since = None if query.since is None else floor_hour(query.since)
@@ -97,15 +99,19 @@ def savings_report(
         for name, b in config.backends.items()
         if b.kind == "openai" and b.usd_per_hour is not None
     }
+    edge = frozenset(name for name, b in config.backends.items() if isinstance(b, EdgeBackendConfig))
     with snapshot(engine) as conn:
         traffic = report_on(
             conn, dataclasses.replace(query, group_by=dims, since=since, until=until), no_progress
         )
         window = [*created_between(since, until), usage.c.cache_hit == sa.true()]
         cached = sql.raw_sum_vectors(conn, dims, sql.raw_filters(query.team, query.model, sa.and_(*window)))
-        busy = _busy_ms(conn, dims, (since, until), sorted(hosted), query) if hosted else {}
+        nodes = {name for row in traffic.rows if is_edge_node(name := row.group[-1] or "", edge)}
+        measured = sorted(hosted.keys() | nodes)  # edge nodes' busy time is shown, not charged
+        busy = _busy_ms(conn, dims, (since, until), measured, query) if measured else {}
     cache = {tuple(v or None for v in key): sums for key, sums in cached.items()}
     rows = _self_hosted_rows(traffic.rows, cache, busy, hosted, reference)
+    rows += _edge_rows(traffic.rows, cache, busy, edge, reference)
     for key in sorted(cache, key=_order):
         c = cache[key]
         rows.append(
@@ -139,6 +145,44 @@ def _self_hosted_rows(
                 completion_tokens=completion,
                 busy_ms=busy_ms,
                 actual_micro_usd=busy_cost_micro_usd(busy_ms, usd_per_hour),
+                reference_micro_usd=reference.cost_micro_usd(prompt, completion),
+            )
+        )
+    return rows
+
+
+def is_edge_node(backend: str | None, edge_backends: frozenset[str]) -> bool:
+    """Whether a ledger `backend` is an edge node's: `<edge backend>/<node id>` (gateway/edge/pool.py)."""
+    pair = split_node_backend(backend or "")
+    return pair is not None and pair[0] in edge_backends
+
+
+def _edge_rows(
+    traffic: Sequence[ReportRow],
+    cache: Mapping[tuple[str | None, ...], list[int]],
+    busy: Mapping[tuple[str | None, ...], float],
+    edge_backends: frozenset[str],
+    reference: ReferencePrice,
+) -> list[SavingsRow]:
+    """Edge nodes' traffic rows less their cache hits, at the cost the ledger recorded for them; a group
+    whose only requests were cache hits has no edge row."""
+    rows = []
+    for row in traffic:
+        if not is_edge_node(row.group[-1], edge_backends):
+            continue
+        c = cache.get(row.group, _ZEROS)
+        if row.requests == c[0]:
+            continue
+        prompt, completion = row.prompt_tokens - c[3], row.completion_tokens - c[4]
+        rows.append(
+            SavingsRow(
+                group=row.group,
+                served_by=ServedBy.EDGE,
+                requests=row.requests - c[0],
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                busy_ms=busy.get(row.group, 0.0),
+                actual_micro_usd=row.cost_micro_usd - c[5],
                 reference_micro_usd=reference.cost_micro_usd(prompt, completion),
             )
         )

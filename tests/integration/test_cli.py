@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
-from gateway import keys
+from gateway import cli, keys
 from gateway.cli import app
 from gateway.db import make_engine
 from gateway.records import KeyBudget
@@ -45,6 +47,23 @@ def test_check_config_ok_and_bad(tmp_path: Path) -> None:
     bad.write_text('[models.x]\nbackend = "gpu9"\n')
     code, out = run("check-config", str(bad))
     assert code == 2 and 'models.x.backend: unknown backend "gpu9"' in out
+
+
+def test_check_config_says_where_edge_and_hourly_backends_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=screen, width=300))
+    code, _ = run("check-config", str(ROOT / "config.example.toml"))
+    rows = {
+        line.split("│")[1].strip(): line for line in screen.getvalue().splitlines() if line.count("│") > 2
+    }
+    assert code == 0
+    edge = rows["edge"]
+    assert "edge nodes (enrolled with `switchboard edge token`; they dial /v1/edge/connect)" in edge
+    assert "enrollment tokens" in edge
+    auto_on_edge = [
+        line for line in screen.getvalue().splitlines() if "│ auto " in line and "│ edge " in line
+    ]
+    assert len(auto_on_edge) == 1 and auto_on_edge[0].count("hourly: each node's $/h") == 2
 
 
 def test_teams_and_keys_lifecycle(config_file: Path) -> None:

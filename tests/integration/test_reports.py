@@ -284,18 +284,22 @@ T0 = dt.datetime(2030, 5, 1, 10, tzinfo=dt.UTC)
 MIN = dt.timedelta(minutes=1)
 
 
+SAVINGS_BACKENDS: dict[str, Any] = {
+    "gpu0": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "usd_per_hour": "3.6"},
+    "cloud": {"kind": "cloud", "provider": "openai"},
+}
+SAVINGS_MODELS: dict[str, Any] = {
+    "small": {"backend": "gpu0", "input_usd_per_mtok": 0, "output_usd_per_mtok": 0},
+    "big": {"backend": "cloud", "input_usd_per_mtok": "2.5", "output_usd_per_mtok": 10},
+    "listed": {"backend": "cloud", "upstream_model": "gpt-4o-mini"},
+}
+
+
 def savings_config(**reports: Any) -> Config:
     return parse_config(
         {
-            "backends": {
-                "gpu0": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "usd_per_hour": "3.6"},
-                "cloud": {"kind": "cloud", "provider": "openai"},
-            },
-            "models": {
-                "small": {"backend": "gpu0", "input_usd_per_mtok": 0, "output_usd_per_mtok": 0},
-                "big": {"backend": "cloud", "input_usd_per_mtok": "2.5", "output_usd_per_mtok": 10},
-                "listed": {"backend": "cloud", "upstream_model": "gpt-4o-mini"},
-            },
+            "backends": SAVINGS_BACKENDS,
+            "models": SAVINGS_MODELS,
             "teams": {"a": {}, "b": {}},
             "reports": reports or {"reference_model": "big"},
         }
@@ -424,6 +428,95 @@ def test_savings_reference_prices(savings_db: Engine) -> None:
     assert to_csv(listed).splitlines()[0] == (
         "backend,served_by,requests,prompt_tokens,completion_tokens,busy_hours,actual_usd,reference_usd,saved_usd"
     )
+
+
+def edge_savings_config() -> Config:
+    """`savings_config` plus edge nodes (`edge`) and a static edge endpoint (`plant7`, priced by the hour)."""
+    return parse_config(
+        {
+            "backends": {
+                **SAVINGS_BACKENDS,
+                "edge": {"kind": "edge"},
+                "plant7": {
+                    "kind": "openai",
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "privacy_tier": "edge",
+                    "usd_per_hour": "3.6",
+                },
+            },
+            "models": {
+                **SAVINGS_MODELS,
+                "tiny": {"deployments": [{"backend": "edge", "upstream_model": "smollm2"}]},
+            },
+            "teams": {"a": {}, "b": {}},
+            "reports": {"reference_model": "big"},
+        }
+    )
+
+
+def at_edge(
+    i: int, team: str, backend: str, at: dt.datetime, latency_ms: float, tokens: tuple[int, int], **kw: Any
+) -> Row:
+    return served(i, team, backend, at, latency_ms, tokens, requested_model="tiny", **kw)
+
+
+EDGE_LEDGER = [
+    at_edge(21, "a", "edge/plant7-a", T0 + 2 * MIN, 4000, (300, 200), cost_micro_usd=700),
+    at_edge(22, "b", "edge/plant7-a", T0 + 70 * MIN, 2000, (100, 100)),  # an idle node: free
+    # A stream cut after its first token: an error row with what was delivered and what it cost.
+    at_edge(23, "a", "edge/plant7-a", T0 + 80 * MIN, 1500, (100, 20), cost_micro_usd=40, status="error"),
+    at_edge(24, "b", "edge/plant7-b", T0 + 15 * MIN, 3000, (500, 300), cost_micro_usd=1234),
+    at_edge(25, "a", "edge/plant7-b", T0 + 16 * MIN, 1, (300, 200), cache_hit=True, attempts=0),
+    at_edge(26, "a", "plant7", T0 + 25 * MIN, 360_000, (50, 50)),  # static edge endpoint: 6 min busy
+    at_edge(27, "b", "gone/n1", T0 + 30 * MIN, 1000, (10, 10), cost_micro_usd=99),  # no such edge backend
+]
+
+
+@pytest.fixture
+def edge_savings_db(engine: Engine) -> Engine:  # noqa: F811
+    insert_rows(engine, [*SAVINGS_LEDGER, *EDGE_LEDGER])
+    Rollup(engine, clock=lambda: T0 + dt.timedelta(days=1)).run_once()
+    return engine
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_savings_of_edge_nodes_at_the_cost_the_ledger_recorded(edge_savings_db: Engine, source: str) -> None:
+    rep = savings_report(edge_savings_db, edge_savings_config(), parse_query(None, None, None, source=source))
+    # Reference: 2.5 micro-USD per prompt token, 10 per completion token.
+    assert savings_rows(rep) == {
+        (ServedBy.SELF_HOSTED, "gpu0"): (5, 4500, 2700, 2_161_000, 38_250),
+        (ServedBy.SELF_HOSTED, "plant7"): (1, 50, 50, 360_000, 125 + 500),  # busy time x usd_per_hour
+        (ServedBy.EDGE, "edge/plant7-a"): (3, 500, 320, 700 + 40, 1250 + 3200),
+        (ServedBy.EDGE, "edge/plant7-b"): (1, 500, 300, 1234, 1250 + 3000),
+        (ServedBy.CACHE, "cloud"): (1, 1000, 1000, 0, 12_500),
+        (ServedBy.CACHE, "edge/plant7-b"): (1, 300, 200, 0, 750 + 2000),
+        (ServedBy.CACHE, "gpu0"): (1, 200, 100, 0, 1_500),
+    }
+    assert [r.served_by for r in rep.rows][:4] == [ServedBy.SELF_HOSTED] * 2 + [ServedBy.EDGE] * 2
+    edge = {r.group[0]: r.busy_ms for r in rep.rows if r.served_by is ServedBy.EDGE}
+    assert edge == pytest.approx({"edge/plant7-a": 7500.0, "edge/plant7-b": 3000.0})  # shown, not charged
+    assert rep.totals.actual_micro_usd == 2_161_000 + 360_000 + 740 + 1234
+    body = orjson.loads(to_json(rep))
+    edge_json = [r for r in body["rows"] if r["served_by"] == "edge"]
+    assert [(r["backend"], r["actual_micro_usd"], r["actual_usd"]) for r in edge_json] == [
+        ("edge/plant7-a", 740, "0.00074"),
+        ("edge/plant7-b", 1234, "0.001234"),
+    ]
+    assert "edge/plant7-b,edge,1,500,300,0.001,0.001234,0.00425,0.003016" in to_csv(rep).splitlines()
+
+
+def test_savings_of_edge_nodes_per_team(edge_savings_db: Engine) -> None:
+    rep = savings_report(edge_savings_db, edge_savings_config(), parse_query("team", None, None))
+    edge = {key: value for key, value in savings_rows(rep).items() if key[0] is ServedBy.EDGE}
+    assert edge == {  # team a's only request on plant7-b was a cache hit: no edge row for it
+        (ServedBy.EDGE, "a", "edge/plant7-a"): (2, 400, 200 + 20, 740, 1000 + 2200),
+        (ServedBy.EDGE, "b", "edge/plant7-a"): (1, 100, 100, 0, 250 + 1000),
+        (ServedBy.EDGE, "b", "edge/plant7-b"): (1, 500, 300, 1234, 1250 + 3000),
+    }
+    assert savings_rows(rep)[(ServedBy.CACHE, "a", "edge/plant7-b")] == (1, 300, 200, 0, 2750)
+    team_a = savings_report(edge_savings_db, edge_savings_config(), parse_query(None, None, None, team="a"))
+    edge_a = [(r.group, r.actual_micro_usd) for r in team_a.rows if r.served_by is ServedBy.EDGE]
+    assert edge_a == [(("edge/plant7-a",), 740)]
 
 
 def test_savings_over_an_empty_window(savings_db: Engine) -> None:
