@@ -276,6 +276,8 @@ class EdgeConfig(_Strict):
     ttl_s: float = Field(default=10.0, gt=0, le=600)  # a node silent this long leaves routing
     token_check_s: float = Field(default=2.0, gt=0, le=60)  # revoked/expired tokens disconnect within this
     hello_timeout_s: float = Field(default=10.0, gt=0, le=120)  # a connection must say hello within this
+    relay: bool = True  # with Redis: route to nodes held by other replicas, relayed through Redis
+    relay_timeout_s: float = Field(default=3.0, gt=0, le=60)  # a relaying replica silent this long: fail over
 
     @model_validator(mode="after")
     def _ttl_covers_heartbeats(self) -> EdgeConfig:

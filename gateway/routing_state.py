@@ -4,8 +4,9 @@
 decision costs no rebuild. Stats are keyed by deployment id (`model@backend`); one team's policy comes from
 `[teams.*]` config (defaults for teams created only in SQL). With several replicas, `set_shared` installs the
 other replicas' stats (gateway/shared_routing.py); they are merged into each rebuilt snapshot only, never
-into this replica's own `StatsBook`, so nothing is counted twice. Edge nodes (`set_edge_source`) join each
-rebuilt snapshot as deployments of their own while their heartbeats are fresh (gateway/edge/pool.py).
+into this replica's own `StatsBook`, so nothing is counted twice. Edge nodes (`set_edge_source`: the ones this
+replica holds and, through the relay, the ones other replicas hold) join each rebuilt snapshot as deployments
+of their own while their heartbeats are fresh (gateway/edge/pool.py).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class SharedStats(Protocol):
 
 
 class EdgeSource(Protocol):
-    """The edge nodes this replica holds (gateway/edge/hub.py), live or not; routing keeps the live ones."""
+    """The edge nodes this replica can reach (gateway/edge/hub.py), live or not; routing keeps live ones."""
 
     def live_nodes(self) -> Iterable[LiveNode]: ...
 

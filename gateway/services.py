@@ -38,6 +38,7 @@ from gateway.db import make_engine, migrate
 from gateway.edge.hub import EdgeHub
 from gateway.edge.link import NodeTimeouts
 from gateway.edge.registry import MemoryRegistry, RedisRegistry, Registry
+from gateway.edge.relay import Relay
 from gateway.health import HealthProber
 from gateway.keys import KeyStore, upsert_teams
 from gateway.ledger import LedgerWriter
@@ -297,9 +298,9 @@ async def build_services(config: Config) -> Services:
     replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     edge = None
     if config.edge_enabled:
-        edge = EdgeHub(
-            config, engine, build_registry(config, redis), routing, backends, replica_id=replica_id
-        )
+        registry = build_registry(config, redis)
+        relay = build_relay(config, redis, registry, replica_id)
+        edge = EdgeHub(config, engine, registry, routing, backends, replica_id=replica_id, relay=relay)
         edge.start()
         metrics.add_gauge(
             "switchboard_edge_nodes_connected",
@@ -363,6 +364,23 @@ def build_registry(config: Config, redis: Redis | None) -> Registry:
         prefix=rc.prefix + "edge:",
         ttl_s=ttl_s,
         expire_s=expire_s,
+        timeout_s=rc.timeout_ms / 1000,
+        retry_after_s=rc.retry_after_s,
+    )
+
+
+def build_relay(config: Config, redis: Redis | None, registry: Registry, replica_id: str) -> Relay | None:
+    """The relay to nodes other replicas hold (needs Redis; config: edge.relay)."""
+    if redis is None or not config.edge.relay or not isinstance(registry, RedisRegistry):
+        return None
+    rc = config.redis
+    return Relay(
+        redis,
+        registry,
+        prefix=rc.prefix,
+        replica_id=replica_id,
+        poll_s=config.edge.heartbeat_s,
+        relay_timeout_s=config.edge.relay_timeout_s,
         timeout_s=rc.timeout_ms / 1000,
         retry_after_s=rc.retry_after_s,
     )

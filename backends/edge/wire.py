@@ -31,8 +31,11 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # gateway or node shutting down
+    POLICY = 1008  # RFC 6455 policy violation: edge nodes are off on this gateway (config: edge.enabled)
+    TRY_LATER = 1013  # RFC 6455 "try again later": the gateway could not check the token (database down)
     BAD_HELLO = 4400  # first frame missing, malformed, or an unsupported protocol version
     UNAUTHORIZED = 4401  # enrollment token unknown, expired or revoked: the node stops
+    STALE = 4408  # no heartbeat for 3 x edge.ttl_s: the gateway presumed the node gone
     DUPLICATE_NODE = 4409  # another live connection holds this node_id
 
 

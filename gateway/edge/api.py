@@ -25,7 +25,6 @@ from starlette.websockets import WebSocket
 from backends.edge import wire
 from gateway.access import authenticate_admin
 from gateway.edge import tokens
-from gateway.edge.hub import CLOSE_POLICY
 from gateway.edge.link import SOCKET_ERRORS
 from gateway.edge.registry import NodeRecord
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
@@ -122,7 +121,7 @@ async def connect(websocket: WebSocket) -> None:
     if svc.edge is None:
         await websocket.accept()
         reason = 'edge nodes are off on this gateway (config: edge.enabled, or a kind = "edge" backend)'
-        await websocket.close(CLOSE_POLICY, reason)
+        await websocket.close(wire.CloseCode.POLICY, reason)
         return
     try:
         await svc.edge.serve(websocket)

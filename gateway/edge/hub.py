@@ -7,7 +7,8 @@ connection is taken over. Every `edge.token_check_s` the tokens of all connected
 query and nodes whose token was revoked, expired or deleted are closed with 4401: revoking disconnects
 within seconds. A node silent for `edge.ttl_s` leaves routing (`live_nodes` feeds RoutingState); its socket
 is closed after `STALE_CLOSE_TTLS` x ttl_s. The registry is written off the read loop (a slow Redis never
-delays a token), and only this replica's links are routed to (no relay between replicas).
+delays a token). Routing sees this replica's links and, with Redis, the nodes other replicas hold, reached
+through the relay (gateway/edge/relay.py); a node held here always goes over its own link.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from backends.edge import wire
 from gateway.background import TaskSet, cancel_and_wait
 from gateway.config import Config, EdgeBackendConfig
 from gateway.edge import tokens
-from gateway.edge.link import SOCKET_ERRORS, Load, NodeBackends, NodeLink, close_reason
+from gateway.edge.link import SOCKET_ERRORS, Load, NodeBackends, NodeLink, NodeTunnel, close_reason
 from gateway.edge.pool import LiveNode
 from gateway.edge.registry import NodeRecord, Registry
+from gateway.edge.relay import Relay
 from gateway.errors import InvalidRequest
 from gateway.routing_state import RoutingState
 
@@ -39,9 +41,6 @@ log = logging.getLogger(__name__)
 
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 STALE_CLOSE_TTLS = 3  # a node silent this many ttl_s is presumed gone and its socket closed
-CLOSE_STALE = 4408  # no heartbeat: the node reconnects
-CLOSE_TRY_LATER = 1013  # RFC 6455 "try again later": the database could not check the token
-CLOSE_POLICY = 1008
 
 
 class EdgeHub:
@@ -54,18 +53,20 @@ class EdgeHub:
         static_backends: Mapping[str, Backend],
         *,
         replica_id: str,
+        relay: Relay | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self._cfg = config.edge
         self._db = db
         self.registry = registry
+        self.relay = relay
         self._routing = routing
         self._replica = replica_id
         self._clock, self._wall = clock, wall
         self.links: dict[str, NodeLink] = {}
         edge_names = frozenset(n for n, b in config.backends.items() if isinstance(b, EdgeBackendConfig))
-        self.backends = NodeBackends(static_backends, edge_names, self.links.get)
+        self.backends = NodeBackends(static_backends, edge_names, self._tunnel_of)
         self._tasks = TaskSet()
         self._watcher: asyncio.Task[None] | None = None
         self._checked_s = -float("inf")
@@ -76,16 +77,35 @@ class EdgeHub:
         return self._wall()
 
     def live_nodes(self) -> list[LiveNode]:
-        """Every node this replica holds; routing keeps those heard from within edge.ttl_s."""
-        return [link.live_node() for link in self.links.values() if link.connected]
+        """Every node this replica holds, then those other replicas hold (through the relay); routing keeps
+        those heard from within edge.ttl_s."""
+        held = [link.live_node() for link in self.links.values() if link.connected]
+        if self.relay is None:
+            return held
+        here = {node.node_id for node in held}
+        return held + [node for node in self.relay.remote_nodes() if node.node_id not in here]
+
+    def _held(self, node_id: str) -> NodeLink | None:
+        link = self.links.get(node_id)
+        return link if link is not None and link.connected else None
+
+    def _tunnel_of(self, node_id: str) -> NodeTunnel | None:
+        link = self._held(node_id)
+        if link is not None or self.relay is None:
+            return link
+        return self.relay.tunnel(node_id)
 
     def start(self) -> None:
         self._routing.set_edge_source(self)
         self._watcher = asyncio.create_task(self._watch(), name="edge-hub watcher")
+        if self.relay is not None:
+            self.relay.start(self._held, self._routing.refresh)
 
     async def aclose(self) -> None:
         await cancel_and_wait(self._watcher)
         self._routing.set_edge_source(None)
+        if self.relay is not None:
+            await self.relay.aclose()  # first: relayed requests tell their nodes to cancel
         links = list(self.links.values())
         for link in links:
             await link.close(wire.CloseCode.GOING_AWAY, "gateway shutting down")
@@ -130,7 +150,9 @@ class EdgeHub:
             log.warning(
                 "edge: cannot check an enrollment token (%s); the node will retry", type(exc).__name__
             )
-            await self._refuse(ws, CLOSE_TRY_LATER, "cannot check the enrollment token now; retry later")
+            await self._refuse(
+                ws, wire.CloseCode.TRY_LATER, "cannot check the enrollment token now; retry later"
+            )
             return None
         if info is None:
             reason = "unknown enrollment token (create one: `switchboard edge token create`)"
@@ -308,7 +330,7 @@ class EdgeHub:
         for link in silent:
             reason = f"no heartbeat for {limit_s:g} s (config: edge.ttl_s)"
             log.warning("edge: closing node %s: %s", link.node_id, reason)
-            await link.close(CLOSE_STALE, reason)
+            await link.close(wire.CloseCode.STALE, reason)
         return len(silent)
 
     async def _watch(self) -> None:

@@ -5,7 +5,7 @@ in are handed to the pending request they name. Invariant: once a link is droppe
 received an `error` frame (code `DISCONNECTED`), so a stream cut mid-way ends with an error event and its
 ledger row, and a request that had no chunk yet raises a retryable error that sends it to another node.
 `NodeBackends` is the name -> Backend mapping dispatch uses: configured backends plus one `EdgeBackend` per
-node (`{edge backend}/{node_id}`); a node gone since routing chose it answers with a retryable error.
+node (`{edge backend}/{node_id}`, held here or relayed); a node gone since routing chose it fails retryably.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
+from typing import Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -30,7 +31,7 @@ from backends.base import (
     StreamChunk,
 )
 from backends.edge import wire
-from backends.edge.tunnel import DISCONNECTED, EdgeBackend, ReplyFrame, TunnelClosed
+from backends.edge.tunnel import DISCONNECTED, EdgeBackend, ReplyFrame, Tunnel, TunnelClosed
 from backends.errors import BackendUnavailable
 from gateway.edge.pool import LiveNode, split_node_backend
 
@@ -222,6 +223,12 @@ class GoneNode:
         return None
 
 
+class NodeTunnel(Tunnel, Protocol):
+    """A node reachable from this replica: its `NodeLink`, or a `RemoteNode` through the relay."""
+
+    backends: dict[str, EdgeBackend]  # by backend name, made on first use
+
+
 class NodeBackends(Mapping[str, Backend]):
     """Configured backends by name, then `{edge backend}/{node_id}` resolved through `link_of`."""
 
@@ -229,7 +236,7 @@ class NodeBackends(Mapping[str, Backend]):
         self,
         static: Mapping[str, Backend],
         edge_names: frozenset[str],
-        link_of: Callable[[str], NodeLink | None],
+        link_of: Callable[[str], NodeTunnel | None],
     ) -> None:
         self._static = static
         self._edge_names = edge_names

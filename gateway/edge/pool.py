@@ -28,7 +28,7 @@ NODE_SEPARATOR = "/"  # config refuses backend names containing it, so node back
 
 @dataclass(frozen=True, slots=True)
 class LiveNode:
-    """What routing needs of one node this replica holds; `last_seen_s` is on the monotonic clock."""
+    """What routing needs of one node (held here or by another replica); `last_seen_s` is monotonic."""
 
     node_id: str
     models: frozenset[str]

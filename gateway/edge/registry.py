@@ -3,8 +3,8 @@
 A record is written when a node says hello and again at each heartbeat; it expires `expire_s` after the last
 write (Redis `PEXPIRE`: every replica lists every node, and a dead replica's nodes vanish by themselves).
 Times are wall-clock epoch seconds, because records cross replicas. A node is `connected` while heartbeats
-arrive within `ttl_s`, `stale` after that, `disconnected` once its connection closed; routing uses only the
-nodes this replica holds (gateway/edge/hub.py), so a registry outage never changes where requests go.
+arrive within `ttl_s`, `stale` after that, `disconnected` once its connection closed. Other replicas route to
+a node through the relay (gateway/edge/relay.py) from its record here, on the same `ttl_s` rule.
 Each connection has its own `link_id`: a node that moved to another replica is never marked gone by the old.
 """
 
@@ -173,7 +173,7 @@ class RedisRegistry:
             "edge registry",
             retry_after_s=retry_after_s,
             clock=time.monotonic,
-            while_down="the node listing may lag (routing is unaffected)",
+            while_down="the node listing and other replicas' view of this replica's nodes may lag",
             when_back="node records are written again",
         )
 
