@@ -43,3 +43,15 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     except asyncio.CancelledError:
         if current is not None and current.cancelling():
             raise
+
+
+def raise_if_cancelling() -> None:
+    """In a loop that catches I/O errors: end it if this task was asked to stop.
+
+    A cancellation can arrive while a Redis call is inside its own timeout; the client or the timeout may
+    then report it as an error that the loop catches, and the loop would sleep on, never to end (the
+    edge relay's poller hung `aclose` that way). Call this after such a step, before sleeping.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

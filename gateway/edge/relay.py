@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from backends.edge import wire
 from backends.edge.tunnel import DISCONNECTED, EdgeBackend, ReplyFrame, TunnelClosed
-from gateway.background import TaskSet, cancel_and_wait
+from gateway.background import TaskSet, cancel_and_wait, raise_if_cancelling
 from gateway.edge.link import Load
 from gateway.edge.pool import LiveNode
 from gateway.edge.registry import NodeRecord, RedisRegistry
@@ -230,6 +230,7 @@ class Relay:
     async def _poll(self) -> None:
         while True:
             await self.poll_once()
+            raise_if_cancelling()
             await asyncio.sleep(self._poll_s)
 
     # ---- the requesting side -------------------------------------------------------------------------------
@@ -381,6 +382,7 @@ class Relay:
                     self._on_change()  # nodes held elsewhere leave routing until we listen again
                 self._fail_waiting("the relay's Redis connection failed")
                 await _close_quietly(pubsub)
+            raise_if_cancelling()
             await asyncio.sleep(self._retry_after_s)
 
     async def _subscribe(self, pubsub: PubSub) -> None:

@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 
 from backends.base import ChatRequest, Usage
 from backends.edge import wire
-from backends.edge.tunnel import EdgeBackend, ReplyFrame
+from backends.edge.tunnel import EdgeBackend, ReplyFrame, TunnelClosed
 from backends.errors import BackendBadResponse, BackendUnavailable
 from gateway.edge.link import Load
 from gateway.edge.pool import is_live
@@ -32,6 +32,7 @@ from gateway.edge.relay import Envelope, Relay, channel, pack, unpack
 from tests.conftest import REDIS_URL
 from tests.replicas.conftest import delete_prefix
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.timing import CUT_OFF_S
 
 TTL_S = 2.0
 RELAY_TIMEOUT_S = 0.6
@@ -218,13 +219,14 @@ async def test_a_silent_holder_fails_retryably_within_the_relay_timeout() -> Non
             with pytest.raises(BackendUnavailable) as info:
                 await pair.backend().complete(chat())
             assert info.value.retryable
-            assert RELAY_TIMEOUT_S * 0.9 <= time.monotonic() - started <= RELAY_TIMEOUT_S + 1.0
+            assert RELAY_TIMEOUT_S * 0.9 <= time.monotonic() - started <= RELAY_TIMEOUT_S + CUT_OFF_S
         finally:
             await listener.aclose()
-        started = time.monotonic()  # nobody subscribed at all: refused at once
+        # nobody subscribed at all: refused at once (Redis says no listener), not after the relay timeout
         with pytest.raises(BackendUnavailable) as gone:
             await pair.backend().complete(chat())
-        assert gone.value.retryable and time.monotonic() - started < RELAY_TIMEOUT_S
+        assert gone.value.retryable and isinstance(gone.value.__cause__, TunnelClosed)
+        assert "not listening" in str(gone.value.__cause__)
 
 
 async def test_a_holder_dying_mid_stream_cuts_it_like_a_dropped_link() -> None:
@@ -244,7 +246,7 @@ async def test_a_holder_dying_mid_stream_cuts_it_like_a_dropped_link() -> None:
             async for _ in stream:
                 pass
         assert "cut the stream" in cut.value.message  # what a local link's drop raises mid-stream
-        assert time.monotonic() - started <= RELAY_TIMEOUT_S + 1.0
+        assert time.monotonic() - started <= RELAY_TIMEOUT_S + CUT_OFF_S
 
 
 async def test_a_node_gone_from_the_holder_fails_retryably() -> None:
@@ -284,7 +286,7 @@ async def test_redis_down_routes_only_local_nodes_logs_once_and_never_hangs(
             started = time.monotonic()
             with pytest.raises(BackendUnavailable):
                 await backend.complete(chat())  # chosen before the outage: fails at once, retryably
-            assert time.monotonic() - started < 1.5
+            assert time.monotonic() - started < CUT_OFF_S
             await asyncio.sleep(1.0)  # several polls and resubscriptions fail meanwhile
             warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "Redis" in r.message]
             assert len(warnings) == 2, [r.message for r in warnings]  # one per replica, not one per try
