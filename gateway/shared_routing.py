@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.background import cancel_and_wait
+from gateway.background import cancel_and_wait, raise_if_cancelling
 from gateway.outage import OutageGuard
 from gateway.routing_state import RoutingState
 from gateway.stats import NO_EVIDENCE, Evidence, LiveStats, merge_stats
@@ -277,6 +277,7 @@ class RoutingSync:
                 await self.sync_once()
             except Exception:  # noqa: BLE001 - a background loop, like the engine loop: log, keep syncing
                 log.exception("routing sync: a sync failed")
+            raise_if_cancelling()  # a cancellation a Redis timeout reported as an error ends the loop too
             await asyncio.sleep(self.interval_s)
 
     async def sync_once(self) -> bool:
