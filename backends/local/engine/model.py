@@ -2,9 +2,11 @@
 
 Llama-family layout (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP) that reproduces
 transformers' Llama/Qwen2/Mistral arithmetic op for op, including the rotate_half RoPE convention. Every
-projection is a plain `nn.Linear` attribute (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj,
-lm_head), so quantization is a module swap at load time and never a branch here. The model keeps no
-per-request state: the step's layout lives in `AttentionMetadata`, keys and values in `KVCache`.
+projection is a plain `nn.Linear` attribute (qkv_proj, o_proj, gate_up_proj, down_proj, lm_head), so
+quantization is a module swap at load time and never a branch here. q/k/v and gate/up are stored stacked
+(`weights.py` concatenates transformers' separate matrices) so a decode step makes 4 projection calls per
+layer instead of 7; each output element is still one row's dot product, as in the separate layers.
+The model keeps no per-request state: the step's layout lives in `AttentionMetadata`, K/V in `KVCache`.
 """
 
 from __future__ import annotations
@@ -75,33 +77,32 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.scale = args.head_dim**-0.5
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        # q, k and v stacked along the output axis: one matmul (or one quantized kernel call) for all three.
+        qkv_features = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        self.qkv_proj = nn.Linear(args.dim, qkv_features, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata, kv: KVCache
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kv.write(self.layer_idx, k, v, attn.slots)
-        out = attend(q, kv.k[self.layer_idx], kv.v[self.layer_idx], attn, scale=self.scale)  # (T, H*D)
-        return self.o_proj(out)
+        n_q, n_qk = self.n_heads, self.n_heads + self.n_kv_heads
+        qkv = self.qkv_proj(x).view(x.shape[0], n_qk + self.n_kv_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :n_qk], cos, sin)  # q and k heads rotated in one pass
+        kv.write(self.layer_idx, qk[:, n_q:], qkv[:, n_qk:], attn.slots)
+        out = attend(qk[:, :n_q], kv.k[self.layer_idx], kv.v[self.layer_idx], attn, scale=self.scale)
+        return self.o_proj(out)  # out: (T, H*D)
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
+        # gate and up stacked along the output axis (gate first): one matmul for both.
+        self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

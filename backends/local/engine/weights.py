@@ -1,9 +1,11 @@
 """Build the engine's `Transformer` from a transformers model or its state_dict.
 
 Maps transformers names (`model.layers.3.self_attn.q_proj.weight`) to ours
-(`layers.3.attention.q_proj.weight`), re-ties lm_head to the embedding when the config says so, converts to
-the serving dtype (bfloat16 is the faster CPU choice, float32 the exact one), and by default releases the
-transformers copy (its tensors move to the meta device) so only one set of weights stays resident.
+(`layers.3.attention.q_proj.weight`), stacks q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (rows
+concatenated in that order, so the stacked layer's output is the separate outputs side by side), re-ties
+lm_head to the embedding when the config says so, converts to the serving dtype (bfloat16 is the faster CPU
+choice, float32 the exact one), and by default releases the transformers copy (its tensors move to the
+meta device) so only one set of weights stays resident.
 Unknown or missing names are an error.
 """
 
@@ -36,6 +38,11 @@ _TOP_RENAMES = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
+# Stacked layer -> the separate transformers layers whose rows it holds, in order.
+_STACKED = {
+    "attention.qkv_proj": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|rotary_emb\.original_inv_freq)$")
 
 
@@ -65,6 +72,7 @@ def build_model_from_state_dict(
         name = engine_name(hf_name)
         if name is not None and not (name == "lm_head.weight" and args.tie_word_embeddings):
             state[name] = tensor.detach().to(device=device, dtype=dtype)
+    _stack(state, args.n_layers)
     if args.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     with torch.device("meta"):
@@ -79,6 +87,21 @@ def build_model_from_state_dict(
         model.lm_head.weight = model.embed_tokens.weight
     model.init_rope_tables(device, dtype)
     return model.eval().requires_grad_(False)
+
+
+def _stack(state: dict[str, torch.Tensor], n_layers: int) -> None:
+    """Replace each layer's separate q/k/v and gate/up tensors with their row-wise concatenation, in place."""
+    for layer in range(n_layers):
+        for stacked, parts in _STACKED.items():
+            for kind in ("weight", "bias"):
+                names = [f"layers.{layer}.{part}.{kind}" for part in parts]
+                present = [name in state for name in names]
+                if not any(present):
+                    continue
+                if not all(present):
+                    missing = names[present.index(False)]
+                    raise ValueError(f"the state_dict has some of {stacked}'s parts but lacks `{missing}`")
+                state[f"layers.{layer}.{stacked}.{kind}"] = torch.cat([state.pop(name) for name in names])
 
 
 def build_model(
