@@ -387,7 +387,13 @@ def engine_serve(
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 (exact) | bfloat16 (faster) | float16.")] = "float32",
     quant: Annotated[str, typer.Option(help="Weight quantization: none | int8 | int4.")] = "none",
-    attn: Annotated[str, typer.Option(help="Attention kernel: sdpa | eager | flash (CUDA).")] = "sdpa",
+    attn: Annotated[
+        str,
+        typer.Option(
+            help="Attention: auto | sdpa | eager | flash (CUDA) | paged (CPU C++ kernel for decode). "
+            "auto: flash, else sdpa on CUDA; paged, else sdpa on CPU."
+        ),
+    ] = "auto",
     spec: Annotated[str, typer.Option(help="Speculative decoding: none | draft | self | ngram.")] = "none",
     draft_model: Annotated[str | None, typer.Option(help="Draft model spec for --spec draft.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests running at once.")] = 32,

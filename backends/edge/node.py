@@ -20,14 +20,14 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from backends.base import Usage
 from backends.edge import wire
 from backends.edge.options import TOKEN_ENV, Backoff, NodeOptions, connect_url
-from backends.local.build import stage
+from backends.local.build import one_compute_thread, stage
 from backends.local.engine.engine import Finished, Tokens
 from backends.local.engine.scheduler import SamplingParams
 from backends.local.loader import LoadedModel, current_rss_mb, load_model
@@ -322,6 +322,15 @@ async def measure_tokens_per_s(state: EngineState, max_tokens: int) -> float:
     return (tokens - 1) / elapsed_s if tokens > 1 and elapsed_s > 0 else 0.0
 
 
+T = TypeVar("T")
+
+
+def _on_one_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `fn` on this worker thread with one torch compute thread (see `build.one_compute_thread`)."""
+    one_compute_thread()
+    return fn(*args, **kwargs)
+
+
 async def run_node(
     options: NodeOptions, *, stop: asyncio.Event | None = None, loaded: LoadedModel | None = None
 ) -> int:
@@ -331,10 +340,11 @@ async def run_node(
     engine_options = options.engine_options()
     if loaded is None:
         with stage(f"load {options.model}"):
-            loaded = await asyncio.to_thread(load_model, options.model)
+            loaded = await asyncio.to_thread(_on_one_thread, load_model, options.model)
         engine_options = replace(engine_options, release_source=True)
     names = dict.fromkeys((options.served_name, loaded.name))
     state = await asyncio.to_thread(
+        _on_one_thread,
         build_engine_state,
         loaded,
         engine_options,

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 QUANT_MODES = ("none", "int8", "int4")
-ATTN_IMPLS = ("sdpa", "eager", "flash")
+ATTN_IMPLS = ("auto", "sdpa", "eager", "flash", "paged")  # attention.ATTN_CHOICES, without torch
 SPEC_KINDS = ("none", "draft", "self", "ngram")
 
 
@@ -35,7 +35,7 @@ class EngineOptions:
     device: str = "cpu"
     dtype: str = "float32"
     quant: str = "none"
-    attn: str = "sdpa"
+    attn: str = "auto"
     spec: str = "none"
     draft_model: str | None = None
     num_spec_tokens: int = 4  # draft slots per decode when `spec` is not "none"
@@ -110,6 +110,20 @@ def stop_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def one_compute_thread() -> None:
+    """Give the calling thread one torch compute thread; call it on every thread that loads or builds.
+
+    torch's intra-op threads are OpenMP teams, one per calling thread, and libgomp throttles its workers'
+    spin-wait to almost nothing once it manages more threads than there are cores. If the loading thread
+    ever ran a 2-thread team, the engine thread's own team (the one that matters) sleeps and wakes through
+    the kernel at every parallel region: on 2 cores, int4 decode measured 8.1 ms per step with the engine
+    thread the only team and 16-21 ms with a second team alive (docs/ENGINE.md).
+    """
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngine:
     """Convert, quantize and size everything; the caller wraps the parts in an `Engine`."""
     import torch
@@ -120,8 +134,7 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
+    # Compute threads belong to the engine thread (`Engine(threads=...)`), not this one: `one_compute_thread`.
     with stage(f"engine model ({options.dtype} on {options.device})"):
         model = build_model(
             loaded.model,
@@ -148,9 +161,9 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
             kv_cache_mb=options.kv_cache_mb,
             block_size=options.block_size,
             attn_impl=options.attn,
-            num_threads=options.threads,
         )
     cache = runner.kv_cache
+    log.info("attention: %s (--attn %s)", runner.attn_impl, options.attn)
     log.info(
         "KV cache: %d blocks of %d tokens (%d tokens, %.0f MB, %s)",
         cache.num_blocks,

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from backends.local.build import EngineOptions, stage
+from backends.local.build import EngineOptions, one_compute_thread, stage
 from backends.local.engine.engine import Failed
 from backends.local.loader import LoadedModel, load_model
 from backends.local.serving import (
@@ -312,6 +312,7 @@ def serve_engine(
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = options or EngineOptions()
     started_s = time.perf_counter()
+    one_compute_thread()  # this thread loads and builds; the engine thread computes with --threads
     with stage(f"load {model_spec}"):
         loaded = load_model(model_spec)
     names = served_names if served_names is not None else (*DEFAULT_SERVED_NAMES, loaded.name)

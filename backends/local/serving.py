@@ -133,6 +133,7 @@ def build_engine_state(
         stop_token_ids=parts.stop_token_ids,
         proposer=parts.proposer,
         observer=engine_metrics,
+        threads=options.threads,
     )
     engine_metrics.watch(engine.stats)
     return EngineState(

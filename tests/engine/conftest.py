@@ -76,7 +76,7 @@ def tiny_runner(
     hf_model: Any,
     *,
     dtype: Any = None,
-    attn_impl: str = "sdpa",
+    attn_impl: str = "auto",  # the production default: the paged kernel on CPU
     block_size: int = 4,
     kv_cache_mb: float = 2.0,
     device: str = "cpu",

@@ -3,17 +3,19 @@
 Sequences arrive at different steps and prefill in chunks of different sizes while others decode, so one
 step mixes long prefill chunks (own attention call), short ones and single decode tokens (one padded call).
 Tolerances (float32): tiny models max |diff| < 1e-4; SmolLM2-135M < 1e-3 on logits of magnitude ~30
-(different summation orders in attention and matmuls). sdpa and eager agree within 1e-5 in float32.
+(different summation orders in attention and matmuls). sdpa, paged and eager agree within 1e-5 in float32.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 
-from backends.local.engine.attention import SeqSpan, attend, build_metadata
+from backends.local.engine.attention import SeqSpan, attend, build_metadata, resolve_impl
 from backends.local.engine.config import ModelArgs, UnsupportedModelError
+from backends.local.engine.kernels import KERNELS_ENV, paged_attention_op
 from backends.local.engine.kv_cache import blocks_needed
 from backends.local.engine.types import SeqChunk, StepPlan
 from backends.local.engine.weights import build_model
@@ -105,11 +107,14 @@ def test_greedy_matches_generate(kind: str) -> None:
     assert ours == [_generate(hf, p, 24) for p in prompts]
 
 
-def test_sdpa_agrees_with_eager() -> None:
+@pytest.mark.parametrize("impl", ["sdpa", "paged"])
+def test_attention_impl_agrees_with_eager(impl: str) -> None:
     hf = tiny_hf_model("llama")
-    sdpa = _teacher_forced_logits(tiny_runner(hf, attn_impl="sdpa"))
+    runner = tiny_runner(hf, attn_impl=impl)
+    assert runner.attn_impl == impl
+    ours = _teacher_forced_logits(runner)
     eager = _teacher_forced_logits(tiny_runner(hf, attn_impl="eager"))
-    assert max((a - b).abs().max().item() for a, b in zip(sdpa, eager, strict=True)) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(ours, eager, strict=True)) < 1e-5
 
 
 def _random_attention_case(dtype: Any, device: str = "cpu", block_size: int = 4) -> tuple[Any, ...]:
@@ -160,7 +165,7 @@ def _naive_attention(case: tuple[Any, ...], block_size: int = 4) -> torch.Tensor
 def test_attention_impls_match_naive_reference_fp32() -> None:
     case = _random_attention_case(torch.float32)
     reference = _naive_attention(case).float()
-    for impl in ("sdpa", "eager"):
+    for impl in ("sdpa", "eager", "paged"):
         assert (_attend_with(impl, case) - reference).abs().max().item() < 1e-5, impl
     # The same groups through torch SDPA itself, as CUDA runs them (CPU decode groups use batched matmuls).
 
@@ -172,6 +177,40 @@ def test_sdpa_agrees_with_eager_bf16() -> None:
     # bf16 has an 8-bit mantissa: outputs ~1 round at ~4e-3, and eager also rounds the probabilities.
     assert (sdpa - eager).abs().max().item() < 3e-2
     assert (sdpa - reference).abs().max().item() < 2e-2
+    # The paged kernel computes in float32 from bf16 inputs and rounds once, at the output.
+    assert (_attend_with("paged", case) - reference).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("head_dim", [64, 20])  # the AVX-512 path (multiples of 16) and the scalar one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_kernel_matches_reference_for_decode_batches(head_dim: int, dtype: Any) -> None:
+    """Decode tokens and drafts only (one group: the whole step), GQA 3:1 as SmolLM2, long contexts."""
+    g = torch.Generator().manual_seed(1)
+    block_size, n_blocks, n_kv, n_heads = 16, 96, 3, 9
+    k_cache = torch.randn(n_blocks, block_size, n_kv, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(n_blocks, block_size, n_kv, head_dim, generator=g).to(dtype)
+    order = torch.randperm(n_blocks, generator=g).tolist()
+    spans, taken = [], 0
+    for start, n in ((200, 1), (0, 1), (15, 1), (16, 5), (333, 1), (47, 3)):
+        need = blocks_needed(start + n, block_size)
+        spans.append(SeqSpan(start, n, order[taken : taken + need]))
+        taken += need
+    q = torch.randn(sum(s.num_tokens for s in spans), n_heads, head_dim, generator=g).to(dtype)
+    slots = torch.zeros(q.shape[0], dtype=torch.long)
+    case = (q, k_cache, v_cache, spans, slots)
+    meta = build_metadata(spans, slots, block_size=block_size, n_rep=3, impl="paged", dtype=dtype)
+    assert meta.identity and meta.groups[0].token_seq is not None
+    got = attend(q, k_cache, v_cache, meta, scale=head_dim**-0.5).float()
+    reference = _naive_attention(case, block_size).float()
+    assert (got - reference).abs().max().item() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_paged_kernel_is_built_here() -> None:
+    """CI and every machine with g++ and ninja must run the kernel, not silently fall back to SDPA."""
+    if os.environ.get(KERNELS_ENV, "").lower() in ("off", "0", "false", "no"):
+        pytest.skip(f"{KERNELS_ENV}=off")
+    assert paged_attention_op() is not None
+    assert resolve_impl("auto", device=torch.device("cpu"), dtype=torch.bfloat16) == "paged"
 
 
 def _teacher_forced_logits(runner: Any) -> list[torch.Tensor]:

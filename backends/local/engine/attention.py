@@ -1,9 +1,11 @@
 """Paged attention: `attend` computes every sequence's attention over its cached prefix plus its new tokens.
 
 The implementation is chosen per step by `AttentionMetadata.impl` (the runner's `attn_impl` argument; there is
-no module-level switch): "sdpa" (torch scaled_dot_product_attention, the default), "eager" (reference math,
-what transformers' eager path computes) or "flash" (flash_attn on CUDA). Sequences are grouped: all short
-chunks (decode tokens, speculative drafts) go in one padded batch, each long prefill chunk attends on its own.
+no module-level switch): "sdpa" (torch scaled_dot_product_attention), "eager" (reference math, what
+transformers' eager path computes), "flash" (flash_attn on CUDA) or "paged" (CPU: our C++ kernel,
+`kernels.py`, for the short chunks, reading K/V blocks in place; SDPA for long prefill chunks). "auto" picks
+one per device (`resolve_impl`). Sequences are grouped: all short chunks (decode tokens, speculative drafts)
+go in one batch, each long prefill chunk attends on its own.
 Queries are left-padded so the real ones end at the sequence's last key: query row j of a group with q_len Q
 sits at position ctx_len - Q + j, and it sees key positions <= that (bottom-right causal, as flash does).
 """
@@ -20,8 +22,9 @@ import torch.nn.functional as F
 
 from backends.local.engine.kv_cache import blocks_needed
 
-AttnImpl = Literal["sdpa", "eager", "flash"]
-ATTN_IMPLS: tuple[AttnImpl, ...] = ("sdpa", "eager", "flash")
+AttnImpl = Literal["sdpa", "eager", "flash", "paged"]
+ATTN_IMPLS: tuple[AttnImpl, ...] = ("sdpa", "eager", "flash", "paged")
+ATTN_CHOICES = ("auto", *ATTN_IMPLS)  # what `--attn` accepts
 MAX_BATCHED_Q = 8  # chunks with at most this many new tokens share one padded attention call
 
 
@@ -39,6 +42,10 @@ class AttnGroup:
     q_rows: torch.Tensor | None  # (B*Q,) long: packed token row of each padded query; None = identity
     real_rows: torch.Tensor | None  # (n,) long: padded rows holding real queries; None = all of them
     out_rows: torch.Tensor | None  # (n,) long: the packed rows those queries belong to
+    # "paged" short group only (queries unpadded, in packed order): per query, its block-table row and how
+    # many leading positions it sees. Then q_rows/real_rows are None and out_rows picks the packed rows.
+    token_seq: torch.Tensor | None = None  # (n,) long
+    token_keys: torch.Tensor | None = None  # (n,) long
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +72,35 @@ def flash_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
+def resolve_impl(impl: str, *, device: torch.device, dtype: torch.dtype) -> AttnImpl:
+    """ "auto" -> flash on CUDA with flash_attn and a 16-bit dtype, else sdpa on CUDA; paged on CPU when the
+    C++ kernel builds (float32/bfloat16), else sdpa. Any other name is checked by `check_impl`."""
+    if impl != "auto":
+        return check_impl(impl, device=device, dtype=dtype)
+    if device.type == "cuda":
+        fp16 = dtype in (torch.float16, torch.bfloat16)
+        return "flash" if fp16 and flash_available() else "sdpa"
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        from backends.local.engine.kernels import paged_attention_op
+
+        if paged_attention_op() is not None:
+            return "paged"
+    return "sdpa"
+
+
 def check_impl(impl: str, *, device: torch.device, dtype: torch.dtype) -> AttnImpl:
     """Validate an implementation name for a device and dtype; the message says what to change."""
     if impl not in ATTN_IMPLS:
-        raise ValueError(f"attention impl `{impl}` is unknown; choose one of {', '.join(ATTN_IMPLS)}")
+        raise ValueError(f"attention impl `{impl}` is unknown; choose one of {', '.join(ATTN_CHOICES)}")
+    if impl == "paged":
+        from backends.local.engine.kernels import paged_attention_op
+
+        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError("attention impl `paged` runs on CPU in float32 or bfloat16; use `sdpa`/`auto`")
+        if paged_attention_op() is None:
+            raise ValueError(
+                "attention impl `paged` needs its C++ kernel, which did not build (see the log); use `sdpa`"
+            )
     if impl == "flash":
         if device.type != "cuda" or not flash_available():
             raise ValueError("attention impl `flash` needs CUDA and the flash_attn package; use `sdpa`")
@@ -99,7 +131,13 @@ def build_metadata(
     for m in members:
         group_spans, starts = [spans[i] for i in m], [row_starts[i] for i in m]
         alone = len(members) == 1
-        groups.append(_build_group(group_spans, starts, block_size, n_rep, impl, alone, slots.device, dtype))
+        if impl == "paged" and m is short:
+            groups.append(_build_paged_group(group_spans, starts, block_size, alone, slots.device))
+            continue
+        group_impl: AttnImpl = "sdpa" if impl == "paged" else impl  # paged: long prefill chunks use SDPA
+        groups.append(
+            _build_group(group_spans, starts, block_size, n_rep, group_impl, alone, slots.device, dtype)
+        )
     identity = len(groups) == 1 and groups[0].q_rows is None
     return AttentionMetadata(slots=slots, groups=tuple(groups), num_tokens=row, impl=impl, identity=identity)
 
@@ -137,6 +175,35 @@ def _build_group(
         q_rows=None if identity else torch.tensor(q_rows, dtype=torch.long, device=device),
         real_rows=None if identity else torch.tensor(real_rows, dtype=torch.long, device=device),
         out_rows=None if identity else torch.tensor(out_rows, dtype=torch.long, device=device),
+    )
+
+
+def _build_paged_group(
+    spans: list[SeqSpan], row_starts: list[int], block_size: int, alone: bool, device: torch.device
+) -> AttnGroup:
+    """The short group for the paged kernel: no padding, no mask; each query has its row and causal limit."""
+    ctx = [s.start_pos + s.num_tokens for s in spans]
+    nb = blocks_needed(max(ctx), block_size)
+    table = [list(s.block_table[:nb]) + [0] * (nb - len(s.block_table[:nb])) for s in spans]
+    token_seq: list[int] = []
+    token_keys: list[int] = []
+    out_rows: list[int] = []
+    for b, (s, r0) in enumerate(zip(spans, row_starts, strict=True)):
+        token_seq += [b] * s.num_tokens
+        token_keys += range(s.start_pos + 1, s.start_pos + s.num_tokens + 1)
+        out_rows += range(r0, r0 + s.num_tokens)
+    identity = alone and out_rows == list(range(len(out_rows)))
+    return AttnGroup(
+        batch=len(spans),
+        q_len=max(s.num_tokens for s in spans),
+        block_table=torch.tensor(table, dtype=torch.long, device=device),
+        ctx_lens=torch.tensor(ctx, dtype=torch.int32, device=device),
+        mask=None,
+        q_rows=None,
+        real_rows=None,
+        out_rows=None if identity else torch.tensor(out_rows, dtype=torch.long, device=device),
+        token_seq=torch.tensor(token_seq, dtype=torch.long, device=device),
+        token_keys=torch.tensor(token_keys, dtype=torch.long, device=device),
     )
 
 
@@ -182,14 +249,34 @@ def attend(
     The new tokens' K/V must already be in the cache (`KVCache.write`).
     """
     if meta.identity:
-        return _attend_group(q, k_cache, v_cache, meta.groups[0], meta.impl, scale)
+        group = meta.groups[0]
+        if group.token_seq is not None:
+            return _paged(q, k_cache, v_cache, group, scale)
+        return _attend_group(q, k_cache, v_cache, group, meta.impl, scale)
     num_tokens, n_heads, head_dim = q.shape
     out = q.new_empty(num_tokens, n_heads * head_dim)
     for group in meta.groups:
+        assert group.out_rows is not None
+        if group.token_seq is not None:
+            picked = q.index_select(0, group.out_rows)
+            out.index_copy_(0, group.out_rows, _paged(picked, k_cache, v_cache, group, scale))
+            continue
         padded = _attend_group(q, k_cache, v_cache, group, meta.impl, scale)  # (B*Q, H*D)
-        assert group.real_rows is not None and group.out_rows is not None
+        assert group.real_rows is not None
         out.index_copy_(0, group.out_rows, padded.index_select(0, group.real_rows))
     return out
+
+
+def _paged(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttnGroup, scale: float
+) -> torch.Tensor:
+    """The C++ kernel over the group's queries (n, H, D), in their packed order -> (n, H*D)."""
+    from backends.local.engine.kernels import paged_attention_op
+
+    op = paged_attention_op()
+    assert op is not None, "impl `paged` is only chosen once the kernel has loaded"
+    out = op(q, k_cache, v_cache, group.block_table, group.token_seq, group.token_keys, scale)
+    return out.view(q.shape[0], q.shape[1] * q.shape[2])
 
 
 def _attend_group(
@@ -208,7 +295,7 @@ def _attend_group(
     else:
         k, v = gather_blocks(k_cache, group.block_table), gather_blocks(v_cache, group.block_table)
         assert group.mask is not None
-        fn = _sdpa if impl == "sdpa" else _eager
+        fn = _eager if impl == "eager" else _sdpa  # "paged" groups that reach here are long: SDPA
         out = fn(q_pad, k, v, group.mask, scale)
     return out.reshape(batch * q_len, n_heads * head_dim)
 

@@ -211,6 +211,7 @@ class Engine:
         proposer: Proposer | None = None,
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        threads: int | None = None,
     ) -> None:
         self._runner = runner
         self._scheduler = scheduler
@@ -218,6 +219,7 @@ class Engine:
         self._proposer: Proposer = proposer or NoProposer()
         self._observer: EngineObserver = observer or NullObserver()
         self._clock = clock
+        self._threads = threads  # torch compute threads of the engine thread; None: torch's default
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._live: dict[int, _Live] = {}
         self._ids = itertools.count(1)
@@ -285,6 +287,10 @@ class Engine:
     # -- the loop, on the engine thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._threads is not None:
+            import torch
+
+            torch.set_num_threads(self._threads)  # this thread's OpenMP team (see build.one_compute_thread)
         while self._drain(block=not self._scheduler.has_work):
             if self._scheduler.has_work:
                 self._step()

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from backends.local.engine.attention import MAX_BATCHED_Q, SeqSpan, build_metadata, check_impl
+from backends.local.engine.attention import MAX_BATCHED_Q, SeqSpan, build_metadata, resolve_impl
 from backends.local.engine.kv_cache import KVCache
 from backends.local.engine.model import Transformer
 from backends.local.engine.types import SeqChunk, StepPlan
 
 
 class ModelRunner:
-    """Executes steps of `model` against `kv_cache`; `attn_impl` is "sdpa", "eager" or "flash"."""
+    """Executes steps of `model` against `kv_cache`; `attn_impl`: auto, sdpa, eager, flash or paged."""
 
     def __init__(
         self,
@@ -25,7 +25,6 @@ class ModelRunner:
         kv_cache: KVCache,
         *,
         attn_impl: str = "sdpa",
-        num_threads: int | None = None,
         max_batched_q: int = MAX_BATCHED_Q,
     ) -> None:
         weight = model.embed_tokens.weight
@@ -36,11 +35,9 @@ class ModelRunner:
             )
         if kv_cache.n_layers != model.args.n_layers:
             raise ValueError(f"KV cache has {kv_cache.n_layers} layers, the model {model.args.n_layers}")
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)  # process-wide: the engine thread is the only one computing
         self.model = model
         self.kv_cache = kv_cache
-        self.attn_impl = check_impl(attn_impl, device=weight.device, dtype=weight.dtype)
+        self.attn_impl = resolve_impl(attn_impl, device=weight.device, dtype=weight.dtype)
         self.device = weight.device
         self.dtype = weight.dtype
         self.block_size = kv_cache.block_size
@@ -117,7 +114,6 @@ def build_runner(
     kv_cache_mb: float,
     block_size: int = 16,
     attn_impl: str = "sdpa",
-    num_threads: int | None = None,
 ) -> ModelRunner:
     """A runner over a fresh KV cache sized to `kv_cache_mb` MiB in the model's dtype and device."""
     weight = model.embed_tokens.weight
@@ -130,4 +126,4 @@ def build_runner(
         dtype=weight.dtype,
         device=weight.device,
     )
-    return ModelRunner(model, cache, attn_impl=attn_impl, num_threads=num_threads)
+    return ModelRunner(model, cache, attn_impl=attn_impl)
