@@ -21,10 +21,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from backends.local.engine.quant import (  # noqa: E402
     INT4_GROUP_SIZES,
+    GemvLinear,
     Int4Linear,
     Int8Linear,
     LayerScheme,
@@ -37,6 +39,7 @@ from backends.local.engine.quant import (  # noqa: E402
     quantize_int4,
     quantize_int8,
     quantize_model,
+    use_gemv_kernel,
 )
 
 TEXT_PATH = Path(__file__).parents[2] / "bench" / "data" / "tide_clock.txt"
@@ -312,3 +315,40 @@ def test_unknown_mode_and_non_cpu_weights_are_refused_before_anything_changes() 
     with pytest.raises(ValueError, match="`down` is on meta; these int8/int4 kernels are CPU-only"):
         quantize_model(model, "int8")
     assert all(type(m) is nn.Linear for m in (model.up, model.down, model.lm_head))
+
+
+# -- the bf16 GEMV kernel (a module swap for bf16 CPU models, like quantization) -----------------------------
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(576, 960), (100, 37), (64, 4)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_linear_matches_f_linear(in_features: int, out_features: int, bias: bool) -> None:
+    """Odd K exercises the 32-wide chunks' scalar tail; odd N the single-row remainder after 4-row blocks."""
+    g = torch.Generator().manual_seed(in_features + out_features)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=g))
+    model = nn.Sequential(linear)
+    assert use_gemv_kernel(model) == 1 and isinstance(model[0], GemvLinear)
+    assert model[0].weight is linear.weight  # the weight is shared, not copied (tied embeddings stay tied)
+    for rows in (1, 2, 3, 9):  # 1-2 rows: the kernel; more: F.linear
+        x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+        b = None if linear.bias is None else linear.bias.float()
+        expected = F.linear(x.float(), linear.weight.float(), b)
+        got = model(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+        # One bf16 rounding of a float32 sum: within 1 bf16 ulp of the float32 result (2^-8 relative).
+        scale = expected.abs().max().item()
+        assert (got.float() - expected).abs().max().item() <= scale * 2**-8 + 1e-2
+
+
+def test_gemv_swap_keeps_a_tiny_llama_close_and_leaves_fp32_alone() -> None:
+    model, ids = tiny_llama(tie=True), tiny_ids()
+    assert use_gemv_kernel(copy.deepcopy(model)) == 0  # float32 layers are not the kernel's
+    model = model.to(torch.bfloat16)
+    reference = logits_of(model, ids[:1, :1])  # one row per matmul: the decode shape
+    swapped = use_gemv_kernel(model)
+    assert swapped == sum(1 for m in model.modules() if isinstance(m, GemvLinear)) > 0
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    logits = logits_of(model, ids[:1, :1])
+    assert (logits - reference).abs().max().item() <= 0.05 * reference.abs().max().item()

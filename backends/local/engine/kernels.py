@@ -1,15 +1,16 @@
-"""The engine's C++ CPU kernels, compiled on first use and cached: `paged_attention_op()`.
+"""The engine's C++ CPU kernels, compiled on first use and cached: `paged_attention_op()`, `bf16_gemv_op()`.
 
-`csrc/paged_attention.cpp` registers `torch.ops.switchboard.paged_attention`. It is built with torch's own
-extension builder (g++ and ninja, `-O3 -march=native`, torch's OpenMP pool through `at::parallel_for`) into
-`$SWITCHBOARD_CACHE_DIR/kernels/<torch version>-<source hash>/` (default `~/.cache/switchboard/kernels`), so a
-changed source or torch never reuses a stale build; the first build takes about a minute on 2 cores, later
-loads a fraction of a second. `-march=native` ties a build to the CPU it was made on; the directory is per
-machine like the rest of the cache.
+`csrc/*.cpp` register `torch.ops.switchboard.paged_attention` (decode attention over the paged cache, in
+place) and `torch.ops.switchboard.bf16_gemv` (bf16 matrix-vector products for a few rows). They are built as
+one library with torch's own extension builder (g++ and ninja, `-O3 -march=native`, torch's OpenMP pool
+through `at::parallel_for`) into `$SWITCHBOARD_CACHE_DIR/kernels/<torch version>-<source hash>/` (default
+`~/.cache/switchboard/kernels`), so a changed source or torch never reuses a stale build. The first build
+takes 10-60 s on 2 cores, later loads a fraction of a second. `-march=native` ties a build to the CPU it was
+made on; the directory is per machine like the rest of the cache.
 
-Invariant: a failed build is logged once with the reason and the fix, and `paged_attention_op()` returns None,
-so the engine falls back to the gather + SDPA path; it never fails a request for want of a kernel.
-Set `SWITCHBOARD_KERNELS=off` to skip the build altogether.
+Invariant: a failed build is logged once with the reason and the fix, and every `*_op()` returns None, so
+the engine falls back to torch's own ops (gather + SDPA, the GEMM); it never fails a request for want of a
+kernel. Set `SWITCHBOARD_KERNELS=off` to skip the build altogether.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from typing import Any
 log = logging.getLogger("switchboard.engine")
 
 KERNELS_ENV = "SWITCHBOARD_KERNELS"  # "off" disables the C++ kernels
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = ("paged_attention.cpp", "gemv.cpp")
 _STALE_LOCK_S = 600.0  # torch's build lock left by a process killed mid-build (a build takes ~10-60 s)
 _lock = threading.Lock()
-_state: dict[str, Any] = {}
+_ops: dict[str, Any] = {}  # op name -> op, filled once the library loaded
+_built: list[bool] = []  # [] until the first call, then [whether the library loaded]
 
 
 def kernels_dir() -> Path:
@@ -40,15 +43,19 @@ def kernels_dir() -> Path:
     return default_cache_root() / "kernels"
 
 
-def _build() -> Callable[..., Any] | None:
+def kernels_disabled() -> bool:
+    return os.environ.get(KERNELS_ENV, "").lower() in ("off", "0", "false", "no")
+
+
+def _build() -> bool:
     import torch
 
-    if os.environ.get(KERNELS_ENV, "").lower() in ("off", "0", "false", "no"):
-        log.info("C++ kernels disabled by %s; attention uses gather + SDPA", KERNELS_ENV)
-        return None
-    source = _SOURCE.read_bytes()
-    tag = f"{torch.__version__}-{hashlib.sha256(source).hexdigest()[:12]}".replace("+", "_")
-    build_dir = kernels_dir() / tag
+    if kernels_disabled():
+        log.info("C++ kernels disabled by %s; the engine uses torch's own ops", KERNELS_ENV)
+        return False
+    sources = [_CSRC / name for name in _SOURCES]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:12]
+    build_dir = kernels_dir() / f"{torch.__version__}-{digest}".replace("+", "_")
     try:
         from torch.utils import cpp_extension
 
@@ -56,22 +63,23 @@ def _build() -> Callable[..., Any] | None:
         _prepare_build(build_dir)
         cpp_extension.load(
             name="switchboard_kernels",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+            sources=[str(path) for path in sources],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
         )
     except Exception as exc:  # noqa: BLE001 - any build failure means: fall back, and say why
         log.warning(
-            "the C++ paged-attention kernel did not build (%s: %s); decode attention falls back to gather + "
-            "SDPA. It needs g++ and ninja (`pip install ninja`); set %s=off to skip the build",
+            "the engine's C++ kernels did not build (%s: %s); decode uses torch's own ops instead (slower). "
+            "They need g++ and ninja (`pip install ninja`); set %s=off to skip the build",
             type(exc).__name__,
             str(exc).splitlines()[0][:300] if str(exc) else "",
             KERNELS_ENV,
         )
-        return None
-    return torch.ops.switchboard.paged_attention
+        return False
+    _ops.update({name: getattr(torch.ops.switchboard, name) for name in ("paged_attention", "bf16_gemv")})
+    return True
 
 
 def _prepare_build(build_dir: Path) -> None:
@@ -93,11 +101,20 @@ def _prepare_build(build_dir: Path) -> None:
         pass
 
 
-def paged_attention_op() -> Callable[..., Any] | None:
-    """`torch.ops.switchboard.paged_attention`, building it on the first call; None if it cannot be built."""
-    if "op" in _state:  # the hot path: every layer of every step asks
-        return _state["op"]
+def _loaded() -> bool:
+    if _built:  # the hot path: every layer of every step asks
+        return _built[0]
     with _lock:
-        if "op" not in _state:
-            _state["op"] = _build()
-        return _state["op"]
+        if not _built:
+            _built.append(_build())
+        return _built[0]
+
+
+def paged_attention_op() -> Callable[..., Any] | None:
+    """`torch.ops.switchboard.paged_attention`, building the kernels on the first call; None without them."""
+    return _ops["paged_attention"] if _loaded() else None
+
+
+def bf16_gemv_op() -> Callable[..., Any] | None:
+    """`torch.ops.switchboard.bf16_gemv`, building the kernels on the first call; None without them."""
+    return _ops["bf16_gemv"] if _loaded() else None

@@ -426,3 +426,44 @@ def compare_logits(reference: Tensor, candidate: Tensor) -> LogitAgreement:
     return LogitAgreement(
         positions=ref.shape[0], top1=top1.item(), kl_mean=kl.mean().item(), kl_max=kl.max().item()
     )
+
+
+class GemvLinear(nn.Module):
+    """A bf16 `nn.Linear` whose few-row calls (decode) go to the C++ `bf16_gemv` kernel; others to F.linear.
+
+    Holds the original weight and bias tensors (no copy, tied weights stay tied). Output equals F.linear up
+    to float32 summation order and one bf16 rounding per element.
+    """
+
+    MAX_ROWS = 2  # measured: beyond this the GEMM's register blocking wins (docs/ENGINE.md)
+
+    def __init__(self, linear: nn.Linear, op: Any) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._op = op
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.shape[0] if x.dim() == 2 else x.numel() // self.in_features
+        if rows > self.MAX_ROWS or rows == 0 or x.dtype != torch.bfloat16:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x if x.dim() == 2 else x.reshape(rows, self.in_features)
+        out = self._op(x2 if x2.is_contiguous() else x2.contiguous(), self.weight, self.bias)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+
+
+def use_gemv_kernel(model: nn.Module) -> int:
+    """Swap every bf16 CPU `nn.Linear` in `model` for `GemvLinear` when the kernel is built; how many."""
+    from backends.local.engine.kernels import bf16_gemv_op
+
+    op = bf16_gemv_op()
+    if op is None:
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.is_cpu:
+                setattr(parent, name, GemvLinear(child, op))
+                swapped += 1
+    return swapped

@@ -291,7 +291,7 @@ def build_proposer(
         drafter = _load_draft(draft_model, target, device)
     else:
         raise ValueError(f"--spec `{kind}` is unknown; use one of {', '.join(SPEC_KINDS)}")
-    runner = build_runner(drafter, kv_cache_mb=kv_cache_mb, block_size=block_size)
+    runner = build_runner(drafter, kv_cache_mb=kv_cache_mb, block_size=block_size, attn_impl="auto")
     return DraftModelProposer(runner, lengths=lengths)
 
 
