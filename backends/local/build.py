@@ -128,6 +128,8 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
     """Convert, quantize and size everything; the caller wraps the parts in an `Engine`."""
     import torch
 
+    from backends.local.engine.kernels import rms_norm_op
+    from backends.local.engine.model import use_norm_kernel
     from backends.local.engine.runner import build_runner
     from backends.local.engine.weights import build_model
 
@@ -179,6 +181,8 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
         # bf16 layers left as nn.Linear: decode rows go to the C++ GEMV (~1.25x per decode step here).
         if swapped := use_gemv_kernel(model):
             log.info("bf16 GEMV kernel: %d linear layers", swapped)
+    if options.device == "cpu" and (norm_op := rms_norm_op()) is not None:
+        use_norm_kernel(model, norm_op)
     config = SchedulerConfig(
         max_batch=options.max_batch,
         max_prefill_tokens=options.max_prefill_tokens,

