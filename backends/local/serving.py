@@ -9,6 +9,7 @@ raises `ApiError` 500 `engine_error`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -115,6 +116,17 @@ class Generation:
         raise failure(Failed("generation ended without a result"))
 
 
+def available_cores() -> int:
+    """Cores this process may run on: the engine thread's default torch thread count.
+
+    Explicit, because a thread started after `build.one_compute_thread()` would inherit its one thread.
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def build_engine_state(
     loaded: LoadedModel,
     options: EngineOptions,
@@ -133,7 +145,7 @@ def build_engine_state(
         stop_token_ids=parts.stop_token_ids,
         proposer=parts.proposer,
         observer=engine_metrics,
-        threads=options.threads,
+        threads=options.threads or available_cores(),
     )
     engine_metrics.watch(engine.stats)
     return EngineState(

@@ -60,6 +60,7 @@ def make_engine(
     wrap: Callable[[ModelRunner], StepRunner] | None = None,
     proposer: Proposer | None = None,
     stop_token_ids: Sequence[int] = (EOS,),
+    threads: int | None = None,
 ) -> Engine:
     cache = KVCache(
         n_layers=model.args.n_layers,
@@ -75,7 +76,7 @@ def make_engine(
         max_batch=max_batch, max_prefill_tokens=budget, block_size=BLOCK, num_spec_tokens=spec
     )
     scheduler = Scheduler(config, BlockAllocator(num_blocks))
-    return Engine(runner, scheduler, stop_token_ids=stop_token_ids, proposer=proposer)
+    return Engine(runner, scheduler, stop_token_ids=stop_token_ids, proposer=proposer, threads=threads)
 
 
 @asynccontextmanager
@@ -296,3 +297,32 @@ async def test_speculative_seam_keeps_greedy_output(tiny_model: Transformer, wro
         assert stats.accepted_tokens == 0
     elif wrong_every == 1000:
         assert stats.accepted_tokens == stats.drafted_tokens
+
+
+class ThreadCounter:
+    """Records the torch thread count the engine thread computes with."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self._runner = runner
+        self.seen: set[int] = set()
+
+    def execute(self, plan: StepPlan) -> Any:
+        self.seen.add(torch.get_num_threads())
+        return self._runner.execute(plan)
+
+
+async def test_the_engine_thread_computes_with_its_own_thread_count(tiny_model: Transformer) -> None:
+    """`--threads` belongs to the engine thread, whatever the loading thread set (one_compute_thread)."""
+    counters: list[ThreadCounter] = []
+
+    def wrap(runner: ModelRunner) -> StepRunner:
+        counters.append(ThreadCounter(runner))
+        return counters[-1]
+
+    engine = make_engine(tiny_model, num_blocks=32, wrap=wrap, threads=3)
+    before = torch.get_num_threads()
+    async with running(engine):
+        _, outcome = await collect(engine.submit(prompt(1, 5), greedy(3)))
+        assert isinstance(outcome, Finished)
+    assert counters[0].seen == {3}
+    assert torch.get_num_threads() == before  # the caller's thread keeps its own count
