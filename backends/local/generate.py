@@ -25,16 +25,25 @@ class StopStringDecoder:
         self._stop = tuple(s for s in stop if s)
         self._longest_stop = max((len(s) for s in self._stop), default=0)
         self._ids: list[int] = []
-        self._text = ""
+        self._text = ""  # everything decoded so far (whole characters only)
+        # Incremental decoding over a short window (as TGI and vLLM do): ids[_prefix:_read] were decoded
+        # last time; decoding ids[_prefix:] and cutting that text off gives the new characters, with the
+        # window's first tokens as context for spacing rules. Decoding every id at every token was O(n^2)
+        # and took most of the server thread's time at ~100 tokens/s.
+        self._prefix = 0
+        self._read = 0
         self._emitted_chars = 0
         self.stopped = False
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the text that is now safe to show."""
         self._ids.append(token_id)
-        self._text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        if self._text.endswith(_REPLACEMENT_CHAR):
-            return ""
+        before = self._tokenizer.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
+        window = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=True)
+        if window.endswith(_REPLACEMENT_CHAR) or len(window) <= len(before):
+            return ""  # an incomplete character (or nothing visible yet): wait for more tokens
+        self._text += window[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
         stop_at = self._find_stop()
         if stop_at is not None:
             self.stopped = True
@@ -42,8 +51,21 @@ class StopStringDecoder:
         return self._emit_until(len(self._text) - self._held_back_chars())
 
     def finish(self) -> str:
-        """The rest of the text once generation has ended (nothing if a stop string ended it)."""
-        return "" if self.stopped else self._emit_until(len(self._text))
+        """The rest of the text once generation has ended (nothing if a stop string ended it).
+
+        Tokens still held for an incomplete character are decoded as they are (U+FFFD, as a whole decode).
+        """
+        if self.stopped:
+            return ""
+        if self._read < len(self._ids):
+            before = self._tokenizer.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
+            window = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=True)
+            self._text += window[len(before) :]
+            self._read = len(self._ids)
+            if (stop_at := self._find_stop()) is not None:
+                self.stopped = True
+                return self._emit_until(stop_at)
+        return self._emit_until(len(self._text))
 
     def _find_stop(self) -> int | None:
         search_from = max(0, self._emitted_chars - self._longest_stop)

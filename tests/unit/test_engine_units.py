@@ -266,3 +266,38 @@ def test_error_envelope_has_the_openai_shape() -> None:
     assert error_envelope(error) == {
         "error": {"message": "use n=1", "type": "invalid_request_error", "param": "n", "code": "bad_n"}
     }
+
+
+class PieceTokenizer:
+    """SentencePiece-like: "▁" is a space, and a decoded text never starts with one (as Llama's decode).
+
+    So decoding a window is not a slice of decoding everything: the decoder must use the window's context.
+    """
+
+    def __init__(self, pieces: Sequence[str | bytes]) -> None:
+        self.vocab = [p.encode() if isinstance(p, str) else p for p in pieces]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        text = b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
+        return text.replace("▁", " ").removeprefix(" ")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_incremental_text_equals_decoding_everything_at_once(seed: int) -> None:
+    import random
+
+    e_acute, snow = "é".encode(), "☃".encode()
+    vocab: list[str | bytes] = ["▁the", "▁cat", "s", "▁", "é", e_acute[:1], e_acute[1:], snow[:2], snow[2:]]
+    rng = random.Random(seed)
+    ids: list[int] = []
+    while len(ids) < 40:  # random text, but a cut character is always completed next
+        i = rng.randrange(len(vocab))
+        ids += [i, i + 1] if i in (5, 7) else [] if i in (6, 8) else [i]
+    tokenizer = PieceTokenizer(vocab)
+    decoder = StopStringDecoder(tokenizer, stop=())
+    shown = "".join(decoder.add(i) for i in ids) + decoder.finish()
+    assert shown == tokenizer.decode(ids)
+    cut = ids + [7]  # generation ends inside a character: the tail decodes as a whole decode would
+    decoder = StopStringDecoder(tokenizer, stop=())
+    shown = "".join(decoder.add(i) for i in cut) + decoder.finish()
+    assert shown == tokenizer.decode(cut) and shown.endswith("\ufffd")
