@@ -128,8 +128,7 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
     """Convert, quantize and size everything; the caller wraps the parts in an `Engine`."""
     import torch
 
-    from backends.local.engine.kernels import rms_norm_op
-    from backends.local.engine.model import use_norm_kernel
+    from backends.local.engine.kernels import attach_cpu_kernels
     from backends.local.engine.runner import build_runner
     from backends.local.engine.weights import build_model
 
@@ -175,14 +174,9 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
         cache.dtype,
     )
     proposer = _proposer(options, model)  # before the GEMV swap: a self-draft copies and quantizes nn.Linear
-    if options.dtype == "bfloat16" and options.device == "cpu":
-        from backends.local.engine.quant import use_gemv_kernel
-
-        # bf16 layers left as nn.Linear: decode rows go to the C++ GEMV (~1.25x per decode step here).
-        if swapped := use_gemv_kernel(model):
-            log.info("bf16 GEMV kernel: %d linear layers", swapped)
-    if options.device == "cpu" and (norm_op := rms_norm_op()) is not None:
-        use_norm_kernel(model, norm_op)
+    if options.device == "cpu":
+        # RMSNorm, RoPE + KV write, and for bf16 the GEMV of decode rows: C++ kernels (docs/ENGINE.md).
+        log.info("C++ CPU kernels on %d modules", attach_cpu_kernels(model))
     config = SchedulerConfig(
         max_batch=options.max_batch,
         max_prefill_tokens=options.max_prefill_tokens,

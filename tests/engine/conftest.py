@@ -16,10 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from backends.local.engine.kernels import rms_norm_op  # noqa: E402
+from backends.local.engine.kernels import attach_cpu_kernels  # noqa: E402
 from backends.local.engine.kv_cache import BlockAllocator, blocks_needed  # noqa: E402
-from backends.local.engine.model import use_norm_kernel  # noqa: E402
-from backends.local.engine.quant import use_gemv_kernel  # noqa: E402
 from backends.local.engine.runner import ModelRunner, build_runner  # noqa: E402
 from backends.local.engine.types import SeqChunk, StepPlan  # noqa: E402
 from backends.local.engine.weights import build_model  # noqa: E402
@@ -87,15 +85,12 @@ def tiny_runner(
 ) -> ModelRunner:
     """Our model from `hf_model` (which stays usable as the reference) behind a runner.
 
-    With `kernels`, the C++ kernels `build_engine_parts` attaches on CPU are attached here too (RMSNorm; the
-    bf16 GEMV for bf16 models), so the equivalence tests hold the production path to transformers.
+    With `kernels`, the C++ kernels `build_engine_parts` attaches on CPU are attached here too (RMSNorm,
+    RoPE + KV write, the bf16 GEMV for bf16 models), so the equivalence tests hold the production path.
     """
     model = build_model(hf_model, dtype=dtype or torch.float32, device=device, release_source=False)
     if kernels and device == "cpu":
-        if (norm_op := rms_norm_op()) is not None:
-            use_norm_kernel(model, norm_op)
-        if model.embed_tokens.weight.dtype == torch.bfloat16:
-            use_gemv_kernel(model)
+        attach_cpu_kernels(model)
     return build_runner(model, kv_cache_mb=kv_cache_mb, block_size=block_size, attn_impl=attn_impl)
 
 

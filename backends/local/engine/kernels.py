@@ -1,9 +1,10 @@
 """The engine's C++ CPU kernels, compiled on first use and cached: `paged_attention_op()`, `bf16_gemv_op()`,
-`rms_norm_op()`.
+`rms_norm_op()`, `rope_write_op()`.
 
 `csrc/*.cpp` register `torch.ops.switchboard.paged_attention` (decode attention over the paged cache, in
 place), `torch.ops.switchboard.bf16_gemv` (bf16 matrix-vector products for a few rows) and
-`torch.ops.switchboard.rms_norm` (transformers' RMSNorm in one call). They are built as
+`torch.ops.switchboard.rms_norm` (transformers' RMSNorm in one call) and `torch.ops.switchboard.rope_write`
+(RoPE on q and k plus the K/V cache write of one layer). They are built as
 one library with torch's own extension builder (g++ and ninja, `-O3 -march=native`, torch's OpenMP pool
 through `at::parallel_for`) into `$SWITCHBOARD_CACHE_DIR/kernels/<torch version>-<source hash>/` (default
 `~/.cache/switchboard/kernels`), so a changed source or torch never reuses a stale build. The first build
@@ -32,7 +33,7 @@ log = logging.getLogger("switchboard.engine")
 
 KERNELS_ENV = "SWITCHBOARD_KERNELS"  # "off" disables the C++ kernels
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("paged_attention.cpp", "gemv.cpp", "rms_norm.cpp")
+_SOURCES = ("paged_attention.cpp", "gemv.cpp", "rms_norm.cpp", "rope.cpp")
 _STALE_LOCK_S = 600.0  # torch's build lock left by a process killed mid-build (a build takes ~10-60 s)
 _lock = threading.Lock()
 _ops: dict[str, Any] = {}  # op name -> op, filled once the library loaded
@@ -66,7 +67,8 @@ def _build() -> bool:
         cpp_extension.load(
             name="switchboard_kernels",
             sources=[str(path) for path in sources],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            # -ffp-contract=off: no FMA torch would not do, so rope/norm round exactly as the torch path.
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
@@ -80,7 +82,7 @@ def _build() -> bool:
             KERNELS_ENV,
         )
         return False
-    names = ("paged_attention", "bf16_gemv", "rms_norm")
+    names = ("paged_attention", "bf16_gemv", "rms_norm", "rope_write")
     _ops.update({name: getattr(torch.ops.switchboard, name) for name in names})
     return True
 
@@ -126,3 +128,22 @@ def bf16_gemv_op() -> Callable[..., Any] | None:
 def rms_norm_op() -> Callable[..., Any] | None:
     """`torch.ops.switchboard.rms_norm`, building the kernels on the first call; None without them."""
     return _ops["rms_norm"] if _loaded() else None
+
+
+def rope_write_op() -> Callable[..., Any] | None:
+    """`torch.ops.switchboard.rope_write`, building the kernels on the first call; None without them."""
+    return _ops["rope_write"] if _loaded() else None
+
+
+def attach_cpu_kernels(model: Any) -> int:
+    """Give a CPU float32/bf16 `Transformer` the kernels (norms, RoPE + KV write, bf16 GEMV); modules changed.
+
+    Attention's `paged` kernel is the runner's choice (`--attn`), not the model's. Without the kernels: 0.
+    """
+    if not _loaded():
+        return 0
+    from backends.local.engine.model import use_cpu_kernels
+    from backends.local.engine.quant import use_gemv_kernel
+
+    count = use_cpu_kernels(model, norm=_ops["rms_norm"], rope=_ops["rope_write"])
+    return count + use_gemv_kernel(model) if count else count

@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        # The same arithmetic in one C++ call (`kernels.rms_norm_op`), set by `use_norm_kernel` on CPU models.
+        # The same arithmetic in one C++ call (`kernels.rms_norm_op`), set by `use_cpu_kernels` on CPU models.
         self.kernel: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,14 +38,20 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def use_norm_kernel(model: nn.Module, op: Callable[..., torch.Tensor]) -> int:
-    """Give every `RMSNorm` of a float32/bfloat16 CPU model the C++ kernel `op`; how many."""
+def use_cpu_kernels(
+    model: Transformer, *, norm: Callable[..., torch.Tensor], rope: Callable[..., torch.Tensor]
+) -> int:
+    """Give a float32/bfloat16 CPU model's norms and attention layers the C++ kernels; how many modules."""
+    weight = model.embed_tokens.weight
+    if not weight.is_cpu or weight.dtype not in (torch.float32, torch.bfloat16):
+        return 0
     count = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        cpu = weight is not None and weight.is_cpu and weight.dtype in (torch.float32, torch.bfloat16)
-        if isinstance(module, RMSNorm) and cpu:
-            module.kernel = op
+        if isinstance(module, RMSNorm):
+            module.kernel = norm
+            count += 1
+        elif isinstance(module, Attention):
+            module.rope_kernel = rope
             count += 1
     return count
 
@@ -83,8 +89,9 @@ def rope_tables(args: ModelArgs, device: torch.device | str = "cpu") -> tuple[to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D) with cos/sin (T, 1, D/2): x * cos + rotate_half(x) * sin, in the same rounding order."""
+    """x (T, H, D) with cos/sin (T, D/2): x * cos + rotate_half(x) * sin, in the same rounding order."""
     x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -98,16 +105,22 @@ class Attention(nn.Module):
         qkv_features = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
         self.qkv_proj = nn.Linear(args.dim, qkv_features, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        # RoPE + the K/V write in one C++ call (`kernels.rope_write_op`), set by `use_cpu_kernels`.
+        self.rope_kernel: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata, kv: KVCache
     ) -> torch.Tensor:
         n_q, n_qk = self.n_heads, self.n_heads + self.n_kv_heads
         qkv = self.qkv_proj(x).view(x.shape[0], n_qk + self.n_kv_heads, self.head_dim)
-        qk = apply_rope(qkv[:, :n_qk], cos, sin)  # q and k heads rotated in one pass
-        kv.write(self.layer_idx, qk[:, n_q:], qkv[:, n_qk:], attn.slots)
-        out = attend(qk[:, :n_q], kv.k[self.layer_idx], kv.v[self.layer_idx], attn, scale=self.scale)
-        return self.o_proj(out)  # out: (T, H*D)
+        k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
+        if self.rope_kernel is not None:
+            q = self.rope_kernel(qkv, cos, sin, attn.slots, k_cache, v_cache, n_q)
+        else:
+            qk = apply_rope(qkv[:, :n_qk], cos, sin)  # q and k heads rotated in one pass
+            kv.write(self.layer_idx, qk[:, n_q:], qkv[:, n_qk:], attn.slots)
+            q = qk[:, :n_q]
+        return self.o_proj(attend(q, k_cache, v_cache, attn, scale=self.scale))  # attend: (T, H*D)
 
 
 class MLP(nn.Module):
@@ -173,8 +186,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits of `logits_rows` (all rows when None) in the model dtype; writes every token's K/V."""
         x = self.embed_tokens(tokens)  # (T, dim)
-        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)  # (T, 1, D/2)
-        sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        cos = self.rope_cos.index_select(0, positions)  # (T, D/2)
+        sin = self.rope_sin.index_select(0, positions)
         for layer in self.layers:
             x = layer(x, cos, sin, attn, kv)
         if logits_rows is not None:

@@ -1,0 +1,97 @@
+// Rotary embeddings and the KV-cache write of one layer, in one call.
+//
+// torch.ops.switchboard.rope_write(qkv, cos, sin, slots, k_cache, v_cache, n_heads) -> q
+//   qkv     (T, H + 2*Hkv, D) float32 or bfloat16: the stacked projection's output, heads contiguous
+//   cos/sin (T, D/2) same dtype, contiguous: the tables' rows at each token's position
+//   slots   (T,) int64: flat cache slot (block * block_size + offset) of each token
+//   k/v_cache (N, block_size, Hkv, D) contiguous: rotated keys and the values are written at the slots
+//   q       (T, H, D) contiguous: the rotated query heads
+// Each rotated element is rounded exactly as the torch path (`model.apply_rope`) rounds it: the two products,
+// then their sum, each to the tensor dtype (the library is built with -ffp-contract=off, so float32 sums are
+// never fused into an FMA that torch would not do).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline float f(float v) { return v; }
+inline float f(c10::BFloat16 v) { return static_cast<float>(v); }
+
+template <typename T>
+inline void rotate(const T* src, const T* c, const T* s, T* dst, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = f(src[i]), x2 = f(src[i + half]), ci = f(c[i]), si = f(s[i]);
+    dst[i] = static_cast<T>(f(static_cast<T>(x1 * ci)) - f(static_cast<T>(x2 * si)));
+    dst[i + half] = static_cast<T>(f(static_cast<T>(x2 * ci)) + f(static_cast<T>(x1 * si)));
+  }
+}
+
+template <typename T>
+void run(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+         at::Tensor& k_cache, at::Tensor& v_cache, int64_t n_heads, at::Tensor& q) {
+  const int64_t num_tokens = qkv.size(0), head_dim = qkv.size(2), half = head_dim / 2;
+  const int64_t n_kv = k_cache.size(2), row_stride = qkv.stride(0);
+  const T* src = qkv.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  T* kp = k_cache.data_ptr<T>();
+  T* vp = v_cache.data_ptr<T>();
+  T* qp = q.data_ptr<T>();
+  at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* row = src + t * row_stride;
+      const T* c = cp + t * half;
+      const T* s = sp + t * half;
+      for (int64_t h = 0; h < n_heads; ++h) rotate(row + h * head_dim, c, s, qp + (t * n_heads + h) * head_dim, half);
+      T* k_dst = kp + slot[t] * n_kv * head_dim;
+      for (int64_t h = 0; h < n_kv; ++h) rotate(row + (n_heads + h) * head_dim, c, s, k_dst + h * head_dim, half);
+      std::memcpy(vp + slot[t] * n_kv * head_dim, row + (n_heads + n_kv) * head_dim, n_kv * head_dim * sizeof(T));
+    }
+  });
+}
+
+at::Tensor rope_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+                      at::Tensor k_cache, at::Tensor v_cache, int64_t n_heads) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.stride(2) == 1 && qkv.stride(1) == qkv.size(2),
+              "qkv must be (T, heads, D) with contiguous heads");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must be contiguous (blocks, block_size, kv_heads, head_dim) tensors");
+  const int64_t n_kv = k_cache.size(2), head_dim = qkv.size(2);
+  TORCH_CHECK(qkv.size(1) == n_heads + 2 * n_kv && k_cache.size(3) == head_dim && head_dim % 2 == 0,
+              "qkv holds ", qkv.size(1), " heads; expected n_heads + 2 * kv_heads = ", n_heads + 2 * n_kv);
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() &&
+                  cos.size(0) == qkv.size(0) && cos.size(1) == head_dim / 2,
+              "cos and sin must be contiguous (T, D/2) tensors");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == qkv.size(0),
+              "slots must be a contiguous int64 tensor with one entry per token");
+  TORCH_CHECK(qkv.scalar_type() == k_cache.scalar_type() && qkv.scalar_type() == cos.scalar_type() &&
+                  qkv.scalar_type() == sin.scalar_type() && qkv.scalar_type() == v_cache.scalar_type(),
+              "qkv, cos, sin and the caches must share a dtype");
+  TORCH_CHECK(qkv.device().is_cpu(), "rope_write runs on CPU");
+  at::Tensor q = at::empty({qkv.size(0), n_heads, head_dim}, qkv.options());
+  if (qkv.scalar_type() == at::kFloat) {
+    run<float>(qkv, cos, sin, slots, k_cache, v_cache, n_heads, q);
+  } else if (qkv.scalar_type() == at::kBFloat16) {
+    run<c10::BFloat16>(qkv, cos, sin, slots, k_cache, v_cache, n_heads, q);
+  } else {
+    TORCH_CHECK(false, "rope_write supports float32 and bfloat16, not ", qkv.scalar_type());
+  }
+  return q;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(switchboard, m) {
+  m.def("rope_write(Tensor qkv, Tensor cos, Tensor sin, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "int n_heads) -> Tensor");
+  m.impl("rope_write", c10::DispatchKey::CPU, TORCH_FN(rope_write));
+}
