@@ -14,3 +14,15 @@ os.environ.setdefault("SWITCHBOARD_CACHE_DIR", str(Path(tempfile.gettempdir()) /
 
 PG_URL = os.environ.get("SWITCHBOARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def pytest_sessionstart(session: object) -> None:
+    """Build the engine's C++ kernels once, up front, so no engine process a test starts pays for the build
+    inside its ready deadline (processes started later load the cached library). Without torch: nothing."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return
+    from backends.local.engine.kernels import paged_attention_op
+
+    paged_attention_op()
