@@ -184,18 +184,29 @@ def query(tokens: Sequence[int], room: int = 8) -> DraftQuery:
 
 
 def test_draft_length_grows_with_acceptance_and_shrinks_without() -> None:
-    lengths = DraftLength(max_len=6)
+    lengths = DraftLength(max_len=6, probe_every=4)
     tokens: list[int] = list(range(10))
     seen = []
-    for step in range(16):  # the target agrees with every draft, then with none
+
+    def step(agree: bool) -> None:
         k = lengths.limit(query(tokens))
         seen.append(k)
         drafts = tuple(range(100, 100 + k))
         lengths.proposed(query(tokens), drafts)
-        tokens += [*drafts, 7] if step < 6 else [8]
+        tokens.extend([*drafts, 7] if agree else [8])
+
+    for i in range(22):  # the target agrees with every draft, then with none
+        step(agree=i < 6)
     assert seen[:6] == sorted(seen[:6]) and seen[5] == 6
-    assert seen[6:] == sorted(seen[6:], reverse=True) and seen[-1] == 1
+    fall = seen[6 : seen.index(0)]
+    assert fall == sorted(fall, reverse=True) and fall[-1] == 1  # down by one, to nothing
+    quiet = seen[seen.index(0) :]
+    assert set(quiet) == {0, 1} and quiet.count(1) >= 2  # no drafts, but a 1-token probe every 4th step
+    assert all(quiet[j] == 0 for j in range(1, len(quiet)) if quiet[j - 1] == 1)  # failed probes stop
     assert lengths.accepted == sum(seen[:6]) and lengths.drafted == sum(seen[:-1])
+    for _ in range(12):  # drafts agree again: accepted probes bring drafting back
+        step(agree=True)
+    assert seen[-1] >= 2
     assert lengths.limit(query(tokens, room=0)) == 0
     lengths.release(1)
     assert lengths.length(1) is None

@@ -82,14 +82,21 @@ class _Track:
     rate: float  # EWMA of accepted / drafted
     context_len: int = 0  # len(token_ids) when the last drafts were proposed
     drafts: tuple[int, ...] = ()
+    idle: int = 0  # steps since the last probe while the length is 0
 
 
 @dataclass(slots=True)
 class DraftLength:
-    """Per-sequence draft length: +1 while its acceptance EWMA is >= `raise_at`, -1 while < `lower_at`."""
+    """Per-sequence draft length: +1 while its acceptance EWMA is >= `raise_at`, -1 while < `lower_at`.
+
+    It may fall to 0: a sequence whose drafts keep failing stops paying for verify rows, and every
+    `probe_every`-th step it drafts one token to find out whether drafting pays again (two accepted
+    probes in a row bring it back from a rate near 0).
+    """
 
     max_len: int = 8
-    min_len: int = 1
+    min_len: int = 0
+    probe_every: int = 8
     alpha: float = 0.5
     raise_at: float = 0.7
     lower_at: float = 0.35
@@ -109,6 +116,12 @@ class DraftLength:
                 hits += 1
             self.observe(query.seq_id, len(track.drafts), hits)
         track.drafts = ()
+        if track.length == 0:
+            track.idle += 1
+            if track.idle < self.probe_every:
+                return 0
+            track.idle = 0
+            return min(1, query.max_drafts)
         return max(0, min(track.length, query.max_drafts))
 
     def observe(self, seq_id: int, drafted: int, accepted: int) -> None:
