@@ -85,23 +85,33 @@ class CreatedKey:
 
 
 def hash_key(plaintext: str) -> str:
+    """What the database stores of a secret (API keys and edge enrollment tokens alike)."""
     return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+def new_secret(prefix: str) -> str:
+    """`prefix` + 256 random bits in unpadded base64url: the shape `has_secret_shape` accepts."""
+    return prefix + secrets.token_urlsafe(32)
+
+
+def has_secret_shape(plaintext: str, prefix: str) -> bool:
+    """A cheap shape check of a `new_secret(prefix)`, so garbage never reaches the database or the caches."""
+    body = plaintext[len(prefix) :]
+    return (
+        plaintext.startswith(prefix)
+        and len(body) == KEY_RANDOM_CHARS
+        and all(c in _KEY_ALPHABET for c in body)
+    )
 
 
 def generate_key() -> tuple[str, str, str]:
     """(plaintext, sha256 hex, display prefix) for a fresh `sk-sb-...` key with 256 random bits."""
-    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    plaintext = new_secret(KEY_PREFIX)
     return plaintext, hash_key(plaintext), plaintext[:DISPLAY_PREFIX_CHARS]
 
 
 def looks_like_key(plaintext: str) -> bool:
-    """A cheap shape check, so garbage never reaches the database or the caches."""
-    body = plaintext[len(KEY_PREFIX) :]
-    return (
-        plaintext.startswith(KEY_PREFIX)
-        and len(body) == KEY_RANDOM_CHARS
-        and all(c in _KEY_ALPHABET for c in body)
-    )
+    return has_secret_shape(plaintext, KEY_PREFIX)
 
 
 def check_usable(identity: KeyIdentity, *, now: dt.datetime) -> None:

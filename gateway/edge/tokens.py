@@ -9,10 +9,8 @@ override those its nodes report (an admin scopes a token to `site=plant-7`). Fun
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
 import secrets
-import string
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -22,11 +20,10 @@ from sqlalchemy.engine import Engine
 
 from gateway.db import edge_tokens
 from gateway.errors import InvalidRequest
+from gateway.keys import has_secret_shape, hash_key, new_secret
 
 TOKEN_PREFIX = "sbe_"
-TOKEN_RANDOM_CHARS = 43  # secrets.token_urlsafe(32)
 ID_PREFIX = "et_"
-_TOKEN_ALPHABET = frozenset(string.ascii_letters + string.digits + "-_")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -62,18 +59,12 @@ class CreatedToken:
     plaintext: str
 
 
-def hash_token(plaintext: str) -> str:
-    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+hash_token = hash_key  # tokens are stored as API keys are: the SHA-256 hex of the plaintext
 
 
 def looks_like_token(plaintext: str) -> bool:
     """A cheap shape check, so garbage never reaches the database."""
-    body = plaintext[len(TOKEN_PREFIX) :]
-    return (
-        plaintext.startswith(TOKEN_PREFIX)
-        and len(body) == TOKEN_RANDOM_CHARS
-        and all(c in _TOKEN_ALPHABET for c in body)
-    )
+    return has_secret_shape(plaintext, TOKEN_PREFIX)
 
 
 def parse_duration_s(text: str, *, param: str = "expires_in") -> float:
@@ -148,7 +139,7 @@ def create_token(
         if expires_at <= now:
             raise InvalidRequest(f"expires_at {expires_at.isoformat()} is in the past", param="expires_at")
     checked = check_labels(labels or {})
-    plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    plaintext = new_secret(TOKEN_PREFIX)
     token_id = ID_PREFIX + secrets.token_hex(6)
     with engine.begin() as conn:
         conn.execute(
