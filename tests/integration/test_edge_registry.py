@@ -24,6 +24,7 @@ from gateway.edge.registry import (
 )
 from tests.conftest import REDIS_URL
 from tests.replicas.conftest import delete_prefix
+from tests.support.edge_records import node_record
 
 TTL_S = 0.5
 EXPIRE_S = 1.5
@@ -31,22 +32,7 @@ T0 = 1_800_000_000.0
 
 
 def record(node_id: str = "n1", **changes: object) -> NodeRecord:
-    base = NodeRecord(
-        node_id=node_id,
-        replica="r1",
-        link_id="link-1",
-        token_id="et_1",
-        models=("smollm2",),
-        labels={"site": "plant-7"},
-        max_batch=4,
-        kv_cache_mb=64.0,
-        tokens_per_s=21.5,
-        usd_per_hour=0.25,
-        version="0.1.0",
-        connected_at=T0,
-        last_seen=T0,
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return node_record(node_id, at=T0, **changes)
 
 
 @contextlib.asynccontextmanager

@@ -31,6 +31,7 @@ from gateway.edge.registry import NodeRecord, RedisRegistry
 from gateway.edge.relay import Envelope, Relay, channel, pack, unpack
 from tests.conftest import REDIS_URL
 from tests.replicas.conftest import delete_prefix
+from tests.support.edge_records import node_record
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.timing import CUT_OFF_S
 
@@ -65,26 +66,9 @@ class ScriptedLink:
             self.ended.append(request.id)
 
 
-def node_record(
-    replica: str, *, node_id: str = "n1", last_seen: float | None = None, **kw: object
-) -> NodeRecord:
-    now = time.time()
-    return NodeRecord(
-        node_id=node_id,
-        replica=replica,
-        link_id="link-1",
-        token_id="et_1",
-        models=("smollm2",),
-        labels={"site": "plant-7"},
-        max_batch=4,
-        kv_cache_mb=64.0,
-        tokens_per_s=30.0,
-        usd_per_hour=0.0,
-        version="t",
-        connected_at=now,
-        last_seen=now if last_seen is None else last_seen,
-        **kw,  # type: ignore[arg-type]
-    )
+def relay_record(replica: str, **changes: object) -> NodeRecord:
+    """A node connected to `replica` now (as of the wall clock); `changes` as `node_record`'s."""
+    return node_record(at=time.time(), replica=replica, **changes)
 
 
 def client(url: str = REDIS_URL) -> Redis:
@@ -131,7 +115,7 @@ async def relay_pair(url: str = REDIS_URL, *, hold: bool = True) -> AsyncIterato
     if hold:
         held.start(lambda node_id: link if node_id == "n1" else None, lambda: None)
     asking.start(lambda node_id: None, lambda: None)
-    await registry.put(node_record("replica-a"))
+    await registry.put(relay_record("replica-a"))
     pair = Pair(held, asking, registry, link, prefix, redis)
     try:
         await until(lambda: asking.tunnel("n1") is not None and (held.subscribed or not hold))
@@ -260,9 +244,9 @@ async def test_a_node_gone_from_the_holder_fails_retryably() -> None:
 async def test_stale_and_closed_records_and_our_own_nodes_are_not_routed_remotely() -> None:
     async with relay_pair() as pair:
         old = time.time() - TTL_S - 1.0
-        await pair.registry.put(node_record("replica-a", node_id="stale", last_seen=old))
-        await pair.registry.put(node_record("replica-a", node_id="closed", closed=True))
-        await pair.registry.put(node_record("replica-b", node_id="mine"))
+        await pair.registry.put(relay_record("replica-a", node_id="stale", last_seen=old))
+        await pair.registry.put(relay_record("replica-a", node_id="closed", closed=True))
+        await pair.registry.put(relay_record("replica-b", node_id="mine"))
         await pair.asking.poll_once()
         now_s = time.monotonic()
         live = {n.node_id for n in pair.asking.remote_nodes() if is_live(n, now_s, TTL_S)}
