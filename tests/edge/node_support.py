@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,3 +210,15 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> No
     async with asyncio.timeout(timeout_s):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+async def wait_until(
+    check: Callable[[], bool], what: str, timeout_s: float, logs: Callable[[], str]
+) -> float:
+    """Poll `check` every 0.1 s; the seconds it took, or AssertionError naming `what` with `logs()`."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"{what}: not within {timeout_s} s\n{logs()}")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started

@@ -40,6 +40,7 @@ from gateway import db, keys  # noqa: E402
 from gateway.cli import app as cli_app  # noqa: E402
 from gateway.db import make_engine  # noqa: E402
 from gateway.edge import tokens  # noqa: E402
+from tests.edge.node_support import wait_until  # noqa: E402
 from tests.support.fake_edge import refused  # noqa: E402
 from tests.support.fake_provider import FakeProvider  # noqa: E402
 from tests.support.live import free_port  # noqa: E402
@@ -178,12 +179,7 @@ class Rig:
         return {c["backend"] for c in explained["candidates"]}
 
     async def wait(self, check: Any, what: str, timeout_s: float) -> float:
-        started = time.monotonic()
-        while not check():
-            if time.monotonic() - started > timeout_s:
-                raise AssertionError(f"{what}: not within {timeout_s} s\n{self.logs()}")
-            await asyncio.sleep(0.1)
-        return time.monotonic() - started
+        return await wait_until(check, what, timeout_s, self.logs)
 
     def client(self, team: str = "t") -> AsyncOpenAI:
         key = keys.create_key(self.db, team, name="e2e", models=None, expires_at=None).plaintext

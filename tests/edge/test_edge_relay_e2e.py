@@ -34,6 +34,7 @@ pytest.importorskip("transformers")
 from gateway import db, keys  # noqa: E402
 from gateway.edge import tokens  # noqa: E402
 from tests.conftest import PG_URL, REDIS_URL  # noqa: E402
+from tests.edge.node_support import wait_until  # noqa: E402
 from tests.replicas.conftest import delete_prefix  # noqa: E402
 from tests.support.model_cache import smollm2_directory  # noqa: E402
 from tests.support.replicas import ROOT, GatewayReplicas, pg_schema  # noqa: E402
@@ -100,12 +101,7 @@ class Rig:
             time.sleep(0.05)
 
     async def wait(self, check: Any, what: str, timeout_s: float) -> float:
-        started = time.monotonic()
-        while not check():
-            if time.monotonic() - started > timeout_s:
-                raise AssertionError(f"{what}: not within {timeout_s} s\n{self.logs()}")
-            await asyncio.sleep(0.1)
-        return time.monotonic() - started
+        return await wait_until(check, what, timeout_s, self.logs)
 
 
 @pytest.fixture(scope="module")
