@@ -23,6 +23,6 @@ def pytest_sessionstart(session: object) -> None:
 
     if importlib.util.find_spec("torch") is None:
         return
-    from backends.local.engine.kernels import paged_attention_op
+    from backends.local.engine.kernels import kernel_op
 
-    paged_attention_op()
+    kernel_op("paged_attention")

@@ -15,7 +15,7 @@ import pytest
 
 from backends.local.engine.attention import SeqSpan, attend, build_metadata, resolve_impl
 from backends.local.engine.config import ModelArgs, UnsupportedModelError
-from backends.local.engine.kernels import kernels_disabled, paged_attention_op
+from backends.local.engine.kernels import kernel_op, kernels_disabled
 from backends.local.engine.kv_cache import blocks_needed
 from backends.local.engine.types import SeqChunk, StepPlan
 from backends.local.engine.weights import build_model
@@ -209,7 +209,7 @@ def test_paged_kernel_is_built_here() -> None:
     """CI and every machine with g++ and ninja must run the kernel, not silently fall back to SDPA."""
     if kernels_disabled():
         pytest.skip("SWITCHBOARD_KERNELS=off")
-    assert paged_attention_op() is not None
+    assert kernel_op("paged_attention") is not None
     assert resolve_impl("auto", device=torch.device("cpu"), dtype=torch.bfloat16) == "paged"
 
 
@@ -337,7 +337,6 @@ def test_smollm2_matches_transformers(smollm2: Any) -> None:
 @pytest.mark.parametrize("rows", [1, 37])
 def test_rms_norm_kernel_reproduces_the_torch_path(rows: int) -> None:
     """bf16: bit for bit (the same two roundings); float32: within summation-order noise."""
-    from backends.local.engine.kernels import rms_norm_op
     from backends.local.engine.model import RMSNorm
 
     g = torch.Generator().manual_seed(rows)
@@ -347,7 +346,7 @@ def test_rms_norm_kernel_reproduces_the_torch_path(rows: int) -> None:
             norm.weight.copy_(torch.randn(576, generator=g) * 0.5 + 1)
         x = (torch.randn(rows, 576, generator=g) * 3).to(dtype)
         reference = norm(x)
-        op = rms_norm_op()
+        op = kernel_op("rms_norm")
         assert op is not None
         norm.kernel = op
         got = norm(x)
@@ -358,10 +357,9 @@ def test_rms_norm_kernel_reproduces_the_torch_path(rows: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_write_kernel_reproduces_the_torch_path(dtype: Any) -> None:
     """Rotated q bit for bit, rotated k and raw v written at the slots, nothing else in the cache touched."""
-    from backends.local.engine.kernels import rope_write_op
     from backends.local.engine.model import apply_rope
 
-    op = rope_write_op()
+    op = kernel_op("rope_write")
     assert op is not None
     g = torch.Generator().manual_seed(3)
     n_q, n_kv, head_dim, tokens = 9, 3, 64, 7

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from backends.local.engine.kernels import kernel_op
 from backends.local.engine.kv_cache import blocks_needed
 
 AttnImpl = Literal["sdpa", "eager", "flash", "paged"]
@@ -80,12 +81,8 @@ def resolve_impl(impl: str, *, device: torch.device, dtype: torch.dtype) -> Attn
     if device.type == "cuda":
         fp16 = dtype in (torch.float16, torch.bfloat16)
         return "flash" if fp16 and flash_available() else "sdpa"
-    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        from backends.local.engine.kernels import paged_attention_op
-
-        if paged_attention_op() is not None:
-            return "paged"
-    return "sdpa"
+    cpu = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+    return "paged" if cpu and kernel_op("paged_attention") is not None else "sdpa"
 
 
 def check_impl(impl: str, *, device: torch.device, dtype: torch.dtype) -> AttnImpl:
@@ -93,11 +90,9 @@ def check_impl(impl: str, *, device: torch.device, dtype: torch.dtype) -> AttnIm
     if impl not in ATTN_IMPLS:
         raise ValueError(f"attention impl `{impl}` is unknown; choose one of {', '.join(ATTN_CHOICES)}")
     if impl == "paged":
-        from backends.local.engine.kernels import paged_attention_op
-
         if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             raise ValueError("attention impl `paged` runs on CPU in float32 or bfloat16; use `sdpa`/`auto`")
-        if paged_attention_op() is None:
+        if kernel_op("paged_attention") is None:
             raise ValueError(
                 "attention impl `paged` needs its C++ kernel, which did not build (see the log); use `sdpa`"
             )
@@ -125,13 +120,13 @@ def build_metadata(
         row_starts.append(row)
         row += s.num_tokens
     short = [i for i, s in enumerate(spans) if s.num_tokens <= max_batched_q]
-    members = [short] if short else []
-    members += [[i] for i, s in enumerate(spans) if s.num_tokens > max_batched_q]
+    members = [(short, True)] if short else []  # (span indices, whether it is the short group)
+    members += [([i], False) for i, s in enumerate(spans) if s.num_tokens > max_batched_q]
     groups = []
-    for m in members:
+    for m, is_short in members:
         group_spans, starts = [spans[i] for i in m], [row_starts[i] for i in m]
         alone = len(members) == 1
-        if impl == "paged" and m is short:
+        if impl == "paged" and is_short:
             groups.append(_build_paged_group(group_spans, starts, block_size, alone, slots.device))
             continue
         group_impl: AttnImpl = "sdpa" if impl == "paged" else impl  # paged: long prefill chunks use SDPA
@@ -140,6 +135,14 @@ def build_metadata(
         )
     identity = len(groups) == 1 and groups[0].q_rows is None
     return AttentionMetadata(slots=slots, groups=tuple(groups), num_tokens=row, impl=impl, identity=identity)
+
+
+def _context(spans: list[SeqSpan], block_size: int) -> tuple[list[int], int, list[list[int]]]:
+    """Keys per span once this step is written, the blocks covering the longest (nb), and each span's first
+    nb blocks, 0-padded: the group's (B, nb) block table."""
+    ctx = [s.start_pos + s.num_tokens for s in spans]
+    nb = blocks_needed(max(ctx), block_size)
+    return ctx, nb, [list(s.block_table[:nb]) + [0] * (nb - len(s.block_table[:nb])) for s in spans]
 
 
 def _build_group(
@@ -153,9 +156,7 @@ def _build_group(
     dtype: torch.dtype,
 ) -> AttnGroup:
     batch, q_len = len(spans), max(s.num_tokens for s in spans)
-    ctx = [s.start_pos + s.num_tokens for s in spans]
-    nb = blocks_needed(max(ctx), block_size)
-    table = [list(s.block_table[:nb]) + [0] * (nb - len(s.block_table[:nb])) for s in spans]
+    ctx, nb, table = _context(spans, block_size)
     q_rows: list[int] = []
     real_rows: list[int] = []
     out_rows: list[int] = []
@@ -182,9 +183,7 @@ def _build_paged_group(
     spans: list[SeqSpan], row_starts: list[int], block_size: int, alone: bool, device: torch.device
 ) -> AttnGroup:
     """The short group for the paged kernel: no padding, no mask; each query has its row and causal limit."""
-    ctx = [s.start_pos + s.num_tokens for s in spans]
-    nb = blocks_needed(max(ctx), block_size)
-    table = [list(s.block_table[:nb]) + [0] * (nb - len(s.block_table[:nb])) for s in spans]
+    ctx, _, table = _context(spans, block_size)
     token_seq: list[int] = []
     token_keys: list[int] = []
     out_rows: list[int] = []
@@ -271,9 +270,7 @@ def _paged(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttnGroup, scale: float
 ) -> torch.Tensor:
     """The C++ kernel over the group's queries (n, H, D), in their packed order -> (n, H*D)."""
-    from backends.local.engine.kernels import paged_attention_op
-
-    op = paged_attention_op()
+    op = kernel_op("paged_attention")
     assert op is not None, "impl `paged` is only chosen once the kernel has loaded"
     out = op(q, k_cache, v_cache, group.block_table, group.token_seq, group.token_keys, scale)
     return out.view(q.shape[0], q.shape[1] * q.shape[2])

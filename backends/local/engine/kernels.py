@@ -1,5 +1,4 @@
-"""The engine's C++ CPU kernels, compiled on first use and cached: `paged_attention_op()`, `bf16_gemv_op()`,
-`rms_norm_op()`, `rope_write_op()`.
+"""The engine's C++ CPU kernels, compiled on first use and cached: `kernel_op(name)`, `attach_cpu_kernels`.
 
 `csrc/*.cpp` register `torch.ops.switchboard.paged_attention` (decode attention over the paged cache, in
 place), `torch.ops.switchboard.bf16_gemv` (bf16 matrix-vector products for a few rows) and
@@ -11,7 +10,7 @@ through `at::parallel_for`) into `$SWITCHBOARD_CACHE_DIR/kernels/<torch version>
 takes 10-60 s on 2 cores, later loads a fraction of a second. `-march=native` ties a build to the CPU it was
 made on; the directory is per machine like the rest of the cache.
 
-Invariant: a failed build is logged once with the reason and the fix, and every `*_op()` returns None, so
+Invariant: a failed build is logged once with the reason and the fix, and `kernel_op()` returns None, so
 the engine falls back to torch's own ops (gather + SDPA, the GEMM); it never fails a request for want of a
 kernel. Set `SWITCHBOARD_KERNELS=off` to skip the build altogether.
 """
@@ -34,6 +33,7 @@ log = logging.getLogger("switchboard.engine")
 KERNELS_ENV = "SWITCHBOARD_KERNELS"  # "off" disables the C++ kernels
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("paged_attention.cpp", "gemv.cpp", "rms_norm.cpp", "rope.cpp")
+OP_NAMES = ("paged_attention", "bf16_gemv", "rms_norm", "rope_write")  # what the sources register
 _STALE_LOCK_S = 600.0  # torch's build lock left by a process killed mid-build (a build takes ~10-60 s)
 _lock = threading.Lock()
 _ops: dict[str, Any] = {}  # op name -> op, filled once the library loaded
@@ -82,8 +82,7 @@ def _build() -> bool:
             KERNELS_ENV,
         )
         return False
-    names = ("paged_attention", "bf16_gemv", "rms_norm", "rope_write")
-    _ops.update({name: getattr(torch.ops.switchboard, name) for name in names})
+    _ops.update({name: getattr(torch.ops.switchboard, name) for name in OP_NAMES})
     return True
 
 
@@ -115,24 +114,10 @@ def _loaded() -> bool:
         return _built[0]
 
 
-def paged_attention_op() -> Callable[..., Any] | None:
-    """`torch.ops.switchboard.paged_attention`, building the kernels on the first call; None without them."""
-    return _ops["paged_attention"] if _loaded() else None
-
-
-def bf16_gemv_op() -> Callable[..., Any] | None:
-    """`torch.ops.switchboard.bf16_gemv`, building the kernels on the first call; None without them."""
-    return _ops["bf16_gemv"] if _loaded() else None
-
-
-def rms_norm_op() -> Callable[..., Any] | None:
-    """`torch.ops.switchboard.rms_norm`, building the kernels on the first call; None without them."""
-    return _ops["rms_norm"] if _loaded() else None
-
-
-def rope_write_op() -> Callable[..., Any] | None:
-    """`torch.ops.switchboard.rope_write`, building the kernels on the first call; None without them."""
-    return _ops["rope_write"] if _loaded() else None
+def kernel_op(name: str) -> Callable[..., Any] | None:
+    """`torch.ops.switchboard.<name>` (one of `OP_NAMES`), building the kernels on the first call; None
+    without them."""
+    return _ops[name] if _loaded() else None
 
 
 def attach_cpu_kernels(model: Any) -> int:

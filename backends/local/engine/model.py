@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        # The same arithmetic in one C++ call (`kernels.rms_norm_op`), set by `use_cpu_kernels` on CPU models.
+        # The same arithmetic in one C++ call (`kernels.kernel_op`), set by `use_cpu_kernels` on CPU models.
         self.kernel: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ class Attention(nn.Module):
         qkv_features = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
         self.qkv_proj = nn.Linear(args.dim, qkv_features, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
-        # RoPE + the K/V write in one C++ call (`kernels.rope_write_op`), set by `use_cpu_kernels`.
+        # RoPE + the K/V write in one C++ call (`kernels.kernel_op`), set by `use_cpu_kernels`.
         self.rope_kernel: Callable[..., torch.Tensor] | None = None
 
     def forward(

@@ -448,16 +448,15 @@ class GemvLinear(nn.Module):
         rows = x.shape[0] if x.dim() == 2 else x.numel() // self.in_features
         if rows > self.MAX_ROWS or rows == 0 or x.dtype != torch.bfloat16:
             return F.linear(x, self.weight, self.bias)
-        x2 = x if x.dim() == 2 else x.reshape(rows, self.in_features)
-        out = self._op(x2 if x2.is_contiguous() else x2.contiguous(), self.weight, self.bias)
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+        out = self._op(_kernel_input(x, self.in_features, self.in_features), self.weight, self.bias)
+        return _kernel_output(out, x, None, self.out_features)  # the kernel added the bias
 
 
 def use_gemv_kernel(model: nn.Module) -> int:
     """Swap every bf16 CPU `nn.Linear` in `model` for `GemvLinear` when the kernel is built; how many."""
-    from backends.local.engine.kernels import bf16_gemv_op
+    from backends.local.engine.kernels import kernel_op
 
-    op = bf16_gemv_op()
+    op = kernel_op("bf16_gemv")
     if op is None:
         return 0
     swapped = 0
