@@ -117,15 +117,29 @@ def test_attention_impl_agrees_with_eager(impl: str) -> None:
     assert max((a - b).abs().max().item() for a, b in zip(ours, eager, strict=True)) < 3e-5
 
 
-def _random_attention_case(dtype: Any, device: str = "cpu", block_size: int = 4) -> tuple[Any, ...]:
-    """A filled paged cache, and new queries for spans mixing a long prefill, short chunks and decodes."""
-    g = torch.Generator().manual_seed(0)
-    n_blocks, n_kv, head_dim, n_heads = 64, 2, 16, 6
+# (start position, new tokens) per sequence: a long prefill, short chunks and decodes.
+MIXED_CHUNKS = ((0, 13), (9, 1), (30, 5), (3, 2), (17, 1), (0, 1))
+
+
+def _random_attention_case(
+    dtype: Any,
+    device: str = "cpu",
+    block_size: int = 4,
+    *,
+    seed: int = 0,
+    n_blocks: int = 64,
+    n_kv: int = 2,
+    n_heads: int = 6,
+    head_dim: int = 16,
+    chunks: tuple[tuple[int, int], ...] = MIXED_CHUNKS,
+) -> tuple[Any, ...]:
+    """A filled paged cache (blocks in random order), and new queries for the spans `chunks` describes."""
+    g = torch.Generator().manual_seed(seed)
     k_cache = torch.randn(n_blocks, block_size, n_kv, head_dim, generator=g).to(device, dtype)
     v_cache = torch.randn(n_blocks, block_size, n_kv, head_dim, generator=g).to(device, dtype)
     order = torch.randperm(n_blocks, generator=g).tolist()
     spans, taken = [], 0
-    for start, n in ((0, 13), (9, 1), (30, 5), (3, 2), (17, 1), (0, 1)):
+    for start, n in chunks:
         need = blocks_needed(start + n, block_size)
         spans.append(SeqSpan(start, n, order[taken : taken + need]))
         taken += need
@@ -185,19 +199,19 @@ def test_sdpa_agrees_with_eager_bf16() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_kernel_matches_reference_for_decode_batches(head_dim: int, dtype: Any) -> None:
     """Decode tokens and drafts only (one group: the whole step), GQA 3:1 as SmolLM2, long contexts."""
-    g = torch.Generator().manual_seed(1)
-    block_size, n_blocks, n_kv, n_heads = 16, 96, 3, 9
-    k_cache = torch.randn(n_blocks, block_size, n_kv, head_dim, generator=g).to(dtype)
-    v_cache = torch.randn(n_blocks, block_size, n_kv, head_dim, generator=g).to(dtype)
-    order = torch.randperm(n_blocks, generator=g).tolist()
-    spans, taken = [], 0
-    for start, n in ((200, 1), (0, 1), (15, 1), (16, 5), (333, 1), (47, 3)):
-        need = blocks_needed(start + n, block_size)
-        spans.append(SeqSpan(start, n, order[taken : taken + need]))
-        taken += need
-    q = torch.randn(sum(s.num_tokens for s in spans), n_heads, head_dim, generator=g).to(dtype)
-    slots = torch.zeros(q.shape[0], dtype=torch.long)
-    case = (q, k_cache, v_cache, spans, slots)
+    block_size = 16
+    decodes = ((200, 1), (0, 1), (15, 1), (16, 5), (333, 1), (47, 3))
+    case = _random_attention_case(
+        dtype,
+        block_size=block_size,
+        seed=1,
+        chunks=decodes,
+        n_blocks=96,
+        n_kv=3,
+        n_heads=9,
+        head_dim=head_dim,
+    )
+    q, k_cache, v_cache, spans, slots = case
     meta = build_metadata(spans, slots, block_size=block_size, n_rep=3, impl="paged", dtype=dtype)
     assert meta.identity and meta.groups[0].token_seq is not None
     got = attend(q, k_cache, v_cache, meta, scale=head_dim**-0.5).float()
