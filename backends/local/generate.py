@@ -38,11 +38,10 @@ class StopStringDecoder:
     def add(self, token_id: int) -> str:
         """Feed one token; return the text that is now safe to show."""
         self._ids.append(token_id)
-        before = self._tokenizer.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
-        window = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=True)
-        if window.endswith(_REPLACEMENT_CHAR) or len(window) <= len(before):
+        new = self._unread_text()
+        if new is None or new.endswith(_REPLACEMENT_CHAR):
             return ""  # an incomplete character (or nothing visible yet): wait for more tokens
-        self._text += window[len(before) :]
+        self._text += new
         self._prefix, self._read = self._read, len(self._ids)
         stop_at = self._find_stop()
         if stop_at is not None:
@@ -58,14 +57,19 @@ class StopStringDecoder:
         if self.stopped:
             return ""
         if self._read < len(self._ids):
-            before = self._tokenizer.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
-            window = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=True)
-            self._text += window[len(before) :]
+            self._text += self._unread_text() or ""
             self._read = len(self._ids)
             if (stop_at := self._find_stop()) is not None:
                 self.stopped = True
                 return self._emit_until(stop_at)
         return self._emit_until(len(self._text))
+
+    def _unread_text(self) -> str | None:
+        """The text the ids after `_read` add, decoded with the window's earlier ids as context; None if they
+        add no visible characters yet."""
+        before = self._tokenizer.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
+        window = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=True)
+        return window[len(before) :] if len(window) > len(before) else None
 
     def _find_stop(self) -> int | None:
         search_from = max(0, self._emitted_chars - self._longest_stop)
