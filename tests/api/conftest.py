@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,13 +13,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway import db, keys
+from gateway import keys
 from gateway.app import create_app
 from gateway.config import Config, parse_config
 from gateway.db import make_engine
 from tests.conftest import PG_URL
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer
+from tests.support.usage import wait_for_usage_row
 
 ADMIN_KEY = "admin-" + uuid.uuid4().hex
 FAKE_UPSTREAM_KEY = "sk-fake-upstream-" + uuid.uuid4().hex
@@ -102,19 +102,7 @@ class Gateway:
 
     def usage_row(self, request_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
         """The ledger row for a request, once the writer has flushed it."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self.db.connect() as conn:
-                row = (
-                    conn.execute(sa.select(db.usage).where(db.usage.c.request_id == request_id))
-                    .mappings()
-                    .first()
-                )
-            if row is not None:
-                return dict(row)
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no ledger row for request {request_id} after {timeout_s} s")
-            time.sleep(0.02)
+        return wait_for_usage_row(self.db, request_id, timeout_s)
 
     def count_rows(self, request_id: str) -> int:
         with self.db.connect() as conn:

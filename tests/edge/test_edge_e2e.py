@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import sqlalchemy as sa
 from openai import AsyncOpenAI
 from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
@@ -36,7 +34,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from backends.edge import wire  # noqa: E402
-from gateway import db, keys  # noqa: E402
+from gateway import keys  # noqa: E402
 from gateway.cli import app as cli_app  # noqa: E402
 from gateway.db import make_engine  # noqa: E402
 from gateway.edge import tokens  # noqa: E402
@@ -46,6 +44,7 @@ from tests.support.fake_provider import FakeProvider  # noqa: E402
 from tests.support.live import free_port  # noqa: E402
 from tests.support.model_cache import smollm2_directory  # noqa: E402
 from tests.support.timing import CUT_OFF_S
+from tests.support.usage import wait_for_usage_row
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(420)]
 
@@ -186,18 +185,7 @@ class Rig:
         return AsyncOpenAI(base_url=self.base_url + "/v1", api_key=key, max_retries=0, timeout=120)
 
     def row(self, request_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self.db.connect() as conn:
-                found = (
-                    conn.execute(sa.select(db.usage).where(db.usage.c.request_id == request_id))
-                    .mappings()
-                    .first()
-                )
-            if found is not None:
-                return dict(found)
-            assert time.monotonic() < deadline, f"no ledger row for {request_id}"
-            time.sleep(0.05)
+        return wait_for_usage_row(self.db, request_id, timeout_s)
 
 
 def _cli(*args: str) -> str:

@@ -35,6 +35,7 @@ from tests.support.fake_edge import FakeNode, refused, until
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer, free_port
 from tests.support.timing import CUT_OFF_S
+from tests.support.usage import wait_for_usage_row
 
 ADMIN_KEY = "admin-" + uuid.uuid4().hex
 TTL_S = 1.0
@@ -125,18 +126,7 @@ class Hub:
         return {n["node_id"]: n for n in self.admin("GET", "/admin/edge/nodes").json()["data"]}
 
     def usage_row(self, request_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self.db.connect() as conn:
-                row = (
-                    conn.execute(sa.select(db.usage).where(db.usage.c.request_id == request_id))
-                    .mappings()
-                    .first()
-                )
-            if row is not None:
-                return dict(row)
-            assert time.monotonic() < deadline, f"no ledger row for {request_id}"
-            time.sleep(0.02)
+        return wait_for_usage_row(self.db, request_id, timeout_s)
 
 
 @pytest.fixture(scope="module")

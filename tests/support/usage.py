@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -55,3 +56,16 @@ def count_usage(engine: Engine) -> tuple[int, int]:
             sa.select(sa.func.count(), sa.func.count(sa.distinct(usage.c.request_id)))
         ).one()
     return int(total), int(distinct)
+
+
+def wait_for_usage_row(engine: Engine, request_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The ledger row for a request, once the writer has flushed it (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(usage).where(usage.c.request_id == request_id)).mappings().first()
+        if row is not None:
+            return dict(row)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no ledger row for request {request_id} after {timeout_s} s")
+        time.sleep(0.02)
