@@ -136,7 +136,7 @@ models = ["*"]
 
 
 def _make_key(db_url: str) -> str:
-    from gateway import db, keys
+    from gateway.store import db, keys
 
     db.migrate(db_url)
     engine = db.make_engine(db_url)

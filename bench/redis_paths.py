@@ -97,7 +97,7 @@ def stack(
     """Fake provider and `n` gateways sharing one fresh PostgreSQL schema and Redis prefix (both removed
     after). `gateway_pins[i]` prefixes replica i's command (e.g. `taskset -c 0`); `redis_extra` is merged
     into the [redis] table (e.g. timeout_ms)."""
-    from gateway import keys
+    from gateway.store import keys
 
     upstream = FakeUpstream(tmp).spawn(pin=upstream_pin)
     prefix = f"bench:{uuid.uuid4().hex[:12]}:"

@@ -30,9 +30,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from bench.overhead import machine_info
-from gateway.db import make_engine, migrate
 from gateway.reports import Dimension, Report, ReportQuery, Source, usage_report
-from gateway.rollup import Rollup
+from gateway.store.db import make_engine, migrate
+from gateway.store.rollups import Rollup
 
 DEFAULT_PG_URL = os.environ.get(
     "SWITCHBOARD_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -139,7 +139,7 @@ def _key(rng: random.Random, allowed: tuple[str, ...]) -> Key:
 
 
 def _candidates_json(rng: random.Random, model: str, chosen: str) -> str:
-    """The ledger's ranked candidates: the model's deployments, the chosen one first (gateway/route.py)."""
+    """The ledger's ranked candidates: the model's deployments, the chosen one first (pipeline/plan.py)."""
     ranked = [chosen, *(b for b, _ in MODELS[model][2] if b != chosen)]
     parts = [
         f'{{"deployment":"{model}@{b}","backend":"{b}","latency_ms":{rng.uniform(200, 2000):.1f},'
@@ -461,7 +461,7 @@ def render(t: Timings, command: str, info: dict[str, str], load_avg: str) -> str
         "",
         "- Sums (requests, tokens, cost, errors, cache hits, savings, fallbacks) from rollups and from raw "
         f"rows: {verdict}. Largest ratio between a group's p95 latency from histograms and the exact one "
-        f"(groups of 1,000+ requests): {t.max_p95_ratio:.3f} (histogram bound 1.376, gateway/histogram.py).",
+        f"(groups of 1,000+ requests): {t.max_p95_ratio:.3f} (histogram bound 1.376, live/histogram.py).",
         f"- Goal: 30-day team x model report from rollups < {GOAL_S:.0f} s: {goal} ({median_rollup:.3f} s); "
         f"from raw rows it takes {raw_over_rollup:,.1f}x as long.",
     ]

@@ -167,7 +167,7 @@ def main() -> None:
     lines += [
         "",
         "`routing.privacy.detect_messages` on a system message plus one user message (what "
-        "`gateway/route.py` runs on every chat request):",
+        "`gateway/pipeline/plan.py` runs on every chat request):",
         "",
         "| user message | chars | detected | p50 µs | p99 µs | max µs |",
         "|---|---:|---|---:|---:|---:|",

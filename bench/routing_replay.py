@@ -194,7 +194,7 @@ class Rig:
 
 
 def _make_keys(db_url: str) -> dict[str, str]:
-    from gateway import db, keys
+    from gateway.store import db, keys
 
     db.migrate(db_url)
     engine = db.make_engine(db_url)

@@ -42,7 +42,7 @@ class UsageRecord:
     route_candidates: str | None = None  # JSON: ranked candidates with their score terms
 
 
-BUDGET_PERIODS = ("day", "month")  # a UTC day or calendar month: the values of gateway.limits.BudgetPeriod
+BUDGET_PERIODS = ("day", "month")  # a UTC day or calendar month: the values of limits.base.BudgetPeriod
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.engine import Engine
 
 from backends.base import Backend, BackendKind
-from gateway.admission import Gate, QuotaStore
-from gateway.cache import MemoryCache, RedisCache, ResponseCache
+from gateway.cache.store import MemoryCache, RedisCache, ResponseCache
 from gateway.config import (
     CloudBackendConfig,
     Config,
@@ -34,20 +33,23 @@ from gateway.config import (
     EdgeBackendConfig,
     OpenAIBackendConfig,
 )
-from gateway.db import make_engine, migrate
 from gateway.edge.hub import EdgeHub
 from gateway.edge.link import NodeTimeouts
 from gateway.edge.registry import MemoryRegistry, RedisRegistry, Registry
 from gateway.edge.relay import Relay
-from gateway.health import HealthProber
-from gateway.keys import KeyStore, upsert_teams
-from gateway.ledger import LedgerWriter
-from gateway.limits import BudgetRule, MemoryLimiter, RedisLimiter
+from gateway.limits.base import BudgetRule
+from gateway.limits.gate import Gate, QuotaStore
+from gateway.limits.memory import MemoryLimiter
+from gateway.limits.redis_store import RedisLimiter
+from gateway.live.health import HealthProber
+from gateway.live.state import RoutingState, build_specs, is_edge
+from gateway.live.sync import RoutingSync
 from gateway.metrics import GatewayMetrics
-from gateway.rollup_job import RollupJob
-from gateway.routing_state import RoutingState, build_specs, is_edge
-from gateway.shared_routing import RoutingSync
-from gateway.spend import spent_micro_usd
+from gateway.store.db import make_engine, migrate
+from gateway.store.keys import KeyStore, upsert_teams
+from gateway.store.ledger import LedgerWriter
+from gateway.store.spend import spent_micro_usd
+from gateway.store.upkeep import RollupJob
 from routing.decision import FREE, Deployment, Price
 
 log = logging.getLogger("switchboard")

@@ -1,4 +1,4 @@
-"""Alembic environment: runs Switchboard's migrations against the URL set by `gateway.db.migrate`.
+"""Alembic environment: runs Switchboard's migrations against the URL set by `gateway.store.db.migrate`.
 
 The URL comes from the config's main option `sqlalchemy.url`; an optional PostgreSQL schema from
 `switchboard.schema` (applied through `search_path`, so `alembic_version` lives in that schema too).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from gateway.db import make_engine, metadata
+from gateway.store.db import make_engine, metadata
 
 # Any constant shared by every Switchboard process; "SWBD" in ASCII.
 _MIGRATION_LOCK_ID = 0x53574244
@@ -30,7 +30,7 @@ def run_online() -> None:
     cfg = context.config
     url = cfg.get_main_option("sqlalchemy.url")
     if not url:
-        raise RuntimeError("sqlalchemy.url is not set; run migrations through gateway.db.migrate(url)")
+        raise RuntimeError("sqlalchemy.url is not set; run migrations through gateway.store.db.migrate(url)")
     engine = make_engine(url, cfg.get_main_option("switchboard.schema"))
     try:
         with engine.connect() as connection:

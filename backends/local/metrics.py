@@ -2,7 +2,7 @@
 
 `EngineMetrics` is the engine's `EngineObserver` (called on the engine thread; prometheus_client metrics are
 thread-safe) and reads load gauges from an `EngineStats` snapshot at scrape time. Names the gateway's poller
-reads (gateway/engine_metrics.py) are `switchboard_engine_queue_depth` and
+reads (gateway/live/engine_load.py) are `switchboard_engine_queue_depth` and
 `switchboard_engine_running_requests`; keep them stable.
 """
 

@@ -23,11 +23,11 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from backends.edge import wire
-from gateway.access import authenticate_admin
 from gateway.edge import tokens
 from gateway.edge.link import SOCKET_ERRORS
 from gateway.edge.registry import NodeRecord
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from gateway.http.auth import authenticate_admin
 from gateway.services import Services
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,7 @@ def _fail(message: str, status: int = 2) -> NoReturn:
 
 
 def _db(path: Path | None) -> Engine:
-    from gateway.db import make_engine, migrate
+    from gateway.store.db import make_engine, migrate
 
     try:
         cfg: Config = load_config(path)

@@ -35,7 +35,7 @@ from gateway.edge.pool import LiveNode
 from gateway.edge.registry import NodeRecord, Registry
 from gateway.edge.relay import Relay
 from gateway.errors import InvalidRequest
-from gateway.routing_state import RoutingState
+from gateway.live.state import RoutingState
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from types import MappingProxyType
 
 from backends.base import BackendKind
 from gateway.config import Config, EdgeBackendConfig
-from gateway.stats import Prior
+from gateway.live.stats import Prior
 from routing.decision import Price
 from routing.privacy import PrivacyTier
 from routing.snapshot import DeploymentSpec, DeploymentStats, HourlyPrice

@@ -18,9 +18,9 @@ from types import MappingProxyType
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway.db import edge_tokens
 from gateway.errors import InvalidRequest
-from gateway.keys import has_secret_shape, hash_key, new_secret
+from gateway.store.db import edge_tokens
+from gateway.store.keys import has_secret_shape, hash_key, new_secret
 
 TOKEN_PREFIX = "sbe_"
 ID_PREFIX = "et_"

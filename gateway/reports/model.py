@@ -79,7 +79,7 @@ class Report:
     rows: tuple[ReportRow, ...]  # sorted by group; None sorts last
     totals: ReportRow  # over every row of the window (group is ())
     source: str  # "raw" | "rollup" | "mixed": what the figures were read from
-    percentiles_exact: bool  # False: from merged histograms (see gateway/histogram.py for the error bound)
+    percentiles_exact: bool  # False: from merged histograms (see live/histogram.py for the error bound)
 
 
 def parse_query(

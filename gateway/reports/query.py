@@ -5,7 +5,7 @@ whole UTC hours and raw rows for a partial hour at either end (if not pruned); i
 AUTO reads raw rows alone when no rollup has run, or when the window's rows are not pruned and it is at most
 RAW_ONLY_MAX_SPAN long or starts after watermark - PENDING_MARGIN. Otherwise ROLLUP, but hours holding rows
 written after watermark - PENDING_MARGIN come from raw rows instead, plus late raw rows of pruned hours:
-each row counts exactly once. Rollup percentiles come from merged histograms (error: gateway/histogram.py).
+each row counts exactly once. Rollup percentiles come from merged histograms (error: live/histogram.py).
 All statements see one snapshot, so a concurrent rollup can neither double-count nor drop rows.
 """
 
@@ -20,18 +20,18 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
-from gateway import histogram
-from gateway.db import rollup_state, usage, usage_hourly
+from gateway.live import histogram
 from gateway.reports import sql
 from gateway.reports.model import Dimension, Report, ReportQuery, ReportRow, Source
+from gateway.store.db import rollup_state, usage, usage_hourly
 
 RAW_ONLY_MAX_SPAN = dt.timedelta(hours=24)  # AUTO reads shorter windows from raw rows: exact percentiles
 # Rows written later than watermark - PENDING_MARGIN may be missing from their hour's rollup; it must be at
-# least gateway.rollup.Rollup's margin_s (300 s by default), which covers writers' commit delay.
+# least gateway.store.rollups.Rollup's margin_s (300 s by default), which covers writers' commit delay.
 PENDING_MARGIN = dt.timedelta(hours=1)
 HOUR_FORMAT = "%Y-%m-%dT%H:00Z"
 ROLLUP_CHUNK = dt.timedelta(days=31)  # rollup hours read per statement (one progress step each)
-ROLLUP_JOB = "usage"  # rollup_state.name of the usage rollup (gateway/rollup.py)
+ROLLUP_JOB = "usage"  # rollup_state.name of the usage rollup (gateway/store/rollups.py)
 HOUR = dt.timedelta(hours=1)
 REPORT_WORK_MEM = "64MB"  # PostgreSQL, per sort/hash node of a report's statements
 Progress = Callable[[int, int], None]

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from gateway.reports.model import Report, ReportQuery, ReportRow
 from gateway.reports.savings import SavingsReport, SavingsRow
-from gateway.spend import micro_to_usd_text
+from gateway.store.spend import micro_to_usd_text
 
 AnyReport = Report | SavingsReport
 NONE_TEXT = "(none)"  # tables: an empty group value

@@ -24,12 +24,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.config import CloudBackendConfig, Config, EdgeBackendConfig
-from gateway.db import backend_busy_hourly, usage, usage_hourly
 from gateway.edge.pool import split_node_backend
 from gateway.errors import InvalidRequest
 from gateway.reports import sql
 from gateway.reports.model import Dimension, ReportQuery, ReportRow
 from gateway.reports.query import ceil_hour, created_between, floor_hour, no_progress, report_on, snapshot
+from gateway.store.db import backend_busy_hourly, usage, usage_hourly
 from routing.decision import Price
 
 ListPrice = Callable[[str, str], tuple[Decimal, Decimal] | None]  # (provider, model) -> USD per Mtok in, out

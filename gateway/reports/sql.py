@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from gateway import histogram
-from gateway.db import usage, usage_hourly
+from gateway.live import histogram
 from gateway.reports.model import Dimension
+from gateway.store.db import usage, usage_hourly
 
 GroupKey = tuple[str, ...]
 SUM_FIELDS = (
@@ -44,7 +44,7 @@ def time_text(column: ColumnElement[Any], dim: Dimension, dialect: str) -> Colum
     if dialect == "postgresql":
         fmt = "YYYY-MM-DD" if dim is Dimension.DAY else 'YYYY-MM-DD"T"HH24":00Z"'
         return sa.func.to_char(sa.func.timezone(_const("UTC"), column), _const(fmt))
-    # SQLite keeps UTCDateTime as naive UTC text "YYYY-MM-DD HH:MM:SS.ffffff" (gateway/db.py).
+    # SQLite keeps UTCDateTime as naive UTC text "YYYY-MM-DD HH:MM:SS.ffffff" (gateway/store/db.py).
     fmt = "%Y-%m-%d" if dim is Dimension.DAY else "%Y-%m-%dT%H:00Z"
     return sa.func.strftime(_const(fmt), column)
 

@@ -1,7 +1,7 @@
 """Initial schema: teams, api_keys, usage.
 
-Hand-written to match gateway/db.py. Datetimes are `timestamptz` on PostgreSQL (naive UTC text on SQLite,
-normalised by `gateway.db.UTCDateTime`); cost is BIGINT micro-dollars.
+Hand-written to match store/db.py. Datetimes are `timestamptz` on PostgreSQL (naive UTC text on SQLite,
+normalised by `gateway.store.db.UTCDateTime`); cost is BIGINT micro-dollars.
 
 Revision ID: 0001
 Revises:

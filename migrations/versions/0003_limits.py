@@ -36,7 +36,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("soft_budget_micro_usd", sa.BigInteger, nullable=True))
     with op.batch_alter_table("usage") as batch:
         batch.add_column(sa.Column("cost_saved_micro_usd", sa.BigInteger, nullable=False, server_default="0"))
-    # Budgets rebuild their counters from SUM(cost) per team or key over a period (gateway/spend.py).
+    # Budgets rebuild their counters from SUM(cost) per team or key over a period (gateway/store/spend.py).
     op.create_index("ix_usage_team_created_at", "usage", ["team", "created_at"], if_not_exists=True)
     op.create_index("ix_usage_key_id_created_at", "usage", ["key_id", "created_at"], if_not_exists=True)
 

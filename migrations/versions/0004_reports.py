@@ -1,6 +1,6 @@
 """Reports: usage.written_at (finds late rows), hourly rollups of usage, backend busy time, rollup state.
 
-The histogram columns are spelled out for 48 buckets (gateway.histogram.BUCKETS when this was written):
+The histogram columns are spelled out for 48 buckets (gateway.live.histogram.BUCKETS when this was written):
 a migration is a snapshot and must not change when the code does.
 
 Revision ID: 0004

@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway import keys
-from gateway.app import create_app
 from gateway.config import Config, parse_config
-from gateway.db import make_engine
+from gateway.http.app import create_app
+from gateway.store import keys
+from gateway.store.db import make_engine
 from tests.conftest import PG_URL
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer

@@ -6,8 +6,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from gateway import keys
 from gateway.records import KeyBudget
+from gateway.store import keys
 from tests.api.conftest import ADMIN_KEY, Gateway
 
 

@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 from openai import AsyncOpenAI
 
-from gateway import db, keys
-from gateway.app import create_app
+from gateway.http.app import create_app
+from gateway.store import db, keys
 from tests.api.conftest import FAKE_UPSTREAM_KEY, gateway_config
 from tests.conftest import PG_URL
 from tests.support.fake_provider import FakeProvider

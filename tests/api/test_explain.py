@@ -11,10 +11,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from gateway import keys
-from gateway.app import create_app
 from gateway.config import parse_config
-from gateway.db import make_engine
+from gateway.http.app import create_app
+from gateway.store import keys
+from gateway.store.db import make_engine
 from tests.api.conftest import ADMIN_KEY, FAKE_UPSTREAM_KEY, Gateway, gateway_config
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer

@@ -24,7 +24,7 @@ def cost(prompt: int, completion: int, price_in: str, price_out: str) -> int:
 
 def test_row_for_completion(any_gateway: Gateway) -> None:
     gw = any_gateway
-    from gateway import keys
+    from gateway.store import keys
 
     created = keys.create_key(gw.db, "alpha", name="ledger", models=None, expires_at=None)
     before = dt.datetime.now(dt.UTC)

@@ -14,10 +14,10 @@ import openai
 import pytest
 import redis
 
-from gateway.app import create_app
 from gateway.config import Config, parse_config
-from gateway.db import make_engine
+from gateway.http.app import create_app
 from gateway.records import KeyBudget
+from gateway.store.db import make_engine
 from tests.api.conftest import Gateway
 from tests.conftest import REDIS_URL
 from tests.support.fake_provider import FakeProvider

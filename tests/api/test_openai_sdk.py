@@ -163,7 +163,7 @@ def test_model_outside_team_or_key_is_403(gateway: Gateway) -> None:
 
 
 def test_revoked_and_expired_keys(gateway: Gateway) -> None:
-    from gateway import keys
+    from gateway.store import keys
 
     created = keys.create_key(gateway.db, "alpha", name="t", models=None, expires_at=None)
     sdk = client(gateway, created.plaintext)

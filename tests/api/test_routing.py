@@ -22,11 +22,11 @@ import openai
 import pytest
 from openai import OpenAI
 
-from gateway.app import create_app
 from gateway.config import Config, parse_config
-from gateway.db import make_engine
-from gateway.routing_state import _REFRESH_S
-from gateway.stats import observations_to_converge
+from gateway.http.app import create_app
+from gateway.live.state import _REFRESH_S
+from gateway.live.stats import observations_to_converge
+from gateway.store.db import make_engine
 from tests.api.conftest import ADMIN_KEY, Gateway
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer, free_port

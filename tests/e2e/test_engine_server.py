@@ -28,7 +28,7 @@ from backends.local.build import EngineOptions  # noqa: E402
 from backends.local.loader import DEFAULT_MODEL_SPEC, LoadedModel, load_model  # noqa: E402
 from backends.local.server import create_engine_app  # noqa: E402
 from backends.local.wire import encode_chat  # noqa: E402
-from gateway.engine_metrics import engine_load, parse_prometheus  # noqa: E402
+from gateway.live.engine_load import engine_load, parse_prometheus  # noqa: E402
 
 pytestmark = pytest.mark.model
 

@@ -34,10 +34,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from backends.edge import wire  # noqa: E402
-from gateway import keys  # noqa: E402
 from gateway.cli import app as cli_app  # noqa: E402
-from gateway.db import make_engine  # noqa: E402
 from gateway.edge import tokens  # noqa: E402
+from gateway.store import keys  # noqa: E402
+from gateway.store.db import make_engine  # noqa: E402
 from tests.edge.node_support import wait_until  # noqa: E402
 from tests.support.fake_edge import refused  # noqa: E402
 from tests.support.fake_provider import FakeProvider  # noqa: E402

@@ -31,8 +31,11 @@ from sqlalchemy.engine import Engine
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from gateway import db, keys  # noqa: E402
 from gateway.edge import tokens  # noqa: E402
+from gateway.store import (
+    db,
+    keys,  # noqa: E402
+)
 from tests.conftest import PG_URL, REDIS_URL  # noqa: E402
 from tests.edge.node_support import wait_until  # noqa: E402
 from tests.replicas.conftest import delete_prefix  # noqa: E402

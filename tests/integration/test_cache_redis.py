@@ -16,7 +16,7 @@ import pytest
 from redis import asyncio as aioredis
 
 from backends.base import ChatResult, StreamChunk, Usage
-from gateway.cache import RedisCache, encode_entry, entry_from_chunks, entry_from_result
+from gateway.cache.store import RedisCache, encode_entry, entry_from_chunks, entry_from_result
 from tests.conftest import REDIS_URL
 from tests.support.timing import CUT_OFF_S
 
@@ -98,7 +98,7 @@ async def test_closed_port_is_a_quick_miss_and_a_skipped_write(caplog: pytest.Lo
     now_s = [0.0]
     async with redis_client(url, socket_connect_timeout=0.05, socket_timeout=0.05) as client:
         cache = RedisCache(client, prefix="x:", timeout_s=0.1, retry_after_s=1.0, clock=lambda: now_s[0])
-        with caplog.at_level(logging.INFO, logger="gateway.cache"):
+        with caplog.at_level(logging.INFO, logger="gateway.cache.store"):
             started = time.perf_counter()
             assert await cache.get("k") is None
             await cache.put("k", ENTRY, ttl_s=60)
@@ -109,5 +109,5 @@ async def test_closed_port_is_a_quick_miss_and_a_skipped_write(caplog: pytest.Lo
             await cache.put("k", ENTRY, ttl_s=60)
             again_s = time.perf_counter() - started
     assert first_s < CUT_OFF_S and again_s < CUT_OFF_S, (first_s, again_s)
-    warnings = [r for r in caplog.records if r.name == "gateway.cache"]
+    warnings = [r for r in caplog.records if r.name == "gateway.cache.store"]
     assert len(warnings) == 1 and "bypassing the cache" in warnings[0].getMessage()

@@ -9,10 +9,11 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from gateway import cli, keys
+from gateway import cli
 from gateway.cli import app
-from gateway.db import make_engine
 from gateway.records import KeyBudget
+from gateway.store import keys
+from gateway.store.db import make_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,9 +12,10 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.engine import Engine
 
-from gateway import db
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, ServiceUnavailable
-from gateway.keys import (
+from gateway.records import KeyBudget
+from gateway.store import db
+from gateway.store.keys import (
     KeyStore,
     check_usable,
     create_key,
@@ -26,7 +27,6 @@ from gateway.keys import (
     revoke_key,
     upsert_teams,
 )
-from gateway.records import KeyBudget
 from tests.support.db import DbTarget, QueryLog, db_target, engine, pg_target  # noqa: F401 (fixtures)
 from tests.support.tcp_proxy import TcpProxy
 
@@ -58,7 +58,7 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None: 
         }
         assert tables | {"alembic_version"} <= set(inspector.get_table_names())
         for table in db.metadata.sorted_tables:
-            # The hand-written migration must match gateway/db.py column for column.
+            # The hand-written migration must match gateway/store/db.py column for column.
             columns = inspector.get_columns(table.name)
             assert [c["name"] for c in columns] == [c.name for c in table.columns]
             assert [c["nullable"] for c in columns] == [c.nullable for c in table.columns]

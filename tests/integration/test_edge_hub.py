@@ -26,11 +26,11 @@ from sqlalchemy.engine import Engine
 
 from backends.base import Usage
 from backends.edge import wire
-from gateway import db, keys
-from gateway.app import create_app
 from gateway.config import Config, parse_config
-from gateway.db import make_engine
 from gateway.edge import tokens
+from gateway.http.app import create_app
+from gateway.store import db, keys
+from gateway.store.db import make_engine
 from tests.support.fake_edge import FakeNode, refused, until
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer, free_port

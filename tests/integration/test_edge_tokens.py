@@ -11,10 +11,10 @@ from alembic import command
 from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
-from gateway import db
 from gateway.cli import app
 from gateway.edge import tokens
 from gateway.errors import InvalidRequest
+from gateway.store import db
 from tests.support.db import DbTarget, db_target, engine  # noqa: F401 (fixtures)
 
 NOW = dt.datetime(2030, 5, 1, 12, 0, tzinfo=dt.UTC)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.engine_metrics import EngineLoad, MetricsPoller
+from gateway.live.engine_load import EngineLoad, MetricsPoller
 
 
 class MetricsServer:
@@ -107,7 +107,7 @@ async def test_poller_survives_a_failing_callback_and_a_dead_port(
     await poller.aclose()
 
     await server.aclose()  # nothing listens there any more
-    caplog.set_level(logging.DEBUG, logger="gateway.engine_metrics")
+    caplog.set_level(logging.DEBUG, logger="gateway.live.engine_load")
     caplog.clear()
     count = len(calls)
     dead = MetricsPoller(url, 0.01, calls.append, timeout_s=0.2)

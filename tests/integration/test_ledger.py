@@ -12,9 +12,9 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway.db import make_engine, migrate, usage
-from gateway.ledger import LedgerWriter, insert_usage_rows, usage_row
 from gateway.records import RequestStatus
+from gateway.store.db import make_engine, migrate, usage
+from gateway.store.ledger import LedgerWriter, insert_usage_rows, usage_row
 from tests.support.db import DbTarget, QueryLog, db_target, engine  # noqa: F401 (fixtures)
 from tests.support.usage import count_usage, make_record, read_usage
 

@@ -11,8 +11,8 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from gateway.db import migrate
-from gateway.ledger import LedgerWriter, insert_usage_rows, usage_row
+from gateway.store.db import migrate
+from gateway.store.ledger import LedgerWriter, insert_usage_rows, usage_row
 from tests.support.db import DbTarget, db_target, pg_target  # noqa: F401 (fixtures)
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.usage import count_usage, make_record, read_usage

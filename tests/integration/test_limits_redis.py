@@ -22,14 +22,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from gateway.limits import (
+from gateway.errors import LimiterUnavailable
+from gateway.limits.base import (
     BudgetPeriod,
     BudgetRule,
-    LimiterUnavailable,
     LimitKind,
     LimitRule,
-    RedisLimiter,
 )
+from gateway.limits.redis_store import RedisLimiter
 from tests.conftest import REDIS_URL
 from tests.support.timing import CUT_OFF_S
 from tests.unit.test_limits import LimiterContract

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from gateway import cli
 from gateway.cli import app
-from gateway.db import migrate
+from gateway.store.db import migrate
 from tests.support.db import DbTarget, db_target  # noqa: F401 - fixture
 from tests.support.ledger_gen import (
     SUM_FIELDS,

@@ -20,9 +20,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway import histogram
 from gateway.config import Config, parse_config
-from gateway.db import backend_busy_hourly, migrate
+from gateway.live import histogram
 from gateway.reports import (
     Dimension,
     Report,
@@ -33,7 +32,8 @@ from gateway.reports import (
     usage_report,
 )
 from gateway.reports.render import to_csv, to_json
-from gateway.rollup import Rollup
+from gateway.store.db import backend_busy_hourly, migrate
+from gateway.store.rollups import Rollup
 from tests.support.db import DbTarget, _pg_schema, db_target, engine  # noqa: F401 (fixtures)
 from tests.support.ledger_gen import (
     START,

@@ -22,12 +22,12 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.engine import Engine
 
-from gateway import db
-from gateway.db import backend_busy_hourly, rollup_state, usage, usage_hourly
-from gateway.histogram import EDGES_MS, LATENCY_PREFIX, TTFT_PREFIX, bucket_of, column_names
-from gateway.ledger import LedgerWriter, insert_usage_rows, usage_row
+from gateway.live.histogram import EDGES_MS, LATENCY_PREFIX, TTFT_PREFIX, bucket_of, column_names
 from gateway.records import RequestStatus, UsageRecord
-from gateway.rollup import Rollup
+from gateway.store import db
+from gateway.store.db import backend_busy_hourly, rollup_state, usage, usage_hourly
+from gateway.store.ledger import LedgerWriter, insert_usage_rows, usage_row
+from gateway.store.rollups import Rollup
 from tests.support.db import DbTarget, db_target, engine, pg_target  # noqa: F401 (fixtures)
 
 START = dt.datetime(2030, 3, 1, tzinfo=dt.UTC)  # ledger rows fall in [START, START + HOURS)

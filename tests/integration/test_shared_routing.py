@@ -23,8 +23,8 @@ from redis import asyncio as aioredis
 
 from backends.base import BackendKind
 from gateway.config import parse_config
-from gateway.routing_state import RoutingState
-from gateway.shared_routing import RoutingSync
+from gateway.live.state import RoutingState
+from gateway.live.sync import RoutingSync
 from routing.decision import FREE
 from routing.privacy import PrivacyTier
 from routing.snapshot import DeploymentSpec, DeploymentStats
@@ -340,7 +340,7 @@ async def test_unreachable_redis_costs_one_timeout_logs_once_and_routing_goes_on
     async with redis_client(f"redis://127.0.0.1:{closed_port()}/0") as dead:
         a = replica(dead, "test:routing:dead:", world, "a", offset_s=0.0, timeout_s=0.05, retry_after_s=1.0)
         observe(a, 3, ttft_ms=100.0, latency_ms=500.0)
-        with caplog.at_level(logging.WARNING, logger="gateway.shared_routing"):
+        with caplog.at_level(logging.WARNING, logger="gateway.live.sync"):
             for _ in range(4):
                 started = time.perf_counter()
                 assert await a.sync.sync_once() is False
@@ -386,7 +386,7 @@ async def test_sharing_resumes_when_redis_comes_back(caplog: pytest.LogCaptureFi
             assert b.stats().in_flight == 1
             await proxy.cut()
             a.state.stats.request_started(DEP)
-            with caplog.at_level(logging.INFO, logger="gateway.shared_routing"):
+            with caplog.at_level(logging.INFO, logger="gateway.live.sync"):
                 assert await a.sync.sync_once() is False
                 assert a.stats().in_flight == 2  # its own view is intact
                 await proxy.restore()

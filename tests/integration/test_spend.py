@@ -9,8 +9,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway.ledger import insert_usage_rows, usage_row
-from gateway.spend import spent_micro_usd
+from gateway.store.ledger import insert_usage_rows, usage_row
+from gateway.store.spend import spent_micro_usd
 from tests.support.db import QueryLog, db_target, engine  # noqa: F401 (fixtures)
 from tests.support.usage import make_record
 

@@ -23,7 +23,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway import db, keys
+from gateway.store import db, keys
 from tests.conftest import PG_URL, REDIS_URL
 from tests.support.replicas import FakeUpstream, GatewayReplicas, pg_schema
 

@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway.db import make_engine, migrate
+from gateway.store.db import make_engine, migrate
 
 
 def pg_url() -> str:

@@ -1,6 +1,6 @@
 """A deterministic generator of `usage` ledger rows and a pure-Python reference of what reports must say.
 
-`generate_rows(spec)` yields row dicts (the shape `gateway.ledger.insert_usage_rows` takes); the same spec
+`generate_rows(spec)` yields row dicts (the shape `store.ledger.insert_usage_rows` takes); the same spec
 always yields the same rows. `aggregate(rows, ...)` computes, independently of the report's SQL, the exact
 sums per group and the continuous percentiles (`percentile_cont`: linear interpolation between the two
 closest ranks, as PostgreSQL computes it). Rows cover every dimension's awkward cases: no key, no backend,
@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway.db import usage
+from gateway.store.db import usage
 
 Row = dict[str, Any]
 GroupKey = tuple[str | None, ...]
@@ -258,7 +258,7 @@ def insert_rows(engine: Engine, rows: Iterable[Row], *, batch: int = 20_000) -> 
 
 
 def _insert_chunk(engine: Engine, chunk: list[Row]) -> int:
-    """Rows keep their own `written_at` (`gateway.ledger.insert_usage_rows` would stamp one for all)."""
+    """Rows keep their own `written_at` (`gateway.store.ledger.insert_usage_rows` would stamp one for all)."""
     if engine.dialect.name != "postgresql":
         with engine.begin() as conn:
             conn.execute(sa.insert(usage), chunk)

@@ -248,7 +248,7 @@ def pg_schema(url: str, teams: Mapping[str, list[str]]) -> Iterator[tuple[str, E
 
     The teams are written here, before any replica starts, so the replicas' own start-up upsert finds them
     already in place and writes nothing (three concurrent inserts of one team would collide)."""
-    from gateway import db, keys
+    from gateway.store import db, keys
 
     schema = "rep_" + uuid.uuid4().hex[:12]
     db.migrate(url, schema)

@@ -10,8 +10,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway.db import usage
 from gateway.records import RequestStatus, UsageRecord
+from gateway.store.db import usage
 
 BASE_TIME = dt.datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
 

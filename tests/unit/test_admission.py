@@ -1,4 +1,4 @@
-"""Admission (gateway/admission.py) and the cache policy (gateway/caching.py) over the in-process store."""
+"""Admission (limits/gate.py) and the cache policy (cache/policy.py) over the in-process store."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from gateway.admission import Gate, micro_usd
-from gateway.caching import plan_cache, ttl_s
+from gateway.cache.policy import plan_cache, ttl_s
 from gateway.config import Config, parse_config
 from gateway.errors import BudgetExceeded, RateLimited
-from gateway.limits import LimitKind, MemoryLimiter
+from gateway.limits.base import LimitKind
+from gateway.limits.gate import Gate, micro_usd
+from gateway.limits.memory import MemoryLimiter
 from gateway.records import KeyBudget, KeyIdentity
-from gateway.wire import parse_chat_body
+from gateway.translate.openai_chat import parse_chat_body
 
 
 def config(**teams: Any) -> Config:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.breaker import BreakerBoard, BreakerPolicy, BreakerState, BreakerView, CircuitBreaker
+from gateway.live.breaker import BreakerBoard, BreakerPolicy, BreakerState, BreakerView, CircuitBreaker
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

@@ -11,7 +11,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from backends.base import ChatResult, StreamChunk, Usage
-from gateway.cache import (
+from gateway.cache.store import (
     CacheDirectives,
     CachedResponse,
     MemoryCache,
@@ -26,7 +26,7 @@ from gateway.cache import (
     entry_from_result,
     merge_deltas,
 )
-from gateway.wire import ChatCompletionBody, parse_chat_body
+from gateway.translate.openai_chat import ChatCompletionBody, parse_chat_body
 from tests.support.timing import CUT_OFF_S
 
 NS = cache_namespace("research")
@@ -354,7 +354,7 @@ async def test_redis_outage_is_a_miss_logged_once_then_recovers(caplog: pytest.L
     await cache.put("k", ENTRY, 60)
     assert fake.data == {"p:k": encode_entry(ENTRY)}
     fake.error = RedisConnectionError("connection refused")
-    with caplog.at_level(logging.INFO, logger="gateway.cache"):
+    with caplog.at_level(logging.INFO, logger="gateway.cache.store"):
         assert await cache.get("k") is None
         await cache.put("k2", ENTRY, 60)  # inside the backoff: Redis is not called at all
         assert fake.calls == 2
@@ -365,7 +365,7 @@ async def test_redis_outage_is_a_miss_logged_once_then_recovers(caplog: pytest.L
         fake.error = None
         clock.now_s += 1.0
         assert await cache.get("k") == ENTRY
-    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "gateway.cache"]
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "gateway.cache.store"]
     assert [level for level, _ in logged] == [logging.WARNING, logging.INFO], logged
     assert "ConnectionError" in logged[0][1] and "bypassing the cache" in logged[0][1]
 

@@ -10,11 +10,11 @@ import pytest
 
 from backends.base import BackendHealth, BackendInfo, BackendKind, ChatRequest, ChatResult, StreamChunk, Usage
 from backends.errors import BackendRateLimited, BackendRejected, BackendUnavailable, SwitchboardError
-from gateway import dispatch
 from gateway.config import parse_config
 from gateway.errors import AllBackendsFailed
-from gateway.middleware import Timing
-from gateway.routing_state import RoutingState, build_specs
+from gateway.http.context import Timing
+from gateway.live.state import RoutingState, build_specs
+from gateway.pipeline import dispatch
 from routing.decision import FREE, Deployment, RouteDecision
 
 

@@ -14,16 +14,16 @@ import pytest
 
 from backends.base import BackendHealth, BackendInfo, BackendKind
 from backends.edge.tunnel import EdgeBackend
-from gateway import route
 from gateway.config import Config, ConfigError, parse_config
 from gateway.edge import tokens
 from gateway.edge.link import GoneNode, NodeBackends, NodeTimeouts
 from gateway.edge.pool import LiveNode, edge_templates, expand, split_node_backend, with_node_load
 from gateway.errors import InvalidRequest, NoEligibleDeployment, NoHealthyDeployment, NoLiveEdgeNode
-from gateway.health import FAILURES_TO_DOWN, HealthProber
-from gateway.routing_state import RoutingState, build_specs
+from gateway.live.health import FAILURES_TO_DOWN, HealthProber
+from gateway.live.state import RoutingState, build_specs
+from gateway.pipeline import plan as route
 from gateway.services import build_deployments
-from gateway.wire import ChatCompletionBody
+from gateway.translate.openai_chat import ChatCompletionBody
 from routing.decision import Price, RejectCode
 from routing.privacy import PrivacyTier
 from routing.snapshot import DeploymentStats, HourlyPrice

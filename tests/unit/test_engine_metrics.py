@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gateway.engine_metrics import WANTED, EngineLoad, Fold, engine_load, parse_prometheus
+from gateway.live.engine_load import WANTED, EngineLoad, Fold, engine_load, parse_prometheus
 
 SWITCHBOARD = """\
 # HELP switchboard_engine_requests_total Chat requests by outcome

@@ -5,7 +5,6 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.app import error_response
 from gateway.errors import (
     ALL_ERROR_CLASSES,
     AllBackendsFailed,
@@ -13,6 +12,7 @@ from gateway.errors import (
     BackendTimeout,
     error_body,
 )
+from gateway.http.app import error_response
 
 
 @pytest.mark.parametrize("cls", ALL_ERROR_CLASSES, ids=lambda c: c.__name__)

@@ -1,4 +1,4 @@
-"""gateway.histogram: bounds, bucket_of at and around every edge, quantile error within the stated bound."""
+"""live.histogram: bounds, bucket_of at and around every edge, quantile error within the stated bound."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from gateway import histogram as h
+from gateway.live import histogram as h
 
 
 def test_bounds_are_log_spaced_and_cover_half_a_ms_to_twenty_minutes() -> None:

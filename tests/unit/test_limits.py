@@ -13,14 +13,12 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gateway.limits import (
+from gateway.limits.base import (
     Admission,
     BudgetPeriod,
     BudgetRule,
     LimitKind,
     LimitRule,
-    MemoryLimiter,
-    RedisLimiter,
     RuleStatus,
     format_duration,
     period_end_ms,
@@ -28,6 +26,8 @@ from gateway.limits import (
     ratelimit_headers,
     retry_after_header,
 )
+from gateway.limits.memory import MemoryLimiter
+from gateway.limits.redis_store import RedisLimiter
 
 T0 = calendar.timegm((2030, 1, 31, 23, 59, 0)) * 1000  # a whole minute, one minute before two rollovers
 MINUTE = 60_000

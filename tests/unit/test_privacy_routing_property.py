@@ -11,12 +11,13 @@ from hypothesis import strategies as st
 
 from backends.base import BackendKind, ChatRequest
 from backends.errors import BackendUnavailable
-from gateway import dispatch, route
 from gateway.config import parse_config
 from gateway.errors import AllBackendsFailed, NoEligibleDeployment, NoHealthyDeployment, SensitiveDataRefused
-from gateway.middleware import Timing
-from gateway.routing_state import RoutingState, build_specs
-from gateway.wire import ChatCompletionBody, parse_chat_body
+from gateway.http.context import Timing
+from gateway.live.state import RoutingState, build_specs
+from gateway.pipeline import dispatch
+from gateway.pipeline import plan as route
+from gateway.translate.openai_chat import ChatCompletionBody, parse_chat_body
 from routing.decision import FREE, Deployment
 from routing.privacy import PrivacyTier, SensitivePolicy
 from tests.unit.test_dispatch import ScriptedBackend
@@ -31,7 +32,7 @@ def decide(
     messages: tuple[dict[str, object], ...],
     hints: route.Hints,
 ) -> route.Routed:
-    """What `gateway.chat` does before dispatch: plan, then fail closed."""
+    """What `gateway.pipeline.run` does before dispatch: plan, then fail closed."""
     routed = route.plan(routing, "t", body, messages, hints, now_s=0.0)
     refused = route.fail_closed_error(routed, "t")
     if refused is not None:

@@ -9,11 +9,12 @@ import math
 import pytest
 
 from backends.base import BackendKind
-from gateway import shared_routing
-from gateway.breaker import BreakerState, BreakerView, CircuitBreaker
 from gateway.config import parse_config
-from gateway.routing_state import RoutingState
-from gateway.shared_routing import (
+from gateway.live import sync as shared_routing
+from gateway.live.breaker import BreakerState, BreakerView, CircuitBreaker
+from gateway.live.state import RoutingState
+from gateway.live.stats import NO_EVIDENCE, Evidence, LiveStats, Prior, StatsBook, merge_stats
+from gateway.live.sync import (
     Claim,
     RemoteStats,
     SharedView,
@@ -22,7 +23,6 @@ from gateway.shared_routing import (
     encode_summary,
     leading_claims,
 )
-from gateway.stats import NO_EVIDENCE, Evidence, LiveStats, Prior, StatsBook, merge_stats
 from routing.decision import FREE
 from routing.privacy import PrivacyTier
 from routing.snapshot import DeploymentSpec

@@ -1,4 +1,4 @@
-"""Budget periods and USD/micro-dollar conversion (gateway/spend.py), and `KeyBudget` validation; no I/O."""
+"""Budget periods and USD/micro-dollar conversion (store/spend.py), and `KeyBudget` validation; no I/O."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.limits import BudgetPeriod, period_end_ms, period_key
+from gateway.limits.base import BudgetPeriod, period_end_ms, period_key
 from gateway.records import BUDGET_PERIODS, KeyBudget, KeyIdentity
-from gateway.spend import micro_to_usd_text, period_bounds, usd_to_micro
+from gateway.store.spend import micro_to_usd_text, period_bounds, usd_to_micro
 
 
 def utc(*args: int) -> dt.datetime:

@@ -7,7 +7,14 @@ import statistics
 
 import pytest
 
-from gateway.stats import DEFAULT_ALPHA, LiveStats, Prior, StatsBook, observations_to_converge, percentile
+from gateway.live.stats import (
+    DEFAULT_ALPHA,
+    LiveStats,
+    Prior,
+    StatsBook,
+    observations_to_converge,
+    percentile,
+)
 
 PRIOR = Prior(ttft_ms=200.0, decode_tokens_per_s=50.0, latency_ms=1000.0, error_rate=0.0)
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from backends.base import Backend, BackendHealth
 from gateway.background import cancel_and_wait
-from gateway.routing_state import RoutingState
+from gateway.live.state import RoutingState
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import Dialect, Engine
 
-from gateway.histogram import LATENCY_PREFIX, TTFT_PREFIX, column_names
+from gateway.live.histogram import LATENCY_PREFIX, TTFT_PREFIX, column_names
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 PG_CONNECT_TIMEOUT_S = 3
@@ -105,7 +105,7 @@ usage = sa.Table(
     # migration 0004, taken to be written at created_at. Rollups find late rows through it.
     sa.Column("written_at", UTCDateTime, nullable=True),
     sa.Index("ix_usage_created_at", "created_at"),
-    sa.Index("ix_usage_team_created_at", "team", "created_at"),  # team spend per period (gateway/spend.py)
+    sa.Index("ix_usage_team_created_at", "team", "created_at"),  # team spend per period (store/spend.py)
     sa.Index("ix_usage_key_id_created_at", "key_id", "created_at"),  # key spend per period
     sa.Index("ix_usage_written_at", "written_at"),
 )
@@ -115,7 +115,7 @@ def _measure(name: str, type_: Any) -> sa.Column[Any]:
     return sa.Column(name, type_, nullable=False, server_default="0")
 
 
-# Hourly rollups of `usage` (gateway/rollup.py); reports read these instead of millions of raw rows.
+# Hourly rollups of `usage` (gateway/store/rollups.py); reports read these instead of millions of raw rows.
 # One row per UTC hour and group; '' stands for "none" in the key columns (a primary key cannot be NULL).
 usage_hourly = sa.Table(
     "usage_hourly",
@@ -138,7 +138,7 @@ usage_hourly = sa.Table(
     _measure("latency_sum_ms", sa.Float(precision=53)),
     _measure("ttft_count", sa.Integer),  # rows with a ttft_ms
     _measure("ttft_sum_ms", sa.Float(precision=53)),
-    *(_measure(name, sa.BigInteger) for name in column_names(LATENCY_PREFIX)),  # gateway/histogram.py
+    *(_measure(name, sa.BigInteger) for name in column_names(LATENCY_PREFIX)),  # gateway/live/histogram.py
     *(_measure(name, sa.BigInteger) for name in column_names(TTFT_PREFIX)),
 )
 
@@ -229,7 +229,7 @@ def make_engine(url: str, schema: str | None = None) -> Engine:
 
 
 def migrations_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "migrations"
+    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 def alembic_config(url: str, schema: str | None = None) -> AlembicConfig:

@@ -31,7 +31,7 @@ from gateway.config import (
     load_config,
 )
 from gateway.edge.cli import edge_app
-from gateway.limits import BudgetPeriod
+from gateway.limits.base import BudgetPeriod
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from gateway.errors import GatewayError
     from gateway.records import KeyBudget
-    from gateway.rollup import RollupResult
+    from gateway.store.rollups import RollupResult
 
 app = typer.Typer(
     help="Switchboard: one OpenAI-compatible endpoint for cloud, self-hosted and edge models.",
@@ -84,7 +84,7 @@ def _load_for_serving(path: Path | None) -> Config:
 
 
 def _engine(config: Config):  # noqa: ANN202 - sqlalchemy Engine, imported lazily
-    from gateway.db import make_engine, migrate
+    from gateway.store.db import make_engine, migrate
 
     migrate(config.database.url, config.database.schema_name)
     return make_engine(config.database.url, config.database.schema_name)
@@ -100,7 +100,7 @@ def serve(
     """Run the gateway (applies migrations itself on SQLite)."""
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.http.app import create_app
 
     cfg = _load_for_serving(config)
     uvicorn.run(
@@ -117,7 +117,7 @@ def serve(
 @app.command()
 def migrate(config: ConfigOpt = None) -> None:
     """Apply database migrations (alembic upgrade head) to database.url."""
-    from gateway.db import migrate as run_migrations
+    from gateway.store.db import migrate as run_migrations
 
     cfg = _load(config)
     run_migrations(cfg.database.url, cfg.database.schema_name)
@@ -189,7 +189,7 @@ def teams_create(
     config: ConfigOpt = None,
 ) -> None:
     """Create a team (or update its model list)."""
-    from gateway import keys
+    from gateway.store import keys
 
     model_list = _split(models)
     _check_models(_load(config), model_list, "--models")
@@ -201,7 +201,7 @@ def teams_create(
 @teams_app.command("list")
 def teams_list(config: ConfigOpt = None) -> None:
     """List teams."""
-    from gateway import keys
+    from gateway.store import keys
 
     t = Table("team", "models", "created")
     for team in keys.list_teams(_engine(_load(config))):
@@ -241,7 +241,7 @@ def _key_budget(usd: str | None, period: BudgetPeriod | None, soft_usd: str | No
 
 
 def _usd_option(value: str, flag: str) -> int:
-    from gateway.spend import usd_to_micro
+    from gateway.store.spend import usd_to_micro
 
     try:
         micro = usd_to_micro(value)
@@ -266,7 +266,7 @@ def _limits_text(limit_requests: int | None, limit_tokens: int | None) -> str:
 
 
 def _budget_text(budget: KeyBudget | None) -> str:
-    from gateway.spend import micro_to_usd_text
+    from gateway.store.spend import micro_to_usd_text
 
     if budget is None:
         return "-"
@@ -301,8 +301,8 @@ def keys_create(
     config: ConfigOpt = None,
 ) -> None:
     """Create an API key for a team. The key is printed once and never stored."""
-    from gateway import keys
     from gateway.errors import GatewayError
+    from gateway.store import keys
 
     cfg = _load(config)
     model_list = _split(models)
@@ -332,7 +332,7 @@ def keys_list(
     team: Annotated[str | None, typer.Option(help="Only this team.")] = None, config: ConfigOpt = None
 ) -> None:
     """List keys (prefixes only; keys themselves are never stored) with their limits and budgets."""
-    from gateway import keys
+    from gateway.store import keys
 
     t = Table(
         Column("id", no_wrap=True),
@@ -366,7 +366,7 @@ def keys_revoke(
     key: Annotated[str, typer.Argument(help="Key id or display prefix.")], config: ConfigOpt = None
 ) -> None:
     """Revoke a key. Running gateways stop accepting it within server.key_cache_ttl_s (default 5 s)."""
-    from gateway import keys
+    from gateway.store import keys
 
     if not keys.revoke_key(_engine(_load(config)), key):
         err_console.print(f"[red]no key with id or prefix {key}; see `switchboard keys list`[/red]")
@@ -547,7 +547,7 @@ def _cli_message(exc: GatewayError) -> str:
 def rollup(config: ConfigOpt = None) -> None:
     """Fold new ledger rows into the hourly rollups once (the gateway also does this every
     reports.rollup_interval_s)."""
-    from gateway.rollup import Rollup
+    from gateway.store.rollups import Rollup
 
     console.print(_rollup_text(Rollup(_engine(_load(config))).run_once()))
 
@@ -573,7 +573,7 @@ def prune(
     config: ConfigOpt = None,
 ) -> None:
     """Delete raw ledger rows past retention, after rolling them up; reports keep working from rollups."""
-    from gateway.rollup import Rollup
+    from gateway.store.rollups import Rollup
 
     cfg = _load(config)
     days = retention_days or cfg.reports.retention_days
@@ -592,7 +592,7 @@ def up(
     with_engine: Annotated[bool, typer.Option(help="Start the bundled engine too.")] = True,
 ) -> None:
     """Quickstart: start the bundled engine, create a demo key, print how to call it, and serve."""
-    from gateway.quickstart import run_quickstart
+    from gateway.cli.up import run_quickstart
 
     sys.exit(run_quickstart(_load_for_serving(config), engine_port=engine_port, with_engine=with_engine))
 

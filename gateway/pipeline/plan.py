@@ -23,8 +23,8 @@ from gateway.errors import (
     NoLiveEdgeNode,
     SensitiveDataRefused,
 )
-from gateway.routing_state import RoutingState
-from gateway.wire import ChatCompletionBody
+from gateway.live.state import RoutingState
+from gateway.translate.openai_chat import ChatCompletionBody
 from routing.decision import RejectCode, Rejection, RouteDecision
 from routing.preferences import narrow, parse_preferences
 from routing.privacy import (

@@ -15,8 +15,8 @@ from decimal import Decimal, InvalidOperation
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway.db import usage
-from gateway.limits import period_end_ms
+from gateway.limits.base import period_end_ms
+from gateway.store.db import usage
 
 MICRO_PER_USD = 1_000_000
 _PERIOD_KEY = re.compile(r"^(\d{4})-(\d{2})(?:-(\d{2}))?$")

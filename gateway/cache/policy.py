@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.cache import CachedResponse, cache_key, cache_namespace, cacheable, directives
+from gateway.cache.store import CachedResponse, cache_key, cache_namespace, cacheable, directives
 from gateway.config import Config
-from gateway.route import Routed
-from gateway.wire import ChatCompletionBody
+from gateway.pipeline.plan import Routed
+from gateway.translate.openai_chat import ChatCompletionBody
 
 CACHE_HEADER = "x-switchboard-cache"  # request: on|off; response: hit|miss|skip
 

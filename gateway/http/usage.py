@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from gateway.access import authenticate
 from gateway.errors import AdminOnly, InvalidRequest
+from gateway.http.auth import authenticate
 from gateway.reports import ReportQuery, parse_query, savings_report, usage_report
 from gateway.reports.render import AnyReport, to_csv, to_json
 from gateway.services import Services

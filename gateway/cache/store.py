@@ -22,7 +22,7 @@ import orjson
 
 from backends.base import ChatResult, StreamChunk, Usage
 from gateway.outage import OutageGuard
-from gateway.wire import ChatCompletionBody
+from gateway.translate.openai_chat import ChatCompletionBody
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.background import cancel_and_wait, raise_if_cancelling
+from gateway.live.state import RoutingState
+from gateway.live.stats import NO_EVIDENCE, Evidence, LiveStats, merge_stats
 from gateway.outage import OutageGuard
-from gateway.routing_state import RoutingState
-from gateway.stats import NO_EVIDENCE, Evidence, LiveStats, merge_stats
 
 log = logging.getLogger(__name__)
 

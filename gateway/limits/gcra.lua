@@ -1,7 +1,7 @@
 -- Switchboard rate limits, concurrency leases and budgets: one script, one atomic round trip per call.
 -- ARGV[1] names the operation, ARGV[2] is now in ms or "" for the server clock (production passes "";
 -- tests pass a clock). Every reply is a flat array of integers, so client decoding settings do not matter.
--- gateway/limits.py holds the Python twin of each operation (MemoryLimiter); keep the two in step.
+-- gateway/limits/base.py holds the Python twin of each operation (MemoryLimiter); keep the two in step.
 
 local op = ARGV[1]
 local now = tonumber(ARGV[2])

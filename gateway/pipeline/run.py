@@ -17,18 +17,19 @@ from types import MappingProxyType
 
 from backends.base import ChatRequest, ChatResult, StreamChunk, Usage
 from backends.errors import SwitchboardError
-from gateway import dispatch, route
-from gateway.access import check_model
-from gateway.admission import Ticket
-from gateway.cache import CachedResponse, entry_from_chunks, entry_from_result
-from gateway.caching import CACHE_HEADER, CachePlan, plan_cache, servable
+from gateway.cache.policy import CACHE_HEADER, CachePlan, plan_cache, servable
+from gateway.cache.store import CachedResponse, entry_from_chunks, entry_from_result
 from gateway.errors import AllBackendsFailed, error_body
-from gateway.middleware import Timing
+from gateway.http.auth import check_model
+from gateway.http.context import Timing
+from gateway.limits.gate import Ticket
+from gateway.live.state import deployment_id
+from gateway.pipeline import dispatch
+from gateway.pipeline import plan as route
+from gateway.pipeline.plan import Routed, candidates_json, privacy_class
 from gateway.records import KeyIdentity, RequestStatus, UsageRecord
-from gateway.route import Routed, candidates_json, privacy_class
-from gateway.routing_state import deployment_id
 from gateway.services import Services
-from gateway.wire import (
+from gateway.translate.openai_chat import (
     SSE_DONE,
     ChatCompletionBody,
     render_chunk,

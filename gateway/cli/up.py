@@ -13,8 +13,8 @@ import httpx
 import uvicorn
 
 from gateway.config import Config
-from gateway.db import make_engine, migrate
-from gateway.keys import create_key, upsert_teams
+from gateway.store.db import make_engine, migrate
+from gateway.store.keys import create_key, upsert_teams
 
 _ENGINE_READY_TIMEOUT_S = 600.0
 
@@ -65,7 +65,7 @@ messages=[{{"role": "user", "content": "Say hello"}}]).choices[0].message.conten
 
 
 def run_quickstart(config: Config, *, engine_port: int, with_engine: bool) -> int:
-    from gateway.app import create_app
+    from gateway.http.app import create_app
 
     proc = _start_engine(engine_port) if with_engine else None
     try:

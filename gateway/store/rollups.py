@@ -24,8 +24,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
-from gateway.db import UTCDateTime, backend_busy_hourly, rollup_state, usage, usage_hourly
-from gateway.histogram import LATENCY_PREFIX, TTFT_PREFIX, sql_bucket_counts
+from gateway.live.histogram import LATENCY_PREFIX, TTFT_PREFIX, sql_bucket_counts
+from gateway.store.db import UTCDateTime, backend_busy_hourly, rollup_state, usage, usage_hourly
 
 STATE_NAME = "usage"
 HOUR = dt.timedelta(hours=1)

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.background import cancel_and_wait
 from gateway.config import ReportsConfig
-from gateway.rollup import Rollup
+from gateway.store.rollups import Rollup
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from backends.base import Backend, ChatRequest, ChatResult, StreamChunk
 from backends.errors import BackendTimeout, BackendUnavailable, SwitchboardError
 from gateway.errors import AllBackendsFailed
-from gateway.middleware import Timing
-from gateway.routing_state import RoutingState, deployment_id
+from gateway.http.context import Timing
+from gateway.live.state import RoutingState, deployment_id
 from routing.decision import Deployment, RouteDecision
 
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 Admin operations are synchronous SQL; they run in a worker thread so the event loop keeps serving traffic.
 A revoke also drops the key from this process's cache at once; other replicas follow within the cache TTL.
-`GET /admin/route/explain` is a dry run through `gateway.route.plan`: it dispatches nothing, reports the
+`GET /admin/route/explain` is a dry run through `pipeline.plan.plan`: it dispatches nothing, reports the
 error a real request would get instead of raising it, and never echoes the sample text it was given.
 """
 
@@ -22,8 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from backends.errors import SwitchboardError
-from gateway import keys, route, usage_api
-from gateway.access import authenticate_admin
 from gateway.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -31,10 +29,14 @@ from gateway.errors import (
     PermissionDenied,
     SensitiveDataRefused,
 )
+from gateway.http import usage as usage_api
+from gateway.http.auth import authenticate_admin
+from gateway.pipeline import plan as route
 from gateway.records import KeyBudget
 from gateway.services import Services
-from gateway.spend import micro_to_usd_text, usd_to_micro
-from gateway.wire import ChatCompletionBody
+from gateway.store import keys
+from gateway.store.spend import micro_to_usd_text, usd_to_micro
+from gateway.translate.openai_chat import ChatCompletionBody
 from routing.decision import RouteDecision
 from routing.preferences import narrow, parse_preferences
 from routing.privacy import PrivacyTier, PrivacyVerdict, detect_messages, privacy_floor

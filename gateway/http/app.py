@@ -24,17 +24,17 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from backends.errors import SwitchboardError
-from gateway import chat
-from gateway.access import allowed_models, authenticate
-from gateway.admin import admin_router
 from gateway.config import Config
 from gateway.edge.api import edge_router
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, error_body
-from gateway.middleware import RequestContextMiddleware, timing_of
-from gateway.route import Hints
+from gateway.http.admin import admin_router
+from gateway.http.auth import allowed_models, authenticate
+from gateway.http.context import RequestContextMiddleware, timing_of
+from gateway.http.usage import usage_router
+from gateway.pipeline import run as chat
+from gateway.pipeline.plan import Hints
 from gateway.services import Services, build_services
-from gateway.usage_api import usage_router
-from gateway.wire import parse_chat_body
+from gateway.translate.openai_chat import parse_chat_body
 
 log = logging.getLogger("switchboard")
 JSON = "application/json"

@@ -25,10 +25,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from gateway.db import api_keys, teams
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, ServiceUnavailable
 from gateway.records import KeyBudget, KeyIdentity
-from gateway.spend import micro_to_usd_text
+from gateway.store.db import api_keys, teams
+from gateway.store.spend import micro_to_usd_text
 
 log = logging.getLogger(__name__)
 

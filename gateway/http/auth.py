@@ -10,9 +10,9 @@ import datetime as dt
 import hmac
 
 from gateway.errors import AdminOnly, AuthenticationFailed, ModelNotFound, PermissionDenied
-from gateway.keys import check_usable
 from gateway.records import KeyIdentity
 from gateway.services import Services
+from gateway.store.keys import check_usable
 
 KEY_PREFIX = "sk-sb-"
 

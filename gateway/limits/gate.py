@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.background import TaskSet
 from gateway.config import Config, TeamConfig
 from gateway.errors import BudgetExceeded, LimiterUnavailable, RateLimited
-from gateway.limits import (
+from gateway.limits.base import (
     Admission,
     BudgetPeriod,
     BudgetReservation,

@@ -29,8 +29,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from gateway.db import usage
 from gateway.records import RequestStatus, UsageRecord
+from gateway.store.db import usage
 
 log = logging.getLogger(__name__)
 

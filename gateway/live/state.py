@@ -3,7 +3,7 @@
 `snapshot(now_s)` hands routing a frozen `RoutingSnapshot`; it is rebuilt at most every `_REFRESH_S` so a
 decision costs no rebuild. Stats are keyed by deployment id (`model@backend`); one team's policy comes from
 `[teams.*]` config (defaults for teams created only in SQL). With several replicas, `set_shared` installs the
-other replicas' stats (gateway/shared_routing.py); they are merged into each rebuilt snapshot only, never
+other replicas' stats (gateway/live/sync.py); they are merged into each rebuilt snapshot only, never
 into this replica's own `StatsBook`, so nothing is counted twice. Edge nodes (`set_edge_source`: the ones this
 replica holds and, through the relay, the ones other replicas hold) join each rebuilt snapshot as deployments
 of their own while their heartbeats are fresh (gateway/edge/pool.py).
@@ -17,11 +17,11 @@ from decimal import Decimal
 from typing import Protocol
 
 from backends.base import Backend
-from gateway.breaker import BreakerBoard, BreakerPolicy, BreakerState, BreakerView
 from gateway.config import Config, EdgeBackendConfig, OpenAIBackendConfig, TeamConfig
 from gateway.edge.pool import LiveNode, edge_templates, expand, prior_for, with_node_load
-from gateway.engine_metrics import EngineLoad, MetricsPoller
-from gateway.stats import Evidence, LiveStats, Prior, StatsBook
+from gateway.live.breaker import BreakerBoard, BreakerPolicy, BreakerState, BreakerView
+from gateway.live.engine_load import EngineLoad, MetricsPoller
+from gateway.live.stats import Evidence, LiveStats, Prior, StatsBook
 from routing.decision import Deployment
 from routing.privacy import PrivacyTier, SensitivePolicy
 from routing.snapshot import (
@@ -155,7 +155,7 @@ class RoutingState:
         self._edge: EdgeSource | None = None
         self._edge_seen: dict[str, float] = {}  # edge deployment id -> last time it was live
         self._edge_pruned_s = -math.inf
-        self.down_backends: set[str] = set()  # failing their health probe (gateway/health.py)
+        self.down_backends: set[str] = set()  # failing their health probe (gateway/live/health.py)
 
     def set_edge_source(self, source: EdgeSource | None) -> None:
         """Route to the live nodes `source` holds, from the next snapshot on."""

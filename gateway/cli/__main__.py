@@ -1,0 +1,5 @@
+"""`python -m gateway.cli`: the `switchboard` command."""
+
+from gateway.cli import app
+
+app()
