@@ -15,6 +15,7 @@ class SwitchboardError(Exception):
     openai_type: str = "api_error"
     code: str = "internal_error"
     retryable: bool = False
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # response headers the gateway adds to this error
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)

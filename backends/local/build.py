@@ -205,7 +205,13 @@ def _proposer(options: EngineOptions, model: Any) -> Proposer:
             raise
         raise ValueError(f"--spec {options.spec} is not available in this build; use --spec none") from exc
     with stage(f"speculative proposer ({options.spec})"):
+        from backends.local.loader import load_model
+
         proposer: Proposer = speculative.build_proposer(
-            options.spec, target=model, draft_model=options.draft_model, device=options.device
+            options.spec,
+            target=model,
+            draft_model=options.draft_model,
+            load_draft=load_model,
+            device=options.device,
         )
     return proposer

@@ -9,14 +9,20 @@ answer never reaches a client whose policy would have kept it from that backend.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from gateway.cache.store import CachedResponse, cache_key, cache_namespace, cacheable, directives
+from backends.base import ChatRequest
+from gateway.cache.store import (
+    CachedResponse,
+    ResponseCache,
+    cache_key,
+    cache_namespace,
+    cacheable,
+    directives,
+)
 from gateway.config import Config
-from gateway.pipeline.plan import Routed
-from gateway.translate.openai_chat import ChatCompletionBody
-
-CACHE_HEADER = "x-switchboard-cache"  # request: on|off; response: hit|miss|skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +45,12 @@ def ttl_s(config: Config, team: str, model: str) -> float:
 
 
 def plan_cache(
-    config: Config, team: str, body: ChatCompletionBody, cache_control: str | None, opt: str | None
+    config: Config,
+    team: str,
+    call: ChatRequest,
+    cache_control: str | None,
+    opt: str | None,
+    preferences: Mapping[str, Any] | None = None,
 ) -> CachePlan | None:
     """None when this request neither reads nor writes the cache."""
     if not config.cache.enabled:
@@ -47,20 +58,36 @@ def plan_cache(
     opt = (opt or "").strip().lower()
     if opt == "off":
         return None
-    ttl = ttl_s(config, team, body.model)
+    ttl = ttl_s(config, team, call.model)
     team_cfg = config.teams.get(team)
     opt_in = opt == "on" or (team_cfg is not None and team_cfg.cache_all)
-    if ttl <= 0 or not cacheable(body, opt_in=opt_in):
+    if ttl <= 0 or not cacheable(call, opt_in=opt_in):
         return None
     wanted = directives(cache_control)
     if wanted.no_cache and wanted.no_store:
         return None
     namespace = cache_namespace(team, shared_as=team_cfg.cache_share if team_cfg is not None else None)
-    return CachePlan(cache_key(namespace, body), ttl, not wanted.no_cache, not wanted.no_store)
+    return CachePlan(cache_key(namespace, call, preferences), ttl, not wanted.no_cache, not wanted.no_store)
 
 
-def servable(entry: CachedResponse, routed: Routed) -> bool:
-    decision = routed.decision
-    if decision.ranked:
-        return any(c.deployment.backend == entry.backend for c in decision.ranked)
-    return any(d.backend == entry.backend for d in decision.candidates)
+class CacheStep:
+    """The pipeline's cache step: which requests it may answer or keep, and the store behind it."""
+
+    def __init__(self, config: Config, cache: ResponseCache) -> None:
+        self.config, self.cache = config, cache
+
+    def plan(
+        self,
+        team: str,
+        call: ChatRequest,
+        cache_control: str | None,
+        opt: str | None,
+        preferences: Mapping[str, Any] | None = None,
+    ) -> CachePlan | None:
+        return plan_cache(self.config, team, call, cache_control, opt, preferences)
+
+    async def get(self, plan: CachePlan) -> CachedResponse | None:
+        return await self.cache.get(plan.key)
+
+    async def put(self, plan: CachePlan, entry: CachedResponse) -> None:
+        await self.cache.put(plan.key, entry, plan.ttl_s)

@@ -20,13 +20,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from backends.base import ChatResult, StreamChunk, Usage
+from backends.base import ChatRequest, ChatResult, StreamChunk, Usage
 from gateway.outage import OutageGuard
-from gateway.translate.openai_chat import ChatCompletionBody
 
 log = logging.getLogger(__name__)
 
-KEY_VERSION = 1  # bump when key normalisation changes: old entries then simply miss
+KEY_VERSION = 2  # bump when key normalisation changes: old entries then simply miss
 ENTRY_VERSION = 2  # bump when the stored shape changes: old entries decode as misses
 DEFAULT_MAX_ENTRY_BYTES = 1 << 20
 # Routing preferences that restrict *which backend may answer*. A hit must not hand a client an answer from
@@ -57,33 +56,33 @@ def _name_set(raw: Any) -> Any:
     return raw  # malformed prefs are refused elsewhere; keep them distinct rather than guess
 
 
-def cache_key(namespace: str, body: ChatCompletionBody) -> str:
-    """`<namespace>:<sha256 hex>` over the canonical form of everything that affects the output."""
-    prefs = body.switchboard or {}
+def cache_key(namespace: str, call: ChatRequest, preferences: Mapping[str, Any] | None = None) -> str:
+    """`<namespace>:<sha256 hex>` over the canonical form of everything that affects the output.
+
+    Keyed on the internal request, so every API that asks the same thing of a model shares the answer."""
+    prefs = preferences or {}
     canonical = {
         "v": KEY_VERSION,
         "ns": namespace,
-        "model": body.model,
-        "messages": [_drop_none(m.model_dump()) for m in body.messages],
-        "max_tokens": body.max_output_tokens(),  # either field, same meaning
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "stop": sorted(set(body.stop_tuple())),  # a set: order and duplicates do not change output
-        "seed": body.seed,
-        "tools": body.tools,
-        "tool_choice": body.tool_choice,
-        "response_format": body.response_format,
+        "model": call.model,
+        "messages": [_drop_none(dict(m)) for m in call.messages],
+        "max_tokens": call.max_tokens,
+        "temperature": call.temperature,
+        "top_p": call.top_p,
+        "stop": sorted(set(call.stop)),  # a set: order and duplicates do not change output
+        "seed": call.seed,
+        "tools": list(call.tools) if call.tools is not None else None,
+        "tool_choice": call.tool_choice,
+        "response_format": call.response_format,
         "route": {p: _name_set(prefs[p]) for p in _ELIGIBILITY_PREFS if prefs.get(p) is not None},
-        # Only neutral values pass parsing today; keying on them stays right once a backend honours one.
-        "extra": {k: v for k, v in (body.model_extra or {}).items() if v is not None},
     }
     payload = orjson.dumps({k: v for k, v in canonical.items() if v is not None}, option=orjson.OPT_SORT_KEYS)
     return f"{namespace}:{hashlib.sha256(payload).hexdigest()}"
 
 
-def cacheable(body: ChatCompletionBody, *, opt_in: bool) -> bool:
+def cacheable(call: ChatRequest, *, opt_in: bool) -> bool:
     """Deterministic (temperature 0, or a fixed seed) or explicitly opted in by team config or request."""
-    return opt_in or body.temperature == 0 or body.seed is not None
+    return opt_in or call.temperature == 0 or call.seed is not None
 
 
 @dataclass(frozen=True, slots=True)

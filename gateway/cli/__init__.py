@@ -73,7 +73,7 @@ def _load(path: Path | None) -> Config:
 
 
 def _load_for_serving(path: Path | None) -> Config:
-    from gateway.services import missing_secrets
+    from gateway.services.backends import missing_secrets
 
     cfg = _load(path)
     problems = missing_secrets(cfg)

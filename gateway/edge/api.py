@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 def _svc(request: Request) -> Services:
     svc: Services = request.app.state.services
-    authenticate_admin(svc, request.headers.get("authorization"))
+    authenticate_admin(svc.access, request.headers.get("authorization"))
     return svc
 
 

@@ -36,7 +36,7 @@ from gateway.records import KeyBudget
 from gateway.services import Services
 from gateway.store import keys
 from gateway.store.spend import micro_to_usd_text, usd_to_micro
-from gateway.translate.openai_chat import ChatCompletionBody
+from gateway.translate.openai_chat import ChatCompletionBody, chat_request
 from routing.decision import RouteDecision
 from routing.preferences import narrow, parse_preferences
 from routing.privacy import PrivacyTier, PrivacyVerdict, detect_messages, privacy_floor
@@ -47,7 +47,7 @@ _HIDDEN = {"key_hash"}
 
 def _svc(request: Request) -> Services:
     svc: Services = request.app.state.services
-    authenticate_admin(svc, request.headers.get("authorization"))
+    authenticate_admin(svc.access, request.headers.get("authorization"))
     return svc
 
 
@@ -283,7 +283,8 @@ async def explain_route(svc: Services, q: ExplainQuery) -> dict[str, object]:
     decision: RouteDecision | None
     try:
         hints = route.Hints(privacy=q.privacy, site=q.site, labels=q.labels)
-        routed = route.plan(svc.routing, q.team, body, messages, hints, now_s=now_s)
+        call = chat_request(body, "explain", svc.config.server.request_timeout_s)
+        routed = route.plan(svc.routing, q.team, call, hints, body.switchboard, now_s=now_s)
         decision, verdict, policy = routed.decision, routed.verdict, routed.policy
         error = error or route.fail_closed_error(routed, q.team)
     except SensitiveDataRefused as exc:

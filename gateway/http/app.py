@@ -1,16 +1,15 @@
-"""`create_app(config)`: the FastAPI app, its lifespan, error rendering and the OpenAI-compatible routes.
+"""`create_app(config)`: the FastAPI app, its lifespan, error rendering and the routes.
 
 Nothing happens at import time. The lifespan builds `Services` onto `app.state.services` and closes them in
-reverse order. Handlers are thin: parse, authenticate, call one service function, render.
+reverse order. Endpoints that run the request pipeline are translators (gateway/translate/) served on a fast
+lane (gateway/http/endpoints.py); every other path goes through FastAPI as usual.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import gc
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,64 +19,24 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backends.errors import SwitchboardError
 from gateway.config import Config
 from gateway.edge.api import edge_router
-from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, error_body
+from gateway.errors import InvalidRequest, NotFound, error_body
 from gateway.http.admin import admin_router
-from gateway.http.auth import allowed_models, authenticate
+from gateway.http.auth import authenticate
 from gateway.http.context import RequestContextMiddleware, timing_of
+from gateway.http.endpoints import EdgeDeps, Translator, enveloped_response, serve
 from gateway.http.usage import usage_router
-from gateway.pipeline import run as chat
-from gateway.pipeline.plan import Hints
-from gateway.services import Services, build_services
-from gateway.translate.openai_chat import parse_chat_body
+from gateway.services import Services
+from gateway.services.build import build_services
+from gateway.translate.openai_chat import ChatCompletions
 
 log = logging.getLogger("switchboard")
 JSON = "application/json"
-
-
-def error_response(exc: SwitchboardError) -> Response:
-    headers = {}
-    retry_after = getattr(exc, "retry_after_s", None)
-    if retry_after is not None:
-        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
-    return Response(error_body(exc), status_code=exc.status_code, media_type=JSON, headers=headers)
-
-
-class SseResponse(StreamingResponse):
-    """Streams `chat.SseStream` and finalizes it however the response ends, even if never iterated."""
-
-    def __init__(self, stream: chat.SseStream) -> None:
-        super().__init__(stream.body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-        self._stream = stream
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await asyncio.shield(self._stream.finalize())
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body is larger than {limit} bytes (config: server.max_body_bytes)")
 
 
 def services_of(request: Request) -> Services:
@@ -85,31 +44,18 @@ def services_of(request: Request) -> Services:
     return svc
 
 
-async def chat_completions(request: Request) -> Response:
-    svc = services_of(request)
-    timing = timing_of(request.scope)
-    received_at = dt.datetime.now(dt.UTC)
-    identity = await authenticate(svc, request.headers.get("authorization"), now=received_at)
-    try:
-        body = parse_chat_body(await read_body(request, svc.config.server.max_body_bytes))
-    except SwitchboardError:
-        svc.metrics.rejected.labels("invalid_request").inc()
-        raise
-    hints = Hints.from_headers(request.headers)
-    if body.stream:
-        stream = await chat.open_stream(svc, identity, body, timing, received_at, hints, request.headers)
-        return SseResponse(stream)
-    payload = await chat.complete(svc, identity, body, timing, received_at, hints, request.headers)
-    return Response(payload, media_type=JSON)
+def edge_deps(svc: Services) -> EdgeDeps:
+    server = svc.config.server
+    return EdgeDeps(svc.access, svc.pipeline, svc.metrics, server.max_body_bytes, server.request_timeout_s)
 
 
 async def list_models(request: Request) -> Response:
-    svc = services_of(request)
-    identity = await authenticate(svc, request.headers.get("authorization"), now=dt.datetime.now(dt.UTC))
+    access = services_of(request).access
+    identity = await authenticate(access, request.headers.get("authorization"), now=dt.datetime.now(dt.UTC))
     created = int(time.time())
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": "switchboard"}
-        for name in await allowed_models(svc, identity)
+        for name in await access.allowed_models(identity)
     ]
     return Response(orjson.dumps({"object": "list", "data": data}), media_type=JSON)
 
@@ -125,18 +71,19 @@ async def readyz(request: Request) -> Response:
     # Without Redis a fail-closed replica refuses limited requests: not ready. Fail-open, it still serves.
     redis_blocks = redis_ok is False and not svc.config.limits.fail_open
     ready = db_ok and not redis_blocks
+    ledger = svc.ledger
     body = {
         "status": "ok" if db_ok and redis_ok is not False else "degraded",
         "database": "ok" if db_ok else "unreachable",
         "redis": "not configured" if redis_ok is None else ("ok" if redis_ok else "unreachable"),
         "ledger": {
-            "queued": svc.ledger.queued,
-            "written": svc.ledger.written,
-            "spilled": svc.ledger.spilled,
-            "replayed": svc.ledger.replayed,
-            "rejected": svc.ledger.rejected,
-            "lost": svc.ledger.lost,
-            "db_down": svc.ledger.db_down,
+            "queued": ledger.queued,
+            "written": ledger.written,
+            "spilled": ledger.spilled,
+            "replayed": ledger.replayed,
+            "rejected": ledger.rejected,
+            "lost": ledger.lost,
+            "db_down": ledger.db_down,
         },
     }
     return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type=JSON)
@@ -144,6 +91,11 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     return Response(services_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def error_response(exc: SwitchboardError) -> Response:
+    """The OpenAI error envelope, for every route that is not a translator's."""
+    return enveloped_response(exc, error_body(exc))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -168,7 +120,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(err)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        return _unexpected(request)
+        # The one top-level catch: log with the request id, answer with the envelope, never leak details.
+        log.exception("unhandled error in request %s", timing_of(request.scope).request_id)
+        return error_response(SwitchboardError("internal error; the gateway log has details"))
 
     app.add_exception_handler(SwitchboardError, on_switchboard)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -176,60 +130,56 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-CHAT_PATH = "/v1/chat/completions"
-
-
-def _unexpected(request: Request) -> Response:
-    # The one top-level catch: log with the request id, answer with the envelope, never leak details.
-    log.exception("unhandled error in request %s", timing_of(request.scope).request_id)
-    return error_response(SwitchboardError("internal error; the gateway log has details"))
-
-
-async def _serve_chat(scope: Scope, receive: Receive, send: Send) -> None:
-    request = Request(scope, receive)
-    try:
-        response = await chat_completions(request)
-    except SwitchboardError as exc:
-        response = error_response(exc)
-    except Exception:  # noqa: BLE001 - top-level handler of the fast lane, as on_unexpected is for FastAPI
-        response = _unexpected(request)
-    await response(scope, receive, send)
-
-
 class SwitchboardApp(FastAPI):
-    """FastAPI plus a fast lane: `POST /v1/chat/completions` skips FastAPI's per-request machinery.
+    """FastAPI plus a fast lane for the translator endpoints (`add_translator`).
 
-    That machinery (five middleware layers, routing, dependency solving) cost ~12% of the gateway's CPU at
-    2k req/s. The lane keeps the request-context middleware and the same error rendering; every other path,
-    and the lifespan, go through FastAPI as usual.
+    FastAPI's per-request machinery (five middleware layers, routing, dependency solving) cost ~12% of the
+    gateway's CPU at 2k req/s. The lane keeps the request-context middleware and the same error rendering.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._chat_lane = RequestContextMiddleware(_serve_chat)
+        self._lanes: dict[str, ASGIApp] = {}
+
+    def add_translator(self, translator: Translator) -> None:
+        """Serve `POST translator.path` through the shared pipeline."""
+
+        async def lane(scope: Scope, receive: Receive, send: Send) -> None:
+            await serve(translator, scope["app"].state.edge_deps, scope, receive, send)
+
+        self._lanes[translator.path] = RequestContextMiddleware(lane)
+
+        async def documented(request: Request) -> Response:  # for the OpenAPI listing; the lane serves
+            raise NotImplementedError
+
+        self.add_api_route(translator.path, documented, methods=["POST"], name=translator.endpoint)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
-            scope["app"] = self
-            await self._chat_lane(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] == "POST":
+            lane = self._lanes.get(scope["path"])
+            if lane is not None:
+                scope["app"] = self
+                await lane(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 
-def create_app(config: Config) -> FastAPI:
+def create_app(config: Config) -> SwitchboardApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.services = await build_services(config)
+        svc = await build_services(config)
+        app.state.services = svc
+        app.state.edge_deps = edge_deps(svc)
         # Everything built so far lives as long as the app: move it out of the collector's sight, so the
         # periodic full collections under load scan only per-request garbage (shorter pauses, lower p99).
         gc.freeze()
         try:
             yield
         finally:
-            await app.state.services.aclose()
+            await svc.aclose()
 
     app = SwitchboardApp(title="Switchboard", version="0.1.0", lifespan=lifespan)
-    app.add_api_route(CHAT_PATH, chat_completions, methods=["POST"])  # OpenAPI docs; served by the lane
+    app.add_translator(ChatCompletions())
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])

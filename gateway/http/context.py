@@ -10,22 +10,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-@dataclass(slots=True)
-class Timing:
-    """Mutable on purpose: dispatch adds to `upstream_s` while the request runs."""
-
-    start_s: float
-    request_id: str
-    upstream_s: float = 0.0
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added to the response by routing
-
-    def elapsed_ms(self) -> float:
-        return (time.perf_counter() - self.start_s) * 1000
+from gateway.pipeline.request import Timing
 
 
 def timing_of(scope: Scope) -> Timing:
@@ -50,7 +38,6 @@ class RequestContextMiddleware:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", timing.request_id.encode()))
                 headers.append((b"x-switchboard-overhead-ms", f"{overhead_ms:.3f}".encode()))
-                headers.extend(timing.headers)
                 message["headers"] = headers
             await send(message)
 

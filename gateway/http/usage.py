@@ -92,7 +92,9 @@ def usage_router() -> APIRouter:
     @router.get("/v1/usage")
     async def team_usage(request: Request, params: ReportParams = Depends()) -> Response:
         svc: Services = request.app.state.services
-        identity = await authenticate(svc, request.headers.get("authorization"), now=dt.datetime.now(dt.UTC))
+        identity = await authenticate(
+            svc.access, request.headers.get("authorization"), now=dt.datetime.now(dt.UTC)
+        )
         team = own_team(identity.team, params.team)
         return await usage_response(svc, params.query(team=team), params.output_format())
 

@@ -72,10 +72,10 @@ class Ticket:
     reservation: BudgetReservation | None = None
     settled: bool = False
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         if self.admission is None:
-            return []
-        return [(k.encode(), v.encode()) for k, v in ratelimit_headers(self.admission)]
+            return ()
+        return tuple((k.encode(), v.encode()) for k, v in ratelimit_headers(self.admission))
 
 
 def micro_usd(usd: Decimal) -> int:
@@ -143,7 +143,7 @@ def _usd(micro: int) -> str:
 
 
 class Gate:
-    """Owned by `Services`; event-loop use only."""
+    """The limits step of the pipeline; owned by `Services`, event-loop use only."""
 
     def __init__(
         self,
@@ -186,11 +186,9 @@ class Gate:
 
     # ---- admission --------------------------------------------------------------------------------------
 
-    async def admit(
-        self, identity: KeyIdentity, model: str, estimated_tokens: int, headers: list[tuple[bytes, bytes]]
-    ) -> Ticket:
-        """Concurrency slot, then every rate rule at once; the x-ratelimit-* headers go onto `headers`
-        (allowed or not). Raises RateLimited or LimiterUnavailable."""
+    async def admit(self, identity: KeyIdentity, model: str, estimated_tokens: int) -> Ticket:
+        """Concurrency slot, then every rate rule at once. The x-ratelimit-* headers are `ticket.headers()`,
+        and travel on the RateLimited error when refused. Raises RateLimited or LimiterUnavailable."""
         rules = self.rules(identity, model)
         ticket = Ticket(rules)
         if rules.concurrency is not None:
@@ -205,14 +203,16 @@ class Gate:
         if rules.rate:
             try:
                 admission = await self.store.admit(rules.rate, cost_tokens=estimated_tokens)
-            except LimiterUnavailable:
-                await self._release(ticket)
+            except BaseException:
+                # Whatever went wrong, the slot taken above is not this request's to keep.
+                await asyncio.shield(self._release(ticket))
                 raise
             ticket.admission = admission
-            headers += ticket.headers()
             if not admission.allowed:
                 await self._release(ticket)
-                raise self._rate_error(rules, admission, estimated_tokens)
+                refused = self._rate_error(rules, admission, estimated_tokens)
+                refused.headers = ticket.headers()
+                raise refused
         return ticket
 
     def _rate_error(self, rules: RequestRules, admission: Admission, estimated_tokens: int) -> RateLimited:

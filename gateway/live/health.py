@@ -1,6 +1,6 @@
 """Health probes of backends (e.g. a llama.cpp server or Ollama at a site): `Backend.health` on a timer.
 
-A backend failing `FAILURES_TO_DOWN` probes in a row leaves routing (`RoutingState.down_backends`: its
+A backend failing `FAILURES_TO_DOWN` probes in a row leaves routing (`RoutingState.mark_down`: its
 deployments are rejected as `unhealthy`, a transient reason, so requests get 503 rather than a lower tier)
 until one probe succeeds. One failure is not enough: a busy server may miss one probe. Transitions are
 logged once each; a probe that raises never ends the loop.
@@ -45,18 +45,13 @@ class HealthProber:
         return health
 
     def observe(self, name: str, health: BackendHealth) -> None:
-        down = self._routing.down_backends
         if health.ok:
             self._failures[name] = 0
-            if name in down:
-                down.discard(name)
-                self._routing.refresh()
+            if self._routing.mark_up(name):
                 log.info("backend %s passes its health probe again; back in routing", name)
             return
         self._failures[name] = self._failures.get(name, 0) + 1
-        if self._failures[name] >= FAILURES_TO_DOWN and name not in down:
-            down.add(name)
-            self._routing.refresh()
+        if self._failures[name] >= FAILURES_TO_DOWN and self._routing.mark_down(name):
             log.warning(
                 "backend %s failed %d health probes in a row (%s); out of routing until one passes "
                 "(config: backends.%s.health_interval_s)",

@@ -155,7 +155,26 @@ class RoutingState:
         self._edge: EdgeSource | None = None
         self._edge_seen: dict[str, float] = {}  # edge deployment id -> last time it was live
         self._edge_pruned_s = -math.inf
-        self.down_backends: set[str] = set()  # failing their health probe (gateway/live/health.py)
+        self._down: set[str] = set()  # failing their health probe (gateway/live/health.py)
+
+    def mark_down(self, backend: str) -> bool:
+        """Take a backend out of routing; True when it was in."""
+        if backend in self._down:
+            return False
+        self._down.add(backend)
+        self.refresh()
+        return True
+
+    def mark_up(self, backend: str) -> bool:
+        """Put a backend back into routing; True when it was out."""
+        if backend not in self._down:
+            return False
+        self._down.discard(backend)
+        self.refresh()
+        return True
+
+    def is_down(self, backend: str) -> bool:
+        return backend in self._down
 
     def set_edge_source(self, source: EdgeSource | None) -> None:
         """Route to the live nodes `source` holds, from the next snapshot on."""
@@ -187,7 +206,7 @@ class RoutingState:
             if self._shared is not None:
                 live = self._shared.merge(live, self.stats.evidence(now_s), now_s)
             breakers = self.breakers.snapshot(now_s)
-            down = self.down_backends
+            down = self._down
             entries = {
                 dep_id: (spec, _stats(live[dep_id], breakers[dep_id], healthy=spec.backend not in down))
                 for dep_id, spec in self.specs.items()

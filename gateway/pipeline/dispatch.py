@@ -2,16 +2,18 @@
 
 Each attempt has its own timeout. Only errors marked `retryable` lead to another attempt: the next candidate
 at once, or the same one again after a backoff that honours Retry-After, all within the request's budget.
-Circuit breakers are consulted before and told after each attempt; failed attempts feed the live stats. When
-every attempt fails, all causes are collected into one `AllBackendsFailed`. A stream may be retried only
-until its first chunk has arrived. Time awaiting backends is added to `Timing.upstream_s`.
+When every attempt fails, all causes are collected into one `AllBackendsFailed`. A stream may be retried
+only until its first chunk has arrived. Time awaiting backends is added to `Timing.upstream_s`.
+
+`DeploymentUse` is the one owner of a request's life on a deployment: it takes the in-flight count, and it
+alone gives it back and tells the live stats and the circuit breaker how the attempt ended. Failed attempts
+end here; the served one ends when the pipeline has the whole answer (`DeploymentUse.finish`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -21,30 +23,88 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from backends.base import Backend, ChatRequest, ChatResult, StreamChunk
 from backends.errors import BackendTimeout, BackendUnavailable, SwitchboardError
 from gateway.errors import AllBackendsFailed
-from gateway.http.context import Timing
 from gateway.live.state import RoutingState, deployment_id
+from gateway.pipeline.request import SYSTEM_CLOCK, Clock, Timing
 from routing.decision import Deployment, RouteDecision
 
 T = TypeVar("T")
 
 
+@dataclass(slots=True)
+class DeploymentUse:
+    """One attempt on one deployment, from `request_started` to exactly one `end`."""
+
+    deployment: Deployment
+    dep_id: str
+    routing: RoutingState
+    started_s: float
+    ended: bool = False
+
+    @classmethod
+    def begin(cls, dep: Deployment, public_model: str, routing: RoutingState, now_s: float) -> DeploymentUse:
+        dep_id = deployment_id(public_model, dep.backend)
+        routing.stats.request_started(dep_id)
+        return cls(dep, dep_id, routing, now_s)
+
+    def finish(
+        self,
+        *,
+        ok: bool,
+        counted: bool,
+        now_s: float,
+        ttft_ms: float | None = None,
+        completion_tokens: int = 0,
+    ) -> None:
+        """`counted=False` (the client left, or the request itself was at fault) frees the slot and leaves
+        the stats and the breaker untouched."""
+        if self.ended:
+            return
+        self.ended = True
+        routing = self.routing
+        routing.stats.request_finished(self.dep_id)
+        if not counted:
+            routing.breakers.release(self.dep_id, now_s)
+            return
+        routing.stats.observe_request(
+            self.dep_id,
+            now_s=now_s,
+            ok=ok,
+            latency_ms=(now_s - self.started_s) * 1000,
+            ttft_ms=ttft_ms,
+            completion_tokens=completion_tokens,
+        )
+        if ok:
+            routing.breakers.record_success(self.dep_id, now_s)
+        else:
+            routing.breakers.record_failure(self.dep_id, now_s)
+
+    def fail(self, err: SwitchboardError, now_s: float) -> None:
+        self.finish(ok=False, counted=err.retryable, now_s=now_s)
+
+
 @dataclass(frozen=True, slots=True)
 class Served:
-    deployment: Deployment
+    use: DeploymentUse
     result: ChatResult
     attempts: int
-    started_s: float  # when the successful attempt began (perf_counter)
+
+    @property
+    def deployment(self) -> Deployment:
+        return self.use.deployment
 
 
 @dataclass(slots=True)
 class OpenStream:
     """A stream whose first chunk has arrived; `rest` yields the others."""
 
-    deployment: Deployment
+    use: DeploymentUse
     first: StreamChunk
     rest: AsyncIterator[StreamChunk]
     attempts: int
-    started_s: float
+
+    @property
+    def deployment(self) -> Deployment:
+        return self.use.deployment
 
 
 @dataclass(slots=True)
@@ -58,6 +118,7 @@ class Plan:
     budget_s: float = 600.0
     backoff_s: float = 0.05
     max_wait_s: float = 2.0
+    clock: Clock = SYSTEM_CLOCK
     causes: list[tuple[str, SwitchboardError]] = field(default_factory=list)
 
 
@@ -96,29 +157,34 @@ async def _run_attempts(
     timing: Timing,
     plan: Plan,
     attempt: Callable[[Deployment, ChatRequest], Awaitable[T]],
-) -> tuple[Deployment, T, int, float]:
-    candidates = decision.candidates
-    deadline = time.perf_counter() + plan.budget_s
+) -> tuple[DeploymentUse, T, int]:
+    candidates, now_s = decision.candidates, plan.clock.now_s
+    deadline = now_s() + plan.budget_s
     number = 0
 
     def out_of_budget(state: RetryCallState) -> bool:
         if state.attempt_number >= plan.max_attempts:
             return True
         upcoming = _wait(plan, candidates)(state)
-        return upcoming > plan.max_wait_s or time.perf_counter() + upcoming >= deadline
+        return upcoming > plan.max_wait_s or now_s() + upcoming >= deadline
 
-    async def one() -> tuple[Deployment, T, int, float]:
+    async def one() -> tuple[DeploymentUse, T, int]:
         nonlocal number
         dep = candidates[number % len(candidates)]
         number += 1
-        started = time.perf_counter()
+        started = now_s()
         try:
-            return dep, await _attempt_once(dep, request, timing, plan, attempt, deadline), number, started
+            use, value = await _attempt_once(dep, request, plan, attempt, deadline)
+            return use, value, number
         finally:
-            timing.upstream_s += time.perf_counter() - started
+            timing.upstream_s += now_s() - started
 
     retrying = AsyncRetrying(
-        stop=out_of_budget, wait=_wait(plan, candidates), retry=retry_if_exception(_retryable), reraise=True
+        stop=out_of_budget,
+        wait=_wait(plan, candidates),
+        retry=retry_if_exception(_retryable),
+        reraise=True,
+        sleep=plan.clock.sleep,
     )
     try:
         return await retrying(one)
@@ -129,44 +195,29 @@ async def _run_attempts(
 async def _attempt_once(
     dep: Deployment,
     request: ChatRequest,
-    timing: Timing,
     plan: Plan,
     attempt: Callable[[Deployment, ChatRequest], Awaitable[T]],
     deadline: float,
-) -> T:
-    dep_id = deployment_id(request.model, dep.backend)
-    routing = plan.routing
-    now_s = time.monotonic()
-    if not routing.breakers.allow(dep_id, now_s):
+) -> tuple[DeploymentUse, T]:
+    routing, now_s = plan.routing, plan.clock.now_s
+    if not routing.breakers.allow(deployment_id(request.model, dep.backend), now_s()):
         refused = BackendUnavailable("circuit open after repeated failures (config: routing.breaker_open_s)")
         plan.causes.append((dep.backend, refused))
         raise refused
-    timeout_s = max(
-        0.0, min(plan.timeouts_s.get(dep.backend, request.timeout_s), deadline - time.perf_counter())
-    )
-    routing.stats.request_started(dep_id)
-    started = time.perf_counter()
+    timeout_s = max(0.0, min(plan.timeouts_s.get(dep.backend, request.timeout_s), deadline - now_s()))
+    use = DeploymentUse.begin(dep, request.model, routing, now_s())
     err: SwitchboardError
     try:
         async with asyncio.timeout(timeout_s):
-            return await attempt(dep, _for(request, dep))
+            return use, await attempt(dep, _for(request, dep))
     except TimeoutError:
         err = _timeout_error(dep, timeout_s)
     except SwitchboardError as exc:
         err = exc
     except BaseException:
-        routing.stats.request_finished(dep_id)
-        routing.breakers.release(dep_id, time.monotonic())
+        use.finish(ok=False, counted=False, now_s=now_s())
         raise
-    routing.stats.request_finished(dep_id)
-    now_s = time.monotonic()
-    if err.retryable:
-        routing.breakers.record_failure(dep_id, now_s)
-        routing.stats.observe_request(
-            dep_id, now_s=now_s, ok=False, latency_ms=(time.perf_counter() - started) * 1000
-        )
-    else:
-        routing.breakers.release(dep_id, now_s)
+    use.fail(err, now_s())
     plan.causes.append((dep.backend, err))
     raise err
 
@@ -175,8 +226,8 @@ async def complete(decision: RouteDecision, request: ChatRequest, timing: Timing
     async def attempt(dep: Deployment, req: ChatRequest) -> ChatResult:
         return await plan.backends[dep.backend].complete(req)
 
-    dep, result, attempts, started = await _run_attempts(decision, request, timing, plan, attempt)
-    return Served(dep, result, attempts, started)
+    use, result, attempts = await _run_attempts(decision, request, timing, plan, attempt)
+    return Served(use, result, attempts)
 
 
 async def open_stream(
@@ -192,8 +243,8 @@ async def open_stream(
             await close_stream(iterator)  # a failed or timed-out attempt must not leak its connection
             raise
 
-    dep, (first, rest), attempts, started = await _run_attempts(decision, request, timing, plan, attempt)
-    return OpenStream(dep, first, rest, attempts, started)
+    use, (first, rest), attempts = await _run_attempts(decision, request, timing, plan, attempt)
+    return OpenStream(use, first, rest, attempts)
 
 
 async def next_chunk(stream: OpenStream, timeout_s: float) -> StreamChunk:
@@ -209,3 +260,46 @@ async def close_stream(iterator: AsyncIterator[StreamChunk]) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    budget_s: float = 600.0  # server.request_timeout_s: all attempts of one request together
+    backoff_s: float = 0.05  # routing.retry_backoff_s
+    max_wait_s: float = 2.0  # routing.max_retry_wait_s
+
+
+class Dispatcher:
+    """The backends by the name a deployment carries (configured ones, and `edge/<node>` for edge nodes),
+    their timeouts, and where attempts' outcomes go."""
+
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        timeouts_s: Mapping[str, float],
+        routing: RoutingState,
+        retry: RetrySettings,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.backends, self.timeouts_s, self.routing = backends, timeouts_s, routing
+        self.retry, self.clock = retry, clock
+
+    def plan(self, max_attempts: int) -> Plan:
+        r = self.retry
+        return Plan(
+            self.backends, self.timeouts_s, self.routing, max_attempts, r.budget_s, r.backoff_s, r.max_wait_s,
+            self.clock,
+        )  # fmt: skip
+
+    def idle_timeout_s(self, backend: str) -> float:
+        return self.timeouts_s.get(backend, self.retry.budget_s)
+
+    async def complete(
+        self, decision: RouteDecision, request: ChatRequest, timing: Timing, max_attempts: int
+    ) -> Served:
+        return await complete(decision, request, timing, self.plan(max_attempts))
+
+    async def open_stream(
+        self, decision: RouteDecision, request: ChatRequest, timing: Timing, max_attempts: int
+    ) -> OpenStream:
+        return await open_stream(decision, request, timing, self.plan(max_attempts))

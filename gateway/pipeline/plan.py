@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from backends.base import ChatRequest
 from gateway.edge.pool import split_node_backend
 from gateway.errors import (
     InvalidRequest,
@@ -24,7 +25,15 @@ from gateway.errors import (
     SensitiveDataRefused,
 )
 from gateway.live.state import RoutingState
-from gateway.translate.openai_chat import ChatCompletionBody
+from gateway.pipeline.access import ModelAccess
+from gateway.pipeline.request import (
+    LABELS_HEADER,
+    NO_HINTS,
+    PRIVACY_HEADER,
+    SITE_HEADER,
+    GatewayRequest,
+    Hints,
+)
 from routing.decision import RejectCode, Rejection, RouteDecision
 from routing.preferences import narrow, parse_preferences
 from routing.privacy import (
@@ -37,73 +46,8 @@ from routing.privacy import (
 from routing.scoring import choose
 from routing.snapshot import RoutePolicy, RouteRequest, RoutingSnapshot
 
-PRIVACY_HEADER = "x-switchboard-privacy"
-PREFERENCES_HEADER = "x-switchboard-preferences"  # JSON, same shape as the `switchboard` body field
-SITE_HEADER = "x-switchboard-site"  # `plant-7`: only deployments labelled site=plant-7
-LABELS_HEADER = "x-switchboard-labels"  # `site=plant-7,region=eu`: only deployments with all of these
 _TRANSIENT = {RejectCode.UNHEALTHY, RejectCode.CIRCUIT_OPEN}
 _LABEL_TEXT = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
-
-
-@dataclass(frozen=True, slots=True)
-class Hints:
-    """What a request's headers may ask of routing (only ever narrowing what its team allows)."""
-
-    privacy: str | None = None
-    preferences: str | None = None
-    site: str | None = None
-    labels: str | None = None
-
-    @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> Hints:
-        return cls(
-            headers.get(PRIVACY_HEADER),
-            headers.get(PREFERENCES_HEADER),
-            headers.get(SITE_HEADER),
-            headers.get(LABELS_HEADER),
-        )
-
-    def required_labels(self) -> dict[str, str]:
-        """The labels every deployment must carry, from `x-switchboard-labels` and `x-switchboard-site`."""
-        wanted: dict[str, str] = {}
-        for pair in (self.labels or "").split(","):
-            if not pair.strip():
-                continue
-            key, sep, value = (part.strip() for part in pair.partition("="))
-            if not sep or not _LABEL_TEXT.match(key) or not _LABEL_TEXT.match(value):
-                raise InvalidRequest(
-                    f"header {LABELS_HEADER} must be comma-separated key=value pairs, e.g. "
-                    "site=plant-7,region=eu",
-                    param=LABELS_HEADER,
-                )
-            wanted[key] = value
-        if self.site is not None:
-            site = self.site.strip()
-            if not _LABEL_TEXT.match(site):
-                raise InvalidRequest(
-                    f"header {SITE_HEADER} must be one site name, e.g. plant-7", param=SITE_HEADER
-                )
-            if wanted.get("site", site) != site:
-                raise InvalidRequest(
-                    f"headers {SITE_HEADER} and {LABELS_HEADER} ask for different sites", param=SITE_HEADER
-                )
-            wanted["site"] = site
-        return wanted
-
-    def preferences_field(self, body_field: dict[str, Any] | None) -> object:
-        """The body field wins; the header is read only when the body has none."""
-        if body_field is not None or self.preferences is None:
-            return body_field
-        try:
-            return orjson.loads(self.preferences)
-        except orjson.JSONDecodeError:
-            raise InvalidRequest(
-                f"header {PREFERENCES_HEADER} must be a JSON object like the `switchboard` body field",
-                param=PREFERENCES_HEADER,
-            ) from None
-
-
-NO_HINTS = Hints()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +87,9 @@ def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
 def plan(
     routing: RoutingState,
     team: str,
-    body: ChatCompletionBody,
-    messages: Sequence[Mapping[str, Any]],
+    call: ChatRequest,
     hints: Hints = NO_HINTS,
+    preferences: Mapping[str, Any] | None = None,
     *,
     now_s: float,
 ) -> Routed:
@@ -154,30 +98,43 @@ def plan(
     team_floor, on_sensitive = routing.team_floor(team)
     asked = requested_floor(hints.privacy)
     try:
-        verdict = privacy_floor(team_floor, asked, detect_messages(messages), on_sensitive)
+        verdict = privacy_floor(team_floor, asked, detect_messages(call.messages), on_sensitive)
     except SensitiveDataBlocked as exc:
         raise SensitiveDataRefused(str(exc) + f" (config: teams.{team}.on_sensitive)") from None
     try:
-        prefs = parse_preferences(hints.preferences_field(body.switchboard))
+        prefs = parse_preferences(hints.preferences_field(preferences))
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=str(exc).split(":", 1)[0]) from None
     policy = with_labels(narrow(routing.policy(team), prefs), hints.required_labels(), team)
-    prompt_tokens = estimate_prompt_tokens(messages)
-    output_tokens = body.max_output_tokens() or routing.config.routing.default_output_tokens
+    prompt_tokens = estimate_prompt_tokens(call.messages)
+    output_tokens = call.max_tokens or routing.config.routing.default_output_tokens
     request = RouteRequest(
-        public_model=body.model,
+        public_model=call.model,
         prompt_tokens=prompt_tokens,
         expected_output_tokens=output_tokens,
         privacy_floor=verdict.floor,
-        needs_tools=body.tools is not None,
-        needs_json=body.response_format is not None,
+        needs_tools=call.tools is not None,
+        needs_json=call.response_format is not None,
         preferences=prefs,
         privacy_reason=verdict.reason,
     )
     snapshot = routing.snapshot(now_s)
     decision = choose(request, snapshot, policy, now_s=now_s)
-    missing = () if decision.candidates else edge_missing(routing, snapshot, body.model, policy)
+    missing = () if decision.candidates else edge_missing(routing, snapshot, call.model, policy)
     return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing)
+
+
+class Planner:
+    """Model access, then the route: the first steps of the pipeline, with no side effects."""
+
+    def __init__(self, routing: RoutingState, access: ModelAccess) -> None:
+        self.routing, self.access = routing, access
+
+    async def route(self, request: GatewayRequest, *, now_s: float) -> Routed:
+        await self.access.check_model(request.identity, request.model)
+        return plan(
+            self.routing, request.identity.team, request.call, request.hints, request.preferences, now_s=now_s
+        )
 
 
 def with_labels(policy: RoutePolicy, wanted: Mapping[str, str], team: str) -> RoutePolicy:

@@ -1,18 +1,24 @@
-"""OpenAI wire models at the HTTP edge: parse request bodies, render responses and SSE chunks.
+"""The chat completions translator: OpenAI's `/v1/chat/completions` wire format <-> the pipeline's values.
 
 Parsing turns every problem into `InvalidRequest`/`UnsupportedParameter` naming the field (422 never escapes).
-Rendering works on plain dicts and orjson, because it sits on the hot path.
+Rendering works on plain dicts and orjson, because it sits on the hot path. This module is the only
+chat-specific code on the request path; the pipeline behind it knows no wire format.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backends.base import ChatResult, StreamChunk, Usage
-from gateway.errors import InvalidRequest, UnsupportedParameter
+from backends.base import ChatRequest, ChatResult, StreamChunk, Usage
+from backends.errors import SwitchboardError
+from gateway.errors import InvalidRequest, UnsupportedParameter, error_body
+from gateway.pipeline.flow import Answer, ChunkStream
+from gateway.pipeline.request import GatewayRequest, RequestContext
 
 # Fields OpenAI defines that no Switchboard backend honours yet. A neutral value is accepted; anything else is
 # refused by name, so a client never silently gets something other than what it asked for.
@@ -181,3 +187,72 @@ def render_sse_error(error_json: bytes) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+# ---- the translator ---------------------------------------------------------------------------------------
+
+ENDPOINT = "chat.completions"
+
+
+def chat_request(body: ChatCompletionBody, request_id: str, timeout_s: float) -> ChatRequest:
+    return ChatRequest(
+        model=body.model,
+        messages=tuple(m.model_dump(exclude_none=True) for m in body.messages),
+        request_id=request_id,
+        max_tokens=body.max_output_tokens(),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_tuple(),
+        seed=body.seed,
+        user=body.user,
+        tools=tuple(body.tools) if body.tools is not None else None,
+        tool_choice=body.tool_choice,
+        response_format=body.response_format,
+        timeout_s=timeout_s,
+    )
+
+
+class ChatCompletions:
+    """`POST /v1/chat/completions`: the first translator on the shared pipeline."""
+
+    endpoint = ENDPOINT
+    path = "/v1/chat/completions"
+
+    def parse(self, raw: bytes) -> ChatCompletionBody:
+        return parse_chat_body(raw)
+
+    def to_request(self, body: ChatCompletionBody, ctx: RequestContext) -> GatewayRequest:
+        return GatewayRequest(
+            endpoint=ENDPOINT,
+            call=chat_request(body, ctx.request_id, ctx.timeout_s),
+            identity=ctx.identity,
+            received_at=ctx.received_at,
+            stream=body.stream,
+            hints=ctx.hints,
+            preferences=body.switchboard,
+        )
+
+    def render(self, answer: Answer, body: ChatCompletionBody, request: GatewayRequest) -> bytes:
+        return render_completion(
+            answer.result, request_id=request.request_id, model=body.model, created=int(time.time())
+        )
+
+    async def render_stream(
+        self, stream: ChunkStream, body: ChatCompletionBody, request: GatewayRequest
+    ) -> AsyncIterator[bytes]:
+        rid, model, created = request.request_id, body.model, int(time.time())
+        try:
+            async for chunk in stream:
+                if chunk.delta or chunk.finish_reason:
+                    yield render_chunk(chunk, request_id=rid, model=model, created=created)
+        except SwitchboardError as exc:
+            # Headers are gone: the error travels as an SSE event, which the OpenAI SDKs raise as APIError.
+            yield render_sse_error(error_body(exc))
+            yield SSE_DONE
+            return
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield render_usage_chunk(stream.rec.usage, request_id=rid, model=model, created=created)
+        yield SSE_DONE
+
+    def error_body(self, exc: SwitchboardError) -> bytes:
+        return error_body(exc)

@@ -15,7 +15,7 @@ from gateway.limits.base import LimitKind
 from gateway.limits.gate import Gate, micro_usd
 from gateway.limits.memory import MemoryLimiter
 from gateway.records import KeyBudget, KeyIdentity
-from gateway.translate.openai_chat import parse_chat_body
+from gateway.translate.openai_chat import chat_request, parse_chat_body
 
 
 def config(**teams: Any) -> Config:
@@ -65,11 +65,11 @@ def test_rules_cover_key_team_and_team_model_and_the_keys_own_limit_wins() -> No
 def test_a_denied_request_frees_its_concurrency_slot_and_names_the_setting() -> None:
     async def scenario() -> None:
         gate = Gate(MemoryLimiter(), config(t={"limits": {"requests": 1, "max_concurrent": 5}}))
-        headers: list[tuple[bytes, bytes]] = []
-        first = await gate.admit(key("t"), "m", 10, headers)
-        assert (b"x-ratelimit-remaining-requests", b"0") in headers
+        first = await gate.admit(key("t"), "m", 10)
+        assert (b"x-ratelimit-remaining-requests", b"0") in first.headers()
         with pytest.raises(RateLimited) as info:
-            await gate.admit(key("t"), "m", 10, [])
+            await gate.admit(key("t"), "m", 10)
+        assert (b"x-ratelimit-remaining-requests", b"0") in info.value.headers
         assert "teams.t.limits.requests" in info.value.message
         assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
         # Only the admitted request holds a slot: 4 more fit.
@@ -90,11 +90,11 @@ def test_budget_reserve_settle_and_soft_alert_once() -> None:
             MemoryLimiter(), cfg, on_soft_limit=lambda rule, period, spent: alerts.append((rule.scope, spent))
         )
         for _ in range(3):
-            ticket = await gate.admit(key("t"), "m", 1, [])
+            ticket = await gate.admit(key("t"), "m", 1)
             await gate.reserve(ticket, 300_000)
             gate.settle_soon(ticket, tokens=1, cost_micro_usd=300_000)
             await gate.aclose()
-        ticket = await gate.admit(key("t"), "m", 1, [])
+        ticket = await gate.admit(key("t"), "m", 1)
         with pytest.raises(BudgetExceeded) as info:
             await gate.reserve(ticket, 300_000)
         err = info.value
@@ -129,19 +129,19 @@ def test_budget_counters_are_rebuilt_from_the_ledger_once_per_period_and_survive
     async def scenario() -> None:
         cfg = config(t={"budgets": [{"period": "day", "usd": "1"}]})
         gate = Gate(MemoryLimiter(), cfg, spend=spend, monotonic_s=lambda: now["s"])
-        ticket = await gate.admit(key("t"), "m", 1, [])
+        ticket = await gate.admit(key("t"), "m", 1)
         await gate.reserve(ticket, 200_000)  # DB down: admitted on the counter alone, no exception
         gate.settle_soon(ticket, tokens=1, cost_micro_usd=0)
         await gate.aclose()
         assert len(calls) == 1
         fail["on"] = False
         now["s"] += 6.0  # the retry after a failed rebuild is due (5 s), in the background
-        ticket = await gate.admit(key("t"), "m", 1, [])
+        ticket = await gate.admit(key("t"), "m", 1)
         await gate.reserve(ticket, 50_000)
         gate.settle_soon(ticket, tokens=1, cost_micro_usd=50_000)
         await gate.aclose()
         assert len(calls) == 2
-        ticket = await gate.admit(key("t"), "m", 1, [])
+        ticket = await gate.admit(key("t"), "m", 1)
         with pytest.raises(BudgetExceeded):
             await gate.reserve(
                 ticket, 150_000
@@ -163,9 +163,8 @@ def test_micro_usd_rounds_half_up() -> None:
 def body(**extra: Any) -> Any:
     import orjson
 
-    return parse_chat_body(
-        orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra})
-    )
+    raw = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra})
+    return chat_request(parse_chat_body(raw), "r", 1.0)
 
 
 def test_ttl_precedence_team_then_model_then_default() -> None:

@@ -16,7 +16,6 @@ from gateway.cache.store import (
     CachedResponse,
     MemoryCache,
     RedisCache,
-    cache_key,
     cache_namespace,
     cacheable,
     decode_entry,
@@ -26,7 +25,8 @@ from gateway.cache.store import (
     entry_from_result,
     merge_deltas,
 )
-from gateway.translate.openai_chat import ChatCompletionBody, parse_chat_body
+from gateway.cache.store import cache_key as key_of
+from gateway.translate.openai_chat import ChatCompletionBody, chat_request, parse_chat_body
 from tests.support.timing import CUT_OFF_S
 
 NS = cache_namespace("research")
@@ -43,6 +43,11 @@ def body(**changes: Any) -> ChatCompletionBody:
     return parse_chat_body(orjson.dumps({k: v for k, v in raw.items() if v is not ...}))
 
 
+def cache_key(namespace: str, b: ChatCompletionBody) -> str:
+    """The key of a chat body, as the pipeline computes it from the translated request."""
+    return key_of(namespace, chat_request(b, "r", 1.0), b.switchboard)
+
+
 def key(**changes: Any) -> str:
     return cache_key(NS, body(**changes))
 
@@ -55,6 +60,12 @@ def test_key_is_namespaced_sha256() -> None:
     prefix, _, digest = k.rpartition(":")
     assert prefix == "team:research" and len(digest) == 64 and int(digest, 16) >= 0
     assert key() == k
+
+
+def test_key_is_computed_from_what_backends_are_sent() -> None:
+    # Keys come from the internal request, so a neutral field that no backend is sent cannot split them;
+    # one that a backend honours some day joins `ChatRequest`, and the key, with it.
+    assert key(presence_penalty=0) == key()
 
 
 def test_key_ignores_dict_order_and_none_fields() -> None:
@@ -98,7 +109,6 @@ def test_key_normalises_equivalent_forms() -> None:
         {"response_format": {"type": "json_object"}},
         {"switchboard": {"only": ["gpu0"]}},
         {"switchboard": {"ignore": ["cloud"]}},
-        {"presence_penalty": 0},  # neutral today, but keyed so that honouring it later stays correct
     ],
     ids=lambda c: next(iter(c)) + "=" + str(next(iter(c.values())))[:30],
 )

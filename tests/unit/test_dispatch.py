@@ -2,56 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
-from backends.base import BackendHealth, BackendInfo, BackendKind, ChatRequest, ChatResult, StreamChunk, Usage
+from backends.base import BackendKind, ChatRequest, Usage
 from backends.errors import BackendRateLimited, BackendRejected, BackendUnavailable, SwitchboardError
 from gateway.config import parse_config
 from gateway.errors import AllBackendsFailed
-from gateway.http.context import Timing
 from gateway.live.state import RoutingState, build_specs
 from gateway.pipeline import dispatch
+from gateway.pipeline.request import Timing
 from routing.decision import FREE, Deployment, RouteDecision
-
-
-class ScriptedBackend:
-    """Answers every call with `outcome`: an error to raise, a delay to hang, or a text to return."""
-
-    def __init__(self, name: str, outcome: SwitchboardError | float | str) -> None:
-        self._info = BackendInfo(name=name, kind=BackendKind.OPENAI)
-        self.outcome = outcome
-        self.calls: list[str] = []
-
-    @property
-    def info(self) -> BackendInfo:
-        return self._info
-
-    async def _act(self, request: ChatRequest) -> str:
-        self.calls.append(request.model)
-        if isinstance(self.outcome, SwitchboardError):
-            raise self.outcome
-        if isinstance(self.outcome, float):
-            await asyncio.sleep(self.outcome)
-        return str(self.outcome)
-
-    async def complete(self, request: ChatRequest) -> ChatResult:
-        text = await self._act(request)
-        return ChatResult({"role": "assistant", "content": text}, "stop", Usage(1, 1), request.model)
-
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        text = await self._act(request)
-        yield StreamChunk(delta={"content": text})
-        yield StreamChunk(finish_reason="stop", usage=Usage(1, 1))
-
-    async def health(self) -> BackendHealth:
-        return BackendHealth(ok=True)
-
-    async def aclose(self) -> None:
-        return None
+from tests.support.scripted import ScriptedBackend
 
 
 def setup(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from backends.base import BackendHealth, BackendInfo, BackendKind
+from backends.base import BackendHealth, BackendInfo, BackendKind, ChatRequest
 from backends.edge.tunnel import EdgeBackend
 from gateway.config import Config, ConfigError, parse_config
 from gateway.edge import tokens
@@ -22,8 +22,7 @@ from gateway.errors import InvalidRequest, NoEligibleDeployment, NoHealthyDeploy
 from gateway.live.health import FAILURES_TO_DOWN, HealthProber
 from gateway.live.state import RoutingState, build_specs
 from gateway.pipeline import plan as route
-from gateway.services import build_deployments
-from gateway.translate.openai_chat import ChatCompletionBody
+from gateway.services.backends import build_deployments
 from routing.decision import Price, RejectCode
 from routing.privacy import PrivacyTier
 from routing.snapshot import DeploymentStats, HourlyPrice
@@ -124,10 +123,8 @@ def routing_with(*nodes: LiveNode, **extra: Any) -> RoutingState:
 
 
 def plan(state: RoutingState, team: str, model: str, hints: route.Hints = route.NO_HINTS) -> route.Routed:
-    body = ChatCompletionBody.model_validate(
-        {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    )
-    return route.plan(state, team, body, [{"role": "user", "content": "hi"}], hints, now_s=101.0)
+    call = ChatRequest(model=model, messages=({"role": "user", "content": "hi"},), request_id="r")
+    return route.plan(state, team, call, hints, now_s=101.0)
 
 
 # ---- config ------------------------------------------------------------------------------------------------
@@ -281,16 +278,16 @@ def test_no_live_node_under_the_edge_floor_is_503_naming_the_fix() -> None:
 
 def test_a_static_edge_server_failing_its_probe_is_transient() -> None:
     state = routing_with()
-    state.down_backends.add("box")
+    state.mark_down("box")
     state.refresh()
     cfg_model = {"static": {"backend": "box", "upstream_model": "llama"}}
     cfg = config(models={**config().model_dump()["models"], **cfg_model})
     state = state_of(cfg)
-    state.down_backends.add("box")
+    state.mark_down("box")
     routed = plan(state, "vault", "static")
     err = route.fail_closed_error(routed, "vault")
     assert isinstance(err, NoHealthyDeployment) and "backends.box.health_interval_s" in err.message
-    state.down_backends.clear()
+    state.mark_up("box")
     state.refresh()
     assert route.fail_closed_error(plan(state, "vault", "static"), "vault") is None
     assert isinstance(route.fail_closed_error(plan(state, "vault", "mixed"), "vault"), NoLiveEdgeNode)
@@ -379,9 +376,9 @@ def test_health_prober_takes_a_failing_server_out_after_two_probes_and_back_afte
     prober = HealthProber({}, {"box": 1.0}, state)
     bad, good = BackendHealth(ok=False, detail="refused"), BackendHealth(ok=True)
     prober.observe("box", bad)
-    assert "box" not in state.down_backends  # one miss is not enough
+    assert not state.is_down("box")  # one miss is not enough
     for _ in range(FAILURES_TO_DOWN - 1):
         prober.observe("box", bad)
-    assert "box" in state.down_backends
+    assert state.is_down("box")
     prober.observe("box", good)
-    assert "box" not in state.down_backends
+    assert not state.is_down("box")

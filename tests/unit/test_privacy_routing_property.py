@@ -4,6 +4,7 @@ floor, sensitive text never reaches an external backend under `raise_floor`, and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,14 +14,14 @@ from backends.base import BackendKind, ChatRequest
 from backends.errors import BackendUnavailable
 from gateway.config import parse_config
 from gateway.errors import AllBackendsFailed, NoEligibleDeployment, NoHealthyDeployment, SensitiveDataRefused
-from gateway.http.context import Timing
 from gateway.live.state import RoutingState, build_specs
 from gateway.pipeline import dispatch
 from gateway.pipeline import plan as route
-from gateway.translate.openai_chat import ChatCompletionBody, parse_chat_body
+from gateway.pipeline.request import Timing
+from gateway.translate.openai_chat import ChatCompletionBody, chat_request, parse_chat_body
 from routing.decision import FREE, Deployment
 from routing.privacy import PrivacyTier, SensitivePolicy
-from tests.unit.test_dispatch import ScriptedBackend
+from tests.support.scripted import ScriptedBackend
 
 TIERS = list(PrivacyTier)
 SECRETS = ["reach me at jane.doe@example.com", "card 4111 1111 1111 1111", "IBAN DE89 3704 0044 0532 0130 00"]
@@ -32,8 +33,9 @@ def decide(
     messages: tuple[dict[str, object], ...],
     hints: route.Hints,
 ) -> route.Routed:
-    """What `gateway.pipeline.run` does before dispatch: plan, then fail closed."""
-    routed = route.plan(routing, "t", body, messages, hints, now_s=0.0)
+    """What the pipeline does before dispatch: plan, then fail closed."""
+    call = dataclasses.replace(chat_request(body, "r", 5.0), messages=messages)
+    routed = route.plan(routing, "t", call, hints, body.switchboard, now_s=0.0)
     refused = route.fail_closed_error(routed, "t")
     if refused is not None:
         raise refused

@@ -10,7 +10,7 @@ EWMA of its acceptance rate, which a proposer infers from the tokens that follow
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,12 +285,14 @@ def build_proposer(
     *,
     target: Transformer,
     draft_model: str | None = None,
+    load_draft: Callable[[str], Any] | None = None,
     device: str = "cpu",
     kv_cache_mb: float = 256.0,
     block_size: int = 16,
     max_drafts: int = 8,
 ) -> Proposer:
-    """The proposer for `--spec KIND`: "ngram", "self" (int4 copy of `target`) or "draft" (`draft_model`)."""
+    """The proposer for `--spec KIND`: "ngram", "self" (int4 copy of `target`) or "draft" (`draft_model`,
+    which `load_draft` turns into a transformers model: loading files is the adapter's job)."""
     lengths = DraftLength(max_len=max_drafts)
     if kind == "ngram":
         return NgramProposer(lengths=lengths)
@@ -299,20 +301,18 @@ def build_proposer(
             raise ValueError("--spec self quantizes to int4 with the CPU kernel; use --device cpu")
         drafter = self_draft_model(target)
     elif kind == "draft":
-        if not draft_model:
+        if not draft_model or load_draft is None:
             raise ValueError("--spec draft needs --draft-model (a GGUF file, HF directory or pkg:PKG/FILE)")
-        drafter = _load_draft(draft_model, target, device)
+        drafter = _draft_of(draft_model, load_draft(draft_model), target, device)
     else:
         raise ValueError(f"--spec `{kind}` is unknown; use one of {', '.join(SPEC_KINDS)}")
     runner = build_runner(drafter, kv_cache_mb=kv_cache_mb, block_size=block_size, attn_impl="auto")
     return DraftModelProposer(runner, lengths=lengths)
 
 
-def _load_draft(spec: str, target: Transformer, device: str) -> Transformer:
+def _draft_of(spec: str, loaded: Any, target: Transformer, device: str) -> Transformer:
     from backends.local.engine.weights import build_model
-    from backends.local.loader import load_model
 
-    loaded: Any = load_model(spec)
     dtype = target.embed_tokens.weight.dtype
     drafter = build_model(loaded.model, dtype=dtype, device=device, release_source=True)
     if drafter.args.vocab_size != target.args.vocab_size:

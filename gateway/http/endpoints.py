@@ -1,0 +1,167 @@
+"""Endpoints at the HTTP edge: one generic ASGI handler runs any translator over the shared pipeline.
+
+A `Translator` parses its API's body into a `GatewayRequest` and renders the pipeline's `Answer` or
+`ChunkStream` back, errors in its API's envelope. This module authenticates, reads the body, calls the
+pipeline and sends the response, JSON or SSE, on the fast lane: raw ASGI sends with no Starlette response
+task group. A client that disconnects mid-stream cancels the handler, and the stream is closed either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from backends.errors import SwitchboardError
+from gateway.errors import PayloadTooLarge
+from gateway.http.auth import authenticate
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline.access import ModelAccess
+from gateway.pipeline.flow import Answer, ChunkStream, Pipeline
+from gateway.pipeline.request import GatewayRequest, Hints, RequestContext, Timing
+
+log = logging.getLogger("switchboard")
+JSON = "application/json"
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class Translator(Protocol):
+    """One wire API on the pipeline (gateway/translate/)."""
+
+    endpoint: str
+    path: str
+
+    def parse(self, raw: bytes) -> Any: ...
+
+    def to_request(self, body: Any, ctx: RequestContext) -> GatewayRequest: ...
+
+    def render(self, answer: Answer, body: Any, request: GatewayRequest) -> bytes: ...
+
+    def render_stream(
+        self, stream: ChunkStream, body: Any, request: GatewayRequest
+    ) -> AsyncIterator[bytes]: ...
+
+    def error_body(self, exc: SwitchboardError) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeDeps:
+    """What an endpoint handler uses: nothing else of the app."""
+
+    access: ModelAccess
+    pipeline: Pipeline
+    metrics: GatewayMetrics
+    max_body_bytes: int
+    request_timeout_s: float
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is larger than {limit} bytes (config: server.max_body_bytes)")
+
+
+def enveloped_response(exc: SwitchboardError, body: bytes) -> Response:
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in exc.headers}
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+    return Response(body, status_code=exc.status_code, media_type=JSON, headers=headers)
+
+
+async def serve(translator: Translator, deps: EdgeDeps, scope: Scope, receive: Receive, send: Send) -> None:
+    """The whole of one endpoint request: auth, body, translate, pipeline, respond."""
+    request = Request(scope, receive)
+    timing: Timing = scope["state"]["timing"]
+    try:
+        received_at = dt.datetime.now(dt.UTC)
+        identity = await authenticate(deps.access, request.headers.get("authorization"), now=received_at)
+        try:
+            body = translator.parse(await read_body(request, deps.max_body_bytes))
+        except SwitchboardError:
+            deps.metrics.rejected.labels("invalid_request").inc()
+            raise
+        ctx = RequestContext(
+            identity,
+            timing.request_id,
+            received_at,
+            Hints.from_headers(request.headers),
+            deps.request_timeout_s,
+        )
+        greq = translator.to_request(body, ctx)
+        if greq.stream:
+            stream = await deps.pipeline.open_stream(greq, timing)
+            await send_sse(scope, receive, send, stream, translator.render_stream(stream, body, greq))
+            return
+        answer = await deps.pipeline.complete(greq, timing)
+        response = Response(translator.render(answer, body, greq), media_type=JSON)
+        response.raw_headers.extend(answer.headers)
+    except SwitchboardError as exc:
+        response = enveloped_response(exc, translator.error_body(exc))
+    except Exception:  # noqa: BLE001 - the top-level handler of the fast lane
+        log.exception("unhandled error in request %s", timing.request_id)
+        internal = SwitchboardError("internal error; the gateway log has details")
+        response = enveloped_response(internal, translator.error_body(internal))
+    await response(scope, receive, send)
+
+
+async def send_sse(
+    scope: Scope, receive: Receive, send: Send, stream: ChunkStream, body: AsyncIterator[bytes]
+) -> None:
+    """SSE straight onto the ASGI `send`; `stream.aclose()` runs however it ends (even if never read).
+
+    One watcher waits for the client's `http.disconnect` and cancels this task, so a client that leaves
+    stops the upstream at once instead of at the next chunk."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    def on_message(done: asyncio.Future[Message]) -> None:
+        nonlocal gone
+        if not done.cancelled() and done.exception() is None and done.result()["type"] == "http.disconnect":
+            gone = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(receive())
+    watcher.add_done_callback(on_message)
+    try:
+        start = {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *stream.headers]}
+        await send(start)
+        async for piece in body:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+    finally:
+        watcher.remove_done_callback(on_message)
+        watcher.cancel()
+        await asyncio.shield(_close(body, stream))
+
+
+async def _close(body: AsyncIterator[bytes], stream: ChunkStream) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await aclose()
+    await stream.aclose()

@@ -1,0 +1,292 @@
+"""The request pipeline every endpoint shares: plan -> admit -> cache -> dispatch -> settle -> record.
+
+Translators (gateway/translate/) turn a wire body into a `GatewayRequest` and an `Answer` or `ChunkStream`
+back into their API's wire format; the HTTP edge authenticates first. Nothing here knows a wire format.
+Invariant: once a request has an identity, exactly one ledger row is written and every hold (rate-limit
+tokens, concurrency lease, budget reservation) is settled, whatever raises and wherever (`_settled`).
+Response headers are collected per request and returned as values (on the exception when it fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+from backends.base import ChatResult, StreamChunk
+from backends.errors import SwitchboardError
+from gateway.cache.policy import CachePlan, CacheStep
+from gateway.cache.store import CachedResponse, entry_from_chunks, entry_from_result
+from gateway.limits.gate import Gate
+from gateway.pipeline.dispatch import Dispatcher, OpenStream, close_stream, next_chunk
+from gateway.pipeline.plan import Planner, Routed, fail_closed_error
+from gateway.pipeline.record import RecordSink, RequestRecord
+from gateway.pipeline.request import CACHE_HEADER, SYSTEM_CLOCK, Clock, GatewayRequest, Timing
+from gateway.records import RequestStatus
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole answer and the response headers the pipeline adds."""
+
+    result: ChatResult
+    headers: Headers
+
+
+@dataclass(slots=True)
+class _Admitted:
+    routed: Routed
+    cache: CachePlan | None
+    hit: CachedResponse | None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def header_text(text: str, limit: int = 200) -> bytes:
+    return text[:limit].encode("ascii", "replace")
+
+
+class Pipeline:
+    """Owned by the app; event-loop use only. Each call runs one request from plan to its ledger row."""
+
+    def __init__(
+        self,
+        planner: Planner,
+        gate: Gate,
+        cache: CacheStep,
+        dispatcher: Dispatcher,
+        sink: RecordSink,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.planner, self.gate, self.cache = planner, gate, cache
+        self.dispatcher, self.sink, self.clock = dispatcher, sink, clock
+
+    def _record(self, request: GatewayRequest, timing: Timing) -> RequestRecord:
+        return RequestRecord(request, timing, self.sink, self.gate, self.clock.now_s)
+
+    async def complete(self, request: GatewayRequest, timing: Timing) -> Answer:
+        """A whole (non-streamed) answer."""
+        rec = self._record(request, timing)
+        headers: list[tuple[bytes, bytes]] = []
+        with _settled(rec, headers):
+            admitted = await self._admit(rec, headers)
+            if admitted.hit is not None:
+                result = admitted.hit.to_result()
+                rec.usage, rec.served_model = result.usage, result.served_model
+                rec.finish(RequestStatus.OK, 200)
+                return Answer(result, tuple(headers))
+            served = await self.dispatcher.complete(
+                admitted.routed.decision, request.call, timing, admitted.routed.policy.max_attempts
+            )
+            rec.use, rec.attempts = served.use, served.attempts
+            headers.append((b"x-switchboard-backend", header_text(served.deployment.backend)))
+            result = served.result
+            rec.usage, rec.served_model = result.usage, result.served_model
+            rec.finish(RequestStatus.OK, 200)
+            plan = admitted.cache
+            if plan is not None and plan.write:
+                entry = entry_from_result(
+                    result,
+                    backend=served.deployment.backend,
+                    cost_micro_usd=rec.cost_micro_usd,
+                    route_reason=admitted.routed.decision.reason,
+                )
+                await self.cache.put(plan, entry)
+            return Answer(result, tuple(headers))
+
+    async def open_stream(self, request: GatewayRequest, timing: Timing) -> ChunkStream:
+        """Dispatch until the first chunk arrives (errors so far are raised), then hand over the chunks."""
+        rec = self._record(request, timing)
+        headers: list[tuple[bytes, bytes]] = []
+        with _settled(rec, headers):
+            admitted = await self._admit(rec, headers)
+            if admitted.hit is not None:
+                replay = admitted.hit.replay()
+                return ChunkStream(rec, tuple(headers), _replayer(replay), None, None, self.cache)
+            opened = await self.dispatcher.open_stream(
+                admitted.routed.decision, request.call, timing, admitted.routed.policy.max_attempts
+            )
+        rec.use, rec.attempts = opened.use, opened.attempts
+        headers.append((b"x-switchboard-backend", header_text(opened.deployment.backend)))
+        idle_timeout_s = self.dispatcher.idle_timeout_s(opened.deployment.backend)
+
+        def after_first() -> Awaitable[StreamChunk]:
+            return next_chunk(opened, idle_timeout_s)
+
+        plan = admitted.cache
+        keep = _Keep(plan, admitted.routed.decision.reason) if plan is not None and plan.write else None
+        source = _first_then(opened.first, after_first)
+        return ChunkStream(rec, tuple(headers), source, opened, keep, self.cache)
+
+    async def _admit(self, rec: RequestRecord, out: list[tuple[bytes, bytes]]) -> _Admitted:
+        """Model access and route, rate limits, then the cache; on a miss, the budget reservation."""
+        request = rec.request
+        team = request.identity.team
+        routed = await self.planner.route(request, now_s=self.clock.now_s())
+        rec.routed = routed  # recorded even when it fails closed below
+        refused = fail_closed_error(routed, team)
+        if refused is not None:
+            out.append((b"x-switchboard-route", header_text(routed.decision.reason)))
+            raise refused
+        rec.ticket = ticket = await self.gate.admit(
+            request.identity, request.model, routed.prompt_tokens + routed.output_tokens
+        )
+        out += ticket.headers()
+        hints = request.hints
+        plan = None
+        if request.cacheable:
+            plan = self.cache.plan(
+                team, request.call, hints.cache_control, hints.cache_opt, request.preferences
+            )
+        hit = await self.cache.get(plan) if plan is not None and plan.read else None
+        if hit is not None and _servable(hit, routed):
+            rec.hit = hit
+            out.append((b"x-switchboard-route", header_text(hit.route_reason)))
+            out.append((b"x-switchboard-backend", header_text(hit.backend)))
+            out.append((CACHE_HEADER.encode(), b"hit"))
+            self.sink.cache_outcome(team, "hit")
+            return _Admitted(routed, plan, hit)
+        outcome = "skip" if plan is None else "miss"
+        out.append((b"x-switchboard-route", header_text(routed.decision.reason)))
+        out.append((CACHE_HEADER.encode(), outcome.encode()))
+        self.sink.cache_outcome(team, outcome)
+        estimate = max(
+            d.price.cost_micro_usd(routed.prompt_tokens, routed.output_tokens)
+            for d in routed.decision.candidates
+        )
+        await self.gate.reserve(ticket, estimate)
+        return _Admitted(routed, plan, None)
+
+
+def _servable(entry: CachedResponse, routed: Routed) -> bool:
+    """A hit is served only when the backend that produced it may serve this request now."""
+    decision = routed.decision
+    if decision.ranked:
+        return any(c.deployment.backend == entry.backend for c in decision.ranked)
+    return any(d.backend == entry.backend for d in decision.candidates)
+
+
+@contextlib.contextmanager
+def _settled(rec: RequestRecord, headers: list[tuple[bytes, bytes]]) -> Iterator[None]:
+    """Whatever leaves the block by raising still writes the one row and settles the holds."""
+    try:
+        yield
+    except SwitchboardError as exc:
+        exc.headers = (*headers, *exc.headers)
+        rec.fail(exc)
+        raise
+    except asyncio.CancelledError:
+        rec.finish(RequestStatus.CLIENT_CLOSED, 499)
+        raise
+    except BaseException as exc:
+        rec.finish(RequestStatus.ERROR, 500, error=_internal(exc))
+        raise
+
+
+def _internal(exc: BaseException) -> SwitchboardError:
+    return SwitchboardError(f"internal error ({type(exc).__name__})")
+
+
+def _replayer(chunks: Iterator[StreamChunk]) -> Callable[[], Awaitable[StreamChunk]]:
+    async def next_one() -> StreamChunk:
+        for chunk in chunks:
+            return chunk
+        raise StopAsyncIteration
+
+    return next_one
+
+
+def _first_then(
+    first: StreamChunk, rest: Callable[[], Awaitable[StreamChunk]]
+) -> Callable[[], Awaitable[StreamChunk]]:
+    pending: list[StreamChunk] = [first]
+
+    async def next_one() -> StreamChunk:
+        if pending:
+            return pending.pop()
+        return await rest()
+
+    return next_one
+
+
+@dataclass(slots=True)
+class _Keep:
+    """A streamed answer being collected for the cache."""
+
+    plan: CachePlan
+    route_reason: str
+    chunks: list[StreamChunk] = field(default_factory=list)
+
+
+class ChunkStream:
+    """A streamed answer's chunks. Iterate it, then `aclose()` however the response ended (even unread).
+
+    Iteration records the first token's time, the usage and the served model; the end of the chunks writes
+    the row (and keeps the answer for the cache), an error mid-stream writes it and is raised to the
+    translator, and `aclose` before the end records what was delivered as `client_closed`.
+    """
+
+    def __init__(
+        self,
+        rec: RequestRecord,
+        headers: Headers,
+        source: Callable[[], Awaitable[StreamChunk]],
+        opened: OpenStream | None,
+        keep: _Keep | None,
+        cache: CacheStep,
+    ) -> None:
+        self.headers = headers
+        self._rec, self._source, self._opened, self._keep, self._cache = rec, source, opened, keep, cache
+
+    @property
+    def rec(self) -> RequestRecord:
+        return self._rec
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        rec = self._rec
+        try:
+            chunk = await self._source()
+        except StopAsyncIteration:
+            rec.finish(RequestStatus.OK, 200)
+            await self._keep_answer()
+            raise
+        except SwitchboardError as exc:
+            rec.finish(RequestStatus.ERROR, exc.status_code, error=exc)
+            raise
+        except Exception as exc:
+            rec.finish(RequestStatus.ERROR, 500, error=_internal(exc))
+            raise
+        rec.served_model = chunk.served_model or rec.served_model
+        if chunk.usage is not None:
+            rec.usage = chunk.usage
+        if rec.ttft_ms is None and (chunk.delta.get("content") or chunk.delta.get("tool_calls")):
+            rec.ttft_ms = rec.elapsed_ms()  # first token, not the role-only opening chunk
+        if self._keep is not None:
+            self._keep.chunks.append(chunk)
+        return chunk
+
+    async def _keep_answer(self) -> None:
+        keep, rec = self._keep, self._rec
+        if keep is None or rec.use is None:
+            return
+        entry = entry_from_chunks(
+            keep.chunks,
+            backend=rec.use.deployment.backend,
+            cost_micro_usd=rec.cost_micro_usd,
+            served_model=rec.served_model or "",
+            route_reason=keep.route_reason,
+        )
+        if entry is not None:  # a stream that never finished is not kept
+            await self._cache.put(keep.plan, entry)
+
+    async def aclose(self) -> None:
+        if not self._rec.done:
+            # The client went away mid-stream: record what was delivered so far.
+            self._rec.finish(RequestStatus.CLIENT_CLOSED, 499)
+        if self._opened is not None:
+            await close_stream(self._opened.rest)

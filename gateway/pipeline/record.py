@@ -1,0 +1,146 @@
+"""The one ledger row of a request, and the settlement of what it held.
+
+`RequestRecord.finish` is the only way a request ends: it writes exactly one `UsageRecord` (ledger and
+metrics), settles the limits ticket (rate-limit tokens, the concurrency lease, the budget reservation) and
+ends the served attempt's `DeploymentUse`. It is idempotent, so whichever path ends a request first wins and
+no path writes two rows. The pipeline calls it on every exit after authentication, exceptions included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from backends.base import Usage
+from backends.errors import SwitchboardError
+from gateway.cache.store import CachedResponse
+from gateway.errors import AllBackendsFailed
+from gateway.limits.gate import Ticket
+from gateway.metrics import GatewayMetrics
+from gateway.pipeline.dispatch import DeploymentUse
+from gateway.pipeline.plan import Routed, candidates_json, privacy_class
+from gateway.pipeline.request import GatewayRequest, Timing
+from gateway.records import RequestStatus, UsageRecord
+from gateway.store.ledger import LedgerWriter
+
+
+class Settler(Protocol):
+    """What gives back a request's holds (`limits.gate.Gate`)."""
+
+    def settle_soon(self, ticket: Ticket, *, tokens: int, cost_micro_usd: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSink:
+    """Where finished requests go: the ledger writer and the Prometheus metrics."""
+
+    ledger: LedgerWriter
+    metrics: GatewayMetrics
+
+    def write(self, rec: UsageRecord) -> None:
+        self.ledger.record(rec)
+        self.metrics.observe(rec)
+
+    def cache_outcome(self, team: str, outcome: str) -> None:
+        self.metrics.cache.labels(team, outcome).inc()
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Everything the ledger row needs, filled in as the request goes through the pipeline."""
+
+    request: GatewayRequest
+    timing: Timing
+    sink: RecordSink
+    settler: Settler
+    now_s: Callable[[], float]
+    routed: Routed | None = None
+    ticket: Ticket | None = None  # limits and budget held by this request
+    hit: CachedResponse | None = None  # served from the cache
+    use: DeploymentUse | None = None  # the attempt that serves the answer
+    attempts: int = 0
+    ttft_ms: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    served_model: str | None = None
+    cost_micro_usd: int = 0
+    done: bool = False
+
+    def elapsed_ms(self) -> float:
+        return self.timing.elapsed_ms(self.now_s())
+
+    def finish(
+        self,
+        status: RequestStatus,
+        http_status: int,
+        *,
+        error: SwitchboardError | None = None,
+        backend: str | None = None,
+    ) -> None:
+        if self.done:
+            return
+        self.done = True
+        usage, hit = self.usage, self.hit
+        dep = self.use.deployment if self.use is not None else None
+        self.cost_micro_usd = cost = (
+            dep.price.cost_micro_usd(usage.prompt_tokens, usage.completion_tokens) if dep else 0
+        )
+        if hit is not None:
+            backend = hit.backend
+        self.sink.write(self._row(status, http_status, error, backend or (dep.backend if dep else None)))
+        if self.ticket is not None:
+            # A hit used no model tokens: what admission reserved for it is handed back.
+            tokens = 0 if hit is not None else usage.prompt_tokens + usage.completion_tokens
+            self.settler.settle_soon(self.ticket, tokens=tokens, cost_micro_usd=cost)
+        if self.use is not None:
+            self._end_use(self.use, status, error)
+
+    def fail(self, exc: SwitchboardError) -> None:
+        backend = exc.causes[-1][0] if isinstance(exc, AllBackendsFailed) and exc.causes else None
+        self.finish(RequestStatus.ERROR, exc.status_code, error=exc, backend=backend)
+
+    def _row(
+        self, status: RequestStatus, http_status: int, error: SwitchboardError | None, backend: str | None
+    ) -> UsageRecord:
+        request, routed, hit, usage = self.request, self.routed, self.hit, self.usage
+        return UsageRecord(
+            request_id=request.request_id,
+            created_at=request.received_at,
+            team=request.identity.team,
+            key_id=request.identity.key_id,
+            requested_model=request.model,
+            backend=backend,
+            served_model=self.served_model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost_micro_usd=self.cost_micro_usd,
+            latency_ms=round(self.elapsed_ms(), 3),
+            ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 3),
+            status=status,
+            http_status=http_status,
+            error_type=error.code if error else None,
+            stream=request.stream,
+            cache_hit=hit is not None,
+            cost_saved_micro_usd=hit.cost_micro_usd if hit is not None else 0,
+            privacy_class=privacy_class(routed.verdict) if routed else None,
+            route_reason=routed.decision.reason if routed else None,
+            attempts=self.attempts or (len(error.causes) if isinstance(error, AllBackendsFailed) else 0),
+            route_candidates=candidates_json(routed.decision) if routed else None,
+        )
+
+    def _end_use(self, use: DeploymentUse, status: RequestStatus, error: SwitchboardError | None) -> None:
+        """The served attempt's outcome for live stats and the breaker (failed ones ended in dispatch)."""
+        now_s = self.now_s()
+        if status is RequestStatus.CLIENT_CLOSED or (error is not None and not error.retryable):
+            use.finish(ok=False, counted=False, now_s=now_s)
+            return
+        ttft_ms = None
+        if self.ttft_ms is not None:  # from the start of the serving attempt, not of the request
+            ttft_ms = max(0.0, self.ttft_ms - (use.started_s - self.timing.start_s) * 1000)
+        use.finish(
+            ok=error is None,
+            counted=True,
+            now_s=now_s,
+            ttft_ms=ttft_ms,
+            completion_tokens=self.usage.completion_tokens,
+        )

@@ -1,0 +1,152 @@
+"""The pipeline's own request value: what every endpoint's translator turns its wire body into.
+
+A `GatewayRequest` is frozen and knows no wire format. Its `call` is what backends are sent (with the public
+model name; dispatch swaps in each deployment's upstream name). `Hints` carry what the request's headers may
+ask of routing and the cache; they only ever narrow what the caller's team allows. `Clock` is the one source
+of time the pipeline reads, so tests can run dispatch and routing on a fake one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from backends.base import ChatRequest
+from gateway.errors import InvalidRequest
+from gateway.records import KeyIdentity
+
+PRIVACY_HEADER = "x-switchboard-privacy"
+PREFERENCES_HEADER = "x-switchboard-preferences"  # JSON, same shape as the `switchboard` body field
+SITE_HEADER = "x-switchboard-site"  # `plant-7`: only deployments labelled site=plant-7
+LABELS_HEADER = "x-switchboard-labels"  # `site=plant-7,region=eu`: only deployments with all of these
+CACHE_HEADER = "x-switchboard-cache"  # request: on|off; response: hit|miss|skip
+_LABEL_TEXT = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """What a request's headers ask of routing and the cache (never widening what its team allows)."""
+
+    privacy: str | None = None
+    preferences: str | None = None
+    site: str | None = None
+    labels: str | None = None
+    cache_control: str | None = None
+    cache_opt: str | None = None  # x-switchboard-cache: on | off
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> Hints:
+        return cls(
+            headers.get(PRIVACY_HEADER),
+            headers.get(PREFERENCES_HEADER),
+            headers.get(SITE_HEADER),
+            headers.get(LABELS_HEADER),
+            headers.get("cache-control"),
+            headers.get(CACHE_HEADER),
+        )
+
+    def required_labels(self) -> dict[str, str]:
+        """The labels every deployment must carry, from `x-switchboard-labels` and `x-switchboard-site`."""
+        wanted: dict[str, str] = {}
+        for pair in (self.labels or "").split(","):
+            if not pair.strip():
+                continue
+            key, sep, value = (part.strip() for part in pair.partition("="))
+            if not sep or not _LABEL_TEXT.match(key) or not _LABEL_TEXT.match(value):
+                raise InvalidRequest(
+                    f"header {LABELS_HEADER} must be comma-separated key=value pairs, e.g. "
+                    "site=plant-7,region=eu",
+                    param=LABELS_HEADER,
+                )
+            wanted[key] = value
+        if self.site is not None:
+            site = self.site.strip()
+            if not _LABEL_TEXT.match(site):
+                raise InvalidRequest(
+                    f"header {SITE_HEADER} must be one site name, e.g. plant-7", param=SITE_HEADER
+                )
+            if wanted.get("site", site) != site:
+                raise InvalidRequest(
+                    f"headers {SITE_HEADER} and {LABELS_HEADER} ask for different sites", param=SITE_HEADER
+                )
+            wanted["site"] = site
+        return wanted
+
+    def preferences_field(self, body_field: Mapping[str, Any] | None) -> object:
+        """The body field wins; the header is read only when the body has none."""
+        if body_field is not None or self.preferences is None:
+            return body_field
+        try:
+            return orjson.loads(self.preferences)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest(
+                f"header {PREFERENCES_HEADER} must be a JSON object like the `switchboard` body field",
+                param=PREFERENCES_HEADER,
+            ) from None
+
+
+NO_HINTS = Hints()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRequest:
+    """One request on its way through the pipeline, whichever API it came in by."""
+
+    endpoint: str  # ledger and metrics label, e.g. "chat.completions"
+    call: ChatRequest  # what a backend is sent; `call.model` is the public model name
+    identity: KeyIdentity
+    received_at: dt.datetime  # UTC, for the ledger row
+    stream: bool = False
+    hints: Hints = NO_HINTS
+    preferences: Mapping[str, Any] | None = None  # the body's routing preferences, if the API has them
+    cacheable: bool = True  # False: this endpoint's answers are never cached
+
+    @property
+    def model(self) -> str:
+        return self.call.model
+
+    @property
+    def request_id(self) -> str:
+        return self.call.request_id
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What the HTTP edge knows of a request before its translator reads the body."""
+
+    identity: KeyIdentity
+    request_id: str
+    received_at: dt.datetime
+    hints: Hints = NO_HINTS
+    timeout_s: float = 600.0  # server.request_timeout_s
+
+
+@dataclass(slots=True)
+class Timing:
+    """A request's stopwatch. Mutable on purpose: dispatch adds the time spent awaiting backends."""
+
+    start_s: float
+    request_id: str
+    upstream_s: float = 0.0
+
+    def elapsed_ms(self, now_s: float | None = None) -> float:
+        return ((time.perf_counter() if now_s is None else now_s) - self.start_s) * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """Monotonic seconds (`time.perf_counter`'s clock, which Timing uses too) and a sleep on that clock."""
+
+    now_s: Callable[[], float] = time.perf_counter
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+
+
+SYSTEM_CLOCK = Clock()
