@@ -99,9 +99,6 @@ _PHONE_INTL = _c(r"\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?[ .-]?\d+(?:[ .-]\d+){0,5}" + 
 _PHONE_NANP = _c(
     r"[(2-9](?<![\w+.-].)(?:(?<=\()[2-9]\d\d\) ?|(?<=\d)\d\d[ .-])[2-9]\d\d[ .-]\d{4}" + _PHONE_END
 )
-_PHONE_NATIONAL = _c(
-    r"[(0](?<![\w+.-].)(?:(?<=\()0\d{1,4}\) ?|(?<=0)\d{1,4}[ ./-])\d{2,8}(?:[ .-]\d{2,8}){0,3}" + _PHONE_END
-)
 # Digits right after these words are an order, ticket or document number even when shaped like a phone.
 _NOT_A_PHONE_BEFORE = _c(
     r"(?:order|invoice|ref|reference|ticket|tracking|case|sku|serial|isbn|confirmation|booking|"
@@ -255,7 +252,6 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(_K.EMAIL, _EMAIL_DOMAIN, _contains("@"), _accept_email),
     _Rule(_K.PHONE, _PHONE_INTL, lambda t: t.digits >= 8 and "+" in t.text, _phone_accepter(8, 15)),
     _Rule(_K.PHONE, _PHONE_NANP, _has_digits(10), _phone_accepter(10, 10)),
-    _Rule(_K.PHONE, _PHONE_NATIONAL, _has_digits(9), _phone_accepter(9, 11)),
     _Rule(_K.CREDIT_CARD, _CARD, _has_digits(13), _accept_card),
     _Rule(_K.IBAN, _IBAN, _has_digits(4), _accept_iban),
     _Rule(_K.NATIONAL_ID, _SSN, _has_digits(9), _accept_ssn),
@@ -269,7 +265,7 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(_K.NATIONAL_ID, _N.NIR, _has_digits(13), _N.accept_nir),
     _Rule(_K.NATIONAL_ID, _N.STEUER_ID, _has_digits(11), _N.accept_steuer_id),
     _Rule(_K.NATIONAL_ID, _N.AADHAAR, _has_digits(12), _N.accept_aadhaar),
-    _Rule(_K.NATIONAL_ID, _N.PAN, _has_digits(4), _span),
+    _Rule(_K.NATIONAL_ID, _N.PAN, _has_digits(4), _N.accept_pan),
     _Rule(_K.NATIONAL_ID, _N.BSN_DOTTED, _has_digits(9), _N.accept_bsn),
     _Rule(_K.NATIONAL_ID, _N.LABELLED_ID, _has_digits(8), _N.accept_labelled_id, _N.ID_LABELS),
     _Rule(_K.PHONE, _N.PHONE_TRUNK, _has_digits(9), _N.accept_trunk_phone),

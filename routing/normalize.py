@@ -3,8 +3,8 @@
 `normalize(text)` folds what a reader would not notice: NFKC (full-width `＠`, `４`, NBSP), invisible format
 characters (zero-width spaces, soft hyphens, BOM, word joiners, bidi marks) removed, every Unicode decimal
 digit mapped to ASCII, every Unicode space to a plain space, and IDN email domains written in punycode.
-`decoded_views(text)` returns the other readings of a text: percent-decoded, HTML-entity-decoded, and each
-base64 run of plausible length that decodes to text (a `data:` URL's payload included). Pure functions; a
+`decoded_views(text)` returns the other readings of a text: percent-, `\\uXXXX`- and HTML-entity-decoded,
+and each base64 run of plausible length that decodes to text (a `data:` URL's payload included). Pure; a
 text with nothing to fold is returned as is, so ASCII prose costs one `isascii` and a few substring tests.
 """
 
@@ -28,6 +28,7 @@ _NON_ASCII_DIGITS = re.compile(r"(?:(?![0-9])\d)+")  # Arabic-Indic, Devanagari,
 _NON_ASCII_SPACE = re.compile(r"[^\S\n\r\t\f\v ]")  # what NFKC leaves: U+1680, U+2028, U+2029, ...
 _UNICODE_EMAIL = re.compile(r"[\w.%+-]*@[\w-]+(?:\.[\w-]+)+")
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_JSON_ESCAPE = re.compile(r"\\u([0-9A-Fa-f]{4})")  # anna\u0040example.org, pasted from JSON
 _ENTITY = re.compile(r"&(?:#\d{1,7}|#[xX][0-9A-Fa-f]{1,6}|[A-Za-z]{2,10});")
 # 16 characters encode 12 bytes: as short as an email or a card number gets. Both alphabets, padding optional.
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
@@ -106,6 +107,8 @@ def decoded_views(text: str, depth: int = 0) -> list[str]:
     views: list[str] = []
     if "%" in text and _PERCENT.search(text):
         views.append(normalize(unquote(text, errors="replace")))
+    if "\\u" in text and _JSON_ESCAPE.search(text):
+        views.append(normalize(_JSON_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)))
     if "&" in text and _ENTITY.search(text):
         views.append(normalize(html.unescape(text)))
     views += [normalize(t) for t in _base64_texts(text)]
