@@ -31,7 +31,7 @@ _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 _JSON_ESCAPE = re.compile(r"\\u([0-9A-Fa-f]{4})")  # anna\u0040example.org, pasted from JSON
 _ENTITY = re.compile(r"&(?:#\d{1,7}|#[xX][0-9A-Fa-f]{1,6}|[A-Za-z]{2,10});")
 # 16 characters encode 12 bytes: as short as an email or a card number gets. Both alphabets, padding optional.
-_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-](?<![A-Za-z0-9+/_-].)[A-Za-z0-9+/_-]{15,}={0,2}")  # starts a run
 _MAX_DECODED = 1 << 20  # a larger run is a file, not a disguised value
 _MAX_DEPTH = 2  # base64 inside percent-encoding inside base64 is far enough
 
@@ -91,7 +91,9 @@ def _decode_base64(run: str) -> str | None:
 
 def _base64_texts(text: str) -> list[str]:
     found = []
-    for m in _BASE64_RUN.finditer(text):
+    # str.split runs in C; only tokens long enough to hold a run are searched.
+    long_tokens = [token for token in text.split() if len(token) >= 16]
+    for m in (m for token in long_tokens for m in _BASE64_RUN.finditer(token)):
         run = m.group()
         if len(run) > _MAX_DECODED or run.isdigit() or run.isalpha():  # words and numbers are not base64
             continue

@@ -12,6 +12,7 @@ text or offsets; a field is never skipped, whatever its name or type.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,9 @@ from routing.normalize import decoded_views, normalize
 _NOT_PROSE = frozenset({"role", "type", "id", "tool_call_id", "detail", "format"})
 SEAM_CHARS = 160  # each side of a seam: longer than any value a detector knows but a PEM body
 _JSON_MAX_CHARS = 1 << 20
+# What a value spanning a seam must contain somewhere near it: a digit (numbers, keys, IBANs), an `@`, a PEM
+# fence, or an encoding's marker. A seam window without any of them is not scanned again.
+_SEAM_WORTH_SCANNING = re.compile(r"[0-9@%&\\]|-----|[^\x00-\x7f]")
 
 
 @dataclass(slots=True)
@@ -42,25 +46,33 @@ def _parse_json(text: str) -> object:
         return None
 
 
+_Pending = list[tuple[object, str | None, bool]]  # (value, its key, found inside a JSON string)
+
+
+def _add_string(out: _Collected, value: str, key: str | None, inside_json: bool, stack: _Pending) -> None:
+    out.every.append(value)
+    if key not in _NOT_PROSE and not inside_json and value:
+        out.prose.append(value)
+    parsed = _parse_json(value)
+    if parsed is not None:
+        stack.append((parsed, key, True))
+
+
 def _collect(values: Iterable[object]) -> _Collected:
     """Walk nested mappings and sequences without recursion (a hostile body may nest deeply)."""
     out = _Collected()
-    stack: list[tuple[object, str | None, bool]] = [(v, None, False) for v in reversed(list(values))]
+    stack: _Pending = [(v, None, False) for v in reversed(list(values))]
     while stack:
         value, key, inside_json = stack.pop()
-        if isinstance(value, str):
-            out.every.append(value)
-            if key not in _NOT_PROSE and not inside_json and value:
-                out.prose.append(value)
-            parsed = _parse_json(value)
-            if parsed is not None:
-                stack.append((parsed, key, True))
-        elif isinstance(value, Mapping):
-            children = list(value.items())
+        kind = type(value)  # exact types first: isinstance against the ABCs is slow on the hot path
+        if kind is str or isinstance(value, str):
+            _add_string(out, value, key, inside_json, stack)  # type: ignore[arg-type]
+        elif kind is dict or isinstance(value, Mapping):
+            children = list(value.items())  # type: ignore[attr-defined]
             out.every += [k for k, _ in children if isinstance(k, str)]
             stack += [(v, k if isinstance(k, str) else None, inside_json) for k, v in reversed(children)]
-        elif isinstance(value, Sequence | set | frozenset) and not isinstance(value, bytes | bytearray):
-            stack += [(v, key, inside_json) for v in reversed(list(value))]
+        elif kind is list or (isinstance(value, Sequence | set | frozenset) and not isinstance(value, bytes)):
+            stack += [(v, key, inside_json) for v in reversed(list(value))]  # type: ignore[call-overload]
         elif isinstance(value, int | float) and not isinstance(value, bool):
             out.every.append(repr(value))  # {"card": 4111111111111111}
         elif isinstance(value, bytes | bytearray):
@@ -118,5 +130,6 @@ def detect_request(
     if len(collected.prose) > 1:
         for sep in ("", " "):
             for window in _seam_windows(collected.prose, sep):
-                kinds |= detect_kinds(window)
+                if _SEAM_WORTH_SCANNING.search(window):
+                    kinds |= detect_kinds(window)
     return tuple(sorted(kinds))
