@@ -167,7 +167,8 @@ def main() -> None:
     lines += [
         "",
         "`routing.privacy.detect_messages` on a system message plus one user message (what "
-        "`gateway/pipeline/plan.py` runs on every chat request):",
+        "`gateway/pipeline/plan.py` runs on every request; it is now `detect_request`: every field, "
+        "normalised and decoded, plus the seam between the two messages):",
         "",
         "| user message | chars | detected | p50 µs | p99 µs | max µs |",
         "|---|---:|---|---:|---:|---:|",

@@ -1,5 +1,6 @@
 """Check digits and plausibility tests behind the sensitive-data detectors: Luhn, IBAN mod-97, card IINs,
-US SSN ranges, Spanish DNI/NIE letters, Italian codice fiscale, and a token-entropy test.
+US SSN ranges, Spanish DNI/NIE letters, Italian codice fiscale, French NIR, German Steuer-IdNr, Indian
+Aadhaar (Verhoeff), Dutch BSN (11-test), and a token-entropy test.
 
 Every function is pure and takes the candidate as matched (separators included where noted); none of them
 searches text. A False here means "not the thing", never "malformed input": they do not raise.
@@ -109,6 +110,66 @@ def codice_fiscale_ok(code: str) -> bool:
         value = int(ch) if ch.isdigit() else ord(ch) - 65
         total += _CF_ODD[value] if i % 2 == 0 else value
     return chr(65 + total % 26) == code[15]
+
+
+def nir_ok(compact: str) -> bool:
+    """A French NIR (INSEE number): 13 characters (Corsica writes 2A/2B for its department), then a two-digit
+    key equal to 97 minus the number modulo 97. Sex 1 or 2; month 01-12, or 20-42 and 50-99 (unknown)."""
+    if len(compact) != 15 or compact[0] not in "12" or not compact[13:].isdigit():
+        return False
+    month = compact[3:5]
+    if not month.isdigit() or not (1 <= int(month) <= 12 or 20 <= int(month) <= 42 or int(month) >= 50):
+        return False
+    body = compact[:13].replace("2A", "19", 1) if compact[5:7] == "2A" else compact[:13]
+    body = body.replace("2B", "18", 1) if compact[5:7] == "2B" else body
+    return body.isdigit() and 97 - int(body) % 97 == int(compact[13:])
+
+
+def steuer_id_ok(digits: str) -> bool:
+    """A German tax id (Steuer-IdNr): 11 digits, no leading 0, one digit of the first ten used two or three
+    times and every other at most once, and an ISO 7064 MOD 11,10 check digit."""
+    if len(digits) != 11 or not digits.isdigit() or digits[0] == "0":
+        return False
+    counts = sorted(Counter(digits[:10]).values(), reverse=True)
+    if counts[0] not in (2, 3) or (len(counts) > 1 and counts[1] != 1):
+        return False
+    product = 10
+    for ch in digits[:10]:
+        total = (int(ch) + product) % 10 or 10
+        product = total * 2 % 11
+    return (11 - product) % 10 == int(digits[10])
+
+
+# Verhoeff's dihedral-group tables: multiplication, position permutation.
+_VERHOEFF_D = (
+    "0123456789", "1234067895", "2340178956", "3401289567", "4012395678",
+    "5987604321", "6598710432", "7659821043", "8765932104", "9876543210",
+)  # fmt: skip
+_VERHOEFF_P = (
+    "0123456789", "1576283094", "5803796142", "8916043527",
+    "9453126870", "4286573901", "2793806415", "7046913258",
+)  # fmt: skip
+
+
+def verhoeff_ok(digits: str) -> bool:
+    """The Verhoeff check over a string of ASCII digits, the check digit last."""
+    check = 0
+    for i, ch in enumerate(reversed(digits)):
+        check = int(_VERHOEFF_D[check][int(_VERHOEFF_P[i % 8][int(ch)])])
+    return check == 0
+
+
+def aadhaar_ok(digits: str) -> bool:
+    """An Indian Aadhaar number: 12 digits, the first 2-9, and a valid Verhoeff check digit."""
+    return len(digits) == 12 and digits.isdigit() and digits[0] not in "01" and verhoeff_ok(digits)
+
+
+def bsn_ok(digits: str) -> bool:
+    """A Dutch BSN: 9 digits passing the 11-test (weights 9..2, and -1 for the last digit), not all zero."""
+    if len(digits) != 9 or not digits.isdigit() or digits == "000000000":
+        return False
+    total = sum(int(ch) * w for ch, w in zip(digits[:8], range(9, 1, -1), strict=True)) - int(digits[8])
+    return total % 11 == 0
 
 
 def looks_random(token: str, *, min_length: int = 12, min_bits_per_char: float = 3.0) -> bool:

@@ -8,17 +8,15 @@ immutable module constants; there is no other module state. Invariant: detection
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
-import json
 import re
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
-from routing import checksums
+from routing import checksums, credentials, national_formats
+from routing.credentials import span as _span
 
 
 class DetectorKind(StrEnum):
@@ -69,10 +67,6 @@ def _c(pattern: str, flags: int = 0) -> re.Pattern[str]:
     return re.compile(pattern, re.ASCII | flags)
 
 
-def _span(_text: str, m: re.Match[str]) -> Span | None:
-    return m.span()
-
-
 def _digits(s: str) -> str:
     return "".join(ch for ch in s if ch.isdigit())
 
@@ -105,9 +99,6 @@ _PHONE_INTL = _c(r"\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?[ .-]?\d+(?:[ .-]\d+){0,5}" + 
 _PHONE_NANP = _c(
     r"[(2-9](?<![\w+.-].)(?:(?<=\()[2-9]\d\d\) ?|(?<=\d)\d\d[ .-])[2-9]\d\d[ .-]\d{4}" + _PHONE_END
 )
-_PHONE_NATIONAL = _c(
-    r"[(0](?<![\w+.-].)(?:(?<=\()0\d{1,4}\) ?|(?<=0)\d{1,4}[ ./-])\d{2,8}(?:[ .-]\d{2,8}){0,3}" + _PHONE_END
-)
 # Digits right after these words are an order, ticket or document number even when shaped like a phone.
 _NOT_A_PHONE_BEFORE = _c(
     r"(?:order|invoice|ref|reference|ticket|tracking|case|sku|serial|isbn|confirmation|booking|"
@@ -137,8 +128,9 @@ def _phone_accepter(min_digits: int, max_digits: int) -> Accept:
 
 # --- payment data ------------------------------------------------------------------------------------------
 
-_CARD = _c(
-    r"\d(?<![\w.,+-]\d)(?:\d{12,18}|\d{3}([ -])\d{4}(?:\1\d{4}){1,2}(?:\1\d{1,4})?|\d{3}([ -])\d{6}\2\d{4,5})"
+_CARD = _c(  # groups separated by spaces, dashes, dots or slashes, the same throughout
+    r"\d(?<![\w.,+-]\d)(?:\d{12,18}|\d{3}([ ./-])\d{4}(?:\1\d{4}){1,2}(?:\1\d{1,4})?"
+    r"|\d{3}([ ./-])\d{6}\2\d{4,5})"
     r"(?![\w-]|[.,]\d)"
 )
 _IBAN = _c(r"[A-Z](?<![\w-].)[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![a-z0-9])")
@@ -197,7 +189,7 @@ def _accept_codice_fiscale(_text: str, m: re.Match[str]) -> Span | None:
 # --- network addresses -------------------------------------------------------------------------------------
 
 _IPV4 = _c(r"\d(?<![\w.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\d)")
-_VERSION_BEFORE = _c(r"(?:\bv|version|release|build|ver\.?|section|§)\s*$", re.IGNORECASE)
+_VERSION_BEFORE = _c(r"(?:\bv|\bversion|\brelease|\bbuild|\bver\.?|\bsection|§)\s*$", re.IGNORECASE)
 # Anchored on the first ":" (a fast literal search); the first group is then read backwards from it.
 _IPV6_REST = _c(r":[0-9A-Fa-f:.]+")
 _HEX = frozenset(string.hexdigits)
@@ -212,6 +204,8 @@ def _accept_ipv4(text: str, m: re.Match[str]) -> Span | None:
         return None
     if octets[0] == "127" or m.group() in ("0.0.0.0", "255.255.255.255"):
         return None
+    if text.startswith(":", m.end()) and text[m.end() + 1 : m.end() + 2].isdigit():
+        return m.span()  # host:port is an address whatever precedes it
     return None if _VERSION_BEFORE.search(text, max(0, m.start() - 12), m.start()) else m.span()
 
 
@@ -238,63 +232,6 @@ def _accept_ipv6(text: str, m: re.Match[str]) -> Span | None:
     return start, end
 
 
-# --- private keys and API secrets --------------------------------------------------------------------------
-
-_PEM_PRIVATE_KEY = _c(
-    r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----"
-    r"(?:(?:(?!-----BEGIN ).){0,16384}?-----END \1-----)?",  # the body, when its END line is there
-    re.DOTALL,
-)
-_PUTTY_PRIVATE_KEY = _c(r"PuTTY-User-Key-File-\d+: [\w-]+")
-# One pattern per vendor family, each opening with its literal prefix so the engine can search for it fast.
-_END = r"(?![\w-])"
-_OPENAI_ANTHROPIC_KEY = _c(r"sk-(?<![\w-]sk-)[\w-]{20,}" + _END)  # sk-..., sk-proj-..., sk-ant-api03-...
-_STRIPE_KEY = _c(r"[rs]k_(?<![\w-].k_)(?:live|test)_[A-Za-z0-9]{16,}" + _END)
-_AWS_OR_GOOGLE_KEY = _c(r"A(?<![\w-]A)(?:(?:KIA|SIA|BIA|CCA)[A-Z2-7]{16}|Iza[\w-]{35})" + _END)
-_GITHUB_TOKEN = _c(r"g(?<![\w-]g)(?:h[pousr]_[A-Za-z0-9]{36,}|ithub_pat_\w{50,})" + _END)
-_SLACK_TOKEN = _c(r"xox(?<![\w-]xox)[abeoprs]-[A-Za-z0-9-]{10,}" + _END)
-_JWT = _c(r"eyJ(?<![\w-]eyJ)[\w-]{5,}\.[\w-]{5,}\.[\w-]*(?![\w-])")
-# Matched only where a keyword starts (found with str.find on the lower-cased text), never scanned.
-_SECRET_ASSIGNMENT = _c(
-    r"(?:key|secret|token|passw(?:or)?d|passphrase|pwd|credentials?)s?(?![A-Za-z])"
-    r"[\"']?(?:\s*(?:[:=]|=>|\bis\b)\s*|\s+)[\"']?"
-    r"(?P<value>[^\s\"'`<>{}()\[\],;&$]{12,256})",
-    re.IGNORECASE,
-)
-_NOT_SECRET_STARTS = ("/", "~/", "./", "../", "http://", "https://")  # paths and URLs, not secrets
-_SECRET_WORDS = ("key", "secret", "token", "passw", "passphrase", "pwd", "credential")
-
-
-def _accept_known_key(_text: str, m: re.Match[str]) -> Span | None:
-    """Vendor prefixes are followed by generated text, with digits and never a repeated placeholder."""
-    token = m.group()
-    body = token.split("-", 1)[1] if token.startswith(("sk-", "xox")) else token
-    if not any(ch.isdigit() for ch in body):
-        return None
-    # `sk-` also starts prose ("sk-learn-style-pipelines-2024"): insist on generated-looking text.
-    if token.startswith("sk-") and not (
-        any(ch.isupper() for ch in body) and checksums.looks_random(body, min_bits_per_char=3.5)
-    ):
-        return None
-    return m.span()
-
-
-def _accept_jwt(_text: str, m: re.Match[str]) -> Span | None:
-    header = m.group().split(".", 1)[0]
-    try:
-        decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    return m.span() if isinstance(decoded, dict) and "alg" in decoded else None
-
-
-def _accept_secret_assignment(_text: str, m: re.Match[str]) -> Span | None:
-    value = m.group("value").rstrip(".")
-    if value.startswith(_NOT_SECRET_STARTS) or not checksums.looks_random(value):
-        return None
-    return m.start("value"), m.start("value") + len(value)
-
-
 # --- the rule table ----------------------------------------------------------------------------------------
 
 
@@ -310,12 +247,11 @@ def _always(_t: _Text) -> bool:
     return True
 
 
-_K = DetectorKind
+_K, _N, _C = DetectorKind, national_formats, credentials
 _RULES: tuple[_Rule, ...] = (
     _Rule(_K.EMAIL, _EMAIL_DOMAIN, _contains("@"), _accept_email),
     _Rule(_K.PHONE, _PHONE_INTL, lambda t: t.digits >= 8 and "+" in t.text, _phone_accepter(8, 15)),
     _Rule(_K.PHONE, _PHONE_NANP, _has_digits(10), _phone_accepter(10, 10)),
-    _Rule(_K.PHONE, _PHONE_NATIONAL, _has_digits(9), _phone_accepter(9, 11)),
     _Rule(_K.CREDIT_CARD, _CARD, _has_digits(13), _accept_card),
     _Rule(_K.IBAN, _IBAN, _has_digits(4), _accept_iban),
     _Rule(_K.NATIONAL_ID, _SSN, _has_digits(9), _accept_ssn),
@@ -326,15 +262,26 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(_K.NATIONAL_ID, _CODICE_FISCALE, _has_digits(7), _accept_codice_fiscale),
     _Rule(_K.IP_ADDRESS, _IPV4, lambda t: t.digits >= 4 and "." in t.text, _accept_ipv4),
     _Rule(_K.IP_ADDRESS, _IPV6_REST, lambda t: "::" in t.text or t.text.count(":") >= 7, _accept_ipv6),
-    _Rule(_K.PRIVATE_KEY, _PEM_PRIVATE_KEY, _always, _span),
-    _Rule(_K.PRIVATE_KEY, _PUTTY_PRIVATE_KEY, _always, _span),
-    _Rule(_K.API_KEY, _OPENAI_ANTHROPIC_KEY, _always, _accept_known_key),
-    _Rule(_K.API_KEY, _STRIPE_KEY, _contains("k_live_", "k_test_"), _accept_known_key),
-    _Rule(_K.API_KEY, _AWS_OR_GOOGLE_KEY, _always, _accept_known_key),
-    _Rule(_K.API_KEY, _GITHUB_TOKEN, _always, _accept_known_key),
-    _Rule(_K.API_KEY, _SLACK_TOKEN, _always, _accept_known_key),
-    _Rule(_K.API_KEY, _JWT, _always, _accept_jwt),
-    _Rule(_K.API_KEY, _SECRET_ASSIGNMENT, _always, _accept_secret_assignment, _SECRET_WORDS),
+    _Rule(_K.NATIONAL_ID, _N.NIR, _has_digits(13), _N.accept_nir),
+    _Rule(_K.NATIONAL_ID, _N.STEUER_ID, _has_digits(11), _N.accept_steuer_id),
+    _Rule(_K.NATIONAL_ID, _N.AADHAAR, _has_digits(12), _N.accept_aadhaar),
+    _Rule(_K.NATIONAL_ID, _N.PAN, _has_digits(4), _N.accept_pan),
+    _Rule(_K.NATIONAL_ID, _N.BSN_DOTTED, _has_digits(9), _N.accept_bsn),
+    _Rule(_K.NATIONAL_ID, _N.LABELLED_ID, _has_digits(8), _N.accept_labelled_id, _N.ID_LABELS),
+    _Rule(_K.PHONE, _N.PHONE_TRUNK, _has_digits(9), _N.accept_trunk_phone),
+    _Rule(_K.PHONE, _N.PHONE_MOBILE, _has_digits(9), _N.accept_mobile_phone),
+    _Rule(_K.PRIVATE_KEY, _C.PEM_PRIVATE_KEY, _contains("-----BEGIN "), _span),
+    _Rule(_K.PRIVATE_KEY, _C.PUTTY_PRIVATE_KEY, _contains("PuTTY-"), _span),
+    _Rule(_K.PRIVATE_KEY, _C.BASE64_PEM, _contains("LS0tLS1CRUdJTi"), _C.accept_base64_pem),
+    _Rule(_K.API_KEY, _C.OPENAI_ANTHROPIC_KEY, _always, _C.accept_known_key),
+    _Rule(_K.API_KEY, _C.STRIPE_KEY, _contains("k_live_", "k_test_"), _C.accept_known_key),
+    _Rule(_K.API_KEY, _C.AWS_OR_GOOGLE_KEY, _always, _C.accept_known_key),
+    _Rule(_K.API_KEY, _C.GITHUB_TOKEN, _always, _C.accept_known_key),
+    _Rule(_K.API_KEY, _C.SLACK_TOKEN, _always, _C.accept_known_key),
+    _Rule(_K.API_KEY, _C.SLACK_WEBHOOK, _contains("hooks.slack.com/"), _C.accept_slack_webhook),
+    _Rule(_K.API_KEY, _C.JWT, _always, _C.accept_jwt),
+    _Rule(_K.API_KEY, _C.SECRET_ASSIGNMENT, _always, _C.accept_secret_assignment, _C.SECRET_WORDS),
+    _Rule(_K.API_KEY, _C.URL_PASSWORD, _contains("://"), _C.accept_url_password),
 )  # fmt: skip
 
 

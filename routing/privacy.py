@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from routing.detectors import Detection, DetectorKind, detect
+from routing.request_scan import detect_request
 
 __all__ = [
     "Detection",
@@ -24,6 +25,7 @@ __all__ = [
     "SensitivePolicy",
     "detect",
     "detect_messages",
+    "detect_request",
     "privacy_floor",
 ]
 
@@ -108,29 +110,7 @@ def privacy_floor(
     return PrivacyVerdict(floor=floor, detections=kinds, reason="; ".join(reasons))
 
 
-def message_texts(messages: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The text an OpenAI chat request carries: string contents, text parts and tool-call arguments."""
-    texts: list[str] = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, Sequence):
-            texts += [p["text"] for p in content if _is_text_part(p)]
-        calls = message.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            function = call.get("function") if isinstance(call, Mapping) else None
-            arguments = function.get("arguments") if isinstance(function, Mapping) else None
-            if isinstance(arguments, str):
-                texts.append(arguments)
-    return texts
-
-
-def _is_text_part(part: object) -> bool:
-    return isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
-
-
 def detect_messages(messages: Sequence[Mapping[str, Any]]) -> tuple[DetectorKind, ...]:
-    """The distinct kinds of sensitive data in a chat request's messages, sorted."""
-    kinds = {d.kind for text in message_texts(messages) for d in detect(text)}
-    return tuple(sorted(kinds))
+    """The distinct kinds of sensitive data in a chat request's messages (every field of each), sorted.
+    `detect_request(messages, extras)` also scans the request-level fields that reach a backend."""
+    return detect_request(messages)
