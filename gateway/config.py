@@ -266,6 +266,12 @@ class ReportsConfig(_Strict):
     reference_output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
     rollup_interval_s: float = Field(default=60.0, gt=0)  # how often the gateway updates hourly rollups
     retention_days: int | None = Field(default=None, ge=1)  # prune raw rows older than this; rollups stay
+    # Reports over HTTP (/v1/usage, /admin/reports/*) run on their own threads, bounded in time and number.
+    max_span_days: int = Field(default=400, ge=1, le=36_600)  # since..until (or now) longer than this: 400
+    max_concurrent: int = Field(default=2, ge=1, le=64)  # report threads; nothing else runs on them
+    max_queued: int = Field(default=8, ge=0, le=1024)  # more waiting than this: 429 at once
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)  # a report still running then is stopped (503)
+    requests_per_minute: int = Field(default=30, ge=1, le=100_000)  # per team key, on /v1/usage
 
 
 class EdgeConfig(_Strict):

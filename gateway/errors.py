@@ -22,7 +22,8 @@ SwitchboardError (backends/errors.py)          500 api_error            internal
     ├── ServiceUnavailable                     503 api_error             service_unavailable
     │   ├── NoHealthyDeployment                503 api_error             no_healthy_deployment
     │   ├── NoLiveEdgeNode                     503 api_error             no_live_edge_node
-    │   └── LimiterUnavailable                 503 api_error             limiter_unavailable
+    │   ├── LimiterUnavailable                 503 api_error             limiter_unavailable
+    │   └── ReportTimedOut                     503 api_error             report_timeout
     └── AllBackendsFailed                      status of the last cause; all causes in the message
 """
 
@@ -60,6 +61,7 @@ __all__ = [
     "NoHealthyDeployment",
     "NoLiveEdgeNode",
     "LimiterUnavailable",
+    "ReportTimedOut",
     "AuthenticationFailed",
     "PermissionDenied",
     "AdminOnly",
@@ -171,6 +173,12 @@ class LimiterUnavailable(ServiceUnavailable):
     code = "limiter_unavailable"
 
 
+class ReportTimedOut(ServiceUnavailable):
+    """A usage report ran past `reports.timeout_s` and was stopped."""
+
+    code = "report_timeout"
+
+
 class AllBackendsFailed(GatewayError):
     """Every candidate failed. Takes status, type and code from the last cause; lists every cause."""
 
@@ -216,6 +224,7 @@ ALL_ERROR_CLASSES: tuple[type[SwitchboardError], ...] = (
     NoHealthyDeployment,
     NoLiveEdgeNode,
     LimiterUnavailable,
+    ReportTimedOut,
 )
 
 

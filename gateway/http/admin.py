@@ -366,14 +366,18 @@ def admin_router() -> APIRouter:
 
     @router.get("/reports/usage")
     async def usage_report(
-        params: usage_api.ReportParams = Depends(), svc: Services = Depends(_svc)
+        request: Request, params: usage_api.ReportParams = Depends(), svc: Services = Depends(_svc)
     ) -> Response:
-        return await usage_api.usage_response(svc, params.query(), params.output_format())
+        return await usage_api.usage_response(
+            svc, request, params.query(svc.config.reports.max_span_days), params.output_format()
+        )
 
     @router.get("/reports/savings")
     async def savings_report(
-        params: usage_api.ReportParams = Depends(), svc: Services = Depends(_svc)
+        request: Request, params: usage_api.ReportParams = Depends(), svc: Services = Depends(_svc)
     ) -> Response:
-        return await usage_api.savings_response(svc, params.query(), params.output_format())
+        return await usage_api.savings_response(
+            svc, request, params.query(svc.config.reports.max_span_days), params.output_format()
+        )
 
     return router

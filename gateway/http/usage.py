@@ -1,26 +1,32 @@
 """`GET /v1/usage`: a team key's own usage report; also the HTTP rendering `/admin/reports/*` shares.
 
 Invariant: a team key only ever sees its own team. The team filter is forced to the key's team, and asking
-for another team is refused (403), never silently narrowed. Report queries are synchronous SQL and run in a
-worker thread, so the event loop keeps serving traffic while a long report is computed.
+for another team is refused (403), never silently narrowed. Report queries are synchronous SQL; they run on
+the report pool (gateway/reports/runner.py), bounded in span, time and number, rate-limited per key, and
+stopped when their client goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from gateway.errors import AdminOnly, InvalidRequest
+from gateway.errors import AdminOnly, InvalidRequest, RateLimited
 from gateway.http.auth import authenticate
+from gateway.limits.base import LimitKind, LimitRule
 from gateway.reports import ReportQuery, parse_query, savings_report, usage_report
 from gateway.reports.render import AnyReport, to_csv, to_json
+from gateway.reports.runner import Guard, ReportRunner
 from gateway.services import Services
 
 FORMATS = ("json", "csv")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -36,9 +42,9 @@ class ReportParams:
     source: str | None = None
     format: str = "json"
 
-    def query(self, *, team: str | None = None) -> ReportQuery:
+    def query(self, max_span_days: int, *, team: str | None = None) -> ReportQuery:
         """The `ReportQuery` (with `team` in place of the parameter when given); bad values are 400s."""
-        return parse_query(
+        query = parse_query(
             self.group_by,
             self.since,
             self.until,
@@ -46,6 +52,8 @@ class ReportParams:
             model=self.model,
             source=self.source or "auto",
         )
+        check_span(query, max_span_days, now=dt.datetime.now(dt.UTC))
+        return query
 
     def output_format(self) -> str:
         fmt = self.format.strip().lower()
@@ -57,6 +65,19 @@ class ReportParams:
         return fmt
 
 
+def check_span(query: ReportQuery, max_span_days: int, *, now: dt.datetime) -> None:
+    """A window longer than the configured span is refused, before any SQL runs."""
+    if query.since is None:
+        return  # from the first row: bounded by what the ledger holds
+    end = query.until or now
+    if end - query.since > dt.timedelta(days=max_span_days):
+        raise InvalidRequest(
+            f"the report window from `since` to `until` (or now) spans more than {max_span_days} days; "
+            "ask for a shorter window, or raise the limit (config: reports.max_span_days)",
+            param="since",
+        )
+
+
 def render(report: AnyReport, fmt: str, name: str) -> Response:
     """A report (usage or savings) as JSON or as a CSV download named `name`.csv."""
     if fmt == "csv":
@@ -65,14 +86,43 @@ def render(report: AnyReport, fmt: str, name: str) -> Response:
     return Response(to_json(report), media_type="application/json")
 
 
-async def usage_response(svc: Services, query: ReportQuery, fmt: str) -> Response:
-    report = await asyncio.to_thread(usage_report, svc.db, query)
+async def usage_response(svc: Services, request: Request, query: ReportQuery, fmt: str) -> Response:
+    report = await run_report(svc.reports, request, lambda guard: usage_report(svc.db, query, guard=guard))
     return render(report, fmt, "usage")
 
 
-async def savings_response(svc: Services, query: ReportQuery, fmt: str) -> Response:
-    report = await asyncio.to_thread(savings_report, svc.db, svc.config, query)
+async def savings_response(svc: Services, request: Request, query: ReportQuery, fmt: str) -> Response:
+    report = await run_report(
+        svc.reports, request, lambda guard: savings_report(svc.db, svc.config, query, guard=guard)
+    )
     return render(report, fmt, "savings")
+
+
+async def run_report(runner: ReportRunner, request: Request, work: Callable[[Guard], T]) -> T:
+    """`work` on the report pool, cancelled if the client disconnects while it runs."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        return await runner.run(work, until_gone=gone)
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        continue
+
+
+async def limit_report_calls(svc: Services, key_id: str) -> None:
+    """At most `reports.requests_per_minute` report calls per team key, across replicas with Redis."""
+    per_minute = svc.config.reports.requests_per_minute
+    rule = LimitRule(f"report:{key_id}", LimitKind.REQUESTS, per_minute, 60.0)
+    admission = await svc.gate.store.admit([rule], cost_tokens=0)
+    if not admission.allowed:
+        raise RateLimited(
+            f"at most {per_minute} usage reports per minute per key; retry after the Retry-After delay "
+            "(config: reports.requests_per_minute)",
+            retry_after_s=admission.retry_after_s or 60.0,
+        )
 
 
 def own_team(key_team: str, asked: str | None) -> str:
@@ -96,6 +146,8 @@ def usage_router() -> APIRouter:
             svc.access, request.headers.get("authorization"), now=dt.datetime.now(dt.UTC)
         )
         team = own_team(identity.team, params.team)
-        return await usage_response(svc, params.query(team=team), params.output_format())
+        query, fmt = params.query(svc.config.reports.max_span_days, team=team), params.output_format()
+        await limit_report_calls(svc, identity.key_id)
+        return await usage_response(svc, request, query, fmt)
 
     return router

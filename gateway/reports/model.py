@@ -140,9 +140,9 @@ def parse_time(text: str | None, param: str) -> dt.datetime | None:
         if "T" not in text and " " not in text:
             raise ValueError(text)
         value = dt.datetime.fromisoformat(text.replace("z", "Z"))
-    except ValueError:
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    except (ValueError, OverflowError):
         raise InvalidRequest(f"{param}: `{text}` is not a date or time; {DATE_HINT}", param=param) from None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def _parse_source(text: str) -> Source:

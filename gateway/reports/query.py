@@ -23,6 +23,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from gateway.live import histogram
 from gateway.reports import sql
 from gateway.reports.model import Dimension, Report, ReportQuery, ReportRow, Source
+from gateway.reports.runner import Guard
 from gateway.store.db import rollup_state, usage, usage_hourly
 
 RAW_ONLY_MAX_SPAN = dt.timedelta(hours=24)  # AUTO reads shorter windows from raw rows: exact percentiles
@@ -66,11 +67,25 @@ def ceil_hour(at: dt.datetime) -> dt.datetime:
     return floor if floor == at else floor + HOUR
 
 
-def usage_report(engine: Engine, query: ReportQuery, *, progress: Progress | None = None) -> Report:
+def usage_report(
+    engine: Engine, query: ReportQuery, *, progress: Progress | None = None, guard: Guard | None = None
+) -> Report:
     """The report for `query`; `progress(done, total)` is called after each statement (rollups are read
-    ROLLUP_CHUNK at a time). Synchronous: call it through `asyncio.to_thread` from the event loop."""
-    with snapshot(engine) as conn:
-        return report_on(conn, query, progress or no_progress)
+    ROLLUP_CHUNK at a time). Synchronous: run it on `ReportRunner` (or a thread) from the event loop;
+    `guard` stops it between statements and inside one."""
+    with snapshot(engine, guard) as conn:
+        return report_on(conn, query, _checked(progress or no_progress, guard))
+
+
+def _checked(progress: Progress, guard: Guard | None) -> Progress:
+    if guard is None:
+        return progress
+
+    def step(done: int, total: int) -> None:
+        guard.check()
+        progress(done, total)
+
+    return step
 
 
 def report_on(conn: Connection, query: ReportQuery, progress: Progress) -> Report:
@@ -82,8 +97,8 @@ def report_on(conn: Connection, query: ReportQuery, progress: Progress) -> Repor
 
 
 @contextmanager
-def snapshot(engine: Engine) -> Iterator[Connection]:
-    """A read-only connection that sees one snapshot for all its statements."""
+def snapshot(engine: Engine, guard: Guard | None = None) -> Iterator[Connection]:
+    """A read-only connection that sees one snapshot for all its statements (bounded by `guard`)."""
     with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             conn.execution_options(isolation_level="REPEATABLE READ")
@@ -94,9 +109,13 @@ def snapshot(engine: Engine) -> Iterator[Connection]:
         elif conn.dialect.name == "sqlite":
             # pysqlite opens no transaction for SELECTs; in WAL mode BEGIN holds one read snapshot.
             conn.exec_driver_sql("BEGIN")
+        if guard is not None:
+            guard.arm(conn)
         try:
             yield conn
         finally:
+            if guard is not None:
+                guard.disarm(conn)
             conn.rollback()
 
 
@@ -235,19 +254,24 @@ def _merged_report(conn: Connection, query: ReportQuery, plan: Plan, progress: P
 def _rollup_chunks(
     conn: Connection, start: dt.datetime | None, end: dt.datetime | None
 ) -> list[tuple[dt.datetime, dt.datetime]]:
-    """[start, end) cut into ROLLUP_CHUNK pieces; open ends are closed by the rollups' first and last hour."""
-    if start is None or end is None:
-        hours = usage_hourly.c.hour
-        first, last = conn.execute(sa.select(sa.func.min(hours), sa.func.max(hours))).one()
-        if first is None:
-            return []
-        start = first if start is None else start
-        end = last + HOUR if end is None else end
+    """[start, end) cut into ROLLUP_CHUNK pieces, within the rollups' first and last hour: a window that
+    opens in year 1 reads as many chunks as there are rollups, not one per month since then."""
+    hours = usage_hourly.c.hour
+    first, last = conn.execute(sa.select(sa.func.min(hours), sa.func.max(hours))).one()
+    if first is None:
+        return []
+    first, last = _aware(first), _aware(last)
+    start = first if start is None else max(start, first)
+    end = last + HOUR if end is None else min(end, last + HOUR)
     out = []
     while start < end:
         out.append((start, min(end, start + ROLLUP_CHUNK)))
         start += ROLLUP_CHUNK
     return out
+
+
+def _aware(at: dt.datetime) -> dt.datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
 
 
 def _merge(into: dict[sql.GroupKey, list[int]], part: dict[sql.GroupKey, list[int]]) -> int:

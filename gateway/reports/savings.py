@@ -29,6 +29,7 @@ from gateway.errors import InvalidRequest
 from gateway.reports import sql
 from gateway.reports.model import Dimension, ReportQuery, ReportRow
 from gateway.reports.query import ceil_hour, created_between, floor_hour, no_progress, report_on, snapshot
+from gateway.reports.runner import Guard
 from gateway.store.db import backend_busy_hourly, usage, usage_hourly
 from routing.decision import Price
 
@@ -85,7 +86,12 @@ class SavingsReport:
 
 
 def savings_report(
-    engine: Engine, config: Config, query: ReportQuery, *, list_price: ListPrice | None = None
+    engine: Engine,
+    config: Config,
+    query: ReportQuery,
+    *,
+    list_price: ListPrice | None = None,
+    guard: Guard | None = None,
 ) -> SavingsReport:
     """Savings of self-hosted serving, edge nodes and the cache over `query`'s window and filters.
     `list_price` looks up a cloud model's list price (default: litellm's local cost map, through the cloud
@@ -100,9 +106,11 @@ def savings_report(
         if b.kind == "openai" and b.usd_per_hour is not None
     }
     edge = frozenset(name for name, b in config.backends.items() if isinstance(b, EdgeBackendConfig))
-    with snapshot(engine) as conn:
+    with snapshot(engine, guard) as conn:
         traffic = report_on(
-            conn, dataclasses.replace(query, group_by=dims, since=since, until=until), no_progress
+            conn,
+            dataclasses.replace(query, group_by=dims, since=since, until=until),
+            guard.check if guard is not None else no_progress,
         )
         window = [*created_between(since, until), usage.c.cache_hit == sa.true()]
         cached = sql.raw_sum_vectors(conn, dims, sql.raw_filters(query.team, query.model, sa.and_(*window)))

@@ -26,6 +26,7 @@ from gateway.live.sync import RoutingSync
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.access import ModelAccess
 from gateway.pipeline.flow import Pipeline
+from gateway.reports.runner import ReportRunner
 from gateway.store.keys import KeyStore
 from gateway.store.ledger import LedgerWriter
 from gateway.store.upkeep import RollupJob
@@ -47,6 +48,7 @@ class Services:
     cache: ResponseCache
     access: ModelAccess
     pipeline: Pipeline
+    reports: ReportRunner
     redis: Redis | None = None  # None: cache, limits and budgets live in this process
     routing_sync: RoutingSync | None = None  # shares routing stats and circuits through Redis
     rollup: RollupJob | None = None
@@ -54,6 +56,7 @@ class Services:
     health: HealthProber | None = None
 
     async def aclose(self) -> None:
+        await self.reports.aclose()  # first: stop reports still running on their threads
         if self.rollup is not None:
             await self.rollup.aclose()
         if self.routing_sync is not None:

@@ -31,6 +31,7 @@ from gateway.pipeline.dispatch import Dispatcher, RetrySettings
 from gateway.pipeline.flow import Pipeline
 from gateway.pipeline.plan import Planner
 from gateway.pipeline.record import RecordSink
+from gateway.reports.runner import ReportRunner
 from gateway.services import Services
 from gateway.services.backends import build_backend, build_deployments
 from gateway.services.shared import build_health, build_quota, build_redis, build_registry, build_relay
@@ -209,6 +210,11 @@ async def build_services(config: Config) -> Services:
         cache=cache,
         access=access,
         pipeline=pipeline,
+        reports=ReportRunner(
+            max_concurrent=config.reports.max_concurrent,
+            max_queued=config.reports.max_queued,
+            timeout_s=config.reports.timeout_s,
+        ),
         redis=redis,
         routing_sync=routing_sync,
         rollup=rollup,

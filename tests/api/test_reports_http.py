@@ -103,6 +103,11 @@ def test_v1_usage_needs_a_valid_team_key(teams: Teams) -> None:
         ({"group_by": "team,colour"}, "group_by", "unknown group-by dimension `colour`"),
         ({"source": "cache"}, "source", "unknown source"),
         ({"format": "xml"}, "format", "must be one of json, csv"),
+        # Security findings: a window from year 1 kept a core busy for minutes; a date past year 9999 in
+        # UTC was a 500.
+        ({"since": "0001-01-01"}, "since", "reports.max_span_days"),
+        ({"since": "2020-01-01", "until": "2026-01-01"}, "since", "reports.max_span_days"),
+        ({"until": "9999-12-31T23:59:59-14:00"}, "until", "is not a date or time"),
     ],
 )
 def test_bad_query_is_400_naming_the_param(
@@ -175,3 +180,23 @@ def test_admin_savings_json_and_csv(savings_gateway: Gateway) -> None:
     assert report["totals"]["saved_micro_usd"] == sum(r["saved_micro_usd"] for r in report["rows"])
     resp = teams.get("/admin/reports/savings", ADMIN_KEY, format="csv")
     assert resp.status_code == 200 and resp.text.startswith("backend,served_by,requests")
+
+
+def test_report_calls_are_rate_limited_per_key(any_gateway: Gateway) -> None:
+    # Security finding: any team key could run reports back to back without limit. GCRA refills one call
+    # every 60/limit s, so a slow database may see a few more than `limit` pass before the first 429.
+    key = any_gateway.key()
+    limit = any_gateway.config.reports.requests_per_minute
+    headers = {"authorization": f"Bearer {key}"}
+    statuses: list[int] = []
+    with httpx.Client(base_url=any_gateway.base_url, headers=headers, timeout=30) as client:
+        while len(statuses) < 3 * limit:
+            refused = client.get("/v1/usage", params={"since": "2030-01-01"})
+            statuses.append(refused.status_code)
+            if refused.status_code != 200:
+                break
+    assert statuses[:limit] == [200] * limit and statuses[-1] == 429, statuses
+    err = error_of(refused, 429)
+    assert "reports.requests_per_minute" in err["message"] and int(refused.headers["retry-after"]) >= 1
+    other = {"authorization": f"Bearer {any_gateway.key()}"}
+    assert httpx.get(any_gateway.base_url + "/v1/usage", headers=other).status_code == 200  # per key

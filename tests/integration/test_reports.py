@@ -522,3 +522,25 @@ def test_savings_of_edge_nodes_per_team(edge_savings_db: Engine) -> None:
 def test_savings_over_an_empty_window(savings_db: Engine) -> None:
     rep = savings_report(savings_db, savings_config(), parse_query("team", "2031-01-01", "2031-02-01"))
     assert rep.rows == () and rep.totals.requests == 0 and rep.totals.actual_micro_usd == 0
+
+
+def test_a_window_from_year_one_reads_only_the_rollups_that_exist(ledger: Ledger) -> None:
+    # Security finding: `since=0001-01-01` read the rollups one 31-day chunk at a time for 2,000 years
+    # (~24,000 statements, a core busy for minutes). Chunks now start at the first rollup hour.
+    seen: list[tuple[int, int]] = []
+    query = parse_query("team", "0001-01-01", "9999-01-01", source="rollup")
+    rep = usage_report(ledger.engine, query, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][1] <= 3, seen[-1]
+    assert rep.totals.requests == report(ledger.engine, (), "rollup").totals.requests
+
+
+def test_a_tripped_guard_stops_the_report(ledger: Ledger) -> None:
+    from gateway.reports.runner import Guard, ReportCancelled
+
+    guard = Guard(60.0)
+    guard.cancel()
+    with pytest.raises(ReportCancelled):
+        usage_report(ledger.engine, parse_query("team", None, None, source="rollup"), guard=guard)
+    expired = Guard(60.0, clock=iter([0.0, 1e9, 1e9, 1e9, 1e9]).__next__)
+    with pytest.raises(Exception):  # noqa: B017 - ReportCancelled, or the database's own interruption
+        usage_report(ledger.engine, parse_query("team", None, None, source="raw"), guard=expired)
