@@ -39,7 +39,7 @@ from gateway.store.spend import micro_to_usd_text, usd_to_micro
 from gateway.translate.openai_chat import ChatCompletionBody, chat_request
 from routing.decision import RouteDecision
 from routing.preferences import narrow, parse_preferences
-from routing.privacy import PrivacyTier, PrivacyVerdict, detect_messages, privacy_floor
+from routing.privacy import PrivacyTier, PrivacyVerdict, detect_request, privacy_floor
 from routing.snapshot import RoutePolicy, RoutePreferences
 
 _HIDDEN = {"key_hash"}
@@ -194,7 +194,7 @@ def _blocked_verdict(
     """The verdict of a request the team's `on_sensitive = "block"` refuses: its floor, and what was found."""
     team_floor, _ = svc.routing.team_floor(team)
     base = privacy_floor(team_floor, route.requested_floor(header), ())
-    kinds = detect_messages(messages)
+    kinds = detect_request(messages)
     reason = f"{base.reason}; detected {', '.join(kinds)}; blocked (config: teams.{team}.on_sensitive)"
     return PrivacyVerdict(base.floor, kinds, reason)
 

@@ -35,12 +35,13 @@ from gateway.pipeline.request import (
     Hints,
 )
 from routing.decision import RejectCode, Rejection, RouteDecision
+from routing.detectors import DetectorKind
 from routing.preferences import narrow, parse_preferences
 from routing.privacy import (
     PrivacyTier,
     PrivacyVerdict,
     SensitiveDataBlocked,
-    detect_messages,
+    detect_request,
     privacy_floor,
 )
 from routing.scoring import choose
@@ -98,7 +99,7 @@ def plan(
     team_floor, on_sensitive = routing.team_floor(team)
     asked = requested_floor(hints.privacy)
     try:
-        verdict = privacy_floor(team_floor, asked, detect_messages(call.messages), on_sensitive)
+        verdict = privacy_floor(team_floor, asked, detect_call(call), on_sensitive)
     except SensitiveDataBlocked as exc:
         raise SensitiveDataRefused(str(exc) + f" (config: teams.{team}.on_sensitive)") from None
     try:
@@ -135,6 +136,14 @@ class Planner:
         return plan(
             self.routing, request.identity.team, request.call, request.hints, request.preferences, now_s=now_s
         )
+
+
+def detect_call(call: ChatRequest) -> tuple[DetectorKind, ...]:
+    """Sensitive data anywhere a backend will see it: every field of every message, and the request-level
+    values sent along (stop strings, tools with their descriptions and schemas, tool_choice, the response
+    format's schema, user). Fields a translator does not forward never reach a backend."""
+    extras = (call.stop, call.tools, call.tool_choice, call.response_format, call.user)
+    return detect_request(call.messages, [e for e in extras if e])
 
 
 def with_labels(policy: RoutePolicy, wanted: Mapping[str, str], team: str) -> RoutePolicy:

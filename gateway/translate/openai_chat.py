@@ -19,6 +19,7 @@ from backends.errors import SwitchboardError
 from gateway.errors import InvalidRequest, UnsupportedParameter, error_body
 from gateway.pipeline.flow import Answer, ChunkStream
 from gateway.pipeline.request import GatewayRequest, RequestContext
+from gateway.translate.checks import check_json_ints
 
 # Fields OpenAI defines that no Switchboard backend honours yet. A neutral value is accepted; anything else is
 # refused by name, so a client never silently gets something other than what it asked for.
@@ -33,6 +34,9 @@ _NEUTRAL_IF: dict[str, Any] = {
     "metadata": (None, {}),
     "service_tier": (None, "auto", "default"),
 }
+
+
+MAX_OUTPUT_TOKENS = 1 << 24  # beyond any context window: a larger value is a client bug, not a request
 
 
 class _Message(BaseModel):
@@ -53,14 +57,14 @@ class ChatCompletionBody(BaseModel):
 
     model: str = Field(min_length=1, max_length=256)
     messages: list[_Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     user: str | None = Field(default=None, max_length=256)
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=128)
     stream: bool = False
     stream_options: _StreamOptions | None = None
     tools: list[dict[str, Any]] | None = None
@@ -81,11 +85,23 @@ def parse_chat_body(raw: bytes) -> ChatCompletionBody:
     if not raw:
         raise InvalidRequest("request body is empty; send a JSON chat completion request")
     try:
-        body = ChatCompletionBody.model_validate_json(raw)
+        # Strict: "stream": "yes", "max_tokens": "100" or true are type errors, not coerced.
+        body = ChatCompletionBody.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise _invalid_from(exc) from None
     _refuse_unsupported(body)
+    _check_forwarded_ints(body)
     return body
+
+
+def _check_forwarded_ints(body: ChatCompletionBody) -> None:
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, list) or message.model_extra:
+            check_json_ints(message.model_dump(exclude_none=True), f"messages.{i}")
+    for name in ("tools", "tool_choice", "response_format", "switchboard"):
+        value = getattr(body, name)
+        if value is not None:
+            check_json_ints(value, name)
 
 
 def _invalid_from(exc: ValidationError) -> InvalidRequest:

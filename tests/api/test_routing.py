@@ -555,3 +555,40 @@ def test_stream_is_not_retried_after_its_first_chunk(env: Env) -> None:
     row = env.gw.usage_row(raw.headers["x-request-id"])
     assert row["status"] == "error" and row["attempts"] == 1 and row["backend"] == "gpu_a"
     assert env.site.requests("sc-second") == []
+
+
+def test_evasions_found_in_every_field_keep_data_inside(env: Env) -> None:
+    """Security finding: each of these reached the cloud for a team whose floor rises on sensitive data."""
+    secret = uuid.uuid4().hex
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    cases: list[tuple[str, dict[str, Any]]] = [
+        (
+            "email split across two text parts",
+            {"messages": [{"role": "user", "content": [
+                {"type": "text", "text": f"{secret} mail jane.doe@exa"},
+                {"type": "text", "text": "mple.com"}]}]},
+        ),
+        (
+            "card split across two messages",
+            {"messages": [{"role": "user", "content": f"{secret} card 4111 1111"},
+                          {"role": "user", "content": "1111 1111"}]},
+        ),
+        (
+            "full-width at sign and zero-width space",
+            {"messages": [{"role": "user", "content": f"{secret} jane.doe\uff20exam\u200bple.com"}]},
+        ),
+        ("the message name field", {"messages": [{"role": "user", "content": secret, "name": EMAIL}]}),
+        ("a tool description", {"tools": [{**tool, "function": {**tool["function"], "description": EMAIL}}]}),
+        ("a stop string", {"stop": [EMAIL]}),
+        (
+            "base64 of an email",
+            {"messages": [{"role": "user", "content": f"{secret} amFuZS5kb2VAZXhhbXBsZS5jb20="}]},
+        ),
+        ("percent-encoded", {"messages": [{"role": "user", "content": f"{secret} jane.doe%40example.com"}]}),
+    ]  # fmt: skip
+    for name, extra in cases:
+        body = {"model": "priv", "messages": [{"role": "user", "content": secret}], "max_tokens": 8, **extra}
+        raw = env.client("thrifty").chat.completions.with_raw_response.create(**body)
+        row = env.row(Reply(raw.headers.get("x-switchboard-backend"), raw.headers["x-request-id"], "", ""))
+        assert row["backend"] == "gpu_a" and row["privacy_class"].startswith("internal:"), (name, row)
+    assert not any(secret in json.dumps(body) for body in env.cloud_bodies())
