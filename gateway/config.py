@@ -38,6 +38,11 @@ class ServerConfig(_Strict):
     admin_key_env: str = "SWITCHBOARD_ADMIN_KEY"
     key_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # /docs and /openapi.json list the whole admin API: off unless asked for (assets are served locally).
+    docs: bool = False
+    # /metrics carries team names and spend: it needs the admin key, or the token in this variable ...
+    metrics_token_env: str | None = None
+    metrics_public: bool = False  # ... unless the operator makes it public (e.g. behind a private network)
 
 
 class DatabaseConfig(_Strict):

@@ -67,6 +67,9 @@ def looks_like_token(plaintext: str) -> bool:
     return has_secret_shape(plaintext, TOKEN_PREFIX)
 
 
+MAX_DURATION_S = 10 * 366 * 86_400
+
+
 def parse_duration_s(text: str, *, param: str = "expires_in") -> float:
     """`90s`, `30m`, `12h`, `7d`, `2w` -> seconds (positive)."""
     match = _DURATION.match(text)
@@ -75,7 +78,12 @@ def parse_duration_s(text: str, *, param: str = "expires_in") -> float:
             f"{param}: `{text}` is not a duration; use a number and a unit, e.g. 30m, 12h, 7d or 2w",
             param=param,
         )
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if seconds > MAX_DURATION_S:
+        raise InvalidRequest(
+            f"{param}: `{text}` is longer than 10 years; use a shorter duration, or no expiry", param=param
+        )
+    return seconds
 
 
 def parse_labels(pairs: Collection[str], *, param: str = "label") -> dict[str, str]:

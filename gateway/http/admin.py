@@ -36,7 +36,7 @@ from gateway.records import KeyBudget
 from gateway.services import Services
 from gateway.store import keys
 from gateway.store.spend import micro_to_usd_text, usd_to_micro
-from gateway.translate.openai_chat import ChatCompletionBody, chat_request
+from gateway.translate.openai_chat import MAX_OUTPUT_TOKENS, ChatCompletionBody, chat_request
 from routing.decision import RouteDecision
 from routing.preferences import narrow, parse_preferences
 from routing.privacy import PrivacyTier, PrivacyVerdict, detect_request, privacy_floor
@@ -70,6 +70,9 @@ class TeamIn(BaseModel):
     models: list[str] | None = None
 
 
+MAX_BUDGET_USD = Decimal(1_000_000_000)  # a budget beyond this is a typo, not a budget
+
+
 class KeyLimitsIn(BaseModel):
     """The key's own rate limits, per `limits.window_s` (default: per minute)."""
 
@@ -83,8 +86,8 @@ class KeyBudgetIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     period: Literal["day", "month"] = "month"
-    usd: Decimal = Field(gt=0)
-    soft_usd: Decimal | None = Field(default=None, gt=0)
+    usd: Decimal = Field(gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False)
+    soft_usd: Decimal | None = Field(default=None, gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False)
 
     def to_budget(self) -> KeyBudget:
         limit = _micro(self.usd, "budget.usd")
@@ -95,6 +98,19 @@ class KeyBudgetIn(BaseModel):
                 param="budget.soft_usd",
             )
         return KeyBudget(self.period, limit, soft)
+
+
+def _check_team_models(models: list[str] | None, configured: Mapping[str, object]) -> None:
+    """A team may be given configured public models or "*", nothing else (an unknown name, or one with
+    control characters, was stored as given)."""
+    for i, name in enumerate(models or ()):
+        if name != "*" and name not in configured:
+            listing = ", ".join(configured) or "none"
+            raise InvalidRequest(
+                f"models.{i}: no model named {name!r} is configured; use \"*\" or one of: {listing} "
+                "(config: models)",
+                param=f"models.{i}",
+            )
 
 
 def _micro(usd: Decimal, param: str) -> int:
@@ -110,7 +126,7 @@ class KeyIn(BaseModel):
     name: str = Field(default="", max_length=128)
     models: list[str] | None = None
     expires_at: dt.datetime | None = None
-    expires_in_days: float | None = Field(default=None, gt=0)
+    expires_in_days: float | None = Field(default=None, gt=0, le=36_600, allow_inf_nan=False)
     limits: KeyLimitsIn | None = None
     budget: KeyBudgetIn | None = None
 
@@ -314,6 +330,7 @@ def admin_router() -> APIRouter:
 
     @router.post("/teams")
     async def create_team(body: TeamIn, svc: Services = Depends(_svc)) -> Response:
+        _check_team_models(body.models, svc.config.models)
         team = await asyncio.to_thread(keys.create_team, svc.db, body.name, body.models)
         return _json(team, status_code=201)
 
@@ -349,7 +366,7 @@ def admin_router() -> APIRouter:
     async def explain(
         team: str,
         model: str,
-        max_tokens: int | None = Query(default=None, ge=1),
+        max_tokens: int | None = Query(default=None, ge=1, le=MAX_OUTPUT_TOKENS),
         privacy: str | None = None,
         tools: bool = False,
         json_mode: bool = Query(default=False, alias="json"),

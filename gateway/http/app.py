@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,9 +27,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from backends.errors import SwitchboardError
 from gateway.config import Config
 from gateway.edge.api import edge_router
-from gateway.errors import InvalidRequest, NotFound, error_body
+from gateway.errors import AdminOnly, InvalidRequest, NotFound, error_body
 from gateway.http.admin import admin_router
-from gateway.http.auth import authenticate
+from gateway.http.auth import authenticate, bearer_token
 from gateway.http.context import RequestContextMiddleware, timing_of
 from gateway.http.endpoints import EdgeDeps, Translator, enveloped_response, serve
 from gateway.http.usage import usage_router
@@ -90,7 +92,40 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(services_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
+    svc = services_of(request)
+    server = svc.config.server
+    if not server.metrics_public:
+        token = os.environ.get(server.metrics_token_env) if server.metrics_token_env else None
+        presented = bearer_token(request.headers.get("authorization"))
+        if token is None or not hmac.compare_digest(presented.encode(), token.encode()):
+            try:
+                svc.access.authenticate_admin(presented)
+            except AdminOnly:
+                raise AdminOnly(
+                    "/metrics needs the admin key or the metrics token (config: server.metrics_token_env, "
+                    "or server.metrics_public = true)"
+                ) from None
+    return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def add_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI's own files served from the `swagger-ui-bundle` package: no CDN at run time."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    async def docs(request: Request) -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Switchboard API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )
+
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
 
 
 def error_response(exc: SwitchboardError) -> Response:
@@ -106,8 +141,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        return error_response(InvalidRequest(f"invalid value for `{param}`: {err.get('msg')}", param=param))
+        # loc opens with where the value came from (body, query, path, header): the name is what follows.
+        param = ".".join(str(p) for p in tuple(err.get("loc", ()))[1:]) or None
+        what = f"`{param}`" if param else "the request"
+        return error_response(InvalidRequest(f"invalid value for {what}: {err.get('msg')}", param=param))
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -178,7 +215,17 @@ def create_app(config: Config) -> SwitchboardApp:
         finally:
             await svc.aclose()
 
-    app = SwitchboardApp(title="Switchboard", version="0.1.0", lifespan=lifespan)
+    docs = config.server.docs
+    app = SwitchboardApp(
+        title="Switchboard",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    if docs:
+        add_docs(app)
     app.add_translator(ChatCompletions())
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -28,6 +29,7 @@ from gateway.pipeline.request import SYSTEM_CLOCK, Clock, Timing
 from routing.decision import Deployment, RouteDecision
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -219,6 +221,14 @@ async def _attempt_once(
         raise
     use.fail(err, now_s())
     plan.causes.append((dep.backend, err))
+    # The detail (upstream text, addresses) is for operators only; clients get `err.message`.
+    log.warning(
+        "request %s: backend %s failed (%s)%s",
+        request.request_id,
+        dep.backend,
+        err.code,
+        f": {err.detail[:500]}" if err.detail else "",
+    )
     raise err
 
 

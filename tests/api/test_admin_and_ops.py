@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from pathlib import Path
+
 import httpx
 import pytest
 from openai import OpenAI
 
+from gateway.http.app import create_app
 from gateway.records import KeyBudget
 from gateway.store import keys
-from tests.api.conftest import ADMIN_KEY, Gateway
+from tests.api.conftest import ADMIN_KEY, Gateway, gateway_config
+from tests.support.fake_provider import FakeProvider
+from tests.support.live import LiveServer
 
 
 def admin(gw: Gateway) -> httpx.Client:
@@ -117,8 +124,97 @@ def test_health_ready_and_metrics(gateway: Gateway) -> None:
     OpenAI(base_url=gateway.v1, api_key=gateway.key("beta"), max_retries=0).chat.completions.create(
         model="fast", messages=[{"role": "user", "content": "hi"}]
     )
-    text = httpx.get(gateway.base_url + "/metrics").text
+    text = httpx.get(gateway.base_url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
     assert 'switchboard_requests_total{backend="fakeoai",model="fast",status="ok",team="beta"}' in text
     assert "switchboard_request_latency_seconds_bucket" in text
     assert 'switchboard_tokens_total{backend="fakeoai",kind="completion",model="fast",team="beta"}' in text
     assert "switchboard_cost_usd_total" in text
+
+
+def test_metrics_and_docs_are_not_public(gateway: Gateway) -> None:
+    # Security finding: /metrics (team names, spend), /docs and /openapi.json needed no authentication.
+    team_key = gateway.key("beta")
+    for headers in ({}, {"authorization": f"Bearer {team_key}"}):
+        resp = httpx.get(gateway.base_url + "/metrics", headers=headers)
+        assert resp.status_code in (401, 403) and "switchboard_requests_total" not in resp.text
+    refused = httpx.get(gateway.base_url + "/metrics", headers={"authorization": f"Bearer {team_key}"})
+    assert "server.metrics_token_env" in refused.json()["error"]["message"]
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(gateway.base_url + path).status_code == 404, path
+
+
+def test_metrics_token_and_local_docs(
+    fake: FakeProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SB_TEST_METRICS_TOKEN", "metrics-" + uuid.uuid4().hex)
+    config = gateway_config(
+        fake.base_url, {"url": f"sqlite:///{tmp_path}/sb.db", "spill_path": str(tmp_path / "s")}
+    )
+    server = {**config.server.model_dump(), "docs": True, "metrics_token_env": "SB_TEST_METRICS_TOKEN"}
+    config = config.model_copy(update={"server": type(config.server).model_validate(server)})
+    with LiveServer(create_app(config)) as server:
+        token = os.environ["SB_TEST_METRICS_TOKEN"]
+        ok = httpx.get(server.base_url + "/metrics", headers={"authorization": f"Bearer {token}"})
+        assert ok.status_code == 200 and "switchboard_ledger_queued" in ok.text
+        docs = httpx.get(server.base_url + "/docs")
+        assert docs.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in docs.text
+        assert "cdn" not in docs.text.lower() and "https://" not in docs.text  # no asset from elsewhere
+        assert httpx.get(server.base_url + "/docs/assets/swagger-ui-bundle.js").status_code == 200
+        assert httpx.get(server.base_url + "/openapi.json").json()["info"]["title"] == "Switchboard"
+
+
+def test_an_unexpected_error_keeps_the_connection(
+    fake: FakeProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Security finding: after a 500 on any non-chat route the server dropped the keep-alive connection.
+    import socket
+
+    app = create_app(
+        gateway_config(
+            fake.base_url, {"url": f"sqlite:///{tmp_path}/sb.db", "spill_path": str(tmp_path / "s")}
+        )
+    )
+
+    async def boom() -> None:
+        raise RuntimeError("unexpected")
+
+    app.add_api_route("/boom", boom, methods=["GET"])
+    with LiveServer(app) as server, socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        request = b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+        sock.sendall(request)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b'{"status":"ok"}'):
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after: {received[:300]!r}"
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 500") and b'"code":"internal_error"' in received
+    assert b"unexpected" not in received  # the detail is in the log, not the body
+
+
+ADMIN_500S = [
+    ("/admin/keys", b'{"team": "alpha", "expires_in_days": 1e300}', "expires_in_days"),
+    ("/admin/keys", b'{"team": "alpha", "expires_in_days": Infinity}', "expires_in_days"),
+    ("/admin/keys", b'{"team": "alpha", "budget": {"usd": 1e999999}}', "budget.usd"),
+    ("/admin/keys", b'{"team": "alpha", "budget": {"usd": "NaN"}}', "budget.usd"),
+    ("/admin/teams", b'{"name": "t-nul", "models": ["\\u0000"]}', "models.0"),
+    ("/admin/teams", b'{"name": "t-unknown", "models": ["no-such-model"]}', "models.0"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), ADMIN_500S, ids=[c[1].decode()[:40] for c in ADMIN_500S])
+def test_hostile_admin_input_is_400_naming_the_field(
+    gateway: Gateway, path: str, body: bytes, param: str
+) -> None:
+    # Security findings: these were 500s, or stored as given (an unknown model, a NUL character).
+    with admin(gateway) as c:
+        resp = c.post(path, content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
+def test_explain_max_tokens_is_bounded(gateway: Gateway) -> None:
+    with admin(gateway) as c:
+        resp = c.get(
+            "/admin/route/explain", params={"team": "alpha", "model": "fast", "max_tokens": str(10**40)}
+        )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "max_tokens", resp.text

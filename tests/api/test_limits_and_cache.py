@@ -53,6 +53,7 @@ def limits_config(fake: FakeProvider, tmp: Any, redis_prefix: str | None) -> Con
     }
     return parse_config(
         {
+            "server": {"metrics_public": True},
             "database": {
                 "url": f"sqlite:///{tmp}/sb.db",
                 "spill_path": str(tmp / "spill.jsonl"),
@@ -201,7 +202,7 @@ def test_team_budget_refuses_with_insufficient_quota_and_never_overshoots(lgw: G
     rows = wait_rows(lgw, [r.headers["x-request-id"] for r in responses])
     assert sum(row["cost_micro_usd"] for row in rows) <= 50_000
     assert rows[-1]["error_type"] == "insufficient_quota"
-    metrics = httpx.get(lgw.base_url + "/metrics").text
+    metrics = httpx.get(lgw.base_url + "/metrics").text  # server.metrics_public in this rig
     assert "switchboard_budget_soft_limit_crossed_total{period=" in metrics and 'scope="team:bud"' in metrics
 
 

@@ -382,6 +382,8 @@ def test_floor_holds_when_the_internal_backend_is_down(env: Env) -> None:
         status, error, _ = refusal(lambda: ask(env, "locked", "privdead"))
         assert status == 503 and error["code"] in ("upstream_unavailable", "no_healthy_deployment")
         assert "gpu_dead" in error["message"]
+        # Security finding: error bodies carried `cannot connect to 127.0.0.1:PORT`; the log keeps that.
+        assert "127.0.0.1" not in error["message"] and "onnect" not in error["message"]
     assert env.cloud.requests("pd-cloud") == []
     assert ask(env, "thrifty", "privdead").backend == "cloud"  # without the floor the cloud serves it
 

@@ -166,7 +166,11 @@ async def test_status_mapping(
         else:
             await backend.complete(chat(model))
     assert type(caught.value) is error
-    assert "failing with" in caught.value.message  # upstream's own error text is kept
+    # Upstream's own text is kept for the log; clients see it only when the request itself was refused,
+    # and then without addresses or secrets (security finding: internal addresses in error bodies).
+    assert caught.value.detail is not None and "failing with" in caught.value.detail
+    assert ("failing with" in caught.value.message) is (error is BackendRejected)
+    assert "127.0.0.1" not in caught.value.message
     assert "hello there" not in caught.value.message  # never the prompt
     if status == 429:
         assert isinstance(caught.value, BackendRateLimited) and caught.value.retry_after_s == 3.0
