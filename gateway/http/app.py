@@ -178,7 +178,9 @@ def create_app(config: Config) -> SwitchboardApp:
         finally:
             await svc.aclose()
 
-    app = SwitchboardApp(title="Switchboard", version="0.1.0", lifespan=lifespan)
+    # No slash redirects: they echo the client's Host header into Location (an open redirect); a wrong
+    # path is a plain 404 in the OpenAI envelope.
+    app = SwitchboardApp(title="Switchboard", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.add_translator(ChatCompletions())
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])

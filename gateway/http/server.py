@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httptools
@@ -304,18 +305,19 @@ def server_ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _TLS_VERSIONS[server.tls_min_version]
     ctx.set_alpn_protocols(["http/1.1"])
-    key_setting = "server.tls_key_file" if server.tls_key_file else "server.tls_cert_file"
+    for setting, path in (("tls_cert_file", server.tls_cert_file), ("tls_key_file", server.tls_key_file)):
+        try:
+            if path is not None:
+                Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError("[server]", [f"server.{setting}: cannot read {path}: {exc.strerror}"]) from None
     try:
         ctx.load_cert_chain(server.tls_cert_file, server.tls_key_file)
     except ssl.SSLError as exc:
+        key = "server.tls_key_file" if server.tls_key_file else "server.tls_cert_file"
         problem = (
-            f"server.tls_cert_file / {key_setting}: not a PEM certificate with its matching private key "
+            f"server.tls_cert_file / {key}: not a PEM certificate with its matching private key "
             f"({exc.reason or exc}); check both files"
-        )
-        raise ConfigError("[server]", [problem]) from None
-    except OSError as exc:
-        problem = (
-            f"server.tls_cert_file / {key_setting}: cannot read {exc.filename or 'the file'}: {exc.strerror}"
         )
         raise ConfigError("[server]", [problem]) from None
     return ctx
