@@ -27,7 +27,14 @@ import orjson
 
 from backends.base import Usage
 from backends.edge import wire
-from backends.edge.options import TOKEN_ENV, Backoff, NodeOptions, client_ssl_context, connect_url
+from backends.edge.options import (
+    TOKEN_ENV,
+    Backoff,
+    NodeOptions,
+    client_ssl_context,
+    connect_url,
+    untrusted_certificate,
+)
 from backends.local.build import one_compute_thread, stage
 from backends.local.engine.engine import Finished, Tokens
 from backends.local.engine.scheduler import SamplingParams
@@ -262,16 +269,6 @@ class EdgeNode:
         if code == wire.CloseCode.UNAUTHORIZED:
             raise Unauthorized(f"close {code}: {reason}" if reason else f"close {code}")
         log.warning("connection to the gateway closed (code %s%s)", code, f": {reason}" if reason else "")
-
-
-def untrusted_certificate(url: str, ca_file: str | None, exc: ssl.SSLCertVerificationError) -> str:
-    """What to do when the gateway's certificate fails verification (the node keeps retrying)."""
-    why = exc.verify_message or exc.reason or "verification failed"
-    if ca_file is None:
-        fix = "if a private CA signed it, pass that CA's PEM file with --ca-file PATH"
-    else:
-        fix = f"check that --ca-file {ca_file} holds the CA that signed it, and that it names this host"
-    return f"the gateway's TLS certificate at {url} is not trusted ({why}); {fix}"
 
 
 async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:

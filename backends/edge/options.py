@@ -105,6 +105,16 @@ def client_ssl_context(url: str, ca_file: str | None) -> ssl.SSLContext | None:
         raise ValueError(f"--ca-file {ca_file}: not a PEM CA certificate ({exc.reason or exc})") from None
 
 
+def untrusted_certificate(url: str, ca_file: str | None, exc: ssl.SSLCertVerificationError) -> str:
+    """What to do when the gateway's certificate fails verification (the node keeps retrying)."""
+    why = exc.verify_message or exc.reason or "verification failed"
+    if ca_file is None:
+        fix = "if a private CA signed it, pass that CA's PEM file with --ca-file PATH"
+    else:
+        fix = f"check that --ca-file {ca_file} holds the CA that signed it, and that it names this host"
+    return f"the gateway's TLS certificate at {url} is not trusted ({why}); {fix}"
+
+
 @dataclass(slots=True)
 class Backoff:
     """Full-jitter exponential backoff: the n-th delay is uniform in [0, min(cap, base * 2**n))."""

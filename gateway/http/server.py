@@ -310,7 +310,8 @@ def server_ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
             if path is not None:
                 Path(path).read_bytes()
         except OSError as exc:
-            raise ConfigError("[server]", [f"server.{setting}: cannot read {path}: {exc.strerror}"]) from None
+            problem = f"server.{setting}: cannot read {path}: {exc.strerror}"
+            raise ConfigError("TLS setup", [problem]) from None
     try:
         ctx.load_cert_chain(server.tls_cert_file, server.tls_key_file)
     except ssl.SSLError as exc:
@@ -319,7 +320,7 @@ def server_ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
             f"server.tls_cert_file / {key}: not a PEM certificate with its matching private key "
             f"({exc.reason or exc}); check both files"
         )
-        raise ConfigError("[server]", [problem]) from None
+        raise ConfigError("TLS setup", [problem]) from None
     return ctx
 
 
