@@ -126,7 +126,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._awaiting_head = True  # between messages or inside a head: bytes count toward the head
-        self._head_bytes = 0  # bytes received while awaiting a head (an upper bound on its size)
+        self._head_bytes = 0  # bytes received while awaiting a head (its size so far, to within one read)
         self._head_size = 0  # exact: url + header names and values of the head being parsed
         self._head_fields = 0
         self._head_timer: asyncio.TimerHandle | None = None
