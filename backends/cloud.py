@@ -34,6 +34,7 @@ from backends.errors import (
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
+    rejected_message,
 )
 
 _MESSAGE_MAX_CHARS = 500
@@ -103,7 +104,7 @@ class CloudBackend:
             )
         except (AttributeError, IndexError, TypeError) as exc:
             raise BackendBadResponse(
-                f"backend `{self._info.name}` got an unreadable answer: {exc!r}"
+                f"backend `{self._info.name}` got an unreadable answer", detail=repr(exc)
             ) from exc
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
@@ -242,36 +243,39 @@ def _translate_errors(name: str) -> Iterator[None]:
     try:
         yield
     except llm.Timeout as exc:  # before APIConnectionError: litellm's Timeout subclasses it
-        raise BackendTimeout(f"backend `{name}` timed out: {_text(exc)}") from exc
+        raise BackendTimeout(f"backend `{name}` timed out", detail=_text(exc)) from exc
     except llm.MidStreamFallbackError as exc:
-        raise BackendBadResponse(f"backend `{name}` broke off the stream: {_text(exc)}") from exc
+        raise BackendBadResponse(f"backend `{name}` broke off the stream", detail=_text(exc)) from exc
     except llm.UnsupportedParamsError as exc:  # raised locally with status 500, but it is the request's fault
-        raise BackendRejected(f"backend `{name}` cannot take this request: {_text(exc)}") from exc
+        said = f"backend `{name}` cannot take this request"
+        raise BackendRejected(rejected_message(said, _text(exc)), detail=_text(exc)) from exc
     except llm.APIResponseValidationError as exc:
-        raise BackendBadResponse(f"backend `{name}` sent an unreadable answer: {_text(exc)}") from exc
+        raise BackendBadResponse(f"backend `{name}` sent an unreadable answer", detail=_text(exc)) from exc
     except llm.APIConnectionError as exc:
-        raise BackendUnavailable(f"backend `{name}` unreachable: {_text(exc)}") from exc
+        raise BackendUnavailable(f"backend `{name}` unreachable", detail=_text(exc)) from exc
     except openai.APIError as exc:  # every other litellm exception; its status_code beats its class
         raise _status_error(name, exc) from exc
     except httpx.TimeoutException as exc:  # litellm does not always wrap transport errors mid-stream
         raise BackendTimeout(f"backend `{name}` timed out: {type(exc).__name__}") from exc
     except httpx.HTTPError as exc:
-        raise BackendBadResponse(f"backend `{name}` transport failed: {type(exc).__name__}: {exc}") from exc
+        raise BackendBadResponse(
+            f"backend `{name}` transport failed", detail=f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _status_error(name: str, exc: Any) -> BackendError:
     """By HTTP status: litellm's class is unreliable (an OpenAI 401 arrives as BadRequestError)."""
     status = getattr(exc, "status_code", None)
-    detail = f"backend `{name}` answered {status}: {_text(exc)}"
+    said, detail = f"backend `{name}` answered {status}", _text(exc)
     if status == 429:
-        return BackendRateLimited(detail, retry_after_s=_retry_after_s(exc))
+        return BackendRateLimited(said, retry_after_s=_retry_after_s(exc), detail=detail)
     if status in (401, 403):
-        return BackendMisconfigured(f"{detail} (check the key: backends.{name}.api_key_env)")
+        return BackendMisconfigured(f"{said} (check the key: backends.{name}.api_key_env)", detail=detail)
     if isinstance(status, int) and 400 <= status < 500:
-        return BackendRejected(detail)
+        return BackendRejected(rejected_message(said, detail), detail=detail)
     if isinstance(status, int) and status >= 500:
-        return BackendUnavailable(detail)
-    return BackendBadResponse(detail)
+        return BackendUnavailable(said, detail=detail)
+    return BackendBadResponse(said, detail=detail)
 
 
 def _retry_after_s(exc: Any) -> float | None:

@@ -2,10 +2,14 @@
 
 Every class carries `status_code`, `openai_type`, `code` and `retryable` as class attributes, so the
 mapping to HTTP lives in the classes themselves. `gateway/errors.py` draws the whole tree and renders it.
-Messages never contain API keys or prompt text; they name the setting to change.
+Messages never contain API keys or prompt text; they name the setting to change. A backend error's
+`message` is what clients see: which backend and what kind of failure. Upstream text, addresses and
+library exception text go in `detail`, which the gateway logs and never renders.
 """
 
 from __future__ import annotations
+
+import re
 
 
 class SwitchboardError(Exception):
@@ -17,10 +21,11 @@ class SwitchboardError(Exception):
     retryable: bool = False
     headers: tuple[tuple[bytes, bytes], ...] = ()  # response headers the gateway adds to this error
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.detail = detail  # for the log only: upstream text, addresses, library messages
 
 
 class BackendError(SwitchboardError):
@@ -38,8 +43,10 @@ class BackendRateLimited(BackendError):
     code = "upstream_rate_limited"
     retryable = True
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, detail: str | None = None
+    ) -> None:
+        super().__init__(message, detail=detail)
         self.retry_after_s = retry_after_s
 
 
@@ -80,3 +87,24 @@ class BackendMisconfigured(BackendError):
     status_code = 502
     code = "upstream_misconfigured"
     retryable = True
+
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+_HOST_PORT = re.compile(
+    r"\b(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-f:]+\]|localhost|[a-z0-9-]+(?:\.[a-z0-9-]+)+):\d{2,5}\b", re.I
+)
+_IP = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
+_SECRET = re.compile(
+    r"\b(?:sk|pk|rk|key|tok|xox[abpr]|gh[pousr])[-_][A-Za-z0-9_-]{8,}\b|\b[A-Za-z0-9_-]{32,}\b"
+)
+_REJECTED_MAX_CHARS = 200
+
+
+def rejected_message(said: str, upstream: str) -> str:
+    """A client-facing message for an upstream that refused the request itself: what it said (often how to
+    fix the request, e.g. a context limit), without addresses, URLs or anything shaped like a secret."""
+    text = _SECRET.sub(
+        "[redacted]", _IP.sub("[address]", _HOST_PORT.sub("[address]", _URL.sub("[url]", upstream)))
+    )
+    text = " ".join(text.split())[:_REJECTED_MAX_CHARS]
+    return f"{said}: {text}" if text else said

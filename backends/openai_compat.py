@@ -34,6 +34,7 @@ from backends.errors import (
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
+    rejected_message,
 )
 from backends.http11 import FastTransport
 
@@ -156,25 +157,28 @@ def _translate_errors(name: str, *, mid_stream: bool) -> Iterator[None]:
     except httpx.TimeoutException as exc:
         raise BackendTimeout(f"backend `{name}` timed out ({type(exc).__name__})") from exc
     except httpx.TransportError as exc:
+        detail = f"{type(exc).__name__}: {exc}"
         if mid_stream or isinstance(exc, httpx.RemoteProtocolError | httpx.DecodingError):
-            raise BackendBadResponse(f"backend `{name}` cut the response: {exc}") from exc
-        raise BackendUnavailable(f"backend `{name}` unreachable: {type(exc).__name__}: {exc}") from exc
+            raise BackendBadResponse(f"backend `{name}` cut the response", detail=detail) from exc
+        raise BackendUnavailable(f"backend `{name}` unreachable", detail=detail) from exc
     except httpx.HTTPError as exc:  # e.g. an invalid URL in config
         raise BackendMisconfigured(
-            f"backend `{name}` request failed: {exc} (config: backends.{name})"
+            f"backend `{name}` request failed (config: backends.{name})",
+            detail=f"{type(exc).__name__}: {exc}",
         ) from exc
 
 
 def _status_error(name: str, response: httpx.Response) -> BackendError:
     status = response.status_code
-    detail = f"backend `{name}` answered {status}: {_upstream_message(response)}"
+    said, detail = f"backend `{name}` answered {status}", _upstream_message(response)
     if status == 429:
-        return BackendRateLimited(detail, retry_after_s=_retry_after_s(response.headers.get("retry-after")))
+        retry_after_s = _retry_after_s(response.headers.get("retry-after"))
+        return BackendRateLimited(said, retry_after_s=retry_after_s, detail=detail)
     if status in (401, 403):
-        return BackendMisconfigured(f"{detail} (check the key: backends.{name}.api_key_env)")
+        return BackendMisconfigured(f"{said} (check the key: backends.{name}.api_key_env)", detail=detail)
     if status >= 500:
-        return BackendUnavailable(detail)
-    return BackendRejected(detail)
+        return BackendUnavailable(said, detail=detail)
+    return BackendRejected(rejected_message(said, detail), detail=detail)
 
 
 def _upstream_message(response: httpx.Response) -> str:
@@ -269,7 +273,7 @@ def _parse_result(name: str, content: bytes, request: ChatRequest) -> ChatResult
             served_model=str(payload.get("model") or request.model),
         )
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise BackendBadResponse(f"backend `{name}` sent an unreadable completion: {exc!r}") from exc
+        raise BackendBadResponse(f"backend `{name}` sent an unreadable completion", detail=repr(exc)) from exc
 
 
 async def _sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -302,7 +306,7 @@ async def _parse_stream(
             payload = orjson.loads(data)
             if "error" in payload:
                 raise BackendBadResponse(
-                    f"backend `{name}` failed mid-stream: {_stream_error(payload['error'])}"
+                    f"backend `{name}` failed mid-stream", detail=_stream_error(payload["error"])
                 )
             usage = _usage(payload.get("usage")) or usage
             served_model = payload.get("model") or served_model
@@ -311,7 +315,9 @@ async def _parse_stream(
             delta = (choice.get("delta") or {}) if choice else {}
             reason = choice.get("finish_reason") if choice else None
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise BackendBadResponse(f"backend `{name}` sent an unreadable stream event: {exc!r}") from exc
+            raise BackendBadResponse(
+                f"backend `{name}` sent an unreadable stream event", detail=repr(exc)
+            ) from exc
         if reason is not None:
             finish_reason, last_delta = reason, delta
         elif delta:

@@ -7,6 +7,7 @@ default: SQLite, the bundled engine on 127.0.0.1:8081, one model `smollm2`, one 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from decimal import Decimal
@@ -43,6 +44,37 @@ class ServerConfig(_Strict):
     # /metrics carries team names and spend: it needs the admin key, or the token in this variable ...
     metrics_token_env: str | None = None
     metrics_public: bool = False  # ... unless the operator makes it public (e.g. behind a private network)
+    # What one connection may cost before its request runs (gateway/http/server.py); over: answer and close.
+    max_header_bytes: int = Field(default=32_768, ge=1024, le=1 << 20)  # request line + headers: 431
+    max_headers: int = Field(default=100, ge=8, le=1000)  # header fields per request: 431
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=300
+    )  # open or last response -> end of headers: 408
+    max_connections_per_client: int = Field(default=64, ge=1)  # per peer address; trusted proxies exempt: 503
+    max_connections: int = Field(default=2048, ge=1)  # all peers together, edge WebSockets included: 503
+    trusted_proxies: list[str] = Field(default_factory=list)  # IPs/CIDRs whose X-Forwarded-For/-Proto count
+    tls_cert_file: str | None = None  # PEM certificate (chain); set it to serve https and wss
+    tls_key_file: str | None = None  # PEM private key; None: it is in tls_cert_file
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _check_proxies_and_tls(self) -> ServerConfig:
+        problems = []
+        for i, entry in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                problems.append(
+                    f'server.trusted_proxies.{i}: "{entry}" is not an IP address or CIDR network '
+                    '(e.g. "10.0.0.5" or "10.0.0.0/24"; "*" is not accepted)'
+                )
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            problems.append(
+                "server.tls_key_file: set server.tls_cert_file too (the certificate it belongs to)"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 class DatabaseConfig(_Strict):

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import random
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
@@ -26,7 +27,14 @@ import orjson
 
 from backends.base import Usage
 from backends.edge import wire
-from backends.edge.options import TOKEN_ENV, Backoff, NodeOptions, connect_url
+from backends.edge.options import (
+    TOKEN_ENV,
+    Backoff,
+    NodeOptions,
+    client_ssl_context,
+    connect_url,
+    untrusted_certificate,
+)
 from backends.local.build import one_compute_thread, stage
 from backends.local.engine.engine import Finished, Tokens
 from backends.local.engine.scheduler import SamplingParams
@@ -225,10 +233,12 @@ class EdgeNode:
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
         headers = {"Authorization": f"Bearer {self.options.token}"}
+        tls = client_ssl_context(url, self.options.ca_file)
         try:
             async with connect(
                 url,
                 additional_headers=headers,
+                ssl=tls,  # None for ws://
                 open_timeout=self.options.open_timeout_s,
                 compression=None,  # small token frames: deflate costs more latency than it saves bytes
                 max_size=8 * 2**20,
@@ -249,6 +259,9 @@ class EdgeNode:
             if status in (401, 403):
                 raise Unauthorized(f"HTTP {status}") from None
             log.warning("the gateway refused the connection: HTTP %d", status)
+            return
+        except ssl.SSLCertVerificationError as exc:
+            log.error("%s", untrusted_certificate(url, self.options.ca_file, exc))
             return
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             log.warning("cannot reach the gateway at %s: %s", url, exc or type(exc).__name__)

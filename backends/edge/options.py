@@ -2,13 +2,15 @@
 
 `connect_url` turns the gateway's http(s)/ws(s) base into the WebSocket URL; `Backoff` is full-jitter
 exponential backoff (AWS's "full jitter": uniform in [0, min(cap, base * 2**n))), reset after a welcome.
-Pure: no I/O; torch is imported only when options are checked against the engine's.
+`client_ssl_context` is the TLS trust for a wss:// gateway: the system's CAs, or only `--ca-file`'s.
+No I/O but reading `--ca-file`; torch is imported only when options are checked against the engine's.
 """
 
 from __future__ import annotations
 
 import random
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -48,9 +50,10 @@ class NodeOptions:
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     open_timeout_s: float = 10.0
+    ca_file: str | None = None  # PEM CA(s) the gateway's certificate must chain to (wss only); None: system's
 
     def __post_init__(self) -> None:
-        connect_url(self.gateway_url)  # raises on a bad URL
+        client_ssl_context(connect_url(self.gateway_url), self.ca_file)  # raises on a bad URL or CA file
         if not self.token:
             raise ValueError(f"an enrollment token is required: --token or {TOKEN_ENV}")
         if not self.node_id or not self.served_name:
@@ -85,6 +88,31 @@ def connect_url(gateway_url: str) -> str:
     if not path.endswith(wire.CONNECT_PATH):
         path = path.removesuffix("/v1") + wire.CONNECT_PATH
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def client_ssl_context(url: str, ca_file: str | None) -> ssl.SSLContext | None:
+    """TLS for a wss:// connect URL (certificate and host name verified): None for ws://. With `ca_file`,
+    only the CAs in that file are trusted (a private CA); without, the system's."""
+    if not url.startswith("wss://"):
+        if ca_file is not None:
+            raise ValueError(f"--ca-file is for a TLS gateway: make --gateway https:// or wss:// (got {url})")
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except FileNotFoundError as exc:
+        raise ValueError(f"--ca-file {ca_file}: cannot read it ({exc.strerror})") from None
+    except ssl.SSLError as exc:
+        raise ValueError(f"--ca-file {ca_file}: not a PEM CA certificate ({exc.reason or exc})") from None
+
+
+def untrusted_certificate(url: str, ca_file: str | None, exc: ssl.SSLCertVerificationError) -> str:
+    """What to do when the gateway's certificate fails verification (the node keeps retrying)."""
+    why = exc.verify_message or exc.reason or "verification failed"
+    if ca_file is None:
+        fix = "if a private CA signed it, pass that CA's PEM file with --ca-file PATH"
+    else:
+        fix = f"check that --ca-file {ca_file} holds the CA that signed it, and that it names this host"
+    return f"the gateway's TLS certificate at {url} is not trusted ({why}); {fix}"
 
 
 @dataclass(slots=True)

@@ -98,20 +98,21 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request line.")] = False,
 ) -> None:
     """Run the gateway (applies migrations itself on SQLite)."""
-    import uvicorn
-
     from gateway.http.app import create_app
+    from gateway.http.server import run_server
 
     cfg = _load_for_serving(config)
-    uvicorn.run(
-        create_app(cfg),
-        host=host or cfg.server.host,
-        port=port or cfg.server.port,
-        access_log=access_log,
-        log_level="info",
-        loop="auto",
-        http="auto",
-    )
+    try:
+        run_server(
+            create_app(cfg),
+            cfg,
+            host=host or cfg.server.host,
+            port=port or cfg.server.port,
+            access_log=access_log,
+        )
+    except ConfigError as exc:  # the TLS files named in [server]
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -147,6 +147,10 @@ def serve(
     max_tokens_default: Annotated[
         int, typer.Option(min=1, help="Completion cap for requests without max_tokens.")
     ] = 512,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA that signed the gateway's certificate (https/wss); default: system CAs."),
+    ] = None,
 ) -> None:
     """Run an edge node: the local engine (int4, small KV cache) serves what the gateway sends over one
     outbound WebSocket.
@@ -174,6 +178,7 @@ def serve(
             max_pending=max_pending,
             max_tokens_default=max_tokens_default,
             model=model or DEFAULT_MODEL_SPEC,
+            ca_file=None if ca_file is None else str(ca_file),
         )
     except GatewayError as exc:
         _fail(exc.message)

@@ -107,7 +107,7 @@ def _check_team_models(models: list[str] | None, configured: Mapping[str, object
         if name != "*" and name not in configured:
             listing = ", ".join(configured) or "none"
             raise InvalidRequest(
-                f"models.{i}: no model named {name!r} is configured; use \"*\" or one of: {listing} "
+                f'models.{i}: no model named {name!r} is configured; use "*" or one of: {listing} '
                 "(config: models)",
                 param=f"models.{i}",
             )

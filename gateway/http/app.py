@@ -216,10 +216,13 @@ def create_app(config: Config) -> SwitchboardApp:
             await svc.aclose()
 
     docs = config.server.docs
+    # No slash redirects: they echo the client's Host header into Location (an open redirect); a wrong
+    # path is a plain 404 in the OpenAI envelope.
     app = SwitchboardApp(
         title="Switchboard",
         version="0.1.0",
         lifespan=lifespan,
+        redirect_slashes=False,
         docs_url=None,
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -137,8 +138,10 @@ class FakeGateway:
         labels: Mapping[str, str] | None = None,
         refuse_http: bool = False,
         port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.token = token
+        self.tls = tls  # serve wss (the url says https)
         self.port = port
         self.heartbeat_s = heartbeat_s
         self.labels = dict(labels or {})
@@ -150,11 +153,16 @@ class FakeGateway:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> FakeGateway:
         self._server = await serve(
-            self._handle, "127.0.0.1", self.port, process_request=self._check_http, compression=None
+            self._handle,
+            "127.0.0.1",
+            self.port,
+            process_request=self._check_http,
+            compression=None,
+            ssl=self.tls,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self

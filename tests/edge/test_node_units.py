@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import ssl
+from pathlib import Path
 
 import pytest
 
-from backends.edge.options import Backoff, NodeOptions, connect_url, default_node_id
+from backends.edge.options import Backoff, NodeOptions, client_ssl_context, connect_url, default_node_id
 
 
 def test_backoff_is_full_jitter_under_a_doubling_ceiling_capped_at_30s() -> None:
@@ -75,6 +77,8 @@ def test_options_default_to_the_edge_profile() -> None:
         ({"usd_per_hour": -1}, "--usd-per-hour"),
         ({"node_id": ""}, "--node-id"),
         ({"gateway_url": "gw"}, "--gateway"),
+        ({"gateway_url": "https://gw", "ca_file": "/nonexistent/ca.pem"}, "--ca-file /nonexistent/ca.pem"),
+        ({"gateway_url": "http://gw", "ca_file": "/nonexistent/ca.pem"}, "--ca-file is for a TLS gateway"),
     ],
 )
 def test_bad_options_name_the_flag(fields: dict[str, object], message: str) -> None:
@@ -86,3 +90,13 @@ def test_bad_options_name_the_flag(fields: dict[str, object], message: str) -> N
 def test_default_node_ids_are_the_hostname_plus_a_random_suffix() -> None:
     first, second = default_node_id(), default_node_id()
     assert first != second and first.rsplit("-", 1)[0] == second.rsplit("-", 1)[0]
+
+
+def test_tls_trust_is_the_systems_or_only_the_ca_file(tmp_path: Path) -> None:
+    assert client_ssl_context("ws://gw/v1/edge/connect", None) is None
+    system = client_ssl_context("wss://gw/v1/edge/connect", None)
+    assert system is not None and system.verify_mode is ssl.CERT_REQUIRED and system.check_hostname
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate")
+    with pytest.raises(ValueError, match="--ca-file .*ca.pem: not a PEM CA certificate"):
+        client_ssl_context("wss://gw/v1/edge/connect", str(not_pem))

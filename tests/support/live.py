@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import uvicorn
@@ -21,10 +22,21 @@ def free_port() -> int:
 class LiveServer:
     """`with LiveServer(app) as srv:` serves `app` (with lifespan) at `srv.base_url` until the block ends."""
 
-    def __init__(self, app: ASGIApp, *, port: int | None = None, startup_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        port: int | None = None,
+        startup_timeout_s: float = 120.0,
+        make_config: Callable[[ASGIApp, int], uvicorn.Config] | None = None,
+    ) -> None:
+        """`make_config(app, port)` replaces the plain uvicorn config (e.g. `gateway.http.server`)."""
         self.port = port or free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        if make_config is None:
+            config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        else:
+            config = make_config(app, self.port)
+        self.base_url = f"{'https' if config.is_ssl else 'http'}://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
         self._startup_timeout_s = startup_timeout_s
