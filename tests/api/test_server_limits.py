@@ -101,7 +101,7 @@ def test_slow_heads_are_answered_408_and_closed_within_the_timeout_while_others_
             sock.setblocking(False)
         served_in_s: float | None = None
         answers = {i: b"" for i in range(len(slow))}
-        while time.monotonic() - opened_s < 3.0 and len(closed_after_s) < len(slow):
+        while time.monotonic() - opened_s < 6.0 and len(closed_after_s) < len(slow):
             for i, sock in enumerate(slow):  # one byte per connection every 0.1 s: never a whole head
                 if i not in closed_after_s:
                     with contextlib.suppress(OSError):
@@ -122,10 +122,11 @@ def test_slow_heads_are_answered_408_and_closed_within_the_timeout_while_others_
                 started = time.monotonic()
                 assert httpx.get(srv.base_url + "/x", timeout=5).status_code == 200
                 served_in_s = time.monotonic() - started
-        assert sorted(closed_after_s) == [0, 1, 2, 3], f"still open after 3 s: {closed_after_s}"
-        assert all(1.0 <= t < 2.0 for t in closed_after_s.values()), closed_after_s
+        assert sorted(closed_after_s) == [0, 1, 2, 3], f"still open after 6 s: {closed_after_s}"
+        # The timeout is 1 s; the slack is for a loaded 2-core machine (the finding: still open after 75 s).
+        assert all(1.0 <= t < 4.0 for t in closed_after_s.values()), closed_after_s
         assert all(status_of(a) == 408 and b"request_timeout" in a for a in answers.values())
-        assert served_in_s is not None and served_in_s < 0.5
+        assert served_in_s is not None and served_in_s < 2.0
         assert read_all(silent, timeout_s=2.0) == b""  # the idle connection is closed quietly
         for sock in (*slow, silent):
             sock.close()
