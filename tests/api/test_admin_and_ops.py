@@ -8,7 +8,7 @@ from openai import OpenAI
 
 from gateway.records import KeyBudget
 from gateway.store import keys
-from tests.api.conftest import ADMIN_KEY, Gateway
+from tests.support.api_gateway import ADMIN_KEY, Gateway
 
 
 def admin(gw: Gateway) -> httpx.Client:
