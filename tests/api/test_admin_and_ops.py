@@ -13,7 +13,7 @@ from openai import OpenAI
 from gateway.http.app import create_app
 from gateway.records import KeyBudget
 from gateway.store import keys
-from tests.api.conftest import ADMIN_KEY, Gateway, gateway_config
+from tests.support.api_gateway import ADMIN_KEY, Gateway, gateway_config
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer
 

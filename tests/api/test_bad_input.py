@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.api.conftest import Gateway
+from tests.support.api_gateway import Gateway
 
 CASES = [
     ("malformed json", b'{"model": "fast", "messages": [', 400, "invalid_request"),

@@ -14,10 +14,10 @@ from openai import AsyncOpenAI
 
 from gateway.http.app import create_app
 from gateway.store import db, keys
-from tests.api.conftest import FAKE_UPSTREAM_KEY, gateway_config
-from tests.conftest import PG_URL
+from tests.support.api_gateway import FAKE_UPSTREAM_KEY, gateway_config
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer
+from tests.support.services import PG_URL
 from tests.support.tcp_proxy import TcpProxy
 
 REQUESTS = 240

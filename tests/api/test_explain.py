@@ -15,7 +15,7 @@ from gateway.config import parse_config
 from gateway.http.app import create_app
 from gateway.store import keys
 from gateway.store.db import make_engine
-from tests.api.conftest import ADMIN_KEY, FAKE_UPSTREAM_KEY, Gateway, gateway_config
+from tests.support.api_gateway import ADMIN_KEY, FAKE_UPSTREAM_KEY, Gateway, gateway_config
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer
 

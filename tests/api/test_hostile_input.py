@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.conftest import Gateway
+from tests.support.api_gateway import Gateway
 
 BIG = 2**64
 USER = [{"role": "user", "content": "x"}]

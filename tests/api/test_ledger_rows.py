@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.api.conftest import Gateway
+from tests.support.api_gateway import Gateway
 
 HELLO = [{"role": "user", "content": "Count to three"}]
 

@@ -18,10 +18,10 @@ from gateway.config import Config, parse_config
 from gateway.http.app import create_app
 from gateway.records import KeyBudget
 from gateway.store.db import make_engine
-from tests.api.conftest import Gateway
-from tests.conftest import REDIS_URL
+from tests.support.api_gateway import Gateway
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer
+from tests.support.services import REDIS_URL
 
 PRICE = "1000"  # USD per Mtok = 1,000 micro-USD per token: every request costs a visible amount
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.api.conftest import ADMIN_KEY, Gateway
+from tests.support.api_gateway import ADMIN_KEY, Gateway
 
 HELLO = [{"role": "user", "content": "Say hello"}]
 

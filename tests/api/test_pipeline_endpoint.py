@@ -19,7 +19,7 @@ from gateway.errors import InvalidRequest
 from gateway.http.app import create_app
 from gateway.pipeline.flow import Answer, ChunkStream
 from gateway.pipeline.request import GatewayRequest, RequestContext
-from tests.api.conftest import FAKE_UPSTREAM_KEY, Gateway, gateway_config
+from tests.support.api_gateway import FAKE_UPSTREAM_KEY, Gateway, gateway_config
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer
 

@@ -22,7 +22,7 @@ from gateway.config import ReportsConfig
 from gateway.http.app import create_app
 from gateway.store import keys
 from gateway.store.db import make_engine
-from tests.api.conftest import ADMIN_KEY, FAKE_UPSTREAM_KEY, Gateway, gateway_config
+from tests.support.api_gateway import ADMIN_KEY, FAKE_UPSTREAM_KEY, Gateway, gateway_config
 from tests.support.fake_provider import FakeProvider
 from tests.support.ledger_gen import SUM_FIELDS, LedgerSpec, Row, aggregate, generate_rows, insert_rows
 from tests.support.live import LiveServer

@@ -27,7 +27,7 @@ from gateway.http.app import create_app
 from gateway.live.state import _REFRESH_S
 from gateway.live.stats import observations_to_converge
 from gateway.store.db import make_engine
-from tests.api.conftest import ADMIN_KEY, Gateway
+from tests.support.api_gateway import ADMIN_KEY, Gateway
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer, free_port
 

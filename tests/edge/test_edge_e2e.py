@@ -38,7 +38,7 @@ from gateway.cli import app as cli_app  # noqa: E402
 from gateway.edge import tokens  # noqa: E402
 from gateway.store import keys  # noqa: E402
 from gateway.store.db import make_engine  # noqa: E402
-from tests.edge.node_support import wait_until  # noqa: E402
+from tests.support.edge_node import wait_until  # noqa: E402
 from tests.support.fake_edge import refused  # noqa: E402
 from tests.support.fake_provider import FakeProvider  # noqa: E402
 from tests.support.live import free_port  # noqa: E402

@@ -36,11 +36,10 @@ from gateway.store import (
     db,
     keys,  # noqa: E402
 )
-from tests.conftest import PG_URL, REDIS_URL  # noqa: E402
-from tests.edge.node_support import wait_until  # noqa: E402
-from tests.replicas.conftest import delete_prefix  # noqa: E402
+from tests.support.edge_node import wait_until  # noqa: E402
 from tests.support.model_cache import smollm2_directory  # noqa: E402
 from tests.support.replicas import ROOT, GatewayReplicas, pg_schema  # noqa: E402
+from tests.support.services import PG_URL, REDIS_URL, delete_prefix  # noqa: E402
 from tests.support.timing import CUT_OFF_S
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(240)]

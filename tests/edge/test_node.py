@@ -24,9 +24,10 @@ from backends.edge.node import EXIT_OK, EXIT_UNAUTHORIZED, TOKEN_ENV, NodeOption
 from backends.edge.tunnel import EdgeBackend  # noqa: E402
 from backends.errors import BackendRejected  # noqa: E402
 from backends.local.loader import LoadedModel  # noqa: E402
-from tests.edge.node_support import TOKEN, FakeGateway, NodeConnection, request, tiny_loaded  # noqa: E402
+from tests.support.edge_node import TOKEN, FakeGateway, NodeConnection, request, tiny_loaded  # noqa: E402
 
-pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(60)]
+# slow: nodes run the engine and dial a loopback WebSocket server
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(60), pytest.mark.slow]
 
 Running = tuple[asyncio.Task[int], asyncio.Event]
 

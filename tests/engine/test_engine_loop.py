@@ -8,8 +8,7 @@ none, and end with every KV block free. Sampling, aborts, failing steps and the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -19,108 +18,36 @@ transformers = pytest.importorskip("transformers")
 
 from backends.local.engine.engine import (  # noqa: E402
     DraftQuery,
-    Engine,
     Failed,
     Finished,
-    Proposer,
-    RequestHandle,
     StepRunner,
     Tokens,
 )
-from backends.local.engine.kv_cache import BlockAllocator, KVCache  # noqa: E402
 from backends.local.engine.model import Transformer  # noqa: E402
 from backends.local.engine.runner import ModelRunner  # noqa: E402
 from backends.local.engine.scheduler import (  # noqa: E402
     FinishCause,
     RequestTooLarge,
     SamplingParams,
-    Scheduler,
-    SchedulerConfig,
 )
 from backends.local.engine.types import StepPlan  # noqa: E402
 from backends.local.engine.weights import build_model  # noqa: E402
-from tests.engine.conftest import tiny_hf_model  # noqa: E402
-
-EOS = 255  # the tiny model's last id: a stop token for the engine, though the model has no EOS of its own
-BLOCK = 4
+from tests.support.tiny_engine import (  # noqa: E402
+    EOS,
+    collect,
+    greedy,
+    make_engine,
+    prompt,
+    running,
+    solo,
+    wait_idle,
+)
+from tests.support.tiny_models import tiny_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> Transformer:
     return build_model(tiny_hf_model("llama"), dtype=torch.float32, release_source=False)
-
-
-def make_engine(
-    model: Transformer,
-    num_blocks: int,
-    *,
-    max_batch: int = 8,
-    budget: int = 16,
-    spec: int = 0,
-    wrap: Callable[[ModelRunner], StepRunner] | None = None,
-    proposer: Proposer | None = None,
-    stop_token_ids: Sequence[int] = (EOS,),
-    threads: int | None = None,
-) -> Engine:
-    cache = KVCache(
-        n_layers=model.args.n_layers,
-        n_kv_heads=model.args.n_kv_heads,
-        head_dim=model.args.head_dim,
-        num_blocks=num_blocks,
-        block_size=BLOCK,
-    )
-    runner: StepRunner = ModelRunner(model, cache)
-    if wrap is not None:
-        runner = wrap(runner)  # type: ignore[arg-type]
-    config = SchedulerConfig(
-        max_batch=max_batch, max_prefill_tokens=budget, block_size=BLOCK, num_spec_tokens=spec
-    )
-    scheduler = Scheduler(config, BlockAllocator(num_blocks))
-    return Engine(runner, scheduler, stop_token_ids=stop_token_ids, proposer=proposer, threads=threads)
-
-
-@asynccontextmanager
-async def running(engine: Engine) -> AsyncIterator[Engine]:
-    engine.start()
-    try:
-        yield engine
-    finally:
-        await asyncio.to_thread(engine.stop)
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return [(seed * 31 + i * 7) % EOS for i in range(n)]
-
-
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
-
-
-async def collect(handle: RequestHandle) -> tuple[list[int], Finished | Failed]:
-    tokens: list[int] = []
-    async for event in handle.events():
-        if isinstance(event, Tokens):
-            tokens += event.token_ids
-        else:
-            return tokens, event
-    raise AssertionError("events ended without an outcome")
-
-
-async def solo(model: Transformer, prompt_ids: Sequence[int], p: SamplingParams) -> list[int]:
-    """The request alone in a roomy engine: the reference every batched run must reproduce."""
-    async with running(make_engine(model, 256, budget=1024)) as engine:
-        tokens, outcome = await collect(engine.submit(prompt_ids, p))
-    assert isinstance(outcome, Finished)
-    return tokens
-
-
-async def wait_idle(engine: Engine) -> None:
-    for _ in range(500):
-        stats = engine.stats()
-        if stats.running == 0 and stats.waiting == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"engine still busy: {engine.stats()}")
 
 
 # 12 requests of 6..17-token prompts and 10..21 new tokens; each needs up to 10 blocks of 4 positions.

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # builds the kernels again, in a child process
 
 from backends.local.engine.kernels import kernels_dir, kernels_disabled  # noqa: E402
 

@@ -13,7 +13,7 @@ import pytest
 
 from backends.local.engine.kv_cache import BlockAllocator, KVCache, blocks_needed, slot_ids
 from backends.local.engine.types import SeqChunk, StepPlan
-from tests.engine.conftest import tiny_hf_model, tiny_runner
+from tests.support.tiny_models import tiny_hf_model, tiny_runner
 
 torch = pytest.importorskip("torch")
 

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from backends.local import loader, model_cache  # noqa: E402
 from backends.local.loader import DEFAULT_MODEL_SPEC, ModelSource, load_model, resolve_spec  # noqa: E402
-from tests.engine.conftest import tiny_hf_model  # noqa: E402
+from tests.support.tiny_models import tiny_hf_model  # noqa: E402
 
 
 class StubTokenizer:

@@ -19,7 +19,7 @@ from backends.local.engine.kernels import kernel_op, kernels_disabled
 from backends.local.engine.kv_cache import blocks_needed
 from backends.local.engine.types import SeqChunk, StepPlan
 from backends.local.engine.weights import build_model
-from tests.engine.conftest import TINY_KINDS, ToySeq, drive, tiny_hf_model, tiny_runner
+from tests.support.tiny_models import TINY_KINDS, ToySeq, drive, tiny_hf_model, tiny_runner
 
 torch = pytest.importorskip("torch")
 

@@ -35,8 +35,7 @@ from backends.local.engine.speculative import (  # noqa: E402
 )
 from backends.local.engine.weights import build_model  # noqa: E402
 from backends.local.metrics import EngineMetrics  # noqa: E402
-from tests.engine.conftest import tiny_hf_model  # noqa: E402
-from tests.engine.test_engine_loop import (  # noqa: E402
+from tests.support.tiny_engine import (  # noqa: E402
     EOS,
     collect,
     greedy,
@@ -45,6 +44,7 @@ from tests.engine.test_engine_loop import (  # noqa: E402
     running,
     solo,
 )
+from tests.support.tiny_models import tiny_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +131,7 @@ def chi_square(counts: torch.Tensor, p: torch.Tensor) -> float:
 CHI2_5DOF_999 = 20.5  # the 99.9% quantile of chi-square with 5 degrees of freedom
 
 
+@pytest.mark.slow  # a chi-square test over many samples: 4-5 s each
 @pytest.mark.parametrize("point_mass", [False, True], ids=["draft-q", "point-mass-q"])
 def test_accept_reject_keeps_the_target_distribution(point_mass: bool) -> None:
     draw, verify = make_generator(11), make_generator(12)

@@ -17,7 +17,7 @@ from redis import asyncio as aioredis
 
 from backends.base import ChatResult, StreamChunk, Usage
 from gateway.cache.store import RedisCache, encode_entry, entry_from_chunks, entry_from_result
-from tests.conftest import REDIS_URL
+from tests.support.services import REDIS_URL
 from tests.support.timing import CUT_OFF_S
 
 USAGE = Usage(prompt_tokens=40, completion_tokens=12)

@@ -27,7 +27,7 @@ from gateway.store.keys import (
     revoke_key,
     upsert_teams,
 )
-from tests.support.db import DbTarget, QueryLog, db_target, engine, pg_target  # noqa: F401 (fixtures)
+from tests.support.db import DbTarget, QueryLog
 from tests.support.tcp_proxy import TcpProxy
 
 NOW = dt.datetime(2030, 5, 1, 12, 0, tzinfo=dt.UTC)
@@ -41,7 +41,7 @@ class FakeClock:
         return self.now_s
 
 
-def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:  # noqa: F811
+def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
     db.migrate(db_target.url, db_target.schema)
     db.migrate(db_target.url, db_target.schema)
     eng = db_target.make_engine()
@@ -94,7 +94,7 @@ def _columns(eng: Engine, table: str) -> list[str]:
     return [c["name"] for c in sa.inspect(eng).get_columns(table)]
 
 
-def test_migration_0002_to_0003_keeps_rows_and_adds_defaults(db_target: DbTarget) -> None:  # noqa: F811
+def test_migration_0002_to_0003_keeps_rows_and_adds_defaults(db_target: DbTarget) -> None:
     if db_target.schema is not None:
         admin = db.make_engine(db_target.url)
         with admin.begin() as conn:
@@ -164,7 +164,7 @@ def test_generated_keys_have_the_documented_shape() -> None:
     assert len({k[2] for k in keys}) > 490  # the display prefixes carry 36 random bits
 
 
-def test_only_the_hash_is_stored(engine: Engine) -> None:  # noqa: F811
+def test_only_the_hash_is_stored(engine: Engine) -> None:
     create_team(engine, "research", None)
     created = create_key(engine, "research", name="ci", models=None, expires_at=None)
     with engine.connect() as conn:
@@ -176,7 +176,7 @@ def test_only_the_hash_is_stored(engine: Engine) -> None:  # noqa: F811
     assert row.id == created.key_id
 
 
-def test_teams_create_list_and_upsert(engine: Engine) -> None:  # noqa: F811
+def test_teams_create_list_and_upsert(engine: Engine) -> None:
     create_team(engine, "manual", ["b", "a", "a"], now=NOW)
     with pytest.raises(InvalidRequest, match="already exists"):
         create_team(engine, "manual", None)
@@ -192,7 +192,7 @@ def test_teams_create_list_and_upsert(engine: Engine) -> None:  # noqa: F811
     assert teams["manual"].created_at == NOW and teams["manual"].created_at.tzinfo == dt.UTC
 
 
-def test_create_list_revoke_keys(engine: Engine) -> None:  # noqa: F811
+def test_create_list_revoke_keys(engine: Engine) -> None:
     create_team(engine, "research", ["a", "b"])
     k1 = create_key(engine, "research", name="one", models=["a"], expires_at=None, now=NOW)
     k2 = create_key(
@@ -214,7 +214,7 @@ def test_create_list_revoke_keys(engine: Engine) -> None:  # noqa: F811
     assert revoked[k1.key_id] == NOW and revoked[k2.key_id] is not None
 
 
-def test_key_validation_messages(engine: Engine) -> None:  # noqa: F811
+def test_key_validation_messages(engine: Engine) -> None:
     with pytest.raises(NotFound, match="switchboard teams create"):
         create_key(engine, "ghost", name="x", models=None, expires_at=None)
     create_team(engine, "research", ["a", "b"])
@@ -233,7 +233,7 @@ def test_key_validation_messages(engine: Engine) -> None:  # noqa: F811
     assert create_key(engine, "research", name="x", models=["b", "a"], expires_at=None).models == ("a", "b")
 
 
-async def test_key_limits_and_budget_round_trip(engine: Engine) -> None:  # noqa: F811
+async def test_key_limits_and_budget_round_trip(engine: Engine) -> None:
     create_team(engine, "research", None)
     budget = KeyBudget("day", 12_500_000, 10_000_000)
     created = create_key(
@@ -269,7 +269,7 @@ async def test_key_limits_and_budget_round_trip(engine: Engine) -> None:  # noqa
     )
 
 
-def test_key_limit_validation(engine: Engine) -> None:  # noqa: F811
+def test_key_limit_validation(engine: Engine) -> None:
     create_team(engine, "research", None)
     for kwargs, param in [
         ({"limit_requests": 0}, "limits.requests"),
@@ -289,7 +289,7 @@ def test_key_limit_validation(engine: Engine) -> None:  # noqa: F811
     assert list_keys(engine) == []
 
 
-async def test_keystore_caches_positive_and_negative_lookups(engine: Engine) -> None:  # noqa: F811
+async def test_keystore_caches_positive_and_negative_lookups(engine: Engine) -> None:
     create_team(engine, "research", ["a"])
     created = create_key(engine, "research", name="x", models=None, expires_at=None)
     store = KeyStore(engine, ttl_s=5.0, clock=FakeClock())
@@ -317,7 +317,7 @@ async def test_keystore_caches_positive_and_negative_lookups(engine: Engine) -> 
     assert len(log.statements) == 1
 
 
-async def test_keystore_single_flight(engine: Engine) -> None:  # noqa: F811
+async def test_keystore_single_flight(engine: Engine) -> None:
     create_team(engine, "research", None)
     created = create_key(engine, "research", name="x", models=None, expires_at=None)
     store = KeyStore(engine, ttl_s=5.0)
@@ -327,7 +327,7 @@ async def test_keystore_single_flight(engine: Engine) -> None:  # noqa: F811
     assert len(log.statements) == 1
 
 
-async def test_revoked_key_stops_resolving_after_ttl(engine: Engine) -> None:  # noqa: F811
+async def test_revoked_key_stops_resolving_after_ttl(engine: Engine) -> None:
     create_team(engine, "research", None)
     created = create_key(engine, "research", name="x", models=None, expires_at=None)
     clock = FakeClock()
@@ -345,7 +345,7 @@ async def test_revoked_key_stops_resolving_after_ttl(engine: Engine) -> None:  #
         check_usable(revoked, now=NOW)
 
 
-async def test_invalidate_makes_a_local_revoke_immediate(engine: Engine) -> None:  # noqa: F811
+async def test_invalidate_makes_a_local_revoke_immediate(engine: Engine) -> None:
     create_team(engine, "research", None)
     created = create_key(engine, "research", name="x", models=None, expires_at=None)
     store = KeyStore(engine, ttl_s=300.0, clock=FakeClock())
@@ -356,7 +356,7 @@ async def test_invalidate_makes_a_local_revoke_immediate(engine: Engine) -> None
     assert identity is not None and identity.revoked
 
 
-async def test_expired_key_resolves_with_its_expiry(engine: Engine) -> None:  # noqa: F811
+async def test_expired_key_resolves_with_its_expiry(engine: Engine) -> None:
     create_team(engine, "research", None)
     expires = NOW + dt.timedelta(hours=1)
     created = create_key(engine, "research", name="x", models=["m"], expires_at=expires, now=NOW)
@@ -378,8 +378,8 @@ async def test_keystore_database_down() -> None:
 
 
 @pytest.mark.postgres
-async def test_keystore_serves_known_keys_through_an_outage(pg_target: DbTarget) -> None:  # noqa: F811
-    db.migrate(pg_target.url, pg_target.schema)
+async def test_keystore_serves_known_keys_through_an_outage(migrated_pg_target: DbTarget) -> None:
+    pg_target = migrated_pg_target
     direct = pg_target.make_engine()
     create_team(direct, "research", None)
     created = create_key(direct, "research", name="x", models=None, expires_at=None)

@@ -22,9 +22,8 @@ from gateway.edge.registry import (
     decode_record,
     encode_record,
 )
-from tests.conftest import REDIS_URL
-from tests.replicas.conftest import delete_prefix
 from tests.support.edge_records import node_record
+from tests.support.services import REDIS_URL, delete_prefix
 
 TTL_S = 0.5
 EXPIRE_S = 1.5

@@ -29,9 +29,8 @@ from gateway.edge.link import Load
 from gateway.edge.pool import is_live
 from gateway.edge.registry import NodeRecord, RedisRegistry
 from gateway.edge.relay import Envelope, Relay, channel, pack, unpack
-from tests.conftest import REDIS_URL
-from tests.replicas.conftest import delete_prefix
 from tests.support.edge_records import node_record
+from tests.support.services import REDIS_URL, delete_prefix
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.timing import CUT_OFF_S
 

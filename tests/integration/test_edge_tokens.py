@@ -15,12 +15,12 @@ from gateway.cli import app
 from gateway.edge import tokens
 from gateway.errors import InvalidRequest
 from gateway.store import db
-from tests.support.db import DbTarget, db_target, engine  # noqa: F401 (fixtures)
+from tests.support.db import DbTarget
 
 NOW = dt.datetime(2030, 5, 1, 12, 0, tzinfo=dt.UTC)
 
 
-def test_create_stores_only_a_hash_and_looks_up_by_plaintext(engine: Engine) -> None:  # noqa: F811
+def test_create_stores_only_a_hash_and_looks_up_by_plaintext(engine: Engine) -> None:
     created = tokens.create_token(engine, name="plant-7", labels={"site": "plant-7"}, now=NOW)
     plain = created.plaintext
     assert plain.startswith("sbe_") and tokens.looks_like_token(plain)
@@ -36,7 +36,7 @@ def test_create_stores_only_a_hash_and_looks_up_by_plaintext(engine: Engine) -> 
     assert [t.token_id for t in tokens.list_tokens(engine)] == [created.info.token_id, other.info.token_id]
 
 
-def test_expiry_and_revocation(engine: Engine) -> None:  # noqa: F811
+def test_expiry_and_revocation(engine: Engine) -> None:
     expiring = tokens.create_token(engine, name="e", expires_at=NOW + dt.timedelta(days=7), now=NOW)
     info = tokens.lookup_token(engine, expiring.plaintext)
     assert info is not None and info.expires_at == NOW + dt.timedelta(days=7)
@@ -55,7 +55,7 @@ def test_expiry_and_revocation(engine: Engine) -> None:  # noqa: F811
         tokens.create_token(engine, name=" ", now=NOW)
 
 
-def test_states_answers_for_many_tokens_in_one_query(engine: Engine) -> None:  # noqa: F811
+def test_states_answers_for_many_tokens_in_one_query(engine: Engine) -> None:
     made = [tokens.create_token(engine, name=f"n{i}", now=NOW) for i in range(3)]
     tokens.revoke_token(engine, made[1].info.token_id, now=NOW)
     statements: list[str] = []
@@ -67,7 +67,7 @@ def test_states_answers_for_many_tokens_in_one_query(engine: Engine) -> None:  #
     assert tokens.states(engine, []) == {}
 
 
-def test_migration_0005_goes_down_and_up(db_target: DbTarget) -> None:  # noqa: F811
+def test_migration_0005_goes_down_and_up(db_target: DbTarget) -> None:
     db.migrate(db_target.url, db_target.schema)
     cfg = db.alembic_config(db_target.url, db_target.schema)
     command.downgrade(cfg, "0004")

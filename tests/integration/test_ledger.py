@@ -15,12 +15,12 @@ from sqlalchemy.engine import Engine
 from gateway.records import RequestStatus
 from gateway.store.db import make_engine, migrate, usage
 from gateway.store.ledger import LedgerWriter, insert_usage_rows, usage_row
-from tests.support.db import DbTarget, QueryLog, db_target, engine  # noqa: F401 (fixtures)
+from tests.support.db import QueryLog
 from tests.support.usage import count_usage, make_record, read_usage
 
 
 def make_writer(
-    engine: Engine,  # noqa: F811
+    engine: Engine,
     tmp_path: Path,
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     **overrides: float,
@@ -50,7 +50,7 @@ async def wait_for(predicate: object, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_rows_are_written_field_by_field(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+async def test_rows_are_written_field_by_field(engine: Engine, tmp_path: Path) -> None:
     full = make_record(
         1,
         created_at=dt.datetime(2030, 1, 2, 5, 4, 5, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2))),
@@ -88,7 +88,7 @@ async def test_rows_are_written_field_by_field(engine: Engine, tmp_path: Path) -
     assert writer.written == 2 and writer.spilled == 0 and writer.queued == 0
 
 
-async def test_batches_are_one_statement_each(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+async def test_batches_are_one_statement_each(engine: Engine, tmp_path: Path) -> None:
     writer = make_writer(engine, tmp_path, batch_max=10)
     for i in range(35):
         writer.record(make_record(i))
@@ -102,7 +102,7 @@ async def test_batches_are_one_statement_each(engine: Engine, tmp_path: Path) ->
     assert count_usage(engine) == (35, 35)
 
 
-async def test_inserts_are_idempotent_on_request_id(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+async def test_inserts_are_idempotent_on_request_id(engine: Engine, tmp_path: Path) -> None:
     first = make_record(7)
     insert_usage_rows(engine, [usage_row(first), usage_row(dataclasses.replace(first, prompt_tokens=1))])
     insert_usage_rows(engine, [usage_row(first)])
@@ -115,7 +115,7 @@ async def test_inserts_are_idempotent_on_request_id(engine: Engine, tmp_path: Pa
     assert read_usage(engine) == [first, make_record(8)]
 
 
-async def test_full_queue_spills_and_is_replayed(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+async def test_full_queue_spills_and_is_replayed(engine: Engine, tmp_path: Path) -> None:
     writer = make_writer(engine, tmp_path, queue_max=5)
     for i in range(12):
         writer.record(make_record(i))  # not started: the queue fills, the rest spills
@@ -130,7 +130,7 @@ async def test_full_queue_spills_and_is_replayed(engine: Engine, tmp_path: Path)
     assert list(tmp_path.glob("ledger.spill*")) == []
 
 
-async def test_cost_saved_survives_spill_and_replay(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+async def test_cost_saved_survives_spill_and_replay(engine: Engine, tmp_path: Path) -> None:
     hit = make_record(1, cache_hit=True, cost_micro_usd=0, cost_saved_micro_usd=4321)
     writer = make_writer(engine, tmp_path, queue_max=1)
     writer.record(make_record(0))
@@ -143,7 +143,7 @@ async def test_cost_saved_survives_spill_and_replay(engine: Engine, tmp_path: Pa
 
 
 async def test_spill_lines_from_older_versions_replay_with_defaults(
-    engine: Engine,  # noqa: F811
+    engine: Engine,
     tmp_path: Path,
 ) -> None:
     before_0003 = usage_row(make_record(1, cache_hit=True))
@@ -165,7 +165,7 @@ async def test_spill_lines_from_older_versions_replay_with_defaults(
 
 
 async def test_written_at_is_the_insert_time_also_for_replayed_rows(
-    engine: Engine,  # noqa: F811
+    engine: Engine,
     tmp_path: Path,
 ) -> None:
     now = [dt.datetime(2031, 1, 1, 9, 30, tzinfo=dt.UTC)]
@@ -189,7 +189,7 @@ async def test_written_at_is_the_insert_time_also_for_replayed_rows(
     assert read_usage(engine) == [make_record(i) for i in range(3)]
 
 
-async def test_aclose_flushes_what_is_queued(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+async def test_aclose_flushes_what_is_queued(engine: Engine, tmp_path: Path) -> None:
     writer = make_writer(engine, tmp_path, flush_interval_s=30.0, batch_max=1000)
     writer.start()
     for i in range(3):
@@ -223,7 +223,7 @@ async def test_missing_table_spills_until_migrated(tmp_path: Path) -> None:
         late_engine.dispose()
 
 
-async def test_bad_rows_are_set_aside_not_retried(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+async def test_bad_rows_are_set_aside_not_retried(engine: Engine, tmp_path: Path) -> None:
     writer = make_writer(engine, tmp_path)
     writer.start()
     writer.record(make_record(1))
@@ -236,7 +236,7 @@ async def test_bad_rows_are_set_aside_not_retried(engine: Engine, tmp_path: Path
     assert [orjson.loads(line)["request_id"] for line in rejected] == ["req-000002"]
 
 
-async def test_ping(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+async def test_ping(engine: Engine, tmp_path: Path) -> None:
     assert await make_writer(engine, tmp_path).ping()
     down = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test")
     try:

@@ -11,9 +11,8 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from gateway.store.db import migrate
 from gateway.store.ledger import LedgerWriter, insert_usage_rows, usage_row
-from tests.support.db import DbTarget, db_target, pg_target  # noqa: F401 (fixtures)
+from tests.support.db import DbTarget
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.usage import count_usage, make_record, read_usage
 
@@ -34,8 +33,10 @@ def _writer(engine: sa.Engine, spill: Path, **kw: float) -> LedgerWriter:
 
 @pytest.mark.postgres
 @pytest.mark.timeout(60)
-async def test_outage_loses_nothing_and_duplicates_nothing(pg_target: DbTarget, tmp_path: Path) -> None:  # noqa: F811
-    migrate(pg_target.url, pg_target.schema)
+async def test_outage_loses_nothing_and_duplicates_nothing(
+    migrated_pg_target: DbTarget, tmp_path: Path
+) -> None:
+    pg_target = migrated_pg_target
     target = sa.make_url(pg_target.url)
     proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
     await proxy.start()
@@ -73,9 +74,10 @@ async def test_outage_loses_nothing_and_duplicates_nothing(pg_target: DbTarget, 
         direct.dispose()
 
 
-async def test_spill_from_a_previous_run_is_replayed_at_start(db_target: DbTarget, tmp_path: Path) -> None:  # noqa: F811
-    migrate(db_target.url, db_target.schema)
-    engine = db_target.make_engine()
+async def test_spill_from_a_previous_run_is_replayed_at_start(
+    migrated_target: DbTarget, tmp_path: Path
+) -> None:
+    engine = migrated_target.make_engine()
     spill = tmp_path / "prev.spill.jsonl"
     # The previous run crashed mid-replay: `.replaying` holds rows, one of them already inserted; the spill
     # file got more rows afterwards, and its last line was cut short by the crash.

@@ -30,9 +30,9 @@ from gateway.limits.base import (
     LimitRule,
 )
 from gateway.limits.redis_store import RedisLimiter
-from tests.conftest import REDIS_URL
+from tests.support.limiter_contract import LimiterContract
+from tests.support.services import REDIS_URL
 from tests.support.timing import CUT_OFF_S
-from tests.unit.test_limits import LimiterContract
 
 REPLICAS = 3
 

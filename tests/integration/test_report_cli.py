@@ -21,8 +21,7 @@ from typer.testing import CliRunner
 
 from gateway import cli
 from gateway.cli import app
-from gateway.store.db import migrate
-from tests.support.db import DbTarget, db_target  # noqa: F401 - fixture
+from tests.support.db import DbTarget
 from tests.support.ledger_gen import (
     SUM_FIELDS,
     LedgerSpec,
@@ -69,11 +68,10 @@ def config_text(target: DbTarget, tmp_path: Path, reports: str) -> str:
 
 
 @pytest.fixture
-def ledger(db_target: DbTarget, tmp_path: Path) -> Iterator[Ledger]:  # noqa: F811 - pytest fixture
+def ledger(migrated_target: DbTarget, tmp_path: Path) -> Iterator[Ledger]:
     path = tmp_path / "sb.toml"
-    path.write_text(config_text(db_target, tmp_path, '[reports]\nreference_model = "gpt-4o-mini"\n'))
-    migrate(db_target.url, db_target.schema)
-    engine = db_target.make_engine()
+    path.write_text(config_text(migrated_target, tmp_path, '[reports]\nreference_model = "gpt-4o-mini"\n'))
+    engine = migrated_target.make_engine()
     rows = list(generate_rows(SPEC))
     try:
         insert_rows(engine, rows)
@@ -184,7 +182,7 @@ def test_savings(ledger: Ledger) -> None:
     assert code == 0 and "reference" in out and "saved $" in out
 
 
-def test_savings_without_a_reference_names_the_setting(db_target: DbTarget, tmp_path: Path) -> None:  # noqa: F811
+def test_savings_without_a_reference_names_the_setting(db_target: DbTarget, tmp_path: Path) -> None:
     path = tmp_path / "bare.toml"
     path.write_text(config_text(db_target, tmp_path, ""))
     result = CliRunner().invoke(app, ["report", "--savings", "--config", str(path)])

@@ -32,9 +32,9 @@ from gateway.reports import (
     usage_report,
 )
 from gateway.reports.render import to_csv, to_json
-from gateway.store.db import backend_busy_hourly, migrate
+from gateway.store.db import backend_busy_hourly
 from gateway.store.rollups import Rollup
-from tests.support.db import DbTarget, _pg_schema, db_target, engine  # noqa: F401 (fixtures)
+from tests.support.db import migrated_copy
 from tests.support.ledger_gen import (
     START,
     Expected,
@@ -72,21 +72,15 @@ class Ledger:
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def ledger(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
     """The generated ledger, loaded once per database and rolled up."""
-    pg = None
-    if request.param == "sqlite":
-        target = DbTarget("sqlite", f"sqlite:///{tmp_path_factory.mktemp('reports') / 'ledger.db'}", None)
-    else:
-        pg = _pg_schema()
-        target = next(pg)
-    migrate(target.url, target.schema)
+    copy = migrated_copy(request, request.param, tmp_path_factory.mktemp("reports"))
+    target = next(copy)
     eng = target.make_engine()
     rows = list(generate_rows(SPEC))
     insert_rows(eng, rows)
     Rollup(eng, clock=lambda: ROLLED_AT).run_once()
     yield Ledger(eng, rows)
     eng.dispose()
-    if pg is not None:
-        next(pg, None)  # drops the schema
+    next(copy, None)  # drops a PostgreSQL clone
 
 
 def report(eng: Engine, group_by: tuple[str, ...], source: str, **kw: Any) -> Report:
@@ -239,7 +233,7 @@ def expected_sums(rows: list[Row], **kw: Any) -> dict[str, int]:
     return aggregate(rows, (), keep=row_filter(**kw), keep_values=False).get((), Expected()).sums()
 
 
-def test_auto_adds_rows_written_after_the_rollup(engine: Engine) -> None:  # noqa: F811
+def test_auto_adds_rows_written_after_the_rollup(engine: Engine) -> None:
     first = list(generate_rows(LedgerSpec(rows=800)))
     insert_rows(engine, first)
     Rollup(engine, clock=lambda: ROLLED_AT).run_once()
@@ -256,7 +250,7 @@ def test_auto_adds_rows_written_after_the_rollup(engine: Engine) -> None:  # noq
     assert again.source == "rollup"
 
 
-def test_pruned_hours_come_from_rollups_and_late_rows_count_once(engine: Engine) -> None:  # noqa: F811
+def test_pruned_hours_come_from_rollups_and_late_rows_count_once(engine: Engine) -> None:
     rows = list(generate_rows(LedgerSpec(rows=800)))
     insert_rows(engine, rows)
     cutoff = START + 30 * H
@@ -352,7 +346,7 @@ BUSY_MS = {T0: 901_000.0, T0 + H: 660_000.0, T0 + 2 * H: 600_000.0}
 
 
 @pytest.fixture
-def savings_db(engine: Engine) -> Engine:  # noqa: F811
+def savings_db(engine: Engine) -> Engine:
     insert_rows(engine, SAVINGS_LEDGER)
     Rollup(engine, clock=lambda: T0 + dt.timedelta(days=1)).run_once()
     with engine.connect() as conn:
@@ -473,7 +467,7 @@ EDGE_LEDGER = [
 
 
 @pytest.fixture
-def edge_savings_db(engine: Engine) -> Engine:  # noqa: F811
+def edge_savings_db(engine: Engine) -> Engine:
     insert_rows(engine, [*SAVINGS_LEDGER, *EDGE_LEDGER])
     Rollup(engine, clock=lambda: T0 + dt.timedelta(days=1)).run_once()
     return engine

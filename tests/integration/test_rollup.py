@@ -28,7 +28,7 @@ from gateway.store import db
 from gateway.store.db import backend_busy_hourly, rollup_state, usage, usage_hourly
 from gateway.store.ledger import LedgerWriter, insert_usage_rows, usage_row
 from gateway.store.rollups import Rollup
-from tests.support.db import DbTarget, db_target, engine, pg_target  # noqa: F401 (fixtures)
+from tests.support.db import DbTarget
 
 START = dt.datetime(2030, 3, 1, tzinfo=dt.UTC)  # ledger rows fall in [START, START + HOURS)
 HOURS = 30
@@ -89,7 +89,7 @@ def generate(n: int, seed: int = 1, start: dt.datetime = START, hours: int = HOU
     return records
 
 
-def insert(engine: Engine, records: list[UsageRecord], written_at: dt.datetime | None) -> None:  # noqa: F811
+def insert(engine: Engine, records: list[UsageRecord], written_at: dt.datetime | None) -> None:
     rows = [usage_row(r) for r in records]
     insert_usage_rows(engine, rows, written_at=written_at or NOW)
     if written_at is None:  # as written before migration 0004
@@ -167,19 +167,19 @@ def expected_busy(records: list[UsageRecord]) -> dict[tuple[dt.datetime, str], t
     return out
 
 
-def read_hourly(engine: Engine) -> dict[tuple[Any, ...], dict[str, Any]]:  # noqa: F811
+def read_hourly(engine: Engine) -> dict[tuple[Any, ...], dict[str, Any]]:
     with engine.connect() as conn:
         rows = conn.execute(sa.select(usage_hourly)).mappings().all()
     return {tuple(r[k] for k in KEYS): {k: v for k, v in r.items() if k not in KEYS} for r in rows}
 
 
-def read_busy(engine: Engine) -> dict[tuple[dt.datetime, str], tuple[float, int]]:  # noqa: F811
+def read_busy(engine: Engine) -> dict[tuple[dt.datetime, str], tuple[float, int]]:
     with engine.connect() as conn:
         rows = conn.execute(sa.select(backend_busy_hourly)).all()
     return {(r.hour, r.backend): (r.busy_ms, r.requests) for r in rows}
 
 
-def assert_matches(engine: Engine, records: list[UsageRecord]) -> None:  # noqa: F811
+def assert_matches(engine: Engine, records: list[UsageRecord]) -> None:
     assert_hourly_matches(engine, records)
     busy, want_busy = read_busy(engine), expected_busy(records)
     assert set(busy) == set(want_busy)
@@ -188,7 +188,7 @@ def assert_matches(engine: Engine, records: list[UsageRecord]) -> None:  # noqa:
         assert busy[key][0] == pytest.approx(busy_ms, rel=1e-9, abs=1e-6), key
 
 
-def assert_hourly_matches(engine: Engine, records: list[UsageRecord]) -> None:  # noqa: F811
+def assert_hourly_matches(engine: Engine, records: list[UsageRecord]) -> None:
     got, want = read_hourly(engine), expected_hourly(records)
     assert set(got) == set(want)
     for key, measures in want.items():
@@ -206,12 +206,13 @@ def assert_same(got: dict[Any, Any], want: dict[Any, Any]) -> None:
         assert got[key] == pytest.approx(value, rel=1e-9), key
 
 
-def raw_ids(engine: Engine) -> set[str]:  # noqa: F811
+def raw_ids(engine: Engine) -> set[str]:
     with engine.connect() as conn:
         return set(conn.execute(sa.select(usage.c.request_id)).scalars())
 
 
-def test_rollup_equals_raw_sums_and_a_rerun_changes_nothing(engine: Engine) -> None:  # noqa: F811
+@pytest.mark.slow  # thousands of generated rows: 5-6 s a database
+def test_rollup_equals_raw_sums_and_a_rerun_changes_nothing(engine: Engine) -> None:
     records = generate(3_000)
     insert(engine, records[:1_000], written_at=None)  # from before migration 0004
     insert(engine, records[1_000:], written_at=NOW - dt.timedelta(days=1))
@@ -243,7 +244,7 @@ def test_rollup_equals_raw_sums_and_a_rerun_changes_nothing(engine: Engine) -> N
     assert (state.name, state.watermark, state.pruned_before) == ("usage", clock.now, None)
 
 
-async def test_late_rows_from_a_spill_replay_are_rolled_up(engine: Engine, tmp_path: Path) -> None:  # noqa: F811
+async def test_late_rows_from_a_spill_replay_are_rolled_up(engine: Engine, tmp_path: Path) -> None:
     records = generate(2_000)
     insert(engine, records, written_at=NOW - dt.timedelta(hours=1))
     clock = Clock(NOW)
@@ -279,7 +280,7 @@ async def test_late_rows_from_a_spill_replay_are_rolled_up(engine: Engine, tmp_p
     assert_matches(engine, records + late)
 
 
-def test_busy_time_is_the_union_of_intervals_clipped_to_hours(engine: Engine) -> None:  # noqa: F811
+def test_busy_time_is_the_union_of_intervals_clipped_to_hours(engine: Engine) -> None:
     h0 = START + 10 * HOUR
 
     def rec(
@@ -333,7 +334,8 @@ def test_busy_time_is_the_union_of_intervals_clipped_to_hours(engine: Engine) ->
     assert_matches(engine, records)
 
 
-def test_prune_keeps_rollups_and_late_rows_for_pruned_hours_are_added(engine: Engine) -> None:  # noqa: F811
+@pytest.mark.slow  # thousands of generated rows: 5-6 s a database
+def test_prune_keeps_rollups_and_late_rows_for_pruned_hours_are_added(engine: Engine) -> None:
     records = generate(2_000)
     insert(engine, records, written_at=NOW - dt.timedelta(days=1))
     clock = Clock(START + 12 * HOUR + dt.timedelta(days=1, minutes=30))  # retention 1 day: cut at 12:00
@@ -374,7 +376,7 @@ def test_prune_keeps_rollups_and_late_rows_for_pruned_hours_are_added(engine: En
     assert before_busy.keys() <= busy.keys()
 
 
-def test_prune_before_any_run_rolls_up_first(engine: Engine) -> None:  # noqa: F811
+def test_prune_before_any_run_rolls_up_first(engine: Engine) -> None:
     records = generate(500)
     insert(engine, records, written_at=None)
     assert Rollup(engine, clock=Clock(NOW)).prune(retention_days=1) == 500  # NOW is 3 days after START
@@ -382,9 +384,8 @@ def test_prune_before_any_run_rolls_up_first(engine: Engine) -> None:  # noqa: F
     assert_matches(engine, records)
 
 
-def test_a_run_is_skipped_while_another_holds_the_lock(pg_target: DbTarget) -> None:  # noqa: F811
-    db.migrate(pg_target.url, pg_target.schema)
-    eng = pg_target.make_engine()
+def test_a_run_is_skipped_while_another_holds_the_lock(migrated_pg_target: DbTarget) -> None:
+    eng = migrated_pg_target.make_engine()
     try:
         insert(eng, generate(10), written_at=NOW)
         lock = sa.text("SELECT pg_advisory_lock(:k, hashtext(current_schema()))")
@@ -399,7 +400,7 @@ def test_a_run_is_skipped_while_another_holds_the_lock(pg_target: DbTarget) -> N
         eng.dispose()
 
 
-def test_replicas_running_at_once_never_double_count(engine: Engine) -> None:  # noqa: F811
+def test_replicas_running_at_once_never_double_count(engine: Engine) -> None:
     records = generate(1_500)
     insert(engine, records, written_at=NOW)
     clocks = [Clock(NOW + dt.timedelta(seconds=i)) for i in range(4)]
@@ -409,7 +410,7 @@ def test_replicas_running_at_once_never_double_count(engine: Engine) -> None:  #
     assert_matches(engine, records)
 
 
-def test_migration_0003_to_0004_and_back(db_target: DbTarget) -> None:  # noqa: F811
+def test_migration_0003_to_0004_and_back(db_target: DbTarget) -> None:
     if db_target.schema is not None:
         admin = db.make_engine(db_target.url)
         with admin.begin() as conn:

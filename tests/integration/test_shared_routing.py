@@ -28,7 +28,7 @@ from gateway.live.sync import RoutingSync
 from routing.decision import FREE
 from routing.privacy import PrivacyTier
 from routing.snapshot import DeploymentSpec, DeploymentStats
-from tests.conftest import REDIS_URL
+from tests.support.services import REDIS_URL
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.timing import CUT_OFF_S
 

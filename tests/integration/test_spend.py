@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 
 from gateway.store.ledger import insert_usage_rows, usage_row
 from gateway.store.spend import spent_micro_usd
-from tests.support.db import QueryLog, db_target, engine  # noqa: F401 (fixtures)
+from tests.support.db import QueryLog
 from tests.support.usage import make_record
 
 US = dt.timedelta(microseconds=1)
@@ -20,7 +20,7 @@ MAR = dt.datetime(2030, 3, 1, tzinfo=dt.UTC)
 PLUS_2H = dt.timezone(dt.timedelta(hours=2))
 
 
-def insert(engine: Engine, rows: list[tuple[dt.datetime, str, str | None, int]]) -> None:  # noqa: F811
+def insert(engine: Engine, rows: list[tuple[dt.datetime, str, str | None, int]]) -> None:
     records = [
         make_record(i, created_at=at, team=team, key_id=key_id, cost_micro_usd=cost)
         for i, (at, team, key_id, cost) in enumerate(rows)
@@ -28,7 +28,7 @@ def insert(engine: Engine, rows: list[tuple[dt.datetime, str, str | None, int]])
     insert_usage_rows(engine, [usage_row(r) for r in records])
 
 
-def test_month_sums_exactly_the_rows_inside(engine: Engine) -> None:  # noqa: F811
+def test_month_sums_exactly_the_rows_inside(engine: Engine) -> None:
     insert(
         engine,
         [
@@ -55,7 +55,7 @@ def test_month_sums_exactly_the_rows_inside(engine: Engine) -> None:  # noqa: F8
     assert spent_micro_usd(engine, "key:research", "2030-02") == 0  # a key id, not a team name
 
 
-def test_day_boundaries_and_year_end(engine: Engine) -> None:  # noqa: F811
+def test_day_boundaries_and_year_end(engine: Engine) -> None:
     day = dt.datetime(2030, 12, 31, tzinfo=dt.UTC)
     next_year = dt.datetime(2031, 1, 1, tzinfo=dt.UTC)
     insert(
@@ -75,7 +75,7 @@ def test_day_boundaries_and_year_end(engine: Engine) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize("scope", ["team:research", "key:k1"])
-def test_one_query_on_the_scope_index(engine: Engine, scope: str) -> None:  # noqa: F811
+def test_one_query_on_the_scope_index(engine: Engine, scope: str) -> None:
     insert(engine, [(FEB + dt.timedelta(hours=i), "research", "k1", 5) for i in range(50)])
     seen: list[tuple[str, Any]] = []
 
@@ -105,7 +105,7 @@ def test_one_query_on_the_scope_index(engine: Engine, scope: str) -> None:  # no
     assert index in plan, plan
 
 
-def test_bad_scope_or_period(engine: Engine) -> None:  # noqa: F811
+def test_bad_scope_or_period(engine: Engine) -> None:
     for scope in ["research", "team:", "user:x", ""]:
         with pytest.raises(ValueError, match="neither team:<name> nor key:<key id>"):
             spent_micro_usd(engine, scope, "2030-02")

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import Engine
 
-from tests.replicas.conftest import (
+from tests.support.replica_rig import (
     ENV,
     WINDOW_S,
     Reply,

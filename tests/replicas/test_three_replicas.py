@@ -20,7 +20,7 @@ import httpx
 import openai
 from openai import AsyncOpenAI
 
-from tests.replicas.conftest import (
+from tests.support.replica_rig import (
     WINDOW_S,
     Reply,
     Rig,

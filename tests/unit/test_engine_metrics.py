@@ -130,5 +130,30 @@ def test_first_dialect_listed_wins_when_several_are_present() -> None:
     assert load == EngineLoad(queue_depth=4, running=2, kv_cache_used_frac=0.75)
 
 
-def test_every_wanted_metric_has_a_fold() -> None:
-    assert all(isinstance(fold, Fold) for fold in WANTED.values())
+# Written out by hand, not derived from `WANTED`: the names each engine publishes (our engine's in
+# backends/local/metrics.py, vLLM's and llama.cpp server's in their docs) and how several series of one
+# name combine. Renaming or dropping one in gateway/live/engine_load.py must fail here.
+EXPECTED_WANTED = {
+    "switchboard_engine_queue_depth": Fold.SUM,
+    "switchboard_engine_running_requests": Fold.SUM,
+    "switchboard_engine_kv_cache_usage_ratio": Fold.MAX,
+    "vllm:num_requests_waiting": Fold.SUM,
+    "vllm:num_requests_running": Fold.SUM,
+    "vllm:kv_cache_usage_perc": Fold.MAX,
+    "vllm:gpu_cache_usage_perc": Fold.MAX,  # vLLM v0's name for the same gauge
+    "llamacpp:requests_deferred": Fold.SUM,
+    "llamacpp:requests_processing": Fold.SUM,
+    "llamacpp:kv_cache_usage_ratio": Fold.MAX,
+}
+
+
+def test_the_reader_wants_exactly_the_published_metric_names() -> None:
+    assert dict(WANTED) == EXPECTED_WANTED
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_WANTED))
+def test_each_published_name_is_parsed(name: str) -> None:
+    """A sample under each name survives parsing (with the default `wanted`), labels or not."""
+    text = f'# TYPE {name} gauge\n{name}{{model_name="m"}} 0.5\n{name}{{model_name="n"}} 0.25\n'
+    expected = 0.75 if EXPECTED_WANTED[name] is Fold.SUM else 0.5
+    assert parse_prometheus(text) == {name: expected}

@@ -13,11 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
-pytest.importorskip("torch")  # backends.local.generate imports torch and transformers at import time
-pytest.importorskip("transformers")
-
-from backends.local.generate import StopStringDecoder  # noqa: E402
-from backends.local.wire import (  # noqa: E402
+from backends.local.generate import StopStringDecoder
+from backends.local.wire import (
     ApiError,
     ChatCompletionBody,
     encode_chat,

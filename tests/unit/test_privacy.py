@@ -16,7 +16,7 @@ from routing.privacy import (
     detect_messages,
     privacy_floor,
 )
-from tests.unit.privacy_corpus import NEGATIVES, POSITIVES
+from tests.support.privacy_corpus import NEGATIVES, POSITIVES
 
 K = DetectorKind
 T = PrivacyTier

@@ -8,7 +8,7 @@ import pytest
 
 from routing.privacy import DetectorKind as K
 from routing.privacy import detect_messages, detect_request
-from tests.unit.privacy_corpus_v2 import CASES, Case
+from tests.support.privacy_corpus_v2 import CASES, Case
 
 POSITIVES = [c for c in CASES if c.kind is not None]
 NEGATIVES = [c for c in CASES if c.kind is None]

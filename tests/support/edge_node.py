@@ -42,7 +42,7 @@ class CharTokenizer:
 
 
 def tiny_loaded() -> LoadedModel:
-    from tests.engine.conftest import tiny_hf_model
+    from tests.support.tiny_models import tiny_hf_model
 
     return LoadedModel(
         model=tiny_hf_model("llama"), tokenizer=CharTokenizer(), name="tiny", load_s=0, rss_mb=0

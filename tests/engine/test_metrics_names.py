@@ -1,0 +1,37 @@
+"""Our engine's /metrics page, as the gateway's engine-load reader sees it: a renamed gauge on either side
+fails here (the reader's list of names is pinned in tests/unit/test_engine_metrics.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")  # backends.local.metrics imports the engine, which imports torch
+
+from prometheus_client import generate_latest  # noqa: E402
+
+from backends.local.engine.engine import EngineStats  # noqa: E402
+from backends.local.metrics import EngineMetrics  # noqa: E402
+from gateway.live.engine_load import EngineLoad, engine_load, parse_prometheus  # noqa: E402
+
+
+def test_the_engine_publishes_what_the_reader_parses() -> None:
+    metrics = EngineMetrics()
+    stats = EngineStats(
+        waiting=3,
+        running=2,
+        kv_blocks_total=8,
+        kv_blocks_free=6,
+        preemptions=0,
+        prefix_hit_tokens=0,
+        drafted_tokens=0,
+        accepted_tokens=0,
+    )
+    metrics.watch(lambda: stats)
+    page = generate_latest(metrics.registry).decode()
+    values = parse_prometheus(page)
+    assert set(values) == {
+        "switchboard_engine_queue_depth",
+        "switchboard_engine_running_requests",
+        "switchboard_engine_kv_cache_usage_ratio",
+    }
+    assert engine_load(values) == EngineLoad(queue_depth=3, running=2, kv_cache_used_frac=0.25)
