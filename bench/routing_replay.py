@@ -123,7 +123,7 @@ _PROSE = (
     "during peak hours and the cache warms too late after each deploy"
 )
 _WORDS = tuple(_PROSE.split())
-# Fake or documentation data in the shapes of the detectors' corpus (tests/unit/privacy_corpus.py).
+# Fake or documentation data in the shapes of the detectors' corpus (tests/support/privacy_corpus.py).
 _SENSITIVE = {
     "email": ("Contact me at john.doe@example.com for details.", "Reply to jane.oneil@sub.domain.example"),
     "credit_card": ("card 4111 1111 1111 1111 exp 12/27", "pay with 5500-0000-0000-0004 please"),
