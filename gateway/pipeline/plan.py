@@ -45,7 +45,7 @@ from routing.privacy import (
     privacy_floor,
 )
 from routing.scoring import choose
-from routing.snapshot import RoutePolicy, RouteRequest, RoutingSnapshot
+from routing.snapshot import RoutePolicy, RoutePreferences, RouteRequest, RoutingSnapshot
 
 _TRANSIENT = {RejectCode.UNHEALTHY, RejectCode.CIRCUIT_OPEN}
 _LABEL_TEXT = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
@@ -120,6 +120,7 @@ def plan(
         privacy_reason=verdict.reason,
     )
     snapshot = routing.snapshot(now_s)
+    check_preference_names(prefs, snapshot, routing, call.model)
     decision = choose(request, snapshot, policy, now_s=now_s)
     missing = () if decision.candidates else edge_missing(routing, snapshot, call.model, policy)
     return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing)
@@ -144,6 +145,30 @@ def detect_call(call: ChatRequest) -> tuple[DetectorKind, ...]:
     format's schema, user). Fields a translator does not forward never reach a backend."""
     extras = (call.stop, call.tools, call.tool_choice, call.response_format, call.user)
     return detect_request(call.messages, [e for e in extras if e])
+
+
+def check_preference_names(
+    prefs: RoutePreferences, snapshot: RoutingSnapshot, routing: RoutingState, model: str
+) -> None:
+    """A name in `order`, `only` or `ignore` that no deployment of the model carries is a typo, refused
+    rather than silently ignored. Edge backends count with every node (`edge/node-1`) they may have."""
+    asked = [("order", n) for n in prefs.order]
+    asked += [("only", n) for n in sorted(prefs.only or ())] + [("ignore", n) for n in sorted(prefs.ignore)]
+    if not asked:
+        return
+    known: set[str] = set()
+    for entry in snapshot.by_model.get(model, ()):
+        known |= entry.names
+    edge = {t.backend for t in routing.edge_templates if t.public_model == model}
+    for key, name in asked:
+        if name in known or name in edge or name.split("/", 1)[0] in edge:
+            continue
+        listing = ", ".join(sorted(known | edge)) or "none"
+        raise InvalidRequest(
+            f"switchboard.{key}: model `{model}` has no deployment or backend named `{name}`; "
+            f"known: {listing}",
+            param=f"switchboard.{key}",
+        )
 
 
 def with_labels(policy: RoutePolicy, wanted: Mapping[str, str], team: str) -> RoutePolicy:

@@ -42,6 +42,8 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("max_tokens as a string", {"max_tokens": "100"}, "max_tokens"),
     ("max_tokens as a bool", {"max_tokens": True}, "max_tokens"),
     ("temperature as a string", {"temperature": "0.5"}, "temperature"),
+    ("unknown name in order", {"switchboard": {"order": ["fakeoai", "typo"]}}, "switchboard.order"),
+    ("unknown name in only", {"switchboard": {"only": ["nope"]}}, "switchboard.only"),
 ]
 
 

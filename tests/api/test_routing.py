@@ -528,9 +528,12 @@ def test_invalid_preferences_are_400_naming_the_field(
 
 
 def test_preferences_excluding_everything_fail_closed(env: Env) -> None:
-    status, error, _ = refusal(lambda: ask(env, "speedy", "obj", prefs={"only": ["nowhere"]}))
+    status, error, _ = refusal(lambda: ask(env, "speedy", "obj", prefs={"ignore": ["gpu_a", "zdr", "cloud"]}))
     assert status == 400 and error["code"] == "no_eligible_deployment"
-    assert "not in request `only`" in error["message"]
+    assert "`gpu_a`: in `ignore`" in error["message"]
+    # A name no deployment carries is a typo, refused by name rather than silently matching nothing.
+    status, error, _ = refusal(lambda: ask(env, "speedy", "obj", prefs={"only": ["nowhere"]}))
+    assert status == 400 and error["param"] == "switchboard.only" and "nowhere" in error["message"]
 
 
 # ---- 7. streams -----------------------------------------------------------------------------------------

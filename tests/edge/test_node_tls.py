@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 from backends.edge.node import EXIT_OK, NodeOptions, run_node  # noqa: E402
 from backends.local.loader import LoadedModel  # noqa: E402
-from tests.edge.node_support import TOKEN, FakeGateway, tiny_loaded, wait_for  # noqa: E402
+from tests.support.edge_node import TOKEN, FakeGateway, tiny_loaded, wait_for  # noqa: E402
 from tests.support.tls import Certificates, make_certificates  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(60)]
