@@ -1,9 +1,9 @@
 """The `switchboard` command, assembled from one module per command group.
 
-serve.py: serve, migrate, check-config, up; teams_keys.py: teams, keys; engine.py: engine serve;
-reports.py: report, rollup, prune; gateway/edge/cli.py: edge. Every command reads the same TOML config
-(`--config` or $SWITCHBOARD_CONFIG; none means embedded defaults) and reports a config mistake as
-`path: what to change`, with exit status 2 (common.py).
+serve.py: serve, migrate, check-config, up (workers.py: `serve --workers N`); teams_keys.py: teams, keys;
+engine.py: engine serve; reports.py: report, rollup, prune; gateway/edge/cli.py: edge. Every command reads
+the same TOML config (`--config` or $SWITCHBOARD_CONFIG; none means embedded defaults) and reports a config
+mistake as `path: what to change`, with exit status 2 (common.py).
 """
 
 from __future__ import annotations

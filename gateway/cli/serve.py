@@ -1,6 +1,6 @@
 """`switchboard serve`, `migrate`, `check-config` and `up`: running the gateway and checking its config.
 
-The gateway runs under uvicorn in this process.
+`serve --workers N` (N > 1) hands over to gateway/cli/workers.py; one worker runs uvicorn in this process.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from backends.edge.wire import CONNECT_PATH
-from gateway.cli.common import ConfigOpt, console, load, load_for_serving
+from gateway.cli.common import ConfigOpt, console, fail_usage, load, load_for_serving
 from gateway.config import (
     BackendConfig,
     CloudBackendConfig,
@@ -28,11 +28,26 @@ def serve(
     config: ConfigOpt = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default: server.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: server.port).")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Gateway processes sharing the port (SO_REUSEPORT, Linux). More than 1 needs redis.url, "
+            "so that limits, budgets, cache and routing state are shared.",
+        ),
+    ] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request line.")] = False,
 ) -> None:
     """Run the gateway (applies migrations itself on SQLite)."""
     cfg = load_for_serving(config)
     bind_host, bind_port = host or cfg.server.host, port or cfg.server.port
+    if workers > 1:
+        from gateway.cli.workers import refusal, run_workers
+
+        problem = refusal(cfg, workers)
+        if problem is not None:
+            fail_usage(problem)
+        sys.exit(run_workers(cfg, bind_host, bind_port, workers, access_log=access_log))
 
     import uvicorn
 
