@@ -10,7 +10,6 @@ import sys
 import time
 
 import httpx
-import uvicorn
 
 from gateway.config import Config
 from gateway.store.db import make_engine, migrate
@@ -66,6 +65,7 @@ messages=[{{"role": "user", "content": "Say hello"}}]).choices[0].message.conten
 
 def run_quickstart(config: Config, *, engine_port: int, with_engine: bool) -> int:
     from gateway.http.app import create_app
+    from gateway.http.server import run_server
 
     proc = _start_engine(engine_port) if with_engine else None
     try:
@@ -78,7 +78,9 @@ def run_quickstart(config: Config, *, engine_port: int, with_engine: bool) -> in
         created = create_key(db, team, name="quickstart demo", models=None, expires_at=None)
         db.dispose()
         _print_demo(config, created.plaintext)
-        uvicorn.run(create_app(config), host=config.server.host, port=config.server.port, log_level="info")
+        run_server(
+            create_app(config), config, host=config.server.host, port=config.server.port, access_log=False
+        )
         return 0
     finally:
         if proc is not None and proc.poll() is None:

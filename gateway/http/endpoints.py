@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,6 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from backends.errors import SwitchboardError
 from gateway.errors import PayloadTooLarge
 from gateway.http.auth import authenticate
+from gateway.http.coalesce import ready_batches
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.access import ModelAccess
 from gateway.pipeline.flow import Answer, ChunkStream, Pipeline
@@ -131,7 +132,7 @@ async def send_sse(
     """SSE straight onto the ASGI `send`; `stream.aclose()` runs however it ends (even if never read).
 
     One watcher waits for the client's `http.disconnect` and cancels this task, so a client that leaves
-    stops the upstream at once instead of at the next chunk."""
+    stops the upstream at once instead of at the next chunk. Pieces ready together go out in one send."""
     task = asyncio.current_task()
     assert task is not None
     gone = False
@@ -144,10 +145,11 @@ async def send_sse(
 
     watcher = asyncio.ensure_future(receive())
     watcher.add_done_callback(on_message)
+    batches = ready_batches(body)
     try:
         start = {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *stream.headers]}
         await send(start)
-        async for piece in body:
+        async for piece in batches:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
@@ -157,10 +159,13 @@ async def send_sse(
     finally:
         watcher.remove_done_callback(on_message)
         watcher.cancel()
-        await asyncio.shield(_close(body, stream))
+        await asyncio.shield(_close(batches, body, stream))
 
 
-async def _close(body: AsyncIterator[bytes], stream: ChunkStream) -> None:
+async def _close(
+    batches: AsyncGenerator[bytes, None], body: AsyncIterator[bytes], stream: ChunkStream
+) -> None:
+    await batches.aclose()
     aclose = getattr(body, "aclose", None)
     if aclose is not None:
         await aclose()

@@ -23,6 +23,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from backends.base import Backend, ChatRequest, ChatResult, StreamChunk
 from backends.errors import BackendTimeout, BackendUnavailable, SwitchboardError
+from gateway.eager import Ready, run_until_wait
 from gateway.errors import AllBackendsFailed
 from gateway.live.state import RoutingState, deployment_id
 from gateway.pipeline.request import SYSTEM_CLOCK, Clock, Timing
@@ -259,9 +260,12 @@ async def open_stream(
 
 async def next_chunk(stream: OpenStream, timeout_s: float) -> StreamChunk:
     """The next chunk, or StopAsyncIteration. Converts an idle timeout into BackendTimeout."""
+    step = run_until_wait(stream.rest.__anext__())
+    if isinstance(step, Ready):
+        return step.value  # it was buffered: arming a timer per chunk cost more than the chunk itself
     try:
         async with asyncio.timeout(timeout_s):
-            return await stream.rest.__anext__()
+            return await step
     except TimeoutError:
         raise _timeout_error(stream.deployment, timeout_s) from None
 

@@ -142,7 +142,6 @@ LONG_MODULES = {
     "gateway/store/keys.py": "key generation, admin operations and the cached key store",
     "gateway/live/stats.py": "live statistics: EWMAs, windows and load",
     "gateway/edge/relay.py": "the edge relay's publish and listen halves",
-    "gateway/cli/__init__.py": "TEMPORARY: being split by command group",
 }
 
 

@@ -9,8 +9,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from gateway import cli
 from gateway.cli import app
+from gateway.cli import serve as serve_commands
 from gateway.records import KeyBudget
 from gateway.store import keys
 from gateway.store.db import make_engine
@@ -52,7 +52,7 @@ def test_check_config_ok_and_bad(tmp_path: Path) -> None:
 
 def test_check_config_says_where_edge_and_hourly_backends_go(monkeypatch: pytest.MonkeyPatch) -> None:
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=screen, width=300))
+    monkeypatch.setattr(serve_commands, "console", Console(file=screen, width=300))
     code, _ = run("check-config", str(ROOT / "config.example.toml"))
     rows = {
         line.split("│")[1].strip(): line for line in screen.getvalue().splitlines() if line.count("│") > 2

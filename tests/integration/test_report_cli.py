@@ -19,8 +19,7 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from gateway import cli
-from gateway.cli import app
+from gateway.cli import app, reports
 from tests.support.db import DbTarget
 from tests.support.ledger_gen import (
     SUM_FIELDS,
@@ -192,7 +191,7 @@ def test_savings_without_a_reference_names_the_setting(db_target: DbTarget, tmp_
 
 def test_progress_bar_on_a_terminal(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "err_console", Console(file=screen, force_terminal=True, width=100))
+    monkeypatch.setattr(reports, "err_console", Console(file=screen, force_terminal=True, width=100))
     code, out, everything = ledger.run("report", "--group-by", "team", "--format", "csv")
     assert code == 0, everything
     assert out.startswith("team,requests")  # the bar went to stderr, never into the CSV

