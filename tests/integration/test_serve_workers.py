@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from gateway.cli import app
 from gateway.store import db, keys
-from tests.conftest import REDIS_URL
+from tests.support.services import REDIS_URL
 from tests.support.replicas import FakeUpstream, free_port, merged, to_toml
 
 ROOT = Path(__file__).resolve().parents[2]
