@@ -28,7 +28,7 @@ from gateway.edge.link import SOCKET_ERRORS
 from gateway.edge.registry import NodeRecord
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.http.auth import authenticate_admin
-from gateway.http.openapi import TAG_ADMIN, EdgeToken, Listing, NodeListing, errors, ok
+from gateway.http.openapi import TAG_ADMIN, EdgeToken, IsoDateTime, Listing, NodeListing, errors, ok
 from gateway.services import Services
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class TokenIn(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     labels: dict[str, str] = Field(default_factory=dict)  # override what its nodes report, e.g. site
     expires_in: str | None = None  # "30m", "12h", "7d", "2w"
-    expires_at: dt.datetime | None = None
+    expires_at: IsoDateTime | None = None
 
     def expiry(self, now: dt.datetime) -> dt.datetime | None:
         if self.expires_in is not None and self.expires_at is not None:

@@ -26,6 +26,7 @@ from gateway.http.explain import ExplainQuery, explain_route
 from gateway.http.openapi import (
     TAG_ADMIN,
     CreatedKey,
+    IsoDateTime,
     Listing,
     Revoked,
     RouteExplanation,
@@ -124,7 +125,7 @@ class KeyIn(BaseModel):
     team: str = Field(min_length=1, max_length=64)
     name: str = Field(default="", max_length=128)
     models: list[str] | None = None
-    expires_at: dt.datetime | None = None
+    expires_at: IsoDateTime | None = None
     expires_in_days: float | None = Field(default=None, gt=0, le=36_600, allow_inf_nan=False)
     limits: KeyLimitsIn | None = None
     budget: KeyBudgetIn | None = None

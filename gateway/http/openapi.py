@@ -8,10 +8,11 @@ fields clients rely on and allow more, so adding a field is not a breaking chang
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 TEAM_KEY, ADMIN_KEY, METRICS_TOKEN = "teamKey", "adminKey", "metricsToken"
 TAG_TEAM, TAG_ADMIN, TAG_OPS = "team API", "admin", "operations"
@@ -28,6 +29,17 @@ _STATUS_TEXT = {
     503: "no healthy deployment, the database, Redis or the limiter is unreachable, or a report timed out",
     504: "the backend did not answer in time",
 }
+
+
+def _iso_text(value: object) -> object:
+    if not isinstance(value, str | dt.datetime):
+        raise ValueError("must be an ISO 8601 date-time string, e.g. 2030-01-31T15:00:00Z")
+    return value
+
+
+# A request body's date-time as the schema publishes it: text. pydantic alone also takes a number as a Unix
+# time, so `"expires_at": 154262974333323` made a token expiring in the year 6858 (found by schemathesis).
+IsoDateTime = Annotated[dt.datetime, BeforeValidator(_iso_text)]
 
 
 class ErrorDetail(BaseModel):

@@ -65,7 +65,7 @@ class ReportParams:
             self.until,
             team=team or self.team,
             model=self.model,
-            source=self.source or "auto",
+            source="auto" if self.source is None else self.source,  # `source=` is a 400, as documented
         )
         check_span(query, max_span_days, now=dt.datetime.now(dt.UTC))
         return query

@@ -153,7 +153,9 @@ def _run(
         phases=[Phase.explicit, Phase.generate],
         report_multiple_bugs=False,
     )
-    @given(case=operation.as_strategy(generation_mode=mode))
+    # The key as an explicit header: negative cases then negate parameters and bodies, never the key (a case
+    # "without Authorization" that is sent with it would read as a schema-violating request accepted).
+    @given(case=operation.as_strategy(generation_mode=mode, headers=headers or None))
     def one(case: Any) -> None:
         nonlocal count
         count += 1
