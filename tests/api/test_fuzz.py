@@ -13,7 +13,7 @@ from tests.support.api_gateway import ADMIN_KEY
 from tests.support.fake_provider import FakeProvider
 from tests.support.fuzz import docs_gateway, fuzz
 
-EXAMPLES = 12  # per operation and generation mode: ~430 requests, ~15 s on 2 cores
+EXAMPLES = 20  # per operation and generation mode: ~400 requests, ~15 s on 2 cores
 
 OPERATIONS = {
     "POST /v1/chat/completions",
