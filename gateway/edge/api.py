@@ -28,6 +28,7 @@ from gateway.edge.link import SOCKET_ERRORS
 from gateway.edge.registry import NodeRecord
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.http.auth import authenticate_admin
+from gateway.http.openapi import TAG_ADMIN, EdgeToken, IsoDateTime, Listing, NodeListing, errors, ok
 from gateway.services import Services
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class TokenIn(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     labels: dict[str, str] = Field(default_factory=dict)  # override what its nodes report, e.g. site
     expires_in: str | None = None  # "30m", "12h", "7d", "2w"
-    expires_at: dt.datetime | None = None
+    expires_at: IsoDateTime | None = None
 
     def expiry(self, now: dt.datetime) -> dt.datetime | None:
         if self.expires_in is not None and self.expires_at is not None:
@@ -134,10 +135,12 @@ async def connect(websocket: WebSocket) -> None:
 
 
 def edge_router() -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(tags=[TAG_ADMIN], responses=errors(401, 403, 503))
     router.add_api_websocket_route(wire.CONNECT_PATH, connect)
 
-    @router.post("/admin/edge/tokens")
+    created = {**ok(EdgeToken, "created; `token` is shown in this answer only", status=201), **errors(400)}
+
+    @router.post("/admin/edge/tokens", status_code=201, responses=created)
     async def create_token(body: TokenIn, svc: Services = Depends(_svc)) -> Response:
         now = dt.datetime.now(dt.UTC)
         created = await _sql(
@@ -150,7 +153,7 @@ def edge_router() -> APIRouter:
         )
         return _json({**token_view(created.info, now), "token": created.plaintext}, status_code=201)
 
-    @router.get("/admin/edge/tokens")
+    @router.get("/admin/edge/tokens", responses=ok(Listing, "every enrollment token"))
     async def list_tokens(svc: Services = Depends(_svc)) -> Response:
         now = dt.datetime.now(dt.UTC)
         listed = await _sql(tokens.list_tokens, svc.db)
@@ -158,7 +161,7 @@ def edge_router() -> APIRouter:
         data = [token_view(t, now, sum(1 for link in links if link.token_id == t.token_id)) for t in listed]
         return _json({"data": data})
 
-    @router.delete("/admin/edge/tokens/{token_id}")
+    @router.delete("/admin/edge/tokens/{token_id}", responses={**ok(EdgeToken, "revoked"), **errors(404)})
     async def revoke_token(token_id: str, svc: Services = Depends(_svc)) -> Response:
         info = await _sql(tokens.revoke_token, svc.db, token_id)
         if info is None:
@@ -169,7 +172,7 @@ def edge_router() -> APIRouter:
             disconnected = await svc.edge.disconnect_token(token_id, problem)
         return _json({**token_view(info, dt.datetime.now(dt.UTC)), "disconnected": disconnected})
 
-    @router.get("/admin/edge/nodes")
+    @router.get("/admin/edge/nodes", responses=ok(NodeListing, "the node registry"))
     async def list_nodes(svc: Services = Depends(_svc)) -> Response:
         if svc.edge is None:
             return _json({"data": [], "enabled": False})

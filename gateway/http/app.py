@@ -10,17 +10,21 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import hmac
+import inspect
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -32,6 +36,18 @@ from gateway.http.admin import admin_router
 from gateway.http.auth import authenticate, bearer_token
 from gateway.http.context import RequestContextMiddleware, timing_of
 from gateway.http.endpoints import EdgeDeps, Translator, enveloped_response, serve
+from gateway.http.openapi import (
+    SSE_EVENT,
+    TAG_OPS,
+    TAG_TEAM,
+    Health,
+    ModelList,
+    Readiness,
+    errors,
+    finish,
+    model_examples,
+    ok,
+)
 from gateway.http.usage import usage_router
 from gateway.services import Services
 from gateway.services.build import build_services
@@ -128,6 +144,27 @@ def add_docs(app: FastAPI) -> None:
     app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
 
 
+def _query_fields(dependant: Dependant) -> Iterator[str]:
+    yield from (field.alias for field in dependant.query_params)
+    for sub in dependant.dependencies:
+        yield from _query_fields(sub)
+
+
+async def refuse_unknown_query(conn: HTTPConnection) -> None:
+    """A query parameter the route does not take is a 400 naming it, never silently ignored: a typo such as
+    `gruop_by=team` would otherwise answer an ungrouped report as if it were the one asked for."""
+    route = conn.scope.get("route")
+    if not conn.query_params or not isinstance(route, APIRoute):
+        return
+    known = frozenset(_query_fields(route.dependant))  # a few fields: cheaper than caching by route
+    for name in conn.query_params:
+        if name not in known:
+            takes = ", ".join(sorted(known)) or "none"
+            raise InvalidRequest(
+                f"unknown query parameter `{name[:64]}`; {route.path} takes: {takes}", param=name[:64] or None
+            )
+
+
 def error_response(exc: SwitchboardError) -> Response:
     """The OpenAI error envelope, for every route that is not a translator's."""
     return enveloped_response(exc, error_body(exc))
@@ -174,9 +211,11 @@ class SwitchboardApp(FastAPI):
     gateway's CPU at 2k req/s. The lane keeps the request-context middleware and the same error rendering.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, model_names: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._lanes: dict[str, ASGIApp] = {}
+        self._body_schemas: list[str] = []
+        self._model_names = model_names  # examples of `model` in the published request bodies
 
     def add_translator(self, translator: Translator) -> None:
         """Serve `POST translator.path` through the shared pipeline."""
@@ -185,11 +224,43 @@ class SwitchboardApp(FastAPI):
             await serve(translator, scope["app"].state.edge_deps, scope, receive, send)
 
         self._lanes[translator.path] = RequestContextMiddleware(lane)
+        self._document(translator)
 
-        async def documented(request: Request) -> Response:  # for the OpenAPI listing; the lane serves
+    def _document(self, translator: Translator) -> None:
+        """A placeholder route that only the OpenAPI listing sees (the lane answers every request), its body
+        typed with the translator's `body_model` so that the document shows the real request schema."""
+
+        async def documented(body: Any) -> Response:
             raise NotImplementedError
 
-        self.add_api_route(translator.path, documented, methods=["POST"], name=translator.endpoint)
+        body_model = getattr(translator, "body_model", None)
+        if body_model is not None:
+            param = inspect.Parameter("body", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=body_model)
+            documented.__signature__ = inspect.Signature([param])  # type: ignore[attr-defined]
+            self._body_schemas.append(body_model.__name__)
+        else:
+            documented.__signature__ = inspect.Signature([])  # type: ignore[attr-defined]
+        answer = ok(
+            getattr(translator, "answer_model", None), "the answer; with `stream`, server-sent events"
+        )
+        answer[200]["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
+        statuses = errors(400, 401, 403, 404, 413, 429, 502, 503, 504)
+        self.add_api_route(
+            translator.path,
+            documented,
+            methods=["POST"],
+            name=translator.endpoint,
+            tags=[TAG_TEAM],
+            responses={**answer, **statuses},
+        )
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            doc = finish(super().openapi())
+            for name in self._body_schemas:
+                model_examples(doc, name, self._model_names)
+            self.openapi_schema = doc
+        return self.openapi_schema
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -199,6 +270,21 @@ class SwitchboardApp(FastAPI):
                 await lane(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+
+def _add_plain_routes(app: FastAPI) -> None:
+    models = {**ok(ModelList, "the models this key may use"), **errors(401, 503)}
+    app.add_api_route("/v1/models", list_models, methods=["GET"], tags=[TAG_TEAM], responses=models)
+    app.add_api_route(
+        "/healthz", healthz, methods=["GET"], tags=[TAG_OPS], responses={**ok(Health, "alive"), **errors()}
+    )
+    ready = {
+        **ok(Readiness, "ready"),
+        **ok(Readiness, "not ready: no database, or no Redis when limits fail closed", status=503),
+    }
+    app.add_api_route("/readyz", readyz, methods=["GET"], tags=[TAG_OPS], responses={**errors(), **ready})
+    scrape = {**ok(None, "Prometheus text format", media="text/plain"), **errors(401, 403)}
+    app.add_api_route("/metrics", metrics, methods=["GET"], tags=[TAG_OPS], responses=scrape)
 
 
 def create_app(config: Config) -> SwitchboardApp:
@@ -226,14 +312,13 @@ def create_app(config: Config) -> SwitchboardApp:
         docs_url=None,
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
+        model_names=tuple(config.models),
+        dependencies=[Depends(refuse_unknown_query)],
     )
     if docs:
         add_docs(app)
     app.add_translator(ChatCompletions())
-    app.add_api_route("/v1/models", list_models, methods=["GET"])
-    app.add_api_route("/healthz", healthz, methods=["GET"])
-    app.add_api_route("/readyz", readyz, methods=["GET"])
-    app.add_api_route("/metrics", metrics, methods=["GET"])
+    _add_plain_routes(app)
     app.include_router(admin_router())
     app.include_router(usage_router())
     app.include_router(edge_router())  # /v1/edge/connect (WebSocket) and /admin/edge/...

@@ -35,7 +35,10 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no
 
 
 class Translator(Protocol):
-    """One wire API on the pipeline (gateway/translate/)."""
+    """One wire API on the pipeline (gateway/translate/).
+
+    Optional, for /openapi.json only: `body_model` and `answer_model`, pydantic models of the request body
+    and of the JSON answer (`parse` and `render` stay what reads and writes them)."""
 
     endpoint: str
     path: str

@@ -12,21 +12,36 @@ import asyncio
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from gateway.errors import AdminOnly, InvalidRequest, RateLimited
 from gateway.http.auth import authenticate
+from gateway.http.openapi import TAG_TEAM, UsageReport, errors, ok
 from gateway.limits.base import LimitKind, LimitRule
-from gateway.reports import ReportQuery, parse_query, savings_report, usage_report
+from gateway.reports import Dimension, ReportQuery, Source, parse_query, savings_report, usage_report
 from gateway.reports.render import AnyReport, to_csv, to_json
 from gateway.reports.runner import Guard, ReportRunner
 from gateway.services import Services
 
 FORMATS = ("json", "csv")
 T = TypeVar("T")
+_DIM = "|".join(Dimension)
+# Documented shapes only: the values are read as text by `query()`, after authentication.
+GroupBy = Annotated[
+    str | None,
+    Query(
+        description=f"comma-separated dimensions, each at most once: {', '.join(Dimension)}",
+        json_schema_extra={"pattern": f"^(({_DIM})(,({_DIM}))*)?$"},  # empty: totals only
+    ),
+]
+When = Annotated[
+    str | None, Query(description="YYYY-MM-DD (UTC midnight) or ISO 8601 with a time; `until` is exclusive")
+]
+SourceParam = Annotated[str | None, Query(json_schema_extra={"enum": list(Source)})]
+FormatParam = Annotated[str, Query(json_schema_extra={"enum": list(FORMATS)})]
 
 
 @dataclass(slots=True)
@@ -34,13 +49,13 @@ class ReportParams:
     """The reports' query string, as a FastAPI dependency. Nothing is checked until `query()` and
     `output_format()`, so authentication (another dependency) always answers first."""
 
-    group_by: str | None = None  # comma-separated dimensions
-    since: str | None = None
-    until: str | None = None
+    group_by: GroupBy = None
+    since: When = None
+    until: When = None
     team: str | None = None
     model: str | None = None
-    source: str | None = None
-    format: str = "json"
+    source: SourceParam = None
+    format: FormatParam = "json"
 
     def query(self, max_span_days: int, *, team: str | None = None) -> ReportQuery:
         """The `ReportQuery` (with `team` in place of the parameter when given); bad values are 400s."""
@@ -50,7 +65,7 @@ class ReportParams:
             self.until,
             team=team or self.team,
             model=self.model,
-            source=self.source or "auto",
+            source="auto" if self.source is None else self.source,  # `source=` is a 400, as documented
         )
         check_span(query, max_span_days, now=dt.datetime.now(dt.UTC))
         return query
@@ -138,8 +153,12 @@ def own_team(key_team: str, asked: str | None) -> str:
 
 def usage_router() -> APIRouter:
     router = APIRouter()
+    report = {
+        **ok(UsageReport, "this key's team's usage", media="text/csv"),
+        **errors(400, 401, 403, 429, 503),
+    }
 
-    @router.get("/v1/usage")
+    @router.get("/v1/usage", tags=[TAG_TEAM], responses=report)
     async def team_usage(request: Request, params: ReportParams = Depends()) -> Response:
         svc: Services = request.app.state.services
         identity = await authenticate(

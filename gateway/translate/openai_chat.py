@@ -50,10 +50,22 @@ class _StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _document_neutral_fields(schema: dict[str, Any]) -> None:
+    """The published schema: the neutral OpenAI fields with the values accepted, and nothing else."""
+    props = schema.setdefault("properties", {})
+    for name, values in _NEUTRAL_IF.items():
+        neutral: list[Any] = []
+        for value in values:
+            if value not in neutral:  # 0 and 0.0 are one JSON value
+                neutral.append(value)
+        props[name] = {"enum": neutral}
+    schema["additionalProperties"] = False
+
+
 class ChatCompletionBody(BaseModel):
     """`POST /v1/chat/completions` as we accept it."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_document_neutral_fields)
 
     model: str = Field(min_length=1, max_length=256)
     messages: list[_Message] = Field(min_length=1)
@@ -61,10 +73,10 @@ class ChatCompletionBody(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_OUTPUT_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra={"maxItems": 4})
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     user: str | None = Field(default=None, max_length=256)
-    n: int | None = Field(default=None, ge=1, le=128)
+    n: int | None = Field(default=None, ge=1, le=128, json_schema_extra={"maximum": 1})  # n > 1: 400
     stream: bool = False
     stream_options: _StreamOptions | None = None
     tools: list[dict[str, Any]] | None = None
@@ -138,6 +150,33 @@ def _refuse_unsupported(body: ChatCompletionBody) -> None:
                 "its default",
                 param=name,
             )
+
+
+class _AnswerUsage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class _AnswerChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    index: int
+    message: dict[str, Any]
+    logprobs: None
+    finish_reason: str | None
+
+
+class ChatCompletionAnswer(BaseModel):
+    """What `render_completion` writes, for the published schema (rendering itself uses plain dicts)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[_AnswerChoice]
+    usage: _AnswerUsage
 
 
 def _usage_dict(usage: Usage) -> dict[str, int]:
@@ -233,6 +272,8 @@ class ChatCompletions:
 
     endpoint = ENDPOINT
     path = "/v1/chat/completions"
+    body_model = ChatCompletionBody  # published in /openapi.json; `parse` is what reads a body
+    answer_model = ChatCompletionAnswer
 
     def parse(self, raw: bytes) -> ChatCompletionBody:
         return parse_chat_body(raw)

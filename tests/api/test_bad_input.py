@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.support.api_gateway import Gateway
+from tests.support.api_gateway import ADMIN_KEY, Gateway
 
 CASES = [
     ("malformed json", b'{"model": "fast", "messages": [', 400, "invalid_request"),
@@ -119,3 +119,27 @@ def test_errors_carry_request_id(gateway: Gateway) -> None:
     resp = httpx.post(gateway.v1 + "/chat/completions", content=b"{}")
     assert resp.status_code == 401
     assert len(resp.headers["x-request-id"]) == 32
+
+
+def test_unknown_query_parameter_is_refused_by_name(gateway: Gateway) -> None:
+    # Found by schemathesis: `?gruop_by=team` was ignored and the ungrouped report served as if asked for.
+    headers = {"authorization": f"Bearer {gateway.key()}"}
+    resp = httpx.get(gateway.base_url + "/v1/usage", params={"gruop_by": "team"}, headers=headers)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "gruop_by" and "group_by" in error["message"]
+    assert httpx.get(gateway.base_url + "/healthz", params={"x": "1"}).status_code == 400
+    assert httpx.get(gateway.base_url + "/v1/usage", params={"group_by": "team"}, headers=headers).is_success
+
+
+def test_found_by_the_fuzzer_numbers_are_not_dates_and_empty_source_is_refused(gateway: Gateway) -> None:
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    token = {"name": "t", "expires_at": 154262974333323}  # pydantic read it as a Unix time: year 6858
+    resp = httpx.post(gateway.base_url + "/admin/edge/tokens", json=token, headers=admin)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "expires_at", resp.text
+    key = {"team": "alpha", "expires_at": 4102444800}
+    assert httpx.post(gateway.base_url + "/admin/keys", json=key, headers=admin).status_code == 400
+    ok = httpx.post(gateway.base_url + "/admin/keys", json={**key, "expires_at": "2100-01-01"}, headers=admin)
+    assert ok.status_code == 201, ok.text
+    resp = httpx.get(gateway.base_url + "/admin/reports/usage", params={"source": ""}, headers=admin)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "source", resp.text
