@@ -32,8 +32,10 @@ log = logging.getLogger("switchboard.engine")
 
 KERNELS_ENV = "SWITCHBOARD_KERNELS"  # "off" disables the C++ kernels
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("paged_attention.cpp", "gemv.cpp", "rms_norm.cpp", "rope.cpp")
-OP_NAMES = ("paged_attention", "bf16_gemv", "rms_norm", "rope_write")  # what the sources register
+_SOURCES = ("paged_attention.cpp", "gemv.cpp", "rms_norm.cpp", "rope.cpp", "quant_gemv.cpp")
+_HEADERS = ("simd.h", "elementwise_impl.h", "attention_impl.h", "quant_impl.h")
+# what the sources register
+OP_NAMES = ("paged_attention", "bf16_gemv", "rms_norm", "rope_write", "int4_gemv", "int8_gemv", "int4_dequant")
 _STALE_LOCK_S = 600.0  # torch's build lock left by a process killed mid-build (a build takes ~10-60 s)
 _lock = threading.Lock()
 _ops: dict[str, Any] = {}  # op name -> op, filled once the library loaded
@@ -50,6 +52,12 @@ def kernels_disabled() -> bool:
     return os.environ.get(KERNELS_ENV, "").lower() in ("off", "0", "false", "no")
 
 
+def source_digest() -> str:
+    """A hash of every kernel source and header: a changed file never reuses a stale build or choice."""
+    paths = [_CSRC / name for name in (*_SOURCES, *_HEADERS)]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in paths)).hexdigest()[:12]
+
+
 def _build() -> bool:
     import torch
 
@@ -57,7 +65,7 @@ def _build() -> bool:
         log.info("C++ kernels disabled by %s; the engine uses torch's own ops", KERNELS_ENV)
         return False
     sources = [_CSRC / name for name in _SOURCES]
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:12]
+    digest = source_digest()
     build_dir = kernels_dir() / f"{torch.__version__}-{digest}".replace("+", "_")
     try:
         from torch.utils import cpp_extension
@@ -128,7 +136,7 @@ def attach_cpu_kernels(model: Any) -> int:
     if not _loaded():
         return 0
     from backends.local.engine.model import use_cpu_kernels
-    from backends.local.engine.quant import use_gemv_kernel
+    from backends.local.engine.linear_kernels import use_gemv_kernel
 
     count = use_cpu_kernels(model, norm=_ops["rms_norm"], rope=_ops["rope_write"])
     return count + use_gemv_kernel(model) if count else count
