@@ -148,30 +148,77 @@ struct QuantActs {  // M rows of quantized activations
   int64_t k;
 };
 
+#if defined(SB_AVX512) || defined(SB_AVX2)
+// Group 32 on x86, eight blocks at a time: their (scale, zero) pairs widen in one load and the per-block
+// scale products are one vector, so the block loop is integer dots and FMAs with no scalar work.
+// Returns the first block it did not do.
+template <int MC>
+inline int64_t int4_g32_x86(const QuantActs& a, int64_t m0, const uint8_t* wrow, const bf16* srow, facc acc[MC],
+                            facc zacc[MC]) {
+  const int64_t k = a.k, blocks = k / QK;
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(srow + 2 * b));
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(0xFFFF0000u)));
+    const __m256 offset = _mm256_sub_ps(zero, _mm256_mul_ps(_mm256_set1_ps(8.f), scale));
+    __m256 cs[MC];
+    for (int m = 0; m < MC; ++m) {
+      const int64_t xm = (m0 + m) * blocks + b;
+      cs[m] = _mm256_mul_ps(scale, _mm256_loadu_ps(a.d + xm));
+      zacc[m] = _mm256_fmadd_ps(offset, _mm256_loadu_ps(a.s + xm), zacc[m]);
+    }
+    for (int j = 0; j < 8; ++j) {
+      const Q4 w = load_q4(wrow + (b + j) * (QK / 2));
+      const __m256i lane = _mm256_set1_epi32(j);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (m0 + m) * k + (b + j) * QK));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(w.q, xv)), _mm256_permutevar8x32_ps(cs[m], lane), acc[m]);
+      }
+    }
+  }
+  return b;
+}
+#endif
+
 // y[m, row] = x[m] . dequant(W[row]) for rows [begin, end) and MC rows of x starting at m0; y row stride n.
+// Two blocks per iteration into separate accumulators: one chain of dependent FMAs per block would bound the
+// loop by the FMA latency, not by the weight stream.
 template <int MC, typename T>
 inline void int4_rows(const QuantActs& a, int64_t m0, const uint8_t* qw, const bf16* sz, int64_t group,
                       T* y, int64_t n, int64_t begin, int64_t end) {
-  const int64_t k = a.k, blocks = k / QK, per_group = group / QK, groups = k / group;
+  const int64_t k = a.k, blocks = k / QK, per_group = group / QK;
   for (int64_t row = begin; row < end; ++row) {
     const uint8_t* wrow = qw + row * (k / 2);
-    const bf16* srow = sz + row * groups * 2;
-    facc acc[MC];
-    float zero_sum[MC];
-    for (int m = 0; m < MC; ++m) acc[m] = acc_zero(), zero_sum[m] = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
+    const bf16* srow = sz + row * (k / group) * 2;
+    facc acc[2][MC];
+    float zero_sum[2][MC];
+    for (int m = 0; m < MC; ++m) acc[0][m] = acc[1][m] = acc_zero(), zero_sum[0][m] = zero_sum[1][m] = 0.f;
+    auto step = [&](int lane, int64_t b) {
+      const int64_t g = b / per_group;
       const float scale = widen(srow[2 * g]);
       const float offset = widen(srow[2 * g + 1]) - 8.f * scale;  // weight = q * scale + offset
-      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
-        const Q4 w = load_q4(wrow + b * (QK / 2));
-        for (int m = 0; m < MC; ++m) {
-          const int64_t xm = (m0 + m) * blocks + b;
-          acc[m] = acc_q4(acc[m], w, a.q + (m0 + m) * k + b * QK, scale * a.d[xm]);
-          zero_sum[m] += offset * a.s[xm];
-        }
+      const Q4 w = load_q4(wrow + b * (QK / 2));
+      for (int m = 0; m < MC; ++m) {
+        const int64_t xm = (m0 + m) * blocks + b;
+        acc[lane][m] = acc_q4(acc[lane][m], w, a.q + (m0 + m) * k + b * QK, scale * a.d[xm]);
+        zero_sum[lane][m] += offset * a.s[xm];
       }
+    };
+    int64_t b = 0;
+#if defined(SB_AVX512) || defined(SB_AVX2)
+    if (group == QK) {
+      facc zacc[MC];
+      for (int m = 0; m < MC; ++m) zacc[m] = acc_zero();
+      b = int4_g32_x86<MC>(a, m0, wrow, srow, acc[0], zacc);
+      for (int m = 0; m < MC; ++m) zero_sum[1][m] = acc_sum(zacc[m]);
     }
-    for (int m = 0; m < MC; ++m) y[(m0 + m) * n + row] = from_float<T>(acc_sum(acc[m]) + zero_sum[m]);
+#endif
+    for (; b + 2 <= blocks; b += 2) step(0, b), step(1, b + 1);
+    if (b < blocks) step(0, b);
+    for (int m = 0; m < MC; ++m)
+      y[(m0 + m) * n + row] =
+          from_float<T>(acc_sum(acc[0][m]) + acc_sum(acc[1][m]) + (zero_sum[0][m] + zero_sum[1][m]));
   }
 }
 
@@ -181,15 +228,18 @@ inline void int8_rows(const QuantActs& a, int64_t m0, const int8_t* qw, const bf
   const int64_t k = a.k, blocks = k / QK;
   for (int64_t row = begin; row < end; ++row) {
     const int8_t* wrow = qw + row * k;
-    facc acc[MC];
-    for (int m = 0; m < MC; ++m) acc[m] = acc_zero();
-    for (int64_t b = 0; b < blocks; ++b) {
+    facc acc[2][MC];
+    for (int m = 0; m < MC; ++m) acc[0][m] = acc[1][m] = acc_zero();
+    auto step = [&](int lane, int64_t b) {
       const Q8 w = load_q8(wrow + b * QK);
       for (int m = 0; m < MC; ++m)
-        acc[m] = acc_q8(acc[m], w, a.q + (m0 + m) * k + b * QK, a.d[(m0 + m) * blocks + b]);
-    }
+        acc[lane][m] = acc_q8(acc[lane][m], w, a.q + (m0 + m) * k + b * QK, a.d[(m0 + m) * blocks + b]);
+    };
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) step(0, b), step(1, b + 1);
+    if (b < blocks) step(0, b);
     const float scale = widen(scales[row]);
-    for (int m = 0; m < MC; ++m) y[(m0 + m) * n + row] = from_float<T>(acc_sum(acc[m]) * scale);
+    for (int m = 0; m < MC; ++m) y[(m0 + m) * n + row] = from_float<T>((acc_sum(acc[0][m]) + acc_sum(acc[1][m])) * scale);
   }
 }
 
