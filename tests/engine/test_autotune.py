@@ -39,6 +39,7 @@ class Loaded:
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "autotune.json")
     monkeypatch.setattr(autotune, "DECODE_STEPS", 2)
+    monkeypatch.setattr(autotune, "ROUNDS", 2)
     return tmp_path
 
 
