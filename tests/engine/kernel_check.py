@@ -43,7 +43,7 @@ def close(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, rel: float
 
 
 def quantize_acts(x: torch.Tensor) -> torch.Tensor:
-    """x (M, K) -> the int8-per-32-block activations the int kernels multiply by, as float64 (same float32 ops)."""
+    """x (M, K) -> the int8-per-32-block activations the int kernels multiply by, as float64."""
     xf = x.float().reshape(x.shape[0], -1, 32)
     d = xf.abs().amax(-1, keepdim=True) / 127
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
@@ -61,7 +61,9 @@ def check_gemv(ops, g: torch.Generator) -> None:  # noqa: ANN001
                 scale = x.double().abs() @ w.double().abs().T + 1
                 got = ops.bf16_gemv(x, w, b)
                 assert got.dtype == dtype
-                close(got, want, scale, 2**-7 if dtype == torch.bfloat16 else 1e-5, ("gemv", k, n, rows, dtype))
+                close(
+                    got, want, scale, 2**-7 if dtype == torch.bfloat16 else 1e-5, ("gemv", k, n, rows, dtype)
+                )
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -73,12 +75,18 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def check_int(ops, g: torch.Generator) -> None:  # noqa: ANN001
     for k, n, group in ((576, 960, 32), (64, 16, 32), (96, 37, 32), (256, 48, 64), (256, 33, 128)):
         q = torch.randint(0, 16, (n, k), generator=g)
-        sz = torch.stack([torch.rand(n, k // group, generator=g) / 8, torch.randn(n, k // group, generator=g) / 4], -1)
+        sz = torch.stack(
+            [torch.rand(n, k // group, generator=g) / 8, torch.randn(n, k // group, generator=g) / 4], -1
+        )
         sz = sz.bfloat16().contiguous()
-        w4 = ((q.double() - 8).reshape(n, -1, group) * sz[..., :1].double() + sz[..., 1:].double()).reshape(n, k)
+        w4 = ((q.double() - 8).reshape(n, -1, group) * sz[..., :1].double() + sz[..., 1:].double()).reshape(
+            n, k
+        )
         packed = pack_int4(q)
         for dtype in (torch.float32, torch.bfloat16):
-            assert torch.allclose(ops.int4_dequant(packed, sz, group, dtype).double(), w4, rtol=2**-7, atol=1e-6)
+            assert torch.allclose(
+                ops.int4_dequant(packed, sz, group, dtype).double(), w4, rtol=2**-7, atol=1e-6
+            )
         q8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         s8 = (torch.rand(n, generator=g) / 64).bfloat16()
         w8 = q8.double() * s8.double()[:, None]
@@ -93,9 +101,21 @@ def check_int(ops, g: torch.Generator) -> None:  # noqa: ANN001
                     assert got.dtype == dtype and got.shape == (rows, n)
                     scale = xq.abs() @ w.abs().T + 1e-3
                     # Against the quantized activations: float32 summation (and a bf16 output) only.
-                    close(got, xq @ w.T, scale, 2**-8 if dtype == torch.bfloat16 else 1e-5, (name, k, n, rows, dtype))
-                    # Against float64 x: the activation quantization's error, bounded by half a step per block.
-                    close(got, x.double() @ w.T, x.double().abs() @ w.abs().T + 1e-3, 2**-6, (name, "x", k, n, rows))
+                    close(
+                        got,
+                        xq @ w.T,
+                        scale,
+                        2**-8 if dtype == torch.bfloat16 else 1e-5,
+                        (name, k, n, rows, dtype),
+                    )
+                    # Against float64 x: the activation quantization's error (half a step per block).
+                    close(
+                        got,
+                        x.double() @ w.T,
+                        x.double().abs() @ w.abs().T + 1e-3,
+                        2**-6,
+                        (name, "x", k, n, rows),
+                    )
 
 
 def check_attention(ops, g: torch.Generator) -> None:  # noqa: ANN001
@@ -124,7 +144,13 @@ def check_norm_rope(ops, g: torch.Generator) -> None:  # noqa: ANN001
         want = weight * F.rms_norm(x.float(), (dim,), eps=1e-5).to(torch.bfloat16)
         assert torch.equal(ops.rms_norm(x, weight, 1e-5), want), ("rms_norm", dim)
         xf, wf = x.float(), weight.float()
-        close(ops.rms_norm(xf, wf, 1e-5), wf.double() * F.rms_norm(xf.double(), (dim,), eps=1e-5), 1, 1e-5, "norm")
+        close(
+            ops.rms_norm(xf, wf, 1e-5),
+            wf.double() * F.rms_norm(xf.double(), (dim,), eps=1e-5),
+            1,
+            1e-5,
+            "norm",
+        )
     for dtype in (torch.float32, torch.bfloat16):
         for head_dim in (64, 36):
             n_heads, n_kv, tokens, half = 9, 3, 5, head_dim // 2
@@ -137,9 +163,15 @@ def check_norm_rope(ops, g: torch.Generator) -> None:  # noqa: ANN001
             q = ops.rope_write(qkv, cos, sin, slots, k_cache, v_cache, n_heads)
             c, s = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
             heads = qkv[:, : n_heads + n_kv]
-            rotated = heads * c + torch.cat([-heads[..., half:], heads[..., :half]], -1) * s  # torch's rounding
+            rotated = (
+                heads * c + torch.cat([-heads[..., half:], heads[..., :half]], -1) * s
+            )  # torch's rounding
             assert torch.equal(q, rotated[:, :n_heads]), ("rope q", dtype, head_dim)
-            assert torch.equal(k_cache.flatten(0, 1)[slots], rotated[:, n_heads:]), ("rope k", dtype, head_dim)
+            assert torch.equal(k_cache.flatten(0, 1)[slots], rotated[:, n_heads:]), (
+                "rope k",
+                dtype,
+                head_dim,
+            )
             assert torch.equal(v_cache.flatten(0, 1)[slots], qkv[:, n_heads + n_kv :]), ("rope v", dtype)
 
 

@@ -62,7 +62,9 @@ def test_neon_paths_match_double_loops_under_qemu(march: str, tmp_path: Path) ->
 
     compiler, emulator = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
     if compiler is None or emulator is None:
-        pytest.skip("NEON check needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt: g++-aarch64-linux-gnu qemu-user)")
+        pytest.skip(
+            "NEON check needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt: g++-aarch64-linux-gnu qemu-user)"
+        )
     binary = tmp_path / "neon_check"
     csrc = ROOT / "backends" / "local" / "engine" / "csrc"
     subprocess.run(
