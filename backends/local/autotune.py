@@ -159,13 +159,14 @@ def time_candidates(hf_model: Any, pool: list[tuple[str, str]]) -> tuple[Timing,
     On a shared machine a burst of other work slows whichever candidate runs at that moment; interleaving
     spreads it over all of them, and the minimum of the rounds is the figure least touched by it.
     """
-    from backends.local.warmup import time_steps
+    from backends.local.warmup import time_steps, timing_tables
 
     runners = [build_candidate(hf_model, dtype, quant) for dtype, quant in pool]
+    tables = [timing_tables(r, steps=DECODE_STEPS, prefill_tokens=PREFILL_TOKENS) for r in runners]
     best = [(float("inf"),) * 3 for _ in pool]
     for _ in range(ROUNDS):
         for i, runner in enumerate(runners):
-            got = time_steps(runner, steps=DECODE_STEPS, prefill_tokens=PREFILL_TOKENS)
+            got = time_steps(runner, tables[i], steps=DECODE_STEPS, prefill_tokens=PREFILL_TOKENS)
             best[i] = tuple(min(a, b) for a, b in zip(best[i], got, strict=True))
     return tuple(
         Timing(dtype, quant, d1 * 1e3, d8 * 1e3, pf * 1e3)

@@ -33,20 +33,26 @@ def _decode(runner: Any, tables: list[tuple[int, ...]], pos: int) -> Any:
     return runner.execute(StepPlan(tuple(SeqChunk(s, (11,), pos, table) for s, table in enumerate(tables))))
 
 
-def time_steps(runner: Any, *, steps: int, prefill_tokens: int) -> tuple[float, float, float]:
-    """Seconds per decode step at 1 and 8 rows and per prefill chunk of `prefill_tokens`, after a warm-up."""
-    context = prefill_tokens + steps + 2
-    tables = _blocks_for(runner, 8, context)
+def timing_tables(runner: Any, *, steps: int, prefill_tokens: int) -> list[tuple[int, ...]]:
+    """Prefill 8 sequences once so `time_steps` can decode them (again and again) at 1 and 8 rows."""
+    tables = _blocks_for(runner, 8, prefill_tokens + steps + 2)
     if tables is None:
         raise ValueError("the timing cache is too small for 8 sequences; raise its kv_cache_mb")
-    _prefill(runner, tables[:1], prefill_tokens)  # warm-up
+    _prefill(runner, tables, prefill_tokens)
+    _decode(runner, tables, prefill_tokens)  # warm-up of both decode shapes
+    _decode(runner, tables[:1], prefill_tokens)
+    return tables
+
+
+def time_steps(
+    runner: Any, tables: list[tuple[int, ...]], *, steps: int, prefill_tokens: int
+) -> tuple[float, float, float]:
+    """Seconds per decode step at 1 and 8 rows and per prefill chunk of `prefill_tokens` (`timing_tables`)."""
     started = time.perf_counter()
     _prefill(runner, tables[:1], prefill_tokens)
     prefill_s = time.perf_counter() - started
-    _prefill(runner, tables, prefill_tokens)
     result = []
     for rows in (1, 8):
-        _decode(runner, tables[:rows], prefill_tokens)  # warm-up
         started = time.perf_counter()
         for step in range(steps):
             _decode(runner, tables[:rows], prefill_tokens + 1 + step)
