@@ -66,7 +66,8 @@ class Choice:
 
 def cpu_description() -> tuple[str, tuple[str, ...]]:
     """(CPU model name, sorted feature flags) from /proc/cpuinfo; the platform name elsewhere."""
-    model, flags = platform.processor() or platform.machine(), ()
+    model = platform.processor() or platform.machine()
+    flags: tuple[str, ...] = ()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -163,7 +164,7 @@ def time_candidates(hf_model: Any, pool: list[tuple[str, str]]) -> tuple[Timing,
 
     runners = [build_candidate(hf_model, dtype, quant) for dtype, quant in pool]
     tables = [timing_tables(r, steps=DECODE_STEPS, prefill_tokens=PREFILL_TOKENS) for r in runners]
-    best = [(float("inf"),) * 3 for _ in pool]
+    best: list[tuple[float, ...]] = [(float("inf"),) * 3 for _ in pool]
     for _ in range(ROUNDS):
         for i, runner in enumerate(runners):
             got = time_steps(runner, tables[i], steps=DECODE_STEPS, prefill_tokens=PREFILL_TOKENS)
