@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from backends.local.engine.engine import NoProposer, Proposer
 from backends.local.engine.kv_cache import BlockAllocator
@@ -22,10 +23,11 @@ from backends.local.engine.scheduler import Scheduler, SchedulerConfig
 from backends.local.loader import LoadedModel, current_rss_mb
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-QUANT_MODES = ("none", "int8", "int4")
+QUANT_MODES = ("auto", "none", "int8", "int4")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash", "paged")  # attention.ATTN_CHOICES, without torch
 SPEC_KINDS = ("none", "draft", "self", "ngram")
 
@@ -33,8 +35,8 @@ SPEC_KINDS = ("none", "draft", "self", "ngram")
 @dataclass(frozen=True, slots=True)
 class EngineOptions:
     device: str = "cpu"
-    dtype: str = "float32"
-    quant: str = "none"
+    dtype: str = "auto"  # timed on this machine at first start (autotune.py); cached
+    quant: str = "auto"
     attn: str = "auto"
     spec: str = "none"
     draft_model: str | None = None
@@ -45,6 +47,7 @@ class EngineOptions:
     block_size: int = 16
     max_prefill_tokens: int = 512
     release_source: bool = False  # free the transformers weights once converted (the server does)
+    warm_up: bool = True  # run every prefill/decode shape and the sampler once before reporting ready
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -76,6 +79,9 @@ class BuiltEngine:
     stop_token_ids: tuple[int, ...]
     context_tokens: int
     vocab_size: int
+    dtype: str = "float32"  # what `auto` resolved to
+    quant: str = "none"
+    autotune: Any = None  # autotune.Choice when dtype or quant was `auto` on CPU
 
 
 @contextmanager
@@ -110,6 +116,17 @@ def stop_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def available_cores() -> int:
+    """Cores this process may run on: the engine thread's default torch thread count.
+
+    Explicit, because a thread started after `build.one_compute_thread()` would inherit its one thread.
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def one_compute_thread() -> None:
     """Give the calling thread one torch compute thread; call it on every thread that loads or builds.
 
@@ -135,6 +152,7 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
+    options, choice = resolve_auto(loaded, options)
     # Compute threads belong to the engine thread (`Engine(threads=...)`), not this one: `one_compute_thread`.
     with stage(f"engine model ({options.dtype} on {options.device})"):
         model = build_model(
@@ -177,6 +195,17 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
     if options.device == "cpu":
         # RMSNorm, RoPE + KV write, and for bf16 the GEMV of decode rows: C++ kernels (docs/ENGINE.md).
         log.info("C++ CPU kernels on %d modules", attach_cpu_kernels(model))
+    if options.warm_up:
+        from backends.local.warmup import warm_up
+
+        threads = options.threads or available_cores()
+        with stage("warm-up (prefill and decode shapes, sampler)"):
+            in_thread(
+                lambda: warm_up(
+                    runner, max_batch=options.max_batch, max_prefill_tokens=options.max_prefill_tokens
+                ),
+                threads,
+            )
     config = SchedulerConfig(
         max_batch=options.max_batch,
         max_prefill_tokens=options.max_prefill_tokens,
@@ -190,7 +219,66 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
         stop_token_ids=stops,
         context_tokens=runner.max_seq_len,
         vocab_size=runner.vocab_size,
+        dtype=options.dtype,
+        quant=options.quant,
+        autotune=choice,
     )
+
+
+def in_thread(fn: Callable[[], T], threads: int) -> T:
+    """Run `fn` on a short-lived thread with `threads` torch threads, and return its result.
+
+    Timing and warm-up need the engine's thread count, but an OpenMP team left on this (loading) thread
+    would slow the engine thread's team for good (see `one_compute_thread`); a team dies with its thread.
+    """
+    import torch
+
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        torch.set_num_threads(threads)
+        try:
+            result.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=body, name="switchboard-engine-tune")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+def resolve_auto(loaded: LoadedModel, options: EngineOptions) -> tuple[EngineOptions, Any]:
+    """Replace `auto` dtype/quant: timed candidates on CPU (autotune.py), bf16 and no quantization on CUDA."""
+    if "auto" not in (options.dtype, options.quant):
+        return options, None
+    if options.device != "cpu":
+        dtype = "bfloat16" if options.dtype == "auto" else options.dtype
+        return replace(options, dtype=dtype, quant="none" if options.quant == "auto" else options.quant), None
+    from backends.local import autotune
+    from backends.local.engine.kernels import kernel_isa
+
+    threads = options.threads or available_cores()
+    with stage("autotune (dtype, quant)"):
+        choice = in_thread(
+            lambda: autotune.choose(loaded, dtype=options.dtype, quant=options.quant, threads=threads),
+            threads,
+        )
+    log.info(
+        "autotune (%s, kernels %s, %d threads; %s): dtype %s, quant %s",
+        "cached" if choice.cached else "timed now",
+        kernel_isa(),
+        threads,
+        autotune.cache_path(),
+        choice.dtype,
+        choice.quant,
+    )
+    for line in choice.rows():
+        log.info("  %s", line)
+    return replace(options, dtype=choice.dtype, quant=choice.quant), choice
 
 
 def _proposer(options: EngineOptions, model: Any) -> Proposer:

@@ -9,8 +9,9 @@ reads (gateway/live/engine_load.py) are `switchboard_engine_queue_depth` and
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -91,6 +92,28 @@ class EngineMetrics:
             buckets=ITL_BUCKETS_S,
             registry=self.registry,
         )
+
+    def describe(self, config: dict[str, str], autotune: Any = None) -> None:
+        """Export what the engine runs (`config` labels) and the candidates' timings when `auto` was timed."""
+        Info(
+            f"{PREFIX}_config", "Compute dtype, quantization and kernel ISA in use", registry=self.registry
+        ).info(config)
+        if autotune is None:
+            return
+        gauge = Gauge(
+            f"{PREFIX}_autotune_step_ms",
+            "Timed step of each autotune candidate (shape: decode1, decode8, prefill64)",
+            ["dtype", "quant", "shape", "chosen"],
+            registry=self.registry,
+        )
+        for row in autotune.table:
+            chosen = str((row.dtype, row.quant) == (autotune.dtype, autotune.quant)).lower()
+            for shape, value in (
+                ("decode1", row.decode1_ms),
+                ("decode8", row.decode8_ms),
+                ("prefill64", row.prefill_ms),
+            ):
+                gauge.labels(row.dtype, row.quant, shape, chosen).set(value)
 
     def watch(self, stats: Callable[[], EngineStats]) -> None:
         """Export the engine's load (queue depth, running, KV blocks, speculation) on every scrape."""

@@ -180,6 +180,7 @@ async def completions(request: Request) -> Response:
             default_max_tokens=min(COMPLETIONS_DEFAULT_MAX_TOKENS, state.default_max_tokens),
             kv_tokens=state.engine.max_kv_tokens(),
             prompt_param="prompt",
+            defaults=state.sampling,
         )
         gen = start(state, prompt_ids, params)
     except ApiError:
@@ -291,6 +292,18 @@ async def _serve_until_stopped(server: Any, ready_message: str) -> None:
     await serving
 
 
+class QuietPolls(logging.Filter):
+    """Drops the access-log lines of successful /metrics and /health polls (a scraper's every 5-15 s)."""
+
+    QUIET_PATHS = ("/metrics", "/health")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) >= 5 and args[2] in self.QUIET_PATHS:
+            return not (isinstance(args[4], int) and args[4] < 400)
+        return True
+
+
 def serve_engine(
     model_spec: str,
     host: str,
@@ -322,9 +335,11 @@ def serve_engine(
         default_max_tokens=max_tokens_default,
         options=replace(options, release_source=True),
     )
+    config = app.state.engine.config
+    logging.getLogger("uvicorn.access").addFilter(QuietPolls())
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     ready = (
-        f"engine ready on http://{host}:{port} (model {loaded.name}, {options.dtype} on {options.device}, "
-        f"quant {options.quant}, load {time.perf_counter() - started_s:.1f} s)"
+        f"engine ready on http://{host}:{port} (model {loaded.name}, {config['dtype']} on {options.device}, "
+        f"quant {config['quant']}, kernels {config['kernels']}, load {time.perf_counter() - started_s:.1f} s)"
     )
     asyncio.run(_serve_until_stopped(server, ready))

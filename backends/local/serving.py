@@ -9,13 +9,14 @@ raises `ApiError` 500 `engine_error`.
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 from backends.base import FinishReason
-from backends.local.build import EngineOptions, build_engine_parts
+from backends.local.build import EngineOptions, available_cores, build_engine_parts
 from backends.local.engine.engine import Engine, Failed, Finished, RequestHandle, Tokens
+from backends.local.engine.kernels import kernel_isa
 from backends.local.engine.scheduler import FinishCause, RequestTooLarge, SamplingParams
 from backends.local.generate import StopStringDecoder
 from backends.local.loader import LoadedModel
@@ -24,10 +25,14 @@ from backends.local.wire import (
     DEFAULT_MAX_TOKENS,
     ApiError,
     ChatCompletionBody,
+    SamplingDefaults,
     encode_chat,
     reject_unsupported,
+    sampling_defaults,
     sampling_params,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +44,8 @@ class EngineState:
     context_tokens: int
     vocab_size: int
     default_max_tokens: int
+    sampling: SamplingDefaults = SamplingDefaults()
+    config: dict[str, str] = field(default_factory=dict)  # what `auto` chose, the kernels' ISA
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,17 +123,6 @@ class Generation:
         raise failure(Failed("generation ended without a result"))
 
 
-def available_cores() -> int:
-    """Cores this process may run on: the engine thread's default torch thread count.
-
-    Explicit, because a thread started after `build.one_compute_thread()` would inherit its one thread.
-    """
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def build_engine_state(
     loaded: LoadedModel,
     options: EngineOptions,
@@ -148,6 +144,15 @@ def build_engine_state(
         threads=options.threads or available_cores(),
     )
     engine_metrics.watch(engine.stats)
+    sampling = sampling_defaults(getattr(loaded.model, "generation_config", None), loaded.name)
+    log.info(
+        "requests without temperature/top_p sample with temperature %.2g, top_p %.2g (%s)",
+        sampling.temperature,
+        sampling.top_p,
+        sampling.source,
+    )
+    config = {"dtype": parts.dtype, "quant": parts.quant, "kernels": kernel_isa()}
+    engine_metrics.describe(config, parts.autotune)
     return EngineState(
         loaded=loaded,
         engine=engine,
@@ -156,6 +161,8 @@ def build_engine_state(
         context_tokens=parts.context_tokens,
         vocab_size=parts.vocab_size,
         default_max_tokens=default_max_tokens,
+        sampling=sampling,
+        config=config,
     )
 
 
@@ -188,5 +195,6 @@ def start_chat(state: EngineState, body: ChatCompletionBody) -> Generation:
         state.context_tokens,
         default_max_tokens=state.default_max_tokens,
         kv_tokens=state.engine.max_kv_tokens(),
+        defaults=state.sampling,
     )
     return start(state, prompt_ids, params)

@@ -10,6 +10,7 @@ and never beyond the room left in the context or the KV cache.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -64,8 +65,8 @@ class ChatCompletionBody(BaseModel):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # None: the model's default
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -85,8 +86,8 @@ class CompletionBody(BaseModel):
     model: str
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)  # None: the model's default
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = 1
     best_of: int | None = None
     stream: bool = False
@@ -217,6 +218,34 @@ def encode_prompt(
     return ids
 
 
+# Model-card recommendations for models whose generation config carries none (the GGUF packages ship none).
+# SmolLM2's card samples with temperature 0.2 and top_p 0.9; OpenAI's own defaults are 1.0 and 1.0.
+RECOMMENDED_SAMPLING = {"smollm2": (0.2, 0.9)}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """What a request that leaves temperature / top_p unset samples with, and where the values came from."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    source: str = "OpenAI defaults"
+
+
+def sampling_defaults(generation_config: Any, model_name: str) -> SamplingDefaults:
+    """The model's recommended sampling, as vLLM takes it: the generation config's explicit temperature /
+    top_p (when it samples), else the model card's (`RECOMMENDED_SAMPLING`), else OpenAI's 1.0 / 1.0."""
+    explicit = generation_config.to_diff_dict() if generation_config is not None else {}
+    if explicit.get("do_sample", True) and ("temperature" in explicit or "top_p" in explicit):
+        return SamplingDefaults(
+            float(explicit.get("temperature", 1.0)), float(explicit.get("top_p", 1.0)), "generation config"
+        )
+    for prefix, (temperature, top_p) in RECOMMENDED_SAMPLING.items():
+        if model_name.lower().startswith(prefix):
+            return SamplingDefaults(temperature, top_p, f"{prefix} model card")
+    return SamplingDefaults()
+
+
 def sampling_params(
     body: ChatCompletionBody | CompletionBody,
     prompt_tokens: int,
@@ -225,6 +254,7 @@ def sampling_params(
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     kv_tokens: int | None = None,
     prompt_param: str = "messages",
+    defaults: SamplingDefaults | None = None,
 ) -> SamplingParams:
     """Check the token budget and stop strings; an absent max_tokens means min(default, room left).
 
@@ -255,10 +285,11 @@ def sampling_params(
         # The last sampled token is never cached, so a cache of kv_tokens positions allows one more.
         kv_room = room if kv_tokens is None else kv_tokens + 1 - prompt_tokens
         requested = max(1, min(default_max_tokens, room, kv_room))
+    defaults = defaults or SamplingDefaults()
     return SamplingParams(
         max_tokens=requested,
-        temperature=body.temperature,
-        top_p=body.top_p,
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
         stop=stop,
         seed=body.seed,
     )

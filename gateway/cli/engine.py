@@ -22,8 +22,10 @@ def engine_serve(
         int, typer.Option(min=1, help="Completion cap for chat requests that send no max_tokens.")
     ] = 1024,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32 (exact) | bfloat16 (faster) | float16.")] = "float32",
-    quant: Annotated[str, typer.Option(help="Weight quantization: none | int8 | int4.")] = "none",
+    dtype: Annotated[str, typer.Option(help="auto (timed) | float32 | bfloat16 | float16.")] = "auto",
+    quant: Annotated[
+        str, typer.Option(help="Weight quantization: auto (timed) | none | int8 | int4.")
+    ] = "auto",
     attn: Annotated[
         str,
         typer.Option(

@@ -20,7 +20,7 @@ _ENGINE_READY_TIMEOUT_S = 600.0
 
 def _start_engine(port: int) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "gateway.cli", "engine", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--dtype", "bfloat16"]  # about twice fp32's decode speed on CPU (docs/ENGINE.md)
+    cmd += ["--dtype", "auto", "--quant", "auto"]  # timed on this machine at first start (docs/ENGINE.md)
     return subprocess.Popen(cmd)
 
 

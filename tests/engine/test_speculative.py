@@ -238,7 +238,8 @@ CHAT = "Write a short friendly paragraph about why people enjoy walking in the p
 async def timed_generation(loaded: Any, spec: str, prompt_ids: list[int], max_tokens: int) -> Any:
     from backends.local.build import EngineOptions, build_engine_parts
 
-    parts = build_engine_parts(loaded, EngineOptions(spec=spec, kv_cache_mb=128.0, num_spec_tokens=6))
+    options = EngineOptions(spec=spec, dtype="float32", quant="none", kv_cache_mb=128.0, num_spec_tokens=6)
+    parts = build_engine_parts(loaded, options)
     engine = Engine(
         parts.runner, parts.scheduler, stop_token_ids=parts.stop_token_ids, proposer=parts.proposer
     )

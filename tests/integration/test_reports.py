@@ -529,9 +529,9 @@ def test_a_window_from_year_one_reads_only_the_rollups_that_exist(ledger: Ledger
 
 
 def test_a_tripped_guard_stops_the_report(ledger: Ledger) -> None:
-    from gateway.reports.runner import Guard, ReportCancelled
-
     from sqlalchemy.exc import OperationalError
+
+    from gateway.reports.runner import Guard, ReportCancelled
 
     guard = Guard(60.0)
     guard.cancel()

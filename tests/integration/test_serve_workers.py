@@ -27,8 +27,8 @@ from typer.testing import CliRunner
 
 from gateway.cli import app
 from gateway.store import db, keys
-from tests.support.services import REDIS_URL
 from tests.support.replicas import FakeUpstream, free_port, merged, to_toml
+from tests.support.services import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[2]
 TEAM = "workers"

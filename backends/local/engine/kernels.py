@@ -31,9 +31,17 @@ from typing import Any
 log = logging.getLogger("switchboard.engine")
 
 KERNELS_ENV = "SWITCHBOARD_KERNELS"  # "off" disables the C++ kernels
+# "avx2" builds without AVX-512 (with ATEN_CPU_CAPABILITY=avx2 for torch: how an AVX2-only CPU runs), "scalar"
+# the reference loops; default "native" (-march=native, the widest the CPU has).
+ISA_ENV = "SWITCHBOARD_KERNEL_ISA"
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "scalar": ["-DSB_FORCE_SCALAR"]}
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("paged_attention.cpp", "gemv.cpp", "rms_norm.cpp", "rope.cpp")
-OP_NAMES = ("paged_attention", "bf16_gemv", "rms_norm", "rope_write")  # what the sources register
+_SOURCES = ("paged_attention.cpp", "gemv.cpp", "rms_norm.cpp", "rope.cpp", "quant_gemv.cpp")
+_HEADERS = ("simd.h", "elementwise_impl.h", "attention_impl.h", "quant_impl.h")
+# what the sources register
+OP_NAMES = (
+    "paged_attention", "bf16_gemv", "rms_norm", "rope_write", "int4_gemv", "int8_gemv", "int4_dequant"
+)  # fmt: skip
 _STALE_LOCK_S = 600.0  # torch's build lock left by a process killed mid-build (a build takes ~10-60 s)
 _lock = threading.Lock()
 _ops: dict[str, Any] = {}  # op name -> op, filled once the library loaded
@@ -46,8 +54,21 @@ def kernels_dir() -> Path:
     return default_cache_root() / "kernels"
 
 
+def kernel_isa_setting() -> str:
+    isa = os.environ.get(ISA_ENV, "native").lower() or "native"
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV}={isa} is unknown; use one of {', '.join(ISA_FLAGS)}")
+    return isa
+
+
 def kernels_disabled() -> bool:
     return os.environ.get(KERNELS_ENV, "").lower() in ("off", "0", "false", "no")
+
+
+def source_digest() -> str:
+    """A hash of every kernel source and header: a changed file never reuses a stale build or choice."""
+    paths = [_CSRC / name for name in (*_SOURCES, *_HEADERS)]
+    return hashlib.sha256(b"".join(path.read_bytes() for path in paths)).hexdigest()[:12]
 
 
 def _build() -> bool:
@@ -57,8 +78,10 @@ def _build() -> bool:
         log.info("C++ kernels disabled by %s; the engine uses torch's own ops", KERNELS_ENV)
         return False
     sources = [_CSRC / name for name in _SOURCES]
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:12]
-    build_dir = kernels_dir() / f"{torch.__version__}-{digest}".replace("+", "_")
+    digest = source_digest()
+    isa = kernel_isa_setting()
+    suffix = "" if isa == "native" else f"-{isa}"
+    build_dir = kernels_dir() / f"{torch.__version__}-{digest}{suffix}".replace("+", "_")
     try:
         from torch.utils import cpp_extension
 
@@ -68,7 +91,7 @@ def _build() -> bool:
             name="switchboard_kernels",
             sources=[str(path) for path in sources],
             # -ffp-contract=off: no FMA torch would not do, so rope/norm round exactly as the torch path.
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *ISA_FLAGS[isa]],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
@@ -83,6 +106,7 @@ def _build() -> bool:
         )
         return False
     _ops.update({name: getattr(torch.ops.switchboard, name) for name in OP_NAMES})
+    log.info("C++ kernels: %s paths (%s=%s)", torch.ops.switchboard.kernel_isa(), ISA_ENV, isa)
     return True
 
 
@@ -114,6 +138,15 @@ def _loaded() -> bool:
         return _built[0]
 
 
+def kernel_isa() -> str:
+    """The vector paths the loaded kernels run ("avx512+vnni+bf16", "avx2+fma", "neon", "scalar") or "off"."""
+    if not _loaded():
+        return "off"
+    import torch
+
+    return str(torch.ops.switchboard.kernel_isa())
+
+
 def kernel_op(name: str) -> Callable[..., Any] | None:
     """`torch.ops.switchboard.<name>` (one of `OP_NAMES`), building the kernels on the first call; None
     without them."""
@@ -127,8 +160,8 @@ def attach_cpu_kernels(model: Any) -> int:
     """
     if not _loaded():
         return 0
+    from backends.local.engine.linear_kernels import use_gemv_kernel
     from backends.local.engine.model import use_cpu_kernels
-    from backends.local.engine.quant import use_gemv_kernel
 
     count = use_cpu_kernels(model, norm=_ops["rms_norm"], rope=_ops["rope_write"])
     return count + use_gemv_kernel(model) if count else count

@@ -102,6 +102,26 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+INT_KERNEL_MAX_ROWS = 32  # int4_gemv / int8_gemv take up to this many rows; more go to a GEMM
+
+
+def int_kernel(name: str) -> Any:
+    """The C++ int kernel `name`, or None without the kernels (then torch's own int kernels run)."""
+    from backends.local.engine.kernels import kernel_op
+
+    return kernel_op(name)
+
+
+def rows_input(x: Tensor, in_features: int, padded_in_features: int) -> Tensor:
+    """(..., K) -> (M, K_padded) contiguous float32 or bf16 (x's dtype when it is one of those)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    if x2.dtype not in (torch.float32, torch.bfloat16):
+        x2 = x2.float()
+    if padded_in_features != in_features:
+        x2 = F.pad(x2, (0, padded_in_features - in_features))
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
 def _kernel_input(x: Tensor, in_features: int, padded_in_features: int) -> Tensor:
     """(..., K) any float dtype -> (M, K_padded) contiguous bf16, zero columns matching the zero weights.
 
@@ -151,6 +171,16 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return q, scales_and_zeros
 
 
+def pack_int4_blocks(q: Tensor) -> Tensor:
+    """(N, K) int32 in 0..15, K % 32 == 0 -> (N, K/2) uint8: per 32-block, byte j = q[j] | q[j + 16] << 4.
+
+    The `int4_gemv` layout (csrc/quant_impl.h): one 16-byte load gives a block's 32 nibbles in order after a
+    mask and a shift, as llama.cpp's 4-bit blocks do.
+    """
+    blocks = q.to(torch.uint8).reshape(q.shape[0], -1, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], -1)
+
+
 def dequantize_int4(q: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
     """Inverse of `quantize_int4` in float32: the weight the int4 kernel multiplies by."""
     n, k = q.shape
@@ -191,6 +221,11 @@ class Int8Linear(nn.Module):
         return (self.weight.float() * self.scales.float()[:, None])[:, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        op = int_kernel("int8_gemv") if 0 < rows <= INT_KERNEL_MAX_ROWS else None
+        if op is not None and self.padded_in_features % 32 == 0:
+            out = op(rows_input(x, self.in_features, self.padded_in_features), self.weight, self.scales)
+            return _kernel_output(out, x, self.bias, self.out_features)
         x2 = _kernel_input(x, self.in_features, self.padded_in_features)
         out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         return _kernel_output(out, x, self.bias, self.out_features)
@@ -202,18 +237,24 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = bf16(x) @ W.T + bias with W[n, k] = (q[n, k] - 8) * scale[k // gs, n] + zero[k // gs, n].
+    """y = x @ W.T + bias with W[n, k] = (q[n, k] - 8) * scale[n, k // gs] + zero[n, k // gs].
 
-    `weight` is q packed by `_convert_weight_to_int4pack_for_cpu`: (N, K_padded / 2) uint8, in a blocked
-    layout only the kernel reads. K is zero-padded to a multiple of `group_size`.
+    Two packings of the same q, chosen at construction. `switchboard` (when the C++ kernels built): `weight`
+    (N, K_padded / 2) uint8 in 32-element blocks and `scales_and_zeros` (N, K_padded / gs, 2), read by
+    `int4_gemv` for up to 32 rows (x quantized per block to int8) and dequantized for the GEMM beyond.
+    `torch`: q packed by `_convert_weight_to_int4pack_for_cpu` in a blocked layout only that kernel reads,
+    `scales_and_zeros` (K_padded / gs, N, 2), x cast to bf16. K is zero-padded to a multiple of `group_size`.
     """
 
     weight: Tensor
     scales_and_zeros: Tensor
     bias: Tensor | None
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, group_size: int) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, group_size: int, packing: str = "torch"
+    ) -> None:
         super().__init__()
+        self.packing = packing
         if group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"int4 group_size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
         if out_features % INT4_OUT_MULTIPLE:
@@ -224,28 +265,49 @@ class Int4Linear(nn.Module):
         self.padded_in_features = _round_up(in_features, group_size)
         k = self.padded_in_features
         self.register_buffer("weight", torch.zeros(out_features, k // 2, dtype=torch.uint8))
-        self.register_buffer(
-            "scales_and_zeros", torch.zeros(k // group_size, out_features, 2, dtype=torch.bfloat16)
+        sz_shape = (
+            (out_features, k // group_size, 2)
+            if packing == "switchboard"
+            else (k // group_size, out_features, 2)
         )
+        self.register_buffer("scales_and_zeros", torch.zeros(sz_shape, dtype=torch.bfloat16))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int, *, kernels: bool = True) -> Int4Linear:
+        """`kernels`: use our `int4_gemv` packing when the C++ kernels built (False: torch's kernel)."""
+        packing = "switchboard" if kernels and int_kernel("int4_gemv") is not None else "torch"
         layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, group_size=group_size
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            group_size=group_size,
+            packing=packing,
         )
         weight = linear.weight.detach().float()
         q, scales_and_zeros = quantize_int4(
             F.pad(weight, (0, layer.padded_in_features - linear.in_features)), group_size
         )
-        # The CPU packing ignores inner_k_tiles (every value gives the same bytes); 2 is the CUDA default.
-        layer.weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
-        layer.scales_and_zeros.copy_(scales_and_zeros)
+        if packing == "switchboard":
+            layer.weight.copy_(pack_int4_blocks(q))
+            layer.scales_and_zeros.copy_(scales_and_zeros.transpose(0, 1))
+        else:
+            # The CPU packing ignores inner_k_tiles (every value gives the same bytes); 2 is the CUDA default.
+            layer.weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+            layer.scales_and_zeros.copy_(scales_and_zeros)
         if linear.bias is not None and layer.bias is not None:
             layer.bias.copy_(linear.bias.detach().float())
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packing == "switchboard":
+            x2 = rows_input(x, self.in_features, self.padded_in_features)
+            if 0 < x2.shape[0] <= INT_KERNEL_MAX_ROWS:
+                out = int_kernel("int4_gemv")(x2, self.weight, self.scales_and_zeros, self.group_size)
+            else:  # prefill: dequantize once, and the GEMM reuses the weight for every row
+                dequant = int_kernel("int4_dequant")
+                out = F.linear(x2, dequant(self.weight, self.scales_and_zeros, self.group_size, x2.dtype))
+            return _kernel_output(out, x, self.bias, self.out_features)
         x2 = _kernel_input(x, self.in_features, self.padded_in_features)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, self.weight, self.group_size, self.scales_and_zeros
@@ -286,11 +348,11 @@ def _feasible(scheme: LayerScheme, linear: nn.Linear) -> tuple[LayerScheme, str]
     return scheme, ""
 
 
-def _build(linear: nn.Linear, scheme: LayerScheme, group_size: int | None) -> nn.Module:
+def _build(linear: nn.Linear, scheme: LayerScheme, group_size: int | None, kernels: bool) -> nn.Module:
     if scheme is LayerScheme.INT8:
         return Int8Linear.from_linear(linear)
     if scheme is LayerScheme.INT4 and group_size is not None:
-        return Int4Linear.from_linear(linear, group_size)
+        return Int4Linear.from_linear(linear, group_size, kernels=kernels)
     return linear
 
 
@@ -303,7 +365,7 @@ class _Step:
     note: str
 
 
-def _execute(model: nn.Module, plan: list[_Step]) -> tuple[LayerQuant, ...]:
+def _execute(model: nn.Module, plan: list[_Step], kernels: bool = True) -> tuple[LayerQuant, ...]:
     """Swap every planned layer; checks the whole plan first so a refusal leaves the model untouched."""
     for step in plan:
         if step.scheme is not LayerScheme.KEEP and step.linear.weight.device.type != "cpu":
@@ -317,7 +379,7 @@ def _execute(model: nn.Module, plan: list[_Step]) -> tuple[LayerQuant, ...]:
             )
     layers = []
     for step in plan:
-        new = _build(step.linear, step.scheme, step.group_size)
+        new = _build(step.linear, step.scheme, step.group_size, kernels)
         if new is not step.linear:
             model.set_submodule(step.name, new)
         layers.append(
@@ -351,12 +413,14 @@ def quantize_model(
     group_size: int = 128,
     lm_head: str = "int8",
     skip: tuple[str, ...] = (),
+    kernels: bool = True,
 ) -> QuantManifest:
     """Swap every `nn.Linear` in `model` (in place, on CPU) for its quantized form and record what was done.
 
     `mode` is "none" | "int8" | "int4" for the body; `lm_head` ("int8" | "int4" | "keep") is the scheme of the
     output layer (a Linear named `lm_head`), which int4 hurts most. `skip` holds fnmatch patterns of module
     names to keep. Layers the int4 kernel cannot take fall back to int8; the manifest says which and why.
+    `kernels=False` keeps torch's int4 packing even where our C++ kernels built (to measure or compare).
     """
     quant_mode: QuantMode = _parse(QuantMode, mode, "quant mode")
     head: LayerScheme = _parse(LayerScheme, lm_head, "lm_head scheme")
@@ -377,7 +441,7 @@ def quantize_model(
         scheme, note = _feasible(wanted, linear)
         plan.append(_Step(name, linear, scheme, group_size, note))
     bytes_before = model_bytes(model)
-    layers = _execute(model, plan)
+    layers = _execute(model, plan, kernels)
     return QuantManifest(
         mode=quant_mode,
         group_size=group_size if LayerScheme.INT4 in (body[quant_mode], head) else None,
@@ -426,43 +490,3 @@ def compare_logits(reference: Tensor, candidate: Tensor) -> LogitAgreement:
     return LogitAgreement(
         positions=ref.shape[0], top1=top1.item(), kl_mean=kl.mean().item(), kl_max=kl.max().item()
     )
-
-
-class GemvLinear(nn.Module):
-    """A bf16 `nn.Linear` whose few-row calls (decode) go to the C++ `bf16_gemv` kernel; others to F.linear.
-
-    Holds the original weight and bias tensors (no copy, tied weights stay tied). Output equals F.linear up
-    to float32 summation order and one bf16 rounding per element.
-    """
-
-    MAX_ROWS = 2  # measured: beyond this the GEMM's register blocking wins (docs/ENGINE.md)
-
-    def __init__(self, linear: nn.Linear, op: Any) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self._op = op
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.shape[0] if x.dim() == 2 else x.numel() // self.in_features
-        if rows > self.MAX_ROWS or rows == 0 or x.dtype != torch.bfloat16:
-            return F.linear(x, self.weight, self.bias)
-        out = self._op(_kernel_input(x, self.in_features, self.in_features), self.weight, self.bias)
-        return _kernel_output(out, x, None, self.out_features)  # the kernel added the bias
-
-
-def use_gemv_kernel(model: nn.Module) -> int:
-    """Swap every bf16 CPU `nn.Linear` in `model` for `GemvLinear` when the kernel is built; how many."""
-    from backends.local.engine.kernels import kernel_op
-
-    op = kernel_op("bf16_gemv")
-    if op is None:
-        return 0
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.is_cpu:
-                setattr(parent, name, GemvLinear(child, op))
-                swapped += 1
-    return swapped

@@ -7,6 +7,7 @@
 // The normalisation runs in float32 and is rounded to x's dtype before the weight multiplies it, and the
 // product is rounded again: the same two roundings as transformers' bf16 path (exact no-ops in float32).
 // A decode step calls this 61 times for SmolLM2; torch's composite path dispatched ~8 ops per call.
+// The row body is elementwise_impl.h's, vectorised for the ISA the build targets.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,32 +15,14 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <cstdint>
+#include "elementwise_impl.h"
 
 namespace {
-
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
 template <typename T>
 void run(const T* x, const T* w, T* y, int64_t rows, int64_t dim, float eps) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * dim;
-      T* yr = y + r * dim;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < dim; ++i) {
-        const float v = to_float(xr[i]);
-        sum += v * v;
-      }
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
-      for (int64_t i = 0; i < dim; ++i) {
-        const T normed = static_cast<T>(to_float(xr[i]) * inv);  // rounded to x's dtype, as transformers
-        yr[i] = static_cast<T>(to_float(w[i]) * to_float(normed));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) sb::rms_norm_row(x + r * dim, w, y + r * dim, dim, eps);
   });
 }
 
@@ -54,8 +37,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (x.scalar_type() == at::kFloat) {
     run<float>(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), feps);
   } else if (x.scalar_type() == at::kBFloat16) {
-    run<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(),
-                       y.data_ptr<c10::BFloat16>(), x.size(0), x.size(1), feps);
+    using sb::bf16;
+    run<bf16>(reinterpret_cast<const bf16*>(x.data_ptr<c10::BFloat16>()),
+              reinterpret_cast<const bf16*>(weight.data_ptr<c10::BFloat16>()),
+              reinterpret_cast<bf16*>(y.data_ptr<c10::BFloat16>()), x.size(0), x.size(1), feps);
   } else {
     TORCH_CHECK(false, "rms_norm supports float32 and bfloat16, not ", x.scalar_type());
   }

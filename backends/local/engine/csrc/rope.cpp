@@ -8,7 +8,7 @@
 //   q       (T, H, D) contiguous: the rotated query heads
 // Each rotated element is rounded exactly as the torch path (`model.apply_rope`) rounds it: the two products,
 // then their sum, each to the tensor dtype (the library is built with -ffp-contract=off, so float32 sums are
-// never fused into an FMA that torch would not do).
+// never fused into an FMA that torch would not do). The rotation is elementwise_impl.h's `rope_rotate`.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,40 +19,36 @@
 #include <cstdint>
 #include <cstring>
 
+#include "elementwise_impl.h"
+
 namespace {
 
-inline float f(float v) { return v; }
-inline float f(c10::BFloat16 v) { return static_cast<float>(v); }
-
-template <typename T>
-inline void rotate(const T* src, const T* c, const T* s, T* dst, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const float x1 = f(src[i]), x2 = f(src[i + half]), ci = f(c[i]), si = f(s[i]);
-    dst[i] = static_cast<T>(f(static_cast<T>(x1 * ci)) - f(static_cast<T>(x2 * si)));
-    dst[i + half] = static_cast<T>(f(static_cast<T>(x2 * ci)) + f(static_cast<T>(x1 * si)));
-  }
+// The torch element type's storage as the kernel bodies' type (c10::BFloat16 and sb::bf16 are both 16 bits).
+template <typename T, typename S>
+T* as(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr<S>());
 }
 
-template <typename T>
+template <typename T, typename S>
 void run(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
          at::Tensor& k_cache, at::Tensor& v_cache, int64_t n_heads, at::Tensor& q) {
   const int64_t num_tokens = qkv.size(0), head_dim = qkv.size(2), half = head_dim / 2;
   const int64_t n_kv = k_cache.size(2), row_stride = qkv.stride(0);
-  const T* src = qkv.data_ptr<T>();
-  const T* cp = cos.data_ptr<T>();
-  const T* sp = sin.data_ptr<T>();
+  const T* src = as<T, S>(qkv);
+  const T* cp = as<T, S>(cos);
+  const T* sp = as<T, S>(sin);
   const int64_t* slot = slots.data_ptr<int64_t>();
-  T* kp = k_cache.data_ptr<T>();
-  T* vp = v_cache.data_ptr<T>();
-  T* qp = q.data_ptr<T>();
+  T* kp = as<T, S>(k_cache);
+  T* vp = as<T, S>(v_cache);
+  T* qp = as<T, S>(q);
   at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const T* row = src + t * row_stride;
       const T* c = cp + t * half;
       const T* s = sp + t * half;
-      for (int64_t h = 0; h < n_heads; ++h) rotate(row + h * head_dim, c, s, qp + (t * n_heads + h) * head_dim, half);
+      for (int64_t h = 0; h < n_heads; ++h) sb::rope_rotate(row + h * head_dim, c, s, qp + (t * n_heads + h) * head_dim, half);
       T* k_dst = kp + slot[t] * n_kv * head_dim;
-      for (int64_t h = 0; h < n_kv; ++h) rotate(row + (n_heads + h) * head_dim, c, s, k_dst + h * head_dim, half);
+      for (int64_t h = 0; h < n_kv; ++h) sb::rope_rotate(row + (n_heads + h) * head_dim, c, s, k_dst + h * head_dim, half);
       std::memcpy(vp + slot[t] * n_kv * head_dim, row + (n_heads + n_kv) * head_dim, n_kv * head_dim * sizeof(T));
     }
   });
@@ -79,9 +75,9 @@ at::Tensor rope_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   TORCH_CHECK(qkv.device().is_cpu(), "rope_write runs on CPU");
   at::Tensor q = at::empty({qkv.size(0), n_heads, head_dim}, qkv.options());
   if (qkv.scalar_type() == at::kFloat) {
-    run<float>(qkv, cos, sin, slots, k_cache, v_cache, n_heads, q);
+    run<float, float>(qkv, cos, sin, slots, k_cache, v_cache, n_heads, q);
   } else if (qkv.scalar_type() == at::kBFloat16) {
-    run<c10::BFloat16>(qkv, cos, sin, slots, k_cache, v_cache, n_heads, q);
+    run<sb::bf16, c10::BFloat16>(qkv, cos, sin, slots, k_cache, v_cache, n_heads, q);
   } else {
     TORCH_CHECK(false, "rope_write supports float32 and bfloat16, not ", qkv.scalar_type());
   }

@@ -1,0 +1,120 @@
+// Torch-free body of paged decode attention: one (query row, KV head) task, written once over simd.h.
+//
+// The n_rep query heads sharing KV head `kvh` are scored against every visible key in one pass over K (GQA
+// reads each key once), softmax in float32, then one pass over V. `attend_scalar` is the reference loop and
+// the fallback for head sizes the vector path does not take.
+#pragma once
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "simd.h"
+
+namespace sb {
+
+constexpr int64_t kMaxRep = 16;          // query heads per KV head the vector path handles
+constexpr int64_t kMaxChunks = 256 / W;  // head_dim / W: up to head_dim 256
+
+struct PagedLayout {
+  int64_t block_size, pos_stride, block_stride;  // elements
+  template <typename T>
+  const T* row(const T* base, const int64_t* table, int64_t pos, int64_t kvh, int64_t head_dim) const {
+    return base + table[pos / block_size] * block_stride + (pos % block_size) * pos_stride + kvh * head_dim;
+  }
+};
+
+inline bool attend_vec_fits(int64_t head_dim, int64_t n_rep) {
+  return head_dim % W == 0 && head_dim / W <= kMaxChunks && n_rep <= kMaxRep;
+}
+
+template <typename T>
+void attend_vec(const T* q_row, int64_t q_head_stride, const T* k_ptr, const T* v_ptr, const int64_t* table,
+                int64_t n_keys, int64_t kvh, int64_t n_rep, int64_t head_dim, const PagedLayout& lay,
+                float scale, std::vector<float>& scores, T* dst) {
+  const int64_t chunks = head_dim / W;
+  vf qv[kMaxRep][kMaxChunks];
+  for (int64_t r = 0; r < n_rep; ++r)
+    for (int64_t c = 0; c < chunks; ++c) qv[r][c] = vmul(vload(q_row + r * q_head_stride + c * W), vset(scale));
+  const int64_t padded = (n_keys + W - 1) / W * W;
+  scores.resize(n_rep * padded);
+  float best[kMaxRep];
+  for (int64_t r = 0; r < n_rep; ++r) best[r] = -std::numeric_limits<float>::infinity();
+  for (int64_t pos = 0; pos < n_keys; ++pos) {
+    const T* key = lay.row(k_ptr, table, pos, kvh, head_dim);
+    vf kv[kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) kv[c] = vload(key + c * W);
+    for (int64_t r = 0; r < n_rep; ++r) {
+      vf sum = vmul(qv[r][0], kv[0]);
+      for (int64_t c = 1; c < chunks; ++c) sum = vfma(qv[r][c], kv[c], sum);
+      const float s = vsum(sum);
+      scores[r * padded + pos] = s;
+      best[r] = std::max(best[r], s);
+    }
+  }
+  float inv_total[kMaxRep];
+  for (int64_t r = 0; r < n_rep; ++r) {
+    float* row = scores.data() + r * padded;
+    for (int64_t pos = n_keys; pos < padded; ++pos) row[pos] = -std::numeric_limits<float>::infinity();
+    const vf top = vset(best[r]);
+    vf total = vzero();
+    for (int64_t pos = 0; pos < padded; pos += W) {
+      const vf e = vexp_nonpositive(vsub(vload(row + pos), top));
+      vstore(row + pos, e);
+      total = vadd(total, e);
+    }
+    inv_total[r] = 1.f / vsum(total);
+  }
+  vf acc[kMaxRep][kMaxChunks];
+  for (int64_t r = 0; r < n_rep; ++r)
+    for (int64_t c = 0; c < chunks; ++c) acc[r][c] = vzero();
+  for (int64_t pos = 0; pos < n_keys; ++pos) {
+    const T* value = lay.row(v_ptr, table, pos, kvh, head_dim);
+    vf vv[kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) vv[c] = vload(value + c * W);
+    for (int64_t r = 0; r < n_rep; ++r) {
+      const vf w = vset(scores[r * padded + pos]);
+      for (int64_t c = 0; c < chunks; ++c) acc[r][c] = vfma(w, vv[c], acc[r][c]);
+    }
+  }
+  for (int64_t r = 0; r < n_rep; ++r) {
+    const vf inv = vset(inv_total[r]);
+    for (int64_t c = 0; c < chunks; ++c) vstore(dst + r * head_dim + c * W, vmul(acc[r][c], inv));
+  }
+}
+
+// The reference: the same arithmetic one lane at a time, with libm's exp.
+template <typename T>
+void attend_scalar(const T* q_row, int64_t q_head_stride, const T* k_ptr, const T* v_ptr, const int64_t* table,
+                   int64_t n_keys, int64_t kvh, int64_t n_rep, int64_t head_dim, const PagedLayout& lay,
+                   float scale, std::vector<float>& scores, T* dst) {
+  std::vector<float> qf(n_rep * head_dim), acc(n_rep * head_dim, 0.f), best(n_rep), total(n_rep, 0.f);
+  for (int64_t r = 0; r < n_rep; ++r) {
+    for (int64_t d = 0; d < head_dim; ++d) qf[r * head_dim + d] = widen(q_row[r * q_head_stride + d]) * scale;
+    best[r] = -std::numeric_limits<float>::infinity();
+  }
+  scores.resize(n_rep * n_keys);
+  for (int64_t pos = 0; pos < n_keys; ++pos) {
+    const T* key = lay.row(k_ptr, table, pos, kvh, head_dim);
+    for (int64_t r = 0; r < n_rep; ++r) {
+      float s = 0.f;
+      for (int64_t d = 0; d < head_dim; ++d) s += qf[r * head_dim + d] * widen(key[d]);
+      scores[r * n_keys + pos] = s;
+      best[r] = std::max(best[r], s);
+    }
+  }
+  for (int64_t r = 0; r < n_rep; ++r)
+    for (int64_t pos = 0; pos < n_keys; ++pos) {
+      scores[r * n_keys + pos] = std::exp(scores[r * n_keys + pos] - best[r]);
+      total[r] += scores[r * n_keys + pos];
+    }
+  for (int64_t pos = 0; pos < n_keys; ++pos) {
+    const T* value = lay.row(v_ptr, table, pos, kvh, head_dim);
+    for (int64_t r = 0; r < n_rep; ++r)
+      for (int64_t d = 0; d < head_dim; ++d) acc[r * head_dim + d] += scores[r * n_keys + pos] * widen(value[d]);
+  }
+  for (int64_t r = 0; r < n_rep; ++r)
+    for (int64_t d = 0; d < head_dim; ++d) dst[r * head_dim + d] = from_float<T>(acc[r * head_dim + d] / total[r]);
+}
+
+}  // namespace sb

@@ -1,0 +1,259 @@
+// Torch-free bodies of the weight-only int4 / int8 matrix-vector kernels for decode (1 to 32 rows of x).
+//
+// Activations are quantized per block of 32 to int8 (scale d = max|x| / 127, and s = d * sum(q) kept for the
+// int4 zero point), and each block's dot product is done in integers, as llama.cpp pairs its 4-bit blocks
+// with 8-bit activation blocks: x86 `maddubs`+`madd` (AVX2) or `vpdpbusd` (AVX512-VNNI), NEON `sdot` or
+// widening multiplies, plain C++ as the reference. Every variant computes the same integer sums, so they
+// differ only by float32 summation order.
+//   int4 block: 16 bytes; byte j holds element j (low nibble) and element j + 16 (high nibble), values 0..15,
+//               weight = (q - 8) * scale + zero per group (scale/zero bf16, (N, K/group, 2)), group % 32 == 0.
+//   int8 row:   K int8 in [-127, 127] and one bf16 scale per output row.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+
+#include "simd.h"
+
+namespace sb {
+
+constexpr int64_t QK = 32;  // activation block
+
+#if defined(SB_AVX512) || defined(SB_AVX2)
+using facc = __m256;
+inline facc acc_zero() { return _mm256_setzero_ps(); }
+inline float acc_sum(facc v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline __m256i dot_u8s8(__m256i u, __m256i s) {  // 8 int32 sums of 4 products each
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+struct Q4 {
+  __m256i q;  // 32 unsigned nibbles in element order
+};
+inline Q4 load_q4(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return {_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m), _mm_and_si128(raw, m))};
+}
+inline facc acc_q4(facc acc, const Q4& w, const int8_t* x, float scale) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(w.q, xv)), _mm256_set1_ps(scale), acc);
+}
+struct Q8 {
+  __m256i magnitude, sign;  // |w| (unsigned operand) and w (its signs move onto x)
+};
+inline Q8 load_q8(const int8_t* p) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_abs_epi8(w), w};
+}
+inline facc acc_q8(facc acc, const Q8& w, const int8_t* x, float scale) {
+  const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), w.sign);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(w.magnitude, xv)), _mm256_set1_ps(scale), acc);
+}
+#elif defined(SB_NEON)
+using facc = float32x4_t;
+inline facc acc_zero() { return vdupq_n_f32(0.f); }
+inline float acc_sum(facc v) { return vaddvq_f32(v); }
+inline int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+  return vdotq_s32(acc, a, b);
+#else
+  const int16x8_t lo = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+  const int16x8_t hi = vmull_high_s8(a, b);
+  return vaddq_s32(acc, vaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi)));
+#endif
+}
+struct Q4 {
+  int8x16_t lo, hi;
+};
+inline Q4 load_q4(const uint8_t* p) {
+  const uint8x16_t raw = vld1q_u8(p);
+  return {vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0F))), vreinterpretq_s8_u8(vshrq_n_u8(raw, 4))};
+}
+inline facc acc_q4(facc acc, const Q4& w, const int8_t* x, float scale) {
+  const int32x4_t d = dot16(dot16(vdupq_n_s32(0), w.lo, vld1q_s8(x)), w.hi, vld1q_s8(x + 16));
+  return vfmaq_f32(acc, vcvtq_f32_s32(d), vdupq_n_f32(scale));
+}
+struct Q8 {
+  int8x16_t lo, hi;
+};
+inline Q8 load_q8(const int8_t* p) { return {vld1q_s8(p), vld1q_s8(p + 16)}; }
+inline facc acc_q8(facc acc, const Q8& w, const int8_t* x, float scale) {
+  const int32x4_t d = dot16(dot16(vdupq_n_s32(0), w.lo, vld1q_s8(x)), w.hi, vld1q_s8(x + 16));
+  return vfmaq_f32(acc, vcvtq_f32_s32(d), vdupq_n_f32(scale));
+}
+#else
+using facc = float;
+inline facc acc_zero() { return 0.f; }
+inline float acc_sum(facc v) { return v; }
+struct Q4 {
+  uint8_t q[QK];
+};
+inline Q4 load_q4(const uint8_t* p) {
+  Q4 w;
+  for (int j = 0; j < 16; ++j) {
+    w.q[j] = p[j] & 0x0F;
+    w.q[j + 16] = p[j] >> 4;
+  }
+  return w;
+}
+inline facc acc_q4(facc acc, const Q4& w, const int8_t* x, float scale) {
+  int32_t d = 0;
+  for (int j = 0; j < QK; ++j) d += static_cast<int32_t>(w.q[j]) * x[j];
+  return acc + static_cast<float>(d) * scale;
+}
+struct Q8 {
+  const int8_t* w;
+};
+inline Q8 load_q8(const int8_t* p) { return {p}; }
+inline facc acc_q8(facc acc, const Q8& w, const int8_t* x, float scale) {
+  int32_t d = 0;
+  for (int j = 0; j < QK; ++j) d += static_cast<int32_t>(w.w[j]) * x[j];
+  return acc + static_cast<float>(d) * scale;
+}
+#endif
+
+// One row of x (K, K % 32 == 0) -> q (K) int8, d and s (K/32): x ~= q * d per block, s = d * sum(q).
+template <typename T>
+inline void quantize_row_q8(const T* x, int64_t k, int8_t* q, float* d, float* s) {
+  for (int64_t b = 0; b < k / QK; ++b) {
+    const T* xb = x + b * QK;
+    float amax = 0.f;
+    for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(widen(xb[j])));
+    const float scale = amax / 127.f;
+    const float inv = scale > 0.f ? 1.f / scale : 0.f;
+    int32_t sum = 0;
+    for (int j = 0; j < QK; ++j) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(widen(xb[j]) * inv));
+      q[b * QK + j] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    d[b] = scale;
+    s[b] = scale * static_cast<float>(sum);
+  }
+}
+
+struct QuantActs {  // M rows of quantized activations
+  const int8_t* q;   // (M, K)
+  const float* d;    // (M, K/32)
+  const float* s;    // (M, K/32)
+  int64_t k;
+};
+
+#if defined(SB_AVX512) || defined(SB_AVX2)
+// Group 32 on x86, eight blocks at a time: their (scale, zero) pairs widen in one load and the per-block
+// scale products are one vector, so the block loop is integer dots and FMAs with no scalar work.
+// Returns the first block it did not do.
+template <int MC>
+inline int64_t int4_g32_x86(const QuantActs& a, int64_t m0, const uint8_t* wrow, const bf16* srow, facc acc[MC],
+                            facc zacc[MC]) {
+  const int64_t k = a.k, blocks = k / QK;
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(srow + 2 * b));
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(0xFFFF0000u)));
+    const __m256 offset = _mm256_sub_ps(zero, _mm256_mul_ps(_mm256_set1_ps(8.f), scale));
+    __m256 cs[MC];
+    for (int m = 0; m < MC; ++m) {
+      const int64_t xm = (m0 + m) * blocks + b;
+      cs[m] = _mm256_mul_ps(scale, _mm256_loadu_ps(a.d + xm));
+      zacc[m] = _mm256_fmadd_ps(offset, _mm256_loadu_ps(a.s + xm), zacc[m]);
+    }
+    for (int j = 0; j < 8; ++j) {
+      const Q4 w = load_q4(wrow + (b + j) * (QK / 2));
+      const __m256i lane = _mm256_set1_epi32(j);
+      for (int m = 0; m < MC; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q + (m0 + m) * k + (b + j) * QK));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(w.q, xv)), _mm256_permutevar8x32_ps(cs[m], lane), acc[m]);
+      }
+    }
+  }
+  return b;
+}
+#endif
+
+// y[m, row] = x[m] . dequant(W[row]) for rows [begin, end) and MC rows of x starting at m0; y row stride n.
+// Two blocks per iteration into separate accumulators: one chain of dependent FMAs per block would bound the
+// loop by the FMA latency, not by the weight stream.
+template <int MC, typename T>
+inline void int4_rows(const QuantActs& a, int64_t m0, const uint8_t* qw, const bf16* sz, int64_t group,
+                      T* y, int64_t n, int64_t begin, int64_t end) {
+  const int64_t k = a.k, blocks = k / QK, per_group = group / QK;
+  for (int64_t row = begin; row < end; ++row) {
+    const uint8_t* wrow = qw + row * (k / 2);
+    const bf16* srow = sz + row * (k / group) * 2;
+    facc acc[2][MC];
+    float zero_sum[2][MC];
+    for (int m = 0; m < MC; ++m) acc[0][m] = acc[1][m] = acc_zero(), zero_sum[0][m] = zero_sum[1][m] = 0.f;
+    auto step = [&](int lane, int64_t b) {
+      const int64_t g = b / per_group;
+      const float scale = widen(srow[2 * g]);
+      const float offset = widen(srow[2 * g + 1]) - 8.f * scale;  // weight = q * scale + offset
+      const Q4 w = load_q4(wrow + b * (QK / 2));
+      for (int m = 0; m < MC; ++m) {
+        const int64_t xm = (m0 + m) * blocks + b;
+        acc[lane][m] = acc_q4(acc[lane][m], w, a.q + (m0 + m) * k + b * QK, scale * a.d[xm]);
+        zero_sum[lane][m] += offset * a.s[xm];
+      }
+    };
+    int64_t b = 0;
+#if defined(SB_AVX512) || defined(SB_AVX2)
+    if (group == QK) {
+      facc zacc[MC];
+      for (int m = 0; m < MC; ++m) zacc[m] = acc_zero();
+      b = int4_g32_x86<MC>(a, m0, wrow, srow, acc[0], zacc);
+      for (int m = 0; m < MC; ++m) zero_sum[1][m] = acc_sum(zacc[m]);
+    }
+#endif
+    for (; b + 2 <= blocks; b += 2) step(0, b), step(1, b + 1);
+    if (b < blocks) step(0, b);
+    for (int m = 0; m < MC; ++m)
+      y[(m0 + m) * n + row] =
+          from_float<T>(acc_sum(acc[0][m]) + acc_sum(acc[1][m]) + (zero_sum[0][m] + zero_sum[1][m]));
+  }
+}
+
+template <int MC, typename T>
+inline void int8_rows(const QuantActs& a, int64_t m0, const int8_t* qw, const bf16* scales, T* y, int64_t n,
+                      int64_t begin, int64_t end) {
+  const int64_t k = a.k, blocks = k / QK;
+  for (int64_t row = begin; row < end; ++row) {
+    const int8_t* wrow = qw + row * k;
+    facc acc[2][MC];
+    for (int m = 0; m < MC; ++m) acc[0][m] = acc[1][m] = acc_zero();
+    auto step = [&](int lane, int64_t b) {
+      const Q8 w = load_q8(wrow + b * QK);
+      for (int m = 0; m < MC; ++m)
+        acc[lane][m] = acc_q8(acc[lane][m], w, a.q + (m0 + m) * k + b * QK, a.d[(m0 + m) * blocks + b]);
+    };
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) step(0, b), step(1, b + 1);
+    if (b < blocks) step(0, b);
+    const float scale = widen(scales[row]);
+    for (int m = 0; m < MC; ++m) y[(m0 + m) * n + row] = from_float<T>((acc_sum(acc[0][m]) + acc_sum(acc[1][m])) * scale);
+  }
+}
+
+// Dispatch M rows in register-sized chunks of up to 4.
+template <typename T, typename Rows>
+inline void by_row_chunks(int64_t m_rows, Rows&& rows) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= m_rows; m0 += 4) rows(std::integral_constant<int, 4>{}, m0);
+  switch (m_rows - m0) {
+    case 3: rows(std::integral_constant<int, 3>{}, m0); break;
+    case 2: rows(std::integral_constant<int, 2>{}, m0); break;
+    case 1: rows(std::integral_constant<int, 1>{}, m0); break;
+    default: break;
+  }
+}
+
+}  // namespace sb

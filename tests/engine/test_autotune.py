@@ -1,0 +1,135 @@
+"""`--dtype auto` / `--quant auto`: the timed choice, its cache and key, the warm-up, sampling defaults.
+
+A tiny random Llama stands in for SmolLM2 so each test takes about a second; the candidate builds are the
+real ones (`autotune.time_candidate`), with fewer timed steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from backends.local import autotune  # noqa: E402
+from backends.local.engine.kernels import attach_cpu_kernels  # noqa: E402
+from backends.local.engine.quant import compare_logits, quantize_model  # noqa: E402
+from backends.local.engine.runner import build_runner  # noqa: E402
+from backends.local.engine.weights import build_model  # noqa: E402
+from backends.local.server import QuietPolls  # noqa: E402
+from backends.local.warmup import warm_up  # noqa: E402
+from backends.local.wire import sampling_defaults  # noqa: E402
+from tests.engine.conftest import tiny_hf_model  # noqa: E402
+
+# (min top-1, max mean KL) against float32 on the tiny model, whose large init range makes logits sharp: int8
+# and int4 (group 32, int8 lm_head) weights with int8 activation blocks. SmolLM2's own, tighter bounds are
+# test_quant.py's `test_smollm2_stays_close_to_fp32` (model tier).
+QUALITY = {"none": (1.0, 1e-9), "int8": (0.85, 5e-3), "int4": (0.70, 5e-3)}
+
+
+class Loaded:
+    def __init__(self, model: Any) -> None:
+        self.model, self.name = model, "tiny-llama"
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "autotune.json")
+    monkeypatch.setattr(autotune, "DECODE_STEPS", 2)
+    monkeypatch.setattr(autotune, "ROUNDS", 2)
+    return tmp_path
+
+
+def logits_of(model: Any, ids: Any) -> Any:
+    runner = build_runner(model, kv_cache_mb=2, block_size=4, attn_impl="auto")
+    from backends.local.engine.types import SeqChunk, StepPlan
+
+    n = ids.shape[0]
+    return runner.execute(StepPlan((SeqChunk(0, tuple(ids.tolist()), 0, tuple(range(-(-n // 4))), n),)))
+
+
+def test_choice_is_a_candidate_within_its_quality_bound_and_is_cached(cache_dir: Path) -> None:
+    hf = tiny_hf_model("llama")
+    choice = autotune.choose(Loaded(hf), dtype="auto", quant="auto", threads=1)
+    _, flags = autotune.cpu_description()
+    assert (choice.dtype, choice.quant) in autotune.candidates(flags) and not choice.cached
+    assert {(t.dtype, t.quant) for t in choice.table} == set(autotune.candidates(flags))
+    assert any(line.startswith("*") for line in choice.rows())
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))
+    reference = logits_of(build_model(hf, dtype=torch.float32, device="cpu", release_source=False), ids)
+    model = build_model(hf, dtype=getattr(torch, choice.dtype), device="cpu", release_source=False)
+    if choice.quant != "none":
+        quantize_model(model, choice.quant, group_size=32)
+    attach_cpu_kernels(model)
+    agreement = compare_logits(reference, logits_of(model, ids))
+    min_top1, max_kl = QUALITY[choice.quant]
+    if choice.dtype == "bfloat16":
+        min_top1, max_kl = min(min_top1, 0.9), max(max_kl, 2e-3)
+    assert agreement.top1 >= min_top1 and agreement.kl_mean <= max_kl, (choice, agreement)
+    again = autotune.choose(Loaded(hf), dtype="auto", quant="auto", threads=1)
+    assert again.cached and (again.dtype, again.quant, again.table) == (
+        choice.dtype,
+        choice.quant,
+        choice.table,
+    )
+
+
+def test_a_fixed_dtype_or_quant_narrows_the_candidates(cache_dir: Path) -> None:
+    choice = autotune.choose(Loaded(tiny_hf_model("llama")), dtype="float32", quant="auto", threads=1)
+    assert choice.dtype == "float32" and {t.quant for t in choice.table} == set(autotune.QUANT_CANDIDATES)
+
+
+@pytest.mark.parametrize("change", ["torch", "sources", "cpu_flags"])
+def test_cache_key_changes_with_torch_kernel_sources_and_cpu_flags(
+    change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = autotune.cache_key("m", 2, dtype="auto", quant="auto")
+    if change == "torch":
+        monkeypatch.setattr(torch, "__version__", torch.__version__ + "-other")
+    elif change == "sources":
+        monkeypatch.setattr("backends.local.engine.kernels.source_digest", lambda: "0" * 12)
+    else:
+        model, flags = autotune.cpu_description()
+        monkeypatch.setattr(autotune, "cpu_description", lambda: (model, (*flags, "new_flag")))
+    assert autotune.cache_key("m", 2, dtype="auto", quant="auto") != before
+
+
+def test_bf16_compute_is_a_candidate_only_with_native_bf16() -> None:
+    assert {d for d, _ in autotune.candidates(("avx2", "fma"))} == {"float32"}
+    assert {d for d, _ in autotune.candidates(("avx2", "avx512_bf16"))} == {"float32", "bfloat16"}
+
+
+def test_warm_up_runs_every_shape_without_changing_later_logits() -> None:
+    hf = tiny_hf_model("llama")
+    model = build_model(hf, dtype=torch.float32, device="cpu", release_source=False)
+    quantize_model(model, "int4", group_size=32)
+    attach_cpu_kernels(model)
+    ids = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(1))
+    before = logits_of(model, ids)
+    runner = build_runner(model, kv_cache_mb=2, block_size=4, attn_impl="auto")
+    assert warm_up(runner, max_batch=4, max_prefill_tokens=16) > 0
+    assert torch.equal(logits_of(model, ids), before)
+
+
+def test_sampling_defaults_come_from_the_generation_config_then_the_model_card() -> None:
+    from transformers import GenerationConfig
+
+    sampled = sampling_defaults(GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95), "x")
+    assert (sampled.temperature, sampled.top_p, sampled.source) == (0.6, 0.95, "generation config")
+    card = sampling_defaults(GenerationConfig(eos_token_id=2), "SmolLM2-135M-Instruct.Q4_1")
+    assert (card.temperature, card.top_p) == (0.2, 0.9)
+    plain = sampling_defaults(GenerationConfig(), "other-model")
+    assert (plain.temperature, plain.top_p) == (1.0, 1.0)
+
+
+def test_metrics_and_health_polls_leave_no_access_log_line() -> None:
+    def record(path: str, status: int) -> logging.LogRecord:
+        args = ("127.0.0.1:5000", "GET", path, "1.1", status)
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d', args, None)
+
+    quiet = QuietPolls()
+    assert not quiet.filter(record("/metrics", 200)) and not quiet.filter(record("/health", 200))
+    assert quiet.filter(record("/health", 503)) and quiet.filter(record("/v1/chat/completions", 200))
