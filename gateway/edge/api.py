@@ -28,6 +28,7 @@ from gateway.edge.link import SOCKET_ERRORS
 from gateway.edge.registry import NodeRecord
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.http.auth import authenticate_admin
+from gateway.http.deps import EdgeNodeDeps, router_deps
 from gateway.http.openapi import TAG_ADMIN, EdgeToken, IsoDateTime, Listing, NodeListing, errors, ok
 from gateway.services import Services
 
@@ -35,10 +36,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _svc(request: Request) -> Services:
-    svc: Services = request.app.state.services
-    authenticate_admin(svc.access, request.headers.get("authorization"))
-    return svc
+def _edge_admin(request: Request) -> EdgeNodeDeps:
+    deps = router_deps(request).edge
+    authenticate_admin(deps.access, request.headers.get("authorization"))
+    return deps
 
 
 def _json(value: Any, status_code: int = 200) -> Response:
@@ -141,11 +142,11 @@ def edge_router() -> APIRouter:
     created = {**ok(EdgeToken, "created; `token` is shown in this answer only", status=201), **errors(400)}
 
     @router.post("/admin/edge/tokens", status_code=201, responses=created)
-    async def create_token(body: TokenIn, svc: Services = Depends(_svc)) -> Response:
+    async def create_token(body: TokenIn, deps: EdgeNodeDeps = Depends(_edge_admin)) -> Response:
         now = dt.datetime.now(dt.UTC)
         created = await _sql(
             tokens.create_token,
-            svc.db,
+            deps.db,
             name=body.name,
             labels=body.labels,
             expires_at=body.expiry(now),
@@ -154,36 +155,36 @@ def edge_router() -> APIRouter:
         return _json({**token_view(created.info, now), "token": created.plaintext}, status_code=201)
 
     @router.get("/admin/edge/tokens", responses=ok(Listing, "every enrollment token"))
-    async def list_tokens(svc: Services = Depends(_svc)) -> Response:
+    async def list_tokens(deps: EdgeNodeDeps = Depends(_edge_admin)) -> Response:
         now = dt.datetime.now(dt.UTC)
-        listed = await _sql(tokens.list_tokens, svc.db)
-        links = list(svc.edge.links.values()) if svc.edge is not None else []
+        listed = await _sql(tokens.list_tokens, deps.db)
+        links = list(deps.edge.links.values()) if deps.edge is not None else []
         data = [token_view(t, now, sum(1 for link in links if link.token_id == t.token_id)) for t in listed]
         return _json({"data": data})
 
     @router.delete("/admin/edge/tokens/{token_id}", responses={**ok(EdgeToken, "revoked"), **errors(404)})
-    async def revoke_token(token_id: str, svc: Services = Depends(_svc)) -> Response:
-        info = await _sql(tokens.revoke_token, svc.db, token_id)
+    async def revoke_token(token_id: str, deps: EdgeNodeDeps = Depends(_edge_admin)) -> Response:
+        info = await _sql(tokens.revoke_token, deps.db, token_id)
         if info is None:
             raise NotFound(f"no edge token with id `{token_id}`; list them with GET /admin/edge/tokens")
         disconnected = 0
-        if svc.edge is not None:
+        if deps.edge is not None:
             problem = info.problem(dt.datetime.now(dt.UTC)) or f"edge token {token_id} was revoked"
-            disconnected = await svc.edge.disconnect_token(token_id, problem)
+            disconnected = await deps.edge.disconnect_token(token_id, problem)
         return _json({**token_view(info, dt.datetime.now(dt.UTC)), "disconnected": disconnected})
 
     @router.get("/admin/edge/nodes", responses=ok(NodeListing, "the node registry"))
-    async def list_nodes(svc: Services = Depends(_svc)) -> Response:
-        if svc.edge is None:
+    async def list_nodes(deps: EdgeNodeDeps = Depends(_edge_admin)) -> Response:
+        if deps.edge is None:
             return _json({"data": [], "enabled": False})
-        now = svc.edge.wall()
+        now = deps.edge.wall()
         try:
-            records = await svc.edge.registry.nodes(now)
+            records = await deps.edge.registry.nodes(now)
         except (RedisError, OSError, TimeoutError) as exc:
             raise ServiceUnavailable(
                 "the edge node registry (Redis) is unreachable; routing is unaffected (see /readyz)"
             ) from exc
-        ttl_s = svc.config.edge.ttl_s
+        ttl_s = deps.config.edge.ttl_s
         return _json({"data": [node_view(r, now, ttl_s) for r in records], "enabled": True})
 
     return router

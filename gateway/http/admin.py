@@ -22,6 +22,7 @@ from starlette.responses import Response
 from gateway.errors import InvalidRequest, NotFound
 from gateway.http import usage as usage_api
 from gateway.http.auth import authenticate_admin
+from gateway.http.deps import AdminDeps, router_deps
 from gateway.http.explain import ExplainQuery, explain_route
 from gateway.http.openapi import (
     TAG_ADMIN,
@@ -36,7 +37,6 @@ from gateway.http.openapi import (
     ok,
 )
 from gateway.records import KeyBudget
-from gateway.services import Services
 from gateway.store import keys
 from gateway.store.spend import micro_to_usd_text, usd_to_micro
 from gateway.translate.openai_chat import MAX_OUTPUT_TOKENS
@@ -45,10 +45,10 @@ from routing.privacy import PrivacyTier
 _HIDDEN = {"key_hash"}
 
 
-def _svc(request: Request) -> Services:
-    svc: Services = request.app.state.services
-    authenticate_admin(svc.access, request.headers.get("authorization"))
-    return svc
+def _admin(request: Request) -> AdminDeps:
+    deps = router_deps(request).admin
+    authenticate_admin(deps.access, request.headers.get("authorization"))
+    return deps
 
 
 def _json(value: Any, status_code: int = 200) -> Response:
@@ -160,28 +160,28 @@ def admin_router() -> APIRouter:
     report = {**ok(UsageReport, "the report", media="text/csv"), **errors(400, 429, 503)}
 
     @router.get("/teams", responses=ok(Listing, "every team"))
-    async def list_teams(svc: Services = Depends(_svc)) -> Response:
-        return _json({"data": await asyncio.to_thread(keys.list_teams, svc.db)})
+    async def list_teams(deps: AdminDeps = Depends(_admin)) -> Response:
+        return _json({"data": await asyncio.to_thread(keys.list_teams, deps.db)})
 
     @router.post("/teams", status_code=201, responses={**ok(Team, "created", status=201), **errors(400)})
-    async def create_team(body: TeamIn, svc: Services = Depends(_svc)) -> Response:
-        _check_team_models(body.models, svc.config.models)
-        team = await asyncio.to_thread(keys.create_team, svc.db, body.name, body.models)
+    async def create_team(body: TeamIn, deps: AdminDeps = Depends(_admin)) -> Response:
+        _check_team_models(body.models, deps.config.models)
+        team = await asyncio.to_thread(keys.create_team, deps.db, body.name, body.models)
         return _json(team, status_code=201)
 
     @router.get("/keys", responses=ok(Listing, "every key, or the team's"))
-    async def list_keys(team: str | None = None, svc: Services = Depends(_svc)) -> Response:
-        listed = await asyncio.to_thread(keys.list_keys, svc.db, team)
+    async def list_keys(team: str | None = None, deps: AdminDeps = Depends(_admin)) -> Response:
+        listed = await asyncio.to_thread(keys.list_keys, deps.db, team)
         return _json({"data": [_key_view(k) for k in listed]})
 
     @router.post(
         "/keys", status_code=201, responses={**ok(CreatedKey, "created", status=201), **errors(400, 404)}
     )
-    async def create_key(body: KeyIn, svc: Services = Depends(_svc)) -> Response:
+    async def create_key(body: KeyIn, deps: AdminDeps = Depends(_admin)) -> Response:
         limits = body.limits or KeyLimitsIn()
         created = await asyncio.to_thread(
             keys.create_key,
-            svc.db,
+            deps.db,
             body.team,
             name=body.name,
             models=body.models,
@@ -193,10 +193,10 @@ def admin_router() -> APIRouter:
         return _json(_key_view(created), status_code=201)
 
     @router.post("/keys/{key_id}/revoke", responses={**ok(Revoked, "revoked"), **errors(400, 404)})
-    async def revoke_key(key_id: str, svc: Services = Depends(_svc)) -> Response:
-        if not await asyncio.to_thread(keys.revoke_key, svc.db, key_id):
+    async def revoke_key(key_id: str, deps: AdminDeps = Depends(_admin)) -> Response:
+        if not await asyncio.to_thread(keys.revoke_key, deps.db, key_id):
             raise NotFound(f"no key with id or prefix `{key_id}`; list keys with GET /admin/keys")
-        svc.keys.invalidate()
+        deps.keys.invalidate()
         return _json({"revoked": key_id})
 
     @router.get("/route/explain", responses={**ok(RouteExplanation, "the decision"), **errors(400, 404, 503)})
@@ -211,27 +211,27 @@ def admin_router() -> APIRouter:
         preferences: str | None = None,
         site: str | None = None,
         labels: str | None = None,
-        svc: Services = Depends(_svc),
+        deps: AdminDeps = Depends(_admin),
     ) -> Response:
         query = ExplainQuery(
             team, model, max_tokens, privacy, tools, json_mode, text, preferences, site, labels
         )
-        return _json(await explain_route(svc, query))
+        return _json(await explain_route(deps, query))
 
     @router.get("/reports/usage", responses=report)
     async def usage_report(
-        request: Request, params: usage_api.ReportParams = Depends(), svc: Services = Depends(_svc)
+        request: Request, params: usage_api.ReportParams = Depends(), deps: AdminDeps = Depends(_admin)
     ) -> Response:
         return await usage_api.usage_response(
-            svc, request, params.query(svc.config.reports.max_span_days), params.output_format()
+            deps.reports, request, params.query(deps.config.reports.max_span_days), params.output_format()
         )
 
     @router.get("/reports/savings", responses=report)
     async def savings_report(
-        request: Request, params: usage_api.ReportParams = Depends(), svc: Services = Depends(_svc)
+        request: Request, params: usage_api.ReportParams = Depends(), deps: AdminDeps = Depends(_admin)
     ) -> Response:
         return await usage_api.savings_response(
-            svc, request, params.query(svc.config.reports.max_span_days), params.output_format()
+            deps.reports, request, params.query(deps.config.reports.max_span_days), params.output_format()
         )
 
     return router

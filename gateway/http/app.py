@@ -35,7 +35,8 @@ from gateway.errors import AdminOnly, InvalidRequest, NotFound, error_body
 from gateway.http.admin import admin_router
 from gateway.http.auth import authenticate, bearer_token
 from gateway.http.context import RequestContextMiddleware, timing_of
-from gateway.http.endpoints import EdgeDeps, Translator, enveloped_response, serve
+from gateway.http.deps import RouterDeps
+from gateway.http.endpoints import EndpointDeps, Translator, enveloped_response, serve
 from gateway.http.openapi import (
     SSE_EVENT,
     TAG_OPS,
@@ -62,9 +63,11 @@ def services_of(request: Request) -> Services:
     return svc
 
 
-def edge_deps(svc: Services) -> EdgeDeps:
+def endpoint_deps(svc: Services) -> EndpointDeps:
     server = svc.config.server
-    return EdgeDeps(svc.access, svc.pipeline, svc.metrics, server.max_body_bytes, server.request_timeout_s)
+    return EndpointDeps(
+        svc.access, svc.pipeline, svc.metrics, server.max_body_bytes, server.request_timeout_s
+    )
 
 
 async def list_models(request: Request) -> Response:
@@ -221,7 +224,7 @@ class SwitchboardApp(FastAPI):
         """Serve `POST translator.path` through the shared pipeline."""
 
         async def lane(scope: Scope, receive: Receive, send: Send) -> None:
-            await serve(translator, scope["app"].state.edge_deps, scope, receive, send)
+            await serve(translator, scope["app"].state.endpoint_deps, scope, receive, send)
 
         self._lanes[translator.path] = RequestContextMiddleware(lane)
         self._document(translator)
@@ -292,7 +295,8 @@ def create_app(config: Config) -> SwitchboardApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = await build_services(config)
         app.state.services = svc
-        app.state.edge_deps = edge_deps(svc)
+        app.state.endpoint_deps = endpoint_deps(svc)
+        app.state.router_deps = RouterDeps.of(svc)
         # Everything built so far lives as long as the app: move it out of the collector's sight, so the
         # periodic full collections under load scan only per-request garbage (shorter pauses, lower p99).
         gc.freeze()

@@ -57,7 +57,7 @@ class Translator(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class EdgeDeps:
+class EndpointDeps:
     """What an endpoint handler uses: nothing else of the app."""
 
     access: ModelAccess
@@ -93,7 +93,9 @@ def enveloped_response(exc: SwitchboardError, body: bytes) -> Response:
     return Response(body, status_code=exc.status_code, media_type=JSON, headers=headers)
 
 
-async def serve(translator: Translator, deps: EdgeDeps, scope: Scope, receive: Receive, send: Send) -> None:
+async def serve(
+    translator: Translator, deps: EndpointDeps, scope: Scope, receive: Receive, send: Send
+) -> None:
     """The whole of one endpoint request: auth, body, translate, pipeline, respond."""
     request = Request(scope, receive)
     timing: Timing = scope["state"]["timing"]

@@ -16,8 +16,8 @@ import orjson
 
 from backends.errors import SwitchboardError
 from gateway.errors import InvalidRequest, ModelNotFound, PermissionDenied, SensitiveDataRefused
+from gateway.http.deps import AdminDeps
 from gateway.pipeline import plan as route
-from gateway.services import Services
 from gateway.translate.openai_chat import ChatCompletionBody, chat_request
 from routing.decision import RouteDecision
 from routing.preferences import narrow, parse_preferences
@@ -72,12 +72,12 @@ def _sample_body(q: ExplainQuery) -> ChatCompletionBody:
     )
 
 
-async def _access_error(svc: Services, team: str, model: str) -> PermissionDenied | None:
+async def _access_error(deps: AdminDeps, team: str, model: str) -> PermissionDenied | None:
     """What `access.check_model` would refuse for every key of `team` (a key may narrow further)."""
-    team_models = await svc.keys.team_models(team)  # NotFound: neither config nor SQL knows the team
+    team_models = await deps.keys.team_models(team)  # NotFound: neither config nor SQL knows the team
     if team_models is None or "*" in team_models or model in team_models:
         return None
-    allowed = ", ".join(m for m in svc.config.models if m in team_models) or "none"
+    allowed = ", ".join(m for m in deps.config.models if m in team_models) or "none"
     return PermissionDenied(
         f"model `{model}` is not allowed for team `{team}`; allowed: {allowed} (config: teams.{team}.models)",
         param="model",
@@ -92,10 +92,10 @@ def _preferences(body: ChatCompletionBody) -> RoutePreferences:
 
 
 def _blocked_verdict(
-    svc: Services, team: str, messages: Sequence[Mapping[str, Any]], header: str | None
+    deps: AdminDeps, team: str, messages: Sequence[Mapping[str, Any]], header: str | None
 ) -> PrivacyVerdict:
     """The verdict of a request the team's `on_sensitive = "block"` refuses: its floor, and what was found."""
-    team_floor, _ = svc.routing.team_floor(team)
+    team_floor, _ = deps.routing.team_floor(team)
     base = privacy_floor(team_floor, route.requested_floor(header), ())
     kinds = detect_request(messages)
     reason = f"{base.reason}; detected {', '.join(kinds)}; blocked (config: teams.{team}.on_sensitive)"
@@ -156,12 +156,12 @@ def _decision_view(decision: RouteDecision | None) -> dict[str, object]:
     }
 
 
-async def explain_route(svc: Services, q: ExplainQuery) -> dict[str, object]:
+async def explain_route(deps: AdminDeps, q: ExplainQuery) -> dict[str, object]:
     """Where a request like `q` would go and why. The error it would get is reported, not raised; a bad
     query (unknown team or model, malformed preferences) is an error of this call."""
-    error: SwitchboardError | None = await _access_error(svc, q.team, q.model)
-    if q.model not in svc.config.models:
-        listing = ", ".join(svc.config.models) or "none"
+    error: SwitchboardError | None = await _access_error(deps, q.team, q.model)
+    if q.model not in deps.config.models:
+        listing = ", ".join(deps.config.models) or "none"
         raise ModelNotFound(f"model `{q.model}` does not exist; available: {listing}", param="model")
     body = _sample_body(q)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -169,13 +169,13 @@ async def explain_route(svc: Services, q: ExplainQuery) -> dict[str, object]:
     decision: RouteDecision | None
     try:
         hints = route.Hints(privacy=q.privacy, site=q.site, labels=q.labels)
-        call = chat_request(body, "explain", svc.config.server.request_timeout_s)
-        routed = route.plan(svc.routing, q.team, call, hints, body.switchboard, now_s=now_s)
+        call = chat_request(body, "explain", deps.config.server.request_timeout_s)
+        routed = route.plan(deps.routing, q.team, call, hints, body.switchboard, now_s=now_s)
         decision, verdict, policy = routed.decision, routed.verdict, routed.policy
         error = error or route.fail_closed_error(routed, q.team)
     except SensitiveDataRefused as exc:
-        decision, verdict = None, _blocked_verdict(svc, q.team, messages, q.privacy)
-        policy = narrow(svc.routing.policy(q.team), _preferences(body))
+        decision, verdict = None, _blocked_verdict(deps, q.team, messages, q.privacy)
+        policy = narrow(deps.routing.policy(q.team), _preferences(body))
         error = error or exc
     return {
         "model": q.model,
@@ -184,7 +184,7 @@ async def explain_route(svc: Services, q: ExplainQuery) -> dict[str, object]:
         "policy": _policy_view(policy),
         "tokens": {
             "prompt": route.estimate_prompt_tokens(messages),
-            "expected_output": body.max_output_tokens() or svc.config.routing.default_output_tokens,
+            "expected_output": body.max_output_tokens() or deps.config.routing.default_output_tokens,
         },
         **_decision_view(decision),
         "error": _error_view(error),

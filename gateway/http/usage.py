@@ -19,12 +19,12 @@ from starlette.responses import Response
 
 from gateway.errors import AdminOnly, InvalidRequest, RateLimited
 from gateway.http.auth import authenticate
+from gateway.http.deps import ReportDeps, router_deps
 from gateway.http.openapi import TAG_TEAM, UsageReport, errors, ok
 from gateway.limits.base import LimitKind, LimitRule
 from gateway.reports import Dimension, ReportQuery, Source, parse_query, savings_report, usage_report
 from gateway.reports.render import AnyReport, to_csv, to_json
 from gateway.reports.runner import Guard, ReportRunner
-from gateway.services import Services
 
 FORMATS = ("json", "csv")
 T = TypeVar("T")
@@ -101,14 +101,14 @@ def render(report: AnyReport, fmt: str, name: str) -> Response:
     return Response(to_json(report), media_type="application/json")
 
 
-async def usage_response(svc: Services, request: Request, query: ReportQuery, fmt: str) -> Response:
-    report = await run_report(svc.reports, request, lambda guard: usage_report(svc.db, query, guard=guard))
+async def usage_response(deps: ReportDeps, request: Request, query: ReportQuery, fmt: str) -> Response:
+    report = await run_report(deps.runner, request, lambda guard: usage_report(deps.db, query, guard=guard))
     return render(report, fmt, "usage")
 
 
-async def savings_response(svc: Services, request: Request, query: ReportQuery, fmt: str) -> Response:
+async def savings_response(deps: ReportDeps, request: Request, query: ReportQuery, fmt: str) -> Response:
     report = await run_report(
-        svc.reports, request, lambda guard: savings_report(svc.db, svc.config, query, guard=guard)
+        deps.runner, request, lambda guard: savings_report(deps.db, deps.config, query, guard=guard)
     )
     return render(report, fmt, "savings")
 
@@ -127,11 +127,11 @@ async def _disconnected(request: Request) -> None:
         continue
 
 
-async def limit_report_calls(svc: Services, key_id: str) -> None:
+async def limit_report_calls(deps: ReportDeps, key_id: str) -> None:
     """At most `reports.requests_per_minute` report calls per team key, across replicas with Redis."""
-    per_minute = svc.config.reports.requests_per_minute
+    per_minute = deps.config.reports.requests_per_minute
     rule = LimitRule(f"report:{key_id}", LimitKind.REQUESTS, per_minute, 60.0)
-    admission = await svc.gate.store.admit([rule], cost_tokens=0)
+    admission = await deps.limiter.admit([rule], cost_tokens=0)
     if not admission.allowed:
         raise RateLimited(
             f"at most {per_minute} usage reports per minute per key; retry after the Retry-After delay "
@@ -160,13 +160,13 @@ def usage_router() -> APIRouter:
 
     @router.get("/v1/usage", tags=[TAG_TEAM], responses=report)
     async def team_usage(request: Request, params: ReportParams = Depends()) -> Response:
-        svc: Services = request.app.state.services
+        deps = router_deps(request).reports
         identity = await authenticate(
-            svc.access, request.headers.get("authorization"), now=dt.datetime.now(dt.UTC)
+            deps.access, request.headers.get("authorization"), now=dt.datetime.now(dt.UTC)
         )
         team = own_team(identity.team, params.team)
-        query, fmt = params.query(svc.config.reports.max_span_days, team=team), params.output_format()
-        await limit_report_calls(svc, identity.key_id)
-        return await usage_response(svc, request, query, fmt)
+        query, fmt = params.query(deps.config.reports.max_span_days, team=team), params.output_format()
+        await limit_report_calls(deps, identity.key_id)
+        return await usage_response(deps, request, query, fmt)
 
     return router
