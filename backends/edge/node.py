@@ -6,7 +6,8 @@ measures one stream's decode rate, then keeps one WebSocket to `{gateway}/v1/edg
 with its text streamed back as `chunk`s and one `done` or `error`. A `cancel` or a dropped connection aborts
 the engine request, freeing its KV blocks. After a drop it reconnects with full-jitter exponential backoff
 (reset by each `welcome`); a refused token (close 4401 or HTTP 401/403) stops it with exit code 2.
-The token is sent only as a header and never logged; frames' text is never logged.
+The token is sent only as a header and never logged; frames' text is never logged (websockets' DEBUG
+lines, which show both, stay off: `QuietWebSocketLog`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from backends.edge.options import (
     TOKEN_ENV,
     Backoff,
     NodeOptions,
+    QuietWebSocketLog,
     client_ssl_context,
     connect_url,
     untrusted_certificate,
@@ -242,6 +244,7 @@ class EdgeNode:
                 open_timeout=self.options.open_timeout_s,
                 compression=None,  # small token frames: deflate costs more latency than it saves bytes
                 max_size=8 * 2**20,
+                logger=QuietWebSocketLog(),  # its DEBUG lines would hold the token and prompt text
             ) as ws:
                 try:
                     await Session(self, ws).run(on_welcome)

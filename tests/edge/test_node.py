@@ -70,6 +70,26 @@ async def node(gateway: FakeGateway, tiny: LoadedModel) -> AsyncIterator[tuple[N
     assert await asyncio.wait_for(task, 30) == EXIT_OK
 
 
+async def test_debug_logging_shows_neither_the_token_nor_frame_text(
+    gateway: FakeGateway, tiny: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At DEBUG, websockets logs each handshake header and the start of each frame; the node's connection
+    must not: the token and the prompt and completion text stay out of the log."""
+    caplog.set_level(logging.DEBUG)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_node(_options(gateway), stop=stop, loaded=tiny))
+    conn = await gateway.next_connection()
+    messages = ({"role": "user", "content": "secret-prompt-words"},)
+    prompt = wire.Request("dbg.1", "tiny", messages, max_tokens=4)
+    frames = await conn.collect(prompt)
+    stop.set()
+    assert await asyncio.wait_for(task, 30) == EXIT_OK
+    assert isinstance(frames[-1], wire.Done)
+    assert TOKEN not in caplog.text
+    assert "secret-prompt-words" not in caplog.text
+    assert any(r.name == "backends.edge.node" for r in caplog.records)  # the node's own lines still show
+
+
 def _chat(**fields: Any) -> ChatRequest:
     base: dict[str, Any] = dict(
         model="tiny-edge",

@@ -21,10 +21,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from backends.edge import wire
+from backends.edge.options import QuietWebSocketLog
 from backends.edge.tunnel import DISCONNECTED, ReplyFrame, TunnelClosed
 from backends.local.loader import LoadedModel
+from tests.support import logscan
 
 TOKEN = "sbe_test_token"
+logscan.register(TOKEN, "enrollment token (the fake gateway's)")
 EOS_ID = 0
 
 
@@ -163,6 +166,7 @@ class FakeGateway:
             process_request=self._check_http,
             compression=None,
             ssl=self.tls,
+            logger=QuietWebSocketLog("websockets.server"),  # DEBUG would log the token and prompt text
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self

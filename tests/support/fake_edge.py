@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from backends.base import Usage
 from backends.edge import wire
+from backends.edge.options import QuietWebSocketLog
 
 Answer = Callable[[wire.Request, "FakeNode"], AsyncIterator[wire.Frame]]
 
@@ -62,7 +63,9 @@ class FakeNode:
     async def start(self) -> FakeNode:
         """Connect and enroll; raises `ConnectionClosed` (with the close code) when refused."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self.ws = await connect(self.url, additional_headers=headers, open_timeout=10)
+        self.ws = await connect(
+            self.url, additional_headers=headers, open_timeout=10, logger=QuietWebSocketLog()
+        )
         await self.ws.send(wire.encode(self.hello()))
         frame = wire.decode(await asyncio.wait_for(self.ws.recv(), 10), allowed=wire.GATEWAY_FRAMES)
         assert isinstance(frame, wire.Welcome), frame
