@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from backends.base import Usage
 from backends.edge import wire
@@ -143,6 +144,28 @@ async def refused(url: str, token: str, node_id: str = "refused-node") -> tuple[
         return (rcvd.code, rcvd.reason) if rcvd is not None else (None, None)
     await node.stop()
     raise AssertionError("the gateway accepted the node")
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """The gateway's HTTP answer instead of the upgrade."""
+
+    status: int
+    error: dict[str, Any]  # the OpenAI envelope's "error"
+    retry_after: str | None
+
+
+async def denied(url: str, token: str) -> Denial:
+    """Try to connect; the HTTP refusal of the upgrade (AssertionError if the upgrade went through)."""
+    node = FakeNode(url, token, "denied-node")
+    try:
+        await node.start()
+    except InvalidStatus as exc:
+        response = exc.response
+        body = orjson.loads(response.body or b"{}")
+        return Denial(response.status_code, body.get("error", {}), response.headers.get("retry-after"))
+    await node.stop()
+    raise AssertionError("the gateway upgraded the connection")
 
 
 def until(check: Callable[[], bool], timeout_s: float = 10.0) -> Awaitable[None]:
