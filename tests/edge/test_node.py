@@ -219,6 +219,23 @@ async def test_node_reconnects_after_a_drop_and_aborts_what_was_running(
     await replies.aclose()
 
 
+async def test_node_retries_a_503_on_the_upgrade_then_enrolls(
+    tiny: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway that cannot check tokens answers the upgrade with 503: the node backs off and retries, as it
+    did after close 1013."""
+    caplog.set_level(logging.WARNING, logger="backends.edge.node")
+    async with FakeGateway(unavailable_first=2) as gw:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_node(_options(gw), stop=stop, loaded=tiny))
+        conn = await gw.next_connection()
+        assert conn.hello.node_id == "plant7-a" and len(gw.auth_headers) == 3
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == EXIT_OK
+    refusals = [r.getMessage() for r in caplog.records if "HTTP 503" in r.getMessage()]
+    assert len(refusals) == 2 and "cannot check the token now" in refusals[0]
+
+
 async def test_node_reconnects_when_the_gateway_is_down_at_first(tiny: LoadedModel) -> None:
     async with FakeGateway() as gone:
         port = gone.port
@@ -244,6 +261,7 @@ async def test_a_refused_token_stops_the_node_with_a_clear_message(
         assert len(gw.auth_headers) == 1  # no reconnect attempts
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "--token" in errors[0] and TOKEN_ENV in errors[0]
+    assert not refuse_http or "HTTP 401: unknown enrollment token" in errors[0]  # the gateway's reason
     assert TOKEN not in caplog.text  # the token itself is never logged
 
 

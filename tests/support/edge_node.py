@@ -130,7 +130,8 @@ class NodeConnection:
 class FakeGateway:
     """A loopback WebSocket server speaking the gateway's side: token check, hello -> welcome, frame routing.
 
-    `refuse_http` answers the handshake with 401 instead of closing with 4401 after it.
+    `refuse_http` answers the handshake with 401, as the gateway refuses a bad token; `unavailable_first`
+    answers the first that many handshakes with 503 + Retry-After, as a gateway whose database is down.
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class FakeGateway:
         heartbeat_s: float | None = 0.05,
         labels: Mapping[str, str] | None = None,
         refuse_http: bool = False,
+        unavailable_first: int = 0,
         port: int = 0,
         tls: ssl.SSLContext | None = None,
     ) -> None:
@@ -149,6 +151,7 @@ class FakeGateway:
         self.heartbeat_s = heartbeat_s
         self.labels = dict(labels or {})
         self.refuse_http = refuse_http
+        self.unavailable_left = unavailable_first
         self.connections: asyncio.Queue[NodeConnection] = asyncio.Queue()
         self.close_codes: list[int | None] = []
         self.auth_headers: list[str | None] = []
@@ -185,7 +188,12 @@ class FakeGateway:
         if request.path != wire.CONNECT_PATH:
             return connection.respond(404, "no such path\n")
         if self.refuse_http and not self._authorized(request.headers):
-            return connection.respond(401, "enrollment token refused\n")
+            return connection.respond(401, '{"error": {"message": "unknown enrollment token"}}')
+        if self.unavailable_left > 0:
+            self.unavailable_left -= 1
+            refusal = connection.respond(503, '{"error": {"message": "cannot check the token now"}}')
+            refusal.headers["Retry-After"] = "5"
+            return refusal
         return None
 
     def _authorized(self, headers: Headers) -> bool:
