@@ -5,10 +5,8 @@ measures one stream's decode rate, then keeps one WebSocket to `{gateway}/v1/edg
 `welcome`, a `heartbeat` every `heartbeat_s`, and each `request` run concurrently (the engine batches them)
 with its text streamed back as `chunk`s and one `done` or `error`. A `cancel` or a dropped connection aborts
 the engine request, freeing its KV blocks. After a drop it reconnects with full-jitter exponential backoff
-(reset by each `welcome`); a refused token (HTTP 401/403 on the upgrade, or close 4401 later) stops it with
-exit code 2; any other refusal of the upgrade (503: the gateway cannot check tokens now) is retried.
-The token is sent only as a header and never logged; frames' text is never logged (websockets' DEBUG
-lines, which show both, stay off: `QuietWebSocketLog`).
+(reset by each `welcome`); a refused token (HTTP 401/403 on the upgrade, or close 4401) stops it, exit code 2;
+a 503 is retried. Token and frame text are never logged, websockets' DEBUG lines included (QuietWebSocketLog).
 """
 
 from __future__ import annotations
@@ -259,7 +257,7 @@ class EdgeNode:
                     raise
                 code, reason = ws.close_code, ws.close_reason
         except InvalidStatus as exc:
-            status, why = exc.response.status_code, _refusal(exc.response.body)
+            status, why = exc.response.status_code, wire.refusal_reason(exc.response.body)
             if status in (401, 403):
                 raise Unauthorized(f"HTTP {status}{why}") from None
             log.warning("the gateway refused the connection: HTTP %d%s", status, why)
@@ -288,15 +286,6 @@ async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:
         await asyncio.gather(task, stopper, return_exceptions=True)
     if not task.cancelled() and (exc := task.exception()) is not None:
         raise exc
-
-
-def _refusal(body: bytes | bytearray | None) -> str:
-    """`: message` from the gateway's error envelope on a refused upgrade (its own words, never a secret)."""
-    try:
-        message = orjson.loads(body or b"null")["error"]["message"]
-    except (orjson.JSONDecodeError, TypeError, KeyError):
-        return ""
-    return f": {message}" if isinstance(message, str) and message else ""
 
 
 def _request_id(raw: str | bytes) -> str | None:
