@@ -12,6 +12,7 @@ reach both openai and anthropic; seed is dropped here where the provider lacks i
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from decimal import Decimal
@@ -40,6 +41,9 @@ from backends.errors import (
 _MESSAGE_MAX_CHARS = 500
 
 
+LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+
+
 def _import_litellm() -> Any:
     """Import litellm with its network-facing defaults off. Idempotent: the settings are plain assignments."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -52,6 +56,13 @@ def _import_litellm() -> Any:
     litellm.callbacks = []
     litellm.success_callback = []
     litellm.failure_callback = []
+    # `turn_off_message_logging` covers callbacks only: litellm's own loggers print whole requests (messages,
+    # headers) at DEBUG. Pin them at INFO or above (what they inherit now), so a root at DEBUG set later
+    # (a gateway run at log level debug) does not reach them.
+    for name in LITELLM_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level < logging.INFO:
+            logger.setLevel(max(logging.INFO, logger.getEffectiveLevel()))
     return litellm
 
 

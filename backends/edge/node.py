@@ -5,8 +5,8 @@ measures one stream's decode rate, then keeps one WebSocket to `{gateway}/v1/edg
 `welcome`, a `heartbeat` every `heartbeat_s`, and each `request` run concurrently (the engine batches them)
 with its text streamed back as `chunk`s and one `done` or `error`. A `cancel` or a dropped connection aborts
 the engine request, freeing its KV blocks. After a drop it reconnects with full-jitter exponential backoff
-(reset by each `welcome`); a refused token (close 4401 or HTTP 401/403) stops it with exit code 2.
-The token is sent only as a header and never logged; frames' text is never logged.
+(reset by each `welcome`); a refused token (HTTP 401/403 on the upgrade, or close 4401) stops it, exit code 2;
+a 503 is retried. Token and frame text are never logged, websockets' DEBUG lines included (QuietWebSocketLog).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from backends.edge.options import (
     TOKEN_ENV,
     Backoff,
     NodeOptions,
+    QuietWebSocketLog,
     client_ssl_context,
     connect_url,
     untrusted_certificate,
@@ -242,6 +243,7 @@ class EdgeNode:
                 open_timeout=self.options.open_timeout_s,
                 compression=None,  # small token frames: deflate costs more latency than it saves bytes
                 max_size=8 * 2**20,
+                logger=QuietWebSocketLog(),  # its DEBUG lines would hold the token and prompt text
             ) as ws:
                 try:
                     await Session(self, ws).run(on_welcome)
@@ -255,10 +257,10 @@ class EdgeNode:
                     raise
                 code, reason = ws.close_code, ws.close_reason
         except InvalidStatus as exc:
-            status = exc.response.status_code
+            status, why = exc.response.status_code, wire.refusal_reason(exc.response.body)
             if status in (401, 403):
-                raise Unauthorized(f"HTTP {status}") from None
-            log.warning("the gateway refused the connection: HTTP %d", status)
+                raise Unauthorized(f"HTTP {status}{why}") from None
+            log.warning("the gateway refused the connection: HTTP %d%s", status, why)
             return
         except ssl.SSLCertVerificationError as exc:
             log.error("%s", untrusted_certificate(url, self.options.ca_file, exc))

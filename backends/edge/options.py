@@ -3,17 +3,19 @@
 `connect_url` turns the gateway's http(s)/ws(s) base into the WebSocket URL; `Backoff` is full-jitter
 exponential backoff (AWS's "full jitter": uniform in [0, min(cap, base * 2**n))), reset after a welcome.
 `client_ssl_context` is the TLS trust for a wss:// gateway: the system's CAs, or only `--ca-file`'s.
+`QuietWebSocketLog` is websockets' logger for the connection, never at DEBUG (that would log the token).
 No I/O but reading `--ca-file`; torch is imported only when options are checked against the engine's.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from backends.edge import wire
@@ -23,6 +25,21 @@ if TYPE_CHECKING:
     from backends.local.build import EngineOptions
 
 TOKEN_ENV = "SWITCHBOARD_EDGE_TOKEN"
+
+
+class QuietWebSocketLog(logging.LoggerAdapter[logging.Logger]):
+    """websockets' logger for an edge connection, with DEBUG always off: at DEBUG websockets logs every
+    handshake header (`Authorization: Bearer sbe_...`) and the start of every frame (prompt and completion
+    text). INFO and above pass through to `name` as before."""
+
+    def __init__(self, name: str = "websockets.client") -> None:
+        super().__init__(logging.getLogger(name), {})
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging's name
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        return
 
 
 def default_node_id() -> str:

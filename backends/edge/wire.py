@@ -332,3 +332,12 @@ def decode(data: str | bytes, *, allowed: tuple[type[Any], ...] | None = None) -
         expected = ", ".join(c.type for c in allowed)
         raise FrameError(f"unexpected `{cls.type}` frame on this side of the connection; expects {expected}")
     return _decode_fields(cls.type, _Fields(cls.type, raw))
+
+
+def refusal_reason(body: bytes | bytearray | None) -> str:
+    """`: message` from the error envelope of a refused upgrade (the gateway's own words, never a secret)."""
+    try:
+        message = orjson.loads(body or b"null")["error"]["message"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return ""
+    return f": {message}" if isinstance(message, str) and message else ""

@@ -1,7 +1,9 @@
 """The edge hub: the `/v1/edge/connect` WebSocket, one `NodeLink` per connected node, token re-checks.
 
-A connection is accepted, then its `Authorization: Bearer sbe_...` token is checked (unknown, expired or
-revoked: close 4401, and the node stops), then its `hello` (malformed or late: 4400), then `welcome`.
+A connection's `Authorization: Bearer sbe_...` token is checked before the upgrade: missing, unknown,
+expired or revoked is an HTTP 401 (the node stops), an unreadable database a 503 with Retry-After (the node
+retries), each with a JSON error body; only then is it accepted. Then its `hello` (malformed or late: 4400),
+then `welcome`.
 A node_id held by a live connection is refused (4409; the node retries with backoff), one held by a silent
 connection is taken over. Every `edge.token_check_s` the tokens of all connected nodes are re-read in one
 query and nodes whose token was revoked, expired or deleted are closed with 4401: revoking disconnects
@@ -23,6 +25,7 @@ from collections.abc import Callable, Mapping
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
+from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from backends.base import Backend
@@ -34,13 +37,15 @@ from gateway.edge.link import SOCKET_ERRORS, Load, NodeBackends, NodeLink, NodeT
 from gateway.edge.pool import LiveNode
 from gateway.edge.registry import NodeRecord, Registry
 from gateway.edge.relay import Relay
-from gateway.errors import InvalidRequest
+from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest, ServiceUnavailable, error_body
 from gateway.live.state import RoutingState
 
 log = logging.getLogger(__name__)
 
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 STALE_CLOSE_TTLS = 3  # a node silent this many ttl_s is presumed gone and its socket closed
+TOKEN_RETRY_AFTER_S = 5  # Retry-After when the database cannot check a token
+DENIAL = "websocket.http.response"  # the ASGI extension for an HTTP answer instead of the upgrade
 
 
 class EdgeHub:
@@ -116,11 +121,12 @@ class EdgeHub:
     # ---- one connection -----------------------------------------------------------------------------------
 
     async def serve(self, ws: WebSocket) -> None:
-        """The whole life of one node connection."""
-        await ws.accept()
+        """The whole life of one node connection. The token is checked before the upgrade: a refused node
+        never gets a WebSocket."""
         token = await self._check_token(ws)
         if token is None:
             return
+        await ws.accept()
         hello = await self._read_hello(ws)
         if hello is None:
             return
@@ -138,11 +144,27 @@ class EdgeHub:
         except SOCKET_ERRORS:
             return
 
+    async def _deny(self, ws: WebSocket, exc: GatewayError, close_code: int) -> None:
+        """Answer the upgrade request with HTTP `exc.status_code` and the OpenAI error envelope. Without the
+        denial extension, close before accepting (the server answers 403; `close_code` is for a server that
+        can carry it)."""
+        headers = {"retry-after": str(TOKEN_RETRY_AFTER_S)} if exc.status_code == 503 else None
+        try:
+            if DENIAL in ws.scope.get("extensions", {}):
+                response = Response(error_body(exc), exc.status_code, headers, "application/json")
+                await ws.send_denial_response(response)
+            else:
+                await ws.close(close_code, close_reason(exc.message))
+        except SOCKET_ERRORS:
+            return
+
     async def _check_token(self, ws: WebSocket) -> tokens.TokenInfo | None:
+        """The connection's token, or None after refusing the upgrade (401, or 503 when unreadable)."""
         scheme, _, plaintext = (ws.headers.get("authorization") or "").partition(" ")
+        unauthorized = wire.CloseCode.UNAUTHORIZED
         if scheme.lower() != "bearer" or not plaintext.strip():
             reason = "missing enrollment token: send Authorization: Bearer sbe_... (--token)"
-            await self._refuse(ws, wire.CloseCode.UNAUTHORIZED, reason)
+            await self._deny(ws, AuthenticationFailed(reason), unauthorized)
             return None
         try:
             info = await asyncio.to_thread(tokens.lookup_token, self._db, plaintext.strip())
@@ -150,18 +172,17 @@ class EdgeHub:
             log.warning(
                 "edge: cannot check an enrollment token (%s); the node will retry", type(exc).__name__
             )
-            await self._refuse(
-                ws, wire.CloseCode.TRY_LATER, "cannot check the enrollment token now; retry later"
-            )
+            refusal = ServiceUnavailable("cannot check the enrollment token now (database); retry later")
+            await self._deny(ws, refusal, wire.CloseCode.TRY_LATER)
             return None
         if info is None:
             reason = "unknown enrollment token (create one: `switchboard edge token create`)"
-            await self._refuse(ws, wire.CloseCode.UNAUTHORIZED, reason)
+            await self._deny(ws, AuthenticationFailed(reason), unauthorized)
             return None
         problem = info.problem(_utc(self._wall()))
         if problem is not None:
             log.info("edge: refused a node: %s", problem)
-            await self._refuse(ws, wire.CloseCode.UNAUTHORIZED, problem)
+            await self._deny(ws, AuthenticationFailed(problem), unauthorized)
             return None
         return info
 

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from gateway.http.app import create_app
 from gateway.store.db import make_engine
-from tests.support.api_gateway import ADMIN_KEY, FAKE_UPSTREAM_KEY, Gateway, gateway_config
+from tests.support.api_gateway import ADMIN_KEY, FAKE_UPSTREAM_KEY, Gateway, gateway_config, plant
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer
 from tests.support.services import PG_URL
@@ -31,7 +31,9 @@ def _serve(fake: FakeProvider, db: dict[str, Any]) -> Iterator[Gateway]:
     with LiveServer(create_app(config)) as server:
         engine = make_engine(config.database.url, config.database.schema_name)
         try:
-            yield Gateway(server.base_url, config, engine, fake)
+            gw = Gateway(server.base_url, config, engine, fake)
+            plant(gw)  # the log scan's planted prompt text, through paths that log and fail
+            yield gw
         finally:
             engine.dispose()
 

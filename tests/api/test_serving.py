@@ -16,9 +16,8 @@ import pytest
 import uvicorn
 from starlette.types import ASGIApp
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import InvalidStatus
 
-from backends.edge import wire
 from backends.edge.options import client_ssl_context, connect_url
 from gateway.config import Config, ConfigError, parse_config
 from gateway.http.app import create_app
@@ -107,18 +106,18 @@ def test_the_edge_websocket_handshakes_over_wss_with_the_nodes_ssl_context(tls_g
     url = connect_url(tls_gateway.base_url)
     assert url.startswith("wss://")
 
-    async def close_code(ca_file: str) -> int | None:
+    async def refusal(ca_file: str) -> int:
         tls = client_ssl_context(url, ca_file)
         headers = {"Authorization": "Bearer sbe_not_a_token"}
-        async with ws_connect(url, ssl=tls, additional_headers=headers, open_timeout=5) as ws:
-            with pytest.raises(ConnectionClosed):
-                await asyncio.wait_for(ws.recv(), 5)
-            return ws.close_code
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(url, ssl=tls, additional_headers=headers, open_timeout=5):
+                pass
+        return refused.value.response.status_code
 
-    # The handshake got through TLS and the guarded protocol's upgrade; the hub then refused the token.
-    assert asyncio.run(close_code(str(tls_gateway.certs.ca_file))) == wire.CloseCode.UNAUTHORIZED
+    # The handshake got through TLS and the guarded protocol; the hub refused the token before the upgrade.
+    assert asyncio.run(refusal(str(tls_gateway.certs.ca_file))) == 401
     with pytest.raises(ssl.SSLCertVerificationError):
-        asyncio.run(close_code(str(tls_gateway.certs.other_ca_file)))
+        asyncio.run(refusal(str(tls_gateway.certs.other_ca_file)))
 
 
 def test_tls_min_version_13_refuses_a_tls12_client(

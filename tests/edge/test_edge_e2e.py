@@ -39,7 +39,7 @@ from gateway.edge import tokens  # noqa: E402
 from gateway.store import keys  # noqa: E402
 from gateway.store.db import make_engine  # noqa: E402
 from tests.support.edge_node import wait_until  # noqa: E402
-from tests.support.fake_edge import refused  # noqa: E402
+from tests.support.fake_edge import denied  # noqa: E402
 from tests.support.fake_provider import FakeProvider  # noqa: E402
 from tests.support.live import free_port  # noqa: E402
 from tests.support.model_cache import smollm2_directory  # noqa: E402
@@ -352,8 +352,8 @@ async def test_a_revoked_token_is_refused_and_its_node_disconnected(rig: Rig) ->
     assert code == 2, rig.logs()  # the node stops rather than retrying a refused token
     assert "refused the enrollment token" in node.log.read_text()
     ws_url = rig.base_url.replace("http://", "ws://") + wire.CONNECT_PATH
-    close_code, reason = await refused(ws_url, rig.tokens["node-b"], node_id="node-b")
-    assert close_code == wire.CloseCode.UNAUTHORIZED and "revoked" in (reason or "")
+    denial = await denied(ws_url, rig.tokens["node-b"])  # refused before the upgrade
+    assert denial.status == 401 and "revoked" in denial.error["message"]
 
 
 async def test_the_restarted_node_rejoins_by_itself(rig: Rig) -> None:

@@ -70,6 +70,26 @@ async def node(gateway: FakeGateway, tiny: LoadedModel) -> AsyncIterator[tuple[N
     assert await asyncio.wait_for(task, 30) == EXIT_OK
 
 
+async def test_debug_logging_shows_neither_the_token_nor_frame_text(
+    gateway: FakeGateway, tiny: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At DEBUG, websockets logs each handshake header and the start of each frame; the node's connection
+    must not: the token and the prompt and completion text stay out of the log."""
+    caplog.set_level(logging.DEBUG)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_node(_options(gateway), stop=stop, loaded=tiny))
+    conn = await gateway.next_connection()
+    messages = ({"role": "user", "content": "secret-prompt-words"},)
+    prompt = wire.Request("dbg.1", "tiny", messages, max_tokens=4)
+    frames = await conn.collect(prompt)
+    stop.set()
+    assert await asyncio.wait_for(task, 30) == EXIT_OK
+    assert isinstance(frames[-1], wire.Done)
+    assert TOKEN not in caplog.text
+    assert "secret-prompt-words" not in caplog.text
+    assert any(r.name == "backends.edge.node" for r in caplog.records)  # the node's own lines still show
+
+
 def _chat(**fields: Any) -> ChatRequest:
     base: dict[str, Any] = dict(
         model="tiny-edge",
@@ -199,6 +219,23 @@ async def test_node_reconnects_after_a_drop_and_aborts_what_was_running(
     await replies.aclose()
 
 
+async def test_node_retries_a_503_on_the_upgrade_then_enrolls(
+    tiny: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway that cannot check tokens answers the upgrade with 503: the node backs off and retries, as it
+    did after close 1013."""
+    caplog.set_level(logging.WARNING, logger="backends.edge.node")
+    async with FakeGateway(unavailable_first=2) as gw:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_node(_options(gw), stop=stop, loaded=tiny))
+        conn = await gw.next_connection()
+        assert conn.hello.node_id == "plant7-a" and len(gw.auth_headers) == 3
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == EXIT_OK
+    refusals = [r.getMessage() for r in caplog.records if "HTTP 503" in r.getMessage()]
+    assert len(refusals) == 2 and "cannot check the token now" in refusals[0]
+
+
 async def test_node_reconnects_when_the_gateway_is_down_at_first(tiny: LoadedModel) -> None:
     async with FakeGateway() as gone:
         port = gone.port
@@ -224,6 +261,7 @@ async def test_a_refused_token_stops_the_node_with_a_clear_message(
         assert len(gw.auth_headers) == 1  # no reconnect attempts
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "--token" in errors[0] and TOKEN_ENV in errors[0]
+    assert not refuse_http or "HTTP 401: unknown enrollment token" in errors[0]  # the gateway's reason
     assert TOKEN not in caplog.text  # the token itself is never logged
 
 

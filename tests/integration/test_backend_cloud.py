@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from decimal import Decimal
 from typing import Any
 
@@ -77,6 +78,19 @@ async def test_complete(backend: CloudBackend, fake_provider: FakeProvider, prov
     assert len(received) == 1 and received[0]["path"] == PATHS[provider]
     headers = received[0]["headers"]
     assert "sk-cloud" in (headers.get("authorization", "") + headers.get("x-api-key", ""))
+
+
+async def test_debug_logging_shows_no_prompt_text(
+    backend: CloudBackend, fake_provider: FakeProvider, provider: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """litellm logs whole requests on its own loggers at DEBUG; with the root at DEBUG, none of it shows."""
+    caplog.set_level(logging.DEBUG)
+    model = f"cl-debug-{provider}"
+    fake_provider.configure(model, n_tokens=3)
+    await backend.complete(chat(model, "unlogged words"))
+    await collect(backend, chat(model, "unlogged words"))
+    assert "unlogged words" not in caplog.text
+    assert "sk-cloud" not in caplog.text
 
 
 async def test_stream_ends_with_usage(

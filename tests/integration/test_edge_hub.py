@@ -31,7 +31,7 @@ from gateway.edge import tokens
 from gateway.http.app import create_app
 from gateway.store import db, keys
 from gateway.store.db import make_engine
-from tests.support.fake_edge import FakeNode, refused, until
+from tests.support.fake_edge import FakeNode, denied, refused, until
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer, free_port
 from tests.support.timing import CUT_OFF_S
@@ -204,9 +204,43 @@ async def test_node_enrolls_is_listed_and_serves_both_ways(hub: Hub) -> None:
     ],
     ids=["missing", "team-key", "unknown", "revoked"],
 )
-async def test_bad_tokens_are_refused_with_4401(hub: Hub, make: Any, reason: str) -> None:
-    code, text = await refused(hub.ws_url, make(hub))
-    assert code == wire.CloseCode.UNAUTHORIZED and reason in (text or "")
+async def test_bad_tokens_are_refused_with_401_before_the_upgrade(hub: Hub, make: Any, reason: str) -> None:
+    denial = await denied(hub.ws_url, make(hub))
+    assert denial.status == 401 and reason in denial.error["message"]
+    assert denial.error["type"] == "authentication_error" and denial.retry_after is None
+
+
+async def test_a_bad_token_never_gets_a_101(hub: Hub) -> None:
+    """On the raw socket: the answer to the upgrade request is a 401 with a JSON body, not a 101."""
+    host, port = hub.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            (
+                f"GET {wire.CONNECT_PATH} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\nAuthorization: Bearer sbe_nope\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    assert status_line.startswith("HTTP/1.1 401"), status_line
+    assert "content-type: application/json" in [h.lower() for h in header_lines]
+
+
+async def test_an_unreadable_database_is_503_with_retry_after(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(*_: Any) -> None:
+        raise sa.exc.OperationalError("SELECT", {}, Exception("database is down"))
+
+    monkeypatch.setattr(tokens, "lookup_token", unreadable)
+    denial = await denied(hub.ws_url, hub.token().plaintext)
+    assert denial.status == 503 and denial.retry_after is not None and int(denial.retry_after) >= 1
+    assert "retry later" in denial.error["message"]
 
 
 async def test_expired_token_is_refused(hub: Hub) -> None:
@@ -218,8 +252,8 @@ async def test_expired_token_is_refused(hub: Hub) -> None:
             .values(expires_at=now - dt.timedelta(seconds=1))
             .where(db.edge_tokens.c.id == created.info.token_id)
         )
-    code, text = await refused(hub.ws_url, created.plaintext)
-    assert code == wire.CloseCode.UNAUTHORIZED and "expired at" in (text or "")
+    denial = await denied(hub.ws_url, created.plaintext)
+    assert denial.status == 401 and "expired at" in denial.error["message"]
 
 
 async def test_bad_hello_and_duplicate_node_id(hub: Hub) -> None:

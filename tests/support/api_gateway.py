@@ -1,5 +1,6 @@
 """The API tests' live gateway: its config (in front of the loopback fake provider), the `Gateway` handle
-tests reach it through, and the keys it uses. The fixtures that start it are in tests/api/conftest.py."""
+tests reach it through, and the keys it uses. The fixtures that start it are in tests/api/conftest.py.
+`plant` sends the log scan's planted prompt text (tests/support/logscan.py) down paths that log or fail."""
 
 from __future__ import annotations
 
@@ -7,16 +8,20 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from gateway.config import Config, parse_config
 from gateway.store import keys
+from tests.support import logscan
 from tests.support.fake_provider import FakeProvider
 from tests.support.usage import wait_for_usage_row
 
 ADMIN_KEY = "admin-" + uuid.uuid4().hex
 FAKE_UPSTREAM_KEY = "sk-fake-upstream-" + uuid.uuid4().hex
+logscan.register(ADMIN_KEY, "admin key")
+logscan.register(FAKE_UPSTREAM_KEY, "upstream API key")
 
 # Upstream model names on the fake provider, one per behaviour, so tests never share knobs.
 FAST_MODELS = ("fast", "m429", "m500", "m401", "mhang", "mcut", "mslow")
@@ -69,7 +74,11 @@ def gateway_config(fake_root: str, db: dict[str, Any]) -> Config:
                 },
             },
             "models": models,
-            "teams": {"alpha": {"models": ["*"]}, "beta": {"models": ["fast", "cloud-gpt"]}},
+            "teams": {
+                "alpha": {"models": ["*"]},
+                "beta": {"models": ["fast", "cloud-gpt"]},
+                "planted": {"models": ["*"]},  # `plant`'s requests, kept out of the tests' teams
+            },
             # Error-injection tests fail the same deployments again and again; circuits have their own tests.
             "routing": {"breaker_failures": 1_000_000},
         }
@@ -104,3 +113,31 @@ class Gateway:
                     sa.text("SELECT count(*) FROM usage WHERE request_id = :r"), {"r": request_id}
                 ).scalar()
             )
+
+
+def plant(gw: Gateway) -> None:
+    """Requests carrying the planted prompt text through the paths that log or fail: a success, a stream,
+    upstream errors, a malformed field, a refused key. Error bodies received are scanned too."""
+    key = gw.key("planted", name="logscan")
+    unknown_key = keys.generate_key()[0]  # key-shaped, never stored
+    chat = {"messages": logscan.planted_messages(), "max_tokens": 8}
+    sends: list[tuple[str, dict[str, Any]]] = [
+        (key, {**chat, "model": "fast"}),
+        (key, {**chat, "model": "fast", "stream": True}),
+        (key, {**chat, "model": "cloud-gpt"}),
+        (key, {**chat, "model": "m500"}),
+        (key, {**chat, "model": "m401"}),
+        (key, {**chat, "model": "mcut", "stream": True}),
+        (key, {**chat, "model": "fast", "temperature": logscan.PROMPT_MARKER}),
+        (key, {**chat, "model": "notools", "tools": [{"type": "function", "function": {"name": "f"}}]}),
+        (unknown_key, {**chat, "model": "fast"}),
+    ]
+    with httpx.Client(base_url=gw.base_url, timeout=30) as client:
+        for sent_key, body in sends:
+            reply = client.post(
+                "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {sent_key}"}
+            )
+            if reply.status_code >= 400 or body.get("stream"):
+                logscan.observe(
+                    f"answer to a planted request to {body['model']} ({reply.status_code})", reply.text
+                )

@@ -21,10 +21,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from backends.edge import wire
+from backends.edge.options import QuietWebSocketLog
 from backends.edge.tunnel import DISCONNECTED, ReplyFrame, TunnelClosed
 from backends.local.loader import LoadedModel
+from tests.support import logscan
 
 TOKEN = "sbe_test_token"
+logscan.register(TOKEN, "enrollment token (the fake gateway's)")
 EOS_ID = 0
 
 
@@ -127,7 +130,8 @@ class NodeConnection:
 class FakeGateway:
     """A loopback WebSocket server speaking the gateway's side: token check, hello -> welcome, frame routing.
 
-    `refuse_http` answers the handshake with 401 instead of closing with 4401 after it.
+    `refuse_http` answers the handshake with 401, as the gateway refuses a bad token; `unavailable_first`
+    answers the first that many handshakes with 503 + Retry-After, as a gateway whose database is down.
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class FakeGateway:
         heartbeat_s: float | None = 0.05,
         labels: Mapping[str, str] | None = None,
         refuse_http: bool = False,
+        unavailable_first: int = 0,
         port: int = 0,
         tls: ssl.SSLContext | None = None,
     ) -> None:
@@ -146,6 +151,7 @@ class FakeGateway:
         self.heartbeat_s = heartbeat_s
         self.labels = dict(labels or {})
         self.refuse_http = refuse_http
+        self.unavailable_left = unavailable_first
         self.connections: asyncio.Queue[NodeConnection] = asyncio.Queue()
         self.close_codes: list[int | None] = []
         self.auth_headers: list[str | None] = []
@@ -163,6 +169,7 @@ class FakeGateway:
             process_request=self._check_http,
             compression=None,
             ssl=self.tls,
+            logger=QuietWebSocketLog("websockets.server"),  # DEBUG would log the token and prompt text
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -181,7 +188,12 @@ class FakeGateway:
         if request.path != wire.CONNECT_PATH:
             return connection.respond(404, "no such path\n")
         if self.refuse_http and not self._authorized(request.headers):
-            return connection.respond(401, "enrollment token refused\n")
+            return connection.respond(401, '{"error": {"message": "unknown enrollment token"}}')
+        if self.unavailable_left > 0:
+            self.unavailable_left -= 1
+            refusal = connection.respond(503, '{"error": {"message": "cannot check the token now"}}')
+            refusal.headers["Retry-After"] = "5"
+            return refusal
         return None
 
     def _authorized(self, headers: Headers) -> bool:

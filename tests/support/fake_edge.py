@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from backends.base import Usage
 from backends.edge import wire
+from backends.edge.options import QuietWebSocketLog
 
 Answer = Callable[[wire.Request, "FakeNode"], AsyncIterator[wire.Frame]]
 
@@ -62,7 +64,9 @@ class FakeNode:
     async def start(self) -> FakeNode:
         """Connect and enroll; raises `ConnectionClosed` (with the close code) when refused."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self.ws = await connect(self.url, additional_headers=headers, open_timeout=10)
+        self.ws = await connect(
+            self.url, additional_headers=headers, open_timeout=10, logger=QuietWebSocketLog()
+        )
         await self.ws.send(wire.encode(self.hello()))
         frame = wire.decode(await asyncio.wait_for(self.ws.recv(), 10), allowed=wire.GATEWAY_FRAMES)
         assert isinstance(frame, wire.Welcome), frame
@@ -140,6 +144,28 @@ async def refused(url: str, token: str, node_id: str = "refused-node") -> tuple[
         return (rcvd.code, rcvd.reason) if rcvd is not None else (None, None)
     await node.stop()
     raise AssertionError("the gateway accepted the node")
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """The gateway's HTTP answer instead of the upgrade."""
+
+    status: int
+    error: dict[str, Any]  # the OpenAI envelope's "error"
+    retry_after: str | None
+
+
+async def denied(url: str, token: str) -> Denial:
+    """Try to connect; the HTTP refusal of the upgrade (AssertionError if the upgrade went through)."""
+    node = FakeNode(url, token, "denied-node")
+    try:
+        await node.start()
+    except InvalidStatus as exc:
+        response = exc.response
+        body = orjson.loads(response.body or b"{}")
+        return Denial(response.status_code, body.get("error", {}), response.headers.get("retry-after"))
+    await node.stop()
+    raise AssertionError("the gateway upgraded the connection")
 
 
 def until(check: Callable[[], bool], timeout_s: float = 10.0) -> Awaitable[None]:

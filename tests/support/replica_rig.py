@@ -18,12 +18,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from gateway.store import db, keys
+from tests.support import logscan
 from tests.support.replicas import FakeUpstream, GatewayReplicas
 from tests.support.services import PG_URL
 
 WINDOW_S = 60.0  # long: no refill during a test's burst, so "N per window" is exactly N
 ADMIN_KEY = "admin-" + uuid.uuid4().hex
 ENV = {"SB_REP_ADMIN_KEY": ADMIN_KEY, "SB_REP_UPSTREAM_KEY": "sk-upstream-" + uuid.uuid4().hex}
+logscan.register(ADMIN_KEY, "admin key")
+logscan.register(ENV["SB_REP_UPSTREAM_KEY"], "upstream API key")
 UPSTREAM_TTFT_MS = {"fast": 0.0, "slow": 40.0, "hold": 1000.0}  # upstream model -> delay before its answer
 
 TEAMS: dict[str, dict[str, Any]] = {
@@ -146,7 +149,8 @@ async def warm_up(rig: Rig) -> None:
     pools, scripts and first-request work are done before any test times a burst."""
     key = rig.key("warm")
     for _ in range(2):
-        replies = await hammer(rig.urls, [key], chat_body("fast", max_tokens=8), 36)
+        body = chat_body("fast", prompt=logscan.planted_messages()[0]["content"], max_tokens=8)  # scanned for
+        replies = await hammer(rig.urls, [key], body, 36)
         assert all(r.status == 200 for r in replies), [r.describe() for r in replies if r.status != 200][:3]
 
 
