@@ -108,3 +108,16 @@ def rejected_message(said: str, upstream: str) -> str:
     )
     text = " ".join(text.split())[:_REJECTED_MAX_CHARS]
     return f"{said}: {text}" if text else said
+
+
+_JSONISH = re.compile(r"\{.*\}|\[\s*[{\"'].*\]", re.S)
+_LONG_QUOTED = re.compile(r"(['\"]).{40,}?\1", re.S)
+_LOGGED_MAX_CHARS = 500
+
+
+def loggable_detail(detail: str) -> str:
+    """A backend error's detail as the gateway logs it. Upstream and library messages may quote the request
+    back (a rejected message, a schema); structures and long quoted strings are elided, so the log keeps the
+    diagnosis (status, error type, short reasons) but no prompt text. Addresses stay: operators need them."""
+    text = _LONG_QUOTED.sub(r"\1…\1", _JSONISH.sub("{…}", detail))
+    return _SECRET.sub("[redacted]", " ".join(text.split()))[:_LOGGED_MAX_CHARS]

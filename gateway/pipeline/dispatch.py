@@ -22,7 +22,7 @@ from typing import TypeVar
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from backends.base import Backend, ChatRequest, ChatResult, StreamChunk
-from backends.errors import BackendTimeout, BackendUnavailable, SwitchboardError
+from backends.errors import BackendTimeout, BackendUnavailable, SwitchboardError, loggable_detail
 from gateway.eager import Ready, run_until_wait
 from gateway.errors import AllBackendsFailed
 from gateway.live.state import RoutingState, deployment_id
@@ -228,7 +228,7 @@ async def _attempt_once(
         request.request_id,
         dep.backend,
         err.code,
-        f": {err.detail[:500]}" if err.detail else "",
+        f": {loggable_detail(err.detail)}" if err.detail else "",
     )
     raise err
 

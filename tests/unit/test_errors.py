@@ -52,3 +52,22 @@ def test_all_backends_failed_collects_every_cause() -> None:
     assert err.status_code == 429 and err.code == "upstream_rate_limited"
     assert "`a`: slow" in err.message and "`b`: busy" in err.message
     assert error_response(err).headers["retry-after"] == "3"
+
+
+def test_logged_details_keep_the_diagnosis_but_no_request_text() -> None:
+    from backends.errors import loggable_detail
+
+    secret = "my planted prompt text that must never reach a log line"
+    echoed = (
+        f'litellm.BadRequestError: Invalid user message={{"role": "user", "content": "{secret}"}} at index 0'
+    )
+    assert loggable_detail(echoed) == "litellm.BadRequestError: Invalid user message={…} at index 0"
+    assert secret not in loggable_detail(f"Invalid value: '{secret}' for content")
+    assert secret not in loggable_detail(f'messages=["{secret}"]')
+    refused = (
+        "ConnectError: [Errno 111] Connection refused to 127.0.0.1:18500 (key sk-abcdefghijklmnopqrstuv)"
+    )
+    assert (
+        loggable_detail(refused)
+        == "ConnectError: [Errno 111] Connection refused to 127.0.0.1:18500 (key [redacted])"
+    )
