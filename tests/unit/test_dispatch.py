@@ -21,7 +21,7 @@ from gateway.config import parse_config
 from gateway.errors import AllBackendsFailed
 from gateway.live.state import RoutingState, build_specs
 from gateway.pipeline import dispatch
-from gateway.pipeline.request import Timing
+from gateway.pipeline.request import Clock, Timing
 from routing.decision import FREE, Deployment, RouteDecision
 from tests.support.scripted import ScriptedBackend
 
@@ -93,14 +93,44 @@ async def test_stream_falls_back_before_first_chunk() -> None:
     assert rest[-1].usage == Usage(1, 1)
 
 
+class FakeClock:
+    """Monotonic time that only sleeps move: backoff is checked without waiting for it."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.slept: list[float] = []
+
+    def now_s(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.t += seconds
+
+    def clock(self) -> Clock:
+        return Clock(now_s=self.now_s, sleep=self.sleep)
+
+
 async def test_retries_the_same_deployment_with_backoff_honouring_retry_after() -> None:
-    decision, backends, plan = setup(BackendRateLimited("busy", retry_after_s=0.2), max_attempts=2)
-    t0 = time.perf_counter()
+    decision, backends, plan = setup(BackendRateLimited("busy", retry_after_s=0.2), max_attempts=3)
+    fake = FakeClock()
+    plan.clock = fake.clock()
     with pytest.raises(AllBackendsFailed) as info:
         await dispatch.complete(decision, REQUEST, timing(), plan)
-    assert backends["b0"].calls == ["up-b0", "up-b0"]
-    assert time.perf_counter() - t0 >= 0.2
-    assert len(info.value.causes) == 2 and info.value.status_code == 429
+    assert backends["b0"].calls == ["up-b0", "up-b0", "up-b0"]
+    assert fake.slept == [0.2, 0.2]  # Retry-After beats the 0.01 s and 0.02 s backoff
+    assert len(info.value.causes) == 3 and info.value.status_code == 429
+
+
+async def test_backoff_doubles_on_a_fake_clock_and_stops_at_the_budget() -> None:
+    decision, backends, plan = setup(BackendUnavailable("down"), max_attempts=10)
+    plan.backoff_s, plan.max_wait_s, plan.budget_s = 0.5, 10.0, 6.0
+    fake = FakeClock()
+    plan.clock = fake.clock()
+    with pytest.raises(AllBackendsFailed):
+        await dispatch.complete(decision, REQUEST, timing(), plan)
+    # 0.5 + 1 + 2 = 3.5 s slept; the next wait (4 s) would end past the 6 s budget, so it stops there.
+    assert fake.slept == [0.5, 1.0, 2.0] and len(backends["b0"].calls) == 4
 
 
 async def test_a_long_retry_after_goes_back_to_the_client_at_once() -> None:
