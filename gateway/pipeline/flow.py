@@ -36,12 +36,11 @@ class Answer:
     headers: Headers
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Admitted:
     routed: Routed
     cache: CachePlan | None
     hit: CachedResponse | None
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 def header_text(text: str, limit: int = 200) -> bytes:

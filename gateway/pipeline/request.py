@@ -146,7 +146,6 @@ class Clock:
 
     now_s: Callable[[], float] = time.perf_counter
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
 
 
 SYSTEM_CLOCK = Clock()
