@@ -53,6 +53,11 @@ class ChatRequest:
     tool_choice: Any = None
     response_format: Mapping[str, Any] | None = None
     timeout_s: float = 600.0
+    # Legacy `/v1/completions`: the raw prompt. `messages` then holds its chat translation (one user message)
+    # for backends that speak only chat; backends with a completions endpoint send the prompt as it is.
+    prompt: str | None = None
+    # Headers a backend of the same API forwards unchanged (anthropic-version/-beta to an Anthropic cloud).
+    passthrough_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,7 @@ def cache_key(namespace: str, call: ChatRequest, preferences: Mapping[str, Any] 
         "tools": list(call.tools) if call.tools is not None else None,
         "tool_choice": call.tool_choice,
         "response_format": call.response_format,
+        "prompt": call.prompt,  # a raw completion and its chat translation are different requests
         "route": {p: _name_set(prefs[p]) for p in _ELIGIBILITY_PREFS if prefs.get(p) is not None},
     }
     payload = orjson.dumps({k: v for k, v in canonical.items() if v is not None}, option=orjson.OPT_SORT_KEYS)
