@@ -43,7 +43,8 @@ _ERROR_TEXT_MAX_CHARS = 500
 
 
 class OpenAICompatBackend:
-    """Talks `POST {base_url}/chat/completions` and `GET {base_url}/models`; `base_url` ends in `/v1`."""
+    """Talks `POST {base_url}/chat/completions` and `GET {base_url}/models`; `base_url` ends in `/v1`.
+    A request with a raw `prompt` (legacy completions) goes to `POST {base_url}/completions` as it is."""
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class OpenAICompatBackend:
         )
         base = base_url.rstrip("/")
         self._chat_url = httpx.URL(base + "/chat/completions")  # parsed once, not per request
+        self._completions_url = httpx.URL(base + "/completions")
         self._models_url = base + "/models"
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
@@ -130,7 +132,7 @@ class OpenAICompatBackend:
         itself here; `FastTransport` writes Host and Content-Length for a `stream=` body on the wire."""
         return httpx.Request(
             "POST",
-            self._chat_url,
+            self._chat_url if request.prompt is None else self._completions_url,
             headers=self._headers,
             stream=httpx.ByteStream(_request_body(request, stream=stream)),
             extensions={"timeout": self._timeouts_for(request)},
@@ -211,7 +213,11 @@ def _json_default(value: Any) -> Any:
 
 
 def _request_body(request: ChatRequest, *, stream: bool) -> bytes:
-    body: dict[str, Any] = {"model": request.model, "messages": request.messages}
+    body: dict[str, Any] = {"model": request.model}
+    if request.prompt is None:
+        body["messages"] = request.messages
+    else:
+        body["prompt"] = request.prompt
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
     if request.temperature is not None:
@@ -261,7 +267,7 @@ def _parse_result(name: str, content: bytes, request: ChatRequest) -> ChatResult
     try:
         payload = orjson.loads(content)
         choice = payload["choices"][0]
-        message = choice["message"]
+        message = choice["message"] if "message" in choice else _text_message(choice["text"])
         usage = _usage(payload.get("usage"))
         if usage is None:
             text = message.get("content") or ""
@@ -312,7 +318,7 @@ async def _parse_stream(
             served_model = payload.get("model") or served_model
             choices = payload.get("choices") or ()
             choice = choices[0] if choices else None
-            delta = (choice.get("delta") or {}) if choice else {}
+            delta = (choice.get("delta") or _text_delta(choice.get("text"))) if choice else {}
             reason = choice.get("finish_reason") if choice else None
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise BackendBadResponse(
@@ -328,6 +334,17 @@ async def _parse_stream(
     if usage is None:
         usage = Usage(estimate_prompt_tokens(request), n_deltas + bool(last_delta))
     yield StreamChunk(delta=last_delta, finish_reason=finish_reason, usage=usage, served_model=served_model)
+
+
+def _text_message(text: Any) -> dict[str, Any]:
+    """A text completion's choice as the assistant message the pipeline carries."""
+    if not isinstance(text, str):
+        raise TypeError("choice text is not a string")
+    return {"role": "assistant", "content": text}
+
+
+def _text_delta(text: Any) -> dict[str, Any]:
+    return {"content": text} if isinstance(text, str) and text else {}
 
 
 def _stream_error(error: Any) -> str:

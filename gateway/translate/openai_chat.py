@@ -7,8 +7,9 @@ chat-specific code on the request path; the pipeline behind it knows no wire for
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import orjson
@@ -100,7 +101,7 @@ def parse_chat_body(raw: bytes) -> ChatCompletionBody:
         # Strict: "stream": "yes", "max_tokens": "100" or true are type errors, not coerced.
         body = ChatCompletionBody.model_validate_json(raw, strict=True)
     except ValidationError as exc:
-        raise _invalid_from(exc) from None
+        raise invalid_from(exc) from None
     _refuse_unsupported(body)
     _check_forwarded_ints(body)
     return body
@@ -116,13 +117,17 @@ def _check_forwarded_ints(body: ChatCompletionBody) -> None:
             check_json_ints(value, name)
 
 
-def _invalid_from(exc: ValidationError) -> InvalidRequest:
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\])$")
+
+
+def invalid_from(exc: ValidationError) -> InvalidRequest:
     err = exc.errors(include_url=False, include_input=False)[0]
     if err["type"] == "json_invalid":
         return InvalidRequest("request body is not valid JSON; send a JSON object")
     if err["type"] == "model_type" and not err["loc"]:
         return InvalidRequest("request body must be a JSON object")
-    param = ".".join(str(p) for p in err["loc"])
+    # A union's member type is in the path too ("stop.list[str].0"): the client's field path omits it.
+    param = ".".join(str(p) for p in err["loc"] if not _UNION_TAG.match(str(p)))
     msg = str(err["msg"])
     if err["type"] == "missing":
         return InvalidRequest(f"missing required parameter `{param}`", param=param)
@@ -140,8 +145,13 @@ def _refuse_unsupported(body: ChatCompletionBody) -> None:
         )
     if isinstance(body.stop, list) and len(body.stop) > 4:
         raise InvalidRequest("`stop` takes at most 4 sequences", param="stop")
-    for name, value in (body.model_extra or {}).items():
-        neutral = _NEUTRAL_IF.get(name)
+    refuse_unknown_fields(body.model_extra, _NEUTRAL_IF)
+
+
+def refuse_unknown_fields(extra: Mapping[str, Any] | None, neutral_if: Mapping[str, Any]) -> None:
+    """Fields beyond a body model: known-but-unhonoured ones only at a neutral value, others never."""
+    for name, value in (extra or {}).items():
+        neutral = neutral_if.get(name)
         if neutral is None:
             raise UnsupportedParameter(f"unknown parameter `{name}`; remove it from the request", param=name)
         if value not in neutral:

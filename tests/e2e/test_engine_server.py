@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
@@ -28,7 +29,13 @@ from backends.local.build import EngineOptions  # noqa: E402
 from backends.local.loader import DEFAULT_MODEL_SPEC, LoadedModel, load_model  # noqa: E402
 from backends.local.server import create_engine_app  # noqa: E402
 from backends.local.wire import encode_chat  # noqa: E402
+from gateway.config import parse_config  # noqa: E402
+from gateway.http.app import create_app  # noqa: E402
 from gateway.live.engine_load import engine_load, parse_prometheus  # noqa: E402
+from gateway.store import keys  # noqa: E402
+from gateway.store.db import make_engine  # noqa: E402
+from tests.support.live import LiveServer  # noqa: E402
+from tests.support.usage import wait_for_usage_row  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -359,3 +366,39 @@ def test_metrics_expose_load_latency_and_the_gateway_can_read_them(engine: Runni
     assert "switchboard_engine_preemptions_total" in text
     load = engine_load(parse_prometheus(text))
     assert load.queue_depth == 0 and load.running == 0
+
+
+def test_gateway_passes_legacy_completions_through_to_the_engine(
+    engine: RunningEngine, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    """`/v1/completions` through the gateway reaches the engine's own completions endpoint: the raw prompt,
+    no chat template, so greedy output equals the engine's answer to the same prompt sent directly."""
+    config = parse_config(
+        {
+            "database": {"url": f"sqlite:///{tmp_path}/sb.db", "spill_path": str(tmp_path / "spill.jsonl")},
+            "backends": {"engine": {"kind": "openai", "base_url": f"{engine.base_url}/v1"}},
+            "models": {"smollm2": {"backend": "engine"}},
+            "teams": {"t": {}},
+        }
+    )
+    prompt = "The capital of France is"
+    direct = client.completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0)
+    with LiveServer(create_app(config)) as server:
+        db = make_engine(config.database.url)
+        key = keys.create_key(db, "t", name="e2e", models=None, expires_at=None).plaintext
+        via = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=key, max_retries=0, timeout=60)
+        raw = via.completions.with_raw_response.create(
+            model="smollm2", prompt=prompt, max_tokens=8, temperature=0
+        )
+        reply = raw.parse()
+        streamed = via.completions.create(
+            model="smollm2", prompt=prompt, max_tokens=8, temperature=0, stream=True
+        )
+        text = "".join(e.choices[0].text for e in streamed if e.choices)
+        row = wait_for_usage_row(db, raw.headers["x-request-id"], 10)
+        db.dispose()
+    assert reply.choices[0].text == direct.choices[0].text
+    assert text == direct.choices[0].text
+    assert reply.usage is not None and direct.usage is not None
+    assert reply.usage.prompt_tokens == direct.usage.prompt_tokens  # no chat template around the prompt
+    assert row["prompt_tokens"] == direct.usage.prompt_tokens and row["status"] == "ok"

@@ -1,7 +1,8 @@
 """A loopback fake cloud provider speaking the OpenAI and Anthropic wire protocols (tests and benchmarks).
 
-Routes: POST /v1/chat/completions, GET /v1/models, POST /v1/messages (any path ending in those works),
-POST /_control (set knobs for one model or the default), POST /_reset, GET /_requests?model=... .
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/messages (any path ending
+in those works), POST /_control (set knobs for one model or the default), POST /_reset,
+GET /_requests?model=... .
 Knobs are per model name so parallel tests do not collide. The hot path is a raw ASGI callable returning
 orjson bytes: no framework, no validation. Run it alone with
 `python -m tests.support.fake_provider --host 127.0.0.1 --port 9100 --ttft-ms 20`, or in-process with
@@ -106,6 +107,8 @@ class FakeProviderApp:
             await self._chat(scope, raw, receive, send, anthropic=False)
         elif path.endswith("/messages"):
             await self._chat(scope, raw, receive, send, anthropic=True)
+        elif path.endswith("/completions"):
+            await self._text_completion(scope, raw, send)
         elif path == "/_control":
             body = orjson.loads(raw or b"{}")
             knobs = self.configure(body.pop("model", None), **body)
@@ -178,6 +181,26 @@ class FakeProviderApp:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             events = fake_wire.openai_stream_events(model, answer, created_s, include_usage)
         await _send_stream(send, events, knobs)
+
+    # ---- legacy text completions (POST .../completions) ---------------------------------------------
+
+    async def _text_completion(self, scope: Scope, raw: bytes, send: Send) -> None:
+        """The prompt is answered as a one-message chat would be; knobs: fail_status and n_tokens."""
+        body = orjson.loads(raw)
+        model = str(body.get("model", ""))
+        self._record(model, scope["path"], scope["headers"], body)
+        knobs = self._knobs_for(model)
+        if self._should_fail(model, knobs):
+            await _send_failure(send, knobs, anthropic=False)
+            return
+        as_chat = {**body, "messages": [{"role": "user", "content": body.get("prompt")}]}
+        answer = fake_wire.make_answer(as_chat, knobs.n_tokens)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            events = fake_wire.text_stream_events(model, answer, int(time.time()), include_usage)
+            await _send_stream(send, events, knobs)
+        else:
+            await _send_bytes(send, 200, fake_wire.text_completion(model, answer, int(time.time())))
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -1,4 +1,4 @@
-"""Wire shapes the fake provider answers with: OpenAI chat completions and Anthropic messages.
+"""Wire shapes the fake provider answers with: OpenAI chat and text completions, and Anthropic messages.
 
 Pure functions from a parsed request body to response bytes / SSE events; no I/O, no clock (the
 caller passes `created_s`). The answer is deterministic: "tok0 tok1 ...", cut by `max_tokens` and `stop`,
@@ -146,6 +146,35 @@ def openai_stream_events(model: str, answer: Answer, created_s: int, include_usa
         events.append(head + b'"choices":[],"usage":' + usage + b"}\n\n")
     events.append(b"data: [DONE]\n\n")
     return events
+
+
+# ---- OpenAI legacy text completions ---------------------------------------------------------------------
+
+
+def _text_choice(text: str, finish: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def text_completion(model: str, answer: Answer, created_s: int) -> bytes:
+    return orjson.dumps(
+        {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "created": created_s,
+            "model": model,
+            "choices": [_text_choice(answer.text, answer.stop_kind)],
+            "usage": _openai_usage(answer),
+        }
+    )
+
+
+def text_stream_events(model: str, answer: Answer, created_s: int, include_usage: bool) -> list[bytes]:
+    base = {"id": "cmpl-fake", "object": "text_completion", "created": created_s, "model": model}
+    events = [{**base, "choices": [_text_choice(piece, None)]} for piece in answer.pieces]
+    events.append({**base, "choices": [_text_choice("", answer.stop_kind)]})
+    if include_usage:
+        events.append({**base, "choices": [], "usage": _openai_usage(answer)})
+    return [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
 
 
 def openai_error(status: int, message: str) -> bytes:
