@@ -210,6 +210,10 @@ def merge_deltas(deltas: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 if piece:
                     call["function"][field] = call["function"].get(field, "") + piece
     message: dict[str, Any] = {"role": role, "content": "".join(text) if text or not calls else None}
+    for call in calls.values():
+        # A call without arguments streams none (or only ""), but a whole message always has the string:
+        # clients json.loads it, and the OpenAI SDK would read a missing one as None.
+        call["function"].setdefault("arguments", "")
     if calls:
         message["tool_calls"] = [calls[i] for i in sorted(calls)]
     return message

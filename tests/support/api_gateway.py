@@ -25,6 +25,13 @@ logscan.register(FAKE_UPSTREAM_KEY, "upstream API key")
 
 # Upstream model names on the fake provider, one per behaviour, so tests never share knobs.
 FAST_MODELS = ("fast", "m429", "m500", "m401", "mhang", "mcut", "mslow")
+# Public model name -> upstream model name on the fake, for the tool-call tests: an OpenAI-compatible backend,
+# and the cloud OpenAI and Anthropic backends through litellm.
+TOOL_UPSTREAMS = {
+    "tools-oai": "tools-oai-up",
+    "tools-cloud-gpt": "tools-gpt-up",
+    "tools-cloud-claude": "tools-claude-up",
+}
 
 
 def gateway_config(fake_root: str, db: dict[str, Any]) -> Config:
@@ -45,6 +52,19 @@ def gateway_config(fake_root: str, db: dict[str, Any]) -> Config:
         "backend": "cloud_anthropic",
         "upstream_model": "claude-haiku-4-5",
     }
+    # Tool-call tests (tests/api/test_tool_calls.py) script the fake per upstream model, one per path.
+    tool_backends = {
+        "tools-oai": "fakeoai",
+        "tools-cloud-gpt": "cloud_openai",
+        "tools-cloud-claude": "cloud_anthropic",
+    }
+    for name, backend in tool_backends.items():
+        models[name] = {
+            "backend": backend,
+            "upstream_model": TOOL_UPSTREAMS[name],
+            "input_usd_per_mtok": "1",
+            "output_usd_per_mtok": "4",
+        }
     return parse_config(
         {
             "server": {"admin_key_env": "SB_TEST_ADMIN_KEY", "key_cache_ttl_s": 0.5, "max_body_bytes": 65536},

@@ -7,6 +7,17 @@ Knobs are per model name so parallel tests do not collide. The hot path is a raw
 orjson bytes: no framework, no validation. Run it alone with
 `python -m tests.support.fake_provider --host 127.0.0.1 --port 9100 --ttft-ms 20`, or in-process with
 `FakeProvider` (uvicorn in a background thread on a free port).
+
+Tool calls (knobs, per model): `tool_calls=(("get_weather", '{"city":"Paris"}'), ...)` answers every request
+that offers `tools` with those calls, in OpenAI (`call_...` ids, finish_reason `tool_calls`) or Anthropic
+(`tool_use` blocks, `toolu_...` ids, stop_reason `tool_use`) shape; several pairs are parallel calls.
+Arguments are raw text sent as given: script text that is not JSON for a malformed call. Streams send each
+call's arguments in `tool_arg_pieces` pieces (OpenAI: a first delta with id, name and "" arguments;
+Anthropic: `input_json_delta`s); `tool_interleave` alternates parallel calls' OpenAI deltas, and
+`tool_with_finish` sends them whole in the finish_reason chunk instead; `tool_text` is said before the
+calls. A request ending in tool results (`role: tool`, or `tool_result` blocks) gets "saw <call id>=<digest>
+..." (`fake_tools.digest`: SHA-256 of the result text, 12 hex digits), proving the result came back.
+`FakeProvider.sent_tool_calls(model)` lists the calls each answer carried.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from urllib.parse import parse_qs
 import orjson
 import uvicorn
 
-from tests.support import fake_wire
+from tests.support import fake_tools, fake_wire
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -48,6 +59,11 @@ class Knobs:
     cut_after_chunks: int | None = None  # streams: close the connection after k SSE events
     bad_json: bool = False  # answer 200 with a body (or an SSE event) that is not JSON
     models: tuple[str, ...] = ("fake-model",)  # listed by GET /v1/models (default knobs only)
+    tool_calls: tuple[tuple[str, str], ...] = ()  # (name, raw arguments) answered when a request has tools
+    tool_arg_pieces: int = 3  # streams: each call's arguments go out in this many pieces
+    tool_interleave: bool = False  # OpenAI streams: parallel calls' deltas take turns
+    tool_with_finish: bool = False  # OpenAI streams: the calls come whole in the finish_reason chunk
+    tool_text: str = ""  # said before the tool calls (content beside tool_calls; an Anthropic text block)
 
 
 _KNOB_NAMES = frozenset(f.name for f in fields(Knobs))
@@ -63,7 +79,9 @@ class FakeProviderApp:
         self._knobs: dict[str, Knobs] = {}
         self._failed: dict[str, int] = {}
         self._recorded: dict[str, deque[tuple[str, list[tuple[bytes, bytes]], Any]]] = {}
+        self._sent_calls: dict[str, deque[tuple[fake_tools.ToolCall, ...]]] = {}
         self._max_recorded = max_recorded
+        self._answers = 0  # numbers each answer, so its tool call ids are unique
 
     # ---- control -----------------------------------------------------------------------------------------
 
@@ -73,6 +91,8 @@ class FakeProviderApp:
             raise ValueError(f"unknown knobs {sorted(unknown)}; known: {sorted(_KNOB_NAMES)}")
         if "models" in knobs:
             knobs["models"] = tuple(knobs["models"])
+        if "tool_calls" in knobs:
+            knobs["tool_calls"] = tuple((str(name), str(args)) for name, args in knobs["tool_calls"])
         if model is None:
             self._default = replace(self._default, **knobs)
             return self._default
@@ -87,11 +107,16 @@ class FakeProviderApp:
             for path, headers, body in self._recorded.get(model, ())
         ]
 
+    def sent_tool_calls(self, model: str) -> list[list[dict[str, str]]]:
+        """The tool calls of every answer for `model` that had some: [[{"id", "name", "arguments"}]]."""
+        return [[asdict(call) for call in calls] for calls in self._sent_calls.get(model, ())]
+
     def reset(self) -> None:
         self._default = Knobs()
         self._knobs.clear()
         self._failed.clear()
         self._recorded.clear()
+        self._sent_calls.clear()
 
     # ---- ASGI --------------------------------------------------------------------------------------------
 
@@ -165,7 +190,18 @@ class FakeProviderApp:
         if knobs.bad_json:
             await _send_garbage(send, stream=bool(body.get("stream")))
             return
-        answer = fake_wire.make_answer(body, knobs.n_tokens)
+        self._answers += 1
+        answer = fake_wire.make_answer(
+            body,
+            knobs.n_tokens,
+            tool_calls=knobs.tool_calls,
+            tool_text=knobs.tool_text,
+            id_prefix="toolu_" if anthropic else "call_",
+            nonce=f"{model}:{self._answers}",
+        )
+        if answer.tool_calls:
+            sent = self._sent_calls.setdefault(model, deque(maxlen=self._max_recorded))
+            sent.append(answer.tool_calls)
         created_s = int(time.time())
         if not body.get("stream"):
             await _sleep_ms(knobs.ttft_ms + _itl_ms(knobs) * max(0, len(answer.pieces) - 1))
@@ -176,10 +212,18 @@ class FakeProviderApp:
             await _send_bytes(send, 200, payload)
             return
         if anthropic:
-            events = fake_wire.anthropic_stream_events(model, answer)
+            events = fake_wire.anthropic_stream_events(model, answer, arg_pieces=knobs.tool_arg_pieces)
         else:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            events = fake_wire.openai_stream_events(model, answer, created_s, include_usage)
+            events = fake_wire.openai_stream_events(
+                model,
+                answer,
+                created_s,
+                include_usage,
+                arg_pieces=knobs.tool_arg_pieces,
+                interleave=knobs.tool_interleave,
+                calls_with_finish=knobs.tool_with_finish,
+            )
         await _send_stream(send, events, knobs)
 
     # ---- legacy text completions (POST .../completions) ---------------------------------------------
@@ -317,6 +361,10 @@ class FakeProvider:
     def received(self, model: str) -> list[dict[str, Any]]:
         """Like `requests` but with path and headers: {"path", "headers", "body"}."""
         return self.app.requests(model)
+
+    def sent_tool_calls(self, model: str) -> list[list[dict[str, str]]]:
+        """The tool calls each answer for `model` carried, oldest first: [[{"id", "name", "arguments"}]]."""
+        return self.app.sent_tool_calls(model)
 
     def reset(self) -> None:
         self.app.reset()

@@ -1,8 +1,9 @@
 """Wire shapes the fake provider answers with: OpenAI chat and text completions, and Anthropic messages.
 
 Pure functions from a parsed request body to response bytes / SSE events; no I/O, no clock (the
-caller passes `created_s`). The answer is deterministic: "tok0 tok1 ...", cut by `max_tokens` and `stop`,
-or a tool call when the request has tools and the last user message contains "CALL_TOOL".
+caller passes `created_s`). The answer is deterministic: "tok0 tok1 ...", cut by `max_tokens` and `stop`;
+tool calls when the request has tools and the calls are scripted (or its last user message says
+"CALL_TOOL"); "saw <id>=<digest> ..." when it ends with tool results (see tests/support/fake_tools.py).
 """
 
 from __future__ import annotations
@@ -13,18 +14,24 @@ from typing import Any
 
 import orjson
 
-TOOL_TRIGGER = "CALL_TOOL"
-TOOL_ARGUMENTS = {"location": "Paris", "unit": "celsius"}
+from tests.support.fake_tools import (
+    ToolCall,
+    anthropic_input,
+    plan_calls,
+    result_echo,
+    split_pieces,
+    tool_results,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """What the fake says: content pieces (deltas) or one tool call, and why it stopped."""
+    """What the fake says: content pieces (deltas), then maybe tool calls, and why it stopped."""
 
     pieces: tuple[str, ...]
     stop_kind: str  # "stop" | "length" | "tool_calls"
     prompt_tokens: int
-    tool_name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def text(self) -> str:
@@ -32,7 +39,7 @@ class Answer:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.pieces) if self.tool_name is None else 12
+        return len(self.pieces) + sum(1 + (len(c.arguments) + 3) // 4 for c in self.tool_calls)
 
 
 def _text_of(content: Any) -> str:
@@ -50,22 +57,28 @@ def count_prompt_tokens(body: Mapping[str, Any]) -> int:
     return max(1, (chars + 3) // 4 + 4 * len(messages))
 
 
-def _tool_name(body: Mapping[str, Any]) -> str | None:
-    tools = body.get("tools")
-    if not tools:
-        return None
-    users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
-    if not users or TOOL_TRIGGER not in _text_of(users[-1].get("content")):
-        return None
-    first = tools[0]
-    return str(first.get("function", {}).get("name") or first.get("name") or "tool")
+def _words(text: str) -> tuple[str, ...]:
+    words = text.split(" ")
+    return tuple(w if i == 0 else " " + w for i, w in enumerate(words)) if text else ()
 
 
-def make_answer(body: Mapping[str, Any], n_tokens: int) -> Answer:
+def make_answer(
+    body: Mapping[str, Any],
+    n_tokens: int,
+    *,
+    tool_calls: Sequence[Sequence[str]] = (),
+    tool_text: str = "",
+    id_prefix: str = "call_",
+    nonce: str = "0",
+) -> Answer:
+    """`tool_calls` are scripted (name, arguments) pairs; `nonce` makes this answer's call ids unique."""
     prompt_tokens = count_prompt_tokens(body)
-    tool_name = _tool_name(body)
-    if tool_name is not None:
-        return Answer((), "tool_calls", prompt_tokens, tool_name)
+    results = tool_results(body)
+    if results:
+        return Answer(result_echo(results), "stop", prompt_tokens)
+    calls = plan_calls(body, tool_calls, id_prefix=id_prefix, nonce=nonce)
+    if calls:
+        return Answer(_words(tool_text), "tool_calls", prompt_tokens, calls)
     limit = body.get("max_tokens") or body.get("max_completion_tokens")
     n = n_tokens if limit is None else min(n_tokens, int(limit))
     stops = body.get("stop") or body.get("stop_sequences") or ()
@@ -91,19 +104,14 @@ def _openai_usage(answer: Answer) -> dict[str, int]:
     }
 
 
-def _openai_tool_call(answer: Answer) -> dict[str, Any]:
-    arguments = orjson.dumps(TOOL_ARGUMENTS).decode()
-    return {
-        "id": "call_0",
-        "type": "function",
-        "function": {"name": answer.tool_name, "arguments": arguments},
-    }
+def _openai_tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def openai_completion(model: str, answer: Answer, created_s: int) -> bytes:
     message: dict[str, Any] = {"role": "assistant", "content": answer.text or None}
-    if answer.tool_name is not None:
-        message["tool_calls"] = [_openai_tool_call(answer)]
+    if answer.tool_calls:
+        message["tool_calls"] = [_openai_tool_call(call) for call in answer.tool_calls]
     return orjson.dumps(
         {
             "id": "chatcmpl-fake",
@@ -118,8 +126,36 @@ def openai_completion(model: str, answer: Answer, created_s: int) -> bytes:
     )
 
 
-def openai_stream_events(model: str, answer: Answer, created_s: int, include_usage: bool) -> list[bytes]:
-    """Every SSE event of the stream, `data: [DONE]` included. Event 0 is the role chunk."""
+def _openai_tool_deltas(calls: Sequence[ToolCall], arg_pieces: int, interleave: bool) -> list[dict[str, Any]]:
+    """Per call: a first delta with id, name and empty arguments, then the arguments in pieces. Parallel
+    calls go one after another, or with `interleave` in turns (a, b, a, b: index tells them apart)."""
+    per_call: list[list[dict[str, Any]]] = []
+    for index, call in enumerate(calls):
+        head = {"index": index, "id": call.id, "type": "function"}
+        deltas = [{**head, "function": {"name": call.name, "arguments": ""}}]
+        deltas += [
+            {"index": index, "function": {"arguments": piece}}
+            for piece in split_pieces(call.arguments, arg_pieces)
+        ]
+        per_call.append(deltas)
+    if not interleave:
+        return [delta for deltas in per_call for delta in deltas]
+    longest = max(len(deltas) for deltas in per_call)
+    return [deltas[i] for i in range(longest) for deltas in per_call if i < len(deltas)]
+
+
+def openai_stream_events(
+    model: str,
+    answer: Answer,
+    created_s: int,
+    include_usage: bool,
+    *,
+    arg_pieces: int = 3,
+    interleave: bool = False,
+    calls_with_finish: bool = False,
+) -> list[bytes]:
+    """Every SSE event of the stream, `data: [DONE]` included. Event 0 is the role chunk.
+    `calls_with_finish`: the tool calls come whole in the chunk that carries finish_reason."""
     head = b'data: {"id":"chatcmpl-fake","object":"chat.completion.chunk","created":%d,"model":%s,' % (
         created_s,
         orjson.dumps(model),
@@ -131,16 +167,14 @@ def openai_stream_events(model: str, answer: Answer, created_s: int, include_usa
         return head + b'"choices":' + orjson.dumps([choice]) + tail
 
     events = [chunk({"role": "assistant", "content": ""}, None)]
-    if answer.tool_name is not None:
-        call = _openai_tool_call(answer)
-        first = {**call, "index": 0, "function": {"name": answer.tool_name, "arguments": ""}}
-        events.append(chunk({"tool_calls": [first]}, None))
-        arguments = call["function"]["arguments"]
-        half = len(arguments) // 2
-        for part in (arguments[:half], arguments[half:]):
-            events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}, None))
     events.extend(chunk({"content": piece}, None) for piece in answer.pieces)
-    events.append(chunk({}, answer.stop_kind))
+    last: dict[str, Any] = {}
+    if calls_with_finish and answer.tool_calls:
+        last["tool_calls"] = [{"index": i, **_openai_tool_call(c)} for i, c in enumerate(answer.tool_calls)]
+    elif answer.tool_calls:
+        deltas = _openai_tool_deltas(answer.tool_calls, arg_pieces, interleave)
+        events.extend(chunk({"tool_calls": [delta]}, None) for delta in deltas)
+    events.append(chunk(last, answer.stop_kind))
     if include_usage:
         usage = orjson.dumps(_openai_usage(answer))
         events.append(head + b'"choices":[],"usage":' + usage + b"}\n\n")
@@ -198,9 +232,14 @@ _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool
 
 
 def _anthropic_blocks(answer: Answer) -> list[dict[str, Any]]:
-    if answer.tool_name is not None:
-        return [{"type": "tool_use", "id": "toolu_0", "name": answer.tool_name, "input": TOOL_ARGUMENTS}]
-    return [{"type": "text", "text": answer.text}]
+    blocks: list[dict[str, Any]] = []
+    if answer.pieces or not answer.tool_calls:
+        blocks.append({"type": "text", "text": answer.text})
+    blocks.extend(
+        {"type": "tool_use", "id": c.id, "name": c.name, "input": anthropic_input(c.arguments)}
+        for c in answer.tool_calls
+    )
+    return blocks
 
 
 def anthropic_message(model: str, answer: Answer) -> bytes:
@@ -222,8 +261,21 @@ def _event(name: str, data: Mapping[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-def anthropic_stream_events(model: str, answer: Answer) -> list[bytes]:
-    """message_start, ping, content_block_start, deltas, content_block_stop, message_delta, message_stop."""
+def _anthropic_block_events(index: int, block: Mapping[str, Any], deltas: Sequence[Any]) -> list[bytes]:
+    start = {"type": "content_block_start", "index": index, "content_block": block}
+    events = [_event("content_block_start", start)]
+    events.extend(
+        _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+        for d in deltas
+    )
+    events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return events
+
+
+def anthropic_stream_events(model: str, answer: Answer, *, arg_pieces: int = 3) -> list[bytes]:
+    """message_start, ping, per block (text, then each tool_use): content_block_start, deltas,
+    content_block_stop; then message_delta, message_stop. A tool_use's input arrives as `input_json_delta`
+    pieces of its raw arguments text."""
     start: dict[str, Any] = {
         "id": "msg_fake",
         "type": "message",
@@ -238,23 +290,18 @@ def anthropic_stream_events(model: str, answer: Answer) -> list[bytes]:
         _event("message_start", {"type": "message_start", "message": start}),
         _event("ping", {"type": "ping"}),
     ]
-    if answer.tool_name is not None:
-        block = {"type": "tool_use", "id": "toolu_0", "name": answer.tool_name, "input": {}}
-        arguments = orjson.dumps(TOOL_ARGUMENTS).decode()
-        half = len(arguments) // 2
-        deltas = [
-            {"type": "input_json_delta", "partial_json": p} for p in (arguments[:half], arguments[half:])
-        ]
-    else:
-        block = {"type": "text", "text": ""}
-        deltas = [{"type": "text_delta", "text": piece} for piece in answer.pieces]
-    events.append(
-        _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
-    )
-    events.extend(
-        _event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}) for d in deltas
-    )
-    events.append(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    index = 0
+    if answer.pieces or not answer.tool_calls:
+        text = [{"type": "text_delta", "text": piece} for piece in answer.pieces]
+        events += _anthropic_block_events(index, {"type": "text", "text": ""}, text)
+        index += 1
+    for call in answer.tool_calls:
+        block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+        pieces = split_pieces(call.arguments, arg_pieces) or [""]  # as Anthropic sends an empty input
+        events += _anthropic_block_events(
+            index, block, [{"type": "input_json_delta", "partial_json": p} for p in pieces]
+        )
+        index += 1
     delta = {"stop_reason": _STOP_REASONS[answer.stop_kind], "stop_sequence": None}
     usage = {"output_tokens": answer.completion_tokens}
     events.append(_event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}))

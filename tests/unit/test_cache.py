@@ -244,7 +244,7 @@ def test_tool_call_stream_merges_like_a_whole_answer() -> None:
         "content": None,
         "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}},
-            {"id": "c2", "type": "function", "function": {"name": "g"}},
+            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": ""}},
         ],
     }
     whole = entry_from_result(entry.to_result(), backend="cloud", cost_micro_usd=1)
