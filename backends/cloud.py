@@ -263,7 +263,14 @@ def _translate_errors(name: str) -> Iterator[None]:
     except llm.APIResponseValidationError as exc:
         raise BackendBadResponse(f"backend `{name}` sent an unreadable answer", detail=_text(exc)) from exc
     except llm.APIConnectionError as exc:
-        raise BackendUnavailable(f"backend `{name}` unreachable", detail=_text(exc)) from exc
+        if _transport_failed(exc):
+            raise BackendUnavailable(f"backend `{name}` unreachable", detail=_text(exc)) from exc
+        # litellm raises this class for requests it refuses to build (a content part of an unknown type,
+        # say) too: nothing was sent, and the request, not the backend, is at fault. Not retried, and it
+        # neither trips the breaker nor moves the live stats, so one client's bad input cannot take a
+        # shared deployment out of routing.
+        said = f"backend `{name}` cannot take this request"
+        raise BackendRejected(rejected_message(said, _text(exc)), detail=_text(exc)) from exc
     except openai.APIError as exc:  # every other litellm exception; its status_code beats its class
         raise _status_error(name, exc) from exc
     except httpx.TimeoutException as exc:  # litellm does not always wrap transport errors mid-stream
@@ -272,6 +279,22 @@ def _translate_errors(name: str) -> Iterator[None]:
         raise BackendBadResponse(
             f"backend `{name}` transport failed", detail=f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _transport_failed(exc: BaseException) -> bool:
+    """Whether a network failure (connect, TLS, read, timeout) is anywhere in the exception's chain."""
+    import httpx
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, httpx.TransportError | OSError | TimeoutError):
+            return True
+        if type(cause).__module__.startswith("aiohttp"):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _status_error(name: str, exc: Any) -> BackendError:

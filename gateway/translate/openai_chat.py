@@ -103,8 +103,45 @@ def parse_chat_body(raw: bytes) -> ChatCompletionBody:
     except ValidationError as exc:
         raise invalid_from(exc) from None
     _refuse_unsupported(body)
+    _check_content_parts(body)
     _check_forwarded_ints(body)
     return body
+
+
+# Content part types OpenAI defines, per role. Anything else is refused here, by name, rather than left for a
+# backend library to reject (litellm raises a connection error for it, which reads as a failed backend).
+_PART_TYPES: dict[str, frozenset[str]] = {
+    "user": frozenset({"text", "image_url", "input_audio", "file"}),
+    "system": frozenset({"text"}),
+    "developer": frozenset({"text"}),
+    "assistant": frozenset({"text", "refusal"}),
+    "tool": frozenset({"text"}),
+    "function": frozenset({"text"}),
+}
+_PART_FIELD = {"text": "text", "image_url": "image_url", "input_audio": "input_audio", "file": "file",
+               "refusal": "refusal"}  # fmt: skip
+
+
+def _check_content_parts(body: ChatCompletionBody) -> None:
+    for i, message in enumerate(body.messages):
+        if not isinstance(message.content, list):
+            continue
+        allowed = _PART_TYPES[message.role]
+        for j, part in enumerate(message.content):
+            param = f"messages.{i}.content.{j}"
+            kind = part.get("type")
+            if kind not in allowed:
+                raise InvalidRequest(
+                    f"`{param}.type` must be one of {', '.join(sorted(allowed))} for a {message.role} "
+                    "message",
+                    param=f"{param}.type",
+                )
+            field = _PART_FIELD[kind]
+            where = f"{param}.{field}"
+            if field not in part:
+                raise InvalidRequest(f"missing required parameter `{where}`", param=where)
+            if kind in ("text", "refusal") and not isinstance(part[field], str):
+                raise InvalidRequest(f"`{where}` must be a string", param=where)
 
 
 def _check_forwarded_ints(body: ChatCompletionBody) -> None:

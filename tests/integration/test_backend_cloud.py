@@ -216,6 +216,25 @@ async def test_connection_refused_is_unavailable(provider: str) -> None:
         await backend.complete(chat("x"))
 
 
+async def test_a_request_litellm_refuses_to_build_is_the_requests_fault(
+    backend: CloudBackend, fake_provider: FakeProvider, provider: str
+) -> None:
+    """litellm raises APIConnectionError for a content part of an unknown type without sending anything:
+    that is a rejected request (400, not retried, breaker untouched), not an unreachable backend."""
+    model = f"badpart-{provider}"
+    bad = ChatRequest(
+        model=model,
+        messages=({"role": "user", "content": [{"type": "no_such_part", "text": "hi"}]},),
+        request_id="req-bad",
+        max_tokens=8,
+    )
+    for call in (backend.complete(bad), collect(backend, bad)):
+        with pytest.raises(BackendRejected) as info:
+            await call
+        assert not info.value.retryable and info.value.status_code == 400
+    assert fake_provider.requests(model) == []  # nothing was sent
+
+
 async def test_unknown_provider_is_misconfigured() -> None:
     with pytest.raises(BackendMisconfigured, match="backends.c9.provider"):
         CloudBackend("c9", "no-such-provider", api_key=None, api_base=None, timeout_s=1)
