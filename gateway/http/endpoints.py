@@ -12,9 +12,9 @@ import asyncio
 import datetime as dt
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,6 +29,7 @@ from gateway.pipeline.access import ModelAccess
 from gateway.pipeline.flow import Answer, ChunkStream, Pipeline
 from gateway.pipeline.request import GatewayRequest, Hints, RequestContext, Timing
 
+T = TypeVar("T")
 log = logging.getLogger("switchboard")
 JSON = "application/json"
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -119,7 +120,9 @@ async def serve(
             stream = await deps.pipeline.open_stream(greq, timing)
             await send_sse(scope, receive, send, stream, translator.render_stream(stream, body, greq))
             return
-        answer = await deps.pipeline.complete(greq, timing)
+        answer = await until_disconnect(receive, deps.pipeline.complete(greq, timing))
+        if answer is None:
+            return  # the client went away: the pipeline recorded it and cancelled the attempt
         response = Response(translator.render(answer, body, greq), media_type=JSON)
         response.raw_headers.extend(answer.headers)
     except SwitchboardError as exc:
@@ -129,6 +132,34 @@ async def serve(
         internal = SwitchboardError("internal error; the gateway log has details")
         response = enveloped_response(internal, translator.error_body(internal))
     await response(scope, receive, send)
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None if the client disconnects first; then `work` is cancelled where it waits
+    (the backend call, a limiter, the cache), so the pipeline records `client_closed` and the upstream
+    stops generating an answer nobody will read. The body has been read: the next message is a disconnect."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    def on_message(done: asyncio.Future[Message]) -> None:
+        nonlocal gone
+        if not done.cancelled() and done.exception() is None and done.result()["type"] == "http.disconnect":
+            gone = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(receive())
+    watcher.add_done_callback(on_message)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        return None
+    finally:
+        watcher.remove_done_callback(on_message)
+        watcher.cancel()
 
 
 async def send_sse(

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from backends.base import ChatResult, StreamChunk
+from backends.base import ChatResult, StreamChunk, Usage
 from backends.errors import SwitchboardError
 from gateway.cache.policy import CachePlan, CacheStep
 from gateway.cache.store import CachedResponse, entry_from_chunks, entry_from_result
@@ -238,6 +238,7 @@ class ChunkStream:
     ) -> None:
         self.headers = headers
         self._rec, self._source, self._opened, self._keep, self._cache = rec, source, opened, keep, cache
+        self._produced = 0  # content / tool-call deltas seen: the completion tokens if the client leaves
 
     @property
     def rec(self) -> RequestRecord:
@@ -263,8 +264,11 @@ class ChunkStream:
         rec.served_model = chunk.served_model or rec.served_model
         if chunk.usage is not None:
             rec.usage = chunk.usage
-        if rec.ttft_ms is None and (chunk.delta.get("content") or chunk.delta.get("tool_calls")):
-            rec.ttft_ms = rec.elapsed_ms()  # first token, not the role-only opening chunk
+        delta = chunk.delta
+        if delta.get("content") or delta.get("tool_calls"):
+            self._produced += 1
+            if rec.ttft_ms is None:
+                rec.ttft_ms = rec.elapsed_ms()  # first token, not the role-only opening chunk
         if self._keep is not None:
             self._keep.chunks.append(chunk)
         return chunk
@@ -284,8 +288,14 @@ class ChunkStream:
             await self._cache.put(keep.plan, entry)
 
     async def aclose(self) -> None:
-        if not self._rec.done:
-            # The client went away mid-stream: record what was delivered so far.
-            self._rec.finish(RequestStatus.CLIENT_CLOSED, 499)
+        rec = self._rec
+        if not rec.done:
+            # The client went away mid-stream. What the backend produced is charged: the prompt (routing's
+            # estimate; the backend read it) and one token per content delta seen, unless the backend
+            # already reported its own count. Without this, cut streams would be free output.
+            if self._opened is not None and rec.usage.completion_tokens == 0:
+                prompt = rec.usage.prompt_tokens or (rec.routed.prompt_tokens if rec.routed else 0)
+                rec.usage = Usage(prompt, self._produced)
+            rec.finish(RequestStatus.CLIENT_CLOSED, 499)
         if self._opened is not None:
             await close_stream(self._opened.rest)

@@ -10,6 +10,7 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 from openai import OpenAI
 
 from tests.support.api_gateway import Gateway
@@ -113,6 +114,62 @@ def test_client_disconnect_mid_stream_is_recorded(any_gateway: Gateway) -> None:
     row = gw.usage_row(request_id)
     assert row["status"] == "client_closed" and row["http_status"] == 499
     assert gw.count_rows(request_id) == 1
+
+
+def test_a_cut_stream_is_charged_for_what_was_produced(any_gateway: Gateway) -> None:
+    """A stream the client leaves after some tokens: its row counts them (and the prompt) and charges them,
+    or repeated cuts would be free output no budget sees."""
+    gw = any_gateway
+    gw.fake.configure("mslow", ttft_ms=10, tokens_per_s=50, n_tokens=400)
+    read = 0
+    with httpx.stream(
+        "POST",
+        gw.v1 + "/chat/completions",
+        json={"model": "mslow", "messages": HELLO, "stream": True},
+        headers={"authorization": f"Bearer {gw.key()}"},
+    ) as resp:
+        request_id = resp.headers["x-request-id"]
+        for line in resp.iter_lines():
+            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                read += 1
+                if read == 10:
+                    break
+    row = gw.usage_row(request_id)
+    assert row["status"] == "client_closed" and gw.count_rows(request_id) == 1
+    assert 10 <= row["completion_tokens"] < 400  # what was produced before the cut, not all nor none
+    assert row["prompt_tokens"] > 0
+    assert row["cost_micro_usd"] == cost(row["prompt_tokens"], row["completion_tokens"], "1.5", "6")
+
+
+def test_a_non_streamed_client_that_gives_up_cancels_the_upstream(any_gateway: Gateway) -> None:
+    """The client times out: the gateway notices the disconnect, cancels the attempt (the upstream sees its
+    connection close) and records client_closed, not an answer nobody received."""
+    from gateway.store import keys
+
+    gw = any_gateway
+    gw.fake.configure("mslow", ttft_ms=3000, tokens_per_s=0, n_tokens=8)
+    key = keys.create_key(gw.db, "alpha", name="gives-up", models=None, expires_at=None)
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            gw.v1 + "/chat/completions",
+            json={"model": "mslow", "messages": HELLO},
+            headers={"authorization": f"Bearer {key.plaintext}"},
+            timeout=httpx.Timeout(10, read=0.5),
+        )
+    row = None
+    deadline = time.monotonic() + 10
+    while row is None and time.monotonic() < deadline:
+        with gw.db.connect() as conn:
+            row = conn.execute(
+                sa.text("SELECT status, http_status FROM usage WHERE key_id = :k"), {"k": key.key_id}
+            ).first()
+        if row is None:
+            time.sleep(0.05)
+    # Recorded before the upstream's 3 s answer would have come: the attempt was cancelled, not awaited.
+    assert time.monotonic() - started < 2.5
+    assert row is not None and (row.status, row.http_status) == ("client_closed", 499)
+    gw.fake.configure("mslow", ttft_ms=0)
 
 
 def test_cloud_rows_price_from_config_and_from_litellm_map(gateway: Gateway) -> None:
