@@ -1,6 +1,7 @@
 """Prometheus metrics for one app instance, fed from the same `UsageRecord` the ledger gets.
 
 Each app owns its registry (no module-level state), so two apps in one process never mix their counts.
+Per-request series carry the `endpoint` label (the API called, e.g. "chat.completions"), as the ledger does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from gateway.records import UsageRecord
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_LABELS = ("team", "model", "backend", "status")
+_LABELS = ("team", "model", "backend", "status", "endpoint")
 _LIMIT_REASONS = {
     "rate_limit_exceeded": "rate",
     "insufficient_quota": "budget",
@@ -24,7 +25,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("switchboard_requests", "Chat requests", _LABELS, registry=r)
+        self.requests = Counter("switchboard_requests", "Requests, every endpoint", _LABELS, registry=r)
         self.latency = Histogram(
             "switchboard_request_latency_seconds",
             "End-to-end request latency",
@@ -40,9 +41,14 @@ class GatewayMetrics:
             registry=r,
         )
         self.tokens = Counter(
-            "switchboard_tokens", "Tokens processed", ("team", "model", "backend", "kind"), registry=r
+            "switchboard_tokens",
+            "Tokens processed",
+            ("team", "model", "backend", "endpoint", "kind"),
+            registry=r,
         )
-        self.cost = Counter("switchboard_cost_usd", "Cost in USD", ("team", "model", "backend"), registry=r)
+        self.cost = Counter(
+            "switchboard_cost_usd", "Cost in USD", ("team", "model", "backend", "endpoint"), registry=r
+        )
         self.rejected = Counter(
             "switchboard_rejected_requests",
             "Requests refused before a team is known (bad key, bad body)",
@@ -71,24 +77,23 @@ class GatewayMetrics:
 
     def observe(self, rec: UsageRecord) -> None:
         backend = rec.backend or "none"
-        labels = (rec.team, rec.requested_model, backend, rec.status.value)
+        labels = (rec.team, rec.requested_model, backend, rec.status.value, rec.endpoint)
         self.requests.labels(*labels).inc()
         self.latency.labels(*labels).observe(rec.latency_ms / 1000)
         if rec.ttft_ms is not None:
             self.ttft.labels(*labels).observe(rec.ttft_ms / 1000)
+        where = (rec.team, rec.requested_model, backend, rec.endpoint)
         if rec.prompt_tokens:
-            self.tokens.labels(rec.team, rec.requested_model, backend, "prompt").inc(rec.prompt_tokens)
+            self.tokens.labels(*where, "prompt").inc(rec.prompt_tokens)
         if rec.completion_tokens:
-            self.tokens.labels(rec.team, rec.requested_model, backend, "completion").inc(
-                rec.completion_tokens
-            )
+            self.tokens.labels(*where, "completion").inc(rec.completion_tokens)
         if rec.cost_saved_micro_usd:
             self.saved.labels(rec.team, rec.requested_model).inc(rec.cost_saved_micro_usd / 1_000_000)
         reason = _LIMIT_REASONS.get(rec.error_type or "")
         if reason is not None:
             self.limited.labels(rec.team, reason).inc()
         if rec.cost_micro_usd:
-            self.cost.labels(rec.team, rec.requested_model, backend).inc(rec.cost_micro_usd / 1_000_000)
+            self.cost.labels(*where).inc(rec.cost_micro_usd / 1_000_000)
 
     def add_gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         gauge = Gauge(name, doc, registry=self.registry)

@@ -9,6 +9,9 @@ import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
 
+# The endpoint of rows written before the ledger had an `endpoint` column (migration 0006; old spill lines).
+LEGACY_ENDPOINT = "chat.completions"
+
 
 class RequestStatus(StrEnum):
     OK = "ok"
@@ -34,6 +37,7 @@ class UsageRecord:
     http_status: int
     error_type: str | None  # the error `code`, e.g. "upstream_timeout"
     stream: bool
+    endpoint: str  # the API that was called, e.g. "chat.completions" (GatewayRequest.endpoint)
     cache_hit: bool = False
     cost_saved_micro_usd: int = 0  # a cache hit: what the original answer cost (cost_micro_usd is then 0)
     privacy_class: str | None = None  # floor and detector kinds, e.g. `internal:email`

@@ -65,7 +65,9 @@ def _progress_bar() -> Iterator[Callable[[int, int], None]]:
 def report(
     group_by: Annotated[
         str | None,
-        typer.Option(help="Comma-separated dimensions: team, key, model, backend, privacy, day, hour."),
+        typer.Option(
+            help="Comma-separated dimensions: team, key, model, backend, privacy, endpoint, day, hour."
+        ),
     ] = None,
     since: Annotated[
         str | None, typer.Option(help="Start (inclusive), UTC: 2026-11-01 or 2026-11-01T08:00.")
@@ -73,6 +75,9 @@ def report(
     until: Annotated[str | None, typer.Option(help="End (exclusive), UTC; default: no end.")] = None,
     team: Annotated[str | None, typer.Option(help="Only this team.")] = None,
     model: Annotated[str | None, typer.Option(help="Only this requested (public) model.")] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Only this API, as the ledger names it, e.g. chat.completions.")
+    ] = None,
     fmt: Annotated[
         ReportFormat, typer.Option("--format", help="table (rich), or csv / json on stdout.")
     ] = ReportFormat.TABLE,
@@ -113,7 +118,7 @@ def report(
         fail_usage(f"--chart-by: `{chart_by}` is not one of {', '.join(ChartBy)}")
     by = ChartBy(chart_by)
     try:
-        query = parse_query(group_by, since, until, team=team, model=model, source=source)
+        query = parse_query(group_by, since, until, team=team, model=model, source=source, endpoint=endpoint)
         if chart is not None:
             require_matplotlib()  # before the query, not after it
         engine = sql_engine(cfg)

@@ -54,6 +54,7 @@ class ReportParams:
     until: When = None
     team: str | None = None
     model: str | None = None
+    endpoint: Annotated[str | None, Query(description="only this API, e.g. chat.completions")] = None
     source: SourceParam = None
     format: FormatParam = "json"
 
@@ -66,6 +67,7 @@ class ReportParams:
             team=team or self.team,
             model=self.model,
             source="auto" if self.source is None else self.source,  # `source=` is a 400, as documented
+            endpoint=self.endpoint,
         )
         check_span(query, max_span_days, now=dt.datetime.now(dt.UTC))
         return query

@@ -120,6 +120,7 @@ class RequestRecord:
             http_status=http_status,
             error_type=error.code if error else None,
             stream=request.stream,
+            endpoint=request.endpoint,
             cache_hit=hit is not None,
             cost_saved_micro_usd=hit.cost_micro_usd if hit is not None else 0,
             privacy_class=privacy_class(routed.verdict) if routed else None,

@@ -26,6 +26,7 @@ class Dimension(StrEnum):
     MODEL = "model"
     BACKEND = "backend"
     PRIVACY = "privacy"
+    ENDPOINT = "endpoint"  # the API called, e.g. "chat.completions"
     DAY = "day"
     HOUR = "hour"
 
@@ -43,14 +44,15 @@ class ReportQuery:
     until: dt.datetime | None  # exclusive, aware UTC; None: up to now and beyond
     team: str | None = None
     model: str | None = None  # the requested (public) model name
+    endpoint: str | None = None  # the API called, e.g. "chat.completions" (usage.endpoint)
     source: Source = Source.AUTO
 
 
 @dataclass(frozen=True, slots=True)
 class ReportRow:
     """One group's figures. `group` holds one value per `ReportQuery.group_by` entry: day "YYYY-MM-DD", hour
-    "YYYY-MM-DDTHH:00Z" (UTC), key = key id, privacy = tier; None where a row has none (no key, backend or
-    privacy class)."""
+    "YYYY-MM-DDTHH:00Z" (UTC), key = key id, privacy = tier, endpoint = the API called ("chat.completions");
+    None where a row has none (no key, backend or privacy class)."""
 
     group: tuple[str | None, ...]
     requests: int
@@ -89,6 +91,7 @@ def parse_query(
     team: str | None = None,
     model: str | None = None,
     source: str = "auto",
+    endpoint: str | None = None,
 ) -> ReportQuery:
     """A `ReportQuery` from text (CLI options, query strings); a bad value raises `InvalidRequest` naming
     its parameter. `group_by` is comma-separated ("team,model"); None or "" groups nothing (totals only)."""
@@ -105,6 +108,7 @@ def parse_query(
         until=end,
         team=team or None,
         model=model or None,
+        endpoint=endpoint or None,
         source=_parse_source(source),
     )
 

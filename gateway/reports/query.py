@@ -204,7 +204,7 @@ def no_progress(_done: int, _total: int) -> None:
 
 def _exact_report(conn: Connection, query: ReportQuery, progress: Progress) -> Report:
     where = sa.and_(*created_between(query.since, query.until)) if query.since or query.until else None
-    filters = sql.raw_filters(query.team, query.model, where)
+    filters = sql.raw_filters(query, where)
     steps = 2 if query.group_by else 1
     progress(0, steps)
     groups = sql.raw_exact(conn, query.group_by, filters)
@@ -229,13 +229,11 @@ def _merged_report(conn: Connection, query: ReportQuery, plan: Plan, progress: P
     merged: dict[sql.GroupKey, list[int]] = {}
     rollup_requests = raw_requests = 0
     for done, (start, end) in enumerate(chunks, start=1):
-        part = sql.rollup_histograms(
-            conn, query.group_by, (start, end), plan.rollup_skip, query.team, query.model
-        )
+        part = sql.rollup_histograms(conn, query.group_by, (start, end), plan.rollup_skip, query)
         rollup_requests += _merge(merged, part)
         progress(done, steps)
     if plan.raw_where is not None:
-        filters = sql.raw_filters(query.team, query.model, plan.raw_where)
+        filters = sql.raw_filters(query, plan.raw_where)
         raw_requests = _merge(merged, sql.raw_histograms(conn, query.group_by, filters))
         progress(steps, steps)
     total = [0] * sql.HIST_WIDTH

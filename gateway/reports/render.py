@@ -215,6 +215,7 @@ def _query_json(q: ReportQuery) -> dict[str, Any]:
         "until": _iso(q.until),
         "team": q.team,
         "model": q.model,
+        "endpoint": q.endpoint,
         "source": str(q.source),
     }
 
@@ -244,4 +245,5 @@ def _title(report: AnyReport) -> str:
     what = "savings" if isinstance(report, SavingsReport) else "usage"
     scope = [f"team {q.team}"] if q.team else []
     scope += [f"model {q.model}"] if q.model else []
+    scope += [f"endpoint {q.endpoint}"] if q.endpoint else []
     return f"{what}" + (f" ({', '.join(scope)})" if scope else "")

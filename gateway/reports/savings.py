@@ -2,11 +2,12 @@
 
 Rows per backend (and team, if the query groups by team; other dimensions are ignored) over whole UTC hours
 (`since` rounds down, `until` up). Self-hosted backends (kind "openai" with `usd_per_hour`) cost usd_per_hour
-x busy time (backend_busy_hourly, rolled-up hours only; a team grouping or team/model filter shares each
-hour's busy time by token share, cache hits included, and busy hours without a request start by the window's
-share). Edge nodes (backend `<edge backend>/<node id>`) cost what the ledger recorded: their hourly price by
-occupancy at request time. Cache hits cost 0. Reference = tokens x reference prices. Traffic sums are exact
-(`usage_report`); cache hits are split out of raw rows, so past retention they stay in their backend's row.
+x busy time (backend_busy_hourly, rolled-up hours only; a team grouping or team/model/endpoint filter
+shares each hour's busy time by token share, cache hits included, and busy hours without a request start by
+the window's share). Edge nodes (backend `<edge backend>/<node id>`) cost what the ledger recorded: their
+hourly price by occupancy at request time. Cache hits cost 0. Reference = tokens x reference prices.
+Traffic sums are exact (`usage_report`); cache hits are split out of raw rows, so past retention they stay
+in their backend's row.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def savings_report(
             guard.check if guard is not None else no_progress,
         )
         window = [*created_between(since, until), usage.c.cache_hit == sa.true()]
-        cached = sql.raw_sum_vectors(conn, dims, sql.raw_filters(query.team, query.model, sa.and_(*window)))
+        cached = sql.raw_sum_vectors(conn, dims, sql.raw_filters(query, sa.and_(*window)))
         nodes = {name for row in traffic.rows if is_edge_node(name := row.group[-1] or "", edge)}
         measured = sorted(hosted.keys() | nodes)  # edge nodes' busy time is shown, not charged
         busy = _busy_ms(conn, dims, (since, until), measured, query) if measured else {}
@@ -259,9 +260,7 @@ def _busy_ms(
     scope: list[ColumnElement[bool]] = [h.backend.in_(backends)]
     scope += [h.hour >= hours[0]] if hours[0] is not None else []
     scope += [h.hour < hours[1]] if hours[1] is not None else []
-    mine = [*scope]
-    mine += [h.team == query.team] if query.team is not None else []
-    mine += [h.model == query.model] if query.model is not None else []
+    mine = [*scope, *sql.rollup_filters(query)]
     tokens = sa.func.sum(h.prompt_tokens + h.completion_tokens)
     team_cols = [h.team] if by_team else []
     g = _hour_sums(sa.select(h.hour, h.backend, *team_cols), tokens, mine, [h.hour, h.backend, *team_cols])

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.live import histogram
-from gateway.reports.model import Dimension
+from gateway.reports.model import Dimension, ReportQuery
 from gateway.store.db import usage, usage_hourly
 
 GroupKey = tuple[str, ...]
@@ -72,6 +72,8 @@ def raw_group_values(dims: Sequence[Dimension], dialect: str) -> list[ColumnElem
             out.append(sa.func.coalesce(u.backend, _const("")))
         elif dim is Dimension.PRIVACY:
             out.append(privacy_tier(u.privacy_class, dialect))
+        elif dim is Dimension.ENDPOINT:
+            out.append(u.endpoint)
         else:
             out.append(time_text(u.created_at, dim, dialect))
     return out
@@ -79,7 +81,7 @@ def raw_group_values(dims: Sequence[Dimension], dialect: str) -> list[ColumnElem
 
 _ROLLUP_COLUMN = {
     Dimension.TEAM: "team", Dimension.KEY: "key_id", Dimension.MODEL: "model", Dimension.BACKEND: "backend",
-    Dimension.PRIVACY: "privacy",
+    Dimension.PRIVACY: "privacy", Dimension.ENDPOINT: "endpoint",
 }  # fmt: skip
 
 
@@ -88,14 +90,28 @@ def rollup_group_values(dims: Sequence[Dimension], dialect: str) -> list[ColumnE
     return [time_text(h.hour, d, dialect) if d in _TIME else h[_ROLLUP_COLUMN[d]] for d in dims]
 
 
-def raw_filters(
-    team: str | None, model: str | None, where: ColumnElement[bool] | None
-) -> list[ColumnElement[bool]]:
+def raw_filters(query: ReportQuery, where: ColumnElement[bool] | None) -> list[ColumnElement[bool]]:
+    """`where` and the query's team, model and endpoint filters, on `usage` rows."""
     out = [] if where is None else [where]
-    if team is not None:
-        out.append(usage.c.team == team)
-    if model is not None:
-        out.append(usage.c.requested_model == model)
+    if query.team is not None:
+        out.append(usage.c.team == query.team)
+    if query.model is not None:
+        out.append(usage.c.requested_model == query.model)
+    if query.endpoint is not None:
+        out.append(usage.c.endpoint == query.endpoint)
+    return out
+
+
+def rollup_filters(query: ReportQuery) -> list[ColumnElement[bool]]:
+    """The query's team, model and endpoint filters, on `usage_hourly` rows."""
+    h = usage_hourly.c
+    out = []
+    if query.team is not None:
+        out.append(h.team == query.team)
+    if query.model is not None:
+        out.append(h.model == query.model)
+    if query.endpoint is not None:
+        out.append(h.endpoint == query.endpoint)
     return out
 
 
@@ -152,19 +168,15 @@ def rollup_histograms(
     dims: Sequence[Dimension],
     hours: tuple[dt.datetime, dt.datetime],
     skip: Sequence[dt.datetime],
-    team: str | None,
-    model: str | None,
+    query: ReportQuery,
 ) -> dict[GroupKey, list[int]]:
-    """Per group: the sums and bucket counts of the rollup hours in [hours[0], hours[1]), but `skip`."""
+    """Per group: the sums and bucket counts of the rollup hours in [hours[0], hours[1]), but `skip`, that
+    `query`'s filters select."""
     h = usage_hourly.c
-    filters = [h.hour >= hours[0], h.hour < hours[1]]
+    filters = [h.hour >= hours[0], h.hour < hours[1], *rollup_filters(query)]
     skip = [s for s in skip if hours[0] <= s < hours[1]]
     if skip:
         filters.append(h.hour.not_in(skip))
-    if team is not None:
-        filters.append(h.team == team)
-    if model is not None:
-        filters.append(h.model == model)
     keys = [v.label(f"g{i}") for i, v in enumerate(rollup_group_values(dims, conn.dialect.name))]
     sums = [sa.func.sum(h[n]).label(n) for n in (*SUM_FIELDS, *LAT_COLUMNS, *TTFT_COLUMNS)]
     stmt = sa.select(*keys, *sums).where(*filters)

@@ -20,6 +20,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import Dialect, Engine
 
 from gateway.live.histogram import LATENCY_PREFIX, TTFT_PREFIX, column_names
+from gateway.records import LEGACY_ENDPOINT
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 PG_CONNECT_TIMEOUT_S = 3
@@ -104,6 +105,9 @@ usage = sa.Table(
     # When the writer inserted the row (batch time; also for replayed spill rows). NULL: written before
     # migration 0004, taken to be written at created_at. Rollups find late rows through it.
     sa.Column("written_at", UTCDateTime, nullable=True),
+    # The API that was called ("chat.completions", "embeddings", ...; GatewayRequest.endpoint). Rows from
+    # before migration 0006 were all chat completions: the server default fills them.
+    sa.Column("endpoint", sa.String(32), nullable=False, server_default=LEGACY_ENDPOINT),
     sa.Index("ix_usage_created_at", "created_at"),
     sa.Index("ix_usage_team_created_at", "team", "created_at"),  # team spend per period (store/spend.py)
     sa.Index("ix_usage_key_id_created_at", "key_id", "created_at"),  # key spend per period
@@ -126,6 +130,7 @@ usage_hourly = sa.Table(
     sa.Column("model", sa.String(200), primary_key=True),  # usage.requested_model
     sa.Column("backend", sa.String(200), primary_key=True),
     sa.Column("privacy", sa.String(32), primary_key=True),  # the tier: privacy_class before ':'
+    sa.Column("endpoint", sa.String(32), primary_key=True),  # usage.endpoint
     _measure("requests", sa.Integer),
     _measure("errors", sa.Integer),  # status = 'error'
     _measure("client_closed", sa.Integer),

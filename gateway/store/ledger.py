@@ -7,7 +7,8 @@ lines, fsynced) and a replay task inserts them once it is back: it first renames
 `<spill>.replaying`, inserts it, then deletes it; a crash at any step leaves a file that the next start
 replays. Rows the database refuses as bad data (not an outage) go to `<spill>.rejected` for a human.
 Each insert stamps `written_at` (the batch's UTC time, also for replayed rows); spill lines never carry it.
-Spill lines written by an older version lack newer fields; they replay with the `UsageRecord` defaults.
+Spill lines written by an older version lack newer fields; they replay with the `UsageRecord` defaults
+(and the endpoint `LEGACY_ENDPOINT`: only chat completions were recorded before the field existed).
 All methods must be called from the event loop thread.
 """
 
@@ -29,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from gateway.records import RequestStatus, UsageRecord
+from gateway.records import LEGACY_ENDPOINT, RequestStatus, UsageRecord
 from gateway.store.db import usage
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def _row_from_json(line: bytes) -> Row:
     obj = orjson.loads(line)
     obj["created_at"] = dt.datetime.fromisoformat(obj["created_at"])
     obj["status"] = RequestStatus(obj["status"])
+    obj.setdefault("endpoint", LEGACY_ENDPOINT)
     return usage_row(UsageRecord(**obj))
 
 

@@ -125,9 +125,15 @@ def test_health_ready_and_metrics(gateway: Gateway) -> None:
         model="fast", messages=[{"role": "user", "content": "hi"}]
     )
     text = httpx.get(gateway.base_url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
-    assert 'switchboard_requests_total{backend="fakeoai",model="fast",status="ok",team="beta"}' in text
-    assert "switchboard_request_latency_seconds_bucket" in text
-    assert 'switchboard_tokens_total{backend="fakeoai",kind="completion",model="fast",team="beta"}' in text
+    chat = 'endpoint="chat.completions"'
+    assert (
+        f'switchboard_requests_total{{backend="fakeoai",{chat},model="fast",status="ok",team="beta"}}' in text
+    )
+    assert f'switchboard_request_latency_seconds_bucket{{backend="fakeoai",{chat},' in text
+    assert (
+        f'switchboard_tokens_total{{backend="fakeoai",{chat},kind="completion",model="fast",team="beta"}}'
+        in text
+    )
     assert "switchboard_cost_usd_total" in text
 
 

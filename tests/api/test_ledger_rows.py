@@ -36,6 +36,7 @@ def test_row_for_completion(any_gateway: Gateway) -> None:
     row = gw.usage_row(raw.headers["x-request-id"])
     assert completion.usage is not None
     assert row["team"] == "alpha" and row["key_id"] == created.key_id
+    assert row["endpoint"] == "chat.completions"
     assert row["requested_model"] == "fast" and row["backend"] == "fakeoai" and row["served_model"] == "fast"
     assert row["prompt_tokens"] == completion.usage.prompt_tokens
     assert row["completion_tokens"] == completion.usage.completion_tokens
@@ -88,6 +89,7 @@ def test_row_for_refused_model_and_none_for_bad_key(any_gateway: Gateway) -> Non
     assert resp.status_code == 404
     row = gw.usage_row(resp.headers["x-request-id"])
     assert row["status"] == "error" and row["error_type"] == "model_not_found" and row["backend"] is None
+    assert row["endpoint"] == "chat.completions"  # refused before routing: still the endpoint called
     resp = httpx.post(
         gw.v1 + "/chat/completions",
         json={"model": "fast", "messages": HELLO},

@@ -19,7 +19,7 @@ from gateway.errors import InvalidRequest
 from gateway.http.app import create_app
 from gateway.pipeline.flow import Answer, ChunkStream
 from gateway.pipeline.request import GatewayRequest, RequestContext
-from tests.support.api_gateway import FAKE_UPSTREAM_KEY, Gateway, gateway_config
+from tests.support.api_gateway import ADMIN_KEY, FAKE_UPSTREAM_KEY, Gateway, gateway_config
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer
 
@@ -73,6 +73,7 @@ def echo_gateway(fake: FakeProvider, tmp_path_factory: pytest.TempPathFactory) -
     from gateway.store.db import make_engine
 
     os.environ["SB_TEST_FAKE_KEY"] = FAKE_UPSTREAM_KEY
+    os.environ["SB_TEST_ADMIN_KEY"] = ADMIN_KEY
     tmp = tmp_path_factory.mktemp("echo")
     config = gateway_config(fake.base_url, {"url": f"sqlite:///{tmp}/sb.db", "spill_path": str(tmp / "s")})
     app = create_app(config)
@@ -109,11 +110,43 @@ def test_routing_ledger_and_cache(echo_gateway: Gateway) -> None:
     row = echo_gateway.usage_row(first.headers["x-request-id"])
     assert row["team"] == "alpha" and row["requested_model"] == "fast" and row["status"] == "ok"
     assert row["prompt_tokens"] > 0 and row["cost_micro_usd"] > 0 and not row["cache_hit"]
+    assert row["endpoint"] == "test.echo"  # the translator's label, in the ledger
     again = echo(echo_gateway, key, {"say": "ping the echo"})
     assert again.status_code == 200 and again.headers["x-switchboard-cache"] == "hit"
     assert again.json() == first.json()
     hit = echo_gateway.usage_row(again.headers["x-request-id"])
     assert hit["cache_hit"] and hit["cost_micro_usd"] == 0 and hit["cost_saved_micro_usd"] > 0
+    assert hit["endpoint"] == "test.echo"
+
+
+def test_metrics_and_reports_carry_the_endpoint(echo_gateway: Gateway) -> None:
+    key = echo_gateway.key("beta")
+    assert echo(echo_gateway, key, {"say": "count me"}).status_code == 200
+    chat = httpx.post(
+        echo_gateway.v1 + "/chat/completions",
+        json={"model": "fast", "messages": [{"role": "user", "content": "and me"}]},
+        headers={"authorization": f"Bearer {key}"},
+    )
+    assert chat.status_code == 200
+    echo_gateway.usage_row(chat.headers["x-request-id"])  # written: reports will see it
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    text = httpx.get(echo_gateway.base_url + "/metrics", headers=admin).text
+    for endpoint in ("test.echo", "chat.completions"):
+        labels = f'backend="fakeoai",endpoint="{endpoint}",model="fast",status="ok",team="beta"'
+        assert f"switchboard_requests_total{{{labels}}}" in text, endpoint
+    report = httpx.get(
+        echo_gateway.base_url + "/v1/usage",
+        params={"group_by": "endpoint", "source": "raw"},
+        headers={"authorization": f"Bearer {key}"},
+    ).json()
+    by_endpoint = {r["endpoint"]: r["requests"] for r in report["rows"]}
+    assert by_endpoint["test.echo"] >= 1 and by_endpoint["chat.completions"] >= 1
+    only = httpx.get(
+        echo_gateway.base_url + "/v1/usage",
+        params={"endpoint": "test.echo", "source": "raw"},
+        headers={"authorization": f"Bearer {key}"},
+    ).json()
+    assert only["totals"]["requests"] == by_endpoint["test.echo"]
 
 
 def test_limits_apply(echo_gateway: Gateway) -> None:

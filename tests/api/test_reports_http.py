@@ -141,6 +141,28 @@ def test_admin_usage_json_and_csv(teams: Teams) -> None:
     assert {r["model"] for r in lines} == {"fast", "cloud-gpt"}
 
 
+def test_usage_groups_and_filters_by_endpoint(teams: Teams) -> None:
+    name, key = teams.names[0], teams.keys[0]
+    expected = aggregate((r for r in teams.rows if r["team"] == name), ["endpoint"], keep_values=False)
+    expected[("chat.completions",)].requests += 1  # the real request, through /v1/chat/completions
+    want = {k[0]: e.requests for k, e in expected.items()}
+    assert len(want) > 1
+    report = teams.get("/v1/usage", key, group_by="endpoint").json()
+    assert {r["endpoint"]: r["requests"] for r in report["rows"]} == want
+    only = teams.get("/v1/usage", key, group_by="endpoint", endpoint="embeddings").json()
+    assert only["query"]["endpoint"] == "embeddings"
+    assert [(r["endpoint"], r["requests"]) for r in only["rows"]] == [("embeddings", want["embeddings"])]
+    chat = teams.get(
+        "/admin/reports/usage",
+        ADMIN_KEY,
+        team=name,
+        endpoint="chat.completions",
+        group_by="model",
+        format="csv",
+    )
+    assert sum(int(r["requests"]) for r in csv.DictReader(io.StringIO(chat.text))) == want["chat.completions"]
+
+
 def test_admin_reports_refuse_team_keys(teams: Teams) -> None:
     for path in ("/admin/reports/usage", "/admin/reports/savings"):
         assert error_of(teams.get(path, teams.keys[0]), 403)["code"] == "admin_only"

@@ -150,17 +150,23 @@ async def test_spill_lines_from_older_versions_replay_with_defaults(
     del before_0003["cost_saved_micro_usd"]
     before_0002 = usage_row(make_record(2))
     del before_0002["cost_saved_micro_usd"], before_0002["attempts"], before_0002["route_candidates"]
-    current = usage_row(make_record(3, cost_saved_micro_usd=77))
+    for row in (before_0003, before_0002):
+        del row["endpoint"]
+    before_0006 = usage_row(make_record(4, endpoint="embeddings"))
+    del before_0006["endpoint"]  # only chat completions were recorded then
+    current = usage_row(make_record(3, cost_saved_micro_usd=77, endpoint="embeddings"))
     spill = tmp_path / "ledger.spill.jsonl"
-    spill.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in [before_0003, before_0002, current]))
+    lines = [before_0003, before_0002, before_0006, current]
+    spill.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in lines))
     writer = make_writer(engine, tmp_path)
     writer.start()
-    await wait_for(lambda: writer.replayed == 3)
+    await wait_for(lambda: writer.replayed == 4)
     await writer.aclose()
     rows = {r.request_id: r for r in read_usage(engine)}
     assert rows["req-000001"] == make_record(1, cache_hit=True, cost_saved_micro_usd=0)
     assert rows["req-000002"] == make_record(2, cost_saved_micro_usd=0, attempts=0, route_candidates=None)
-    assert rows["req-000003"] == make_record(3, cost_saved_micro_usd=77)
+    assert rows["req-000003"] == make_record(3, cost_saved_micro_usd=77, endpoint="embeddings")
+    assert rows["req-000004"] == make_record(4, endpoint="chat.completions")
     assert writer.rejected == 0 and not spill.exists()
 
 

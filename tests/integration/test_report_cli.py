@@ -97,6 +97,12 @@ def test_report_json_matches_the_ledger(ledger: Ledger) -> None:
     one_team = ledger.json("--group-by", "model", *window, "--team", "ops", "--model", "smollm2")
     assert [r["model"] for r in one_team["rows"]] == ["smollm2"]
     assert one_team["totals"]["requests"] == expected[("ops", "smollm2")].requests
+    messages = ledger.json("--group-by", "endpoint,team", *window, "--endpoint", "messages")
+    keep = row_filter(since=since, until=until, endpoint="messages")
+    want = aggregate(ledger.rows, ["endpoint", "team"], keep=keep, keep_values=False)
+    assert messages["query"]["endpoint"] == "messages" and len(want) == 3
+    got_messages = {(r["endpoint"], r["team"]): r["requests"] for r in messages["rows"]}
+    assert got_messages == {k: e.requests for k, e in want.items()}
 
 
 def test_report_csv_and_table(ledger: Ledger) -> None:

@@ -57,6 +57,8 @@ GROUPINGS = [
     ("day", "backend"),
     ("team", "key", "privacy"),
     ("hour", "model", "privacy"),
+    ("endpoint", "model"),
+    ("day", "endpoint", "backend"),
     ALL_DIMS,
     (),
 ]
@@ -167,13 +169,22 @@ WINDOWS = {
     "team": dict(team="support"),
     "model": dict(model="claude-haiku", since=START + 2 * H),
     "team-model-window": dict(team="ops", model="smollm2", since=START + 24 * H, until=START + 48 * H),
+    "endpoint": dict(endpoint="embeddings"),
+    "team-endpoint-window": dict(
+        team="research",
+        endpoint="messages",
+        since=START + 5 * H + dt.timedelta(minutes=40),
+        until=START + 40 * H,
+    ),
     "empty": dict(since=START + 100 * H, until=START + 200 * H),
 }
 
 
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("window", list(WINDOWS))
-@pytest.mark.parametrize("group_by", [("team", "model"), ("hour",)], ids=["team+model", "hour"])
+@pytest.mark.parametrize(
+    "group_by", [("team", "model"), ("hour",), ("endpoint",)], ids=["team+model", "hour", "endpoint"]
+)
 def test_filters_select_exactly_their_rows(
     ledger: Ledger, window: str, source: str, group_by: tuple[str, ...]
 ) -> None:
@@ -201,6 +212,17 @@ def test_group_values_are_formatted(ledger: Ledger) -> None:
     assert "2030-03-02T05:00Z" in {r.group[1] for r in rep.rows}
     assert {r.group[2] for r in rep.rows} == {None, "internal", "external", "edge", "external_zdr"}
     assert None in {r.group[3] for r in rep.rows}  # rows without a key
+
+
+def test_every_endpoint_is_a_group_and_raw_and_rollup_agree(ledger: Ledger) -> None:
+    raw, rollup = (report(ledger.engine, ("endpoint", "team"), source) for source in ("raw", "rollup"))
+    assert {r.group[0] for r in raw.rows} == set(SPEC.endpoints)
+    assert raw.percentiles_exact and (rollup.source, rollup.percentiles_exact) == ("rollup", False)
+    assert [(r.group, r.requests, r.cost_micro_usd, r.prompt_tokens) for r in raw.rows] == [
+        (r.group, r.requests, r.cost_micro_usd, r.prompt_tokens) for r in rollup.rows
+    ]
+    one = report(ledger.engine, ("team",), "rollup", endpoint="chat.completions")
+    assert one.totals.requests == sum(r.requests for r in raw.rows if r.group[0] == "chat.completions") > 0
 
 
 def test_progress_counts_up_to_its_total(ledger: Ledger) -> None:
@@ -320,6 +342,7 @@ def served(
         "http_status": 200,
         "error_type": None,
         "stream": False,
+        "endpoint": "chat.completions",
         "cache_hit": False,
         "privacy_class": None,
         "route_reason": None,
@@ -338,7 +361,7 @@ SAVINGS_LEDGER = [
     served(4, "a", "gpu0", T0 + 45 * MIN, 1000, (0, 0), status="error", http_status=502),  # 1 s
     served(5, "b", "cloud", T0 + 30 * MIN, 2000, (400, 200), cost_micro_usd=3000),  # not self-hosted
     served(6, "b", "cloud", T0 + 40 * MIN, 1, (1000, 1000), cache_hit=True, cost_saved_micro_usd=12_500),
-    served(7, "a", "gpu0", T0 + 60 * MIN, 60_000, (100, 100)),  # hour 2: 1 min
+    served(7, "a", "gpu0", T0 + 60 * MIN, 60_000, (100, 100), endpoint="completions"),  # hour 2: 1 min
     served(8, "b", "gpu0", T0 + 110 * MIN, 1_200_000, (400, 600)),  # hour 2: 10 min, hour 3: 10 min
 ]
 # usd_per_hour 3.6 makes one busy millisecond one micro-dollar; reference: 2.5 and 10 micro-USD per token.
@@ -403,6 +426,16 @@ def test_savings_apportion_busy_time_to_teams_by_token_share(savings_db: Engine)
         (ServedBy.SELF_HOSTED, round(busy_b)),
         (ServedBy.CACHE, 0),
     ]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_savings_filtered_by_endpoint_share_busy_time_by_tokens(savings_db: Engine, source: str) -> None:
+    query = parse_query("team", None, None, endpoint="completions", source=source)
+    rep = savings_report(savings_db, savings_config(), query)
+    # Request 7 alone: 200 of hour 2's 1200 gpu0 tokens; hour 3 (no request starts there) by its share of
+    # the window's 7500.
+    busy = 660_000 * 200 / 1200 + 600_000 * 200 / 7500
+    assert savings_rows(rep) == {(ServedBy.SELF_HOSTED, "a", "gpu0"): (1, 100, 100, round(busy), 250 + 1000)}
 
 
 def test_savings_reference_prices(savings_db: Engine) -> None:

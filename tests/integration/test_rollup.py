@@ -1,5 +1,5 @@
 """Rollup on SQLite and PostgreSQL: hourly sums and histograms equal the raw rows', idempotent reruns, late
-rows (spill replays), busy-time unions, pruning, the advisory lock and migration 0003 -> 0004.
+rows (spill replays), busy-time unions, pruning, the advisory lock, migrations 0003 -> 0004 and 0005 -> 0006.
 
 The expected figures are computed here in Python from the generated records, independently of the SQL.
 """
@@ -23,7 +23,7 @@ from alembic import command
 from sqlalchemy.engine import Engine
 
 from gateway.live.histogram import EDGES_MS, LATENCY_PREFIX, TTFT_PREFIX, bucket_of, column_names
-from gateway.records import RequestStatus, UsageRecord
+from gateway.records import LEGACY_ENDPOINT, RequestStatus, UsageRecord
 from gateway.store import db
 from gateway.store.db import backend_busy_hourly, rollup_state, usage, usage_hourly
 from gateway.store.ledger import LedgerWriter, insert_usage_rows, usage_row
@@ -35,7 +35,8 @@ HOURS = 30
 NOW = START + dt.timedelta(days=3)  # the clock when the rollups first run
 HOUR = dt.timedelta(hours=1)
 LONG_MODEL = "m" * 250  # longer than usage_hourly.model: cut to 200 characters
-KEYS = ("hour", "team", "key_id", "model", "backend", "privacy")
+KEYS = ("hour", "team", "key_id", "model", "backend", "privacy", "endpoint")
+ENDPOINTS = ("chat.completions", "embeddings", "responses")
 
 
 class Clock:
@@ -80,6 +81,7 @@ def generate(n: int, seed: int = 1, start: dt.datetime = START, hours: int = HOU
                 http_status=200,
                 error_type=None,
                 stream=ttft is not None,
+                endpoint=rng.choice(ENDPOINTS),
                 cache_hit=cache_hit,
                 cost_saved_micro_usd=rng.randrange(10**6) if cache_hit else 0,
                 privacy_class=rng.choice((None, "", "internal", "internal:email", "external:phone,email")),
@@ -114,6 +116,7 @@ def expected_hourly(records: list[UsageRecord]) -> dict[tuple[Any, ...], dict[st
             r.requested_model[:200],
             r.backend or "",
             tier,
+            r.endpoint,
         )
         acc = out.setdefault(key, defaultdict(int))
         acc["requests"] += 1
@@ -303,6 +306,7 @@ def test_busy_time_is_the_union_of_intervals_clipped_to_hours(engine: Engine) ->
             http_status=200,
             error_type=None,
             stream=False,
+            endpoint="chat.completions",
             **kw,
         )
 
@@ -420,7 +424,7 @@ def test_migration_0003_to_0004_and_back(db_target: DbTarget) -> None:
     command.upgrade(cfg, "0003")
     eng = db_target.make_engine()
     try:
-        old = generate(40)
+        old = [dataclasses.replace(r, endpoint=LEGACY_ENDPOINT) for r in generate(40)]
         with eng.begin() as conn:  # the 0003 columns only, as an older gateway writes them
             names = [c["name"] for c in sa.inspect(eng).get_columns("usage")]
             assert "written_at" not in names
@@ -444,5 +448,94 @@ def test_migration_0003_to_0004_and_back(db_target: DbTarget) -> None:
             assert conn.execute(sa.text("SELECT count(*) FROM usage")).scalar_one() == 40
         db.migrate(db_target.url, db_target.schema)
         assert "written_at" in [c["name"] for c in sa.inspect(eng).get_columns("usage")]
+    finally:
+        eng.dispose()
+
+
+def collapse_endpoints(
+    hourly: dict[tuple[Any, ...], dict[str, Any]],
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Rollup rows as they are without the endpoint key column: each group's endpoints summed."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for key, measures in hourly.items():
+        acc = out.setdefault(key[:-1], dict.fromkeys(measures, 0))
+        for name, value in measures.items():
+            acc[name] += value
+    return out
+
+
+def assert_hourly_equal(got: dict[Any, dict[str, Any]], want: dict[Any, dict[str, Any]]) -> None:
+    assert set(got) == set(want)
+    for key, measures in want.items():
+        assert got[key] == {m: pytest.approx(v, rel=1e-12, abs=1e-9) for m, v in measures.items()}, key
+
+
+def test_migration_0005_to_0006_keeps_rollups_and_back(db_target: DbTarget) -> None:
+    """Rows and rollups an older gateway wrote become chat.completions; downgrade sums the endpoints."""
+    if db_target.schema is not None:
+        admin = db.make_engine(db_target.url)
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{db_target.schema}"')
+        admin.dispose()
+    cfg = db.alembic_config(db_target.url, db_target.schema)
+    command.upgrade(cfg, "0005")
+    eng = db_target.make_engine()
+    try:
+        old = [dataclasses.replace(r, endpoint=LEGACY_ENDPOINT) for r in generate(120, seed=6)]
+        old_hourly = expected_hourly(old)
+        inspector = sa.inspect(eng)
+        names = [c["name"] for c in inspector.get_columns("usage")]
+        assert "endpoint" not in names
+        assert inspector.get_pk_constraint("usage_hourly")["constrained_columns"] == list(KEYS[:-1])
+        with eng.begin() as conn:  # as a 0005 gateway wrote them: its usage columns and rollup rows
+            typed = [sa.column(n, usage.c[n].type) for n in names]
+            conn.execute(
+                sa.table("usage", *typed).insert(),
+                [{k: v for k, v in usage_row(r).items() if k in names} | {"written_at": NOW} for r in old],
+            )
+            hourly_names = [c.name for c in usage_hourly.columns if c.name != "endpoint"]
+            hourly = sa.table("usage_hourly", *(sa.column(n, usage_hourly.c[n].type) for n in hourly_names))
+            conn.execute(
+                hourly.insert(),
+                [
+                    dict(zip(KEYS[:-1], key, strict=True)) | m
+                    for key, m in collapse_endpoints(old_hourly).items()
+                ],
+            )
+        db.migrate(db_target.url, db_target.schema)  # 0005 -> 0006
+        pk = sa.inspect(eng).get_pk_constraint("usage_hourly")
+        assert pk["constrained_columns"] == list(KEYS)
+        if db_target.kind == "postgresql":
+            assert pk["name"] == "usage_hourly_pkey"
+        assert_hourly_equal(read_hourly(eng), old_hourly)  # every old rollup row, now chat.completions
+        with eng.connect() as conn:
+            endpoints = conn.execute(sa.select(usage.c.endpoint).distinct()).scalars().all()
+        assert endpoints == [LEGACY_ENDPOINT]
+
+        new = generate(80, seed=7)  # several endpoints, as a 0006 gateway writes them
+        insert(eng, new, written_at=NOW)
+        Rollup(eng, clock=Clock(NOW)).run_once()
+        assert {k[-1] for k in read_hourly(eng)} == set(ENDPOINTS)
+        assert_matches(eng, old + new)
+
+        command.downgrade(cfg, "0005")
+        inspector = sa.inspect(eng)
+        assert "endpoint" not in [c["name"] for c in inspector.get_columns("usage")]
+        assert inspector.get_pk_constraint("usage_hourly")["constrained_columns"] == list(KEYS[:-1])
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM usage")).scalar_one() == len(old + new)
+            rows = conn.execute(sa.text("SELECT * FROM usage_hourly")).mappings().all()
+        down = {tuple(r[k] for k in KEYS[:-1]): {k: v for k, v in r.items() if k not in KEYS} for r in rows}
+        if db_target.kind == "sqlite":  # raw text: the keys read back as UTCDateTime writes them
+            down = {
+                (dt.datetime.fromisoformat(k[0]).replace(tzinfo=dt.UTC), *k[1:]): v for k, v in down.items()
+            }
+        assert_hourly_equal(down, collapse_endpoints(expected_hourly(old + new)))
+
+        db.migrate(db_target.url, db_target.schema)  # and up again: the sums are chat.completions now
+        want = {
+            (*key, LEGACY_ENDPOINT): m for key, m in collapse_endpoints(expected_hourly(old + new)).items()
+        }
+        assert_hourly_equal(read_hourly(eng), want)
     finally:
         eng.dispose()

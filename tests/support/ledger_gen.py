@@ -4,8 +4,9 @@
 always yields the same rows. `aggregate(rows, ...)` computes, independently of the report's SQL, the exact
 sums per group and the continuous percentiles (`percentile_cont`: linear interpolation between the two
 closest ranks, as PostgreSQL computes it). Rows cover every dimension's awkward cases: no key, no backend,
-no or empty privacy class, rows exactly on hour boundaries, tied latencies, NULL TTFTs, cache hits and
-fallbacks. `insert_rows` loads them, each with its own `written_at`, in batches (COPY on PostgreSQL).
+no or empty privacy class, several endpoints, rows exactly on hour boundaries, tied latencies, NULL TTFTs,
+cache hits and fallbacks. `insert_rows` loads them, each with its own `written_at`, in batches (COPY on
+PostgreSQL).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ USAGE_COLUMNS = (
     "request_id", "created_at", "team", "key_id", "requested_model", "backend", "served_model",
     "prompt_tokens", "completion_tokens", "cost_micro_usd", "latency_ms", "ttft_ms", "status", "http_status",
     "error_type", "stream", "cache_hit", "privacy_class", "route_reason", "attempts", "route_candidates",
-    "cost_saved_micro_usd", "written_at",
+    "cost_saved_micro_usd", "written_at", "endpoint",
 )  # fmt: skip
 WRITE_DELAY = dt.timedelta(seconds=1.5)  # written_at - created_at of generated rows
 SUM_FIELDS = (
@@ -51,6 +52,8 @@ class LedgerSpec:
     privacy_classes: tuple[str | None, ...] = (
         None, "", "internal", "internal:email", "external", "edge:phone,email", "external_zdr:iban",
     )  # fmt: skip
+    # The first is the usual one: correlated specs send 90% of requests there.
+    endpoints: tuple[str, ...] = ("chat.completions", "completions", "embeddings", "messages", "responses")
     prefix: str = "gen"  # request ids: f"{prefix}-{seed}-{i:09d}"
     # False: every key, model, backend and privacy class mixes freely (most groups; the tests' worst case).
     # True: like real traffic, a key mostly uses one model, a model one backend, a team one privacy class.
@@ -98,6 +101,7 @@ def _row(rng: random.Random, spec: LedgerSpec, i: int, span_us: int) -> Row:
     latency = 250.0 if rng.random() < 0.03 else round(rng.lognormvariate(5.8, 1.1), 3)  # ties at 250 ms
     ttft = round(latency * rng.uniform(0.05, 0.6), 3) if stream and status != "error" else None
     created_at = spec.start + dt.timedelta(microseconds=offset_us)
+    endpoint = spec.endpoints[0] if spec.correlated and rng.random() < 0.9 else rng.choice(spec.endpoints)
     return {
         "request_id": f"{spec.prefix}-{spec.seed}-{i:09d}",
         "created_at": created_at,
@@ -122,6 +126,7 @@ def _row(rng: random.Random, spec: LedgerSpec, i: int, span_us: int) -> Row:
         "route_candidates": None,
         "cost_saved_micro_usd": prompt * 3 + completion * 11 if cache_hit else 0,
         "written_at": created_at + WRITE_DELAY,
+        "endpoint": endpoint,
     }
 
 
@@ -151,7 +156,8 @@ def group_value(row: Row, dim: str) -> str | None:
         return at.strftime("%Y-%m-%dT%H:00Z")
     if dim == "privacy":
         return (row["privacy_class"] or "").split(":", 1)[0] or None
-    column = {"team": "team", "key": "key_id", "model": "requested_model", "backend": "backend"}[dim]
+    names = {"team": "team", "key": "key_id", "model": "requested_model", "backend": "backend"}
+    column = {**names, "endpoint": "endpoint"}[dim]
     return row[column] or None
 
 
@@ -196,6 +202,7 @@ def row_filter(
     until: dt.datetime | None = None,
     team: str | None = None,
     model: str | None = None,
+    endpoint: str | None = None,
 ) -> Callable[[Row], bool]:
     def keep(row: Row) -> bool:
         at = row["created_at"]
@@ -204,6 +211,7 @@ def row_filter(
             and (until is None or at < until)
             and (team is None or row["team"] == team)
             and (model is None or row["requested_model"] == model)
+            and (endpoint is None or row["endpoint"] == endpoint)
         )
 
     return keep

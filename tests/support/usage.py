@@ -34,6 +34,7 @@ def make_record(i: int = 0, **overrides: Any) -> UsageRecord:
         "http_status": 200,
         "error_type": None,
         "stream": False,
+        "endpoint": "chat.completions",
     }
     fields.update(overrides)
     return UsageRecord(**fields)

@@ -45,7 +45,7 @@ def test_group_by_is_comma_separated_case_and_space_tolerant() -> None:
     assert q.group_by == (Dimension.TEAM, Dimension.MODEL, Dimension.DAY)
     assert parse_query(None, None, None).group_by == ()
     assert parse_query("", None, None).group_by == ()
-    every = parse_query("team,key,model,backend,privacy,day,hour", None, None)
+    every = parse_query("team,key,model,backend,privacy,endpoint,day,hour", None, None)
     assert every.group_by == tuple(Dimension)
 
 
@@ -54,7 +54,7 @@ def test_unknown_group_by_lists_the_valid_ones() -> None:
         parse_query("team,region", None, None)
     assert err.value.param == "group_by"
     assert "`region`" in err.value.message
-    assert "team, key, model, backend, privacy, day, hour" in err.value.message
+    assert "team, key, model, backend, privacy, endpoint, day, hour" in err.value.message
     with pytest.raises(InvalidRequest, match="listed twice"):
         parse_query("team,team", None, None)
 
@@ -98,7 +98,9 @@ def test_since_must_be_before_until(since: str, until: str) -> None:
 
 def test_filters_and_source() -> None:
     q = parse_query("team", "2030-01-01", "2030-02-01", team="research", model="", source="RAW")
-    assert (q.team, q.model, q.source) == ("research", None, Source.RAW)
+    assert (q.team, q.model, q.endpoint, q.source) == ("research", None, None, Source.RAW)
+    assert parse_query("endpoint", None, None, endpoint="embeddings").endpoint == "embeddings"
+    assert parse_query(None, None, None, endpoint="").endpoint is None  # `endpoint=`: no filter, as model
     assert q.until == dt.datetime(2030, 2, 1, tzinfo=UTC)
     with pytest.raises(InvalidRequest, match="auto, raw, rollup") as err:
         parse_query("team", None, None, source="cache")
@@ -247,6 +249,7 @@ def usage_report_value() -> Report:
 def test_usage_json_keeps_exact_money_and_null_groups() -> None:
     body = orjson.loads(to_json(usage_report_value()))
     assert body["query"]["since"] == "2030-01-01T00:00:00Z" and body["query"]["group_by"] == ["team", "key"]
+    assert body["query"]["endpoint"] is None
     first, second = body["rows"]
     assert (first["team"], first["key"], first["cost_usd"], first["cost_micro_usd"]) == (
         "research",
