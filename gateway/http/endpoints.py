@@ -28,6 +28,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pipeline.access import ModelAccess
 from gateway.pipeline.flow import Answer, ChunkStream, Pipeline
 from gateway.pipeline.request import GatewayRequest, Hints, RequestContext, Timing
+from gateway.store.responses import ResponseStore
 
 log = logging.getLogger("switchboard")
 JSON = "application/json"
@@ -38,7 +39,13 @@ class Translator(Protocol):
     """One wire API on the pipeline (gateway/translate/).
 
     Optional, for /openapi.json only: `body_model` and `answer_model`, pydantic models of the request body
-    and of the JSON answer (`parse` and `render` stay what reads and writes them)."""
+    and of the JSON answer (`parse` and `render` stay what reads and writes them).
+
+    Optional, for an API that keeps state between requests (the Responses API), two awaited hooks around
+    the pipeline, which itself stays stateless: `async prepare(body, ctx, store) -> body`, after `parse`
+    and before `to_request` (it may read `store`, a `ResponseStore`, and refuse the request), and
+    `async after(answer, body, request)`, after a whole answer and before `render` (a stream's
+    `render_stream` does its own at the end)."""
 
     endpoint: str
     path: str
@@ -65,6 +72,7 @@ class EndpointDeps:
     metrics: GatewayMetrics
     max_body_bytes: int
     request_timeout_s: float
+    responses: ResponseStore  # conversation state, for translators with a `prepare` hook
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -114,12 +122,18 @@ async def serve(
             Hints.from_headers(request.headers),
             deps.request_timeout_s,
         )
+        prepare = getattr(translator, "prepare", None)
+        if prepare is not None:
+            body = await prepare(body, ctx, deps.responses)
         greq = translator.to_request(body, ctx)
         if greq.stream:
             stream = await deps.pipeline.open_stream(greq, timing)
             await send_sse(scope, receive, send, stream, translator.render_stream(stream, body, greq))
             return
         answer = await deps.pipeline.complete(greq, timing)
+        after = getattr(translator, "after", None)
+        if after is not None:
+            await after(answer, body, greq)
         response = Response(translator.render(answer, body, greq), media_type=JSON)
         response.raw_headers.extend(answer.headers)
     except SwitchboardError as exc:
