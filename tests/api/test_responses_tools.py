@@ -130,7 +130,7 @@ def test_a_tool_call_arrives_intact_and_its_output_goes_back_as_a_tool_message(r
     oai.responses.create(model="scripted", input=items, store=False, instructions="be terse")
     (sent,) = rig.backend.requests
     assert list(sent.messages)[0] == {"role": "system", "content": "be terse"}
-    assert list(sent.messages)[1:] == list(rig.backend.requests[0].messages)[:0] + [
+    assert list(sent.messages)[1:] == [
         {"role": "user", "content": "weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [tool_call()["tool_calls"][0]]},
         {"role": "tool", "tool_call_id": "call_w3ather", "content": '{"sky": "sunny"}'},
