@@ -255,6 +255,7 @@ class TeamConfig(_Strict):
     cache_ttl_s: float | None = Field(default=None, ge=0)  # overrides the model's and cache.ttl_s; 0: off
     cache_share: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # same group: shared
     cache_all: bool = False  # cache non-deterministic requests too (temperature > 0 and no seed)
+    store_responses: bool = True  # false: /v1/responses never keeps this team's prompts (store=true: 400)
 
 
 class RoutingConfig(_Strict):
@@ -311,6 +312,14 @@ class ReportsConfig(_Strict):
     requests_per_minute: int = Field(default=30, ge=1, le=100_000)  # per team key, on /v1/usage
 
 
+class ResponsesConfig(_Strict):
+    """`/v1/responses` conversation state: the only prompt text Switchboard keeps (teams may opt out)."""
+
+    store_default: bool = True  # what a request without `store` gets (OpenAI's default is true)
+    retention_days: float = Field(default=30.0, gt=0, le=3650)  # stored responses are deleted after this
+    prune_interval_s: float = Field(default=3600.0, gt=0)  # how often expired responses are deleted
+
+
 class EdgeConfig(_Strict):
     """Edge nodes dialling in over `/v1/edge/connect` (see README, "Edge nodes")."""
 
@@ -363,6 +372,7 @@ class Config(_Strict):
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
     reports: ReportsConfig = ReportsConfig()
+    responses: ResponsesConfig = ResponsesConfig()
     edge: EdgeConfig = EdgeConfig()
 
     @property

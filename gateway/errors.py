@@ -10,7 +10,8 @@ SwitchboardError (backends/errors.py)          500 api_error            internal
 │   └── BackendRejected                        400 invalid_request_error upstream_rejected_request
 └── GatewayError
     ├── InvalidRequest                         400 invalid_request_error invalid_request
-    │   └── UnsupportedParameter               400 invalid_request_error unsupported_parameter
+    │   ├── UnsupportedParameter               400 invalid_request_error unsupported_parameter
+    │   └── PreviousResponseNotFound           400 invalid_request_error previous_response_not_found
     ├── AuthenticationFailed                   401 authentication_error  invalid_api_key
     ├── PermissionDenied                       403 permission_error      model_not_allowed
     │   └── AdminOnly                          403 permission_error      admin_only
@@ -56,6 +57,7 @@ __all__ = [
     "GatewayError",
     "InvalidRequest",
     "UnsupportedParameter",
+    "PreviousResponseNotFound",
     "NoEligibleDeployment",
     "SensitiveDataRefused",
     "NoHealthyDeployment",
@@ -89,6 +91,12 @@ class InvalidRequest(GatewayError):
 
 class UnsupportedParameter(InvalidRequest):
     code = "unsupported_parameter"
+
+
+class PreviousResponseNotFound(InvalidRequest):
+    """`previous_response_id` names no stored response of the caller's team (OpenAI answers 400 too)."""
+
+    code = "previous_response_not_found"
 
 
 class NoEligibleDeployment(InvalidRequest):
@@ -210,6 +218,7 @@ ALL_ERROR_CLASSES: tuple[type[SwitchboardError], ...] = (
     GatewayError,
     InvalidRequest,
     UnsupportedParameter,
+    PreviousResponseNotFound,
     NoEligibleDeployment,
     AuthenticationFailed,
     PermissionDenied,

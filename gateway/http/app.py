@@ -49,11 +49,13 @@ from gateway.http.openapi import (
     model_examples,
     ok,
 )
+from gateway.http.responses import responses_router
 from gateway.http.usage import usage_router
 from gateway.services import Services
 from gateway.services.build import build_services
 from gateway.translate.openai_chat import ChatCompletions
 from gateway.translate.openai_completions import Completions
+from gateway.translate.openai_responses import Responses
 
 log = logging.getLogger("switchboard")
 JSON = "application/json"
@@ -67,7 +69,12 @@ def services_of(request: Request) -> Services:
 def endpoint_deps(svc: Services) -> EndpointDeps:
     server = svc.config.server
     return EndpointDeps(
-        svc.access, svc.pipeline, svc.metrics, server.max_body_bytes, server.request_timeout_s
+        svc.access,
+        svc.pipeline,
+        svc.metrics,
+        server.max_body_bytes,
+        server.request_timeout_s,
+        svc.responses,
     )
 
 
@@ -324,9 +331,11 @@ def create_app(config: Config) -> SwitchboardApp:
         add_docs(app)
     app.add_translator(ChatCompletions())
     app.add_translator(Completions())
+    app.add_translator(Responses())
     _add_plain_routes(app)
     app.include_router(admin_router())
     app.include_router(usage_router())
+    app.include_router(responses_router())  # GET/DELETE /v1/responses/{id}; the POST is a translator
     app.include_router(edge_router())  # /v1/edge/connect (WebSocket) and /admin/edge/...
     _install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)

@@ -18,6 +18,7 @@ from gateway.pipeline.access import ModelAccess
 from gateway.reports.runner import ReportRunner
 from gateway.services import Services
 from gateway.store.keys import KeyStore
+from gateway.store.responses import ResponseStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +55,26 @@ class EdgeNodeDeps:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseDeps:
+    """`GET`/`DELETE /v1/responses/{id}` and its input items (the POST is a translator)."""
+
+    access: ModelAccess
+    store: ResponseStore
+
+
+@dataclass(frozen=True, slots=True)
 class RouterDeps:
     reports: ReportDeps
     admin: AdminDeps
     edge: EdgeNodeDeps
+    responses: ResponseDeps
 
     @classmethod
     def of(cls, svc: Services) -> RouterDeps:
         reports = ReportDeps(svc.access, svc.db, svc.config, svc.reports, svc.gate.store)
         admin = AdminDeps(svc.access, svc.db, svc.keys, svc.config, svc.routing, reports)
-        return cls(reports, admin, EdgeNodeDeps(svc.access, svc.db, svc.config, svc.edge))
+        edge = EdgeNodeDeps(svc.access, svc.db, svc.config, svc.edge)
+        return cls(reports, admin, edge, ResponseDeps(svc.access, svc.responses))
 
 
 def router_deps(conn: HTTPConnection) -> RouterDeps:

@@ -28,6 +28,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.pipeline.access import ModelAccess
 from gateway.pipeline.flow import Answer, ChunkStream, Pipeline
 from gateway.pipeline.request import GatewayRequest, Hints, RequestContext, Timing
+from gateway.store.responses import ResponseStore
 
 T = TypeVar("T")
 log = logging.getLogger("switchboard")
@@ -39,7 +40,13 @@ class Translator(Protocol):
     """One wire API on the pipeline (gateway/translate/).
 
     Optional, for /openapi.json only: `body_model` and `answer_model`, pydantic models of the request body
-    and of the JSON answer (`parse` and `render` stay what reads and writes them)."""
+    and of the JSON answer (`parse` and `render` stay what reads and writes them).
+
+    Optional, for an API that keeps state between requests (the Responses API), two awaited hooks around
+    the pipeline, which itself stays stateless: `async prepare(body, ctx, store) -> body`, after `parse`
+    and before `to_request` (it may read `store`, a `ResponseStore`, and refuse the request), and
+    `async after(answer, body, request)`, after a whole answer and before `render` (a stream's
+    `render_stream` does its own at the end)."""
 
     endpoint: str
     path: str
@@ -66,6 +73,7 @@ class EndpointDeps:
     metrics: GatewayMetrics
     max_body_bytes: int
     request_timeout_s: float
+    responses: ResponseStore  # conversation state, for translators with a `prepare` hook
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -115,6 +123,9 @@ async def serve(
             Hints.from_headers(request.headers),
             deps.request_timeout_s,
         )
+        prepare = getattr(translator, "prepare", None)
+        if prepare is not None:
+            body = await prepare(body, ctx, deps.responses)
         greq = translator.to_request(body, ctx)
         if greq.stream:
             stream = await deps.pipeline.open_stream(greq, timing)
@@ -123,6 +134,9 @@ async def serve(
         answer = await until_disconnect(receive, deps.pipeline.complete(greq, timing))
         if answer is None:
             return  # the client went away: the pipeline recorded it and cancelled the attempt
+        after = getattr(translator, "after", None)
+        if after is not None:
+            await after(answer, body, greq)
         response = Response(translator.render(answer, body, greq), media_type=JSON)
         response.raw_headers.extend(answer.headers)
     except SwitchboardError as exc:

@@ -29,6 +29,7 @@ from gateway.pipeline.flow import Pipeline
 from gateway.reports.runner import ReportRunner
 from gateway.store.keys import KeyStore
 from gateway.store.ledger import LedgerWriter
+from gateway.store.responses import ResponsePruneJob, ResponseStore
 from gateway.store.upkeep import RollupJob
 from routing.decision import Deployment
 
@@ -49,14 +50,18 @@ class Services:
     access: ModelAccess
     pipeline: Pipeline
     reports: ReportRunner
+    responses: ResponseStore  # /v1/responses conversation state (SQL)
     redis: Redis | None = None  # None: cache, limits and budgets live in this process
     routing_sync: RoutingSync | None = None  # shares routing stats and circuits through Redis
     rollup: RollupJob | None = None
     edge: EdgeHub | None = None  # None: edge nodes are off (config: edge.enabled)
     health: HealthProber | None = None
+    responses_prune: ResponsePruneJob | None = None
 
     async def aclose(self) -> None:
         await self.reports.aclose()  # first: stop reports still running on their threads
+        if self.responses_prune is not None:
+            await self.responses_prune.aclose()
         if self.rollup is not None:
             await self.rollup.aclose()
         if self.routing_sync is not None:

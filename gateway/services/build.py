@@ -38,6 +38,7 @@ from gateway.services.shared import build_health, build_quota, build_redis, buil
 from gateway.store.db import make_engine, migrate
 from gateway.store.keys import KeyStore, upsert_teams
 from gateway.store.ledger import LedgerWriter
+from gateway.store.responses import ResponsePruneJob, ResponseStore
 from gateway.store.spend import spent_micro_usd
 from gateway.store.upkeep import RollupJob
 
@@ -163,6 +164,15 @@ def build_pipeline(
     return Pipeline(Planner(routing, access), gate, CacheStep(config, cache), dispatcher, sink)
 
 
+def build_responses(config: Config, engine: Engine) -> tuple[ResponseStore, ResponsePruneJob]:
+    """The `/v1/responses` store and the job that enforces responses.retention_days."""
+    allows = {name: team.store_responses for name, team in config.teams.items()}
+    store = ResponseStore(engine, config.responses, allows)
+    prune = ResponsePruneJob(store, config.responses.prune_interval_s)
+    prune.start()
+    return store, prune
+
+
 async def build_services(config: Config) -> Services:
     engine, ledger = build_store(config)
     try:
@@ -184,6 +194,7 @@ async def build_services(config: Config) -> Services:
     gate = await build_gate(config, store, engine, metrics)
     rollup = RollupJob(engine, config.reports)
     rollup.start()
+    responses, responses_prune = build_responses(config, engine)
     keys = KeyStore(engine, ttl_s=config.server.key_cache_ttl_s)
     server = config.server
     access = ModelAccess(
@@ -220,4 +231,6 @@ async def build_services(config: Config) -> Services:
         rollup=rollup,
         edge=edge,
         health=health,
+        responses=responses,
+        responses_prune=responses_prune,
     )

@@ -1,4 +1,5 @@
-"""SQL schema (teams, api_keys, usage, hourly rollups, edge tokens), engine construction and migrations.
+"""SQL schema (teams, api_keys, usage, hourly rollups, edge tokens, stored responses), engine construction
+and migrations.
 
 Invariants: every datetime column holds timezone-aware UTC (`UTCDateTime` normalises on the way in and
 out, also on SQLite, which has no zone type); money is integer micro-dollars; `usage.request_id` is the
@@ -181,6 +182,25 @@ edge_tokens = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("expires_at", UTCDateTime, nullable=True),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+
+# Stored `/v1/responses` answers (gateway/store/responses.py): the only prompt text Switchboard keeps, per
+# team, deleted after responses.retention_days. `history` is the conversation so far as chat messages
+# (previous responses' included, instructions not), so a follow-up loads one row on any replica.
+responses = sa.Table(
+    "responses",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # resp_<request id>
+    sa.Column("team", sa.String(64), nullable=False),  # no FK: like the ledger, teams may come and go
+    sa.Column("key_id", sa.String(32), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("previous_response_id", sa.String(64), nullable=True),
+    sa.Column("response", sa.JSON, nullable=False),  # the Response object as it was answered
+    sa.Column("input_items", sa.JSON, nullable=False),  # this request's input items, with ids
+    sa.Column("history", sa.JSON, nullable=False),  # chat messages: the conversation through this answer
+    sa.Index("ix_responses_team_id", "team", "id"),
+    sa.Index("ix_responses_created_at", "created_at"),  # the retention prune
 )
 
 

@@ -9,7 +9,7 @@ columns are spelled out as 0004 wrote them: a migration is a snapshot.
 
 Revision ID: 0006
 Revises: 0005
-Create Date: 2027-01-10
+Create Date: 2026-12-05
 """
 
 from __future__ import annotations

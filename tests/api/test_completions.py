@@ -39,6 +39,7 @@ def test_prompt_goes_as_it_is_to_an_openai_compatible_server(gateway: Gateway) -
     assert sent["body"]["prompt"] == "Once upon a time" and "messages" not in sent["body"]
     row = gateway.usage_row(raw.headers["x-request-id"])
     assert row["status"] == "ok" and row["completion_tokens"] == 5 and row["cost_micro_usd"] > 0
+    assert row["endpoint"] == "completions"
 
 
 def test_max_tokens_defaults_to_16_as_openai_does(gateway: Gateway) -> None:

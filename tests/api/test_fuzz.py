@@ -17,6 +17,10 @@ EXAMPLES = 20  # per operation and generation mode: ~400 requests, ~15 s on 2 co
 
 OPERATIONS = {
     "POST /v1/chat/completions",
+    "POST /v1/responses",
+    "GET /v1/responses/{response_id}",
+    "DELETE /v1/responses/{response_id}",
+    "GET /v1/responses/{response_id}/input_items",
     "GET /v1/models",
     "GET /v1/usage",
     "GET /healthz",
