@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from tests.support import logscan
-from tests.support.api_gateway import Gateway
-from tests.support.fake_wire import TOOL_ARGUMENTS, TOOL_TRIGGER
+from tests.support.api_gateway import TOOL_UPSTREAMS, Gateway
+from tests.support.fake_tools import TOOL_ARGUMENTS, TOOL_TRIGGER, digest
 
 HELLO = [{"role": "user", "content": "Say hello"}]
 WEATHER = {
@@ -125,17 +125,128 @@ def test_stream_events_in_order_each_named(gateway: Gateway) -> None:
     assert events[-2][1]["usage"]["output_tokens"] == 4
 
 
-def tool_turn(client: anthropic.Anthropic) -> anthropic.types.Message:
-    ask = [{"role": "user", "content": f"{TOOL_TRIGGER}: weather in Paris?"}]
-    return client.messages.create(model="fast", max_tokens=50, tools=[WEATHER], messages=ask)
+TOOLS = [
+    WEATHER,
+    {"name": "get_time", "input_schema": {"type": "object", "properties": {"tz": {"type": "string"}}}},
+]
+CALLS = (
+    ("get_weather", '{"location": "Zürich", "days": [1, 2], "detail": {"wind": true, "note": "a \\"b\\""}}'),
+    ("get_time", '{"tz":"Europe/Paris"}'),
+)
 
 
-def test_tool_use_arrives_intact(gateway: Gateway) -> None:
-    message = tool_turn(sdk(gateway, gateway.key()))
+def script(gw: Gateway, model: str, *calls: tuple[str, str], text: str = "") -> str:
+    """The upstream of `model` answers every request offering tools with `calls` (every tool knob set)."""
+    upstream = TOOL_UPSTREAMS[model]
+    gw.fake.configure(
+        upstream,
+        tool_calls=calls,
+        tool_arg_pieces=4,
+        tool_interleave=False,
+        tool_with_finish=False,
+        tool_text=text,
+    )
+    return upstream
+
+
+def ask() -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"What should I pack? {uuid.uuid4().hex}"}]
+
+
+@pytest.mark.parametrize("model", list(TOOL_UPSTREAMS))
+def test_tool_use_arrives_intact_whole_and_streamed(gateway: Gateway, model: str) -> None:
+    upstream = script(gateway, model, *CALLS, text="Checking.")
+    client = sdk(gateway, gateway.key())
+    message = client.messages.create(model=model, max_tokens=50, tools=TOOLS, messages=ask())
+    sent = gateway.fake.sent_tool_calls(upstream)[-1]
     assert message.stop_reason == "tool_use"
+    assert message.content[0].type == "text" and message.content[0].text == "Checking."
+    uses = message.content[1:]
+    assert [(u.type, u.id, u.name) for u in uses] == [("tool_use", c["id"], c["name"]) for c in sent]
+    assert [u.input for u in uses] == [json.loads(c["arguments"]) for c in sent]  # type: ignore[union-attr]
+
+    events, _ = sse_events(
+        gateway, gateway.key(), {"model": model, "max_tokens": 50, "tools": TOOLS, "messages": ask()}
+    )
+    sent = gateway.fake.sent_tool_calls(upstream)[-1]
+    starts = [d for n, d in events if n == "content_block_start"]
+    assert [b["content_block"]["type"] for b in starts] == ["text", "tool_use", "tool_use"]
+    assert [(b["content_block"]["id"], b["content_block"]["name"]) for b in starts[1:]] == [
+        (c["id"], c["name"]) for c in sent
+    ]
+    for block, call in zip(starts[1:], sent, strict=True):
+        pieces = [
+            d["delta"]["partial_json"]
+            for n, d in events
+            if n == "content_block_delta" and d["index"] == block["index"]
+        ]
+        assert (
+            len(pieces) > 1 and "".join(pieces) == call["arguments"]
+        )  # as the upstream sent them, in pieces
+    assert [d for n, d in events if n == "message_delta"][0]["delta"]["stop_reason"] == "tool_use"
+    with client.messages.stream(model=model, max_tokens=50, tools=TOOLS, messages=ask()) as stream:
+        final = stream.get_final_message()
+    sent = gateway.fake.sent_tool_calls(upstream)[-1]
+    assert [(b.id, b.input) for b in final.content[1:]] == [  # type: ignore[union-attr]
+        (c["id"], json.loads(c["arguments"])) for c in sent
+    ]
+
+
+@pytest.mark.parametrize("model", list(TOOL_UPSTREAMS))
+def test_tool_result_round_trip(gateway: Gateway, model: str) -> None:
+    upstream = script(gateway, model, *CALLS)
+    client = sdk(gateway, gateway.key())
+    question = ask()
+    call = client.messages.create(model=model, max_tokens=50, tools=TOOLS, messages=question)
+    ids = [block.id for block in call.content if block.type == "tool_use"]
+    results = [
+        {"type": "tool_result", "tool_use_id": ids[0], "content": "18 degrees"},
+        {
+            "type": "tool_result",
+            "tool_use_id": ids[1],
+            "content": [{"type": "text", "text": "10:00"}],
+            "is_error": True,
+        },
+    ]
+    follow_up = [
+        *question,
+        {"role": "assistant", "content": call.content},
+        {"role": "user", "content": results},
+    ]
+    answer = client.messages.create(model=model, max_tokens=50, tools=TOOLS, messages=follow_up)
+    # The fake answers "saw <call id>=<digest of the result text>" for the tool results it received.
+    assert answer.content[0].type == "text"
+    assert (
+        answer.content[0].text
+        == f"saw {ids[0]}={digest('18 degrees')} {ids[1]}={digest('[tool error] 10:00')}"
+    )
+    if model == "tools-oai":  # an OpenAI-compatible upstream sees the chat messages themselves
+        sent = gateway.fake.requests(upstream)[-1]["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "tool", "tool"]
+        assert [c["id"] for c in sent[1]["tool_calls"]] == ids and sent[1]["content"] is None
+        assert sent[2] == {"role": "tool", "tool_call_id": ids[0], "content": "18 degrees"}
+        assert sent[3]["content"] == [
+            {"type": "text", "text": "[tool error] "},
+            {"type": "text", "text": "10:00"},
+        ]
+
+
+def test_malformed_tool_arguments_are_a_backend_error(gateway: Gateway) -> None:
+    script(gateway, "tools-oai", ("get_weather", '{"location": "Par'))
+    with pytest.raises(anthropic.InternalServerError) as info:
+        sdk(gateway, gateway.key()).messages.create(
+            model="tools-oai", max_tokens=50, tools=TOOLS, messages=ask()
+        )
+    assert info.value.status_code == 502 and "not a JSON object" in info.value.message
+
+
+def test_call_tool_trigger_on_a_plain_backend(gateway: Gateway) -> None:
+    ask_tool = [{"role": "user", "content": f"{TOOL_TRIGGER}: weather in Paris?"}]
+    message = sdk(gateway, gateway.key()).messages.create(
+        model="fast", max_tokens=50, tools=[WEATHER], messages=ask_tool
+    )
     (block,) = message.content
-    assert block.type == "tool_use" and block.id == "call_0" and block.name == "get_weather"
-    assert block.input == TOOL_ARGUMENTS
+    assert block.type == "tool_use" and block.name == "get_weather" and block.input == TOOL_ARGUMENTS
     sent = gateway.fake.requests("fast")[-1]
     function = {
         "name": "get_weather",
@@ -143,53 +254,6 @@ def test_tool_use_arrives_intact(gateway: Gateway) -> None:
         "parameters": WEATHER["input_schema"],
     }
     assert sent["tools"] == [{"type": "function", "function": function}]
-
-
-def test_tool_use_streams_as_input_json_deltas(gateway: Gateway) -> None:
-    ask = [{"role": "user", "content": f"{TOOL_TRIGGER}: weather in Paris?"}]
-    body = {"model": "fast", "max_tokens": 50, "tools": [WEATHER], "messages": ask}
-    events, _ = sse_events(gateway, gateway.key(), body)
-    start = next(data for name, data in events if name == "content_block_start")
-    assert start["content_block"] == {"type": "tool_use", "id": "call_0", "name": "get_weather", "input": {}}
-    pieces = [d["delta"]["partial_json"] for n, d in events if n == "content_block_delta"]
-    assert len(pieces) == 2 and json.loads("".join(pieces)) == TOOL_ARGUMENTS
-    assert [d for n, d in events if n == "message_delta"][0]["delta"]["stop_reason"] == "tool_use"
-    client = sdk(gateway, gateway.key())
-    with client.messages.stream(**body) as stream:
-        final = stream.get_final_message()
-    assert final.content[0].type == "tool_use" and final.content[0].input == TOOL_ARGUMENTS
-
-
-def test_tool_result_round_trip_becomes_chat_tool_message(gateway: Gateway) -> None:
-    client = sdk(gateway, gateway.key())
-    call = tool_turn(client)
-    use = call.content[0]
-    assert use.type == "tool_use"
-    follow_up = [
-        {"role": "user", "content": f"{TOOL_TRIGGER}: weather in Paris?"},
-        {"role": "assistant", "content": call.content},
-        {
-            "role": "user",
-            "content": [
-                {"type": "tool_result", "tool_use_id": use.id, "content": "18 degrees"},
-                {"type": "tool_result", "tool_use_id": "call_9", "content": "boom", "is_error": True},
-                {"type": "text", "text": "thanks"},
-            ],
-        },
-    ]
-    answer = client.messages.create(model="fast", max_tokens=5, tools=[WEATHER], messages=follow_up)
-    assert answer.content[0].type == "text"
-    sent = gateway.fake.requests("fast")[-1]["messages"]
-    arguments = json.loads(sent[1]["tool_calls"][0]["function"].pop("arguments"))
-    assert arguments == TOOL_ARGUMENTS
-    assert sent[1] == {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "get_weather"}}],
-    }
-    assert sent[2] == {"role": "tool", "tool_call_id": "call_0", "content": "18 degrees"}
-    assert sent[3] == {"role": "tool", "tool_call_id": "call_9", "content": "[tool error] boom"}
-    assert sent[4] == {"role": "user", "content": [{"type": "text", "text": "thanks"}]}
 
 
 def test_cloud_anthropic_keeps_version_beta_and_cache_control(gateway: Gateway) -> None:
@@ -216,7 +280,7 @@ def test_cloud_anthropic_keeps_version_beta_and_cache_control(gateway: Gateway) 
         tools=[{**WEATHER, "cache_control": cached}],
         messages=messages,
     )
-    assert message.model == "cloud-claude" and message.content[0].text.startswith("tok0")
+    assert message.model == "cloud-claude" and message.content[0].text == f"saw toolu_1={digest('sunny')}"
     got = gateway.fake.received(CLAUDE_UPSTREAM)[-1]
     assert got["path"] == "/v1/messages"
     # litellm writes the upstream body and reads the answer, so the version it speaks is the one sent (the
