@@ -17,6 +17,7 @@ EXAMPLES = 20  # per operation and generation mode: ~400 requests, ~15 s on 2 co
 
 OPERATIONS = {
     "POST /v1/chat/completions",
+    "POST /v1/completions",
     "POST /v1/messages",
     "POST /v1/messages/count_tokens",
     "GET /v1/models",
