@@ -9,10 +9,14 @@ process outlived the drain window and ended within it plus a generous margin".
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +27,8 @@ import orjson
 import pytest
 
 from gateway.store import db, keys
-from tests.support.replicas import FakeUpstream, GatewayReplicas
+from tests.support.replicas import ROOT, FakeUpstream, GatewayReplicas, free_port, merged, to_toml
+from tests.support.services import REDIS_URL, delete_prefix
 
 TEAM = "drain"
 EXIT_MARGIN_S = 20.0  # the cut-off requests' cancel wait and the services' close come after the window
@@ -42,12 +47,13 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeUpstream]
         fake.stop()
 
 
-def start_gateway(tmp: Path, upstream: FakeUpstream, drain_timeout_s: float) -> tuple[GatewayReplicas, str]:
+def gateway_setup(tmp: Path, upstream: FakeUpstream, drain_timeout_s: float) -> tuple[dict[str, Any], str]:
+    """A config (SQLite ledger in `tmp`, already migrated) and a key of team `drain`."""
     url = f"sqlite:///{tmp / 'ledger.db'}"
     model = {"backend": "up", "input_usd_per_mtok": "1", "output_usd_per_mtok": "2"}
     config = {
         "server": {"drain_timeout_s": drain_timeout_s},
-        "database": {"url": url, "flush_interval_s": 0.05},
+        "database": {"url": url, "spill_path": str(tmp / "spill.jsonl"), "flush_interval_s": 0.05},
         "backends": {"up": {"kind": "openai", "base_url": upstream.base_url + "/v1", "timeout_s": 600}},
         "models": {name: {**model, "upstream_model": name} for name in ("slow", "trickle", "hang")},
         "teams": {TEAM: {"models": ["*"]}},
@@ -57,6 +63,11 @@ def start_gateway(tmp: Path, upstream: FakeUpstream, drain_timeout_s: float) -> 
     keys.upsert_teams(engine, {TEAM: ["*"]})
     key = keys.create_key(engine, TEAM, name="drain", models=None, expires_at=None).plaintext
     engine.dispose()
+    return config, key
+
+
+def start_gateway(tmp: Path, upstream: FakeUpstream, drain_timeout_s: float) -> tuple[GatewayReplicas, str]:
+    config, key = gateway_setup(tmp, upstream, drain_timeout_s)
     return GatewayReplicas(config, tmp, n=1, name="gw").start(), key
 
 
@@ -170,3 +181,45 @@ def test_requests_outliving_the_drain_are_cut_off_with_one_row_each(
     for row in rows:
         assert (row["status"], row["http_status"]) == ("client_closed", 499)
     assert not (tmp_path / "gw-0.spill.jsonl").exists() or not (tmp_path / "gw-0.spill.jsonl").read_bytes()
+
+
+def test_serve_workers_forwards_sigterm_and_waits_for_the_drain(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """`serve --workers 2`: SIGTERM to the supervisor reaches the workers, the request in flight is answered,
+    and the supervisor exits 0 only after its workers have drained."""
+    settings, key = gateway_setup(tmp_path, upstream, drain_timeout_s=60)
+    prefix = f"sbdrain{uuid.uuid4().hex[:8]}:"
+    config = tmp_path / "workers.toml"
+    config.write_text(to_toml(merged(settings, {"redis": {"url": REDIS_URL, "prefix": prefix}})))
+    port = free_port()
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--workers", "2"]
+    log = tmp_path / "workers.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("two workers", lambda: log.read_text().count("serving on") == 2, timeout_s=90)
+        before = len(httpx.get(f"{upstream.base_url}/_requests", params={"model": "slow"}).json())
+        with ThreadPoolExecutor(1) as pool:
+            whole: Future[dict[str, Any]] = pool.submit(chat, url, key, "slow")
+            wait_for("the request at the upstream", upstream_saw(upstream, "slow", before + 1))
+            proc.send_signal(signal.SIGTERM)
+            wait_for("both workers' listeners to close", lambda: refuses(port))
+            assert proc.poll() is None and not whole.done()
+            got = whole.result(timeout=60)
+        status = proc.wait(timeout=EXIT_MARGIN_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        delete_prefix(REDIS_URL, prefix)
+    assert got["error"] is None and got["status"] == 200, got
+    assert status == 0, log.read_text()[-3000:]
+    rows = ledger_rows(tmp_path)
+    assert [r["request_id"] for r in rows] == [got["request_id"]]
