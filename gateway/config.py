@@ -39,6 +39,9 @@ class ServerConfig(_Strict):
     admin_key_env: str = "SWITCHBOARD_ADMIN_KEY"
     key_cache_ttl_s: float = Field(default=5.0, ge=0, le=300)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # SIGTERM: new connections are refused and in-flight requests (streams, reports) get this long to finish;
+    # then they are cut off (their rows say client_closed), the ledger is flushed and the process exits.
+    drain_timeout_s: float = Field(default=30.0, ge=0, le=3600)
     # /docs and /openapi.json list the whole admin API: off unless asked for (assets are served locally).
     docs: bool = False
     # /metrics carries team names and spend: it needs the admin key, or the token in this variable ...

@@ -1,13 +1,18 @@
 """`switchboard up`: the bundled engine in a child process, a demo key, and the gateway in the foreground.
 
-The engine child is stopped when the gateway stops, however it stops.
+The engine child is stopped when the gateway stops: Ctrl+C, SIGTERM (after the gateway has drained), or an
+error. uvicorn re-raises the SIGTERM it caught once it has shut down; by default that would end this process
+on the spot, before the engine is stopped, so SIGTERM raises SystemExit here instead.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from types import FrameType
 
 import httpx
 
@@ -63,12 +68,24 @@ messages=[{{"role": "user", "content": "Say hello"}}]).choices[0].message.conten
     )
 
 
-def run_quickstart(config: Config, *, engine_port: int, with_engine: bool) -> int:
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # the shell's status for "ended by this signal"
+
+
+def run_quickstart(
+    config: Config,
+    *,
+    engine_port: int,
+    with_engine: bool,
+    start_engine: Callable[[int], subprocess.Popen[bytes]] = _start_engine,
+) -> int:
     from gateway.http.app import create_app
     from gateway.http.server import run_server
 
-    proc = _start_engine(engine_port) if with_engine else None
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    proc: subprocess.Popen[bytes] | None = None
     try:
+        proc = start_engine(engine_port) if with_engine else None
         if proc is not None and not _wait_ready(proc, engine_port):
             return 1
         migrate(config.database.url, config.database.schema_name)
@@ -83,9 +100,12 @@ def run_quickstart(config: Config, *, engine_port: int, with_engine: bool) -> in
         )
         return 0
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        try:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        finally:
+            signal.signal(signal.SIGTERM, previous)

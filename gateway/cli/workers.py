@@ -15,6 +15,7 @@ import multiprocessing as mp
 import signal
 import socket
 import sys
+import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -23,6 +24,9 @@ from gateway.cli.common import err_console
 from gateway.config import Config
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app's start-up fails
+# After SIGTERM a worker drains for server.drain_timeout_s, then closes its services (the ledger writer's
+# flush is bounded by 10 s): one still running this long after that is killed.
+EXIT_MARGIN_S = 30.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -59,22 +63,22 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 def run_worker(config: Config, host: str, port: int, access_log: bool, ready: Connection) -> None:
     """One worker process: bind, build the app, serve until SIGTERM/SIGINT; exit 3 if start-up failed."""
-    import uvicorn
-
     from gateway.http.app import create_app
+    from gateway.http.drain import DrainingServer
     from gateway.http.server import uvicorn_config
 
     _die_with_parent()
     sock = reuseport_socket(host, port)
 
-    class Server(uvicorn.Server):
+    class Server(DrainingServer):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started:
                 ready.send(True)
 
     app = create_app(config)
-    server = Server(uvicorn_config(app, config, host=host, port=port, access_log=access_log))
+    uv_config = uvicorn_config(app, config, host=host, port=port, access_log=access_log)
+    server = Server(uv_config, drain_timeout_s=config.server.drain_timeout_s)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises a captured SIGINT after shutting down
         server.run(sockets=[sock])
     if not server.started:
@@ -100,6 +104,7 @@ class Supervisor:
         self._ready_pipes: dict[int, Connection] = {}
         self._ready: set[int] = set()
         self.stopping = False
+        self._kill_at: float | None = None  # monotonic: when workers that ignore the SIGTERM are killed
 
     def _start(self, index: int) -> None:
         receive, send = self._ctx.Pipe(duplex=False)
@@ -113,9 +118,19 @@ class Supervisor:
     def stop(self) -> None:
         """SIGTERM every live worker: each finishes its requests and flushes its ledger, then exits."""
         self.stopping = True
+        if self._kill_at is None:
+            self._kill_at = time.monotonic() + self._config.server.drain_timeout_s + EXIT_MARGIN_S
         for proc in self._procs.values():
             if proc.is_alive():
                 proc.terminate()
+
+    def _kill_stragglers(self) -> None:
+        if self._kill_at is None or time.monotonic() < self._kill_at:
+            return
+        for index, proc in self._procs.items():
+            if proc.is_alive():
+                err_console.print(f"[red]worker {index} (pid {proc.pid}) outlived its SIGTERM; killing it")
+                proc.kill()
 
     def run(self) -> int:
         for index in range(self._count):
@@ -130,6 +145,7 @@ class Supervisor:
             for index, proc in list(self._procs.items()):
                 if proc.exitcode is not None:
                     status = max(status, self._on_exit(index, proc))
+            self._kill_stragglers()
         return status
 
     def _on_ready(self, index: int) -> None:

@@ -5,7 +5,8 @@ runs: header bytes and fields (431), the time from connect or the last response 
 (408), open connections per client address and in total (503). A refused connection gets its answer, then a
 half-close and a short linger that discards input, so the client can read the answer before the socket goes.
 Each connection holds one slot in its server's `ConnectionSlots` from accept until close, WebSocket included.
-No `server` header is sent; X-Forwarded-* is believed only from `server.trusted_proxies`.
+No `server` header is sent; X-Forwarded-* is believed only from `server.trusted_proxies`. At shutdown
+(gateway/http/drain.py) a connection accepted before the listener closed still gets its first request served.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway.config import Config, ConfigError, ServerConfig
+from gateway.http.drain import DrainingServer
 
 LINGER_S = 2.0  # after a refusal: input is read and dropped this long, so the answer is not lost to a reset
+FIRST_REQUEST_GRACE_S = 1.0  # at shutdown: how long a new connection that has sent nothing yet is kept
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -132,6 +135,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._upgraded = False
+        self._draining = False
 
     # ---- connection ------------------------------------------------------------------------------------
 
@@ -149,6 +153,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self._upgraded:
             self.slots.release(self.transport)
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """Graceful shutdown. A connection with no request yet keeps its first one: it was accepted before
+        the listener closed, so its client cannot know (the head timer still bounds it). uvicorn would
+        close it, and a request already on its way would fail unanswered. Busy ones close after the answer."""
+        self._draining = True
+        if self.cycle is not None or self._refused:
+            super().shutdown()
+        elif self._head_bytes == 0 and self._head_timer is not None:
+            self._disarm_head_timer()
+            grace_s = min(FIRST_REQUEST_GRACE_S, self.limits.header_timeout_s)
+            self._head_timer = self.loop.call_later(grace_s, self._head_timed_out)
 
     def handle_websocket_upgrade(self) -> None:
         # From here the WebSocket protocol owns the transport and releases its slot (`guarded_protocols`).
@@ -206,6 +222,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._awaiting_head = False
         self._head_bytes = 0
         super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with `connection: close`
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -348,8 +366,9 @@ def uvicorn_config(
 
 
 def run_server(app: Any, cfg: Config, *, host: str, port: int, access_log: bool) -> None:
-    """Serve `app` until SIGINT/SIGTERM (what `uvicorn.run` does for one process without reload)."""
-    server = uvicorn.Server(uvicorn_config(app, cfg, host=host, port=port, access_log=access_log))
+    """Serve `app` until SIGINT/SIGTERM, then drain (as `uvicorn.run` does for one process without reload)."""
+    config = uvicorn_config(app, cfg, host=host, port=port, access_log=access_log)
+    server = DrainingServer(config, drain_timeout_s=cfg.server.drain_timeout_s)
     server.run()
     if not server.started:  # the lifespan failed (its error is logged): exit as uvicorn.run does
         raise SystemExit(STARTUP_FAILURE)

@@ -46,6 +46,7 @@ TEAMS: dict[str, dict[str, Any]] = {
         "budgets": [{"period": "day", "usd": "1000"}],
     },
     "out_free": {},
+    "rolling": {},  # tests/replicas/test_rolling_restart.py
 }
 
 

@@ -274,7 +274,7 @@ class GatewayReplicas:
 
     Each replica gets its own port and spill file (two processes must never append to one spill file).
     `start()` spawns all at once and waits until every /healthz answers; `stop()` sends SIGTERM to all and
-    waits. `env` adds environment variables (secrets the config names)."""
+    waits; `restart(i)` stops and starts one. `env` adds environment variables (secrets the config names)."""
 
     def __init__(
         self,
@@ -309,21 +309,13 @@ class GatewayReplicas:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
+    def _spawn_one(self, i: int) -> subprocess.Popen[bytes]:
+        pin = list(self._pins[i]) if i < len(self._pins) else []
+        cmd = [*pin, sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.configs[i])]
+        return _spawn([*cmd, "--port", str(self.ports[i])], self.logs[i], self._env)
+
     def spawn(self) -> GatewayReplicas:
-        for i, (path, port) in enumerate(zip(self.configs, self.ports, strict=True)):
-            pin = list(self._pins[i]) if i < len(self._pins) else []
-            cmd = [
-                *pin,
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "serve",
-                "--config",
-                str(path),
-                "--port",
-                str(port),
-            ]
-            self._procs.append(_spawn(cmd, self.logs[i], self._env))
+        self._procs += [self._spawn_one(i) for i in range(len(self.configs))]
         return self
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
@@ -363,6 +355,19 @@ class GatewayReplicas:
     def stop(self) -> None:
         _stop(self._procs)
         self._procs = []
+
+    def process(self, i: int) -> subprocess.Popen[bytes]:
+        return self._procs[i]
+
+    def restart(self, i: int, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM replica i, wait until it has exited (it drains first), start it again on the same port and
+        wait until it is healthy. Returns the old process's exit status."""
+        old = self._procs[i]
+        old.send_signal(signal.SIGTERM)
+        status = old.wait(timeout=timeout_s)
+        self._procs[i] = self._spawn_one(i)
+        _wait_healthy([self.urls[i]], [self._procs[i]], [self.logs[i]], timeout_s)
+        return status
 
     def __enter__(self) -> GatewayReplicas:
         return self.start()
