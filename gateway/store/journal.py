@@ -73,6 +73,19 @@ class Journal:
 
     def start(self) -> None:
         """Take a free slot, open a fresh segment and start the sync task. Raises OSError if it cannot."""
+        try:
+            self._open_slot()
+        except OSError as exc:
+            raise OSError(
+                f"cannot open the usage journal in {self._root}: {exc} (config: database.journal_dir)"
+            ) from exc
+        if self._leftovers:
+            log.warning(
+                "usage ledger: replaying %d journal segments left in %s", len(self._leftovers), self._slot
+            )
+        self._task = asyncio.create_task(self._sync_loop(), name="ledger-journal")
+
+    def _open_slot(self) -> None:
         self._root.mkdir(parents=True, exist_ok=True)
         for k in range(_MAX_SLOTS):
             slot = self._root / f"{self._tag}-{k}"
@@ -88,9 +101,6 @@ class Journal:
         self._next = int(self._leftovers[-1].stem) + 1 if self._leftovers else 0
         self._current = self._new_segment()
         _fsync_dir(self._root)
-        if self._leftovers:
-            log.warning("usage ledger: replaying %d journal segments left in %s", len(self._leftovers), slot)
-        self._task = asyncio.create_task(self._sync_loop(), name="ledger-journal")
 
     def append(self, line: bytes) -> Segment | None:
         """Write one row's line; returns its segment (to `release` later), or None if it is not on disk."""
@@ -201,7 +211,10 @@ class Journal:
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval_s)
-            await self.sync()
+            try:
+                await self.sync()
+            except OSError as exc:  # e.g. a segment that cannot be deleted: try again next time
+                log.error("usage ledger: journal upkeep failed in %s (%s)", self._slot, exc)
 
     def _retire(self) -> None:
         if self._current is not None:
