@@ -89,6 +89,21 @@ class DatabaseConfig(_Strict):
     flush_interval_s: float = Field(default=0.2, gt=0)
     replay_interval_s: float = Field(default=2.0, gt=0)
     auto_migrate: bool | None = None  # None: migrate at start on SQLite only
+    # Each row is appended to a local journal before its response is sent (gateway/store/journal.py).
+    journal: bool = True
+    journal_dir: str = ""  # "": "<spill_path>.journal"; processes sharing one take a slot each
+    journal_fsync_interval_s: float = Field(default=0.2, ge=0)  # 0: no fdatasync (a process crash only)
+    journal_segment_bytes: int = Field(default=8 << 20, ge=4096)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _journal_beside_spill(cls, data: object) -> object:
+        # Filled in at parse time, not derived later: `serve --workers N` gives each worker its own spill file
+        # but one journal directory, where each worker takes a slot and adopts a dead worker's.
+        if isinstance(data, dict) and not data.get("journal_dir"):
+            spill = data.get("spill_path", "./switchboard.spill.jsonl")
+            return {**data, "journal_dir": f"{spill}.journal"}
+        return data
 
 
 class _RoutedBackend(_Strict):

@@ -36,6 +36,7 @@ from gateway.services import Services
 from gateway.services.backends import build_backend, build_deployments
 from gateway.services.shared import build_health, build_quota, build_redis, build_registry, build_relay
 from gateway.store.db import make_engine, migrate
+from gateway.store.journal import Journal, journal_tag
 from gateway.store.keys import KeyStore, upsert_teams
 from gateway.store.ledger import LedgerWriter
 from gateway.store.responses import ResponsePruneJob, ResponseStore
@@ -62,8 +63,19 @@ def build_store(config: Config) -> tuple[Engine, LedgerWriter]:
         batch_max=db_cfg.batch_max,
         flush_interval_s=db_cfg.flush_interval_s,
         replay_interval_s=db_cfg.replay_interval_s,
+        journal=build_journal(config) if db_cfg.journal else None,
     )
     return engine, ledger
+
+
+def build_journal(config: Config) -> Journal:
+    db_cfg = config.database
+    return Journal(
+        db_cfg.journal_dir,
+        tag=journal_tag(db_cfg.url, db_cfg.schema_name),
+        segment_bytes=db_cfg.journal_segment_bytes,
+        fsync_interval_s=db_cfg.journal_fsync_interval_s,
+    )
 
 
 async def build_backends(config: Config) -> dict[str, Backend]:
@@ -87,6 +99,16 @@ def build_metrics(ledger: LedgerWriter) -> GatewayMetrics:
         ("switchboard_ledger_spilled", "Usage records spilled to file", lambda: ledger.spilled),
         ("switchboard_ledger_rejected", "Usage records the database refused", lambda: ledger.rejected),
         ("switchboard_ledger_lost", "Usage records that could not be kept", lambda: ledger.lost),
+        (
+            "switchboard_ledger_recovered",
+            "Rows replayed from killed processes' journals",
+            lambda: ledger.recovered,
+        ),
+        (
+            "switchboard_ledger_journal_failed",
+            "Usage records not written to the journal",
+            lambda: ledger.journal_failed,
+        ),
         (
             "switchboard_database_up",
             "1 while the ledger database is reachable",

@@ -9,7 +9,9 @@ replays. Rows the database refuses as bad data (not an outage) go to `<spill>.re
 Each insert stamps `written_at` (the batch's UTC time, also for replayed rows); spill lines never carry it.
 Spill lines written by an older version lack newer fields; they replay with the `UsageRecord` defaults
 (and the endpoint `LEGACY_ENDPOINT`: only chat completions were recorded before the field existed).
-All methods must be called from the event loop thread.
+With a `Journal` (gateway/store/journal.py), `record()` first appends the row there, before the response is
+sent; the row is released from it once inserted, spilled or rejected, and journals left by a killed process
+are replayed like the spill file. All methods must be called from the event loop thread.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from gateway.records import LEGACY_ENDPOINT, RequestStatus, UsageRecord
 from gateway.store.db import usage
+from gateway.store.journal import Journal, Segment
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 _POLL_S = 0.25  # how soon an idle writer notices aclose()
 _FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
+# A record on its way: its row, the row's JSON line and the journal segment holding it (None: not journaled).
+Entry = tuple[Row, bytes, Segment | None]
 
 
 def usage_row(rec: UsageRecord) -> Row:
@@ -94,8 +99,10 @@ class LedgerWriter:
         replay_interval_s: float,
         close_timeout_s: float = 10.0,
         clock: Callable[[], dt.datetime] = _utc_now,
+        journal: Journal | None = None,
     ) -> None:
         self._engine = engine
+        self._journal = journal
         self._clock = clock  # stamps usage.written_at
         self._spill_path = Path(spill_path)
         self._replaying_path = Path(spill_path + ".replaying")
@@ -104,12 +111,12 @@ class LedgerWriter:
         self._flush_interval_s = flush_interval_s
         self._replay_interval_s = replay_interval_s
         self._close_timeout_s = close_timeout_s
-        self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=queue_max)
+        self._queue: asyncio.Queue[Entry] = asyncio.Queue(maxsize=queue_max)
         self._replay_lock = asyncio.Lock()
         self._rejected_lock = threading.Lock()  # rejected rows are written from worker threads
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._inflight: list[UsageRecord] = []
+        self._inflight: list[Entry] = []
         self._closing = False
         self._closed = False
         self._db_down = False
@@ -118,10 +125,15 @@ class LedgerWriter:
         self.replayed = 0  # spilled rows inserted (or found already present) by the replay task
         self.rejected = 0  # rows the database refused as bad data, kept in <spill>.rejected
         self.lost = 0  # records neither inserted nor spilled (the spill file could not be written)
+        self.recovered = 0  # rows replayed from journals of killed processes (inserted or already present)
 
     @property
     def queued(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def journal_failed(self) -> int:
+        return self._journal.failed if self._journal is not None else 0
 
     @property
     def db_down(self) -> bool:
@@ -133,20 +145,25 @@ class LedgerWriter:
         if self._tasks:
             raise RuntimeError("LedgerWriter.start() was called twice")
         self._spill_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._journal is not None:
+            self._journal.start()
         self._tasks = [
             asyncio.create_task(self._write_loop(), name="ledger-writer"),
             asyncio.create_task(self._replay_loop(), name="ledger-replay"),
         ]
 
     def record(self, rec: UsageRecord) -> None:
-        """Queue one record; never blocks, never raises."""
+        """Journal and queue one record; never blocks, never raises."""
+        row = usage_row(rec)
+        line = orjson.dumps(row)
+        entry = (row, line, None if self._journal is None or self._closed else self._journal.append(line))
         if self._closed:
-            self._spill([rec])
+            self._spill([entry])
             return
         try:
-            self._queue.put_nowait(rec)
+            self._queue.put_nowait(entry)
         except asyncio.QueueFull:
-            self._spill([rec])
+            self._spill([entry])
 
     async def aclose(self) -> None:
         """Write (or spill) everything queued, try one last replay, then stop the tasks."""
@@ -174,6 +191,8 @@ class LedgerWriter:
             log.warning(
                 "usage ledger: spilled records stay in %s for the next start (%s)", self._spill_path, exc
             )
+        if self._journal is not None:
+            await self._journal.aclose(self._close_timeout_s)
 
     async def ping(self, timeout_s: float = 2.0) -> bool:
         """Readiness: can the database answer `SELECT 1` within `timeout_s`?"""
@@ -208,20 +227,27 @@ class LedgerWriter:
         except TimeoutError:
             return
 
-    async def _write(self, batch: list[UsageRecord]) -> None:
+    async def _write(self, batch: list[Entry]) -> None:
         if self._db_down:
             self._spill(batch)
             return
         self._inflight = batch
         try:
-            accepted = await asyncio.to_thread(self._insert_or_reject, [usage_row(r) for r in batch])
+            accepted = await asyncio.to_thread(self._insert_or_reject, [row for row, _, _ in batch])
         except DBAPIError as exc:
             log.warning("usage ledger: database unreachable, spilling to %s (%s)", self._spill_path, exc)
             self._db_down = True
             self._spill(batch)
         else:
             self.written += accepted
+            self._release(batch)  # inserted, already present, or kept in the rejected file
         self._inflight = []
+
+    def _release(self, entries: list[Entry]) -> None:
+        if self._journal is not None:
+            for _, _, seg in entries:
+                if seg is not None:
+                    self._journal.release(seg)
 
     def _insert_or_reject(self, rows: list[Row]) -> int:
         """Insert rows; rows the database refuses one by one go to the rejected file. Returns how many
@@ -257,18 +283,19 @@ class LedgerWriter:
             )
             _append_lines(self._rejected_path, lines)
 
-    def _spill(self, records: list[UsageRecord]) -> None:
-        if not records:
+    def _spill(self, entries: list[Entry]) -> None:
+        if not entries:
             return
         try:
-            _append_lines(self._spill_path, [orjson.dumps(usage_row(r)) for r in records])
+            _append_lines(self._spill_path, [line for _, line, _ in entries])
         except OSError as exc:
-            self.lost += len(records)
+            self.lost += len(entries)  # unless journaled: its segment is kept and replayed at the next start
             log.error(
-                "usage ledger: LOST %d records, cannot write %s: %s", len(records), self._spill_path, exc
+                "usage ledger: LOST %d records, cannot write %s: %s", len(entries), self._spill_path, exc
             )
             return
-        self.spilled += len(records)
+        self.spilled += len(entries)
+        self._release(entries)
 
     async def _replay_loop(self) -> None:
         while not self._stop.is_set():
@@ -282,6 +309,8 @@ class LedgerWriter:
         """Insert `.replaying`, then the spill file (renamed to `.replaying` first). Raises DBAPIError
         when the database is still unreachable; the files then stay for the next try."""
         async with self._replay_lock:
+            if self._journal is not None:
+                self.recovered += await asyncio.to_thread(self._journal.replay, self._replay_journal)
             for _ in range(2):
                 if not self._replaying_path.exists():
                     if not _has_data(self._spill_path):
@@ -297,11 +326,18 @@ class LedgerWriter:
             if self._db_down and await self.ping():
                 self._db_down = False
 
-    def _replay_file(self, path: Path) -> int:
+    def _replay_journal(self, path: Path) -> int:
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if data[end:].strip(b"\0"):  # the process died mid-write, so that row's response was never sent
+            log.warning("usage ledger: skipped a line cut short at the end of %s", path)
+        return self._replay_file(path, data[:end])
+
+    def _replay_file(self, path: Path, data: bytes | None = None) -> int:
         rows: list[Row] = []
         bad: list[bytes] = []
-        for line in path.read_bytes().splitlines():
-            if not line.strip():
+        for line in (path.read_bytes() if data is None else data).splitlines():
+            if not line.strip(b" \t\r\0"):  # NULs: a file's unwritten tail after a machine crash
                 continue
             try:
                 rows.append(_row_from_json(line))

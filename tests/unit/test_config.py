@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.cli.workers import worker_config
 from gateway.config import Config, ConfigError, RoutingConfig, TeamConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +36,15 @@ def test_embedded_defaults_serve_the_bundled_model() -> None:
     assert cfg.database.url.startswith("sqlite")
     assert cfg.models["smollm2"].backend == "local"
     assert cfg == Config()
+
+
+def test_the_journal_defaults_beside_the_spill_file_and_workers_share_it() -> None:
+    cfg = parse_config({"database": {"spill_path": "/data/sb.spill.jsonl"}})
+    assert cfg.database.journal_dir == "/data/sb.spill.jsonl.journal"
+    worker = worker_config(cfg, 1).database
+    assert worker.spill_path == "/data/sb.spill.jsonl.worker1"  # spill files are per worker ...
+    assert worker.journal_dir == "/data/sb.spill.jsonl.journal"  # ... the journal directory is shared (slots)
+    assert parse_config({"database": {"journal_dir": "/j"}}).database.journal_dir == "/j"
 
 
 def problems(data: dict[str, object]) -> list[str]:
