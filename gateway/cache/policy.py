@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import ChatRequest
+from backends.base import ChatRequest, EmbeddingRequest
 from gateway.cache.store import (
     CachedResponse,
     ResponseCache,
@@ -47,7 +47,7 @@ def ttl_s(config: Config, team: str, model: str) -> float:
 def plan_cache(
     config: Config,
     team: str,
-    call: ChatRequest,
+    call: ChatRequest | EmbeddingRequest,
     cache_control: str | None,
     opt: str | None,
     preferences: Mapping[str, Any] | None = None,
@@ -79,7 +79,7 @@ class CacheStep:
     def plan(
         self,
         team: str,
-        call: ChatRequest,
+        call: ChatRequest | EmbeddingRequest,
         cache_control: str | None,
         opt: str | None,
         preferences: Mapping[str, Any] | None = None,

@@ -5,6 +5,7 @@ Invariants: the key covers everything that changes the output and nothing that d
 entry. Entries are version-tagged orjson bytes; anything unreadable is a miss. A cache never raises to its
 caller: Redis errors and timeouts are misses and skipped writes, logged once per outage, and for
 `retry_after_s` after a failure Redis is not called at all. A hit replays the exact stored deltas.
+Embeddings calls are keyed apart from chat (`kind`) and their entries hold the vectors.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from backends.base import ChatRequest, ChatResult, StreamChunk, Usage
+from backends.base import ChatRequest, ChatResult, EmbeddingRequest, EmbeddingResult, StreamChunk, Usage
 from gateway.outage import OutageGuard
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,26 @@ def _name_set(raw: Any) -> Any:
     return raw  # malformed prefs are refused elsewhere; keep them distinct rather than guess
 
 
-def cache_key(namespace: str, call: ChatRequest, preferences: Mapping[str, Any] | None = None) -> str:
+def cache_key(
+    namespace: str, call: ChatRequest | EmbeddingRequest, preferences: Mapping[str, Any] | None = None
+) -> str:
     """`<namespace>:<sha256 hex>` over the canonical form of everything that affects the output.
 
     Keyed on the internal request, so every API that asks the same thing of a model shares the answer."""
     prefs = preferences or {}
-    canonical = {
+    route = {p: _name_set(prefs[p]) for p in _ELIGIBILITY_PREFS if prefs.get(p) is not None}
+    canonical: dict[str, Any]
+    if isinstance(call, EmbeddingRequest):  # `kind`: never equal to a chat request's form
+        canonical = {"kind": "embedding", "inputs": list(call.inputs), "dimensions": call.dimensions}
+        canonical.update(v=KEY_VERSION, ns=namespace, model=call.model, route=route)
+    else:
+        canonical = _chat_form(call, namespace, route)
+    payload = orjson.dumps({k: v for k, v in canonical.items() if v is not None}, option=orjson.OPT_SORT_KEYS)
+    return f"{namespace}:{hashlib.sha256(payload).hexdigest()}"
+
+
+def _chat_form(call: ChatRequest, namespace: str, route: dict[str, Any]) -> dict[str, Any]:
+    return {
         "v": KEY_VERSION,
         "ns": namespace,
         "model": call.model,
@@ -75,14 +90,14 @@ def cache_key(namespace: str, call: ChatRequest, preferences: Mapping[str, Any] 
         "tool_choice": call.tool_choice,
         "response_format": call.response_format,
         "prompt": call.prompt,  # a raw completion and its chat translation are different requests
-        "route": {p: _name_set(prefs[p]) for p in _ELIGIBILITY_PREFS if prefs.get(p) is not None},
+        "route": route,
     }
-    payload = orjson.dumps({k: v for k, v in canonical.items() if v is not None}, option=orjson.OPT_SORT_KEYS)
-    return f"{namespace}:{hashlib.sha256(payload).hexdigest()}"
 
 
-def cacheable(call: ChatRequest, *, opt_in: bool) -> bool:
-    """Deterministic (temperature 0, or a fixed seed) or explicitly opted in by team config or request."""
+def cacheable(call: ChatRequest | EmbeddingRequest, *, opt_in: bool) -> bool:
+    """Deterministic (temperature 0, a seed, embeddings) or opted in by team config or the request."""
+    if isinstance(call, EmbeddingRequest):
+        return True
     return opt_in or call.temperature == 0 or call.seed is not None
 
 
@@ -124,8 +139,11 @@ class CachedResponse:
     cost_micro_usd: int  # what the original call cost: a hit saves this much
     deltas: tuple[Mapping[str, Any], ...] | None = None
     route_reason: str = ""  # the original's x-switchboard-route, so a hit carries the same headers
+    vectors: tuple[tuple[float, ...], ...] | None = None  # an embeddings answer (message is then empty)
 
-    def to_result(self) -> ChatResult:
+    def to_result(self) -> ChatResult | EmbeddingResult:
+        if self.vectors is not None:
+            return EmbeddingResult(self.vectors, self.usage, self.served_model)
         return ChatResult(dict(self.message), self.finish_reason, self.usage, self.served_model)
 
     def replay(self) -> Iterator[StreamChunk]:
@@ -150,8 +168,19 @@ def _deltas_of(message: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
 
 
 def entry_from_result(
-    result: ChatResult, *, backend: str, cost_micro_usd: int, route_reason: str = ""
+    result: ChatResult | EmbeddingResult, *, backend: str, cost_micro_usd: int, route_reason: str = ""
 ) -> CachedResponse:
+    if isinstance(result, EmbeddingResult):
+        return CachedResponse(
+            message={},
+            finish_reason="",
+            usage=result.usage,
+            served_model=result.served_model,
+            backend=backend,
+            cost_micro_usd=cost_micro_usd,
+            route_reason=route_reason,
+            vectors=result.vectors,
+        )
     return CachedResponse(
         message=dict(result.message),
         finish_reason=result.finish_reason,
@@ -227,6 +256,7 @@ def encode_entry(entry: CachedResponse) -> bytes:
             "cost_micro_usd": entry.cost_micro_usd,
             "deltas": None if entry.deltas is None else [dict(d) for d in entry.deltas],
             "route": entry.route_reason,
+            **({} if entry.vectors is None else {"vectors": entry.vectors}),
         }
     )
 
@@ -238,7 +268,7 @@ def decode_entry(raw: bytes | str) -> CachedResponse | None:
         if not isinstance(data, dict) or data.get("v") != ENTRY_VERSION:
             return None
         prompt_tokens, completion_tokens = data["usage"]
-        deltas = data["deltas"]
+        deltas, vectors = data["deltas"], data.get("vectors")
         return CachedResponse(
             message=data["message"],
             finish_reason=data["finish_reason"],
@@ -248,6 +278,7 @@ def decode_entry(raw: bytes | str) -> CachedResponse | None:
             cost_micro_usd=int(data["cost_micro_usd"]),
             deltas=None if deltas is None else tuple(deltas),
             route_reason=str(data["route"]),
+            vectors=None if vectors is None else tuple(tuple(float(x) for x in v) for v in vectors),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None

@@ -53,6 +53,7 @@ from gateway.http.usage import usage_router
 from gateway.services import Services
 from gateway.services.build import build_services
 from gateway.translate.openai_chat import ChatCompletions
+from gateway.translate.openai_embeddings import Embeddings
 
 log = logging.getLogger("switchboard")
 JSON = "application/json"
@@ -322,6 +323,7 @@ def create_app(config: Config) -> SwitchboardApp:
     if docs:
         add_docs(app)
     app.add_translator(ChatCompletions())
+    app.add_translator(Embeddings())
     _add_plain_routes(app)
     app.include_router(admin_router())
     app.include_router(usage_router())

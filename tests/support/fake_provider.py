@@ -1,6 +1,7 @@
 """A loopback fake cloud provider speaking the OpenAI and Anthropic wire protocols (tests and benchmarks).
 
-Routes: POST /v1/chat/completions, GET /v1/models, POST /v1/messages (any path ending in those works),
+Routes: POST /v1/chat/completions, GET /v1/models, POST /v1/messages, POST /v1/embeddings (any path ending
+in those works),
 POST /_control (set knobs for one model or the default), POST /_reset, GET /_requests?model=... .
 Knobs are per model name so parallel tests do not collide. The hot path is a raw ASGI callable returning
 orjson bytes: no framework, no validation. Run it alone with
@@ -106,6 +107,8 @@ class FakeProviderApp:
             await self._chat(scope, raw, receive, send, anthropic=False)
         elif path.endswith("/messages"):
             await self._chat(scope, raw, receive, send, anthropic=True)
+        elif path.endswith("/embeddings"):
+            await self._embeddings(scope, raw, send)
         elif path == "/_control":
             body = orjson.loads(raw or b"{}")
             knobs = self.configure(body.pop("model", None), **body)
@@ -178,6 +181,23 @@ class FakeProviderApp:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             events = fake_wire.openai_stream_events(model, answer, created_s, include_usage)
         await _send_stream(send, events, knobs)
+
+    # ---- embeddings (api-embeddings) -----------------------------------------------------------------------
+
+    async def _embeddings(self, scope: Scope, raw: bytes, send: Send) -> None:
+        """Recorded like chat; `fail_status`/`fail_times` knobs apply; vectors from fake_wire."""
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            await _send_bytes(send, 400, fake_wire.openai_error(400, "body is not JSON"))
+            return
+        model = str(body.get("model", ""))
+        self._record(model, scope["path"], scope["headers"], body)
+        knobs = self._knobs_for(model)
+        if self._should_fail(model, knobs):
+            await _send_failure(send, knobs, anthropic=False)
+            return
+        await _send_bytes(send, 200, fake_wire.openai_embeddings(body))
 
 
 async def _read_body(receive: Receive) -> bytes:
