@@ -105,35 +105,28 @@ class Embedder:
         from transformers import AutoTokenizer, BertModel
 
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = BertModel.from_pretrained(directory, local_files_only=True, add_pooling_layer=False)
+        model = BertModel.from_pretrained(directory, local_files_only=True)
         model.eval()
         embedder = cls(model, tokenizer, names, _max_tokens(directory, tokenizer))
         log.info("loaded embedding model %s in %.1f s", names[0], time.perf_counter() - started_s)
         return embedder
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
-        return [len(ids) for ids in encoded["input_ids"]]
-
     def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH) -> Embedded:
+        """Tokenized once, unpadded; each batch (similar lengths, after sorting) padded to its longest."""
         import torch
 
-        lengths = self.count_tokens(texts)
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
+        ids = encoded["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         vectors: list[list[float]] = [[] for _ in texts]
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.no_grad():
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                batch = self.tokenizer(
-                    [texts[i] for i in chunk],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_tokens,
-                    return_tensors="pt",
-                )
+                rows = {name: [encoded[name][i] for i in chunk] for name in encoded}
+                batch = self.tokenizer.pad(rows, return_tensors="pt")
                 for i, vector in zip(chunk, self._pooled(batch).tolist(), strict=True):
                     vectors[i] = vector
-        return Embedded(vectors, sum(lengths))
+        return Embedded(vectors, sum(len(i) for i in ids))
 
     def _pooled(self, batch: Any) -> Any:
         import torch

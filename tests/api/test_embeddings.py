@@ -247,3 +247,14 @@ def test_not_json_and_unknown_model(emb_gateway: Gateway) -> None:
     url = emb_gateway.v1 + "/embeddings"
     unknown = httpx.post(url, json={"model": "nope", "input": "x"}, headers=headers)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
+def test_token_limits_count_embedding_inputs(emb_gateway: Gateway) -> None:
+    key = emb_gateway.key(limit_tokens=60)
+    client = openai.OpenAI(base_url=emb_gateway.v1, api_key=key, max_retries=0, timeout=30)
+    text = "tokens are counted for embeddings too " * 4  # about 40 tokens by the fake's count
+    first = client.embeddings.create(model="emb", input=text, encoding_format="float")
+    assert first.usage.prompt_tokens >= 30
+    with pytest.raises(openai.RateLimitError) as info:
+        client.embeddings.create(model="emb", input=text + "again", encoding_format="float")
+    assert info.value.response.headers["x-ratelimit-remaining-tokens"] is not None
