@@ -56,6 +56,9 @@ def _import_litellm() -> Any:
     litellm.suppress_debug_info = True
     litellm.turn_off_message_logging = True
     litellm.num_retries = 0
+    # litellm's OpenAI embedding path reads `max_retries or DEFAULT_MAX_RETRIES`, so an explicit 0 became 2
+    # retries inside the SDK (1.110): the default itself must be 0.
+    litellm.DEFAULT_MAX_RETRIES = 0  # type: ignore[misc]  # Final in litellm, read at call time
     litellm.callbacks = []
     litellm.success_callback = []
     litellm.failure_callback = []

@@ -258,3 +258,11 @@ def test_token_limits_count_embedding_inputs(emb_gateway: Gateway) -> None:
     with pytest.raises(openai.RateLimitError) as info:
         client.embeddings.create(model="emb", input=text + "again", encoding_format="float")
     assert info.value.response.headers["x-ratelimit-remaining-tokens"] is not None
+
+
+def test_a_failing_deployment_falls_back_like_chat(client: openai.OpenAI, fake: FakeProvider) -> None:
+    fake.configure("emb-mixed-cloud", fail_status=503, fail_times=1)
+    raw = client.embeddings.with_raw_response.create(model="mixed-emb", input="fall back please")
+    assert raw.headers["x-switchboard-backend"] == "fakeoai"  # the cloud deployment failed first
+    assert raw.parse().data[0].embedding == fake_vector("fall back please")
+    assert fake.requests("emb-mixed-cloud")[-1]["input"] == ["fall back please"]
