@@ -3,6 +3,7 @@
 A backend turns one `ChatRequest` into one `ChatResult` (or a stream of `StreamChunk`s ending with one that
 carries `usage`). It never sees teams, keys or HTTP; it raises only `backends.errors.BackendError`s.
 Messages, tools and response_format stay in OpenAI wire shape (plain dicts) because every backend speaks it.
+A backend that can also embed implements `EmbeddingBackend` (an `EmbeddingRequest` in, float vectors out).
 """
 
 from __future__ import annotations
@@ -110,3 +111,43 @@ class Backend(Protocol):
     async def health(self) -> BackendHealth: ...
 
     async def aclose(self) -> None: ...
+
+
+# ---- embeddings: an ability of its own (shared/STYLE.md), not a sixth member of `Backend` ------------------
+
+TokenIds = tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """One embeddings call as the backend must run it. `inputs` are texts or token-id arrays, never mixed.
+
+    The wire encoding (float or base64) is the HTTP edge's business: backends always return floats."""
+
+    model: str
+    inputs: tuple[str, ...] | tuple[TokenIds, ...]
+    request_id: str
+    dimensions: int | None = None
+    user: str | None = None
+    timeout_s: float = 600.0
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """The text inputs (empty when the inputs are token ids)."""
+        return tuple(i for i in self.inputs if isinstance(i, str))
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    """One vector per input, in input order. `usage.completion_tokens` is always 0."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    usage: Usage
+    served_model: str
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """A backend that can embed (cloud, OpenAI-compatible servers). Edge nodes do not."""
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...

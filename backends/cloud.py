@@ -1,4 +1,5 @@
-"""`CloudBackend` (kind `cloud`): a cloud LLM API reached through `litellm.acompletion`.
+"""`CloudBackend` (kind `cloud`): a cloud LLM API reached through `litellm.acompletion` (and
+`litellm.aembedding` for embeddings, always asked for floats).
 
 The only module that imports litellm, and lazily (it is slow to import and may never be needed).
 Invariant: no litellm type crosses this module; `_translate_errors` is the one place its exceptions become
@@ -24,6 +25,8 @@ from backends.base import (
     BackendKind,
     ChatRequest,
     ChatResult,
+    EmbeddingRequest,
+    EmbeddingResult,
     StreamChunk,
     Usage,
 )
@@ -55,6 +58,9 @@ def _import_litellm() -> Any:
     litellm.suppress_debug_info = True
     litellm.turn_off_message_logging = True
     litellm.num_retries = 0
+    # litellm's OpenAI embedding path reads `max_retries or DEFAULT_MAX_RETRIES`, so an explicit 0 became 2
+    # retries inside the SDK (1.110): the default itself must be 0.
+    litellm.DEFAULT_MAX_RETRIES = 0  # type: ignore[misc]  # Final in litellm, read at call time
     litellm.callbacks = []
     litellm.success_callback = []
     litellm.failure_callback = []
@@ -155,6 +161,36 @@ class CloudBackend:
             delta=last_delta, finish_reason=finish_reason, usage=usage, served_model=served_model
         )
 
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        kwargs: dict[str, Any] = {
+            "model": f"{self._provider}/{request.model}",
+            "input": [i if isinstance(i, str) else list(i) for i in request.inputs],
+            "encoding_format": "float",
+            "timeout": min(self._timeout_s, request.timeout_s),
+            "num_retries": 0,
+            "max_retries": 0,
+        }
+        kwargs.update((k, self._fixed[k]) for k in ("api_base", "api_key") if k in self._fixed)
+        if request.dimensions is not None:
+            kwargs["dimensions"] = request.dimensions
+        if request.user is not None:
+            kwargs["user"] = request.user
+        with _translate_errors(self._info.name):
+            response = await self._litellm.aembedding(**kwargs)
+        try:
+            data = sorted(response.data, key=lambda item: int(_field(item, "index")))
+            vectors = tuple(tuple(float(x) for x in _field(item, "embedding")) for item in data)
+            if len(vectors) != len(request.inputs):
+                raise ValueError(f"{len(vectors)} embeddings for {len(request.inputs)} inputs")
+            usage = _usage(getattr(response, "usage", None)) or Usage()
+            return EmbeddingResult(
+                vectors, Usage(usage.prompt_tokens, 0), str(response.model or request.model)
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise BackendBadResponse(
+                f"backend `{self._info.name}` sent unreadable embeddings", detail=repr(exc)
+            ) from exc
+
     async def health(self) -> BackendHealth:
         """Not probed: a probe would spend tokens. Health comes from request outcomes in the gateway."""
         return BackendHealth(ok=True, detail=f"{self._provider}: not probed (cloud)")
@@ -239,6 +275,11 @@ def _tool_call_delta(call: Any) -> dict[str, Any]:
         out["id"] = call.id
         out["type"] = "function"
     return out
+
+
+def _field(item: Any, name: str) -> Any:
+    """litellm's embedding items are dicts or objects depending on the provider."""
+    return item[name] if isinstance(item, Mapping) else getattr(item, name)
 
 
 def _usage(raw: Any) -> Usage | None:

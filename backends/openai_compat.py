@@ -1,7 +1,7 @@
 """`OpenAICompatBackend` (kind `openai`): any OpenAI-compatible server (vLLM, llama.cpp, Ollama, our engine).
 
-Chat requests go as `httpx.Request`s straight to a pooled keep-alive `FastTransport` (backends/http11.py);
-bodies built and parsed with orjson.
+Chat and embeddings requests go as `httpx.Request`s straight to a pooled keep-alive `FastTransport`
+(backends/http11.py); bodies built and parsed with orjson (embeddings: backends/embedding_wire.py).
 Invariant: only `BackendError`s leave this module, and every httpx failure / upstream status is mapped
 in one place, `_translate_errors`. Error messages carry upstream's error text, never the request body.
 `timeout_s` bounds each wait on the upstream (connect excluded), not the whole answer; the gateway's
@@ -23,9 +23,12 @@ from backends.base import (
     BackendKind,
     ChatRequest,
     ChatResult,
+    EmbeddingRequest,
+    EmbeddingResult,
     StreamChunk,
     Usage,
 )
+from backends.embedding_wire import embeddings_body, parse_embeddings
 from backends.errors import (
     BackendBadResponse,
     BackendError,
@@ -43,8 +46,9 @@ _ERROR_TEXT_MAX_CHARS = 500
 
 
 class OpenAICompatBackend:
-    """Talks `POST {base_url}/chat/completions` and `GET {base_url}/models`; `base_url` ends in `/v1`.
-    A request with a raw `prompt` (legacy completions) goes to `POST {base_url}/completions` as it is."""
+    """Talks `POST {base_url}/chat/completions`, `POST {base_url}/embeddings` and `GET {base_url}/models`;
+    `base_url` ends in `/v1`. A request with a raw `prompt` (legacy completions) goes to
+    `POST {base_url}/completions` as it is."""
 
     def __init__(
         self,
@@ -67,6 +71,7 @@ class OpenAICompatBackend:
         base = base_url.rstrip("/")
         self._chat_url = httpx.URL(base + "/chat/completions")  # parsed once, not per request
         self._completions_url = httpx.URL(base + "/completions")
+        self._embeddings_url = httpx.URL(base + "/embeddings")
         self._models_url = base + "/models"
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
@@ -88,7 +93,15 @@ class OpenAICompatBackend:
         return self._info
 
     async def complete(self, request: ChatRequest) -> ChatResult:
-        upstream = self._chat_request(request, stream=False)
+        upstream = self._post(self._text_url(request), _request_body(request, stream=False), request)
+        return _parse_result(self._info.name, await self._exchange(upstream), request)
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        upstream = self._post(self._embeddings_url, embeddings_body(request), request)
+        return parse_embeddings(self._info.name, await self._exchange(upstream), request)
+
+    async def _exchange(self, upstream: httpx.Request) -> bytes:
+        """A whole response's body; errors (statuses included) as BackendErrors."""
         with _translate_errors(self._info.name, mid_stream=False):
             response = await self._transport.handle_async_request(upstream)
             try:
@@ -96,10 +109,10 @@ class OpenAICompatBackend:
             finally:
                 await response.aclose()  # aread closes only on success; a failed read must free the socket
             response.raise_for_status()
-        return _parse_result(self._info.name, response.content, request)
+        return response.content
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        upstream = self._chat_request(request, stream=True)
+        upstream = self._post(self._text_url(request), _request_body(request, stream=True), request)
         name = self._info.name
         with _translate_errors(name, mid_stream=False):
             response = await self._transport.handle_async_request(upstream)
@@ -126,19 +139,22 @@ class OpenAICompatBackend:
     async def aclose(self) -> None:
         await self._client.aclose()  # closes the transport and every pooled connection
 
-    def _chat_request(self, request: ChatRequest, *, stream: bool) -> httpx.Request:
+    def _text_url(self, request: ChatRequest) -> httpx.URL:
+        return self._chat_url if request.prompt is None else self._completions_url
+
+    def _post(self, url: httpx.URL, body: bytes, request: ChatRequest | EmbeddingRequest) -> httpx.Request:
         """One `httpx.Request` straight for the transport. httpx's client layer (auth flow, cookies, event
         hooks) and `Request(content=...)` (which re-normalises every header) cost more than the exchange
         itself here; `FastTransport` writes Host and Content-Length for a `stream=` body on the wire."""
         return httpx.Request(
             "POST",
-            self._chat_url if request.prompt is None else self._completions_url,
+            url,
             headers=self._headers,
-            stream=httpx.ByteStream(_request_body(request, stream=stream)),
+            stream=httpx.ByteStream(body),
             extensions={"timeout": self._timeouts_for(request)},
         )
 
-    def _timeouts_for(self, request: ChatRequest) -> dict[str, float | None]:
+    def _timeouts_for(self, request: ChatRequest | EmbeddingRequest) -> dict[str, float | None]:
         """The backend's timeouts unless the request asks for less (no object churn in the common case)."""
         if request.timeout_s >= self._timeout_s:
             return self._timeouts

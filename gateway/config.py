@@ -2,7 +2,8 @@
 
 Every mistake is reported as `path: what is wrong (what to change)`. Secrets never appear in the file, only
 the names of environment variables that hold them (`api_key_env`). `Config()` with no file is the embedded
-default: SQLite, the bundled engine on 127.0.0.1:8081, one model `smollm2`, one team `demo`.
+default: SQLite, the bundled engine on 127.0.0.1:8081, models `smollm2` (chat) and `minilm` (embeddings),
+one team `demo`.
 """
 
 from __future__ import annotations
@@ -201,6 +202,8 @@ class ModelConfig(_Strict):
     quality_tier: int = Field(default=0, ge=0)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
     cache_ttl_s: float | None = Field(default=None, ge=0)  # overrides cache.ttl_s for this model; 0: off
+    mode: Literal["chat", "embedding"] = "chat"  # embedding: served by POST /v1/embeddings only
+    supports_dimensions: bool = False  # embedding models that honour the `dimensions` request field
 
     @model_validator(mode="after")
     def _one_form(self) -> ModelConfig:
@@ -381,7 +384,15 @@ class Config(_Strict):
                 upstream_model="smollm2",
                 input_usd_per_mtok=Decimal(0),
                 output_usd_per_mtok=Decimal(0),
-            )
+            ),
+            # Served when the engine runs with `--embedding-model minilm` (as `switchboard up` starts it).
+            "minilm": ModelConfig(
+                backend="local",
+                upstream_model="minilm",
+                input_usd_per_mtok=Decimal(0),
+                output_usd_per_mtok=Decimal(0),
+                mode="embedding",
+            ),
         }
     )
     teams: dict[str, TeamConfig] = Field(default_factory=lambda: {"demo": TeamConfig()})
@@ -409,6 +420,12 @@ class Config(_Strict):
                     where = f"models.{name}." + ("backend" if model.backend else f"deployments.{i}.backend")
                     problems.append(
                         f'{where}: unknown backend "{dep.backend}" (defined backends: {known_backends})'
+                    )
+                elif model.mode == "embedding" and isinstance(self.backends[dep.backend], EdgeBackendConfig):
+                    where = f"models.{name}." + ("backend" if model.backend else f"deployments.{i}.backend")
+                    problems.append(
+                        f'{where}: backend "{dep.backend}" is kind = "edge", which cannot serve embeddings '
+                        f'(models.{name}.mode = "embedding"); use a cloud or openai backend'
                     )
         for team, policy in self.teams.items():
             for model_name in policy.models:

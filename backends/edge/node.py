@@ -359,19 +359,14 @@ async def run_node(
         engine_options = replace(engine_options, release_source=True)
     names = dict.fromkeys((options.served_name, loaded.name))
     state = await asyncio.to_thread(
-        _on_one_thread,
-        build_engine_state,
-        loaded,
-        engine_options,
-        served_names=names,
-        default_max_tokens=options.max_tokens_default,
-    )
+        _on_one_thread, build_engine_state, loaded, engine_options,
+        served_names=names, default_max_tokens=options.max_tokens_default,
+    )  # fmt: skip
     state.engine.start()
     try:
         tokens_per_s = await measure_tokens_per_s(state, options.measure_tokens)
         log.info(
-            "edge node %s ready: model %s (%s, %s, quant %s, KV %g MB), %.1f tokens/s, load %.1f s, "
-            "RSS %.0f MB",
+            "edge node %s ready: %s (%s, %s, quant %s, KV %g MB), %.1f tok/s, load %.1f s, RSS %.0f MB",
             options.node_id,
             loaded.name,
             ", ".join(names),

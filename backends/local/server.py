@@ -1,4 +1,5 @@
-"""The engine's OpenAI-compatible HTTP server: chat and text completions, /v1/models, /health, /metrics.
+"""The engine's OpenAI-compatible HTTP server: chat and text completions, embeddings (when an embedding model
+is loaded: backends/local/embedding_api.py), /v1/models, /health, /metrics.
 
 This is the HTTP edge: `wire` parses and checks bodies and applies the chat template; this module renders
 results and errors (`{"error": {message, type, param, code}}`; bad input is 4xx, never 500). Generation is
@@ -27,6 +28,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from backends.local.build import EngineOptions, one_compute_thread, stage
+from backends.local.embedding import Embedder
+from backends.local.embedding_api import EmbeddingService, embeddings
 from backends.local.engine.engine import Failed
 from backends.local.loader import LoadedModel, load_model
 from backends.local.serving import (
@@ -201,9 +204,10 @@ async def completions(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     state: EngineState = request.app.state.engine
     created = int(time.time())
+    service: EmbeddingService | None = request.app.state.embeddings
+    names = [*state.served_names, *(service.embedder.names if service is not None else ())]
     models = [
-        {"id": name, "object": "model", "created": created, "owned_by": "switchboard"}
-        for name in state.served_names
+        {"id": name, "object": "model", "created": created, "owned_by": "switchboard"} for name in names
     ]
     return _json({"object": "list", "data": models})
 
@@ -253,16 +257,20 @@ def create_engine_app(
     served_names: Iterable[str] = DEFAULT_SERVED_NAMES,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     options: EngineOptions | None = None,
+    embedder: Embedder | None = None,
 ) -> FastAPI:
     """Build the engine app; the engine thread starts with the app's lifespan and stops with it.
 
     `default_max_tokens` caps a chat request that sends no max_tokens (never beyond the room left in the
-    context or the KV cache). Unless `options.release_source`, `loaded.model` stays usable.
+    context or the KV cache). Unless `options.release_source`, `loaded.model` stays usable. With an
+    `embedder`, `POST /v1/embeddings` serves it under its names.
     """
     state = build_engine_state(
         loaded, options or EngineOptions(), served_names=served_names, default_max_tokens=default_max_tokens
     )
     engine = state.engine
+    threads = options.threads if options is not None else None
+    service = EmbeddingService(embedder, threads) if embedder is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -270,12 +278,16 @@ def create_engine_app(
         try:
             yield
         finally:
+            if service is not None:
+                service.close()
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="Switchboard engine", lifespan=lifespan)
     app.state.engine = state
+    app.state.embeddings = service
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
@@ -313,11 +325,13 @@ def serve_engine(
     served_names: Iterable[str] | None = None,
     max_tokens_default: int = DEFAULT_MAX_TOKENS,
     options: EngineOptions | None = None,
+    embedding_model: str | None = None,
 ) -> None:
     """Load the model, build the engine, then serve it over HTTP until interrupted (blocking).
 
     Served names default to "smollm2", "SmolLM2-135M-Instruct" and the loaded model's own name. A chat
-    request without max_tokens generates at most `max_tokens_default` tokens (default 1024).
+    request without max_tokens generates at most `max_tokens_default` tokens (default 1024). With
+    `embedding_model` (`minilm`, or a BERT-style HF directory), `POST /v1/embeddings` serves it too.
     """
     import uvicorn
 
@@ -328,12 +342,17 @@ def serve_engine(
     one_compute_thread()  # this thread loads and builds; the engine thread computes with --threads
     with stage(f"load {model_spec}"):
         loaded = load_model(model_spec)
+    embedder = None
+    if embedding_model is not None:
+        with stage(f"load embedding model {embedding_model}"):
+            embedder = Embedder.load(embedding_model)
     names = served_names if served_names is not None else (*DEFAULT_SERVED_NAMES, loaded.name)
     app = create_engine_app(
         loaded,
         served_names=dict.fromkeys(names),
         default_max_tokens=max_tokens_default,
         options=replace(options, release_source=True),
+        embedder=embedder,
     )
     config = app.state.engine.config
     logging.getLogger("uvicorn.access").addFilter(QuietPolls())

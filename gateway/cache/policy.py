@@ -13,15 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import ChatRequest
-from gateway.cache.store import (
-    CachedResponse,
-    ResponseCache,
-    cache_key,
-    cache_namespace,
-    cacheable,
-    directives,
-)
+from backends.base import ChatRequest, EmbeddingRequest
+from gateway.cache.keys import cache_key, cache_namespace, cacheable
+from gateway.cache.store import CachedResponse, ResponseCache, directives
 from gateway.config import Config
 
 
@@ -47,7 +41,7 @@ def ttl_s(config: Config, team: str, model: str) -> float:
 def plan_cache(
     config: Config,
     team: str,
-    call: ChatRequest,
+    call: ChatRequest | EmbeddingRequest,
     cache_control: str | None,
     opt: str | None,
     preferences: Mapping[str, Any] | None = None,
@@ -79,7 +73,7 @@ class CacheStep:
     def plan(
         self,
         team: str,
-        call: ChatRequest,
+        call: ChatRequest | EmbeddingRequest,
         cache_control: str | None,
         opt: str | None,
         preferences: Mapping[str, Any] | None = None,

@@ -1,16 +1,14 @@
 """Response cache: key a deterministic request, store its answer (whole or streamed), replay it on a hit.
 
-Invariants: the key covers everything that changes the output and nothing that does not (`user`, `stream`,
-`stream_options`); the namespace (one team by default) is hashed into it, so a team never reads another's
-entry. Entries are version-tagged orjson bytes; anything unreadable is a miss. A cache never raises to its
-caller: Redis errors and timeouts are misses and skipped writes, logged once per outage, and for
-`retry_after_s` after a failure Redis is not called at all. A hit replays the exact stored deltas.
+Keys: gateway/cache/keys.py. Entries are version-tagged orjson bytes; anything unreadable is a miss. A
+cache never raises to its caller: Redis errors and timeouts are misses and skipped writes, logged once per
+outage, and for `retry_after_s` after a failure Redis is not called at all. A hit replays the exact stored
+deltas. Entries of embeddings calls hold the vectors.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -20,72 +18,14 @@ from typing import Any, Protocol
 
 import orjson
 
-from backends.base import ChatRequest, ChatResult, StreamChunk, Usage
+from backends.base import ChatResult, EmbeddingResult, StreamChunk, Usage
 from gateway.outage import OutageGuard
 
 log = logging.getLogger(__name__)
 
-KEY_VERSION = 2  # bump when key normalisation changes: old entries then simply miss
 ENTRY_VERSION = 2  # bump when the stored shape changes: old entries decode as misses
 DEFAULT_MAX_ENTRY_BYTES = 1 << 20
-# Routing preferences that restrict *which backend may answer*. A hit must not hand a client an answer from
-# a backend it excluded, so these are in the key. The rest (sort, order, max_price, max_latency_ms,
-# allow_fallbacks, require_parameters) only rank or cap, and a hit (cost 0, sub-ms) satisfies any cap.
-_ELIGIBILITY_PREFS = ("only", "ignore")
-
-
-# ---- keys and rules ---------------------------------------------------------------------------------------
-
-
-def cache_namespace(team: str, *, shared_as: str | None = None) -> str:
-    """`team:<name>`, or `shared:<group>` where config lets teams share answers."""
-    return f"shared:{shared_as}" if shared_as else f"team:{team}"
-
-
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
-
-
-def _name_set(raw: Any) -> Any:
-    if isinstance(raw, list) and all(isinstance(n, str) for n in raw):
-        return sorted(set(raw))
-    return raw  # malformed prefs are refused elsewhere; keep them distinct rather than guess
-
-
-def cache_key(namespace: str, call: ChatRequest, preferences: Mapping[str, Any] | None = None) -> str:
-    """`<namespace>:<sha256 hex>` over the canonical form of everything that affects the output.
-
-    Keyed on the internal request, so every API that asks the same thing of a model shares the answer."""
-    prefs = preferences or {}
-    canonical = {
-        "v": KEY_VERSION,
-        "ns": namespace,
-        "model": call.model,
-        "messages": [_drop_none(dict(m)) for m in call.messages],
-        "max_tokens": call.max_tokens,
-        "temperature": call.temperature,
-        "top_p": call.top_p,
-        "stop": sorted(set(call.stop)),  # a set: order and duplicates do not change output
-        "seed": call.seed,
-        "tools": list(call.tools) if call.tools is not None else None,
-        "tool_choice": call.tool_choice,
-        "response_format": call.response_format,
-        "prompt": call.prompt,  # a raw completion and its chat translation are different requests
-        # anthropic-beta and the like may change the answer: requests that differ in them share nothing
-        "headers": sorted(call.passthrough_headers) or None,
-        "route": {p: _name_set(prefs[p]) for p in _ELIGIBILITY_PREFS if prefs.get(p) is not None},
-    }
-    payload = orjson.dumps({k: v for k, v in canonical.items() if v is not None}, option=orjson.OPT_SORT_KEYS)
-    return f"{namespace}:{hashlib.sha256(payload).hexdigest()}"
-
-
-def cacheable(call: ChatRequest, *, opt_in: bool) -> bool:
-    """Deterministic (temperature 0, or a fixed seed) or explicitly opted in by team config or request."""
-    return opt_in or call.temperature == 0 or call.seed is not None
+# ---- rules ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +66,11 @@ class CachedResponse:
     cost_micro_usd: int  # what the original call cost: a hit saves this much
     deltas: tuple[Mapping[str, Any], ...] | None = None
     route_reason: str = ""  # the original's x-switchboard-route, so a hit carries the same headers
+    vectors: tuple[tuple[float, ...], ...] | None = None  # an embeddings answer (message is then empty)
 
-    def to_result(self) -> ChatResult:
+    def to_result(self) -> ChatResult | EmbeddingResult:
+        if self.vectors is not None:
+            return EmbeddingResult(self.vectors, self.usage, self.served_model)
         return ChatResult(dict(self.message), self.finish_reason, self.usage, self.served_model)
 
     def replay(self) -> Iterator[StreamChunk]:
@@ -152,8 +95,19 @@ def _deltas_of(message: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
 
 
 def entry_from_result(
-    result: ChatResult, *, backend: str, cost_micro_usd: int, route_reason: str = ""
+    result: ChatResult | EmbeddingResult, *, backend: str, cost_micro_usd: int, route_reason: str = ""
 ) -> CachedResponse:
+    if isinstance(result, EmbeddingResult):
+        return CachedResponse(
+            message={},
+            finish_reason="",
+            usage=result.usage,
+            served_model=result.served_model,
+            backend=backend,
+            cost_micro_usd=cost_micro_usd,
+            route_reason=route_reason,
+            vectors=result.vectors,
+        )
     return CachedResponse(
         message=dict(result.message),
         finish_reason=result.finish_reason,
@@ -233,6 +187,7 @@ def encode_entry(entry: CachedResponse) -> bytes:
             "cost_micro_usd": entry.cost_micro_usd,
             "deltas": None if entry.deltas is None else [dict(d) for d in entry.deltas],
             "route": entry.route_reason,
+            **({} if entry.vectors is None else {"vectors": entry.vectors}),
         }
     )
 
@@ -244,7 +199,7 @@ def decode_entry(raw: bytes | str) -> CachedResponse | None:
         if not isinstance(data, dict) or data.get("v") != ENTRY_VERSION:
             return None
         prompt_tokens, completion_tokens = data["usage"]
-        deltas = data["deltas"]
+        deltas, vectors = data["deltas"], data.get("vectors")
         return CachedResponse(
             message=data["message"],
             finish_reason=data["finish_reason"],
@@ -254,6 +209,7 @@ def decode_entry(raw: bytes | str) -> CachedResponse | None:
             cost_micro_usd=int(data["cost_micro_usd"]),
             deltas=None if deltas is None else tuple(deltas),
             route_reason=str(data["route"]),
+            vectors=None if vectors is None else tuple(tuple(float(x) for x in v) for v in vectors),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None

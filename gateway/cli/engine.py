@@ -42,6 +42,10 @@ def engine_serve(
     max_prefill_tokens: Annotated[
         int, typer.Option(min=1, help="Prompt tokens computed per step (longer prompts are chunked).")
     ] = 512,
+    embedding_model: Annotated[
+        str | None,
+        typer.Option(help="Also serve POST /v1/embeddings: minilm (bundled) or a BERT-style HF directory."),
+    ] = None,
 ) -> None:
     """Run the self-hosted engine (continuous batching, paged KV cache) as an OpenAI-compatible server."""
     from backends.local.build import EngineOptions
@@ -64,7 +68,14 @@ def engine_serve(
     except ValueError as exc:
         err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    serve_engine(model, host, port, max_tokens_default=max_tokens_default, options=options)
+    serve_engine(
+        model,
+        host,
+        port,
+        max_tokens_default=max_tokens_default,
+        options=options,
+        embedding_model=embedding_model,
+    )
 
 
 @engine_app.command("info")

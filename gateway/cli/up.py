@@ -1,5 +1,7 @@
 """`switchboard up`: the bundled engine in a child process, a demo key, and the gateway in the foreground.
 
+The engine serves the bundled chat model and the bundled embedding model (`minilm` in the default config).
+
 The engine child is stopped when the gateway stops: Ctrl+C, SIGTERM (after the gateway has drained), or an
 error. uvicorn re-raises the SIGTERM it caught once it has shut down; by default that would end this process
 on the spot, before the engine is stopped, so SIGTERM raises SystemExit here instead.
@@ -26,6 +28,7 @@ _ENGINE_READY_TIMEOUT_S = 600.0
 def _start_engine(port: int) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "gateway.cli", "engine", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--dtype", "auto", "--quant", "auto"]  # timed on this machine at first start (docs/ENGINE.md)
+    cmd += ["--embedding-model", "minilm"]  # POST /v1/embeddings, public model `minilm`
     return subprocess.Popen(cmd)
 
 

@@ -59,6 +59,7 @@ from gateway.translate.anthropic_messages import AnthropicMessages, CountTokensB
 from gateway.translate.anthropic_render import CountAnswer, ErrorAnswer
 from gateway.translate.openai_chat import ChatCompletions
 from gateway.translate.openai_completions import Completions
+from gateway.translate.openai_embeddings import Embeddings
 from gateway.translate.openai_responses import Responses
 
 log = logging.getLogger("switchboard")
@@ -371,6 +372,7 @@ def create_app(config: Config) -> SwitchboardApp:
         CountTokensBody,
         counted,
     )
+    app.add_translator(Embeddings())
     _add_plain_routes(app)
     app.include_router(admin_router())
     app.include_router(usage_router())

@@ -21,15 +21,30 @@ from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from backends.base import Backend, ChatRequest, ChatResult, StreamChunk
-from backends.errors import BackendTimeout, BackendUnavailable, SwitchboardError, loggable_detail
+from backends.base import (
+    Backend,
+    ChatRequest,
+    ChatResult,
+    EmbeddingBackend,
+    EmbeddingRequest,
+    EmbeddingResult,
+    StreamChunk,
+)
+from backends.errors import (
+    BackendMisconfigured,
+    BackendTimeout,
+    BackendUnavailable,
+    SwitchboardError,
+    loggable_detail,
+)
 from gateway.eager import Ready, run_until_wait
 from gateway.errors import AllBackendsFailed
 from gateway.live.state import RoutingState, deployment_id
-from gateway.pipeline.request import SYSTEM_CLOCK, Clock, Timing
+from gateway.pipeline.request import SYSTEM_CLOCK, Call, Clock, Timing
 from routing.decision import Deployment, RouteDecision
 
 T = TypeVar("T")
+C = TypeVar("C", ChatRequest, EmbeddingRequest)
 log = logging.getLogger(__name__)
 
 
@@ -88,7 +103,7 @@ class DeploymentUse:
 @dataclass(frozen=True, slots=True)
 class Served:
     use: DeploymentUse
-    result: ChatResult
+    result: ChatResult | EmbeddingResult
     attempts: int
 
     @property
@@ -125,7 +140,7 @@ class Plan:
     causes: list[tuple[str, SwitchboardError]] = field(default_factory=list)
 
 
-def _for(request: ChatRequest, dep: Deployment) -> ChatRequest:
+def _for(request: C, dep: Deployment) -> C:
     return dataclasses.replace(request, model=dep.upstream_model)
 
 
@@ -165,10 +180,10 @@ def _error_of(state: RetryCallState) -> BaseException | None:
 
 async def _run_attempts(
     decision: RouteDecision,
-    request: ChatRequest,
+    request: C,
     timing: Timing,
     plan: Plan,
-    attempt: Callable[[Deployment, ChatRequest], Awaitable[T]],
+    attempt: Callable[[Deployment, C], Awaitable[T]],
 ) -> tuple[DeploymentUse, T, int]:
     candidates, now_s = decision.candidates, plan.clock.now_s
     deadline = now_s() + plan.budget_s
@@ -211,9 +226,9 @@ async def _run_attempts(
 
 async def _attempt_once(
     dep: Deployment,
-    request: ChatRequest,
+    request: C,
     plan: Plan,
-    attempt: Callable[[Deployment, ChatRequest], Awaitable[T]],
+    attempt: Callable[[Deployment, C], Awaitable[T]],
     deadline: float,
 ) -> tuple[DeploymentUse, T]:
     routing, now_s = plan.routing, plan.clock.now_s
@@ -250,6 +265,21 @@ async def _attempt_once(
 async def complete(decision: RouteDecision, request: ChatRequest, timing: Timing, plan: Plan) -> Served:
     async def attempt(dep: Deployment, req: ChatRequest) -> ChatResult:
         return await plan.backends[dep.backend].complete(req)
+
+    use, result, attempts = await _run_attempts(decision, request, timing, plan, attempt)
+    return Served(use, result, attempts)
+
+
+async def embed(decision: RouteDecision, request: EmbeddingRequest, timing: Timing, plan: Plan) -> Served:
+    """The same fallback loop, each attempt an `EmbeddingBackend.embed`."""
+
+    async def attempt(dep: Deployment, req: EmbeddingRequest) -> EmbeddingResult:
+        backend = plan.backends[dep.backend]
+        if not isinstance(backend, EmbeddingBackend):  # config refuses this; a guard, not a route
+            raise BackendMisconfigured(
+                f"backend `{dep.backend}` cannot embed (config: models.{request.model}.mode)"
+            )
+        return await backend.embed(req)
 
     use, result, attempts = await _run_attempts(decision, request, timing, plan, attempt)
     return Served(use, result, attempts)
@@ -323,8 +353,11 @@ class Dispatcher:
         return self.timeouts_s.get(backend, self.retry.budget_s)
 
     async def complete(
-        self, decision: RouteDecision, request: ChatRequest, timing: Timing, max_attempts: int
+        self, decision: RouteDecision, request: Call, timing: Timing, max_attempts: int
     ) -> Served:
+        """A whole answer: a chat completion, or the vectors of an embeddings call."""
+        if isinstance(request, EmbeddingRequest):
+            return await embed(decision, request, timing, self.plan(max_attempts))
         return await complete(decision, request, timing, self.plan(max_attempts))
 
     async def open_stream(

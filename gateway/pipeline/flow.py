@@ -14,10 +14,11 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from backends.base import ChatResult, StreamChunk, Usage
+from backends.base import ChatRequest, ChatResult, EmbeddingResult, StreamChunk, Usage
 from backends.errors import SwitchboardError
 from gateway.cache.policy import CachePlan, CacheStep
 from gateway.cache.store import CachedResponse, entry_from_chunks, entry_from_result
+from gateway.errors import InvalidRequest
 from gateway.limits.gate import Gate
 from gateway.pipeline.dispatch import Dispatcher, OpenStream, close_stream, next_chunk
 from gateway.pipeline.plan import Planner, Routed, fail_closed_error
@@ -30,10 +31,24 @@ Headers = tuple[tuple[bytes, bytes], ...]
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A whole answer and the response headers the pipeline adds."""
+    """A whole answer (a chat result, or the vectors of an embeddings call) and the headers the pipeline
+    adds."""
 
-    result: ChatResult
+    result: ChatResult | EmbeddingResult
     headers: Headers
+
+    @property
+    def chat(self) -> ChatResult:
+        """The result of a chat request (a translator of a chat API sends nothing else)."""
+        if not isinstance(self.result, ChatResult):
+            raise TypeError("this answer holds embeddings, not a chat result")
+        return self.result
+
+    @property
+    def embedding(self) -> EmbeddingResult:
+        if not isinstance(self.result, EmbeddingResult):
+            raise TypeError("this answer holds a chat result, not embeddings")
+        return self.result
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +115,15 @@ class Pipeline:
         rec = self._record(request, timing)
         headers: list[tuple[bytes, bytes]] = []
         with _settled(rec, headers):
+            call = request.call
+            if not isinstance(call, ChatRequest):
+                raise InvalidRequest("`stream` is available for chat requests only", param="stream")
             admitted = await self._admit(rec, headers)
             if admitted.hit is not None:
                 replay = admitted.hit.replay()
                 return ChunkStream(rec, tuple(headers), _replayer(replay), None, None, self.cache)
             opened = await self.dispatcher.open_stream(
-                admitted.routed.decision, request.call, timing, admitted.routed.policy.max_attempts
+                admitted.routed.decision, call, timing, admitted.routed.policy.max_attempts
             )
         rec.use, rec.attempts = opened.use, opened.attempts
         headers.append((b"x-switchboard-backend", header_text(opened.deployment.backend)))

@@ -1,4 +1,5 @@
-"""Turning one chat request into a route decision: privacy floor, preferences, estimates, `routing.choose`.
+"""Turning one request (chat or embeddings) into a route decision: privacy floor, preferences, estimates,
+`routing.choose`. A model's `mode` says which of the two it serves; the other is refused naming the setting.
 
 Privacy fails closed: when no deployment at or above the floor can serve, the request gets an error naming the
 floor and each rejection; it is never sent to a lower tier. Detector hits are recorded by kind, never text.
@@ -15,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from backends.base import ChatRequest
+from backends.base import EmbeddingRequest
 from gateway.edge.pool import split_node_backend
 from gateway.errors import (
     InvalidRequest,
@@ -23,6 +24,7 @@ from gateway.errors import (
     NoHealthyDeployment,
     NoLiveEdgeNode,
     SensitiveDataRefused,
+    UnsupportedParameter,
 )
 from gateway.live.state import RoutingState
 from gateway.pipeline.access import ModelAccess
@@ -31,6 +33,7 @@ from gateway.pipeline.request import (
     NO_HINTS,
     PRIVACY_HEADER,
     SITE_HEADER,
+    Call,
     GatewayRequest,
     Hints,
 )
@@ -85,37 +88,76 @@ def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     return chars // 4 + 4 * len(messages)
 
 
+def estimate_input_tokens(call: EmbeddingRequest) -> int:
+    """About 4 characters per token for texts; token-id arrays count exactly."""
+    return sum(len(i) // 4 + 1 if isinstance(i, str) else len(i) for i in call.inputs)
+
+
+def check_mode(routing: RoutingState, call: Call) -> None:
+    """A chat request to an embedding model, or an embeddings request to a chat model, is refused by name."""
+    model = routing.config.models.get(call.model)
+    if model is None:
+        return
+    name = call.model
+    if isinstance(call, EmbeddingRequest):
+        if model.mode != "embedding":
+            raise InvalidRequest(
+                f"model `{name}` is not an embedding model; send it chat requests, or embed with a model "
+                f'configured for it (config: models.{name}.mode = "embedding")',
+                param="model",
+            )
+        if call.dimensions is not None and not model.supports_dimensions:
+            raise UnsupportedParameter(
+                f"model `{name}` does not take `dimensions`; remove it (config: "
+                f"models.{name}.supports_dimensions)",
+                param="dimensions",
+            )
+    elif model.mode == "embedding":
+        raise InvalidRequest(
+            f'model `{name}` is an embedding model (config: models.{name}.mode = "embedding"); '
+            "send it to POST /v1/embeddings",
+            param="model",
+        )
+
+
 def plan(
     routing: RoutingState,
     team: str,
-    call: ChatRequest,
+    call: Call,
     hints: Hints = NO_HINTS,
     preferences: Mapping[str, Any] | None = None,
     *,
     now_s: float,
 ) -> Routed:
     """The decision, possibly with no candidates. Raises only for the request itself (bad header or
-    preferences, sensitive data under `on_sensitive = block`)."""
+    preferences, sensitive data under `on_sensitive = block`, a model of the other mode)."""
+    check_mode(routing, call)
     team_floor, on_sensitive = routing.team_floor(team)
     asked = requested_floor(hints.privacy)
     try:
         verdict = privacy_floor(team_floor, asked, detect_call(call), on_sensitive)
     except SensitiveDataBlocked as exc:
         raise SensitiveDataRefused(str(exc) + f" (config: teams.{team}.on_sensitive)") from None
+    if isinstance(call, EmbeddingRequest):
+        verdict = opaque_inputs_floor(verdict, call)
     try:
         prefs = parse_preferences(hints.preferences_field(preferences))
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=str(exc).split(":", 1)[0]) from None
     policy = with_labels(narrow(routing.policy(team), prefs), hints.required_labels(), team)
-    prompt_tokens = estimate_prompt_tokens(call.messages)
-    output_tokens = call.max_tokens or routing.config.routing.default_output_tokens
+    if isinstance(call, EmbeddingRequest):
+        prompt_tokens, output_tokens, tools, json = estimate_input_tokens(call), 0, False, False
+    else:
+        prompt_tokens = estimate_prompt_tokens(call.messages)
+        output_tokens = call.max_tokens or routing.config.routing.default_output_tokens
+        tools, json = call.tools is not None, call.response_format is not None
     request = RouteRequest(
         public_model=call.model,
         prompt_tokens=prompt_tokens,
         expected_output_tokens=output_tokens,
         privacy_floor=verdict.floor,
-        needs_tools=call.tools is not None,
-        needs_json=call.response_format is not None,
+        needs_tools=tools,
+        needs_json=json,
         preferences=prefs,
         privacy_reason=verdict.reason,
     )
@@ -139,13 +181,24 @@ class Planner:
         )
 
 
-def detect_call(call: ChatRequest) -> tuple[DetectorKind, ...]:
+def detect_call(call: Call) -> tuple[DetectorKind, ...]:
     """Sensitive data anywhere a backend will see it: every field of every message, and the request-level
     values sent along (stop strings, tools with their descriptions and schemas, tool_choice, the response
-    format's schema, user, pass-through headers). Fields a translator does not forward never reach a
-    backend."""
+    format's schema, user, pass-through headers); for embeddings, every text input and `user`. Fields a
+    translator does not forward never reach a backend."""
+    if isinstance(call, EmbeddingRequest):
+        return detect_request((), [e for e in (*call.texts, call.user) if e])
     extras = (call.stop, call.tools, call.tool_choice, call.response_format, call.user, call.prompt)
     return detect_request(call.messages, [e for e in (*extras, call.passthrough_headers) if e])
+
+
+def opaque_inputs_floor(verdict: PrivacyVerdict, call: EmbeddingRequest) -> PrivacyVerdict:
+    """Token-id inputs cannot be scanned (their tokenizer is the caller's), so they fail closed: served no
+    less privately than `internal`."""
+    if not call.inputs or isinstance(call.inputs[0], str) or verdict.floor.rank <= PrivacyTier.INTERNAL.rank:
+        return verdict
+    reason = f"{verdict.reason}; token-id input cannot be scanned, raised to {PrivacyTier.INTERNAL}"
+    return dataclasses.replace(verdict, floor=PrivacyTier.INTERNAL, reason=reason)
 
 
 def check_preference_names(

@@ -1,8 +1,9 @@
 """The pipeline's own request value: what every endpoint's translator turns its wire body into.
 
-A `GatewayRequest` is frozen and knows no wire format. Its `call` is what backends are sent (with the public
-model name; dispatch swaps in each deployment's upstream name). `Hints` carry what the request's headers may
-ask of routing and the cache; they only ever narrow what the caller's team allows. `Clock` is the one source
+A `GatewayRequest` is frozen and knows no wire format. Its `call` is what backends are sent, a `ChatRequest`
+or an `EmbeddingRequest` (with the public model name; dispatch swaps in each deployment's upstream name).
+`Hints` carry what the request's headers may ask of routing and the cache; they only ever narrow what the
+caller's team allows. `Clock` is the one source
 of time the pipeline reads, so tests can run dispatch and routing on a fake one.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from backends.base import ChatRequest
+from backends.base import ChatRequest, EmbeddingRequest
 from gateway.errors import InvalidRequest
 from gateway.records import KeyIdentity
 
@@ -94,13 +95,15 @@ class Hints:
 
 NO_HINTS = Hints()
 
+Call = ChatRequest | EmbeddingRequest  # what a backend is sent: a chat completion or an embeddings call
+
 
 @dataclass(frozen=True, slots=True)
 class GatewayRequest:
     """One request on its way through the pipeline, whichever API it came in by."""
 
     endpoint: str  # ledger and metrics label, e.g. "chat.completions"
-    call: ChatRequest  # what a backend is sent; `call.model` is the public model name
+    call: Call  # what a backend is sent; `call.model` is the public model name
     identity: KeyIdentity
     received_at: dt.datetime  # UTC, for the ledger row
     stream: bool = False

@@ -378,7 +378,7 @@ class AnthropicMessages:
         )
 
     def render(self, answer: Answer, conv: Conversation[MessagesBody], request: GatewayRequest) -> bytes:
-        return render.render_message(answer.result, request_id=request.request_id, model=conv.body.model)
+        return render.render_message(answer.chat, request_id=request.request_id, model=conv.body.model)
 
     def render_stream(
         self, stream: ChunkStream, conv: Conversation[MessagesBody], request: GatewayRequest

@@ -338,7 +338,7 @@ class ChatCompletions:
 
     def render(self, answer: Answer, body: ChatCompletionBody, request: GatewayRequest) -> bytes:
         return render_completion(
-            answer.result, request_id=request.request_id, model=body.model, created=int(time.time())
+            answer.chat, request_id=request.request_id, model=body.model, created=int(time.time())
         )
 
     async def render_stream(

@@ -179,7 +179,7 @@ class Completions:
 
     def render(self, answer: Answer, body: CompletionBody, request: GatewayRequest) -> bytes:
         return render_completion(
-            answer.result, request_id=request.request_id, model=body.model, created=int(time.time())
+            answer.chat, request_id=request.request_id, model=body.model, created=int(time.time())
         )
 
     async def render_stream(

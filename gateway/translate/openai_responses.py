@@ -297,7 +297,7 @@ class Responses:
         )
 
     def _answered(self, answer: Answer, call: ResponsesCall, request: GatewayRequest) -> dict[str, Any]:
-        result = answer.result
+        result = answer.chat
         reason = incomplete_reason(result.finish_reason)
         output = items.output_items(result.message, request.request_id, incomplete=reason is not None)
         status = "incomplete" if reason else "completed"

@@ -1,8 +1,8 @@
 """A loopback fake cloud provider speaking the OpenAI and Anthropic wire protocols (tests and benchmarks).
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/messages (any path ending
-in those works), POST /_control (set knobs for one model or the default), POST /_reset,
-GET /_requests?model=... .
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/messages,
+POST /v1/embeddings (any path ending in those works), POST /_control (set knobs for one model or the
+default), POST /_reset, GET /_requests?model=... .
 Knobs are per model name so parallel tests do not collide. The hot path is a raw ASGI callable returning
 orjson bytes: no framework, no validation. Run it alone with
 `python -m tests.support.fake_provider --host 127.0.0.1 --port 9100 --ttft-ms 20`, or in-process with
@@ -134,6 +134,8 @@ class FakeProviderApp:
             await self._chat(scope, raw, receive, send, anthropic=True)
         elif path.endswith("/completions"):
             await self._text_completion(scope, raw, send)
+        elif path.endswith("/embeddings"):
+            await self._embeddings(scope, raw, send)
         elif path == "/_control":
             body = orjson.loads(raw or b"{}")
             knobs = self.configure(body.pop("model", None), **body)
@@ -245,6 +247,23 @@ class FakeProviderApp:
             await _send_stream(send, events, knobs)
         else:
             await _send_bytes(send, 200, fake_wire.text_completion(model, answer, int(time.time())))
+
+    # ---- embeddings ---------------------------------------------------------------------------------
+
+    async def _embeddings(self, scope: Scope, raw: bytes, send: Send) -> None:
+        """Recorded like chat; `fail_status`/`fail_times` knobs apply; vectors from fake_wire."""
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            await _send_bytes(send, 400, fake_wire.openai_error(400, "body is not JSON"))
+            return
+        model = str(body.get("model", ""))
+        self._record(model, scope["path"], scope["headers"], body)
+        knobs = self._knobs_for(model)
+        if self._should_fail(model, knobs):
+            await _send_failure(send, knobs, anthropic=False)
+            return
+        await _send_bytes(send, 200, fake_wire.openai_embeddings(body))
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -320,3 +320,42 @@ def anthropic_error(status: int, message: str) -> bytes:
     }
     error = {"type": kind.get(status, "api_error"), "message": message}
     return orjson.dumps({"type": "error", "error": error})
+
+
+# ---- embeddings (api-embeddings) -------------------------------------------------------------------------
+
+EMBEDDING_DIMENSIONS = 8  # when the request sends no `dimensions`
+
+
+def fake_vector(item: str | list[int], dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A deterministic vector from a hash of the input; each value k/128 (exact in float32)."""
+    import hashlib
+
+    seed = (item if isinstance(item, str) else repr(item)).encode()
+    raw = b""
+    while len(raw) < dimensions:
+        raw += hashlib.sha256(seed + len(raw).to_bytes(4, "little")).digest()
+    return [(b - 128) / 128 for b in raw[:dimensions]]
+
+
+def openai_embeddings(body: Mapping[str, Any]) -> bytes:
+    """`POST /v1/embeddings`: one fake vector per input (base64 float32 if asked), usage by characters."""
+    import base64
+    import struct
+
+    given = body.get("input")
+    items: list[Any] = [given] if isinstance(given, str) or not isinstance(given, list) else given
+    if items and all(isinstance(i, int) for i in items):
+        items = [items]  # one token array
+    dims = int(body.get("dimensions") or EMBEDDING_DIMENSIONS)
+    data = []
+    for index, item in enumerate(items):
+        vector = fake_vector(item, dims)
+        if body.get("encoding_format") == "base64":
+            encoded: Any = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+        else:
+            encoded = vector
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = sum(max(1, (len(i) + 3) // 4) if isinstance(i, str) else len(i) for i in items)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return orjson.dumps({"object": "list", "data": data, "model": body.get("model"), "usage": usage})

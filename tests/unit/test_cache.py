@@ -11,13 +11,13 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from backends.base import ChatResult, StreamChunk, Usage
+from gateway.cache.keys import cache_key as key_of
+from gateway.cache.keys import cache_namespace, cacheable
 from gateway.cache.store import (
     CacheDirectives,
     CachedResponse,
     MemoryCache,
     RedisCache,
-    cache_namespace,
-    cacheable,
     decode_entry,
     directives,
     encode_entry,
@@ -25,7 +25,6 @@ from gateway.cache.store import (
     entry_from_result,
     merge_deltas,
 )
-from gateway.cache.store import cache_key as key_of
 from gateway.translate.openai_chat import ChatCompletionBody, chat_request, parse_chat_body
 from tests.support.timing import CUT_OFF_S
 

@@ -72,7 +72,7 @@ def test_unknown_backend_reference_names_the_defined_ones() -> None:
 
 def test_team_with_unknown_model() -> None:
     got = problems({"teams": {"t": {"models": ["nope"]}}})
-    assert got == ['teams.t.models: unknown model "nope" (defined models: smollm2, or "*")']
+    assert got == ['teams.t.models: unknown model "nope" (defined models: minilm, smollm2, or "*")']
 
 
 def test_bad_kind_and_bad_type() -> None:
