@@ -48,6 +48,8 @@ def _import_litellm() -> Any:
     """Import litellm with its network-facing defaults off. Idempotent: the settings are plain assignments."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("LITELLM_TELEMETRY", "False")
+    # Otherwise the first request with an anthropic-beta header fetches litellm's list of betas from GitHub.
+    os.environ.setdefault("LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS", "True")
     import litellm
 
     litellm.suppress_debug_info = True
@@ -191,6 +193,9 @@ class CloudBackend:
             "response_format": dict(request.response_format) if request.response_format is not None else None,
         }
         kwargs.update((k, v) for k, v in optional.items() if v is not None)
+        if request.passthrough_headers and self._provider == "anthropic":
+            # Anthropic's own API version and beta flags (prompt caching, ...) reach Anthropic unchanged.
+            kwargs["extra_headers"] = dict(request.passthrough_headers)
         return kwargs
 
 

@@ -370,11 +370,13 @@ async def run_node(
     try:
         tokens_per_s = await measure_tokens_per_s(state, options.measure_tokens)
         log.info(
-            "edge node %s ready: model %s (%s, quant %s, KV %g MB), %.1f tokens/s, load %.1f s, RSS %.0f MB",
+            "edge node %s ready: model %s (%s, %s, quant %s, KV %g MB), %.1f tokens/s, load %.1f s, "
+            "RSS %.0f MB",
             options.node_id,
             loaded.name,
             ", ".join(names),
-            options.quant,
+            state.config.get("dtype", "?"),
+            state.config.get("quant", options.quant),
             options.kv_cache_mb,
             tokens_per_s,
             time.perf_counter() - started_s,

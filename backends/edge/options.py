@@ -56,7 +56,7 @@ class NodeOptions:
     usd_per_hour: float = 0.0
     model: str = DEFAULT_MODEL_SPEC
     served_name: str = "smollm2"
-    quant: str = "int4"
+    quant: str = "auto"  # timed on the device at first start, as `engine serve` does (autotune.py)
     kv_cache_mb: float = 64.0
     threads: int | None = None
     max_batch: int = 8

@@ -75,6 +75,8 @@ def cache_key(namespace: str, call: ChatRequest, preferences: Mapping[str, Any] 
         "tool_choice": call.tool_choice,
         "response_format": call.response_format,
         "prompt": call.prompt,  # a raw completion and its chat translation are different requests
+        # anthropic-beta and the like may change the answer: requests that differ in them share nothing
+        "headers": sorted(call.passthrough_headers) or None,
         "route": {p: _name_set(prefs[p]) for p in _ELIGIBILITY_PREFS if prefs.get(p) is not None},
     }
     payload = orjson.dumps({k: v for k, v in canonical.items() if v is not None}, option=orjson.OPT_SORT_KEYS)

@@ -137,7 +137,9 @@ def serve(
     ] = 0.0,
     model: Annotated[str | None, typer.Option(help="GGUF file, HF directory or pkg:PACKAGE/FILE.")] = None,
     served_name: Annotated[str, typer.Option(help="The model name the gateway routes to.")] = "smollm2",
-    quant: Annotated[str, typer.Option(help="Weight quantization: none | int8 | int4.")] = "int4",
+    quant: Annotated[
+        str, typer.Option(help="Weight quantization: auto (timed, cached) | none | int8 | int4.")
+    ] = "auto",
     kv_cache_mb: Annotated[float, typer.Option(min=1, help="KV-cache budget in MiB.")] = 64.0,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all).")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded at once.")] = 8,

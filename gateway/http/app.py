@@ -32,6 +32,7 @@ from backends.errors import SwitchboardError
 from gateway.config import Config
 from gateway.edge.api import edge_router
 from gateway.errors import AdminOnly, InvalidRequest, NotFound, error_body
+from gateway.http import anthropic_routes
 from gateway.http.admin import admin_router
 from gateway.http.auth import authenticate, bearer_token
 from gateway.http.context import RequestContextMiddleware, timing_of
@@ -41,8 +42,8 @@ from gateway.http.openapi import (
     SSE_EVENT,
     TAG_OPS,
     TAG_TEAM,
+    AnyModelList,
     Health,
-    ModelList,
     Readiness,
     errors,
     finish,
@@ -53,6 +54,9 @@ from gateway.http.responses import responses_router
 from gateway.http.usage import usage_router
 from gateway.services import Services
 from gateway.services.build import build_services
+from gateway.translate.anthropic_headers import VERSION_HEADER
+from gateway.translate.anthropic_messages import AnthropicMessages, CountTokensBody
+from gateway.translate.anthropic_render import CountAnswer, ErrorAnswer
 from gateway.translate.openai_chat import ChatCompletions
 from gateway.translate.openai_completions import Completions
 from gateway.translate.openai_responses import Responses
@@ -78,8 +82,28 @@ def endpoint_deps(svc: Services) -> EndpointDeps:
     )
 
 
-async def list_models(request: Request) -> Response:
+async def list_models(
+    request: Request,
+    limit: int | None = anthropic_routes.LIMIT,
+    after_id: str | None = anthropic_routes.AFTER_ID,
+    before_id: str | None = anthropic_routes.BEFORE_ID,
+    beta: str | None = anthropic_routes.BETA,
+) -> Response:
     access = services_of(request).access
+    if VERSION_HEADER in request.headers:
+        return await anthropic_routes.anthropic_models(
+            request,
+            access,
+            limit=limit or anthropic_routes.DEFAULT_PAGE,
+            after_id=after_id,
+            before_id=before_id,
+        )
+    for name, value in (("limit", limit), ("after_id", after_id), ("before_id", before_id)):
+        if value is not None:
+            raise InvalidRequest(
+                f"query parameter `{name}` pages Anthropic's model list only; send `{VERSION_HEADER}`",
+                param=name,
+            )
     identity = await authenticate(access, request.headers.get("authorization"), now=dt.datetime.now(dt.UTC))
     created = int(time.time())
     data = [
@@ -176,15 +200,18 @@ async def refuse_unknown_query(conn: HTTPConnection) -> None:
             )
 
 
-def error_response(exc: SwitchboardError) -> Response:
-    """The OpenAI error envelope, for every route that is not a translator's."""
+def error_response(exc: SwitchboardError, request: Request | None = None) -> Response:
+    """The OpenAI error envelope, for every route that is not a translator's; Anthropic's where it is
+    wanted (its paths, or a request sending `anthropic-version`)."""
+    if request is not None and anthropic_routes.wants_anthropic(request):
+        return anthropic_routes.anthropic_error(exc)
     return enveloped_response(exc, error_body(exc))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def on_switchboard(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SwitchboardError)
-        return error_response(exc)
+        return error_response(exc, request)
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -192,22 +219,25 @@ def _install_error_handlers(app: FastAPI) -> None:
         # loc opens with where the value came from (body, query, path, header): the name is what follows.
         param = ".".join(str(p) for p in tuple(err.get("loc", ()))[1:]) or None
         what = f"`{param}`" if param else "the request"
-        return error_response(InvalidRequest(f"invalid value for {what}: {err.get('msg')}", param=param))
+        invalid = InvalidRequest(f"invalid value for {what}: {err.get('msg')}", param=param)
+        return error_response(invalid, request)
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
-            return error_response(NotFound(f"no route {request.method} {request.url.path}; see /docs"))
+            return error_response(
+                NotFound(f"no route {request.method} {request.url.path}; see /docs"), request
+            )
         err = SwitchboardError(str(exc.detail))
         err.status_code = exc.status_code
         err.openai_type = "invalid_request_error"
         err.code = "method_not_allowed" if exc.status_code == 405 else "http_error"
-        return error_response(err)
+        return error_response(err, request)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # The one top-level catch: log with the request id, answer with the envelope, never leak details.
         log.exception("unhandled error in request %s", timing_of(request.scope).request_id)
-        return error_response(SwitchboardError("internal error; the gateway log has details"))
+        return error_response(SwitchboardError("internal error; the gateway log has details"), request)
 
     app.add_exception_handler(SwitchboardError, on_switchboard)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -234,35 +264,34 @@ class SwitchboardApp(FastAPI):
         async def lane(scope: Scope, receive: Receive, send: Send) -> None:
             await serve(translator, scope["app"].state.endpoint_deps, scope, receive, send)
 
-        self._lanes[translator.path] = RequestContextMiddleware(lane)
-        self._document(translator)
+        answer = ok(
+            getattr(translator, "answer_model", None), "the answer; with `stream`, server-sent events"
+        )
+        answer[200]["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
+        codes = getattr(translator, "error_statuses", (400, 401, 403, 404, 413, 429, 502, 503, 504))
+        statuses = errors(*codes, envelope=getattr(translator, "error_model", None))
+        body_model = getattr(translator, "body_model", None)
+        self.add_lane(translator.path, lane, translator.endpoint, body_model, {**answer, **statuses})
 
-    def _document(self, translator: Translator) -> None:
-        """A placeholder route that only the OpenAPI listing sees (the lane answers every request), its body
-        typed with the translator's `body_model` so that the document shows the real request schema."""
+    def add_lane(
+        self, path: str, handler: ASGIApp, name: str, body_model: type | None, responses: dict[int | str, Any]
+    ) -> None:
+        """Serve `POST path` with a raw ASGI `handler` on the fast lane (the request context is kept; the
+        handler renders its own errors), documented by a placeholder route that only the OpenAPI listing
+        sees, its body typed with `body_model` so that the document shows the real request schema."""
 
         async def documented(body: Any) -> Response:
             raise NotImplementedError
 
-        body_model = getattr(translator, "body_model", None)
+        self._lanes[path] = RequestContextMiddleware(handler)
         if body_model is not None:
             param = inspect.Parameter("body", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=body_model)
             documented.__signature__ = inspect.Signature([param])  # type: ignore[attr-defined]
             self._body_schemas.append(body_model.__name__)
         else:
             documented.__signature__ = inspect.Signature([])  # type: ignore[attr-defined]
-        answer = ok(
-            getattr(translator, "answer_model", None), "the answer; with `stream`, server-sent events"
-        )
-        answer[200]["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
-        statuses = errors(400, 401, 403, 404, 413, 429, 502, 503, 504)
         self.add_api_route(
-            translator.path,
-            documented,
-            methods=["POST"],
-            name=translator.endpoint,
-            tags=[TAG_TEAM],
-            responses={**answer, **statuses},
+            path, documented, methods=["POST"], name=name, tags=[TAG_TEAM], responses=responses
         )
 
     def openapi(self) -> dict[str, Any]:
@@ -284,7 +313,7 @@ class SwitchboardApp(FastAPI):
 
 
 def _add_plain_routes(app: FastAPI) -> None:
-    models = {**ok(ModelList, "the models this key may use"), **errors(401, 503)}
+    models = {**ok(AnyModelList, "the models this key may use"), **errors(401, 503)}
     app.add_api_route("/v1/models", list_models, methods=["GET"], tags=[TAG_TEAM], responses=models)
     app.add_api_route(
         "/healthz", healthz, methods=["GET"], tags=[TAG_OPS], responses={**ok(Health, "alive"), **errors()}
@@ -332,6 +361,16 @@ def create_app(config: Config) -> SwitchboardApp:
     app.add_translator(ChatCompletions())
     app.add_translator(Completions())
     app.add_translator(Responses())
+    app.add_translator(AnthropicMessages())
+    counted = ok(CountAnswer, "the estimated input tokens")
+    counted.update(errors(*anthropic_routes.COUNT_STATUSES, envelope=ErrorAnswer))
+    app.add_lane(
+        anthropic_routes.COUNT_PATH,
+        anthropic_routes.count_tokens_lane,
+        "messages.count_tokens",
+        CountTokensBody,
+        counted,
+    )
     _add_plain_routes(app)
     app.include_router(admin_router())
     app.include_router(usage_router())

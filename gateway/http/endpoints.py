@@ -22,7 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from backends.errors import SwitchboardError
 from gateway.errors import PayloadTooLarge
-from gateway.http.auth import authenticate
+from gateway.http.auth import presented_key
 from gateway.http.coalesce import ready_batches
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.access import ModelAccess
@@ -40,7 +40,10 @@ class Translator(Protocol):
     """One wire API on the pipeline (gateway/translate/).
 
     Optional, for /openapi.json only: `body_model` and `answer_model`, pydantic models of the request body
-    and of the JSON answer (`parse` and `render` stay what reads and writes them).
+    and of the JSON answer (`parse` and `render` stay what reads and writes them). Optional for the edge:
+    `api_key_header` (a header that may carry the key when `Authorization` is absent), `forwarded_headers`
+    (request headers handed to `to_request` in `ctx.headers`) and `error_status(exc) -> int` (the API's own
+    status for an error, when it differs from `exc.status_code`).
 
     Optional, for an API that keeps state between requests (the Responses API), two awaited hooks around
     the pipeline, which itself stays stateless: `async prepare(body, ctx, store) -> body`, after `parse`
@@ -94,12 +97,17 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body is larger than {limit} bytes (config: server.max_body_bytes)")
 
 
-def enveloped_response(exc: SwitchboardError, body: bytes) -> Response:
+def enveloped_response(exc: SwitchboardError, body: bytes, status: int | None = None) -> Response:
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in exc.headers}
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(retry_after)))
-    return Response(body, status_code=exc.status_code, media_type=JSON, headers=headers)
+    return Response(body, status_code=status or exc.status_code, media_type=JSON, headers=headers)
+
+
+def translator_error(translator: Translator, exc: SwitchboardError) -> Response:
+    status_of = getattr(translator, "error_status", None)
+    return enveloped_response(exc, translator.error_body(exc), status_of(exc) if status_of else None)
 
 
 async def serve(
@@ -110,7 +118,8 @@ async def serve(
     timing: Timing = scope["state"]["timing"]
     try:
         received_at = dt.datetime.now(dt.UTC)
-        identity = await authenticate(deps.access, request.headers.get("authorization"), now=received_at)
+        key = presented_key(request.headers, getattr(translator, "api_key_header", None))
+        identity = await deps.access.authenticate(key, now=received_at)
         try:
             body = translator.parse(await read_body(request, deps.max_body_bytes))
         except SwitchboardError:
@@ -122,6 +131,9 @@ async def serve(
             received_at,
             Hints.from_headers(request.headers),
             deps.request_timeout_s,
+            tuple(
+                (n, v) for n in getattr(translator, "forwarded_headers", ()) if (v := request.headers.get(n))
+            ),
         )
         prepare = getattr(translator, "prepare", None)
         if prepare is not None:
@@ -140,11 +152,12 @@ async def serve(
         response = Response(translator.render(answer, body, greq), media_type=JSON)
         response.raw_headers.extend(answer.headers)
     except SwitchboardError as exc:
-        response = enveloped_response(exc, translator.error_body(exc))
+        response = translator_error(translator, exc)
     except Exception:  # noqa: BLE001 - the top-level handler of the fast lane
         log.exception("unhandled error in request %s", timing.request_id)
-        internal = SwitchboardError("internal error; the gateway log has details")
-        response = enveloped_response(internal, translator.error_body(internal))
+        response = translator_error(
+            translator, SwitchboardError("internal error; the gateway log has details")
+        )
     await response(scope, receive, send)
 
 

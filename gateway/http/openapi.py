@@ -12,7 +12,9 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, RootModel
+
+from gateway.translate.anthropic_render import ModelPage
 
 TEAM_KEY, ADMIN_KEY, METRICS_TOKEN = "teamKey", "adminKey", "metricsToken"
 TAG_TEAM, TAG_ADMIN, TAG_OPS = "team API", "admin", "operations"
@@ -28,6 +30,7 @@ _STATUS_TEXT = {
     502: "every backend failed or answered badly",
     503: "no healthy deployment, the database, Redis or the limiter is unreachable, or a report timed out",
     504: "the backend did not answer in time",
+    529: "overloaded: no healthy deployment or the upstream is unavailable (Anthropic's status for a 503)",
 }
 
 
@@ -55,12 +58,11 @@ class ErrorEnvelope(BaseModel):
     error: ErrorDetail
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def errors(*statuses: int, envelope: type[BaseModel] | None = None) -> dict[int | str, dict[str, Any]]:
     """The `responses=` entries for the error statuses a route can answer. Every route can answer 400 (an
-    unknown query parameter, app.refuse_unknown_query) and 500."""
-    return {
-        s: {"model": ErrorEnvelope, "description": _STATUS_TEXT[s]} for s in sorted({*statuses, 400, 500})
-    }
+    unknown query parameter, app.refuse_unknown_query) and 500. `envelope`: an API's own (Anthropic's)."""
+    model = envelope or ErrorEnvelope
+    return {s: {"model": model, "description": _STATUS_TEXT[s]} for s in sorted({*statuses, 400, 500})}
 
 
 def ok(model: type[BaseModel] | None, text: str, *, status: int = 200, media: str | None = None) -> dict:
@@ -102,6 +104,10 @@ class ModelCard(_Open):
 class ModelList(_Open):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class AnyModelList(RootModel[ModelList | ModelPage]):
+    """OpenAI's list, or Anthropic's page when the request sends `anthropic-version`."""
 
 
 class Health(_Open):

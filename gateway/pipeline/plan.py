@@ -142,9 +142,10 @@ class Planner:
 def detect_call(call: ChatRequest) -> tuple[DetectorKind, ...]:
     """Sensitive data anywhere a backend will see it: every field of every message, and the request-level
     values sent along (stop strings, tools with their descriptions and schemas, tool_choice, the response
-    format's schema, user). Fields a translator does not forward never reach a backend."""
+    format's schema, user, pass-through headers). Fields a translator does not forward never reach a
+    backend."""
     extras = (call.stop, call.tools, call.tool_choice, call.response_format, call.user, call.prompt)
-    return detect_request(call.messages, [e for e in extras if e])
+    return detect_request(call.messages, [e for e in (*extras, call.passthrough_headers) if e])
 
 
 def check_preference_names(

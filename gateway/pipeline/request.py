@@ -126,6 +126,7 @@ class RequestContext:
     received_at: dt.datetime
     hints: Hints = NO_HINTS
     timeout_s: float = 600.0  # server.request_timeout_s
+    headers: tuple[tuple[str, str], ...] = ()  # those its translator names in `forwarded_headers`, if sent
 
 
 @dataclass(slots=True)

@@ -6,6 +6,8 @@ its chat translation. Bad input gets OpenAI's envelope with the field named.
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Any
 
 import httpx
@@ -136,3 +138,20 @@ def test_malformed_json_is_a_400(gateway: Gateway) -> None:
     )
     assert reply.status_code == 400
     assert reply.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_planted_pii_in_a_prompt_never_reaches_an_external_backend(gateway: Gateway) -> None:
+    """`cloud-gpt` is served only by an external cloud: an e-mail address in the prompt raises the floor
+    above it, and the request fails closed instead of going out."""
+    secret = uuid.uuid4().hex
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client(gateway).completions.create(
+                model="cloud-gpt", prompt=f"write to jane.doe@example.com about {secret}", stream=stream
+            )
+        body = err.value.body
+        assert isinstance(body, dict) and body["code"] == "no_eligible_deployment"
+        assert secret not in body["message"] and "jane.doe" not in body["message"]
+    assert not any(secret in json.dumps(r["body"]) for r in gateway.fake.received("gpt-4o-mini"))
+    client(gateway).completions.create(model="fast", prompt=f"internal: jane.doe@example.com {secret}")
+    assert any(secret in json.dumps(r["body"]) for r in gateway.fake.received("fast"))

