@@ -3,14 +3,17 @@
 Streams follow Anthropic's event order (message_start, ping, content_block_start/delta/stop per block,
 message_delta with stop_reason and usage, message_stop), every event with its `event:` line: the Anthropic
 SDKs drop events without one. A chat tool call becomes a `tool_use` block whose arguments arrive as
-`input_json_delta` pieces, as the backend sent them. Errors use Anthropic's envelope and statuses: a 503
-(no healthy backend, upstream unavailable) is 529 `overloaded_error`, which Anthropic's clients retry.
+`input_json_delta` pieces, as the backend sent them (calls after the first are held to the end, so
+interleaved chat deltas never split a block); arguments that are not a JSON object end in an error.
+Errors use Anthropic's envelope and statuses: a 503 (no healthy backend, upstream unavailable) is 529
+`overloaded_error`, which Anthropic's clients retry.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
@@ -117,7 +120,8 @@ def _tool_input(arguments: Any, name: str) -> dict[str, Any]:
         value = None
     if not isinstance(value, dict):
         raise BackendBadResponse(
-            "the backend called a tool with arguments that are not a JSON object; retry the request"
+            f"the backend called tool `{name[:64]}` with arguments that are not a JSON object; "
+            "retry the request"
         )
     return value
 
@@ -162,19 +166,37 @@ def event(name: str, data: Mapping[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
+@dataclass
+class _Call:
+    id: str
+    name: str
+    pieces: list[str]  # the arguments as the backend streamed them
+
+
 class _Blocks:
-    """Turns chat deltas into content block events: one open block at a time, indexes in order."""
+    """Turns chat deltas into content block events: one open block at a time, indexes in order.
+
+    A chat stream may interleave parallel calls (their argument deltas taking turns) and Anthropic's events
+    cannot, so only the first tool call streams as it comes; what follows it (later calls, late text) is held
+    and sent when the answer ends, each call still in its own `input_json_delta` pieces. Every call's
+    arguments must then be a JSON object: `finish` raises otherwise, as `render_message` does."""
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.index = -1
-        self.open: str | int | None = None  # "text", a tool call's index, or nothing open
-        self.used_tools = False
+        self.open: str | None = None  # "text", "tool", or nothing open
+        self.live: int | None = None  # chat index of the call that streams as it comes
+        self.calls: dict[int, _Call] = {}  # by chat index, in order of appearance
+        self.held_text: list[str] = []
 
-    def _start(self, key: str | int, block: Mapping[str, Any]) -> list[bytes]:
+    @property
+    def used_tools(self) -> bool:
+        return bool(self.calls)
+
+    def _start(self, kind: str, block: Mapping[str, Any]) -> list[bytes]:
         out = self.close()
         self.index += 1
-        self.open = key
+        self.open = kind
         start = {"type": "content_block_start", "index": self.index, "content_block": block}
         return [*out, event("content_block_start", start)]
 
@@ -183,6 +205,12 @@ class _Blocks:
             "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
         )
 
+    def _start_call(self, call: _Call) -> list[bytes]:
+        return self._start("tool", {"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
+
+    def _json_delta(self, piece: str) -> bytes:
+        return self._delta({"type": "input_json_delta", "partial_json": piece})
+
     def close(self) -> list[bytes]:
         if self.open is None:
             return []
@@ -190,26 +218,30 @@ class _Blocks:
         return [event("content_block_stop", {"type": "content_block_stop", "index": self.index})]
 
     def text(self, piece: str) -> list[bytes]:
+        if self.live is not None:
+            self.held_text.append(piece)
+            return []
         out = [] if self.open == "text" else self._start("text", {"type": "text", "text": ""})
         return [*out, self._delta({"type": "text_delta", "text": piece})]
 
-    def tool(self, call: Mapping[str, Any]) -> list[bytes]:
-        key = int(call.get("index") or 0)
-        function = call.get("function") or {}
-        out: list[bytes] = []
-        if self.open != key:
-            self.used_tools = True
-            tool_id = call.get("id") or f"toolu_{self.request_id}_{key}"
-            block: dict[str, Any] = {
-                "type": "tool_use",
-                "id": tool_id,
-                "name": function.get("name") or "",
-                "input": {},
-            }
-            out = self._start(key, block)
+    def tool(self, delta: Mapping[str, Any]) -> list[bytes]:
+        key = int(delta.get("index") or 0)
+        function = delta.get("function") or {}
+        call = self.calls.get(key)
+        if call is None:
+            call_id = delta.get("id") or f"toolu_{self.request_id}_{key}"
+            call = self.calls[key] = _Call(call_id, function.get("name") or "", [])
+        elif function.get("name") and not call.name:
+            call.name = function["name"]
         arguments = function.get("arguments")
         if arguments:
-            out.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
+            call.pieces.append(arguments)
+        out: list[bytes] = []
+        if self.live is None:
+            self.live = key
+            out = self._start_call(call)
+        if key == self.live and arguments:
+            out.append(self._json_delta(arguments))
         return out
 
     def feed(self, delta: Mapping[str, Any]) -> list[bytes]:
@@ -222,9 +254,18 @@ class _Blocks:
         return out
 
     def finish(self) -> list[bytes]:
+        for call in self.calls.values():
+            _tool_input("".join(call.pieces), call.name)
         if self.index < 0:  # nothing was said: one empty text block, as a whole answer would have
             return [*self._start("text", {"type": "text", "text": ""}), *self.close()]
-        return self.close()
+        out: list[bytes] = []
+        for key, call in self.calls.items():
+            if key != self.live:
+                out += [*self._start_call(call), *map(self._json_delta, call.pieces)]
+        if self.held_text:
+            out += self._start("text", {"type": "text", "text": ""})
+            out.append(self._delta({"type": "text_delta", "text": "".join(self.held_text)}))
+        return [*out, *self.close()]
 
 
 def message_start(request_id: str, model: str) -> bytes:
@@ -250,11 +291,11 @@ async def render_events(stream: ChunkStream, *, request_id: str, model: str) -> 
             for piece in blocks.feed(chunk.delta):
                 yield piece
             finish = chunk.finish_reason or finish
+        tail = blocks.finish()
     except SwitchboardError as exc:
         # Headers are gone: the error travels as an `error` event, which Anthropic's SDKs raise.
         yield event("error", {"type": "error", "error": {"type": error_type(exc), "message": exc.message}})
         return
-    tail = blocks.finish()
     delta = {"stop_reason": stop_reason(finish, used_tools=blocks.used_tools), "stop_sequence": None}
     tail.append(
         event("message_delta", {"type": "message_delta", "delta": delta, "usage": _usage(stream.rec.usage)})

@@ -338,7 +338,9 @@ class Responses:
         except SwitchboardError as exc:
             # Headers are gone: the failure travels as `response.failed`, with what was answered so far.
             error = {"code": _failure_code(exc), "message": exc.message}
-            failed = response_object(call, request, status="failed", output=events.output, error=error)
+            failed = response_object(
+                call, request, status="failed", output=events.partial_output(), error=error
+            )
             yield events.lifecycle("response.failed", failed)
             return
         yield events.lifecycle(f"response.{status}", response)

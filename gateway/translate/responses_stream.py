@@ -2,7 +2,8 @@
 
 `StreamEvents` is pure: fed chunks, it opens output items (`response.output_item.added`, then
 `response.content_part.added` for text), emits `response.output_text.delta` and
-`response.function_call_arguments.delta`, and at the end closes every item (`...done` events) in output order.
+`response.function_call_arguments.delta`, and at the end closes every item (`...done` events) in output order;
+a stream that fails first reports what its deltas carried (`partial_output`), never emptied items.
 Every event carries the next `sequence_number`, strictly increasing from 0. Item ids follow the same scheme as
 a whole answer's (responses_items.py), so a stored streamed response reads like a non-streamed one.
 """
@@ -30,6 +31,7 @@ class StreamEvents:
         self._message_at: int | None = None  # output index of the message item, once text arrived
         self._calls: dict[int, int] = {}  # chat tool_call index -> output index
         self._arguments: dict[int, list[str]] = {}  # output index -> argument pieces
+        self._finished = False
 
     def event(self, event_type: str, **fields: Any) -> bytes:
         payload = {"type": event_type, "sequence_number": self._seq, **fields}
@@ -109,6 +111,7 @@ class StreamEvents:
     def finish(self, *, incomplete: bool) -> list[bytes]:
         """Close every open item, in output order; `output` is then the final output. An answer with
         neither text nor calls still gets its (empty) message, as a whole answer does."""
+        self._finished = True
         out = self._open_message() if not self._output else []
         for at, item in enumerate(self._output):
             if at == self._message_at:
@@ -143,3 +146,17 @@ class StreamEvents:
     @property
     def output(self) -> list[dict[str, Any]]:
         return self._output
+
+    def partial_output(self) -> list[dict[str, Any]]:
+        """The output as far as it was streamed, for a stream that fails before `finish`: each open item
+        with the text or arguments its deltas carried, marked incomplete (after `finish`: `output`)."""
+        if self._finished:
+            return self._output
+        items = []
+        for at, item in enumerate(self._output):
+            if at == self._message_at:
+                part = {"type": "output_text", "text": "".join(self._text), "annotations": [], "logprobs": []}
+                items.append({**item, "status": "incomplete", "content": [part]})
+            else:
+                items.append({**item, "status": "incomplete", "arguments": "".join(self._arguments[at])})
+        return items
