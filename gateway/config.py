@@ -43,6 +43,9 @@ class ServerConfig(_Strict):
     # SIGTERM: new connections are refused and in-flight requests (streams, reports) get this long to finish;
     # then they are cut off (their rows say client_closed), the ledger is flushed and the process exits.
     drain_timeout_s: float = Field(default=30.0, ge=0, le=3600)
+    # A streamed answer whose client stops reading (its socket buffers full) for this long is cut off and
+    # recorded client_closed, charged for what was produced; its upstream connection is freed.
+    write_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     # /docs and /openapi.json list the whole admin API: off unless asked for (assets are served locally).
     docs: bool = False
     # /metrics carries team names and spend: it needs the admin key, or the token in this variable ...

@@ -80,6 +80,7 @@ def endpoint_deps(svc: Services) -> EndpointDeps:
         server.max_body_bytes,
         server.request_timeout_s,
         svc.responses,
+        server.write_timeout_s,
     )
 
 

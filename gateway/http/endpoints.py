@@ -21,9 +21,11 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from backends.errors import SwitchboardError
+from gateway.eager import Ready, run_until_wait
 from gateway.errors import PayloadTooLarge
 from gateway.http.auth import presented_key
 from gateway.http.coalesce import ready_batches
+from gateway.http.server import ABORT_EXTENSION
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.access import ModelAccess
 from gateway.pipeline.flow import Answer, ChunkStream, Pipeline
@@ -77,6 +79,7 @@ class EndpointDeps:
     max_body_bytes: int
     request_timeout_s: float
     responses: ResponseStore  # conversation state, for translators with a `prepare` hook
+    write_timeout_s: float = 30.0  # server.write_timeout_s: a stream's client that stops reading
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -141,7 +144,8 @@ async def serve(
         greq = translator.to_request(body, ctx)
         if greq.stream:
             stream = await deps.pipeline.open_stream(greq, timing)
-            await send_sse(scope, receive, send, stream, translator.render_stream(stream, body, greq))
+            chunks = translator.render_stream(stream, body, greq)
+            await send_sse(scope, receive, send, stream, chunks, deps.write_timeout_s)
             return
         answer = await until_disconnect(receive, deps.pipeline.complete(greq, timing))
         if answer is None:
@@ -189,13 +193,36 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T | None:
         watcher.cancel()
 
 
+class _Stalled(Exception):
+    """The client stopped reading: a write waited longer than server.write_timeout_s."""
+
+
+async def _write(send: Send, message: Message, timeout_s: float) -> None:
+    """`send`, bounded: a timer is armed only when the write has to wait (the client's buffers are full)."""
+    step = run_until_wait(send(message))
+    if isinstance(step, Ready):
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await step
+    except TimeoutError:
+        raise _Stalled from None
+
+
 async def send_sse(
-    scope: Scope, receive: Receive, send: Send, stream: ChunkStream, body: AsyncIterator[bytes]
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    stream: ChunkStream,
+    body: AsyncIterator[bytes],
+    write_timeout_s: float = 30.0,
 ) -> None:
     """SSE straight onto the ASGI `send`; `stream.aclose()` runs however it ends (even if never read).
 
     One watcher waits for the client's `http.disconnect` and cancels this task, so a client that leaves
-    stops the upstream at once instead of at the next chunk. Pieces ready together go out in one send."""
+    stops the upstream at once instead of at the next chunk. Pieces ready together go out in one send.
+    A client that stops reading for `write_timeout_s` is dropped: its connection aborted, its row
+    client_closed (charged for what was produced), its upstream freed."""
     task = asyncio.current_task()
     assert task is not None
     gone = False
@@ -211,14 +238,24 @@ async def send_sse(
     batches = ready_batches(body)
     try:
         start = {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *stream.headers]}
-        await send(start)
+        await _write(send, start, write_timeout_s)
         async for piece in batches:
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            message = {"type": "http.response.body", "body": piece, "more_body": True}
+            await _write(send, message, write_timeout_s)
+        await _write(send, {"type": "http.response.body", "body": b"", "more_body": False}, write_timeout_s)
     except asyncio.CancelledError:
         if not gone:
             raise
         task.uncancel()
+    except _Stalled:
+        log.warning(
+            "request %s: the client read nothing for %g s (server.write_timeout_s); connection dropped",
+            stream.rec.request.request_id,
+            write_timeout_s,
+        )
+        abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
+        if abort is not None:
+            abort()
     finally:
         watcher.remove_done_callback(on_message)
         watcher.cancel()

@@ -33,6 +33,9 @@ FIRST_REQUEST_GRACE_S = 1.0  # at shutdown: how long a new connection that has s
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+ABORT_EXTENSION = "switchboard.abort"  # scope["extensions"][...]: drop this connection now
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     max_header_bytes: int
@@ -221,6 +224,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             raise _HeadRefused(f"the request head is over {self.limits.max_header_bytes} bytes")
         self._awaiting_head = False
         self._head_bytes = 0
+        # The app may drop a connection whose client stopped reading (a stream's write timeout): abort()
+        # discards the unsent bytes, where close() would wait for a reader that never comes.
+        extensions: dict[str, Any] = dict(self.scope.get("extensions") or {})
+        extensions[ABORT_EXTENSION] = self.transport.abort
+        self.scope["extensions"] = extensions
         super().on_headers_complete()
         if self._draining and self.cycle is not None:
             self.cycle.keep_alive = False  # answered with `connection: close`
