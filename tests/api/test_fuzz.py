@@ -22,6 +22,7 @@ OPERATIONS = {
     "DELETE /v1/responses/{response_id}",
     "GET /v1/responses/{response_id}/input_items",
     "POST /v1/completions",
+    "POST /v1/embeddings",
     "POST /v1/messages",
     "POST /v1/messages/count_tokens",
     "GET /v1/models",

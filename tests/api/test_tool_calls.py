@@ -95,6 +95,7 @@ def ask(sdk: OpenAI, model: str, messages: list[dict[str, Any]], *, stream: bool
 
 def script(gw: Gateway, model: str, *calls: tuple[str, str], **knobs: Any) -> str:
     upstream = TOOL_UPSTREAMS[model]
+    gw.fake.forget(upstream)  # no knob left over from another module's tests of the same upstream
     gw.fake.configure(upstream, tool_calls=calls, tool_arg_pieces=4, **knobs)
     return upstream
 

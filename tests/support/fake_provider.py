@@ -100,6 +100,11 @@ class FakeProviderApp:
         self._failed.pop(model, None)
         return self._knobs[model]
 
+    def forget(self, model: str) -> None:
+        """Back to the default knobs for `model` (knobs otherwise persist from test to test)."""
+        self._knobs.pop(model, None)
+        self._failed.pop(model, None)
+
     def requests(self, model: str) -> list[dict[str, Any]]:
         """Every recorded request for `model`: {"path", "headers", "body"}, oldest first."""
         return [
@@ -372,6 +377,9 @@ class FakeProvider:
 
     def configure(self, model: str | None = None, **knobs: Any) -> Knobs:
         return self.app.configure(model, **knobs)
+
+    def forget(self, model: str) -> None:
+        self.app.forget(model)
 
     def requests(self, model: str) -> list[dict[str, Any]]:
         """Bodies of every request received for `model`, oldest first."""
