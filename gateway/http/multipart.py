@@ -115,10 +115,10 @@ class MultipartReader:
                     pass
 
     async def _skip_to_delimiter(self, limit: int, what: str) -> None:
-        while (found := self._buf.find(self._delimiter)) < 0:
-            if len(self._buf) > limit:
-                raise _malformed(f"more than {limit} bytes {what}")
+        while (found := self._buf.find(self._delimiter)) < 0 and len(self._buf) <= limit:
             await self._more(what)
+        if found < 0 or found > limit:
+            raise _malformed(f"more than {limit} bytes {what}")
         del self._buf[: found + len(self._delimiter)]
 
     async def _part(self) -> Part:
@@ -130,6 +130,8 @@ class MultipartReader:
         del self._buf[:line_end]  # keep the CRLF: the header block (maybe empty) starts after it
         while (end := self._buf.find(b"\r\n\r\n")) < 0:
             await self._more_headers()
+        if end > MAX_HEADER_BYTES:
+            raise _malformed(f"a part's headers are longer than {MAX_HEADER_BYTES} bytes")
         part = _headers(bytes(self._buf[2:end]))
         del self._buf[: end + 4]
         self._in_part = True
