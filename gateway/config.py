@@ -344,6 +344,37 @@ class ResponsesConfig(_Strict):
     prune_interval_s: float = Field(default=3600.0, gt=0)  # how often expired responses are deleted
 
 
+class S3FilesConfig(_Strict):
+    """An S3-compatible bucket for `/v1/files` (files.storage = "s3"): what several replicas share."""
+
+    bucket: str = Field(min_length=3, max_length=63)
+    prefix: str = Field(default="switchboard-files/", max_length=512)  # object keys: <prefix><file id>
+    endpoint_url: str | None = None  # None: AWS; e.g. "http://minio:9000" for MinIO, Ceph, R2, ...
+    region: str | None = None
+    # Credentials come from these environment variables; unset: boto3's own chain (instance role, ...).
+    access_key_id_env: str | None = None
+    secret_access_key_env: str | None = None
+    session_token_env: str | None = None
+    part_bytes: int = Field(default=8 << 20, ge=5 << 20, le=1 << 30)  # multipart upload part (S3 min 5 MiB)
+    timeout_s: float = Field(default=30.0, gt=0, le=600)  # per S3 call (connect and read)
+
+
+class FilesConfig(_Strict):
+    """`/v1/files`: uploads (JSONL, purpose "batch") kept per team until deleted."""
+
+    max_bytes: int = Field(default=200 << 20, ge=1)  # a larger upload is refused (413) while it streams
+    max_line_bytes: int = Field(default=8 << 20, ge=1024)  # one JSONL line is parsed whole: its upper bound
+    storage: Literal["local", "s3"] = "local"  # local: one replica (or a shared mount); s3: several
+    local_dir: str = "./switchboard-files"  # storage = "local": created at the first upload
+    s3: S3FilesConfig | None = None  # storage = "s3": [files.s3]
+
+    @model_validator(mode="after")
+    def _s3_when_chosen(self) -> FilesConfig:
+        if self.storage == "s3" and self.s3 is None:
+            raise ValueError('files.s3: set [files.s3] bucket = "..." (files.storage = "s3" needs a bucket)')
+        return self
+
+
 class EdgeConfig(_Strict):
     """Edge nodes dialling in over `/v1/edge/connect` (see README, "Edge nodes")."""
 
@@ -405,6 +436,7 @@ class Config(_Strict):
     limits: LimitsConfig = LimitsConfig()
     reports: ReportsConfig = ReportsConfig()
     responses: ResponsesConfig = ResponsesConfig()
+    files: FilesConfig = FilesConfig()
     edge: EdgeConfig = EdgeConfig()
 
     @property

@@ -38,6 +38,7 @@ from gateway.http.auth import authenticate, bearer_token
 from gateway.http.context import RequestContextMiddleware, timing_of
 from gateway.http.deps import RouterDeps
 from gateway.http.endpoints import EndpointDeps, Translator, enveloped_response, serve
+from gateway.http.files import files_router
 from gateway.http.openapi import (
     SSE_EVENT,
     TAG_OPS,
@@ -378,6 +379,7 @@ def create_app(config: Config) -> SwitchboardApp:
     app.include_router(admin_router())
     app.include_router(usage_router())
     app.include_router(responses_router())  # GET/DELETE /v1/responses/{id}; the POST is a translator
+    app.include_router(files_router())  # /v1/files: uploads streamed to file storage (files.*)
     app.include_router(edge_router())  # /v1/edge/connect (WebSocket) and /admin/edge/...
     _install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)

@@ -12,6 +12,7 @@ from starlette.requests import HTTPConnection
 
 from gateway.config import Config
 from gateway.edge.hub import EdgeHub
+from gateway.files.service import FileService
 from gateway.limits.base import Limiter
 from gateway.live.state import RoutingState
 from gateway.pipeline.access import ModelAccess
@@ -63,18 +64,28 @@ class ResponseDeps:
 
 
 @dataclass(frozen=True, slots=True)
+class FileDeps:
+    """`/v1/files`."""
+
+    access: ModelAccess
+    files: FileService
+
+
+@dataclass(frozen=True, slots=True)
 class RouterDeps:
     reports: ReportDeps
     admin: AdminDeps
     edge: EdgeNodeDeps
     responses: ResponseDeps
+    files: FileDeps
 
     @classmethod
     def of(cls, svc: Services) -> RouterDeps:
         reports = ReportDeps(svc.access, svc.db, svc.config, svc.reports, svc.gate.store)
         admin = AdminDeps(svc.access, svc.db, svc.keys, svc.config, svc.routing, reports)
         edge = EdgeNodeDeps(svc.access, svc.db, svc.config, svc.edge)
-        return cls(reports, admin, edge, ResponseDeps(svc.access, svc.responses))
+        files = FileDeps(svc.access, svc.files)
+        return cls(reports, admin, edge, ResponseDeps(svc.access, svc.responses), files)
 
 
 def router_deps(conn: HTTPConnection) -> RouterDeps:

@@ -19,6 +19,7 @@ from backends.base import Backend
 from gateway.cache.store import ResponseCache
 from gateway.config import Config
 from gateway.edge.hub import EdgeHub
+from gateway.files.service import FileService
 from gateway.limits.gate import Gate
 from gateway.live.health import HealthProber
 from gateway.live.state import RoutingState
@@ -51,6 +52,7 @@ class Services:
     pipeline: Pipeline
     reports: ReportRunner
     responses: ResponseStore  # /v1/responses conversation state (SQL)
+    files: FileService  # /v1/files: metadata in SQL, bytes in file storage (files.storage)
     redis: Redis | None = None  # None: cache, limits and budgets live in this process
     routing_sync: RoutingSync | None = None  # shares routing stats and circuits through Redis
     rollup: RollupJob | None = None
@@ -77,6 +79,7 @@ class Services:
         if self.redis is not None:
             await self.redis.aclose()
         await self.ledger.aclose()
+        await self.files.aclose()
         self.db.dispose()
 
     async def redis_ok(self) -> bool | None:

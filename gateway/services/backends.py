@@ -28,11 +28,17 @@ class PriceSource(Protocol):
 
 
 def missing_secrets(config: Config) -> list[str]:
-    """One line per backend whose `api_key_env` names an unset variable (checked before serving)."""
+    """One line per `api_key_env` of a backend, or `files.s3.*_env`, naming an unset variable (checked before
+    serving)."""
+    named = [(f"backends.{name}.api_key_env", b.api_key_env) for name, b in config.backends.items()]
+    s3 = config.files.s3
+    if config.files.storage == "s3" and s3 is not None:
+        secrets = ("access_key_id_env", "secret_access_key_env", "session_token_env")
+        named += [(f"files.s3.{setting}", getattr(s3, setting)) for setting in secrets]
     return [
-        f"backends.{name}.api_key_env: environment variable {b.api_key_env} is not set (export it)"
-        for name, b in config.backends.items()
-        if b.api_key_env and not os.environ.get(b.api_key_env)
+        f"{path}: environment variable {env} is not set (export it)"
+        for path, env in named
+        if env and not os.environ.get(env)
     ]
 
 

@@ -21,6 +21,7 @@ from gateway.cache.store import ResponseCache
 from gateway.config import Config, EdgeBackendConfig
 from gateway.edge.hub import EdgeHub
 from gateway.edge.link import NodeTimeouts
+from gateway.files.service import FileService, build_storage
 from gateway.limits.base import BudgetRule
 from gateway.limits.gate import Gate, QuotaStore
 from gateway.live.state import RoutingState, build_specs
@@ -36,6 +37,7 @@ from gateway.services import Services
 from gateway.services.backends import build_backend, build_deployments
 from gateway.services.shared import build_health, build_quota, build_redis, build_registry, build_relay
 from gateway.store.db import make_engine, migrate
+from gateway.store.files import FileStore
 from gateway.store.journal import Journal, journal_tag
 from gateway.store.keys import KeyStore, upsert_teams
 from gateway.store.ledger import LedgerWriter
@@ -198,6 +200,7 @@ def build_responses(config: Config, engine: Engine) -> tuple[ResponseStore, Resp
 async def build_services(config: Config) -> Services:
     engine, ledger = build_store(config)
     try:
+        files = FileService(FileStore(engine), build_storage(config.files), config.files)
         backends = await build_backends(config)
     except BaseException:
         engine.dispose()
@@ -255,4 +258,5 @@ async def build_services(config: Config) -> Services:
         health=health,
         responses=responses,
         responses_prune=responses_prune,
+        files=files,
     )

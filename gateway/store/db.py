@@ -1,5 +1,5 @@
-"""SQL schema (teams, api_keys, usage, hourly rollups, edge tokens, stored responses), engine construction
-and migrations.
+"""SQL schema (teams, api_keys, usage, hourly rollups, edge tokens, stored responses, uploaded files'
+metadata), engine construction and migrations.
 
 Invariants: every datetime column holds timezone-aware UTC (`UTCDateTime` normalises on the way in and
 out, also on SQLite, which has no zone type); money is integer micro-dollars; `usage.request_id` is the
@@ -201,6 +201,26 @@ responses = sa.Table(
     sa.Column("history", sa.JSON, nullable=False),  # chat messages: the conversation through this answer
     sa.Index("ix_responses_team_id", "team", "id"),
     sa.Index("ix_responses_created_at", "created_at"),  # the retention prune
+)
+
+
+# `/v1/files` metadata (gateway/store/files.py); the bytes live in file storage (gateway/files/) under
+# `storage_key`. A row exists only once its bytes are stored whole.
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # file-<32 hex>
+    sa.Column("team", sa.String(64), nullable=False),  # no FK: like the ledger, teams may come and go
+    sa.Column("key_id", sa.String(32), nullable=True),  # the key that uploaded it
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("filename", sa.String(255), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # OpenAI's: uploaded | processed | error
+    sa.Column("storage_key", sa.String(600), nullable=False),
+    sa.Column("lines", sa.Integer, nullable=True),  # JSONL: non-blank lines
+    sa.Column("invalid_lines", sa.Integer, nullable=True),  # lines that are no valid batch request
+    sa.Index("ix_files_team_created", "team", "created_at", "id"),  # listing, newest first
 )
 
 

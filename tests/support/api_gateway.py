@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -65,9 +66,12 @@ def gateway_config(fake_root: str, db: dict[str, Any]) -> Config:
             "input_usd_per_mtok": "1",
             "output_usd_per_mtok": "4",
         }
+    # Uploaded files go next to the spill file, in the test's temporary directory.
+    files = {"local_dir": str(Path(db["spill_path"]).parent / "files")} if "spill_path" in db else {}
     return parse_config(
         {
             "server": {"admin_key_env": "SB_TEST_ADMIN_KEY", "key_cache_ttl_s": 0.5, "max_body_bytes": 65536},
+            "files": files,
             "database": {"flush_interval_s": 0.02, "replay_interval_s": 0.2, **db},
             "backends": {
                 "fakeoai": {"kind": "openai", "base_url": fake_v1, "api_key_env": "SB_TEST_FAKE_KEY"},
