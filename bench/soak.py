@@ -31,6 +31,7 @@ from bench.soak_traffic import Kind, Traffic
 
 MARK_START, MARK_END = "<!-- bench/soak:start -->", "<!-- bench/soak:end -->"
 SETTLE_TIMEOUT_S = 90.0
+GOAL_DURATION_S = 1800.0
 
 
 @dataclass
@@ -240,7 +241,16 @@ def render(args: argparse.Namespace, argv: list[str], run: Run, ledger: LedgerRo
         if run.outages
         else "no database outage"
     )
+    short = run.duration_s < GOAL_DURATION_S
     lines = [
+        *(
+            [
+                f"**Preliminary**: a {run.duration_s / 60:g}-minute run; the goals are set for "
+                f"{GOAL_DURATION_S / 60:g} minutes."
+            ]
+            if short
+            else []
+        ),
         f"Measured {info['date']} on {info['nproc']} x {info['cpu']} (Linux {info['kernel']}, Python "
         f"{info['python']}), commit {info['commit']}.",
         "",

@@ -148,6 +148,7 @@ host = "127.0.0.1"
 port = {port}
 admin_key_env = "SWITCHBOARD_ADMIN_KEY"
 request_timeout_s = 30.0
+max_connections_per_client = 1024  # the driver is a fleet of clients behind one address
 
 [database]
 {database}
