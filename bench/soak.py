@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tight-requests", type=int, default=20, help="the tight key's requests per minute")
     parser.add_argument("--cache-entries", type=int, default=500, help="cache.memory_max_entries")
     parser.add_argument("--max-in-flight", type=int, default=400)
+    parser.add_argument(
+        "--rollup-interval-s", type=float, default=60.0, help="reports.rollup_interval_s (the default)"
+    )
     parser.add_argument("--out", type=Path, help="write/replace the section in this markdown file")
     parser.add_argument("--chart", type=Path, default=Path("docs/soak.png"))
     parser.add_argument("--keep-log", type=Path, help="copy the gateway's log here")

@@ -134,7 +134,7 @@ async def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout
     raise TimeoutError(f"{url} not ready after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def _config(rig: Rig, port: int, fake_port: int, cache_entries: int) -> Path:
+def _config(rig: Rig, port: int, fake_port: int, cache_entries: int, rollup_interval_s: float) -> Path:
     if rig.db == "sqlite":
         database = f'url = "sqlite:///{rig.tmp / "ledger.db"}"'
     else:
@@ -156,6 +156,9 @@ spill_path = "{rig.spill}"
 
 [cache]
 memory_max_entries = {cache_entries}
+
+[reports]
+rollup_interval_s = {rollup_interval_s}
 
 [backends.fake]
 kind = "openai"
@@ -233,7 +236,7 @@ async def start_rig(rig: Rig, args: argparse.Namespace) -> tuple[str, str]:
     if rig.proxy is not None:
         await rig.proxy.start()
     key, tight = _make_keys(rig, args.tight_requests)
-    config = _config(rig, port, fake_port, args.cache_entries)
+    config = _config(rig, port, fake_port, args.cache_entries, args.rollup_interval_s)
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
     rig.procs.append(_spawn(cmd, rig.tmp / "gateway.log", {"SWITCHBOARD_ADMIN_KEY": rig.admin_key}))
     rig.url = f"http://127.0.0.1:{port}"
