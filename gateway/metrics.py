@@ -6,9 +6,11 @@ Per-request series carry the `endpoint` label (the API called, e.g. "chat.comple
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from gateway.records import UsageRecord
 
@@ -98,6 +100,17 @@ class GatewayMetrics:
     def add_gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         gauge = Gauge(name, doc, registry=self.registry)
         gauge.set_function(read)
+
+    def add_runtime_gauges(self, loop: asyncio.AbstractEventLoop) -> None:
+        """What a soak watches for leaks: the process's RSS, open fds and CPU (`process_*`, read from /proc
+        on Linux; absent elsewhere), the asyncio tasks alive on `loop` and the Python threads."""
+        ProcessCollector(registry=self.registry)
+        self.add_gauge(
+            "switchboard_asyncio_tasks",
+            "asyncio tasks alive on the serving event loop",
+            lambda: float(len(asyncio.all_tasks(loop))),
+        )
+        self.add_gauge("switchboard_threads", "Python threads alive", lambda: float(threading.active_count()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ pipeline that ties them together. Secrets are read here, from the environment va
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -119,6 +120,7 @@ def build_metrics(ledger: LedgerWriter) -> GatewayMetrics:
     )
     for name, doc, read in gauges:
         metrics.add_gauge(name, doc, read)
+    metrics.add_runtime_gauges(asyncio.get_running_loop())
     return metrics
 
 

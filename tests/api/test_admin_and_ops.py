@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -13,7 +16,8 @@ from openai import OpenAI
 from gateway.http.app import create_app
 from gateway.records import KeyBudget
 from gateway.store import keys
-from tests.support.api_gateway import ADMIN_KEY, Gateway, gateway_config
+from gateway.store.db import make_engine
+from tests.support.api_gateway import ADMIN_KEY, FAKE_UPSTREAM_KEY, Gateway, gateway_config
 from tests.support.fake_provider import FakeProvider
 from tests.support.live import LiveServer
 
@@ -167,6 +171,56 @@ def test_metrics_token_and_local_docs(
         assert "cdn" not in docs.text.lower() and "https://" not in docs.text  # no asset from elsewhere
         assert httpx.get(server.base_url + "/docs/assets/swagger-ui-bundle.js").status_code == 200
         assert httpx.get(server.base_url + "/openapi.json").json()["info"]["title"] == "Switchboard"
+
+
+def _gauge(server: LiveServer, name: str) -> float:
+    text = httpx.get(server.base_url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert found is not None, f"{name} missing from /metrics"
+    return float(found.group(1))
+
+
+def test_metrics_show_process_and_event_loop_gauges_and_tasks_end_with_their_requests(
+    fake: FakeProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What bench/soak watches for leaks: the asyncio task count rises with requests in flight and falls
+    back once their clients give up (the gateway cancels what they were waiting for)."""
+    monkeypatch.setenv("SB_TEST_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("SB_TEST_FAKE_KEY", FAKE_UPSTREAM_KEY)
+    config = gateway_config(
+        fake.base_url, {"url": f"sqlite:///{tmp_path}/sb.db", "spill_path": str(tmp_path / "s")}
+    )
+    fake.configure("mslow", ttft_ms=10, tokens_per_s=20, n_tokens=200)  # a 10 s answer
+    with LiveServer(create_app(config)) as server:
+        engine = make_engine(config.database.url)
+        key = keys.create_key(engine, "alpha", name="t", models=None, expires_at=None).plaintext
+        engine.dispose()
+        assert _gauge(server, "process_resident_memory_bytes") > 10 * 2**20
+        assert _gauge(server, "process_open_fds") > 0
+        assert _gauge(server, "switchboard_threads") >= 1
+        tasks_before = _gauge(server, "switchboard_asyncio_tasks")
+        body = {"model": "mslow", "messages": [{"role": "user", "content": "hi"}]}
+
+        def leave_early() -> None:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(
+                    server.base_url + "/v1/chat/completions",
+                    json=body,
+                    headers={"authorization": f"Bearer {key}"},
+                    timeout=httpx.Timeout(10, read=2.0),
+                )
+
+        clients = [threading.Thread(target=leave_early) for _ in range(6)]
+        for t in clients:
+            t.start()
+        time.sleep(1.0)
+        assert _gauge(server, "switchboard_asyncio_tasks") >= tasks_before + 6
+        for t in clients:
+            t.join()
+        deadline = time.monotonic() + 5
+        while _gauge(server, "switchboard_asyncio_tasks") > tasks_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gauge(server, "switchboard_asyncio_tasks") <= tasks_before
 
 
 def test_an_unexpected_error_keeps_the_connection(

@@ -47,13 +47,15 @@ Send = Callable[[Message], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class Knobs:
-    """How it behaves for one model. `fail_times=None` fails all requests while `fail_status` is set."""
+    """How it behaves for one model. `fail_times=None` and `fail_every=None` fail all requests while
+    `fail_status` is set."""
 
     ttft_ms: float = 0.0
     tokens_per_s: float = 0.0  # 0 = no delay between tokens
     n_tokens: int = 8
     fail_status: int | None = None  # e.g. 429, 500, 401
     fail_times: int | None = None  # fail only the next N requests, then answer normally
+    fail_every: int | None = None  # with fail_status: fail one request in N (the Nth, 2Nth, ...) forever
     retry_after_s: float = 1.0  # sent as Retry-After with 429
     hang: bool = False  # never answer; wait until the client disconnects
     cut_after_chunks: int | None = None  # streams: close the connection after k SSE events
@@ -167,6 +169,10 @@ class FakeProviderApp:
     def _should_fail(self, model: str, knobs: Knobs) -> bool:
         if knobs.fail_status is None:
             return False
+        if knobs.fail_every is not None:
+            seen = self._failed.get(model, 0) + 1
+            self._failed[model] = seen
+            return seen % knobs.fail_every == 0
         if knobs.fail_times is None:
             return True
         done = self._failed.get(model, 0)
