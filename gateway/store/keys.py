@@ -381,6 +381,9 @@ def _fetch_key(engine: Engine, key_hash: str) -> _Lookup | None:
     return _Lookup(identity, None if team_models is None else frozenset(team_models))
 
 
+OUTAGE_RETRY_S = 1.0  # a stale key or team entry served through an outage is re-checked this often
+
+
 class KeyStore:
     """Resolves plaintext keys to `KeyIdentity` from a TTL cache; see the module docstring."""
 
@@ -425,6 +428,8 @@ class KeyStore:
         except DBAPIError as exc:
             if cached is not None:
                 log.warning("team lookup failed (%s); serving the cached models", type(exc).__name__)
+                # Asked again in a moment, not by every request while the database is down.
+                self._team_models[team] = (cached[0], self._clock() + min(self._ttl_s, OUTAGE_RETRY_S))
                 return cached[0]
             raise ServiceUnavailable(
                 "cannot check team models: the database is unreachable (see /readyz)"
@@ -464,6 +469,9 @@ class KeyStore:
             if stale is not None and stale.lookup is not None:
                 # Keep known keys working through a database blip; this is the documented ttl trade-off.
                 log.warning("key lookup failed (%s); serving the cached identity", type(exc).__name__)
+                # Asked again in a moment, not by every request while the database is down.
+                retry_at = self._clock() + min(self._ttl_s, OUTAGE_RETRY_S)
+                self._entries[key_hash] = _Entry(stale.lookup, retry_at)
                 return stale.lookup
             raise ServiceUnavailable(
                 "cannot check API keys: the database is unreachable (see /readyz)"

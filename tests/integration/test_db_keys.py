@@ -15,7 +15,9 @@ from sqlalchemy.engine import Engine
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, ServiceUnavailable
 from gateway.records import KeyBudget
 from gateway.store import db
+from gateway.store import keys as keys_module
 from gateway.store.keys import (
+    OUTAGE_RETRY_S,
     KeyStore,
     check_usable,
     create_key,
@@ -399,6 +401,25 @@ async def test_keystore_serves_known_keys_through_an_outage(migrated_pg_target: 
         clock.now_s += 60
         stale = await store.resolve(created.plaintext)  # the refresh fails; the known identity is kept
         assert stale is not None and stale.key_id == created.key_id
+        # Through the outage the database is asked again once a second, not by every request.
+        lookups = 0
+        real_fetch = keys_module._fetch_key
+
+        def counting(*args: object) -> object:
+            nonlocal lookups
+            lookups += 1
+            return real_fetch(*args)  # type: ignore[arg-type]
+
+        keys_module._fetch_key = counting  # type: ignore[assignment]
+        try:
+            for _ in range(20):
+                assert await store.resolve(created.plaintext) is not None
+            assert lookups == 0
+            clock.now_s += OUTAGE_RETRY_S + 0.01
+            assert await store.resolve(created.plaintext) is not None
+            assert lookups == 1
+        finally:
+            keys_module._fetch_key = real_fetch  # type: ignore[assignment]
         with pytest.raises(ServiceUnavailable):
             await store.resolve(generate_key()[0])  # an unknown key cannot be checked
         await proxy.restore()
