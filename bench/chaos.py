@@ -102,7 +102,6 @@ def chaos_config(engine_url: str, fake_url: str, pg_url: str, schema: str, redis
         "teams": {
             "chaos": {
                 "objective": "cost",  # the engine first for `local`, cloud_a first for `cloud`
-                "max_latency_ms": 5000,  # ...unless predicted slower than this (a saturated engine)
                 "limits": {"requests": BIG, "tokens": BIG, "key_requests": BIG, "key_tokens": BIG},
             }
         },

@@ -206,10 +206,11 @@ def _setup(r: Report, meta: dict[str, str]) -> str:
         "back to a cloud deployment), the rest for `cloud` (deployment `primary`, falling back to "
         "`secondary`; both on the fake provider through litellm, `primary` with a "
         f"{meta['cloud_timeout_s']} s attempt timeout); {stream:.0%} are streams; 8 tokens each. Team "
-        "objective `cost` with `max_latency_ms = 5000`. The replicas share one PostgreSQL schema (through a "
-        "TCP proxy the bench cuts) and a private `redis-server` (rate limits with `limits.fail_open = "
-        "true`, cache on); breakers, journal and other timeouts are the config defaults; the load driver "
-        "is a trusted proxy (exempt from the per-client connection cap, as a balancer would be). "
+        "objective `cost` (the engine, then `primary`, first). The replicas share one PostgreSQL schema "
+        "(through a TCP proxy the bench cuts) and a private `redis-server` (rate limits with "
+        "`limits.fail_open = true`, cache on); breakers, journal and other timeouts are the config "
+        "defaults; the load driver is a trusted proxy (exempt from the per-client connection cap, as a "
+        "balancer would be). "
         f"Warm-up {first - r.t0:.0f} s, then each fault for {meta['fault_s']} s and a recovery gap before "
         f"the next. Recovery: the first second after the fault's end that starts {r.recover_window_s:g} "
         f"seconds without a failure (warm-up failure rate {r.baseline_rate():.2%})."
@@ -240,7 +241,11 @@ def render(r: Report, info: dict[str, str], meta: dict[str, str]) -> str:
             f"without an `x-request-id`: {led['answered_without_id']}). Failed requests: "
             f"{led['failed_with_id']} carried a request id, {led['failed_with_row']} of them have a row; "
             f"{led['failed_without_id']} got no response at all (no id to look up), against "
-            f"{led['rows_unseen']} rows whose id no client saw.",
+            f"{led['rows_unseen']} rows whose id no client saw. Rows by backend: "
+            + ", ".join(
+                f"{b}: {n}" for b, n in sorted(Counter(x.backend or "none" for x in r.rows.values()).items())
+            )
+            + ".",
             *verdict_lines,
             f"- Verdict: {'goal met' if ok else '**goal not met**'} (only requests on the killed process "
             "may fail; none missing from the ledger).",
