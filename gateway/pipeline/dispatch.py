@@ -3,7 +3,9 @@
 Each attempt has its own timeout. Only errors marked `retryable` lead to another attempt: the next candidate
 at once, or the same one again after a backoff that honours Retry-After, all within the request's budget.
 When every attempt fails, all causes are collected into one `AllBackendsFailed`. A stream may be retried
-only until its first chunk has arrived. Time awaiting backends is added to `Timing.upstream_s`.
+until its first token: the role-only chunk servers send before generating (our engine, vLLM, OpenAI) is
+held, not taken as a commitment, so a server that queues, stalls or dies before answering is fallen back
+from within the attempt's timeout. Time awaiting backends is added to `Timing.upstream_s`.
 
 `DeploymentUse` is the one owner of a request's life on a deployment: it takes the in-flight count, and it
 alone gives it back and tells the live stats and the circuit breaker how the attempt ended. Failed attempts
@@ -113,12 +115,14 @@ class Served:
 
 @dataclass(slots=True)
 class OpenStream:
-    """A stream whose first chunk has arrived; `rest` yields the others."""
+    """A stream whose first token has arrived: `first`, then `held` (the chunks read after `first` before
+    the stream was committed, the first token last), then what `rest` yields."""
 
     use: DeploymentUse
     first: StreamChunk
     rest: AsyncIterator[StreamChunk]
     attempts: int
+    held: tuple[StreamChunk, ...] = ()
 
     @property
     def deployment(self) -> Deployment:
@@ -285,21 +289,40 @@ async def embed(decision: RouteDecision, request: EmbeddingRequest, timing: Timi
     return Served(use, result, attempts)
 
 
+_Opened = tuple[list[StreamChunk], AsyncIterator[StreamChunk]]  # chunks up to the first token, the rest
+MAX_OPENING_CHUNKS = 4  # a server that sends more empty chunks than this is taken to have started
+
+
+def _opening(chunk: StreamChunk) -> bool:
+    """A chunk that says nothing yet: a role and/or empty content, no finish, no usage."""
+    delta = chunk.delta
+    return (
+        chunk.finish_reason is None
+        and chunk.usage is None
+        and not delta.get("content")
+        and delta.keys() <= {"role", "content"}
+    )
+
+
 async def open_stream(
     decision: RouteDecision, request: ChatRequest, timing: Timing, plan: Plan
 ) -> OpenStream:
-    async def attempt(dep: Deployment, req: ChatRequest) -> tuple[StreamChunk, AsyncIterator[StreamChunk]]:
+    async def attempt(dep: Deployment, req: ChatRequest) -> _Opened:
         iterator = plan.backends[dep.backend].stream(req).__aiter__()
+        chunks: list[StreamChunk] = []
         try:
-            return await iterator.__anext__(), iterator
+            chunks.append(await iterator.__anext__())
+            while _opening(chunks[-1]) and len(chunks) <= MAX_OPENING_CHUNKS:
+                chunks.append(await iterator.__anext__())  # within this attempt's timeout
+            return chunks, iterator
         except StopAsyncIteration:
-            return StreamChunk(), iterator
+            return chunks or [StreamChunk()], iterator
         except BaseException:
             await close_stream(iterator)  # a failed or timed-out attempt must not leak its connection
             raise
 
-    use, (first, rest), attempts = await _run_attempts(decision, request, timing, plan, attempt)
-    return OpenStream(use, first, rest, attempts)
+    use, (chunks, rest), attempts = await _run_attempts(decision, request, timing, plan, attempt)
+    return OpenStream(use, chunks[0], rest, attempts, tuple(chunks[1:]))
 
 
 async def next_chunk(stream: OpenStream, timeout_s: float) -> StreamChunk:

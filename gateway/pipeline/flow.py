@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from backends.base import ChatRequest, ChatResult, EmbeddingResult, StreamChunk, Usage
@@ -134,7 +134,7 @@ class Pipeline:
 
         plan = admitted.cache
         keep = _Keep(plan, admitted.routed.decision.reason) if plan is not None and plan.write else None
-        source = _first_then(opened.first, after_first)
+        source = _first_then((opened.first, *opened.held), after_first)
         return ChunkStream(rec, tuple(headers), source, opened, keep, self.cache)
 
     async def _admit(self, rec: RequestRecord, out: list[tuple[bytes, bytes]]) -> _Admitted:
@@ -216,9 +216,9 @@ def _replayer(chunks: Iterator[StreamChunk]) -> Callable[[], Awaitable[StreamChu
 
 
 def _first_then(
-    first: StreamChunk, rest: Callable[[], Awaitable[StreamChunk]]
+    opening: Sequence[StreamChunk], rest: Callable[[], Awaitable[StreamChunk]]
 ) -> Callable[[], Awaitable[StreamChunk]]:
-    pending: list[StreamChunk] = [first]
+    pending: list[StreamChunk] = list(reversed(opening))  # popped from the end
 
     async def next_one() -> StreamChunk:
         if pending:

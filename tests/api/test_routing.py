@@ -69,6 +69,7 @@ MODELS: dict[str, list[tuple[str, str, str, str]]] = {
     ],
     "streamfb": [("gpu_a", "sf-first", "1", "2"), ("gpu_b", "sf-second", "2", "4")],
     "streamcut": [("gpu_a", "sc-first", "1", "2"), ("gpu_b", "sc-second", "2", "4")],
+    "streamopen": [("gpu_a", "so-first", "1", "2"), ("gpu_b", "so-second", "2", "4")],
 }
 TEAMS: dict[str, dict[str, Any]] = {
     "thrifty": {"objective": "cost"},  # floor external, on_sensitive raise_floor
@@ -547,6 +548,18 @@ def test_stream_falls_back_before_the_first_byte(env: Env) -> None:
     row = env.row(reply)
     assert row["stream"] and row["status"] == "ok" and row["attempts"] == 2 and row["backend"] == "gpu_b"
     assert len(env.site.requests("sf-first")) == 1 and len(env.site.requests("sf-second")) == 1
+
+
+def test_stream_falls_back_when_the_server_dies_after_its_role_chunk(env: Env) -> None:
+    """Found by bench/chaos: an engine killed (or queued past its timeout) after sending only the role-only
+    opening chunk had committed the stream, so the client got an error instead of the fallback's answer."""
+    env.site.configure("so-first", cut_after_chunks=1)  # the role chunk, then the connection drops
+    reply = ask(env, "thrifty", "streamopen", stream=True)
+    assert reply.backend == "gpu_b"
+    assert reply.text == " ".join(f"tok{i}" for i in range(8))
+    row = env.row(reply)
+    assert row["status"] == "ok" and row["attempts"] == 2 and row["backend"] == "gpu_b"
+    assert len(env.site.requests("so-first")) == 1 and len(env.site.requests("so-second")) == 1
 
 
 def test_stream_is_not_retried_after_its_first_chunk(env: Env) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 from openai.types.chat import ChatCompletionMessageParam
 
 torch = pytest.importorskip("torch")
@@ -402,3 +403,41 @@ def test_gateway_passes_legacy_completions_through_to_the_engine(
     assert reply.usage is not None and direct.usage is not None
     assert reply.usage.prompt_tokens == direct.usage.prompt_tokens  # no chat template around the prompt
     assert row["prompt_tokens"] == direct.usage.prompt_tokens and row["status"] == "ok"
+
+
+def test_a_gateway_client_that_gives_up_stops_the_engine(engine: RunningEngine, tmp_path: Path) -> None:
+    """A non-streamed request through the gateway whose client times out: the gateway notices the
+    disconnect and cancels its upstream call, the engine sees its connection close and aborts the
+    generation (its KV blocks freed), and the ledger row says client_closed, not ok."""
+    config = parse_config(
+        {
+            "database": {"url": f"sqlite:///{tmp_path}/sb.db", "spill_path": str(tmp_path / "spill.jsonl")},
+            "backends": {"engine": {"kind": "openai", "base_url": f"{engine.base_url}/v1"}},
+            "models": {"smollm2": {"backend": "engine"}},
+            "teams": {"t": {}},
+        }
+    )
+    cancelled_before = _metric(engine, 'switchboard_engine_requests_total{outcome="cancelled"}')
+    with LiveServer(create_app(config)) as server:
+        db = make_engine(config.database.url)
+        key = keys.create_key(db, "t", name="gives-up", models=None, expires_at=None)
+        body = {"model": "smollm2", "messages": LONG_ANSWER, "max_tokens": 2000, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{server.base_url}/v1/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {key.plaintext}"},
+                timeout=httpx.Timeout(30, read=1.0),
+            )
+        _wait_until_idle(engine, cancelled_before)
+        assert _metric(engine, "switchboard_engine_kv_blocks_used") == 0
+        deadline_s = time.monotonic() + 10
+        row = None
+        while row is None and time.monotonic() < deadline_s:
+            with db.connect() as conn:
+                row = conn.execute(
+                    sa.text("SELECT status, http_status FROM usage WHERE key_id = :k"), {"k": key.key_id}
+                ).first()
+            time.sleep(0.05)
+        db.dispose()
+    assert row is not None and (row.status, row.http_status) == ("client_closed", 499)

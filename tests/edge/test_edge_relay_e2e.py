@@ -129,6 +129,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
                 NODE,
                 "--model",
                 str(model_dir),
+                "--quant",
+                "int4",  # pinned: no autotune in this node process
             ]
             args += [
                 "--threads",

@@ -359,6 +359,19 @@ class GatewayReplicas:
     def process(self, i: int) -> subprocess.Popen[bytes]:
         return self._procs[i]
 
+    def kill(self, i: int) -> int:
+        """SIGKILL replica i, as in a crash (no drain), and reap it. Returns its exit status."""
+        proc = self._procs[i]
+        proc.kill()
+        return proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def respawn(self, i: int, timeout_s: float = 60.0) -> None:
+        """Start replica i again (same port, config, spill file and journal) and wait until it is healthy."""
+        if self._procs[i].poll() is None:
+            raise RuntimeError(f"replica {i} is still running; kill() or restart() it instead")
+        self._procs[i] = self._spawn_one(i)
+        _wait_healthy([self.urls[i]], [self._procs[i]], [self.logs[i]], timeout_s)
+
     def restart(self, i: int, timeout_s: float = 60.0) -> int | None:
         """SIGTERM replica i, wait until it has exited (it drains first), start it again on the same port and
         wait until it is healthy. Returns the old process's exit status."""

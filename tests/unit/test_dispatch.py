@@ -171,3 +171,58 @@ async def test_a_buffered_chunk_needs_no_timer_and_a_stalled_one_times_out() -> 
     assert time.perf_counter() - t0 < 5
     await stalled.rest.aclose()  # type: ignore[attr-defined]
     assert closed == [True]
+
+
+ROLE_CHUNK = StreamChunk(delta={"role": "assistant", "content": ""})
+
+
+class OpensThen(ScriptedBackend):
+    """Sends the role-only opening chunk at once (as our engine and vLLM do), then does `outcome`: stalls
+    (a float), dies (an error) or answers (a text)."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        yield ROLE_CHUNK
+        async for chunk in super().stream(request):
+            yield chunk
+
+
+def with_opening(plan: dispatch.Plan, backends: dict[str, ScriptedBackend], name: str) -> None:
+    backends[name] = OpensThen(name, backends[name].outcome)
+    plan.backends = {**plan.backends, name: backends[name]}
+
+
+@pytest.mark.parametrize("first", [10.0, BackendTimeout("queued"), BackendUnavailable("killed")])
+async def test_a_stream_that_opened_but_sent_no_token_still_falls_back(first: float | Exception) -> None:
+    decision, backends, plan = setup(first, "hello", timeouts_s={"b0": 0.05})  # type: ignore[arg-type]
+    with_opening(plan, backends, "b0")
+    opened = await dispatch.open_stream(decision, REQUEST, timing(), plan)
+    assert opened.deployment.backend == "b1" and opened.attempts == 2
+    assert backends["b0"].calls == ["up-b0"]
+    assert [b for b, _ in plan.causes] == ["b0"]
+
+
+async def test_the_held_opening_chunk_reaches_the_client_before_the_first_token() -> None:
+    decision, backends, plan = setup("hello world")
+    with_opening(plan, backends, "b0")
+    opened = await dispatch.open_stream(decision, REQUEST, timing(), plan)
+    assert opened.first == ROLE_CHUNK and opened.held == (StreamChunk(delta={"content": "hello wo"}),)
+    rest = [chunk async for chunk in opened.rest]
+    assert rest[0].delta == {"content": "rld"} and rest[-1].usage == Usage(1, 1)
+
+
+async def test_a_server_sending_only_empty_chunks_is_taken_as_started_after_a_few() -> None:
+    decision, backends, plan = setup("x")
+
+    class Chatty(ScriptedBackend):
+        async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+            for _ in range(50):
+                yield ROLE_CHUNK
+            await asyncio.sleep(10)
+            yield StreamChunk(delta={"content": "late"})
+
+    backends["b0"] = Chatty("b0", "x")
+    plan.backends = backends
+    opened = await dispatch.open_stream(decision, REQUEST, timing(), plan)
+    assert opened.deployment.backend == "b0"
+    assert len(opened.held) == dispatch.MAX_OPENING_CHUNKS
+    await opened.rest.aclose()  # type: ignore[attr-defined]
