@@ -165,32 +165,41 @@ async def serve(
     await response(scope, receive, send)
 
 
+class DisconnectWatch:
+    """Cancels the current task when the client's `http.disconnect` arrives (the body has been read, so
+    nothing else can). `gone` tells that cancellation apart from any other; `stop()` before answering."""
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task, self.gone = task, False
+        self._watcher = asyncio.ensure_future(receive())
+        self._watcher.add_done_callback(self._on_message)
+
+    def _on_message(self, done: asyncio.Future[Message]) -> None:
+        if not done.cancelled() and done.exception() is None and done.result()["type"] == "http.disconnect":
+            self.gone = True
+            self.task.cancel()
+
+    def stop(self) -> None:
+        self._watcher.remove_done_callback(self._on_message)
+        self._watcher.cancel()
+
+
 async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T | None:
     """`work`'s result, or None if the client disconnects first; then `work` is cancelled where it waits
     (the backend call, a limiter, the cache), so the pipeline records `client_closed` and the upstream
-    stops generating an answer nobody will read. The body has been read: the next message is a disconnect."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    def on_message(done: asyncio.Future[Message]) -> None:
-        nonlocal gone
-        if not done.cancelled() and done.exception() is None and done.result()["type"] == "http.disconnect":
-            gone = True
-            task.cancel()
-
-    watcher = asyncio.ensure_future(receive())
-    watcher.add_done_callback(on_message)
+    stops generating an answer nobody will read."""
+    watch = DisconnectWatch(receive)
     try:
         return await work
     except asyncio.CancelledError:
-        if not gone:
+        if not watch.gone:
             raise
-        task.uncancel()
+        watch.task.uncancel()
         return None
     finally:
-        watcher.remove_done_callback(on_message)
-        watcher.cancel()
+        watch.stop()
 
 
 class _Stalled(Exception):
@@ -223,18 +232,7 @@ async def send_sse(
     stops the upstream at once instead of at the next chunk. Pieces ready together go out in one send.
     A client that stops reading for `write_timeout_s` is dropped: its connection aborted, its row
     client_closed (charged for what was produced), its upstream freed."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    def on_message(done: asyncio.Future[Message]) -> None:
-        nonlocal gone
-        if not done.cancelled() and done.exception() is None and done.result()["type"] == "http.disconnect":
-            gone = True
-            task.cancel()
-
-    watcher = asyncio.ensure_future(receive())
-    watcher.add_done_callback(on_message)
+    watch = DisconnectWatch(receive)
     batches = ready_batches(body)
     try:
         start = {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *stream.headers]}
@@ -244,9 +242,9 @@ async def send_sse(
             await _write(send, message, write_timeout_s)
         await _write(send, {"type": "http.response.body", "body": b"", "more_body": False}, write_timeout_s)
     except asyncio.CancelledError:
-        if not gone:
+        if not watch.gone:
             raise
-        task.uncancel()
+        watch.task.uncancel()
     except _Stalled:
         log.warning(
             "request %s: the client read nothing for %g s (server.write_timeout_s); connection dropped",
@@ -257,8 +255,7 @@ async def send_sse(
         if abort is not None:
             abort()
     finally:
-        watcher.remove_done_callback(on_message)
-        watcher.cancel()
+        watch.stop()
         await asyncio.shield(_close(batches, body, stream))
 
 
