@@ -3,7 +3,8 @@
 A backend turns one `ChatRequest` into one `ChatResult` (or a stream of `StreamChunk`s ending with one that
 carries `usage`). It never sees teams, keys or HTTP; it raises only `backends.errors.BackendError`s.
 Messages, tools and response_format stay in OpenAI wire shape (plain dicts) because every backend speaks it.
-A backend that can also embed implements `EmbeddingBackend` (an `EmbeddingRequest` in, float vectors out).
+A backend that can also embed implements `EmbeddingBackend` (an `EmbeddingRequest` in, float vectors out);
+one that can count prompt tokens with the model's tokenizer implements `TokenCounter`.
 """
 
 from __future__ import annotations
@@ -151,3 +152,17 @@ class EmbeddingBackend(Protocol):
     """A backend that can embed (cloud, OpenAI-compatible servers). Edge nodes do not."""
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
+
+
+# ---- token counting: an ability of its own, like embeddings ------------------------------------------------
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """A backend that can count a chat request's prompt tokens with the served model's own tokenizer and chat
+    template (OpenAI-compatible servers with vLLM's `/tokenize`, our engine among them)."""
+
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """The prompt tokens a completion of `request` would report; None when the server has no tokenizer
+        endpoint or cannot be reached. Raises only `BackendError`s."""
+        ...

@@ -1,7 +1,8 @@
 """`OpenAICompatBackend` (kind `openai`): any OpenAI-compatible server (vLLM, llama.cpp, Ollama, our engine).
 
-Chat and embeddings requests go as `httpx.Request`s straight to a pooled keep-alive `FastTransport`
-(backends/http11.py); bodies built and parsed with orjson (embeddings: backends/embedding_wire.py).
+Chat, embeddings and token-count requests go as `httpx.Request`s straight to a pooled keep-alive
+`FastTransport` (backends/http11.py); bodies built and parsed with orjson (embeddings: embedding_wire.py,
+vLLM's `/tokenize`: tokenize_wire.py).
 Invariant: only `BackendError`s leave this module, and every httpx failure / upstream status is mapped
 in one place, `_translate_errors`. Error messages carry upstream's error text, never the request body.
 `timeout_s` bounds each wait on the upstream (connect excluded), not the whole answer; the gateway's
@@ -40,6 +41,7 @@ from backends.errors import (
     rejected_message,
 )
 from backends.http11 import FastTransport
+from backends.tokenize_wire import TokenizeEndpoint, parse_count
 
 _STREAM_OPTIONS = {"include_usage": True}
 _ERROR_TEXT_MAX_CHARS = 500
@@ -48,7 +50,7 @@ _ERROR_TEXT_MAX_CHARS = 500
 class OpenAICompatBackend:
     """Talks `POST {base_url}/chat/completions`, `POST {base_url}/embeddings` and `GET {base_url}/models`;
     `base_url` ends in `/v1`. A request with a raw `prompt` (legacy completions) goes to
-    `POST {base_url}/completions` as it is."""
+    `POST {base_url}/completions` as it is. Token counts ask `POST /tokenize` at the server's root."""
 
     def __init__(
         self,
@@ -80,6 +82,7 @@ class OpenAICompatBackend:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._headers = httpx.Headers(headers)
+        self._tokenize = TokenizeEndpoint(base, self._headers, timeout_s, connect_timeout_s)
         self._transport = FastTransport(max_connections=max_connections)
         self._client = httpx.AsyncClient(  # for the cold paths; chat goes to the transport directly
             transport=self._transport,
@@ -100,16 +103,38 @@ class OpenAICompatBackend:
         upstream = self._post(self._embeddings_url, embeddings_body(request), request)
         return parse_embeddings(self._info.name, await self._exchange(upstream), request)
 
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """The server's own count (vLLM's `/tokenize`). None when it has no such endpoint (a 404 or 405,
+        remembered per model so it is not asked again) or cannot count now (unreachable, slow, a 5xx)."""
+        upstream = self._tokenize.request(request)
+        if upstream is None:
+            return None
+        try:
+            response = await self._read(upstream)
+            if self._tokenize.missing(request.model, response.status_code):
+                return None
+            with _translate_errors(self._info.name, mid_stream=False):
+                response.raise_for_status()
+        except (BackendUnavailable, BackendTimeout):
+            return None
+        return parse_count(self._info.name, response.content)
+
     async def _exchange(self, upstream: httpx.Request) -> bytes:
         """A whole response's body; errors (statuses included) as BackendErrors."""
+        response = await self._read(upstream)
+        with _translate_errors(self._info.name, mid_stream=False):
+            response.raise_for_status()
+        return response.content
+
+    async def _read(self, upstream: httpx.Request) -> httpx.Response:
+        """A whole response, whatever its status; transport failures as BackendErrors."""
         with _translate_errors(self._info.name, mid_stream=False):
             response = await self._transport.handle_async_request(upstream)
             try:
                 await response.aread()
             finally:
                 await response.aclose()  # aread closes only on success; a failed read must free the socket
-            response.raise_for_status()
-        return response.content
+        return response
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
         upstream = self._post(self._text_url(request), _request_body(request, stream=True), request)

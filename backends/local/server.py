@@ -1,5 +1,6 @@
 """The engine's OpenAI-compatible HTTP server: chat and text completions, embeddings (when an embedding model
-is loaded: backends/local/embedding_api.py), /v1/models, /health, /metrics.
+is loaded: backends/local/embedding_api.py), vLLM's /tokenize (tokenize_api.py), /v1/models, /health and
+/metrics.
 
 This is the HTTP edge: `wire` parses and checks bodies and applies the chat template; this module renders
 results and errors (`{"error": {message, type, param, code}}`; bad input is 4xx, never 500). Generation is
@@ -43,6 +44,7 @@ from backends.local.serving import (
     start,
     start_chat,
 )
+from backends.local.tokenize_api import tokenize
 from backends.local.wire import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     DEFAULT_MAX_TOKENS,
@@ -289,6 +291,7 @@ def create_engine_app(
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])  # at the root, as vLLM serves it
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     _install_error_handlers(app)

@@ -99,7 +99,7 @@ class CompletionBody(BaseModel):
     suffix: str | None = None
 
 
-Body = TypeVar("Body", ChatCompletionBody, CompletionBody)
+Body = TypeVar("Body", bound=BaseModel)
 
 
 def parse_body(raw: bytes) -> ChatCompletionBody:
@@ -186,10 +186,15 @@ def normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, 
     return normalized
 
 
-def encode_chat(tokenizer: Any, messages: Iterable[Mapping[str, Any]]) -> list[int]:
+def encode_chat(
+    tokenizer: Any, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool = True
+) -> list[int]:
     """Validate OpenAI messages and apply the model's chat template; returns prompt token ids."""
     encoded = tokenizer.apply_chat_template(
-        normalize_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+        normalize_messages(messages),
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=True,
     )
     return list(encoded["input_ids"])
 

@@ -1,9 +1,11 @@
 """Anthropic's routes beside `POST /v1/messages` (a translator, gateway/translate/anthropic_messages.py):
 token counting, the model list in Anthropic's format, and Anthropic's error envelope for them.
 
-`count_tokens` checks the key and the model like a request would, but reaches no backend: it writes no
-ledger row and takes nothing from rate limits or budgets. Its count is the gateway's estimate (about four
-characters a token, see `anthropic_render.estimate_input_tokens`): no tokenizer runs in the gateway process.
+`count_tokens` is planned like a request (key, model, privacy floor, routing) but served by no pipeline: it
+writes no ledger row and takes nothing from rate limits or budgets. The top-ranked deployment's backend counts
+with the model's own tokenizer when it can (vLLM's `/tokenize`, our engine: `pipeline.token_count`); otherwise
+the count is the gateway's estimate (about four characters a token, `anthropic_render.estimate_input_tokens`).
+The `x-switchboard-token-count` header says which (`tokenizer` or `estimate`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-import orjson
 from fastapi import Query
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,9 +23,12 @@ from gateway.http.auth import presented_key
 from gateway.http.context import timing_of
 from gateway.http.endpoints import enveloped_response, read_body
 from gateway.pipeline.access import ModelAccess
+from gateway.pipeline.request import GatewayRequest, Hints
+from gateway.pipeline.token_count import count_prompt_tokens
 from gateway.records import KeyIdentity
 from gateway.translate import anthropic_render as render
-from gateway.translate.anthropic_headers import VERSION_HEADER, checked_version
+from gateway.translate.anthropic_count import COUNT_HEADER, count_request, render_count
+from gateway.translate.anthropic_headers import FORWARDED, VERSION_HEADER, checked_version
 from gateway.translate.anthropic_messages import AnthropicMessages, CountTokensBody, parse_conversation
 
 JSON = "application/json"
@@ -32,6 +36,7 @@ API_KEY_HEADER = AnthropicMessages.api_key_header
 COUNT_STATUSES = (400, 401, 403, 404, 413, 500)
 DEFAULT_PAGE = 20
 COUNT_PATH = "/v1/messages/count_tokens"
+BACKEND_HEADER = "x-switchboard-backend"  # whose tokenizer counted, as served requests name their backend
 log = logging.getLogger("switchboard")
 
 
@@ -53,11 +58,28 @@ async def _identity(access: ModelAccess, request: Request) -> KeyIdentity:
 async def count_tokens(request: Request) -> Response:
     """`POST /v1/messages/count_tokens`: `{"input_tokens": N}` for a Messages body (no `max_tokens`)."""
     svc = request.app.state.services
+    received_at = dt.datetime.now(dt.UTC)
     identity = await _identity(svc.access, request)
     conv = parse_conversation(await read_body(request, svc.config.server.max_body_bytes), CountTokensBody)
-    await svc.access.check_model(identity, conv.body.model)
-    count = render.estimate_input_tokens(conv.messages, conv.tools)
-    return Response(orjson.dumps({"input_tokens": count}), media_type=JSON)
+    request_id = timing_of(request.scope).request_id
+    forwarded = tuple((n, v) for n in FORWARDED if (v := request.headers.get(n)))
+    call = count_request(conv, request_id, svc.config.server.request_timeout_s, forwarded)
+    greq = GatewayRequest(
+        endpoint="messages.count_tokens",
+        call=call,
+        identity=identity,
+        received_at=received_at,
+        hints=Hints.from_headers(request.headers),
+    )
+    pipeline = svc.pipeline
+    counted = await count_prompt_tokens(
+        pipeline.planner, pipeline.dispatcher.backends, greq, now_s=pipeline.clock.now_s()
+    )
+    if counted is None:
+        estimate = render.estimate_input_tokens(conv.messages, conv.tools)
+        return Response(render_count(estimate), media_type=JSON, headers={COUNT_HEADER: "estimate"})
+    headers = {COUNT_HEADER: "tokenizer", BACKEND_HEADER: counted.backend}
+    return Response(render_count(counted.input_tokens), media_type=JSON, headers=headers)
 
 
 async def count_tokens_lane(scope: Scope, receive: Receive, send: Send) -> None:

@@ -365,7 +365,7 @@ def create_app(config: Config) -> SwitchboardApp:
     app.add_translator(Completions())
     app.add_translator(Responses())
     app.add_translator(AnthropicMessages())
-    counted = ok(CountAnswer, "the estimated input tokens")
+    counted = ok(CountAnswer, "the input tokens: the routed model's tokenizer, else an estimate")
     counted.update(errors(*anthropic_routes.COUNT_STATUSES, envelope=ErrorAnswer))
     app.add_lane(
         anthropic_routes.COUNT_PATH,

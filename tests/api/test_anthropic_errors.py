@@ -190,7 +190,10 @@ def test_count_tokens(gateway: Gateway) -> None:
     )
     assert 0 < short.input_tokens < longer.input_tokens
     raw = client.messages.with_raw_response.count_tokens(model="fast", messages=HELLO)
-    # No backend, no ledger row, nothing taken from the key's one request a minute.
+    # The fake provider has no /tokenize (a 404, as most OpenAI-compatible servers), so this is the estimate.
+    assert raw.headers["x-switchboard-token-count"] == "estimate"
+    assert "x-switchboard-backend" not in raw.headers
+    # No ledger row, nothing taken from the key's one request a minute.
     time.sleep(0.3)
     assert gateway.count_rows(raw.headers["x-request-id"]) == 0
     client.messages.create(model="fast", max_tokens=5, messages=HELLO)
@@ -205,6 +208,24 @@ def test_count_tokens(gateway: Gateway) -> None:
         "/v1/messages/count_tokens?beta=true", body={"model": "fast", "messages": HELLO}, cast_to=object
     )
     assert beta == {"input_tokens": short.input_tokens}
+
+
+def test_count_tokens_is_planned_like_a_request(gateway: Gateway) -> None:
+    """Routing's headers are checked as for /v1/messages; a count no deployment may take is the estimate."""
+    client = sdk(gateway, gateway.key())
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.count_tokens(
+            model="fast", messages=HELLO, extra_headers={"x-switchboard-privacy": "secret"}
+        )
+    assert "x-switchboard-privacy" in info.value.message
+    private = client.messages.with_raw_response.count_tokens(
+        model="fast", messages=HELLO, extra_headers={"x-switchboard-privacy": "edge"}
+    )
+    plain = client.messages.count_tokens(model="fast", messages=HELLO)
+    assert private.parse().input_tokens == plain.input_tokens
+    assert private.headers["x-switchboard-token-count"] == "estimate"
+    cloud = client.messages.with_raw_response.count_tokens(model="cloud-gpt", messages=HELLO)
+    assert cloud.headers["x-switchboard-token-count"] == "estimate"  # no tokenizer endpoint through litellm
 
 
 def test_models_in_anthropics_format(gateway: Gateway) -> None:

@@ -441,3 +441,75 @@ def test_a_gateway_client_that_gives_up_stops_the_engine(engine: RunningEngine, 
             time.sleep(0.05)
         db.dispose()
     assert row is not None and (row.status, row.http_status) == ("client_closed", 499)
+
+
+CONVERSATION: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "You answer in one word."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+]
+
+
+def test_tokenize_counts_what_a_chat_completion_reports(engine: RunningEngine, client: openai.OpenAI) -> None:
+    """vLLM's `POST /tokenize`: the chat template of chat completions, so `count` is their prompt_tokens."""
+    tokenize = f"{engine.base_url}/tokenize"
+    reply = client.chat.completions.create(model="smollm2", messages=CONVERSATION, max_tokens=1)
+    counted = httpx.post(
+        tokenize, json={"model": "smollm2", "messages": CONVERSATION, "add_generation_prompt": True}
+    ).json()
+    assert reply.usage is not None and counted["count"] == reply.usage.prompt_tokens
+    assert counted["tokens"] == encode_chat(engine.loaded.tokenizer, CONVERSATION)
+    assert counted["max_model_len"] > counted["count"]  # the context the engine serves
+    bare = httpx.post(tokenize, json={"messages": CONVERSATION, "add_generation_prompt": False}).json()
+    assert 0 < bare["count"] < counted["count"] and bare["tokens"] == counted["tokens"][: bare["count"]]
+    text = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=1)
+    prompt = httpx.post(tokenize, json={"model": "smollm2", "prompt": "The capital of France is"}).json()
+    assert text.usage is not None and prompt["count"] == text.usage.prompt_tokens
+
+
+def test_tokenize_refuses_what_it_cannot_count(engine: RunningEngine) -> None:
+    tokenize = f"{engine.base_url}/tokenize"
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    cases = {
+        "tools": {"model": "smollm2", "messages": QUESTION, "tools": [tool]},
+        "messages": {"model": "smollm2", "messages": QUESTION, "prompt": "both"},
+        "messages.0.role": {"messages": [{"role": "robot", "content": "hi"}]},
+        "add_special_tokens": {"messages": QUESTION, "add_special_tokens": True},
+    }
+    for param, body in cases.items():
+        reply = httpx.post(tokenize, json=body)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, (param, reply.text)
+    unknown = httpx.post(tokenize, json={"model": "gpt-9", "prompt": "hi"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
+def test_gateway_counts_tokens_with_the_engines_tokenizer(engine: RunningEngine, tmp_path: Path) -> None:
+    """`count_tokens` through a gateway in front of the engine: the engine's tokenizer counts, and the count
+    equals the input_tokens the gateway's `/v1/messages` reports for the same conversation."""
+    anthropic = pytest.importorskip("anthropic")
+    config = parse_config(
+        {
+            "database": {"url": f"sqlite:///{tmp_path}/sb.db", "spill_path": str(tmp_path / "spill.jsonl")},
+            "backends": {"engine": {"kind": "openai", "base_url": f"{engine.base_url}/v1"}},
+            "models": {"smollm2": {"backend": "engine"}},
+            "teams": {"t": {}},
+        }
+    )
+    system, turns = CONVERSATION[0]["content"], CONVERSATION[1:]
+    tools = [{"name": "lookup", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}]
+    with LiveServer(create_app(config)) as server:
+        db = make_engine(config.database.url)
+        key = keys.create_key(db, "t", name="e2e", models=None, expires_at=None).plaintext
+        db.dispose()
+        client = anthropic.Anthropic(base_url=server.base_url, api_key=key, max_retries=0, timeout=60)
+        raw = client.messages.with_raw_response.count_tokens(model="smollm2", system=system, messages=turns)
+        answer = client.messages.create(model="smollm2", max_tokens=1, system=system, messages=turns)
+        with_tools = client.messages.with_raw_response.count_tokens(
+            model="smollm2", system=system, messages=turns, tools=tools
+        )
+    assert raw.headers["x-switchboard-token-count"] == "tokenizer"
+    assert raw.headers["x-switchboard-backend"] == "engine"
+    assert raw.parse().input_tokens == answer.usage.input_tokens
+    # The engine's template has no place for tools (it refuses them), so a count with tools is the estimate.
+    assert with_tools.headers["x-switchboard-token-count"] == "estimate"
