@@ -48,7 +48,7 @@ ENGINE_FLAGS = ("--dtype", "float32", "--quant", "int8", "--threads", "1", "--kv
 BIG = 1_000_000_000
 KILLED_REPLICA = 1
 ENGINE_TIMEOUT_S = 10.0  # to its first token (then between tokens): a queued engine is fallen back from
-CLOUD_BACKEND_TIMEOUT_S = 2.0  # one attempt on the primary cloud; a hung one falls back after this
+CLOUD_BACKEND_TIMEOUT_S = 5.0  # one attempt on the primary cloud, and the longest gap between its tokens
 
 
 def chaos_config(engine_url: str, fake_url: str, pg_url: str, schema: str, redis_url: str) -> dict[str, Any]:
