@@ -340,14 +340,6 @@ async def await_chunk(stream: OpenStream, step: Paused[StreamChunk], timeout_s: 
         raise _timeout_error(stream.deployment, timeout_s) from None
 
 
-async def next_chunk(stream: OpenStream, timeout_s: float) -> StreamChunk:
-    """The next chunk, or StopAsyncIteration; an idle timeout raises BackendTimeout."""
-    step = ready_chunk(stream)
-    if isinstance(step, Ready):
-        return step.value
-    return await await_chunk(stream, step, timeout_s)
-
-
 async def close_stream(iterator: AsyncIterator[StreamChunk]) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
