@@ -41,10 +41,16 @@ from backends.errors import (
     rejected_message,
 )
 from backends.http11 import FastTransport
+from backends.sse_wire import (
+    ERROR_TEXT_MAX_CHARS,
+    StreamEvents,
+    body_pieces,
+    estimate_prompt_tokens,
+    usage_of,
+)
 from backends.tokenize_wire import TokenizeEndpoint, parse_count
 
 _STREAM_OPTIONS = {"include_usage": True}
-_ERROR_TEXT_MAX_CHARS = 500
 
 
 class OpenAICompatBackend:
@@ -146,8 +152,15 @@ class OpenAICompatBackend:
                 with _translate_errors(name, mid_stream=False):
                     await response.aread()
                     response.raise_for_status()
+            # One generator layer per chunk: every event of a network read is parsed at once, here.
+            events = StreamEvents(name, request)
             with _translate_errors(name, mid_stream=True):
-                async for chunk in _parse_stream(name, response, request):
+                async for piece in body_pieces(response):
+                    for chunk in events.feed(piece):
+                        yield chunk
+                    if events.done:
+                        break
+                for chunk in events.end():
                     yield chunk
         finally:
             await response.aclose()
@@ -229,10 +242,10 @@ def _upstream_message(response: httpx.Response) -> str:
     try:
         payload = orjson.loads(response.content)
     except orjson.JSONDecodeError:
-        return response.text[:_ERROR_TEXT_MAX_CHARS] or response.reason_phrase
+        return response.text[:ERROR_TEXT_MAX_CHARS] or response.reason_phrase
     error = payload.get("error", payload) if isinstance(payload, dict) else payload
     message = error.get("message", error) if isinstance(error, dict) else error
-    return str(message)[:_ERROR_TEXT_MAX_CHARS]
+    return str(message)[:ERROR_TEXT_MAX_CHARS]
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -283,33 +296,12 @@ def _request_body(request: ChatRequest, *, stream: bool) -> bytes:
     return orjson.dumps(body, default=_json_default)
 
 
-def estimate_prompt_tokens(request: ChatRequest) -> int:
-    """About four characters a token; used only when the upstream reports no usage."""
-    chars = 0
-    for message in request.messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, Mapping))
-    return (chars + 3) // 4 + 4 * len(request.messages)
-
-
-def _usage(raw: Any) -> Usage | None:
-    if not isinstance(raw, dict):
-        return None
-    return Usage(
-        prompt_tokens=int(raw.get("prompt_tokens") or 0),
-        completion_tokens=int(raw.get("completion_tokens") or 0),
-    )
-
-
 def _parse_result(name: str, content: bytes, request: ChatRequest) -> ChatResult:
     try:
         payload = orjson.loads(content)
         choice = payload["choices"][0]
         message = choice["message"] if "message" in choice else _text_message(choice["text"])
-        usage = _usage(payload.get("usage"))
+        usage = usage_of(payload.get("usage"))
         if usage is None:
             text = message.get("content") or ""
             usage = Usage(estimate_prompt_tokens(request), (len(text) + 3) // 4)
@@ -323,71 +315,8 @@ def _parse_result(name: str, content: bytes, request: ChatRequest) -> ChatResult
         raise BackendBadResponse(f"backend `{name}` sent an unreadable completion", detail=repr(exc)) from exc
 
 
-async def _sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The payload of each `data:` line; other SSE fields (event:, id:, comments) are ignored."""
-    buffer = b""
-    async for piece in response.aiter_bytes():
-        buffer += piece
-        lines = buffer.split(b"\n")
-        buffer = lines.pop()
-        for line in lines:
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
-    if buffer.startswith(b"data:"):
-        yield buffer[5:].strip()
-
-
-async def _parse_stream(
-    name: str, response: httpx.Response, request: ChatRequest
-) -> AsyncIterator[StreamChunk]:
-    """Passes deltas through; holds back the finishing chunk so the last one yielded carries usage."""
-    finish_reason: str | None = None
-    last_delta: Mapping[str, Any] = {}
-    usage: Usage | None = None
-    served_model = request.model
-    n_deltas = 0
-    async for data in _sse_data(response):
-        if data == b"[DONE]":
-            break
-        try:
-            payload = orjson.loads(data)
-            if "error" in payload:
-                raise BackendBadResponse(
-                    f"backend `{name}` failed mid-stream", detail=_stream_error(payload["error"])
-                )
-            usage = _usage(payload.get("usage")) or usage
-            served_model = payload.get("model") or served_model
-            choices = payload.get("choices") or ()
-            choice = choices[0] if choices else None
-            delta = (choice.get("delta") or _text_delta(choice.get("text"))) if choice else {}
-            reason = choice.get("finish_reason") if choice else None
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise BackendBadResponse(
-                f"backend `{name}` sent an unreadable stream event", detail=repr(exc)
-            ) from exc
-        if reason is not None:
-            finish_reason, last_delta = reason, delta
-        elif delta:
-            n_deltas += "content" in delta or "tool_calls" in delta
-            yield StreamChunk(delta=delta)
-    if finish_reason is None:
-        raise BackendBadResponse(f"backend `{name}` ended the stream before a finish_reason")
-    if usage is None:
-        usage = Usage(estimate_prompt_tokens(request), n_deltas + bool(last_delta))
-    yield StreamChunk(delta=last_delta, finish_reason=finish_reason, usage=usage, served_model=served_model)
-
-
 def _text_message(text: Any) -> dict[str, Any]:
     """A text completion's choice as the assistant message the pipeline carries."""
     if not isinstance(text, str):
         raise TypeError("choice text is not a string")
     return {"role": "assistant", "content": text}
-
-
-def _text_delta(text: Any) -> dict[str, Any]:
-    return {"content": text} if isinstance(text, str) and text else {}
-
-
-def _stream_error(error: Any) -> str:
-    message = error.get("message", error) if isinstance(error, dict) else error
-    return str(message)[:_ERROR_TEXT_MAX_CHARS]

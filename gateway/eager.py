@@ -10,7 +10,6 @@ from `run_until_wait` itself.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Generator
-from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 T = TypeVar("T")
@@ -26,9 +25,14 @@ class _Step(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
 class Ready(Generic[T]):
-    value: T
+    """What it returned, without waiting. (A plain slotted class: a frozen dataclass's `__init__` costs
+    several times more, and one is made per stream chunk.)"""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
 
 
 class Paused(Generic[T]):

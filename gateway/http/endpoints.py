@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -24,7 +24,7 @@ from backends.errors import SwitchboardError
 from gateway.eager import Ready, run_until_wait
 from gateway.errors import PayloadTooLarge
 from gateway.http.auth import presented_key
-from gateway.http.coalesce import ready_batches
+from gateway.http.coalesce import send_batches
 from gateway.http.server import ABORT_EXTENSION
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.access import ModelAccess
@@ -233,14 +233,17 @@ async def send_sse(
     A client that stops reading for `write_timeout_s` is dropped: its connection aborted, its row
     client_closed (charged for what was produced), its upstream freed."""
     watch = DisconnectWatch(receive)
-    batches = ready_batches(body)
+    ended = False
+
+    def write(piece: bytes, more: bool) -> Awaitable[None]:
+        message = {"type": "http.response.body", "body": piece, "more_body": more}
+        return _write(send, message, write_timeout_s)
+
     try:
         start = {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *stream.headers]}
         await _write(send, start, write_timeout_s)
-        async for piece in batches:
-            message = {"type": "http.response.body", "body": piece, "more_body": True}
-            await _write(send, message, write_timeout_s)
-        await _write(send, {"type": "http.response.body", "body": b"", "more_body": False}, write_timeout_s)
+        await send_batches(body, write)
+        ended = stream.ended
     except asyncio.CancelledError:
         if not watch.gone:
             raise
@@ -256,13 +259,13 @@ async def send_sse(
             abort()
     finally:
         watch.stop()
-        await asyncio.shield(_close(batches, body, stream))
+        if ended:  # the body and the stream ran to their ends: closing them cannot wait, so needs no shield
+            await _close(body, stream)
+        else:
+            await asyncio.shield(_close(body, stream))
 
 
-async def _close(
-    batches: AsyncGenerator[bytes, None], body: AsyncIterator[bytes], stream: ChunkStream
-) -> None:
-    await batches.aclose()
+async def _close(body: AsyncIterator[bytes], stream: ChunkStream) -> None:
     aclose = getattr(body, "aclose", None)
     if aclose is not None:
         await aclose()

@@ -39,7 +39,7 @@ from backends.errors import (
     SwitchboardError,
     loggable_detail,
 )
-from gateway.eager import Ready, run_until_wait
+from gateway.eager import Paused, Ready, run_until_wait
 from gateway.errors import AllBackendsFailed
 from gateway.live.state import RoutingState, deployment_id
 from gateway.pipeline.request import SYSTEM_CLOCK, Call, Clock, Timing
@@ -325,11 +325,14 @@ async def open_stream(
     return OpenStream(use, chunks[0], rest, attempts, tuple(chunks[1:]))
 
 
-async def next_chunk(stream: OpenStream, timeout_s: float) -> StreamChunk:
-    """The next chunk, or StopAsyncIteration. Converts an idle timeout into BackendTimeout."""
-    step = run_until_wait(stream.rest.__anext__())
-    if isinstance(step, Ready):
-        return step.value  # it was buffered: arming a timer per chunk cost more than the chunk itself
+def ready_chunk(stream: OpenStream) -> Ready[StreamChunk] | Paused[StreamChunk]:
+    """The next chunk if it is buffered (no event-loop turn, no timer: arming one per chunk cost more than
+    the chunk itself), else the read paused at its wait, for `await_chunk`. StopAsyncIteration at the end."""
+    return run_until_wait(stream.rest.__anext__())
+
+
+async def await_chunk(stream: OpenStream, step: Paused[StreamChunk], timeout_s: float) -> StreamChunk:
+    """A chunk that has to be waited for. Converts an idle timeout into BackendTimeout."""
     try:
         async with asyncio.timeout(timeout_s):
             return await step

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from backends.base import ChatRequest, ChatResult, EmbeddingResult, StreamChunk, Usage
 from backends.errors import SwitchboardError
 from gateway.cache.policy import CachePlan, CacheStep
 from gateway.cache.store import CachedResponse, entry_from_chunks, entry_from_result
+from gateway.eager import Ready
 from gateway.errors import InvalidRequest
 from gateway.limits.gate import Gate
-from gateway.pipeline.dispatch import Dispatcher, OpenStream, close_stream, next_chunk
+from gateway.pipeline.dispatch import Dispatcher, OpenStream, await_chunk, close_stream, ready_chunk
 from gateway.pipeline.plan import Planner, Routed, fail_closed_error
 from gateway.pipeline.record import RecordSink, RequestRecord
 from gateway.pipeline.request import CACHE_HEADER, SYSTEM_CLOCK, Clock, GatewayRequest, Timing
@@ -120,22 +121,18 @@ class Pipeline:
                 raise InvalidRequest("`stream` is available for chat requests only", param="stream")
             admitted = await self._admit(rec, headers)
             if admitted.hit is not None:
-                replay = admitted.hit.replay()
-                return ChunkStream(rec, tuple(headers), _replayer(replay), None, None, self.cache)
+                return ChunkStream(rec, tuple(headers), admitted.hit.replay(), self.cache)
             opened = await self.dispatcher.open_stream(
                 admitted.routed.decision, call, timing, admitted.routed.policy.max_attempts
             )
         rec.use, rec.attempts = opened.use, opened.attempts
         headers.append((b"x-switchboard-backend", header_text(opened.deployment.backend)))
-        idle_timeout_s = self.dispatcher.idle_timeout_s(opened.deployment.backend)
-
-        def after_first() -> Awaitable[StreamChunk]:
-            return next_chunk(opened, idle_timeout_s)
-
         plan = admitted.cache
         keep = _Keep(plan, admitted.routed.decision.reason) if plan is not None and plan.write else None
-        source = _first_then((opened.first, *opened.held), after_first)
-        return ChunkStream(rec, tuple(headers), source, opened, keep, self.cache)
+        idle_timeout_s = self.dispatcher.idle_timeout_s(opened.deployment.backend)
+        return ChunkStream(
+            rec, tuple(headers), (opened.first, *opened.held), self.cache, opened, idle_timeout_s, keep
+        )
 
     async def _admit(self, rec: RequestRecord, out: list[tuple[bytes, bytes]]) -> _Admitted:
         """Model access and route, rate limits, then the cache; on a miss, the budget reservation."""
@@ -206,28 +203,6 @@ def _internal(exc: BaseException) -> SwitchboardError:
     return SwitchboardError(f"internal error ({type(exc).__name__})")
 
 
-def _replayer(chunks: Iterator[StreamChunk]) -> Callable[[], Awaitable[StreamChunk]]:
-    async def next_one() -> StreamChunk:
-        for chunk in chunks:
-            return chunk
-        raise StopAsyncIteration
-
-    return next_one
-
-
-def _first_then(
-    opening: Sequence[StreamChunk], rest: Callable[[], Awaitable[StreamChunk]]
-) -> Callable[[], Awaitable[StreamChunk]]:
-    pending: list[StreamChunk] = list(reversed(opening))  # popped from the end
-
-    async def next_one() -> StreamChunk:
-        if pending:
-            return pending.pop()
-        return await rest()
-
-    return next_one
-
-
 @dataclass(slots=True)
 class _Keep:
     """A streamed answer being collected for the cache."""
@@ -249,14 +224,19 @@ class ChunkStream:
         self,
         rec: RequestRecord,
         headers: Headers,
-        source: Callable[[], Awaitable[StreamChunk]],
-        opened: OpenStream | None,
-        keep: _Keep | None,
+        chunks: Iterable[StreamChunk],
         cache: CacheStep,
+        opened: OpenStream | None = None,
+        idle_timeout_s: float = 0.0,
+        keep: _Keep | None = None,
     ) -> None:
+        """`chunks` come first (a cache hit's replay, or the chunks read while dispatching), then what
+        `opened` yields, each within `idle_timeout_s`."""
         self.headers = headers
-        self._rec, self._source, self._opened, self._keep, self._cache = rec, source, opened, keep, cache
+        self._rec, self._chunks, self._cache = rec, iter(chunks), cache
+        self._opened, self._idle_timeout_s, self._keep = opened, idle_timeout_s, keep
         self._produced = 0  # content / tool-call deltas seen: the completion tokens if the client leaves
+        self.ended = False  # every chunk was read: nothing is left open behind it
 
     @property
     def rec(self) -> RequestRecord:
@@ -268,8 +248,18 @@ class ChunkStream:
     async def __anext__(self) -> StreamChunk:
         rec = self._rec
         try:
-            chunk = await self._source()
+            chunk = next(self._chunks, None)
+            if chunk is None:  # then the backend's next: at once when buffered, else within the idle timeout
+                opened = self._opened
+                if opened is None:
+                    raise StopAsyncIteration
+                step = ready_chunk(opened)
+                if isinstance(step, Ready):
+                    chunk = step.value
+                else:
+                    chunk = await await_chunk(opened, step, self._idle_timeout_s)
         except StopAsyncIteration:
+            self.ended = True
             rec.finish(RequestStatus.OK, 200)
             await self._keep_answer()
             raise

@@ -254,22 +254,36 @@ def render_completion(result: ChatResult, *, request_id: str, model: str, create
     )
 
 
-def render_chunk(chunk: StreamChunk, *, request_id: str, model: str, created: int) -> bytes:
-    payload = {
-        "id": f"chatcmpl-{request_id}",
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "delta": dict(chunk.delta),
-                "logprobs": None,
-                "finish_reason": chunk.finish_reason,
-            }
-        ],
-    }
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+class ChunkRenderer:
+    """One stream's `chat.completion.chunk` events. Every event of a stream shares its id, created and
+    model, so that part is rendered once; per chunk only the delta and the finish reason are serialised.
+    The bytes are exactly `orjson.dumps` of the whole chunk object (tests/unit/test_stream_render.py)."""
+
+    __slots__ = ("_head",)
+    _TAIL_NULL = b',"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def __init__(self, *, request_id: str, model: str, created: int) -> None:
+        self._head = b"".join(
+            (
+                b'data: {"id":',
+                orjson.dumps(f"chatcmpl-{request_id}"),
+                b',"object":"chat.completion.chunk","created":',
+                orjson.dumps(created),
+                b',"model":',
+                orjson.dumps(model),
+                b',"choices":[{"index":0,"delta":',
+            )
+        )
+
+    def render(self, chunk: StreamChunk) -> bytes:
+        delta = chunk.delta
+        body = orjson.dumps(delta if type(delta) is dict else dict(delta))
+        reason = chunk.finish_reason
+        if reason is None:
+            return self._head + body + self._TAIL_NULL
+        return b"".join(
+            (self._head, body, b',"logprobs":null,"finish_reason":', orjson.dumps(reason), b"}]}\n\n")
+        )
 
 
 def render_usage_chunk(usage: Usage, *, request_id: str, model: str, created: int) -> bytes:
@@ -345,10 +359,11 @@ class ChatCompletions:
         self, stream: ChunkStream, body: ChatCompletionBody, request: GatewayRequest
     ) -> AsyncIterator[bytes]:
         rid, model, created = request.request_id, body.model, int(time.time())
+        render = ChunkRenderer(request_id=rid, model=model, created=created).render
         try:
             async for chunk in stream:
                 if chunk.delta or chunk.finish_reason:
-                    yield render_chunk(chunk, request_id=rid, model=model, created=created)
+                    yield render(chunk)
         except SwitchboardError as exc:
             # Headers are gone: the error travels as an SSE event, which the OpenAI SDKs raise as APIError.
             yield render_sse_error(error_body(exc))

@@ -18,6 +18,7 @@ from backends.errors import (
     SwitchboardError,
 )
 from gateway.config import parse_config
+from gateway.eager import Paused, Ready
 from gateway.errors import AllBackendsFailed
 from gateway.live.state import RoutingState, build_specs
 from gateway.pipeline import dispatch
@@ -164,10 +165,13 @@ async def test_a_buffered_chunk_needs_no_timer_and_a_stalled_one_times_out() -> 
             closed.append(True)
 
     stalled = dataclasses.replace(opened, rest=stalls_after_one())
-    assert (await dispatch.next_chunk(stalled, 0.05)).delta == {"content": "ready"}
+    ready = dispatch.ready_chunk(stalled)
+    assert isinstance(ready, Ready) and ready.value.delta == {"content": "ready"}  # no timer, no loop turn
+    waiting = dispatch.ready_chunk(stalled)
+    assert isinstance(waiting, Paused)
     t0 = time.perf_counter()
     with pytest.raises(BackendTimeout, match="b0"):
-        await dispatch.next_chunk(stalled, 0.05)
+        await dispatch.await_chunk(stalled, waiting, 0.05)
     assert time.perf_counter() - t0 < 5
     await stalled.rest.aclose()  # type: ignore[attr-defined]
     assert closed == [True]
