@@ -58,6 +58,9 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
             "rollup_state",
             "edge_tokens",
             "responses",
+            "files",
+            "batches",
+            "batch_items",
         }
         assert tables | {"alembic_version"} <= set(inspector.get_table_names())
         for table in db.metadata.sorted_tables:
@@ -79,7 +82,7 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
         assert usage_indexes["ix_usage_key_id_created_at"] == ["key_id", "created_at"]
         assert usage_indexes["ix_usage_written_at"] == ["written_at"]
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0008"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0009"
     finally:
         eng.dispose()
 
