@@ -13,6 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import sqlalchemy as sa
@@ -262,3 +263,48 @@ def test_budget_runs_out_mid_batch(pg_batch: Gateway) -> None:
     errors = file_lines(sdk, batch.error_file_id)
     assert errors and {e["response"]["body"]["error"]["code"] for e in errors} == {"insufficient_quota"}
     assert batch.request_counts is not None and batch.request_counts.completed + len(errors) == 40
+
+
+@pytest.mark.postgres
+def test_operator_cli_and_metrics(pg_batch: Gateway, fake: FakeProvider, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    cfg = tmp_path / "sb.toml"
+    db = pg_batch.config.database
+    cfg.write_text(f'[database]\nurl = "{db.url}"\nschema_name = "{db.schema_name}"\n')
+
+    def cli(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, [*args, "--config", str(cfg)], terminal_width=200)
+        return result.exit_code, result.output
+
+    fake.configure("b-slow", ttft_ms=400)  # 100 items, 8 at a time: about 5 s, and /metrics updates every 2
+    sdk = sdk_for(pg_batch, "beta")
+    created = submit(sdk, [chat_line(i, model="slow") for i in range(100)])
+    deadline = time.monotonic() + 20
+    gauges: dict[str, float] = {}
+    while time.monotonic() < deadline:  # /metrics counts the batch's items while it runs
+        text = httpx.get(pg_batch.base_url + "/metrics").text
+        gauges = {
+            name: float(value)
+            for name, value in (
+                ln.split(" ") for ln in text.splitlines() if ln.startswith("switchboard_batch_items")
+            )
+        }
+        if gauges.get("switchboard_batch_items_running", 0) > 0:
+            break
+        time.sleep(0.1)
+    assert gauges["switchboard_batch_items_running"] > 0 and gauges["switchboard_batch_items_queued"] > 0
+
+    code, out = cli("batches", "list", "--team", "beta")
+    assert code == 0 and created.id in out and "in_progress" in out
+    code, out = cli("batches", "cancel", created.id)
+    assert code == 0 and "cancelling" in out
+    code, out = cli("batches", "show", created.id, "--watch")
+    assert code == 0 and "cancelled" in out and created.id in out
+    assert sdk.batches.retrieve(created.id).status == "cancelled"
+    code, out = cli("batches", "cancel", created.id)
+    assert code == 0 and "already cancelled" in out
+    code, out = cli("batches", "show", "batch_nope")
+    assert code == 2 and "no batch" in out

@@ -23,7 +23,7 @@ def batch_config(fake_root: str, db: dict[str, Any], files_dir: str, **batch: An
     cheap = {"batch_input_usd_per_mtok": "1", "batch_output_usd_per_mtok": "4"}
     return parse_config(
         {
-            "server": {"key_cache_ttl_s": 0.5},
+            "server": {"key_cache_ttl_s": 0.5, "metrics_public": True},
             "files": {"local_dir": files_dir},
             "database": {"flush_interval_s": 0.02, "replay_interval_s": 0.2, **db},
             "batch": {"poll_s": 0.05, "lease_s": 5, "concurrency": 8, **batch},
