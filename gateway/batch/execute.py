@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from backends.base import ChatRequest
 from backends.errors import SwitchboardError
 from gateway.batch.placement import Placer
 from gateway.errors import BudgetExceeded, RateLimited, ServiceUnavailable
@@ -102,6 +103,8 @@ class ItemRunner:
             if prepare is not None:
                 body = await prepare(body, ctx, self._responses)
             request = dataclasses.replace(translator.to_request(body, ctx), batch_id=batch_id)
+            if isinstance(request.call, ChatRequest):  # a self-hosted engine runs it behind interactive work
+                request = dataclasses.replace(request, call=dataclasses.replace(request.call, batch=True))
             placement = self._placer.place(request, spill=spill, now_s=self._pipeline.clock.now_s())
             if placement is None:
                 return Outcome(Verdict.WAIT)

@@ -116,6 +116,12 @@ def check_chat_round_trip(gw: Gateway) -> None:
     unknown = errors["req-100"]["response"]
     assert unknown["status_code"] == 404 and unknown["body"]["error"]["code"] == "model_not_found"
 
+    # Self-hosted engines are told these are batch work (they schedule it behind interactive requests).
+    sent = gw.fake.received("b-chat")[-12:]
+    assert [r["headers"].get("x-switchboard-priority") for r in sent] == ["batch"] * 12
+    sdk.chat.completions.create(model="chat", messages=[{"role": "user", "content": "now"}], max_tokens=1)
+    assert "x-switchboard-priority" not in gw.fake.received("b-chat")[-1]["headers"]
+
     # One ledger row per item that reached the pipeline (the unknown model's too), tagged and batch-priced.
     rows = batch_rows(gw.db, batch.id, 13)
     assert len(rows) == 13 and {r["request_id"] for r in rows} >= {o["response"]["request_id"] for o in out}
