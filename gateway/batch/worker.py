@@ -22,7 +22,7 @@ from gateway.background import cancel_and_wait
 from gateway.batch.execute import ItemRunner, Outcome, Verdict, result_line
 from gateway.batch.files import read_input, write_results
 from gateway.config import BatchConfig
-from gateway.errors import AuthenticationFailed
+from gateway.errors import AuthenticationFailed, NotFound
 from gateway.files.service import FileService
 from gateway.records import KeyIdentity
 from gateway.store.batches import ACTIVE, BatchStore, Counts, Item, StoredBatch
@@ -142,7 +142,14 @@ class BatchWorker:
         store = self._store
         if not await store.run(store.lease_batch, batch.id, self.owner, now, self._lease(now)):
             return
-        await read_input(store, self._files, batch)
+        try:
+            await read_input(store, self._files, batch)
+        except NotFound:  # the input file was deleted before the batch read it
+            error = {"code": "invalid_file", "message": f"input file `{batch.input_file_id}` was deleted "
+                     "before the batch read it", "param": "input_file_id", "line": None}  # fmt: skip
+            failed = {"status": "failed", "failed_at": self._utcnow(), "errors": [error], "lease_until": None}
+            await store.run(store.update, batch.id, ["validating"], failed)
+            return
         await store.run(
             store.update,
             batch.id,
