@@ -31,6 +31,7 @@ from gateway.store.keys import check_usable, identity_of
 log = logging.getLogger(__name__)
 IDENTITY_TTL_S = 5.0  # a revoked key stops its batch's items within this
 GAUGES_EVERY_S = 2.0
+MAX_BACKOFF_S = 30.0
 _STATE = {Verdict.DONE: "done", Verdict.FAILED: "failed", Verdict.RETRY: "queued", Verdict.WAIT: "queued"}
 
 
@@ -76,19 +77,22 @@ class BatchWorker:
         return now + dt.timedelta(seconds=self._config.lease_s)
 
     async def _loop(self) -> None:
+        failures = 0  # in a row: the wait doubles, so an outage costs a few log lines, not one a poll
         while True:
             try:
                 busy = await self.tick()
-            except SwitchboardError as exc:  # the database is away: try again at the next poll
+                failures = 0
+            except SwitchboardError as exc:  # the database is away: try again later
                 log.warning("batch worker: %s", exc)
-                busy = False
+                busy, failures = False, failures + 1
             except Exception:  # noqa: BLE001 - the worker's top level: log, keep serving batches
                 log.exception("batch worker: unexpected error; retrying")
-                busy = False
+                busy, failures = False, failures + 1
             self._wake.clear()
             if not busy or len(self._tasks) >= self._config.concurrency:
+                wait_s = min(MAX_BACKOFF_S, self._config.poll_s * 2 ** min(failures, 10))
                 try:
-                    async with asyncio.timeout(self._config.poll_s):
+                    async with asyncio.timeout(wait_s):
                         await self._wake.wait()
                 except TimeoutError:
                     pass
