@@ -265,12 +265,16 @@ class Scheduler:
                 continue
             planned[seq.seq_id] = self._prefill_chunk(seq, end)
             prefills.add(seq.seq_id)
-        if not preempted:
-            admitted = self._admit(self._budget_left(planned, prefills))
-            # Interactive admissions may have preempted batch sequences planned above: drop their chunks.
-            planned = {k: c for k, c in planned.items() if self._seqs[k].status is SeqStatus.RUNNING}
-            planned.update((c.seq_id, c) for c in admitted)
+        # Before admitting: a sequence preempted above and readmitted below must not keep its draft room.
         self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k in planned}
+        if not preempted:
+            evicted: set[int] = set()
+            admitted = self._admit(self._budget_left(planned, prefills), evicted)
+            # Interactive admissions may have preempted batch sequences planned above (and even readmitted
+            # them from their start): their planned chunks and draft rooms are stale.
+            planned = {k: c for k, c in planned.items() if k not in evicted}
+            planned.update((c.seq_id, c) for c in admitted)
+            self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k not in evicted}
         return StepPlan(tuple(planned.values()))
 
     def _budget_left(self, planned: Mapping[int, SeqChunk], prefills: set[int]) -> int:
@@ -363,26 +367,25 @@ class Scheduler:
             raise RuntimeError(f"block allocator refused {n} blocks with {self._allocator.num_free} free")
         return blocks
 
-    def _admit(self, budget: int) -> list[SeqChunk]:
-        """Start waiting sequences in arrival order while there is budget, batch room and free blocks."""
+    def _admit(self, budget: int, evicted: set[int]) -> list[SeqChunk]:
+        """Start waiting sequences in order while there is budget, batch room and free blocks; interactive
+        ones preempt running batch ones for room (their ids go to `evicted`)."""
         admitted = []
         while self._waiting and budget > 0:
             seq = self._waiting[0]
-            if len(self._running) >= self.config.max_batch and not self._displaces(seq):
-                break
-            shared = self._match_prefix(seq)
-            start = len(shared) * self.config.block_size
-            end = min(seq.num_tokens, start + budget)
-            needed = blocks_for(end, self.config.block_size) - len(shared)
-            # Headroom of one block per running sequence, so admitting this one does not force a
-            # preemption at the very next decode; with nothing running, the whole cache is available.
-            # Interactive work takes the blocks (and the batch slot) of running batch sequences.
-            while (
-                needed + len(self._running) > self._allocator.num_free
-                or len(self._running) >= self.config.max_batch
-            ) and self._displaces(seq):
+            while True:
+                shared = self._match_prefix(seq)  # again after a preemption: it may free indexed blocks
+                start = len(shared) * self.config.block_size
+                end = min(seq.num_tokens, start + budget)
+                needed = blocks_for(end, self.config.block_size) - len(shared)
+                # Headroom of one block per running sequence, so admitting this one does not force a
+                # preemption at the very next decode; with nothing running, the whole cache is available.
+                short = needed + len(self._running) > self._allocator.num_free
+                if not (short or len(self._running) >= self.config.max_batch) or not self._displaces(seq):
+                    break
+                evicted.add(self._running[-1].seq_id)
                 self._preempt(self._running[-1])
-            if needed + len(self._running) > self._allocator.num_free:
+            if short or len(self._running) >= self.config.max_batch:
                 break
             self._waiting.pop(0)
             self._allocator.share(shared)
