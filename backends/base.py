@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+PRIORITY_HEADER = "x-switchboard-priority"  # "batch": the engine schedules it behind interactive requests
+
 
 class BackendKind(StrEnum):
     CLOUD = "cloud"  # a cloud LLM API through litellm
@@ -60,6 +62,8 @@ class ChatRequest:
     prompt: str | None = None
     # Headers a backend of the same API forwards unchanged (anthropic-version/-beta to an Anthropic cloud).
     passthrough_headers: tuple[tuple[str, str], ...] = ()
+    # A `/v1/batches` item: a self-hosted engine runs it behind interactive work (PRIORITY_HEADER).
+    batch: bool = False
 
 
 @dataclass(frozen=True, slots=True)

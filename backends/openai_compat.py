@@ -19,6 +19,7 @@ import httpx
 import orjson
 
 from backends.base import (
+    PRIORITY_HEADER,
     BackendHealth,
     BackendInfo,
     BackendKind,
@@ -88,6 +89,7 @@ class OpenAICompatBackend:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._headers = httpx.Headers(headers)
+        self._batch_headers = httpx.Headers({**headers, PRIORITY_HEADER: "batch"})
         self._tokenize = TokenizeEndpoint(base, self._headers, timeout_s, connect_timeout_s)
         self._transport = FastTransport(max_connections=max_connections)
         self._client = httpx.AsyncClient(  # for the cold paths; chat goes to the transport directly
@@ -184,10 +186,11 @@ class OpenAICompatBackend:
         """One `httpx.Request` straight for the transport. httpx's client layer (auth flow, cookies, event
         hooks) and `Request(content=...)` (which re-normalises every header) cost more than the exchange
         itself here; `FastTransport` writes Host and Content-Length for a `stream=` body on the wire."""
+        batch = isinstance(request, ChatRequest) and request.batch
         return httpx.Request(
             "POST",
             url,
-            headers=self._headers,
+            headers=self._batch_headers if batch else self._headers,
             stream=httpx.ByteStream(body),
             extensions={"timeout": self._timeouts_for(request)},
         )

@@ -190,6 +190,9 @@ class DeploymentConfig(_Strict):
     upstream_model: str | None = None  # defaults to the public name
     input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
     output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    # What `/v1/batches` items cost here (a provider's batch tier); unset: the prices above.
+    batch_input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    batch_output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
     context_tokens: int | None = Field(default=None, ge=1)
     quality_tier: int = Field(default=0, ge=0)  # higher is better; teams may ask for a minimum
 
@@ -201,6 +204,8 @@ class ModelConfig(_Strict):
     upstream_model: str | None = None
     input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
     output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    batch_input_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
+    batch_output_usd_per_mtok: Decimal | None = Field(default=None, ge=0)
     context_tokens: int | None = Field(default=None, ge=1)
     quality_tier: int = Field(default=0, ge=0)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
@@ -224,6 +229,8 @@ class ModelConfig(_Strict):
                 upstream_model=self.upstream_model,
                 input_usd_per_mtok=self.input_usd_per_mtok,
                 output_usd_per_mtok=self.output_usd_per_mtok,
+                batch_input_usd_per_mtok=self.batch_input_usd_per_mtok,
+                batch_output_usd_per_mtok=self.batch_output_usd_per_mtok,
                 context_tokens=self.context_tokens,
                 quality_tier=self.quality_tier,
             )
@@ -375,6 +382,21 @@ class FilesConfig(_Strict):
         return self
 
 
+class BatchConfig(_Strict):
+    """`/v1/batches`: a worker on every replica runs batch items through the pipeline, on self-hosted capacity
+    while it has room, moving what remains to cloud deployments as the completion window nears its end."""
+
+    enabled: bool = True  # false: this replica runs no batch worker (the API still answers)
+    window_s: float = Field(default=86_400.0, gt=0)  # what completion_window "24h" gives a batch
+    spill_slack_s: float = Field(default=3600.0, ge=0)  # this long before the window ends, items go to cloud
+    kv_room_frac: float = Field(default=0.8, gt=0, le=1)  # an engine has room while its KV use is below this
+    concurrency: int = Field(default=8, ge=1, le=1024)  # items one replica runs at once
+    claim_size: int = Field(default=8, ge=1, le=1000)  # items claimed at a time
+    lease_s: float = Field(default=30.0, gt=0)  # a dead replica's items are taken over after this
+    poll_s: float = Field(default=0.5, gt=0)  # how often an idle worker looks for work
+    max_attempts: int = Field(default=3, ge=1)  # tries of an item failing with a retryable error
+
+
 class EdgeConfig(_Strict):
     """Edge nodes dialling in over `/v1/edge/connect` (see README, "Edge nodes")."""
 
@@ -437,6 +459,7 @@ class Config(_Strict):
     reports: ReportsConfig = ReportsConfig()
     responses: ResponsesConfig = ResponsesConfig()
     files: FilesConfig = FilesConfig()
+    batch: BatchConfig = BatchConfig()
     edge: EdgeConfig = EdgeConfig()
 
     @property

@@ -44,6 +44,7 @@ class UsageRecord:
     route_reason: str | None = None  # why routing chose this backend
     attempts: int = 0  # backend attempts made (0: refused before any)
     route_candidates: str | None = None  # JSON: ranked candidates with their score terms
+    batch_id: str | None = None  # an item of this `/v1/batches` batch (priced at batch prices)
 
 
 BUDGET_PERIODS = ("day", "month")  # a UTC day or calendar month: the values of limits.base.BudgetPeriod

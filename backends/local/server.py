@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from backends.base import PRIORITY_HEADER
 from backends.local.build import EngineOptions, one_compute_thread, stage
 from backends.local.embedding import Embedder
 from backends.local.embedding_api import EmbeddingService, embeddings
@@ -41,6 +42,7 @@ from backends.local.serving import (
     build_engine_state,
     check_model,
     failure,
+    priority_of,
     start,
     start_chat,
 )
@@ -157,7 +159,7 @@ async def chat_completions(request: Request) -> Response:
     state: EngineState = request.app.state.engine
     try:
         body = parse_json(await request.body(), ChatCompletionBody)
-        gen = start_chat(state, body)
+        gen = start_chat(state, body, priority_of(request.headers.get(PRIORITY_HEADER)))
     except ApiError:
         state.metrics.requests.labels(outcome="rejected").inc()
         raise

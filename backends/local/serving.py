@@ -9,6 +9,7 @@ raises `ApiError` 500 `engine_error`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from backends.base import FinishReason
 from backends.local.build import EngineOptions, available_cores, build_engine_parts
 from backends.local.engine.engine import Engine, Failed, Finished, RequestHandle, Tokens
 from backends.local.engine.kernels import kernel_isa
-from backends.local.engine.scheduler import FinishCause, RequestTooLarge, SamplingParams
+from backends.local.engine.scheduler import FinishCause, Priority, RequestTooLarge, SamplingParams
 from backends.local.generate import StopStringDecoder
 from backends.local.loader import LoadedModel
 from backends.local.metrics import EngineMetrics
@@ -176,6 +177,14 @@ def check_model(state: EngineState, model: str) -> None:
         )
 
 
+def priority_of(header: str | None) -> Priority:
+    """The request's class from PRIORITY_HEADER: "batch" runs behind interactive work; anything else is
+    interactive (the header can only lower a request's priority, never raise it)."""
+    return (
+        Priority.BATCH if header is not None and header.strip().lower() == "batch" else Priority.INTERACTIVE
+    )
+
+
 def start(state: EngineState, prompt_ids: list[int], params: SamplingParams) -> Generation:
     try:
         handle = state.engine.submit(prompt_ids, params)
@@ -184,7 +193,9 @@ def start(state: EngineState, prompt_ids: list[int], params: SamplingParams) -> 
     return Generation(state, handle, params, len(prompt_ids))
 
 
-def start_chat(state: EngineState, body: ChatCompletionBody) -> Generation:
+def start_chat(
+    state: EngineState, body: ChatCompletionBody, priority: Priority = Priority.INTERACTIVE
+) -> Generation:
     """Check a chat body against the served names and the engine's limits, template it, and submit it."""
     check_model(state, body.model)
     reject_unsupported(body)
@@ -197,4 +208,4 @@ def start_chat(state: EngineState, body: ChatCompletionBody) -> Generation:
         kv_tokens=state.engine.max_kv_tokens(),
         defaults=state.sampling,
     )
-    return start(state, prompt_ids, params)
+    return start(state, prompt_ids, dataclasses.replace(params, priority=priority))

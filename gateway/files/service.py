@@ -175,5 +175,35 @@ class FileService:
                 )
         return await self._store.page(team, limit=limit, order=order, after=cursor, purpose=purpose)
 
+    async def write(
+        self,
+        file_id: str,
+        chunks: AsyncIterator[bytes],
+        *,
+        team: str,
+        filename: str,
+        purpose: str,
+        now: dt.datetime,
+    ) -> StoredFile:
+        """Store a file the gateway wrote (a batch's output or error file) under an id it chose. Idempotent:
+        a file already registered under `file_id` is returned as it is."""
+        found = await self._store.get(file_id, team)
+        if found is not None:
+            return found
+        size = await self._storage.put(file_id, chunks)
+        stored = StoredFile(
+            id=file_id,
+            team=team,
+            key_id=None,
+            created_at=now,
+            bytes=size,
+            filename=filename,
+            purpose=purpose,
+            status="processed",
+            storage_key=file_id,
+        )
+        await self._store.add(stored)
+        return stored
+
     async def aclose(self) -> None:
         await self._storage.aclose()

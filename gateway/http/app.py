@@ -35,6 +35,7 @@ from gateway.errors import AdminOnly, InvalidRequest, NotFound, error_body
 from gateway.http import anthropic_routes
 from gateway.http.admin import admin_router
 from gateway.http.auth import authenticate, bearer_token
+from gateway.http.batches import batches_router
 from gateway.http.context import RequestContextMiddleware, timing_of
 from gateway.http.deps import RouterDeps
 from gateway.http.endpoints import EndpointDeps, Translator, enveloped_response, serve
@@ -380,6 +381,7 @@ def create_app(config: Config) -> SwitchboardApp:
     app.include_router(usage_router())
     app.include_router(responses_router())  # GET/DELETE /v1/responses/{id}; the POST is a translator
     app.include_router(files_router())  # /v1/files: uploads streamed to file storage (files.*)
+    app.include_router(batches_router())  # /v1/batches: state in SQL, items run by every replica's worker
     app.include_router(edge_router())  # /v1/edge/connect (WebSocket) and /admin/edge/...
     _install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)

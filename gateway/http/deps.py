@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy.engine import Engine
 from starlette.requests import HTTPConnection
 
+from gateway.batch.service import BatchService
 from gateway.config import Config
 from gateway.edge.hub import EdgeHub
 from gateway.files.service import FileService
@@ -72,12 +73,21 @@ class FileDeps:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchDeps:
+    """`/v1/batches`."""
+
+    access: ModelAccess
+    batches: BatchService
+
+
+@dataclass(frozen=True, slots=True)
 class RouterDeps:
     reports: ReportDeps
     admin: AdminDeps
     edge: EdgeNodeDeps
     responses: ResponseDeps
     files: FileDeps
+    batches: BatchDeps
 
     @classmethod
     def of(cls, svc: Services) -> RouterDeps:
@@ -85,7 +95,8 @@ class RouterDeps:
         admin = AdminDeps(svc.access, svc.db, svc.keys, svc.config, svc.routing, reports)
         edge = EdgeNodeDeps(svc.access, svc.db, svc.config, svc.edge)
         files = FileDeps(svc.access, svc.files)
-        return cls(reports, admin, edge, ResponseDeps(svc.access, svc.responses), files)
+        batches = BatchDeps(svc.access, svc.batches)
+        return cls(reports, admin, edge, ResponseDeps(svc.access, svc.responses), files, batches)
 
 
 def router_deps(conn: HTTPConnection) -> RouterDeps:

@@ -36,6 +36,7 @@ from gateway.pipeline.request import (
     Call,
     GatewayRequest,
     Hints,
+    Placement,
 )
 from routing.decision import RejectCode, Rejection, RouteDecision
 from routing.detectors import DetectorKind
@@ -128,6 +129,7 @@ def plan(
     preferences: Mapping[str, Any] | None = None,
     *,
     now_s: float,
+    placement: Placement | None = None,
 ) -> Routed:
     """The decision, possibly with no candidates. Raises only for the request itself (bad header or
     preferences, sensitive data under `on_sensitive = block`, a model of the other mode)."""
@@ -145,6 +147,10 @@ def plan(
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=str(exc).split(":", 1)[0]) from None
     policy = with_labels(narrow(routing.policy(team), prefs), hints.required_labels(), team)
+    if placement is not None:
+        policy = dataclasses.replace(
+            policy, ignore=policy.ignore | placement.ignore, order=placement.order or policy.order
+        )
     if isinstance(call, EmbeddingRequest):
         prompt_tokens, output_tokens, tools, json = estimate_input_tokens(call), 0, False, False
     else:
@@ -177,7 +183,13 @@ class Planner:
     async def route(self, request: GatewayRequest, *, now_s: float) -> Routed:
         await self.access.check_model(request.identity, request.model)
         return plan(
-            self.routing, request.identity.team, request.call, request.hints, request.preferences, now_s=now_s
+            self.routing,
+            request.identity.team,
+            request.call,
+            request.hints,
+            request.preferences,
+            now_s=now_s,
+            placement=request.placement,
         )
 
 

@@ -8,7 +8,7 @@ no path writes two rows. The pipeline calls it on every exit after authenticatio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from gateway.pipeline.plan import Routed, candidates_json, privacy_class
 from gateway.pipeline.request import GatewayRequest, Timing
 from gateway.records import RequestStatus, UsageRecord
 from gateway.store.ledger import LedgerWriter
+from routing.decision import Deployment, Price
 
 
 class Settler(Protocol):
@@ -37,6 +38,13 @@ class RecordSink:
 
     ledger: LedgerWriter
     metrics: GatewayMetrics
+    # (public model, backend) -> its batch price (config: models.X.batch_*_usd_per_mtok), for batch rows
+    batch_prices: Mapping[tuple[str, str], Price] = field(default_factory=dict)
+
+    def price(self, dep: Deployment, batch: bool) -> Price:
+        if batch:
+            return self.batch_prices.get((dep.public_model, dep.backend), dep.price)
+        return dep.price
 
     def write(self, rec: UsageRecord) -> None:
         self.ledger.record(rec)
@@ -83,7 +91,11 @@ class RequestRecord:
         usage, hit = self.usage, self.hit
         dep = self.use.deployment if self.use is not None else None
         self.cost_micro_usd = cost = (
-            dep.price.cost_micro_usd(usage.prompt_tokens, usage.completion_tokens) if dep else 0
+            self.sink.price(dep, self.request.batch_id is not None).cost_micro_usd(
+                usage.prompt_tokens, usage.completion_tokens
+            )
+            if dep
+            else 0
         )
         if hit is not None:
             backend = hit.backend
@@ -127,6 +139,7 @@ class RequestRecord:
             route_reason=routed.decision.reason if routed else None,
             attempts=self.attempts or (len(error.causes) if isinstance(error, AllBackendsFailed) else 0),
             route_candidates=candidates_json(routed.decision) if routed else None,
+            batch_id=request.batch_id,
         )
 
     def _end_use(self, use: DeploymentUse, status: RequestStatus, error: SwitchboardError | None) -> None:

@@ -99,6 +99,16 @@ Call = ChatRequest | EmbeddingRequest  # what a backend is sent: a chat completi
 
 
 @dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a batch item may run (gateway/batch/placement.py): it only narrows the team's policy.
+    `ignore`: backends left out (cloud while self-hosted capacity has room); `order`: backends tried first
+    (cloud, once the completion window nears its end)."""
+
+    ignore: frozenset[str] = frozenset()
+    order: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayRequest:
     """One request on its way through the pipeline, whichever API it came in by."""
 
@@ -110,6 +120,8 @@ class GatewayRequest:
     hints: Hints = NO_HINTS
     preferences: Mapping[str, Any] | None = None  # the body's routing preferences, if the API has them
     cacheable: bool = True  # False: this endpoint's answers are never cached
+    batch_id: str | None = None  # an item of this `/v1/batches` batch: its row is priced at batch prices
+    placement: Placement | None = None  # a batch item's capacity class (None: routing alone decides)
 
     @property
     def model(self) -> str:

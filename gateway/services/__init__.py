@@ -16,6 +16,8 @@ from redis.exceptions import RedisError
 from sqlalchemy.engine import Engine
 
 from backends.base import Backend
+from gateway.batch.service import BatchService
+from gateway.batch.worker import BatchWorker
 from gateway.cache.store import ResponseCache
 from gateway.config import Config
 from gateway.edge.hub import EdgeHub
@@ -53,15 +55,19 @@ class Services:
     reports: ReportRunner
     responses: ResponseStore  # /v1/responses conversation state (SQL)
     files: FileService  # /v1/files: metadata in SQL, bytes in file storage (files.storage)
+    batches: BatchService  # /v1/batches: state in SQL; items run by the workers
     redis: Redis | None = None  # None: cache, limits and budgets live in this process
     routing_sync: RoutingSync | None = None  # shares routing stats and circuits through Redis
     rollup: RollupJob | None = None
     edge: EdgeHub | None = None  # None: edge nodes are off (config: edge.enabled)
     health: HealthProber | None = None
     responses_prune: ResponsePruneJob | None = None
+    batch_worker: BatchWorker | None = None  # None: batch.enabled = false on this replica
 
     async def aclose(self) -> None:
         await self.reports.aclose()  # first: stop reports still running on their threads
+        if self.batch_worker is not None:
+            await self.batch_worker.aclose()  # before the pipeline's parts: its items use them
         if self.responses_prune is not None:
             await self.responses_prune.aclose()
         if self.rollup is not None:

@@ -118,3 +118,28 @@ def build_deployments(config: Config, backends: Mapping[str, Backend]) -> dict[s
             )
         out[public] = tuple(deps)
     return out
+
+
+def build_batch_prices(
+    config: Config, deployments: Mapping[str, tuple[Deployment, ...]]
+) -> dict[tuple[str, str], Price]:
+    """(public model, backend) -> batch price, for deployments that name one (models.X.batch_*); a side
+    left unset keeps the interactive price."""
+    prices: dict[tuple[str, str], Price] = {}
+    for public, model in config.models.items():
+        interactive = {d.backend: d.price for d in deployments.get(public, ())}
+        for dep in model.all_deployments():
+            usual = interactive.get(dep.backend)
+            if usual is None or (
+                dep.batch_input_usd_per_mtok is None and dep.batch_output_usd_per_mtok is None
+            ):
+                continue
+            prices[(public, dep.backend)] = Price(
+                usual.input_usd_per_mtok
+                if dep.batch_input_usd_per_mtok is None
+                else dep.batch_input_usd_per_mtok,
+                usual.output_usd_per_mtok
+                if dep.batch_output_usd_per_mtok is None
+                else dep.batch_output_usd_per_mtok,
+            )
+    return prices

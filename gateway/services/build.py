@@ -17,6 +17,10 @@ from redis.asyncio import Redis
 from sqlalchemy.engine import Engine
 
 from backends.base import Backend
+from gateway.batch.execute import BatchTranslator, ItemRunner
+from gateway.batch.placement import Placer
+from gateway.batch.service import BatchService
+from gateway.batch.worker import BatchWorker
 from gateway.cache.policy import CacheStep
 from gateway.cache.store import ResponseCache
 from gateway.config import Config, EdgeBackendConfig
@@ -35,8 +39,9 @@ from gateway.pipeline.plan import Planner
 from gateway.pipeline.record import RecordSink
 from gateway.reports.runner import ReportRunner
 from gateway.services import Services
-from gateway.services.backends import build_backend, build_deployments
+from gateway.services.backends import build_backend, build_batch_prices, build_deployments
 from gateway.services.shared import build_health, build_quota, build_redis, build_registry, build_relay
+from gateway.store.batches import BatchStore
 from gateway.store.db import make_engine, migrate
 from gateway.store.files import FileStore
 from gateway.store.journal import Journal, journal_tag
@@ -45,6 +50,9 @@ from gateway.store.ledger import LedgerWriter
 from gateway.store.responses import ResponsePruneJob, ResponseStore
 from gateway.store.spend import spent_micro_usd
 from gateway.store.upkeep import RollupJob
+from gateway.translate.openai_chat import ChatCompletions
+from gateway.translate.openai_embeddings import Embeddings
+from gateway.translate.openai_responses import Responses
 
 
 def should_migrate(config: Config) -> bool:
@@ -199,6 +207,41 @@ def build_responses(config: Config, engine: Engine) -> tuple[ResponseStore, Resp
     return store, prune
 
 
+def build_batch_worker(
+    config: Config,
+    store: BatchStore,
+    files: FileService,
+    pipeline: Pipeline,
+    routing: RoutingState,
+    responses: ResponseStore,
+    metrics: GatewayMetrics,
+    replica_id: str,
+) -> BatchWorker | None:
+    """This replica's batch worker (every replica runs one; they share the work through SQL leases)."""
+    if not config.batch.enabled:
+        return None
+    translators: dict[str, BatchTranslator] = {
+        t.path: t for t in (ChatCompletions(), Responses(), Embeddings())
+    }
+    runner = ItemRunner(
+        pipeline,
+        translators,
+        Placer(routing, config.batch),
+        responses,
+        timeout_s=config.server.request_timeout_s,
+        max_attempts=config.batch.max_attempts,
+    )
+    worker = BatchWorker(store, files, runner, config.batch, owner=replica_id[:64])
+    metrics.add_gauge(
+        "switchboard_batch_items_queued", "Batch items waiting to run (all replicas)", lambda: worker.queued
+    )
+    metrics.add_gauge(
+        "switchboard_batch_items_running", "Batch items running now (all replicas)", lambda: worker.running
+    )
+    worker.start()
+    return worker
+
+
 async def build_services(config: Config) -> Services:
     engine, ledger = build_store(config)
     try:
@@ -233,7 +276,10 @@ async def build_services(config: Config) -> Services:
         server.request_timeout_s, config.routing.retry_backoff_s, config.routing.max_retry_wait_s
     )
     dispatcher = Dispatcher(backends if edge is None else edge.backends, timeouts, routing, retry)
-    pipeline = build_pipeline(config, access, routing, gate, cache, dispatcher, RecordSink(ledger, metrics))
+    sink = RecordSink(ledger, metrics, build_batch_prices(config, deployments))
+    pipeline = build_pipeline(config, access, routing, gate, cache, dispatcher, sink)
+    batch_store = BatchStore(engine)
+    worker = build_batch_worker(config, batch_store, files, pipeline, routing, responses, metrics, replica_id)
     return Services(
         config=config,
         db=engine,
@@ -261,4 +307,6 @@ async def build_services(config: Config) -> Services:
         responses=responses,
         responses_prune=responses_prune,
         files=files,
+        batches=BatchService(batch_store, files, config.batch),
+        batch_worker=worker,
     )

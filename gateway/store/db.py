@@ -109,10 +109,12 @@ usage = sa.Table(
     # The API that was called ("chat.completions", "embeddings", ...; GatewayRequest.endpoint). Rows from
     # before migration 0006 were all chat completions: the server default fills them.
     sa.Column("endpoint", sa.String(32), nullable=False, server_default=LEGACY_ENDPOINT),
+    sa.Column("batch_id", sa.String(64), nullable=True),  # an item of a `/v1/batches` batch (migration 0009)
     sa.Index("ix_usage_created_at", "created_at"),
     sa.Index("ix_usage_team_created_at", "team", "created_at"),  # team spend per period (store/spend.py)
     sa.Index("ix_usage_key_id_created_at", "key_id", "created_at"),  # key spend per period
     sa.Index("ix_usage_written_at", "written_at"),
+    sa.Index("ix_usage_batch_id", "batch_id"),
 )
 
 
@@ -221,6 +223,55 @@ files = sa.Table(
     sa.Column("lines", sa.Integer, nullable=True),  # JSONL: non-blank lines
     sa.Column("invalid_lines", sa.Integer, nullable=True),  # lines that are no valid batch request
     sa.Index("ix_files_team_created", "team", "created_at", "id"),  # listing, newest first
+)
+
+
+# `/v1/batches` (gateway/store/batches.py): a batch's state, and one item per input line with its lease and
+# its result (the output- or error-file line), claimed by workers on every replica.
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # batch_<32 hex>
+    sa.Column("team", sa.String(64), nullable=False),
+    sa.Column("key_id", sa.String(32), nullable=True),  # the key that created it: its items run as that key
+    sa.Column("endpoint", sa.String(64), nullable=False),  # /v1/chat/completions, /v1/responses, ...
+    sa.Column("input_file_id", sa.String(64), nullable=False),
+    sa.Column("completion_window", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # OpenAI's Batch.status
+    sa.Column("metadata", sa.JSON, nullable=True),
+    sa.Column("errors", sa.JSON, nullable=True),  # OpenAI's Batch.errors.data: why a batch failed
+    sa.Column("output_file_id", sa.String(64), nullable=True),
+    sa.Column("error_file_id", sa.String(64), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),  # the end of the completion window
+    sa.Column("in_progress_at", UTCDateTime, nullable=True),
+    sa.Column("finalizing_at", UTCDateTime, nullable=True),
+    sa.Column("completed_at", UTCDateTime, nullable=True),
+    sa.Column("failed_at", UTCDateTime, nullable=True),
+    sa.Column("expired_at", UTCDateTime, nullable=True),
+    sa.Column("cancelling_at", UTCDateTime, nullable=True),
+    sa.Column("cancelled_at", UTCDateTime, nullable=True),
+    # Who validates or finalizes it now, and until when (a dead replica's lease expires).
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_until", UTCDateTime, nullable=True),
+    sa.Index("ix_batches_team_created", "team", "created_at", "id"),
+    sa.Index("ix_batches_status", "status"),
+)
+
+batch_items = sa.Table(
+    "batch_items",
+    metadata,
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+    sa.Column("line", sa.Integer, primary_key=True),  # 1-based line of the input file
+    sa.Column("custom_id", sa.String(512), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),  # queued | running | done | failed | cancelled
+    sa.Column("body", sa.JSON, nullable=True),  # the request body; cleared once the item has its result
+    sa.Column("result", sa.JSON, nullable=True),  # its output-file (done) or error-file (failed) line
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_until", UTCDateTime, nullable=True),
+    sa.Column("backend", sa.String(200), nullable=True),  # what served it (capacity class in metrics)
+    sa.Index("ix_batch_items_state", "state", "batch_id"),
 )
 
 

@@ -355,11 +355,12 @@ class _Entry:
     fresh_until: float
 
 
-def _fetch_key(engine: Engine, key_hash: str) -> _Lookup | None:
+def _fetch_key(engine: Engine, key_hash: str, *, key_id: str | None = None) -> _Lookup | None:
+    which = api_keys.c.key_hash == key_hash if key_id is None else api_keys.c.id == key_id
     query = (
         sa.select(api_keys, teams.c.models.label("team_models"))
         .join(teams, teams.c.name == api_keys.c.team)
-        .where(api_keys.c.key_hash == key_hash)
+        .where(which)
     )
     with engine.connect() as conn:
         row = conn.execute(query).first()
@@ -379,6 +380,12 @@ def _fetch_key(engine: Engine, key_hash: str) -> _Lookup | None:
     )
     team_models = row._mapping["team_models"]
     return _Lookup(identity, None if team_models is None else frozenset(team_models))
+
+
+def identity_of(engine: Engine, key_id: str) -> KeyIdentity | None:
+    """A key's identity by its id (work done later on a key's behalf: a batch's items)."""
+    found = _fetch_key(engine, "", key_id=key_id)
+    return None if found is None else found.identity
 
 
 OUTAGE_RETRY_S = 1.0  # a stale key or team entry served through an outage is re-checked this often

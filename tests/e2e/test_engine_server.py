@@ -104,6 +104,14 @@ def test_chat_returns_answer_and_usage(client: openai.OpenAI) -> None:
     assert 0 < reply.usage.completion_tokens <= 12
 
 
+def test_batch_priority_requests_get_the_same_greedy_answer(client: openai.OpenAI) -> None:
+    # x-switchboard-priority: batch (what the gateway sends for /v1/batches items) only changes the order.
+    ask = {"model": "smollm2", "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+    usual = client.chat.completions.create(**ask)  # type: ignore[call-overload]
+    behind = client.chat.completions.create(**ask, extra_headers={"x-switchboard-priority": "batch"})  # type: ignore[call-overload]
+    assert behind.choices[0].message.content == usual.choices[0].message.content
+
+
 def test_greedy_matches_transformers_generate(engine: RunningEngine, client: openai.OpenAI) -> None:
     messages: list[ChatCompletionMessageParam] = [
         {"role": "user", "content": "Write one sentence about the sea."}

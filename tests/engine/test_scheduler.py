@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from backends.local.engine.kv_cache import BlockAllocator
 from backends.local.engine.scheduler import (
     FinishCause,
+    Priority,
     RequestTooLarge,
     SamplingParams,
     Scheduler,
@@ -175,6 +176,49 @@ def test_waiting_requests_are_admitted_in_arrival_order() -> None:
         scheduler.add(seq_id, prompt(2, seq_id), params(1))
     order = [step(scheduler)[1][0].seq_id for _ in range(3)]
     assert order == [5, 3, 9]
+
+
+def batch(max_tokens: int = 4) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, priority=Priority.BATCH)
+
+
+def test_interactive_requests_are_admitted_ahead_of_earlier_batch_ones() -> None:
+    scheduler, _ = make(max_batch=1)
+    scheduler.add(1, prompt(2, 1), batch(1))
+    scheduler.add(2, prompt(2, 2), batch(1))
+    scheduler.add(3, prompt(2, 3), params(1))  # arrives last, runs first
+    order = [step(scheduler)[1][0].seq_id for _ in range(3)]
+    assert order == [3, 1, 2]
+
+
+def test_an_interactive_request_preempts_batch_work_for_its_blocks_and_slot() -> None:
+    # 8 blocks of 4 slots; two batch requests hold 4 blocks each once prefilled and decoding.
+    scheduler, blocks = make(num_blocks=8, max_batch=2, budget=64)
+    scheduler.add(1, prompt(12, 1), batch(4))
+    scheduler.add(2, prompt(12, 2), batch(4))
+    step(scheduler)
+    assert scheduler.num_running == 2
+    scheduler.add(3, prompt(8, 3), params(4))
+    plan, _ = step(scheduler)
+    assert 3 in [c.seq_id for c in plan.chunks]  # admitted at once, not behind the batch
+    assert scheduler.get(2).status is SeqStatus.PREEMPTED  # type: ignore[union-attr]  # the youngest batch
+    done = run_all(scheduler)
+    assert done[2].output_ids == expected_output(12, 4) and done[2].num_preemptions >= 1  # recomputed
+    assert done[3].num_preemptions == 0 and blocks.num_free == 8
+
+
+def test_batch_work_never_preempts_interactive_work() -> None:
+    scheduler, _ = make(num_blocks=8, max_batch=2, budget=64)
+    scheduler.add(1, prompt(12, 1), params(4))
+    scheduler.add(2, prompt(12, 2), params(4))
+    step(scheduler)
+    scheduler.add(3, prompt(8, 3), batch(4))
+    plan, _ = step(scheduler)
+    assert 3 not in [c.seq_id for c in plan.chunks] and scheduler.num_preemptions == 0
+    done = run_all(scheduler)
+    assert done[1].num_preemptions == done[2].num_preemptions == 0 and done[3].output_ids == expected_output(
+        8, 4
+    )
 
 
 def test_the_youngest_is_preempted_and_recomputed_with_its_outputs() -> None:
@@ -342,8 +386,9 @@ def test_any_load_completes_within_the_blocks(
     spec: int,
     requests: list[tuple[int, int, int, int]],
 ) -> None:
-    """Random prompts (some sharing prefixes), lengths, arrival steps and draft slots: every request that
-    fits finishes with the right tokens, no written block is shared, and every block comes back."""
+    """Random prompts (some sharing prefixes), lengths, arrival steps, draft slots and priority classes: every
+    request that fits finishes with the right tokens, no written block is shared, and every block comes
+    back."""
     scheduler, blocks = make(num_blocks, block_size=block_size, max_batch=max_batch, budget=budget, spec=spec)
     pending = sorted(enumerate(requests), key=lambda r: r[1][2])
     accepted: dict[int, tuple[int, int]] = {}
@@ -352,7 +397,8 @@ def test_any_load_completes_within_the_blocks(
         while pending and pending[0][1][2] <= now:
             seq_id, (prompt_len, max_tokens, _, salt) = pending.pop(0)
             try:
-                scheduler.add(seq_id, prompt(prompt_len, salt), params(max_tokens))
+                kind = batch(max_tokens) if seq_id % 3 == 1 else params(max_tokens)  # a mix of both classes
+                scheduler.add(seq_id, prompt(prompt_len, salt), kind)
             except RequestTooLarge:
                 assert prompt_len + max_tokens - 1 > num_blocks * block_size
                 continue

@@ -35,7 +35,7 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-@pytest.mark.parametrize("command", [[], ["teams"], ["keys"], ["engine"]])
+@pytest.mark.parametrize("command", [[], ["teams"], ["keys"], ["engine"], ["batches"]])
 def test_every_command_has_help(command: list[str]) -> None:
     code, out = run(*command, "--help")
     assert code == 0 and "Usage" in out

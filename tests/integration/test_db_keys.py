@@ -58,6 +58,9 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
             "rollup_state",
             "edge_tokens",
             "responses",
+            "files",
+            "batches",
+            "batch_items",
         }
         assert tables | {"alembic_version"} <= set(inspector.get_table_names())
         for table in db.metadata.sorted_tables:
@@ -79,7 +82,7 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
         assert usage_indexes["ix_usage_key_id_created_at"] == ["key_id", "created_at"]
         assert usage_indexes["ix_usage_written_at"] == ["written_at"]
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0008"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0009"
     finally:
         eng.dispose()
 
@@ -95,6 +98,40 @@ _NEW_KEY_COLUMNS = [
 
 def _columns(eng: Engine, table: str) -> list[str]:
     return [c["name"] for c in sa.inspect(eng).get_columns(table)]
+
+
+def test_migration_0008_to_0009_adds_batches_and_back(db_target: DbTarget) -> None:
+    """Usage rows written before batches have no batch_id; downgrade drops the batch tables, keeps rows."""
+    if db_target.schema is not None:
+        admin = db.make_engine(db_target.url)
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{db_target.schema}"')
+        admin.dispose()
+    cfg = db.alembic_config(db_target.url, db_target.schema)
+    command.upgrade(cfg, "0008")
+    eng = db_target.make_engine()
+    try:
+        with eng.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO usage (request_id, created_at, team, requested_model, prompt_tokens, "
+                    "completion_tokens, cost_micro_usd, latency_ms, status, http_status, stream, cache_hit) "
+                    "VALUES ('r1', :t, 'research', 'm', 1, 2, 30, 4.5, 'ok', 200, false, false)"
+                ),
+                {"t": NOW.replace(tzinfo=None)},
+            )
+        db.migrate(db_target.url, db_target.schema)  # 0008 -> 0009
+        assert _columns(eng, "usage")[-1] == "batch_id"
+        assert {"batches", "batch_items"} <= set(sa.inspect(eng).get_table_names())
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT batch_id FROM usage")).scalar_one() is None
+        command.downgrade(cfg, "0008")
+        assert "batch_id" not in _columns(eng, "usage")
+        assert not {"batches", "batch_items"} & set(sa.inspect(eng).get_table_names())
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT cost_micro_usd FROM usage")).scalar_one() == 30
+    finally:
+        eng.dispose()
 
 
 def test_migration_0002_to_0003_keeps_rows_and_adds_defaults(db_target: DbTarget) -> None:

@@ -92,14 +92,16 @@ async def test_segments_rotate_and_are_deleted_once_their_rows_are_committed(
     writer, journal = make_writer(engine, tmp_path, segment_bytes=4096, flush_interval_s=0.05)
     writer.start()
     try:
-        for i in range(40):  # ~450 bytes a line: 9 lines a segment
+        per_segment = -(-4096 // (len(orjson.dumps(usage_row(make_record(0)))) + 1))  # ~500 bytes a line
+        n = 4 * per_segment + per_segment // 2  # four full segments and one being filled
+        for i in range(n):
             writer.record(make_record(i))
         assert journal.slot is not None
         first = segments(journal.slot)
         assert len(first) == 5
         assert all(p.stat().st_size >= 4096 for p in first[:-1])
-        assert sum(len(lines(p)) for p in first) == 40
-        await wait_for(lambda: count_usage(engine) == (40, 40))
+        assert sum(len(lines(p)) for p in first) == n
+        await wait_for(lambda: count_usage(engine) == (n, n))
         # Deleted by the journal's next sync; what remains is the empty segment new rows go to.
         await wait_for(lambda: all(p.stat().st_size == 0 for p in segments(journal.slot)))  # type: ignore[arg-type]
         assert len(segments(journal.slot)) == 1 and not set(first) & set(segments(journal.slot))

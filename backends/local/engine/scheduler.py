@@ -5,8 +5,10 @@
 running decodes. When blocks run out the youngest running sequence is preempted: its blocks are freed and it
 is recomputed later from its prompt plus the tokens it already produced. Full, computed blocks are indexed by
 content, so a sequence starting with the same tokens shares them (ref-counted) instead of recomputing.
+Priority classes: interactive sequences order ahead of batch ones (waiting and running alike), so batch
+work is admitted only behind interactive work, is preempted first, and is preempted to admit interactive work.
 Invariants: a block is written only by its one holder, and shared only once full; a request is accepted only
-if it could run alone in the whole cache, so the oldest running sequence always makes progress.
+if it could run alone in the whole cache, so the first running sequence always makes progress.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from enum import StrEnum
 from typing import Protocol
 
 from backends.local.engine.types import SeqChunk, StepPlan
+
+
+class Priority(StrEnum):
+    INTERACTIVE = "interactive"  # someone waits for it
+    BATCH = "batch"  # background work: runs on capacity interactive work leaves, recomputed when preempted
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +40,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    priority: Priority = Priority.INTERACTIVE
 
 
 class SeqStatus(StrEnum):
@@ -109,6 +117,11 @@ class Seq:
         return [*self.prompt_ids, *self.output_ids]
 
     @property
+    def order(self) -> tuple[bool, int]:
+        """Scheduling order: interactive before batch, then by arrival."""
+        return (self.params.priority is Priority.BATCH, self.arrival)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
@@ -128,8 +141,9 @@ class Scheduler:
         self.config = config
         self._allocator = allocator
         self._seqs: dict[int, Seq] = {}
-        self._waiting: list[Seq] = []  # WAITING and PREEMPTED, by arrival (preempted ones keep their place)
-        self._running: list[Seq] = []  # by arrival: the last is the youngest, the first to be preempted
+        # Both by `Seq.order` (priority class, then arrival); preempted ones keep their place.
+        self._waiting: list[Seq] = []  # WAITING and PREEMPTED
+        self._running: list[Seq] = []  # the last (the youngest batch one, if any) is preempted first
         self._arrivals = 0
         self._draft_rooms: dict[int, int] = {}
         # Full, computed blocks by content: (parent block or -1, the block's tokens) -> block, and back.
@@ -175,7 +189,7 @@ class Scheduler:
         seq = Seq(seq_id, tuple(prompt_ids), params, self._arrivals, frozenset(stop_token_ids))
         self._arrivals += 1
         self._seqs[seq_id] = seq
-        self._waiting.append(seq)  # the newest arrival sorts last
+        bisect.insort(self._waiting, seq, key=_order)  # the newest arrival of its class sorts last
         return seq
 
     def abort(self, seq_id: int, cause: FinishCause = FinishCause.ABORT) -> Seq | None:
@@ -251,9 +265,16 @@ class Scheduler:
                 continue
             planned[seq.seq_id] = self._prefill_chunk(seq, end)
             prefills.add(seq.seq_id)
+        # Before admitting: a sequence preempted above and readmitted below must not keep its draft room.
         self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k in planned}
         if not preempted:
-            planned.update((c.seq_id, c) for c in self._admit(self._budget_left(planned, prefills)))
+            evicted: set[int] = set()
+            admitted = self._admit(self._budget_left(planned, prefills), evicted)
+            # Interactive admissions may have preempted batch sequences planned above (and even readmitted
+            # them from their start): their planned chunks and draft rooms are stale.
+            planned = {k: c for k, c in planned.items() if k not in evicted}
+            planned.update((c.seq_id, c) for c in admitted)
+            self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k not in evicted}
         return StepPlan(tuple(planned.values()))
 
     def _budget_left(self, planned: Mapping[int, SeqChunk], prefills: set[int]) -> int:
@@ -346,18 +367,25 @@ class Scheduler:
             raise RuntimeError(f"block allocator refused {n} blocks with {self._allocator.num_free} free")
         return blocks
 
-    def _admit(self, budget: int) -> list[SeqChunk]:
-        """Start waiting sequences in arrival order while there is budget, batch room and free blocks."""
+    def _admit(self, budget: int, evicted: set[int]) -> list[SeqChunk]:
+        """Start waiting sequences in order while there is budget, batch room and free blocks; interactive
+        ones preempt running batch ones for room (their ids go to `evicted`)."""
         admitted = []
-        while self._waiting and budget > 0 and len(self._running) < self.config.max_batch:
+        while self._waiting and budget > 0:
             seq = self._waiting[0]
-            shared = self._match_prefix(seq)
-            start = len(shared) * self.config.block_size
-            end = min(seq.num_tokens, start + budget)
-            needed = blocks_for(end, self.config.block_size) - len(shared)
-            # Headroom of one block per running sequence, so admitting this one does not force a
-            # preemption at the very next decode; with nothing running, the whole cache is available.
-            if needed + len(self._running) > self._allocator.num_free:
+            while True:
+                shared = self._match_prefix(seq)  # again after a preemption: it may free indexed blocks
+                start = len(shared) * self.config.block_size
+                end = min(seq.num_tokens, start + budget)
+                needed = blocks_for(end, self.config.block_size) - len(shared)
+                # Headroom of one block per running sequence, so admitting this one does not force a
+                # preemption at the very next decode; with nothing running, the whole cache is available.
+                short = needed + len(self._running) > self._allocator.num_free
+                if not (short or len(self._running) >= self.config.max_batch) or not self._displaces(seq):
+                    break
+                evicted.add(self._running[-1].seq_id)
+                self._preempt(self._running[-1])
+            if short or len(self._running) >= self.config.max_batch:
                 break
             self._waiting.pop(0)
             self._allocator.share(shared)
@@ -366,10 +394,18 @@ class Scheduler:
             seq.num_indexed_blocks = len(shared)
             self.num_prefix_hit_tokens += start
             seq.status = SeqStatus.RUNNING
-            bisect.insort(self._running, seq, key=lambda s: s.arrival)
+            bisect.insort(self._running, seq, key=_order)
             admitted.append(self._prefill_chunk(seq, end))
             budget -= end - start
         return admitted
+
+    def _displaces(self, seq: Seq) -> bool:
+        """Whether waiting `seq` may preempt the last running sequence: interactive over batch only."""
+        return (
+            seq.params.priority is Priority.INTERACTIVE
+            and bool(self._running)
+            and self._running[-1].params.priority is Priority.BATCH
+        )
 
     def _match_prefix(self, seq: Seq) -> list[int]:
         """Indexed blocks holding `seq`'s leading tokens; at least its last token is left to compute."""
@@ -415,10 +451,14 @@ class Scheduler:
         seq.status = SeqStatus.PREEMPTED
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        bisect.insort(self._waiting, seq, key=lambda s: s.arrival)
+        bisect.insort(self._waiting, seq, key=_order)
 
     def _finish(self, seq: Seq, cause: FinishCause) -> None:
         self._release(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_cause = cause
         del self._seqs[seq.seq_id]
+
+
+def _order(seq: Seq) -> tuple[bool, int]:
+    return seq.order
