@@ -298,6 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write/replace the section in this markdown file")
     parser.add_argument("--chart", type=Path, default=Path("docs/soak.png"))
     parser.add_argument("--keep-log", type=Path, help="copy the gateway's log here")
+    parser.add_argument(
+        "--trace-dir",
+        type=Path,
+        help="run the gateway under bench/soak_trace (tracemalloc, allocator figures); its files go here",
+    )
     args = parser.parse_args(argv)
     argv = argv if argv is not None else sys.argv[1:]
     with tempfile.TemporaryDirectory(prefix="sb-soak-") as tmp:

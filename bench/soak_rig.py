@@ -238,6 +238,8 @@ async def start_rig(rig: Rig, args: argparse.Namespace) -> tuple[str, str]:
     key, tight = _make_keys(rig, args.tight_requests)
     config = _config(rig, port, fake_port, args.cache_entries, args.rollup_interval_s)
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+    if args.trace_dir is not None:  # the same gateway under tracemalloc (bench/soak_trace.py)
+        cmd[2:3] = ["bench.soak_trace", str(args.trace_dir), "--"]
     rig.procs.append(_spawn(cmd, rig.tmp / "gateway.log", {"SWITCHBOARD_ADMIN_KEY": rig.admin_key}))
     rig.url = f"http://127.0.0.1:{port}"
     await _wait_http(rig.url + "/healthz", rig.procs[-1], rig.tmp / "gateway.log")

@@ -259,6 +259,9 @@ class MemoryCache:
         raw = encode_entry(value)
         if ttl_s <= 0 or len(raw) > self.max_entry_bytes:
             return
+        # orjson's bytes keep its whole output buffer (4 KiB for a 200-byte entry): an exact-size copy, so
+        # that bytes_used (and max_bytes) is what the entries really hold.
+        raw = memoryview(raw).tobytes()
         if key in self._entries:
             self._drop(key)
         self._entries[key] = (self._clock() + ttl_s, raw)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import io
 import logging
 import os
 import threading
@@ -334,19 +335,26 @@ class LedgerWriter:
         return self._replay_file(path, data[:end])
 
     def _replay_file(self, path: Path, data: bytes | None = None) -> int:
+        """Insert the file's rows `batch_max` at a time as they are read: a long outage's spill file is
+        never held whole, nor all its rows at once (the replay's working set, which the process's RSS
+        keeps as high-water, does not grow with the outage). Bad lines go to the rejected file."""
         rows: list[Row] = []
         bad: list[bytes] = []
-        for line in (path.read_bytes() if data is None else data).splitlines():
-            if not line.strip(b" \t\r\0"):  # NULs: a file's unwritten tail after a machine crash
-                continue
-            try:
-                rows.append(_row_from_json(line))
-            except (ValueError, TypeError, KeyError):
-                bad.append(line)  # e.g. a line cut short by a crash mid-write
-        self._reject(bad)
         accepted = 0
-        for start in range(0, len(rows), self._batch_max):
-            accepted += self._insert_or_reject(rows[start : start + self._batch_max])
+        with path.open("rb") if data is None else io.BytesIO(data) as lines:
+            for line in lines:
+                if not line.strip(b" \t\r\n\0"):  # NULs: a file's unwritten tail after a machine crash
+                    continue
+                try:
+                    rows.append(_row_from_json(line))
+                except (ValueError, TypeError, KeyError):
+                    bad.append(line.rstrip(b"\r\n"))  # e.g. a line cut short by a crash mid-write
+                if len(rows) == self._batch_max:
+                    accepted += self._insert_or_reject(rows)
+                    rows = []
+        self._reject(bad)
+        if rows:
+            accepted += self._insert_or_reject(rows)
         return accepted
 
 

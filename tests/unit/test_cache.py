@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -323,6 +324,25 @@ async def test_memory_cache_byte_budget_and_entry_cap() -> None:
     )
     await small.put("big", ENTRY, 60)
     assert await small.get("big") is None and small.bytes_used == 0
+
+
+async def test_memory_cache_holds_about_the_bytes_it_counts() -> None:
+    """What a full cache really keeps (traced by tracemalloc) is near `bytes_used`, not orjson's 4 KiB
+    output buffer per entry: with that, 400 entries of ~200 bytes held 1.7 MB and max_bytes meant little."""
+    n = 400
+    cache = MemoryCache(max_entries=n, max_bytes=1 << 24, clock=FakeClock())
+    keys = [f"k{i:04d}" for i in range(n)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for k in keys:
+            await cache.put(k, ENTRY, 60)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == n and cache.bytes_used == n * ENTRY_BYTES
+    per_entry_overhead = 200  # the (expiry, bytes) tuple, the float, the dict slot, the bytes header
+    assert held < cache.bytes_used + n * per_entry_overhead, (held, cache.bytes_used)
 
 
 async def test_memory_cache_skips_non_positive_ttl_and_hands_out_copies() -> None:
