@@ -143,6 +143,20 @@ class RequestContext:
     timeout_s: float = 600.0  # server.request_timeout_s
     headers: tuple[tuple[str, str], ...] = ()  # those its translator names in `forwarded_headers`, if sent
 
+    def gateway_request(
+        self, endpoint: str, call: Call, *, stream: bool = False, preferences: Mapping[str, Any] | None = None
+    ) -> GatewayRequest:
+        """The pipeline's request for `call`, arrived as this context says: what every translator builds."""
+        return GatewayRequest(
+            endpoint=endpoint,
+            call=call,
+            identity=self.identity,
+            received_at=self.received_at,
+            stream=stream,
+            hints=self.hints,
+            preferences=preferences,
+        )
+
 
 @dataclass(slots=True)
 class Timing:

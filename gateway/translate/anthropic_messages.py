@@ -367,13 +367,10 @@ class AnthropicMessages:
         return parse_conversation(raw, MessagesBody)
 
     def to_request(self, conv: Conversation[MessagesBody], ctx: RequestContext) -> GatewayRequest:
-        return GatewayRequest(
-            endpoint=ENDPOINT,
-            call=chat_request(conv, ctx.request_id, ctx.timeout_s, ctx.headers),
-            identity=ctx.identity,
-            received_at=ctx.received_at,
+        return ctx.gateway_request(
+            ENDPOINT,
+            chat_request(conv, ctx.request_id, ctx.timeout_s, ctx.headers),
             stream=conv.body.stream,
-            hints=ctx.hints,
             preferences=conv.body.switchboard,
         )
 

@@ -340,13 +340,10 @@ class ChatCompletions:
         return parse_chat_body(raw)
 
     def to_request(self, body: ChatCompletionBody, ctx: RequestContext) -> GatewayRequest:
-        return GatewayRequest(
-            endpoint=ENDPOINT,
-            call=chat_request(body, ctx.request_id, ctx.timeout_s),
-            identity=ctx.identity,
-            received_at=ctx.received_at,
+        return ctx.gateway_request(
+            ENDPOINT,
+            chat_request(body, ctx.request_id, ctx.timeout_s),
             stream=body.stream,
-            hints=ctx.hints,
             preferences=body.switchboard,
         )
 

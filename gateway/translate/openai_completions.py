@@ -167,13 +167,10 @@ class Completions:
         return parse_completion_body(raw)
 
     def to_request(self, body: CompletionBody, ctx: RequestContext) -> GatewayRequest:
-        return GatewayRequest(
-            endpoint=ENDPOINT,
-            call=completion_request(body, ctx.request_id, ctx.timeout_s),
-            identity=ctx.identity,
-            received_at=ctx.received_at,
+        return ctx.gateway_request(
+            ENDPOINT,
+            completion_request(body, ctx.request_id, ctx.timeout_s),
             stream=body.stream,
-            hints=ctx.hints,
             preferences=body.switchboard,
         )
 

@@ -186,14 +186,7 @@ class Embeddings:
             user=body.user,
             timeout_s=ctx.timeout_s,
         )
-        return GatewayRequest(
-            endpoint=ENDPOINT,
-            call=call,
-            identity=ctx.identity,
-            received_at=ctx.received_at,
-            hints=ctx.hints,
-            preferences=body.switchboard,
-        )
+        return ctx.gateway_request(ENDPOINT, call, preferences=body.switchboard)
 
     def render(self, answer: Answer, parsed: Parsed, request: GatewayRequest) -> bytes:
         body = parsed[0]

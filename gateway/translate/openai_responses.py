@@ -286,15 +286,7 @@ class Responses:
             response_format=call.response_format,
             timeout_s=ctx.timeout_s,
         )
-        return GatewayRequest(
-            endpoint=ENDPOINT,
-            call=chat,
-            identity=ctx.identity,
-            received_at=ctx.received_at,
-            stream=body.stream,
-            hints=ctx.hints,
-            preferences=body.switchboard,
-        )
+        return ctx.gateway_request(ENDPOINT, chat, stream=body.stream, preferences=body.switchboard)
 
     def _answered(self, answer: Answer, call: ResponsesCall, request: GatewayRequest) -> dict[str, Any]:
         result = answer.chat
