@@ -25,6 +25,7 @@ from gateway.eager import Ready, run_until_wait
 from gateway.errors import PayloadTooLarge
 from gateway.http.auth import presented_key
 from gateway.http.coalesce import send_batches
+from gateway.http.disconnect import DisconnectWatch, until_disconnect
 from gateway.http.server import ABORT_EXTENSION
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.access import ModelAccess
@@ -147,7 +148,7 @@ async def serve(
             chunks = translator.render_stream(stream, body, greq)
             await send_sse(scope, receive, send, stream, chunks, deps.write_timeout_s)
             return
-        answer = await until_disconnect(receive, deps.pipeline.complete(greq, timing))
+        answer = await until_disconnect(receive, deps.pipeline.complete(greq, timing), scope)
         if answer is None:
             return  # the client went away: the pipeline recorded it and cancelled the attempt
         after = getattr(translator, "after", None)
@@ -163,43 +164,6 @@ async def serve(
             translator, SwitchboardError("internal error; the gateway log has details")
         )
     await response(scope, receive, send)
-
-
-class DisconnectWatch:
-    """Cancels the current task when the client's `http.disconnect` arrives (the body has been read, so
-    nothing else can). `gone` tells that cancellation apart from any other; `stop()` before answering."""
-
-    def __init__(self, receive: Receive) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.task, self.gone = task, False
-        self._watcher = asyncio.ensure_future(receive())
-        self._watcher.add_done_callback(self._on_message)
-
-    def _on_message(self, done: asyncio.Future[Message]) -> None:
-        if not done.cancelled() and done.exception() is None and done.result()["type"] == "http.disconnect":
-            self.gone = True
-            self.task.cancel()
-
-    def stop(self) -> None:
-        self._watcher.remove_done_callback(self._on_message)
-        self._watcher.cancel()
-
-
-async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T | None:
-    """`work`'s result, or None if the client disconnects first; then `work` is cancelled where it waits
-    (the backend call, a limiter, the cache), so the pipeline records `client_closed` and the upstream
-    stops generating an answer nobody will read."""
-    watch = DisconnectWatch(receive)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if not watch.gone:
-            raise
-        watch.task.uncancel()
-        return None
-    finally:
-        watch.stop()
 
 
 class _Stalled(Exception):
@@ -232,7 +196,7 @@ async def send_sse(
     stops the upstream at once instead of at the next chunk. Pieces ready together go out in one send.
     A client that stops reading for `write_timeout_s` is dropped: its connection aborted, its row
     client_closed (charged for what was produced), its upstream freed."""
-    watch = DisconnectWatch(receive)
+    watch = DisconnectWatch(receive, scope)
     ended = False
 
     def write(piece: bytes, more: bool) -> Awaitable[None]:

@@ -26,6 +26,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from gateway.config import Config, ConfigError, ServerConfig
+from gateway.http.disconnect import DISCONNECT_EXTENSION, DisconnectHook
 from gateway.http.drain import DrainingServer
 
 LINGER_S = 2.0  # after a refusal: input is read and dropped this long, so the answer is not lost to a reset
@@ -139,6 +140,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refused = False
         self._upgraded = False
         self._draining = False
+        self._disconnect = DisconnectHook()
 
     # ---- connection ------------------------------------------------------------------------------------
 
@@ -156,6 +158,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self._upgraded:
             self.slots.release(self.transport)
         super().connection_lost(exc)
+        self._disconnect.lost()  # after uvicorn marked the cycle disconnected
 
     def shutdown(self) -> None:
         """Graceful shutdown. A connection with no request yet keeps its first one: it was accepted before
@@ -228,6 +231,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # discards the unsent bytes, where close() would wait for a reader that never comes.
         extensions: dict[str, Any] = dict(self.scope.get("extensions") or {})
         extensions[ABORT_EXTENSION] = self.transport.abort
+        extensions[DISCONNECT_EXTENSION] = self._disconnect
         self.scope["extensions"] = extensions
         super().on_headers_complete()
         if self._draining and self.cycle is not None:
