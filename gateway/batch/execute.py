@@ -109,11 +109,16 @@ class ItemRunner:
             if placement is None:
                 return Outcome(Verdict.WAIT)
             request = dataclasses.replace(request, placement=placement)
-            answer = await self._pipeline.complete(request, timing)
             after = getattr(translator, "after", None)
-            if after is not None:
-                await after(answer, body, request)
-            rendered = orjson.loads(translator.render(answer, body, request))
+            out: list[Any] = []
+
+            async def deliver(answer: Answer) -> None:  # in the pipeline: the row says what the line says
+                if after is not None:
+                    await after(answer, body, request)
+                out.append(orjson.loads(translator.render(answer, body, request)))
+
+            answer = await self._pipeline.complete(request, timing, deliver)
+            rendered = out[0]
             served = dict(answer.headers).get(b"x-switchboard-backend", b"").decode() or None
             return Outcome(Verdict.DONE, result_line(item.custom_id, request_id, 200, rendered), served)
         except SwitchboardError as exc:

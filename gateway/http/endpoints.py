@@ -148,13 +148,18 @@ async def serve(
             chunks = translator.render_stream(stream, body, greq)
             await send_sse(scope, receive, send, stream, chunks, deps.write_timeout_s)
             return
-        answer = await until_disconnect(receive, deps.pipeline.complete(greq, timing), scope)
+        rendered: list[bytes] = []
+        after = getattr(translator, "after", None)
+
+        async def deliver(answer: Answer) -> None:  # in the pipeline, so the row says what the client gets
+            if after is not None:
+                await after(answer, body, greq)
+            rendered.append(translator.render(answer, body, greq))
+
+        answer = await until_disconnect(receive, deps.pipeline.complete(greq, timing, deliver), scope)
         if answer is None:
             return  # the client went away: the pipeline recorded it and cancelled the attempt
-        after = getattr(translator, "after", None)
-        if after is not None:
-            await after(answer, body, greq)
-        response = Response(translator.render(answer, body, greq), media_type=JSON)
+        response = Response(rendered[0], media_type=JSON)
         response.raw_headers.extend(answer.headers)
     except SwitchboardError as exc:
         response = translator_error(translator, exc)

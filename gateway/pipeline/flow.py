@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from backends.base import ChatRequest, ChatResult, EmbeddingResult, StreamChunk, Usage
@@ -28,6 +28,7 @@ from gateway.pipeline.request import CACHE_HEADER, SYSTEM_CLOCK, Clock, GatewayR
 from gateway.records import RequestStatus
 
 Headers = tuple[tuple[bytes, bytes], ...]
+Deliver = Callable[["Answer"], Awaitable[None]]  # a translator's work on a whole answer (render, store)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +82,12 @@ class Pipeline:
     def _record(self, request: GatewayRequest, timing: Timing) -> RequestRecord:
         return RequestRecord(request, timing, self.sink, self.gate, self.clock.now_s)
 
-    async def complete(self, request: GatewayRequest, timing: Timing) -> Answer:
-        """A whole (non-streamed) answer."""
+    async def complete(
+        self, request: GatewayRequest, timing: Timing, deliver: Deliver | None = None
+    ) -> Answer:
+        """A whole (non-streamed) answer. `deliver`, if given, runs on it before the row is written (the
+        translator's own work: render, store): when it raises, the row says what the client then gets,
+        with the tokens and cost the backend did produce, and the deployment is not blamed."""
         rec = self._record(request, timing)
         headers: list[tuple[bytes, bytes]] = []
         with _settled(rec, headers):
@@ -90,8 +95,9 @@ class Pipeline:
             if admitted.hit is not None:
                 result = admitted.hit.to_result()
                 rec.usage, rec.served_model = result.usage, result.served_model
-                rec.finish(RequestStatus.OK, 200)
-                return Answer(result, tuple(headers))
+                answer = Answer(result, tuple(headers))
+                await _delivered(rec, answer, deliver, headers)
+                return answer
             served = await self.dispatcher.complete(
                 admitted.routed.decision, request.call, timing, admitted.routed.policy.max_attempts
             )
@@ -99,7 +105,8 @@ class Pipeline:
             headers.append((b"x-switchboard-backend", header_text(served.deployment.backend)))
             result = served.result
             rec.usage, rec.served_model = result.usage, result.served_model
-            rec.finish(RequestStatus.OK, 200)
+            answer = Answer(result, tuple(headers))
+            await _delivered(rec, answer, deliver, headers)
             plan = admitted.cache
             if plan is not None and plan.write:
                 entry = entry_from_result(
@@ -109,7 +116,7 @@ class Pipeline:
                     route_reason=admitted.routed.decision.reason,
                 )
                 await self.cache.put(plan, entry)
-            return Answer(result, tuple(headers))
+            return answer
 
     async def open_stream(self, request: GatewayRequest, timing: Timing) -> ChunkStream:
         """Dispatch until the first chunk arrives (errors so far are raised), then hand over the chunks."""
@@ -197,6 +204,20 @@ def _settled(rec: RequestRecord, headers: list[tuple[bytes, bytes]]) -> Iterator
     except BaseException as exc:
         rec.finish(RequestStatus.ERROR, 500, error=_internal(exc))
         raise
+
+
+async def _delivered(
+    rec: RequestRecord, answer: Answer, deliver: Deliver | None, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Run `deliver` on the answer, then write the row: ok, or the status of what `deliver` raised."""
+    if deliver is not None:
+        try:
+            await deliver(answer)
+        except SwitchboardError as exc:
+            exc.headers = (*headers, *exc.headers)
+            rec.finish(RequestStatus.ERROR, exc.status_code, error=exc, answered=True)
+            raise
+    rec.finish(RequestStatus.OK, 200)
 
 
 def _internal(exc: BaseException) -> SwitchboardError:

@@ -84,6 +84,7 @@ class RequestRecord:
         *,
         error: SwitchboardError | None = None,
         backend: str | None = None,
+        answered: bool = False,  # the backend answered; `error` came after (delivery): not its fault
     ) -> None:
         if self.done:
             return
@@ -105,7 +106,7 @@ class RequestRecord:
             tokens = 0 if hit is not None else usage.prompt_tokens + usage.completion_tokens
             self.settler.settle_soon(self.ticket, tokens=tokens, cost_micro_usd=cost)
         if self.use is not None:
-            self._end_use(self.use, status, error)
+            self._end_use(self.use, status, None if answered else error)
 
     def fail(self, exc: SwitchboardError) -> None:
         backend = exc.causes[-1][0] if isinstance(exc, AllBackendsFailed) and exc.causes else None

@@ -264,6 +264,10 @@ def test_malformed_call_is_an_error_not_a_turn(gateway: Gateway, model: str, mod
         "tool `get_weather`" in body["error"]["message"] and "not a JSON object" in body["error"]["message"]
     )
     assert refused.value.status_code == (502 if mode == "whole" else 200)  # a stream's error is an event
+    if mode == "whole":  # the row says what the client got, and still charges what the backend produced
+        row = gateway.usage_row(refused.value.response.headers["x-request-id"])
+        assert (row["status"], row["http_status"]) == ("error", 502)
+        assert row["backend"] and row["completion_tokens"] > 0
 
 
 @pytest.mark.parametrize("model", ["tools-oai", "tools-cloud-gpt"])

@@ -19,6 +19,7 @@ from backends.base import BackendKind, ChatRequest, StreamChunk, Usage
 from gateway.cache.policy import CacheStep
 from gateway.cache.store import MemoryCache
 from gateway.config import parse_config
+from gateway.errors import ServiceUnavailable
 from gateway.limits.gate import Gate
 from gateway.limits.memory import MemoryLimiter
 from gateway.live.state import RoutingState, build_specs
@@ -169,3 +170,28 @@ async def test_without_faults_the_same_checks_hold(stream: bool) -> None:
     assert row.stream is stream
     assert rig.backend.calls == ["m"]
     assert Usage(1, 1).total_tokens == row.prompt_tokens + row.completion_tokens
+
+
+@pytest.mark.parametrize("cached", [False, True])
+async def test_a_delivery_failure_is_the_rows_status_and_not_the_backends_fault(cached: bool) -> None:
+    """The translator's own work on a whole answer (render, keep a Responses object) runs before the row is
+    written: when it fails, the row carries the status the client gets, the tokens and cost the backend
+    produced are still charged, and the deployment's breaker counts a success, not a failure."""
+    rig = Rig()
+    if cached:
+        await rig.run(stream=False)  # the first answer fills the cache
+        await rig.gate.aclose()
+        rig.ledger.rows.clear()
+
+    async def deliver(answer: Any) -> None:
+        assert answer.chat.usage.completion_tokens == 1
+        raise ServiceUnavailable("the Responses store is unreachable")
+
+    with pytest.raises(ServiceUnavailable):
+        await rig.pipeline.complete(rig.request(stream=False), Timing(0.0, "r1"), deliver)
+    row = await rig.check_settled()
+    assert (row.status, row.http_status) == (RequestStatus.ERROR, 503)
+    assert row.completion_tokens == 1 and row.cache_hit is cached
+    assert (row.cost_micro_usd == 0) if cached else (row.cost_micro_usd > 0)
+    assert rig.routing.breakers.view("m@b0", 0.0).consecutive_failures == 0
+    assert rig.backend.calls == ["m"]  # the cached case: one call, from the first request
