@@ -97,6 +97,20 @@ async def _one(
 ) -> Outcome:
     start = time.time()
     replica, refused = i % len(plan.urls), 0
+    status, cause, request_id = 0, "", ""
+    try:
+        async with asyncio.timeout(CLIENT_TIMEOUT_S):  # httpx's timeouts are per read: a trickle evades them
+            status, cause, request_id, replica, refused = await _attempts(client, plan, i, stream, body)
+    except TimeoutError:
+        cause = f"client timeout ({CLIENT_TIMEOUT_S:g} s in all)"
+    return Outcome(i, start, time.time(), replica, model, stream, status, cause, request_id, refused)
+
+
+async def _attempts(
+    client: httpx.AsyncClient, plan: LoadPlan, i: int, stream: bool, body: bytes
+) -> tuple[int, str, str, int, int]:
+    """(status, cause, request id, replica, connections refused) of one request, refused ones retried."""
+    replica, refused = i % len(plan.urls), 0
     headers = {"authorization": f"Bearer {plan.key}", "content-type": "application/json"}
     status, cause, request_id = 0, "", ""
     while True:
@@ -128,7 +142,7 @@ async def _one(
         except httpx.TransportError as exc:
             cause = f"no response ({type(exc).__name__})"
             break
-    return Outcome(i, start, time.time(), replica, model, stream, status, cause, request_id, refused)
+    return status, cause, request_id, replica, refused
 
 
 async def _drive(plan: LoadPlan) -> list[Outcome]:
