@@ -418,6 +418,29 @@ class EdgeConfig(_Strict):
         return self
 
 
+class TelemetryConfig(_Strict):
+    """OpenTelemetry traces (the `otel` extra): one span per request with the GenAI semantic conventions and
+    Switchboard's attributes, a child span per attempt, exported over OTLP/HTTP (protobuf)."""
+
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"  # a collector's OTLP/HTTP traces URL
+    headers: dict[str, str] = Field(default_factory=dict)  # sent with every export; no secrets here ...
+    headers_env: dict[str, str] = Field(default_factory=dict)  # ... header -> variable holding its value
+    service_name: str = Field(default="switchboard", min_length=1)
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)  # of requests with no sampled parent
+    capture_content: bool = False  # true: prompts and completions go into spans (gen_ai.*.messages)
+    export_timeout_s: float = Field(default=10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> TelemetryConfig:
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(
+                f'telemetry.endpoint: "{self.endpoint}" is not an http(s) URL (e.g. '
+                '"http://127.0.0.1:4318/v1/traces", a collector\'s OTLP/HTTP traces endpoint)'
+            )
+        return self
+
+
 _DEFAULT_BACKENDS: dict[str, CloudBackendConfig | OpenAIBackendConfig | EdgeBackendConfig] = {
     "local": OpenAIBackendConfig(
         kind="openai",
@@ -461,6 +484,7 @@ class Config(_Strict):
     files: FilesConfig = FilesConfig()
     batch: BatchConfig = BatchConfig()
     edge: EdgeConfig = EdgeConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     @property
     def edge_enabled(self) -> bool:

@@ -43,6 +43,7 @@ from gateway.eager import Paused, Ready, run_until_wait
 from gateway.errors import AllBackendsFailed
 from gateway.live.state import RoutingState, deployment_id
 from gateway.pipeline.request import SYSTEM_CLOCK, Call, Clock, Timing
+from gateway.telemetry.base import AttemptMark
 from routing.decision import Deployment, RouteDecision
 
 T = TypeVar("T")
@@ -197,12 +198,19 @@ async def _run_attempts(
         nonlocal number
         dep = candidates[number % len(candidates)]
         number += 1
-        started = now_s()
+        started, error = now_s(), "cancelled"
         try:
             use, value = await _attempt_once(dep, request, plan, attempt, deadline)
+            error = ""
             return use, value, number
+        except SwitchboardError as exc:
+            error = exc.code
+            raise
         finally:
-            timing.upstream_s += now_s() - started
+            ended = now_s()
+            timing.upstream_s += ended - started
+            if timing.attempts is not None:  # a tracer wants the attempts
+                timing.attempts.append(AttemptMark(dep, started, ended, error or None))
 
     # The first attempt runs outside tenacity: most requests succeed at once, and tenacity's bookkeeping
     # was ~7% of the gateway's CPU per request (py-spy, bench/overhead). Later attempts follow the same

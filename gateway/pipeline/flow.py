@@ -80,7 +80,13 @@ class Pipeline:
         self.dispatcher, self.sink, self.clock = dispatcher, sink, clock
 
     def _record(self, request: GatewayRequest, timing: Timing) -> RequestRecord:
-        return RequestRecord(request, timing, self.sink, self.gate, self.clock.now_s)
+        rec = RequestRecord(request, timing, self.sink, self.gate, self.clock.now_s)
+        tracer = self.sink.tracer
+        if tracer is not None:  # keep what its spans need
+            timing.attempts = []
+            if tracer.capture_content and request.stream:
+                rec.chunks = []
+        return rec
 
     async def complete(
         self, request: GatewayRequest, timing: Timing, deliver: Deliver | None = None
@@ -93,7 +99,7 @@ class Pipeline:
         with _settled(rec, headers):
             admitted = await self._admit(rec, headers)
             if admitted.hit is not None:
-                result = admitted.hit.to_result()
+                rec.output = result = admitted.hit.to_result()
                 rec.usage, rec.served_model = result.usage, result.served_model
                 answer = Answer(result, tuple(headers))
                 await _delivered(rec, answer, deliver, headers)
@@ -103,7 +109,7 @@ class Pipeline:
             )
             rec.use, rec.attempts = served.use, served.attempts
             headers.append((b"x-switchboard-backend", header_text(served.deployment.backend)))
-            result = served.result
+            rec.output = result = served.result
             rec.usage, rec.served_model = result.usage, result.served_model
             answer = Answer(result, tuple(headers))
             await _delivered(rec, answer, deliver, headers)
@@ -163,13 +169,13 @@ class Pipeline:
             )
         hit = await self.cache.get(plan) if plan is not None and plan.read else None
         if hit is not None and _servable(hit, routed):
-            rec.hit = hit
+            rec.hit, rec.cache = hit, "hit"
             out.append((b"x-switchboard-route", header_text(hit.route_reason)))
             out.append((b"x-switchboard-backend", header_text(hit.backend)))
             out.append((CACHE_HEADER.encode(), b"hit"))
             self.sink.cache_outcome(team, "hit")
             return _Admitted(routed, plan, hit)
-        outcome = "skip" if plan is None else "miss"
+        rec.cache = outcome = "skip" if plan is None else "miss"
         out.append((b"x-switchboard-route", header_text(routed.decision.reason)))
         out.append((CACHE_HEADER.encode(), outcome.encode()))
         self.sink.cache_outcome(team, outcome)
@@ -300,6 +306,8 @@ class ChunkStream:
                 rec.ttft_ms = rec.elapsed_ms()  # first token, not the role-only opening chunk
         if self._keep is not None:
             self._keep.chunks.append(chunk)
+        if rec.chunks is not None:  # a tracer captures the answer
+            rec.chunks.append(chunk)
         return chunk
 
     async def _keep_answer(self) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from backends.base import Usage
+from backends.base import ChatResult, EmbeddingResult, StreamChunk, Usage
 from backends.errors import SwitchboardError
 from gateway.cache.store import CachedResponse
 from gateway.errors import AllBackendsFailed
@@ -23,6 +23,7 @@ from gateway.pipeline.plan import Routed, candidates_json, privacy_class
 from gateway.pipeline.request import GatewayRequest, Timing
 from gateway.records import RequestStatus, UsageRecord
 from gateway.store.ledger import LedgerWriter
+from gateway.telemetry.base import FinishedRequest, RequestTracer
 from routing.decision import Deployment, Price
 
 
@@ -40,6 +41,7 @@ class RecordSink:
     metrics: GatewayMetrics
     # (public model, backend) -> its batch price (config: models.X.batch_*_usd_per_mtok), for batch rows
     batch_prices: Mapping[tuple[str, str], Price] = field(default_factory=dict)
+    tracer: RequestTracer | None = None  # [telemetry]: spans of each finished request
 
     def price(self, dep: Deployment, batch: bool) -> Price:
         if batch:
@@ -72,6 +74,9 @@ class RequestRecord:
     usage: Usage = field(default_factory=Usage)
     served_model: str | None = None
     cost_micro_usd: int = 0
+    cache: str | None = None  # the cache step's outcome: hit, miss or skip
+    output: ChatResult | EmbeddingResult | None = None  # the whole answer (not kept in the row)
+    chunks: list[StreamChunk] | None = None  # a stream's chunks, kept when a tracer captures content
     done: bool = False
 
     def elapsed_ms(self) -> float:
@@ -100,7 +105,10 @@ class RequestRecord:
         )
         if hit is not None:
             backend = hit.backend
-        self.sink.write(self._row(status, http_status, error, backend or (dep.backend if dep else None)))
+        row = self._row(status, http_status, error, backend or (dep.backend if dep else None))
+        self.sink.write(row)
+        if self.sink.tracer is not None:
+            self._trace(self.sink.tracer, row, error, dep)
         if self.ticket is not None:
             # A hit used no model tokens: what admission reserved for it is handed back.
             tokens = 0 if hit is not None else usage.prompt_tokens + usage.completion_tokens
@@ -141,6 +149,24 @@ class RequestRecord:
             attempts=self.attempts or (len(error.causes) if isinstance(error, AllBackendsFailed) else 0),
             route_candidates=candidates_json(routed.decision) if routed else None,
             batch_id=request.batch_id,
+        )
+
+    def _trace(
+        self, tracer: RequestTracer, row: UsageRecord, error: SwitchboardError | None, dep: Deployment | None
+    ) -> None:
+        tracer.request_finished(
+            FinishedRequest(
+                row=row,
+                call=self.request.call,
+                start_s=self.timing.start_s,
+                end_s=self.now_s(),
+                attempts=tuple(self.timing.attempts or ()),
+                served=dep,
+                cache=self.cache,
+                error=error,
+                output=self.output if self.chunks is None else tuple(self.chunks),
+                traceparent=self.request.hints.traceparent,
+            )
         )
 
     def _end_use(self, use: DeploymentUse, status: RequestStatus, error: SwitchboardError | None) -> None:

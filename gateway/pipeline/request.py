@@ -22,6 +22,7 @@ import orjson
 from backends.base import ChatRequest, EmbeddingRequest
 from gateway.errors import InvalidRequest
 from gateway.records import KeyIdentity
+from gateway.telemetry.base import AttemptMark
 
 PRIVACY_HEADER = "x-switchboard-privacy"
 PREFERENCES_HEADER = "x-switchboard-preferences"  # JSON, same shape as the `switchboard` body field
@@ -41,6 +42,7 @@ class Hints:
     labels: str | None = None
     cache_control: str | None = None
     cache_opt: str | None = None  # x-switchboard-cache: on | off
+    traceparent: str | None = None  # W3C trace context: a traced request's span joins the caller's trace
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> Hints:
@@ -51,6 +53,7 @@ class Hints:
             headers.get(LABELS_HEADER),
             headers.get("cache-control"),
             headers.get(CACHE_HEADER),
+            headers.get("traceparent"),
         )
 
     def required_labels(self) -> dict[str, str]:
@@ -165,6 +168,7 @@ class Timing:
     start_s: float
     request_id: str
     upstream_s: float = 0.0
+    attempts: list[AttemptMark] | None = None  # each attempt's deployment, times, outcome: kept for a tracer
 
     def elapsed_ms(self, now_s: float | None = None) -> float:
         return ((time.perf_counter() if now_s is None else now_s) - self.start_s) * 1000

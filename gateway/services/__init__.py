@@ -34,6 +34,7 @@ from gateway.store.keys import KeyStore
 from gateway.store.ledger import LedgerWriter
 from gateway.store.responses import ResponsePruneJob, ResponseStore
 from gateway.store.upkeep import RollupJob
+from gateway.telemetry.base import RequestTracer
 from routing.decision import Deployment
 
 
@@ -63,6 +64,7 @@ class Services:
     health: HealthProber | None = None
     responses_prune: ResponsePruneJob | None = None
     batch_worker: BatchWorker | None = None  # None: batch.enabled = false on this replica
+    tracer: RequestTracer | None = None  # None: telemetry.enabled = false
 
     async def aclose(self) -> None:
         await self.reports.aclose()  # first: stop reports still running on their threads
@@ -86,6 +88,8 @@ class Services:
             await self.redis.aclose()
         await self.ledger.aclose()
         await self.files.aclose()
+        if self.tracer is not None:
+            await self.tracer.aclose()  # last: every request's spans are made by now
         self.db.dispose()
 
     async def redis_ok(self) -> bool | None:

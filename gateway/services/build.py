@@ -23,7 +23,7 @@ from gateway.batch.service import BatchService
 from gateway.batch.worker import BatchWorker
 from gateway.cache.policy import CacheStep
 from gateway.cache.store import ResponseCache
-from gateway.config import Config, EdgeBackendConfig
+from gateway.config import CloudBackendConfig, Config, EdgeBackendConfig
 from gateway.edge.hub import EdgeHub
 from gateway.edge.link import NodeTimeouts
 from gateway.files.service import FileService, build_storage
@@ -50,6 +50,7 @@ from gateway.store.ledger import LedgerWriter
 from gateway.store.responses import ResponsePruneJob, ResponseStore
 from gateway.store.spend import spent_micro_usd
 from gateway.store.upkeep import RollupJob
+from gateway.telemetry.setup import build_tracer
 from gateway.translate.openai_chat import ChatCompletions
 from gateway.translate.openai_embeddings import Embeddings
 from gateway.translate.openai_responses import Responses
@@ -243,6 +244,10 @@ def build_batch_worker(
 
 
 async def build_services(config: Config) -> Services:
+    tracer = build_tracer(
+        config.telemetry,
+        {name: b.provider for name, b in config.backends.items() if isinstance(b, CloudBackendConfig)},
+    )  # first: a missing `otel` extra stops the start before anything is opened
     engine, ledger = build_store(config)
     try:
         files = FileService(FileStore(engine), build_storage(config.files), config.files)
@@ -276,7 +281,7 @@ async def build_services(config: Config) -> Services:
         server.request_timeout_s, config.routing.retry_backoff_s, config.routing.max_retry_wait_s
     )
     dispatcher = Dispatcher(backends if edge is None else edge.backends, timeouts, routing, retry)
-    sink = RecordSink(ledger, metrics, build_batch_prices(config, deployments))
+    sink = RecordSink(ledger, metrics, build_batch_prices(config, deployments), tracer)
     pipeline = build_pipeline(config, access, routing, gate, cache, dispatcher, sink)
     batch_store = BatchStore(engine)
     worker = build_batch_worker(config, batch_store, files, pipeline, routing, responses, metrics, replica_id)
@@ -309,4 +314,5 @@ async def build_services(config: Config) -> Services:
         files=files,
         batches=BatchService(batch_store, files, config.batch),
         batch_worker=worker,
+        tracer=tracer,
     )

@@ -92,6 +92,7 @@ FORBIDDEN = {
     "gateway/cache": _ABOVE_LIVE,
     "gateway/store": _ABOVE_LIVE,
     "gateway/files": _ABOVE_LIVE,  # storage and the file service; multipart is the HTTP edge's
+    "gateway/telemetry": _ABOVE_LIVE,  # the pipeline hands it values; it knows no request path
     "gateway/batch": ("gateway.http", "gateway.services", "gateway.cli"),  # runs items through translators
     "gateway/pipeline": ("gateway.http", "gateway.translate", "gateway.services", "gateway.cli"),
     "gateway/translate": ("gateway.http", "gateway.services", "gateway.cli"),
