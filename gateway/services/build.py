@@ -29,6 +29,7 @@ from gateway.edge.link import NodeTimeouts
 from gateway.files.service import FileService, build_storage
 from gateway.limits.base import BudgetRule
 from gateway.limits.gate import Gate, QuotaStore
+from gateway.live.gauges import DeploymentGauges
 from gateway.live.state import RoutingState, build_specs
 from gateway.live.sync import RoutingSync
 from gateway.metrics import GatewayMetrics
@@ -260,6 +261,7 @@ async def build_services(config: Config) -> Services:
     deployments = build_deployments(config, backends)
     routing = RoutingState(config, build_specs(config, backends, deployments))
     routing.start_pollers(time.monotonic)
+    metrics.registry.register(DeploymentGauges(routing, time.perf_counter))  # the pipeline's clock
     health = build_health(config, backends, routing)
     redis = build_redis(config)
     store, cache = build_quota(config, redis)
