@@ -45,6 +45,8 @@ GOAL_STREAM_ADDED_P50_MS = 5.0
 GOAL_BASELINE_DIFF = 0.05
 TEAM = "bench"
 REDIS_URL = os.environ.get("SWITCHBOARD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Set: every gateway runs with [telemetry] on, exporting spans to this OTLP/HTTP endpoint (off vs on).
+OTLP_ENDPOINT = os.environ.get("SWITCHBOARD_BENCH_OTLP_ENDPOINT")
 
 
 def free_port() -> int:
@@ -126,6 +128,8 @@ models = ["*"]
 """
     if redis_prefix is not None:
         text += f'\n[redis]\nurl = "{REDIS_URL}"\nprefix = "{redis_prefix}"\n'
+    if OTLP_ENDPOINT:
+        text += f'\n[telemetry]\nenabled = true\nendpoint = "{OTLP_ENDPOINT}"\n'
     path = workdir / "gateway.toml"
     path.write_text(text)
     return path
