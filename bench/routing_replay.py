@@ -3,8 +3,8 @@
 One fake provider process serves three upstream model names, each with its own TTFT, decode rate and
 `n_tokens` knobs; a `switchboard serve` process routes `auto` to them for teams with different objectives
 and privacy floors. Requests (seeded: sensitive prompts, short and long outputs, privacy headers, streams)
-run at a fixed concurrency. Cost (cloud money), owned-capacity share, tokens, backend and privacy class come
-from the ledger; owned capacity (self-hosted, edge) is a fixed cost per hour, reported beside the cloud bill. Invariant: the run
+run at a fixed concurrency. Cloud cost, owned-capacity share, tokens, backend and privacy class come from the
+ledger; owned capacity (self-hosted, edge) is a fixed cost per hour, reported beside the cloud bill. The run
 fails (exit 1) when any request was served below its privacy floor (by the ledger's floor, or by the floor
 the client intended), when a request failed, or when a ledger row is missing.
 Run: `python -m bench.routing_replay [--requests 300] [--concurrency 8] [--seed 7] [--out FILE.md]`.
@@ -296,8 +296,8 @@ def ledger_rows(db_path: Path, ids: list[str], timeout_s: float = 15.0) -> dict[
     """The rows of `ids` once all are written (the writer flushes every 0.2 s) or `timeout_s` has passed."""
     deadline = time.monotonic() + timeout_s
     query = (
-        "SELECT request_id, backend, prompt_tokens, completion_tokens, cost_micro_usd, privacy_class, status, "
-        "owned_micro_usd FROM usage"
+        "SELECT request_id, backend, prompt_tokens, completion_tokens, cost_micro_usd, privacy_class, "
+        "status, owned_micro_usd FROM usage"
     )
     while True:
         with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)) as conn:
