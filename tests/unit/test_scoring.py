@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import TypeVar, cast
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from backends.base import BackendKind
@@ -523,3 +523,53 @@ def test_precomputed_privacy_rejection_matches_the_full_rule_text() -> None:
             assert fast is not None and (fast.codes, fast.reasons) == (tuple(codes), tuple(texts))
         else:
             assert fast is None
+
+
+slo_terms = st.none() | st.floats(50, 20_000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(deployments(), min_size=1, max_size=8), policies(), requests(), st.floats(0, 20), slo_terms,
+    slo_terms, st.none() | st.integers(0, 2**64 - 1), st.integers(0, 3),
+)  # fmt: skip
+def test_slo_placement_and_affinity_only_reorder(
+    pairs: list[tuple[DeploymentSpec, DeploymentStats]],
+    team: RoutePolicy,
+    request: RouteRequest,
+    now_s: float,
+    slo_ttft_ms: float | None,
+    slo_e2e_ms: float | None,
+    prefix_key: int | None,
+    max_waiting: int,
+) -> None:
+    snapshot = snap(*pairs)
+    plain = choose(request, snapshot, team, now_s=now_s)
+    policy = replace(
+        team, slo_p95_ttft_ms=slo_ttft_ms, slo_p95_e2e_ms=slo_e2e_ms, affinity_max_waiting=max_waiting
+    )
+    decision = choose(replace(request, prefix_key=prefix_key), snapshot, policy, now_s=now_s)
+    assert sorted(ids(decision)) == sorted(ids(plain)) and rejected(decision) == rejected(plain)
+    assert decision.candidates == tuple(c.deployment for c in decision.ranked[: len(decision.candidates)])
+    for c in decision.ranked:
+        assert request.privacy_floor.allows(snapshot.deployments[c.deployment_id][0].privacy_tier)
+        met = (slo_ttft_ms is None or c.ttft_ms <= slo_ttft_ms) and (
+            slo_e2e_ms is None or c.latency_ms <= slo_e2e_ms
+        )
+        assert c.slo_met == met
+        assert c.affinity == 0 or isinstance(snapshot.deployments[c.deployment_id][0].price, HourlyPrice)
+    positions = [c.order_position for c in decision.ranked]
+    assert positions == sorted(positions)
+    if slo_ttft_ms is not None or slo_e2e_ms is not None:
+        for position in set(positions):
+            group = [c for c in decision.ranked if c.order_position == position]
+            flags = [not c.slo_met for c in group]
+            assert flags == sorted(flags)  # meeting the SLO first
+            met_costs = [c.cost_pusd for c in group if c.slo_met]
+            assert met_costs == sorted(met_costs)  # the cheapest first
+        if decision.ranked and not decision.ranked[0].slo_met:
+            event("no deployment meets the SLO")
+        elif any(not c.slo_met for c in decision.ranked):
+            event("some deployment misses the SLO")
+    if any(c.affinity for c in decision.ranked):
+        event("prefix affinity applied")
