@@ -3,9 +3,9 @@
 Each attempt has its own timeout. Only errors marked `retryable` lead to another attempt: the next candidate
 at once, or the same one again after a backoff that honours Retry-After, all within the request's budget.
 When every attempt fails, all causes are collected into one `AllBackendsFailed`. A stream may be retried
-until its first token: the role-only chunk servers send before generating (our engine, vLLM, OpenAI) is
-held, not taken as a commitment, so a server that queues, stalls or dies before answering is fallen back
-from within the attempt's timeout. Time awaiting backends is added to `Timing.upstream_s`.
+until its first token: the role-only chunk servers send before generating (our engine, vLLM, OpenAI) is held,
+so a server that queues, stalls or dies before answering is fallen back from within the attempt's timeout.
+Time awaiting backends is added to `Timing.upstream_s`.
 
 `DeploymentUse` is the one owner of a request's life on a deployment: it takes the in-flight count, and it
 alone gives it back and tells the live stats and the circuit breaker how the attempt ended. Failed attempts
@@ -60,12 +60,13 @@ class DeploymentUse:
     routing: RoutingState
     started_s: float
     ended: bool = False
+    sharers: int = 1  # requests in flight on the deployment once this one started, itself included
 
     @classmethod
     def begin(cls, dep: Deployment, public_model: str, routing: RoutingState, now_s: float) -> DeploymentUse:
         dep_id = deployment_id(public_model, dep.backend)
         routing.stats.request_started(dep_id)
-        return cls(dep, dep_id, routing, now_s)
+        return cls(dep, dep_id, routing, now_s, sharers=max(1, routing.stats.in_flight_of(dep_id)))
 
     def finish(
         self,

@@ -25,6 +25,7 @@ from gateway.records import RequestStatus, UsageRecord
 from gateway.store.ledger import LedgerWriter
 from gateway.telemetry.base import FinishedRequest, RequestTracer
 from routing.decision import Deployment, Price
+from routing.fleet import owned_share_micro_usd
 
 
 class Settler(Protocol):
@@ -73,7 +74,8 @@ class RequestRecord:
     ttft_ms: float | None = None
     usage: Usage = field(default_factory=Usage)
     served_model: str | None = None
-    cost_micro_usd: int = 0
+    cost_micro_usd: int = 0  # cloud money: 0 on owned capacity
+    owned_micro_usd: int = 0  # share of owned capacity, for chargeback
     cache: str | None = None  # the cache step's outcome: hit, miss or skip
     output: ChatResult | EmbeddingResult | None = None  # the whole answer (not kept in the row)
     chunks: list[StreamChunk] | None = None  # a stream's chunks, kept when a tracer captures content
@@ -105,6 +107,7 @@ class RequestRecord:
         )
         if hit is not None:
             backend = hit.backend
+        self.owned_micro_usd = self._owned_share()
         row = self._row(status, http_status, error, backend or (dep.backend if dep else None))
         self.sink.write(row)
         if self.sink.tracer is not None:
@@ -115,6 +118,15 @@ class RequestRecord:
             self.settler.settle_soon(self.ticket, tokens=tokens, cost_micro_usd=cost)
         if self.use is not None:
             self._end_use(self.use, status, None if answered else error)
+
+    def _owned_share(self) -> int:
+        """The served attempt's time on owned capacity, shared among the requests in flight on it when it
+        started, at the box's usd_per_hour (the savings report charges busy time the same way)."""
+        use = self.use
+        if use is None or use.deployment.usd_per_hour is None or self.hit is not None:
+            return 0
+        busy_ms = max(0.0, self.now_s() - use.started_s) * 1000 / use.sharers
+        return owned_share_micro_usd(busy_ms, use.deployment.usd_per_hour)
 
     def fail(self, exc: SwitchboardError) -> None:
         backend = exc.causes[-1][0] if isinstance(exc, AllBackendsFailed) and exc.causes else None
@@ -149,6 +161,7 @@ class RequestRecord:
             attempts=self.attempts or (len(error.causes) if isinstance(error, AllBackendsFailed) else 0),
             route_candidates=candidates_json(routed.decision) if routed else None,
             batch_id=request.batch_id,
+            owned_micro_usd=self.owned_micro_usd,
         )
 
     def _trace(

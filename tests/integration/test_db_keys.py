@@ -82,7 +82,7 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
         assert usage_indexes["ix_usage_key_id_created_at"] == ["key_id", "created_at"]
         assert usage_indexes["ix_usage_written_at"] == ["written_at"]
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0009"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0010"
     finally:
         eng.dispose()
 
@@ -120,7 +120,7 @@ def test_migration_0008_to_0009_adds_batches_and_back(db_target: DbTarget) -> No
                 ),
                 {"t": NOW.replace(tzinfo=None)},
             )
-        db.migrate(db_target.url, db_target.schema)  # 0008 -> 0009
+        command.upgrade(cfg, "0009")
         assert _columns(eng, "usage")[-1] == "batch_id"
         assert {"batches", "batch_items"} <= set(sa.inspect(eng).get_table_names())
         with eng.connect() as conn:
@@ -128,6 +128,39 @@ def test_migration_0008_to_0009_adds_batches_and_back(db_target: DbTarget) -> No
         command.downgrade(cfg, "0008")
         assert "batch_id" not in _columns(eng, "usage")
         assert not {"batches", "batch_items"} & set(sa.inspect(eng).get_table_names())
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT cost_micro_usd FROM usage")).scalar_one() == 30
+    finally:
+        eng.dispose()
+
+
+def test_migration_0009_to_0010_adds_owned_share_and_back(db_target: DbTarget) -> None:
+    """Rows written before owned capacity was split out get owned_micro_usd 0, in the ledger and rollups."""
+    if db_target.schema is not None:
+        admin = db.make_engine(db_target.url)
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{db_target.schema}"')
+        admin.dispose()
+    cfg = db.alembic_config(db_target.url, db_target.schema)
+    command.upgrade(cfg, "0009")
+    eng = db_target.make_engine()
+    try:
+        with eng.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO usage (request_id, created_at, team, requested_model, prompt_tokens, "
+                    "completion_tokens, cost_micro_usd, latency_ms, status, http_status, stream, cache_hit) "
+                    "VALUES ('r1', :t, 'research', 'm', 1, 2, 30, 4.5, 'ok', 200, false, false)"
+                ),
+                {"t": NOW.replace(tzinfo=None)},
+            )
+        command.upgrade(cfg, "0010")
+        assert _columns(eng, "usage")[-1] == "owned_micro_usd"
+        assert _columns(eng, "usage_hourly")[-1] == "owned_micro_usd"
+        with eng.connect() as conn:
+            assert conn.execute(sa.text("SELECT owned_micro_usd FROM usage")).scalar_one() == 0
+        command.downgrade(cfg, "0009")
+        assert "owned_micro_usd" not in _columns(eng, "usage") + _columns(eng, "usage_hourly")
         with eng.connect() as conn:
             assert conn.execute(sa.text("SELECT cost_micro_usd FROM usage")).scalar_one() == 30
     finally:

@@ -1,0 +1,136 @@
+"""SLO-aware placement and prefix affinity: two reorderings `routing.scoring.choose` applies to its ranking.
+
+`by_slo`: with an SLO in the policy (`slo_p95_ttft_ms`, `slo_p95_e2e_ms`), deployments predicted to meet it
+come first, the cheapest first (owned capacity costs 0 at the margin, so it wins while it has room), then
+those predicted to miss it, the closest to meeting it first: a request that may not leave queues on owned
+capacity rather than overflow. `by_affinity`: with a prefix key, the owned replicas that tie for first place
+(same requested-order position, SLO met, same marginal cost) are reordered by rendezvous hashing of the key,
+skipping a replica with more than `affinity_max_waiting` requests waiting for a slot (its spill goes to the
+next in rendezvous order). Pure and deterministic: every gateway replica places a prefix on the same engine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from operator import itemgetter
+from typing import NamedTuple
+
+from routing.decision import ScoredCandidate
+from routing.fleet import hrw_weight
+from routing.snapshot import Entry, RoutePolicy
+
+
+class Affinity(NamedTuple):
+    """What prefix affinity did: the preferred replica (first in rendezvous order) and the one chosen."""
+
+    preferred: str  # deployment id
+    chosen: str
+    replicas: int  # owned replicas that tied and met the SLO
+    spilled: tuple[str, ...]  # skipped as overloaded, in rendezvous order
+
+    def text(self) -> str:
+        rank = f"HRW {1 + len(self.spilled)} of {self.replicas}"
+        spill = f"; spilled past {', '.join(self.spilled)} (queue)" if self.spilled else ""
+        return f"prefix affinity {self.chosen} ({rank}{spill})"
+
+
+_new = tuple.__new__  # rebuilds a ScoredCandidate ~4x faster than `_replace`
+_POSITION, _COST = itemgetter(0), itemgetter(3)  # fields of ScoredCandidate
+_SLO_MET, _AFFINITY = 7, 8  # field indices of ScoredCandidate
+
+
+def overshoot(c: ScoredCandidate, policy: RoutePolicy) -> float:
+    """Predicted / target for the tighter of the SLO's terms: <= 1 meets it."""
+    ratio = 0.0
+    if policy.slo_p95_ttft_ms is not None:
+        ratio = c.ttft_ms / policy.slo_p95_ttft_ms if policy.slo_p95_ttft_ms > 0 else math.inf
+    if policy.slo_p95_e2e_ms is not None:
+        e2e = c.latency_ms / policy.slo_p95_e2e_ms if policy.slo_p95_e2e_ms > 0 else math.inf
+        ratio = max(ratio, e2e)
+    return ratio
+
+
+def has_slo(policy: RoutePolicy) -> bool:
+    return policy.slo_p95_ttft_ms is not None or policy.slo_p95_e2e_ms is not None
+
+
+def by_slo(ranked: list[ScoredCandidate], policy: RoutePolicy) -> list[ScoredCandidate]:
+    """Meeting the SLO first, cheapest first (ties keep the objective's order); then misses, closest first;
+    the requested `order` stays outermost. Stable single-key sorts, least significant first."""
+    max_ttft = math.inf if policy.slo_p95_ttft_ms is None else policy.slo_p95_ttft_ms
+    max_e2e = math.inf if policy.slo_p95_e2e_ms is None else policy.slo_p95_e2e_ms
+    met: list[ScoredCandidate] = []
+    missed: list[tuple[float, ScoredCandidate]] = []
+    for c in ranked:
+        if c.ttft_ms <= max_ttft and c.latency_ms <= max_e2e:
+            met.append(c)
+        else:
+            missed.append((overshoot(c, policy), _new(ScoredCandidate, (*c[:_SLO_MET], False, c[_AFFINITY]))))
+    met.sort(key=_COST)
+    missed.sort(key=_first)
+    out = met + [c for _, c in missed]
+    if ranked and ranked[-1].order_position:  # some request `order` applies: it stays outermost
+        out.sort(key=_POSITION)
+    return out
+
+
+def _first(pair: tuple[float, ScoredCandidate]) -> float:
+    return pair[0]
+
+
+def by_affinity(
+    ranked: list[ScoredCandidate], owned: Mapping[str, Entry], policy: RoutePolicy, prefix_key: int
+) -> tuple[list[ScoredCandidate], Affinity | None]:
+    """The owned replicas (`owned`: id -> entry of the owned eligible ones) tying with the best-ranked owned
+    one, placed in their slots in rendezvous order."""
+    lead = next((c for c in ranked if c.slo_met and c.deployment_id in owned), None)
+    if lead is None:
+        return ranked, None
+    position, cost = lead.order_position, lead.cost_pusd
+    slots: list[int] = []
+    members: list[tuple[int, int, ScoredCandidate]] = []  # (HRW weight, waiting, candidate)
+    get = owned.get
+    for i, c in enumerate(ranked):
+        if c.slo_met and c.cost_pusd == cost and c.order_position == position:
+            e = get(c.deployment_id)
+            if e is not None:
+                slots.append(i)
+                members.append((hrw_weight(prefix_key, e.affinity_seed), e.waiting, c))
+    if len(slots) < 2:
+        return ranked, None
+    members.sort(key=_first_int, reverse=True)
+    limit = policy.affinity_max_waiting
+    ok = [(rank, c) for rank, (_, waiting, c) in enumerate(members, 1) if waiting <= limit]
+    over = [(rank, c) for rank, (_, waiting, c) in enumerate(members, 1) if waiting > limit]
+    out = list(ranked)
+    for i, (rank, c) in zip(slots, ok + over, strict=True):
+        out[i] = _new(ScoredCandidate, (*c[:_AFFINITY], rank))
+    if not ok:
+        return out, None
+    spilled = tuple(c.deployment_id for rank, c in over if rank < ok[0][0])
+    return out, Affinity(members[0][2].deployment_id, ok[0][1].deployment_id, len(members), spilled)
+
+
+def _first_int(row: tuple[int, int, ScoredCandidate]) -> int:
+    return row[0]
+
+
+def slo_text(policy: RoutePolicy) -> str:
+    parts = []
+    if policy.slo_p95_ttft_ms is not None:
+        parts.append(f"ttft<={policy.slo_p95_ttft_ms:.0f}")
+    if policy.slo_p95_e2e_ms is not None:
+        parts.append(f"e2e<={policy.slo_p95_e2e_ms:.0f}")
+    return f"SLO p95 {' '.join(parts)} ms"
+
+
+def overflow_text(ranked: Sequence[ScoredCandidate], owned: Mapping[str, Entry]) -> str:
+    """When the best is not owned but owned capacity was eligible: why it overflowed."""
+    if not ranked or ranked[0].deployment_id in owned:
+        return ""
+    missed = [c for c in ranked if not c.slo_met and c.deployment_id in owned]
+    if not missed:
+        return ""
+    c = missed[0]
+    return f"; overflow: {c.deployment_id} predicted ttft {c.ttft_ms:.0f} ms, {c.latency_ms:.0f} ms"
