@@ -4,12 +4,11 @@ Each attempt has its own timeout. Only errors marked `retryable` lead to another
 at once, or the same one again after a backoff that honours Retry-After, all within the request's budget.
 When every attempt fails, all causes are collected into one `AllBackendsFailed`. A stream may be retried
 until its first token: the role-only chunk servers send before generating (our engine, vLLM, OpenAI) is held,
-so a server that queues, stalls or dies before answering is fallen back from within the attempt's timeout.
-Time awaiting backends is added to `Timing.upstream_s`.
-
-`DeploymentUse` is the one owner of a request's life on a deployment: it takes the in-flight count, and it
-alone gives it back and tells the live stats and the circuit breaker how the attempt ended. Failed attempts
-end here; the served one ends when the pipeline has the whole answer (`DeploymentUse.finish`).
+so a server that queues, stalls or dies before answering is fallen back from within the attempt's timeout
+(time awaiting backends is added to `Timing.upstream_s`). `DeploymentUse` is the one owner of a request's
+life on a deployment: it takes the in-flight count, and it alone gives it back and tells the live stats and
+the circuit breaker how the attempt ended. Failed attempts end here; the served one ends when the pipeline
+has the whole answer (`DeploymentUse.finish`).
 """
 
 from __future__ import annotations
