@@ -43,6 +43,7 @@ class Deployment:
     supports_tools: bool = True
     supports_response_format: bool = True
     context_tokens: int | None = None
+    usd_per_hour: Decimal | None = None  # owned capacity's fixed cost (its `price` is the marginal one: 0)
 
 
 class RejectCode(StrEnum):
@@ -77,6 +78,9 @@ class ScoredCandidate(NamedTuple):
     cost_pusd: int  # predicted, in pico-USD (1e-12 USD): exact integers, and fast in the loop
     deployment_id: str  # unique, so ties never reach `deployment`
     deployment: Deployment
+    ttft_ms: float = 0.0  # predicted time to first token
+    slo_met: bool = True  # predicted TTFT and latency within the policy's SLO (True when it sets none)
+    affinity: int = 0  # prefix affinity: rank in rendezvous order among tied owned replicas; 0: none
 
     @property
     def cost_usd(self) -> Decimal:

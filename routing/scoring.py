@@ -1,7 +1,10 @@
 """Scored route choice: the deployment that meets the privacy floor and the team's goals at the best score.
 
 `choose` filters every deployment of the public model (hard rules, each failure a reason), predicts latency
-and cost for the rest, normalises both over the eligible set and weighs them by the objective.
+and cost for the rest, normalises both over the eligible set and weighs them by the objective. Owned
+capacity costs 0 at the margin. With an SLO or a prefix key, `routing.placement` then reorders: the cheapest
+deployment predicted to meet the SLO first (overflow to the cloud only when owned capacity would break it),
+and among tying owned replicas the prefix's rendezvous-hashing favourite unless it is overloaded.
 Invariants: pure (no I/O, clock or randomness; time arrives as `now_s`); eligible + rejected is exactly the
 model's deployments; nothing below the request's privacy floor is ever eligible; nothing eligible means no
 candidates (fail closed) and a reason that names the floor and every rejection.
@@ -15,6 +18,7 @@ from decimal import Decimal
 from operator import itemgetter
 
 from routing.decision import RejectCode, Rejection, RouteDecision, ScoredCandidate
+from routing.placement import Affinity, by_affinity, by_slo, has_slo, overflow_text, slo_text
 from routing.preferences import narrow
 from routing.snapshot import (
     LACKS_JSON,
@@ -33,7 +37,7 @@ _HEADLINE = {
     Objective.LATENCY: "fastest eligible",
     Objective.BALANCED: "best cost/latency balance",
 }
-Row = tuple[float, int, Entry]  # (predicted latency ms, predicted cost pico-USD, entry)
+Row = tuple[float, int, Entry, float]  # predicted (latency ms, cost pico-USD), entry, predicted TTFT ms
 _POSITION, _SCORE, _LATENCY, _COST = (itemgetter(i) for i in range(4))  # fields of ScoredCandidate
 _new = tuple.__new__  # builds a NamedTuple ~4x faster than calling the class (no Python-level __new__)
 
@@ -155,7 +159,8 @@ def _scan(hot: tuple[HotRow, ...], ctx: _Context, now_s: float) -> tuple[list[Ro
     out_tokens, prompt_tokens = ctx.request.expected_output_tokens, ctx.request.prompt_tokens
     floor_rank, needed, needs, narrowed = ctx.floor_rank, ctx.needed_tokens, ctx.needs, ctx.narrowed
     min_quality, max_latency_ms, max_pusd = ctx.policy.min_quality_tier, ctx.max_latency_ms, ctx.max_pusd
-    for e, privacy_rank, ctx_tokens, lacks, quality, blocked_s, base_ms, ms_per_tok, in_pusd, out_pusd in hot:
+    for e, privacy_rank, ctx_tokens, lacks, quality, blocked_s, base_ms, ms_per_tok, in_pusd, out_pusd, \
+            ttft_ms, ttft_per_tok in hot:  # fmt: skip
         latency_ms = base_ms + out_tokens * ms_per_tok
         cost_pusd = prompt_tokens * in_pusd + out_tokens * out_pusd
         below = privacy_rank > floor_rank
@@ -183,7 +188,7 @@ def _scan(hot: tuple[HotRow, ...], ctx: _Context, now_s: float) -> tuple[list[Ro
                     _new(Rejection, (e.deployment_id, e.spec.backend, tuple(codes), tuple(texts)))
                 )
                 continue
-        rows.append((latency_ms, cost_pusd, e))
+        rows.append((latency_ms, cost_pusd, e, ttft_ms + out_tokens * ttft_per_tok))
     return rows, rejected
 
 
@@ -219,9 +224,9 @@ def _rank(rows: list[Row], policy: RoutePolicy) -> list[ScoredCandidate]:
         ranked = [
             _new(
                 ScoredCandidate,
-                (0, w_latency * lat + w_cost * cost, lat, cost, e.deployment_id, e.deployment),
+                (0, w_latency * lat + w_cost * cost, lat, cost, e.deployment_id, e.deployment, ttft, True, 0),
             )
-            for lat, cost, e in rows
+            for lat, cost, e, ttft in rows
         ]
     # Stable sorts on single keys, least significant first: ~4x faster than comparing whole tuples.
     ranked.sort(key=_COST if policy.objective is Objective.LATENCY else _LATENCY)  # rows came in id order
@@ -239,12 +244,12 @@ def _rank_preferred(
     per_miss = policy.preferred_label_weight / len(preferred) if preferred else 0.0
     positions, unlisted = _positions(policy.order), len(policy.order)
     ranked = []
-    for latency_ms, cost_pusd, e in rows:
+    for latency_ms, cost_pusd, e, ttft_ms in rows:
         score = w_latency * latency_ms + w_cost * cost_pusd
         if preferred:
             score += per_miss * _label_misses(e.spec.labels, preferred)
         position = min(positions.get(e.deployment_id, unlisted), positions.get(e.spec.backend, unlisted))
-        row = (position, score, latency_ms, cost_pusd, e.deployment_id, e.deployment)
+        row = (position, score, latency_ms, cost_pusd, e.deployment_id, e.deployment, ttft_ms, True, 0)
         ranked.append(_new(ScoredCandidate, row))
     return ranked
 
@@ -258,7 +263,11 @@ def _privacy_verdict(request: RouteRequest, total: int, rejected: list[Rejection
 
 
 def _reason(
-    request: RouteRequest, policy: RoutePolicy, ranked: tuple[ScoredCandidate, ...], rejected: list[Rejection]
+    request: RouteRequest,
+    policy: RoutePolicy,
+    ranked: tuple[ScoredCandidate, ...],
+    rejected: list[Rejection],
+    placed: tuple[Mapping[str, Entry], Affinity | None] | None = None,
 ) -> str:
     if not ranked:
         if not rejected:
@@ -268,9 +277,39 @@ def _reason(
         return f"no eligible deployment for `{model}` (privacy floor {floor}): {why}"
     best = ranked[0]
     ordered = best.deployment_id in policy.order or best.deployment.backend in policy.order
-    headline = "first in requested order" if ordered else _HEADLINE[policy.objective]
     tally = f"{len(ranked)} eligible, {len(rejected)} rejected"
-    return f"{headline}: {best.deployment_id} ({best.cost_usd:.4f} USD, {best.latency_ms:.0f} ms); {tally}"
+    if placed is None:
+        headline = "first in requested order" if ordered else _HEADLINE[policy.objective]
+        return (
+            f"{headline}: {best.deployment_id} ({best.cost_usd:.4f} USD, {best.latency_ms:.0f} ms); {tally}"
+        )
+    entries, affinity = placed
+    if ordered:
+        headline = "first in requested order"
+    elif not has_slo(policy):
+        headline = _HEADLINE[policy.objective]
+    else:
+        headline = "cheapest meeting SLO" if best.slo_met else "none meets SLO, closest"
+    terms = f"{best.cost_usd:.4f} USD, ttft {best.ttft_ms:.0f} ms, {best.latency_ms:.0f} ms"
+    slo = f"; {slo_text(policy)}" if has_slo(policy) else ""
+    extra = overflow_text(ranked, entries) + (f"; {affinity.text()}" if affinity is not None else "")
+    return f"{headline}: {best.deployment_id} ({terms}){slo}{extra}; {tally}"
+
+
+def _place(
+    rows: list[Row], ranked: list[ScoredCandidate], policy: RoutePolicy, request: RouteRequest
+) -> tuple[list[ScoredCandidate], tuple[Mapping[str, Entry], Affinity | None] | None]:
+    """The SLO and prefix-affinity reorderings (routing.placement); None when neither applies."""
+    slo, key = has_slo(policy), request.prefix_key
+    if not ranked or (not slo and key is None):
+        return ranked, None
+    entries = {row[2].deployment_id: row[2] for row in rows}
+    if slo:
+        ranked = by_slo(ranked, policy)
+    affinity = None
+    if key is not None:
+        ranked, affinity = by_affinity(ranked, entries, policy, key)
+    return ranked, (entries, affinity)
 
 
 def choose(
@@ -280,12 +319,13 @@ def choose(
     policy = narrow(policy, request.preferences)
     hot = snapshot.hot_by_model.get(request.public_model, ())
     rows, rejected = _scan(hot, _Context(policy, request), now_s)
-    ranked = tuple(_rank(rows, policy))
+    placed_list, placed = _place(rows, _rank(rows, policy), policy, request)
+    ranked = tuple(placed_list)
     attempts = policy.max_attempts if policy.allow_fallbacks else 1
     return RouteDecision(
         public_model=request.public_model,
         candidates=tuple(c.deployment for c in ranked[:attempts]),
-        reason=_reason(request, policy, ranked, rejected),
+        reason=_reason(request, policy, ranked, rejected, placed),
         ranked=ranked,
         rejected=tuple(rejected),
         privacy_verdict=_privacy_verdict(request, len(hot), rejected),

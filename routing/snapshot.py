@@ -1,9 +1,11 @@
 """The frozen inputs of a scored route decision: deployment specs, live stats, the request, the team policy.
 
 A `RoutingSnapshot` is built once per stats refresh (off the request path) and precomputes everything that
-does not depend on the request: the per-model index, each deployment's effective per-token price and the
-dispatch-facing `Deployment`. Invariant: nothing here changes after construction, so `choose` can share a
-snapshot across requests and threads without locks.
+does not depend on the request: the per-model index, each deployment's marginal per-token price (0 on owned
+capacity: `HourlyPrice`), its latency terms (`routing.fleet.predict`, from live load and the optional
+`DeploymentSpec.capacity` curve) and the dispatch-facing `Deployment`. SLOs (`RoutePolicy.slo_p95_*`) and
+prefix affinity (`RouteRequest.prefix_key`) are read by `routing.scoring.choose`. Invariant: nothing here
+changes after construction, so `choose` can share a snapshot across requests and threads without locks.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from types import MappingProxyType
 from typing import Any
 
 from backends.base import BackendKind
-from routing.decision import Deployment, Price, RejectCode, Rejection
+from routing.decision import FREE, Deployment, Price, RejectCode, Rejection
+from routing.fleet import Capacity, predict, stable_hash64
 from routing.privacy import PrivacyTier
 
 PUSD_PER_USD = 10**12  # routing money is integer pico-USD: exact, and ~5x faster than Decimal in the loop
@@ -31,14 +34,12 @@ def _no_labels() -> Mapping[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class HourlyPrice:
-    """A machine we pay for by the hour (self-hosted GPU, edge box); its per-token price depends on load.
+    """Owned capacity (self-hosted GPU, edge box): a fixed cost per hour, paid whatever it serves.
 
-    Output tokens cost  occupancy * usd_per_hour / (3600 * decode_tokens_per_s * (in_flight + 1)):
-    the hour is shared by every stream decoding on the box, including this one, and `occupancy` is how much
-    of the box is already used (KV-cache fraction, or in_flight/(in_flight+1) without engine metrics, or 1
-    when requests queue). Idle capacity is already paid
-    for, so on an idle box a request is free; on a saturated one it pays the full average price. Prompt
-    tokens cost 0: prefill is 10-100x faster than decode, so a request buys box time mostly by its output.
+    Its marginal cost in routing is 0: the hour is already paid. What limits it is latency, not money: once
+    its predicted TTFT or end-to-end latency would break the request's SLO, routing overflows to the cloud
+    (`routing.scoring`). The ledger keeps the cloud money a request spent (0 here) apart from its share of
+    owned capacity for chargeback (`routing.fleet.owned_share_micro_usd`); reports show the hourly cost.
     """
 
     usd_per_hour: Decimal
@@ -60,6 +61,7 @@ class DeploymentSpec:
     supports_tools: bool = True
     supports_json: bool = True
     labels: Mapping[str, str] = field(default_factory=_no_labels)  # e.g. {"site": "fra1", "region": "eu"}
+    capacity: Capacity | None = None  # the box's throughput curve (owned capacity); None: measured rates only
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,7 @@ class DeploymentStats:
     healthy: bool = True
     circuit_open_until_s: float | None = None  # None: closed; compared with `now_s`; math.inf: until told
     sample_count: int = 0  # 0: these are the config priors
+    running: int | None = None  # the engine's running requests (its /metrics); None: not reported
 
     def __post_init__(self) -> None:
         if self.decode_tokens_per_s <= 0 or self.ttft_ms < 0:
@@ -84,15 +87,6 @@ class DeploymentStats:
                 f"decode_tokens_per_s must be > 0 and ttft_ms >= 0, got {self.decode_tokens_per_s}, "
                 f"{self.ttft_ms}"
             )
-
-
-def usd_per_output_token(price: HourlyPrice, stats: DeploymentStats) -> Decimal:
-    """The load-dependent per-token price of an hourly deployment (formula in `HourlyPrice`)."""
-    # Without engine metrics, the gateway's own in-flight count stands in: 0 -> idle, 8 in flight -> 0.89.
-    busy = stats.in_flight / (stats.in_flight + 1)
-    occupancy = 1.0 if stats.queue_depth > 0 else min(max(stats.kv_cache_used_frac, busy, 0.0), 1.0)
-    aggregate_tokens_per_s = stats.decode_tokens_per_s * (stats.in_flight + 1)
-    return price.usd_per_hour * Decimal(occupancy) / (3600 * Decimal(aggregate_tokens_per_s))
 
 
 LACKS_TOOLS, LACKS_JSON = 1, 2  # bits of `Entry.lacks`
@@ -107,7 +101,7 @@ class Entry:
 
     spec: DeploymentSpec
     stats: DeploymentStats
-    deployment: Deployment  # what dispatch gets; an hourly price appears as its current per-token price
+    deployment: Deployment  # what dispatch gets; owned capacity appears at marginal price 0
     deployment_id: str
     names: frozenset[str]  # deployment id and backend name: what `order`, `only` and `ignore` match
     privacy_rank: int
@@ -117,37 +111,30 @@ class Entry:
     healthy: bool
     circuit_open_until_s: float  # -inf when closed
     blocked_until_s: float  # inf when unhealthy, else circuit_open_until_s: one test in the loop
-    base_latency_ms: float  # predicted latency = base + expected output tokens * per-token (see `_latency`)
+    base_latency_ms: float  # predicted latency = base + expected output tokens * per-token (routing.fleet)
     latency_ms_per_output_token: float
     input_pusd_per_token: int
     output_pusd_per_token: int
     # Indexed by a request's floor rank: the rejection when privacy is the only rule that fails (the common
     # case), built once per snapshot instead of per request; None where the tier is private enough.
     below_floor: tuple[Rejection | None, ...] = ()
+    ttft_base_ms: float = 0.0  # predicted TTFT = base + expected output tokens * per-token
+    ttft_ms_per_output_token: float = 0.0
+    owned: bool = False  # owned capacity (HourlyPrice): fixed cost, marginal 0
+    waiting: int = 0  # requests that would queue for a slot, this one included (0: it starts at once)
+    affinity_seed: int = 0  # routing.fleet.stable_hash64(deployment_id): its rendezvous-hashing identity
 
     def hot(self) -> HotRow:
         """The fields `choose` screens every entry by, in the order its loop unpacks them."""
         return (
             self, self.privacy_rank, self.context_tokens, self.lacks, self.quality_tier, self.blocked_until_s,
             self.base_latency_ms, self.latency_ms_per_output_token, self.input_pusd_per_token,
-            self.output_pusd_per_token,
+            self.output_pusd_per_token, self.ttft_base_ms, self.ttft_ms_per_output_token,
         )  # fmt: skip
 
 
 # An entry's fields as `choose` unpacks them in its loop: tuple unpacking is ~3x cheaper than attribute loads.
-HotRow = tuple[Entry, int, int, int, int, float, float, float, int, int]
-
-
-def _latency(stats: DeploymentStats) -> tuple[float, float]:
-    """(base ms, ms per output token) of: queue wait + TTFT + output tokens / decode rate.
-
-    Queue wait = queue depth x service time; service time is the measured p50 when there is one, else this
-    request's own TTFT + decode time, so the whole prediction is linear in the expected output tokens.
-    """
-    ms_per_token = 1000.0 / stats.decode_tokens_per_s
-    if stats.p50_latency_ms > 0:
-        return stats.queue_depth * stats.p50_latency_ms + stats.ttft_ms, ms_per_token
-    return (stats.queue_depth + 1) * stats.ttft_ms, (stats.queue_depth + 1) * ms_per_token
+HotRow = tuple[Entry, int, int, int, int, float, float, float, int, int, float, float]
 
 
 def _pusd(usd_per_token: Decimal) -> int:
@@ -164,20 +151,29 @@ def _deployment(spec: DeploymentSpec, price: Price) -> Deployment:
         supports_tools=spec.supports_tools,
         supports_response_format=spec.supports_json,
         context_tokens=spec.context_tokens,
+        usd_per_hour=spec.price.usd_per_hour if isinstance(spec.price, HourlyPrice) else None,
     )
 
 
 def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
+    owned = isinstance(spec.price, HourlyPrice)
     if isinstance(spec.price, HourlyPrice):
-        in_pusd, out_pusd = 0, _pusd(usd_per_output_token(spec.price, stats))
-        price = Price(Decimal(0), Decimal(out_pusd).scaleb(-6))  # pico-USD per token = 1e-6 USD per Mtok
+        in_pusd, out_pusd, price = 0, 0, FREE  # already paid for: its marginal cost is 0
     else:
         price = spec.price  # USD per Mtok is micro-USD per token
         in_pusd = _pusd(price.input_usd_per_mtok / 1_000_000)
         out_pusd = _pusd(price.output_usd_per_mtok / 1_000_000)
     open_until_s = -math.inf if stats.circuit_open_until_s is None else stats.circuit_open_until_s
     lacks = (0 if spec.supports_tools else LACKS_TOOLS) | (0 if spec.supports_json else LACKS_JSON)
-    base_ms, ms_per_token = _latency(stats)
+    p = predict(
+        ttft_ms=stats.ttft_ms,
+        decode_tokens_per_s=stats.decode_tokens_per_s,
+        p50_latency_ms=stats.p50_latency_ms,
+        in_flight=stats.in_flight,
+        queue_depth=stats.queue_depth,
+        running=stats.running,
+        capacity=spec.capacity,
+    )
     return Entry(
         spec=spec,
         stats=stats,
@@ -191,11 +187,16 @@ def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
         healthy=stats.healthy,
         circuit_open_until_s=open_until_s,
         blocked_until_s=open_until_s if stats.healthy else math.inf,
-        base_latency_ms=base_ms,
-        latency_ms_per_output_token=ms_per_token,
+        base_latency_ms=p.base_ms,
+        latency_ms_per_output_token=p.ms_per_output_token,
         input_pusd_per_token=in_pusd,
         output_pusd_per_token=out_pusd,
         below_floor=_below_floor(spec),
+        ttft_base_ms=p.ttft_base_ms,
+        ttft_ms_per_output_token=p.ttft_ms_per_output_token,
+        owned=owned,
+        waiting=p.waiting,
+        affinity_seed=stable_hash64(spec.deployment_id),
     )
 
 
@@ -308,6 +309,11 @@ class RoutePolicy:
     only: frozenset[str] | None = None  # deployment ids or backend names; None: all
     ignore: frozenset[str] = frozenset()
     order: tuple[str, ...] = ()
+    # Latency targets (config: teams.X / models.X slo_p95_*): deployments predicted to meet them win, the
+    # cheapest first; owned capacity overflows to the cloud only when it would break them. None: no target.
+    slo_p95_ttft_ms: float | None = None
+    slo_p95_e2e_ms: float | None = None
+    affinity_max_waiting: int = 2  # prefix affinity skips a replica with more requests waiting for a slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,3 +330,4 @@ class RouteRequest:
     privacy_reason: str = (
         ""  # how the floor was set (routing.privacy.PrivacyVerdict.reason); echoed in the verdict
     )
+    prefix_key: int | None = None  # 64-bit hash of a long shared prompt prefix: prefix affinity; None: none

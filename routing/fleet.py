@@ -1,0 +1,150 @@
+"""Owned capacity: what a box we already pay for can do, and the latency a new request would see on it.
+
+A company pays for a self-hosted GPU or an edge node by the hour, whatever it serves, so routing prices such
+capacity at marginal cost 0 while it has SLO-safe room; the cloud is paid per token. `Capacity` is a box's
+throughput curve from config (`[backends.X.capacity]`): aggregate decode tokens/s against concurrency, and
+optionally TTFT against queue depth. `predict` turns it and the live load (gateway in-flight count, engine
+/metrics running and queue depth) into the request-independent terms of a latency prediction. The ledger's
+chargeback figure (`owned_share_micro_usd`) uses the same busy-time arithmetic as the savings report.
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+
+_MS_PER_HOUR = Decimal(3_600_000)
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """One box's throughput curve. Points are (x, y) with strictly increasing x; between points y is linear.
+
+    `tokens_per_s`: (concurrency, aggregate decode tokens/s); flat beyond the last point, proportional to
+    concurrency below the first. `ttft_ms`: (queue depth, TTFT ms), where queue depth counts the requests
+    waiting for a slot including the new one (0: it starts at once); extrapolated along the last segment.
+    Empty: the measured TTFT plus the queue wait implied by the service time. `max_concurrency`: requests
+    the box runs at once (its batch slots); more wait. 0: the last throughput point's concurrency.
+    """
+
+    tokens_per_s: tuple[tuple[float, float], ...]
+    ttft_ms: tuple[tuple[float, float], ...] = ()
+    max_concurrency: int = 0
+
+    def __post_init__(self) -> None:
+        for name, points, x_min in (("tokens_per_s", self.tokens_per_s, 1), ("ttft_ms", self.ttft_ms, 0)):
+            xs = [x for x, _ in points]
+            if any(b <= a for a, b in zip(xs, xs[1:], strict=False)) or any(x < x_min for x in xs):
+                raise ValueError(f"capacity.{name}: x values must increase and be >= {x_min}, got {xs}")
+            if any(y < 0 for _, y in points):
+                raise ValueError(f"capacity.{name}: values must be >= 0")
+        if not self.tokens_per_s or any(y <= 0 for _, y in self.tokens_per_s):
+            raise ValueError("capacity.tokens_per_s: give at least one point, each with tokens/s > 0")
+        if self.max_concurrency < 0:
+            raise ValueError(f"capacity.max_concurrency must be >= 0, got {self.max_concurrency}")
+
+    @property
+    def slots(self) -> int:
+        return self.max_concurrency or max(1, int(self.tokens_per_s[-1][0]))
+
+    def aggregate_tokens_per_s(self, concurrency: float) -> float:
+        points = self.tokens_per_s
+        x0, y0 = points[0]
+        if concurrency <= x0:
+            return y0 * max(concurrency, 1.0) / x0
+        return _interpolate(points, concurrency, extrapolate=False)
+
+    def ttft_at(self, queue_depth: float) -> float | None:
+        return _interpolate(self.ttft_ms, queue_depth, extrapolate=True) if self.ttft_ms else None
+
+
+def _interpolate(points: tuple[tuple[float, float], ...], x: float, *, extrapolate: bool) -> float:
+    if len(points) == 1 or x <= points[0][0]:
+        return points[0][1]
+    for (xa, ya), (xb, yb) in zip(points, points[1:], strict=False):
+        if x <= xb:
+            return ya + (yb - ya) * (x - xa) / (xb - xa)
+    if not extrapolate:
+        return points[-1][1]
+    (xa, ya), (xb, yb) = points[-2], points[-1]
+    return max(0.0, yb + (yb - ya) * (x - xb) / (xb - xa))
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Request-independent terms: TTFT = ttft_base + out * ttft_per_token, e2e = base + out * per_token.
+    `waiting`: requests that would queue for a slot ahead of and including this one (0: starts at once)."""
+
+    ttft_base_ms: float
+    ttft_ms_per_output_token: float
+    base_ms: float
+    ms_per_output_token: float
+    waiting: int
+
+
+def predict(
+    *,
+    ttft_ms: float,
+    decode_tokens_per_s: float,
+    p50_latency_ms: float,
+    in_flight: int,
+    queue_depth: int,
+    running: int | None,
+    capacity: Capacity | None,
+) -> Prediction:
+    """Latency terms on one deployment from its live stats and (if configured) its capacity curve.
+
+    Without a curve: queue wait = queue depth x service time (the measured p50, else this request's own
+    TTFT + decode time), then TTFT and decode at the measured per-stream rate. With a curve: the requests on
+    the box are max(in-flight, running + queue depth); the new one starts when a slot frees (each completion
+    frees one of `slots`), decodes at aggregate(c)/c tokens/s with c the requests running beside it.
+    """
+    ms_per_token = 1000.0 / decode_tokens_per_s
+    if capacity is None:
+        if p50_latency_ms > 0:
+            wait = queue_depth * p50_latency_ms
+            return Prediction(wait + ttft_ms, 0.0, wait + ttft_ms, ms_per_token, queue_depth)
+        q = queue_depth
+        return Prediction((q + 1) * ttft_ms, q * ms_per_token, (q + 1) * ttft_ms, (q + 1) * ms_per_token, q)
+    slots = capacity.slots
+    on_box = max(in_flight, (running or 0) + queue_depth)
+    waiting = max(0, on_box + 1 - slots)
+    concurrency = min(on_box + 1, slots)
+    stream_ms_per_token = 1000.0 * concurrency / capacity.aggregate_tokens_per_s(concurrency)
+    curve_ttft = capacity.ttft_at(waiting)
+    if curve_ttft is not None:
+        ttft_base, ttft_per_token = curve_ttft, 0.0
+    elif p50_latency_ms > 0:
+        ttft_base, ttft_per_token = ttft_ms + waiting * p50_latency_ms / slots, 0.0
+    else:  # each slot frees after about this request's own service time
+        rounds = waiting / slots
+        ttft_base, ttft_per_token = ttft_ms * (1 + rounds), rounds * stream_ms_per_token
+    return Prediction(ttft_base, ttft_per_token, ttft_base, ttft_per_token + stream_ms_per_token, waiting)
+
+
+def owned_share_micro_usd(busy_ms: float, usd_per_hour: Decimal) -> int:
+    """usd_per_hour x busy time, in whole micro-dollars (half up): one request's share of owned capacity
+    (its serving time divided among the requests sharing the box), and the savings report's busy cost."""
+    exact = Decimal(repr(busy_ms)) * usd_per_hour * 1_000_000 / _MS_PER_HOUR
+    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+# ---- prefix affinity: rendezvous (highest-random-weight) hashing -----------------------------------------
+
+
+def stable_hash64(text: str) -> int:
+    """A 64-bit hash that is the same in every process (Python's `hash` of a str is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def hrw_weight(prefix_key: int, seed: int) -> int:
+    """Rendezvous weight of one replica (`seed`: stable_hash64 of its deployment id) for one prefix key:
+    splitmix64's finalizer over their xor, so every gateway replica ranks replicas alike with no shared
+    state, and removing one replica moves only the keys it held."""
+    z = (prefix_key ^ seed) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
