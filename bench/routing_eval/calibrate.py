@@ -25,11 +25,22 @@ from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
 
 CURVE_PATH = Path(__file__).resolve().parents[1] / "data" / "routing_eval_curve.json"
 ENGINE_FLAGS = ("--threads", "1", "--dtype", "bfloat16", "--quant", "int8", "--max-batch", "8")
-_WORDS = "the quick review of each service shows what the team changed and why it matters now".split()
+_PROSE = "the quick review of each service shows what the team changed and why it matters now"
+_WORDS = tuple(_PROSE.split())
 
 
 def engine_cmd(port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gateway.cli", "engine", "serve", "--port", str(port), *ENGINE_FLAGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "engine",
+        "serve",
+        "--port",
+        str(port),
+        *ENGINE_FLAGS,
+        *extra,
+    ]
 
 
 def filler(words: int, salt: int = 0) -> str:
@@ -89,7 +100,11 @@ def fit(decode: dict[int, float], prefill: dict[int, float], tokens_per_word: fl
     a = s_mean - b * n_mean
     words = sorted(prefill)
     c = (prefill[words[-1]] - prefill[words[0]]) * 1000 / ((words[-1] - words[0]) * tokens_per_word)
-    return {"step_base_ms": round(a, 3), "step_ms_per_stream": round(b, 3), "prefill_ms_per_token": round(c, 4)}
+    return {
+        "step_base_ms": round(a, 3),
+        "step_ms_per_stream": round(b, 3),
+        "prefill_ms_per_token": round(c, 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

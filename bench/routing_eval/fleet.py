@@ -2,10 +2,10 @@
 
 An owned box runs the bundled engine's scheduler as a fluid: each step decodes one token for every running
 stream and computes up to `max_prefill_tokens` prompt tokens, and lasts `a + b * streams + c * prompt
-tokens` ms. a, b and c come from `bench/data/routing_eval_curve.json` (`python -m bench.routing_eval.calibrate`
-measures them on this machine), so aggregate tok/s against concurrency and TTFT against the queue follow
-from the engine's own behaviour. Owned boxes and edge nodes cost a fixed amount per hour; the cloud charges
-its list price per token and has no queue.
+tokens` ms. a, b and c come from `bench/data/routing_eval_curve.json` (measured on this machine by
+`python -m bench.routing_eval.calibrate`), so aggregate tok/s against concurrency and TTFT against the
+queue follow from the engine's own behaviour. Owned boxes and edge nodes cost a fixed amount per hour;
+the cloud charges its list price per token and has no queue.
 """
 
 from __future__ import annotations
@@ -126,10 +126,12 @@ def box_capacity_tok_s(model: StepModel, prompt_tokens: float, output_tokens: fl
 
 def make_fleet(model: StepModel, owned_boxes: int, label: str, cloud: CloudModel = CLOUD) -> Fleet:
     boxes = [
-        BoxSpec(f"engine-{i}", PrivacyTier.INTERNAL, "local", model, BOX_USD_PER_HOUR) for i in range(owned_boxes)
+        BoxSpec(f"engine-{i}", PrivacyTier.INTERNAL, "local", model, BOX_USD_PER_HOUR)
+        for i in range(owned_boxes)
     ]
     edge_model = model.scaled(2.0, max_batch=4)
     boxes += [
-        BoxSpec(f"edge-{i}", PrivacyTier.EDGE, "edge", edge_model, EDGE_USD_PER_HOUR) for i in range(EDGE_NODES)
+        BoxSpec(f"edge-{i}", PrivacyTier.EDGE, "edge", edge_model, EDGE_USD_PER_HOUR)
+        for i in range(EDGE_NODES)
     ]
     return Fleet(tuple(boxes), cloud, label)

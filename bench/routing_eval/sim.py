@@ -63,7 +63,9 @@ class Box:
         m = self.spec.model
         pending = sum(j.prefill_left for j in self.prefilling)
         chunk = min(m.max_prefill_tokens, pending)
-        step_s = (m.step_base_ms + m.step_ms_per_stream * len(self.decoding) + m.prefill_ms_per_token * chunk) / 1000
+        step_s = (
+            m.step_base_ms + m.step_ms_per_stream * len(self.decoding) + m.prefill_ms_per_token * chunk
+        ) / 1000
         return step_s, 1 / step_s, chunk / step_s
 
     def advance(self, now: float) -> None:
@@ -87,7 +89,11 @@ class Box:
         if not self.running:
             return math.inf
         step_s, per_stream, prefill_rate = self._rates()
-        times = [self.t + max(0.0, min(j.decode_left for j in self.decoding)) / per_stream] if self.decoding else []
+        times = (
+            [self.t + max(0.0, min(j.decode_left for j in self.decoding)) / per_stream]
+            if self.decoding
+            else []
+        )
         if self.prefilling:
             pending = sum(j.prefill_left for j in self.prefilling)
             if pending <= self.spec.model.max_prefill_tokens:

@@ -30,18 +30,19 @@ class Team:
     slo_p95_e2e_ms: float | None
     agents: bool = False  # its requests are turns of shared-prefix agent sessions
     output_median: int = 60
+    max_tokens: int = 256  # what its clients send; outputs are cut there
 
 
 TEAMS = (
-    Team("support", 0.30, PrivacyTier.EXTERNAL, "latency", 2500, None),
-    Team("analytics", 0.20, PrivacyTier.EXTERNAL, "cost", None, 60_000, output_median=120),
+    Team("support", 0.40, PrivacyTier.EXTERNAL, "latency", 2500, None),
+    Team("analytics", 0.20, PrivacyTier.EXTERNAL, "cost", None, 60_000, output_median=120, max_tokens=512),
     Team("agents", 0.30, PrivacyTier.EXTERNAL, "balanced", 4000, None, agents=True, output_median=40),
-    Team("hr", 0.15, PrivacyTier.INTERNAL, "balanced", 4000, None),
-    Team("field", 0.05, PrivacyTier.EDGE, "latency", 8000, None),
+    Team("hr", 0.06, PrivacyTier.INTERNAL, "balanced", 4000, None),
+    Team("field", 0.04, PrivacyTier.EDGE, "latency", 8000, None),
 )
 TEAM_BY_NAME = {t.name: t for t in TEAMS}
 AGENT_KINDS = ("triage", "coder", "researcher")  # each kind shares one long system prompt
-AGENT_SYSTEM_TOKENS = 1200
+AGENT_SYSTEM_TOKENS = 640
 SYSTEM_TOKENS = 48  # every other team's short system prompt, shared within the team
 
 
@@ -87,10 +88,11 @@ _TASKS = (
     "List three follow-up questions for the meeting notes below",
     "Rewrite this paragraph so that a new engineer understands it",
 )
-_WORDS = (
+_PROSE = (
     "the service migrates batches of records overnight while the dashboard shows stale totals and the team "
     "wants a clearer rollback plan before the next release because several customers reported slow pages"
-).split()
+)
+_WORDS = tuple(_PROSE.split())
 # Fake or documentation data in the shapes of the detectors' corpus (tests/support/privacy_corpus.py).
 PLANTED = {
     "email": ("Contact me at john.doe@example.com for details.", "Reply to jane.oneil@sub.domain.example"),
@@ -123,7 +125,9 @@ def _rate_shape(workload: Workload, duration_s: float, rng: random.Random) -> Ca
     return shape
 
 
-def arrival_times(workload: Workload, rate_per_s: float, duration_s: float, rng: random.Random) -> list[float]:
+def arrival_times(
+    workload: Workload, rate_per_s: float, duration_s: float, rng: random.Random
+) -> list[float]:
     """A non-homogeneous Poisson process by thinning a homogeneous one at the peak rate."""
     shape = _rate_shape(workload, duration_s, rng)
     peak = 3.0 * rate_per_s
@@ -175,7 +179,7 @@ def generate(workload: Workload, *, rate_per_s: float, duration_s: float, seed: 
     drafts: list[tuple[float, str, int, int, str, int, int]] = []
     for t in arrival_times(workload, rate_per_s, duration_s, rng):
         team = TEAM_BY_NAME[rng.choices(names, weights)[0]]
-        out = _lognormal(rng, team.output_median, 0.8, 1, 512)
+        out = _lognormal(rng, team.output_median, 0.8, 1, team.max_tokens)
         if team.agents:
             due = [s for s in sessions if s.next_s <= t and s.turns_left > 0]
             if due and rng.random() < 0.8:  # mostly continue a session whose user is back
@@ -183,17 +187,17 @@ def generate(workload: Workload, *, rate_per_s: float, duration_s: float, seed: 
             else:
                 s = _Session(len(sessions), rng.choice(AGENT_KINDS), 0, t, rng.randint(3, 10))
                 sessions.append(s)
-            new = _lognormal(rng, 80, 0.7, 8, 600)
+            new = _lognormal(rng, 60, 0.7, 8, 400)
             prompt = AGENT_SYSTEM_TOKENS + s.history_tokens + new
             drafts.append((t, team.name, prompt, out, f"agent:{s.kind}", AGENT_SYSTEM_TOKENS, s.sid))
-            s.history_tokens = min(s.history_tokens + new + out, 2400)
+            s.history_tokens = min(s.history_tokens + new + out, 1200)
             s.turns_left -= 1
             s.next_s = t + rng.expovariate(1 / 20)
             continue
         if team.name == "analytics":  # documents: Pareto-tailed prompts
-            user = _pareto(rng, 300, 1.4, 16, 3500)
+            user = _pareto(rng, 150, 1.4, 16, 3000)
         else:
-            user = _lognormal(rng, 220, 1.0, 8, 3000)
+            user = _lognormal(rng, 100, 0.9, 8, 2000)
         drafts.append((t, team.name, SYSTEM_TOKENS + user, out, f"team:{team.name}", SYSTEM_TOKENS, -1))
     return [_finish(rid, d, rng) for rid, d in enumerate(drafts)]
 
