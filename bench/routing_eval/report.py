@@ -7,13 +7,14 @@ the output tok/s it sustains at full batch for requests of the trace's mean shap
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 from bench.routing_eval.baselines import baselines
 from bench.routing_eval.fleet import StepModel, box_capacity_tok_s, make_fleet
-from bench.routing_eval.metrics import Metrics, summarise
-from bench.routing_eval.sim import Simulation
+from bench.routing_eval.metrics import Metrics, percentile, summarise
+from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.switchboard import Switchboard
 from bench.routing_eval.workload import WORKLOADS, Request, generate, mean_work
 
@@ -25,6 +26,17 @@ class Run:
     size: float
     boxes: int
     metrics: Metrics
+    ttft_error: tuple[float, float] = (math.nan, math.nan)  # switchboard: p50, p95 of actual / predicted
+
+
+def ttft_error(policy: Switchboard, jobs: list[Job]) -> tuple[float, float]:
+    """How far routing's predicted TTFT was from the simulated one, on owned boxes (actual / predicted)."""
+    ratios = [
+        j.ttft_s * 1000 / policy.predicted_ttft_ms[j.req.rid]
+        for j in jobs
+        if j.target != CLOUD and policy.predicted_ttft_ms.get(j.req.rid, 0) > 0
+    ]
+    return percentile(ratios, 50), percentile(ratios, 95)
 
 
 def make_trace(
@@ -51,7 +63,10 @@ def evaluate(trace: list[Request], model: StepModel, duration_s: float, seed: in
         for policy in [*baselines(), Switchboard()]:
             fleet = make_fleet(model, n, f"{size:.0%}")
             result = Simulation(fleet, seed).run(trace, policy)
-            runs.append(Run(size, n, summarise(result)))
+            error = (
+                ttft_error(policy, result.jobs) if isinstance(policy, Switchboard) else (math.nan, math.nan)
+            )
+            runs.append(Run(size, n, summarise(result), error))
     return runs
 
 
@@ -92,6 +107,11 @@ def goals(runs: list[Run]) -> list[str]:
             f"cheapest meeting the SLO: {cheapest.policy} {cheapest.cloud_usd:.3f} USD"
             if cheapest
             else "none"
+        )
+        error = next(r.ttft_error for r in runs if r.size == size and r.metrics.policy == "switchboard")
+        out.append(
+            f"  - {size:.0%}: switchboard TTFT on owned boxes vs routing's prediction: p50 {error[0]:.1f}x, "
+            f"p95 {error[1]:.1f}x"
         )
         out.append(
             f"  - {size:.0%}: switchboard {sb.cloud_usd:.3f} USD, meets SLO: "

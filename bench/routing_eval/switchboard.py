@@ -120,6 +120,7 @@ class Switchboard:
     _snapshot: RoutingSnapshot | None = None
     _built_s: float = -1.0
     _policies: dict[str, RoutePolicy] = field(default_factory=dict)
+    predicted_ttft_ms: dict[int, float] = field(default_factory=dict)  # request id -> routing's prediction
 
     def _setup(self, fleet: Fleet) -> None:
         self._specs = {s.backend: s for s in specs_of(fleet)}
@@ -169,6 +170,8 @@ class Switchboard:
         decision = choose(self.request_of(req), self.snapshot(now, sim), self._policies[req.team], now_s=now)
         self.decisions += 1
         self.last = decision
+        if decision.ranked:
+            self.predicted_ttft_ms[req.rid] = decision.ranked[0].ttft_ms
         return decision.candidates[0].backend if decision.candidates else None
 
     def observe(self, job: Job) -> None:
