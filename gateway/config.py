@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from routing.fleet import Capacity
 from routing.privacy import PrivacyTier, SensitivePolicy
 
 
@@ -110,12 +111,29 @@ class DatabaseConfig(_Strict):
         return data
 
 
+class CapacityConfig(_Strict):
+    """An owned box's throughput curve (`routing.fleet.Capacity`): measure it once with bench/engine, e.g.
+    tokens_per_s = [[1, 40], [4, 120], [8, 160]] (concurrency, aggregate decode tokens/s) and
+    ttft_ms = [[0, 150], [4, 2000]] (requests waiting for a slot, TTFT ms). The engine's /metrics (running,
+    queue depth) and the gateway's in-flight count place the live load on it."""
+
+    tokens_per_s: list[tuple[float, float]] = Field(min_length=1)
+    ttft_ms: list[tuple[float, float]] = Field(default_factory=list)
+    max_concurrency: int = Field(default=0, ge=0)  # batch slots; 0: the last tokens_per_s point's concurrency
+
+    def curve(self) -> Capacity:
+        return Capacity(tuple(self.tokens_per_s), tuple(self.ttft_ms), self.max_concurrency)
+
+
 class _RoutedBackend(_Strict):
     """What routing needs to know about any backend: privacy tier, labels, price of self-hosting, priors."""
 
     privacy_tier: PrivacyTier | None = None  # default: external for cloud, internal for openai-compatible
     labels: dict[str, str] = Field(default_factory=dict)  # e.g. {site = "fra1", region = "eu"}
-    usd_per_hour: Decimal | None = Field(default=None, ge=0)  # self-hosted: cost derives from throughput
+    # Owned capacity: a fixed cost per hour, marginal cost 0 in routing while it meets the SLO; the ledger's
+    # owned_micro_usd column charges each request its share back.
+    usd_per_hour: Decimal | None = Field(default=None, ge=0)
+    capacity: CapacityConfig | None = None  # its throughput curve; None: measured rates only
     prior_ttft_ms: float = Field(default=500.0, gt=0)  # routing's guess until real traffic is measured
     prior_tokens_per_s: float = Field(default=50.0, gt=0)
     prior_latency_ms: float = Field(default=2000.0, gt=0)
@@ -209,6 +227,8 @@ class ModelConfig(_Strict):
     context_tokens: int | None = Field(default=None, ge=1)
     quality_tier: int = Field(default=0, ge=0)
     deployments: list[DeploymentConfig] = Field(default_factory=list)
+    slo_p95_ttft_ms: float | None = Field(default=None, gt=0)  # with the team's: the tighter one applies
+    slo_p95_e2e_ms: float | None = Field(default=None, gt=0)
     cache_ttl_s: float | None = Field(default=None, ge=0)  # overrides cache.ttl_s for this model; 0: off
     mode: Literal["chat", "embedding"] = "chat"  # embedding: served by POST /v1/embeddings only
     supports_dimensions: bool = False  # embedding models that honour the `dimensions` request field
@@ -274,7 +294,11 @@ class TeamConfig(_Strict):
     privacy_floor: PrivacyTier = PrivacyTier.EXTERNAL  # the least private tier this team's data may reach
     on_sensitive: SensitivePolicy = SensitivePolicy.RAISE_FLOOR  # detectors fired: raise_floor|block|allow
     objective: Literal["latency", "cost", "balanced"] = "balanced"
-    max_latency_ms: float | None = Field(default=None, gt=0)
+    max_latency_ms: float | None = Field(default=None, gt=0)  # the hard deadline: past it, 503 or another
+    # Latency targets: the cheapest deployment predicted to meet them serves; owned capacity overflows to
+    # the cloud only when it would break them (a request that may not leave queues instead).
+    slo_p95_ttft_ms: float | None = Field(default=None, gt=0)
+    slo_p95_e2e_ms: float | None = Field(default=None, gt=0)
     max_usd_per_request: Decimal | None = Field(default=None, gt=0)
     min_quality_tier: int = Field(default=0, ge=0)
     required_labels: dict[str, list[str]] = Field(default_factory=dict)  # e.g. {site = ["plant-7"]}
@@ -297,6 +321,11 @@ class RoutingConfig(_Strict):
     retry_backoff_s: float = Field(default=0.05, ge=0)  # first retry delay; doubles, capped by the budget
     max_retry_wait_s: float = Field(default=2.0, ge=0)  # a longer Retry-After goes back to the client instead
     metrics_poll_s: float = Field(default=2.0, gt=0)  # how often engines' /metrics are read
+    # Prefix affinity: a request whose messages before the last one hold at least this many characters goes
+    # to the owned replica that rendezvous hashing picks for them (its prefix cache holds them); 0: off.
+    prefix_min_chars: int = Field(default=1024, ge=0)
+    prefix_max_chars: int = Field(default=16_384, ge=1)  # hashed: the first this many characters
+    affinity_max_waiting: int = Field(default=2, ge=0)  # a replica with more queued is skipped (spill)
 
 
 class RedisConfig(_Strict):
@@ -471,6 +500,11 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _check_references(self) -> Config:
         problems = self._edge_problems()
+        for name, backend in self.backends.items():
+            try:
+                _ = backend.capacity.curve() if backend.capacity is not None else None
+            except ValueError as exc:
+                problems.append(f"backends.{name}.{exc}")
         known_backends = ", ".join(sorted(self.backends)) or "none"
         for name, model in self.models.items():
             for i, dep in enumerate(model.all_deployments()):

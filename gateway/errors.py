@@ -23,6 +23,7 @@ SwitchboardError (backends/errors.py)          500 api_error            internal
     ├── ServiceUnavailable                     503 api_error             service_unavailable
     │   ├── NoHealthyDeployment                503 api_error             no_healthy_deployment
     │   ├── NoLiveEdgeNode                     503 api_error             no_live_edge_node
+    │   ├── DeadlineUnmeetable                 503 api_error             deadline_unmeetable
     │   ├── LimiterUnavailable                 503 api_error             limiter_unavailable
     │   └── ReportTimedOut                     503 api_error             report_timeout
     └── AllBackendsFailed                      status of the last cause; all causes in the message
@@ -173,6 +174,13 @@ class NoLiveEdgeNode(ServiceUnavailable):
     connected; it is never sent to a less private tier instead."""
 
     code = "no_live_edge_node"
+
+
+class DeadlineUnmeetable(ServiceUnavailable):
+    """Every deployment that may serve the request (privacy floor and the rest) is predicted to miss its
+    deadline (`max_latency_ms`): refused now rather than queued past it, and never sent to a lower tier."""
+
+    code = "deadline_unmeetable"
 
 
 class LimiterUnavailable(ServiceUnavailable):

@@ -45,6 +45,7 @@ class UsageRecord:
     attempts: int = 0  # backend attempts made (0: refused before any)
     route_candidates: str | None = None  # JSON: ranked candidates with their score terms
     batch_id: str | None = None  # an item of this `/v1/batches` batch (priced at batch prices)
+    owned_micro_usd: int = 0  # its share of owned capacity for chargeback; cost_micro_usd is cloud money
 
 
 BUDGET_PERIODS = ("day", "month")  # a UTC day or calendar month: the values of limits.base.BudgetPeriod

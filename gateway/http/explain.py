@@ -122,6 +122,7 @@ def _policy_view(policy: RoutePolicy) -> dict[str, object]:
         "only": None if policy.only is None else sorted(policy.only),
         "ignore": sorted(policy.ignore),
         "order": list(policy.order),
+        "slo": route.slo_view(policy),
     }
 
 

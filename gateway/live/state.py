@@ -11,6 +11,7 @@ of their own while their heartbeats are fresh (gateway/edge/pool.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
@@ -85,13 +86,16 @@ def build_specs(
                 supports_tools=info.supports_tools,
                 supports_json=info.supports_response_format,
                 labels=dict(bcfg.labels),
+                capacity=bcfg.capacity.curve() if bcfg.capacity is not None else None,
             )
     return specs
 
 
-def policy_of(team: TeamConfig | None, *, max_attempts_cap: int | None = None) -> RoutePolicy:
+def policy_of(
+    team: TeamConfig | None, *, max_attempts_cap: int | None = None, affinity_max_waiting: int = 2
+) -> RoutePolicy:
     if team is None:
-        return RoutePolicy()
+        return RoutePolicy(affinity_max_waiting=affinity_max_waiting)
     return RoutePolicy(
         objective=Objective(team.objective),
         max_latency_ms=team.max_latency_ms,
@@ -101,6 +105,24 @@ def policy_of(team: TeamConfig | None, *, max_attempts_cap: int | None = None) -
         min_quality_tier=team.min_quality_tier,
         allow_fallbacks=team.allow_fallbacks,
         max_attempts=min(team.max_attempts, max_attempts_cap or team.max_attempts),
+        slo_p95_ttft_ms=team.slo_p95_ttft_ms,
+        slo_p95_e2e_ms=team.slo_p95_e2e_ms,
+        affinity_max_waiting=affinity_max_waiting,
+    )
+
+
+def with_model_slo(policy: RoutePolicy, ttft_ms: float | None, e2e_ms: float | None) -> RoutePolicy:
+    """The team's policy under the model's SLO too: for each term, the tighter of the two."""
+    if ttft_ms is None and e2e_ms is None:
+        return policy
+
+    def tighter(a: float | None, b: float | None) -> float | None:
+        return b if a is None else a if b is None else min(a, b)
+
+    return dataclasses.replace(
+        policy,
+        slo_p95_ttft_ms=tighter(policy.slo_p95_ttft_ms, ttft_ms),
+        slo_p95_e2e_ms=tighter(policy.slo_p95_e2e_ms, e2e_ms),
     )
 
 
@@ -123,6 +145,7 @@ def _stats(live: LiveStats, breaker: BreakerView, *, healthy: bool = True) -> De
         circuit_open_until_s=open_until,
         sample_count=live.samples,
         healthy=healthy,
+        running=live.running,
     )
 
 
@@ -145,8 +168,11 @@ class RoutingState:
         self.breakers = BreakerBoard(
             list(specs), BreakerPolicy(failure_threshold=rc.breaker_failures, open_s=rc.breaker_open_s)
         )
-        self.policies = {name: policy_of(team) for name, team in config.teams.items()}
-        self._default_policy = RoutePolicy()
+        waiting = rc.affinity_max_waiting
+        self.policies = {
+            name: policy_of(team, affinity_max_waiting=waiting) for name, team in config.teams.items()
+        }
+        self._default_policy = RoutePolicy(affinity_max_waiting=waiting)
         self._snapshot: RoutingSnapshot | None = None
         self._built_s = -math.inf
         self._pollers: list[MetricsPoller] = []

@@ -59,12 +59,13 @@ class DeploymentUse:
     routing: RoutingState
     started_s: float
     ended: bool = False
+    sharers: int = 1  # requests in flight on the deployment once this one started, itself included
 
     @classmethod
     def begin(cls, dep: Deployment, public_model: str, routing: RoutingState, now_s: float) -> DeploymentUse:
         dep_id = deployment_id(public_model, dep.backend)
         routing.stats.request_started(dep_id)
-        return cls(dep, dep_id, routing, now_s)
+        return cls(dep, dep_id, routing, now_s, sharers=max(1, routing.stats.in_flight_of(dep_id)))
 
     def finish(
         self,

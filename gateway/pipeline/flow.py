@@ -22,7 +22,7 @@ from gateway.eager import Ready
 from gateway.errors import InvalidRequest
 from gateway.limits.gate import Gate
 from gateway.pipeline.dispatch import Dispatcher, OpenStream, await_chunk, close_stream, ready_chunk
-from gateway.pipeline.plan import Planner, Routed, fail_closed_error
+from gateway.pipeline.plan import Planner, Routed, fail_closed_error, prediction_headers
 from gateway.pipeline.record import RecordSink, RequestRecord
 from gateway.pipeline.request import CACHE_HEADER, SYSTEM_CLOCK, Clock, GatewayRequest, Timing
 from gateway.records import RequestStatus
@@ -164,6 +164,7 @@ class Pipeline:
             return _Admitted(routed, plan, hit)
         outcome = "skip" if plan is None else "miss"
         out.append((b"x-switchboard-route", header_text(routed.decision.reason)))
+        out += prediction_headers(routed)
         out.append((CACHE_HEADER.encode(), outcome.encode()))
         self.sink.cache_outcome(team, outcome)
         estimate = max(

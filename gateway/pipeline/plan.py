@@ -19,6 +19,7 @@ import orjson
 from backends.base import EmbeddingRequest
 from gateway.edge.pool import split_node_backend
 from gateway.errors import (
+    DeadlineUnmeetable,
     InvalidRequest,
     NoEligibleDeployment,
     NoHealthyDeployment,
@@ -26,8 +27,9 @@ from gateway.errors import (
     SensitiveDataRefused,
     UnsupportedParameter,
 )
-from gateway.live.state import RoutingState
+from gateway.live.state import RoutingState, with_model_slo
 from gateway.pipeline.access import ModelAccess
+from gateway.pipeline.prefix import prefix_key
 from gateway.pipeline.request import (
     LABELS_HEADER,
     NO_HINTS,
@@ -151,12 +153,18 @@ def plan(
         policy = dataclasses.replace(
             policy, ignore=policy.ignore | placement.ignore, order=placement.order or policy.order
         )
+    model_cfg = routing.config.models.get(call.model)
+    if model_cfg is not None:
+        policy = with_model_slo(policy, model_cfg.slo_p95_ttft_ms, model_cfg.slo_p95_e2e_ms)
+    rc = routing.config.routing
+    key = None
     if isinstance(call, EmbeddingRequest):
         prompt_tokens, output_tokens, tools, json = estimate_input_tokens(call), 0, False, False
     else:
         prompt_tokens = estimate_prompt_tokens(call.messages)
-        output_tokens = call.max_tokens or routing.config.routing.default_output_tokens
+        output_tokens = call.max_tokens or rc.default_output_tokens
         tools, json = call.tools is not None, call.response_format is not None
+        key = prefix_key(call.messages, min_chars=rc.prefix_min_chars, max_chars=rc.prefix_max_chars)
     request = RouteRequest(
         public_model=call.model,
         prompt_tokens=prompt_tokens,
@@ -166,6 +174,7 @@ def plan(
         needs_json=json,
         preferences=prefs,
         privacy_reason=verdict.reason,
+        prefix_key=key,
     )
     snapshot = routing.snapshot(now_s)
     check_preference_names(prefs, snapshot, routing, call.model)
@@ -278,6 +287,8 @@ _HINTS = {
     RejectCode.LABEL: "config: teams.{team}.required_labels, or the request's "
     + f"{SITE_HEADER} / {LABELS_HEADER} header",
     RejectCode.UNHEALTHY: "its health probe fails; see backends.{backend}.health_interval_s",
+    RejectCode.LATENCY: "config: teams.{team}.max_latency_ms is the deadline, or the request's "
+    "switchboard.max_latency_ms; its queue is too deep to meet it now",
 }
 
 
@@ -302,7 +313,7 @@ def _no_node(backend: str, model: str, policy: RoutePolicy) -> str:
 
 def fail_closed_error(
     routed: Routed, team: str
-) -> NoEligibleDeployment | NoHealthyDeployment | NoLiveEdgeNode | None:
+) -> NoEligibleDeployment | NoHealthyDeployment | NoLiveEdgeNode | DeadlineUnmeetable | None:
     """The error a decision without candidates gets: it names the floor and every rejection. An edge
     backend without a live node is transient (503): a node may connect at any moment."""
     decision, verdict = routed.decision, routed.verdict
@@ -319,6 +330,8 @@ def fail_closed_error(
         return NoLiveEdgeNode(message)
     if routed.edge_missing or any(_TRANSIENT.intersection(r.codes) for r in decision.rejected):
         return NoHealthyDeployment(message)
+    if any(RejectCode.LATENCY in r.codes for r in decision.rejected):
+        return DeadlineUnmeetable(message)  # load passes: 503, not a 400 the client cannot fix
     return NoEligibleDeployment(message, param="model")
 
 
@@ -334,13 +347,44 @@ def candidates_json(decision: RouteDecision) -> str:
 
 
 def ranked_view(decision: RouteDecision) -> list[dict[str, object]]:
+    """Each candidate's predictions and marginal cost (`cost_usd`: 0 on owned capacity, whose fixed cost is
+    `usd_per_hour`), whether it meets the SLO, and its prefix-affinity rank (0: none)."""
     return [
         {
             "deployment": c.deployment_id,
             "backend": c.deployment.backend,
+            "ttft_ms": round(c.ttft_ms, 1),
             "latency_ms": round(c.latency_ms, 1),
             "cost_usd": str(c.cost_usd.normalize()),
             "score": round(c.score, 4),
+            "slo_met": c.slo_met,
+            "usd_per_hour": None if c.deployment.usd_per_hour is None else str(c.deployment.usd_per_hour),
+            "affinity": c.affinity,
         }
         for c in decision.ranked
     ]
+
+
+def slo_view(policy: RoutePolicy) -> dict[str, float | None]:
+    return {"p95_ttft_ms": policy.slo_p95_ttft_ms, "p95_e2e_ms": policy.slo_p95_e2e_ms}
+
+
+def prediction_headers(routed: Routed) -> list[tuple[bytes, bytes]]:
+    """The first candidate's predicted TTFT and latency, marginal cost, SLO verdict and affinity."""
+    ranked = routed.decision.ranked
+    if not ranked:
+        return []
+    best, policy = ranked[0], routed.policy
+    out = [
+        (b"x-switchboard-predicted-ttft-ms", b"%.0f" % best.ttft_ms),
+        (b"x-switchboard-predicted-latency-ms", b"%.0f" % best.latency_ms),
+        (b"x-switchboard-marginal-cost-usd", str(best.cost_usd.normalize()).encode()),
+    ]
+    terms = [f"ttft<={v:.0f}ms" for v in (policy.slo_p95_ttft_ms,) if v is not None]
+    terms += [f"e2e<={v:.0f}ms" for v in (policy.slo_p95_e2e_ms,) if v is not None]
+    if terms:
+        verdict = "met" if best.slo_met else "missed"
+        out.append((b"x-switchboard-slo", f"p95 {' '.join(terms)}; predicted {verdict}".encode()))
+    if best.affinity:
+        out.append((b"x-switchboard-affinity", f"{best.deployment_id}; hrw rank {best.affinity}".encode()))
+    return out

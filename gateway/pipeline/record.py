@@ -24,6 +24,7 @@ from gateway.pipeline.request import GatewayRequest, Timing
 from gateway.records import RequestStatus, UsageRecord
 from gateway.store.ledger import LedgerWriter
 from routing.decision import Deployment, Price
+from routing.fleet import owned_share_micro_usd
 
 
 class Settler(Protocol):
@@ -71,7 +72,8 @@ class RequestRecord:
     ttft_ms: float | None = None
     usage: Usage = field(default_factory=Usage)
     served_model: str | None = None
-    cost_micro_usd: int = 0
+    cost_micro_usd: int = 0  # cloud money: 0 on owned capacity
+    owned_micro_usd: int = 0  # share of owned capacity, for chargeback
     done: bool = False
 
     def elapsed_ms(self) -> float:
@@ -99,6 +101,7 @@ class RequestRecord:
         )
         if hit is not None:
             backend = hit.backend
+        self.owned_micro_usd = self._owned_share()
         self.sink.write(self._row(status, http_status, error, backend or (dep.backend if dep else None)))
         if self.ticket is not None:
             # A hit used no model tokens: what admission reserved for it is handed back.
@@ -106,6 +109,15 @@ class RequestRecord:
             self.settler.settle_soon(self.ticket, tokens=tokens, cost_micro_usd=cost)
         if self.use is not None:
             self._end_use(self.use, status, error)
+
+    def _owned_share(self) -> int:
+        """The served attempt's time on owned capacity, shared among the requests in flight on it when it
+        started, at the box's usd_per_hour (the savings report charges busy time the same way)."""
+        use = self.use
+        if use is None or use.deployment.usd_per_hour is None or self.hit is not None:
+            return 0
+        busy_ms = max(0.0, self.now_s() - use.started_s) * 1000 / use.sharers
+        return owned_share_micro_usd(busy_ms, use.deployment.usd_per_hour)
 
     def fail(self, exc: SwitchboardError) -> None:
         backend = exc.causes[-1][0] if isinstance(exc, AllBackendsFailed) and exc.causes else None
@@ -140,6 +152,7 @@ class RequestRecord:
             attempts=self.attempts or (len(error.causes) if isinstance(error, AllBackendsFailed) else 0),
             route_candidates=candidates_json(routed.decision) if routed else None,
             batch_id=request.batch_id,
+            owned_micro_usd=self.owned_micro_usd,
         )
 
     def _end_use(self, use: DeploymentUse, status: RequestStatus, error: SwitchboardError | None) -> None:

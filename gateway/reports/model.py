@@ -68,6 +68,7 @@ class ReportRow:
     latency_p95_ms: float | None
     ttft_p50_ms: float | None
     ttft_p95_ms: float | None
+    owned_micro_usd: int = 0  # owned capacity's chargeback share (cost_micro_usd is cloud money)
 
     @property
     def error_rate(self) -> float:

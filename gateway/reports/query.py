@@ -308,6 +308,7 @@ def _row(key: sql.GroupKey, s: list[int], p: list[float | None]) -> ReportRow:
         latency_p95_ms=p[1],
         ttft_p50_ms=p[2],
         ttft_p95_ms=p[3],
+        owned_micro_usd=s[9],
     )
 
 

@@ -16,7 +16,7 @@ import orjson
 from rich.table import Table
 
 from gateway.reports.model import Report, ReportQuery, ReportRow
-from gateway.reports.savings import SavingsReport, SavingsRow
+from gateway.reports.savings import OwnedCapacity, SavingsReport, SavingsRow
 from gateway.store.spend import micro_to_usd_text
 
 AnyReport = Report | SavingsReport
@@ -64,6 +64,8 @@ def to_table(report: AnyReport) -> Table:
             f"reference: {report.reference.source}; hours {_span(report.since, report.until)}; "
             f"actual $: {SAVINGS_COST_BASIS}"
         )
+        if report.owned:
+            caption += "; owned capacity: " + "; ".join(owned_text(o) for o in report.owned)
     else:
         names = [str(d) for d in report.query.group_by]
         heads = _USAGE_HEADS
@@ -130,6 +132,8 @@ def _usage_json(report: Report, r: ReportRow) -> dict[str, Any]:
         "cache_hits": r.cache_hits,
         "cost_saved_usd": micro_to_usd_text(r.cost_saved_micro_usd),
         "cost_saved_micro_usd": r.cost_saved_micro_usd,
+        "owned_usd": micro_to_usd_text(r.owned_micro_usd),
+        "owned_micro_usd": r.owned_micro_usd,
         "fallbacks": r.fallbacks,
         "latency_p50_ms": r.latency_p50_ms,
         "latency_p95_ms": r.latency_p95_ms,
@@ -144,7 +148,9 @@ _SAVINGS_CELLS = (
     "served_by", "requests", "prompt_tokens", "completion_tokens", "busy_hours", "actual_usd",
     "reference_usd", "saved_usd",
 )  # fmt: skip
-SAVINGS_COST_BASIS = "self_hosted = busy h x usd_per_hour, edge = as the ledger recorded it, cache = 0"
+SAVINGS_COST_BASIS = (
+    "self_hosted = busy h x usd_per_hour, edge = its owned share as the ledger recorded it, cache = 0"
+)
 _SAVINGS_HEADS = (
     "served by",
     "requests",
@@ -185,7 +191,31 @@ def _savings_json(report: SavingsReport) -> dict[str, Any]:
         },
         "rows": [_savings_row_json(report, r) for r in report.rows],
         "totals": _savings_row_json(report, report.totals),
+        "owned_capacity": [_owned_json(o) for o in report.owned],
     }
+
+
+def _owned_json(o: OwnedCapacity) -> dict[str, Any]:
+    fixed = o.fixed_micro_usd
+    return {
+        "backend": o.backend,
+        "usd_per_hour": str(o.usd_per_hour),
+        "hours": o.hours,
+        "fixed_usd": None if fixed is None else micro_to_usd_text(fixed),
+        "fixed_micro_usd": fixed,
+        "busy_ms": o.busy_ms,
+        "cloud_avoided_usd": micro_to_usd_text(o.avoided_micro_usd),
+        "cloud_avoided_micro_usd": o.avoided_micro_usd,
+    }
+
+
+def owned_text(o: OwnedCapacity) -> str:
+    """e.g. `gpu0: 2.40 $/h (57.600000 $ over 24 h) vs 12.3 $ of cloud avoided`."""
+    fixed = (
+        "" if o.fixed_micro_usd is None else f" ({micro_to_usd_text(o.fixed_micro_usd)} $ over {o.hours:g} h)"
+    )
+    avoided = micro_to_usd_text(o.avoided_micro_usd)
+    return f"{o.backend}: {o.usd_per_hour} $/h{fixed} vs {avoided} $ of cloud avoided"
 
 
 def _savings_row_json(report: SavingsReport, r: SavingsRow) -> dict[str, Any]:

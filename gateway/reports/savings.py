@@ -5,7 +5,9 @@ Rows per backend (and team, if the query groups by team; other dimensions are ig
 x busy time (backend_busy_hourly, rolled-up hours only; a team grouping or team/model/endpoint filter
 shares each hour's busy time by token share, cache hits included, and busy hours without a request start by
 the window's share). Edge nodes (backend `<edge backend>/<node id>`) cost what the ledger recorded: their
-hourly price by occupancy at request time. Cache hits cost 0. Reference = tokens x reference prices.
+owned share (`owned_micro_usd`; before migration 0010, an occupancy price in `cost_micro_usd`). Cache hits
+cost 0. Reference = tokens x reference prices. `owned`: each self-hosted box's fixed cost over the window
+(usd_per_hour x hours, paid whatever it serves) next to the cloud spend its traffic avoided.
 Traffic sums are exact (`usage_report`); cache hits are split out of raw rows, so past retention they stay
 in their backend's row.
 """
@@ -16,7 +18,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -33,6 +35,7 @@ from gateway.reports.query import ceil_hour, created_between, floor_hour, no_pro
 from gateway.reports.runner import Guard
 from gateway.store.db import backend_busy_hourly, usage, usage_hourly
 from routing.decision import Price
+from routing.fleet import owned_share_micro_usd
 
 ListPrice = Callable[[str, str], tuple[Decimal, Decimal] | None]  # (provider, model) -> USD per Mtok in, out
 _MS_PER_HOUR = Decimal(3_600_000)
@@ -41,7 +44,7 @@ _ZEROS = [0] * len(sql.SUM_FIELDS)
 
 class ServedBy(StrEnum):
     SELF_HOSTED = "self_hosted"  # our own engines: cost is busy time x usd_per_hour
-    EDGE = "edge"  # edge nodes: cost as the ledger recorded it (hourly price by occupancy)
+    EDGE = "edge"  # edge nodes: their owned share as the ledger recorded it
     CACHE = "cache"  # answered from the response cache: cost 0
     ALL = "all"  # the totals row
 
@@ -75,6 +78,19 @@ class SavingsRow:
 
 
 @dataclass(frozen=True, slots=True)
+class OwnedCapacity:
+    """One self-hosted backend over the report's window: what it costs per hour whatever it serves, next to
+    what its traffic would have cost at the reference cloud price."""
+
+    backend: str
+    usd_per_hour: Decimal
+    hours: float | None  # the window's length; None when it is open (no since or until)
+    fixed_micro_usd: int | None  # usd_per_hour x hours
+    busy_ms: float
+    avoided_micro_usd: int
+
+
+@dataclass(frozen=True, slots=True)
 class SavingsReport:
     query: ReportQuery
     group_by: tuple[Dimension, ...]  # (backend,) or (team, backend)
@@ -84,6 +100,7 @@ class SavingsReport:
     rows: tuple[SavingsRow, ...]  # self-hosted rows, then edge rows, then cache rows, each sorted by group
     totals: SavingsRow  # group (), served_by ALL
     source: str  # of the traffic sums: "raw" | "rollup" | "mixed"
+    owned: tuple[OwnedCapacity, ...] = ()  # self-hosted backends with traffic, by name
 
 
 def savings_report(
@@ -126,7 +143,29 @@ def savings_report(
         rows.append(
             SavingsRow(key, ServedBy.CACHE, c[0], c[3], c[4], 0.0, 0, reference.cost_micro_usd(c[3], c[4]))
         )
-    return SavingsReport(query, dims, since, until, reference, tuple(rows), _totals(rows), traffic.source)
+    owned = _owned(rows, hosted, since, until)
+    return SavingsReport(
+        query, dims, since, until, reference, tuple(rows), _totals(rows), traffic.source, owned
+    )
+
+
+def _owned(
+    rows: Sequence[SavingsRow],
+    hosted: Mapping[str, Decimal],
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+) -> tuple[OwnedCapacity, ...]:
+    hours = None if since is None or until is None else (until - since).total_seconds() / 3600
+    out = []
+    for name in sorted(hosted):
+        mine = [r for r in rows if r.served_by is ServedBy.SELF_HOSTED and r.group[-1] == name]
+        if not mine:
+            continue
+        per_hour = hosted[name]
+        fixed = None if hours is None else owned_share_micro_usd(hours * 3_600_000, per_hour)
+        busy, avoided = sum(r.busy_ms for r in mine), sum(r.reference_micro_usd for r in mine)
+        out.append(OwnedCapacity(name, per_hour, hours, fixed, busy, avoided))
+    return tuple(out)
 
 
 def _self_hosted_rows(
@@ -191,7 +230,7 @@ def _edge_rows(
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 busy_ms=busy.get(row.group, 0.0),
-                actual_micro_usd=row.cost_micro_usd - c[5],
+                actual_micro_usd=row.cost_micro_usd - c[5] + row.owned_micro_usd - c[9],
                 reference_micro_usd=reference.cost_micro_usd(prompt, completion),
             )
         )
@@ -199,9 +238,8 @@ def _edge_rows(
 
 
 def busy_cost_micro_usd(busy_ms: float, usd_per_hour: Decimal) -> int:
-    """usd_per_hour x busy time, in whole micro-dollars (half up)."""
-    exact = Decimal(repr(busy_ms)) * usd_per_hour * 1_000_000 / _MS_PER_HOUR
-    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
+    """usd_per_hour x busy time, in whole micro-dollars (half up): the ledger's owned share uses the same."""
+    return owned_share_micro_usd(busy_ms, usd_per_hour)
 
 
 def reference_price(config: Config, list_price: ListPrice | None = None) -> ReferencePrice:

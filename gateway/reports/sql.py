@@ -25,7 +25,7 @@ from gateway.store.db import usage, usage_hourly
 GroupKey = tuple[str, ...]
 SUM_FIELDS = (
     "requests", "errors", "client_closed", "prompt_tokens", "completion_tokens", "cost_micro_usd",
-    "cache_hits", "cost_saved_micro_usd", "fallbacks",
+    "cache_hits", "cost_saved_micro_usd", "fallbacks", "owned_micro_usd",
 )  # fmt: skip
 LAT_COLUMNS = histogram.column_names(histogram.LATENCY_PREFIX)
 TTFT_COLUMNS = histogram.column_names(histogram.TTFT_PREFIX)
@@ -131,6 +131,7 @@ def raw_sums(src: Any) -> list[ColumnElement[Any]]:
         _count_if(src.cache_hit == sa.true()).label("cache_hits"),
         sa.func.sum(src.cost_saved_micro_usd).label("cost_saved_micro_usd"),
         _count_if(src.attempts > 1).label("fallbacks"),
+        sa.func.sum(src.owned_micro_usd).label("owned_micro_usd"),
     ]
 
 
@@ -144,7 +145,7 @@ def _raw_base(
 
 _SUM_SOURCE = (
     "status", "prompt_tokens", "completion_tokens", "cost_micro_usd", "cache_hit", "cost_saved_micro_usd",
-    "attempts",
+    "attempts", "owned_micro_usd",
 )  # fmt: skip
 
 

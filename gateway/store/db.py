@@ -110,6 +110,8 @@ usage = sa.Table(
     # before migration 0006 were all chat completions: the server default fills them.
     sa.Column("endpoint", sa.String(32), nullable=False, server_default=LEGACY_ENDPOINT),
     sa.Column("batch_id", sa.String(64), nullable=True),  # an item of a `/v1/batches` batch (migration 0009)
+    # Its share of owned capacity (self-hosted, edge) for chargeback; cost_micro_usd is cloud money (0010).
+    sa.Column("owned_micro_usd", sa.BigInteger, nullable=False, server_default="0"),
     sa.Index("ix_usage_created_at", "created_at"),
     sa.Index("ix_usage_team_created_at", "team", "created_at"),  # team spend per period (store/spend.py)
     sa.Index("ix_usage_key_id_created_at", "key_id", "created_at"),  # key spend per period
@@ -148,6 +150,7 @@ usage_hourly = sa.Table(
     _measure("ttft_sum_ms", sa.Float(precision=53)),
     *(_measure(name, sa.BigInteger) for name in column_names(LATENCY_PREFIX)),  # gateway/live/histogram.py
     *(_measure(name, sa.BigInteger) for name in column_names(TTFT_PREFIX)),
+    _measure("owned_micro_usd", sa.BigInteger),  # migration 0010
 )
 
 # Measured busy time per backend and hour: the union of [created_at, created_at + latency_ms] of the

@@ -328,6 +328,7 @@ def _group_select(pg: bool) -> sa.Select[Any]:
         sa.func.coalesce(sa.func.sum(u.ttft_ms), _ZERO),
         *sql_bucket_counts(u.latency_ms, LATENCY_PREFIX),
         *sql_bucket_counts(u.ttft_ms, TTFT_PREFIX),
+        sa.func.sum(u.owned_micro_usd),
     ]
     keys = [
         _hour_of(u.created_at, pg),

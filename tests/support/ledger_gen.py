@@ -30,12 +30,12 @@ USAGE_COLUMNS = (
     "request_id", "created_at", "team", "key_id", "requested_model", "backend", "served_model",
     "prompt_tokens", "completion_tokens", "cost_micro_usd", "latency_ms", "ttft_ms", "status", "http_status",
     "error_type", "stream", "cache_hit", "privacy_class", "route_reason", "attempts", "route_candidates",
-    "cost_saved_micro_usd", "written_at", "endpoint",
+    "cost_saved_micro_usd", "written_at", "endpoint", "owned_micro_usd",
 )  # fmt: skip
 WRITE_DELAY = dt.timedelta(seconds=1.5)  # written_at - created_at of generated rows
 SUM_FIELDS = (
     "requests", "errors", "client_closed", "prompt_tokens", "completion_tokens", "cost_micro_usd",
-    "cache_hits", "cost_saved_micro_usd", "fallbacks",
+    "cache_hits", "cost_saved_micro_usd", "fallbacks", "owned_micro_usd",
 )  # fmt: skip
 
 
@@ -127,6 +127,7 @@ def _row(rng: random.Random, spec: LedgerSpec, i: int, span_us: int) -> Row:
         "cost_saved_micro_usd": prompt * 3 + completion * 11 if cache_hit else 0,
         "written_at": created_at + WRITE_DELAY,
         "endpoint": endpoint,
+        "owned_micro_usd": 0 if cache_hit or cost else int(latency * 7) % 997,  # owned: no cloud cost
     }
 
 
@@ -174,6 +175,7 @@ class Expected:
     cache_hits: int = 0
     cost_saved_micro_usd: int = 0
     fallbacks: int = 0
+    owned_micro_usd: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     ttfts_ms: list[float] = field(default_factory=list)
 
@@ -187,6 +189,7 @@ class Expected:
         self.cache_hits += bool(row["cache_hit"])
         self.cost_saved_micro_usd += row["cost_saved_micro_usd"]
         self.fallbacks += row["attempts"] > 1
+        self.owned_micro_usd += row["owned_micro_usd"]
         if keep_values:
             self.latencies_ms.append(row["latency_ms"])
             if row["ttft_ms"] is not None:

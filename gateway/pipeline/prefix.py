@@ -1,0 +1,42 @@
+"""The prefix key of a chat request, for prefix affinity across engine replicas (`routing.placement`).
+
+A session is known by its opening: the messages up to and including the first one that is not a system or
+developer message (system prompt + first user turn). Every later turn of the same conversation, and every
+request that opens the same way, gets the same key, so rendezvous hashing sends them to the replica whose
+prefix cache holds that opening. Openings shorter than `min_chars` get no key (little to reuse); only the
+first `max_chars` characters are hashed. The key is a stable 64-bit hash: equal on every gateway replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+_LEADING = frozenset(("system", "developer"))
+
+
+def _text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+    return ""
+
+
+def prefix_key(messages: Sequence[Mapping[str, Any]], *, min_chars: int, max_chars: int) -> int | None:
+    """64-bit key of the conversation's opening, or None when it is shorter than `min_chars` (0: off)."""
+    if min_chars <= 0 or not messages:
+        return None
+    parts: list[str] = []
+    size = 0
+    for message in messages:
+        text = f"{message.get('role', '')}\x00{_text(message.get('content'))}\x1e"
+        parts.append(text)
+        size += len(text)
+        if size >= max_chars or message.get("role") not in _LEADING:
+            break
+    if size < min_chars:
+        return None
+    opening = "".join(parts)[:max_chars]
+    return int.from_bytes(hashlib.blake2b(opening.encode(), digest_size=8).digest(), "big")

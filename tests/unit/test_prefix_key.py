@@ -1,0 +1,68 @@
+"""The prefix key of a chat request (gateway/pipeline/prefix.py) and the config of owned capacity and SLOs."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import ConfigError, parse_config
+from gateway.live.state import policy_of, with_model_slo
+from gateway.pipeline.prefix import prefix_key
+
+SYSTEM = {"role": "system", "content": "You are a careful agent. " * 60}  # 1500 characters
+
+
+def key(*messages: dict[str, object], min_chars: int = 1024, max_chars: int = 16_384) -> int | None:
+    return prefix_key(list(messages), min_chars=min_chars, max_chars=max_chars)  # type: ignore[arg-type]
+
+
+def test_every_turn_of_a_conversation_shares_the_key_of_its_opening() -> None:
+    first = key(SYSTEM, {"role": "user", "content": "plan the migration"})
+    later = key(
+        SYSTEM,
+        {"role": "user", "content": "plan the migration"},
+        {"role": "assistant", "content": "step one ..."},
+        {"role": "user", "content": "and step two?"},
+    )
+    assert first is not None and first == later
+    other = key(SYSTEM, {"role": "user", "content": "summarise the incident"})
+    assert other is not None and other != first  # another session of the same app: another key
+
+
+def test_short_openings_and_a_zero_minimum_get_no_key() -> None:
+    assert key({"role": "user", "content": "hi"}) is None
+    assert key(SYSTEM, {"role": "user", "content": "x"}, min_chars=0) is None
+    parts = {"role": "user", "content": [{"type": "text", "text": "y" * 2000}]}
+    assert key(parts) is not None
+
+
+def test_only_the_first_max_chars_are_hashed() -> None:
+    a = key({"role": "system", "content": "z" * 5000 + "tail one"}, {"role": "user", "content": "q"})
+    b = key({"role": "system", "content": "z" * 5000 + "tail two"}, {"role": "user", "content": "q"})
+    assert a is not None and b is not None and a != b
+    assert key(
+        {"role": "system", "content": "z" * 5000 + "tail one"},
+        {"role": "user", "content": "q"},
+        max_chars=4096,
+    ) == key(
+        {"role": "system", "content": "z" * 5000 + "tail two"},
+        {"role": "user", "content": "q"},
+        max_chars=4096,
+    )
+
+
+def _config(**backend: object) -> dict[str, object]:
+    return {
+        "backends": {"gpu": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1", **backend}},
+        "models": {"m": {"backend": "gpu", "slo_p95_ttft_ms": 800}},
+        "teams": {"t": {"slo_p95_ttft_ms": 1200, "slo_p95_e2e_ms": 9000}},
+    }
+
+
+def test_capacity_and_slo_config() -> None:
+    cfg = parse_config(_config(usd_per_hour="2", capacity={"tokens_per_s": [[1, 40], [8, 200]]}))
+    curve = cfg.backends["gpu"].capacity.curve()  # type: ignore[union-attr]
+    assert curve.slots == 8 and curve.aggregate_tokens_per_s(8) == 200
+    policy = with_model_slo(policy_of(cfg.teams["t"]), cfg.models["m"].slo_p95_ttft_ms, None)
+    assert (policy.slo_p95_ttft_ms, policy.slo_p95_e2e_ms) == (800, 9000)  # the tighter of team and model
+    with pytest.raises(ConfigError, match=r"backends\.gpu\.capacity\.tokens_per_s: x values must increase"):
+        parse_config(_config(capacity={"tokens_per_s": [[4, 100], [2, 50]]}))
