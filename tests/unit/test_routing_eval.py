@@ -1,4 +1,4 @@
-"""bench/routing_eval: the workload generator, the simulator's invariants, and the Switchboard policy's path."""
+"""bench/routing_eval: the workload generator, the simulator's invariants, the Switchboard policy's path."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def test_every_request_completes_or_is_rejected_and_tokens_are_conserved(
     for name, box in result.boxes.items():
         mine = [j for j in result.jobs if j.target == name]
         assert not box.waiting and not box.prefilling and not box.decoding
-        assert box.prefill_computed + sum(j.cached_tokens for j in mine) == sum(j.req.prompt_tokens for j in mine)
+        cached = sum(j.cached_tokens for j in mine)
+        assert box.prefill_computed + cached == sum(j.req.prompt_tokens for j in mine)
         assert box.decoded == sum(j.req.output_tokens for j in mine)
     assert all(j.cost_usd == 0 for j in result.jobs if j.target != CLOUD)
 
