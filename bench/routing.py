@@ -59,12 +59,15 @@ def make_snapshot(n: int) -> RoutingSnapshot:
     return RoutingSnapshot(deployments)
 
 
-CASES = {
-    "balanced": (RoutePolicy(), RoutePreferences()),
+CASES = {  # name -> (team policy, request preferences, prefix key)
+    "balanced": (RoutePolicy(), RoutePreferences(), None),
     "cost + prefs": (
         RoutePolicy(objective=Objective.COST, preferred_labels={"region": "eu"}),
         RoutePreferences(ignore=frozenset({"b001"}), max_latency_ms=60_000.0, order=("d002",)),
+        None,
     ),
+    # SLO placement (some deployments miss it) and prefix affinity over the owned ones that meet it
+    "SLO + prefix": (RoutePolicy(slo_p95_ttft_ms=1500.0), RoutePreferences(), 0x5EED_CAFE_F00D_BEEF),
 }
 
 
@@ -89,9 +92,11 @@ def _timed(fn: Callable[[], object], iterations: int) -> list[int]:
 
 def measure(n: int, case: str, iterations: int) -> tuple[float, float, float, int, int]:
     """(p50 µs, p99 µs, max µs, eligible, rejected) for one case."""
-    policy, prefs = CASES[case]
+    policy, prefs, key = CASES[case]
     snapshot = make_snapshot(n)
-    request = RouteRequest("m", 1200, 300, PrivacyTier.EXTERNAL_ZDR, needs_json=True, preferences=prefs)
+    request = RouteRequest(
+        "m", 1200, 300, PrivacyTier.EXTERNAL_ZDR, needs_json=True, preferences=prefs, prefix_key=key
+    )
     decision = choose(request, snapshot, policy, now_s=0.0)
     samples = _timed(lambda: choose(request, snapshot, policy, now_s=0.0), iterations)
     return (*_quantiles(samples), len(decision.ranked), len(decision.rejected))

@@ -3,7 +3,8 @@
 One fake provider process serves three upstream model names, each with its own TTFT, decode rate and
 `n_tokens` knobs; a `switchboard serve` process routes `auto` to them for teams with different objectives
 and privacy floors. Requests (seeded: sensitive prompts, short and long outputs, privacy headers, streams)
-run at a fixed concurrency. Cost, tokens, backend and privacy class come from the ledger. Invariant: the run
+run at a fixed concurrency. Cloud cost, owned-capacity share, tokens, backend and privacy class come from the
+ledger; owned capacity (self-hosted, edge) is a fixed cost per hour, reported beside the cloud bill. The run
 fails (exit 1) when any request was served below its privacy floor (by the ledger's floor, or by the floor
 the client intended), when a request failed, or when a ledger row is missing.
 Run: `python -m bench.routing_replay [--requests 300] [--concurrency 8] [--seed 7] [--out FILE.md]`.
@@ -288,14 +289,15 @@ class Row:
     cost_micro_usd: int
     privacy_class: str | None
     status: str
+    owned_micro_usd: int = 0
 
 
 def ledger_rows(db_path: Path, ids: list[str], timeout_s: float = 15.0) -> dict[str, Row]:
     """The rows of `ids` once all are written (the writer flushes every 0.2 s) or `timeout_s` has passed."""
     deadline = time.monotonic() + timeout_s
     query = (
-        "SELECT request_id, backend, prompt_tokens, completion_tokens, cost_micro_usd, privacy_class, status "
-        "FROM usage"
+        "SELECT request_id, backend, prompt_tokens, completion_tokens, cost_micro_usd, privacy_class, "
+        "status, owned_micro_usd FROM usage"
     )
     while True:
         with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)) as conn:
@@ -451,7 +453,8 @@ def _site_row(site: Site, served: list[Outcome]) -> str:
 def _cost_lines(mine: list[Row], wall_s: float) -> list[str]:
     def row(label: str, rs: list[Row]) -> str:
         tokens = f"{sum(r.prompt_tokens for r in rs)} | {sum(r.completion_tokens for r in rs)}"
-        return f"| {label} | {len(rs)} | {tokens} | {sum(r.cost_micro_usd for r in rs)} |"
+        costs = f"{sum(r.cost_micro_usd for r in rs)} | {sum(r.owned_micro_usd for r in rs)}"
+        return f"| {label} | {len(rs)} | {tokens} | {costs} |"
 
     cost = sum(r.cost_micro_usd for r in mine)
     cloud = sum(_at_cloud_price(r) for r in mine)
@@ -464,14 +467,16 @@ def _cost_lines(mine: list[Row], wall_s: float) -> list[str]:
     return [
         "Cost from the ledger (integer micro-USD):",
         "",
-        "| deployment | requests | prompt tokens | completion tokens | ledger cost µUSD |",
-        "|---|---:|---:|---:|---:|",
+        "| deployment | requests | prompt tokens | completion tokens | cloud cost µUSD | owned share µUSD |",
+        "|---|---:|---:|---:|---:|---:|",
         *(row(s.backend, [r for r in mine if r.backend == s.backend]) for s in SITES),
         row("**all**", mine),
         "",
-        f"- Routed: **{cost} µUSD** in the ledger. The same tokens, all at the cloud price: **{cloud} µUSD** "
-        f"({saved}). The self-hosted box at 2.00 USD/h costs {box:.0f} µUSD for this run's {wall_s:.0f} s "
-        "whatever it serves; the ledger prices its tokens by load (`routing.snapshot.HourlyPrice`).",
+        f"- Routed: **{cost} µUSD** of cloud spend in the ledger. The same tokens, all at the cloud price: "
+        f"**{cloud} µUSD** ({saved}). Owned capacity is a fixed cost, paid whatever it serves: the "
+        f"self-hosted box at 2.00 USD/h costs {box:.0f} µUSD for this run's {wall_s:.0f} s (the edge box 0); "
+        f"the ledger's owned-share column charges {sum(r.owned_micro_usd for r in mine)} µUSD of it back to "
+        "the requests that used it (serving time / requests sharing the box).",
     ]
 
 

@@ -303,7 +303,7 @@ def _place(
     slo, key = has_slo(policy), request.prefix_key
     if not ranked or (not slo and key is None):
         return ranked, None
-    entries = {row[2].deployment_id: row[2] for row in rows}
+    entries = {e.deployment_id: e for _, _, e, _ in rows if e.owned}  # the owned eligible ones
     if slo:
         ranked = by_slo(ranked, policy)
     affinity = None

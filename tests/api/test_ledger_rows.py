@@ -48,7 +48,10 @@ def test_row_for_completion(any_gateway: Gateway) -> None:
     assert row["attempts"] == 1
     ranked = json.loads(row["route_candidates"])
     assert [c["deployment"] for c in ranked] == ["fast@fakeoai"]
-    assert set(ranked[0]) == {"deployment", "backend", "latency_ms", "cost_usd", "score"}
+    assert set(ranked[0]) == {
+        "deployment", "backend", "ttft_ms", "latency_ms", "cost_usd", "score", "slo_met", "usd_per_hour",
+        "affinity",
+    }  # fmt: skip
     assert 0 < row["latency_ms"] < 10_000 and row["ttft_ms"] is None
     assert before - dt.timedelta(seconds=1) <= row["created_at"] <= dt.datetime.now(dt.UTC)
 

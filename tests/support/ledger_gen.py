@@ -279,5 +279,7 @@ def _insert_chunk(engine: Engine, chunk: list[Row]) -> int:
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         with cursor.copy(f"COPY usage ({columns}) FROM STDIN") as copy:
             for row in chunk:
-                copy.write_row(tuple(row[c] for c in USAGE_COLUMNS))
+                copy.write_row(
+                    tuple(row.get(c, 0) if c == "owned_micro_usd" else row[c] for c in USAGE_COLUMNS)
+                )
     return len(chunk)

@@ -1,0 +1,256 @@
+"""Fleet economics through a live gateway, driven by the official `openai` SDK: owned capacity serves at
+marginal cost 0 while it meets the SLO, overflows to the cloud when its queue would break it, never for a
+request that may not leave (it queues, or gets a 503 past its deadline); prefix affinity keeps a
+conversation on one replica; headers, the ledger and `/admin/route/explain` carry the predictions.
+
+Two fake providers stand in for an owned GPU box (`site`) and the cloud (`cloud`). The box's capacity curve
+says it runs 2 requests at once and that a queued request waits 2 s for its first token, so two slow
+requests in flight are enough to make the third overflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from gateway.config import Config, parse_config
+from gateway.http.app import create_app
+from gateway.live.state import _REFRESH_S
+from gateway.store.db import make_engine
+from tests.support.api_gateway import ADMIN_KEY, Gateway
+from tests.support.fake_provider import FakeProvider
+from tests.support.live import LiveServer
+
+FRESH_S = _REFRESH_S + 0.05
+USD_PER_HOUR = "36"  # 10 micro-USD per millisecond of the box
+SLOW_TTFT_MS = 1500  # what the box's upstream takes while the test holds it busy
+SYSTEM = "You are the migration agent. Follow the runbook step by step. " * 30  # ~1.9 KB opening
+TEAMS: dict[str, dict[str, Any]] = {
+    "slo": {"objective": "latency", "slo_p95_ttft_ms": 600},
+    "private": {"privacy_floor": "internal", "slo_p95_ttft_ms": 600},
+    "deadline": {"privacy_floor": "internal", "slo_p95_ttft_ms": 600, "max_latency_ms": 1500},
+}
+
+
+def fleet_config(site: str, cloud: str, tmp: str) -> Config:
+    box = {"tokens_per_s": [[1, 50], [2, 80]], "ttft_ms": [[0, 100], [1, 2000]], "max_concurrency": 2}
+    owned = {"kind": "openai", "base_url": site, "privacy_tier": "internal", "usd_per_hour": USD_PER_HOUR,
+             "capacity": box, "prior_ttft_ms": 100, "prior_tokens_per_s": 50}  # fmt: skip
+    return parse_config(
+        {
+            "server": {"admin_key_env": "SB_TEST_ADMIN_KEY"},
+            "database": {
+                "url": f"sqlite:///{tmp}/sb.db",
+                "spill_path": f"{tmp}/spill.jsonl",
+                "flush_interval_s": 0.02,
+            },  # fmt: skip
+            "backends": {
+                "gpu": owned,
+                "gpu_r1": owned,
+                "gpu_r2": owned,
+                "gpu_r3": owned,
+                "cloud": {
+                    "kind": "openai",
+                    "base_url": cloud,
+                    "privacy_tier": "external",
+                    "prior_ttft_ms": 200,
+                    "prior_tokens_per_s": 100,
+                },  # fmt: skip
+            },
+            "models": {
+                "fleet": {
+                    "deployments": [
+                        {"backend": "gpu", "upstream_model": "fl-gpu"},
+                        {
+                            "backend": "cloud",
+                            "upstream_model": "fl-cloud",
+                            "input_usd_per_mtok": "0.15",
+                            "output_usd_per_mtok": "0.60",
+                        },
+                    ]
+                },
+                "agents": {
+                    "deployments": [{"backend": f"gpu_r{i}", "upstream_model": f"ag-r{i}"} for i in (1, 2, 3)]
+                },
+            },  # fmt: skip
+            "teams": TEAMS,
+            "routing": {"prefix_min_chars": 1024},
+        }
+    )
+
+
+@dataclass
+class Env:
+    gw: Gateway
+    site: FakeProvider
+    cloud: FakeProvider
+    keys: dict[str, str]
+    clients: dict[str, OpenAI] = field(default_factory=dict)
+
+    def client(self, team: str) -> OpenAI:
+        if team not in self.clients:
+            self.clients[team] = OpenAI(
+                base_url=self.gw.v1, api_key=self.keys[team], max_retries=0, timeout=20
+            )
+        return self.clients[team]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    os.environ["SB_TEST_ADMIN_KEY"] = ADMIN_KEY
+    tmp = tmp_path_factory.mktemp("gw-fleet")
+    with FakeProvider() as site, FakeProvider() as cloud:
+        config = fleet_config(site.openai_base_url, cloud.openai_base_url, str(tmp))
+        with LiveServer(create_app(config)) as server:
+            engine = make_engine(config.database.url, config.database.schema_name)
+            gw = Gateway(server.base_url, config, engine, site)
+            env = Env(gw, site, cloud, {team: gw.key(team) for team in TEAMS})
+            try:
+                yield env
+            finally:
+                for sdk in env.clients.values():
+                    sdk.close()
+                engine.dispose()
+
+
+def ask(
+    env: Env,
+    team: str,
+    model: str = "fleet",
+    messages: list[dict[str, str]] | None = None,
+    text: str = "Say hello",
+) -> Any:
+    return env.client(team).chat.completions.with_raw_response.create(
+        model=model, messages=messages or [{"role": "user", "content": text}], max_tokens=8
+    )
+
+
+@pytest.fixture
+def busy_box(env: Env) -> Iterator[None]:
+    """Two slow requests hold both of the box's slots; they end (and the knob is reset) after the test."""
+    env.site.configure("fl-gpu", ttft_ms=SLOW_TTFT_MS)
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(ask, env, "slo") for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while len(env.site.received("fl-gpu")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(FRESH_S)  # the next snapshot sees both in flight
+        try:
+            yield
+        finally:
+            for f in held:
+                assert f.result().headers["x-switchboard-backend"] == "gpu"
+            env.site.forget("fl-gpu")
+
+
+def test_an_idle_box_serves_at_marginal_cost_zero_and_charges_back_its_share(env: Env) -> None:
+    raw = ask(env, "slo")
+    h = raw.headers
+    assert h["x-switchboard-backend"] == "gpu"
+    assert h["x-switchboard-marginal-cost-usd"] == "0"
+    assert h["x-switchboard-predicted-ttft-ms"] == "100"  # the curve at queue depth 0
+    assert h["x-switchboard-slo"] == "p95 ttft<=600ms; predicted met"
+    assert h["x-switchboard-route"].startswith("cheapest meeting SLO: fleet@gpu (0.0000 USD, ttft 100 ms")
+    row = env.gw.usage_row(h["x-request-id"])
+    assert row["cost_micro_usd"] == 0  # no cloud money
+    # Its share of the box: serving time (alone on it) x 36 USD/h = 10 micro-USD per ms, within the request.
+    assert 0 < row["owned_micro_usd"] <= 10 * row["latency_ms"] + 1
+    ranked = json.loads(row["route_candidates"])
+    assert [(c["backend"], c["cost_usd"], c["slo_met"], c["usd_per_hour"]) for c in ranked] == [
+        ("gpu", "0", True, USD_PER_HOUR),
+        ("cloud", ranked[1]["cost_usd"], True, None),
+    ]
+    assert float(ranked[1]["cost_usd"]) > 0
+
+
+@pytest.mark.usefixtures("busy_box")
+def test_a_deep_queue_overflows_to_the_cloud_and_the_explanation_says_why(env: Env) -> None:
+    raw = ask(env, "slo")
+    h = raw.headers
+    assert h["x-switchboard-backend"] == "cloud"
+    assert float(h["x-switchboard-marginal-cost-usd"]) > 0
+    assert h["x-switchboard-slo"] == "p95 ttft<=600ms; predicted met"
+    assert "overflow: fleet@gpu predicted ttft 2000 ms" in h["x-switchboard-route"]
+    row = env.gw.usage_row(h["x-request-id"])
+    assert row["backend"] == "cloud" and row["cost_micro_usd"] > 0 and row["owned_micro_usd"] == 0
+    assert "overflow: fleet@gpu" in row["route_reason"]
+    resp = httpx.get(
+        env.gw.base_url + "/admin/route/explain",
+        params={"team": "slo", "model": "fleet", "max_tokens": 8},
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=10,
+    )
+    body = resp.json()
+    assert resp.status_code == 200 and body["policy"]["slo"] == {"p95_ttft_ms": 600, "p95_e2e_ms": None}
+    view = {c["backend"]: c for c in body["candidates"]}
+    assert [c["backend"] for c in body["candidates"]] == ["cloud", "gpu"]
+    assert (
+        view["gpu"]["ttft_ms"] == 2000 and view["gpu"]["slo_met"] is False and view["gpu"]["cost_usd"] == "0"
+    )
+    assert view["cloud"]["slo_met"] is True and float(view["cloud"]["cost_usd"]) > 0
+
+
+@pytest.mark.usefixtures("busy_box")
+def test_a_request_that_may_not_leave_gets_a_503_past_its_deadline_or_queues(env: Env) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(
+            env, "deadline", text="deadline probe"
+        )  # internal floor, predicted 2200 ms > its 1500 ms deadline
+    err = info.value.response.json()["error"]
+    assert info.value.status_code == 503 and err["code"] == "deadline_unmeetable"
+    assert (
+        "teams.deadline.max_latency_ms" in err["message"]
+        and "predicted 2200 ms > max 1500 ms" in err["message"]
+    )
+    assert "`cloud`: tier external < floor internal" in err["message"]
+    row = env.gw.usage_row(info.value.response.headers["x-request-id"])
+    assert row["http_status"] == 503 and row["backend"] is None
+    raw = ask(env, "private", text="private probe")  # no deadline: it waits for the box, never the cloud
+    assert raw.headers["x-switchboard-backend"] == "gpu"
+    assert raw.headers["x-switchboard-slo"] == "p95 ttft<=600ms; predicted missed"
+    assert not [b for b in env.cloud.received("fl-cloud") if "probe" in json.dumps(b)]
+
+
+def test_prefix_affinity_keeps_a_conversation_on_one_replica(env: Env) -> None:
+    def turn(session: int, turns: int) -> str:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"session {session}"}]
+        for t in range(turns):
+            messages += [{"role": "assistant", "content": f"step {t}"}, {"role": "user", "content": "next"}]
+        raw = ask(env, "slo", "agents", messages)
+        assert raw.headers["x-switchboard-affinity"].startswith(
+            f"agents@{raw.headers['x-switchboard-backend']}"
+        )
+        assert "prefix affinity agents@" in raw.headers["x-switchboard-route"]
+        return str(raw.headers["x-switchboard-backend"])
+
+    homes = {s: {turn(s, t) for t in range(3)} for s in range(8)}
+    assert all(len(replicas) == 1 for replicas in homes.values())  # every turn of a session on its replica
+    assert len({next(iter(r)) for r in homes.values()}) >= 2  # sessions spread over replicas
+    short = ask(env, "slo", "agents")  # a short prompt has no prefix worth keeping
+    assert "x-switchboard-affinity" not in short.headers
+
+
+def test_under_concurrent_load_only_requests_that_may_leave_overflow(env: Env) -> None:
+    env.site.configure("fl-gpu", ttft_ms=400)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(
+                pool.map(
+                    lambda i: ask(env, "private" if i % 2 else "slo", text=f"load {i % 2} {i}"), range(16)
+                )
+            )
+    finally:
+        env.site.forget("fl-gpu")
+    served = [(i % 2, r.headers["x-switchboard-backend"]) for i, r in enumerate(replies)]
+    assert all(backend == "gpu" for private, backend in served if private)
+    assert not [b for b in env.cloud.received("fl-cloud") if "load 1 " in json.dumps(b)]
