@@ -1,0 +1,144 @@
+"""Measure the bundled engine's step-time model on this machine: the curve the simulator's boxes run on.
+
+One `switchboard engine serve --threads 1` process (SmolLM2-135M, bf16 compute, int8 weights: autotune's
+pick here) is driven over its OpenAI API with streams: decode at 1, 2, 4 and 8 concurrent streams, and
+long prompts alone (prefill). The fit is the engine scheduler's step: `step_ms = a + b * decoding +
+c * prefill tokens`, so one stream decodes at 1000 / (a + b) tok/s and n streams at n * 1000 / (a + b n).
+Writes `bench/data/routing_eval_curve.json`. Run: `python -m bench.routing_eval.calibrate` (about 1 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
+
+CURVE_PATH = Path(__file__).resolve().parents[1] / "data" / "routing_eval_curve.json"
+ENGINE_FLAGS = ("--threads", "1", "--dtype", "bfloat16", "--quant", "int8", "--max-batch", "8")
+_PROSE = "the quick review of each service shows what the team changed and why it matters now"
+_WORDS = tuple(_PROSE.split())
+
+
+def engine_cmd(port: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "engine",
+        "serve",
+        "--port",
+        str(port),
+        *ENGINE_FLAGS,
+        *extra,
+    ]
+
+
+def filler(words: int, salt: int = 0) -> str:
+    return " ".join(_WORDS[(i * 7 + salt) % len(_WORDS)] for i in range(words))
+
+
+async def stream_once(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """(TTFT s, total s, completion tokens) of one streamed chat request."""
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif not first and chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                first = time.perf_counter() - started
+    return first, time.perf_counter() - started, tokens
+
+
+async def measure(url: str) -> dict[str, object]:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        await stream_once(client, filler(20), 8)  # warm-up
+        decode: dict[int, float] = {}
+        for n in (1, 2, 4, 8):
+            results = await asyncio.gather(*(stream_once(client, filler(20, i), 64) for i in range(n)))
+            # decode rate per stream after its first token, aggregated over the streams
+            rates = [(tok - 1) / (total - ttft) for ttft, total, tok in results if tok > 1]
+            decode[n] = statistics.median(rates) * n
+        prefill: dict[int, float] = {}
+        for words in (50, 400, 800):
+            ttfts = [(await stream_once(client, filler(words, s), 1))[1] for s in range(3)]
+            prefill[words] = statistics.median(ttfts)
+        counted = (await client.post("/tokenize", json={"prompt": filler(800)})).json()["count"]
+    return {"decode_tok_s": decode, "prefill_ttft_s_by_words": prefill, "tokens_per_word": counted / 800}
+
+
+def fit(decode: dict[int, float], prefill: dict[int, float], tokens_per_word: float) -> dict[str, float]:
+    """Least squares of step ms = a + b n over the decode points; c from the prefill slope."""
+    ns = list(decode)
+    step_ms = [1000 * n / decode[n] for n in ns]
+    n_mean, s_mean = statistics.fmean(ns), statistics.fmean(step_ms)
+    b = sum((n - n_mean) * (s - s_mean) for n, s in zip(ns, step_ms, strict=True)) / sum(
+        (n - n_mean) ** 2 for n in ns
+    )
+    a = s_mean - b * n_mean
+    words = sorted(prefill)
+    c = (prefill[words[-1]] - prefill[words[0]]) * 1000 / ((words[-1] - words[0]) * tokens_per_word)
+    return {
+        "step_base_ms": round(a, 3),
+        "step_ms_per_stream": round(b, 3),
+        "prefill_ms_per_token": round(c, 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=CURVE_PATH)
+    args = parser.parse_args(argv)
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="sb-calib-") as tmp:
+        port = free_port()
+        log = Path(tmp) / "engine.log"
+        proc = _spawn(engine_cmd(port), log)
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/health", proc, log, timeout_s=240)
+            raw = asyncio.run(measure(f"http://127.0.0.1:{port}"))
+        finally:
+            stop_all([proc])
+    per_word = float(raw["tokens_per_word"])  # type: ignore[arg-type]
+    decode = raw["decode_tok_s"]
+    prefill = raw["prefill_ttft_s_by_words"]
+    assert isinstance(decode, dict) and isinstance(prefill, dict)
+    info = machine_info()
+    result = {
+        "source": "python -m bench.routing_eval.calibrate",
+        "engine": "switchboard engine serve " + " ".join(ENGINE_FLAGS),
+        "measured": info["date"],
+        "commit": info["commit"],
+        "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "decode_tok_s": {str(k): round(v, 1) for k, v in decode.items()},
+        "prefill_ttft_s_by_tokens": {str(round(w * per_word)): round(s, 3) for w, s in prefill.items()},
+        **fit(decode, prefill, per_word),
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

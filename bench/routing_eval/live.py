@@ -1,0 +1,301 @@
+"""The simulator against the real thing: the same trace, scaled down, on live engine replicas, a cloud fake.
+
+Three `switchboard engine serve --threads 1` replicas (SmolLM2) and the loopback cloud fake (`cloud-mini`,
+its TTFT and tok/s knobs set to the simulator's cloud medians) serve a short `bursty-agents` trace, open
+loop at its arrival times. A policy (the same `Switchboard` adapter the simulator uses, or round-robin over
+the replicas) places each request from live counts; responses stream, and TTFT, latency and usage are
+measured. The simulator then replays the trace with each request's measured token counts on a fleet of the
+same shape. Edge-floor requests are left out (no edge node here). Run:
+`python -m bench.routing_eval.live [--minutes 2] [--load-boxes 4] [--out docs/BENCHMARKS.md]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+
+from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
+from bench.routing_eval.calibrate import engine_cmd
+from bench.routing_eval.fleet import CLOUD as CLOUD_MODEL
+from bench.routing_eval.fleet import load_curve, make_fleet
+from bench.routing_eval.metrics import percentile
+from bench.routing_eval.report import make_trace
+from bench.routing_eval.sim import CLOUD, Job, Simulation
+from bench.routing_eval.switchboard import Switchboard
+from bench.routing_eval.workload import AGENT_KINDS, Request, filler
+
+REPLICAS = 3
+MAX_OUTPUT = 32  # short outputs keep the replay to a few minutes on two shared cores
+_rng_words = __import__("random").Random(0)
+SYSTEM_TEXT = {k: f"You are the {k} agent. " + filler(_rng_words, 420) for k in AGENT_KINDS}
+
+
+@dataclasses.dataclass
+class _BoxView:
+    spec: object
+    in_system: int = 0
+    waiting: list[int] = dataclasses.field(default_factory=list)  # only its length is read
+
+    @property
+    def running(self) -> int:
+        return min(self.in_system, 8)
+
+
+class LiveView:
+    """What `Switchboard.route` reads from a `Simulation`, kept from the replay's own in-flight counts."""
+
+    def __init__(self, fleet: object) -> None:
+        self.fleet = fleet
+        self.boxes = {b.name: _BoxView(b) for b in fleet.boxes}  # type: ignore[attr-defined]
+        self.cloud_in_flight = 0
+
+    def start(self, target: str) -> None:
+        if target == CLOUD:
+            self.cloud_in_flight += 1
+            return
+        box = self.boxes[target]
+        box.in_system += 1
+        box.waiting = [0] * max(0, box.in_system - 8)
+
+    def end(self, target: str) -> None:
+        if target == CLOUD:
+            self.cloud_in_flight -= 1
+            return
+        box = self.boxes[target]
+        box.in_system -= 1
+        box.waiting = [0] * max(0, box.in_system - 8)
+
+
+def messages_of(req: Request) -> list[dict[str, str]]:
+    pad = filler(__import__("random").Random(req.rid), max(0, req.prompt_tokens - req.prefix_tokens - 40))
+    if req.session >= 0:
+        system = SYSTEM_TEXT[req.prefix_key.split(":", 1)[1]]
+    else:
+        system = f"You help the {req.team} team."
+    return [{"role": "system", "content": system}, {"role": "user", "content": f"{req.text}\n{pad}"}]
+
+
+async def _send(
+    client: httpx.AsyncClient, url: str, model: str, req: Request
+) -> tuple[float, float, int, int]:
+    body = {
+        "model": model,
+        "messages": messages_of(req),
+        "max_tokens": req.output_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first, usage = 0.0, {"prompt_tokens": 0, "completion_tokens": 0}
+    async with client.stream("POST", url, json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if not first and chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                first = time.perf_counter() - started
+    total = time.perf_counter() - started
+    return first or total, total, usage["prompt_tokens"], usage["completion_tokens"]
+
+
+async def replay(trace: list[Request], policy: object, view: LiveView, urls: dict[str, str]) -> list[Job]:
+    jobs: list[Job] = []
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def one(req: Request) -> None:
+            await asyncio.sleep(max(0.0, req.arrival_s - (time.perf_counter() - t0)))
+            now = time.perf_counter() - t0
+            target = policy.route(req, now, view)  # type: ignore[attr-defined]
+            if target is None:
+                return
+            view.start(target)
+            model = CLOUD_MODEL.name if target == CLOUD else "smollm2"
+            try:
+                ttft, total, p_tok, o_tok = await _send(client, urls[target], model, req)
+            finally:
+                view.end(target)
+            measured = dataclasses.replace(req, prompt_tokens=p_tok or req.prompt_tokens, output_tokens=o_tok)
+            job = Job(measured, target, now, ttft_s=ttft, e2e_s=total)
+            job.cost_usd = CLOUD_MODEL.cost_usd(p_tok, o_tok) if target == CLOUD else Decimal(0)
+            jobs.append(job)
+            policy.observe(job)  # type: ignore[attr-defined]
+
+        await asyncio.gather(*(one(r) for r in trace))
+    return jobs
+
+
+class RoundRobinReplicas:
+    """Round-robin over the engine replicas for everything (the affinity baseline)."""
+
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def route(self, req: Request, now: float, view: LiveView) -> str | None:
+        names = list(view.boxes)
+        self._next += 1
+        return names[self._next % len(names)]
+
+    def observe(self, job: Job) -> None:
+        return None
+
+
+@contextmanager
+def rig(tmp: Path) -> Iterator[dict[str, str]]:
+    procs = []
+    try:
+        fake_port = free_port()
+        procs.append(
+            _spawn(
+                [sys.executable, "-m", "tests.support.fake_provider", "--port", str(fake_port)],
+                tmp / "fake.log",
+            )
+        )
+        fake = f"http://127.0.0.1:{fake_port}"
+        _wait_http(fake + "/v1/models", procs[-1], tmp / "fake.log")
+        knobs = {
+            "ttft_ms": CLOUD_MODEL.ttft_median_ms,
+            "tokens_per_s": CLOUD_MODEL.decode_tok_s,
+            "n_tokens": 512,
+        }
+        httpx.post(fake + "/_control", json={"model": CLOUD_MODEL.name, **knobs}).raise_for_status()
+        urls = {CLOUD: fake + "/v1/chat/completions"}
+        for i in range(REPLICAS):
+            port = free_port()
+            log = tmp / f"engine-{i}.log"
+            procs.append(_spawn(engine_cmd(port), log))
+            urls[f"engine-{i}"] = f"http://127.0.0.1:{port}/v1/chat/completions"
+        for i, proc in enumerate(procs[1:]):
+            _wait_http(
+                urls[f"engine-{i}"].replace("/v1/chat/completions", "/health"),
+                proc,
+                tmp / f"engine-{i}.log",
+                300,
+            )
+        yield urls
+    finally:
+        stop_all(procs)
+
+
+def live_trace(minutes: float, load_boxes: float, seed: int) -> list[Request]:
+    """`bursty-agents` at `load_boxes` boxes of mean load, short outputs, no edge-floor requests."""
+    trace = make_trace("bursty-agents", load_curve(), load_boxes=load_boxes, minutes=minutes, seed=seed)
+    kept = [r for r in trace if r.floor.rank > 0]
+    return [dataclasses.replace(r, output_tokens=min(r.output_tokens, MAX_OUTPUT)) for r in kept]
+
+
+def simulate_measured(jobs: list[Job], policy: object, seed: int) -> list[Job]:
+    """The simulator on the replayed requests with their measured token counts, same fleet shape."""
+    fleet = make_fleet(
+        load_curve(), REPLICAS, "live", dataclasses.replace(CLOUD_MODEL, ttft_sigma=0, decode_sigma=0)
+    )
+    fleet = dataclasses.replace(fleet, boxes=fleet.owned)
+    trace = sorted((j.req for j in jobs), key=lambda r: r.arrival_s)
+    return Simulation(fleet, seed).run(trace, policy).jobs  # type: ignore[arg-type]
+
+
+def _stats(jobs: list[Job]) -> dict[str, float]:
+    agents = [j.ttft_s * 1000 for j in jobs if j.req.session >= 0]
+    return {
+        "n": len(jobs),
+        "ttft_p50": percentile([j.ttft_s * 1000 for j in jobs], 50),
+        "ttft_p95": percentile([j.ttft_s * 1000 for j in jobs], 95),
+        "e2e_p95": percentile([j.e2e_s * 1000 for j in jobs], 95),
+        "agent_ttft_p50": percentile(agents, 50),
+        "cloud_usd": float(sum((j.cost_usd for j in jobs), Decimal(0))),
+        "cloud_share": sum(1 for j in jobs if j.target == CLOUD) / max(1, len(jobs)),
+    }
+
+
+def _row(label: str, live: dict[str, float], sim: dict[str, float]) -> list[str]:
+    def cell(key: str, fmt: str) -> str:
+        a, b = live[key], sim[key]
+        diff = f"{100 * (b - a) / a:+.0f}%" if a else "n/a"
+        return f"{a:{fmt}} / {b:{fmt}} ({diff})"
+
+    return [
+        f"| {label} | {live['n']:.0f} | {cell('ttft_p50', '.0f')} | {cell('ttft_p95', '.0f')} | "
+        f"{cell('e2e_p95', '.0f')} | {cell('agent_ttft_p50', '.0f')} | {cell('cloud_usd', '.5f')} | "
+        f"{live['cloud_share']:.0%} |"
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=2)
+    parser.add_argument("--load-boxes", type=float, default=4)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    trace = live_trace(args.minutes, args.load_boxes, args.seed)
+    load = [round(os.getloadavg()[0], 2)]
+    fleet = make_fleet(load_curve(), REPLICAS, "live")
+    rows: list[str] = []
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="sb-eval-live-") as tmp, rig(Path(tmp)) as urls:
+        for make in (Switchboard, RoundRobinReplicas):
+            policy = make()
+            view = LiveView(dataclasses.replace(fleet, boxes=fleet.owned))
+            jobs = asyncio.run(replay(trace, policy, view, urls))
+            load.append(round(os.getloadavg()[0], 2))
+            simulated = simulate_measured(jobs, make(), args.seed)
+            results[policy.name] = (_stats(jobs), _stats(simulated))
+    for label, (live, sim) in results.items():
+        rows += _row(label, live, sim)
+    sb, rr = results["switchboard"][0], results["round-robin"][0]
+    speedup = rr["agent_ttft_p50"] / sb["agent_ttft_p50"] if sb["agent_ttft_p50"] else float("nan")
+    info = machine_info()
+    out = f" --out {args.out}" if args.out else ""
+    lines = [
+        f"Measured {info['date']} on {info['nproc']} x {info['cpu']}, commit {info['commit']}; 1-minute load "
+        f"average {load} (start, after each replay; other helpers share this machine).",
+        "",
+        f"Command: `python -m bench.routing_eval.live --minutes {args.minutes:g} "
+        f"--load-boxes {args.load_boxes:g} --seed {args.seed}{out}`. {len(trace)} requests of "
+        f"`bursty-agents` (outputs capped at {MAX_OUTPUT} tokens, edge-floor requests left out), open loop; "
+        f"{REPLICAS} engine replicas "
+        f"(`{' '.join(engine_cmd(0)[3:])}`) and the cloud fake (TTFT {CLOUD_MODEL.ttft_median_ms:.0f} ms, "
+        f"{CLOUD_MODEL.decode_tok_s:.0f} tok/s). Cells: live / simulated (simulated vs live).",
+        "",
+        "| policy | requests | TTFT p50 ms | TTFT p95 ms | e2e p95 ms | agent TTFT p50 ms | cloud USD "
+        "| cloud share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"- Prefix affinity (live): agent-turn p50 TTFT round-robin {rr['agent_ttft_p50']:.0f} ms vs "
+        f"switchboard {sb['agent_ttft_p50']:.0f} ms: {speedup:.2f}x (goal >= 2x): "
+        f"{'met' if speedup >= 2 else '**not met**'}.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        from bench.routing import update_section
+
+        update_section(
+            args.out,
+            "bench/routing_eval_live",
+            "Routing evaluation, live check (`bench/routing_eval.live`)",
+            text,
+        )
+
+
+if __name__ == "__main__":
+    main()

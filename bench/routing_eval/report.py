@@ -1,0 +1,142 @@
+"""Runs every policy on every fleet size for one workload, and renders the table and the goals.
+
+Fleet sizes are owned capacity at 30%, 60% and 100% of the trace's mean load, where one box's capacity is
+the output tok/s it sustains at full batch for requests of the trace's mean shape (prefill included:
+`fleet.box_capacity_tok_s`). The trace's rate is set so that its mean load is `load_boxes` boxes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from bench.routing_eval.baselines import baselines
+from bench.routing_eval.fleet import StepModel, box_capacity_tok_s, make_fleet
+from bench.routing_eval.metrics import Metrics, percentile, summarise
+from bench.routing_eval.sim import CLOUD, Job, Simulation
+from bench.routing_eval.switchboard import Switchboard
+from bench.routing_eval.workload import WORKLOADS, Request, generate, mean_work
+
+SIZES = (0.3, 0.6, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    size: float
+    boxes: int
+    metrics: Metrics
+    ttft_error: tuple[float, float] = (math.nan, math.nan)  # switchboard: p50, p95 of actual / predicted
+
+
+def ttft_error(policy: Switchboard, jobs: list[Job]) -> tuple[float, float]:
+    """How far routing's predicted TTFT was from the simulated one, on owned boxes (actual / predicted)."""
+    ratios = [
+        j.ttft_s * 1000 / policy.predicted_ttft_ms[j.req.rid]
+        for j in jobs
+        if j.target != CLOUD and policy.predicted_ttft_ms.get(j.req.rid, 0) > 0
+    ]
+    return percentile(ratios, 50), percentile(ratios, 95)
+
+
+def make_trace(
+    workload: str, model: StepModel, *, load_boxes: float, minutes: float, seed: int
+) -> list[Request]:
+    """The workload at the rate whose mean load is `load_boxes` boxes of `model` (a pilot trace sets it)."""
+    w = WORKLOADS[workload]
+    pilot = generate(w, rate_per_s=1.0, duration_s=600, seed=seed + 1000)
+    prompt, output = mean_work(pilot)
+    per_request_box_s = output / box_capacity_tok_s(model, prompt, output)
+    return generate(w, rate_per_s=load_boxes / per_request_box_s, duration_s=minutes * 60, seed=seed)
+
+
+def boxes_for(trace: list[Request], model: StepModel, duration_s: float, share: float) -> int:
+    prompt, output = mean_work(trace)
+    load = len(trace) * output / duration_s / box_capacity_tok_s(model, prompt, output)
+    return max(1, round(share * load))
+
+
+def evaluate(trace: list[Request], model: StepModel, duration_s: float, seed: int) -> list[Run]:
+    runs = []
+    for size in SIZES:
+        n = boxes_for(trace, model, duration_s, size)
+        for policy in [*baselines(), Switchboard()]:
+            fleet = make_fleet(model, n, f"{size:.0%}")
+            result = Simulation(fleet, seed).run(trace, policy)
+            error = (
+                ttft_error(policy, result.jobs) if isinstance(policy, Switchboard) else (math.nan, math.nan)
+            )
+            runs.append(Run(size, n, summarise(result), error))
+    return runs
+
+
+def _ms(v: float) -> str:
+    return f"{v / 1000:.1f} s" if v >= 10_000 else f"{v:.0f}"
+
+
+def table(runs: list[Run]) -> list[str]:
+    head = (
+        "| owned | policy | cloud USD | total USD | TTFT p50 / p95 ms | e2e p50 / p95 ms | SLO violations "
+        "| meets SLO | privacy violations | owned busy | prefix hit | agent TTFT p50 |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in runs:
+        m = r.metrics
+        meets = "yes" if m.meets_slo else f"no ({m.worst_team})"
+        lines.append(
+            f"| {r.size:.0%} ({r.boxes} boxes) | {m.policy} | {m.cloud_usd:.3f} | {m.total_usd:.3f} | "
+            f"{_ms(m.ttft_p50_ms)} / {_ms(m.ttft_p95_ms)} | {_ms(m.e2e_p50_ms)} / {_ms(m.e2e_p95_ms)} | "
+            f"{m.slo_violations} ({100 * m.slo_violations / max(1, m.requests):.1f}%) | {meets} | "
+            f"{m.privacy_violations} | {m.owned_busy:.0%} | {m.prefix_hit:.0%} | {_ms(m.agent_ttft_p50_ms)} |"
+        )
+    return lines
+
+
+def goals(runs: list[Run]) -> list[str]:
+    """The issue's three goals, each met or not, with the figures behind the verdict."""
+    out = []
+    lowest_ok = []
+    for size in SIZES:
+        here = [r.metrics for r in runs if r.size == size]
+        sb = next(m for m in here if m.policy == "switchboard")
+        meeting = [m for m in here if m.meets_slo]
+        cheapest = min(meeting, key=lambda m: m.cloud_usd) if meeting else None
+        ok = sb.meets_slo and cheapest is not None and sb.cloud_usd <= cheapest.cloud_usd
+        lowest_ok.append(ok)
+        who = (
+            f"cheapest meeting the SLO: {cheapest.policy} {cheapest.cloud_usd:.3f} USD"
+            if cheapest
+            else "none"
+        )
+        error = next(r.ttft_error for r in runs if r.size == size and r.metrics.policy == "switchboard")
+        out.append(
+            f"  - {size:.0%}: switchboard TTFT on owned boxes vs routing's prediction: p50 {error[0]:.1f}x, "
+            f"p95 {error[1]:.1f}x"
+        )
+        out.append(
+            f"  - {size:.0%}: switchboard {sb.cloud_usd:.3f} USD, meets SLO: "
+            f"{'yes' if sb.meets_slo else 'no'}; {who}: {'met' if ok else '**not met**'}"
+        )
+    at60 = [r.metrics for r in runs if r.size == 0.6]
+    sb = next(m for m in at60 if m.policy == "switchboard")
+    cloud = next(m for m in at60 if m.policy == "always-cloud")
+    ratio = float(sb.cloud_usd / cloud.cloud_usd) if cloud.cloud_usd else float("nan")
+    ok60 = ratio <= 0.5 and sb.slo_violations <= cloud.slo_violations
+    priv = sum(r.metrics.privacy_violations for r in runs if r.metrics.policy == "switchboard")
+    return [
+        f"- Lowest cloud spend among policies meeting the SLO, at every size: "
+        f"{'met' if all(lowest_ok) else '**not met**'}",
+        *out,
+        f"- At 60%: switchboard cloud spend {ratio:.2f}x always-cloud (goal <= 0.5x), SLO violations "
+        f"{sb.slo_violations} vs always-cloud {cloud.slo_violations}: {'met' if ok60 else '**not met**'}",
+        f"- Switchboard privacy violations across sizes: {priv}: {'met' if priv == 0 else '**not met**'}",
+    ]
+
+
+def run_workload(
+    workload: str, model: StepModel, *, load_boxes: float, minutes: float, seed: int
+) -> tuple[list[Request], list[Run], float]:
+    started = time.perf_counter()
+    trace = make_trace(workload, model, load_boxes=load_boxes, minutes=minutes, seed=seed)
+    runs = evaluate(trace, model, minutes * 60, seed)
+    return trace, runs, time.perf_counter() - started

@@ -1,0 +1,241 @@
+"""A discrete-event simulator of the fleet: engine boxes as fluids on their step model, the cloud as delays.
+
+Events are arrivals, prefill completions and decode completions; between two events every box's rates are
+constant (`fleet.StepModel`: one step decodes a token per running stream and computes up to
+`max_prefill_tokens` prompt tokens, oldest first). A box admits up to `max_batch` requests and queues the
+rest in arrival order. Its prefix cache works like the engine's: prompt blocks are shared only with requests
+still running on the same box (`docs/ENGINE.md`, "Prefix sharing needs concurrency"). Invariants: every
+request ends completed or rejected; on a box, cached + computed prompt tokens equal the prompt, and decoded
+tokens equal the output.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Protocol
+
+from bench.routing_eval.fleet import BoxSpec, Fleet
+from bench.routing_eval.workload import Request
+
+CLOUD = "cloud"
+
+
+@dataclass(slots=True)
+class Job:
+    req: Request
+    target: str  # a box name or CLOUD
+    start_s: float
+    cached_tokens: int = 0
+    prefill_left: float = 0.0
+    decode_left: float = 0.0
+    ttft_s: float = math.nan  # from arrival
+    e2e_s: float = math.nan
+    cost_usd: Decimal = Decimal(0)
+
+
+@dataclass(slots=True)
+class Box:
+    spec: BoxSpec
+    waiting: deque[Job] = field(default_factory=deque)
+    prefilling: list[Job] = field(default_factory=list)  # oldest first
+    decoding: list[Job] = field(default_factory=list)
+    t: float = 0.0
+    version: int = 0
+    busy_s: float = 0.0
+    prefill_computed: int = 0
+    decoded: int = 0
+
+    @property
+    def running(self) -> int:
+        return len(self.prefilling) + len(self.decoding)
+
+    @property
+    def in_system(self) -> int:
+        return self.running + len(self.waiting)
+
+    def _rates(self) -> tuple[float, float, float]:
+        """(step s, decode tok/s per stream, prefill tok/s) at the current composition."""
+        m = self.spec.model
+        pending = sum(j.prefill_left for j in self.prefilling)
+        chunk = min(m.max_prefill_tokens, pending)
+        step_s = (
+            m.step_base_ms + m.step_ms_per_stream * len(self.decoding) + m.prefill_ms_per_token * chunk
+        ) / 1000
+        return step_s, 1 / step_s, chunk / step_s
+
+    def advance(self, now: float) -> None:
+        dt = now - self.t
+        self.t = now
+        if dt <= 0 or not self.running:
+            return
+        self.busy_s += dt
+        _, per_stream, prefill_rate = self._rates()
+        for j in self.decoding:
+            j.decode_left -= per_stream * dt
+        work = prefill_rate * dt
+        for j in self.prefilling:
+            done = min(j.prefill_left, work)
+            j.prefill_left -= done
+            work -= done
+            if work <= 0:
+                break
+
+    def next_event_s(self) -> float:
+        if not self.running:
+            return math.inf
+        step_s, per_stream, prefill_rate = self._rates()
+        times = (
+            [self.t + max(0.0, min(j.decode_left for j in self.decoding)) / per_stream]
+            if self.decoding
+            else []
+        )
+        if self.prefilling:
+            pending = sum(j.prefill_left for j in self.prefilling)
+            if pending <= self.spec.model.max_prefill_tokens:
+                times.append(self.t + step_s)  # one step finishes every prompt in flight
+            else:
+                times.append(self.t + self.prefilling[0].prefill_left / prefill_rate)
+        return min(times)
+
+    def cached_for(self, req: Request) -> int:
+        """Prompt tokens this box's running requests already hold for `req` (whole blocks only)."""
+        if not req.prefix_key:
+            return 0
+        held = 0
+        for j in self.decoding:
+            if j.req.prefix_key == req.prefix_key:
+                held = max(held, j.req.prefix_tokens)
+        for j in self.prefilling:
+            if j.req.prefix_key == req.prefix_key:
+                held = max(held, min(j.req.prefix_tokens, j.req.prompt_tokens - int(j.prefill_left)))
+        usable = min(held, req.prefix_tokens, req.prompt_tokens - 1)
+        block = self.spec.model.block_size
+        return usable // block * block
+
+    def admit(self) -> None:
+        while self.waiting and self.running < self.spec.model.max_batch:
+            j = self.waiting.popleft()
+            j.cached_tokens = self.cached_for(j.req)
+            j.prefill_left = j.req.prompt_tokens - j.cached_tokens
+            self.prefilling.append(j)
+
+    def settle(self, eps: float = 1e-9) -> list[Job]:
+        """Move finished prefills to decoding and return the jobs that finished; admit from the queue."""
+        finished: list[Job] = []
+        still: list[Job] = []
+        for j in self.prefilling:
+            if j.prefill_left > eps:
+                still.append(j)
+                continue
+            self.prefill_computed += j.req.prompt_tokens - j.cached_tokens
+            j.prefill_left = 0.0
+            j.ttft_s = self.t - j.req.arrival_s
+            j.decode_left = j.req.output_tokens - 1
+            (self.decoding if j.decode_left > 0 else finished).append(j)
+        self.prefilling = still
+        keep = []
+        for j in self.decoding:
+            (finished if j.decode_left <= eps else keep).append(j)
+        self.decoding = keep
+        for j in finished:
+            j.e2e_s = self.t - j.req.arrival_s
+            self.decoded += j.req.output_tokens
+        self.admit()
+        return finished
+
+
+class Policy(Protocol):
+    name: str
+
+    def route(self, req: Request, now: float, sim: Simulation) -> str | None:
+        """A box name, CLOUD, or None to reject."""
+
+    def observe(self, job: Job) -> None:
+        """Told of each finished job (for policies that learn from latency)."""
+
+
+@dataclass(slots=True)
+class Result:
+    policy: str
+    fleet: Fleet
+    duration_s: float
+    jobs: list[Job]
+    rejected: list[Request]
+    boxes: dict[str, Box]
+
+
+class Simulation:
+    """One policy over one trace on one fleet. Read-only state for policies: `boxes`, `cloud_in_flight`."""
+
+    def __init__(self, fleet: Fleet, seed: int) -> None:
+        self.fleet = fleet
+        self.boxes = {b.name: Box(b) for b in fleet.boxes}
+        self.cloud_in_flight = 0
+        self.rng = random.Random(seed)
+        self._heap: list[tuple[float, int, str, int, Job | None]] = []
+        self._seq = 0
+
+    def _push(self, t: float, kind: str, version: int, job: Job | None, name: str = "") -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind + ":" + name, version, job))
+
+    def _reschedule(self, box: Box) -> None:
+        box.version += 1
+        t = box.next_event_s()
+        if t < math.inf:
+            self._push(t, "box", box.version, None, box.spec.name)
+
+    def _dispatch(self, req: Request, target: str, now: float) -> Job:
+        job = Job(req, target, now)
+        if target == CLOUD:
+            cloud = self.fleet.cloud
+            ttft, rate = cloud.sample(self.rng)
+            job.ttft_s = ttft
+            job.e2e_s = ttft + max(0, req.output_tokens - 1) / rate
+            job.cost_usd = cloud.cost_usd(req.prompt_tokens, req.output_tokens)
+            self.cloud_in_flight += 1
+            self._push(now + job.e2e_s, "cloud", 0, job)
+            return job
+        box = self.boxes[target]
+        box.advance(now)
+        box.waiting.append(job)
+        box.admit()
+        self._reschedule(box)
+        return job
+
+    def run(self, trace: list[Request], policy: Policy) -> Result:
+        jobs: list[Job] = []
+        rejected: list[Request] = []
+        i = 0
+        while i < len(trace) or self._heap:
+            if i < len(trace) and (not self._heap or trace[i].arrival_s <= self._heap[0][0]):
+                req = trace[i]
+                i += 1
+                now = req.arrival_s
+                for box in self.boxes.values():
+                    box.advance(now)  # policies read current queues
+                target = policy.route(req, now, self)
+                if target is None:
+                    rejected.append(req)
+                else:
+                    jobs.append(self._dispatch(req, target, now))
+                continue
+            t, _, kind, version, job = heapq.heappop(self._heap)
+            if kind == "cloud:" and job is not None:
+                self.cloud_in_flight -= 1
+                policy.observe(job)
+                continue
+            box = self.boxes[kind.split(":", 1)[1]]
+            if version != box.version:
+                continue
+            box.advance(t)
+            for done in box.settle():
+                policy.observe(done)
+            self._reschedule(box)
+        end = max([trace[-1].arrival_s if trace else 0.0, *(b.t for b in self.boxes.values())])
+        return Result(policy.name, self.fleet, end, jobs, rejected, self.boxes)

@@ -1,0 +1,178 @@
+"""The Switchboard policy: the real `routing.scoring.choose` over a `RoutingSnapshot` of the simulated fleet.
+
+Specs are what a gateway config would say: owned engine boxes and edge nodes at an hourly price with their
+throughput curve (`routing.fleet.Capacity`, from the same step model the simulator runs), the cloud at its
+list price. Stats are what the gateway would see: its own in-flight count per deployment, the engine's
+running and waiting counts (its /metrics), TTFT and per-stream decode rate as moving averages of finished
+requests, and the median latency of the last 100. Like the gateway (`gateway/live/state.py`), a snapshot is
+reused for up to 50 ms. Team policies carry the objective and SLOs; a request's prefix key is the hash of
+its long shared prefix, as the gateway hashes a shared system prompt. Dispatch takes the first candidate;
+no candidate (fail closed) is a rejection.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+from backends.base import BackendKind
+from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel
+from bench.routing_eval.sim import CLOUD, Job, Simulation
+from bench.routing_eval.workload import TEAMS, Request
+from routing.decision import Price, RouteDecision
+from routing.fleet import Capacity, stable_hash64
+from routing.scoring import choose
+from routing.snapshot import (
+    DeploymentSpec,
+    DeploymentStats,
+    HourlyPrice,
+    Objective,
+    RoutePolicy,
+    RouteRequest,
+    RoutingSnapshot,
+)
+
+MODEL = "auto"
+REFRESH_S = 0.05  # gateway/live/state.py: a decision may see stats this stale
+AFFINITY_MIN_PREFIX_TOKENS = 256  # shorter shared prefixes are not worth pinning to a replica
+_ALPHA = 0.2  # moving-average weight of each new sample
+
+
+def capacity_of(model: StepModel) -> Capacity:
+    """The box's curve as a config would give it: aggregate decode tok/s at 1, 2, 4 ... max_batch streams."""
+    points, n = [], 1
+    while n < model.max_batch:
+        points.append((float(n), model.aggregate_tok_s(n)))
+        n *= 2
+    points.append((float(model.max_batch), model.aggregate_tok_s(model.max_batch)))
+    return Capacity(tokens_per_s=tuple(points), max_concurrency=model.max_batch)
+
+
+def dep_id(target: str) -> str:
+    return f"{MODEL}@{target}"
+
+
+def _box_spec(box: BoxSpec) -> DeploymentSpec:
+    kind = BackendKind.EDGE if box.kind == "edge" else BackendKind.LOCAL
+    return DeploymentSpec(
+        MODEL, dep_id(box.name), box.name, kind, "smollm2", box.tier, HourlyPrice(box.usd_per_hour),
+        context_tokens=8192, capacity=capacity_of(box.model),
+    )  # fmt: skip
+
+
+def specs_of(fleet: Fleet) -> list[DeploymentSpec]:
+    cloud = fleet.cloud
+    price = Price(cloud.input_usd_per_mtok, cloud.output_usd_per_mtok)
+    cloud_spec = DeploymentSpec(
+        MODEL, dep_id(CLOUD), CLOUD, BackendKind.CLOUD, cloud.name, cloud.tier, price, context_tokens=128_000
+    )
+    return [*(_box_spec(b) for b in fleet.boxes), cloud_spec]
+
+
+def policy_of(team_name: str) -> RoutePolicy:
+    team = next(t for t in TEAMS if t.name == team_name)
+    return RoutePolicy(
+        objective=Objective(team.objective),
+        slo_p95_ttft_ms=team.slo_p95_ttft_ms,
+        slo_p95_e2e_ms=team.slo_p95_e2e_ms,
+    )
+
+
+@dataclass
+class _Seen:
+    """The gateway's live evidence about one deployment (config priors until samples arrive)."""
+
+    ttft_ms: float
+    decode_tok_s: float
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100))
+    p50_ms: float = 0.0
+    samples: int = 0
+
+    def add(self, job: Job) -> None:
+        a = _ALPHA
+        self.ttft_ms += a * (job.ttft_s * 1000 - self.ttft_ms)
+        if job.req.output_tokens > 1 and job.e2e_s > job.ttft_s:
+            rate = (job.req.output_tokens - 1) / (job.e2e_s - job.ttft_s)
+            self.decode_tok_s += a * (rate - self.decode_tok_s)
+        self.latencies_ms.append(job.e2e_s * 1000)
+        self.samples += 1
+        if self.samples % 10 == 1:
+            self.p50_ms = statistics.median(self.latencies_ms)
+
+
+def _prior(box: BoxSpec | None, fleet: Fleet) -> _Seen:
+    if box is None:
+        return _Seen(fleet.cloud.ttft_median_ms, fleet.cloud.decode_tok_s)
+    m = box.model
+    ttft_ms = m.step_base_ms + 300 * m.prefill_ms_per_token  # a 300-token prompt on an idle box
+    return _Seen(ttft_ms, m.aggregate_tok_s(1))
+
+
+@dataclass
+class Switchboard:
+    name: str = "switchboard"
+    affinity: bool = True
+    decisions: int = 0
+    last: RouteDecision | None = None
+    _specs: dict[str, DeploymentSpec] = field(default_factory=dict)
+    _seen: dict[str, _Seen] = field(default_factory=dict)
+    _snapshot: RoutingSnapshot | None = None
+    _built_s: float = -1.0
+    _policies: dict[str, RoutePolicy] = field(default_factory=dict)
+    predicted_ttft_ms: dict[int, float] = field(default_factory=dict)  # request id -> routing's prediction
+
+    def _setup(self, fleet: Fleet) -> None:
+        self._specs = {s.backend: s for s in specs_of(fleet)}
+        boxes = {b.name: b for b in fleet.boxes}
+        self._seen = {name: _prior(boxes.get(name), fleet) for name in self._specs}
+        self._policies = {t.name: policy_of(t.name) for t in TEAMS}
+
+    def _stats(self, name: str, sim: Simulation) -> DeploymentStats:
+        seen = self._seen[name]
+        if name == CLOUD:
+            in_flight, waiting, running = sim.cloud_in_flight, 0, None
+        else:
+            box = sim.boxes[name]
+            in_flight, waiting, running = box.in_system, len(box.waiting), box.running
+        return DeploymentStats(
+            ttft_ms=seen.ttft_ms,
+            decode_tokens_per_s=max(seen.decode_tok_s, 1e-3),
+            p50_latency_ms=seen.p50_ms,
+            in_flight=in_flight,
+            queue_depth=waiting,
+            sample_count=seen.samples,
+            running=running,
+        )
+
+    def snapshot(self, now: float, sim: Simulation) -> RoutingSnapshot:
+        if not self._specs:
+            self._setup(sim.fleet)
+        if self._snapshot is None or now - self._built_s >= REFRESH_S:
+            deployments = {s.deployment_id: (s, self._stats(n, sim)) for n, s in self._specs.items()}
+            self._snapshot, self._built_s = RoutingSnapshot(deployments), now
+        return self._snapshot
+
+    def request_of(self, req: Request) -> RouteRequest:
+        team = next(t for t in TEAMS if t.name == req.team)
+        key = None
+        if self.affinity and req.prefix_tokens >= AFFINITY_MIN_PREFIX_TOKENS:
+            key = stable_hash64(req.prefix_key)
+        return RouteRequest(
+            public_model=MODEL,
+            prompt_tokens=req.prompt_tokens,
+            expected_output_tokens=team.max_tokens,
+            privacy_floor=req.floor,
+            prefix_key=key,
+        )
+
+    def route(self, req: Request, now: float, sim: Simulation) -> str | None:
+        decision = choose(self.request_of(req), self.snapshot(now, sim), self._policies[req.team], now_s=now)
+        self.decisions += 1
+        self.last = decision
+        if decision.ranked:
+            self.predicted_ttft_ms[req.rid] = decision.ranked[0].ttft_ms
+        return decision.candidates[0].backend if decision.candidates else None
+
+    def observe(self, job: Job) -> None:
+        self._seen[job.target].add(job)

@@ -1,0 +1,145 @@
+"""bench/routing_eval: the workload generator, the simulator's invariants, the Switchboard policy's path."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+import pytest
+
+from bench.routing_eval import switchboard as sb_module
+from bench.routing_eval.baselines import AlwaysCloud, baselines
+from bench.routing_eval.fleet import StepModel, make_fleet
+from bench.routing_eval.metrics import summarise
+from bench.routing_eval.sim import CLOUD, Simulation
+from bench.routing_eval.switchboard import Switchboard, policy_of
+from bench.routing_eval.workload import SENSITIVE_SHARE, TEAM_BY_NAME, WORKLOADS, Request, generate
+from routing.privacy import PrivacyTier
+from routing.scoring import choose
+
+MODEL = StepModel(step_base_ms=12.0, step_ms_per_stream=5.0, prefill_ms_per_token=0.5)
+
+
+@pytest.fixture(scope="module")
+def trace() -> list[Request]:
+    return generate(WORKLOADS["bursty-agents"], rate_per_s=4.0, duration_s=300, seed=3)
+
+
+def test_same_seed_same_trace_and_another_seed_another(trace: list[Request]) -> None:
+    again = generate(WORKLOADS["bursty-agents"], rate_per_s=4.0, duration_s=300, seed=3)
+    other = generate(WORKLOADS["bursty-agents"], rate_per_s=4.0, duration_s=300, seed=4)
+    assert again == trace
+    assert other != trace
+
+
+def test_trace_has_the_stated_mix(trace: list[Request]) -> None:
+    n = len(trace)
+    assert 900 < n < 1500  # 4/s over 300 s
+    assert [r.arrival_s for r in trace] == sorted(r.arrival_s for r in trace)
+    assert abs(sum(1 for r in trace if r.planted) / n - SENSITIVE_SHARE) < 0.04
+    agents = [r for r in trace if r.session >= 0]
+    assert abs(len(agents) / n - WORKLOADS["bursty-agents"].agent_share) < 0.06
+    turns = Counter(r.session for r in agents)
+    assert max(turns.values()) >= 3  # sessions have several turns sharing their prefix
+    assert all(r.prefix_key.startswith("agent:") and r.prompt_tokens > r.prefix_tokens for r in agents)
+    prompts = sorted(r.prompt_tokens for r in trace if r.session < 0)
+    assert prompts[len(prompts) * 99 // 100] > 5 * prompts[len(prompts) // 2]  # heavy tail
+
+
+def test_floors_come_from_the_real_detectors_and_team_floors(trace: list[Request]) -> None:
+    for r in trace:
+        team_floor = TEAM_BY_NAME[r.team].floor
+        assert r.floor.rank <= team_floor.rank
+        if r.planted:
+            assert r.detected, r.text
+            assert r.floor.rank <= PrivacyTier.INTERNAL.rank
+        if not r.detected:
+            assert r.floor == team_floor
+
+
+def test_bursty_arrivals_are_burstier_than_diurnal() -> None:
+    def peak_to_mean(name: str) -> float:
+        t = generate(WORKLOADS[name], rate_per_s=4.0, duration_s=1200, seed=5)
+        per_10s = Counter(int(r.arrival_s // 10) for r in t)
+        return max(per_10s.values()) / (len(t) / 120)
+
+    assert peak_to_mean("bursty-agents") > 2.0
+    assert 1.3 < peak_to_mean("diurnal-chat") < 2.6
+
+
+@pytest.mark.parametrize("policy_index", range(7))
+def test_every_request_completes_or_is_rejected_and_tokens_are_conserved(
+    trace: list[Request], policy_index: int
+) -> None:
+    policy = [*baselines(), Switchboard()][policy_index]
+    result = Simulation(make_fleet(MODEL, 2, "test"), seed=1).run(trace, policy)
+    seen = Counter([j.req.rid for j in result.jobs] + [r.rid for r in result.rejected])
+    assert seen == Counter(r.rid for r in trace)
+    for j in result.jobs:
+        assert 0 < j.ttft_s <= j.e2e_s < math.inf
+        assert j.prefill_left == 0 and j.decode_left <= 1e-6
+    for name, box in result.boxes.items():
+        mine = [j for j in result.jobs if j.target == name]
+        assert not box.waiting and not box.prefilling and not box.decoding
+        cached = sum(j.cached_tokens for j in mine)
+        assert box.prefill_computed + cached == sum(j.req.prompt_tokens for j in mine)
+        assert box.decoded == sum(j.req.output_tokens for j in mine)
+    assert all(j.cost_usd == 0 for j in result.jobs if j.target != CLOUD)
+
+
+def test_privacy_accounting(trace: list[Request]) -> None:
+    fleet = make_fleet(MODEL, 2, "test")
+    naive = summarise(Simulation(fleet, seed=1).run(trace, AlwaysCloud()))
+    assert naive.privacy_violations == sum(1 for r in trace if r.floor.rank < PrivacyTier.EXTERNAL.rank) > 0
+    assert summarise(Simulation(fleet, seed=1).run(trace, Switchboard())).privacy_violations == 0
+
+
+def test_prefix_blocks_are_shared_only_while_a_holder_runs() -> None:
+    base = Request(0, 0.0, "agents", 700, 200, "agent:coder", 640, 0, "hi", "", PrivacyTier.EXTERNAL, ())
+    concurrent = dataclasses.replace(base, rid=1, arrival_s=1.0)
+    later = dataclasses.replace(base, rid=2, arrival_s=500.0)
+    result = Simulation(make_fleet(MODEL, 1, "test"), seed=1).run(
+        [base, concurrent, later], _Fixed("engine-0")
+    )
+    cached = {j.req.rid: j.cached_tokens for j in result.jobs}
+    assert cached == {0: 0, 1: 640, 2: 0}
+
+
+@dataclasses.dataclass
+class _Fixed:
+    target: str
+    name: str = "fixed"
+
+    def route(self, req: Request, now: float, sim: Simulation) -> str | None:
+        return self.target
+
+    def observe(self, job: object) -> None:
+        return None
+
+
+def test_switchboard_decides_with_routing_scoring_choose(
+    trace: list[Request], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[object] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        decision = choose(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(decision)
+        return decision
+
+    monkeypatch.setattr(sb_module, "choose", spy)
+    policy = Switchboard()
+    sim = Simulation(make_fleet(MODEL, 2, "test"), seed=1)
+    result = sim.run(trace[:200], policy)
+    assert len(calls) == policy.decisions == 200
+    routed = {j.req.rid: j.target for j in result.jobs}
+    req = trace[199]
+    last = policy.last
+    assert last is not None and last is calls[-1]
+    assert routed.get(req.rid) == (last.candidates[0].backend if last.candidates else None)
+    again = choose(
+        policy.request_of(req), policy.snapshot(req.arrival_s, sim), policy_of(req.team), now_s=req.arrival_s
+    )
+    assert again.candidates == last.candidates
+    assert last.ranked and last.privacy_verdict
