@@ -216,6 +216,7 @@ def _query_json(q: ReportQuery) -> dict[str, Any]:
         "team": q.team,
         "model": q.model,
         "endpoint": q.endpoint,
+        "batch": q.batch,
         "source": str(q.source),
     }
 
@@ -246,4 +247,5 @@ def _title(report: AnyReport) -> str:
     scope = [f"team {q.team}"] if q.team else []
     scope += [f"model {q.model}"] if q.model else []
     scope += [f"endpoint {q.endpoint}"] if q.endpoint else []
+    scope += [f"batch {q.batch}"] if q.batch else []
     return f"{what}" + (f" ({', '.join(scope)})" if scope else "")

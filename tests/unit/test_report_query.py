@@ -45,7 +45,7 @@ def test_group_by_is_comma_separated_case_and_space_tolerant() -> None:
     assert q.group_by == (Dimension.TEAM, Dimension.MODEL, Dimension.DAY)
     assert parse_query(None, None, None).group_by == ()
     assert parse_query("", None, None).group_by == ()
-    every = parse_query("team,key,model,backend,privacy,endpoint,day,hour", None, None)
+    every = parse_query("team,key,model,backend,privacy,endpoint,batch,day,hour", None, None)
     assert every.group_by == tuple(Dimension)
 
 
@@ -54,7 +54,7 @@ def test_unknown_group_by_lists_the_valid_ones() -> None:
         parse_query("team,region", None, None)
     assert err.value.param == "group_by"
     assert "`region`" in err.value.message
-    assert "team, key, model, backend, privacy, endpoint, day, hour" in err.value.message
+    assert "team, key, model, backend, privacy, endpoint, batch, day, hour" in err.value.message
     with pytest.raises(InvalidRequest, match="listed twice"):
         parse_query("team,team", None, None)
 
