@@ -27,9 +27,10 @@ from gateway.reports import (
     Source,
     parse_query,
 )
+from gateway.reports.costs import busy_cost_micro_usd
 from gateway.reports.query import RAW_ONLY_MAX_SPAN, RollupState, ceil_hour, floor_hour, raw_suffices
 from gateway.reports.render import to_csv, to_json, to_table
-from gateway.reports.savings import busy_cost_micro_usd, reference_price
+from gateway.reports.savings import reference_price
 from gateway.reports.sql import interpolate
 from tests.support.ledger_gen import percentile_cont
 
