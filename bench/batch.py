@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -333,6 +334,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="engine compute threads")
     parser.add_argument("--out", type=Path, help="write the table into this markdown file's section")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `finally` then stops the engine and gateway
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         rig = Rig(Path(tmp))
