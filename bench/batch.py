@@ -1,8 +1,9 @@
 """Batch inference on the bundled engine: `/v1/batches` throughput, and what a running batch does to
 interactive time to first token.
 
-One `switchboard engine serve` (SmolLM2, defaults but `--threads`) behind one `switchboard serve` (SQLite,
-cache off, the engine's /metrics polled for placement). Phases, all through the gateway:
+One `switchboard engine serve` (SmolLM2, defaults but `--threads` and, with `--batch-rows`,
+`--batch-rows-beside-interactive`) behind one `switchboard serve` (SQLite, cache off, the engine's /metrics
+polled for placement). Phases, all through the gateway:
 1. `--items` chat requests (max_tokens 64, temperature 0) sent interactively at concurrency 32: the engine's
    full throughput C (completion tok/s).
 2. The same requests as one batch (Files + Batches API, official `openai` SDK): batch tok/s, create to
@@ -13,7 +14,7 @@ cache off, the engine's /metrics polled for placement). Phases, all through the 
    over the window (the gateway's `switchboard_capacity_tokens_total{priority="batch"}`). The batch is then
    cancelled. Spare throughput = C - I; the batch used B / (C - I) of it.
 Goal (issue 14): p95 TTFT with the batch within 1.2x of without, while B >= 0.7 (C - I).
-Run: python -m bench.batch [--items 1000] [--duration-s 60] [--rate 2] [--threads 2]
+Run: python -m bench.batch [--items 1000] [--duration-s 60] [--rate 2] [--threads 2] [--batch-rows N]
 [--out docs/BENCHMARKS.md]
 """
 
@@ -111,12 +112,14 @@ models = ["*"]
     return path
 
 
-async def start(rig: Rig, threads: int) -> None:
+async def start(rig: Rig, threads: int, batch_rows: int | None) -> None:
     from gateway.store import db, keys
 
     engine_port, port = free_port(), free_port()
     engine_cmd = [sys.executable, "-m", "gateway.cli", "engine", "serve", "--port", str(engine_port)]
     engine_cmd += ["--threads", str(threads)]
+    if batch_rows is not None:
+        engine_cmd += ["--batch-rows-beside-interactive", str(batch_rows)]
     rig.procs.append(_spawn(engine_cmd, rig.tmp / "engine.log"))
     engine_url = f"http://127.0.0.1:{engine_port}"
     await _wait_http(engine_url + "/health", rig.procs[-1], rig.tmp / "engine.log", timeout_s=600)
@@ -254,7 +257,7 @@ def pct(values: Sequence[float], q: float) -> float:
 async def run(args: argparse.Namespace, rig: Rig) -> dict[str, Any]:
     import openai
 
-    await start(rig, args.threads)
+    await start(rig, args.threads, args.batch_rows)
     headers = {"authorization": f"Bearer {rig.key}"}
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=rig.url, headers=headers, timeout=900, limits=limits) as client:
@@ -332,6 +335,11 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=60.0, help="length of each TTFT phase")
     parser.add_argument("--rate", type=float, default=2.0, help="interactive streams per second")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="engine compute threads")
+    parser.add_argument(
+        "--batch-rows",
+        type=int,
+        help="the engine's --batch-rows-beside-interactive (batch rows per step beside interactive work)",
+    )
     parser.add_argument("--out", type=Path, help="write the table into this markdown file's section")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `finally` then stops the engine and gateway
