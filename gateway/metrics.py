@@ -2,6 +2,8 @@
 
 Each app owns its registry (no module-level state), so two apps in one process never mix their counts.
 Per-request series carry the `endpoint` label (the API called, e.g. "chat.completions"), as the ledger does.
+`switchboard_capacity_tokens_total` counts tokens by the class of capacity that served them (`capacity_of`
+maps a ledger backend name to owned, edge or cloud) and by priority (batch items or interactive requests).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
@@ -23,8 +26,26 @@ _LIMIT_REASONS = {
 }
 
 
+class Capacity(StrEnum):
+    """What kind of capacity served a request's tokens."""
+
+    OWNED = "owned"  # our own engines (self-hosted, internal tier)
+    EDGE = "edge"  # edge nodes and edge-tier servers at a site
+    CLOUD = "cloud"  # cloud APIs and external-tier servers
+    CACHE = "cache"  # the response cache answered
+    NONE = "none"  # no backend served (refused, or every attempt failed before one)
+
+
+CapacityOf = Callable[[str], Capacity]  # a ledger backend name -> its capacity class
+
+
+def _unknown(_backend: str) -> Capacity:
+    return Capacity.NONE
+
+
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, capacity_of: CapacityOf = _unknown) -> None:
+        self._capacity_of = capacity_of
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("switchboard_requests", "Requests, every endpoint", _LABELS, registry=r)
@@ -46,6 +67,12 @@ class GatewayMetrics:
             "switchboard_tokens",
             "Tokens processed",
             ("team", "model", "backend", "endpoint", "kind"),
+            registry=r,
+        )
+        self.capacity_tokens = Counter(
+            "switchboard_capacity_tokens",
+            "Tokens served per capacity class (owned, edge, cloud, cache) and priority (interactive, batch)",
+            ("capacity", "priority", "kind"),
             registry=r,
         )
         self.cost = Counter(
@@ -89,6 +116,7 @@ class GatewayMetrics:
             self.tokens.labels(*where, "prompt").inc(rec.prompt_tokens)
         if rec.completion_tokens:
             self.tokens.labels(*where, "completion").inc(rec.completion_tokens)
+        self._count_capacity(rec)
         if rec.cost_saved_micro_usd:
             self.saved.labels(rec.team, rec.requested_model).inc(rec.cost_saved_micro_usd / 1_000_000)
         reason = _LIMIT_REASONS.get(rec.error_type or "")
@@ -96,6 +124,17 @@ class GatewayMetrics:
             self.limited.labels(rec.team, reason).inc()
         if rec.cost_micro_usd:
             self.cost.labels(*where).inc(rec.cost_micro_usd / 1_000_000)
+
+    def _count_capacity(self, rec: UsageRecord) -> None:
+        if rec.cache_hit:
+            capacity = Capacity.CACHE
+        else:
+            capacity = self._capacity_of(rec.backend) if rec.backend else Capacity.NONE
+        priority = "batch" if rec.batch_id else "interactive"
+        if rec.prompt_tokens:
+            self.capacity_tokens.labels(capacity, priority, "prompt").inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            self.capacity_tokens.labels(capacity, priority, "completion").inc(rec.completion_tokens)
 
     def add_gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         gauge = Gauge(name, doc, registry=self.registry)

@@ -46,6 +46,7 @@ class EngineOptions:
     threads: int | None = None
     block_size: int = 16
     max_prefill_tokens: int = 512
+    batch_rows_beside_interactive: int | None = None  # batch rows per step beside interactive work
     release_source: bool = False  # free the transformers weights once converted (the server does)
     warm_up: bool = True  # run every prefill/decode shape and the sampler once before reporting ready
 
@@ -64,6 +65,10 @@ class EngineOptions:
         if self.spec == "draft" and not self.draft_model:
             raise ValueError(
                 "--spec draft needs --draft-model (a GGUF file, HF directory or pkg:PACKAGE/FILE)"
+            )
+        if self.batch_rows_beside_interactive is not None and self.batch_rows_beside_interactive < 0:
+            raise ValueError(
+                f"--batch-rows-beside-interactive must be 0 or more, got {self.batch_rows_beside_interactive}"
             )
         if self.kv_cache_mb <= 0:
             raise ValueError(f"--kv-cache-mb must be positive, got {self.kv_cache_mb}")
@@ -211,6 +216,7 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
         max_prefill_tokens=options.max_prefill_tokens,
         block_size=options.block_size,
         num_spec_tokens=0 if isinstance(proposer, NoProposer) else options.num_spec_tokens,
+        batch_rows_beside_interactive=options.batch_rows_beside_interactive,
     )
     return BuiltEngine(
         runner=runner,

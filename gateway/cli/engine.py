@@ -42,6 +42,15 @@ def engine_serve(
     max_prefill_tokens: Annotated[
         int, typer.Option(min=1, help="Prompt tokens computed per step (longer prompts are chunked).")
     ] = 512,
+    batch_rows_beside_interactive: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="While interactive requests run or wait, at most this many batch-priority requests "
+            "(x-switchboard-priority: batch, what /v1/batches items send) compute per step; the rest keep "
+            "their KV cache and wait. Default: no cap.",
+        ),
+    ] = None,
     embedding_model: Annotated[
         str | None,
         typer.Option(help="Also serve POST /v1/embeddings: minilm (bundled) or a BERT-style HF directory."),
@@ -64,6 +73,7 @@ def engine_serve(
             threads=threads,
             block_size=block_size,
             max_prefill_tokens=max_prefill_tokens,
+            batch_rows_beside_interactive=batch_rows_beside_interactive,
         )
     except ValueError as exc:
         err_console.print(f"[red]{exc}[/red]")

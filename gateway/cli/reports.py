@@ -66,7 +66,7 @@ def report(
     group_by: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated dimensions: team, key, model, backend, privacy, endpoint, day, hour."
+            help="Comma-separated dimensions: team, key, model, backend, privacy, endpoint, batch, day, hour."
         ),
     ] = None,
     since: Annotated[
@@ -77,6 +77,12 @@ def report(
     model: Annotated[str | None, typer.Option(help="Only this requested (public) model.")] = None,
     endpoint: Annotated[
         str | None, typer.Option(help="Only this API, as the ledger names it, e.g. chat.completions.")
+    ] = None,
+    batch: Annotated[
+        str | None,
+        typer.Option(
+            help="Only this batch id, `interactive` (requests of no batch) or `batch` (every batch's)."
+        ),
     ] = None,
     fmt: Annotated[
         ReportFormat, typer.Option("--format", help="table (rich), or csv / json on stdout.")
@@ -118,7 +124,9 @@ def report(
         fail_usage(f"--chart-by: `{chart_by}` is not one of {', '.join(ChartBy)}")
     by = ChartBy(chart_by)
     try:
-        query = parse_query(group_by, since, until, team=team, model=model, source=source, endpoint=endpoint)
+        query = parse_query(
+            group_by, since, until, team=team, model=model, source=source, endpoint=endpoint, batch=batch
+        )
         if chart is not None:
             require_matplotlib()  # before the query, not after it
         engine = sql_engine(cfg)

@@ -55,6 +55,10 @@ class ReportParams:
     team: str | None = None
     model: str | None = None
     endpoint: Annotated[str | None, Query(description="only this API, e.g. chat.completions")] = None
+    batch: Annotated[
+        str | None,
+        Query(description="only this batch id, `interactive` (requests of no batch) or `batch` (any batch)"),
+    ] = None
     source: SourceParam = None
     format: FormatParam = "json"
 
@@ -68,6 +72,7 @@ class ReportParams:
             model=self.model,
             source="auto" if self.source is None else self.source,  # `source=` is a 400, as documented
             endpoint=self.endpoint,
+            batch=self.batch,
         )
         check_span(query, max_span_days, now=dt.datetime.now(dt.UTC))
         return query

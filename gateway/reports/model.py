@@ -15,6 +15,7 @@ from enum import StrEnum
 from gateway.errors import InvalidRequest
 
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_BATCH_ID = re.compile(r"^batch_[A-Za-z0-9_-]{1,58}$")
 DATE_HINT = (
     "use YYYY-MM-DD (a UTC midnight) or ISO 8601 with a time, e.g. 2030-01-31T15:00:00Z (no zone: UTC)"
 )
@@ -27,8 +28,13 @@ class Dimension(StrEnum):
     BACKEND = "backend"
     PRIVACY = "privacy"
     ENDPOINT = "endpoint"  # the API called, e.g. "chat.completions"
+    BATCH = "batch"  # the `/v1/batches` batch id; INTERACTIVE for requests of no batch
     DAY = "day"
     HOUR = "hour"
+
+
+INTERACTIVE = "interactive"  # the batch dimension's value, and batch filter, for rows of no batch
+ANY_BATCH = "batch"  # the batch filter that keeps every batch's rows (ids are batch_<hex>: no clash)
 
 
 class Source(StrEnum):
@@ -46,13 +52,14 @@ class ReportQuery:
     model: str | None = None  # the requested (public) model name
     endpoint: str | None = None  # the API called, e.g. "chat.completions" (usage.endpoint)
     source: Source = Source.AUTO
+    batch: str | None = None  # a batch id, INTERACTIVE (rows of no batch) or ANY_BATCH (rows of any batch)
 
 
 @dataclass(frozen=True, slots=True)
 class ReportRow:
     """One group's figures. `group` holds one value per `ReportQuery.group_by` entry: day "YYYY-MM-DD", hour
-    "YYYY-MM-DDTHH:00Z" (UTC), key = key id, privacy = tier, endpoint = the API called ("chat.completions");
-    None where a row has none (no key, backend or privacy class)."""
+    "YYYY-MM-DDTHH:00Z" (UTC), key = key id, privacy = tier, endpoint = the API called ("chat.completions"),
+    batch = batch id or "interactive"; None where a row has none (no key, backend or privacy class)."""
 
     group: tuple[str | None, ...]
     requests: int
@@ -93,6 +100,7 @@ def parse_query(
     model: str | None = None,
     source: str = "auto",
     endpoint: str | None = None,
+    batch: str | None = None,
 ) -> ReportQuery:
     """A `ReportQuery` from text (CLI options, query strings); a bad value raises `InvalidRequest` naming
     its parameter. `group_by` is comma-separated ("team,model"); None or "" groups nothing (totals only)."""
@@ -111,6 +119,7 @@ def parse_query(
         model=model or None,
         endpoint=endpoint or None,
         source=_parse_source(source),
+        batch=_parse_batch(batch),
     )
 
 
@@ -148,6 +157,22 @@ def parse_time(text: str | None, param: str) -> dt.datetime | None:
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
     except (ValueError, OverflowError):
         raise InvalidRequest(f"{param}: `{text}` is not a date or time; {DATE_HINT}", param=param) from None
+
+
+def _parse_batch(text: str | None) -> str | None:
+    """A batch filter: a batch id, "interactive" or "batch" (any batch); None or "": no filter."""
+    value = (text or "").strip()
+    if not value:
+        return None
+    if value.lower() in (INTERACTIVE, ANY_BATCH):
+        return value.lower()
+    if not _BATCH_ID.match(value):
+        raise InvalidRequest(
+            f"batch filter `{value[:80]}` is no batch id (batch_...), `{INTERACTIVE}` (requests of no batch) "
+            f"or `{ANY_BATCH}` (every batch's requests)",
+            param="batch",
+        )
+    return value
 
 
 def _parse_source(text: str) -> Source:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from rich.table import Table
 
+from gateway.reports.batch_savings import BatchSavingsRow, as_json
 from gateway.reports.model import Report, ReportQuery, ReportRow
 from gateway.reports.savings import OwnedCapacity, SavingsReport, SavingsRow
 from gateway.store.spend import micro_to_usd_text
@@ -55,6 +56,7 @@ def to_csv(report: AnyReport) -> str:
 
 def to_table(report: AnyReport) -> Table:
     """A rich table with a totals line and a caption that says what the figures were read from."""
+    batch: list[BatchSavingsRow] = []
     if isinstance(report, SavingsReport):
         names = [str(d) for d in report.group_by]
         heads: tuple[str, ...] = _SAVINGS_HEADS
@@ -66,6 +68,12 @@ def to_table(report: AnyReport) -> Table:
         )
         if report.owned:
             caption += "; owned capacity: " + "; ".join(owned_text(o) for o in report.owned)
+        batch = [
+            *report.batch,
+            *([report.batch_total] if report.batch_total and report.batch_total.requests else []),
+        ]
+        if batch:
+            caption += f"; {BATCH_BASIS}"
     else:
         names = [str(d) for d in report.query.group_by]
         heads = _USAGE_HEADS
@@ -84,6 +92,11 @@ def to_table(report: AnyReport) -> Table:
         table.add_row(*(NONE_TEXT if v is None else v for v in group), *cells)
     table.add_section()
     table.add_row(*(["total", *([""] * (len(names) - 1))] if names else []), *total, style="bold")
+    if batch:
+        table.add_section()
+        for line in batch:
+            label = line.group[0] if line.group else "all batches"
+            table.add_row(*([label, *([""] * (len(names) - 1))] if names else []), *_batch_cells(line))
     return table
 
 
@@ -151,6 +164,11 @@ _SAVINGS_CELLS = (
 SAVINGS_COST_BASIS = (
     "self_hosted = busy h x usd_per_hour, edge = its owned share as the ledger recorded it, cache = 0"
 )
+BATCH_BASIS = (
+    "batch lines: /v1/batches items (cache hits left out; the rows above include them), reference $ = the "
+    "same tokens at interactive cloud prices (the serving cloud deployment's, or the cheapest cloud "
+    "deployment the team may use for items on owned or edge capacity)"
+)
 _SAVINGS_HEADS = (
     "served by",
     "requests",
@@ -176,6 +194,19 @@ def _savings_cells(r: SavingsRow) -> list[str]:
     ]
 
 
+def _batch_cells(r: BatchSavingsRow) -> list[str]:
+    return [
+        "batch",
+        str(r.requests),
+        str(r.prompt_tokens),
+        str(r.completion_tokens),
+        f"{r.busy_ms / 3_600_000:.3f}",
+        micro_to_usd_text(r.actual_micro_usd),
+        micro_to_usd_text(r.interactive_micro_usd),
+        micro_to_usd_text(r.saved_micro_usd),
+    ]
+
+
 def _savings_json(report: SavingsReport) -> dict[str, Any]:
     ref = report.reference
     return {
@@ -192,6 +223,11 @@ def _savings_json(report: SavingsReport) -> dict[str, Any]:
         "rows": [_savings_row_json(report, r) for r in report.rows],
         "totals": _savings_row_json(report, report.totals),
         "owned_capacity": [_owned_json(o) for o in report.owned],
+        "batch": {
+            "basis": BATCH_BASIS,
+            "rows": [as_json(r, micro_to_usd_text) for r in report.batch],
+            "totals": None if report.batch_total is None else as_json(report.batch_total, micro_to_usd_text),
+        },
     }
 
 
@@ -246,6 +282,7 @@ def _query_json(q: ReportQuery) -> dict[str, Any]:
         "team": q.team,
         "model": q.model,
         "endpoint": q.endpoint,
+        "batch": q.batch,
         "source": str(q.source),
     }
 
@@ -276,4 +313,5 @@ def _title(report: AnyReport) -> str:
     scope = [f"team {q.team}"] if q.team else []
     scope += [f"model {q.model}"] if q.model else []
     scope += [f"endpoint {q.endpoint}"] if q.endpoint else []
+    scope += [f"batch {q.batch}"] if q.batch else []
     return f"{what}" + (f" ({', '.join(scope)})" if scope else "")

@@ -9,36 +9,34 @@ owned share (`owned_micro_usd`; before migration 0010, an occupancy price in `co
 cost 0. Reference = tokens x reference prices. `owned`: each self-hosted box's fixed cost over the window
 (usd_per_hour x hours, paid whatever it serves) next to the cloud spend its traffic avoided.
 Traffic sums are exact (`usage_report`); cache hits are split out of raw rows, so past retention they stay
-in their backend's row.
+in their backend's row. The batch line (batch_savings.py) compares batch items with interactive cloud prices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.config import CloudBackendConfig, Config, EdgeBackendConfig
 from gateway.edge.pool import split_node_backend
 from gateway.errors import InvalidRequest
 from gateway.reports import sql
+from gateway.reports.batch_savings import BatchSavingsRow, batch_savings
+from gateway.reports.costs import ListPrice, busy_cost_micro_usd, busy_ms_by
 from gateway.reports.model import Dimension, ReportQuery, ReportRow
 from gateway.reports.query import ceil_hour, created_between, floor_hour, no_progress, report_on, snapshot
 from gateway.reports.runner import Guard
-from gateway.store.db import backend_busy_hourly, usage, usage_hourly
+from gateway.store.db import usage
 from routing.decision import Price
 from routing.fleet import owned_share_micro_usd
 
-ListPrice = Callable[[str, str], tuple[Decimal, Decimal] | None]  # (provider, model) -> USD per Mtok in, out
-_MS_PER_HOUR = Decimal(3_600_000)
 _ZEROS = [0] * len(sql.SUM_FIELDS)
 
 
@@ -101,6 +99,10 @@ class SavingsReport:
     totals: SavingsRow  # group (), served_by ALL
     source: str  # of the traffic sums: "raw" | "rollup" | "mixed"
     owned: tuple[OwnedCapacity, ...] = ()  # self-hosted backends with traffic, by name
+    # `/v1/batches` items against interactive cloud prices (batch_savings.py): per batch when the query
+    # groups by batch, and in total (in none of the rows above: they overlap them)
+    batch: tuple[BatchSavingsRow, ...] = ()
+    batch_total: BatchSavingsRow | None = None
 
 
 def savings_report(
@@ -135,6 +137,10 @@ def savings_report(
         nodes = {name for row in traffic.rows if is_edge_node(name := row.group[-1] or "", edge)}
         measured = sorted(hosted.keys() | nodes)  # edge nodes' busy time is shown, not charged
         busy = _busy_ms(conn, dims, (since, until), measured, query) if measured else {}
+        ref = Price(reference.input_usd_per_mtok, reference.output_usd_per_mtok)
+        lines, batch_total = batch_savings(
+            conn, config, query, (since, until), ref, list_price or _litellm_list_price
+        )
     cache = {tuple(v or None for v in key): sums for key, sums in cached.items()}
     rows = _self_hosted_rows(traffic.rows, cache, busy, hosted, reference)
     rows += _edge_rows(traffic.rows, cache, busy, edge, reference)
@@ -145,7 +151,17 @@ def savings_report(
         )
     owned = _owned(rows, hosted, since, until)
     return SavingsReport(
-        query, dims, since, until, reference, tuple(rows), _totals(rows), traffic.source, owned
+        query,
+        dims,
+        since,
+        until,
+        reference,
+        tuple(rows),
+        _totals(rows),
+        traffic.source,
+        owned,
+        lines,
+        batch_total,
     )
 
 
@@ -237,11 +253,6 @@ def _edge_rows(
     return rows
 
 
-def busy_cost_micro_usd(busy_ms: float, usd_per_hour: Decimal) -> int:
-    """usd_per_hour x busy time, in whole micro-dollars (half up): the ledger's owned share uses the same."""
-    return owned_share_micro_usd(busy_ms, usd_per_hour)
-
-
 def reference_price(config: Config, list_price: ListPrice | None = None) -> ReferencePrice:
     """Explicit `reports.reference_*_usd_per_mtok`, else the reference model's configured prices, else
     its list price (`list_price`, default: litellm's local cost map via backends.cloud)."""
@@ -293,67 +304,7 @@ def _busy_ms(
     query: ReportQuery,
 ) -> dict[tuple[str | None, ...], float]:
     """Busy time per group (dims end with backend), apportioned by token share per hour (see module doc)."""
-    h, b = usage_hourly.c, backend_busy_hourly.c
-    by_team = Dimension.TEAM in dims
-    scope: list[ColumnElement[bool]] = [h.backend.in_(backends)]
-    scope += [h.hour >= hours[0]] if hours[0] is not None else []
-    scope += [h.hour < hours[1]] if hours[1] is not None else []
-    mine = [*scope, *sql.rollup_filters(query)]
-    tokens = sa.func.sum(h.prompt_tokens + h.completion_tokens)
-    team_cols = [h.team] if by_team else []
-    g = _hour_sums(sa.select(h.hour, h.backend, *team_cols), tokens, mine, [h.hour, h.backend, *team_cols])
-    t = _hour_sums(sa.select(h.hour, h.backend), tokens, scope, [h.hour, h.backend])
-    busy = sa.select(b.hour, b.backend, b.busy_ms).where(b.backend.in_(backends))
-    busy = busy.where(*([b.hour >= hours[0]] if hours[0] else []), *([b.hour < hours[1]] if hours[1] else []))
-    bb = busy.subquery("bb")
-    share = sa.case(
-        (t.c.tok > 0, sa.cast(g.c.tok, sa.Float) / sa.cast(t.c.tok, sa.Float)),
-        (t.c.req > 0, sa.cast(g.c.req, sa.Float) / sa.cast(t.c.req, sa.Float)),
-        else_=sa.literal_column("0.0"),
-    )
-    same_hour = sa.and_(g.c.hour == t.c.hour, g.c.backend == t.c.backend)
-    keys = [g.c.backend, *([g.c.team] if by_team else [])]
-    joined = g.join(t, same_hour).outerjoin(bb, sa.and_(bb.c.hour == g.c.hour, bb.c.backend == g.c.backend))
-    stmt = (
-        sa.select(*keys, sa.func.sum(sa.func.coalesce(bb.c.busy_ms, 0.0) * share), sa.func.sum(g.c.tok))
-        .select_from(joined)
-        .group_by(*keys)
-    )
-    shared: dict[tuple[str | None, ...], tuple[float, int]] = {}
-    for row in conn.execute(stmt):
-        key = (row[1], row[0]) if by_team else (row[0],)
-        shared[key] = (float(row[-2] or 0.0), int(row[-1] or 0))
-    return _add_unshared(conn, shared, bb, t)
-
-
-def _hour_sums(select: Any, tokens: Any, where: list[Any], group: list[Any]) -> Any:
-    return (
-        select.add_columns(tokens.label("tok"), sa.func.sum(usage_hourly.c.requests).label("req"))
-        .where(*where)
-        .group_by(*group)
-        .subquery()
-    )
-
-
-def _add_unshared(
-    conn: Connection, shared: Mapping[tuple[str | None, ...], tuple[float, int]], bb: Any, t: Any
-) -> dict[tuple[str | None, ...], float]:
-    """Busy time in hours where a backend started no request (a long one ran into them) goes to the groups
-    by their share of the backend's tokens over the window."""
-    out = {key: busy for key, (busy, _tok) in shared.items()}
-    all_tokens = conn.execute(sa.select(t.c.backend, sa.func.sum(t.c.tok)).group_by(t.c.backend))
-    window_tokens = {backend: int(tok or 0) for backend, tok in all_tokens}
-    uncovered = (
-        sa.select(bb.c.backend, sa.func.sum(bb.c.busy_ms))
-        .where(~sa.exists().where(t.c.hour == bb.c.hour, t.c.backend == bb.c.backend))
-        .group_by(bb.c.backend)
-    )
-    for backend, busy_ms in conn.execute(uncovered):
-        total = window_tokens.get(backend, 0)
-        for key, (_busy, tok) in shared.items():
-            if key[-1] == backend and total > 0:
-                out[key] = out[key] + float(busy_ms) * tok / total
-    return out
+    return busy_ms_by(conn, ("team",) if Dimension.TEAM in dims else (), hours, backends, query)
 
 
 def _order(key: tuple[str | None, ...]) -> tuple[tuple[bool, str], ...]:

@@ -1,10 +1,11 @@
 """The report's SQL (SQLAlchemy Core, SQLite and PostgreSQL): group values, sums, percentiles, histograms.
 
 Invariant: raw ledger rows and hourly rollups produce the same group values for the same request (missing
-key, backend or privacy as ''; day "YYYY-MM-DD"; hour "YYYY-MM-DDTHH:00Z", UTC), so their results merge by
-group. Every statement groups in SQL and returns one row per group: nothing iterates over ledger rows in
-Python. Exact percentiles are PostgreSQL's `percentile_cont`; SQLite has none, so `sqlite_percentiles`
-computes the same value from window functions (ranks floor(q*(n-1)) and the next, interpolated linearly).
+key, backend or privacy as ''; no batch as "interactive"; day "YYYY-MM-DD"; hour "YYYY-MM-DDTHH:00Z", UTC),
+so their results merge by group. Every statement groups in SQL and returns one row per group: nothing
+iterates over ledger rows in Python. Exact percentiles are PostgreSQL's `percentile_cont`; SQLite has none,
+so `sqlite_percentiles` computes the same value from window functions (ranks floor(q*(n-1)) and the next,
+interpolated linearly).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.live import histogram
-from gateway.reports.model import Dimension, ReportQuery
+from gateway.reports.model import ANY_BATCH, INTERACTIVE, Dimension, ReportQuery
 from gateway.store.db import usage, usage_hourly
 
 GroupKey = tuple[str, ...]
@@ -74,6 +75,8 @@ def raw_group_values(dims: Sequence[Dimension], dialect: str) -> list[ColumnElem
             out.append(privacy_tier(u.privacy_class, dialect))
         elif dim is Dimension.ENDPOINT:
             out.append(u.endpoint)
+        elif dim is Dimension.BATCH:
+            out.append(sa.func.coalesce(u.batch_id, _const(INTERACTIVE)))
         else:
             out.append(time_text(u.created_at, dim, dialect))
     return out
@@ -86,12 +89,29 @@ _ROLLUP_COLUMN = {
 
 
 def rollup_group_values(dims: Sequence[Dimension], dialect: str) -> list[ColumnElement[Any]]:
+    return [_rollup_group_value(d, dialect) for d in dims]
+
+
+def _rollup_group_value(dim: Dimension, dialect: str) -> ColumnElement[Any]:
     h = usage_hourly.c
-    return [time_text(h.hour, d, dialect) if d in _TIME else h[_ROLLUP_COLUMN[d]] for d in dims]
+    if dim in _TIME:
+        return time_text(h.hour, dim, dialect)
+    if dim is Dimension.BATCH:  # rollups key "no batch" as ''
+        return sa.case((h.batch_id == _const(""), _const(INTERACTIVE)), else_=h.batch_id)
+    return h[_ROLLUP_COLUMN[dim]]
+
+
+def _batch_filter(column: ColumnElement[Any], batch: str, none: ColumnElement[bool]) -> ColumnElement[bool]:
+    """`column` (a batch id; `none` where a row has no batch) as the query's batch filter selects it."""
+    if batch == INTERACTIVE:
+        return none
+    if batch == ANY_BATCH:
+        return sa.not_(none)
+    return column == batch
 
 
 def raw_filters(query: ReportQuery, where: ColumnElement[bool] | None) -> list[ColumnElement[bool]]:
-    """`where` and the query's team, model and endpoint filters, on `usage` rows."""
+    """`where` and the query's team, model, endpoint and batch filters, on `usage` rows."""
     out = [] if where is None else [where]
     if query.team is not None:
         out.append(usage.c.team == query.team)
@@ -99,11 +119,13 @@ def raw_filters(query: ReportQuery, where: ColumnElement[bool] | None) -> list[C
         out.append(usage.c.requested_model == query.model)
     if query.endpoint is not None:
         out.append(usage.c.endpoint == query.endpoint)
+    if query.batch is not None:
+        out.append(_batch_filter(usage.c.batch_id, query.batch, usage.c.batch_id.is_(None)))
     return out
 
 
 def rollup_filters(query: ReportQuery) -> list[ColumnElement[bool]]:
-    """The query's team, model and endpoint filters, on `usage_hourly` rows."""
+    """The query's team, model, endpoint and batch filters, on `usage_hourly` rows."""
     h = usage_hourly.c
     out = []
     if query.team is not None:
@@ -112,6 +134,8 @@ def rollup_filters(query: ReportQuery) -> list[ColumnElement[bool]]:
         out.append(h.model == query.model)
     if query.endpoint is not None:
         out.append(h.endpoint == query.endpoint)
+    if query.batch is not None:
+        out.append(_batch_filter(h.batch_id, query.batch, h.batch_id == _const("")))
     return out
 
 

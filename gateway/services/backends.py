@@ -13,9 +13,19 @@ from decimal import Decimal
 from typing import Protocol, runtime_checkable
 
 from backends.base import Backend, BackendKind
-from gateway.config import CloudBackendConfig, Config, ConfigError, DeploymentConfig, OpenAIBackendConfig
+from gateway.config import (
+    CloudBackendConfig,
+    Config,
+    ConfigError,
+    DeploymentConfig,
+    EdgeBackendConfig,
+    OpenAIBackendConfig,
+)
+from gateway.edge.pool import split_node_backend
 from gateway.live.state import is_edge
+from gateway.metrics import Capacity, CapacityOf
 from routing.decision import FREE, Deployment, Price
+from routing.privacy import PrivacyTier
 
 log = logging.getLogger("switchboard")
 
@@ -143,3 +153,26 @@ def build_batch_prices(
                 else dep.batch_output_usd_per_mtok,
             )
     return prices
+
+
+def capacity_classes(config: Config) -> CapacityOf:
+    """A ledger backend name -> its capacity class: cloud backends and external-tier servers are cloud,
+    edge backends (and their nodes, `<edge backend>/<node id>`) and edge-tier servers edge, the rest owned."""
+    classes: dict[str, Capacity] = {}
+    for name, bcfg in config.backends.items():
+        external = bcfg.tier in (PrivacyTier.EXTERNAL, PrivacyTier.EXTERNAL_ZDR)
+        if isinstance(bcfg, CloudBackendConfig) or external:
+            classes[name] = Capacity.CLOUD
+        elif isinstance(bcfg, EdgeBackendConfig) or bcfg.tier is PrivacyTier.EDGE:
+            classes[name] = Capacity.EDGE
+        else:
+            classes[name] = Capacity.OWNED
+
+    def capacity_of(backend: str) -> Capacity:
+        found = classes.get(backend)
+        if found is None:
+            node = split_node_backend(backend)
+            found = classes.get(node[0]) if node is not None else None
+        return Capacity.NONE if found is None else found
+
+    return capacity_of

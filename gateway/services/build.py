@@ -32,7 +32,7 @@ from gateway.limits.gate import Gate, QuotaStore
 from gateway.live.gauges import DeploymentGauges
 from gateway.live.state import RoutingState, build_specs
 from gateway.live.sync import RoutingSync
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import CapacityOf, GatewayMetrics
 from gateway.pipeline.access import ModelAccess
 from gateway.pipeline.dispatch import Dispatcher, RetrySettings
 from gateway.pipeline.flow import Pipeline
@@ -40,7 +40,12 @@ from gateway.pipeline.plan import Planner
 from gateway.pipeline.record import RecordSink
 from gateway.reports.runner import ReportRunner
 from gateway.services import Services
-from gateway.services.backends import build_backend, build_batch_prices, build_deployments
+from gateway.services.backends import (
+    build_backend,
+    build_batch_prices,
+    build_deployments,
+    capacity_classes,
+)
 from gateway.services.shared import build_health, build_quota, build_redis, build_registry, build_relay
 from gateway.store.batches import BatchStore
 from gateway.store.db import make_engine, migrate
@@ -105,8 +110,8 @@ async def build_backends(config: Config) -> dict[str, Backend]:
     return backends
 
 
-def build_metrics(ledger: LedgerWriter) -> GatewayMetrics:
-    metrics = GatewayMetrics()
+def build_metrics(ledger: LedgerWriter, capacity_of: CapacityOf) -> GatewayMetrics:
+    metrics = GatewayMetrics(capacity_of)
     gauges = (
         ("switchboard_ledger_queued", "Usage records waiting to be written", lambda: ledger.queued),
         ("switchboard_ledger_spilled", "Usage records spilled to file", lambda: ledger.spilled),
@@ -257,7 +262,7 @@ async def build_services(config: Config) -> Services:
         engine.dispose()
         raise
     ledger.start()
-    metrics = build_metrics(ledger)
+    metrics = build_metrics(ledger, capacity_classes(config))
     deployments = build_deployments(config, backends)
     routing = RoutingState(config, build_specs(config, backends, deployments))
     routing.start_pollers(time.monotonic)

@@ -136,6 +136,7 @@ usage_hourly = sa.Table(
     sa.Column("backend", sa.String(200), primary_key=True),
     sa.Column("privacy", sa.String(32), primary_key=True),  # the tier: privacy_class before ':'
     sa.Column("endpoint", sa.String(32), primary_key=True),  # usage.endpoint
+    sa.Column("batch_id", sa.String(64), primary_key=True),  # usage.batch_id; '' interactive (migration 0010)
     _measure("requests", sa.Integer),
     _measure("errors", sa.Integer),  # status = 'error'
     _measure("client_closed", sa.Integer),

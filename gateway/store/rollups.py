@@ -311,7 +311,7 @@ def _count_if(condition: ColumnElement[bool]) -> ColumnElement[Any]:
 
 
 def _group_select(pg: bool) -> sa.Select[Any]:
-    """usage_hourly's columns, in order, aggregated from `usage` grouped by the seven key columns."""
+    """usage_hourly's columns, in order, aggregated from `usage` grouped by the eight key columns."""
     u = usage.c
     measures = [
         sa.func.count(),
@@ -338,6 +338,7 @@ def _group_select(pg: bool) -> sa.Select[Any]:
         _text_key(u.backend, 200),
         _privacy_tier(pg),
         u.endpoint,
+        sa.func.coalesce(u.batch_id, sa.literal_column("''")),
     ]
     # GROUP BY position: PostgreSQL would not match expressions whose constants are separate parameters.
     return sa.select(*keys, *measures).group_by(*(sa.literal_column(str(i + 1)) for i in range(len(keys))))

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.http.app import create_app
 from gateway.store.db import make_engine
@@ -44,6 +46,17 @@ class EngineMetrics:
             {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def capacity_tokens(base_url: str) -> dict[tuple[str, str, str], float]:
+    """switchboard_capacity_tokens_total by (capacity, priority, kind), read from a live /metrics page."""
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(base_url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == "switchboard_capacity_tokens_total":
+                labels = sample.labels
+                out[(labels["capacity"], labels["priority"], labels["kind"])] = sample.value
+    return out
 
 
 def _gateway(fake: FakeProvider, tmp: Path, schema: str, **overrides: Any) -> Iterator[Gateway]:
@@ -115,6 +128,14 @@ def test_deadline_spill_moves_the_rest_to_the_cloud(fake: FakeProvider, tmp_path
         assert all(r["created_at"] >= spill_at - dt.timedelta(seconds=1) for r in cloud)
         for r in cloud:  # the cloud deployment's batch price
             assert r["cost_micro_usd"] == r["prompt_tokens"] * 1 + r["completion_tokens"] * 4
+        sdk.chat.completions.create(model="mixed", messages=[{"role": "user", "content": "now"}])
+        tokens = capacity_tokens(gw.base_url)  # /metrics: batch tokens by the capacity that served them
+        for capacity, served in (("owned", local), ("cloud", cloud)):
+            for kind in ("prompt", "completion"):
+                want = sum(r[f"{kind}_tokens"] for r in served)
+                assert tokens.get((capacity, "batch", kind), 0.0) == want > 0, (capacity, kind)
+        interactive = sum(v for (_c, priority, _k), v in tokens.items() if priority == "interactive")
+        assert interactive > 0 and {c for c, _p, _k in tokens} <= {"owned", "cloud"}
     finally:
         gateways.close()
         fake.configure("b-mixed-local", ttft_ms=0)

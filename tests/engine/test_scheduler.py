@@ -413,3 +413,57 @@ def test_any_load_completes_within_the_blocks(
     for seq_id, (prompt_len, max_tokens) in accepted.items():
         assert done[seq_id].output_ids == expected_output(prompt_len, max_tokens)
     assert blocks.num_free == num_blocks
+
+
+def capped(cap: int, **kw: int) -> tuple[Scheduler, BlockAllocator]:
+    blocks = BlockAllocator(kw.pop("num_blocks", 200))
+    config = SchedulerConfig(block_size=4, max_prefill_tokens=64, batch_rows_beside_interactive=cap, **kw)
+    return Scheduler(config, blocks), blocks
+
+
+def test_beside_interactive_work_only_capped_batch_rows_compute_and_the_rest_keep_their_blocks() -> None:
+    scheduler, _ = capped(2, max_batch=8)
+    for seq_id in range(5):
+        scheduler.add(seq_id, prompt(6, seq_id), batch(20))
+    step(scheduler)  # no interactive work: all five batch sequences run
+    assert scheduler.num_running == 5
+    held = {i: list(scheduler.get(i).block_table) for i in range(5)}  # type: ignore[union-attr]
+    scheduler.add(9, prompt(6, 9), params(3))
+    for _ in range(3):
+        plan, _ = step(scheduler)
+        ids = [c.seq_id for c in plan.chunks]
+        assert 9 in ids and len([i for i in ids if i != 9]) == 2  # the interactive one and two batch rows
+        assert {0, 1} <= set(ids)  # the oldest batch rows go on
+    assert scheduler.get(9) is None  # finished after its 3 tokens
+    for i in (2, 3, 4):  # sat out: still running, same blocks, nothing recomputed
+        seq = scheduler.get(i)
+        assert seq is not None and seq.status is SeqStatus.RUNNING and seq.num_preemptions == 0
+        assert seq.block_table == held[i]
+    plan, _ = step(scheduler)
+    assert len(plan.chunks) == 5  # interactive work gone: every batch row runs again
+    done = run_all(scheduler)
+    assert all(done[i].output_ids == expected_output(6, 20) for i in range(5))
+    assert scheduler.num_preemptions == 0
+
+
+def test_batch_requests_wait_behind_capped_rows_and_a_cap_of_zero_pauses_batch_work() -> None:
+    scheduler, _ = capped(1, max_batch=8)
+    scheduler.add(1, prompt(4, 1), params(6))
+    scheduler.add(2, prompt(4, 2), batch(2))
+    scheduler.add(3, prompt(4, 3), batch(2))
+    plan, _ = step(scheduler)
+    assert sorted(c.seq_id for c in plan.chunks) == [1, 2]  # one batch row beside the interactive one
+    paused, _ = capped(0, max_batch=8)
+    paused.add(1, prompt(4, 1), params(3))
+    paused.add(2, prompt(4, 2), batch(2))
+    order: list[int] = []
+    while paused.has_work:
+        plan, finished = step(paused)
+        assert not (1 in {c.seq_id for c in plan.chunks} and 2 in {c.seq_id for c in plan.chunks})
+        order += [s.seq_id for s in finished]
+    assert order == [1, 2]
+
+
+def test_a_negative_batch_row_cap_is_refused() -> None:
+    with pytest.raises(ValueError, match="batch_rows_beside_interactive"):
+        SchedulerConfig(batch_rows_beside_interactive=-1)

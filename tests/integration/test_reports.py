@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from gateway.config import Config, parse_config
+from gateway.errors import InvalidRequest
 from gateway.live import histogram
 from gateway.reports import (
     Dimension,
@@ -59,6 +60,8 @@ GROUPINGS = [
     ("hour", "model", "privacy"),
     ("endpoint", "model"),
     ("day", "endpoint", "backend"),
+    ("batch", "model"),
+    ("hour", "batch", "team"),
     ALL_DIMS,
     (),
 ]
@@ -177,13 +180,20 @@ WINDOWS = {
         until=START + 40 * H,
     ),
     "empty": dict(since=START + 100 * H, until=START + 200 * H),
+    "interactive": dict(batch="interactive"),
+    "any-batch-window": dict(
+        batch="batch", since=START + 5 * H + dt.timedelta(minutes=10), until=START + 40 * H
+    ),
+    "one-batch-team": dict(batch=f"batch_{1:032x}", team="ops"),
 }
 
 
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("window", list(WINDOWS))
 @pytest.mark.parametrize(
-    "group_by", [("team", "model"), ("hour",), ("endpoint",)], ids=["team+model", "hour", "endpoint"]
+    "group_by",
+    [("team", "model"), ("hour",), ("endpoint",), ("batch",)],
+    ids=["team+model", "hour", "endpoint", "batch"],
 )
 def test_filters_select_exactly_their_rows(
     ledger: Ledger, window: str, source: str, group_by: tuple[str, ...]
@@ -212,6 +222,26 @@ def test_group_values_are_formatted(ledger: Ledger) -> None:
     assert "2030-03-02T05:00Z" in {r.group[1] for r in rep.rows}
     assert {r.group[2] for r in rep.rows} == {None, "internal", "external", "edge", "external_zdr"}
     assert None in {r.group[3] for r in rep.rows}  # rows without a key
+
+
+def test_batch_groups_are_batch_ids_and_interactive(ledger: Ledger) -> None:
+    raw, rollup = (report(ledger.engine, ("batch",), source) for source in ("raw", "rollup"))
+    batches = {f"batch_{i:032x}" for i in range(4)}
+    assert {r.group[0] for r in raw.rows} == batches | {"interactive"}
+    assert [(r.group, r.requests, r.cost_micro_usd) for r in raw.rows] == [
+        (r.group, r.requests, r.cost_micro_usd) for r in rollup.rows
+    ]
+    interactive = report(ledger.engine, (), "rollup", batch="interactive").totals.requests
+    batched = report(ledger.engine, (), "rollup", batch="batch").totals.requests
+    assert interactive + batched == len(ledger.rows) and batched == sum(
+        1 for r in ledger.rows if r["batch_id"]
+    )
+
+
+def test_a_bad_batch_filter_names_its_parameter() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_query("batch", None, None, batch="not-a-batch")
+    assert err.value.param == "batch" and "interactive" in err.value.message
 
 
 def test_every_endpoint_is_a_group_and_raw_and_rollup_agree(ledger: Ledger) -> None:

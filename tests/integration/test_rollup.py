@@ -35,7 +35,9 @@ HOURS = 30
 NOW = START + dt.timedelta(days=3)  # the clock when the rollups first run
 HOUR = dt.timedelta(hours=1)
 LONG_MODEL = "m" * 250  # longer than usage_hourly.model: cut to 200 characters
-KEYS = ("hour", "team", "key_id", "model", "backend", "privacy", "endpoint")
+KEYS = ("hour", "team", "key_id", "model", "backend", "privacy", "endpoint", "batch_id")
+KEYS_0005 = KEYS[:6]  # usage_hourly's key before migration 0006 (endpoint) and 0011 (batch_id)
+BATCHES = ("batch_a", "batch_b")
 ENDPOINTS = ("chat.completions", "embeddings", "responses")
 
 
@@ -86,6 +88,7 @@ def generate(n: int, seed: int = 1, start: dt.datetime = START, hours: int = HOU
                 cost_saved_micro_usd=rng.randrange(10**6) if cache_hit else 0,
                 privacy_class=rng.choice((None, "", "internal", "internal:email", "external:phone,email")),
                 attempts=rng.choice((0, 1, 1, 2, 3)),
+                batch_id=None if i % 3 else BATCHES[i % 2],
             )
         )
     return records
@@ -117,6 +120,7 @@ def expected_hourly(records: list[UsageRecord]) -> dict[tuple[Any, ...], dict[st
             r.backend or "",
             tier,
             r.endpoint,
+            r.batch_id or "",
         )
         acc = out.setdefault(key, defaultdict(int))
         acc["requests"] += 1
@@ -425,7 +429,7 @@ def test_migration_0003_to_0004_and_back(db_target: DbTarget) -> None:
     command.upgrade(cfg, "0003")
     eng = db_target.make_engine()
     try:
-        old = [dataclasses.replace(r, endpoint=LEGACY_ENDPOINT) for r in generate(40)]
+        old = [dataclasses.replace(r, endpoint=LEGACY_ENDPOINT, batch_id=None) for r in generate(40)]
         with eng.begin() as conn:  # the 0003 columns only, as an older gateway writes them
             names = [c["name"] for c in sa.inspect(eng).get_columns("usage")]
             assert "written_at" not in names
@@ -464,10 +468,11 @@ def before_later(hourly: dict[tuple[Any, ...], dict[str, Any]]) -> dict[tuple[An
 def collapse_endpoints(
     hourly: dict[tuple[Any, ...], dict[str, Any]],
 ) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """Rollup rows as they are without the endpoint key column: each group's endpoints summed."""
+    """Rollup rows as they are without the endpoint and batch key columns: each group's endpoints and
+    batches summed."""
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
     for key, measures in hourly.items():
-        acc = out.setdefault(key[:-1], dict.fromkeys(measures, 0))
+        acc = out.setdefault(key[: len(KEYS_0005)], dict.fromkeys(measures, 0))
         for name, value in measures.items():
             acc[name] += value
     return out
@@ -490,29 +495,29 @@ def test_migration_0005_to_0006_keeps_rollups_and_back(db_target: DbTarget) -> N
     command.upgrade(cfg, "0005")
     eng = db_target.make_engine()
     try:
-        old = [dataclasses.replace(r, endpoint=LEGACY_ENDPOINT) for r in generate(120, seed=6)]
+        old = [dataclasses.replace(r, endpoint=LEGACY_ENDPOINT, batch_id=None) for r in generate(120, seed=6)]
         old_hourly = expected_hourly(old)
         inspector = sa.inspect(eng)
         names = [c["name"] for c in inspector.get_columns("usage")]
         assert "endpoint" not in names
-        assert inspector.get_pk_constraint("usage_hourly")["constrained_columns"] == list(KEYS[:-1])
+        assert inspector.get_pk_constraint("usage_hourly")["constrained_columns"] == list(KEYS_0005)
         with eng.begin() as conn:  # as a 0005 gateway wrote them: its usage columns and rollup rows
             typed = [sa.column(n, usage.c[n].type) for n in names]
             conn.execute(
                 sa.table("usage", *typed).insert(),
                 [{k: v for k, v in usage_row(r).items() if k in names} | {"written_at": NOW} for r in old],
             )
-            later = ("endpoint", *LATER_MEASURES)
+            later = ("endpoint", "batch_id", *LATER_MEASURES)
             hourly_names = [c.name for c in usage_hourly.columns if c.name not in later]
             hourly = sa.table("usage_hourly", *(sa.column(n, usage_hourly.c[n].type) for n in hourly_names))
             conn.execute(
                 hourly.insert(),
                 [
-                    dict(zip(KEYS[:-1], key, strict=True)) | m
+                    dict(zip(KEYS_0005, key, strict=True)) | m
                     for key, m in before_later(collapse_endpoints(old_hourly)).items()
                 ],
             )
-        db.migrate(db_target.url, db_target.schema)  # 0005 -> 0006
+        db.migrate(db_target.url, db_target.schema)  # 0005 -> 0006 (and on to head)
         pk = sa.inspect(eng).get_pk_constraint("usage_hourly")
         assert pk["constrained_columns"] == list(KEYS)
         if db_target.kind == "postgresql":
@@ -525,17 +530,17 @@ def test_migration_0005_to_0006_keeps_rollups_and_back(db_target: DbTarget) -> N
         new = generate(80, seed=7)  # several endpoints, as a 0006 gateway writes them
         insert(eng, new, written_at=NOW)
         Rollup(eng, clock=Clock(NOW)).run_once()
-        assert {k[-1] for k in read_hourly(eng)} == set(ENDPOINTS)
+        assert {k[-2] for k in read_hourly(eng)} == set(ENDPOINTS)
         assert_matches(eng, old + new)
 
         command.downgrade(cfg, "0005")
         inspector = sa.inspect(eng)
         assert "endpoint" not in [c["name"] for c in inspector.get_columns("usage")]
-        assert inspector.get_pk_constraint("usage_hourly")["constrained_columns"] == list(KEYS[:-1])
+        assert inspector.get_pk_constraint("usage_hourly")["constrained_columns"] == list(KEYS_0005)
         with eng.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM usage")).scalar_one() == len(old + new)
             rows = conn.execute(sa.text("SELECT * FROM usage_hourly")).mappings().all()
-        down = {tuple(r[k] for k in KEYS[:-1]): {k: v for k, v in r.items() if k not in KEYS} for r in rows}
+        down = {tuple(r[k] for k in KEYS_0005): {k: v for k, v in r.items() if k not in KEYS} for r in rows}
         if db_target.kind == "sqlite":  # raw text: the keys read back as UTCDateTime writes them
             down = {
                 (dt.datetime.fromisoformat(k[0]).replace(tzinfo=dt.UTC), *k[1:]): v for k, v in down.items()
@@ -544,8 +549,66 @@ def test_migration_0005_to_0006_keeps_rollups_and_back(db_target: DbTarget) -> N
 
         db.migrate(db_target.url, db_target.schema)  # and up again: the sums are chat.completions now
         want = {
-            (*key, LEGACY_ENDPOINT): m for key, m in collapse_endpoints(expected_hourly(old + new)).items()
+            (*key, LEGACY_ENDPOINT, ""): m
+            for key, m in collapse_endpoints(expected_hourly(old + new)).items()
         }
         assert_hourly_equal(read_hourly(eng), want)
+    finally:
+        eng.dispose()
+
+
+def test_migration_0010_to_0011_splits_batches_out_of_existing_rollups_and_back(db_target: DbTarget) -> None:
+    """Rollups a 0010 gateway wrote (no batch key) hold batch rows under batch ''; after the upgrade the
+    next run recomputes the hours whose raw rows remain, so each batch gets its own rollup rows."""
+    if db_target.schema is not None:
+        admin = db.make_engine(db_target.url)
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{db_target.schema}"')
+        admin.dispose()
+    cfg = db.alembic_config(db_target.url, db_target.schema)
+    command.upgrade(cfg, "0010")
+    eng = db_target.make_engine()
+    keys_0010 = KEYS[:-1]
+    try:
+        records = generate(150, seed=9)
+        assert {r.batch_id for r in records} == {None, *BATCHES}
+        insert(eng, records, written_at=NOW - dt.timedelta(days=1))  # long before the 0010 rollup's watermark
+        without_batch: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for key, measures in expected_hourly(records).items():
+            acc = without_batch.setdefault(key[:-1], dict.fromkeys(measures, 0))
+            for name, value in measures.items():
+                acc[name] += value
+        hourly_names = [c.name for c in usage_hourly.columns if c.name != "batch_id"]
+        with eng.begin() as conn:  # as a 0010 gateway's rollup left them
+            hourly = sa.table("usage_hourly", *(sa.column(n, usage_hourly.c[n].type) for n in hourly_names))
+            conn.execute(
+                hourly.insert(), [dict(zip(keys_0010, k, strict=True)) | m for k, m in without_batch.items()]
+            )
+            conn.execute(
+                sa.insert(rollup_state).values(
+                    name="usage", watermark=NOW, pruned_before=None, updated_at=NOW
+                )
+            )
+        db.migrate(db_target.url, db_target.schema)
+        pk = sa.inspect(eng).get_pk_constraint("usage_hourly")
+        assert pk["constrained_columns"] == list(KEYS)
+        if db_target.kind == "postgresql":
+            assert pk["name"] == "usage_hourly_pkey"
+        assert_hourly_equal(read_hourly(eng), {(*k, ""): m for k, m in without_batch.items()})
+        later = NOW + dt.timedelta(hours=1)
+        Rollup(eng, clock=Clock(later)).run_once()
+        assert {k[-1] for k in read_hourly(eng)} == {"", *BATCHES}
+        assert_matches(eng, records)
+
+        command.downgrade(cfg, "0010")
+        assert sa.inspect(eng).get_pk_constraint("usage_hourly")["constrained_columns"] == list(keys_0010)
+        with eng.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM usage_hourly")).mappings().all()
+        down = {tuple(r[k] for k in keys_0010): {k: v for k, v in r.items() if k not in KEYS} for r in rows}
+        if db_target.kind == "sqlite":  # raw text: the keys read back as UTCDateTime writes them
+            down = {
+                (dt.datetime.fromisoformat(k[0]).replace(tzinfo=dt.UTC), *k[1:]): v for k, v in down.items()
+            }
+        assert_hourly_equal(down, without_batch)
     finally:
         eng.dispose()

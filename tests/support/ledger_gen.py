@@ -30,7 +30,7 @@ USAGE_COLUMNS = (
     "request_id", "created_at", "team", "key_id", "requested_model", "backend", "served_model",
     "prompt_tokens", "completion_tokens", "cost_micro_usd", "latency_ms", "ttft_ms", "status", "http_status",
     "error_type", "stream", "cache_hit", "privacy_class", "route_reason", "attempts", "route_candidates",
-    "cost_saved_micro_usd", "written_at", "endpoint", "owned_micro_usd",
+    "cost_saved_micro_usd", "written_at", "endpoint", "batch_id", "owned_micro_usd",
 )  # fmt: skip
 WRITE_DELAY = dt.timedelta(seconds=1.5)  # written_at - created_at of generated rows
 SUM_FIELDS = (
@@ -128,7 +128,16 @@ def _row(rng: random.Random, spec: LedgerSpec, i: int, span_us: int) -> Row:
         "written_at": created_at + WRITE_DELAY,
         "endpoint": endpoint,
         "owned_micro_usd": 0 if cache_hit or cost else int(latency * 7) % 997,  # owned: no cloud cost
+        "batch_id": _batch_of(i, spec.rows),
     }
+
+
+def _batch_of(i: int, rows: int) -> str | None:
+    """Every fifth row belongs to one of four batches, each spanning a quarter of the window (so batches
+    cross hours and days); drawn from the index, not the random stream, so the other columns stay put."""
+    if i % 5:
+        return None
+    return f"batch_{4 * i // rows:032x}"
 
 
 def _placement(rng: random.Random, spec: LedgerSpec, team: int, key: int) -> tuple[str, str, str | None]:
@@ -157,6 +166,8 @@ def group_value(row: Row, dim: str) -> str | None:
         return at.strftime("%Y-%m-%dT%H:00Z")
     if dim == "privacy":
         return (row["privacy_class"] or "").split(":", 1)[0] or None
+    if dim == "batch":
+        return row.get("batch_id") or "interactive"
     names = {"team": "team", "key": "key_id", "model": "requested_model", "backend": "backend"}
     column = {**names, "endpoint": "endpoint"}[dim]
     return row[column] or None
@@ -206,7 +217,15 @@ def row_filter(
     team: str | None = None,
     model: str | None = None,
     endpoint: str | None = None,
+    batch: str | None = None,
 ) -> Callable[[Row], bool]:
+    def batch_kept(row: Row) -> bool:
+        if batch is None:
+            return True
+        if batch == "batch":
+            return row.get("batch_id") is not None
+        return (row.get("batch_id") or "interactive") == batch
+
     def keep(row: Row) -> bool:
         at = row["created_at"]
         return (
@@ -215,6 +234,7 @@ def row_filter(
             and (team is None or row["team"] == team)
             and (model is None or row["requested_model"] == model)
             and (endpoint is None or row["endpoint"] == endpoint)
+            and batch_kept(row)
         )
 
     return keep
@@ -280,6 +300,6 @@ def _insert_chunk(engine: Engine, chunk: list[Row]) -> int:
         with cursor.copy(f"COPY usage ({columns}) FROM STDIN") as copy:
             for row in chunk:
                 copy.write_row(
-                    tuple(row.get(c, 0) if c == "owned_micro_usd" else row[c] for c in USAGE_COLUMNS)
+                    tuple(row.get(c, 0) if c == "owned_micro_usd" else row.get(c) for c in USAGE_COLUMNS)
                 )
     return len(chunk)

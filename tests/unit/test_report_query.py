@@ -27,9 +27,10 @@ from gateway.reports import (
     Source,
     parse_query,
 )
+from gateway.reports.costs import busy_cost_micro_usd
 from gateway.reports.query import RAW_ONLY_MAX_SPAN, RollupState, ceil_hour, floor_hour, raw_suffices
 from gateway.reports.render import to_csv, to_json, to_table
-from gateway.reports.savings import busy_cost_micro_usd, reference_price
+from gateway.reports.savings import reference_price
 from gateway.reports.sql import interpolate
 from tests.support.ledger_gen import percentile_cont
 
@@ -45,7 +46,7 @@ def test_group_by_is_comma_separated_case_and_space_tolerant() -> None:
     assert q.group_by == (Dimension.TEAM, Dimension.MODEL, Dimension.DAY)
     assert parse_query(None, None, None).group_by == ()
     assert parse_query("", None, None).group_by == ()
-    every = parse_query("team,key,model,backend,privacy,endpoint,day,hour", None, None)
+    every = parse_query("team,key,model,backend,privacy,endpoint,batch,day,hour", None, None)
     assert every.group_by == tuple(Dimension)
 
 
@@ -54,7 +55,7 @@ def test_unknown_group_by_lists_the_valid_ones() -> None:
         parse_query("team,region", None, None)
     assert err.value.param == "group_by"
     assert "`region`" in err.value.message
-    assert "team, key, model, backend, privacy, endpoint, day, hour" in err.value.message
+    assert "team, key, model, backend, privacy, endpoint, batch, day, hour" in err.value.message
     with pytest.raises(InvalidRequest, match="listed twice"):
         parse_query("team,team", None, None)
 

@@ -86,6 +86,10 @@ class SchedulerConfig:
     block_size: int = 16  # tokens per KV block
     num_spec_tokens: int = 0  # draft slots reserved per decode (speculative decoding)
     prefix_sharing: bool = True  # reuse full blocks of identical prompt prefixes
+    # While interactive work is running or waiting, at most this many batch sequences compute in a step; the
+    # others sit it out holding their KV blocks (no recomputation), so a step, and with it interactive
+    # latency, stays close to what interactive work alone costs. None: batch rows are not capped.
+    batch_rows_beside_interactive: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_prefill_tokens", "block_size"):
@@ -93,6 +97,10 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_spec_tokens < 0:
             raise ValueError(f"num_spec_tokens must be >= 0, got {self.num_spec_tokens}")
+        if self.batch_rows_beside_interactive is not None and self.batch_rows_beside_interactive < 0:
+            raise ValueError(
+                f"batch_rows_beside_interactive must be >= 0, got {self.batch_rows_beside_interactive}"
+            )
 
 
 @dataclass(slots=True, eq=False)
@@ -241,9 +249,10 @@ class Scheduler:
         prefills: set[int] = set()
         self._draft_rooms = {}
         preempted = False
+        rows = _BatchRows(self._batch_row_cap())
         for seq in [s for s in self._running if s.is_decoding]:
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SeqStatus.RUNNING or not rows.take(seq):
+                continue  # preempted earlier in this loop, or a batch row sitting this step out
             room = min(self.config.num_spec_tokens, seq.params.max_tokens - len(seq.output_ids) - 1)
             if not self._reserve(seq, seq.num_computed + 1 + room, planned):
                 preempted = True
@@ -257,7 +266,7 @@ class Scheduler:
             budget = self._budget_left(planned, prefills)
             if budget <= 0:
                 break
-            if seq.status is not SeqStatus.RUNNING:
+            if seq.status is not SeqStatus.RUNNING or not rows.take(seq):
                 continue
             end = min(seq.num_tokens, seq.num_computed + budget)
             if not self._reserve(seq, end, planned):
@@ -269,13 +278,21 @@ class Scheduler:
         self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k in planned}
         if not preempted:
             evicted: set[int] = set()
-            admitted = self._admit(self._budget_left(planned, prefills), evicted)
+            admitted = self._admit(self._budget_left(planned, prefills), evicted, rows)
             # Interactive admissions may have preempted batch sequences planned above (and even readmitted
             # them from their start): their planned chunks and draft rooms are stale.
             planned = {k: c for k, c in planned.items() if k not in evicted}
             planned.update((c.seq_id, c) for c in admitted)
             self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k not in evicted}
         return StepPlan(tuple(planned.values()))
+
+    def _batch_row_cap(self) -> int | None:
+        """How many batch sequences may compute this step: the cap while interactive work is present."""
+        cap = self.config.batch_rows_beside_interactive
+        if cap is None:
+            return None
+        present = (s.params.priority is Priority.INTERACTIVE for s in (*self._running, *self._waiting))
+        return cap if any(present) else None
 
     def _budget_left(self, planned: Mapping[int, SeqChunk], prefills: set[int]) -> int:
         spent = sum(len(planned[s].token_ids) for s in prefills if s in planned)
@@ -367,12 +384,14 @@ class Scheduler:
             raise RuntimeError(f"block allocator refused {n} blocks with {self._allocator.num_free} free")
         return blocks
 
-    def _admit(self, budget: int, evicted: set[int]) -> list[SeqChunk]:
-        """Start waiting sequences in order while there is budget, batch room and free blocks; interactive
-        ones preempt running batch ones for room (their ids go to `evicted`)."""
+    def _admit(self, budget: int, evicted: set[int], rows: _BatchRows) -> list[SeqChunk]:
+        """Start waiting sequences in order while there is budget, batch room, free blocks and (for batch
+        ones) batch rows; interactive ones preempt running batch ones for room (their ids go to `evicted`)."""
         admitted = []
         while self._waiting and budget > 0:
             seq = self._waiting[0]
+            if not rows.take(seq):
+                break  # waiting is in priority order: only batch sequences are left
             while True:
                 shared = self._match_prefix(seq)  # again after a preemption: it may free indexed blocks
                 start = len(shared) * self.config.block_size
@@ -458,6 +477,21 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         seq.finish_cause = cause
         del self._seqs[seq.seq_id]
+
+
+class _BatchRows:
+    """Counts the batch sequences given a chunk in one step, up to `cap` (None: no cap)."""
+
+    def __init__(self, cap: int | None) -> None:
+        self._left = cap
+
+    def take(self, seq: Seq) -> bool:
+        if self._left is None or seq.params.priority is Priority.INTERACTIVE:
+            return True
+        if self._left <= 0:
+            return False
+        self._left -= 1
+        return True
 
 
 def _order(seq: Seq) -> tuple[bool, int]:
