@@ -22,9 +22,11 @@ from gateway.console.access import Refused, User, checked_form, current_user, re
 from gateway.console.views import html, with_headers
 from gateway.edge import tokens
 from gateway.edge.api import node_view, token_view
+from gateway.errors import InvalidRequest
 from gateway.http.admin import KeyIn, TeamIn, _check_team_models, _key_view, key_detail
 from gateway.http.explain import ExplainQuery, explain_route
 from gateway.store import audit, keys
+from gateway.translate.openai_chat import MAX_OUTPUT_TOKENS
 
 _BUDGET_FIELDS = ("budget_usd", "budget_period", "soft_budget_usd")
 
@@ -165,14 +167,17 @@ def manage_router() -> APIRouter:
     async def explain_page(
         team: str = "",
         model: str = "",
-        max_tokens: int | None = None,
+        max_tokens: str = "",
         privacy: str = "",
         text: str = "",
         user: User = Depends(require_admin),
     ) -> Response:
-        query = ExplainQuery(team, model, max_tokens, privacy or None, text=text)
         result, error = None, None
+        limit = int(max_tokens) if max_tokens.strip().isdigit() else None
+        query = ExplainQuery(team, model, limit, privacy or None, text=text)
         try:
+            if max_tokens.strip() and (limit is None or not 1 <= limit <= MAX_OUTPUT_TOKENS):
+                raise InvalidRequest(f"max tokens must be a whole number from 1 to {MAX_OUTPUT_TOKENS}")
             result = await explain_route(user.deps.admin, query)
         except SwitchboardError as exc:
             error = exc.message
