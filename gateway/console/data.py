@@ -18,10 +18,12 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from gateway.live import histogram
 from gateway.live.state import RoutingState
-from gateway.reports import Dimension, ReportQuery, ReportRow
-from gateway.reports.query import no_progress, report_on, snapshot
+from gateway.reports import Dimension, ReportQuery, ReportRow, Source, sql
+from gateway.reports.query import ROLLUP_CHUNK, Plan, make_plan, read_state, report_on, snapshot
 from gateway.reports.runner import Guard
+from gateway.reports.sql import GroupKey
 from gateway.store.db import batch_items, batches, files, usage
 
 MINUTE_SERIES_MAX = dt.timedelta(hours=3)  # up to this span the chart has one column per minute
@@ -41,20 +43,36 @@ class Overview:
 def overview(
     engine: Engine, since: dt.datetime, until: dt.datetime, team: str | None, guard: Guard
 ) -> Overview:
-    span = until - since
+    """Up to MINUTE_SERIES_MAX (the live hour): raw rows, exact percentiles. Longer: one pass over the hourly
+    rollups (plus raw rows for the partial hours at the ends) grouped by team, backend and hour or day,
+    folded here into totals, per-team, per-backend and the series; it may lag by one rollup run, as
+    `switchboard report --source rollup` does, and its percentiles come from merged histograms."""
     with snapshot(engine, guard) as conn:
+        state = read_state(conn)
+        if until - since > MINUTE_SERIES_MAX and state is not None:
+            unit = Dimension.HOUR if until - since <= HOURLY_SERIES_MAX else Dimension.DAY
+            query = ReportQuery(
+                (Dimension.TEAM, Dimension.BACKEND, unit), since, until, team, source=Source.ROLLUP
+            )
+            plan = make_plan(conn, query, state)
+            if not plan.exact:
+                return _folded(_vectors(conn, query, plan, guard), str(unit))
+        return _exact(conn, since, until, team, guard)
 
-        def grouped(*dims: Dimension) -> Any:
-            return report_on(conn, ReportQuery(dims, since, until, team=team), _step(guard))
 
-        by_backend = grouped(Dimension.BACKEND)
-        by_team = grouped(Dimension.TEAM)
-        if span <= MINUTE_SERIES_MAX:
-            series, unit = minute_series(conn, since, until, team), "minute"
-        else:
-            unit = "hour" if span <= HOURLY_SERIES_MAX else "day"
-            timed = grouped(Dimension.HOUR if unit == "hour" else Dimension.DAY)
-            series = [(str(r.group[0]), r.requests, r.errors) for r in timed.rows]
+def _exact(
+    conn: Connection, since: dt.datetime, until: dt.datetime, team: str | None, guard: Guard
+) -> Overview:
+    def grouped(*dims: Dimension) -> Any:
+        return report_on(conn, ReportQuery(dims, since, until, team=team), _step(guard))
+
+    by_backend, by_team = grouped(Dimension.BACKEND), grouped(Dimension.TEAM)
+    if until - since <= MINUTE_SERIES_MAX:
+        series, unit = minute_series(conn, since, until, team), "minute"
+    else:  # no rollups yet: a long window from raw rows
+        unit = "hour" if until - since <= HOURLY_SERIES_MAX else "day"
+        timed = grouped(Dimension.HOUR if unit == "hour" else Dimension.DAY)
+        series = [(str(r.group[0]), r.requests, r.errors) for r in timed.rows]
     by_cost = sorted(by_backend.rows, key=lambda r: -r.cost_micro_usd)
     teams = sorted(by_team.rows, key=lambda r: -r.cost_micro_usd)
     return Overview(by_backend.totals, tuple(by_cost), tuple(teams), tuple(series), unit, by_backend.source)
@@ -63,9 +81,56 @@ def overview(
 def _step(guard: Guard) -> Any:
     def step(_done: int, _total: int) -> None:
         guard.check()
-        no_progress(_done, _total)
 
     return step
+
+
+def _vectors(conn: Connection, query: ReportQuery, plan: Plan, guard: Guard) -> dict[GroupKey, list[int]]:
+    """Sums and latency/TTFT histograms per (team, backend, time) group: rollup hours, then raw rows."""
+    out: dict[GroupKey, list[int]] = {}
+    start, end = plan.rollup_start, plan.rollup_end
+    assert start is not None and end is not None  # the overview's window is bounded
+    while start < end:
+        guard.check()
+        hours = (start, min(end, start + ROLLUP_CHUNK))
+        _add(out, sql.rollup_histograms(conn, query.group_by, hours, plan.rollup_skip, query))
+        start += ROLLUP_CHUNK
+    if plan.raw_where is not None:
+        guard.check()
+        _add(out, sql.raw_histograms(conn, query.group_by, sql.raw_filters(query, plan.raw_where)))
+    return out
+
+
+def _add(into: dict[GroupKey, list[int]], part: dict[GroupKey, list[int]]) -> None:
+    for key, vector in part.items():
+        have = into.get(key)
+        into[key] = vector if have is None else [a + b for a, b in zip(have, vector, strict=True)]
+
+
+def _folded(vectors: dict[GroupKey, list[int]], unit: str) -> Overview:
+    total = [0] * sql.HIST_WIDTH
+    teams: dict[GroupKey, list[int]] = {}
+    backends: dict[GroupKey, list[int]] = {}
+    times: dict[str, list[int]] = {}
+    for (team, backend, at), vector in vectors.items():
+        total = [a + b for a, b in zip(total, vector, strict=True)]
+        _add(teams, {(team,): vector})
+        _add(backends, {(backend,): vector})
+        times[at] = [n + v for n, v in zip(times.get(at, [0, 0]), vector[:2], strict=True)]
+    series = tuple((at, n, e) for at, (n, e) in sorted(times.items()))
+
+    def rows(groups: dict[GroupKey, list[int]]) -> tuple[ReportRow, ...]:
+        return tuple(sorted((_row(k, v) for k, v in groups.items()), key=lambda r: -r.cost_micro_usd))
+
+    return Overview(_row((), total), rows(backends), rows(teams), series, unit, "rollup")
+
+
+def _row(key: GroupKey, v: list[int]) -> ReportRow:
+    """A group's row from its vector (sums in SUM_FIELDS order, then latency and TTFT bucket counts)."""
+    n = len(sql.SUM_FIELDS)
+    lat, ttft = v[n : n + histogram.BUCKETS], v[n + histogram.BUCKETS :]
+    p = [histogram.quantile(counts, q) for counts in (lat, ttft) for q in sql.QUANTILES]
+    return ReportRow(tuple(k or None for k in key), *v[:9], *p)
 
 
 def minute_series(

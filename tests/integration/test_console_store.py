@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from gateway.console import data
+from gateway.reports import Dimension, ReportQuery, Source, usage_report
+from gateway.reports.runner import Guard
 from gateway.store import audit, keys, sessions
 from gateway.store.db import console_sessions
+from gateway.store.rollups import Rollup
+from tests.support.ledger_gen import LedgerSpec, generate_rows, insert_rows
 
 NOW = dt.datetime(2031, 5, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -62,3 +68,31 @@ def test_audit_rows_newest_first_with_paging_and_filter(engine: Engine) -> None:
     assert len(created) == 5 and {e.source for e in created} == {"cli", "api"}
     assert created[0].detail == {"team": "ops"} and created[1].address == "10.0.0.7"
     assert cli.address == "cli" and cli.name.startswith("cli:")
+
+
+@pytest.mark.slow  # a few thousand generated rows and a rollup, on each database
+def test_overview_from_rollups_equals_the_ledger(engine: Engine) -> None:
+    """The overview's one pass over rollups (windows past 3 h) sums exactly what the raw ledger holds:
+    totals, per team, per backend and per hour; a team's view holds that team only."""
+    spec = LedgerSpec(rows=2_000, hours=54)
+    rows = list(generate_rows(spec))
+    insert_rows(engine, rows)
+    end = spec.start + dt.timedelta(hours=spec.hours)
+    Rollup(engine, clock=lambda: end + dt.timedelta(days=1)).run_once()
+    view = data.overview(engine, spec.start, end, None, Guard(60))
+    assert view.source == "rollup" and view.series_unit == "hour"
+    raw = usage_report(engine, ReportQuery((Dimension.TEAM,), spec.start, end, source=Source.RAW))
+    assert (view.totals.requests, view.totals.cost_micro_usd, view.totals.errors) == (
+        raw.totals.requests, raw.totals.cost_micro_usd, raw.totals.errors,
+    )  # fmt: skip
+    assert {r.group: r.cost_micro_usd for r in view.by_team} == {r.group: r.cost_micro_usd for r in raw.rows}
+    by_backend = usage_report(engine, ReportQuery((Dimension.BACKEND,), spec.start, end, source=Source.RAW))
+    assert {r.group: r.requests for r in view.by_backend} == {r.group: r.requests for r in by_backend.rows}
+    hourly = usage_report(engine, ReportQuery((Dimension.HOUR,), spec.start, end, source=Source.RAW))
+    assert [(b, n, e) for b, n, e in view.series] == [(r.group[0], r.requests, r.errors) for r in hourly.rows]
+    assert view.totals.latency_p95_ms is not None
+    assert 1 / 1.4 < view.totals.latency_p95_ms / (raw.totals.latency_p95_ms or 1) < 1.4  # histogram bound
+    team = spec.teams[0]
+    scoped = data.overview(engine, spec.start, end, team, Guard(60))
+    assert [r.group for r in scoped.by_team] == [(team,)]
+    assert scoped.totals.requests == next(r.requests for r in raw.rows if r.group == (team,))
