@@ -24,7 +24,7 @@ from gateway.reports import Dimension, ReportQuery, ReportRow, Source, sql
 from gateway.reports.query import ROLLUP_CHUNK, Plan, make_plan, read_state, report_on, snapshot
 from gateway.reports.runner import Guard
 from gateway.reports.sql import GroupKey
-from gateway.store.db import batch_items, batches, files, usage
+from gateway.store.db import batch_items, batches, files, usage, usage_hourly
 
 MINUTE_SERIES_MAX = dt.timedelta(hours=3)  # up to this span the chart has one column per minute
 HOURLY_SERIES_MAX = dt.timedelta(days=3)  # then per hour; longer: per day
@@ -44,19 +44,20 @@ def overview(
     engine: Engine, since: dt.datetime, until: dt.datetime, team: str | None, guard: Guard
 ) -> Overview:
     """Up to MINUTE_SERIES_MAX (the live hour): raw rows, exact percentiles. Longer: one pass over the hourly
-    rollups (plus raw rows for the partial hours at the ends) grouped by team, backend and hour or day,
-    folded here into totals, per-team, per-backend and the series; it may lag by one rollup run, as
-    `switchboard report --source rollup` does, and its percentiles come from merged histograms."""
+    rollups (plus raw rows for the partial hours at the ends) grouped by team and backend, folded here into
+    totals, per-team and per-backend rows, and a second that sums only requests and errors per hour or day
+    for the chart (thousands of groups of ~100 histogram sums would spill PostgreSQL's hash aggregate to
+    disk). It may lag by one rollup run, as `switchboard report --source rollup` does; its percentiles come
+    from merged histograms."""
     with snapshot(engine, guard) as conn:
         state = read_state(conn)
         if until - since > MINUTE_SERIES_MAX and state is not None:
             unit = Dimension.HOUR if until - since <= HOURLY_SERIES_MAX else Dimension.DAY
-            query = ReportQuery(
-                (Dimension.TEAM, Dimension.BACKEND, unit), since, until, team, source=Source.ROLLUP
-            )
+            query = ReportQuery((Dimension.TEAM, Dimension.BACKEND), since, until, team, source=Source.ROLLUP)
             plan = make_plan(conn, query, state)
             if not plan.exact:
-                return _folded(_vectors(conn, query, plan, guard), str(unit))
+                series = _series(conn, query, plan, unit)
+                return _folded(_vectors(conn, query, plan, guard), series, str(unit))
         return _exact(conn, since, until, team, guard)
 
 
@@ -85,8 +86,27 @@ def _step(guard: Guard) -> Any:
     return step
 
 
+def _series(conn: Connection, query: ReportQuery, plan: Plan, unit: Dimension) -> list[tuple[str, int, int]]:
+    """Requests and errors per hour or day: the plan's rollup hours, then its raw rows."""
+    h = usage_hourly.c
+    at = sql.rollup_group_values((unit,), conn.dialect.name)[0].label("g0")
+    where = [h.hour >= plan.rollup_start, h.hour < plan.rollup_end, *sql.rollup_filters(query)]
+    if plan.rollup_skip:
+        where.append(h.hour.not_in(plan.rollup_skip))
+    stmt = sa.select(at, sa.func.sum(h.requests), sa.func.sum(h.errors)).where(*where)
+    counts: dict[str, list[int]] = {}
+    for bucket, n, e in conn.execute(stmt.group_by(sa.literal_column("g0"))):
+        counts[bucket] = [int(n or 0), int(e or 0)]
+    if plan.raw_where is not None:
+        raw = sql.raw_sum_vectors(conn, (unit,), sql.raw_filters(query, plan.raw_where))
+        for (bucket,), vector in raw.items():
+            have = counts.setdefault(bucket, [0, 0])
+            have[0], have[1] = have[0] + vector[0], have[1] + vector[1]
+    return [(b, n, e) for b, (n, e) in sorted(counts.items()) if n]
+
+
 def _vectors(conn: Connection, query: ReportQuery, plan: Plan, guard: Guard) -> dict[GroupKey, list[int]]:
-    """Sums and latency/TTFT histograms per (team, backend, time) group: rollup hours, then raw rows."""
+    """Sums and latency/TTFT histograms per (team, backend): rollup hours, then raw rows."""
     out: dict[GroupKey, list[int]] = {}
     start, end = plan.rollup_start, plan.rollup_end
     assert start is not None and end is not None  # the overview's window is bounded
@@ -107,22 +127,19 @@ def _add(into: dict[GroupKey, list[int]], part: dict[GroupKey, list[int]]) -> No
         into[key] = vector if have is None else [a + b for a, b in zip(have, vector, strict=True)]
 
 
-def _folded(vectors: dict[GroupKey, list[int]], unit: str) -> Overview:
+def _folded(vectors: dict[GroupKey, list[int]], series: list[tuple[str, int, int]], unit: str) -> Overview:
     total = [0] * sql.HIST_WIDTH
     teams: dict[GroupKey, list[int]] = {}
     backends: dict[GroupKey, list[int]] = {}
-    times: dict[str, list[int]] = {}
-    for (team, backend, at), vector in vectors.items():
+    for (team, backend), vector in vectors.items():
         total = [a + b for a, b in zip(total, vector, strict=True)]
         _add(teams, {(team,): vector})
         _add(backends, {(backend,): vector})
-        times[at] = [n + v for n, v in zip(times.get(at, [0, 0]), vector[:2], strict=True)]
-    series = tuple((at, n, e) for at, (n, e) in sorted(times.items()))
 
     def rows(groups: dict[GroupKey, list[int]]) -> tuple[ReportRow, ...]:
         return tuple(sorted((_row(k, v) for k, v in groups.items()), key=lambda r: -r.cost_micro_usd))
 
-    return Overview(_row((), total), rows(backends), rows(teams), series, unit, "rollup")
+    return Overview(_row((), total), rows(backends), rows(teams), tuple(series), unit, "rollup")
 
 
 def _row(key: GroupKey, v: list[int]) -> ReportRow:
