@@ -372,6 +372,14 @@ class ReportsConfig(_Strict):
     requests_per_minute: int = Field(default=30, ge=1, le=100_000)  # per team key, on /v1/usage
 
 
+class ConsoleConfig(_Strict):
+    """The admin web console at /console (gateway/console/): sessions are stored in SQL."""
+
+    enabled: bool = True
+    session_ttl_s: float = Field(default=8 * 3600.0, gt=0, le=30 * 86_400)  # a login lasts this long
+    recent_decisions: int = Field(default=50, ge=1, le=1000)  # routing decisions listed per page
+
+
 class ResponsesConfig(_Strict):
     """`/v1/responses` conversation state: the only prompt text Switchboard keeps (teams may opt out)."""
 
@@ -509,6 +517,7 @@ class Config(_Strict):
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
     reports: ReportsConfig = ReportsConfig()
+    console: ConsoleConfig = ConsoleConfig()
     responses: ResponsesConfig = ResponsesConfig()
     files: FilesConfig = FilesConfig()
     batch: BatchConfig = BatchConfig()

@@ -25,6 +25,8 @@ from gateway.config import Config
 from gateway.limits.base import BudgetPeriod
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
     from gateway.records import KeyBudget
 
 teams_app = typer.Typer(help="Manage teams (stored in SQL).", no_args_is_help=True)
@@ -42,9 +44,10 @@ def teams_create(
 
     model_list = _split(models)
     _check_models(load(config), model_list, "--models")
-    team = keys.create_team(sql_engine(load(config)), name, model_list)
+    engine = sql_engine(load(config))
+    keys.create_team(engine, name, model_list)
+    _audit(engine, "team.create", name, {"models": model_list})
     console.print(f"team [bold]{name}[/bold] ready; models: {', '.join(model_list) if model_list else 'all'}")
-    del team
 
 
 @teams_app.command("list")
@@ -57,6 +60,13 @@ def teams_list(config: ConfigOpt = None) -> None:
         models = getattr(team, "models", None)
         t.add_row(team.name, ", ".join(models) if models else "all", str(getattr(team, "created_at", "")))
     console.print(t)
+
+
+def _audit(engine: Engine, action: str, target: str, detail: dict[str, object] | None = None) -> None:
+    """The audit row of a write made through the CLI (after it committed)."""
+    from gateway.store import audit
+
+    audit.record(engine, audit.cli_actor(), action, target, detail)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -150,9 +160,10 @@ def keys_create(
     _check_models(cfg, model_list, "--models")
     budget = _key_budget(budget_usd, budget_period, soft_budget_usd)
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=expires_in_days) if expires_in_days else None
+    engine = sql_engine(cfg)
     try:
         created = keys.create_key(
-            sql_engine(cfg),
+            engine,
             team,
             name=name,
             models=model_list,
@@ -164,6 +175,14 @@ def keys_create(
     except GatewayError as exc:
         err_console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
+    detail: dict[str, object] = {
+        "team": team,
+        "name": name,
+        "models": model_list,
+        "budget": _budget_text(budget),
+        "limits": {"requests": requests, "tokens": tokens},
+    }
+    _audit(engine, "key.create", created.key_id, detail)
     console.print(f"key id {created.key_id} for team {team} (shown once, store it now):")
     print(created.plaintext)
 
@@ -209,7 +228,9 @@ def keys_revoke(
     """Revoke a key. Running gateways stop accepting it within server.key_cache_ttl_s (default 5 s)."""
     from gateway.store import keys
 
-    if not keys.revoke_key(sql_engine(load(config)), key):
+    engine = sql_engine(load(config))
+    if not keys.revoke_key(engine, key):
         err_console.print(f"[red]no key with id or prefix {key}; see `switchboard keys list`[/red]")
         raise typer.Exit(1)
+    _audit(engine, "key.revoke", key)
     console.print(f"revoked {key}")

@@ -27,6 +27,7 @@ from gateway.edge import tokens
 from gateway.edge.link import SOCKET_ERRORS
 from gateway.edge.registry import NodeRecord
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from gateway.http.admin import record_admin_write
 from gateway.http.auth import authenticate_admin
 from gateway.http.deps import EdgeNodeDeps, router_deps
 from gateway.http.openapi import TAG_ADMIN, EdgeToken, IsoDateTime, Listing, NodeListing, errors, ok
@@ -142,7 +143,9 @@ def edge_router() -> APIRouter:
     created = {**ok(EdgeToken, "created; `token` is shown in this answer only", status=201), **errors(400)}
 
     @router.post("/admin/edge/tokens", status_code=201, responses=created)
-    async def create_token(body: TokenIn, deps: EdgeNodeDeps = Depends(_edge_admin)) -> Response:
+    async def create_token(
+        request: Request, body: TokenIn, deps: EdgeNodeDeps = Depends(_edge_admin)
+    ) -> Response:
         now = dt.datetime.now(dt.UTC)
         created = await _sql(
             tokens.create_token,
@@ -152,6 +155,8 @@ def edge_router() -> APIRouter:
             expires_at=body.expiry(now),
             now=now,
         )
+        detail = {"name": body.name, "labels": body.labels}
+        await record_admin_write(deps.db, request, "edge_token.create", created.info.token_id, detail)
         return _json({**token_view(created.info, now), "token": created.plaintext}, status_code=201)
 
     @router.get("/admin/edge/tokens", responses=ok(Listing, "every enrollment token"))
@@ -163,10 +168,13 @@ def edge_router() -> APIRouter:
         return _json({"data": data})
 
     @router.delete("/admin/edge/tokens/{token_id}", responses={**ok(EdgeToken, "revoked"), **errors(404)})
-    async def revoke_token(token_id: str, deps: EdgeNodeDeps = Depends(_edge_admin)) -> Response:
+    async def revoke_token(
+        request: Request, token_id: str, deps: EdgeNodeDeps = Depends(_edge_admin)
+    ) -> Response:
         info = await _sql(tokens.revoke_token, deps.db, token_id)
         if info is None:
             raise NotFound(f"no edge token with id `{token_id}`; list them with GET /admin/edge/tokens")
+        await record_admin_write(deps.db, request, "edge_token.revoke", token_id)
         disconnected = 0
         if deps.edge is not None:
             problem = info.problem(dt.datetime.now(dt.UTC)) or f"edge token {token_id} was revoked"

@@ -58,6 +58,12 @@ def _db(path: Path | None) -> Engine:
     return make_engine(cfg.database.url, cfg.database.schema_name)
 
 
+def _audit(engine: Engine, action: str, target: str, detail: dict[str, object] | None = None) -> None:
+    from gateway.store import audit
+
+    audit.record(engine, audit.cli_actor(), action, target, detail)
+
+
 @token_app.command("create")
 def token_create(
     name: Annotated[str, typer.Option(help="What the token is for, e.g. plant-7-line-2.")],
@@ -77,10 +83,12 @@ def token_create(
         expires = (
             None if expires_in is None else now + dt.timedelta(seconds=tokens.parse_duration_s(expires_in))
         )
-        created = tokens.create_token(_db(config), name=name, labels=labels, expires_at=expires, now=now)
+        engine = _db(config)
+        created = tokens.create_token(engine, name=name, labels=labels, expires_at=expires, now=now)
     except GatewayError as exc:
         _fail(exc.message.replace("expires_in:", "--expires-in:"))
     info = created.info
+    _audit(engine, "edge_token.create", info.token_id, {"name": name, "labels": dict(labels)})
     until = "never" if info.expires_at is None else info.expires_at.isoformat(timespec="seconds")
     err_console.print(f"edge token {info.token_id} ({name}; expires {until}); shown once, store it now:")
     print(created.plaintext)
@@ -116,8 +124,10 @@ def token_revoke(
     """Revoke a token. Gateways disconnect its nodes within edge.token_check_s (default 2 s)."""
     from gateway.edge import tokens
 
-    if tokens.revoke_token(_db(config), token_id) is None:
+    engine = _db(config)
+    if tokens.revoke_token(engine, token_id) is None:
         _fail(f"no edge token with id {token_id}; see `switchboard edge token list`", status=1)
+    _audit(engine, "edge_token.revoke", token_id)
     console.print(f"revoked {token_id}; its nodes are disconnected within edge.token_check_s")
 
 

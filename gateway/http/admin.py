@@ -37,7 +37,7 @@ from gateway.http.openapi import (
     ok,
 )
 from gateway.records import KeyBudget
-from gateway.store import keys
+from gateway.store import audit, keys
 from gateway.store.spend import micro_to_usd_text, usd_to_micro
 from gateway.translate.openai_chat import MAX_OUTPUT_TOKENS
 from routing.privacy import PrivacyTier
@@ -49,6 +49,26 @@ def _admin(request: Request) -> AdminDeps:
     deps = router_deps(request).admin
     authenticate_admin(deps.access, request.headers.get("authorization"))
     return deps
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+async def record_admin_write(
+    db: Any, request: Request, action: str, target: str, detail: Mapping[str, Any] | None = None
+) -> None:
+    """The audit row of a write made with the admin key through `/admin` (after it committed)."""
+    actor = audit.Actor(audit.ADMIN_ACTOR, audit.AuditSource.API, client_address(request))
+    await asyncio.to_thread(audit.record, db, actor, action, target, detail)
+
+
+def key_detail(key: keys.KeyInfo | keys.CreatedKey) -> dict[str, object]:
+    """What the audit log keeps of a key write: its settings, never its plaintext."""
+    view = _key_view(key)
+    return {k: view[k] for k in ("team", "name", "models", "limits", "budget") if k in view} | {
+        "expires_at": None if key.expires_at is None else key.expires_at.isoformat()
+    }
 
 
 def _json(value: Any, status_code: int = 200) -> Response:
@@ -164,9 +184,10 @@ def admin_router() -> APIRouter:
         return _json({"data": await asyncio.to_thread(keys.list_teams, deps.db)})
 
     @router.post("/teams", status_code=201, responses={**ok(Team, "created", status=201), **errors(400)})
-    async def create_team(body: TeamIn, deps: AdminDeps = Depends(_admin)) -> Response:
+    async def create_team(request: Request, body: TeamIn, deps: AdminDeps = Depends(_admin)) -> Response:
         _check_team_models(body.models, deps.config.models)
         team = await asyncio.to_thread(keys.create_team, deps.db, body.name, body.models)
+        await record_admin_write(deps.db, request, "team.create", body.name, {"models": body.models})
         return _json(team, status_code=201)
 
     @router.get("/keys", responses=ok(Listing, "every key, or the team's"))
@@ -177,7 +198,7 @@ def admin_router() -> APIRouter:
     @router.post(
         "/keys", status_code=201, responses={**ok(CreatedKey, "created", status=201), **errors(400, 404)}
     )
-    async def create_key(body: KeyIn, deps: AdminDeps = Depends(_admin)) -> Response:
+    async def create_key(request: Request, body: KeyIn, deps: AdminDeps = Depends(_admin)) -> Response:
         limits = body.limits or KeyLimitsIn()
         created = await asyncio.to_thread(
             keys.create_key,
@@ -190,13 +211,15 @@ def admin_router() -> APIRouter:
             limit_tokens=limits.tokens,
             budget=None if body.budget is None else body.budget.to_budget(),
         )
+        await record_admin_write(deps.db, request, "key.create", created.key_id, key_detail(created))
         return _json(_key_view(created), status_code=201)
 
     @router.post("/keys/{key_id}/revoke", responses={**ok(Revoked, "revoked"), **errors(400, 404)})
-    async def revoke_key(key_id: str, deps: AdminDeps = Depends(_admin)) -> Response:
+    async def revoke_key(request: Request, key_id: str, deps: AdminDeps = Depends(_admin)) -> Response:
         if not await asyncio.to_thread(keys.revoke_key, deps.db, key_id):
             raise NotFound(f"no key with id or prefix `{key_id}`; list keys with GET /admin/keys")
         deps.keys.invalidate()
+        await record_admin_write(deps.db, request, "key.revoke", key_id)
         return _json({"revoked": key_id})
 
     @router.get("/route/explain", responses={**ok(RouteExplanation, "the decision"), **errors(400, 404, 503)})

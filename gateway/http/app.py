@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backends.errors import SwitchboardError
 from gateway.config import Config
+from gateway.console import install_console
 from gateway.edge.api import edge_router
 from gateway.errors import AdminOnly, InvalidRequest, NotFound, error_body
 from gateway.http import anthropic_routes
@@ -383,6 +384,8 @@ def create_app(config: Config) -> SwitchboardApp:
     app.include_router(files_router())  # /v1/files: uploads streamed to file storage (files.*)
     app.include_router(batches_router())  # /v1/batches: state in SQL, items run by every replica's worker
     app.include_router(edge_router())  # /v1/edge/connect (WebSocket) and /admin/edge/...
+    if config.console.enabled:
+        install_console(app)  # /console: the admin web console (gateway/console/)
     _install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -1,5 +1,5 @@
 """SQL schema (teams, api_keys, usage, hourly rollups, edge tokens, stored responses, uploaded files'
-metadata), engine construction and migrations.
+metadata, batches, the audit log, console sessions), engine construction and migrations.
 
 Invariants: every datetime column holds timezone-aware UTC (`UTCDateTime` normalises on the way in and
 out, also on SQLite, which has no zone type); money is integer micro-dollars; `usage.request_id` is the
@@ -276,6 +276,37 @@ batch_items = sa.Table(
     sa.Column("lease_until", UTCDateTime, nullable=True),
     sa.Column("backend", sa.String(200), nullable=True),  # what served it (capacity class in metrics)
     sa.Index("ix_batch_items_state", "state", "batch_id"),
+)
+
+
+# Every admin write (console, CLI, `/admin` API): who, what, when, from where (gateway/store/audit.py).
+# `target` names what was changed (a team, a key id, an edge token id), never a secret.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),  # "admin", "key:<key id>", "cli:<os user>"
+    sa.Column("source", sa.String(16), nullable=False),  # console | api | cli
+    sa.Column("address", sa.String(64), nullable=False),  # the client's address, or "cli"
+    sa.Column("action", sa.String(64), nullable=False),  # e.g. key.create, key.revoke, team.create
+    sa.Column("target", sa.String(200), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=True),  # the write's settings (names, limits), never a secret
+    sa.Index("ix_audit_log_at", "at"),
+)
+
+# Logins to /console (gateway/store/sessions.py), by the SHA-256 of the session cookie's value.
+console_sessions = sa.Table(
+    "console_sessions",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("role", sa.String(8), nullable=False),  # admin | team
+    sa.Column("team", sa.String(64), nullable=True),  # a team session's team
+    sa.Column("key_id", sa.String(32), nullable=True),  # a team session's key (revoking it ends the session)
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Index("ix_console_sessions_expires_at", "expires_at"),
 )
 
 

@@ -61,6 +61,8 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
             "files",
             "batches",
             "batch_items",
+            "audit_log",
+            "console_sessions",
         }
         assert tables | {"alembic_version"} <= set(inspector.get_table_names())
         for table in db.metadata.sorted_tables:
@@ -82,7 +84,7 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
         assert usage_indexes["ix_usage_key_id_created_at"] == ["key_id", "created_at"]
         assert usage_indexes["ix_usage_written_at"] == ["written_at"]
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0011"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0012"
     finally:
         eng.dispose()
 
