@@ -2,13 +2,13 @@
 
 Specs are what a gateway config would say: owned engine boxes and edge nodes at an hourly price with their
 throughput curve (`routing.fleet.Capacity`, from the same step model the simulator runs), the cloud at its
-list price. Stats are what the gateway would see: its own in-flight count and the prompt tokens of its
-requests still without a first token per deployment, the engine's
-running and waiting counts (its /metrics), TTFT and per-stream decode rate as moving averages of finished
-requests, and the median latency of the last 100. Like the gateway (`gateway/live/state.py`), a snapshot is
-reused for up to 50 ms. Team policies carry the objective and SLOs; a request's prefix key is the hash of
-its long shared prefix, as the gateway hashes a shared system prompt. Dispatch takes the first candidate;
-no candidate (fail closed) is a rejection.
+list price; boxes carry their prefill rate and a reserve for must-stay traffic (`RESERVE_*`). Stats are
+what the gateway would see: its own in-flight count and the prompt tokens of its requests still without a
+first token per deployment, the engine's running and waiting counts (its /metrics), TTFT and per-stream
+decode rate as moving averages of finished requests, and the median latency of the last 100. Like the
+gateway (`gateway/live/state.py`), a snapshot is reused for up to 50 ms. Team policies carry the
+objective and SLOs; a request's prefix key is the hash of its long shared prefix, as the gateway hashes a
+shared system prompt. Dispatch takes the first candidate; no candidate (fail closed) is a rejection.
 """
 
 from __future__ import annotations
