@@ -67,7 +67,7 @@ def by_slo(
     max_ttft = math.inf if policy.slo_p95_ttft_ms is None else policy.slo_p95_ttft_ms
     max_e2e = math.inf if policy.slo_p95_e2e_ms is None else policy.slo_p95_e2e_ms
     get = (owned or {}).get
-    may_leave = owned is not None and any(c.deployment_id not in owned for c in ranked)
+    may_leave = owned is not None and len(owned) < len(ranked)  # every owned entry is a candidate
     met: list[ScoredCandidate] = []
     missed: list[tuple[float, ScoredCandidate]] = []
     for c in ranked:
