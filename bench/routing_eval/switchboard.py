@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from backends.base import BackendKind
 from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel
-from bench.routing_eval.sim import CLOUD, Box, Job, Simulation
+from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.workload import TEAMS, Request
 from routing.decision import Price, RouteDecision
 from routing.fleet import Capacity, stable_hash64
@@ -132,12 +132,6 @@ def _prior(box: BoxSpec | None, fleet: Fleet) -> _Seen:
     return _Seen(ttft_ms, m.aggregate_tok_s(1))
 
 
-def _pending_prompt_tokens(box: Box) -> int:
-    """What the gateway counts: the prompt tokens of its requests on the box without a first token yet
-    (waiting or prefilling; it cannot see prefix-cache hits or prefill progress)."""
-    return sum(j.req.prompt_tokens for j in box.waiting) + sum(j.req.prompt_tokens for j in box.prefilling)
-
-
 @dataclass
 class Switchboard:
     name: str = "switchboard"
@@ -164,7 +158,7 @@ class Switchboard:
         else:
             box = sim.boxes[name]
             in_flight, waiting, running = box.in_system, len(box.waiting), box.running
-        pending = 0 if name == CLOUD else _pending_prompt_tokens(sim.boxes[name])
+        pending = 0 if name == CLOUD else sim.boxes[name].pending_prompt_tokens
         return DeploymentStats(
             ttft_ms=seen.ttft_ms,
             decode_tokens_per_s=max(seen.decode_tok_s, 1e-3),
