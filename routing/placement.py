@@ -6,10 +6,10 @@ those predicted to miss it, the closest to meeting it first: a request that may 
 capacity rather than overflow. A request that could go elsewhere (some eligible deployment is not owned)
 meets the SLO on an owned box only outside the box's reserve for must-stay traffic (`Capacity.reserve_*`):
 a free unreserved slot, and a predicted TTFT within the reserve's bound. `by_affinity`: with a prefix key,
-the owned replicas that tie for first place (same requested-order position, SLO met, same marginal cost)
-are reordered by rendezvous hashing of the key, skipping a replica with more than `affinity_max_waiting`
-requests waiting for a slot (its spill goes to the next in rendezvous order). Pure and deterministic:
-every gateway replica places a prefix on the same engine.
+the owned replicas that tie for first place (same requested-order position and marginal cost, SLO met, or
+all missing it when none meets it) are reordered by rendezvous hashing of the key, skipping a replica with
+more than `affinity_max_waiting` requests waiting for a slot (its spill goes to the next in rendezvous
+order). Pure and deterministic: every gateway replica places a prefix on the same engine.
 """
 
 from __future__ import annotations
@@ -93,16 +93,20 @@ def by_affinity(
     ranked: list[ScoredCandidate], owned: Mapping[str, Entry], policy: RoutePolicy, prefix_key: int
 ) -> tuple[list[ScoredCandidate], Affinity | None]:
     """The owned replicas (`owned`: id -> entry of the owned eligible ones) tying with the best-ranked owned
-    one, placed in their slots in rendezvous order."""
+    one, placed in their slots in rendezvous order. When no owned replica meets the SLO (a request that
+    queues on owned capacity), those missing it tie instead: a cached prefix is then worth the most."""
     lead = next((c for c in ranked if c.slo_met and c.deployment_id in owned), None)
+    met = lead is not None
     if lead is None:
-        return ranked, None
+        lead = next((c for c in ranked if c.deployment_id in owned), None)
+        if lead is None:
+            return ranked, None
     position, cost = lead.order_position, lead.cost_pusd
     slots: list[int] = []
     members: list[tuple[int, int, ScoredCandidate]] = []  # (HRW weight, waiting, candidate)
     get = owned.get
     for i, c in enumerate(ranked):
-        if c.slo_met and c.cost_pusd == cost and c.order_position == position:
+        if c.slo_met == met and c.cost_pusd == cost and c.order_position == position:
             e = get(c.deployment_id)
             if e is not None:
                 slots.append(i)

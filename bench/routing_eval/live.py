@@ -158,6 +158,14 @@ async def replay(trace: list[Request], policy: object, view: LiveView, urls: dic
     return jobs
 
 
+REPLICAS_ONLY = "switchboard, replicas only"
+
+
+def _replicas_only() -> Switchboard:
+    """Switchboard with the cloud out of reach: prefix affinity and SLO placement over the replicas alone."""
+    return Switchboard(name=REPLICAS_ONLY, use_cloud=False)
+
+
 class RoundRobinReplicas:
     """Round-robin over the engine replicas for everything (the affinity baseline)."""
 
@@ -280,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[str] = []
     results = {}
     with tempfile.TemporaryDirectory(prefix="sb-eval-live-") as tmp, rig(Path(tmp)) as urls:
-        for make in (Switchboard, RoundRobinReplicas):
+        for make in (Switchboard, _replicas_only, RoundRobinReplicas):
             policy = make()
             view = LiveView(dataclasses.replace(fleet, boxes=fleet.owned))
             jobs = asyncio.run(replay(trace, policy, view, urls))
@@ -289,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
             results[policy.name] = (_stats(jobs), _stats(simulated))
     for label, (live, sim) in results.items():
         rows += _row(label, live, sim)
-    sb, rr = results["switchboard"][0], results["round-robin"][0]
+    sb, rr = results[REPLICAS_ONLY][0], results["round-robin"][0]
     speedup = rr["agent_ttft_p50"] / sb["agent_ttft_p50"] if sb["agent_ttft_p50"] else float("nan")
     info = machine_info()
     out = f" --out {args.out}" if args.out else ""
@@ -311,8 +319,9 @@ def main(argv: list[str] | None = None) -> None:
         *rows,
         "",
         f"- Prefix affinity (live): agent-turn p50 TTFT round-robin {rr['agent_ttft_p50']:.0f} ms vs "
-        f"switchboard {sb['agent_ttft_p50']:.0f} ms: {speedup:.2f}x (goal >= 2x): "
-        f"{'met' if speedup >= 2 else '**not met**'}.",
+        f"`{REPLICAS_ONLY}` {sb['agent_ttft_p50']:.0f} ms: {speedup:.2f}x (goal >= 2x): "
+        f"{'met' if speedup >= 2 else '**not met**'}. Both place every request on the 3 replicas (the cloud "
+        "reads as unhealthy to that Switchboard run), so the difference is placement, not overflow.",
     ]
     text = "\n".join(lines)
     print(text)

@@ -136,6 +136,7 @@ def _prior(box: BoxSpec | None, fleet: Fleet) -> _Seen:
 class Switchboard:
     name: str = "switchboard"
     affinity: bool = True
+    use_cloud: bool = True  # False: the cloud reads as unhealthy (the live check's affinity comparison)
     decisions: int = 0
     last: RouteDecision | None = None
     _specs: dict[str, DeploymentSpec] = field(default_factory=dict)
@@ -166,6 +167,7 @@ class Switchboard:
             in_flight=in_flight,
             queue_depth=waiting,
             sample_count=seen.samples,
+            healthy=self.use_cloud or name != CLOUD,
             running=running,
             pending_prompt_tokens=pending,
         )

@@ -5,6 +5,7 @@ Pure functions over made-up snapshots; no I/O."""
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 import pytest
@@ -139,3 +140,20 @@ def test_the_reserve_does_not_bind_when_the_cloud_is_not_an_option() -> None:
 def test_bad_capacity_settings_name_the_setting(kwargs: dict[str, float], setting: str) -> None:
     with pytest.raises(ValueError, match=setting):
         Capacity(tokens_per_s=((1, 40.0), (4, 120.0)), max_concurrency=4, **kwargs)  # type: ignore[arg-type]
+
+
+def test_prefix_affinity_still_applies_when_no_owned_replica_meets_the_slo() -> None:
+    def replica(name: str) -> tuple[DeploymentSpec, DeploymentStats]:
+        spec, stats = box(PREFILL)
+        return dataclasses.replace(spec, deployment_id=name, backend=name), stats
+
+    s = snap(*(replica(f"r{i}") for i in range(3)))
+    long = RouteRequest("m", prompt_tokens=2000, expected_output_tokens=50, privacy_floor=T.INTERNAL)
+    chosen = set()
+    for key in range(40):
+        decision = choose(dataclasses.replace(long, prefix_key=key), s, SLO, now_s=0)  # 10 s: misses 4 s
+        assert not decision.ranked[0].slo_met and "prefix affinity" in decision.reason
+        again = choose(dataclasses.replace(long, prefix_key=key), s, SLO, now_s=0)
+        assert again.candidates[0] == decision.candidates[0]  # the same replica for the same prefix
+        chosen.add(decision.candidates[0].backend)
+    assert chosen == {"r0", "r1", "r2"}  # spread by the key, not all on the closest
