@@ -115,14 +115,24 @@ class CapacityConfig(_Strict):
     """An owned box's throughput curve (`routing.fleet.Capacity`): measure it once with bench/engine, e.g.
     tokens_per_s = [[1, 40], [4, 120], [8, 160]] (concurrency, aggregate decode tokens/s) and
     ttft_ms = [[0, 150], [4, 2000]] (requests waiting for a slot, TTFT ms). The engine's /metrics (running,
-    queue depth) and the gateway's in-flight count place the live load on it."""
+    queue depth) and the gateway's in-flight count and pending prompt tokens place the live load on it.
+    prefill_tokens_per_s (prompt tokens/s, e.g. 165) makes predicted TTFT grow with the prompts ahead and
+    the request's own; 0: prompt length is not modelled. The reserve for must-stay traffic (requests whose
+    privacy floor forbids the cloud): reserve_slots slots that requests able to overflow leave free, and
+    reserve_ttft_ms: such requests go here only while their predicted TTFT is at most this."""
 
     tokens_per_s: list[tuple[float, float]] = Field(min_length=1)
     ttft_ms: list[tuple[float, float]] = Field(default_factory=list)
     max_concurrency: int = Field(default=0, ge=0)  # batch slots; 0: the last tokens_per_s point's concurrency
+    prefill_tokens_per_s: float = Field(default=0.0, ge=0)
+    reserve_slots: int = Field(default=0, ge=0)  # below the box's slots
+    reserve_ttft_ms: float | None = Field(default=None, gt=0)
 
     def curve(self) -> Capacity:
-        return Capacity(tuple(self.tokens_per_s), tuple(self.ttft_ms), self.max_concurrency)
+        return Capacity(
+            tuple(self.tokens_per_s), tuple(self.ttft_ms), self.max_concurrency, self.prefill_tokens_per_s,
+            self.reserve_slots, self.reserve_ttft_ms,
+        )  # fmt: skip
 
 
 class _RoutedBackend(_Strict):

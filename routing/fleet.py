@@ -3,8 +3,12 @@
 A company pays for a self-hosted GPU or an edge node by the hour, whatever it serves, so routing prices such
 capacity at marginal cost 0 while it has SLO-safe room; the cloud is paid per token. `Capacity` is a box's
 throughput curve from config (`[backends.X.capacity]`): aggregate decode tokens/s against concurrency, and
-optionally TTFT against queue depth. `predict` turns it and the live load (gateway in-flight count, engine
-/metrics running and queue depth) into the request-independent terms of a latency prediction. The ledger's
+optionally TTFT against queue depth and the rate it computes prompt tokens (prefill). `predict` turns it and
+the live load (gateway in-flight count and pending prompt tokens, engine /metrics running and queue depth)
+into the terms of a latency prediction that is linear in the request's prompt and output tokens. A curve
+may keep a reserve for must-stay traffic (requests whose privacy floor forbids the cloud): requests that
+could overflow use only the unreserved slots, and only while their predicted TTFT is within the reserve's
+bound (`routing.placement.by_slo`). The ledger's
 chargeback figure (`owned_share_micro_usd`) uses the same busy-time arithmetic as the savings report.
 Pure: no I/O, no clock.
 """
@@ -28,11 +32,20 @@ class Capacity:
     waiting for a slot including the new one (0: it starts at once); extrapolated along the last segment.
     Empty: the measured TTFT plus the queue wait implied by the service time. `max_concurrency`: requests
     the box runs at once (its batch slots); more wait. 0: the last throughput point's concurrency.
+    `prefill_tokens_per_s`: prompt tokens/s the box computes (its engine prefills in arrival order); > 0
+    makes TTFT = one step + the prompt tokens pending ahead + this request's own prompt at this rate (or
+    the wait for a slot, when longer). 0: prompt length is not modelled (the measured TTFT stands in).
+    The reserve for must-stay traffic, honoured by requests that could go to the cloud instead:
+    `reserve_slots` slots they leave free, and `reserve_ttft_ms`: they are placed here only while their
+    predicted TTFT is at most this, so a must-stay request arriving next finds a short prefill queue.
     """
 
     tokens_per_s: tuple[tuple[float, float], ...]
     ttft_ms: tuple[tuple[float, float], ...] = ()
     max_concurrency: int = 0
+    prefill_tokens_per_s: float = 0.0
+    reserve_slots: int = 0
+    reserve_ttft_ms: float | None = None
 
     def __post_init__(self) -> None:
         for name, points, x_min in (("tokens_per_s", self.tokens_per_s, 1), ("ttft_ms", self.ttft_ms, 0)):
@@ -45,6 +58,15 @@ class Capacity:
             raise ValueError("capacity.tokens_per_s: give at least one point, each with tokens/s > 0")
         if self.max_concurrency < 0:
             raise ValueError(f"capacity.max_concurrency must be >= 0, got {self.max_concurrency}")
+        if self.prefill_tokens_per_s < 0:
+            raise ValueError(f"capacity.prefill_tokens_per_s must be >= 0, got {self.prefill_tokens_per_s}")
+        if not 0 <= self.reserve_slots < self.slots:
+            raise ValueError(
+                f"capacity.reserve_slots must be >= 0 and below the box's {self.slots} slots "
+                f"(capacity.max_concurrency), got {self.reserve_slots}"
+            )
+        if self.reserve_ttft_ms is not None and self.reserve_ttft_ms <= 0:
+            raise ValueError(f"capacity.reserve_ttft_ms must be > 0, got {self.reserve_ttft_ms}")
 
     @property
     def slots(self) -> int:
@@ -75,14 +97,18 @@ def _interpolate(points: tuple[tuple[float, float], ...], x: float, *, extrapola
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    """Request-independent terms: TTFT = ttft_base + out * ttft_per_token, e2e = base + out * per_token.
-    `waiting`: requests that would queue for a slot ahead of and including this one (0: starts at once)."""
+    """TTFT = ttft_base + out * ttft_per_token + prompt * per_prompt, e2e = base + out * per_token +
+    prompt * per_prompt (out, prompt: the request's output and prompt tokens). `waiting`: requests that
+    would queue for a slot ahead of and including this one (0: starts at once). `unreserved`: whether a
+    request that could go elsewhere fits in the slots outside the reserve for must-stay traffic."""
 
     ttft_base_ms: float
     ttft_ms_per_output_token: float
     base_ms: float
     ms_per_output_token: float
     waiting: int
+    ms_per_prompt_token: float = 0.0
+    unreserved: bool = True
 
 
 def predict(
@@ -94,13 +120,16 @@ def predict(
     queue_depth: int,
     running: int | None,
     capacity: Capacity | None,
+    pending_prompt_tokens: int = 0,
 ) -> Prediction:
     """Latency terms on one deployment from its live stats and (if configured) its capacity curve.
 
     Without a curve: queue wait = queue depth x service time (the measured p50, else this request's own
     TTFT + decode time), then TTFT and decode at the measured per-stream rate. With a curve: the requests on
     the box are max(in-flight, running + queue depth); the new one starts when a slot frees (each completion
-    frees one of `slots`), decodes at aggregate(c)/c tokens/s with c the requests running beside it.
+    frees one of `slots`), decodes at aggregate(c)/c tokens/s with c the requests running beside it. With a
+    prefill rate, its first token comes after the prompt tokens pending on the box (`pending_prompt_tokens`:
+    the gateway's in-flight requests without a first token yet) and its own, or after its slot wait.
     """
     ms_per_token = 1000.0 / decode_tokens_per_s
     if capacity is None:
@@ -114,6 +143,10 @@ def predict(
     waiting = max(0, on_box + 1 - slots)
     concurrency = min(on_box + 1, slots)
     stream_ms_per_token = 1000.0 * concurrency / capacity.aggregate_tokens_per_s(concurrency)
+    unreserved = capacity.reserve_slots == 0 or on_box + 1 <= slots - capacity.reserve_slots
+    if capacity.prefill_tokens_per_s > 0:
+        return _prefill_bound(capacity, p50_latency_ms, ttft_ms, pending_prompt_tokens, waiting,
+                              stream_ms_per_token, unreserved)  # fmt: skip
     curve_ttft = capacity.ttft_at(waiting)
     if curve_ttft is not None:
         ttft_base, ttft_per_token = curve_ttft, 0.0
@@ -122,7 +155,38 @@ def predict(
     else:  # each slot frees after about this request's own service time
         rounds = waiting / slots
         ttft_base, ttft_per_token = ttft_ms * (1 + rounds), rounds * stream_ms_per_token
-    return Prediction(ttft_base, ttft_per_token, ttft_base, ttft_per_token + stream_ms_per_token, waiting)
+    return Prediction(
+        ttft_base, ttft_per_token, ttft_base, ttft_per_token + stream_ms_per_token, waiting, 0.0, unreserved
+    )
+
+
+def _prefill_bound(
+    capacity: Capacity,
+    p50_latency_ms: float,
+    ttft_ms: float,
+    pending_prompt_tokens: int,
+    waiting: int,
+    stream_ms: float,
+    unreserved: bool,
+) -> Prediction:
+    """`predict` with a prefill rate: one step + max(prefill of the pending prompts, slot wait) + own prompt.
+    The slot wait is the curve's TTFT at that queue depth, else queue x the measured p50 / slots, else
+    rounds of this request's own service time."""
+    ms_per_prompt = 1000.0 / capacity.prefill_tokens_per_s
+    slot_ms, slot_per_token = 0.0, 0.0
+    if waiting:
+        curve = capacity.ttft_at(waiting)
+        if curve is not None:
+            slot_ms = curve
+        elif p50_latency_ms > 0:
+            slot_ms = waiting * p50_latency_ms / capacity.slots
+        else:
+            rounds = waiting / capacity.slots
+            slot_ms, slot_per_token = rounds * ttft_ms, rounds * stream_ms
+    base = stream_ms + max(pending_prompt_tokens * ms_per_prompt, slot_ms)
+    return Prediction(
+        base, slot_per_token, base, slot_per_token + stream_ms, waiting, ms_per_prompt, unreserved
+    )
 
 
 def owned_share_micro_usd(busy_ms: float, usd_per_hour: Decimal) -> int:

@@ -3,10 +3,13 @@
 `by_slo`: with an SLO in the policy (`slo_p95_ttft_ms`, `slo_p95_e2e_ms`), deployments predicted to meet it
 come first, the cheapest first (owned capacity costs 0 at the margin, so it wins while it has room), then
 those predicted to miss it, the closest to meeting it first: a request that may not leave queues on owned
-capacity rather than overflow. `by_affinity`: with a prefix key, the owned replicas that tie for first place
-(same requested-order position, SLO met, same marginal cost) are reordered by rendezvous hashing of the key,
-skipping a replica with more than `affinity_max_waiting` requests waiting for a slot (its spill goes to the
-next in rendezvous order). Pure and deterministic: every gateway replica places a prefix on the same engine.
+capacity rather than overflow. A request that could go elsewhere (some eligible deployment is not owned)
+meets the SLO on an owned box only outside the box's reserve for must-stay traffic (`Capacity.reserve_*`):
+a free unreserved slot, and a predicted TTFT within the reserve's bound. `by_affinity`: with a prefix key,
+the owned replicas that tie for first place (same requested-order position and marginal cost, SLO met, or
+all missing it when none meets it) are reordered by rendezvous hashing of the key, skipping a replica with
+more than `affinity_max_waiting` requests waiting for a slot (its spill goes to the next in rendezvous
+order). Pure and deterministic: every gateway replica places a prefix on the same engine.
 """
 
 from __future__ import annotations
@@ -55,15 +58,22 @@ def has_slo(policy: RoutePolicy) -> bool:
     return policy.slo_p95_ttft_ms is not None or policy.slo_p95_e2e_ms is not None
 
 
-def by_slo(ranked: list[ScoredCandidate], policy: RoutePolicy) -> list[ScoredCandidate]:
+def by_slo(
+    ranked: list[ScoredCandidate], policy: RoutePolicy, owned: Mapping[str, Entry] | None = None
+) -> list[ScoredCandidate]:
     """Meeting the SLO first, cheapest first (ties keep the objective's order); then misses, closest first;
-    the requested `order` stays outermost. Stable single-key sorts, least significant first."""
+    the requested `order` stays outermost. Stable single-key sorts, least significant first. `owned`: id ->
+    entry of the owned eligible deployments, whose reserves bind when some candidate is not owned."""
     max_ttft = math.inf if policy.slo_p95_ttft_ms is None else policy.slo_p95_ttft_ms
     max_e2e = math.inf if policy.slo_p95_e2e_ms is None else policy.slo_p95_e2e_ms
+    get = (owned or {}).get
+    may_leave = owned is not None and len(owned) < len(ranked)  # every owned entry is a candidate
     met: list[ScoredCandidate] = []
     missed: list[tuple[float, ScoredCandidate]] = []
     for c in ranked:
-        if c.ttft_ms <= max_ttft and c.latency_ms <= max_e2e:
+        e = get(c.deployment_id) if may_leave else None
+        reserved = e is not None and (not e.unreserved or c.ttft_ms > e.reserve_ttft_ms)
+        if c.ttft_ms <= max_ttft and c.latency_ms <= max_e2e and not reserved:
             met.append(c)
         else:
             missed.append((overshoot(c, policy), _new(ScoredCandidate, (*c[:_SLO_MET], False, c[_AFFINITY]))))
@@ -83,16 +93,20 @@ def by_affinity(
     ranked: list[ScoredCandidate], owned: Mapping[str, Entry], policy: RoutePolicy, prefix_key: int
 ) -> tuple[list[ScoredCandidate], Affinity | None]:
     """The owned replicas (`owned`: id -> entry of the owned eligible ones) tying with the best-ranked owned
-    one, placed in their slots in rendezvous order."""
+    one, placed in their slots in rendezvous order. When no owned replica meets the SLO (a request that
+    queues on owned capacity), those missing it tie instead: a cached prefix is then worth the most."""
     lead = next((c for c in ranked if c.slo_met and c.deployment_id in owned), None)
+    met = lead is not None
     if lead is None:
-        return ranked, None
+        lead = next((c for c in ranked if c.deployment_id in owned), None)
+        if lead is None:
+            return ranked, None
     position, cost = lead.order_position, lead.cost_pusd
     slots: list[int] = []
     members: list[tuple[int, int, ScoredCandidate]] = []  # (HRW weight, waiting, candidate)
     get = owned.get
     for i, c in enumerate(ranked):
-        if c.slo_met and c.cost_pusd == cost and c.order_position == position:
+        if c.slo_met == met and c.cost_pusd == cost and c.order_position == position:
             e = get(c.deployment_id)
             if e is not None:
                 slots.append(i)
@@ -125,7 +139,7 @@ def slo_text(policy: RoutePolicy) -> str:
     return f"SLO p95 {' '.join(parts)} ms"
 
 
-def overflow_text(ranked: Sequence[ScoredCandidate], owned: Mapping[str, Entry]) -> str:
+def overflow_text(ranked: Sequence[ScoredCandidate], owned: Mapping[str, Entry], policy: RoutePolicy) -> str:
     """When the best is not owned but owned capacity was eligible: why it overflowed."""
     if not ranked or ranked[0].deployment_id in owned:
         return ""
@@ -133,4 +147,5 @@ def overflow_text(ranked: Sequence[ScoredCandidate], owned: Mapping[str, Entry])
     if not missed:
         return ""
     c = missed[0]
-    return f"; overflow: {c.deployment_id} predicted ttft {c.ttft_ms:.0f} ms, {c.latency_ms:.0f} ms"
+    text = f"; overflow: {c.deployment_id} predicted ttft {c.ttft_ms:.0f} ms, {c.latency_ms:.0f} ms"
+    return text if overshoot(c, policy) > 1 else f"{text} (reserve kept for must-stay traffic)"

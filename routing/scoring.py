@@ -160,8 +160,9 @@ def _scan(hot: tuple[HotRow, ...], ctx: _Context, now_s: float) -> tuple[list[Ro
     floor_rank, needed, needs, narrowed = ctx.floor_rank, ctx.needed_tokens, ctx.needs, ctx.narrowed
     min_quality, max_latency_ms, max_pusd = ctx.policy.min_quality_tier, ctx.max_latency_ms, ctx.max_pusd
     for e, privacy_rank, ctx_tokens, lacks, quality, blocked_s, base_ms, ms_per_tok, in_pusd, out_pusd, \
-            ttft_ms, ttft_per_tok in hot:  # fmt: skip
-        latency_ms = base_ms + out_tokens * ms_per_tok
+            ttft_ms, ttft_per_tok, ms_per_prompt in hot:  # fmt: skip
+        prefill_ms = prompt_tokens * ms_per_prompt
+        latency_ms = base_ms + out_tokens * ms_per_tok + prefill_ms
         cost_pusd = prompt_tokens * in_pusd + out_tokens * out_pusd
         below = privacy_rank > floor_rank
         flagged = (
@@ -188,7 +189,7 @@ def _scan(hot: tuple[HotRow, ...], ctx: _Context, now_s: float) -> tuple[list[Ro
                     _new(Rejection, (e.deployment_id, e.spec.backend, tuple(codes), tuple(texts)))
                 )
                 continue
-        rows.append((latency_ms, cost_pusd, e, ttft_ms + out_tokens * ttft_per_tok))
+        rows.append((latency_ms, cost_pusd, e, ttft_ms + out_tokens * ttft_per_tok + prefill_ms))
     return rows, rejected
 
 
@@ -292,7 +293,7 @@ def _reason(
         headline = "cheapest meeting SLO" if best.slo_met else "none meets SLO, closest"
     terms = f"{best.cost_usd:.4f} USD, ttft {best.ttft_ms:.0f} ms, {best.latency_ms:.0f} ms"
     slo = f"; {slo_text(policy)}" if has_slo(policy) else ""
-    extra = overflow_text(ranked, entries) + (f"; {affinity.text()}" if affinity is not None else "")
+    extra = overflow_text(ranked, entries, policy) + (f"; {affinity.text()}" if affinity is not None else "")
     return f"{headline}: {best.deployment_id} ({terms}){slo}{extra}; {tally}"
 
 
@@ -305,7 +306,7 @@ def _place(
         return ranked, None
     entries = {e.deployment_id: e for _, _, e, _ in rows if e.owned}  # the owned eligible ones
     if slo:
-        ranked = by_slo(ranked, policy)
+        ranked = by_slo(ranked, policy, entries)
     affinity = None
     if key is not None:
         ranked, affinity = by_affinity(ranked, entries, policy, key)

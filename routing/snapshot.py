@@ -3,7 +3,8 @@
 A `RoutingSnapshot` is built once per stats refresh (off the request path) and precomputes everything that
 does not depend on the request: the per-model index, each deployment's marginal per-token price (0 on owned
 capacity: `HourlyPrice`), its latency terms (`routing.fleet.predict`, from live load and the optional
-`DeploymentSpec.capacity` curve) and the dispatch-facing `Deployment`. SLOs (`RoutePolicy.slo_p95_*`) and
+`DeploymentSpec.capacity` curve, prompt length included where it gives a prefill rate) and the
+dispatch-facing `Deployment`. SLOs (`RoutePolicy.slo_p95_*`) and
 prefix affinity (`RouteRequest.prefix_key`) are read by `routing.scoring.choose`. Invariant: nothing here
 changes after construction, so `choose` can share a snapshot across requests and threads without locks.
 """
@@ -80,6 +81,7 @@ class DeploymentStats:
     circuit_open_until_s: float | None = None  # None: closed; compared with `now_s`; math.inf: until told
     sample_count: int = 0  # 0: these are the config priors
     running: int | None = None  # the engine's running requests (its /metrics); None: not reported
+    pending_prompt_tokens: int = 0  # prompt tokens of the gateway's in-flight requests without a first token
 
     def __post_init__(self) -> None:
         if self.decode_tokens_per_s <= 0 or self.ttft_ms < 0:
@@ -123,6 +125,9 @@ class Entry:
     owned: bool = False  # owned capacity (HourlyPrice): fixed cost, marginal 0
     waiting: int = 0  # requests that would queue for a slot, this one included (0: it starts at once)
     affinity_seed: int = 0  # routing.fleet.stable_hash64(deployment_id): its rendezvous-hashing identity
+    ms_per_prompt_token: float = 0.0  # added to predicted TTFT and latency per prompt token (prefill)
+    unreserved: bool = True  # a request that could go elsewhere fits outside the must-stay reserve
+    reserve_ttft_ms: float = math.inf  # such a request only where its predicted TTFT is at most this
 
     def hot(self) -> HotRow:
         """The fields `choose` screens every entry by, in the order its loop unpacks them."""
@@ -130,11 +135,12 @@ class Entry:
             self, self.privacy_rank, self.context_tokens, self.lacks, self.quality_tier, self.blocked_until_s,
             self.base_latency_ms, self.latency_ms_per_output_token, self.input_pusd_per_token,
             self.output_pusd_per_token, self.ttft_base_ms, self.ttft_ms_per_output_token,
+            self.ms_per_prompt_token,
         )  # fmt: skip
 
 
 # An entry's fields as `choose` unpacks them in its loop: tuple unpacking is ~3x cheaper than attribute loads.
-HotRow = tuple[Entry, int, int, int, int, float, float, float, int, int, float, float]
+HotRow = tuple[Entry, int, int, int, int, float, float, float, int, int, float, float, float]
 
 
 def _pusd(usd_per_token: Decimal) -> int:
@@ -173,7 +179,9 @@ def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
         queue_depth=stats.queue_depth,
         running=stats.running,
         capacity=spec.capacity,
+        pending_prompt_tokens=stats.pending_prompt_tokens,
     )
+    reserve_ttft_ms = spec.capacity.reserve_ttft_ms if spec.capacity is not None else None
     return Entry(
         spec=spec,
         stats=stats,
@@ -197,6 +205,9 @@ def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
         owned=owned,
         waiting=p.waiting,
         affinity_seed=stable_hash64(spec.deployment_id),
+        ms_per_prompt_token=p.ms_per_prompt_token,
+        unreserved=p.unreserved,
+        reserve_ttft_ms=math.inf if reserve_ttft_ms is None else reserve_ttft_ms,
     )
 
 

@@ -4,7 +4,9 @@ One `switchboard engine serve --threads 1` process (SmolLM2-135M, bf16 compute, 
 pick here) is driven over its OpenAI API with streams: decode at 1, 2, 4 and 8 concurrent streams, and
 long prompts alone (prefill). The fit is the engine scheduler's step: `step_ms = a + b * decoding +
 c * prefill tokens`, so one stream decodes at 1000 / (a + b) tok/s and n streams at n * 1000 / (a + b n).
-Writes `bench/data/routing_eval_curve.json`. Run: `python -m bench.routing_eval.calibrate` (about 1 min).
+Writes `bench/data/routing_eval_curve.json`. Run: `python -m bench.routing_eval.calibrate [--engines N]
+[--out PATH]` (about 1 min). `--engines N` measures N engines at once, each under the others' load (the
+median of each figure): the conditions of a live replay on N replicas.
 """
 
 from __future__ import annotations
@@ -107,20 +109,43 @@ def fit(decode: dict[int, float], prefill: dict[int, float], tokens_per_word: fl
     }
 
 
+async def measure_all(urls: list[str]) -> dict[str, object]:
+    """`measure` on every engine at once (each busy as the others are), the median of each figure."""
+    raws = await asyncio.gather(*(measure(url) for url in urls))
+
+    def median_of(key: str) -> dict[int, float]:
+        tables: list[dict[int, float]] = [raw[key] for raw in raws]  # type: ignore[misc]
+        return {k: statistics.median(t[k] for t in tables) for k in tables[0]}
+
+    per_word = statistics.median(float(raw["tokens_per_word"]) for raw in raws)  # type: ignore[arg-type]
+    return {
+        "decode_tok_s": median_of("decode_tok_s"),
+        "prefill_ttft_s_by_words": median_of("prefill_ttft_s_by_words"),
+        "tokens_per_word": per_word,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=CURVE_PATH)
+    parser.add_argument(
+        "--engines", type=int, default=1,
+        help="engines measured at once, each with the same load (the live replay runs 3)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="sb-calib-") as tmp:
-        port = free_port()
-        log = Path(tmp) / "engine.log"
-        proc = _spawn(engine_cmd(port), log)
+        procs, urls = [], []
         try:
-            _wait_http(f"http://127.0.0.1:{port}/health", proc, log, timeout_s=240)
-            raw = asyncio.run(measure(f"http://127.0.0.1:{port}"))
+            for i in range(args.engines):
+                port = free_port()
+                log = Path(tmp) / f"engine-{i}.log"
+                procs.append(_spawn(engine_cmd(port), log))
+                urls.append(f"http://127.0.0.1:{port}")
+                _wait_http(f"{urls[-1]}/health", procs[-1], log, timeout_s=240)
+            raw = asyncio.run(measure_all(urls))
         finally:
-            stop_all([proc])
+            stop_all(procs)
     per_word = float(raw["tokens_per_word"])  # type: ignore[arg-type]
     decode = raw["decode_tok_s"]
     prefill = raw["prefill_ttft_s_by_words"]
@@ -128,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     info = machine_info()
     result = {
         "source": "python -m bench.routing_eval.calibrate",
-        "engine": "switchboard engine serve " + " ".join(ENGINE_FLAGS),
+        "engine": "switchboard engine serve "
+        + " ".join(ENGINE_FLAGS)
+        + (f", {args.engines} measured at once" if args.engines > 1 else ""),
         "measured": info["date"],
         "commit": info["commit"],
         "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],

@@ -58,6 +58,14 @@ class Box:
     def in_system(self) -> int:
         return self.running + len(self.waiting)
 
+    @property
+    def pending_prompt_tokens(self) -> int:
+        """What a gateway counts: prompt tokens of its requests here without a first token yet (waiting or
+        prefilling; it sees neither prefix-cache hits nor prefill progress)."""
+        return sum(j.req.prompt_tokens for j in self.waiting) + sum(
+            j.req.prompt_tokens for j in self.prefilling
+        )
+
     def _rates(self) -> tuple[float, float, float]:
         """(step s, decode tok/s per stream, prefill tok/s) at the current composition."""
         m = self.spec.model

@@ -2,12 +2,13 @@
 
 Specs are what a gateway config would say: owned engine boxes and edge nodes at an hourly price with their
 throughput curve (`routing.fleet.Capacity`, from the same step model the simulator runs), the cloud at its
-list price. Stats are what the gateway would see: its own in-flight count per deployment, the engine's
-running and waiting counts (its /metrics), TTFT and per-stream decode rate as moving averages of finished
-requests, and the median latency of the last 100. Like the gateway (`gateway/live/state.py`), a snapshot is
-reused for up to 50 ms. Team policies carry the objective and SLOs; a request's prefix key is the hash of
-its long shared prefix, as the gateway hashes a shared system prompt. Dispatch takes the first candidate;
-no candidate (fail closed) is a rejection.
+list price; boxes carry their prefill rate and a reserve for must-stay traffic (`RESERVE_*`). Stats are
+what the gateway would see: its own in-flight count and the prompt tokens of its requests still without a
+first token per deployment, the engine's running and waiting counts (its /metrics), TTFT and per-stream
+decode rate as moving averages of finished requests, and the median latency of the last 100. Like the
+gateway (`gateway/live/state.py`), a snapshot is reused for up to 50 ms. Team policies carry the
+objective and SLOs; a request's prefix key is the hash of its long shared prefix, as the gateway hashes a
+shared system prompt. Dispatch takes the first candidate; no candidate (fail closed) is a rejection.
 """
 
 from __future__ import annotations
@@ -39,14 +40,36 @@ AFFINITY_MIN_PREFIX_TOKENS = 256  # shorter shared prefixes are not worth pinnin
 _ALPHA = 0.2  # moving-average weight of each new sample
 
 
+# The reserve for must-stay traffic each owned box and edge node keeps (`Capacity.reserve_*`), chosen once
+# from the workload's shape, not per table: about a quarter of the slots (the share of requests whose floor
+# keeps them on owned capacity is 27-30%), and requests that could go to the cloud only while their
+# predicted TTFT is within half the tightest SLO a must-stay request carries (support's 2500 ms), so one
+# arriving next still has half its target for its own prefill.
+RESERVE_SHARE = 0.25
+RESERVE_TTFT_MS = 1250.0
+
+
 def capacity_of(model: StepModel) -> Capacity:
-    """The box's curve as a config would give it: aggregate decode tok/s at 1, 2, 4 ... max_batch streams."""
+    """The box's curve as a config would give it: aggregate decode tok/s at 1, 2, 4 ... max_batch streams;
+    its prefill rate (a full prompt chunk per step beside half a batch of decoding streams); its reserve."""
     points, n = [], 1
     while n < model.max_batch:
         points.append((float(n), model.aggregate_tok_s(n)))
         n *= 2
     points.append((float(model.max_batch), model.aggregate_tok_s(model.max_batch)))
-    return Capacity(tokens_per_s=tuple(points), max_concurrency=model.max_batch)
+    chunk = model.max_prefill_tokens
+    step_ms = (
+        model.step_base_ms
+        + model.step_ms_per_stream * model.max_batch / 2
+        + model.prefill_ms_per_token * chunk
+    )
+    return Capacity(
+        tokens_per_s=tuple(points),
+        max_concurrency=model.max_batch,
+        prefill_tokens_per_s=1000 * chunk / step_ms,
+        reserve_slots=max(1, round(RESERVE_SHARE * model.max_batch)),
+        reserve_ttft_ms=RESERVE_TTFT_MS,
+    )
 
 
 def dep_id(target: str) -> str:
@@ -113,6 +136,7 @@ def _prior(box: BoxSpec | None, fleet: Fleet) -> _Seen:
 class Switchboard:
     name: str = "switchboard"
     affinity: bool = True
+    use_cloud: bool = True  # False: the cloud reads as unhealthy (the live check's affinity comparison)
     decisions: int = 0
     last: RouteDecision | None = None
     _specs: dict[str, DeploymentSpec] = field(default_factory=dict)
@@ -135,6 +159,7 @@ class Switchboard:
         else:
             box = sim.boxes[name]
             in_flight, waiting, running = box.in_system, len(box.waiting), box.running
+        pending = 0 if name == CLOUD else sim.boxes[name].pending_prompt_tokens
         return DeploymentStats(
             ttft_ms=seen.ttft_ms,
             decode_tokens_per_s=max(seen.decode_tok_s, 1e-3),
@@ -142,7 +167,9 @@ class Switchboard:
             in_flight=in_flight,
             queue_depth=waiting,
             sample_count=seen.samples,
+            healthy=self.use_cloud or name != CLOUD,
             running=running,
+            pending_prompt_tokens=pending,
         )
 
     def snapshot(self, now: float, sim: Simulation) -> RoutingSnapshot:

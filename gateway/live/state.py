@@ -146,6 +146,7 @@ def _stats(live: LiveStats, breaker: BreakerView, *, healthy: bool = True) -> De
         sample_count=live.samples,
         healthy=healthy,
         running=live.running,
+        pending_prompt_tokens=live.pending_prompt_tokens,
     )
 
 

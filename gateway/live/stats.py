@@ -61,6 +61,7 @@ class LiveStats:
     samples: int  # request observations (ok and failed) since start
     last_update_s: float | None  # latest request observation or engine reading
     engine_at_s: float | None = None  # when the engine reading above was taken
+    pending_prompt_tokens: int = 0  # prompt tokens of in-flight requests without a first token (prefill)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,7 @@ class _Live:
         "error_rate",
         "latency_ms",
         "in_flight",
+        "pending_prompt_tokens",
         "samples",
         "last_update_s",
         "recent",
@@ -162,6 +164,7 @@ class _Live:
         self.error_rate = prior.error_rate
         self.latency_ms = prior.latency_ms
         self.in_flight = 0
+        self.pending_prompt_tokens = 0
         self.samples = 0
         self.last_update_s: float | None = None
         self.recent = 0.0  # decayed observation counts as of recent_at_s (see Evidence)
@@ -286,13 +289,23 @@ class StatsBook:
         live.ttft_ms += a * (live.ttft_ms * ratio - live.ttft_ms)
         live.decode_tokens_per_s += a * (live.decode_tokens_per_s / ratio - live.decode_tokens_per_s)
 
-    def request_started(self, deployment_id: str) -> None:
-        self._get(deployment_id).in_flight += 1
+    def request_started(self, deployment_id: str, prompt_tokens: int = 0) -> None:
+        """A request is in flight, its `prompt_tokens` pending prefill until `prefill_done` or the end."""
+        live = self._get(deployment_id)
+        live.in_flight += 1
+        live.pending_prompt_tokens += prompt_tokens
 
-    def request_finished(self, deployment_id: str) -> None:
-        """Pairs with `request_started`. Never goes below zero, so a double call cannot hide real load."""
+    def prefill_done(self, deployment_id: str, prompt_tokens: int) -> None:
+        """Its first token came: its prompt no longer stands ahead of new requests. Never below zero."""
+        live = self._get(deployment_id)
+        live.pending_prompt_tokens = max(0, live.pending_prompt_tokens - prompt_tokens)
+
+    def request_finished(self, deployment_id: str, pending_prompt_tokens: int = 0) -> None:
+        """Pairs with `request_started` (`pending_prompt_tokens`: its prompt, if no `prefill_done` came).
+        Never goes below zero, so a double call cannot hide real load."""
         live = self._get(deployment_id)
         live.in_flight = max(0, live.in_flight - 1)
+        live.pending_prompt_tokens = max(0, live.pending_prompt_tokens - pending_prompt_tokens)
 
     @contextmanager
     def in_flight(self, deployment_id: str) -> Iterator[None]:
@@ -354,6 +367,7 @@ class StatsBook:
             samples=live.samples,
             last_update_s=live.last_update_s,
             engine_at_s=engine.at_s if engine else None,
+            pending_prompt_tokens=live.pending_prompt_tokens,
         )
 
 
@@ -380,7 +394,8 @@ def merge_stats(
     outvote fresh ones, and a capped count would weigh every busy replica alike however stale. Latency,
     TTFT, decode rate and percentiles use successes only (a failure moves only the error rate); a replica
     still on its priors has weight 0, so it never pulls real evidence back toward them. In-flight counts
-    add up; the freshest engine reading (queue depth, KV use) within `engine_ttl_s` wins.
+    and pending prompt tokens add up; the freshest engine reading (queue depth, KV use) within
+    `engine_ttl_s` wins.
     """
     local = rows[0][0]
     if len(rows) == 1:
@@ -410,4 +425,5 @@ def merge_stats(
         samples=sum(s.samples for s, _ in rows),
         last_update_s=max(updates) if updates else None,
         engine_at_s=engine.engine_at_s if engine else None,
+        pending_prompt_tokens=sum(s.pending_prompt_tokens for s, _ in rows),
     )

@@ -30,7 +30,7 @@ from gateway.outage import OutageGuard
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_VERSION = 1  # bump when the published shape changes: replicas on another version are ignored
+PAYLOAD_VERSION = 2  # bump when the published shape changes: replicas on another version are ignored
 TTL_INTERVALS = 3  # a replica that misses this many syncs drops out of the others' view
 GRACE_INTERVALS = 4  # default time a tripping replica has to probe before the others may probe too
 
@@ -127,7 +127,7 @@ class SharedView:
 # LiveStats fields by how they travel; times go as wall-clock ms. A test checks that these cover LiveStats.
 _NUMBERS = ("ttft_ms", "decode_tokens_per_s", "error_rate", "latency_ms")
 _MAYBE_NUMBERS = ("kv_cache_used_frac", "latency_p50_ms", "latency_p95_ms", "ttft_p95_ms")
-_COUNTS = ("in_flight", "samples")
+_COUNTS = ("in_flight", "samples", "pending_prompt_tokens")
 _MAYBE_COUNTS = ("queue_depth", "running")
 _TIMES = ("last_update_s", "engine_at_s")
 

@@ -5,10 +5,11 @@ at once, or the same one again after a backoff that honours Retry-After, all wit
 When every attempt fails, all causes are collected into one `AllBackendsFailed`. A stream may be retried
 until its first token: the role-only chunk servers send before generating (our engine, vLLM, OpenAI) is held,
 so a server that queues, stalls or dies before answering is fallen back from within the attempt's timeout
-(time awaiting backends is added to `Timing.upstream_s`). `DeploymentUse` is the one owner of a request's
-life on a deployment: it takes the in-flight count, and it alone gives it back and tells the live stats and
-the circuit breaker how the attempt ended. Failed attempts end here; the served one ends when the pipeline
-has the whole answer (`DeploymentUse.finish`).
+(time awaiting backends is added to `Timing.upstream_s`). `DeploymentUse` (`gateway/pipeline/attempt.py`)
+is the one owner of a request's life on a deployment: it takes the in-flight count and pending prompt
+tokens, and it alone gives them back and tells the live stats and the circuit breaker how the attempt
+ended. Failed attempts end here; the served one ends when the pipeline has the whole answer
+(`DeploymentUse.finish`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from backends.errors import (
 from gateway.eager import Paused, Ready, run_until_wait
 from gateway.errors import AllBackendsFailed
 from gateway.live.state import RoutingState, deployment_id
+from gateway.pipeline.attempt import DeploymentUse
 from gateway.pipeline.request import SYSTEM_CLOCK, Call, Clock, Timing
 from gateway.telemetry.base import AttemptMark
 from routing.decision import Deployment, RouteDecision
@@ -48,59 +50,6 @@ from routing.decision import Deployment, RouteDecision
 T = TypeVar("T")
 C = TypeVar("C", ChatRequest, EmbeddingRequest)
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class DeploymentUse:
-    """One attempt on one deployment, from `request_started` to exactly one `end`."""
-
-    deployment: Deployment
-    dep_id: str
-    routing: RoutingState
-    started_s: float
-    ended: bool = False
-    sharers: int = 1  # requests in flight on the deployment once this one started, itself included
-
-    @classmethod
-    def begin(cls, dep: Deployment, public_model: str, routing: RoutingState, now_s: float) -> DeploymentUse:
-        dep_id = deployment_id(public_model, dep.backend)
-        routing.stats.request_started(dep_id)
-        return cls(dep, dep_id, routing, now_s, sharers=max(1, routing.stats.in_flight_of(dep_id)))
-
-    def finish(
-        self,
-        *,
-        ok: bool,
-        counted: bool,
-        now_s: float,
-        ttft_ms: float | None = None,
-        completion_tokens: int = 0,
-    ) -> None:
-        """`counted=False` (the client left, or the request itself was at fault) frees the slot and leaves
-        the stats and the breaker untouched."""
-        if self.ended:
-            return
-        self.ended = True
-        routing = self.routing
-        routing.stats.request_finished(self.dep_id)
-        if not counted:
-            routing.breakers.release(self.dep_id, now_s)
-            return
-        routing.stats.observe_request(
-            self.dep_id,
-            now_s=now_s,
-            ok=ok,
-            latency_ms=(now_s - self.started_s) * 1000,
-            ttft_ms=ttft_ms,
-            completion_tokens=completion_tokens,
-        )
-        if ok:
-            routing.breakers.record_success(self.dep_id, now_s)
-        else:
-            routing.breakers.record_failure(self.dep_id, now_s)
-
-    def fail(self, err: SwitchboardError, now_s: float) -> None:
-        self.finish(ok=False, counted=err.retryable, now_s=now_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +91,7 @@ class Plan:
     backoff_s: float = 0.05
     max_wait_s: float = 2.0
     clock: Clock = SYSTEM_CLOCK
+    prompt_tokens: int = 0  # the estimate routing used: pending prefill on the deployment until a first token
     causes: list[tuple[str, SwitchboardError]] = field(default_factory=list)
 
 
@@ -249,7 +199,7 @@ async def _attempt_once(
         plan.causes.append((dep.backend, refused))
         raise refused
     timeout_s = max(0.0, min(plan.timeouts_s.get(dep.backend, request.timeout_s), deadline - now_s()))
-    use = DeploymentUse.begin(dep, request.model, routing, now_s())
+    use = DeploymentUse.begin(dep, request.model, routing, now_s(), plan.prompt_tokens)
     err: SwitchboardError
     try:
         async with asyncio.timeout(timeout_s):
@@ -330,6 +280,7 @@ async def open_stream(
             raise
 
     use, (chunks, rest), attempts = await _run_attempts(decision, request, timing, plan, attempt)
+    use.prefilled()
     return OpenStream(use, chunks[0], rest, attempts, tuple(chunks[1:]))
 
 
@@ -376,25 +327,36 @@ class Dispatcher:
         self.backends, self.timeouts_s, self.routing = backends, timeouts_s, routing
         self.retry, self.clock = retry, clock
 
-    def plan(self, max_attempts: int) -> Plan:
+    def plan(self, max_attempts: int, prompt_tokens: int = 0) -> Plan:
         r = self.retry
         return Plan(
             self.backends, self.timeouts_s, self.routing, max_attempts, r.budget_s, r.backoff_s, r.max_wait_s,
-            self.clock,
+            self.clock, prompt_tokens,
         )  # fmt: skip
 
     def idle_timeout_s(self, backend: str) -> float:
         return self.timeouts_s.get(backend, self.retry.budget_s)
 
     async def complete(
-        self, decision: RouteDecision, request: Call, timing: Timing, max_attempts: int
+        self,
+        decision: RouteDecision,
+        request: Call,
+        timing: Timing,
+        max_attempts: int,
+        prompt_tokens: int = 0,
     ) -> Served:
         """A whole answer: a chat completion, or the vectors of an embeddings call."""
+        plan = self.plan(max_attempts, prompt_tokens)
         if isinstance(request, EmbeddingRequest):
-            return await embed(decision, request, timing, self.plan(max_attempts))
-        return await complete(decision, request, timing, self.plan(max_attempts))
+            return await embed(decision, request, timing, plan)
+        return await complete(decision, request, timing, plan)
 
     async def open_stream(
-        self, decision: RouteDecision, request: ChatRequest, timing: Timing, max_attempts: int
+        self,
+        decision: RouteDecision,
+        request: ChatRequest,
+        timing: Timing,
+        max_attempts: int,
+        prompt_tokens: int = 0,
     ) -> OpenStream:
-        return await open_stream(decision, request, timing, self.plan(max_attempts))
+        return await open_stream(decision, request, timing, self.plan(max_attempts, prompt_tokens))

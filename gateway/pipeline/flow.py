@@ -104,8 +104,9 @@ class Pipeline:
                 answer = Answer(result, tuple(headers))
                 await _delivered(rec, answer, deliver, headers)
                 return answer
+            routed = admitted.routed
             served = await self.dispatcher.complete(
-                admitted.routed.decision, request.call, timing, admitted.routed.policy.max_attempts
+                routed.decision, request.call, timing, routed.policy.max_attempts, routed.prompt_tokens
             )
             rec.use, rec.attempts = served.use, served.attempts
             headers.append((b"x-switchboard-backend", header_text(served.deployment.backend)))
@@ -135,8 +136,9 @@ class Pipeline:
             admitted = await self._admit(rec, headers)
             if admitted.hit is not None:
                 return ChunkStream(rec, tuple(headers), admitted.hit.replay(), self.cache)
+            routed = admitted.routed
             opened = await self.dispatcher.open_stream(
-                admitted.routed.decision, call, timing, admitted.routed.policy.max_attempts
+                routed.decision, call, timing, routed.policy.max_attempts, routed.prompt_tokens
             )
         rec.use, rec.attempts = opened.use, opened.attempts
         headers.append((b"x-switchboard-backend", header_text(opened.deployment.backend)))

@@ -18,7 +18,7 @@ from gateway.cache.store import CachedResponse
 from gateway.errors import AllBackendsFailed
 from gateway.limits.gate import Ticket
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline.dispatch import DeploymentUse
+from gateway.pipeline.attempt import DeploymentUse
 from gateway.pipeline.plan import Routed, candidates_json, privacy_class
 from gateway.pipeline.request import GatewayRequest, Timing
 from gateway.records import RequestStatus, UsageRecord

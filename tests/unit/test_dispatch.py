@@ -94,6 +94,28 @@ async def test_stream_falls_back_before_first_chunk() -> None:
     assert rest[-1].usage == Usage(1, 1)
 
 
+async def test_a_request_counts_its_prompt_as_pending_prefill_until_its_first_token() -> None:
+    decision, backends, plan = setup(BackendUnavailable("down"), 0.2)
+    plan = dataclasses.replace(plan, prompt_tokens=700)
+    stats = plan.routing.stats
+    task = asyncio.create_task(dispatch.complete(decision, REQUEST, timing(), plan))
+    await asyncio.sleep(0.05)  # b0 failed (gave its tokens back), b1 is working on a whole answer
+    now = stats.snapshot(0.0)
+    assert (now["m@b0"].pending_prompt_tokens, now["m@b1"].pending_prompt_tokens) == (0, 700)
+    served = await task
+    assert stats.snapshot(0.0)["m@b1"].pending_prompt_tokens == 700  # until the pipeline ends the use
+    served.use.finish(ok=True, counted=True, now_s=1.0)
+    assert stats.snapshot(1.0)["m@b1"].pending_prompt_tokens == 0
+
+    decision, backends, plan = setup("hello")
+    plan = dataclasses.replace(plan, prompt_tokens=700)
+    opened = await dispatch.open_stream(decision, REQUEST, timing(), plan)  # a stream: at its first token
+    assert plan.routing.stats.snapshot(0.0)["m@b0"].pending_prompt_tokens == 0
+    assert plan.routing.stats.snapshot(0.0)["m@b0"].in_flight == 1
+    opened.use.finish(ok=True, counted=True, now_s=1.0)
+    assert plan.routing.stats.snapshot(1.0)["m@b0"].in_flight == 0
+
+
 class FakeClock:
     """Monotonic time that only sleeps move: backoff is checked without waiting for it."""
 

@@ -66,3 +66,15 @@ def test_capacity_and_slo_config() -> None:
     assert (policy.slo_p95_ttft_ms, policy.slo_p95_e2e_ms) == (800, 9000)  # the tighter of team and model
     with pytest.raises(ConfigError, match=r"backends\.gpu\.capacity\.tokens_per_s: x values must increase"):
         parse_config(_config(capacity={"tokens_per_s": [[4, 100], [2, 50]]}))
+
+
+def test_prefill_rate_and_must_stay_reserve_config() -> None:
+    capacity = {"tokens_per_s": [[1, 40], [8, 200]], "prefill_tokens_per_s": 165}
+    capacity |= {"reserve_slots": 2, "reserve_ttft_ms": 1250}
+    backend = parse_config(_config(usd_per_hour="2", capacity=capacity)).backends["gpu"]
+    curve = backend.capacity.curve()  # type: ignore[union-attr]
+    assert (curve.prefill_tokens_per_s, curve.reserve_slots, curve.reserve_ttft_ms) == (165, 2, 1250)
+    with pytest.raises(ConfigError, match=r"backends\.gpu\.capacity\.reserve_slots must be >= 0 and below"):
+        parse_config(_config(capacity={"tokens_per_s": [[1, 40], [8, 200]], "reserve_slots": 8}))
+    with pytest.raises(ConfigError, match=r"reserve_ttft_ms"):
+        parse_config(_config(capacity={"tokens_per_s": [[1, 40]], "reserve_ttft_ms": 0}))

@@ -166,6 +166,21 @@ def test_in_flight_counting() -> None:
     assert stats(b).in_flight == 0
 
 
+def test_pending_prompt_tokens_count_until_the_first_token_or_the_end() -> None:
+    b = book()
+    b.request_started("a", 300)
+    b.request_started("a", 500)
+    b.request_started("b", 40)
+    assert (stats(b, "a").pending_prompt_tokens, stats(b, "b").pending_prompt_tokens) == (800, 40)
+    b.prefill_done("a", 300)  # its first token came; still in flight
+    assert (stats(b).pending_prompt_tokens, stats(b).in_flight) == (500, 2)
+    b.request_finished("a")  # the one already prefilled gives back nothing more
+    b.request_finished("a", 500)  # ended before its first token (a failure, a whole answer)
+    assert (stats(b).pending_prompt_tokens, stats(b).in_flight) == (0, 0)
+    b.prefill_done("b", 100)  # more than it holds: clamps at zero
+    assert stats(b, "b").pending_prompt_tokens == 0
+
+
 def test_engine_reading_is_reported_until_ttl() -> None:
     b = book(engine_ttl_s=5.0)
     b.observe_engine("a", now_s=100.0, queue_depth=3, kv_cache_used_frac=0.4, running=8)

@@ -1,0 +1,159 @@
+"""Prompt length in routing's TTFT prediction (a prefill rate in the capacity curve, the prompt tokens
+pending on the box from the live stats) and the reserve for must-stay traffic: requests that could go to
+the cloud leave reserved slots free and a short prefill queue; requests that may not leave use it all.
+Pure functions over made-up snapshots; no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+from decimal import Decimal
+
+import pytest
+
+from backends.base import BackendKind
+from routing.decision import Price
+from routing.fleet import Capacity, predict
+from routing.privacy import PrivacyTier as T
+from routing.scoring import choose
+from routing.snapshot import (
+    DeploymentSpec,
+    DeploymentStats,
+    HourlyPrice,
+    RoutePolicy,
+    RouteRequest,
+    RoutingSnapshot,
+)
+
+# 4 slots, 40 tok/s alone and 120 tok/s full; 200 prompt tokens/s of prefill.
+PREFILL = Capacity(tokens_per_s=((1, 40.0), (4, 120.0)), max_concurrency=4, prefill_tokens_per_s=200.0)
+RESERVED = Capacity(
+    tokens_per_s=((1, 40.0), (4, 120.0)), max_concurrency=4, prefill_tokens_per_s=200.0,
+    reserve_slots=1, reserve_ttft_ms=1500.0,
+)  # fmt: skip
+SLO = RoutePolicy(slo_p95_ttft_ms=4000)
+
+
+def box(
+    capacity: Capacity, *, in_flight: int = 0, pending: int = 0
+) -> tuple[DeploymentSpec, DeploymentStats]:
+    spec = DeploymentSpec(
+        public_model="m", deployment_id="box", backend="box", backend_kind=BackendKind.LOCAL,
+        upstream_model="up", privacy_tier=T.INTERNAL, price=HourlyPrice(Decimal("1")), capacity=capacity,
+    )  # fmt: skip
+    stats = DeploymentStats(
+        ttft_ms=150, decode_tokens_per_s=40, in_flight=in_flight, pending_prompt_tokens=pending
+    )
+    return spec, stats
+
+
+def cloud() -> tuple[DeploymentSpec, DeploymentStats]:
+    spec = DeploymentSpec(
+        public_model="m", deployment_id="cloud", backend="cloud", backend_kind=BackendKind.CLOUD,
+        upstream_model="up", privacy_tier=T.EXTERNAL, price=Price(Decimal("0.15"), Decimal("0.60")),
+    )  # fmt: skip
+    return spec, DeploymentStats(ttft_ms=500, decode_tokens_per_s=70)
+
+
+def snap(*pairs: tuple[DeploymentSpec, DeploymentStats]) -> RoutingSnapshot:
+    return RoutingSnapshot({s.deployment_id: (s, st) for s, st in pairs})
+
+
+def req(prompt: int, floor: T = T.EXTERNAL) -> RouteRequest:
+    return RouteRequest("m", prompt_tokens=prompt, expected_output_tokens=50, privacy_floor=floor)
+
+
+def test_ttft_grows_with_this_prompt_and_the_prompts_pending_ahead() -> None:
+    def ttft(prompt: int, pending: int) -> float:
+        decision = choose(
+            req(prompt, T.INTERNAL), snap(box(PREFILL, in_flight=1, pending=pending)), SLO, now_s=0
+        )
+        return decision.ranked[0].ttft_ms
+
+    step = 1000 * 2 / PREFILL.aggregate_tokens_per_s(2)  # one decode step with 2 streams
+    assert ttft(100, 0) == pytest.approx(step + 500)  # 100 tokens at 200/s
+    assert ttft(800, 0) == pytest.approx(step + 4000)
+    assert ttft(100, 400) == pytest.approx(step + 2500)  # 400 pending ahead, then its own 100
+    latency = choose(req(800, T.INTERNAL), snap(box(PREFILL, in_flight=1)), SLO, now_s=0).ranked[0].latency_ms
+    assert latency == pytest.approx(step + 4000 + 50 * step)  # prefill counts toward end-to-end too
+
+
+def test_without_a_prefill_rate_the_prompt_length_is_ignored_as_before() -> None:
+    plain = Capacity(tokens_per_s=((1, 40.0), (4, 120.0)), max_concurrency=4)
+    short, long = (choose(req(n), snap(box(plain)), SLO, now_s=0).ranked[0].ttft_ms for n in (50, 3000))
+    assert short == long == 150
+
+
+def test_a_long_prompt_overflows_where_a_short_one_stays_on_owned_capacity() -> None:
+    s = snap(box(PREFILL, in_flight=1, pending=300), cloud())
+    assert choose(req(200), s, SLO, now_s=0).candidates[0].backend == "box"  # ~2.5 s: within 4 s
+    long = choose(req(600), s, SLO, now_s=0)  # ~4.5 s: would break the SLO
+    assert long.candidates[0].backend == "cloud"
+    assert "overflow: box predicted ttft" in long.reason and "reserve" not in long.reason
+
+
+def test_slot_wait_dominates_when_it_is_longer_than_the_prefill_queue() -> None:
+    full = predict(ttft_ms=150, decode_tokens_per_s=40, p50_latency_ms=8000, in_flight=4, queue_depth=0,
+                   running=None, capacity=PREFILL, pending_prompt_tokens=100)  # fmt: skip
+    assert full.waiting == 1
+    step = 1000 * 4 / 120
+    assert full.ttft_base_ms == pytest.approx(step + 8000 / 4)  # a quarter of a p50 service time > 0.5 s
+    assert full.ms_per_prompt_token == pytest.approx(5.0)
+
+
+def test_cloud_eligible_requests_leave_the_reserved_slots_free() -> None:
+    s = snap(box(RESERVED, in_flight=3), cloud())  # 1 slot free, and it is the reserve
+    may_leave = choose(req(50), s, SLO, now_s=0)
+    assert may_leave.candidates[0].backend == "cloud"
+    assert "(reserve kept for must-stay traffic)" in may_leave.reason
+    assert not next(c for c in may_leave.ranked if c.deployment_id == "box").slo_met
+    must_stay = choose(req(50, T.INTERNAL), s, SLO, now_s=0)
+    assert must_stay.candidates[0].backend == "box" and must_stay.ranked[0].slo_met
+    assert (
+        choose(req(50), snap(box(RESERVED, in_flight=2), cloud()), SLO, now_s=0).candidates[0].backend
+        == "box"
+    )
+
+
+def test_cloud_eligible_requests_keep_the_prefill_queue_within_the_reserve_bound() -> None:
+    s = snap(box(RESERVED, in_flight=1, pending=200), cloud())
+    # 200 pending + 150 own = 1.75 s + a step: within the 4 s SLO but past the 1.5 s reserve bound
+    assert choose(req(150), s, SLO, now_s=0).candidates[0].backend == "cloud"
+    assert choose(req(150, T.INTERNAL), s, SLO, now_s=0).candidates[0].backend == "box"
+    assert choose(req(20), s, SLO, now_s=0).candidates[0].backend == "box"  # 1.1 s + a step
+
+
+def test_the_reserve_does_not_bind_when_the_cloud_is_not_an_option() -> None:
+    s = snap(box(RESERVED, in_flight=3))  # an external request, but only the owned box serves the model
+    decision = choose(req(50), s, SLO, now_s=0)
+    assert decision.candidates[0].backend == "box" and decision.ranked[0].slo_met
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [
+        ({"prefill_tokens_per_s": -1.0}, "capacity.prefill_tokens_per_s"),
+        ({"reserve_slots": 4}, "capacity.reserve_slots"),
+        ({"reserve_slots": -1}, "capacity.reserve_slots"),
+        ({"reserve_ttft_ms": 0.0}, "capacity.reserve_ttft_ms"),
+    ],
+)
+def test_bad_capacity_settings_name_the_setting(kwargs: dict[str, float], setting: str) -> None:
+    with pytest.raises(ValueError, match=setting):
+        Capacity(tokens_per_s=((1, 40.0), (4, 120.0)), max_concurrency=4, **kwargs)  # type: ignore[arg-type]
+
+
+def test_prefix_affinity_still_applies_when_no_owned_replica_meets_the_slo() -> None:
+    def replica(name: str) -> tuple[DeploymentSpec, DeploymentStats]:
+        spec, stats = box(PREFILL)
+        return dataclasses.replace(spec, deployment_id=name, backend=name), stats
+
+    s = snap(*(replica(f"r{i}") for i in range(3)))
+    long = RouteRequest("m", prompt_tokens=2000, expected_output_tokens=50, privacy_floor=T.INTERNAL)
+    chosen = set()
+    for key in range(40):
+        decision = choose(dataclasses.replace(long, prefix_key=key), s, SLO, now_s=0)  # 10 s: misses 4 s
+        assert not decision.ranked[0].slo_met and "prefix affinity" in decision.reason
+        again = choose(dataclasses.replace(long, prefix_key=key), s, SLO, now_s=0)
+        assert again.candidates[0] == decision.candidates[0]  # the same replica for the same prefix
+        chosen.add(decision.candidates[0].backend)
+    assert chosen == {"r0", "r1", "r2"}  # spread by the key, not all on the closest
