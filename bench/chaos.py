@@ -338,7 +338,7 @@ def run_faults(
             stamp = time.time()
             action(fault)
             if offset == 0:
-                fault.start = stamp
+                fault.start, fault.done_at = stamp, time.time()
             fault.end = stamp
         print(f"fault {fault.key}: {fault.end - fault.start:.1f} s", file=sys.stderr)
 

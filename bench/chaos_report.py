@@ -2,8 +2,9 @@
 
 Windows go by when a request was sent: "during" is [fault start, fault end), "after" is from the fault's end
 to the next fault's start (or the end of the run). A failure counts as *on the killed process* when it was
-in flight at the moment of the kill: for the engine, a `local` request whose ledger row (if any) names the
-engine; for the replica, a request that replica had accepted. Recovery: the first second after the fault's
+in flight while the process was being killed (sent before the kill step returned, open when the signal went
+out): for the engine, a `local` request whose ledger row (if any) names the engine; for the replica, a
+request sent to that replica. Recovery: the first second after the fault's
 end from which `recover_window_s` whole seconds pass with no other failure (or no more than the warm-up's
 rate).
 The goal is met when every failure is on a killed process and every answered request has its ledger row.
@@ -26,8 +27,15 @@ class Fault:
     key: str
     what: str
     start: float = 0.0  # wall clock, when it was injected
+    done_at: float = 0.0  # when the injecting step returned (a SIGKILLed process: reaped, surely dead)
     end: float = 0.0  # when it was healed (the killed process restarted, the freeze lifted...)
     back_at: float | None = None  # when the restored part was ready again (engine loaded, replica healthy)
+
+
+def _through(o: Outcome, fault: Fault) -> bool:
+    """`o` was in flight while the process was being killed: sent before it was surely dead (the kill step
+    returned) and still open when the signal went out."""
+    return o.start <= max(fault.start, fault.done_at) and o.end >= fault.start
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +67,11 @@ class Report:
             if o.ok:
                 continue
             engine, replica = by.get("engine"), by.get("replica")
-            if engine and o.model == "local" and o.start <= engine.start <= o.end:
+            if engine and o.model == "local" and _through(o, engine):
                 row = self.rows.get(o.request_id)
                 if row is None or row.backend == ENGINE_BACKEND:
                     self.on_killed[o.i] = engine.key
-            if replica and o.replica == self.killed_replica and o.start <= replica.start <= o.end:
+            if replica and o.replica == self.killed_replica and _through(o, replica):
                 self.on_killed[o.i] = replica.key
 
     # ---- windows ---------------------------------------------------------------------------------------
