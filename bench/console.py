@@ -106,7 +106,7 @@ def run(url: str, rows: int, days: int, repeats: int, seed: int) -> Result:
         result.load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         Rollup(engine).run_once()
-        vacuum_analyze(engine, "usage_hourly", "backend_busy_hourly")
+        vacuum_analyze(engine, "usage_hourly", "usage_daily", "backend_busy_hourly")
         result.rollup_s = time.perf_counter() - t0
         # The live hour: an hour's traffic written just now, not yet in any rollup.
         now = dt.datetime.now(dt.UTC)

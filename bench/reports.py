@@ -374,7 +374,9 @@ def run(url: str, rows: int, days: int, repeats: int, raw_repeats: int, seed: in
         print(f"  full rollup {t.rollup_s:.1f} s: {result}", file=sys.stderr)
         # Autovacuum analyzes the new rollup rows soon after; until then the planner has no statistics
         # and sorts every rollup row of the window on disk. Measure the steady state.
-        t.analyze_s, _ = timed(lambda: vacuum_analyze(engine, "usage_hourly", "backend_busy_hourly"))
+        t.analyze_s, _ = timed(
+            lambda: vacuum_analyze(engine, "usage_hourly", "usage_daily", "backend_busy_hourly")
+        )
         # An hour's worth of new traffic lands in the last (not yet rolled) hour; the gateway's periodic
         # rollup then folds in only what was written since its watermark.
         t.incremental_rows = max(rows // hours, 1)

@@ -21,10 +21,18 @@ from sqlalchemy.engine import Connection, Engine
 from gateway.live import histogram
 from gateway.live.state import RoutingState
 from gateway.reports import Dimension, ReportQuery, ReportRow, Source, sql
-from gateway.reports.query import ROLLUP_CHUNK, Plan, make_plan, read_state, report_on, snapshot
+from gateway.reports.query import (
+    ROLLUP_CHUNK,
+    Plan,
+    make_plan,
+    read_state,
+    report_on,
+    rollup_pieces,
+    snapshot,
+)
 from gateway.reports.runner import Guard
 from gateway.reports.sql import GroupKey
-from gateway.store.db import batch_items, batches, files, usage, usage_hourly
+from gateway.store.db import batch_items, batches, files, usage
 
 MINUTE_SERIES_MAX = dt.timedelta(hours=3)  # up to this span the chart has one column per minute
 HOURLY_SERIES_MAX = dt.timedelta(days=3)  # then per hour; longer: per day
@@ -87,16 +95,21 @@ def _step(guard: Guard) -> Any:
 
 
 def _series(conn: Connection, query: ReportQuery, plan: Plan, unit: Dimension) -> list[tuple[str, int, int]]:
-    """Requests and errors per hour or day: the plan's rollup hours, then its raw rows."""
-    h = usage_hourly.c
-    at = sql.rollup_group_values((unit,), conn.dialect.name)[0].label("g0")
-    where = [h.hour >= plan.rollup_start, h.hour < plan.rollup_end, *sql.rollup_filters(query)]
-    if plan.rollup_skip:
-        where.append(h.hour.not_in(plan.rollup_skip))
-    stmt = sa.select(at, sa.func.sum(h.requests), sa.func.sum(h.errors)).where(*where)
+    """Requests and errors per hour or day: the plan's rollup hours (whole days from usage_daily), then its
+    raw rows."""
+    assert plan.rollup_start is not None and plan.rollup_end is not None  # the overview's window is bounded
     counts: dict[str, list[int]] = {}
-    for bucket, n, e in conn.execute(stmt.group_by(sa.literal_column("g0"))):
-        counts[bucket] = [int(n or 0), int(e or 0)]
+    for table, start, end in rollup_pieces(plan.rollup_start, plan.rollup_end, plan.rollup_skip, (unit,)):
+        h = table.c
+        at = sql.rollup_group_values((unit,), conn.dialect.name, table)[0].label("g0")
+        where = [h.hour >= start, h.hour < end, *sql.rollup_filters(query, table)]
+        skip = [s for s in plan.rollup_skip if start <= s < end]
+        if skip:
+            where.append(h.hour.not_in(skip))
+        stmt = sa.select(at, sa.func.sum(h.requests), sa.func.sum(h.errors)).where(*where)
+        for bucket, n, e in conn.execute(stmt.group_by(sa.literal_column("g0"))):
+            have = counts.setdefault(bucket, [0, 0])
+            have[0], have[1] = have[0] + int(n or 0), have[1] + int(e or 0)
     if plan.raw_where is not None:
         raw = sql.raw_sum_vectors(conn, (unit,), sql.raw_filters(query, plan.raw_where))
         for (bucket,), vector in raw.items():
@@ -112,8 +125,9 @@ def _vectors(conn: Connection, query: ReportQuery, plan: Plan, guard: Guard) -> 
     assert start is not None and end is not None  # the overview's window is bounded
     while start < end:
         guard.check()
-        hours = (start, min(end, start + ROLLUP_CHUNK))
-        _add(out, sql.rollup_histograms(conn, query.group_by, hours, plan.rollup_skip, query))
+        chunk_end = min(end, start + ROLLUP_CHUNK)
+        for table, a, b in rollup_pieces(start, chunk_end, plan.rollup_skip, query.group_by):
+            _add(out, sql.rollup_histograms(conn, query.group_by, (a, b), plan.rollup_skip, query, table))
         start += ROLLUP_CHUNK
     if plan.raw_where is not None:
         guard.check()

@@ -24,7 +24,8 @@ from gateway.live import histogram
 from gateway.reports import sql
 from gateway.reports.model import Dimension, Report, ReportQuery, ReportRow, Source
 from gateway.reports.runner import Guard
-from gateway.store.db import rollup_state, usage, usage_hourly
+from gateway.store.daily import DAY, ceil_day, floor_day
+from gateway.store.db import rollup_state, usage, usage_daily, usage_hourly
 
 RAW_ONLY_MAX_SPAN = dt.timedelta(hours=24)  # AUTO reads shorter windows from raw rows: exact percentiles
 # Rows written later than watermark - PENDING_MARGIN may be missing from their hour's rollup; it must be at
@@ -229,8 +230,9 @@ def _merged_report(conn: Connection, query: ReportQuery, plan: Plan, progress: P
     merged: dict[sql.GroupKey, list[int]] = {}
     rollup_requests = raw_requests = 0
     for done, (start, end) in enumerate(chunks, start=1):
-        part = sql.rollup_histograms(conn, query.group_by, (start, end), plan.rollup_skip, query)
-        rollup_requests += _merge(merged, part)
+        for table, a, b in rollup_pieces(start, end, plan.rollup_skip, query.group_by):
+            part = sql.rollup_histograms(conn, query.group_by, (a, b), plan.rollup_skip, query, table)
+            rollup_requests += _merge(merged, part)
         progress(done, steps)
     if plan.raw_where is not None:
         filters = sql.raw_filters(query, plan.raw_where)
@@ -265,6 +267,35 @@ def _rollup_chunks(
     while start < end:
         out.append((start, min(end, start + ROLLUP_CHUNK)))
         start += ROLLUP_CHUNK
+    return out
+
+
+def rollup_pieces(
+    start: dt.datetime, end: dt.datetime, skip: Sequence[dt.datetime], dims: Sequence[Dimension]
+) -> list[tuple[sa.Table, dt.datetime, dt.datetime]]:
+    """The rollup hours [start, end) as reads: whole UTC days holding no `skip` hour from usage_daily (the
+    same sums, ~24x fewer rows), the rest from usage_hourly (whose reader leaves `skip` out); all hourly
+    when the report groups by hour."""
+    first, last = ceil_day(start), floor_day(end)
+    if Dimension.HOUR in dims or first >= last:
+        return [(usage_hourly, start, end)]
+    skipped = {floor_day(s) for s in skip}
+    out: list[tuple[sa.Table, dt.datetime, dt.datetime]] = []
+
+    def add(table: sa.Table, a: dt.datetime, b: dt.datetime) -> None:
+        if a >= b:
+            return
+        if out and out[-1][0] is table and out[-1][2] == a:
+            out[-1] = (table, out[-1][1], b)
+        else:
+            out.append((table, a, b))
+
+    add(usage_hourly, start, first)
+    day = first
+    while day < last:
+        add(usage_hourly if day in skipped else usage_daily, day, day + DAY)
+        day += DAY
+    add(usage_hourly, last, end)
     return out
 
 

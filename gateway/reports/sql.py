@@ -88,12 +88,15 @@ _ROLLUP_COLUMN = {
 }  # fmt: skip
 
 
-def rollup_group_values(dims: Sequence[Dimension], dialect: str) -> list[ColumnElement[Any]]:
-    return [_rollup_group_value(d, dialect) for d in dims]
+def rollup_group_values(
+    dims: Sequence[Dimension], dialect: str, table: sa.Table = usage_hourly
+) -> list[ColumnElement[Any]]:
+    """Group values of `table`'s rows: usage_hourly, or usage_daily (same columns; no HOUR then)."""
+    return [_rollup_group_value(d, dialect, table) for d in dims]
 
 
-def _rollup_group_value(dim: Dimension, dialect: str) -> ColumnElement[Any]:
-    h = usage_hourly.c
+def _rollup_group_value(dim: Dimension, dialect: str, table: sa.Table) -> ColumnElement[Any]:
+    h = table.c
     if dim in _TIME:
         return time_text(h.hour, dim, dialect)
     if dim is Dimension.BATCH:  # rollups key "no batch" as ''
@@ -124,9 +127,9 @@ def raw_filters(query: ReportQuery, where: ColumnElement[bool] | None) -> list[C
     return out
 
 
-def rollup_filters(query: ReportQuery) -> list[ColumnElement[bool]]:
-    """The query's team, model, endpoint and batch filters, on `usage_hourly` rows."""
-    h = usage_hourly.c
+def rollup_filters(query: ReportQuery, table: sa.Table = usage_hourly) -> list[ColumnElement[bool]]:
+    """The query's team, model, endpoint and batch filters, on `table`'s rows (usage_hourly or _daily)."""
+    h = table.c
     out = []
     if query.team is not None:
         out.append(h.team == query.team)
@@ -194,15 +197,16 @@ def rollup_histograms(
     hours: tuple[dt.datetime, dt.datetime],
     skip: Sequence[dt.datetime],
     query: ReportQuery,
+    table: sa.Table = usage_hourly,
 ) -> dict[GroupKey, list[int]]:
     """Per group: the sums and bucket counts of the rollup hours in [hours[0], hours[1]), but `skip`, that
-    `query`'s filters select."""
-    h = usage_hourly.c
-    filters = [h.hour >= hours[0], h.hour < hours[1], *rollup_filters(query)]
+    `query`'s filters select; from `table`: usage_hourly, or usage_daily for whole days."""
+    h = table.c
+    filters = [h.hour >= hours[0], h.hour < hours[1], *rollup_filters(query, table)]
     skip = [s for s in skip if hours[0] <= s < hours[1]]
     if skip:
         filters.append(h.hour.not_in(skip))
-    keys = [v.label(f"g{i}") for i, v in enumerate(rollup_group_values(dims, conn.dialect.name))]
+    keys = [v.label(f"g{i}") for i, v in enumerate(rollup_group_values(dims, conn.dialect.name, table))]
     sums = [sa.func.sum(h[n]).label(n) for n in (*SUM_FIELDS, *LAT_COLUMNS, *TTFT_COLUMNS)]
     stmt = sa.select(*keys, *sums).where(*filters)
     if keys:  # by label: PostgreSQL matches GROUP BY expressions textually

@@ -154,6 +154,11 @@ usage_hourly = sa.Table(
     _measure("owned_micro_usd", sa.BigInteger),  # migration 0010
 )
 
+# Daily sums of usage_hourly, the same columns with `hour` holding the start of the UTC day; rebuilt from
+# usage_hourly by each rollup run for the days it touched (gateway/store/daily.py), so long reports read
+# whole days here (~24x fewer rows). Migration 0013.
+usage_daily = sa.Table("usage_daily", metadata, *(c._copy() for c in usage_hourly.columns))
+
 # Measured busy time per backend and hour: the union of [created_at, created_at + latency_ms] of the
 # requests it served (cache hits excluded), clipped to the hour. Self-hosted cost is usd_per_hour * busy.
 backend_busy_hourly = sa.Table(

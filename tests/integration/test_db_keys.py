@@ -54,6 +54,7 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
             "api_keys",
             "usage",
             "usage_hourly",
+            "usage_daily",
             "backend_busy_hourly",
             "rollup_state",
             "edge_tokens",
@@ -84,7 +85,7 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
         assert usage_indexes["ix_usage_key_id_created_at"] == ["key_id", "created_at"]
         assert usage_indexes["ix_usage_written_at"] == ["written_at"]
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0012"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0013"
     finally:
         eng.dispose()
 

@@ -198,6 +198,7 @@ def assert_matches(engine: Engine, records: list[UsageRecord]) -> None:
 
 def assert_hourly_matches(engine: Engine, records: list[UsageRecord]) -> None:
     got, want = read_hourly(engine), expected_hourly(records)
+    assert_daily_sums_hourly(engine, got)
     assert set(got) == set(want)
     for key, measures in want.items():
         for name, value in measures.items():
@@ -205,6 +206,24 @@ def assert_hourly_matches(engine: Engine, records: list[UsageRecord]) -> None:
                 assert got[key][name] == pytest.approx(value, rel=1e-12, abs=1e-9), (key, name)
             else:
                 assert got[key][name] == value, (key, name)
+
+
+def assert_daily_sums_hourly(engine: Engine, hourly: dict[tuple[Any, ...], dict[str, Any]]) -> None:
+    """usage_daily (migration 0013; absent at older revisions) holds each day's hourly rows summed."""
+    if "usage_daily" not in sa.inspect(engine).get_table_names():
+        return
+    want: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for (hour, *group), measures in hourly.items():
+        day = hour.replace(hour=0)
+        have = want.setdefault((day, *group), dict.fromkeys(measures, 0))
+        for name, value in measures.items():
+            have[name] += value
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(db.usage_daily)).mappings().all()
+    got = {tuple(r[k] for k in KEYS): {k: v for k, v in r.items() if k not in KEYS} for r in rows}
+    assert got.keys() == want.keys()
+    for key, measures in want.items():
+        assert got[key] == pytest.approx(measures, rel=1e-12, abs=1e-9), key
 
 
 def assert_same(got: dict[Any, Any], want: dict[Any, Any]) -> None:
