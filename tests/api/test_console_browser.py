@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -18,9 +18,11 @@ import openai
 import pytest
 from openai import OpenAI
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support.api_gateway import ADMIN_KEY, Gateway
 
@@ -52,6 +54,18 @@ def browser() -> Iterator[WebDriver]:
         drv.quit()
 
 
+def _until(drv: WebDriver, check: Callable[[WebDriver], object], what: str) -> None:
+    """Wait for the page a click or submit leads to: the old page answers until it is replaced."""
+
+    def ready(d: WebDriver) -> object:
+        try:
+            return check(d)
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+
+    WebDriverWait(drv, 20, poll_frequency=0.1).until(ready, what)
+
+
 def _shot(drv: WebDriver, name: str) -> None:
     drv.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
@@ -62,7 +76,7 @@ def _log_in(drv: WebDriver, base_url: str, key: str) -> None:
     field = drv.find_element(By.ID, "key")
     field.send_keys(key)
     field.submit()
-    assert drv.current_url.endswith("/console/overview"), drv.current_url
+    _until(drv, lambda d: d.current_url.endswith("/console/overview"), "the overview after login")
 
 
 def _cookie_client(drv: WebDriver, base_url: str) -> httpx.Client:
@@ -97,8 +111,12 @@ def test_admin_creates_and_revokes_a_key_and_the_sdk_sees_it(browser: WebDriver,
     assert plaintext not in browser.page_source and key_id in browser.page_source
     browser.execute_script("window.confirm = function () { return true; };")
     browser.find_element(By.CSS_SELECTOR, f"button[aria-label='Revoke key {key_id}']").click()
-    row = browser.find_element(By.XPATH, f"//table[@id='keys']//tr[@data-key-id='{key_id}']")
-    assert "revoked" in row.find_element(By.CLASS_NAME, "state").text
+    row_xpath = f"//table[@id='keys']//tr[@data-key-id='{key_id}']"
+    _until(
+        browser,
+        lambda d: "revoked" in d.find_element(By.XPATH, row_xpath).find_element(By.CLASS_NAME, "state").text,
+        "the key shown revoked",
+    )
     with pytest.raises(openai.AuthenticationError, match="revoked"):
         sdk.chat.completions.create(model="fast", messages=[{"role": "user", "content": "again"}])
     browser.get(gateway.base_url + "/console/audit")
@@ -173,8 +191,11 @@ def test_a_write_without_the_csrf_token_is_refused(browser: WebDriver, gateway: 
     browser.execute_script("document.querySelectorAll('input[name=csrf]').forEach(e => e.remove());")
     browser.find_element(By.ID, "t-name").send_keys(team)
     browser.find_element(By.XPATH, "//button[text()='Create team']").click()
-    body = browser.find_element(By.TAG_NAME, "body").text
-    assert "security token is missing" in body
+    _until(
+        browser,
+        lambda d: "security token is missing" in d.find_element(By.TAG_NAME, "body").text,
+        "the refusal page",
+    )
     _shot(browser, "csrf-refused")
     browser.get(gateway.base_url + "/console/teams")
     assert team not in browser.find_element(By.ID, "teams").text
