@@ -34,7 +34,15 @@ from tests.support.replica_rig import (
 
 # Headers that differ between two answers to the same request by design.
 PER_REQUEST_HEADERS = {"x-request-id", "x-switchboard-overhead-ms", "x-switchboard-cache", "date"}
-PER_REQUEST_PREFIXES = ("x-ratelimit-remaining-", "x-ratelimit-reset-")
+# Routing's predictions describe the decision made for this request; a cache hit makes none.
+PER_REQUEST_PREFIXES = (
+    "x-ratelimit-remaining-",
+    "x-ratelimit-reset-",
+    "x-switchboard-predicted-",
+    "x-switchboard-marginal-cost-",
+    "x-switchboard-slo",
+    "x-switchboard-affinity",
+)
 
 
 def statuses(replies: Sequence[Reply]) -> Counter[tuple[int, str | None]]:
