@@ -170,3 +170,12 @@ class TokenCounter(Protocol):
         """The prompt tokens a completion of `request` would report; None when the server has no tokenizer
         endpoint or cannot be reached. Raises only `BackendError`s."""
         ...
+
+
+def content_text(content: object) -> str:
+    """A chat message's text: its string content, or the `text` of each part of a content-part list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+    return ""

@@ -13,15 +13,9 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from backends.base import content_text
+
 _LEADING = frozenset(("system", "developer"))
-
-
-def _text(content: object) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
-    return ""
 
 
 def prefix_key(messages: Sequence[Mapping[str, Any]], *, min_chars: int, max_chars: int) -> int | None:
@@ -31,7 +25,7 @@ def prefix_key(messages: Sequence[Mapping[str, Any]], *, min_chars: int, max_cha
     parts: list[str] = []
     size = 0
     for message in messages:
-        text = f"{message.get('role', '')}\x00{_text(message.get('content'))}\x1e"
+        text = f"{message.get('role', '')}\x00{content_text(message.get('content'))}\x1e"
         parts.append(text)
         size += len(text)
         if size >= max_chars or message.get("role") not in _LEADING:

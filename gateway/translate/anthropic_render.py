@@ -19,7 +19,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from backends.base import ChatResult, Usage
+from backends.base import ChatResult, Usage, content_text
 from backends.errors import BackendBadResponse, SwitchboardError
 from gateway.errors import InvalidRequest
 from gateway.pipeline.flow import ChunkStream
@@ -105,14 +105,6 @@ def _usage(usage: Usage) -> dict[str, int]:
     return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
-    return ""
-
-
 def _tool_input(arguments: Any, name: str) -> dict[str, Any]:
     try:
         value = orjson.loads(arguments or "{}") if isinstance(arguments, str) else arguments
@@ -128,7 +120,7 @@ def _tool_input(arguments: Any, name: str) -> dict[str, Any]:
 
 def content_blocks(message: Mapping[str, Any], request_id: str) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
-    text = _text_of(message.get("content"))
+    text = content_text(message.get("content"))
     if text:
         blocks.append({"type": "text", "text": text})
     for i, call in enumerate(message.get("tool_calls") or ()):
@@ -361,7 +353,7 @@ def estimate_input_tokens(
     prompt, widened to tool calls and tool schemas. No tokenizer runs in the gateway process."""
     chars = 0
     for message in messages:
-        chars += len(_text_of(message.get("content")))
+        chars += len(content_text(message.get("content")))
         for call in message.get("tool_calls") or ():
             function = call.get("function") or {}
             chars += len(str(function.get("name", ""))) + len(str(function.get("arguments", "")))
