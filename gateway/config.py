@@ -57,7 +57,11 @@ class ServerConfig(_Strict):
     max_headers: int = Field(default=100, ge=8, le=1000)  # header fields per request: 431
     header_timeout_s: float = Field(
         default=10.0, gt=0, le=300
-    )  # open or last response -> end of headers: 408
+    )  # open, or first byte of a later request -> end of headers: 408
+    # An idle keep-alive connection is closed after this. Keep it above your clients' and load balancers' idle
+    # timeouts (httpx 5 s, nginx upstream 60 s, AWS ALB 60 s): else both ends close at once and a request sent
+    # on the closing connection is reset unanswered.
+    keep_alive_s: float = Field(default=75.0, gt=0, le=3600)
     max_connections_per_client: int = Field(default=64, ge=1)  # per peer address; trusted proxies exempt: 503
     max_connections: int = Field(default=2048, ge=1)  # all peers together, edge WebSockets included: 503
     trusted_proxies: list[str] = Field(default_factory=list)  # IPs/CIDRs whose X-Forwarded-For/-Proto count

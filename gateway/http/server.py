@@ -45,6 +45,7 @@ class ConnectionLimits:
     max_per_client: int
     max_total: int
     trusted_proxies: tuple[Network, ...] = ()
+    keep_alive_s: float = 75.0
 
     @classmethod
     def of(cls, server: ServerConfig) -> ConnectionLimits:
@@ -55,6 +56,7 @@ class ConnectionLimits:
             server.max_connections_per_client,
             server.max_connections,
             tuple(ipaddress.ip_network(p, strict=False) for p in server.trusted_proxies),
+            server.keep_alive_s,
         )
 
     def is_proxy(self, host: str) -> bool:
@@ -183,6 +185,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return  # lingering: drop what the client still sends
         self._unset_keepalive_if_required()
         if self._awaiting_head:
+            if self._head_timer is None:  # the first byte of a request on a kept-alive connection
+                self._arm_head_timer()
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
@@ -240,11 +244,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._awaiting_head = True
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.timeout_keep_alive_task is not None:  # idle now (nothing pipelined): the next head is due
-            self._arm_head_timer()
 
     # ---- refusals ----------------------------------------------------------------------------------------
 
@@ -371,6 +370,7 @@ def uvicorn_config(
         http=http,
         ws=ws,
         server_header=False,
+        timeout_keep_alive=server.keep_alive_s,  # type: ignore[arg-type]  # a float works (call_later)
         proxy_headers=bool(server.trusted_proxies),  # uvicorn's default believes 127.0.0.1 (and its env)
         forwarded_allow_ips=list(server.trusted_proxies),
         ssl_context_factory=None if ssl_ctx is None else (lambda _config, _default: ssl_ctx),

@@ -134,6 +134,42 @@ def test_slow_heads_are_answered_408_and_closed_within_the_timeout_while_others_
             sock.close()
 
 
+def ask(sock: socket.socket, timeout_s: float = 5.0) -> bytes:
+    """Sends one keep-alive GET and reads its response (content-length body) off the connection."""
+    sock.sendall(b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
+    sock.settimeout(timeout_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_an_idle_kept_alive_connection_outlives_the_head_timeout_until_keep_alive_s() -> None:
+    # The race this prevents (bench/chaos): server and client closing an idle connection at the same moment.
+    with serving(header_timeout_s=1.0, keep_alive_s=4.0) as srv:
+        with dial(srv) as sock:
+            assert status_of(ask(sock)) == 200
+            time.sleep(1.8)  # idle past the head timeout: the connection stays for the next request
+            assert status_of(ask(sock)) == 200
+            idle_from = time.monotonic()
+            assert read_all(sock, timeout_s=10.0) == b""  # closed quietly once idle for keep_alive_s
+            assert 3.0 <= time.monotonic() - idle_from < 8.0
+        with dial(srv) as sock:  # a later request's head is still bounded, from its first byte
+            assert status_of(ask(sock)) == 200
+            time.sleep(1.5)
+            sock.sendall(b"GET /x HTTP/1.1\r\n")
+            started = time.monotonic()
+            answer = read_all(sock, timeout_s=6.0)
+            assert status_of(answer) == 408 and b"request_timeout" in answer
+            assert 0.9 <= time.monotonic() - started < 4.0
+
+
 def test_a_huge_unterminated_header_gets_431_without_growing_memory() -> None:
     with serving() as srv, dial(srv) as sock:
         assert status_of(get(srv)) == 200  # warm: the first request's allocations are not counted
