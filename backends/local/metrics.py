@@ -58,6 +58,12 @@ class _LoadCollector(Collector):
             ("prefix_hit_tokens", "Prompt tokens served from shared prefix blocks", s.prefix_hit_tokens),
             ("spec_drafted_tokens", "Speculative draft tokens proposed", s.drafted_tokens),
             ("spec_accepted_tokens", "Speculative draft tokens accepted", s.accepted_tokens),
+            (
+                "suspended_steps",
+                "Steps with batch rows suspended between two layers to serve interactive arrivals",
+                s.suspended_steps,
+            ),
+            ("interleaved_steps", "Interactive steps run inside suspended ones", s.interleaved_steps),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)

@@ -6,6 +6,9 @@ raises fails the requests in that step and the loop keeps serving the others. Sp
 as a `Proposer`: the scheduler reserves draft slots, the runner returns drafts + 1 logits per decode, and
 `accept_drafts` keeps the longest agreeing prefix plus one token of the target's own. Token ids only: the
 caller owns the tokenizer, the chat template and stop strings (it aborts once its text hits one).
+A step holding batch rows (and no drafts) runs layer by layer on a CPU runner: when interactive requests
+arrive meanwhile, it is suspended at a layer boundary, their prefill runs alone, and it resumes where it
+stopped. Its sequences are held meanwhile: neither planned, preempted nor freed (an abort waits for the step).
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from backends.local.engine.sampler import make_generator, sample
-from backends.local.engine.scheduler import FinishCause, SamplingParams, Scheduler, Seq
+from backends.local.engine.scheduler import FinishCause, Priority, SamplingParams, Scheduler, Seq
 from backends.local.engine.types import StepPlan
 
 if TYPE_CHECKING:
@@ -62,6 +65,25 @@ EngineEvent = Tokens | Finished | Failed
 class StepRunner(Protocol):
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Logits (sum of chunks' num_logits, vocab), rows in chunk order."""
+        ...
+
+
+class LayeredStep(Protocol):
+    """One step's forward pass, run a layer at a time (`runner.LayeredForward`)."""
+
+    def advance(self) -> bool:
+        """Run the next layer; whether layers are left."""
+        ...
+
+    def logits(self) -> torch.Tensor:
+        """As `StepRunner.execute`'s, once every layer ran."""
+        ...
+
+
+@runtime_checkable
+class PausableRunner(StepRunner, Protocol):
+    def begin(self, plan: StepPlan) -> LayeredStep | None:
+        """The step as a `LayeredStep`; None where this runner cannot suspend it."""
         ...
 
 
@@ -125,6 +147,8 @@ class EngineStats:
     prefix_hit_tokens: int  # prompt tokens whose K/V were reused from another request's blocks
     drafted_tokens: int
     accepted_tokens: int
+    suspended_steps: int = 0  # steps with batch rows suspended mid-forward for interactive arrivals
+    interleaved_steps: int = 0  # interactive steps run inside suspended ones
 
     @property
     def kv_blocks_used(self) -> int:
@@ -212,6 +236,7 @@ class Engine:
         observer: EngineObserver | None = None,
         clock: Callable[[], float] = time.perf_counter,
         threads: int | None = None,
+        suspend_batch_steps: bool = True,
     ) -> None:
         self._runner = runner
         self._scheduler = scheduler
@@ -227,6 +252,14 @@ class Engine:
         self._stopping = False
         self._drafted = 0
         self._accepted = 0
+        # Suspending steps with batch rows (see the module docstring): only on runners that can.
+        self._pausable = runner if suspend_batch_steps and isinstance(runner, PausableRunner) else None
+        self._in_flight: frozenset[int] = frozenset()  # sequences of the step now running layer by layer
+        self._deferred_aborts: list[int] = []  # aborts of in-flight sequences, applied after their step
+        self._interactive_arrived = False
+        self._halted = False  # stop() seen while a step was suspended
+        self._suspended = 0
+        self._interleaved = 0
 
     # -- control, from any thread --------------------------------------------------------------------------
 
@@ -282,6 +315,8 @@ class Engine:
             prefix_hit_tokens=self._scheduler.num_prefix_hit_tokens,
             drafted_tokens=self._drafted,
             accepted_tokens=self._accepted,
+            suspended_steps=self._suspended,
+            interleaved_steps=self._interleaved,
         )
 
     # -- the loop, on the engine thread --------------------------------------------------------------------
@@ -291,7 +326,7 @@ class Engine:
             import torch
 
             torch.set_num_threads(self._threads)  # this thread's OpenMP team (see build.one_compute_thread)
-        while self._drain(block=not self._scheduler.has_work):
+        while not self._halted and self._drain(block=not self._scheduler.has_work):
             if self._scheduler.has_work:
                 self._step()
         for seq_id in list(self._live):
@@ -333,6 +368,8 @@ class Engine:
             self._scheduler.add(command.seq_id, command.prompt_ids, command.params, self._stop_token_ids)
         except ValueError as exc:  # checked in submit already; a bad request fails alone
             self._fail(command.seq_id, None, str(exc))
+            return
+        self._interactive_arrived |= command.params.priority is Priority.INTERACTIVE
 
     def _step(self) -> None:
         plan: StepPlan | None = None
@@ -342,16 +379,75 @@ class Engine:
                 time.sleep(0.005)
                 return
             plan = self._attach_drafts(plan)
-            logits = self._runner.execute(plan)
-            sampled = self._sample(plan, logits)
-            before = {c.seq_id: self._output_len(c.seq_id) for c in plan.chunks}
-            finished = self._scheduler.update(plan, sampled)
-            self._emit(before, finished)
+            self._complete(plan, self._forward(plan))
         except Exception as exc:  # the engine loop: fail this step's requests, keep serving the others
             log.exception("engine step failed")
-            affected = [c.seq_id for c in plan.chunks] if plan is not None else list(self._live)
-            for seq_id in affected:
-                self._fail(seq_id, self._scheduler.abort(seq_id, FinishCause.ERROR), type(exc).__name__)
+            self._fail_all([c.seq_id for c in plan.chunks] if plan is not None else list(self._live), exc)
+        finally:
+            self._in_flight = frozenset()
+            deferred, self._deferred_aborts = self._deferred_aborts, []
+            for seq_id in deferred:
+                self._drop(seq_id)
+
+    def _complete(self, plan: StepPlan, logits: torch.Tensor) -> None:
+        sampled = self._sample(plan, logits)
+        before = {c.seq_id: self._output_len(c.seq_id) for c in plan.chunks}
+        finished = self._scheduler.update(plan, sampled)
+        self._emit(before, finished)
+
+    def _fail_all(self, seq_ids: Iterable[int], exc: Exception) -> None:
+        for seq_id in seq_ids:
+            self._fail(seq_id, self._scheduler.abort(seq_id, FinishCause.ERROR), type(exc).__name__)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        """The plan's logits; a step with batch rows runs layer by layer and checks the inbox in between."""
+        layered = self._pausable.begin(plan) if self._pausable and self._may_suspend(plan) else None
+        if layered is None:
+            return self._runner.execute(plan)
+        self._in_flight = frozenset(c.seq_id for c in plan.chunks)
+        suspended = False
+        while layered.advance():
+            if not self._inbox.empty() and self._interleave():
+                suspended = True
+        self._suspended += suspended
+        return layered.logits()
+
+    def _may_suspend(self, plan: StepPlan) -> bool:
+        """A step with a batch row and no drafts (drafts are verified as one piece; the proposer may keep
+        state per step). Interactive-only steps never pay the layer-by-layer loop."""
+        batch = False
+        for chunk in plan.chunks:
+            if chunk.num_logits > 1:
+                return False
+            seq = self._scheduler.get(chunk.seq_id)
+            batch = batch or (seq is not None and seq.params.priority is Priority.BATCH)
+        return batch
+
+    def _interleave(self) -> bool:
+        """Between two layers of the in-flight step: apply what arrived; if that includes interactive
+        requests, run interactive-only steps until their prompts are prefilled. Whether any step ran."""
+        self._interactive_arrived = False
+        if not self._drain(block=False):
+            self._halted = True  # stop(): finish this step, then the loop ends
+        if not self._interactive_arrived or self._halted:
+            return False
+        ran = False
+        self._scheduler.hold(self._in_flight)
+        try:
+            while (inner := self._scheduler.schedule()).chunks:
+                try:
+                    inner = self._attach_drafts(inner)
+                    self._complete(inner, self._runner.execute(inner))
+                except Exception as exc:  # fail the inner step's requests; the suspended one goes on
+                    log.exception("engine step failed")
+                    self._fail_all([c.seq_id for c in inner.chunks], exc)
+                ran = True
+                self._interleaved += 1
+                if all(c.num_logits > 0 for c in inner.chunks):  # every prompt in it is prefilled
+                    break
+        finally:
+            self._scheduler.unhold()
+        return ran
 
     def _output_len(self, seq_id: int) -> int:
         seq = self._scheduler.get(seq_id)
@@ -431,7 +527,11 @@ class Engine:
                     self._drop(seq_id)
 
     def _drop(self, seq_id: int) -> None:
-        """Abort a request now (a no-op once it finished) and tell its caller."""
+        """Abort a request now (a no-op once it finished) and tell its caller; one whose step is in flight
+        once that step is done (its blocks are still being written)."""
+        if seq_id in self._in_flight:
+            self._deferred_aborts.append(seq_id)
+            return
         seq = self._scheduler.abort(seq_id)
         outcome = None if seq is None else self._finish(seq)
         if outcome is not None:

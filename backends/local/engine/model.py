@@ -185,11 +185,23 @@ class Transformer(nn.Module):
         logits_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of `logits_rows` (all rows when None) in the model dtype; writes every token's K/V."""
-        x = self.embed_tokens(tokens)  # (T, dim)
-        cos = self.rope_cos.index_select(0, positions)  # (T, D/2)
-        sin = self.rope_sin.index_select(0, positions)
+        x, cos, sin = self.embed(tokens, positions)
         for layer in self.layers:
             x = layer(x, cos, sin, attn, kv)
+        return self.head(x, logits_rows)
+
+    # `forward` in three parts, for a caller that runs the layers one at a time (runner.LayeredForward).
+
+    def embed(
+        self, tokens: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden states (T, dim) and the tokens' RoPE cos/sin (T, D/2): what every layer takes."""
+        cos = self.rope_cos.index_select(0, positions)
+        sin = self.rope_sin.index_select(0, positions)
+        return self.embed_tokens(tokens), cos, sin
+
+    def head(self, x: torch.Tensor, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of `logits_rows` of the last layer's hidden states (all rows when None)."""
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
         return self.lm_head(self.norm(x))

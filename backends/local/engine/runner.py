@@ -4,16 +4,25 @@ All chunks' tokens are packed into one (T,) batch: the projections and MLPs run 
 attention runs per group (see `attention`): one padded call for all decode/draft chunks, one call per long
 prefill chunk. The runner owns no scheduling state; the plan says which blocks hold which positions.
 Output: (sum of num_logits, vocab) float32, the last `num_logits` positions of each chunk, in plan order.
+`begin(plan)` runs the same step one layer at a time (`LayeredForward`), so the engine can suspend it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from backends.local.engine.attention import MAX_BATCHED_Q, SeqSpan, build_metadata, resolve_impl
+from backends.local.engine.attention import (
+    MAX_BATCHED_Q,
+    AttentionMetadata,
+    SeqSpan,
+    build_metadata,
+    resolve_impl,
+)
 from backends.local.engine.kv_cache import KVCache
 from backends.local.engine.model import Transformer
 from backends.local.engine.types import SeqChunk, StepPlan
+
+_Packed = tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]
 
 
 class ModelRunner:
@@ -49,6 +58,27 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run one step; returns logits (sum of num_logits, vocab) float32 in chunk order."""
+        step = self._pack(plan)
+        if step is None:
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
+        tokens, positions, meta, rows = step
+        return self.model(tokens, positions, meta, self.kv_cache, rows).float()
+
+    def begin(self, plan: StepPlan) -> LayeredForward | None:
+        """The same step, run one layer per `advance()` so that the caller may run other steps in between;
+        None where that is not offered (an empty plan; CUDA, whose kernels run asynchronously anyway)."""
+        if self.device.type != "cpu":
+            return None
+        with torch.inference_mode():
+            step = self._pack(plan)
+            if step is None:
+                return None
+            tokens, positions, meta, rows = step
+            x, cos, sin = self.model.embed(tokens, positions)
+        return LayeredForward(self.model, self.kv_cache, x, cos, sin, meta, rows)
+
+    def _pack(self, plan: StepPlan) -> _Packed | None:
+        """The plan's chunks as one packed batch: tokens (T,), positions (T,), metadata, logits rows."""
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -64,7 +94,7 @@ class ModelRunner:
             logits_rows += range(row + n - chunk.num_logits, row + n)
             spans.append(SeqSpan(start_pos=start, num_tokens=n, block_table=table))
         if not tokens:
-            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
+            return None
         device = self.device
         meta = build_metadata(
             spans,
@@ -80,14 +110,8 @@ class ModelRunner:
             if len(logits_rows) == len(tokens)
             else torch.tensor(logits_rows, dtype=torch.long, device=device)
         )
-        logits = self.model(
-            torch.tensor(tokens, dtype=torch.long, device=device),
-            torch.tensor(positions, dtype=torch.long, device=device),
-            meta,
-            self.kv_cache,
-            rows,
-        )
-        return logits.float()
+        packed = torch.tensor(tokens, dtype=torch.long, device=device)
+        return packed, torch.tensor(positions, dtype=torch.long, device=device), meta, rows
 
     def _check(self, chunk: SeqChunk) -> None:
         n = len(chunk.token_ids)
@@ -106,6 +130,41 @@ class ModelRunner:
             raise ValueError(
                 f"sequence {chunk.seq_id}: {end} positions exceed the model's {self.max_seq_len}"
             )
+
+
+class LayeredForward:
+    """One step's forward pass, suspended between layers: the hidden states (T, dim), the tokens' RoPE
+    tables and the attention metadata are kept; K/V of the layers already run are in the cache already.
+    Other steps may run in between as long as they neither free nor write this step's blocks."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        kv: KVCache,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        rows: torch.Tensor | None,
+    ) -> None:
+        self._model, self._kv, self._x, self._cos, self._sin = model, kv, x, cos, sin
+        self._meta, self._rows = meta, rows
+        self._next = 0  # the layer `advance` runs next
+        self.num_layers = len(model.layers)
+
+    def advance(self) -> bool:
+        """Run the next layer; whether layers are left to run."""
+        with torch.inference_mode():
+            self._x = self._model.layers[self._next](self._x, self._cos, self._sin, self._meta, self._kv)
+        self._next += 1
+        return self._next < self.num_layers
+
+    def logits(self) -> torch.Tensor:
+        """(sum of num_logits, vocab) float32 in chunk order, as `ModelRunner.execute`; after every layer."""
+        if self._next < self.num_layers:
+            raise RuntimeError(f"logits wanted after {self._next} of {self.num_layers} layers")
+        with torch.inference_mode():
+            return self._model.head(self._x, self._rows).float()
 
 
 def build_runner(

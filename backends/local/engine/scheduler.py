@@ -14,7 +14,7 @@ if it could run alone in the whole cache, so the first running sequence always m
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -152,6 +152,7 @@ class Scheduler:
         # Both by `Seq.order` (priority class, then arrival); preempted ones keep their place.
         self._waiting: list[Seq] = []  # WAITING and PREEMPTED
         self._running: list[Seq] = []  # the last (the youngest batch one, if any) is preempted first
+        self._held: list[Seq] = []  # running, set aside while their suspended step is in flight (`hold`)
         self._arrivals = 0
         self._draft_rooms: dict[int, int] = {}
         # Full, computed blocks by content: (parent block or -1, the block's tokens) -> block, and back.
@@ -205,6 +206,8 @@ class Scheduler:
         seq = self._seqs.get(seq_id)
         if seq is None:
             return None
+        if seq in self._held:
+            raise RuntimeError(f"sequence {seq_id} is in a suspended step; abort it after `unhold`")
         if seq.status is SeqStatus.RUNNING:
             self._running.remove(seq)
         else:
@@ -223,11 +226,11 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._held)
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._held)
 
     @property
     def allocator(self) -> Allocator:
@@ -286,8 +289,22 @@ class Scheduler:
             self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k not in evicted}
         return StepPlan(tuple(planned.values()))
 
+    def hold(self, seq_ids: Collection[int]) -> None:
+        """Set these running sequences aside while their step is suspended mid-forward (K/V writes to come):
+        until `unhold`, `schedule` neither plans, preempts nor frees them, and plans no batch rows."""
+        self._held = [s for s in self._running if s.seq_id in seq_ids]
+        self._running = [s for s in self._running if s.seq_id not in seq_ids]
+
+    def unhold(self) -> None:
+        for seq in self._held:
+            bisect.insort(self._running, seq, key=_order)
+        self._held = []
+
     def _batch_row_cap(self) -> int | None:
-        """How many batch sequences may compute this step: the cap while interactive work is present."""
+        """How many batch sequences may compute this step: the cap while interactive work is present, none
+        while a step is held (the steps run inside a suspended one are for interactive work only)."""
+        if self._held:
+            return 0
         cap = self.config.batch_rows_beside_interactive
         if cap is None:
             return None
