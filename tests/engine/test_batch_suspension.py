@@ -76,6 +76,7 @@ class Arrivals:
         self.runner = runner
         self.loop = loop
         self.hooks: dict[int, Callable[[], None]] = {}  # layered step number (from 1) -> what arrives
+        self.after_last: dict[int, Callable[[], None]] = {}  # arrivals once that step's last layer ran
         self.checks: dict[int, Callable[[], None]] = {}  # run on the engine thread at that step's resume
         self.gate: threading.Event | None = None
         self.gated = threading.Event()
@@ -125,6 +126,8 @@ class _Hooked:
         more = self._layered.advance()
         self._layer += 1
         if self._layer == LAYER and (hook := self._owner.hooks.pop(self._number, None)):
+            self._owner.arrive(hook)
+        if not more and (hook := self._owner.after_last.pop(self._number, None)):
             self._owner.arrive(hook)
         return more
 
@@ -240,6 +243,29 @@ async def test_an_interactive_arrival_gets_its_first_token_before_the_suspended_
     assert second < first_token < log.index(("logits", 2))
     inner = [plan for what, plan in arrivals.log if what == "inner"]
     assert len(inner) == 1 and len(inner[0].chunks) == 1 and inner[0].chunks[0].num_logits == 1
+
+
+async def test_an_interactive_prompt_arriving_between_steps_runs_alone_before_the_batch_rows(
+    parts: BuiltEngine, ids: Callable[[str], list[int]]
+) -> None:
+    question = ids(INTERACTIVE_TEXTS[2])
+    engine, arrivals = make(parts)
+    answer: list[asyncio.Future[Any]] = []
+    arrivals.after_last[2] = lambda: answer.append(
+        asyncio.ensure_future(collect(engine.submit(question, greedy(3))))
+    )
+    async with running(engine):
+        handles = await start_batch(engine, arrivals, [ids(t) for t in BATCH_TEXTS], 8)
+        await asyncio.gather(*(collect(h) for h in handles))
+        tokens, outcome = await answer[0]
+    assert isinstance(outcome, Finished) and len(tokens) == 3
+    after = arrivals.log[arrivals.log.index(("logits", 2)) + 1 :]
+    (first, plan), first_token, (then, rest) = after[:3]
+    assert (first, first_token, then) == ("step", ("first_token", len(question)), "begin")
+    (chunk,) = plan.chunks  # the prompt alone (its chat-template prefix may come from shared blocks)
+    assert chunk.start_pos + len(chunk.token_ids) == len(question) and chunk.num_logits == 1
+    assert len(rest.chunks) == len(BATCH_TEXTS) and chunk.seq_id not in {c.seq_id for c in rest.chunks}
+    assert engine.stats().suspended_steps == 0
 
 
 async def test_aborting_a_suspended_batch_request_waits_for_its_step_then_frees_its_blocks(

@@ -9,6 +9,7 @@ caller owns the tokenizer, the chat template and stop strings (it aborts once it
 A step holding batch rows (and no drafts) runs layer by layer on a CPU runner: when interactive requests
 arrive meanwhile, it is suspended at a layer boundary, their prefill runs alone, and it resumes where it
 stopped. Its sequences are held meanwhile: neither planned, preempted nor freed (an abort waits for the step).
+Interactive prompts that arrived between steps run in a forward of their own before such a step.
 """
 
 from __future__ import annotations
@@ -379,7 +380,8 @@ class Engine:
                 time.sleep(0.005)
                 return
             plan = self._attach_drafts(plan)
-            self._complete(plan, self._forward(plan))
+            for part in self._parts(plan):
+                self._complete(part, self._forward(part))
         except Exception as exc:  # the engine loop: fail this step's requests, keep serving the others
             log.exception("engine step failed")
             self._fail_all([c.seq_id for c in plan.chunks] if plan is not None else list(self._live), exc)
@@ -411,6 +413,21 @@ class Engine:
                 suspended = True
         self._suspended += suspended
         return layered.logits()
+
+    def _parts(self, plan: StepPlan) -> tuple[StepPlan, ...]:
+        """The plan in the forwards it runs as: a suspendable one's new interactive prompts go first, alone
+        (they arrived between two steps; their first token should not wait for the batch rows)."""
+        if self._pausable is None or not self._may_suspend(plan):
+            return (plan,)
+        new = set()
+        for chunk in plan.chunks:
+            seq = self._scheduler.get(chunk.seq_id)
+            if seq is not None and not seq.output_ids and seq.params.priority is Priority.INTERACTIVE:
+                new.add(chunk.seq_id)
+        if not new:
+            return (plan,)
+        first = StepPlan(tuple(c for c in plan.chunks if c.seq_id in new))
+        return first, StepPlan(tuple(c for c in plan.chunks if c.seq_id not in new))
 
     def _may_suspend(self, plan: StepPlan) -> bool:
         """A step with a batch row and no drafts (drafts are verified as one piece; the proposer may keep
