@@ -3,9 +3,9 @@
 On the bundled SmolLM2 engine (autotuned dtype/quant, C++ kernels, `--threads` compute threads), in one
 process, A/B repetitions interleaved, medians:
 An A/A row (the reference against itself) shows how large a difference this machine's noise makes.
-1. Interactive-only decode steps (1 and 8 rows): the engine's `_forward` (which checks whether the plan may
-   be suspended, then calls `runner.execute`) against the forward as it was before suspension existed
-   (`Transformer.forward`'s layer loop written out here). Goal: no difference measurable.
+1. Interactive-only decode steps (1 and 8 rows): the engine's `_parts` and `_forward` (which check whether
+   the plan may be suspended, then call `runner.execute`) against the forward as it was before suspension
+   existed (`Transformer.forward`'s layer loop written out here). Goal: no difference measurable.
 2. Batch decode steps (32 rows): `_forward` running the step layer by layer, checking the inbox after each
    layer (nothing arrives), against `runner.execute` in one piece.
 Run: python -m bench.step_suspend [--threads 2] [--reps 300]
@@ -109,7 +109,7 @@ def main() -> None:
         layered = engine._may_suspend(plan)
 
         def ours(engine: Engine = engine, plan: StepPlan = plan) -> Any:
-            return engine._forward(plan)
+            return [engine._forward(part) for part in engine._parts(plan)]
 
         def reference(plan: StepPlan = plan, layered: bool = layered) -> Any:
             return runner.execute(plan) if layered else old_execute(runner, plan)
@@ -121,7 +121,7 @@ def main() -> None:
         ref = "`runner.execute` in one piece" if layered else "the forward before this change"
         label = f"{rows} {priority} decode rows"
         measured = timed_pair(ours, reference, args.reps)
-        rows_out.append((f"{label}: engine `_forward` ({kind})", ref, *measured))
+        rows_out.append((f"{label}: engine `_parts` + `_forward` ({kind})", ref, *measured))
         rows_out.append((f"{label}: A/A", ref, *timed_pair(again, reference, args.reps)))
     load = os.getloadavg()[0]
     print(f"threads {args.threads}, {args.reps} ABBA repetitions, 1-minute load average {load:.2f}")
