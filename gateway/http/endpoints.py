@@ -133,7 +133,7 @@ async def serve(
             identity,
             timing.request_id,
             received_at,
-            Hints.from_headers(request.headers),
+            Hints.from_asgi(scope["headers"]),
             deps.request_timeout_s,
             tuple(
                 (n, v) for n in getattr(translator, "forwarded_headers", ()) if (v := request.headers.get(n))
