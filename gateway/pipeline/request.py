@@ -65,6 +65,8 @@ class Hints:
     def required_labels(self) -> dict[str, str]:
         """The labels every deployment must carry, from `x-switchboard-labels` and `x-switchboard-site`."""
         wanted: dict[str, str] = {}
+        if self.labels is None and self.site is None:
+            return wanted  # neither header sent (most requests)
         for pair in (self.labels or "").split(","):
             if not pair.strip():
                 continue
