@@ -227,6 +227,8 @@ def check_preference_names(
 ) -> None:
     """A name in `order`, `only` or `ignore` that no deployment of the model carries is a typo, refused
     rather than silently ignored. Edge backends count with every node (`edge/node-1`) they may have."""
+    if not (prefs.order or prefs.only or prefs.ignore):
+        return  # nothing named (most requests)
     asked = [("order", n) for n in prefs.order]
     asked += [("only", n) for n in sorted(prefs.only or ())] + [("ignore", n) for n in sorted(prefs.ignore)]
     if not asked:

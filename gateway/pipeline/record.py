@@ -54,7 +54,7 @@ class RecordSink:
         self.metrics.observe(rec)
 
     def cache_outcome(self, team: str, outcome: str) -> None:
-        self.metrics.cache.labels(team, outcome).inc()
+        self.metrics.cache_lookup(team, outcome)
 
 
 @dataclass(slots=True)
