@@ -106,8 +106,9 @@ class Pipeline:
                 return answer
             routed = admitted.routed
             served = await self.dispatcher.complete(
-                routed.decision, request.call, timing, routed.policy.max_attempts, routed.prompt_tokens
-            )
+                routed.decision, request.call, timing, routed.policy.max_attempts, routed.prompt_tokens,
+                routed.prefix_cached,
+            )  # fmt: skip
             rec.use, rec.attempts = served.use, served.attempts
             headers.append((b"x-switchboard-backend", header_text(served.deployment.backend)))
             rec.output = result = served.result
@@ -138,8 +139,9 @@ class Pipeline:
                 return ChunkStream(rec, tuple(headers), admitted.hit.replay(), self.cache)
             routed = admitted.routed
             opened = await self.dispatcher.open_stream(
-                routed.decision, call, timing, routed.policy.max_attempts, routed.prompt_tokens
-            )
+                routed.decision, call, timing, routed.policy.max_attempts, routed.prompt_tokens,
+                routed.prefix_cached,
+            )  # fmt: skip
         rec.use, rec.attempts = opened.use, opened.attempts
         headers.append((b"x-switchboard-backend", header_text(opened.deployment.backend)))
         plan = admitted.cache

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 from gateway.live.state import policy_of, with_model_slo
-from gateway.pipeline.prefix import prefix_key
+from gateway.pipeline.prefix import cached_messages, prefix_key
 
 SYSTEM = {"role": "system", "content": "You are a careful agent. " * 60}  # 1500 characters
 
@@ -26,6 +26,14 @@ def test_every_turn_of_a_conversation_shares_the_key_of_its_opening() -> None:
     assert first is not None and first == later
     other = key(SYSTEM, {"role": "user", "content": "summarise the incident"})
     assert other is not None and other != first  # another session of the same app: another key
+
+
+def test_a_later_turn_expects_everything_but_its_last_message_cached() -> None:
+    user = {"role": "user", "content": "plan the migration"}
+    assert cached_messages([SYSTEM, user]) == 0  # the opening: nothing of this conversation was served yet
+    later = [SYSTEM, user, {"role": "assistant", "content": "step one"}, {"role": "user", "content": "two?"}]
+    assert cached_messages(later) == 3
+    assert cached_messages([user, {"role": "assistant", "content": "ok"}, user]) == 2
 
 
 def test_short_openings_and_a_zero_minimum_get_no_key() -> None:
