@@ -4,8 +4,11 @@ Three `switchboard engine serve --threads 1` replicas (SmolLM2) and the loopback
 its TTFT and tok/s knobs set to the simulator's cloud medians) serve a short `bursty-agents` trace, open
 loop at its arrival times. A policy (the same `Switchboard` adapter the simulator uses, or round-robin over
 the replicas) places each request from live counts; responses stream, and TTFT, latency and usage are
-measured. The simulator then replays the trace with each request's measured token counts on a fleet of the
-same shape. Edge-floor requests are left out (no edge node here). Run:
+measured. An agent turn sends its conversation: the system prompt, then each earlier turn's message and a
+reply standing in for that turn's answer (a turn whose history was cut short gets a stand-in of that size),
+then its own message, so a turn starts with its previous turn's whole prompt, as in the trace. The
+simulator then replays the trace with each request's measured token counts on a fleet of the same shape.
+Edge-floor requests are left out (no edge node here). Run:
 `python -m bench.routing_eval.live [--minutes 2] [--load-boxes 4] [--curve PATH] [--out docs/BENCHMARKS.md]`;
 for a fair comparison give it a curve measured with as many engines busy at once as it runs
 (`python -m bench.routing_eval.calibrate --engines 3 --out bench/data/routing_eval_curve_3engines.json`).
@@ -18,10 +21,11 @@ import asyncio
 import dataclasses
 import json
 import os
+import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -40,7 +44,7 @@ from bench.routing_eval.workload import AGENT_KINDS, Request, filler
 
 REPLICAS = 3
 MAX_OUTPUT = 32  # short outputs keep the replay to a few minutes on two shared cores
-_rng_words = __import__("random").Random(0)
+_rng_words = random.Random(0)
 SYSTEM_TEXT = {k: f"You are the {k} agent. " + filler(_rng_words, 420) for k in AGENT_KINDS}
 
 
@@ -87,21 +91,35 @@ class LiveView:
         box.waiting = [0] * max(0, box.in_system - 8)
 
 
-def messages_of(req: Request) -> list[dict[str, str]]:
-    pad = filler(__import__("random").Random(req.rid), max(0, req.prompt_tokens - req.prefix_tokens - 40))
-    if req.session >= 0:
-        system = SYSTEM_TEXT[req.prefix_key.split(":", 1)[1]]
-    else:
-        system = f"You help the {req.team} team."
-    return [{"role": "system", "content": system}, {"role": "user", "content": f"{req.text}\n{pad}"}]
+def messages_of(req: Request, by_rid: Mapping[int, Request]) -> list[dict[str, str]]:
+    """What `req` sends; an agent turn repeats its previous turn's messages exactly (`by_rid`: the trace)."""
+    new = req.prompt_tokens - req.prefix_tokens - req.history_tokens
+    pad = filler(random.Random(req.rid), max(0, new - 40))
+    user = {"role": "user", "content": f"{req.text}\n{pad}"}
+    if req.session < 0:
+        return [{"role": "system", "content": f"You help the {req.team} team."}, user]
+    prev = by_rid.get(req.follows)
+    if prev is not None:
+        reply = filler(random.Random(-1 - prev.rid), prev.output_tokens)  # the answer's stand-in
+        return [*messages_of(prev, by_rid), {"role": "assistant", "content": reply}, user]
+    head = [{"role": "system", "content": SYSTEM_TEXT[req.prefix_key.split(":", 1)[1]]}]
+    if req.history_tokens:  # cut short: what is left of the conversation, its own
+        summary = filler(random.Random(-1 - req.rid), req.history_tokens)
+        head += [{"role": "user", "content": summary}, {"role": "assistant", "content": "Noted."}]
+    return [*head, user]
 
 
 async def _send(
-    client: httpx.AsyncClient, url: str, model: str, req: Request, on_first: Callable[[], None]
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    messages: list[dict[str, str]],
+    req: Request,
+    on_first: Callable[[], None],
 ) -> tuple[float, float, int, int]:
     body = {
         "model": model,
-        "messages": messages_of(req),
+        "messages": messages,
         "max_tokens": req.output_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -125,6 +143,7 @@ async def _send(
 
 async def replay(trace: list[Request], policy: object, view: LiveView, urls: dict[str, str]) -> list[Job]:
     jobs: list[Job] = []
+    by_rid = {r.rid: r for r in trace}
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
@@ -135,16 +154,19 @@ async def replay(trace: list[Request], policy: object, view: LiveView, urls: dic
             target = policy.route(req, now, view)  # type: ignore[attr-defined]
             if target is None:
                 return
-            view.start(target, req.prompt_tokens)
+            counted = getattr(policy, "counted_prompt", None)  # what its gateway counts as pending
+            pending = counted(req) if counted is not None else req.prompt_tokens
+            view.start(target, pending)
             model = CLOUD_MODEL.name if target == CLOUD else "smollm2"
-            held = [req.prompt_tokens]
+            held = [pending]
 
             def prefilled() -> None:  # once: at the first token, or at the end
                 if held:
                     view.first_token(target, held.pop())
 
             try:
-                ttft, total, p_tok, o_tok = await _send(client, urls[target], model, req, prefilled)
+                messages = messages_of(req, by_rid)
+                ttft, total, p_tok, o_tok = await _send(client, urls[target], model, messages, req, prefilled)
             finally:
                 prefilled()
                 view.end(target)
