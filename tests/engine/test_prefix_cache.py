@@ -259,7 +259,7 @@ def test_a_preempted_sequence_resumes_from_its_blocks_still_cached() -> None:
     assert scheduler.num_prefix_hit_tokens == 0  # a readmission is not a prompt served from the cache
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     num_blocks=st.integers(4, 20),
     block_size=st.sampled_from([1, 2, 4]),
