@@ -49,10 +49,12 @@ def messages_of(req: Request, by_rid: Mapping[int, Request], run: int = 0) -> li
 
 def shared_system_tokens() -> dict[str, int]:
     """Per prefix key (agent kind, team), the leading tokens every request with it sends (its system
-    prompt, rendered by the engine's chat template): what a replica's prefix cache can hold for it."""
+    prompt, rendered by the engine's chat template, `backends.local.wire.encode_chat`): what a replica's
+    prefix cache can hold for it."""
     from transformers import AutoTokenizer
 
     from backends.local.loader import resolve_spec
+    from backends.local.wire import encode_chat
 
     source = resolve_spec(ENGINE_MODEL)
     extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -63,10 +65,7 @@ def shared_system_tokens() -> dict[str, int]:
     out = {}
     for key, text in systems.items():
         a, b = (
-            tokenizer.apply_chat_template(
-                [{"role": "system", "content": text}, {"role": "user", "content": user}],
-                add_generation_prompt=True,
-            )
+            encode_chat(tokenizer, [{"role": "system", "content": text}, {"role": "user", "content": user}])
             for user in ("alpha", "omega")
         )
         out[key] = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
