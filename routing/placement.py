@@ -8,11 +8,12 @@ meets the SLO on an owned box only outside the box's reserve for must-stay traff
 a free unreserved slot, and a predicted TTFT within the reserve's bound. `by_affinity`: with a prefix key,
 the owned replicas that tie for first place (same requested-order position and marginal cost, SLO met, or
 all missing it when none meets it) are reordered by rendezvous hashing of the key, skipping a replica with
-more than `affinity_max_waiting` requests waiting for a slot. Where the prediction models prefill (a
-`capacity.prefill_tokens_per_s`), the rest are then ordered by predicted TTFT, rendezvous order on ties:
-the favourite's prediction counts only the prompt its prefix cache lacks (`RouteRequest.prefix_tokens`,
-`routing.scoring`), so it keeps the prefix unless another replica would still answer sooner (a request
-with no `prefix_tokens` spills by the waiting limit alone). Pure and
+more than `affinity_max_waiting` requests waiting for a slot. For a later turn whose previous one went to
+an owned replica (`RouteRequest.prefix_tokens`, `prefix_holder`) and where the prediction models prefill
+(a `capacity.prefill_tokens_per_s`), the rest are then ordered by predicted TTFT, rendezvous order on
+ties: the holder's prediction counts only the prompt its prefix cache lacks (`routing.scoring`), so the
+conversation stays there unless another replica would still answer sooner (other requests spill by the
+waiting limit alone). Pure and
 deterministic: every gateway replica places a prefix on the same engine.
 """
 
@@ -105,9 +106,9 @@ def by_affinity(
     """The owned replicas (`owned`: id -> entry of the owned eligible ones) tying with the best-ranked owned
     one, placed in their slots in rendezvous order. When no owned replica meets the SLO (a request that
     queues on owned capacity), those missing it tie instead: a cached prefix is then worth the most. With
-    `cached_tokens` (the favourite's predicted TTFT already counts only the rest of the prompt) and a
-    prefill rate, those within the waiting limit go by predicted TTFT. Without them the prediction cannot
-    see the cache, so only the waiting limit spills (a conversation's first turn stays on its favourite)."""
+    `cached_tokens` (the holder's predicted TTFT already counts only the rest of the prompt) and a prefill
+    rate, those within the waiting limit go by predicted TTFT. Without them the prediction cannot see the
+    cache, so only the waiting limit spills (a conversation's first turn stays on its favourite)."""
     lead = next((c for c in ranked if c.slo_met and c.deployment_id in owned), None)
     met = lead is not None
     if lead is None:

@@ -4,8 +4,9 @@
 and cost for the rest, normalises both over the eligible set and weighs them by the objective. Owned
 capacity costs 0 at the margin. With an SLO or a prefix key, `routing.placement` then reorders: the cheapest
 deployment predicted to meet the SLO first (overflow to the cloud only when owned capacity would break it),
-and among tying owned replicas the prefix's rendezvous-hashing favourite unless another is predicted to
-give the first token sooner (the favourite's prediction counts only the prompt its prefix cache lacks).
+and among tying owned replicas the prefix's rendezvous-hashing favourite, or, for a later turn, the one
+predicted to give the first token soonest (the replica that served the previous turn, `prefix_holder`,
+counts only the prompt its prefix cache lacks).
 Invariants: pure (no I/O, clock or randomness; time arrives as `now_s`); eligible + rejected is exactly the
 model's deployments; nothing below the request's privacy floor is ever eligible; nothing eligible means no
 candidates (fail closed) and a reason that names the floor and every rejection.
@@ -19,7 +20,6 @@ from decimal import Decimal
 from operator import itemgetter
 
 from routing.decision import RejectCode, Rejection, RouteDecision, ScoredCandidate
-from routing.fleet import hrw_weight
 from routing.placement import Affinity, by_affinity, by_slo, has_slo, overflow_text, slo_text
 from routing.preferences import narrow
 from routing.snapshot import (
@@ -299,14 +299,11 @@ def _reason(
     return f"{headline}: {best.deployment_id} ({terms}){slo}{extra}; {tally}"
 
 
-def _discount_cached_prefix(rows: list[Row], key: int, cached: int, prompt_tokens: int) -> list[Row]:
-    """The prefix's rendezvous favourite among the owned eligible deployments holds `cached` of the prompt
-    tokens in its prefix cache (the engine recomputes at least the last one): its predicted TTFT and
-    latency count only the rest at its prefill rate. Others, and deployments without one, are unchanged."""
-    best, best_weight = -1, -1
-    for i, (_, _, e, _) in enumerate(rows):
-        if e.owned and (weight := hrw_weight(key, e.affinity_seed)) > best_weight:
-            best, best_weight = i, weight
+def _discount_cached_prefix(rows: list[Row], holder: str, cached: int, prompt_tokens: int) -> list[Row]:
+    """The owned deployment `holder` holds `cached` of the prompt tokens in its prefix cache (the engine
+    recomputes at least the last one): its predicted TTFT and latency count only the rest at its prefill
+    rate. Others, and a holder that is not eligible, owned or without a prefill rate, are unchanged."""
+    best = next((i for i, row in enumerate(rows) if row[2].deployment_id == holder and row[2].owned), -1)
     if best < 0:
         return rows
     latency_ms, cost_pusd, e, ttft_ms = rows[best]
@@ -330,7 +327,8 @@ def _place(
         ranked = by_slo(ranked, policy, entries)
     affinity = None
     if key is not None:
-        ranked, affinity = by_affinity(ranked, entries, policy, key, request.prefix_tokens)
+        cached = request.prefix_tokens if request.prefix_holder in entries else 0
+        ranked, affinity = by_affinity(ranked, entries, policy, key, cached)
     return ranked, (entries, affinity)
 
 
@@ -341,8 +339,10 @@ def choose(
     policy = narrow(policy, request.preferences)
     hot = snapshot.hot_by_model.get(request.public_model, ())
     rows, rejected = _scan(hot, _Context(policy, request), now_s)
-    if request.prefix_key is not None and request.prefix_tokens > 0:
-        rows = _discount_cached_prefix(rows, request.prefix_key, request.prefix_tokens, request.prompt_tokens)
+    if request.prefix_key is not None and request.prefix_tokens > 0 and request.prefix_holder is not None:
+        rows = _discount_cached_prefix(
+            rows, request.prefix_holder, request.prefix_tokens, request.prompt_tokens
+        )
     placed_list, placed = _place(rows, _rank(rows, policy), policy, request)
     ranked = tuple(placed_list)
     attempts = policy.max_attempts if policy.allow_fallbacks else 1

@@ -29,7 +29,7 @@ from gateway.errors import (
 )
 from gateway.live.state import RoutingState, with_model_slo
 from gateway.pipeline.access import ModelAccess
-from gateway.pipeline.prefix import cached_messages, prefix_key
+from gateway.pipeline.prefix import cached_messages, held_prefix, prefix_key
 from gateway.pipeline.request import (
     LABELS_HEADER,
     NO_HINTS,
@@ -65,9 +65,10 @@ class Routed:
     prompt_tokens: int  # the estimate routing used; admission reserves it too
     output_tokens: int  # max_tokens, or routing.default_output_tokens
     edge_missing: tuple[str, ...] = ()  # edge backends with no live node that may serve (no candidates only)
-    # (backend, tokens): the prefix-affinity replica expected to hold that much of the prompt cached; an
-    # attempt there counts only the rest as pending prefill (routing.fleet.predict reads it back).
+    # (backend, tokens) expected in its prefix cache (it served the previous turn): an attempt there counts
+    # only the rest as pending prefill. prefix_key: the conversation's (where it is served: PrefixHolders).
     prefix_cached: tuple[str, int] = ("", 0)
+    prefix_key: int | None = None
 
 
 def requested_floor(header: str | None) -> PrivacyTier | None:
@@ -181,14 +182,14 @@ def plan(
         privacy_reason=verdict.reason,
         prefix_key=key,
         prefix_tokens=cached_tokens,
+        prefix_holder=routing.prefix_holders.get(key) if cached_tokens else None,
     )
     snapshot = routing.snapshot(now_s)
     check_preference_names(prefs, snapshot, routing, call.model)
     decision = choose(request, snapshot, policy, now_s=now_s)
     missing = () if decision.candidates else edge_missing(routing, snapshot, call.model, policy)
-    favourite = next((c.deployment.backend for c in decision.ranked if c.affinity == 1), "")
-    cached = (favourite, min(cached_tokens, prompt_tokens)) if favourite and cached_tokens else ("", 0)
-    return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing, cached)
+    cached = held_prefix(decision, request.prefix_holder, cached_tokens)
+    return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing, cached, key)
 
 
 class Planner:

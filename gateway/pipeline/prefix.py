@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from backends.base import content_text
+from routing.decision import RouteDecision
 
 _LEADING = frozenset(("system", "developer"))
 
@@ -43,3 +44,10 @@ def cached_messages(messages: Sequence[Mapping[str, Any]]) -> int:
     opening (its replica holds at most what other sessions left there)."""
     opening = next((i + 1 for i, m in enumerate(messages) if m.get("role") not in _LEADING), len(messages))
     return len(messages) - 1 if len(messages) > opening else 0
+
+
+def held_prefix(decision: RouteDecision, holder: str | None, tokens: int) -> tuple[str, int]:
+    """(backend, `tokens`) of the ranked deployment `holder`, expected to hold that much of the prompt in
+    its prefix cache; ("", 0) when it is not ranked (or there is none)."""
+    ranked = (c for c in decision.ranked if c.deployment_id == holder)
+    return next(((c.deployment.backend, tokens) for c in ranked), ("", 0))

@@ -86,3 +86,17 @@ def test_prefill_rate_and_must_stay_reserve_config() -> None:
         parse_config(_config(capacity={"tokens_per_s": [[1, 40], [8, 200]], "reserve_slots": 8}))
     with pytest.raises(ConfigError, match=r"reserve_ttft_ms"):
         parse_config(_config(capacity={"tokens_per_s": [[1, 40]], "reserve_ttft_ms": 0}))
+
+
+def test_prefix_holders_remember_the_latest_owned_deployment_of_recent_conversations() -> None:
+    from gateway.live.state import PrefixHolders
+
+    holders = PrefixHolders(capacity=2)
+    holders.record(1, "m@gpu-a")
+    holders.record(2, "m@gpu-b")
+    holders.record(1, "m@gpu-c")  # the conversation moved (a spill): its cache is there now
+    assert holders.get(1) == "m@gpu-c" and holders.get(None) is None
+    holders.record(3, "m@gpu-a")  # over capacity: the least recently served conversation (2) is forgotten
+    assert holders.get(2) is None and holders.get(3) == "m@gpu-a"
+    holders.record(1, None)  # served by the cloud: no engine holds its latest turn
+    assert holders.get(1) is None
