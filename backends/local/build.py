@@ -47,6 +47,7 @@ class EngineOptions:
     block_size: int = 16
     max_prefill_tokens: int = 512
     batch_rows_beside_interactive: int | None = None  # batch rows per step beside interactive work
+    prefix_cache: bool = True  # keep finished requests' full prompt blocks cached (evictable) for reuse
     release_source: bool = False  # free the transformers weights once converted (the server does)
     warm_up: bool = True  # run every prefill/decode shape and the sampler once before reporting ready
 
@@ -217,6 +218,7 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
         block_size=options.block_size,
         num_spec_tokens=0 if isinstance(proposer, NoProposer) else options.num_spec_tokens,
         batch_rows_beside_interactive=options.batch_rows_beside_interactive,
+        prefix_caching=options.prefix_cache,
     )
     return BuiltEngine(
         runner=runner,

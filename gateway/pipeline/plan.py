@@ -29,7 +29,7 @@ from gateway.errors import (
 )
 from gateway.live.state import RoutingState, with_model_slo
 from gateway.pipeline.access import ModelAccess
-from gateway.pipeline.prefix import prefix_key
+from gateway.pipeline.prefix import cached_messages, held_prefix, prefix_key
 from gateway.pipeline.request import (
     LABELS_HEADER,
     NO_HINTS,
@@ -65,6 +65,10 @@ class Routed:
     prompt_tokens: int  # the estimate routing used; admission reserves it too
     output_tokens: int  # max_tokens, or routing.default_output_tokens
     edge_missing: tuple[str, ...] = ()  # edge backends with no live node that may serve (no candidates only)
+    # (backend, tokens) expected in its prefix cache (it served the previous turn): an attempt there counts
+    # only the rest as pending prefill. prefix_key: the conversation's (where it is served: PrefixHolders).
+    prefix_cached: tuple[str, int] = ("", 0)
+    prefix_key: int | None = None
 
 
 def requested_floor(header: str | None) -> PrivacyTier | None:
@@ -157,7 +161,7 @@ def plan(
     if model_cfg is not None:
         policy = with_model_slo(policy, model_cfg.slo_p95_ttft_ms, model_cfg.slo_p95_e2e_ms)
     rc = routing.config.routing
-    key = None
+    key, cached_tokens = None, 0
     if isinstance(call, EmbeddingRequest):
         prompt_tokens, output_tokens, tools, json = estimate_input_tokens(call), 0, False, False
     else:
@@ -165,6 +169,8 @@ def plan(
         output_tokens = call.max_tokens or rc.default_output_tokens
         tools, json = call.tools is not None, call.response_format is not None
         key = prefix_key(call.messages, min_chars=rc.prefix_min_chars, max_chars=rc.prefix_max_chars)
+        if key is not None and (shared := cached_messages(call.messages)):
+            cached_tokens = estimate_prompt_tokens(call.messages[:shared])
     request = RouteRequest(
         public_model=call.model,
         prompt_tokens=prompt_tokens,
@@ -175,12 +181,15 @@ def plan(
         preferences=prefs,
         privacy_reason=verdict.reason,
         prefix_key=key,
+        prefix_tokens=cached_tokens,
+        prefix_holder=routing.prefix_holders.get(key) if cached_tokens else None,
     )
     snapshot = routing.snapshot(now_s)
     check_preference_names(prefs, snapshot, routing, call.model)
     decision = choose(request, snapshot, policy, now_s=now_s)
     missing = () if decision.candidates else edge_missing(routing, snapshot, call.model, policy)
-    return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing)
+    cached = held_prefix(decision, request.prefix_holder, cached_tokens)
+    return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing, cached, key)
 
 
 class Planner:
