@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.responses import RedirectResponse, Response
 
 from backends.errors import SwitchboardError
-from gateway.console import charts, data
+from gateway.console import charts, overview
 from gateway.console.access import (
     LoginRequired,
     Refused,
@@ -73,7 +73,7 @@ async def _overview(request: Request, user: User, range_: str, since: str | None
     start, end, label = _window(range_, since, until)
     deps = user.deps.reports
     result = await run_report(
-        deps.runner, request, lambda guard: data.overview(deps.db, start, end, user.team, guard)
+        deps.runner, request, lambda guard: overview.overview(deps.db, start, end, user.team, guard)
     )
     return result, start, end, label
 
