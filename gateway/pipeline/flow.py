@@ -105,6 +105,7 @@ class Pipeline:
                 await _delivered(rec, answer, deliver, headers)
                 return answer
             routed = admitted.routed
+            rec.dispatched = True
             served = await self.dispatcher.complete(
                 routed.decision, request.call, timing, routed.policy.max_attempts, routed.prompt_tokens
             )
@@ -137,6 +138,7 @@ class Pipeline:
             if admitted.hit is not None:
                 return ChunkStream(rec, tuple(headers), admitted.hit.replay(), self.cache)
             routed = admitted.routed
+            rec.dispatched = True
             opened = await self.dispatcher.open_stream(
                 routed.decision, call, timing, routed.policy.max_attempts, routed.prompt_tokens
             )
