@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -19,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from gateway.config import Config, parse_config
 from gateway.console.overview import overview
+from gateway.live import histogram
 from gateway.reports import (
     Dimension,
     ReportQuery,
@@ -26,6 +28,7 @@ from gateway.reports import (
     Source,
     parse_query,
     savings_report,
+    sql,
     usage_report,
 )
 from gateway.reports.runner import Guard
@@ -259,3 +262,37 @@ def _assert_derived(eng: Engine) -> None:
         assert got.keys() == want.keys(), table.name
         for key, measures in want.items():
             assert got[key] == pytest.approx(measures, rel=1e-12, abs=1e-9), (table.name, key)
+
+
+@pytest.mark.postgres
+def test_pg_histograms_equal_the_case_form(migrated_pg_target: DbTarget) -> None:
+    """PostgreSQL's one-pass `width_bucket` histograms of raw rows equal the CASE-per-bucket reference,
+    for values exactly on, just below and just above every bucket edge, and NULL TTFTs."""
+    eng = migrated_pg_target.make_engine()
+    try:
+        rows = list(generate_rows(dataclasses.replace(SPEC, rows=600, hours=30)))
+        edges = [
+            v for e in histogram.EDGES_MS for v in (e, math.nextafter(e, 0.0), math.nextafter(e, math.inf))
+        ]
+        for i, row in enumerate(rows):
+            if i % 2:
+                row["latency_ms"] = edges[i % len(edges)]
+                row["ttft_ms"] = None if i % 5 == 0 else edges[(3 * i) % len(edges)]
+        insert_rows(eng, rows)
+        window = sa.and_(db.usage.c.created_at >= SPEC.start, db.usage.c.created_at < SPEC.start + 30 * H)
+        groupings: list[tuple[Dimension, ...]] = [
+            (),
+            (Dimension.TEAM,),
+            (Dimension.DAY, Dimension.TEAM, Dimension.BACKEND),
+            (Dimension.HOUR, Dimension.MODEL),
+        ]
+        with eng.connect() as conn:
+            for dims in groupings:
+                filters = sql.raw_filters(ReportQuery(dims, None, None), window)
+                fast, reference = (
+                    sql.pg_raw_histograms(conn, dims, filters),
+                    sql.case_raw_histograms(conn, dims, filters),
+                )
+                assert fast == reference and sum(v[0] for v in fast.values()) == len(rows), dims
+    finally:
+        eng.dispose()
