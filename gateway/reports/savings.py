@@ -144,7 +144,7 @@ def savings_report(
         busy = _busy_ms(conn, dims, (since, until), measured, query) if measured else {}
         ref = Price(reference.input_usd_per_mtok, reference.output_usd_per_mtok)
         lines, batch_total = batch_savings(
-            conn, config, query, (since, until), ref, list_price or _litellm_list_price
+            conn, config, query, (since, until), ref, list_price or _litellm_list_price, plan
         )
     cache = {tuple(v or None for v in key): sums for key, sums in cached.items()}
     rows = _self_hosted_rows(traffic.rows, cache, busy, hosted, reference)
