@@ -193,7 +193,8 @@ def pg_raw_histograms(
     (group), (group, latency bucket) and (group, TTFT bucket), instead of 96 CASE sums per row."""
     base = _raw_base(dims, "postgresql", filters, (*_SUM_SOURCE, "latency_ms", "ttft_ms"))
     keys = [base.c[f"g{i}"] for i in range(len(dims))]
-    edges = sa.literal_column("ARRAY[" + ", ".join(repr(e) for e in histogram.EDGES_MS) + "]::float8[]")
+    array = "ARRAY[" + ", ".join(repr(e) for e in histogram.EDGES_MS) + "]::float8[]"
+    edges: ColumnElement[Any] = sa.literal_column(array)
     lat, ttft = sa.func.width_bucket(base.c.latency_ms, edges), sa.func.width_bucket(base.c.ttft_ms, edges)
     sets = sa.func.grouping_sets(sa.tuple_(*keys), sa.tuple_(*keys, lat), sa.tuple_(*keys, ttft))
     stmt = sa.select(
