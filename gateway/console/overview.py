@@ -10,6 +10,7 @@ window (as of the last rollup run), and a team session's figures are read with i
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from gateway.reports.runner import Guard
 from gateway.reports.sql import GroupKey
 from gateway.store.db import usage
 
+ALL = "\x00all"  # the key value of a grouping set's rolled-up column (no team, backend or bucket is it)
 MINUTE_SERIES_MAX = dt.timedelta(hours=3)  # up to this span the chart has one column per minute
 HOURLY_SERIES_MAX = dt.timedelta(days=3)  # then per hour; longer: per day
 
@@ -90,16 +92,46 @@ def _step(guard: Guard) -> Any:
 
 
 def _vectors(conn: Connection, query: ReportQuery, plan: Plan, guard: Guard) -> dict[GroupKey, list[int]]:
-    """Sums and latency/TTFT histograms per (bucket, team, backend): rollup hours, then raw rows."""
+    """Sums and latency/TTFT histograms per (bucket, team, backend): rollup hours, then raw rows. On
+    PostgreSQL each rollup read returns (ALL, team, backend) and (bucket, ALL, ALL) rows (grouping sets:
+    ~100 rows, not thousands of 106-wide vectors to fold here); `_folded` takes both shapes."""
     out: dict[GroupKey, list[int]] = {}
     tables = rollup_tables(query.group_by, query)
+    read = _grouping_sets if conn.dialect.name == "postgresql" else sql.rollup_histograms
     for start, end in rollup_chunks(conn, plan.rollup_start, plan.rollup_end):
         guard.check()
         for table, a, b in rollup_pieces(start, end, plan.rollup_skip, query.group_by, tables):
-            _add(out, sql.rollup_histograms(conn, query.group_by, (a, b), plan.rollup_skip, query, table))
+            _add(out, read(conn, query.group_by, (a, b), plan.rollup_skip, query, table))
     if plan.raw_where is not None:
         guard.check()
         _add(out, sql.raw_histograms(conn, query.group_by, sql.raw_filters(query, plan.raw_where)))
+    return out
+
+
+def _grouping_sets(
+    conn: Connection,
+    dims: Sequence[Dimension],
+    hours: tuple[dt.datetime, dt.datetime],
+    skip: Sequence[dt.datetime],
+    query: ReportQuery,
+    table: sa.Table,
+) -> dict[GroupKey, list[int]]:
+    """`sql.rollup_histograms` grouped by the sets (team, backend) and (bucket): keys (ALL, team, backend)
+    and (bucket, ALL, ALL)."""
+    h = table.c
+    bucket, team, backend = sql.rollup_group_values(dims, "postgresql", table)
+    where = [h.hour >= hours[0], h.hour < hours[1], *sql.rollup_filters(query, table)]
+    skipped = [s for s in skip if hours[0] <= s < hours[1]]
+    if skipped:
+        where.append(h.hour.not_in(skipped))
+    sets = sa.func.grouping_sets(sa.tuple_(team, backend), sa.tuple_(bucket))
+    stmt = sa.select(sa.func.grouping(bucket), bucket, team, backend, *sql.rollup_sums(table)).where(*where)
+    out: dict[GroupKey, list[int]] = {}
+    for row in conn.execute(stmt.group_by(sets)):
+        if not row[4]:  # no requests
+            continue
+        key = (ALL, row[2], row[3]) if row[0] else (row[1], ALL, ALL)
+        out[key] = [int(v or 0) for v in row[4:]]
     return out
 
 
@@ -115,11 +147,14 @@ def _folded(vectors: dict[GroupKey, list[int]], unit: str) -> Overview:
     backends: dict[GroupKey, list[int]] = {}
     series: dict[str, list[int]] = {}
     for (bucket, team, backend), vector in vectors.items():
+        if bucket != ALL:
+            have = series.setdefault(bucket, [0, 0])
+            have[0], have[1] = have[0] + vector[0], have[1] + vector[1]  # requests, errors (SUM_FIELDS)
+        if team == ALL:  # a (bucket, ALL, ALL) row of `_grouping_sets`: its figures are in the team rows
+            continue
         total = [a + b for a, b in zip(total, vector, strict=True)]
         _add(teams, {(team,): vector})
         _add(backends, {(backend,): vector})
-        have = series.setdefault(bucket, [0, 0])
-        have[0], have[1] = have[0] + vector[0], have[1] + vector[1]  # requests, errors (SUM_FIELDS)
 
     def rows(groups: dict[GroupKey, list[int]]) -> tuple[ReportRow, ...]:
         return tuple(sorted((_row(k, v) for k, v in groups.items()), key=lambda r: -r.cost_micro_usd))
