@@ -192,8 +192,12 @@ def render(r: Result, command: str, info: dict[str, str], load_avg: str) -> str:
         f"{load_avg} at the start (the machine was shared with other jobs).",
         "",
         f"Command: `{command}`. {r.rows:,} ledger rows over {r.days} days from bench/reports' generator "
-        f"(loaded in {r.load_s:.0f} s, rolled up in {r.rollup_s:.0f} s; 0 s: loaded by an earlier `--keep` "
-        "run), plus one hour of fresh rows not yet "
+        + (
+            f"(loaded in {r.load_s:.0f} s, rolled up in {r.rollup_s:.0f} s)"
+            if r.load_s
+            else f"(loaded by an earlier `--keep` run; its catch-up rollup took {r.rollup_s:.0f} s)"
+        )
+        + ", plus one hour of fresh rows not yet "
         "rolled up. Server time is `x-switchboard-overhead-ms` (the handler: SQL and rendering); wall time "
         "is the client's, over loopback. One request at a time, after one warm-up.",
         "",
