@@ -106,6 +106,7 @@ class Pipeline:
                 await _delivered(rec, answer, deliver, headers)
                 return answer
             routed = admitted.routed
+            rec.dispatched = True
             served = await self.dispatcher.complete(
                 routed.decision, request.call, timing, routed.policy.max_attempts, routed.prompt_tokens,
                 routed.prefix_cached,
@@ -140,6 +141,7 @@ class Pipeline:
             if admitted.hit is not None:
                 return ChunkStream(rec, tuple(headers), admitted.hit.replay(), self.cache)
             routed = admitted.routed
+            rec.dispatched = True
             opened = await self.dispatcher.open_stream(
                 routed.decision, call, timing, routed.policy.max_attempts, routed.prompt_tokens,
                 routed.prefix_cached,

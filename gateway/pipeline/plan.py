@@ -352,9 +352,16 @@ def privacy_class(verdict: PrivacyVerdict) -> str:
     return f"{verdict.floor}:{kinds}" if kinds else str(verdict.floor)
 
 
-def candidates_json(decision: RouteDecision) -> str:
-    """The ranked candidates with their score terms, for the ledger and the explain endpoint."""
-    return orjson.dumps(ranked_view(decision)).decode()
+def candidates_json(decision: RouteDecision, *, rejected: bool = False) -> str:
+    """The ranked candidates with their score terms, for the ledger and the explain endpoint; with
+    `rejected` (a refused request's row), then each rejected deployment with its reasons."""
+    view: list[dict[str, object]] = ranked_view(decision)
+    if rejected:
+        view += [
+            {"deployment": r.deployment_id, "backend": r.backend, "rejected": ", ".join(r.reasons)}
+            for r in decision.rejected
+        ]
+    return orjson.dumps(view).decode()
 
 
 def ranked_view(decision: RouteDecision) -> list[dict[str, object]]:
