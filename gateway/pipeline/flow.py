@@ -22,8 +22,9 @@ from gateway.eager import Ready
 from gateway.errors import InvalidRequest
 from gateway.limits.gate import Gate
 from gateway.pipeline.attempt import DeploymentUse
+from gateway.pipeline.decision_view import prediction_headers
 from gateway.pipeline.dispatch import Dispatcher, OpenStream, await_chunk, close_stream, ready_chunk
-from gateway.pipeline.plan import Planner, Routed, fail_closed_error, prediction_headers
+from gateway.pipeline.plan import Planner, Routed, fail_closed_error
 from gateway.pipeline.record import RecordSink, RequestRecord
 from gateway.pipeline.request import CACHE_HEADER, SYSTEM_CLOCK, Clock, GatewayRequest, Timing
 from gateway.records import RequestStatus

@@ -19,7 +19,8 @@ from gateway.errors import AllBackendsFailed
 from gateway.limits.gate import Ticket
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.attempt import DeploymentUse
-from gateway.pipeline.plan import Routed, candidates_json, privacy_class
+from gateway.pipeline.decision_view import candidates_json, privacy_class
+from gateway.pipeline.plan import Routed
 from gateway.pipeline.request import GatewayRequest, Timing
 from gateway.records import RequestStatus, UsageRecord
 from gateway.store.ledger import LedgerWriter
