@@ -27,7 +27,8 @@ QUANT_CANDIDATES = ("int4", "int8", "none")  # timed in this order: the likely w
 DECODE_STEPS = 4  # timed steps per row count and round, after one warm-up step
 ROUNDS = 2
 PREFILL_TOKENS = 64
-SLOWER = 1.5  # a candidate whose first pass scores this much above the best so far is not timed further
+SLOWER = 1.5  # a candidate whose first passes score this much above the best so far is not timed further
+QUICK_ROUNDS = 2  # first passes (one step of each shape): the faster counts, so one burst does not stop it
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,7 @@ class Choice:
                 f"{mark} {t.dtype:>8} {t.quant:>4}: decode x1 {t.decode1_ms:6.1f} ms, "
                 f"x8 {t.decode8_ms:6.1f} ms, "
                 f"prefill {PREFILL_TOKENS} {t.prefill_ms:6.1f} ms"
-                + (" (one pass: stopped early)" if t.early else "")
+                + (" (first passes only: stopped early)" if t.early else "")
             )
         return lines
 
@@ -142,11 +143,21 @@ def write_cached(choice: Choice) -> None:
 
 def build_candidate(loaded: Any, dtype: str, quant: str) -> Any:
     """One candidate's runner, built from the loaded weights (left intact) over a small cache."""
+    import torch
+
     from backends.local.build import assemble_engine_model
     from backends.local.engine.kernels import attach_cpu_kernels
     from backends.local.engine.runner import build_runner
 
-    model, _ = assemble_engine_model(loaded, dtype, quant)
+    # Built with one compute thread: the build is elementwise passes over memory that a second thread
+    # hardly speeds up, and on a busy machine an OpenMP team whose other thread is descheduled waits at every
+    # op's barrier (docs/ENGINE.md, Threads). The timing that follows runs with the engine's count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, _ = assemble_engine_model(loaded, dtype, quant)
+    finally:
+        torch.set_num_threads(threads)
     attach_cpu_kernels(model)
     return build_runner(model, kv_cache_mb=32, block_size=16, attn_impl="auto")
 
@@ -181,9 +192,10 @@ def _timing(dtype: str, quant: str, seconds: tuple[float, float, float], early: 
 def time_candidates(loaded: Any, pool: list[tuple[str, str]]) -> tuple[Timing, ...]:
     """Time the candidates one after another, each built only while it is timed: one model at a time.
 
-    A candidate first runs each shape once; one whose score is then `SLOWER` times the best so far stops
-    there (its row says so). The others run `ROUNDS` rounds of `DECODE_STEPS` steps, keeping each shape's
-    fastest, so a burst of other work on a shared machine during one round does not decide the choice.
+    A candidate first runs one step of each shape twice (`QUICK_ROUNDS`, the faster kept); one whose
+    score is then `SLOWER` times the best so far stops there (its row says so). The others run `ROUNDS`
+    rounds of `DECODE_STEPS` steps, keeping each shape's fastest, so a burst of other work on a shared
+    machine during one round does not decide the choice.
     """
     from backends.local.build import trim_heap
     from backends.local.warmup import timing_tables
@@ -194,7 +206,7 @@ def time_candidates(loaded: Any, pool: list[tuple[str, str]]) -> tuple[Timing, .
         runner = build_candidate(loaded, dtype, quant)
         built_s = time.perf_counter()
         tables = timing_tables(runner, steps=DECODE_STEPS, prefill_tokens=PREFILL_TOKENS)
-        timed = _timing(dtype, quant, _measure(runner, tables, 1, 1), early=True)
+        timed = _timing(dtype, quant, _measure(runner, tables, 1, QUICK_ROUNDS), early=True)
         best = min((t.score_ms for t in table if not t.early), default=None)
         if best is None or timed.score_ms <= SLOWER * best:
             timed = _timing(dtype, quant, _measure(runner, tables, DECODE_STEPS, ROUNDS))

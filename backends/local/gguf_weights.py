@@ -61,16 +61,18 @@ class GgufWeights:
         from gguf import GGUFReader
 
         self.path = path
-        self._reader: Any = GGUFReader(path)
-        arch_field = self._reader.fields.get("general.architecture")
+        reader = GGUFReader(path)
+        arch_field = reader.fields.get("general.architecture")
         arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field is not None else ""
         # transformers reverses llama.cpp's rotary permutation of q/k rows for the `llama` architecture only.
         self._heads = {"q_proj": num_heads, "k_proj": num_kv_heads} if arch == "llama" else {}
         self._tensors: dict[str, Any] = {}
-        for tensor in self._reader.tensors:
+        for tensor in reader.tensors:
             name = hf_name(tensor.name)
             if name is not None:
                 self._tensors[name] = tensor
+        # The tensors' views keep the file mapped; the parsed metadata (the tokenizer's ~100k strings as
+        # numpy arrays) is dropped now rather than held through the build.
 
     def names(self) -> Iterable[str]:
         return self._tensors.keys()
@@ -122,7 +124,6 @@ class GgufWeights:
     def close(self) -> None:
         """Drop the file mapping (its pages stop counting in this process's RSS)."""
         self._tensors.clear()
-        self._reader = None
 
 
 def _fp16(raw: np.ndarray) -> Tensor:
