@@ -23,6 +23,12 @@ _MEMORY_LINE = re.compile(r"memory: weights ([\d.]+) MB \+ KV cache ([\d.]+) MB"
 _KV_LINE = re.compile(r"KV cache: \d+ blocks of \d+ tokens \((\d+) tokens")
 PEAK_GOAL = 2.0  # peak load RSS <= this x (final weights + KV budget)
 IDLE_GOAL = 1.5  # idle RSS <= this x llama-server's at the same context
+START_TIMEOUT_S = 900.0
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no output"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +150,10 @@ def measure(
     eng = llama = None
     pids: list[int] = []
     log = tmp / "engine-memory.log"
-    with serving(engine_cmd, log, pids=pids) as url:
+    # A first start times autotune (minutes at 2 threads on a loaded machine): a longer wait than the others.
+    with serving(engine_cmd, log, timeout_s=START_TIMEOUT_S, pids=pids) as url:
         if url is None:
-            notes.append("memory: the engine on the GGUF did not start")
+            notes.append(f"memory: the engine on the GGUF did not start: {_last_line(log)}")
         else:
             eng = engine_memory(log, url, pids[-1])
             timed = "autotune (timed now" in log.read_text(errors="replace")
@@ -168,3 +175,33 @@ def measure(
             peak, idle = read_after_one_request(url, pids[-1])
             llama = Memory(peak, idle)
     return eng, llama
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The memory phase alone: `python -m bench.engine_memory [--threads N] [--llama-server PATH] [-- FLAGS]`
+    (FLAGS go to `engine serve`, e.g. `--dtype bfloat16 --quant int4`; default: auto)."""
+    import argparse
+    import sys
+    import tempfile
+
+    from backends.local.loader import resolve_spec
+    from bench.engine import MODEL_SPEC, engine_cmd, llama_cmd, serving
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="compute threads of both servers")
+    parser.add_argument("--llama-server", type=Path, metavar="PATH", help="llama.cpp's llama-server binary")
+    parser.add_argument("flags", nargs="*", help="extra `engine serve` flags (after --)")
+    args = parser.parse_args(argv)
+    source = resolve_spec(MODEL_SPEC)
+    assert source.gguf_file is not None
+    gguf = source.directory / source.gguf_file
+    notes: list[str] = []
+    llama = llama_cmd(gguf, args.threads, args.llama_server, 1) if args.llama_server else None
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        eng, ll = measure(serving, engine_cmd(gguf, args.threads, *args.flags), llama, Path(tmp), notes)
+    print(f"engine {eng}\nllama-server {ll}", file=sys.stderr)
+    print("\n".join([*rows(eng, ll), "", *goal_lines(eng, ll), *(f"- Note: {n}" for n in notes)]))
+
+
+if __name__ == "__main__":
+    main()
