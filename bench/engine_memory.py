@@ -115,9 +115,9 @@ def rows(eng: Memory | None, llama: Memory | None) -> list[str]:
     e_peak, e_idle = (eng.peak_mb, eng.idle_mb) if eng else (None, None)
     l_peak, l_idle = (llama.peak_mb, llama.idle_mb) if llama else (None, None)
     return [
-        f"| peak load RSS MB (VmHWM), engine auto from the GGUF, KV for {tokens} tokens | {_mb(e_peak)} "
+        f"| peak load RSS MB (VmHWM), engine from the GGUF, KV for {tokens} tokens | {_mb(e_peak)} "
         f"| n/a | | {_mb(l_peak)} | {_x(_ratio(e_peak, l_peak))} |",
-        f"| idle RSS MB (VmRSS), engine auto from the GGUF, KV for {tokens} tokens | {_mb(e_idle)} "
+        f"| idle RSS MB (VmRSS), engine from the GGUF, KV for {tokens} tokens | {_mb(e_idle)} "
         f"| n/a | | {_mb(l_idle)} | {_x(_ratio(e_idle, l_idle))} |",
     ]
 
