@@ -5,7 +5,8 @@ Server time is the gateway's `x-switchboard-overhead-ms` header (time in the app
 go out: the whole handler, SQL and rendering included); the client's loopback wall time is reported beside
 it. Requests run one at a time, `--repeats` per page after one warm-up. The last hour holds an hour's worth of
 fresh rows not yet rolled up, as a live gateway's would. Goal: p95 < 1 s per page. The schema is dropped.
-Run: `python -m bench.console [--rows 2000000] [--days 32] [--repeats 20] [--out docs/BENCHMARKS.md]`.
+Run: `python -m bench.console [--rows 2000000] [--days 32] [--repeats 20] [--out docs/BENCHMARKS.md]`
+(`--keep` leaves the schema; `--reuse SCHEMA` times the pages again on it without loading).
 """
 
 from __future__ import annotations
@@ -90,8 +91,21 @@ def _login(base_url: str, key: str) -> Iterator[httpx.Client]:
         yield client
 
 
-def run(url: str, rows: int, days: int, repeats: int, seed: int) -> Result:
-    schema = "bench_console_" + uuid.uuid4().hex[:8]
+ROLLUP_TABLES = (
+    "usage_hourly",
+    "usage_daily",
+    "usage_hourly_coarse",
+    "usage_daily_coarse",
+    "backend_busy_hourly",
+)
+
+
+def run(
+    url: str, rows: int, days: int, repeats: int, seed: int, keep: bool = False, reuse: str | None = None
+) -> Result:
+    """`keep`: leave the schema (to EXPLAIN its statements); `reuse`: time the pages on a schema a kept run
+    loaded (a catch-up rollup run, then a new live hour), without loading again."""
+    schema = reuse or "bench_console_" + uuid.uuid4().hex[:8]
     hours = days * 24
     end = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
     start = end - dt.timedelta(hours=hours)
@@ -100,25 +114,28 @@ def run(url: str, rows: int, days: int, repeats: int, seed: int) -> Result:
     migrate(url, schema)
     engine = make_engine(url, schema)
     try:
-        print(f"loading {rows:,} rows over {days} days into {schema} ...", file=sys.stderr)
-        t0 = time.perf_counter()
-        load(engine, ledger_lines(rows, start, hours, seed, "b"), on_rows=lambda n: None)
-        result.load_s = time.perf_counter() - t0
+        if reuse is None:
+            print(f"loading {rows:,} rows over {days} days into {schema} ...", file=sys.stderr)
+            t0 = time.perf_counter()
+            load(engine, ledger_lines(rows, start, hours, seed, "b"), on_rows=lambda n: None)
+            result.load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         Rollup(engine).run_once()
-        vacuum_analyze(engine, "usage_hourly", "usage_daily", "backend_busy_hourly")
+        vacuum_analyze(engine, *ROLLUP_TABLES)
         result.rollup_s = time.perf_counter() - t0
         # The live hour: an hour's traffic written just now, not yet in any rollup.
         now = dt.datetime.now(dt.UTC)
         live_start = now - dt.timedelta(hours=1)
-        _append(engine, ledger_lines(max(rows // hours, 1), live_start, 1, seed + 99, "n", written_at=now))
-        print(f"  load {result.load_s:.0f} s, rollup {result.rollup_s:.0f} s", file=sys.stderr)
+        prefix = "n" if reuse is None else "r" + uuid.uuid4().hex[:6]
+        _append(engine, ledger_lines(max(rows // hours, 1), live_start, 1, seed + 99, prefix, written_at=now))
+        print(f"  {schema}: load {result.load_s:.0f} s, rollup {result.rollup_s:.0f} s", file=sys.stderr)
         result.pages = _serve_and_time(url, schema, repeats)
         return result
     finally:
         engine.dispose()
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        if not keep:
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         admin.dispose()
 
 
@@ -175,7 +192,12 @@ def render(r: Result, command: str, info: dict[str, str], load_avg: str) -> str:
         f"{load_avg} at the start (the machine was shared with other jobs).",
         "",
         f"Command: `{command}`. {r.rows:,} ledger rows over {r.days} days from bench/reports' generator "
-        f"(loaded in {r.load_s:.0f} s, rolled up in {r.rollup_s:.0f} s), plus one hour of fresh rows not yet "
+        + (
+            f"(loaded in {r.load_s:.0f} s, rolled up in {r.rollup_s:.0f} s)"
+            if r.load_s
+            else f"(loaded by an earlier `--keep` run; its catch-up rollup took {r.rollup_s:.0f} s)"
+        )
+        + ", plus one hour of fresh rows not yet "
         "rolled up. Server time is `x-switchboard-overhead-ms` (the handler: SQL and rendering); wall time "
         "is the client's, over loopback. One request at a time, after one warm-up.",
         "",
@@ -214,9 +236,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL)
     parser.add_argument("--out", type=Path, help="write the section into this markdown file")
+    parser.add_argument("--keep", action="store_true", help="leave the schema (to EXPLAIN, or --reuse it)")
+    parser.add_argument("--reuse", metavar="SCHEMA", help="time the pages on a kept run's schema, no load")
     args = parser.parse_args()
     load_avg = f"{os.getloadavg()[0]:.2f}"
-    result = run(args.pg_url, args.rows, args.days, args.repeats, args.seed)
+    result = run(args.pg_url, args.rows, args.days, args.repeats, args.seed, args.keep, args.reuse)
     section = render(
         result, ("python -m bench.console " + " ".join(sys.argv[1:])).strip(), machine_info(), load_avg
     )

@@ -5,9 +5,9 @@ chat endpoint with streaming (TTFT = request sent to first content chunk; decode
 first over the time after the first). Phases: one stream (bf16, int8, int4), 32 staggered streams, and
 n-gram speculation vs plain on an extraction and a chat prompt. Baselines run in the same process and run:
 transformers `generate` on the same weights in bf16 (one request, then one static batch), and llama-server
-(llama-cpp-python) on the same GGUF when it is installed. Invariant: every figure printed is measured in
-this run, and ratios compare figures from this run only.
-Run: `python -m bench.engine [--quick] [--threads 1] [--weights DIR] [--out docs/BENCHMARKS.md]`.
+(`bench/llama_server.sh` builds it) on the same GGUF; peak/idle RSS (bench/engine_memory.py). Invariant:
+every figure printed is measured in this run, and ratios compare figures from this run only.
+Run: `python -m bench.engine [--quick] [--threads 1] [--weights DIR] [--llama-server PATH] [--out FILE]`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Any
 import httpx
 import orjson
 
+from bench import engine_memory
+from bench.engine_memory import Memory
 from bench.overhead import free_port, machine_info, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +76,7 @@ class Results:
     burst: dict[str, Burst] = field(default_factory=dict)
     spec: dict[str, Stream] = field(default_factory=dict)  # "plain extract", "ngram chat", ...
     notes: list[str] = field(default_factory=list)
+    memory: Memory | None = None  # peak and idle RSS (bench/engine_memory.py)
 
 
 # ---- prompts -----------------------------------------------------------------------------------------------
@@ -174,8 +177,11 @@ async def _burst(url: str, n: int, max_tokens: int, gap_s: float) -> Burst:
 
 
 @contextmanager
-def serving(cmd: list[str], log: Path, timeout_s: float = 300.0) -> Iterator[str | None]:
-    """Start a server on a free port (`{port}` in `cmd`); yields its URL, or None when it failed to start."""
+def serving(
+    cmd: list[str], log: Path, timeout_s: float = 300.0, pids: list[int] | None = None
+) -> Iterator[str | None]:
+    """Start a server on a free port (`{port}` in `cmd`); yields its URL, or None when it failed to start.
+    `pids` gets the server's process id (the memory phase reads its /proc status)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with log.open("wb") as out:
@@ -186,6 +192,8 @@ def serving(cmd: list[str], log: Path, timeout_s: float = 300.0) -> Iterator[str
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    if pids is not None:
+        pids.append(proc.pid)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
@@ -377,6 +385,10 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[Results, Results, Results]
             else:
                 llama.single["story"] = asyncio.run(_single(url, story, args.max_tokens, args.repeats))
                 llama.burst["serve"] = asyncio.run(_burst(url, args.streams, args.burst_tokens, args.gap_s))
+    if not args.no_memory:
+        memory_cmd = engine_cmd(gguf, args.threads, *ENGINE_CONFIGS["auto"])
+        eng.memory, llama.memory = engine_memory.measure(serving, memory_cmd, cmd, tmp, eng.notes)
+        print(f"memory: engine {eng.memory}, llama-server {llama.memory}", file=sys.stderr)
     return eng, hf, llama
 
 
@@ -460,6 +472,7 @@ def render(eng: Results, hf: Results, llama: Results, meta: dict[str, str]) -> s
             f"| {_num(hb and hb.p50_ttft_s, '.2f')} (whole batch) | | "
             f"{_num(lb and lb.p50_ttft_s, '.2f')} / {_num(lb and lb.p90_ttft_s, '.2f')} | |"
         )
+    lines += engine_memory.rows(eng.memory, llama.memory)
     lines += ["", "Speculative decoding (`--spec ngram`) vs the plain auto engine, one stream, same run:", ""]
     lines += ["| prompt | plain tok/s | ngram tok/s | speedup | tokens |", "|---|---:|---:|---:|---:|"]
     for task in ("extract", "chat"):
@@ -505,6 +518,7 @@ def goal_lines(eng: Results, hf: Results, llama: Results) -> list[str]:
         f"- no measured auto-pickable configuration slower than transformers generate at one stream: "
         f"{_goal(slowest is not None and rate(eng, slowest) >= hf_one)} (slowest: {slowest}, "
         f"{rate(eng, slowest) if slowest else float('nan'):.1f} tok/s against {hf_one:.1f}).",
+        *engine_memory.goal_lines(eng.memory, llama.memory),
     ]
 
 
@@ -520,14 +534,29 @@ def update_doc(path: Path, section: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="With llama.cpp: `bench/llama_server.sh llama_cpp_python-0.3.36.tar.gz /work/llama` (about "
+        "20-30 min on 2 cores), then `python -m bench.engine --quick --threads 2 --llama-server "
+        "/work/llama/llama-server`.",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer tokens and streams, one repeat")
     parser.add_argument("--gap-ms", type=float, default=50.0, help="arrival gap between staggered streams")
     parser.add_argument("--threads", type=int, default=1, help="compute threads for every system measured")
     parser.add_argument("--weights", type=Path, help="reuse (or create) the exported HF weights here")
-    parser.add_argument("--llama-server", type=Path, help="llama.cpp llama-server binary (default: PATH)")
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        metavar="PATH",
+        help="llama.cpp's llama-server binary for the llama.cpp column and memory rows (default: "
+        "llama-server on PATH, else llama-cpp-python's server if installed). Build it from the "
+        "llama-cpp-python 0.3.36 sdist with `bench/llama_server.sh` (it prints the binary's path)",
+    )
     parser.add_argument("--out", type=Path, help="write/replace the bench/engine section in this file")
     parser.add_argument("--no-spec", action="store_true", help="skip the speculative-decoding phase")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the peak/idle RSS phase (engine from the GGUF)"
+    )
     args = parser.parse_args(argv)
     args.max_tokens, args.repeats, args.streams, args.burst_tokens = (
         (48, 1, 8, 32) if args.quick else (128, 3, 32, 64)

@@ -392,6 +392,10 @@ class ConsoleConfig(_Strict):
     enabled: bool = True
     session_ttl_s: float = Field(default=8 * 3600.0, gt=0, le=30 * 86_400)  # a login lasts this long
     recent_decisions: int = Field(default=50, ge=1, le=1000)  # routing decisions listed per page
+    # Login attempts (right or wrong) a minute from one client address, and for one account (the admin, or
+    # one team key by its display prefix); more are refused with 429 (across replicas with Redis).
+    login_attempts_per_address_per_minute: int = Field(default=10, ge=1, le=10_000)
+    login_attempts_per_account_per_minute: int = Field(default=20, ge=1, le=10_000)
 
 
 class ResponsesConfig(_Strict):

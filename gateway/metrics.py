@@ -12,6 +12,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from enum import StrEnum
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
@@ -41,6 +42,24 @@ CapacityOf = Callable[[str], Capacity]  # a ledger backend name -> its capacity 
 
 def _unknown(_backend: str) -> Capacity:
     return Capacity.NONE
+
+
+class _Children:
+    """A labelled metric's children by label values, found with one dict lookup. `labels()` checks, converts
+    and locks on every call (about 1 us each, seven times per request); a child, once made, is the same
+    object for as long as the metric lives, so it is kept here too."""
+
+    __slots__ = ("_labels", "_found")
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._labels = metric.labels
+        self._found: dict[tuple[str, ...], Any] = {}
+
+    def of(self, values: tuple[str, ...]) -> Any:
+        child = self._found.get(values)
+        if child is None:
+            child = self._found[values] = self._labels(*values)
+        return child
 
 
 class GatewayMetrics:
@@ -103,19 +122,25 @@ class GatewayMetrics:
         self.saved = Counter(
             "switchboard_cache_saved_usd", "Cost the response cache saved", ("team", "model"), registry=r
         )
+        # The per-request series, looked up by label values (`_Children`); created on first use, as before.
+        self._requests, self._latency, self._ttft = (
+            _Children(m) for m in (self.requests, self.latency, self.ttft)
+        )
+        self._tokens, self._cost = _Children(self.tokens), _Children(self.cost)
+        self._capacity_tokens, self._cache = _Children(self.capacity_tokens), _Children(self.cache)
 
     def observe(self, rec: UsageRecord) -> None:
         backend = rec.backend or "none"
         labels = (rec.team, rec.requested_model, backend, rec.status.value, rec.endpoint)
-        self.requests.labels(*labels).inc()
-        self.latency.labels(*labels).observe(rec.latency_ms / 1000)
+        self._requests.of(labels).inc()
+        self._latency.of(labels).observe(rec.latency_ms / 1000)
         if rec.ttft_ms is not None:
-            self.ttft.labels(*labels).observe(rec.ttft_ms / 1000)
+            self._ttft.of(labels).observe(rec.ttft_ms / 1000)
         where = (rec.team, rec.requested_model, backend, rec.endpoint)
         if rec.prompt_tokens:
-            self.tokens.labels(*where, "prompt").inc(rec.prompt_tokens)
+            self._tokens.of((*where, "prompt")).inc(rec.prompt_tokens)
         if rec.completion_tokens:
-            self.tokens.labels(*where, "completion").inc(rec.completion_tokens)
+            self._tokens.of((*where, "completion")).inc(rec.completion_tokens)
         self._count_capacity(rec)
         if rec.cost_saved_micro_usd:
             self.saved.labels(rec.team, rec.requested_model).inc(rec.cost_saved_micro_usd / 1_000_000)
@@ -123,7 +148,11 @@ class GatewayMetrics:
         if reason is not None:
             self.limited.labels(rec.team, reason).inc()
         if rec.cost_micro_usd:
-            self.cost.labels(*where).inc(rec.cost_micro_usd / 1_000_000)
+            self._cost.of(where).inc(rec.cost_micro_usd / 1_000_000)
+
+    def cache_lookup(self, team: str, outcome: str) -> None:
+        """One response-cache lookup's outcome: hit, miss or skip."""
+        self._cache.of((team, outcome)).inc()
 
     def _count_capacity(self, rec: UsageRecord) -> None:
         if rec.cache_hit:
@@ -132,9 +161,9 @@ class GatewayMetrics:
             capacity = self._capacity_of(rec.backend) if rec.backend else Capacity.NONE
         priority = "batch" if rec.batch_id else "interactive"
         if rec.prompt_tokens:
-            self.capacity_tokens.labels(capacity, priority, "prompt").inc(rec.prompt_tokens)
+            self._capacity_tokens.of((str(capacity), priority, "prompt")).inc(rec.prompt_tokens)
         if rec.completion_tokens:
-            self.capacity_tokens.labels(capacity, priority, "completion").inc(rec.completion_tokens)
+            self._capacity_tokens.of((str(capacity), priority, "completion")).inc(rec.completion_tokens)
 
     def add_gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         gauge = Gauge(name, doc, registry=self.registry)

@@ -8,6 +8,7 @@ immutable module constants; there is no other module state. Invariant: detection
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 import string
@@ -235,8 +236,18 @@ def _accept_ipv6(text: str, m: re.Match[str]) -> Span | None:
 # --- the rule table ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _HasDigits:
+    """The pre-filter of a rule that needs at least `n` ASCII digits (`detect` sorts these rules by it)."""
+
+    n: int
+
+    def __call__(self, t: _Text) -> bool:
+        return t.digits >= self.n
+
+
 def _has_digits(n: int) -> Callable[[_Text], bool]:
-    return lambda t: t.digits >= n
+    return _HasDigits(n)
 
 
 def _contains(*needles: str) -> Callable[[_Text], bool]:
@@ -285,6 +296,19 @@ _RULES: tuple[_Rule, ...] = (
 )  # fmt: skip
 
 
+# The rules `detect` runs, split by pre-filter: those that need only a digit count, fewest first (a text with
+# d digits runs the first bisect_right(_DIGITS_NEEDED, d) of them), and the others. The order rules run in
+# does not change what `detect` returns: detections are collected in a set, then merged and sorted.
+_DIGIT_RULES = tuple(
+    sorted(
+        (r for r in _RULES if isinstance(r.worth_scanning, _HasDigits)),
+        key=lambda r: r.worth_scanning.n,  # type: ignore[attr-defined]
+    )
+)
+_DIGITS_NEEDED = tuple(r.worth_scanning.n for r in _DIGIT_RULES)  # type: ignore[attr-defined]
+_OTHER_RULES = tuple(r for r in _RULES if not isinstance(r.worth_scanning, _HasDigits))
+
+
 def _merge(found: set[Detection]) -> tuple[Detection, ...]:
     """Join overlapping detections of one kind (an IPv4 inside an IPv6, a key found by two rules), and drop
     phone numbers that overlap anything else: digit groups inside an IBAN, card or SSN are not phones."""
@@ -306,8 +330,11 @@ def _merge(found: set[Detection]) -> tuple[Detection, ...]:
 
 def _matches(rule: _Rule, facts: _Text) -> Iterator[re.Match[str]]:
     if not rule.anchors:
-        yield from rule.pattern.finditer(facts.text)
-        return
+        return rule.pattern.finditer(facts.text)
+    return _anchored_matches(rule, facts)
+
+
+def _anchored_matches(rule: _Rule, facts: _Text) -> Iterator[re.Match[str]]:
     for anchor in rule.anchors:
         at = facts.lower.find(anchor)
         while at >= 0:
@@ -329,11 +356,12 @@ def detect(text: str, kinds: frozenset[DetectorKind] | None = None) -> tuple[Det
     encoded = text.encode("utf-8", "surrogatepass")
     facts = _Text(text, lower, len(encoded) - len(encoded.translate(None, b"0123456789")))
     found: set[Detection] = set()
-    for rule in _RULES:
-        if (kinds is not None and rule.kind not in kinds) or not rule.worth_scanning(facts):
+    worth = _DIGIT_RULES[: bisect.bisect_right(_DIGITS_NEEDED, facts.digits)]
+    for rule in (*worth, *(r for r in _OTHER_RULES if r.worth_scanning(facts))):
+        if kinds is not None and rule.kind not in kinds:
             continue
         for m in _matches(rule, facts):
             span = rule.accept(text, m)
             if span is not None:
                 found.add(Detection(rule.kind, *span))
-    return _merge(found)
+    return _merge(found) if found else ()

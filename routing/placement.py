@@ -8,8 +8,13 @@ meets the SLO on an owned box only outside the box's reserve for must-stay traff
 a free unreserved slot, and a predicted TTFT within the reserve's bound. `by_affinity`: with a prefix key,
 the owned replicas that tie for first place (same requested-order position and marginal cost, SLO met, or
 all missing it when none meets it) are reordered by rendezvous hashing of the key, skipping a replica with
-more than `affinity_max_waiting` requests waiting for a slot (its spill goes to the next in rendezvous
-order). Pure and deterministic: every gateway replica places a prefix on the same engine.
+more than `affinity_max_waiting` requests waiting for a slot. For a later turn whose previous one went to
+an owned replica (`RouteRequest.prefix_tokens`, `prefix_holder`) and where the prediction models prefill
+(a `capacity.prefill_tokens_per_s`), the rest are then ordered by predicted TTFT, rendezvous order on
+ties: the holder's prediction counts only the prompt its prefix cache lacks (`routing.scoring`), so the
+conversation stays there unless another replica would still answer sooner (other requests spill by the
+waiting limit alone). Pure and
+deterministic: every gateway replica places a prefix on the same engine.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ class Affinity(NamedTuple):
     preferred: str  # deployment id
     chosen: str
     replicas: int  # owned replicas that tied and met the SLO
-    spilled: tuple[str, ...]  # skipped as overloaded, in rendezvous order
+    spilled: tuple[str, ...]  # passed over, in rendezvous order
+    rank: int = 0  # the chosen one's place in rendezvous order (1: the favourite); 0: 1 + len(spilled)
+    why: str = "queue"  # what passed them over: "queue" (waiting for a slot) or "predicted ttft"
 
     def text(self) -> str:
-        rank = f"HRW {1 + len(self.spilled)} of {self.replicas}"
-        spill = f"; spilled past {', '.join(self.spilled)} (queue)" if self.spilled else ""
+        rank = f"HRW {self.rank or 1 + len(self.spilled)} of {self.replicas}"
+        spill = f"; spilled past {', '.join(self.spilled)} ({self.why})" if self.spilled else ""
         return f"prefix affinity {self.chosen} ({rank}{spill})"
 
 
@@ -90,11 +97,18 @@ def _first(pair: tuple[float, ScoredCandidate]) -> float:
 
 
 def by_affinity(
-    ranked: list[ScoredCandidate], owned: Mapping[str, Entry], policy: RoutePolicy, prefix_key: int
+    ranked: list[ScoredCandidate],
+    owned: Mapping[str, Entry],
+    policy: RoutePolicy,
+    prefix_key: int,
+    cached_tokens: int = 0,
 ) -> tuple[list[ScoredCandidate], Affinity | None]:
     """The owned replicas (`owned`: id -> entry of the owned eligible ones) tying with the best-ranked owned
     one, placed in their slots in rendezvous order. When no owned replica meets the SLO (a request that
-    queues on owned capacity), those missing it tie instead: a cached prefix is then worth the most."""
+    queues on owned capacity), those missing it tie instead: a cached prefix is then worth the most. With
+    `cached_tokens` (the holder's predicted TTFT already counts only the rest of the prompt) and a prefill
+    rate, those within the waiting limit go by predicted TTFT. Without them the prediction cannot see the
+    cache, so only the waiting limit spills (a conversation's first turn stays on its favourite)."""
     lead = next((c for c in ranked if c.slo_met and c.deployment_id in owned), None)
     met = lead is not None
     if lead is None:
@@ -117,13 +131,25 @@ def by_affinity(
     limit = policy.affinity_max_waiting
     ok = [(rank, c) for rank, (_, waiting, c) in enumerate(members, 1) if waiting <= limit]
     over = [(rank, c) for rank, (_, waiting, c) in enumerate(members, 1) if waiting > limit]
+    by_ttft = cached_tokens > 0 and bool(ok) and owned[ok[0][1].deployment_id].ms_per_prompt_token > 0
+    if by_ttft:
+        ok.sort(key=_predicted_ttft)  # stable: rendezvous order on ties
     out = list(ranked)
     for i, (rank, c) in zip(slots, ok + over, strict=True):
         out[i] = _new(ScoredCandidate, (*c[:_AFFINITY], rank))
     if not ok:
         return out, None
-    spilled = tuple(c.deployment_id for rank, c in over if rank < ok[0][0])
-    return out, Affinity(members[0][2].deployment_id, ok[0][1].deployment_id, len(members), spilled)
+    chosen_rank, chosen = ok[0]
+    spilled = tuple(m[2].deployment_id for m in members[: chosen_rank - 1])
+    why = "predicted ttft" if by_ttft and any(r < chosen_rank for r, _ in ok) else "queue"
+    affinity = Affinity(
+        members[0][2].deployment_id, chosen.deployment_id, len(members), spilled, chosen_rank, why
+    )
+    return out, affinity
+
+
+def _predicted_ttft(row: tuple[int, ScoredCandidate]) -> float:
+    return row[1].ttft_ms
 
 
 def _first_int(row: tuple[int, int, ScoredCandidate]) -> int:

@@ -4,7 +4,9 @@
 and cost for the rest, normalises both over the eligible set and weighs them by the objective. Owned
 capacity costs 0 at the margin. With an SLO or a prefix key, `routing.placement` then reorders: the cheapest
 deployment predicted to meet the SLO first (overflow to the cloud only when owned capacity would break it),
-and among tying owned replicas the prefix's rendezvous-hashing favourite unless it is overloaded.
+and among tying owned replicas the prefix's rendezvous-hashing favourite, or, for a later turn, the one
+predicted to give the first token soonest (the replica that served the previous turn, `prefix_holder`,
+counts only the prompt its prefix cache lacks).
 Invariants: pure (no I/O, clock or randomness; time arrives as `now_s`); eligible + rejected is exactly the
 model's deployments; nothing below the request's privacy floor is ever eligible; nothing eligible means no
 candidates (fail closed) and a reason that names the floor and every rejection.
@@ -297,6 +299,22 @@ def _reason(
     return f"{headline}: {best.deployment_id} ({terms}){slo}{extra}; {tally}"
 
 
+def _discount_cached_prefix(rows: list[Row], holder: str, cached: int, prompt_tokens: int) -> list[Row]:
+    """The owned deployment `holder` holds `cached` of the prompt tokens in its prefix cache (the engine
+    recomputes at least the last one): its predicted TTFT and latency count only the rest at its prefill
+    rate. Others, and a holder that is not eligible, owned or without a prefill rate, are unchanged."""
+    best = next((i for i, row in enumerate(rows) if row[2].deployment_id == holder and row[2].owned), -1)
+    if best < 0:
+        return rows
+    latency_ms, cost_pusd, e, ttft_ms = rows[best]
+    saved_ms = min(cached, prompt_tokens - 1) * e.ms_per_prompt_token
+    if saved_ms <= 0:
+        return rows
+    out = list(rows)
+    out[best] = (latency_ms - saved_ms, cost_pusd, e, ttft_ms - saved_ms)
+    return out
+
+
 def _place(
     rows: list[Row], ranked: list[ScoredCandidate], policy: RoutePolicy, request: RouteRequest
 ) -> tuple[list[ScoredCandidate], tuple[Mapping[str, Entry], Affinity | None] | None]:
@@ -309,7 +327,8 @@ def _place(
         ranked = by_slo(ranked, policy, entries)
     affinity = None
     if key is not None:
-        ranked, affinity = by_affinity(ranked, entries, policy, key)
+        cached = request.prefix_tokens if request.prefix_holder in entries else 0
+        ranked, affinity = by_affinity(ranked, entries, policy, key, cached)
     return ranked, (entries, affinity)
 
 
@@ -320,6 +339,10 @@ def choose(
     policy = narrow(policy, request.preferences)
     hot = snapshot.hot_by_model.get(request.public_model, ())
     rows, rejected = _scan(hot, _Context(policy, request), now_s)
+    if request.prefix_key is not None and request.prefix_tokens > 0 and request.prefix_holder is not None:
+        rows = _discount_cached_prefix(
+            rows, request.prefix_holder, request.prefix_tokens, request.prompt_tokens
+        )
     placed_list, placed = _place(rows, _rank(rows, policy), policy, request)
     ranked = tuple(placed_list)
     attempts = policy.max_attempts if policy.allow_fallbacks else 1

@@ -342,3 +342,7 @@ class RouteRequest:
         ""  # how the floor was set (routing.privacy.PrivacyVerdict.reason); echoed in the verdict
     )
     prefix_key: int | None = None  # 64-bit hash of a long shared prompt prefix: prefix affinity; None: none
+    # Of `prompt_tokens`, those `prefix_holder` (a deployment id: where the caller sent this conversation's
+    # previous turn) is expected to hold in its prefix cache: routing counts only the rest as prefill there.
+    prefix_tokens: int = 0
+    prefix_holder: str | None = None

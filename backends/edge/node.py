@@ -39,7 +39,7 @@ from backends.edge.options import (
 from backends.local.build import one_compute_thread, stage
 from backends.local.engine.engine import Finished, Tokens
 from backends.local.engine.scheduler import SamplingParams
-from backends.local.loader import LoadedModel, current_rss_mb, load_model
+from backends.local.loader import LoadedModel, current_rss_mb, load_engine_model
 from backends.local.serving import Done, EngineState, TextDelta, build_engine_state, start_chat
 from backends.local.wire import ApiError, ChatCompletionBody, encode_chat, parse_json
 
@@ -355,7 +355,7 @@ async def run_node(
     engine_options = options.engine_options()
     if loaded is None:
         with stage(f"load {options.model}"):
-            loaded = await asyncio.to_thread(_on_one_thread, load_model, options.model)
+            loaded = await asyncio.to_thread(_on_one_thread, load_engine_model, options.model)
         engine_options = replace(engine_options, release_source=True)
     names = dict.fromkeys((options.served_name, loaded.name))
     state = await asyncio.to_thread(

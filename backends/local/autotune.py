@@ -3,10 +3,10 @@
 Candidates are every (compute dtype, weight quantization) whose quality is within the stated bounds: float32
 compute, and bf16 compute only where the CPU has native bf16 arithmetic (AVX512-BF16, AMX, Arm BF16), over
 weights kept as is, int8 per channel, or int4 group 32 with an int8 `lm_head` (docs/BENCHMARKS.md,
-"Weight-only quantization"). Each is built from the loaded weights and timed in interleaved rounds (the
-fastest round counts): decode of 1 and 8 rows and a 64-token prefill. The choice is cached in the kernels
-directory under a key of the torch version, the kernel sources, the CPU model and flags, the model and the
-thread count; any change times again.
+"Weight-only quantization"), less those another always beats here (`pruned`). Each is built from the loaded
+weights and timed alone, one after another (decode of 1 and 8 rows, a 64-token prefill); one clearly slower
+after a single pass stops there, and the two fastest are timed once more. The choice is cached in the
+kernels directory, keyed by torch, the kernel sources, the CPU model and flags, model and threads.
 Invariant: the choice is one of the candidates, and the table that justified it travels with it.
 """
 
@@ -23,10 +23,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-QUANT_CANDIDATES = ("int4", "int8", "none")
-DECODE_STEPS = 6  # timed steps per row count and round, after one warm-up step
-ROUNDS = 3
+QUANT_CANDIDATES = ("int4", "int8", "none")  # timed in this order: the likely winners first
+DECODE_STEPS = 4  # timed steps per row count and round, after one warm-up step
+ROUNDS = 2
 PREFILL_TOKENS = 64
+SLOWER = 1.5  # a candidate whose first passes score this much above the best so far is not timed further
+QUICK_ROUNDS = 2  # first passes (one step of each shape): the faster counts, so one burst does not stop it
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,7 @@ class Timing:
     decode1_ms: float  # one decode step, one sequence
     decode8_ms: float  # one decode step, eight sequences
     prefill_ms: float  # one 64-token prefill chunk
+    early: bool = False  # stopped after one pass: clearly slower than the best at the time (one step each)
 
     @property
     def score_ms(self) -> float:
@@ -60,6 +63,7 @@ class Choice:
                 f"{mark} {t.dtype:>8} {t.quant:>4}: decode x1 {t.decode1_ms:6.1f} ms, "
                 f"x8 {t.decode8_ms:6.1f} ms, "
                 f"prefill {PREFILL_TOKENS} {t.prefill_ms:6.1f} ms"
+                + (" (first passes only: stopped early)" if t.early else "")
             )
         return lines
 
@@ -137,42 +141,87 @@ def write_cached(choice: Choice) -> None:
     tmp.replace(path)  # atomic: processes starting together never read half a file
 
 
-def build_candidate(hf_model: Any, dtype: str, quant: str) -> Any:
-    """One candidate's runner, built from the transformers weights (left intact) over a small cache."""
+def build_candidate(loaded: Any, dtype: str, quant: str) -> Any:
+    """One candidate's runner, built from the loaded weights (left intact) over a small cache."""
     import torch
 
+    from backends.local.build import assemble_engine_model
     from backends.local.engine.kernels import attach_cpu_kernels
     from backends.local.engine.runner import build_runner
-    from backends.local.engine.weights import build_model
 
-    model = build_model(hf_model, dtype=getattr(torch, dtype), device="cpu", release_source=False)
-    if quant != "none":
-        from backends.local.engine.quant import quantize_model
-
-        quantize_model(model, quant, group_size=32)
+    # Built with one compute thread: the build is elementwise passes over memory that a second thread
+    # hardly speeds up, and on a busy machine an OpenMP team whose other thread is descheduled waits at every
+    # op's barrier (docs/ENGINE.md, Threads). The timing that follows runs with the engine's count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, _ = assemble_engine_model(loaded, dtype, quant)
+    finally:
+        torch.set_num_threads(threads)
     attach_cpu_kernels(model)
     return build_runner(model, kv_cache_mb=32, block_size=16, attn_impl="auto")
 
 
-def time_candidates(hf_model: Any, pool: list[tuple[str, str]]) -> tuple[Timing, ...]:
-    """Time every candidate in interleaved rounds and keep each one's fastest round.
+def pruned(dtype: str, quant: str) -> str:
+    """Why a candidate is not timed on this machine ("" when it is): one that another always beats here.
 
-    On a shared machine a burst of other work slows whichever candidate runs at that moment; interleaving
-    spreads it over all of them, and the minimum of the rounds is the figure least touched by it.
+    float32 weights under float32 compute stream 4x the bytes of int8 per decoded token, and int8's own GEMV
+    kernel builds for every ISA the engine has (AVX-512, AVX2, NEON, scalar): it never won a table."""
+    from backends.local.engine.kernels import kernel_op
+
+    if (dtype, quant) == ("float32", "none") and kernel_op("int8_gemv") is not None:
+        return "float32 weights: int8 reads a quarter of the bytes on the same kernels"
+    return ""
+
+
+def _measure(runner: Any, tables: Any, steps: int, rounds: int) -> tuple[float, float, float]:
+    from backends.local.warmup import time_steps
+
+    best = (float("inf"),) * 3
+    for _ in range(rounds):
+        got = time_steps(runner, tables, steps=steps, prefill_tokens=PREFILL_TOKENS)
+        best = tuple(min(a, b) for a, b in zip(best, got, strict=True))  # type: ignore[assignment]
+    return best
+
+
+def _timing(dtype: str, quant: str, seconds: tuple[float, float, float], early: bool = False) -> Timing:
+    d1, d8, pf = seconds
+    return Timing(dtype, quant, d1 * 1e3, d8 * 1e3, pf * 1e3, early=early)
+
+
+def time_candidates(loaded: Any, pool: list[tuple[str, str]]) -> tuple[Timing, ...]:
+    """Time the candidates one after another, each built only while it is timed: one model at a time.
+
+    A candidate first runs one step of each shape twice (`QUICK_ROUNDS`, the faster kept); one whose
+    score is then `SLOWER` times the best so far stops there (its row says so). The others run `ROUNDS`
+    rounds of `DECODE_STEPS` steps, keeping each shape's fastest, so a burst of other work on a shared
+    machine during one round does not decide the choice.
     """
-    from backends.local.warmup import time_steps, timing_tables
+    from backends.local.build import trim_heap
+    from backends.local.warmup import timing_tables
 
-    runners = [build_candidate(hf_model, dtype, quant) for dtype, quant in pool]
-    tables = [timing_tables(r, steps=DECODE_STEPS, prefill_tokens=PREFILL_TOKENS) for r in runners]
-    best: list[tuple[float, ...]] = [(float("inf"),) * 3 for _ in pool]
-    for _ in range(ROUNDS):
-        for i, runner in enumerate(runners):
-            got = time_steps(runner, tables[i], steps=DECODE_STEPS, prefill_tokens=PREFILL_TOKENS)
-            best[i] = tuple(min(a, b) for a, b in zip(best[i], got, strict=True))
-    return tuple(
-        Timing(dtype, quant, d1 * 1e3, d8 * 1e3, pf * 1e3)
-        for (dtype, quant), (d1, d8, pf) in zip(pool, best, strict=True)
-    )
+    table: list[Timing] = []
+    for dtype, quant in pool:
+        started_s = time.perf_counter()
+        runner = build_candidate(loaded, dtype, quant)
+        built_s = time.perf_counter()
+        tables = timing_tables(runner, steps=DECODE_STEPS, prefill_tokens=PREFILL_TOKENS)
+        timed = _timing(dtype, quant, _measure(runner, tables, 1, QUICK_ROUNDS), early=True)
+        best = min((t.score_ms for t in table if not t.early), default=None)
+        if best is None or timed.score_ms <= SLOWER * best:
+            timed = _timing(dtype, quant, _measure(runner, tables, DECODE_STEPS, ROUNDS))
+        table.append(timed)
+        del runner, tables
+        trim_heap()
+        log.info(
+            "autotune: %s %s built in %.1f s, timed in %.1f s%s",
+            dtype,
+            quant,
+            built_s - started_s,
+            time.perf_counter() - built_s,
+            " (stopped early)" if timed.early else "",
+        )
+    return tuple(table)
 
 
 def choose(loaded: Any, *, dtype: str, quant: str, threads: int) -> Choice:
@@ -185,8 +234,12 @@ def choose(loaded: Any, *, dtype: str, quant: str, threads: int) -> Choice:
     pool = [(d, q) for d, q in candidates(flags) if dtype in ("auto", d) and quant in ("auto", q)] or [
         (dtype if dtype != "auto" else "float32", quant if quant != "auto" else "int4")
     ]
-    table = time_candidates(loaded.model, pool)  # on the caller's thread, with its thread count
-    best = min(table, key=lambda t: t.score_ms)
+    timed_pool = [(d, q) for d, q in pool if not pruned(d, q)] or pool
+    for d, q in pool:
+        if (d, q) not in timed_pool:
+            log.info("autotune: not timing %s %s (%s)", d, q, pruned(d, q))
+    table = time_candidates(loaded, timed_pool)  # on the caller's thread, with its thread count
+    best = min((t for t in table if not t.early), key=lambda t: t.score_ms)
     choice = Choice(best.dtype, best.quant, table, key, cached=False)
     write_cached(choice)
     return choice

@@ -47,6 +47,7 @@ class EngineOptions:
     block_size: int = 16
     max_prefill_tokens: int = 512
     batch_rows_beside_interactive: int | None = None  # batch rows per step beside interactive work
+    prefix_cache: bool = True  # keep finished requests' full prompt blocks cached (evictable) for reuse
     release_source: bool = False  # free the transformers weights once converted (the server does)
     warm_up: bool = True  # run every prefill/decode shape and the sampler once before reporting ready
 
@@ -152,27 +153,20 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
 
     from backends.local.engine.kernels import attach_cpu_kernels
     from backends.local.engine.runner import build_runner
-    from backends.local.engine.weights import build_model
 
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     options, choice = resolve_auto(loaded, options)
     # Compute threads belong to the engine thread (`Engine(threads=...)`), not this one: `one_compute_thread`.
-    with stage(f"engine model ({options.dtype} on {options.device})"):
-        model = build_model(
-            loaded.model,
-            dtype=getattr(torch, options.dtype),
-            device=options.device,
-            release_source=options.release_source,
-        )
+    what = f"{options.dtype} on {options.device}" + (f", {options.quant}" if options.quant != "none" else "")
+    with stage(f"engine model ({what}, layer by layer)"):
+        # Group size 32: on SmolLM2 (itself a Q4_1 GGUF, blocks of 32) it costs no perplexity, while 128
+        # costs +87% (docs/BENCHMARKS.md, bench/quant). GGUF Q4 blocks are taken as they are (assemble.py).
+        model, manifest = assemble_engine_model(loaded, options.dtype, options.quant, device=options.device)
+        if options.release_source:
+            release(loaded)
     if options.quant != "none":
-        from backends.local.engine.quant import quantize_model
-
-        with stage(f"quantize ({options.quant})"):
-            # Group size 32: on SmolLM2 (itself a Q4_1 GGUF, blocks of 32) it costs no perplexity, while 128
-            # costs +87% (docs/BENCHMARKS.md, bench/quant).
-            manifest = quantize_model(model, options.quant, group_size=32)
         log.info(
             "quantized: %s; weights %.0f -> %.0f MB",
             manifest.scheme_counts(),
@@ -188,6 +182,13 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
         )
     cache = runner.kv_cache
     log.info("attention: %s (--attn %s)", runner.attn_impl, options.attn)
+    log.info(
+        "memory: weights %.1f MB + KV cache %.1f MB = %.1f MB (RSS %.0f MB)",
+        manifest.bytes_after / 2**20,
+        cache.num_bytes / 2**20,
+        (manifest.bytes_after + cache.num_bytes) / 2**20,
+        current_rss_mb(),
+    )
     log.info(
         "KV cache: %d blocks of %d tokens (%d tokens, %.0f MB, %s)",
         cache.num_blocks,
@@ -211,12 +212,14 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
                 ),
                 threads,
             )
+    trim_heap()
     config = SchedulerConfig(
         max_batch=options.max_batch,
         max_prefill_tokens=options.max_prefill_tokens,
         block_size=options.block_size,
         num_spec_tokens=0 if isinstance(proposer, NoProposer) else options.num_spec_tokens,
         batch_rows_beside_interactive=options.batch_rows_beside_interactive,
+        prefix_caching=options.prefix_cache,
     )
     return BuiltEngine(
         runner=runner,
@@ -229,6 +232,43 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
         quant=options.quant,
         autotune=choice,
     )
+
+
+def assemble_engine_model(loaded: LoadedModel, dtype: str, quant: str, *, device: str = "cpu") -> Any:
+    """(our model, its QuantManifest) from `loaded`'s weights, built and quantized one layer at a time."""
+    import torch
+
+    from backends.local.engine.assemble import StateDictSource, assemble_model
+    from backends.local.engine.config import ModelArgs
+
+    args = ModelArgs.from_hf_config(loaded.model.config)
+    source = loaded.weights or StateDictSource(loaded.model.state_dict())
+    torch_dtype = getattr(torch, dtype)
+    return assemble_model(args, source, dtype=torch_dtype, device=device, quant=quant, group_size=32)
+
+
+def release(loaded: LoadedModel) -> None:
+    """Free the source weights once the engine's model holds its own: the transformers model's tensors move
+    to the meta device (the module stays valid, holding nothing); a GGUF's mapping is closed."""
+    import gc
+
+    loaded.model.to("meta")
+    if loaded.weights is not None:
+        loaded.weights.close()
+    gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand memory that glibc keeps in its arenas after `free` back to the system (`malloc_trim`).
+
+    A layer-by-layer build, autotune's candidates and warm-up free many large temporaries; without this the
+    idle RSS keeps them. Elsewhere than glibc there is nothing to call."""
+    import ctypes
+
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only; elsewhere there is none to call
+    if trim is not None:
+        trim(0)
 
 
 def in_thread(fn: Callable[[], T], threads: int) -> T:

@@ -48,6 +48,9 @@ class LoadedModel:
     name: str
     load_s: float
     rss_mb: float
+    # Where the engine reads the weights, one tensor at a time (`engine.assemble.WeightSource`): a GGUF
+    # (`load_engine_model`), whose `model` then holds configs only, on the meta device. None: `model`'s own.
+    weights: Any = None
 
 
 def _model_name_from_gguf(file_name: str) -> str:
@@ -125,6 +128,72 @@ def load_model(spec: str, *, cache: bool = True, cache_root: Path | None = None)
     how = f" from {entry}" if cached is not None else ""
     log.info("loaded model %s%s in %.1f s (RSS %.0f MB)", loaded.name, how, loaded.load_s, loaded.rss_mb)
     return loaded
+
+
+def load_engine_model(spec: str, *, cache: bool = True, cache_root: Path | None = None) -> LoadedModel:
+    """What the engine needs of `spec`: a GGUF's tokenizer and configs, and its weights as a `GgufWeights`
+    to read tensor by tensor (no float32 copy of the whole model); other specs load as `load_model` does.
+
+    The tokenizer's conversion from GGUF is slow, so it is cached without weights (a metadata entry); a full
+    converted-weights entry, where one exists, serves the same purpose."""
+    source = resolve_spec(spec)
+    if source.gguf_file is None:
+        return load_model(spec, cache=cache, cache_root=cache_root)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from backends.local.gguf_weights import GgufWeights
+
+    started_s = time.perf_counter()
+    gguf = source.directory / source.gguf_file
+    tokenizer, config, generation = _gguf_metadata(source, gguf, cache_root or default_cache_root(), cache)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelSpecError(f"model `{source.name}` has no chat template; the engine serves chat only")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):  # the configs' holder: no weights are allocated
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = generation
+    weights = GgufWeights(gguf, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads)
+    loaded = LoadedModel(
+        model=model.eval(),
+        tokenizer=tokenizer,
+        name=source.name,
+        load_s=time.perf_counter() - started_s,
+        rss_mb=current_rss_mb(),
+        weights=weights,
+    )
+    log.info(
+        "opened %s in %.1f s (RSS %.0f MB); weights are read per tensor while building",
+        gguf.name,
+        loaded.load_s,
+        loaded.rss_mb,
+    )
+    return loaded
+
+
+def _gguf_metadata(source: ModelSource, gguf: Path, root: Path, cache: bool) -> tuple[Any, Any, Any]:
+    """(tokenizer, config, generation config) of a GGUF: from a cache entry, else converted (and cached)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    for entry in (model_cache.entry_path(gguf, root), model_cache.metadata_entry_path(gguf, root)):
+        if cache and model_cache.is_complete(entry):
+            try:
+                return (
+                    AutoTokenizer.from_pretrained(entry, local_files_only=True),
+                    AutoConfig.from_pretrained(entry, local_files_only=True),
+                    GenerationConfig.from_pretrained(entry, local_files_only=True),
+                )
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read the cached tokenizer %s (%s); converting it again", entry, exc)
+    extra: dict[str, Any] = {"local_files_only": True, "gguf_file": source.gguf_file}
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **extra)
+    config = AutoConfig.from_pretrained(source.directory, **extra)
+    generation = GenerationConfig.from_model_config(config)  # what from_pretrained gives a GGUF model
+    if cache:
+        entry = model_cache.metadata_entry_path(gguf, root)
+        model_cache.save_metadata_entry(tokenizer, config, generation, gguf, entry)
+    return tokenizer, config, generation
 
 
 def _read_cached(entry: Path, name: str) -> tuple[Any, Any] | None:

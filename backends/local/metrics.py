@@ -55,7 +55,11 @@ class _LoadCollector(Collector):
                 "Running requests preempted (to be recomputed) for want of KV blocks",
                 s.preemptions,
             ),
-            ("prefix_hit_tokens", "Prompt tokens served from shared prefix blocks", s.prefix_hit_tokens),
+            (
+                "prefix_hit_tokens",
+                "Prompt tokens served from cached prefix blocks instead of computed",
+                s.prefix_hit_tokens,
+            ),
             ("spec_drafted_tokens", "Speculative draft tokens proposed", s.drafted_tokens),
             ("spec_accepted_tokens", "Speculative draft tokens accepted", s.accepted_tokens),
             (

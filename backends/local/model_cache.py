@@ -1,13 +1,12 @@
 """The converted-weights cache: a GGUF model, once dequantized by transformers, saved as a plain HF directory.
 
-Loading a GGUF converts its tokenizer and dequantizes every tensor in Python (~35 s for the bundled SmolLM2);
-the same float32 weights and tokenizer saved as safetensors load in a few seconds, bit for bit the same. An
-entry lives under `$SWITCHBOARD_CACHE_DIR/models/` (default `~/.cache/switchboard/models/`), named after the
-GGUF's file name, size and mtime plus the transformers version, so a changed file or library never reuses it.
-Invariant: an entry directory is complete or absent. It is written under a temporary name and renamed into
-place (atomic on one file system); when several processes convert at once, the first rename wins and the
-others discard their copy. Models whose float32 weights exceed `MAX_CACHED_BYTES` are not cached.
-A model shipped as a zip (the bundled embedding model) is extracted into an entry the same way, once.
+Converting a GGUF's tokenizer and tensors in Python takes ~35 s for the bundled SmolLM2; the saved entry loads
+in seconds, bit for bit the same. A metadata entry (`-metadata`) holds only the tokenizer and configs: the
+engine reads weights from the GGUF itself (`gguf_weights.py`). Entries live under `$SWITCHBOARD_CACHE_DIR/
+models/` (default `~/.cache/switchboard/models/`), named after the GGUF's name, size and mtime and the
+transformers version. Invariant: an entry directory is complete or absent: written under a temporary name
+and renamed into place (the first of several racing processes wins). Models over `MAX_CACHED_BYTES` of
+float32 weights are not cached. A zipped model (the bundled embedding model) is extracted the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,35 @@ def save_entry(model: Any, tokenizer: Any, gguf: Path, entry: Path) -> bool:
             MAX_CACHED_BYTES / 2**30,
         )
         return False
+    return _publish(gguf, entry, lambda work: _write(model, tokenizer, gguf, work))
+
+
+def metadata_entry_path(gguf: Path, cache_root: Path) -> Path:
+    """Where the tokenizer and configs of `gguf` live without its weights (the engine reads those itself)."""
+    entry = entry_path(gguf, cache_root)
+    return entry.with_name(entry.name + "-metadata")
+
+
+def save_metadata_entry(tokenizer: Any, config: Any, generation_config: Any, gguf: Path, entry: Path) -> bool:
+    """Save the tokenizer (whose conversion from GGUF is slow) and configs as `entry`; False when refused."""
+
+    def write(work: Path) -> None:
+        import copy
+
+        plain = copy.deepcopy(config)
+        if hasattr(plain, "quantization_config"):
+            del plain.quantization_config  # the GGUF marker
+        plain.save_pretrained(work)
+        generation_config.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        manifest = {"format": CACHE_FORMAT, "source": str(gguf), "created_at": time.time(), "weights": False}
+        (work / MANIFEST).write_bytes(orjson.dumps(manifest))
+
+    return _publish(gguf, entry, write)
+
+
+def _publish(gguf: Path, entry: Path, write: Callable[[Path], None]) -> bool:
+    """Run `write` into a fresh partial directory and rename it to `entry`; False (logged) on failure."""
     started_s = time.perf_counter()
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +103,7 @@ def save_entry(model: Any, tokenizer: Any, gguf: Path, entry: Path) -> bool:
         log.warning("cannot cache the conversion of %s under %s: %s", gguf.name, entry.parent, exc)
         return False
     try:
-        _write(model, tokenizer, gguf, work)
+        write(work)
         try:
             work.rename(entry)
         except OSError:

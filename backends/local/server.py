@@ -33,7 +33,7 @@ from backends.local.build import EngineOptions, one_compute_thread, stage
 from backends.local.embedding import Embedder
 from backends.local.embedding_api import EmbeddingService, embeddings
 from backends.local.engine.engine import Failed
-from backends.local.loader import LoadedModel, load_model
+from backends.local.loader import LoadedModel, load_engine_model
 from backends.local.serving import (
     Done,
     EngineState,
@@ -346,7 +346,7 @@ def serve_engine(
     started_s = time.perf_counter()
     one_compute_thread()  # this thread loads and builds; the engine thread computes with --threads
     with stage(f"load {model_spec}"):
-        loaded = load_model(model_spec)
+        loaded = load_engine_model(model_spec)
     embedder = None
     if embedding_model is not None:
         with stage(f"load embedding model {embedding_model}"):

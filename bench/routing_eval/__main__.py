@@ -58,8 +58,10 @@ def _setup(args: argparse.Namespace, boxes: dict[str, StepModel]) -> list[str]:
         "(`bench/routing_eval/switchboard.py`).",
         "",
         "Fleet. Owned engine boxes run the bundled engine's step model (`step ms = a + b x streams + c x "
-        "prompt tokens`, 8 slots, 512 prompt tokens per step, prefix blocks shared only with running "
-        f"requests, as in the engine) at {BOX_USD_PER_HOUR} USD/h each; {EDGE_NODES} edge nodes (2x slower, "
+        "prompt tokens`, 8 slots, 512 prompt tokens per step, the engine's prefix cache: blocks shared "
+        "with running requests and kept after a request ends, LRU within a 23k-token KV cache; an agent "
+        "turn extends its previous turn's prompt) "
+        f"at {BOX_USD_PER_HOUR} USD/h each; {EDGE_NODES} edge nodes (2x slower, "
         f"4 slots) at "
         f"{EDGE_USD_PER_HOUR} USD/h; the cloud `{CLOUD.name}` at {CLOUD.input_usd_per_mtok} / "
         f"{CLOUD.output_usd_per_mtok} USD per Mtok in / out, TTFT lognormal "

@@ -6,7 +6,9 @@ long prompts alone (prefill). The fit is the engine scheduler's step: `step_ms =
 c * prefill tokens`, so one stream decodes at 1000 / (a + b) tok/s and n streams at n * 1000 / (a + b n).
 Writes `bench/data/routing_eval_curve.json`. Run: `python -m bench.routing_eval.calibrate [--engines N]
 [--out PATH]` (about 1 min). `--engines N` measures N engines at once, each under the others' load (the
-median of each figure): the conditions of a live replay on N replicas.
+median of each figure): the conditions of a live replay on N replicas. The engines run with
+`--no-prefix-cache`: the prompts share leading words, and the curve is the cost of computing tokens (the
+simulator models what the prefix cache saves on top of it).
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             for i in range(args.engines):
                 port = free_port()
                 log = Path(tmp) / f"engine-{i}.log"
-                procs.append(_spawn(engine_cmd(port), log))
+                procs.append(_spawn(engine_cmd(port, "--no-prefix-cache"), log))
                 urls.append(f"http://127.0.0.1:{port}")
                 _wait_http(f"{urls[-1]}/health", procs[-1], log, timeout_s=240)
             raw = asyncio.run(measure_all(urls))
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "source": "python -m bench.routing_eval.calibrate",
         "engine": "switchboard engine serve "
-        + " ".join(ENGINE_FLAGS)
+        + " ".join((*ENGINE_FLAGS, "--no-prefix-cache"))
         + (f", {args.engines} measured at once" if args.engines > 1 else ""),
         "measured": info["date"],
         "commit": info["commit"],

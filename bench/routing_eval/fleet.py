@@ -33,6 +33,9 @@ class StepModel:
     max_prefill_tokens: int = 512
     block_size: int = 16
     source: str = ""
+    # The engine's KV cache in tokens: 512 MiB (its default) at 22.5 KiB a token (SmolLM2-135M in bf16).
+    kv_tokens: int = 23_296
+    prefix_caching: bool = True  # the engine's default (`--no-prefix-cache`: False)
 
     def aggregate_tok_s(self, streams: int) -> float:
         return 1000 * streams / (self.step_base_ms + self.step_ms_per_stream * streams)
@@ -42,6 +45,7 @@ class StepModel:
         return StepModel(
             self.step_base_ms * factor, self.step_ms_per_stream * factor, self.prefill_ms_per_token * factor,
             max_batch, self.max_prefill_tokens, self.block_size, f"{self.source}, x{factor:g} slower",
+            self.kv_tokens, self.prefix_caching,
         )  # fmt: skip
 
 

@@ -4,8 +4,11 @@ Three `switchboard engine serve --threads 1` replicas (SmolLM2) and the loopback
 its TTFT and tok/s knobs set to the simulator's cloud medians) serve a short `bursty-agents` trace, open
 loop at its arrival times. A policy (the same `Switchboard` adapter the simulator uses, or round-robin over
 the replicas) places each request from live counts; responses stream, and TTFT, latency and usage are
-measured. The simulator then replays the trace with each request's measured token counts on a fleet of the
-same shape. Edge-floor requests are left out (no edge node here). Run:
+measured. An agent turn sends its conversation: the system prompt, then each earlier turn's message and a
+reply standing in for that turn's answer (a turn whose history was cut short gets a stand-in of that size),
+then its own message, so a turn starts with its previous turn's whole prompt, as in the trace. The
+simulator then replays the trace with each request's measured token counts on a fleet of the same shape.
+Edge-floor requests are left out (no edge node here). Run:
 `python -m bench.routing_eval.live [--minutes 2] [--load-boxes 4] [--curve PATH] [--out docs/BENCHMARKS.md]`;
 for a fair comparison give it a curve measured with as many engines busy at once as it runs
 (`python -m bench.routing_eval.calibrate --engines 3 --out bench/data/routing_eval_curve_3engines.json`).
@@ -21,7 +24,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -30,18 +33,17 @@ import httpx
 
 from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
 from bench.routing_eval.calibrate import engine_cmd
+from bench.routing_eval.conversation import messages_of, shared_system_tokens
 from bench.routing_eval.fleet import CLOUD as CLOUD_MODEL
 from bench.routing_eval.fleet import CURVE_PATH, StepModel, load_curve, make_fleet
 from bench.routing_eval.metrics import percentile
 from bench.routing_eval.report import make_trace
 from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.switchboard import Switchboard
-from bench.routing_eval.workload import AGENT_KINDS, Request, filler
+from bench.routing_eval.workload import Request
 
 REPLICAS = 3
 MAX_OUTPUT = 32  # short outputs keep the replay to a few minutes on two shared cores
-_rng_words = __import__("random").Random(0)
-SYSTEM_TEXT = {k: f"You are the {k} agent. " + filler(_rng_words, 420) for k in AGENT_KINDS}
 
 
 @dataclasses.dataclass
@@ -87,21 +89,17 @@ class LiveView:
         box.waiting = [0] * max(0, box.in_system - 8)
 
 
-def messages_of(req: Request) -> list[dict[str, str]]:
-    pad = filler(__import__("random").Random(req.rid), max(0, req.prompt_tokens - req.prefix_tokens - 40))
-    if req.session >= 0:
-        system = SYSTEM_TEXT[req.prefix_key.split(":", 1)[1]]
-    else:
-        system = f"You help the {req.team} team."
-    return [{"role": "system", "content": system}, {"role": "user", "content": f"{req.text}\n{pad}"}]
-
-
 async def _send(
-    client: httpx.AsyncClient, url: str, model: str, req: Request, on_first: Callable[[], None]
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    messages: list[dict[str, str]],
+    req: Request,
+    on_first: Callable[[], None],
 ) -> tuple[float, float, int, int]:
     body = {
         "model": model,
-        "messages": messages_of(req),
+        "messages": messages,
         "max_tokens": req.output_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -123,8 +121,11 @@ async def _send(
     return first or total, total, usage["prompt_tokens"], usage["completion_tokens"]
 
 
-async def replay(trace: list[Request], policy: object, view: LiveView, urls: dict[str, str]) -> list[Job]:
+async def replay(
+    trace: list[Request], policy: object, view: LiveView, urls: dict[str, str], run: int = 0
+) -> list[Job]:
     jobs: list[Job] = []
+    by_rid = {r.rid: r for r in trace}
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
@@ -135,16 +136,19 @@ async def replay(trace: list[Request], policy: object, view: LiveView, urls: dic
             target = policy.route(req, now, view)  # type: ignore[attr-defined]
             if target is None:
                 return
-            view.start(target, req.prompt_tokens)
+            counted = getattr(policy, "counted_prompt", None)  # what its gateway counts as pending
+            pending = counted(req) if counted is not None else req.prompt_tokens
+            view.start(target, pending)
             model = CLOUD_MODEL.name if target == CLOUD else "smollm2"
-            held = [req.prompt_tokens]
+            held = [pending]
 
             def prefilled() -> None:  # once: at the first token, or at the end
                 if held:
                     view.first_token(target, held.pop())
 
             try:
-                ttft, total, p_tok, o_tok = await _send(client, urls[target], model, req, prefilled)
+                messages = messages_of(req, by_rid, run)
+                ttft, total, p_tok, o_tok = await _send(client, urls[target], model, messages, req, prefilled)
             finally:
                 prefilled()
                 view.end(target)
@@ -227,19 +231,49 @@ def live_trace(minutes: float, load_boxes: float, seed: int, curve: StepModel) -
     return [dataclasses.replace(r, output_tokens=min(r.output_tokens, MAX_OUTPUT)) for r in kept]
 
 
-def simulate_measured(jobs: list[Job], policy: object, seed: int, curve: StepModel) -> list[Job]:
-    """The simulator on the replayed requests with their measured token counts, same fleet shape."""
+def prefix_counters(urls: Mapping[str, str]) -> tuple[float, float]:
+    """(prompt tokens, of them served from the prefix cache) so far, summed over the engine replicas'
+    /metrics (the engine's own count: `prefix_hit_tokens`)."""
+    prompt = hit = 0.0
+    for name, url in urls.items():
+        if name == CLOUD:
+            continue
+        text = httpx.get(url.replace("/v1/chat/completions", "/metrics"), timeout=30).text
+        for line in text.splitlines():
+            if line.startswith("switchboard_engine_prompt_tokens_total "):
+                prompt += float(line.split()[1])
+            elif line.startswith("switchboard_engine_prefix_hit_tokens_total "):
+                hit += float(line.split()[1])
+    return prompt, hit
+
+
+def simulate_measured(
+    jobs: list[Job], policy: object, seed: int, curve: StepModel, system_tokens: Mapping[str, int]
+) -> list[Job]:
+    """The simulator on the replayed requests with their measured token counts (an agent turn's shared
+    system prompt as the engine's tokenizer counts it), same fleet shape."""
     fleet = make_fleet(
         curve, REPLICAS, "live", dataclasses.replace(CLOUD_MODEL, ttft_sigma=0, decode_sigma=0)
     )
     fleet = dataclasses.replace(fleet, boxes=fleet.owned)
-    trace = sorted((j.req for j in jobs), key=lambda r: r.arrival_s)
+    measured = [
+        dataclasses.replace(j.req, prefix_tokens=system_tokens.get(j.req.prefix_key, j.req.prefix_tokens))
+        for j in jobs
+    ]
+    trace = sorted(measured, key=lambda r: r.arrival_s)
     return Simulation(fleet, seed).run(trace, policy).jobs  # type: ignore[arg-type]
 
 
-def _stats(jobs: list[Job]) -> dict[str, float]:
+def _stats(jobs: list[Job], prefix_hit: float | None = None) -> dict[str, float]:
+    """`prefix_hit`: the share of prompt tokens on the replicas served from their prefix caches (live: the
+    engines' counters; simulated, None: the jobs' cached tokens)."""
     agents = [j.ttft_s * 1000 for j in jobs if j.req.session >= 0]
+    on_boxes = [j for j in jobs if j.target != CLOUD]
+    if prefix_hit is None:
+        prompt = sum(j.req.prompt_tokens for j in on_boxes)
+        prefix_hit = sum(j.cached_tokens for j in on_boxes) / prompt if prompt else 0.0
     return {
+        "prefix_hit": prefix_hit,
         "n": len(jobs),
         "ttft_p50": percentile([j.ttft_s * 1000 for j in jobs], 50),
         "ttft_p95": percentile([j.ttft_s * 1000 for j in jobs], 95),
@@ -259,7 +293,7 @@ def _row(label: str, live: dict[str, float], sim: dict[str, float]) -> list[str]
     return [
         f"| {label} | {live['n']:.0f} | {cell('ttft_p50', '.0f')} | {cell('ttft_p95', '.0f')} | "
         f"{cell('e2e_p95', '.0f')} | {cell('agent_ttft_p50', '.0f')} | {cell('cloud_usd', '.5f')} | "
-        f"{live['cloud_share']:.0%} |"
+        f"{live['cloud_share']:.0%} | {live['prefix_hit']:.0%} / {sim['prefix_hit']:.0%} |"
     ]
 
 
@@ -284,17 +318,21 @@ def main(argv: list[str] | None = None) -> None:
     curve = load_curve(args.curve)
     trace = live_trace(args.minutes, args.load_boxes, args.seed, curve)
     load = [round(os.getloadavg()[0], 2)]
+    system_tokens = shared_system_tokens()
     fleet = make_fleet(curve, REPLICAS, "live")
     rows: list[str] = []
     results = {}
     with tempfile.TemporaryDirectory(prefix="sb-eval-live-") as tmp, rig(Path(tmp)) as urls:
-        for make in (Switchboard, _replicas_only, RoundRobinReplicas):
+        for run, make in enumerate((Switchboard, _replicas_only, RoundRobinReplicas), 1):
             policy = make()
             view = LiveView(dataclasses.replace(fleet, boxes=fleet.owned))
-            jobs = asyncio.run(replay(trace, policy, view, urls))
+            before = prefix_counters(urls)
+            jobs = asyncio.run(replay(trace, policy, view, urls, run))
             load.append(round(os.getloadavg()[0], 2))
-            simulated = simulate_measured(jobs, make(), args.seed, curve)
-            results[policy.name] = (_stats(jobs), _stats(simulated))
+            after = prefix_counters(urls)
+            hit = (after[1] - before[1]) / (after[0] - before[0]) if after[0] > before[0] else 0.0
+            simulated = simulate_measured(jobs, make(), args.seed, curve, system_tokens)
+            results[policy.name] = (_stats(jobs, hit), _stats(simulated))
     for label, (live, sim) in results.items():
         rows += _row(label, live, sim)
     sb, rr = results[REPLICAS_ONLY][0], results["round-robin"][0]
@@ -314,8 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{CLOUD_MODEL.decode_tok_s:.0f} tok/s). Cells: live / simulated (simulated vs live).",
         "",
         "| policy | requests | TTFT p50 ms | TTFT p95 ms | e2e p95 ms | agent TTFT p50 ms | cloud USD "
-        "| cloud share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| cloud share | prefix hit live / sim |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         f"- Prefix affinity (live): agent-turn p50 TTFT round-robin {rr['agent_ttft_p50']:.0f} ms vs "

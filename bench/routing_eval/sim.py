@@ -3,8 +3,10 @@
 Events are arrivals, prefill completions and decode completions; between two events every box's rates are
 constant (`fleet.StepModel`: one step decodes a token per running stream and computes up to
 `max_prefill_tokens` prompt tokens, oldest first). A box admits up to `max_batch` requests and queues the
-rest in arrival order. Its prefix cache works like the engine's: prompt blocks are shared only with requests
-still running on the same box (`docs/ENGINE.md`, "Prefix sharing needs concurrency"). Invariants: every
+rest in arrival order. Its prefix cache works like the engine's: prompt blocks are shared with requests
+still running on the same box and, with prefix caching (the engine's default), kept after a request ends
+until evicted (`prefix_model.PrefixCache`; `docs/ENGINE.md`, "Prefix sharing and automatic prefix
+caching"). Invariants: every
 request ends completed or rejected; on a box, cached + computed prompt tokens equal the prompt, and decoded
 tokens equal the output.
 """
@@ -20,6 +22,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from bench.routing_eval.fleet import BoxSpec, Fleet
+from bench.routing_eval.prefix_model import PrefixCache
 from bench.routing_eval.workload import Request
 
 CLOUD = "cloud"
@@ -31,6 +34,7 @@ class Job:
     target: str  # a box name or CLOUD
     start_s: float
     cached_tokens: int = 0
+    counted_prompt: int = -1  # what the gateway counts as its pending prefill; -1: the whole prompt
     prefill_left: float = 0.0
     decode_left: float = 0.0
     ttft_s: float = math.nan  # from arrival
@@ -49,6 +53,11 @@ class Box:
     busy_s: float = 0.0
     prefill_computed: int = 0
     decoded: int = 0
+    cache: PrefixCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = self.spec.model
+        self.cache = PrefixCache(m.block_size, m.kv_tokens, m.prefix_caching)
 
     @property
     def running(self) -> int:
@@ -61,10 +70,8 @@ class Box:
     @property
     def pending_prompt_tokens(self) -> int:
         """What a gateway counts: prompt tokens of its requests here without a first token yet (waiting or
-        prefilling; it sees neither prefix-cache hits nor prefill progress)."""
-        return sum(j.req.prompt_tokens for j in self.waiting) + sum(
-            j.req.prompt_tokens for j in self.prefilling
-        )
+        prefilling; it sees no prefill progress, and of prefix-cache hits only what it predicted)."""
+        return sum(_counted(j) for j in self.waiting) + sum(_counted(j) for j in self.prefilling)
 
     def _rates(self) -> tuple[float, float, float]:
         """(step s, decode tok/s per stream, prefill tok/s) at the current composition."""
@@ -111,19 +118,26 @@ class Box:
         return min(times)
 
     def cached_for(self, req: Request) -> int:
-        """Prompt tokens this box's running requests already hold for `req` (whole blocks only)."""
-        if not req.prefix_key:
-            return 0
-        held = 0
-        for j in self.decoding:
-            if j.req.prefix_key == req.prefix_key:
-                held = max(held, j.req.prefix_tokens)
-        for j in self.prefilling:
-            if j.req.prefix_key == req.prefix_key:
-                held = max(held, min(j.req.prefix_tokens, j.req.prompt_tokens - int(j.prefill_left)))
-        usable = min(held, req.prefix_tokens, req.prompt_tokens - 1)
+        """Prompt tokens of `req` this box holds (whole blocks only): in running requests' computed blocks
+        (the same prefix key, or the turn it follows), or in its prefix cache."""
+        held = self.cache.lookup(req)
+        for j in (*self.decoding, *self.prefilling):
+            computed = j.req.prompt_tokens - math.ceil(j.prefill_left)
+            if req.prefix_key and j.req.prefix_key == req.prefix_key:
+                held = max(held, min(j.req.prefix_tokens, computed))
+            if req.follows >= 0 and j.req.rid == req.follows:
+                held = max(held, computed)
+        usable = min(held, req.prompt_tokens - 1)
         block = self.spec.model.block_size
         return usable // block * block
+
+    @property
+    def running_tokens(self) -> int:
+        """KV tokens the running requests hold (prompt and output so far)."""
+        held = sum(j.req.prompt_tokens - math.ceil(j.prefill_left) for j in self.prefilling)
+        return held + sum(
+            j.req.prompt_tokens + j.req.output_tokens - int(j.decode_left) for j in self.decoding
+        )
 
     def admit(self) -> None:
         while self.waiting and self.running < self.spec.model.max_batch:
@@ -153,8 +167,13 @@ class Box:
         for j in finished:
             j.e2e_s = self.t - j.req.arrival_s
             self.decoded += j.req.output_tokens
+            self.cache.retain(j.req, j.cached_tokens, self.running_tokens)
         self.admit()
         return finished
+
+
+def _counted(job: Job) -> int:
+    return job.req.prompt_tokens if job.counted_prompt < 0 else job.counted_prompt
 
 
 class Policy(Protocol):
@@ -198,8 +217,8 @@ class Simulation:
         if t < math.inf:
             self._push(t, "box", box.version, None, box.spec.name)
 
-    def _dispatch(self, req: Request, target: str, now: float) -> Job:
-        job = Job(req, target, now)
+    def _dispatch(self, req: Request, target: str, now: float, counted_prompt: int = -1) -> Job:
+        job = Job(req, target, now, counted_prompt=counted_prompt)
         if target == CLOUD:
             cloud = self.fleet.cloud
             ttft, rate = cloud.sample(self.rng)
@@ -231,7 +250,8 @@ class Simulation:
                 if target is None:
                     rejected.append(req)
                 else:
-                    jobs.append(self._dispatch(req, target, now))
+                    counted = getattr(policy, "counted_prompt", None)  # what its gateway counts as pending
+                    jobs.append(self._dispatch(req, target, now, counted(req) if counted else -1))
                 continue
             t, _, kind, version, job = heapq.heappop(self._heap)
             if kind == "cloud:" and job is not None:

@@ -7,8 +7,11 @@ what the gateway would see: its own in-flight count and the prompt tokens of its
 first token per deployment, the engine's running and waiting counts (its /metrics), TTFT and per-stream
 decode rate as moving averages of finished requests, and the median latency of the last 100. Like the
 gateway (`gateway/live/state.py`), a snapshot is reused for up to 50 ms. Team policies carry the
-objective and SLOs; a request's prefix key is the hash of its long shared prefix, as the gateway hashes a
-shared system prompt. Dispatch takes the first candidate; no candidate (fail closed) is a rejection.
+objective and SLOs. As the gateway keys a conversation by its opening (`gateway/pipeline/prefix.py`), an
+agent turn's prefix key is its session's, and, like the gateway (`gateway.live.state.PrefixHolders`), it
+remembers which box served a session's last turn: a later turn expects its earlier turns cached there
+(`RouteRequest.prefix_tokens`: the prompt but its new message, `prefix_holder`), and counts only the rest
+as pending prefill there. Dispatch takes the first candidate; no candidate (fail closed) is a rejection.
 """
 
 from __future__ import annotations
@@ -145,6 +148,8 @@ class Switchboard:
     _built_s: float = -1.0
     _policies: dict[str, RoutePolicy] = field(default_factory=dict)
     predicted_ttft_ms: dict[int, float] = field(default_factory=dict)  # request id -> routing's prediction
+    _counted: int = 0
+    _holders: dict[int, str] = field(default_factory=dict)  # prefix key -> deployment id of its last turn
 
     def _setup(self, fleet: Fleet) -> None:
         self._specs = {s.backend: s for s in specs_of(fleet)}
@@ -182,24 +187,43 @@ class Switchboard:
 
     def request_of(self, req: Request) -> RouteRequest:
         team = next(t for t in TEAMS if t.name == req.team)
-        key = None
+        key, cached, holder = None, 0, None
         if self.affinity and req.prefix_tokens >= AFFINITY_MIN_PREFIX_TOKENS:
-            key = stable_hash64(req.prefix_key)
+            key = stable_hash64(f"session:{req.session}" if req.session >= 0 else req.prefix_key)
+            holder = self._holders.get(key)
+            if req.history_tokens and holder is not None:  # a later turn: all but its new message was served
+                cached = req.prefix_tokens + req.history_tokens
         return RouteRequest(
             public_model=MODEL,
             prompt_tokens=req.prompt_tokens,
             expected_output_tokens=team.max_tokens,
             privacy_floor=req.floor,
             prefix_key=key,
+            prefix_tokens=min(cached, req.prompt_tokens),
+            prefix_holder=holder if cached else None,
         )
 
     def route(self, req: Request, now: float, sim: Simulation) -> str | None:
-        decision = choose(self.request_of(req), self.snapshot(now, sim), self._policies[req.team], now_s=now)
+        request = self.request_of(req)
+        decision = choose(request, self.snapshot(now, sim), self._policies[req.team], now_s=now)
         self.decisions += 1
         self.last = decision
+        self._counted = req.prompt_tokens
+        target = decision.candidates[0].backend if decision.candidates else None
         if decision.ranked:
             self.predicted_ttft_ms[req.rid] = decision.ranked[0].ttft_ms
-        return decision.candidates[0].backend if decision.candidates else None
+            if decision.ranked[0].deployment_id == request.prefix_holder:  # the cached part is not pending
+                self._counted = req.prompt_tokens - request.prefix_tokens
+        if request.prefix_key is not None:  # where this conversation is served now (the cloud: nowhere)
+            if target is not None and target != CLOUD:
+                self._holders[request.prefix_key] = dep_id(target)
+            else:
+                self._holders.pop(request.prefix_key, None)
+        return target
+
+    def counted_prompt(self, req: Request) -> int:
+        """The prompt tokens the gateway counts as pending prefill for the request just routed."""
+        return self._counted if req.prompt_tokens >= self._counted else req.prompt_tokens
 
     def observe(self, job: Job) -> None:
         self._seen[job.target].add(job)

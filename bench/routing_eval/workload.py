@@ -3,9 +3,10 @@
 A trace is a list of `Request`s sorted by arrival: diurnal or bursty arrivals (a non-homogeneous Poisson
 process, drawn by thinning), lognormal and Pareto prompt and output lengths, teams with their privacy floors
 and SLOs, 20% of prompts with planted sensitive data, and agent sessions whose turns share a long system
-prompt. Each request's floor comes from the real detectors (`routing.privacy.detect_request` on its
-generated text, then `privacy_floor`), never from the planted label. Invariant: the same (workload, seed,
-rate, duration) gives the same trace, request for request.
+prompt and, turn after turn, the conversation so far (`history_tokens`; a turn whose history was not cut
+short starts with its previous turn's whole prompt: `follows`). Each request's floor comes from the real
+detectors (`routing.privacy.detect_request` on its generated text, then `privacy_floor`), never from the
+planted label. Invariant: the same (workload, seed, rate, duration) gives the same trace, request for request.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Request:
     planted: str  # kind of planted sensitive data, "" for none
     floor: PrivacyTier  # from the real detectors and the team's floor
     detected: tuple[str, ...]
+    history_tokens: int = 0  # an agent turn's earlier turns (their messages and replies) in its prompt
+    follows: int = -1  # rid of the session's previous turn whose whole prompt this one starts with; -1: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +158,7 @@ class _Session:
     history_tokens: int
     next_s: float
     turns_left: int
+    last_rid: int = -1  # the previous turn, while the history still holds it whole
 
 
 def _text(rng: random.Random, planted: str) -> str:
@@ -176,7 +180,7 @@ def generate(workload: Workload, *, rate_per_s: float, duration_s: float, seed: 
     rng = random.Random(seed)
     names, weights = _shares(workload)
     sessions: list[_Session] = []
-    drafts: list[tuple[float, str, int, int, str, int, int]] = []
+    drafts: list[tuple[float, str, int, int, str, int, int, int, int]] = []
     for t in arrival_times(workload, rate_per_s, duration_s, rng):
         team = TEAM_BY_NAME[rng.choices(names, weights)[0]]
         out = _lognormal(rng, team.output_median, 0.8, 1, team.max_tokens)
@@ -189,8 +193,13 @@ def generate(workload: Workload, *, rate_per_s: float, duration_s: float, seed: 
                 sessions.append(s)
             new = _lognormal(rng, 60, 0.7, 8, 400)
             prompt = AGENT_SYSTEM_TOKENS + s.history_tokens + new
-            drafts.append((t, team.name, prompt, out, f"agent:{s.kind}", AGENT_SYSTEM_TOKENS, s.sid))
-            s.history_tokens = min(s.history_tokens + new + out, 1200)
+            history, follows = s.history_tokens, s.last_rid
+            drafts.append(
+                (t, team.name, prompt, out, f"agent:{s.kind}", AGENT_SYSTEM_TOKENS, s.sid, history, follows)
+            )
+            grown = s.history_tokens + new + out
+            s.history_tokens = min(grown, 1200)  # past 1200 the oldest turns are cut: no whole prompt stays
+            s.last_rid = len(drafts) - 1 if grown <= 1200 else -1
             s.turns_left -= 1
             s.next_s = t + rng.expovariate(1 / 20)
             continue
@@ -198,18 +207,37 @@ def generate(workload: Workload, *, rate_per_s: float, duration_s: float, seed: 
             user = _pareto(rng, 150, 1.4, 16, 3000)
         else:
             user = _lognormal(rng, 100, 0.9, 8, 2000)
-        drafts.append((t, team.name, SYSTEM_TOKENS + user, out, f"team:{team.name}", SYSTEM_TOKENS, -1))
+        drafts.append(
+            (t, team.name, SYSTEM_TOKENS + user, out, f"team:{team.name}", SYSTEM_TOKENS, -1, 0, -1)
+        )
     return [_finish(rid, d, rng) for rid, d in enumerate(drafts)]
 
 
-def _finish(rid: int, draft: tuple[float, str, int, int, str, int, int], rng: random.Random) -> Request:
-    t, team_name, prompt, out, key, prefix, sid = draft
+def _finish(
+    rid: int, draft: tuple[float, str, int, int, str, int, int, int, int], rng: random.Random
+) -> Request:
+    t, team_name, prompt, out, key, prefix, sid, history, follows = draft
     planted = rng.choice(list(PLANTED)) if rng.random() < SENSITIVE_SHARE else ""
     text = _text(rng, planted)
     team = TEAM_BY_NAME[team_name]
     detected = detect_request([{"role": "user", "content": text}])
     verdict = privacy_floor(team.floor, None, detected, SensitivePolicy.RAISE_FLOOR)
-    return Request(rid, t, team_name, prompt, out, key, prefix, sid, text, planted, verdict.floor, detected)
+    return Request(
+        rid,
+        t,
+        team_name,
+        prompt,
+        out,
+        key,
+        prefix,
+        sid,
+        text,
+        planted,
+        verdict.floor,
+        detected,
+        history,
+        follows,
+    )
 
 
 def mean_work(trace: list[Request]) -> tuple[float, float]:

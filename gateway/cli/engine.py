@@ -51,6 +51,15 @@ def engine_serve(
             "their KV cache and wait. Default: no cap.",
         ),
     ] = None,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-cache/--no-prefix-cache",
+            help="Keep finished requests' full KV blocks cached (evicted least recently used first) so a "
+            "later request with the same leading tokens, such as an agent's next turn, skips their prefill. "
+            "--no-prefix-cache: blocks are shared only between requests running at the same time.",
+        ),
+    ] = True,
     embedding_model: Annotated[
         str | None,
         typer.Option(help="Also serve POST /v1/embeddings: minilm (bundled) or a BERT-style HF directory."),
@@ -74,6 +83,7 @@ def engine_serve(
             block_size=block_size,
             max_prefill_tokens=max_prefill_tokens,
             batch_rows_beside_interactive=batch_rows_beside_interactive,
+            prefix_cache=prefix_cache,
         )
     except ValueError as exc:
         err_console.print(f"[red]{exc}[/red]")

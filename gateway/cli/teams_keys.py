@@ -6,7 +6,8 @@ A key is printed once at creation and stored only as a hash; listings show displ
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,8 +26,6 @@ from gateway.config import Config
 from gateway.limits.base import BudgetPeriod
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-
     from gateway.records import KeyBudget
 
 teams_app = typer.Typer(help="Manage teams (stored in SQL).", no_args_is_help=True)
@@ -45,8 +44,12 @@ def teams_create(
     model_list = _split(models)
     _check_models(load(config), model_list, "--models")
     engine = sql_engine(load(config))
-    keys.create_team(engine, name, model_list)
-    _audit(engine, "team.create", name, {"models": model_list})
+    keys.create_team(
+        engine,
+        name,
+        model_list,
+        audited=_audited("team.create", lambda t: t.name, lambda t: {"models": model_list}),
+    )
     console.print(f"team [bold]{name}[/bold] ready; models: {', '.join(model_list) if model_list else 'all'}")
 
 
@@ -62,11 +65,11 @@ def teams_list(config: ConfigOpt = None) -> None:
     console.print(t)
 
 
-def _audit(engine: Engine, action: str, target: str, detail: dict[str, object] | None = None) -> None:
-    """The audit row of a write made through the CLI (after it committed)."""
+def _audited(action: str, target: Callable[[Any], str], detail: Callable[[Any], Any] | None = None) -> Any:
+    """The audit row of a write made through the CLI, written in the write's transaction."""
     from gateway.store import audit
 
-    audit.record(engine, audit.cli_actor(), action, target, detail)
+    return audit.writer(audit.cli_actor(), action, target, detail)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -161,6 +164,13 @@ def keys_create(
     budget = _key_budget(budget_usd, budget_period, soft_budget_usd)
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(days=expires_in_days) if expires_in_days else None
     engine = sql_engine(cfg)
+    detail: dict[str, object] = {
+        "team": team,
+        "name": name,
+        "models": model_list,
+        "budget": _budget_text(budget),
+        "limits": {"requests": requests, "tokens": tokens},
+    }
     try:
         created = keys.create_key(
             engine,
@@ -171,18 +181,11 @@ def keys_create(
             limit_requests=requests,
             limit_tokens=tokens,
             budget=budget,
+            audited=_audited("key.create", lambda c: c.key_id, lambda c: detail),
         )
     except GatewayError as exc:
         err_console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
-    detail: dict[str, object] = {
-        "team": team,
-        "name": name,
-        "models": model_list,
-        "budget": _budget_text(budget),
-        "limits": {"requests": requests, "tokens": tokens},
-    }
-    _audit(engine, "key.create", created.key_id, detail)
     console.print(f"key id {created.key_id} for team {team} (shown once, store it now):")
     print(created.plaintext)
 
@@ -229,8 +232,7 @@ def keys_revoke(
     from gateway.store import keys
 
     engine = sql_engine(load(config))
-    if not keys.revoke_key(engine, key):
+    if not keys.revoke_key(engine, key, audited=_audited("key.revoke", lambda key_id: key_id)):
         err_console.print(f"[red]no key with id or prefix {key}; see `switchboard keys list`[/red]")
         raise typer.Exit(1)
-    _audit(engine, "key.revoke", key)
     console.print(f"revoked {key}")

@@ -1,5 +1,6 @@
 """Console access: login with the admin key or a team key, a server-side session behind an HttpOnly,
-SameSite=Strict cookie (Secure over TLS), a CSRF token checked on every write, and the audit row of a write.
+SameSite=Strict cookie (Secure over TLS), a CSRF token checked on every write, the audit row of a write, and
+login rate limits per client address and per account.
 
 Invariants: the key a user typed is never echoed, logged or stored (only the session cookie's hash is); a
 team session is bound to its key (revoking the key ends the session); `require_admin` refuses a team session
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hmac
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -22,8 +25,9 @@ from starlette.responses import RedirectResponse, Response
 from gateway.errors import AdminOnly, AuthenticationFailed
 from gateway.http.admin import client_address
 from gateway.http.deps import RouterDeps, router_deps
+from gateway.limits.base import Admission, LimitKind, LimitRule
 from gateway.store import audit, sessions
-from gateway.store.keys import KEY_PREFIX
+from gateway.store.keys import DISPLAY_PREFIX_CHARS, KEY_PREFIX, hash_key
 
 COOKIE = "sb_console"
 PATH = "/console"
@@ -38,10 +42,16 @@ class LoginRequired(Exception):
 class Refused(Exception):
     """A console request refused with an HTML page: `status` and a message that says what to do."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return (
+            {} if self.retry_after_s is None else {"retry-after": str(max(1, math.ceil(self.retry_after_s)))}
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +75,15 @@ class User:
     def csrf(self) -> str:
         return self.session.csrf_token
 
-    async def audit(self, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
+    def audited(
+        self,
+        action: str,
+        target: Callable[[Any], str],
+        detail: Callable[[Any], Mapping[str, Any] | None] | None = None,
+    ) -> audit.Audited[Any]:
+        """The audit row of this user's write, for the store function to write in the write's transaction."""
         actor = audit.Actor(self.session.actor, audit.AuditSource.CONSOLE, self.address)
-        await asyncio.to_thread(audit.record, self.deps.admin.db, actor, action, target, detail)
+        return audit.writer(actor, action, target, detail)
 
 
 def _now() -> dt.datetime:
@@ -128,11 +144,13 @@ async def checked_form(request: Request, user: User) -> dict[str, str]:
 
 async def log_in(request: Request, key: str) -> Response:
     """Check `key`, open a session, set its cookie and go to the overview; a refused key re-renders the
-    form (401) without echoing it."""
+    form (401) without echoing it. Attempts past the login rate limits are refused (429) before the key is
+    checked; a successful login gives its attempt back, so the limits count failed and pending ones."""
     deps = router_deps(request)
     access, db = deps.admin.access, deps.admin.db
     now = _now()
     team = key_id = None
+    attempt = await _admit_attempt(request, deps, key)
     try:
         if key.startswith(KEY_PREFIX):
             identity = await access.authenticate(key, now=now)
@@ -142,12 +160,15 @@ async def log_in(request: Request, key: str) -> Response:
             role = sessions.ADMIN_ROLE
     except (AuthenticationFailed, AdminOnly):
         raise Refused(401, LOGIN_REFUSED) from None
+    await deps.reports.limiter.settle(attempt, 0, count_request=False)
     ttl_s = deps.admin.config.console.session_ttl_s
-    token, session = await asyncio.to_thread(
-        sessions.create, db, role=role, team=team, key_id=key_id, ttl_s=ttl_s, now=now
+    actor = audit.Actor(
+        "admin" if team is None else f"key:{key_id}", audit.AuditSource.CONSOLE, client_address(request)
     )
-    user = User(session, deps, client_address(request))
-    await user.audit("console.login", team or "admin")
+    audited = audit.writer(actor, "console.login", lambda _session: team or "admin")
+    token, _session = await asyncio.to_thread(
+        sessions.create, db, role=role, team=team, key_id=key_id, ttl_s=ttl_s, now=now, audited=audited
+    )
     response = RedirectResponse(f"{PATH}/overview", status_code=303)
     response.set_cookie(
         COOKIE,
@@ -161,10 +182,38 @@ async def log_in(request: Request, key: str) -> Response:
     return response
 
 
+async def _admit_attempt(request: Request, deps: RouterDeps, key: str) -> Admission:
+    """One login attempt against the per-address and per-account limits (config: console.*), or a 429. The
+    account is the admin, or a team key by its display prefix (what the keys page shows), hashed: nothing
+    typed is stored."""
+    cfg = deps.admin.config.console
+    address = client_address(request)
+    prefix = key[:DISPLAY_PREFIX_CHARS]
+    account = f"key:{hash_key(prefix)[:16]}" if key.startswith(KEY_PREFIX) else "admin"
+    by_address = LimitRule(
+        f"console_login:address:{address}", LimitKind.REQUESTS, cfg.login_attempts_per_address_per_minute
+    )
+    by_account = LimitRule(
+        f"console_login:account:{account}", LimitKind.REQUESTS, cfg.login_attempts_per_account_per_minute
+    )
+    admission = await deps.reports.limiter.admit([by_address, by_account], cost_tokens=0)
+    if admission.allowed:
+        return admission
+    if by_address in admission.blocked_by:
+        what = f"from your address (at most {by_address.limit} a minute; config: "
+        what += "console.login_attempts_per_address_per_minute)"
+    else:
+        what = f"for this account (at most {by_account.limit} a minute; config: "
+        what += "console.login_attempts_per_account_per_minute)"
+    retry_s = admission.retry_after_s or 60.0
+    message = f"Too many login attempts {what}. Try again in {math.ceil(retry_s)} s."
+    raise Refused(429, message, retry_after_s=retry_s)
+
+
 async def log_out(request: Request, user: User) -> Response:
     token = request.cookies.get(COOKIE, "")
-    await asyncio.to_thread(sessions.end, user.deps.admin.db, token)
-    await user.audit("console.logout", user.team or "admin")
+    audited = user.audited("console.logout", lambda _token_hash: user.team or "admin")
+    await asyncio.to_thread(sessions.end, user.deps.admin.db, token, audited)
     response = RedirectResponse(f"{PATH}/login", status_code=303)
     response.delete_cookie(COOKIE, path=PATH, httponly=True, samesite="strict")
     return response

@@ -102,8 +102,13 @@ def manage_router() -> APIRouter:
             return await _teams_page(user, error=_invalid(exc))
         except SwitchboardError as exc:
             return await _teams_page(user, error=exc.message)
-        await asyncio.to_thread(keys.create_team, user.deps.admin.db, body.name, body.models)
-        await user.audit("team.create", body.name, {"models": body.models})
+        audited = user.audited("team.create", lambda t: t.name, lambda t: {"models": body.models})
+        try:
+            await asyncio.to_thread(
+                keys.create_team, user.deps.admin.db, body.name, body.models, audited=audited
+            )
+        except SwitchboardError as exc:
+            return await _teams_page(user, error=exc.message)
         return RedirectResponse("/console/teams", status_code=303)
 
     @router.post("/keys")
@@ -122,21 +127,21 @@ def manage_router() -> APIRouter:
                 limit_requests=None if limits is None else limits.requests,
                 limit_tokens=None if limits is None else limits.tokens,
                 budget=None if body.budget is None else body.budget.to_budget(),
+                audited=user.audited("key.create", lambda c: c.key_id, key_detail),
             )
         except ValidationError as exc:
             return await _teams_page(user, error=_invalid(exc))
         except SwitchboardError as exc:
             return await _teams_page(user, error=exc.message)
-        await user.audit("key.create", created.key_id, key_detail(created))
         return await _teams_page(user, created={"key_id": created.key_id, "plaintext": created.plaintext})
 
     @router.post("/keys/{key_id}/revoke")
     async def revoke_key(request: Request, key_id: str, user: User = Depends(require_admin)) -> Response:
         await checked_form(request, user)
-        if not await asyncio.to_thread(keys.revoke_key, user.deps.admin.db, key_id):
+        audited = user.audited("key.revoke", lambda revoked_id: revoked_id)
+        if not await asyncio.to_thread(keys.revoke_key, user.deps.admin.db, key_id, audited=audited):
             raise Refused(404, f"No key with id {key_id[:40]!r}; it may have been removed.")
         user.deps.admin.keys.invalidate()
-        await user.audit("key.revoke", key_id)
         return RedirectResponse("/console/teams", status_code=303)
 
     @router.get("/backends")
@@ -211,15 +216,17 @@ def manage_router() -> APIRouter:
                 if expires_in is None
                 else now + dt.timedelta(seconds=tokens.parse_duration_s(expires_in))
             )
+            audited = user.audited(
+                "edge_token.create",
+                lambda c: c.info.token_id,
+                lambda c: {"name": c.info.name, "labels": labels},
+            )
             created = await asyncio.to_thread(
                 tokens.create_token, user.deps.edge.db, name=form.get("name", "").strip() or "console",
-                labels=labels, expires_at=expires, now=now,
+                labels=labels, expires_at=expires, now=now, audited=audited,
             )  # fmt: skip
         except SwitchboardError as exc:
             return await _edge_page(user, error=exc.message)
-        await user.audit(
-            "edge_token.create", created.info.token_id, {"name": created.info.name, "labels": labels}
-        )
         return await _edge_page(user, created={"id": created.info.token_id, "plaintext": created.plaintext})
 
     @router.post("/edge/tokens/{token_id}/revoke")
@@ -227,13 +234,13 @@ def manage_router() -> APIRouter:
         request: Request, token_id: str, user: User = Depends(require_admin)
     ) -> Response:
         await checked_form(request, user)
-        info = await asyncio.to_thread(tokens.revoke_token, user.deps.edge.db, token_id)
+        audited = user.audited("edge_token.revoke", lambda i: i.token_id)
+        info = await asyncio.to_thread(tokens.revoke_token, user.deps.edge.db, token_id, audited=audited)
         if info is None:
             raise Refused(404, f"No edge token with id {token_id[:40]!r}.")
         hub = user.deps.edge.edge
         if hub is not None:
             await hub.disconnect_token(token_id, f"edge token {token_id} was revoked")
-        await user.audit("edge_token.revoke", token_id)
         return RedirectResponse("/console/edge", status_code=303)
 
     @router.get("/batches")

@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.responses import RedirectResponse, Response
 
 from backends.errors import SwitchboardError
-from gateway.console import charts, data
+from gateway.console import charts, overview
 from gateway.console.access import (
     LoginRequired,
     Refused,
@@ -56,6 +56,12 @@ def _window(range_: str, since: str | None, until: str | None) -> tuple[dt.datet
     return now - RANGES[range_], now, range_
 
 
+def _wants_json(request: Request) -> bool:
+    """A script's login (Accept: application/json) gets its refusal as the API's JSON error envelope."""
+    accept = request.headers.get("accept", "")
+    return _JSON in accept and "text/html" not in accept
+
+
 def _page_error(exc: SwitchboardError) -> tuple[int, str]:
     return exc.status_code, exc.message
 
@@ -73,7 +79,7 @@ async def _overview(request: Request, user: User, range_: str, since: str | None
     start, end, label = _window(range_, since, until)
     deps = user.deps.reports
     result = await run_report(
-        deps.runner, request, lambda guard: data.overview(deps.db, start, end, user.team, guard)
+        deps.runner, request, lambda guard: overview.overview(deps.db, start, end, user.team, guard)
     )
     return result, start, end, label
 
@@ -95,7 +101,15 @@ def console_router() -> APIRouter:
         try:
             return await log_in(request, form.get("key", "").strip())
         except Refused as exc:
-            return html("login.html", status_code=exc.status, user=None, page="login", error=exc.message)
+            if _wants_json(request):
+                body = {"error": {"message": exc.message, "type": "invalid_request_error", "code": None}}
+                refused = Response(orjson.dumps(body), status_code=exc.status, media_type=_JSON)
+            else:
+                refused = html(
+                    "login.html", status_code=exc.status, user=None, page="login", error=exc.message
+                )
+            refused.headers.update(exc.headers())
+            return with_headers(refused)
 
     @router.post("/logout")
     async def logout(request: Request, user: User = Depends(current_user)) -> Response:

@@ -27,7 +27,7 @@ from gateway.edge import tokens
 from gateway.edge.link import SOCKET_ERRORS
 from gateway.edge.registry import NodeRecord
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
-from gateway.http.admin import record_admin_write
+from gateway.http.admin import admin_audited
 from gateway.http.auth import authenticate_admin
 from gateway.http.deps import EdgeNodeDeps, router_deps
 from gateway.http.openapi import TAG_ADMIN, EdgeToken, IsoDateTime, Listing, NodeListing, errors, ok
@@ -154,9 +154,13 @@ def edge_router() -> APIRouter:
             labels=body.labels,
             expires_at=body.expiry(now),
             now=now,
+            audited=admin_audited(
+                request,
+                "edge_token.create",
+                lambda c: c.info.token_id,
+                lambda c: {"name": body.name, "labels": body.labels},
+            ),
         )
-        detail = {"name": body.name, "labels": body.labels}
-        await record_admin_write(deps.db, request, "edge_token.create", created.info.token_id, detail)
         return _json({**token_view(created.info, now), "token": created.plaintext}, status_code=201)
 
     @router.get("/admin/edge/tokens", responses=ok(Listing, "every enrollment token"))
@@ -171,10 +175,10 @@ def edge_router() -> APIRouter:
     async def revoke_token(
         request: Request, token_id: str, deps: EdgeNodeDeps = Depends(_edge_admin)
     ) -> Response:
-        info = await _sql(tokens.revoke_token, deps.db, token_id)
+        audited = admin_audited(request, "edge_token.revoke", lambda i: i.token_id)
+        info = await _sql(tokens.revoke_token, deps.db, token_id, audited=audited)
         if info is None:
             raise NotFound(f"no edge token with id `{token_id}`; list them with GET /admin/edge/tokens")
-        await record_admin_write(deps.db, request, "edge_token.revoke", token_id)
         disconnected = 0
         if deps.edge is not None:
             problem = info.problem(dt.datetime.now(dt.UTC)) or f"edge token {token_id} was revoked"

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -58,10 +59,11 @@ def _db(path: Path | None) -> Engine:
     return make_engine(cfg.database.url, cfg.database.schema_name)
 
 
-def _audit(engine: Engine, action: str, target: str, detail: dict[str, object] | None = None) -> None:
+def _audited(action: str, target: Callable[[Any], str], detail: Callable[[Any], Any] | None = None) -> Any:
+    """The audit row of a CLI write, written in the write's transaction."""
     from gateway.store import audit
 
-    audit.record(engine, audit.cli_actor(), action, target, detail)
+    return audit.writer(audit.cli_actor(), action, target, detail)
 
 
 @token_app.command("create")
@@ -84,11 +86,15 @@ def token_create(
             None if expires_in is None else now + dt.timedelta(seconds=tokens.parse_duration_s(expires_in))
         )
         engine = _db(config)
-        created = tokens.create_token(engine, name=name, labels=labels, expires_at=expires, now=now)
+        audited = _audited(
+            "edge_token.create", lambda c: c.info.token_id, lambda c: {"name": name, "labels": dict(labels)}
+        )
+        created = tokens.create_token(
+            engine, name=name, labels=labels, expires_at=expires, now=now, audited=audited
+        )
     except GatewayError as exc:
         _fail(exc.message.replace("expires_in:", "--expires-in:"))
     info = created.info
-    _audit(engine, "edge_token.create", info.token_id, {"name": name, "labels": dict(labels)})
     until = "never" if info.expires_at is None else info.expires_at.isoformat(timespec="seconds")
     err_console.print(f"edge token {info.token_id} ({name}; expires {until}); shown once, store it now:")
     print(created.plaintext)
@@ -125,9 +131,11 @@ def token_revoke(
     from gateway.edge import tokens
 
     engine = _db(config)
-    if tokens.revoke_token(engine, token_id) is None:
+    if (
+        tokens.revoke_token(engine, token_id, audited=_audited("edge_token.revoke", lambda i: i.token_id))
+        is None
+    ):
         _fail(f"no edge token with id {token_id}; see `switchboard edge token list`", status=1)
-    _audit(engine, "edge_token.revoke", token_id)
     console.print(f"revoked {token_id}; its nodes are disconnected within edge.token_check_s")
 
 

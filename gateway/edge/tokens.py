@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from gateway.errors import InvalidRequest
+from gateway.store.audit import Audited
 from gateway.store.db import edge_tokens
 from gateway.store.keys import has_secret_shape, hash_key, new_secret
 
@@ -133,7 +134,9 @@ def create_token(
     labels: Mapping[str, str] | None = None,
     expires_at: dt.datetime | None = None,
     now: dt.datetime | None = None,
+    audited: Audited[CreatedToken] | None = None,
 ) -> CreatedToken:
+    """A new enrollment token; `audited` writes the audit row in the same transaction."""
     now = now or _utcnow()
     if not name.strip() or len(name) > 200:
         raise InvalidRequest(
@@ -160,8 +163,11 @@ def create_token(
                 expires_at=expires_at,
             )
         )
-    info = TokenInfo(token_id, name, MappingProxyType(checked), now, expires_at, None)
-    return CreatedToken(info, plaintext)
+        info = TokenInfo(token_id, name, MappingProxyType(checked), now, expires_at, None)
+        created = CreatedToken(info, plaintext)
+        if audited is not None:
+            audited(conn, created)
+    return created
 
 
 def list_tokens(engine: Engine) -> list[TokenInfo]:
@@ -170,8 +176,15 @@ def list_tokens(engine: Engine) -> list[TokenInfo]:
         return [_info(r) for r in conn.execute(query)]
 
 
-def revoke_token(engine: Engine, token_id: str, *, now: dt.datetime | None = None) -> TokenInfo | None:
-    """Revoke by id; idempotent (the first revocation time is kept). None when no token has that id."""
+def revoke_token(
+    engine: Engine,
+    token_id: str,
+    *,
+    now: dt.datetime | None = None,
+    audited: Audited[TokenInfo] | None = None,
+) -> TokenInfo | None:
+    """Revoke by id; idempotent (the first revocation time is kept). None when no token has that id.
+    `audited` writes the audit row in the same transaction when the token exists."""
     with engine.begin() as conn:
         conn.execute(
             sa.update(edge_tokens)
@@ -179,7 +192,10 @@ def revoke_token(engine: Engine, token_id: str, *, now: dt.datetime | None = Non
             .values(revoked_at=now or _utcnow())
         )
         row = conn.execute(sa.select(edge_tokens).where(edge_tokens.c.id == token_id)).first()
-    return None if row is None else _info(row)
+        info = None if row is None else _info(row)
+        if info is not None and audited is not None:
+            audited(conn, info)
+    return info
 
 
 def lookup_token(engine: Engine, plaintext: str) -> TokenInfo | None:

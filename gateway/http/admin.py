@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -55,12 +55,16 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
-async def record_admin_write(
-    db: Any, request: Request, action: str, target: str, detail: Mapping[str, Any] | None = None
-) -> None:
-    """The audit row of a write made with the admin key through `/admin` (after it committed)."""
+def admin_audited(
+    request: Request,
+    action: str,
+    target: Callable[[Any], str],
+    detail: Callable[[Any], Mapping[str, Any] | None] | None = None,
+) -> audit.Audited[Any]:
+    """The audit row of a write made with the admin key through `/admin`, written in the write's
+    transaction (the store function calls it before it commits)."""
     actor = audit.Actor(audit.ADMIN_ACTOR, audit.AuditSource.API, client_address(request))
-    await asyncio.to_thread(audit.record, db, actor, action, target, detail)
+    return audit.writer(actor, action, target, detail)
 
 
 def key_detail(key: keys.KeyInfo | keys.CreatedKey) -> dict[str, object]:
@@ -186,8 +190,8 @@ def admin_router() -> APIRouter:
     @router.post("/teams", status_code=201, responses={**ok(Team, "created", status=201), **errors(400)})
     async def create_team(request: Request, body: TeamIn, deps: AdminDeps = Depends(_admin)) -> Response:
         _check_team_models(body.models, deps.config.models)
-        team = await asyncio.to_thread(keys.create_team, deps.db, body.name, body.models)
-        await record_admin_write(deps.db, request, "team.create", body.name, {"models": body.models})
+        audited = admin_audited(request, "team.create", lambda t: t.name, lambda t: {"models": body.models})
+        team = await asyncio.to_thread(keys.create_team, deps.db, body.name, body.models, audited=audited)
         return _json(team, status_code=201)
 
     @router.get("/keys", responses=ok(Listing, "every key, or the team's"))
@@ -210,16 +214,16 @@ def admin_router() -> APIRouter:
             limit_requests=limits.requests,
             limit_tokens=limits.tokens,
             budget=None if body.budget is None else body.budget.to_budget(),
+            audited=admin_audited(request, "key.create", lambda c: c.key_id, key_detail),
         )
-        await record_admin_write(deps.db, request, "key.create", created.key_id, key_detail(created))
         return _json(_key_view(created), status_code=201)
 
     @router.post("/keys/{key_id}/revoke", responses={**ok(Revoked, "revoked"), **errors(400, 404)})
     async def revoke_key(request: Request, key_id: str, deps: AdminDeps = Depends(_admin)) -> Response:
-        if not await asyncio.to_thread(keys.revoke_key, deps.db, key_id):
+        audited = admin_audited(request, "key.revoke", lambda revoked_id: revoked_id)
+        if not await asyncio.to_thread(keys.revoke_key, deps.db, key_id, audited=audited):
             raise NotFound(f"no key with id or prefix `{key_id}`; list keys with GET /admin/keys")
         deps.keys.invalidate()
-        await record_admin_write(deps.db, request, "key.revoke", key_id)
         return _json({"revoked": key_id})
 
     @router.get("/route/explain", responses={**ok(RouteExplanation, "the decision"), **errors(400, 404, 503)})

@@ -36,6 +36,7 @@ from gateway.store.responses import ResponseStore
 T = TypeVar("T")
 log = logging.getLogger("switchboard")
 JSON = "application/json"
+_JSON_TYPE = (b"content-type", JSON.encode())
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
@@ -133,7 +134,7 @@ async def serve(
             identity,
             timing.request_id,
             received_at,
-            Hints.from_headers(request.headers),
+            Hints.from_asgi(scope["headers"]),
             deps.request_timeout_s,
             tuple(
                 (n, v) for n in getattr(translator, "forwarded_headers", ()) if (v := request.headers.get(n))
@@ -159,16 +160,19 @@ async def serve(
         answer = await until_disconnect(receive, deps.pipeline.complete(greq, timing, deliver), scope)
         if answer is None:
             return  # the client went away: the pipeline recorded it and cancelled the attempt
-        response = Response(rendered[0], media_type=JSON)
-        response.raw_headers.extend(answer.headers)
+        content = rendered[0]
+        # What Starlette's `Response(content, media_type=JSON)` sends, without building one (~1.5 us).
+        headers = [(b"content-length", str(len(content)).encode()), _JSON_TYPE, *answer.headers]
     except SwitchboardError as exc:
-        response = translator_error(translator, exc)
+        await translator_error(translator, exc)(scope, receive, send)
+        return
     except Exception:  # noqa: BLE001 - the top-level handler of the fast lane
         log.exception("unhandled error in request %s", timing.request_id)
-        response = translator_error(
-            translator, SwitchboardError("internal error; the gateway log has details")
-        )
-    await response(scope, receive, send)
+        error = SwitchboardError("internal error; the gateway log has details")
+        await translator_error(translator, error)(scope, receive, send)
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
 
 
 class _Stalled(Exception):

@@ -17,6 +17,7 @@ import orjson
 from backends.errors import SwitchboardError
 from gateway.errors import InvalidRequest, ModelNotFound, PermissionDenied, SensitiveDataRefused
 from gateway.http.deps import AdminDeps
+from gateway.pipeline import decision_view
 from gateway.pipeline import plan as route
 from gateway.translate.openai_chat import ChatCompletionBody, chat_request
 from routing.decision import RouteDecision
@@ -122,7 +123,7 @@ def _policy_view(policy: RoutePolicy) -> dict[str, object]:
         "only": None if policy.only is None else sorted(policy.only),
         "ignore": sorted(policy.ignore),
         "order": list(policy.order),
-        "slo": route.slo_view(policy),
+        "slo": decision_view.slo_view(policy),
     }
 
 
@@ -142,7 +143,7 @@ def _decision_view(decision: RouteDecision | None) -> dict[str, object]:
         return {"candidates": [], "rejected": [], "reason": None, "privacy_verdict": None}
     tried = len(decision.candidates)
     return {
-        "candidates": [{**c, "tried": i < tried} for i, c in enumerate(route.ranked_view(decision))],
+        "candidates": [{**c, "tried": i < tried} for i, c in enumerate(decision_view.ranked_view(decision))],
         "rejected": [
             {
                 "deployment": r.deployment_id,

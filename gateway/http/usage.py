@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from gateway.errors import AdminOnly, InvalidRequest, RateLimited
 from gateway.http.auth import authenticate
@@ -23,7 +23,7 @@ from gateway.http.deps import ReportDeps, router_deps
 from gateway.http.openapi import TAG_TEAM, UsageReport, errors, ok
 from gateway.limits.base import LimitKind, LimitRule
 from gateway.reports import Dimension, ReportQuery, Source, parse_query, savings_report, usage_report
-from gateway.reports.render import AnyReport, to_csv, to_json
+from gateway.reports.render import AnyReport, csv_lines, to_json
 from gateway.reports.runner import Guard, ReportRunner
 
 FORMATS = ("json", "csv")
@@ -101,10 +101,11 @@ def check_span(query: ReportQuery, max_span_days: int, *, now: dt.datetime) -> N
 
 
 def render(report: AnyReport, fmt: str, name: str) -> Response:
-    """A report (usage or savings) as JSON or as a CSV download named `name`.csv."""
+    """A report (usage or savings) as JSON or as a CSV download named `name`.csv, streamed in chunks of
+    rows (a long report's text is never held whole)."""
     if fmt == "csv":
         headers = {"content-disposition": f'attachment; filename="{name}.csv"'}
-        return Response(to_csv(report), media_type="text/csv; charset=utf-8", headers=headers)
+        return StreamingResponse(csv_lines(report), media_type="text/csv; charset=utf-8", headers=headers)
     return Response(to_json(report), media_type="application/json")
 
 

@@ -303,6 +303,8 @@ class Gate:
         if ticket.settled:
             return
         ticket.settled = True
+        if ticket.admission is None and ticket.reservation is None and ticket.grant is None:
+            return  # it holds nothing (no limits or budgets apply): no task to settle nothing
         self._tasks.spawn(self._settle(ticket, tokens, cost_micro_usd))
 
     async def _settle(self, ticket: Ticket, tokens: int, cost_micro_usd: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Protocol
@@ -150,6 +151,31 @@ def _stats(live: LiveStats, breaker: BreakerView, *, healthy: bool = True) -> De
     )
 
 
+class PrefixHolders:
+    """Where this gateway replica last served each conversation (prefix key -> owned deployment id), for the
+    `capacity` most recent: its next turn expects its earlier messages in that engine's prefix cache
+    (`RouteRequest.prefix_holder`). A turn served by the cloud leaves no holder. Other gateway replicas keep
+    their own (a conversation another replica served has none here: no discount, the rendezvous favourite)."""
+
+    def __init__(self, capacity: int = 65_536) -> None:
+        self._capacity = capacity
+        self._holders: OrderedDict[int, str] = OrderedDict()
+
+    def get(self, key: int | None) -> str | None:
+        return None if key is None else self._holders.get(key)
+
+    def record(self, key: int | None, deployment_id: str | None) -> None:
+        if key is None:
+            return
+        if deployment_id is None:
+            self._holders.pop(key, None)
+            return
+        self._holders[key] = deployment_id
+        self._holders.move_to_end(key)
+        if len(self._holders) > self._capacity:
+            self._holders.popitem(last=False)
+
+
 class RoutingState:
     """Owned by `Services`; used from the event loop only (none of its parts are thread-safe)."""
 
@@ -183,6 +209,7 @@ class RoutingState:
         self._edge_seen: dict[str, float] = {}  # edge deployment id -> last time it was live
         self._edge_pruned_s = -math.inf
         self._down: set[str] = set()  # failing their health probe (gateway/live/health.py)
+        self.prefix_holders = PrefixHolders()
 
     def mark_down(self, backend: str) -> bool:
         """Take a backend out of routing; True when it was in."""

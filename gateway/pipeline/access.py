@@ -25,6 +25,7 @@ class ModelAccess:
         self, keys: KeyStore, models: Sequence[str], *, admin_key: str | None, admin_key_env: str
     ) -> None:
         self.keys, self.models = keys, tuple(models)
+        self._model_set = frozenset(self.models)
         self._admin_key, self._admin_key_env = admin_key, admin_key_env
 
     async def authenticate(self, token: str, *, now: dt.datetime) -> KeyIdentity:
@@ -50,16 +51,11 @@ class ModelAccess:
     async def allowed_models(self, identity: KeyIdentity) -> list[str]:
         """Public model names this key may use, in config order."""
         team_models = await self.keys.team_models(identity.team)
-        out = []
-        for name in self.models:
-            if team_models is not None and name not in team_models and "*" not in team_models:
-                continue
-            if identity.models is not None and name not in identity.models:
-                continue
-            out.append(name)
-        return out
+        return [name for name in self.models if _may_use(name, team_models, identity)]
 
     async def check_model(self, identity: KeyIdentity, model: str) -> None:
+        if model in self._model_set and _may_use(model, await self.keys.team_models(identity.team), identity):
+            return  # `model in allowed_models(identity)`, without building the list (the usual case)
         allowed = await self.allowed_models(identity)
         if model in allowed:
             return
@@ -78,3 +74,10 @@ class ModelAccess:
             "(the key's model list is set by `switchboard keys create --models`)",
             param="model",
         )
+
+
+def _may_use(model: str, team_models: frozenset[str] | None, identity: KeyIdentity) -> bool:
+    """Whether the team's models (None: all) and the key's own list (None: the team's) both allow `model`."""
+    if team_models is not None and model not in team_models and "*" not in team_models:
+        return False
+    return identity.models is None or model in identity.models

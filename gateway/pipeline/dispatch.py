@@ -92,10 +92,16 @@ class Plan:
     max_wait_s: float = 2.0
     clock: Clock = SYSTEM_CLOCK
     prompt_tokens: int = 0  # the estimate routing used: pending prefill on the deployment until a first token
+    prefix_cached: tuple[str, int] = (
+        "",
+        0,
+    )  # (backend, tokens) of it expected in that backend's prefix cache
     causes: list[tuple[str, SwitchboardError]] = field(default_factory=list)
 
 
 def _for(request: C, dep: Deployment) -> C:
+    if request.model == dep.upstream_model:  # the usual case: a frozen copy equal to it would cost ~3 us
+        return request
     return dataclasses.replace(request, model=dep.upstream_model)
 
 
@@ -199,7 +205,9 @@ async def _attempt_once(
         plan.causes.append((dep.backend, refused))
         raise refused
     timeout_s = max(0.0, min(plan.timeouts_s.get(dep.backend, request.timeout_s), deadline - now_s()))
-    use = DeploymentUse.begin(dep, request.model, routing, now_s(), plan.prompt_tokens)
+    cached_on, cached = plan.prefix_cached
+    pending = plan.prompt_tokens - (cached if dep.backend == cached_on else 0)
+    use = DeploymentUse.begin(dep, request.model, routing, now_s(), pending)
     err: SwitchboardError
     try:
         async with asyncio.timeout(timeout_s):
@@ -327,11 +335,13 @@ class Dispatcher:
         self.backends, self.timeouts_s, self.routing = backends, timeouts_s, routing
         self.retry, self.clock = retry, clock
 
-    def plan(self, max_attempts: int, prompt_tokens: int = 0) -> Plan:
+    def plan(
+        self, max_attempts: int, prompt_tokens: int = 0, prefix_cached: tuple[str, int] = ("", 0)
+    ) -> Plan:
         r = self.retry
         return Plan(
             self.backends, self.timeouts_s, self.routing, max_attempts, r.budget_s, r.backoff_s, r.max_wait_s,
-            self.clock, prompt_tokens,
+            self.clock, prompt_tokens, prefix_cached,
         )  # fmt: skip
 
     def idle_timeout_s(self, backend: str) -> float:
@@ -344,9 +354,10 @@ class Dispatcher:
         timing: Timing,
         max_attempts: int,
         prompt_tokens: int = 0,
+        prefix_cached: tuple[str, int] = ("", 0),
     ) -> Served:
         """A whole answer: a chat completion, or the vectors of an embeddings call."""
-        plan = self.plan(max_attempts, prompt_tokens)
+        plan = self.plan(max_attempts, prompt_tokens, prefix_cached)
         if isinstance(request, EmbeddingRequest):
             return await embed(decision, request, timing, plan)
         return await complete(decision, request, timing, plan)
@@ -358,5 +369,7 @@ class Dispatcher:
         timing: Timing,
         max_attempts: int,
         prompt_tokens: int = 0,
+        prefix_cached: tuple[str, int] = ("", 0),
     ) -> OpenStream:
-        return await open_stream(decision, request, timing, self.plan(max_attempts, prompt_tokens))
+        plan = self.plan(max_attempts, prompt_tokens, prefix_cached)
+        return await open_stream(decision, request, timing, plan)

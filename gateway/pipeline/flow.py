@@ -21,8 +21,10 @@ from gateway.cache.store import CachedResponse, entry_from_chunks, entry_from_re
 from gateway.eager import Ready
 from gateway.errors import InvalidRequest
 from gateway.limits.gate import Gate
+from gateway.pipeline.attempt import DeploymentUse
+from gateway.pipeline.decision_view import prediction_headers
 from gateway.pipeline.dispatch import Dispatcher, OpenStream, await_chunk, close_stream, ready_chunk
-from gateway.pipeline.plan import Planner, Routed, fail_closed_error, prediction_headers
+from gateway.pipeline.plan import Planner, Routed, fail_closed_error
 from gateway.pipeline.record import RecordSink, RequestRecord
 from gateway.pipeline.request import CACHE_HEADER, SYSTEM_CLOCK, Clock, GatewayRequest, Timing
 from gateway.records import RequestStatus
@@ -105,10 +107,13 @@ class Pipeline:
                 await _delivered(rec, answer, deliver, headers)
                 return answer
             routed = admitted.routed
+            rec.dispatched = True
             served = await self.dispatcher.complete(
-                routed.decision, request.call, timing, routed.policy.max_attempts, routed.prompt_tokens
-            )
+                routed.decision, request.call, timing, routed.policy.max_attempts, routed.prompt_tokens,
+                routed.prefix_cached,
+            )  # fmt: skip
             rec.use, rec.attempts = served.use, served.attempts
+            _remember_holder(routed, served.use)
             headers.append((b"x-switchboard-backend", header_text(served.deployment.backend)))
             rec.output = result = served.result
             rec.usage, rec.served_model = result.usage, result.served_model
@@ -137,10 +142,13 @@ class Pipeline:
             if admitted.hit is not None:
                 return ChunkStream(rec, tuple(headers), admitted.hit.replay(), self.cache)
             routed = admitted.routed
+            rec.dispatched = True
             opened = await self.dispatcher.open_stream(
-                routed.decision, call, timing, routed.policy.max_attempts, routed.prompt_tokens
-            )
+                routed.decision, call, timing, routed.policy.max_attempts, routed.prompt_tokens,
+                routed.prefix_cached,
+            )  # fmt: skip
         rec.use, rec.attempts = opened.use, opened.attempts
+        _remember_holder(admitted.routed, opened.use)
         headers.append((b"x-switchboard-backend", header_text(opened.deployment.backend)))
         plan = admitted.cache
         keep = _Keep(plan, admitted.routed.decision.reason) if plan is not None and plan.write else None
@@ -339,3 +347,10 @@ class ChunkStream:
             rec.finish(RequestStatus.CLIENT_CLOSED, 499)
         if self._opened is not None:
             await close_stream(self._opened.rest)
+
+
+def _remember_holder(routed: Routed, use: DeploymentUse) -> None:
+    """The conversation's next turn expects its messages in this deployment's prefix cache, if it is owned."""
+    if routed.prefix_key is not None:
+        owned = use.deployment.usd_per_hour is not None
+        use.routing.prefix_holders.record(routed.prefix_key, use.dep_id if owned else None)

@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from backends.base import EmbeddingRequest
 from gateway.edge.pool import split_node_backend
 from gateway.errors import (
@@ -29,7 +27,7 @@ from gateway.errors import (
 )
 from gateway.live.state import RoutingState, with_model_slo
 from gateway.pipeline.access import ModelAccess
-from gateway.pipeline.prefix import prefix_key
+from gateway.pipeline.prefix import cached_messages, held_prefix, prefix_key
 from gateway.pipeline.request import (
     LABELS_HEADER,
     NO_HINTS,
@@ -65,6 +63,10 @@ class Routed:
     prompt_tokens: int  # the estimate routing used; admission reserves it too
     output_tokens: int  # max_tokens, or routing.default_output_tokens
     edge_missing: tuple[str, ...] = ()  # edge backends with no live node that may serve (no candidates only)
+    # (backend, tokens) expected in its prefix cache (it served the previous turn): an attempt there counts
+    # only the rest as pending prefill. prefix_key: the conversation's (where it is served: PrefixHolders).
+    prefix_cached: tuple[str, int] = ("", 0)
+    prefix_key: int | None = None
 
 
 def requested_floor(header: str | None) -> PrivacyTier | None:
@@ -157,7 +159,7 @@ def plan(
     if model_cfg is not None:
         policy = with_model_slo(policy, model_cfg.slo_p95_ttft_ms, model_cfg.slo_p95_e2e_ms)
     rc = routing.config.routing
-    key = None
+    key, cached_tokens = None, 0
     if isinstance(call, EmbeddingRequest):
         prompt_tokens, output_tokens, tools, json = estimate_input_tokens(call), 0, False, False
     else:
@@ -165,6 +167,8 @@ def plan(
         output_tokens = call.max_tokens or rc.default_output_tokens
         tools, json = call.tools is not None, call.response_format is not None
         key = prefix_key(call.messages, min_chars=rc.prefix_min_chars, max_chars=rc.prefix_max_chars)
+        if key is not None and (shared := cached_messages(call.messages)):
+            cached_tokens = estimate_prompt_tokens(call.messages[:shared])
     request = RouteRequest(
         public_model=call.model,
         prompt_tokens=prompt_tokens,
@@ -175,12 +179,15 @@ def plan(
         preferences=prefs,
         privacy_reason=verdict.reason,
         prefix_key=key,
+        prefix_tokens=cached_tokens,
+        prefix_holder=routing.prefix_holders.get(key) if cached_tokens else None,
     )
     snapshot = routing.snapshot(now_s)
     check_preference_names(prefs, snapshot, routing, call.model)
     decision = choose(request, snapshot, policy, now_s=now_s)
     missing = () if decision.candidates else edge_missing(routing, snapshot, call.model, policy)
-    return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing)
+    cached = held_prefix(decision, request.prefix_holder, cached_tokens)
+    return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing, cached, key)
 
 
 class Planner:
@@ -227,6 +234,8 @@ def check_preference_names(
 ) -> None:
     """A name in `order`, `only` or `ignore` that no deployment of the model carries is a typo, refused
     rather than silently ignored. Edge backends count with every node (`edge/node-1`) they may have."""
+    if not (prefs.order or prefs.only or prefs.ignore):
+        return  # nothing named (most requests)
     asked = [("order", n) for n in prefs.order]
     asked += [("only", n) for n in sorted(prefs.only or ())] + [("ignore", n) for n in sorted(prefs.ignore)]
     if not asked:
@@ -333,58 +342,3 @@ def fail_closed_error(
     if any(RejectCode.LATENCY in r.codes for r in decision.rejected):
         return DeadlineUnmeetable(message)  # load passes: 503, not a 400 the client cannot fix
     return NoEligibleDeployment(message, param="model")
-
-
-def privacy_class(verdict: PrivacyVerdict) -> str:
-    """What the ledger keeps: the floor and the kinds detected, e.g. `internal:email,phone`."""
-    kinds = ",".join(verdict.detections)
-    return f"{verdict.floor}:{kinds}" if kinds else str(verdict.floor)
-
-
-def candidates_json(decision: RouteDecision) -> str:
-    """The ranked candidates with their score terms, for the ledger and the explain endpoint."""
-    return orjson.dumps(ranked_view(decision)).decode()
-
-
-def ranked_view(decision: RouteDecision) -> list[dict[str, object]]:
-    """Each candidate's predictions and marginal cost (`cost_usd`: 0 on owned capacity, whose fixed cost is
-    `usd_per_hour`), whether it meets the SLO, and its prefix-affinity rank (0: none)."""
-    return [
-        {
-            "deployment": c.deployment_id,
-            "backend": c.deployment.backend,
-            "ttft_ms": round(c.ttft_ms, 1),
-            "latency_ms": round(c.latency_ms, 1),
-            "cost_usd": str(c.cost_usd.normalize()),
-            "score": round(c.score, 4),
-            "slo_met": c.slo_met,
-            "usd_per_hour": None if c.deployment.usd_per_hour is None else str(c.deployment.usd_per_hour),
-            "affinity": c.affinity,
-        }
-        for c in decision.ranked
-    ]
-
-
-def slo_view(policy: RoutePolicy) -> dict[str, float | None]:
-    return {"p95_ttft_ms": policy.slo_p95_ttft_ms, "p95_e2e_ms": policy.slo_p95_e2e_ms}
-
-
-def prediction_headers(routed: Routed) -> list[tuple[bytes, bytes]]:
-    """The first candidate's predicted TTFT and latency, marginal cost, SLO verdict and affinity."""
-    ranked = routed.decision.ranked
-    if not ranked:
-        return []
-    best, policy = ranked[0], routed.policy
-    out = [
-        (b"x-switchboard-predicted-ttft-ms", b"%.0f" % best.ttft_ms),
-        (b"x-switchboard-predicted-latency-ms", b"%.0f" % best.latency_ms),
-        (b"x-switchboard-marginal-cost-usd", str(best.cost_usd.normalize()).encode()),
-    ]
-    terms = [f"ttft<={v:.0f}ms" for v in (policy.slo_p95_ttft_ms,) if v is not None]
-    terms += [f"e2e<={v:.0f}ms" for v in (policy.slo_p95_e2e_ms,) if v is not None]
-    if terms:
-        verdict = "met" if best.slo_met else "missed"
-        out.append((b"x-switchboard-slo", f"p95 {' '.join(terms)}; predicted {verdict}".encode()))
-    if best.affinity:
-        out.append((b"x-switchboard-affinity", f"{best.deployment_id}; hrw rank {best.affinity}".encode()))
-    return out

@@ -19,13 +19,16 @@ from gateway.errors import AllBackendsFailed
 from gateway.limits.gate import Ticket
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline.attempt import DeploymentUse
-from gateway.pipeline.plan import Routed, candidates_json, privacy_class
+from gateway.pipeline.decision_view import candidates_json, privacy_class
+from gateway.pipeline.plan import Routed
 from gateway.pipeline.request import GatewayRequest, Timing
 from gateway.records import RequestStatus, UsageRecord
 from gateway.store.ledger import LedgerWriter
 from gateway.telemetry.base import FinishedRequest, RequestTracer
 from routing.decision import Deployment, Price
 from routing.fleet import owned_share_micro_usd
+
+REFUSAL_CHARS = 1000  # of a refused request's route reason
 
 
 class Settler(Protocol):
@@ -54,7 +57,13 @@ class RecordSink:
         self.metrics.observe(rec)
 
     def cache_outcome(self, team: str, outcome: str) -> None:
-        self.metrics.cache.labels(team, outcome).inc()
+        self.metrics.cache_lookup(team, outcome)
+
+
+def refusal_reason(http_status: int, error: SwitchboardError) -> str:
+    """A refused request's route reason: status, code and the message (which names what to change and
+    never holds a key or prompt text), at most REFUSAL_CHARS long."""
+    return f"refused {http_status} {error.code}: {error.message}"[:REFUSAL_CHARS]
 
 
 @dataclass(slots=True)
@@ -80,6 +89,7 @@ class RequestRecord:
     output: ChatResult | EmbeddingResult | None = None  # the whole answer (not kept in the row)
     chunks: list[StreamChunk] | None = None  # a stream's chunks, kept when a tracer captures content
     done: bool = False
+    dispatched: bool = False  # handed to dispatch: an error after it is no refusal
 
     def elapsed_ms(self) -> float:
         return self.timing.elapsed_ms(self.now_s())
@@ -136,6 +146,10 @@ class RequestRecord:
         self, status: RequestStatus, http_status: int, error: SwitchboardError | None, backend: str | None
     ) -> UsageRecord:
         request, routed, hit, usage = self.request, self.routed, self.hit, self.usage
+        refused = error is not None and not self.dispatched and hit is None and http_status != 500
+        reason = routed.decision.reason if routed else None
+        if refused and error is not None:  # refused before any backend: the reason is the refusal's
+            reason = refusal_reason(http_status, error)
         return UsageRecord(
             request_id=request.request_id,
             created_at=request.received_at,
@@ -157,9 +171,9 @@ class RequestRecord:
             cache_hit=hit is not None,
             cost_saved_micro_usd=hit.cost_micro_usd if hit is not None else 0,
             privacy_class=privacy_class(routed.verdict) if routed else None,
-            route_reason=routed.decision.reason if routed else None,
+            route_reason=reason,
             attempts=self.attempts or (len(error.causes) if isinstance(error, AllBackendsFailed) else 0),
-            route_candidates=candidates_json(routed.decision) if routed else None,
+            route_candidates=candidates_json(routed.decision, rejected=refused) if routed else None,
             batch_id=request.batch_id,
             owned_micro_usd=self.owned_micro_usd,
         )

@@ -13,7 +13,7 @@ import asyncio
 import datetime as dt
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,19 +46,27 @@ class Hints:
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> Hints:
-        return cls(
-            headers.get(PRIVACY_HEADER),
-            headers.get(PREFERENCES_HEADER),
-            headers.get(SITE_HEADER),
-            headers.get(LABELS_HEADER),
-            headers.get("cache-control"),
-            headers.get(CACHE_HEADER),
-            headers.get("traceparent"),
-        )
+        return cls(*(headers.get(name) for name in _HINT_HEADERS))
+
+    @classmethod
+    def from_asgi(cls, raw: Iterable[tuple[bytes, bytes]]) -> Hints:
+        """`from_headers` over an ASGI scope's header list (lower-case names; the first of repeated ones
+        wins, as in Starlette's `Headers`) in one pass. Most requests send none of these: `NO_HINTS`."""
+        found: list[str | None] | None = None
+        for name, value in raw:
+            i = _HINT_INDEX.get(name)
+            if i is not None:
+                if found is None:
+                    found = [None] * len(_HINT_HEADERS)
+                if found[i] is None:
+                    found[i] = value.decode("latin-1")
+        return NO_HINTS if found is None else cls(*found)
 
     def required_labels(self) -> dict[str, str]:
         """The labels every deployment must carry, from `x-switchboard-labels` and `x-switchboard-site`."""
         wanted: dict[str, str] = {}
+        if self.labels is None and self.site is None:
+            return wanted  # neither header sent (most requests)
         for pair in (self.labels or "").split(","):
             if not pair.strip():
                 continue
@@ -97,6 +105,17 @@ class Hints:
 
 
 NO_HINTS = Hints()
+# The headers `Hints` reads, in field order.
+_HINT_HEADERS = (
+    PRIVACY_HEADER,
+    PREFERENCES_HEADER,
+    SITE_HEADER,
+    LABELS_HEADER,
+    "cache-control",
+    CACHE_HEADER,
+    "traceparent",
+)
+_HINT_INDEX = {name.encode("latin-1"): i for i, name in enumerate(_HINT_HEADERS)}
 
 Call = ChatRequest | EmbeddingRequest  # what a backend is sent: a chat completion or an embeddings call
 

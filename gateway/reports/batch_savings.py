@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from gateway.config import CloudBackendConfig, Config, EdgeBackendConfig, TeamConfig
 from gateway.reports import sql
+from gateway.reports.cache_hits import cache_hit_sums
 from gateway.reports.costs import ListPrice, busy_cost_micro_usd, busy_ms_by
 from gateway.reports.model import ANY_BATCH, INTERACTIVE, Dimension, ReportQuery
-from gateway.reports.query import created_between, no_progress, report_on
-from gateway.store.db import usage
+from gateway.reports.query import Plan, make_plan, no_progress, read_state, report_on
 from routing.decision import Price
 from routing.privacy import PrivacyTier
 
@@ -69,14 +68,16 @@ def batch_savings(
     hours: tuple[dt.datetime | None, dt.datetime | None],
     reference: Price,
     list_price: ListPrice,
+    plan: Plan | None = None,
 ) -> tuple[tuple[BatchSavingsRow, ...], BatchSavingsRow]:
-    """Batch lines (per batch when `query` groups by batch) and their total, over the whole `hours`."""
+    """Batch lines (per batch when `query` groups by batch) and their total, over the whole `hours`; `plan`:
+    the savings traffic's (the same window and source, so the same reads), else made here."""
     if query.batch == INTERACTIVE:
         return (), _total([])
     scoped = dataclasses.replace(
         query, group_by=_DIMS, since=hours[0], until=hours[1], batch=query.batch or ANY_BATCH
     )
-    traffic = _served(conn, scoped)
+    traffic = _served(conn, scoped, plan)
     hosted = {
         name: b.usd_per_hour
         for name, b in config.backends.items()
@@ -108,11 +109,11 @@ def batch_savings(
     return (tuple(lines) if Dimension.BATCH in query.group_by else ()), total
 
 
-def _served(conn: Connection, scoped: ReportQuery) -> list[_Traffic]:
+def _served(conn: Connection, scoped: ReportQuery, plan: Plan | None) -> list[_Traffic]:
     """Batch traffic per (team, batch, model, backend), less its cache hits."""
-    report = report_on(conn, scoped, no_progress)
-    window = [*created_between(scoped.since, scoped.until), usage.c.cache_hit == sa.true()]
-    cached = sql.raw_sum_vectors(conn, _DIMS, sql.raw_filters(scoped, sa.and_(*window)))
+    plan = make_plan(conn, scoped, read_state(conn)) if plan is None else plan
+    report = report_on(conn, scoped, no_progress, plan)
+    cached = cache_hit_sums(conn, scoped, plan)  # from the rollups, as the traffic
     out = []
     for row in report.rows:
         team, batch, model, backend = (v or "" for v in row.group)

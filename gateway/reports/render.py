@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -40,6 +41,11 @@ def to_json(report: AnyReport) -> bytes:
 
 def to_csv(report: AnyReport) -> str:
     """One header line, then one line per row (no totals line: it would break column sums)."""
+    return "".join(csv_lines(report))
+
+
+def csv_lines(report: AnyReport, rows_per_chunk: int = 500) -> Iterator[str]:
+    """`to_csv`'s text in pieces of at most `rows_per_chunk` lines, for a streamed response."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     names = [
@@ -47,11 +53,18 @@ def to_csv(report: AnyReport) -> str:
     ]
     if isinstance(report, SavingsReport):
         writer.writerow([*names, *_SAVINGS_CELLS])
-        writer.writerows([*(v or "" for v in r.group), *_savings_cells(r)] for r in report.rows)
+        lines: Iterator[list[str]] = ([*(v or "" for v in r.group), *_savings_cells(r)] for r in report.rows)
     else:
         writer.writerow([*names, *_USAGE_CELLS])
-        writer.writerows([*(v or "" for v in r.group), *_usage_cells(r)] for r in report.rows)
-    return out.getvalue()
+        lines = ([*(v or "" for v in r.group), *_usage_cells(r)] for r in report.rows)
+    for i, line in enumerate(lines, start=1):
+        writer.writerow(line)
+        if i % rows_per_chunk == 0:
+            yield out.getvalue()
+            out.seek(0)
+            out.truncate()
+    if out.tell():
+        yield out.getvalue()
 
 
 def to_table(report: AnyReport) -> Table:

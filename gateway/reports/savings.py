@@ -8,8 +8,9 @@ the window's share). Edge nodes (backend `<edge backend>/<node id>`) cost what t
 owned share (`owned_micro_usd`; before migration 0010, an occupancy price in `cost_micro_usd`). Cache hits
 cost 0. Reference = tokens x reference prices. `owned`: each self-hosted box's fixed cost over the window
 (usd_per_hour x hours, paid whatever it serves) next to the cloud spend its traffic avoided.
-Traffic sums are exact (`usage_report`); cache hits are split out of raw rows, so past retention they stay
-in their backend's row. The batch line (batch_savings.py) compares batch items with interactive cloud prices.
+Traffic sums are exact (`usage_report`); cache hits are split out by the same plan (cache_hits.py: the
+rollups' cache columns, raw rows where the traffic read raw rows). The batch line (batch_savings.py)
+compares batch items with interactive cloud prices.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from gateway.config import CloudBackendConfig, Config, EdgeBackendConfig
@@ -29,11 +29,19 @@ from gateway.edge.pool import split_node_backend
 from gateway.errors import InvalidRequest
 from gateway.reports import sql
 from gateway.reports.batch_savings import BatchSavingsRow, batch_savings
+from gateway.reports.cache_hits import cache_hit_sums
 from gateway.reports.costs import ListPrice, busy_cost_micro_usd, busy_ms_by
 from gateway.reports.model import Dimension, ReportQuery, ReportRow
-from gateway.reports.query import ceil_hour, created_between, floor_hour, no_progress, report_on, snapshot
+from gateway.reports.query import (
+    ceil_hour,
+    floor_hour,
+    make_plan,
+    no_progress,
+    read_state,
+    report_on,
+    snapshot,
+)
 from gateway.reports.runner import Guard
-from gateway.store.db import usage
 from routing.decision import Price
 from routing.fleet import owned_share_micro_usd
 
@@ -127,19 +135,16 @@ def savings_report(
     }
     edge = frozenset(name for name, b in config.backends.items() if isinstance(b, EdgeBackendConfig))
     with snapshot(engine, guard) as conn:
-        traffic = report_on(
-            conn,
-            dataclasses.replace(query, group_by=dims, since=since, until=until),
-            guard.check if guard is not None else no_progress,
-        )
-        window = [*created_between(since, until), usage.c.cache_hit == sa.true()]
-        cached = sql.raw_sum_vectors(conn, dims, sql.raw_filters(query, sa.and_(*window)))
+        whole_hours = dataclasses.replace(query, group_by=dims, since=since, until=until)
+        plan = make_plan(conn, whole_hours, read_state(conn))
+        traffic = report_on(conn, whole_hours, guard.check if guard is not None else no_progress, plan)
+        cached = cache_hit_sums(conn, whole_hours, plan)  # from the rollups, as the traffic
         nodes = {name for row in traffic.rows if is_edge_node(name := row.group[-1] or "", edge)}
         measured = sorted(hosted.keys() | nodes)  # edge nodes' busy time is shown, not charged
         busy = _busy_ms(conn, dims, (since, until), measured, query) if measured else {}
         ref = Price(reference.input_usd_per_mtok, reference.output_usd_per_mtok)
         lines, batch_total = batch_savings(
-            conn, config, query, (since, until), ref, list_price or _litellm_list_price
+            conn, config, query, (since, until), ref, list_price or _litellm_list_price, plan
         )
     cache = {tuple(v or None for v in key): sums for key, sums in cached.items()}
     rows = _self_hosted_rows(traffic.rows, cache, busy, hosted, reference)

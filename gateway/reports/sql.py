@@ -180,6 +180,46 @@ def raw_histograms(
     conn: Connection, dims: Sequence[Dimension], filters: Sequence[ColumnElement[bool]]
 ) -> dict[GroupKey, list[int]]:
     """Per group: the sums and latency/TTFT bucket counts of raw rows (to merge with rollups)."""
+    if conn.dialect.name == "postgresql":
+        return pg_raw_histograms(conn, dims, filters)
+    return case_raw_histograms(conn, dims, filters)
+
+
+def pg_raw_histograms(
+    conn: Connection, dims: Sequence[Dimension], filters: Sequence[ColumnElement[bool]]
+) -> dict[GroupKey, list[int]]:
+    """`raw_histograms` on PostgreSQL: each row's bucket computed once (`width_bucket` over the edges: the
+    number of edges <= the value, as `histogram.bucket_of`), counted in one pass by three grouping sets,
+    (group), (group, latency bucket) and (group, TTFT bucket), instead of 96 CASE sums per row."""
+    base = _raw_base(dims, "postgresql", filters, (*_SUM_SOURCE, "latency_ms", "ttft_ms"))
+    keys = [base.c[f"g{i}"] for i in range(len(dims))]
+    array = "ARRAY[" + ", ".join(repr(e) for e in histogram.EDGES_MS) + "]::float8[]"
+    edges: ColumnElement[Any] = sa.literal_column(array)
+    lat, ttft = sa.func.width_bucket(base.c.latency_ms, edges), sa.func.width_bucket(base.c.ttft_ms, edges)
+    sets = sa.func.grouping_sets(sa.tuple_(*keys), sa.tuple_(*keys, lat), sa.tuple_(*keys, ttft))
+    stmt = sa.select(
+        *keys, lat, ttft, sa.func.grouping(lat), sa.func.grouping(ttft), *raw_sums(base.c)
+    ).group_by(sets)
+    n = len(dims)
+    width = len(SUM_FIELDS)
+    out: dict[GroupKey, list[int]] = {}
+    for row in conn.execute(stmt):
+        key, (lat_bucket, ttft_bucket, no_lat, no_ttft) = tuple(row[:n]), row[n : n + 4]
+        vector = out.setdefault(key, [0] * HIST_WIDTH)
+        requests = int(row[n + 4])
+        if no_lat and no_ttft:
+            vector[:width] = [int(v or 0) for v in row[n + 4 :]]
+        elif not no_lat:
+            vector[width + lat_bucket] += requests
+        elif ttft_bucket is not None:  # rows without a TTFT count in no bucket
+            vector[width + histogram.BUCKETS + ttft_bucket] += requests
+    return {k: v for k, v in out.items() if v[0]}
+
+
+def case_raw_histograms(
+    conn: Connection, dims: Sequence[Dimension], filters: Sequence[ColumnElement[bool]]
+) -> dict[GroupKey, list[int]]:
+    """`raw_histograms` with one CASE sum per bucket (SQLite; the reference the PostgreSQL form equals)."""
     base = _raw_base(dims, conn.dialect.name, filters, (*_SUM_SOURCE, "latency_ms", "ttft_ms"))
     keys = [base.c[f"g{i}"] for i in range(len(dims))]
     stmt = sa.select(
@@ -207,11 +247,18 @@ def rollup_histograms(
     if skip:
         filters.append(h.hour.not_in(skip))
     keys = [v.label(f"g{i}") for i, v in enumerate(rollup_group_values(dims, conn.dialect.name, table))]
-    sums = [sa.func.sum(h[n]).label(n) for n in (*SUM_FIELDS, *LAT_COLUMNS, *TTFT_COLUMNS)]
+    sums = rollup_sums(table)
     stmt = sa.select(*keys, *sums).where(*filters)
     if keys:  # by label: PostgreSQL matches GROUP BY expressions textually
         stmt = stmt.group_by(*(sa.literal_column(k.name) for k in keys))
     return _vectors(conn.execute(stmt), len(dims))
+
+
+def rollup_sums(table: sa.Table) -> list[ColumnElement[Any]]:
+    """A rollup table's SUM_FIELDS and histogram counts summed, as BIGINT: PostgreSQL's SUM(bigint) is
+    numeric, and turning ~100 Decimals a group into ints costs more than the statement on a long window."""
+    names = (*SUM_FIELDS, *LAT_COLUMNS, *TTFT_COLUMNS)
+    return [sa.cast(sa.func.sum(table.c[n]), sa.BigInteger).label(n) for n in names]
 
 
 def _vectors(result: Any, n_dims: int) -> dict[GroupKey, list[int]]:

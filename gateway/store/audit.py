@@ -2,25 +2,30 @@
 
 Invariant: a row names its target by id or name (a team, a key id, an edge token id) and never holds a key's
 or a token's plaintext; `detail` carries the write's settings only. Functions are synchronous SQL (the
-gateway runs them in a worker thread). A row is written after the write it records has committed.
+gateway runs them in a worker thread). A write's row goes in the write's own transaction (`writer`: the
+store function calls it before committing), so no write commits without its audit row, nor a row without
+its write.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import getpass
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from gateway.store.db import audit_log
 
 ADMIN_ACTOR = "admin"  # the admin key (it has no id of its own)
 MAX_LISTED = 500
+T = TypeVar("T")
+# What a store write takes to audit itself: called with its open transaction and what it wrote.
+Audited = Callable[[Connection, T], None]
 
 
 class AuditSource(StrEnum):
@@ -58,6 +63,44 @@ def cli_actor() -> Actor:
     return Actor(f"cli:{user}"[:64], AuditSource.CLI, "cli")
 
 
+def writer(
+    actor: Actor,
+    action: str,
+    target: Callable[[T], str],
+    detail: Callable[[T], Mapping[str, Any] | None] | None = None,
+) -> Audited[T]:
+    """The hook a store write (keys, edge tokens, sessions) calls inside its transaction with what it wrote:
+    it adds the audit row naming `target(result)`, with `detail(result)`."""
+
+    def write_row(conn: Connection, result: T) -> None:
+        write(conn, actor, action, target(result), None if detail is None else detail(result))
+
+    return write_row
+
+
+def write(
+    conn: Connection,
+    actor: Actor,
+    action: str,
+    target: str,
+    detail: Mapping[str, Any] | None = None,
+    *,
+    now: dt.datetime | None = None,
+) -> None:
+    """One audit row, in the caller's transaction."""
+    conn.execute(
+        audit_log.insert().values(
+            at=now or dt.datetime.now(dt.UTC),
+            actor=actor.name[:64],
+            source=str(actor.source),
+            address=actor.address[:64],
+            action=action[:64],
+            target=target[:200],
+            detail=dict(detail) if detail else None,
+        )
+    )
+
+
 def record(
     engine: Engine,
     actor: Actor,
@@ -67,18 +110,9 @@ def record(
     *,
     now: dt.datetime | None = None,
 ) -> None:
+    """An audit row in a transaction of its own (for an action that writes nothing else)."""
     with engine.begin() as conn:
-        conn.execute(
-            audit_log.insert().values(
-                at=now or dt.datetime.now(dt.UTC),
-                actor=actor.name[:64],
-                source=str(actor.source),
-                address=actor.address[:64],
-                action=action[:64],
-                target=target[:200],
-                detail=dict(detail) if detail else None,
-            )
-        )
+        write(conn, actor, action, target, detail, now=now)
 
 
 def list_entries(

@@ -1,8 +1,9 @@
-"""Daily rollups (usage_daily): usage_hourly's rows summed per UTC day, rebuilt for the days a rollup run
-touched, in its transaction.
+"""Rollups derived from usage_hourly, rebuilt for the days a rollup run touched, in its transaction:
+usage_daily (its rows summed per UTC day) and the coarse copies of both (usage_hourly_coarse,
+usage_daily_coarse: summed over key_id, privacy and batch_id).
 
-Invariant: each usage_daily row is the sum of the usage_hourly rows of its day and group, so a report reads
-a whole day from either table and gets the same figures (gateway/reports/query.py `rollup_pieces`).
+Invariant: each derived row is the sum of the usage_hourly rows of its day (or hour) and group, so a report
+reads a whole day from any of them and gets the same figures (gateway/reports/query.py `rollup_pieces`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from gateway.store.db import UTCDateTime, usage, usage_daily, usage_hourly
+from gateway.store.db import (
+    UTCDateTime,
+    usage,
+    usage_daily,
+    usage_daily_coarse,
+    usage_hourly,
+    usage_hourly_coarse,
+)
 
 DAY = dt.timedelta(days=1)
 
@@ -57,18 +65,31 @@ def rebuild_days(
 
 
 def rebuild(conn: Connection, start: dt.datetime, end: dt.datetime) -> None:
-    """usage_daily's rows for the days in [start, end) (whole days), from usage_hourly."""
-    d, h = usage_daily.c, usage_hourly.c
-    conn.execute(sa.delete(usage_daily).where(d.hour >= start, d.hour < end))
-    keys = [c for c in usage_hourly.primary_key.columns if c.name != "hour"]
-    measures = [sa.func.sum(c) for c in usage_hourly.columns if not c.primary_key]
-    day = _day_of(h.hour, conn.dialect.name == "postgresql").label("day")
+    """The derived rows for the days in [start, end) (whole days): usage_daily and usage_hourly_coarse from
+    usage_hourly, then usage_daily_coarse from usage_daily."""
+    pg = conn.dialect.name == "postgresql"
+    _sum_into(conn, usage_daily, usage_hourly, (start, end), _day_of(usage_hourly.c.hour, pg))
+    _sum_into(conn, usage_hourly_coarse, usage_hourly, (start, end), usage_hourly.c.hour)
+    _sum_into(conn, usage_daily_coarse, usage_daily, (start, end), usage_daily.c.hour)
+
+
+def _sum_into(
+    conn: Connection,
+    target: sa.Table,
+    source: sa.Table,
+    span: tuple[dt.datetime, dt.datetime],
+    hour: ColumnElement[dt.datetime],
+) -> None:
+    """Replace `target`'s rows in [span) by `source`'s measures summed per `hour` and `target`'s keys."""
+    conn.execute(sa.delete(target).where(target.c.hour >= span[0], target.c.hour < span[1]))
+    keys = [source.c[c.name] for c in target.primary_key.columns if c.name != "hour"]
+    measures = [sa.func.sum(source.c[c.name]) for c in target.columns if not c.primary_key]
     rows = (
-        sa.select(day, *keys, *measures)
-        .where(h.hour >= start, h.hour < end)
-        .group_by(sa.literal_column("day"), *keys)
+        sa.select(hour.label("bucket"), *keys, *measures)
+        .where(source.c.hour >= span[0], source.c.hour < span[1])
+        .group_by(sa.literal_column("bucket"), *keys)
     )
-    conn.execute(sa.insert(usage_daily).from_select([c.name for c in usage_daily.columns], rows))
+    conn.execute(sa.insert(target).from_select([c.name for c in target.columns], rows))
 
 
 def _day_of(column: ColumnElement[Any], pg: bool) -> ColumnElement[dt.datetime]:

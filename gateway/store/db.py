@@ -1,5 +1,6 @@
 """SQL schema (teams, api_keys, usage, hourly rollups, edge tokens, stored responses, uploaded files'
-metadata, batches, the audit log, console sessions), engine construction and migrations.
+metadata, batches, the audit log, console sessions); engine construction and migrations are in
+gateway/store/engine.py (re-exported here).
 
 Invariants: every datetime column holds timezone-aware UTC (`UTCDateTime` normalises on the way in and
 out, also on SQLite, which has no zone type); money is integer micro-dollars; `usage.request_id` is the
@@ -11,21 +12,22 @@ A PostgreSQL `schema` (tests isolate themselves that way) is applied through the
 from __future__ import annotations
 
 import datetime as dt
-import re
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import Dialect
 
 from gateway.live.histogram import LATENCY_PREFIX, TTFT_PREFIX, column_names
 from gateway.records import LEGACY_ENDPOINT
-
-SQLITE_BUSY_TIMEOUT_MS = 5_000
-PG_CONNECT_TIMEOUT_S = 3
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+from gateway.store.engine import (  # noqa: F401 (this module's public names before gateway/store/engine.py)
+    PG_CONNECT_TIMEOUT_S,
+    SQLITE_BUSY_TIMEOUT_MS,
+    alembic_config,
+    check_schema_name,
+    make_engine,
+    migrate,
+    migrations_dir,
+)
 
 
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
@@ -120,6 +122,16 @@ usage = sa.Table(
 )
 
 
+# Cache hits' prompt and completion tokens, cost and owned share (usage_hourly's cache_* columns): what the
+# savings report takes out of each backend's row.
+CACHE_MEASURES = (
+    "cache_prompt_tokens",
+    "cache_completion_tokens",
+    "cache_cost_micro_usd",
+    "cache_owned_micro_usd",
+)
+
+
 def _measure(name: str, type_: Any) -> sa.Column[Any]:
     return sa.Column(name, type_, nullable=False, server_default="0")
 
@@ -152,12 +164,24 @@ usage_hourly = sa.Table(
     *(_measure(name, sa.BigInteger) for name in column_names(LATENCY_PREFIX)),  # gateway/live/histogram.py
     *(_measure(name, sa.BigInteger) for name in column_names(TTFT_PREFIX)),
     _measure("owned_micro_usd", sa.BigInteger),  # migration 0010
+    *(_measure(name, sa.BigInteger) for name in CACHE_MEASURES),  # the cache hits' sums (migration 0014)
 )
 
 # Daily sums of usage_hourly, the same columns with `hour` holding the start of the UTC day; rebuilt from
 # usage_hourly by each rollup run for the days it touched (gateway/store/daily.py), so long reports read
 # whole days here (~24x fewer rows). Migration 0013.
 usage_daily = sa.Table("usage_daily", metadata, *(c._copy() for c in usage_hourly.columns))
+# The same sums over key_id, privacy and batch_id (migration 0014): ~10x fewer rows, for reports that group
+# and filter by team, model, backend, endpoint and time only (the console's overview, usage and savings).
+COARSE_KEYS = ("hour", "team", "model", "backend", "endpoint")
+usage_hourly_coarse, usage_daily_coarse = (
+    sa.Table(
+        name,
+        metadata,
+        *(c._copy() for c in usage_hourly.columns if not c.primary_key or c.name in COARSE_KEYS),
+    )
+    for name in ("usage_hourly_coarse", "usage_daily_coarse")
+)
 
 # Measured busy time per backend and hour: the union of [created_at, created_at + latency_ms] of the
 # requests it served (cache hits excluded), clipped to the hour. Self-hosted cost is usd_per_hour * busy.
@@ -313,79 +337,3 @@ console_sessions = sa.Table(
     sa.Column("expires_at", UTCDateTime, nullable=False),
     sa.Index("ix_console_sessions_expires_at", "expires_at"),
 )
-
-
-def check_schema_name(schema: str) -> str:
-    """Schema names go into `search_path` and DDL, so only plain lower-case identifiers are accepted."""
-    if not _SCHEMA_NAME.match(schema):
-        raise ValueError(f"schema {schema!r} is not a plain identifier (use lower-case letters, digits, _)")
-    return schema
-
-
-def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    cursor = dbapi_conn.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-    finally:
-        cursor.close()
-
-
-def make_engine(url: str, schema: str | None = None) -> Engine:
-    """A sync engine. SQLite: WAL, busy timeout, usable from worker threads. PostgreSQL: fails fast when
-    the server cannot be reached (connect timeout, TCP user timeout, keepalives) and pings pooled
-    connections before use, so a restarted server costs no request."""
-    sa_url = sa.make_url(url)
-    if sa_url.get_backend_name() == "sqlite":
-        if schema is not None:
-            raise ValueError("a schema can only be given for PostgreSQL URLs")
-        engine = sa.create_engine(
-            sa_url,
-            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
-        )
-        sa.event.listen(engine, "connect", _sqlite_on_connect)
-        return engine
-    connect_args: dict[str, Any] = {}
-    if sa_url.get_backend_name() == "postgresql":
-        connect_args = {
-            "connect_timeout": PG_CONNECT_TIMEOUT_S,
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 3,
-            "keepalives_count": 3,
-            "tcp_user_timeout": 15_000,  # ms: a black-holed server errors instead of hanging a thread
-        }
-        if schema is not None:
-            connect_args["options"] = f"-csearch_path={check_schema_name(schema)}"
-    elif schema is not None:
-        raise ValueError("a schema can only be given for PostgreSQL URLs")
-    return sa.create_engine(sa_url, pool_pre_ping=True, connect_args=connect_args)
-
-
-def migrations_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "migrations"
-
-
-def alembic_config(url: str, schema: str | None = None) -> AlembicConfig:
-    """An Alembic config built in code; `migrations/env.py` reads the URL and schema from it."""
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(migrations_dir()))
-    # ConfigParser interpolates `%`, which URL-encoded passwords contain.
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    if schema is not None:
-        cfg.set_main_option("switchboard.schema", check_schema_name(schema))
-    return cfg
-
-
-def migrate(url: str, schema: str | None = None) -> None:
-    """`alembic upgrade head`; idempotent. Creates the PostgreSQL `schema` first when one is given."""
-    if schema is not None:
-        engine = make_engine(url)
-        try:
-            with engine.begin() as conn:
-                conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{check_schema_name(schema)}"')
-        finally:
-            engine.dispose()
-    command.upgrade(alembic_config(url, schema), "head")

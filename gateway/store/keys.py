@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, ServiceUnavailable
 from gateway.records import KeyBudget, KeyIdentity
+from gateway.store.audit import Audited
 from gateway.store.db import api_keys, teams
 from gateway.store.spend import micro_to_usd_text
 
@@ -150,9 +151,15 @@ def _check_team_name(name: str) -> None:
 
 
 def create_team(
-    engine: Engine, name: str, models: list[str] | None, *, now: dt.datetime | None = None
+    engine: Engine,
+    name: str,
+    models: list[str] | None,
+    *,
+    now: dt.datetime | None = None,
+    audited: Audited[TeamInfo] | None = None,
 ) -> TeamInfo:
-    """A new team; `models` None (or containing "*") allows every configured model."""
+    """A new team; `models` None (or containing "*") allows every configured model. `audited` writes the
+    audit row in the same transaction (gateway/store/audit.py)."""
     _check_team_name(name)
     if models is not None and not models:
         raise InvalidRequest(
@@ -161,14 +168,17 @@ def create_team(
         )
     created_at = now or _utcnow()
     column = _models_column(models)
+    info = TeamInfo(name, _models_tuple(column), created_at)
     try:
         with engine.begin() as conn:
             conn.execute(sa.insert(teams).values(name=name, models=column, created_at=created_at))
+            if audited is not None:
+                audited(conn, info)
     except IntegrityError as exc:
         raise InvalidRequest(
             f"team `{name}` already exists (see `switchboard teams list`)", param="name"
         ) from exc
-    return TeamInfo(name, _models_tuple(column), created_at)
+    return info
 
 
 def list_teams(engine: Engine) -> list[TeamInfo]:
@@ -210,9 +220,11 @@ def create_key(
     limit_requests: int | None = None,
     limit_tokens: int | None = None,
     budget: KeyBudget | None = None,
+    audited: Audited[CreatedKey] | None = None,
 ) -> CreatedKey:
     """A new key for `team`. Its `models` must be a subset of the team's, unless the team allows all.
-    `limit_requests`/`limit_tokens` (per limits.window_s) and `budget` are the key's own limits."""
+    `limit_requests`/`limit_tokens` (per limits.window_s) and `budget` are the key's own limits; `audited`
+    writes the audit row in the same transaction."""
     _check_limits(limit_requests, limit_tokens, budget)
     now = now or _utcnow()
     if expires_at is not None:
@@ -254,19 +266,22 @@ def create_key(
                 **_budget_columns(budget),
             )
         )
-    return CreatedKey(
-        key_id,
-        team,
-        name,
-        display_prefix,
-        plaintext,
-        _models_tuple(column),
-        now,
-        expires_at,
-        limit_requests,
-        limit_tokens,
-        budget,
-    )
+        created = CreatedKey(
+            key_id,
+            team,
+            name,
+            display_prefix,
+            plaintext,
+            _models_tuple(column),
+            now,
+            expires_at,
+            limit_requests,
+            limit_tokens,
+            budget,
+        )
+        if audited is not None:
+            audited(conn, created)
+    return created
 
 
 def _check_limits(limit_requests: int | None, limit_tokens: int | None, budget: KeyBudget | None) -> None:
@@ -321,9 +336,16 @@ def list_keys(engine: Engine, team: str | None = None) -> list[KeyInfo]:
         return [_key_info(r) for r in conn.execute(query)]
 
 
-def revoke_key(engine: Engine, key_id_or_prefix: str, *, now: dt.datetime | None = None) -> bool:
+def revoke_key(
+    engine: Engine,
+    key_id_or_prefix: str,
+    *,
+    now: dt.datetime | None = None,
+    audited: Audited[str] | None = None,
+) -> bool:
     """Revoke by key id or display prefix; idempotent. False when no key matches; InvalidRequest when a
-    prefix matches several keys. Other processes notice within their KeyStore's ttl_s."""
+    prefix matches several keys. Other processes notice within their KeyStore's ttl_s. `audited` gets the
+    key's id, in the same transaction, when a key matched."""
     ref = key_id_or_prefix
     with engine.begin() as conn:
         rows = conn.execute(
@@ -338,6 +360,8 @@ def revoke_key(engine: Engine, key_id_or_prefix: str, *, now: dt.datetime | None
             conn.execute(
                 sa.update(api_keys).where(api_keys.c.id == rows[0].id).values(revoked_at=now or _utcnow())
             )
+        if rows and audited is not None:
+            audited(conn, rows[0].id)
     return bool(rows)
 
 

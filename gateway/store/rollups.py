@@ -1,4 +1,5 @@
-"""Hourly rollups of the usage ledger (usage_hourly, backend_busy_hourly, and usage_daily from them).
+"""Hourly rollups of the usage ledger (usage_hourly, backend_busy_hourly; usage_daily and the coarse copies
+from them, gateway/store/daily.py).
 
 `run_once` recomputes every UTC hour touched by rows written since watermark - margin (every hour on the
 first run): DELETE + INSERT ... SELECT ... GROUP BY in SQL, busy time as a sweep over request intervals in
@@ -35,6 +36,7 @@ _MS = dt.timedelta(milliseconds=1)
 _LOCK_KEY = 0x53425255  # "SBRU"; the second key is the schema, so test schemas do not contend
 _ONE = sa.literal_column("1", sa.Integer)  # constants inline rather than as hundreds of bound parameters
 _ZERO = sa.literal_column("0", sa.Integer)
+_CACHE_SOURCES = ("prompt_tokens", "completion_tokens", "cost_micro_usd", "owned_micro_usd")
 
 
 _ANALYZE_AFTER_HOURS = 48  # a run that recomputed this many hours refreshes the planner's statistics
@@ -130,9 +132,10 @@ class Rollup:
             # Fresh statistics: right after a large rollup the planner would guess ~1k rows where there are
             # ~500k and sort them on disk (8.9 s instead of 1.5 s for a 30-day report; bench/reports).
             with self._engine.begin() as conn:
-                conn.exec_driver_sql(
-                    "ANALYZE usage_hourly, usage_daily, backend_busy_hourly"
-                )  # schema: via search_path
+                tables = (
+                    "usage_hourly, usage_daily, usage_hourly_coarse, usage_daily_coarse, backend_busy_hourly"
+                )
+                conn.exec_driver_sql(f"ANALYZE {tables}")  # schema: via search_path
         elapsed_s = time.perf_counter() - started
         return RollupResult(len(hours), late, elapsed_s, rows_pruned=pruned, watermark=watermark)
 
@@ -334,6 +337,7 @@ def _group_select(pg: bool) -> sa.Select[Any]:
         *sql_bucket_counts(u.latency_ms, LATENCY_PREFIX),
         *sql_bucket_counts(u.ttft_ms, TTFT_PREFIX),
         sa.func.sum(u.owned_micro_usd),
+        *(sa.func.sum(sa.case((u.cache_hit, u[c]), else_=_ZERO)) for c in _CACHE_SOURCES),  # CACHE_MEASURES
     ]
     keys = [
         _hour_of(u.created_at, pg),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from gateway.store.audit import Audited
 from gateway.store.db import api_keys, console_sessions
 from gateway.store.keys import hash_key
 
@@ -39,9 +40,17 @@ class Session:
 
 
 def create(
-    engine: Engine, *, role: str, team: str | None, key_id: str | None, ttl_s: float, now: dt.datetime
+    engine: Engine,
+    *,
+    role: str,
+    team: str | None,
+    key_id: str | None,
+    ttl_s: float,
+    now: dt.datetime,
+    audited: Audited[Session] | None = None,
 ) -> tuple[str, Session]:
-    """A new session: (the cookie's value, shown to the browser only, and the session)."""
+    """A new session: (the cookie's value, shown to the browser only, and the session); `audited` writes
+    the login's audit row in the same transaction."""
     token = secrets.token_urlsafe(32)
     session = Session(role, team, key_id, secrets.token_urlsafe(32), now + dt.timedelta(seconds=ttl_s))
     with engine.begin() as conn:
@@ -57,6 +66,8 @@ def create(
                 expires_at=session.expires_at,
             )
         )
+        if audited is not None:
+            audited(conn, session)
     return token, session
 
 
@@ -78,6 +89,10 @@ def lookup(engine: Engine, token: str, *, now: dt.datetime) -> Session | None:
     return Session(row.role, row.team, row.key_id, row.csrf_token, row.expires_at)
 
 
-def end(engine: Engine, token: str) -> None:
+def end(engine: Engine, token: str, audited: Audited[str] | None = None) -> None:
+    """Log out: the session is deleted, and `audited` (given the token's hash) writes its audit row in the
+    same transaction."""
     with engine.begin() as conn:
         conn.execute(console_sessions.delete().where(console_sessions.c.token_hash == hash_key(token)))
+        if audited is not None:
+            audited(conn, hash_key(token))

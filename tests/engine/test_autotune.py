@@ -33,7 +33,7 @@ QUALITY = {"none": (1.0, 1e-9), "int8": (0.85, 5e-3), "int4": (0.70, 5e-3)}
 
 class Loaded:
     def __init__(self, model: Any) -> None:
-        self.model, self.name = model, "tiny-llama"
+        self.model, self.name, self.weights = model, "tiny-llama", None
 
 
 @pytest.fixture
@@ -57,7 +57,8 @@ def test_choice_is_a_candidate_within_its_quality_bound_and_is_cached(cache_dir:
     choice = autotune.choose(Loaded(hf), dtype="auto", quant="auto", threads=1)
     _, flags = autotune.cpu_description()
     assert (choice.dtype, choice.quant) in autotune.candidates(flags) and not choice.cached
-    assert {(t.dtype, t.quant) for t in choice.table} == set(autotune.candidates(flags))
+    timed = {(t.dtype, t.quant) for t in choice.table}
+    assert timed == {(d, q) for d, q in autotune.candidates(flags) if not autotune.pruned(d, q)}
     assert any(line.startswith("*") for line in choice.rows())
     ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))
     reference = logits_of(build_model(hf, dtype=torch.float32, device="cpu", release_source=False), ids)
@@ -80,7 +81,33 @@ def test_choice_is_a_candidate_within_its_quality_bound_and_is_cached(cache_dir:
 
 def test_a_fixed_dtype_or_quant_narrows_the_candidates(cache_dir: Path) -> None:
     choice = autotune.choose(Loaded(tiny_hf_model("llama")), dtype="float32", quant="auto", threads=1)
-    assert choice.dtype == "float32" and {t.quant for t in choice.table} == set(autotune.QUANT_CANDIDATES)
+    quants = {q for q in autotune.QUANT_CANDIDATES if not autotune.pruned("float32", q)}
+    assert choice.dtype == "float32" and {t.quant for t in choice.table} == quants
+    only = autotune.choose(Loaded(tiny_hf_model("llama")), dtype="float32", quant="none", threads=1)
+    assert (only.dtype, only.quant) == ("float32", "none")  # pruned, but the only one asked for: timed
+
+
+def test_float32_weights_are_pruned_where_the_int8_kernel_runs() -> None:
+    from backends.local.engine.kernels import kernel_op
+
+    assert bool(autotune.pruned("float32", "none")) == (kernel_op("int8_gemv") is not None)
+    assert not autotune.pruned("float32", "int4") and not autotune.pruned("bfloat16", "none")
+
+
+def test_a_clearly_slower_candidate_stops_after_one_pass_and_is_never_chosen(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(autotune, "SLOWER", 0.0)  # every candidate after the first is "clearly slower"
+    choice = autotune.choose(Loaded(tiny_hf_model("llama")), dtype="float32", quant="auto", threads=1)
+    first, *rest = choice.table
+    assert not first.early and rest and all(t.early for t in rest)
+    assert (choice.dtype, choice.quant) == (first.dtype, first.quant)
+    assert any("stopped early" in line for line in choice.rows())
+    assert autotune.read_cached(choice.key) == choice.__class__(**{**_fields(choice), "cached": True})
+
+
+def _fields(choice: Any) -> dict[str, Any]:
+    return {name: getattr(choice, name) for name in ("dtype", "quant", "table", "key", "cached")}
 
 
 @pytest.mark.parametrize("change", ["torch", "sources", "cpu_flags"])

@@ -149,3 +149,31 @@ def test_the_second_load_of_smollm2_reads_the_cache_and_is_identical(
     assert cached.tokenizer.eos_token_id == reference.tokenizer.eos_token_id
     cfg, ref_cfg = cached.model.generation_config, reference.model.generation_config
     assert (cfg.eos_token_id, cfg.bos_token_id) == (ref_cfg.eos_token_id, ref_cfg.bos_token_id)
+
+
+@pytest.mark.model
+def test_the_engine_opens_a_gguf_without_its_weights_and_caches_only_the_tokenizer(
+    tmp_path: Path, smollm2: Any
+) -> None:
+    """`load_engine_model`: tokenizer and configs (converted once, then from a metadata entry), the model a
+    meta-device holder of its configs, the weights left in the file (`GgufWeights`)."""
+    from backends.local.engine.config import ModelArgs
+    from backends.local.gguf_weights import GgufWeights
+
+    first = loader.load_engine_model(DEFAULT_MODEL_SPEC, cache_root=tmp_path)  # a miss: converts
+    source = resolve_spec(DEFAULT_MODEL_SPEC)
+    assert source.gguf_file is not None
+    gguf = source.directory / source.gguf_file
+    entry = model_cache.metadata_entry_path(gguf, tmp_path)
+    assert model_cache.is_complete(entry) and not (entry / "model.safetensors").exists()
+    assert not model_cache.is_complete(model_cache.entry_path(gguf, tmp_path))  # no float32 weights written
+    again = loader.load_engine_model(DEFAULT_MODEL_SPEC, cache_root=tmp_path)
+    for loaded in (first, again):
+        assert isinstance(loaded.weights, GgufWeights) and loaded.name == smollm2.name
+        assert all(p.is_meta for p in loaded.model.parameters())
+        assert ModelArgs.from_hf_config(loaded.model.config) == ModelArgs.from_hf_config(smollm2.model.config)
+        assert loaded.model.generation_config.eos_token_id == smollm2.model.generation_config.eos_token_id
+        text = "Say hello in five words."
+        assert loaded.tokenizer(text).input_ids == smollm2.tokenizer(text).input_ids
+        assert loaded.tokenizer.chat_template == smollm2.tokenizer.chat_template
+        loaded.weights.close()

@@ -27,11 +27,21 @@ EOS = 7
 
 
 def make(
-    num_blocks: int = 64, *, block_size: int = 4, max_batch: int = 8, budget: int = 64, spec: int = 0
+    num_blocks: int = 64,
+    *,
+    block_size: int = 4,
+    max_batch: int = 8,
+    budget: int = 64,
+    spec: int = 0,
+    caching: bool = True,
 ) -> tuple[Scheduler, BlockAllocator]:
     blocks = BlockAllocator(num_blocks)
     config = SchedulerConfig(
-        max_batch=max_batch, max_prefill_tokens=budget, block_size=block_size, num_spec_tokens=spec
+        max_batch=max_batch,
+        max_prefill_tokens=budget,
+        block_size=block_size,
+        num_spec_tokens=spec,
+        prefix_caching=caching,
     )
     return Scheduler(config, blocks), blocks
 
@@ -222,8 +232,9 @@ def test_batch_work_never_preempts_interactive_work() -> None:
 
 
 def test_the_youngest_is_preempted_and_recomputed_with_its_outputs() -> None:
-    # 6 blocks of 4 slots. Each request needs 8 + 8 - 1 = 15 slots (4 blocks) to finish.
-    scheduler, blocks = make(num_blocks=6, budget=64)
+    # 6 blocks of 4 slots. Each request needs 8 + 8 - 1 = 15 slots (4 blocks) to finish. Without prefix
+    # caching its blocks are gone (with it, see test_prefix_cache: it resumes from those still cached).
+    scheduler, blocks = make(num_blocks=6, budget=64, caching=False)
     scheduler.add(1, prompt(8, 1), params(8))
     scheduler.add(2, prompt(8, 2), params(8))
     step(scheduler)  # both prefill: 2 + 2 blocks
@@ -248,7 +259,7 @@ def test_the_youngest_is_preempted_and_recomputed_with_its_outputs() -> None:
 
 
 def test_a_preempted_request_is_readmitted_before_newer_ones() -> None:
-    scheduler, _ = make(num_blocks=6)
+    scheduler, _ = make(num_blocks=6, caching=False)  # readmissions start at position 0
     scheduler.add(1, prompt(8, 1), params(8))
     scheduler.add(2, prompt(8, 2), params(8))
     step(scheduler)
@@ -327,8 +338,8 @@ def test_draft_room_never_exceeds_the_tokens_left() -> None:
     assert scheduler.draft_rooms() == {1: 1}  # one token so far, max 3: one draft plus the bonus token
 
 
-def test_identical_prefix_shares_full_blocks_until_the_last_holder_leaves() -> None:
-    scheduler, blocks = make(block_size=4)
+def test_without_prefix_caching_identical_prefixes_share_blocks_until_the_last_holder_leaves() -> None:
+    scheduler, blocks = make(block_size=4, caching=False)
     scheduler.add(1, prompt(12, 0), params(4))
     step(scheduler)  # seq 1's 12 prompt tokens fill blocks 0..2
     scheduler.add(2, prompt(15, 0), params(4))  # same 12 tokens, then 3 more

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from gateway.console import data
+from gateway.console import overview
 from gateway.reports import Dimension, ReportQuery, Source, usage_report
 from gateway.reports.runner import Guard
 from gateway.store import audit, keys, sessions
@@ -79,7 +79,7 @@ def test_overview_from_rollups_equals_the_ledger(engine: Engine) -> None:
     insert_rows(engine, rows)
     end = spec.start + dt.timedelta(hours=spec.hours)
     Rollup(engine, clock=lambda: end + dt.timedelta(days=1)).run_once()
-    view = data.overview(engine, spec.start, end, None, Guard(60))
+    view = overview.overview(engine, spec.start, end, None, Guard(60))
     assert view.source == "rollup" and view.series_unit == "hour"
     raw = usage_report(engine, ReportQuery((Dimension.TEAM,), spec.start, end, source=Source.RAW))
     assert (view.totals.requests, view.totals.cost_micro_usd, view.totals.errors) == (
@@ -93,6 +93,6 @@ def test_overview_from_rollups_equals_the_ledger(engine: Engine) -> None:
     assert view.totals.latency_p95_ms is not None
     assert 1 / 1.4 < view.totals.latency_p95_ms / (raw.totals.latency_p95_ms or 1) < 1.4  # histogram bound
     team = spec.teams[0]
-    scoped = data.overview(engine, spec.start, end, team, Guard(60))
+    scoped = overview.overview(engine, spec.start, end, team, Guard(60))
     assert [r.group for r in scoped.by_team] == [(team,)]
     assert scoped.totals.requests == next(r.requests for r in raw.rows if r.group == (team,))

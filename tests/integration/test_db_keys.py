@@ -55,6 +55,8 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
             "usage",
             "usage_hourly",
             "usage_daily",
+            "usage_hourly_coarse",
+            "usage_daily_coarse",
             "backend_busy_hourly",
             "rollup_state",
             "edge_tokens",
@@ -85,7 +87,7 @@ def test_migrate_creates_schema_and_is_idempotent(db_target: DbTarget) -> None:
         assert usage_indexes["ix_usage_key_id_created_at"] == ["key_id", "created_at"]
         assert usage_indexes["ix_usage_written_at"] == ["written_at"]
         with eng.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0013"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0014"
     finally:
         eng.dispose()
 

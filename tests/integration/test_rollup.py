@@ -133,6 +133,11 @@ def expected_hourly(records: list[UsageRecord]) -> dict[tuple[Any, ...], dict[st
         acc["cost_saved_micro_usd"] += r.cost_saved_micro_usd
         acc["fallbacks"] += r.attempts > 1
         acc["owned_micro_usd"] += r.owned_micro_usd
+        if r.cache_hit:  # migration 0014
+            acc["cache_prompt_tokens"] += r.prompt_tokens
+            acc["cache_completion_tokens"] += r.completion_tokens
+            acc["cache_cost_micro_usd"] += r.cost_micro_usd
+            acc["cache_owned_micro_usd"] += r.owned_micro_usd
         acc["latency_sum_ms"] += r.latency_ms
         acc[lat[bucket_of(r.latency_ms)]] += 1
         if r.ttft_ms is not None:
@@ -209,21 +214,48 @@ def assert_hourly_matches(engine: Engine, records: list[UsageRecord]) -> None:
 
 
 def assert_daily_sums_hourly(engine: Engine, hourly: dict[tuple[Any, ...], dict[str, Any]]) -> None:
-    """usage_daily (migration 0013; absent at older revisions) holds each day's hourly rows summed."""
-    if "usage_daily" not in sa.inspect(engine).get_table_names():
+    """usage_daily (migration 0013; absent at older revisions) holds each day's hourly rows summed, and the
+    coarse copies (0014) the hourly and daily rows summed over key_id, privacy and batch_id."""
+    tables = sa.inspect(engine).get_table_names()
+    if "usage_daily" not in tables:
         return
+    day_of = {key: (key[0].replace(hour=0), *key[1:]) for key in hourly}
+    assert_sums(engine, db.usage_daily, KEYS, summed(hourly, day_of))
+    if "usage_hourly_coarse" not in tables:
+        return
+    coarse = [KEYS.index(k) for k in db.COARSE_KEYS]
+    assert_sums(
+        engine, db.usage_hourly_coarse, db.COARSE_KEYS, summed(hourly, {k: key_at(k, coarse) for k in hourly})
+    )
+    daily_coarse = {k: key_at(day, coarse) for k, day in day_of.items()}
+    assert_sums(engine, db.usage_daily_coarse, db.COARSE_KEYS, summed(hourly, daily_coarse))
+
+
+def key_at(key: tuple[Any, ...], positions: list[int]) -> tuple[Any, ...]:
+    return tuple(key[i] for i in positions)
+
+
+def summed(
+    rows: dict[tuple[Any, ...], dict[str, Any]], into: dict[tuple[Any, ...], tuple[Any, ...]]
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """`rows`' measures summed per `into[key]`."""
     want: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for (hour, *group), measures in hourly.items():
-        day = hour.replace(hour=0)
-        have = want.setdefault((day, *group), dict.fromkeys(measures, 0))
+    for key, measures in rows.items():
+        have = want.setdefault(into[key], dict.fromkeys(measures, 0))
         for name, value in measures.items():
             have[name] += value
+    return want
+
+
+def assert_sums(
+    engine: Engine, table: sa.Table, keys: tuple[str, ...], want: dict[Any, dict[str, Any]]
+) -> None:
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(db.usage_daily)).mappings().all()
-    got = {tuple(r[k] for k in KEYS): {k: v for k, v in r.items() if k not in KEYS} for r in rows}
-    assert got.keys() == want.keys()
+        rows = conn.execute(sa.select(table)).mappings().all()
+    got = {tuple(r[k] for k in keys): {k: v for k, v in r.items() if k not in keys} for r in rows}
+    assert got.keys() == want.keys(), table.name
     for key, measures in want.items():
-        assert got[key] == pytest.approx(measures, rel=1e-12, abs=1e-9), key
+        assert got[key] == pytest.approx(measures, rel=1e-12, abs=1e-9), (table.name, key)
 
 
 def assert_same(got: dict[Any, Any], want: dict[Any, Any]) -> None:
@@ -476,7 +508,8 @@ def test_migration_0003_to_0004_and_back(db_target: DbTarget) -> None:
         eng.dispose()
 
 
-LATER_MEASURES = ("owned_micro_usd",)  # usage_hourly columns added after revision 0006 (0010)
+CACHE_MEASURES = db.CACHE_MEASURES  # usage_hourly columns added by revision 0014
+LATER_MEASURES = ("owned_micro_usd", *CACHE_MEASURES)  # usage_hourly columns added after revision 0006
 
 
 def before_later(hourly: dict[tuple[Any, ...], dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
@@ -597,7 +630,12 @@ def test_migration_0010_to_0011_splits_batches_out_of_existing_rollups_and_back(
             acc = without_batch.setdefault(key[:-1], dict.fromkeys(measures, 0))
             for name, value in measures.items():
                 acc[name] += value
-        hourly_names = [c.name for c in usage_hourly.columns if c.name != "batch_id"]
+        without_batch = {
+            k: {m: v for m, v in ms.items() if m not in CACHE_MEASURES} for k, ms in without_batch.items()
+        }
+        hourly_names = [
+            c.name for c in usage_hourly.columns if c.name != "batch_id" and c.name not in CACHE_MEASURES
+        ]
         with eng.begin() as conn:  # as a 0010 gateway's rollup left them
             hourly = sa.table("usage_hourly", *(sa.column(n, usage_hourly.c[n].type) for n in hourly_names))
             conn.execute(
@@ -613,7 +651,12 @@ def test_migration_0010_to_0011_splits_batches_out_of_existing_rollups_and_back(
         assert pk["constrained_columns"] == list(KEYS)
         if db_target.kind == "postgresql":
             assert pk["name"] == "usage_hourly_pkey"
-        assert_hourly_equal(read_hourly(eng), {(*k, ""): m for k, m in without_batch.items()})
+        # 0014 fills the cache columns of rows whose whole key (batch too) its raw rows match: compared after
+        # the next run below, which recomputes every hour
+        no_cache = {
+            k: {m: v for m, v in ms.items() if m not in CACHE_MEASURES} for k, ms in read_hourly(eng).items()
+        }
+        assert_hourly_equal(no_cache, {(*k, ""): m for k, m in without_batch.items()})
         later = NOW + dt.timedelta(hours=1)
         Rollup(eng, clock=Clock(later)).run_once()
         assert {k[-1] for k in read_hourly(eng)} == {"", *BATCHES}

@@ -157,3 +157,57 @@ def test_prefix_affinity_still_applies_when_no_owned_replica_meets_the_slo() -> 
         assert again.candidates[0] == decision.candidates[0]  # the same replica for the same prefix
         chosen.add(decision.candidates[0].backend)
     assert chosen == {"r0", "r1", "r2"}  # spread by the key, not all on the closest
+
+
+# ---- prefix affinity with a prefix cache: the holder counts only the uncached prompt -----------------------
+
+
+def _replicas(pending: dict[str, int]) -> RoutingSnapshot:
+    pairs = []
+    for name in ("r0", "r1", "r2"):
+        spec, stats = box(PREFILL, in_flight=1 if pending.get(name) else 0, pending=pending.get(name, 0))
+        pairs.append((dataclasses.replace(spec, deployment_id=name, backend=name), stats))
+    return snap(*pairs)
+
+
+def _turn(key: int, cached: int = 0, holder: str | None = None) -> RouteRequest:
+    return RouteRequest("m", prompt_tokens=1000, expected_output_tokens=50, privacy_floor=T.INTERNAL,
+                        prefix_key=key, prefix_tokens=cached, prefix_holder=holder)  # fmt: skip
+
+
+def _favourite(key: int) -> str:
+    return choose(_turn(key), _replicas({}), SLO, now_s=0).candidates[0].backend
+
+
+def test_the_replica_holding_the_prefix_predicts_only_the_prompt_its_cache_lacks() -> None:
+    key = 7
+    fav = _favourite(key)
+    decision = choose(_turn(key, 800, fav), _replicas({}), SLO, now_s=0)
+    by_id = {c.deployment_id: c for c in decision.ranked}
+    other = next(c for name, c in by_id.items() if name != fav)
+    assert decision.candidates[0].backend == fav
+    # 200 prompt tokens/s: 1000 tokens take 5 s, the 200 the cache lacks 1 s; the others compute all 1000.
+    assert other.ttft_ms - by_id[fav].ttft_ms == pytest.approx(4000)
+    assert other.latency_ms - by_id[fav].latency_ms == pytest.approx(4000)
+    # The previous turn went elsewhere (a spill): that replica holds it, and the conversation stays there.
+    holder = next(name for name in by_id if name != fav)
+    moved = choose(_turn(key, 800, holder), _replicas({}), SLO, now_s=0)
+    assert moved.candidates[0].backend == holder
+    # Without a holder (the previous turn went to the cloud), nothing is discounted.
+    none = choose(_turn(key, 800), _replicas({}), SLO, now_s=0)
+    assert len({round(c.ttft_ms) for c in none.ranked}) == 1
+
+
+def test_affinity_spills_by_predicted_ttft_not_by_the_queue() -> None:
+    key = 7
+    fav = _favourite(key)
+    # 600 prompt tokens pending on the holder (3 s) + its 200 uncached (1 s) beat 1000 elsewhere (5 s).
+    kept = choose(_turn(key, 800, fav), _replicas({fav: 600}), SLO, now_s=0)
+    assert kept.candidates[0].backend == fav and "spilled" not in kept.reason
+    # 1600 pending (8 s + 1 s) lose to an idle replica's 5 s, though nobody waits for a slot.
+    spilled = choose(_turn(key, 800, fav), _replicas({fav: 1600}), SLO, now_s=0)
+    assert spilled.candidates[0].backend != fav
+    assert f"spilled past {fav} (predicted ttft)" in spilled.reason
+    # Without a cached-prefix estimate the prediction cannot see the cache: the queue rule alone applies.
+    first_turn = choose(_turn(key), _replicas({fav: 1600}), SLO, now_s=0)
+    assert first_turn.candidates[0].backend == fav

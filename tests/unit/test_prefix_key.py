@@ -6,7 +6,7 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 from gateway.live.state import policy_of, with_model_slo
-from gateway.pipeline.prefix import prefix_key
+from gateway.pipeline.prefix import cached_messages, prefix_key
 
 SYSTEM = {"role": "system", "content": "You are a careful agent. " * 60}  # 1500 characters
 
@@ -26,6 +26,14 @@ def test_every_turn_of_a_conversation_shares_the_key_of_its_opening() -> None:
     assert first is not None and first == later
     other = key(SYSTEM, {"role": "user", "content": "summarise the incident"})
     assert other is not None and other != first  # another session of the same app: another key
+
+
+def test_a_later_turn_expects_everything_but_its_last_message_cached() -> None:
+    user = {"role": "user", "content": "plan the migration"}
+    assert cached_messages([SYSTEM, user]) == 0  # the opening: nothing of this conversation was served yet
+    later = [SYSTEM, user, {"role": "assistant", "content": "step one"}, {"role": "user", "content": "two?"}]
+    assert cached_messages(later) == 3
+    assert cached_messages([user, {"role": "assistant", "content": "ok"}, user]) == 2
 
 
 def test_short_openings_and_a_zero_minimum_get_no_key() -> None:
@@ -78,3 +86,17 @@ def test_prefill_rate_and_must_stay_reserve_config() -> None:
         parse_config(_config(capacity={"tokens_per_s": [[1, 40], [8, 200]], "reserve_slots": 8}))
     with pytest.raises(ConfigError, match=r"reserve_ttft_ms"):
         parse_config(_config(capacity={"tokens_per_s": [[1, 40]], "reserve_ttft_ms": 0}))
+
+
+def test_prefix_holders_remember_the_latest_owned_deployment_of_recent_conversations() -> None:
+    from gateway.live.state import PrefixHolders
+
+    holders = PrefixHolders(capacity=2)
+    holders.record(1, "m@gpu-a")
+    holders.record(2, "m@gpu-b")
+    holders.record(1, "m@gpu-c")  # the conversation moved (a spill): its cache is there now
+    assert holders.get(1) == "m@gpu-c" and holders.get(None) is None
+    holders.record(3, "m@gpu-a")  # over capacity: the least recently served conversation (2) is forgotten
+    assert holders.get(2) is None and holders.get(3) == "m@gpu-a"
+    holders.record(1, None)  # served by the cloud: no engine holds its latest turn
+    assert holders.get(1) is None

@@ -10,6 +10,7 @@ import pytest
 
 from bench.routing_eval import switchboard as sb_module
 from bench.routing_eval.baselines import AlwaysCloud, baselines
+from bench.routing_eval.conversation import messages_of
 from bench.routing_eval.fleet import StepModel, make_fleet
 from bench.routing_eval.metrics import summarise
 from bench.routing_eval.sim import CLOUD, Simulation
@@ -95,15 +96,31 @@ def test_privacy_accounting(trace: list[Request]) -> None:
     assert summarise(Simulation(fleet, seed=1).run(trace, Switchboard())).privacy_violations == 0
 
 
-def test_prefix_blocks_are_shared_only_while_a_holder_runs() -> None:
-    base = Request(0, 0.0, "agents", 700, 200, "agent:coder", 640, 0, "hi", "", PrivacyTier.EXTERNAL, ())
-    concurrent = dataclasses.replace(base, rid=1, arrival_s=1.0)
-    later = dataclasses.replace(base, rid=2, arrival_s=500.0)
-    result = Simulation(make_fleet(MODEL, 1, "test"), seed=1).run(
-        [base, concurrent, later], _Fixed("engine-0")
-    )
-    cached = {j.req.rid: j.cached_tokens for j in result.jobs}
-    assert cached == {0: 0, 1: 640, 2: 0}
+def _cached(model: StepModel, trace: list[Request]) -> dict[int, int]:
+    result = Simulation(make_fleet(model, 1, "test"), seed=1).run(trace, _Fixed("engine-0"))
+    return {j.req.rid: j.cached_tokens for j in result.jobs}
+
+
+BASE = Request(0, 0.0, "agents", 700, 200, "agent:coder", 640, 0, "hi", "", PrivacyTier.EXTERNAL, ())
+
+
+def test_without_prefix_caching_prefix_blocks_are_shared_only_while_a_holder_runs() -> None:
+    concurrent = dataclasses.replace(BASE, rid=1, arrival_s=1.0)
+    later = dataclasses.replace(BASE, rid=2, arrival_s=500.0)
+    model = dataclasses.replace(MODEL, prefix_caching=False)
+    assert _cached(model, [BASE, concurrent, later]) == {0: 0, 1: 640, 2: 0}
+
+
+def test_a_finished_turns_prompt_stays_cached_for_the_next_turn_until_evicted() -> None:
+    later = dataclasses.replace(BASE, rid=1, arrival_s=500.0)  # the system prompt stays cached
+    turn = dataclasses.replace(BASE, rid=2, arrival_s=600.0, prompt_tokens=990, history_tokens=300, follows=0)
+    other = dataclasses.replace(BASE, rid=3, arrival_s=601.0, prefix_key="agent:triage", session=1)
+    assert _cached(MODEL, [BASE, later, turn, other]) == {0: 0, 1: 640, 2: 688, 3: 0}  # 700 -> 43 blocks
+    # A cache of 1000 tokens: the first session's entries go when the other session's prompt needs room.
+    small = dataclasses.replace(MODEL, kv_tokens=1000)
+    other = dataclasses.replace(other, arrival_s=100.0)
+    turn = dataclasses.replace(turn, arrival_s=700.0)
+    assert _cached(small, [BASE, other, turn]) == {0: 0, 3: 0, 2: 0}
 
 
 @dataclasses.dataclass
@@ -143,3 +160,15 @@ def test_switchboard_decides_with_routing_scoring_choose(
     )
     assert again.candidates == last.candidates
     assert last.ranked and last.privacy_verdict
+
+
+def test_an_agent_turn_sends_its_previous_turns_messages_then_its_own(trace: list[Request]) -> None:
+    by_rid = {r.rid: r for r in trace}
+    follows = [r for r in trace if r.follows >= 0]
+    assert follows, "no session turn extends its previous one"
+    for turn in follows[:20]:
+        prev, mine = messages_of(by_rid[turn.follows], by_rid, 1), messages_of(turn, by_rid, 1)
+        assert mine[: len(prev)] == prev and mine[len(prev)]["role"] == "assistant"
+    first = next(r for r in trace if r.session >= 0 and r.history_tokens == 0)
+    assert [m["role"] for m in messages_of(first, by_rid)] == ["system", "user"]
+    assert messages_of(first, by_rid, 1)[0] != messages_of(first, by_rid, 2)[0]  # replays share no block

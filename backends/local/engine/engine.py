@@ -145,7 +145,7 @@ class EngineStats:
     kv_blocks_total: int
     kv_blocks_free: int
     preemptions: int
-    prefix_hit_tokens: int  # prompt tokens whose K/V were reused from another request's blocks
+    prefix_hit_tokens: int  # prompt tokens whose K/V came from cached prefix blocks (running or finished)
     drafted_tokens: int
     accepted_tokens: int
     suspended_steps: int = 0  # steps with batch rows suspended mid-forward for interactive arrivals

@@ -2,7 +2,9 @@
 
 `BlockAllocator` is pure Python and this module imports torch only inside `KVCache`, so the torch-free
 scheduler can import the allocator. Blocks are ref-counted so sequences with an identical prompt prefix can
-share them; a block returns to the free list when its last holder frees it. When the pool is short,
+share them. When its last holder frees it, a block returns to the free list, or, if the caller marks it as
+cached (automatic prefix caching), to an LRU pool of evictable blocks that `share` can take back and
+`allocate` reuses, least recently freed first, once the free list is empty. When the pool is short,
 `allocate` returns None (never raises, never over-commits): the scheduler queues or preempts.
 Invariant: slot `block * block_size + offset` holds the K/V of logical position
 `i * block_size + offset` of every sequence whose block table has `block` at index `i`.
@@ -10,7 +12,8 @@ Invariant: slot `block * block_size + offset` holds the K/V of logical position
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Container, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,7 +21,8 @@ if TYPE_CHECKING:
 
 
 class BlockAllocator:
-    """A free list of `num_blocks` block ids with a reference count per block."""
+    """A free list of `num_blocks` block ids with a reference count per block, and an LRU pool of cached
+    blocks nobody holds (K/V kept for reuse; `allocate` evicts them only when the free list is empty)."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
@@ -27,40 +31,61 @@ class BlockAllocator:
         # Popped from the end: low ids are handed out first, which keeps tests readable.
         self._free = list(range(num_blocks - 1, -1, -1))
         self._refs = [0] * num_blocks
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref count 0, content kept; oldest first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks `allocate` can hand out: free ones and evictable cached ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self._evictable)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int] | None:
-        """Take `n` fresh blocks (ref count 1), or None when fewer than `n` are free (nothing is taken)."""
+        """Take `n` blocks (ref count 1), free ones first, then the least recently freed cached ones (the
+        caller forgets what an evicted block held); None when fewer than `n` are available (nothing taken)."""
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
-        if n > len(self._free):
+        if n > self.num_free:
             return None
-        blocks = [self._free.pop() for _ in range(n)]
-        for b in blocks:
+        blocks = []
+        for _ in range(n):
+            b = self._free.pop() if self._free else self._evictable.popitem(last=False)[0]
             self._refs[b] = 1
+            blocks.append(b)
         return blocks
 
     def share(self, blocks: Iterable[int]) -> None:
-        """Add a holder to blocks already in use (a sequence reusing another's prompt-prefix blocks)."""
+        """Add a holder to blocks in use or cached (a sequence reusing another's prompt-prefix blocks)."""
         for b in blocks:
             if self._refs[b] == 0:
-                raise ValueError(f"block {b} is free; only allocated blocks can be shared")
+                if b not in self._evictable:
+                    raise ValueError(f"block {b} is free; only allocated or cached blocks can be shared")
+                del self._evictable[b]
             self._refs[b] += 1
 
-    def free(self, blocks: Iterable[int]) -> None:
-        """Drop one holder from each block; blocks nobody holds return to the free list."""
+    def free(self, blocks: Iterable[int], *, cached: Container[int] = ()) -> None:
+        """Drop one holder from each block; a block nobody holds returns to the free list, or, when in
+        `cached`, becomes evictable as the most recently freed (free a sequence's blocks tail first, so its
+        leading blocks, which more requests share, are evicted last)."""
         for b in blocks:
             if self._refs[b] == 0:
                 raise ValueError(f"block {b} is already free (double free)")
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                if b in cached:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
+
+    def uncache(self, block: int) -> None:
+        """An evictable block whose content is no longer indexed goes back to the free list."""
+        if self._evictable.pop(block, 0) is None:
+            self._free.append(block)
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]

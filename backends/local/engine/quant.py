@@ -27,6 +27,7 @@ INT8_IN_MULTIPLE = 16  # `_weight_int8pack_mm` (torch 2.13, bf16) segfaults when
 LM_HEAD_NAME = "lm_head"
 MANIFEST_VERSION = 1
 _INT4_MID = 8  # stored nibble q in 0..15 means (q - 8) * scale + zero
+_QUANT_ROWS = 4096  # rows quantized at a time: bounds the float32 temporaries (quantization is per row)
 _MIN_SCALE = 1e-8  # an all-equal (e.g. all-zero padding) row or group still gets a finite scale
 
 
@@ -181,6 +182,12 @@ def pack_int4_blocks(q: Tensor) -> Tensor:
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], -1)
 
 
+def unpack_int4_blocks(packed: Tensor) -> Tensor:
+    """Inverse of `pack_int4_blocks`: (N, K/2) uint8 -> (N, K) uint8 in 0..15."""
+    blocks = packed.reshape(packed.shape[0], -1, 1, 16)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
 def dequantize_int4(q: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
     """Inverse of `quantize_int4` in float32: the weight the int4 kernel multiplies by."""
     n, k = q.shape
@@ -208,10 +215,13 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        weight = linear.weight.detach().float()
-        q, scales = quantize_int8(F.pad(weight, (0, layer.padded_in_features - linear.in_features)))
-        layer.weight.copy_(q)
-        layer.scales.copy_(scales)
+        weight, pad = linear.weight.detach(), layer.padded_in_features - linear.in_features
+        # Row blocks: a large lm_head (49152 x 576) would otherwise take ~4 float32 copies of itself at once.
+        for start in range(0, linear.out_features, _QUANT_ROWS):
+            rows = slice(start, start + _QUANT_ROWS)
+            q, scales = quantize_int8(F.pad(weight[rows].float(), (0, pad)))
+            layer.weight[rows].copy_(q)
+            layer.scales[rows].copy_(scales)
         if linear.bias is not None and layer.bias is not None:
             layer.bias.copy_(linear.bias.detach().float())
         return layer
@@ -299,6 +309,29 @@ class Int4Linear(nn.Module):
             layer.bias.copy_(linear.bias.detach().float())
         return layer
 
+    @classmethod
+    def from_blocks(
+        cls, packed: Tensor, scales_and_zeros: Tensor, group_size: int, bias: Tensor | None, *, kernels: bool
+    ) -> Int4Linear:
+        """From weights already in our block layout: `packed` (N, K/2) uint8 as `pack_int4_blocks` makes,
+        `scales_and_zeros` (N, K/gs, 2) bf16; K % group_size == 0. No float copy of the weight is made
+        (GGUF Q4_0/Q4_1 blocks arrive so); torch's packing, where our kernels did not build, unpacks q."""
+        n, k = packed.shape[0], packed.shape[1] * 2
+        packing = "switchboard" if kernels and int_kernel("int4_gemv") is not None else "torch"
+        layer = cls(k, n, bias=bias is not None, group_size=group_size, packing=packing)
+        if k != layer.padded_in_features or scales_and_zeros.shape != (n, k // group_size, 2):
+            raise ValueError(f"int4 blocks {tuple(packed.shape)} do not make groups of {group_size}")
+        if packing == "switchboard":
+            layer.weight.copy_(packed)
+            layer.scales_and_zeros.copy_(scales_and_zeros)
+        else:
+            q = unpack_int4_blocks(packed).to(torch.int32)
+            layer.weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+            layer.scales_and_zeros.copy_(scales_and_zeros.transpose(0, 1))
+        if bias is not None and layer.bias is not None:
+            layer.bias.copy_(bias.detach().float())
+        return layer
+
     def forward(self, x: Tensor) -> Tensor:
         if self.packing == "switchboard":
             x2 = rows_input(x, self.in_features, self.padded_in_features)
@@ -348,7 +381,7 @@ def _feasible(scheme: LayerScheme, linear: nn.Linear) -> tuple[LayerScheme, str]
     return scheme, ""
 
 
-def _build(linear: nn.Linear, scheme: LayerScheme, group_size: int | None, kernels: bool) -> nn.Module:
+def build_layer(linear: nn.Linear, scheme: LayerScheme, group_size: int | None, kernels: bool) -> nn.Module:
     if scheme is LayerScheme.INT8:
         return Int8Linear.from_linear(linear)
     if scheme is LayerScheme.INT4 and group_size is not None:
@@ -373,29 +406,54 @@ def _execute(model: nn.Module, plan: list[_Step], kernels: bool = True) -> tuple
                 f"layer `{step.name}` is on {step.linear.weight.device}; these int8/int4 kernels are "
                 "CPU-only (quantize before moving the model, or use mode none)"
             )
-        if step.scheme is LayerScheme.INT4 and step.group_size not in INT4_GROUP_SIZES:
-            raise ValueError(
-                f"int4 group_size {step.group_size} is not supported; use one of {INT4_GROUP_SIZES}"
-            )
+        check_group_size(step.scheme, step.group_size)
     layers = []
     for step in plan:
-        new = _build(step.linear, step.scheme, step.group_size, kernels)
+        new = build_layer(step.linear, step.scheme, step.group_size, kernels)
         if new is not step.linear:
             model.set_submodule(step.name, new)
-        layers.append(
-            LayerQuant(
-                name=step.name,
-                scheme=step.scheme,
-                in_features=step.linear.in_features,
-                out_features=step.linear.out_features,
-                group_size=step.group_size if step.scheme is LayerScheme.INT4 else None,
-                padded_in_features=getattr(new, "padded_in_features", step.linear.in_features),
-                bytes_before=_module_bytes(step.linear),
-                bytes_after=_module_bytes(new),
-                note=step.note,
-            )
-        )
+        layers.append(layer_record(step.name, step.linear, new, step.scheme, step.group_size, step.note))
     return tuple(layers)
+
+
+def check_group_size(scheme: LayerScheme, group_size: int | None) -> None:
+    if scheme is LayerScheme.INT4 and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+
+
+def layer_record(
+    name: str, linear: nn.Linear, new: nn.Module, scheme: LayerScheme, group_size: int | None, note: str
+) -> LayerQuant:
+    """The manifest's line for `linear` (the layer as built in the compute dtype) now that it is `new`."""
+    return LayerQuant(
+        name=name,
+        scheme=scheme,
+        in_features=linear.in_features,
+        out_features=linear.out_features,
+        group_size=group_size if scheme is LayerScheme.INT4 else None,
+        padded_in_features=getattr(new, "padded_in_features", linear.in_features),
+        bytes_before=_module_bytes(linear),
+        bytes_after=_module_bytes(new),
+        note=note,
+    )
+
+
+def layer_scheme(
+    name: str, linear: nn.Linear, mode: QuantMode, head: LayerScheme, skip: tuple[str, ...] = ()
+) -> tuple[LayerScheme, str]:
+    """The scheme `quantize_model(mode, lm_head=head)` gives layer `name`, and why it differs if it does."""
+    wanted = head if _is_lm_head(name) else MODE_SCHEME[mode]
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
+        wanted = LayerScheme.KEEP
+    return _feasible(wanted, linear)
+
+
+# The scheme each mode gives the body's layers (the lm_head has its own).
+MODE_SCHEME = {
+    QuantMode.NONE: LayerScheme.KEEP,
+    QuantMode.INT8: LayerScheme.INT8,
+    QuantMode.INT4: LayerScheme.INT4,
+}
 
 
 def _parse(enum: type[QuantMode] | type[LayerScheme], value: str, what: str) -> Any:
@@ -422,34 +480,29 @@ def quantize_model(
     names to keep. Layers the int4 kernel cannot take fall back to int8; the manifest says which and why.
     `kernels=False` keeps torch's int4 packing even where our C++ kernels built (to measure or compare).
     """
-    quant_mode: QuantMode = _parse(QuantMode, mode, "quant mode")
-    head: LayerScheme = _parse(LayerScheme, lm_head, "lm_head scheme")
-    if quant_mode is QuantMode.NONE:
-        head = LayerScheme.KEEP
-    body = {
-        QuantMode.NONE: LayerScheme.KEEP,
-        QuantMode.INT8: LayerScheme.INT8,
-        QuantMode.INT4: LayerScheme.INT4,
-    }
+    quant_mode, head = parse_mode(mode, lm_head)
     plan = []
     for name, linear in model.named_modules():
-        if not isinstance(linear, nn.Linear):
-            continue
-        wanted = head if _is_lm_head(name) else body[quant_mode]
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
-            wanted = LayerScheme.KEEP
-        scheme, note = _feasible(wanted, linear)
-        plan.append(_Step(name, linear, scheme, group_size, note))
+        if isinstance(linear, nn.Linear):
+            scheme, note = layer_scheme(name, linear, quant_mode, head, skip)
+            plan.append(_Step(name, linear, scheme, group_size, note))
     bytes_before = model_bytes(model)
     layers = _execute(model, plan, kernels)
     return QuantManifest(
         mode=quant_mode,
-        group_size=group_size if LayerScheme.INT4 in (body[quant_mode], head) else None,
+        group_size=group_size if LayerScheme.INT4 in (MODE_SCHEME[quant_mode], head) else None,
         lm_head=head,
         layers=layers,
         bytes_before=bytes_before,
         bytes_after=model_bytes(model),
     )
+
+
+def parse_mode(mode: str, lm_head: str) -> tuple[QuantMode, LayerScheme]:
+    """The body's mode and the lm_head's scheme (keep when the mode is none), or a ValueError naming them."""
+    quant_mode: QuantMode = _parse(QuantMode, mode, "quant mode")
+    head: LayerScheme = _parse(LayerScheme, lm_head, "lm_head scheme")
+    return quant_mode, LayerScheme.KEEP if quant_mode is QuantMode.NONE else head
 
 
 def apply_manifest(model: nn.Module, manifest: QuantManifest) -> None:

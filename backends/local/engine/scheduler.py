@@ -4,7 +4,8 @@
 (oldest first) within `max_prefill_tokens`, then waiting requests join, so a long prompt never stalls the
 running decodes. When blocks run out the youngest running sequence is preempted: its blocks are freed and it
 is recomputed later from its prompt plus the tokens it already produced. Full, computed blocks are indexed by
-content, so a sequence starting with the same tokens shares them (ref-counted) instead of recomputing.
+content (`prefix_cache.PrefixIndex`), so a sequence starting with the same tokens shares them (ref-counted)
+instead of recomputing; with prefix caching they stay cached after their sequence ends, evictable (LRU).
 Priority classes: interactive sequences order ahead of batch ones (waiting and running alike), so batch
 work is admitted only behind interactive work, is preempted first, and is preempted to admit interactive work.
 Invariants: a block is written only by its one holder, and shared only once full; a request is accepted only
@@ -14,11 +15,12 @@ if it could run alone in the whole cache, so the first running sequence always m
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from backends.local.engine.prefix_cache import PrefixIndex
 from backends.local.engine.types import SeqChunk, StepPlan
 
 
@@ -68,7 +70,9 @@ class Allocator(Protocol):
 
     def allocate(self, n: int) -> list[int] | None: ...  # None when fewer than n are free
 
-    def free(self, blocks: Iterable[int]) -> None: ...
+    def free(self, blocks: Iterable[int], *, cached: Container[int] = ()) -> None: ...
+
+    def uncache(self, block: int) -> None: ...
 
     def share(self, blocks: Iterable[int]) -> None: ...
 
@@ -86,6 +90,9 @@ class SchedulerConfig:
     block_size: int = 16  # tokens per KV block
     num_spec_tokens: int = 0  # draft slots reserved per decode (speculative decoding)
     prefix_sharing: bool = True  # reuse full blocks of identical prompt prefixes
+    # Automatic prefix caching: indexed blocks stay cached (evictable, LRU) after their last holder ends, so
+    # a later request (an agent's next turn) reuses them. False: shared only while a holder is running.
+    prefix_caching: bool = True
     # While interactive work is running or waiting, at most this many batch sequences compute in a step; the
     # others sit it out holding their KV blocks (no recomputation), so a step, and with it interactive
     # latency, stays close to what interactive work alone costs. None: batch rows are not capped.
@@ -155,11 +162,10 @@ class Scheduler:
         self._held: list[Seq] = []  # running, set aside while their suspended step is in flight (`hold`)
         self._arrivals = 0
         self._draft_rooms: dict[int, int] = {}
-        # Full, computed blocks by content: (parent block or -1, the block's tokens) -> block, and back.
-        self._prefix: dict[tuple[int, tuple[int, ...]], int] = {}
-        self._prefix_key: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self._prefix = PrefixIndex(config.block_size)  # full, computed blocks by content
         self.num_preemptions = 0
-        self.num_prefix_hit_tokens = 0
+        self.num_prefix_hit_tokens = 0  # prompt tokens reused from the prefix index, first admission only
+        self.num_evicted_blocks = 0  # cached blocks reused for other content (automatic prefix caching)
 
     # -- requests in and out ---------------------------------------------------------------------------------
 
@@ -353,8 +359,8 @@ class Scheduler:
             # Rejected drafts' K/V slots stay allocated and are overwritten by later tokens.
             seq.num_computed = chunk.start_pos + len(chunk.token_ids) - chunk.num_logits + len(new)
             cause = self._append(seq, new)
-            if cause is None and self.config.prefix_sharing:
-                self._index_full_blocks(seq)
+            if self.config.prefix_sharing:
+                self._index_full_blocks(seq)  # on finishing too: with prefix caching its blocks stay
             if cause is not None:
                 self._running.remove(seq)
                 self._finish(seq, cause)
@@ -399,6 +405,11 @@ class Scheduler:
         blocks = self._allocator.allocate(n)
         if blocks is None:  # callers check num_free first
             raise RuntimeError(f"block allocator refused {n} blocks with {self._allocator.num_free} free")
+        for block in blocks:
+            if block in self._prefix:  # an evicted cached block: its content, and all under it, are gone
+                self.num_evicted_blocks += 1
+                for orphan in self._prefix.forget(block):
+                    self._allocator.uncache(orphan)
         return blocks
 
     def _admit(self, budget: int, evicted: set[int], rows: _BatchRows) -> list[SeqChunk]:
@@ -414,9 +425,11 @@ class Scheduler:
                 start = len(shared) * self.config.block_size
                 end = min(seq.num_tokens, start + budget)
                 needed = blocks_for(end, self.config.block_size) - len(shared)
+                # Cached blocks nobody holds count as free until this sequence takes them back.
+                revived = sum(1 for b in shared if self._allocator.ref_count(b) == 0)
                 # Headroom of one block per running sequence, so admitting this one does not force a
                 # preemption at the very next decode; with nothing running, the whole cache is available.
-                short = needed + len(self._running) > self._allocator.num_free
+                short = needed + revived + len(self._running) > self._allocator.num_free
                 if not (short or len(self._running) >= self.config.max_batch) or not self._displaces(seq):
                     break
                 evicted.add(self._running[-1].seq_id)
@@ -428,7 +441,8 @@ class Scheduler:
             seq.block_table = shared + self._take(needed)
             seq.num_computed = start
             seq.num_indexed_blocks = len(shared)
-            self.num_prefix_hit_tokens += start
+            if not seq.num_preemptions:  # a readmitted sequence's prompt was counted at its first admission
+                self.num_prefix_hit_tokens += start
             seq.status = SeqStatus.RUNNING
             bisect.insort(self._running, seq, key=_order)
             admitted.append(self._prefill_chunk(seq, end))
@@ -445,38 +459,25 @@ class Scheduler:
 
     def _match_prefix(self, seq: Seq) -> list[int]:
         """Indexed blocks holding `seq`'s leading tokens; at least its last token is left to compute."""
-        if not self.config.prefix_sharing or not self._prefix:
-            return []
-        bs, tokens = self.config.block_size, seq.tokens
-        matched: list[int] = []
-        for i in range((len(tokens) - 1) // bs):
-            block = self._prefix.get((matched[-1] if matched else -1, tuple(tokens[i * bs : (i + 1) * bs])))
-            if block is None:
-                break
-            matched.append(block)
-        return matched
+        return self._prefix.match(seq.tokens) if self.config.prefix_sharing else []
 
     def _index_full_blocks(self, seq: Seq) -> None:
         """Offer `seq`'s newly completed blocks to the prefix index (the first holder of a content wins)."""
-        bs = self.config.block_size
-        full = min(seq.num_computed // bs, len(seq.block_table))
-        if seq.num_indexed_blocks >= full:
-            return
-        tokens = seq.tokens
-        for i in range(seq.num_indexed_blocks, full):
-            key = (seq.block_table[i - 1] if i else -1, tuple(tokens[i * bs : (i + 1) * bs]))
-            block = seq.block_table[i]
-            if key not in self._prefix and block not in self._prefix_key:
-                self._prefix[key] = block
-                self._prefix_key[block] = key
-        seq.num_indexed_blocks = full
+        full = min(seq.num_computed // self.config.block_size, len(seq.block_table))
+        if seq.num_indexed_blocks < full:
+            self._prefix.add(seq.block_table, seq.tokens, seq.num_indexed_blocks, full)
+            seq.num_indexed_blocks = full
 
     def _release(self, seq: Seq) -> None:
-        """Drop `seq`'s hold on its blocks; a block nobody holds leaves the prefix index."""
-        self._allocator.free(seq.block_table)
-        for block in seq.block_table:
-            if block in self._prefix_key and self._allocator.ref_count(block) == 0:
-                del self._prefix[self._prefix_key.pop(block)]
+        """Drop `seq`'s hold on its blocks (tail first). With prefix caching an indexed block nobody holds
+        stays cached (evictable); without, it leaves the prefix index."""
+        if self.config.prefix_caching:
+            self._allocator.free(reversed(seq.block_table), cached=self._prefix)
+        else:
+            self._allocator.free(reversed(seq.block_table))
+            for block in seq.block_table:
+                if block in self._prefix and self._allocator.ref_count(block) == 0:
+                    self._prefix.forget(block)  # nothing under it is held either (holders hold the chain)
         seq.block_table = []
         seq.num_indexed_blocks = 0
 

@@ -39,7 +39,7 @@ _TOP_RENAMES = {
     "lm_head.weight": "lm_head.weight",
 }
 # Stacked layer -> the separate transformers layers whose rows it holds, in order.
-_STACKED = {
+STACKED = {
     "attention.qkv_proj": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
@@ -92,7 +92,7 @@ def build_model_from_state_dict(
 def _stack(state: dict[str, torch.Tensor], n_layers: int) -> None:
     """Replace each layer's separate q/k/v and gate/up tensors with their row-wise concatenation, in place."""
     for layer in range(n_layers):
-        for stacked, parts in _STACKED.items():
+        for stacked, parts in STACKED.items():
             for kind in ("weight", "bias"):
                 names = [f"layers.{layer}.{part}.{kind}" for part in parts]
                 present = [name in state for name in names]

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Build llama.cpp's `llama-server` from the llama.cpp sources vendored in the llama-cpp-python sdist, for
+# bench/engine's llama.cpp column and memory rows (`python -m bench.engine --llama-server PATH`).
+#
+#   bench/llama_server.sh [SDIST] [WORKDIR]
+#
+# SDIST: llama_cpp_python-0.3.36.tar.gz (default: WORKDIR's copy, else `pip download` fetches it from PyPI).
+# WORKDIR: where it is unpacked and built (default: $LLAMA_DIR, else ~/.cache/switchboard/llama); the
+# binary ends up at WORKDIR/llama-server, whose path is printed last. JOBS (default 2) sets the parallel
+# compile jobs; run it under `nice` on a shared machine. About 20-30 min on 2 cores. Flags: the machine's
+# own ISA (-DGGML_NATIVE=ON, as issue 18 measured it), Release, and nothing that needs the network (no
+# prebuilt web UI download, no HTTPS client).
+set -euo pipefail
+
+VERSION=0.3.36
+WORKDIR=${2:-${LLAMA_DIR:-$HOME/.cache/switchboard/llama}}
+SDIST=${1:-$WORKDIR/llama_cpp_python-$VERSION.tar.gz}
+JOBS=${JOBS:-2}
+
+mkdir -p "$WORKDIR"
+if [ ! -f "$SDIST" ]; then
+  python -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$WORKDIR"
+  SDIST=$WORKDIR/llama_cpp_python-$VERSION.tar.gz
+fi
+SRC=$WORKDIR/llama_cpp_python-$VERSION/vendor/llama.cpp
+if [ ! -f "$SRC/CMakeLists.txt" ]; then
+  tar xzf "$SDIST" -C "$WORKDIR"
+fi
+
+GENERATOR=()
+if command -v ninja >/dev/null; then GENERATOR=(-G Ninja); fi
+cmake -S "$SRC" -B "$WORKDIR/build" "${GENERATOR[@]}" \
+  -DCMAKE_BUILD_TYPE=Release \
+  -DGGML_NATIVE=ON \
+  -DBUILD_SHARED_LIBS=OFF \
+  -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_TOOLS=ON \
+  -DLLAMA_BUILD_SERVER=ON \
+  -DLLAMA_BUILD_UI=OFF \
+  -DLLAMA_USE_PREBUILT_UI=OFF \
+  -DLLAMA_OPENSSL=OFF
+cmake --build "$WORKDIR/build" --target llama-server -j "$JOBS"
+cp "$WORKDIR/build/bin/llama-server" "$WORKDIR/llama-server"
+"$WORKDIR/llama-server" --version 2>&1 | head -n 2 >&2 || true
+echo "$WORKDIR/llama-server"

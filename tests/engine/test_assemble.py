@@ -1,0 +1,178 @@
+"""Layer-by-layer assembly (engine/assemble.py) and the GGUF weight source (gguf_weights.py).
+
+From a transformers state_dict, `assemble_model` must equal `build_model` + `quantize_model` bit for bit,
+for every dtype and quant mode. From the bundled Q4_1 GGUF, `GgufWeights.tensor` must equal transformers'
+own dequantization tensor for tensor, and the int4 model built from the GGUF's blocks as stored (no float
+copy) must stay within test_quant.py's stated bounds for int4 g32 (top-1 >= 0.95, KL <= 0.004 against the
+float32 model on the first 512 tokens of bench/data/tide_clock.txt).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from torch import nn  # noqa: E402
+
+from backends.local.engine.assemble import StateDictSource, assemble_model  # noqa: E402
+from backends.local.engine.config import ModelArgs  # noqa: E402
+from backends.local.engine.quant import (  # noqa: E402
+    Int4Linear,
+    Int8Linear,
+    compare_logits,
+    pack_int4_blocks,
+    quantize_int4,
+    quantize_model,
+    unpack_int4_blocks,
+)
+from backends.local.engine.weights import build_model  # noqa: E402
+from tests.engine.conftest import tiny_hf_model  # noqa: E402
+
+TEXT_PATH = Path(__file__).parents[2] / "bench" / "data" / "tide_clock.txt"
+
+
+def logits_of(model: Any, ids: Any) -> Any:
+    """Every position's logits for one sequence, through our runner (paged cache, blocks of 16)."""
+    from backends.local.engine.runner import build_runner
+    from backends.local.engine.types import SeqChunk, StepPlan
+
+    runner = build_runner(model, kv_cache_mb=64, block_size=16, attn_impl="auto")
+    n = ids.shape[0]
+    chunk = SeqChunk(0, tuple(ids.tolist()), 0, tuple(range(-(-n // 16))), n)
+    return runner.execute(StepPlan((chunk,)))
+
+
+def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_assembly_from_a_state_dict_equals_build_then_quantize(kind: str, dtype: Any, quant: str) -> None:
+    hf = tiny_hf_model(kind)
+    reference = build_model(hf, dtype=dtype, release_source=False)
+    expected = quantize_model(reference, quant, group_size=32)
+    args = ModelArgs.from_hf_config(hf.config)
+    model, manifest = assemble_model(args, StateDictSource(hf.state_dict()), dtype=dtype, quant=quant)
+    got, want = tensors_of(model), tensors_of(reference)
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    assert manifest.layers == expected.layers and manifest.bytes_after == expected.bytes_after
+    assert manifest.bytes_before == expected.bytes_before
+    assert (model.lm_head.weight is model.embed_tokens.weight) == (
+        reference.lm_head.weight is reference.embed_tokens.weight
+    )
+
+
+class BlockSource(StateDictSource):
+    """A state_dict that also holds each weight's int4 blocks (as a Q4 GGUF does), made here by quantizing."""
+
+    def int4_blocks(self, name: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not name.endswith("proj.weight"):
+            return None
+        q, scales_and_zeros = quantize_int4(self.state[name].float(), group_size)
+        return pack_int4_blocks(q), scales_and_zeros.transpose(0, 1).contiguous()
+
+
+def test_int4_blocks_are_taken_as_stored_and_stacked_row_wise() -> None:
+    hf = tiny_hf_model("qwen2")  # q/k/v bias, untied lm_head
+    args = ModelArgs.from_hf_config(hf.config)
+    source = BlockSource(hf.state_dict())
+    model, manifest = assemble_model(args, source, quant="int4", kernels=False)
+    reference = build_model(hf, release_source=False)
+    quantize_model(reference, "int4", group_size=32, kernels=False)
+    # Blocks quantized from float32 weights are what quantize_model makes of them: the same layers.
+    for name, tensor in tensors_of(reference).items():
+        assert torch.equal(tensors_of(model)[name], tensor), name
+    assert isinstance(model.lm_head, Int8Linear)  # lm_head int8: its blocks are not used
+    body = [layer for layer in manifest.layers if layer.name != "lm_head"]
+    assert body and all(layer.note == "int4 as stored" for layer in body)
+
+
+def test_unpack_inverts_pack() -> None:
+    q = torch.randint(0, 16, (8, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    assert torch.equal(unpack_int4_blocks(pack_int4_blocks(q)).to(torch.int32), q)
+
+
+def test_missing_and_unknown_weights_are_named() -> None:
+    hf = tiny_hf_model("llama")
+    args = ModelArgs.from_hf_config(hf.config)
+    state = dict(hf.state_dict())
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match=r"lacks 1 weights, e.g. layers.1.attention.k_proj.weight"):
+        assemble_model(args, StateDictSource(state), quant="int4")
+    state = {**hf.state_dict(), "model.layers.0.self_attn.x_proj.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="x_proj.weight` has no place"):
+        assemble_model(args, StateDictSource(state))
+
+
+# ---- the bundled GGUF --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_weights(smollm2: Any) -> Any:
+    from backends.local.gguf_weights import GgufWeights
+    from backends.local.loader import DEFAULT_MODEL_SPEC, resolve_spec
+
+    source = resolve_spec(DEFAULT_MODEL_SPEC)
+    assert source.gguf_file is not None
+    config = smollm2.model.config
+    weights = GgufWeights(
+        source.directory / source.gguf_file,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+    )
+    yield weights
+    weights.close()
+
+
+@pytest.mark.model
+def test_gguf_tensors_equal_transformers_dequantization(smollm2: Any, gguf_weights: Any) -> None:
+    state = smollm2.model.state_dict()
+    names = set(gguf_weights.names())
+    assert names == {n for n in state if n != "lm_head.weight"}  # SmolLM2 ties lm_head to the embedding
+    for name in sorted(names):
+        assert torch.equal(gguf_weights.tensor(name), state[name]), name
+
+
+@pytest.mark.model
+def test_gguf_int4_blocks_dequantize_to_the_stored_weights(gguf_weights: Any) -> None:
+    name = "model.layers.3.self_attn.q_proj.weight"  # permuted rows (llama.cpp's rotary order) undone
+    packed, scales_and_zeros = gguf_weights.int4_blocks(name, 32)
+    exact = gguf_weights.tensor(name)
+    n, k = exact.shape
+    q = unpack_int4_blocks(packed).float().reshape(n, k // 32, 32) - 8
+    sz = scales_and_zeros.float()
+    got = (q * sz[..., :1] + sz[..., 1:]).reshape(n, k)
+    # The only difference: d and m + 8d rounded from fp16/fp32 to bf16 (8 significant bits).
+    bound = 8 * sz[..., :1].abs() * 2**-8 + sz[..., 1:].abs() * 2**-8
+    assert ((got - exact).abs().reshape(n, k // 32, 32) <= bound + 1e-6).all()
+    assert gguf_weights.int4_blocks(name, 64) is None
+    assert gguf_weights.int4_blocks("model.embed_tokens.weight", 32) is None  # Q8_0
+
+
+@pytest.mark.model
+def test_int4_from_gguf_blocks_stays_within_the_int4_bounds(smollm2: Any, gguf_weights: Any) -> None:
+    from backends.local.engine.kernels import attach_cpu_kernels
+
+    args = ModelArgs.from_hf_config(smollm2.model.config)
+    ids = smollm2.tokenizer(TEXT_PATH.read_text(), return_tensors="pt").input_ids[0, :512]
+    reference = logits_of(build_model(smollm2.model, release_source=False), ids)
+    model, manifest = assemble_model(args, gguf_weights, quant="int4")
+    assert all(isinstance(m, Int4Linear) for n, m in model.named_modules() if n.endswith("_proj"))
+    assert sum(layer.note == "int4 as stored" for layer in manifest.layers) == 4 * args.n_layers
+    tensors = tensors_of(model).items()
+    floats = [
+        n for n, t in tensors if t.dtype == torch.float32 and t.numel() > 64 * args.dim and "rope" not in n
+    ]
+    assert floats == ["embed_tokens.weight"]  # no float copy of any linear layer stays
+    attach_cpu_kernels(model)
+    agreement = compare_logits(reference, logits_of(model, ids))
+    assert agreement.top1 >= 0.95 and agreement.kl_mean <= 0.004, agreement
