@@ -359,15 +359,17 @@ def ledger_counts(db_path: Path) -> dict[str, int]:
         return dict(conn.execute("SELECT status, count(*) FROM usage GROUP BY status").fetchall())
 
 
-def settled_counts(db_path: Path, timeout_s: float = 15.0) -> dict[str, int]:
-    """Counts once the writer has flushed: unchanged over 0.6 s (flush interval is 0.2 s)."""
+def settled_counts(db_path: Path, timeout_s: float = 30.0, quiet_polls: int = 4) -> dict[str, int]:
+    """Counts once the writer has flushed: unchanged over `quiet_polls` polls 0.5 s apart (flush interval is
+    0.2 s). One unchanged 0.6 s poll was not enough: a backlog's commit can take longer under load, and rows
+    it lands after the phase's count are then counted in no phase (the likely cause of the MISMATCH
+    in the 15:27 UTC run, whose sampled ids each had exactly one row)."""
     deadline = time.monotonic() + timeout_s
-    last = ledger_counts(db_path)
-    while time.monotonic() < deadline:
-        time.sleep(0.6)
+    last, quiet = ledger_counts(db_path), 0
+    while time.monotonic() < deadline and quiet < quiet_polls:
+        time.sleep(0.5)
         now = ledger_counts(db_path)
-        if now == last:
-            return now
+        quiet = quiet + 1 if now == last else 0
         last = now
     return last
 
@@ -668,7 +670,7 @@ def _baseline_bullet(base: Gateway, this: Gateway, plan: Plan, c: int) -> str:
     rps_this = plan.find(f"json 0ms c{c}", this).median("rps")
     rps_base = plan.find(f"json 0ms c{c}", base).median("rps")
     parts = [f"JSON req/s {rps_this:,.0f} vs {rps_base:,.0f} ({_ratio(rps_this, rps_base)})"]
-    within = abs(rps_this / rps_base - 1) <= GOAL_BASELINE_DIFF if rps_base else False
+    within = rps_this >= rps_base * (1 - GOAL_BASELINE_DIFF) if rps_base else False  # a regression only
     for scenario in ("json 20ms c1", f"json 20ms c{c}"):
         direct = plan.find(scenario, None)
         a = _added(plan.find(scenario, this), direct, "p50_ms")
@@ -679,8 +681,9 @@ def _baseline_bullet(base: Gateway, this: Gateway, plan: Plan, c: int) -> str:
     s_base = plan.find(f"stream 0ms c{c}", base).median("rps")
     parts.append(f"stream req/s {s_this:,.0f} vs {s_base:,.0f} ({_ratio(s_this, s_base)})")
     return (
-        f"- This build vs {base.label}: " + "; ".join(parts) + ". Goal (JSON req/s within "
-        f"{GOAL_BASELINE_DIFF:.0%}, added p50 no more than {GOAL_BASELINE_DIFF:.0%} higher): {_met(within)}."
+        f"- This build vs {base.label}: " + "; ".join(parts) + ". Goal (JSON req/s no more than "
+        f"{GOAL_BASELINE_DIFF:.0%} lower, added p50 no more than {GOAL_BASELINE_DIFF:.0%} higher): "
+        f"{_met(within)}."
     )
 
 
