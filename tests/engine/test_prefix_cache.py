@@ -15,10 +15,7 @@ from backends.local.engine.kv_cache import BlockAllocator
 from backends.local.engine.prefix_cache import PrefixIndex
 from backends.local.engine.scheduler import RequestTooLarge, SamplingParams, Scheduler, SchedulerConfig, Seq
 from backends.local.engine.types import StepPlan
-
-
-def token_at(position: int) -> int:
-    return 1000 + position
+from tests.engine.test_scheduler import teacher_forced, token_at
 
 
 def prompt(n: int, salt: int, shared: int = 0) -> list[int]:
@@ -86,21 +83,7 @@ def step(
     plan = scheduler.with_drafts(plan, drafts)
     if shadow is not None:
         shadow.check_and_write(scheduler, plan)
-    sampled = {}
-    for c in plan.chunks:
-        if c.num_logits == 0:
-            continue
-        first = c.start_pos + len(c.token_ids) - c.num_logits  # logits row r predicts position first + r + 1
-        targets = [token_at(first + r + 1) for r in range(c.num_logits)]
-        accepted = []
-        for draft, target in zip(c.token_ids[len(c.token_ids) - c.num_logits + 1 :], targets, strict=False):
-            accepted.append(target)
-            if draft != target:
-                break
-        else:
-            accepted.append(targets[-1])
-        sampled[c.seq_id] = accepted
-    return plan, scheduler.update(plan, sampled)
+    return plan, scheduler.update(plan, teacher_forced(plan))
 
 
 def run_all(scheduler: Scheduler, shadow: Shadow | None = None) -> dict[int, Seq]:

@@ -50,6 +50,26 @@ def token_at(position: int) -> int:
     return 1000 + position
 
 
+def teacher_forced(plan: StepPlan) -> dict[int, list[int]]:
+    """What a model that always predicts `token_at` samples for each chunk: drafts accepted up to the first
+    wrong one, then the model's own token."""
+    sampled = {}
+    for c in plan.chunks:
+        if c.num_logits == 0:
+            continue
+        first = c.start_pos + len(c.token_ids) - c.num_logits  # logits row r predicts position first + r + 1
+        targets = [token_at(first + r + 1) for r in range(c.num_logits)]
+        accepted = []
+        for draft, target in zip(c.token_ids[len(c.token_ids) - c.num_logits + 1 :], targets, strict=False):
+            accepted.append(target)
+            if draft != target:
+                break
+        else:
+            accepted.append(targets[-1])
+        sampled[c.seq_id] = accepted
+    return sampled
+
+
 def check_plan(scheduler: Scheduler, plan: StepPlan) -> None:
     """Every chunk continues its sequence and fits its blocks; the blocks it writes are its alone."""
     bs = scheduler.config.block_size
@@ -78,21 +98,7 @@ def step(scheduler: Scheduler, *, wrong_draft: int = 1) -> tuple[StepPlan, list[
         ]
     plan = scheduler.with_drafts(plan, drafts)
     check_plan(scheduler, plan)
-    sampled = {}
-    for c in plan.chunks:
-        if c.num_logits == 0:
-            continue
-        first = c.start_pos + len(c.token_ids) - c.num_logits  # logits row r predicts position first + r + 1
-        targets = [token_at(first + r + 1) for r in range(c.num_logits)]
-        accepted = []
-        for draft, target in zip(c.token_ids[len(c.token_ids) - c.num_logits + 1 :], targets, strict=False):
-            accepted.append(target)
-            if draft != target:
-                break
-        else:
-            accepted.append(targets[-1])
-        sampled[c.seq_id] = accepted
-    return plan, scheduler.update(plan, sampled)
+    return plan, scheduler.update(plan, teacher_forced(plan))
 
 
 def run_all(scheduler: Scheduler, max_steps: int = 10_000) -> dict[int, Seq]:
