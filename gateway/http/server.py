@@ -45,7 +45,6 @@ class ConnectionLimits:
     max_per_client: int
     max_total: int
     trusted_proxies: tuple[Network, ...] = ()
-    keep_alive_s: float = 75.0
 
     @classmethod
     def of(cls, server: ServerConfig) -> ConnectionLimits:
@@ -56,7 +55,6 @@ class ConnectionLimits:
             server.max_connections_per_client,
             server.max_connections,
             tuple(ipaddress.ip_network(p, strict=False) for p in server.trusted_proxies),
-            server.keep_alive_s,
         )
 
     def is_proxy(self, host: str) -> bool:
