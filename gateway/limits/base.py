@@ -258,21 +258,40 @@ def new_id() -> str:
 
 
 def rule_key(rule: LimitRule) -> str:
-    """The slot length is part of the key, so a changed limit or window starts a fresh bucket."""
-    return f"rl:{rule.kind}:{rule.limit}/{rule.window_ms}:{rule.scope}"
+    """Limit and window are part of the key, so a changed limit or window starts a fresh bucket. `v2`: the
+    state is a time in us (before, a count of whole slots), so a replica of the older build never reads it."""
+    return f"rl:v2:{rule.kind}:{rule.limit}/{rule.window_ms}:{rule.scope}"
 
 
-def slot_of(rule: LimitRule, now_ms: float) -> int:
-    """The slot `now_ms` falls in. Multiplying first keeps a slot boundary exact; `now / slot_ms` can round
-    it down by one slot (1.7e12 ms at 159 per second), which denied a request with Retry-After 0."""
-    return math.floor(now_ms * rule.limit / rule.window_ms)
+def gcra_now_us(now_ms: float) -> int:
+    """GCRA's clock: whole microseconds (exact as doubles until the year 2255, so Lua and Python agree)."""
+    return math.floor(now_ms * 1000.0)
 
 
-def rule_status(rule: LimitRule, tat: int, now_ms: float, fits: bool) -> RuleStatus:
-    slot_ms = rule.window_ms / rule.limit
-    used = tat - slot_of(rule, now_ms)
-    remaining = min(rule.limit, max(0, rule.limit - used))
-    return RuleStatus(rule, remaining, ceil0(tat * slot_ms - now_ms), fits)
+def gcra_step(
+    rule: LimitRule, stored_tat_us: float | None, cost: int, now_us: int
+) -> tuple[float, float, bool]:
+    """GCRA in continuous time: (tat, tat after charging `cost`, whether that fits), in microseconds. A charge
+    of `cost` units moves the TAT by `cost` emission intervals (window / limit), rounded down to a whole
+    microsecond so that a burst of exactly `limit` fits; it fits while the TAT stays within one window of
+    now. Float arithmetic on purpose: gcra.lua's doubles give the same numbers."""
+    window_us = rule.window_ms * 1000.0
+    tat = max(stored_tat_us or 0.0, float(now_us))
+    new_tat = tat + math.floor(float(cost) * window_us / rule.limit)
+    return tat, new_tat, cost <= rule.limit and new_tat - now_us <= window_us
+
+
+def rule_status(rule: LimitRule, tat_us: float, now_us: int, fits: bool) -> RuleStatus:
+    """What is left of the rule given its TAT: whole units that fit now, and ms until it is full again."""
+    window_us = rule.window_ms * 1000.0
+    ahead_us = max(0.0, tat_us - now_us)
+    remaining = min(rule.limit, max(0, math.floor((window_us - ahead_us) * rule.limit / window_us)))
+    return RuleStatus(rule, remaining, ceil0(ahead_us / 1000.0), fits)
+
+
+def gcra_retry_ms(rule: LimitRule, new_tat_us: float, now_us: int) -> int:
+    """How long until a charge that would move the TAT to `new_tat_us` fits (at least 1 ms)."""
+    return max(1, ceil0((new_tat_us - rule.window_ms * 1000.0 - now_us) / 1000.0))
 
 
 def settle_deltas(

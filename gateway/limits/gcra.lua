@@ -15,41 +15,43 @@ local function ceil0(x)
   return math.ceil(x)
 end
 
--- GCRA. A rule's state is its theoretical arrival time (TAT) counted in emission intervals ("slots",
--- window/limit ms each). Time is floored to a whole slot and a charge of c units adds exactly c, so the
--- arithmetic stays in integers and a burst of exactly `limit` fits. Key names carry limit and window.
+-- GCRA in continuous time, on a clock of whole microseconds (exact in doubles). A rule's state is its
+-- theoretical arrival time (TAT); a charge of c units moves it by c emission intervals (window/limit), rounded
+-- down to a whole us so a burst of exactly `limit` fits, and fits while the TAT stays within one window of
+-- now: no boundary lets one more through. Key names carry limit and window. Python twin: gcra_step,
+-- rule_status and gcra_retry_ms in base.py, the same double arithmetic step by step.
 -- ARGV per rule i: limit, window_ms, cost. Charges every rule or none.
 -- Reply: allowed, retry_ms (-1: the cost exceeds a limit, never fits), then per rule: remaining, reset_ms, fits.
+local now_us = math.floor(now * 1000)
+
 local function admit()
   local tats, replies, allowed, retry = {}, {}, 1, 0
   for i = 1, #KEYS do
     local limit = tonumber(ARGV[3 * i])
-    local window = tonumber(ARGV[3 * i + 1])
+    local window = tonumber(ARGV[3 * i + 1]) * 1000
     local cost = tonumber(ARGV[3 * i + 2])
-    local slot_ms = window / limit
-    local now_slot = math.floor(now * limit / window)  -- not now / slot_ms: that rounds a boundary down
-    local tat = math.max(tonumber(redis.call('GET', KEYS[i])) or 0, now_slot)
-    local new_tat = tat + cost
+    local tat = math.max(tonumber(redis.call('GET', KEYS[i])) or 0, now_us)
+    local new_tat = tat + math.floor(cost * window / limit)
     local fits = 1
     if cost > limit then
       fits, allowed, retry = 0, 0, -1
-    elseif new_tat - now_slot > limit then
+    elseif new_tat - now_us > window then
       fits, allowed = 0, 0
-      if retry >= 0 then retry = math.max(retry, 1, ceil0((new_tat - limit) * window / limit - now)) end
+      if retry >= 0 then retry = math.max(retry, 1, ceil0((new_tat - window - now_us) / 1000)) end
     end
-    tats[i] = {tat, new_tat, limit, slot_ms, now_slot}
+    tats[i] = {tat, new_tat, limit, window}
     replies[i] = fits
   end
   local out = {allowed, retry}
   for i = 1, #KEYS do
-    local tat, new_tat, limit, slot_ms, now_slot = unpack(tats[i])
+    local tat, new_tat, limit, window = unpack(tats[i])
     if allowed == 1 then
       tat = new_tat
-      redis.call('SET', KEYS[i], string.format('%.17g', tat), 'PX', ceil0(tat * slot_ms - now) + 1)
+      redis.call('SET', KEYS[i], string.format('%.17g', tat), 'PX', ceil0((tat - now_us) / 1000) + 1)
     end
-    local remaining = math.min(limit, math.max(0, limit - (tat - now_slot)))
-    table.insert(out, remaining)
-    table.insert(out, ceil0(tat * slot_ms - now))
+    local ahead = math.max(0, tat - now_us)
+    table.insert(out, math.min(limit, math.max(0, math.floor((window - ahead) * limit / window))))
+    table.insert(out, ceil0(ahead / 1000))
     table.insert(out, replies[i])
   end
   return out
@@ -59,12 +61,11 @@ end
 -- A key that has already expired has nothing left to refund.
 local function settle()
   for i = 1, #KEYS do
-    local limit, window = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
-    local slot_ms = window / limit
-    local now_slot = math.floor(now * limit / window)
-    local tat = math.max(tonumber(redis.call('GET', KEYS[i])) or 0, now_slot) + tonumber(ARGV[3 * i + 2])
-    if tat > now_slot then
-      redis.call('SET', KEYS[i], string.format('%.17g', tat), 'PX', ceil0(tat * slot_ms - now) + 1)
+    local limit, window = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]) * 1000
+    local tat = math.max(tonumber(redis.call('GET', KEYS[i])) or 0, now_us)
+    tat = tat + math.floor(tonumber(ARGV[3 * i + 2]) * window / limit)
+    if tat > now_us then
+      redis.call('SET', KEYS[i], string.format('%.17g', tat), 'PX', ceil0((tat - now_us) / 1000) + 1)
     else
       redis.call('DEL', KEYS[i])
     end

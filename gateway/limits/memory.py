@@ -20,14 +20,15 @@ from gateway.limits.base import (
     ConcurrencyGrant,
     LimitRule,
     budget_retry_ms,
-    ceil0,
     check_cost,
+    gcra_now_us,
+    gcra_retry_ms,
+    gcra_step,
     new_id,
     period_key,
     rule_key,
     rule_status,
     settle_deltas,
-    slot_of,
     wall_clock_ms,
 )
 
@@ -51,7 +52,7 @@ class MemoryLimiter:
 
     def __init__(self, *, clock_ms: Callable[[], float] = wall_clock_ms) -> None:
         self._clock_ms = clock_ms
-        self._tats: dict[str, int] = {}  # GCRA state in slots, keyed like Redis; see limits.lua
+        self._tats: dict[str, float] = {}  # GCRA state: TAT in us, keyed like Redis; see gcra.lua
         self._leases: dict[str, dict[str, float]] = {}  # scope -> lease id -> expires_ms
         self._budgets: dict[tuple[str, str], _BudgetCell] = {}  # (scope, period key)
 
@@ -62,28 +63,25 @@ class MemoryLimiter:
         self, rules: Sequence[LimitRule], *, cost_tokens: int, now_ms: float | None = None
     ) -> Admission:
         check_cost(cost_tokens, "cost_tokens")
-        now = self._now(now_ms)
+        now_us = gcra_now_us(self._now(now_ms))
         allowed = True
         retry_ms: int | None = 0
-        plans: list[tuple[LimitRule, int, int, bool]] = []
+        plans: list[tuple[LimitRule, float, float, bool]] = []
         for rule in rules:
-            now_slot = slot_of(rule, now)
-            tat = max(self._tats.get(rule_key(rule), 0), now_slot)
             cost = rule.cost(cost_tokens)
-            fits = cost <= rule.limit and tat + cost - now_slot <= rule.limit
+            tat, new_tat, fits = gcra_step(rule, self._tats.get(rule_key(rule)), cost, now_us)
             if cost > rule.limit:
                 allowed, retry_ms = False, None
             elif not fits:
                 allowed = False
                 if retry_ms is not None:
-                    denied_for = (tat + cost - rule.limit) * rule.window_ms / rule.limit - now
-                    retry_ms = max(retry_ms, 1, ceil0(denied_for))
-            plans.append((rule, tat, tat + cost, fits))
+                    retry_ms = max(retry_ms, gcra_retry_ms(rule, new_tat, now_us))
+            plans.append((rule, tat, new_tat, fits))
         statuses = []
         for rule, tat, new_tat, fits in plans:
             if allowed:
                 self._tats[rule_key(rule)] = tat = new_tat
-            statuses.append(rule_status(rule, tat, now, fits))
+            statuses.append(rule_status(rule, tat, now_us, fits))
         return Admission(allowed, retry_ms, tuple(statuses), cost_tokens)
 
     async def settle(
@@ -95,12 +93,11 @@ class MemoryLimiter:
         now_ms: float | None = None,
     ) -> None:
         check_cost(actual_tokens, "actual_tokens")
-        now = self._now(now_ms)
+        now_us = gcra_now_us(self._now(now_ms))
         for rule, delta in settle_deltas(admission, actual_tokens, count_request):
             key = rule_key(rule)
-            now_slot = slot_of(rule, now)
-            tat = max(self._tats.get(key, 0), now_slot) + delta
-            if tat > now_slot:
+            tat = gcra_step(rule, self._tats.get(key), delta, now_us)[1]
+            if tat > now_us:
                 self._tats[key] = tat
             else:
                 self._tats.pop(key, None)

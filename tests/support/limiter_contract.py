@@ -45,6 +45,25 @@ class LimiterContract:
         assert not (await store.admit([rule], cost_tokens=0, now_ms=T0 + 199)).allowed
         assert (await store.admit([rule], cost_tokens=0, now_ms=T0 + 200)).allowed
 
+    async def test_a_burst_just_before_an_interval_edge_gets_no_more_at_it(self, store: Store) -> None:
+        # Regression: state counted in whole emission intervals aligned to the epoch credited a burst with the
+        # time since its interval began, so 2 per minute at :59.999 admitted a third request at :00.
+        rule = requests("key:edge", 2, 60.0)  # emission interval 30 s
+        late = T0 + 29_999
+        assert all([(await store.admit([rule], cost_tokens=0, now_ms=late)).allowed for _ in range(2)])
+        at_edge = await store.admit([rule], cost_tokens=0, now_ms=T0 + 30_000)
+        assert not at_edge.allowed and at_edge.retry_after_ms == 29_999
+        assert not (await store.admit([rule], cost_tokens=0, now_ms=late + 29_999)).allowed
+        refilled = await store.admit([rule], cost_tokens=0, now_ms=late + 30_000)
+        assert refilled.allowed and refilled.statuses[0].remaining == 0
+
+    async def test_remaining_counts_whole_units_that_fit_now(self, store: Store) -> None:
+        rule = tokens("team:partial", 100, 60.0)  # one token per 600 ms
+        await store.admit([rule], cost_tokens=100, now_ms=T0)
+        assert (await store.admit([rule], cost_tokens=1, now_ms=T0 + 599)).statuses[0].remaining == 0
+        half = await store.admit([rule], cost_tokens=1, now_ms=T0 + 1_799)  # 2.998 tokens back, 1 spent
+        assert half.allowed and half.statuses[0].remaining == 1 and half.statuses[0].reset_ms == 58_801
+
     async def test_after_the_burst_exactly_n_per_window(self, store: Store) -> None:
         rule = requests("key:steady", 5, 1.0)
         per_window = [0] * 10
