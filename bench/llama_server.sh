@@ -7,15 +7,23 @@
 # SDIST: llama_cpp_python-0.3.36.tar.gz (default: WORKDIR's copy, else `pip download` fetches it from PyPI).
 # WORKDIR: where it is unpacked and built (default: $LLAMA_DIR, else ~/.cache/switchboard/llama); the
 # binary ends up at WORKDIR/llama-server, whose path is printed last. JOBS (default 2) sets the parallel
-# compile jobs; run it under `nice` on a shared machine. About 20-30 min on 2 cores. Flags: the machine's
-# own ISA (-DGGML_NATIVE=ON, as issue 18 measured it), Release, and nothing that needs the network (no
-# prebuilt web UI download, no HTTPS client).
+# compile jobs; run it under `nice` on a shared machine. About 10-30 min on 2 cores. Flags: the machine's
+# own ISA (-DGGML_NATIVE=ON, as issue 18 measured it) except AMX, Release, and nothing that needs the
+# network (no prebuilt web UI download, no HTTPS client). AMX stays off unless LLAMA_AMX=on: on a Sapphire
+# Rapids VM (2026-12-05) the vendored ggml's AMX path died at its first `tilezero` (SIGILL) before loading
+# the model, so a native build could not serve at all.
 set -euo pipefail
 
 VERSION=0.3.36
 WORKDIR=${2:-${LLAMA_DIR:-$HOME/.cache/switchboard/llama}}
 SDIST=${1:-$WORKDIR/llama_cpp_python-$VERSION.tar.gz}
 JOBS=${JOBS:-2}
+NO_AMX=()
+if [ "${LLAMA_AMX:-off}" != on ]; then
+  NO_AMX=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+          "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+          -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
 
 mkdir -p "$WORKDIR"
 if [ ! -f "$SDIST" ]; then
@@ -39,7 +47,8 @@ cmake -S "$SRC" -B "$WORKDIR/build" "${GENERATOR[@]}" \
   -DLLAMA_BUILD_SERVER=ON \
   -DLLAMA_BUILD_UI=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF \
-  -DLLAMA_OPENSSL=OFF
+  -DLLAMA_OPENSSL=OFF \
+  "${NO_AMX[@]}"
 cmake --build "$WORKDIR/build" --target llama-server -j "$JOBS"
 cp "$WORKDIR/build/bin/llama-server" "$WORKDIR/llama-server"
 "$WORKDIR/llama-server" --version 2>&1 | head -n 2 >&2 || true

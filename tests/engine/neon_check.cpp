@@ -83,6 +83,21 @@ static int check_int4() {
   return 0;
 }
 
+static int check_dequant() {
+  uint8_t src[16];
+  for (int j = 0; j < 16; ++j) src[j] = static_cast<uint8_t>(rng() & 0xFF);
+  float out[QK];
+  bf16 outb[QK];
+  dequant_block(src, 0.25f, -2.f, out);
+  dequant_block(src, 0.25f, -2.f, outb);
+  for (int j = 0; j < QK; ++j) {
+    const double want = ((j < 16 ? src[j] & 0x0F : src[j - 16] >> 4) * 0.25) - 2.0;
+    if (out[j] != want) return fail("dequant f32", out[j], want);
+    if (widen(outb[j]) != want) return fail("dequant bf16", widen(outb[j]), want);
+  }
+  return 0;
+}
+
 static int check_attention_norm_rope() {
   const int head_dim = 64, n_rep = 3, n_keys = 37, bs = 16;
   std::vector<float> q(n_rep * head_dim), kc(3 * bs * head_dim), vc(3 * bs * head_dim), out(n_rep * head_dim), ref(n_rep * head_dim);
@@ -117,7 +132,7 @@ static int check_attention_norm_rope() {
 }
 
 int main() {
-  if (check_gemv() || check_int4() || check_attention_norm_rope()) return 1;
+  if (check_gemv() || check_int4() || check_dequant() || check_attention_norm_rope()) return 1;
   std::printf("neon ok %s\n", isa_name());
   return 0;
 }

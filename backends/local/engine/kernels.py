@@ -40,7 +40,8 @@ _SOURCES = ("paged_attention.cpp", "gemv.cpp", "rms_norm.cpp", "rope.cpp", "quan
 _HEADERS = ("simd.h", "elementwise_impl.h", "attention_impl.h", "quant_impl.h")
 # what the sources register
 OP_NAMES = (
-    "paged_attention", "bf16_gemv", "rms_norm", "rope_write", "int4_gemv", "int8_gemv", "int4_dequant"
+    "paged_attention", "bf16_gemv", "rms_norm", "rope_write", "int4_gemv", "int8_gemv", "int4_dequant",
+    "int4_dequant_into",
 )  # fmt: skip
 _STALE_LOCK_S = 600.0  # torch's build lock left by a process killed mid-build (a build takes ~10-60 s)
 _lock = threading.Lock()

@@ -243,6 +243,17 @@ inline void int8_rows(const QuantActs& a, int64_t m0, const int8_t* qw, const bf
   }
 }
 
+// One 32-element block of int4 weights out in T: dst[j] = q[j] * scale + offset (offset folds the -8 and the
+// zero point), q[0..15] the low nibbles of src's 16 bytes and q[16..31] the high ones.
+template <typename T>
+inline void dequant_block(const uint8_t* src, float scale, float offset, T* dst) {
+  const vf vs = vset(scale), vo = vset(offset);
+  for (int j = 0; j < 16; j += W) {
+    vstore(dst + j, vfma(vload_nib(src + j, 0), vs, vo));
+    vstore(dst + 16 + j, vfma(vload_nib(src + j, 4), vs, vo));
+  }
+}
+
 // Dispatch M rows in register-sized chunks of up to 4.
 template <typename T, typename Rows>
 inline void by_row_chunks(int64_t m_rows, Rows&& rows) {

@@ -76,6 +76,11 @@ inline vf vload(const bf16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+// W 4-bit values as floats: the low (shift 0) or high (shift 4) nibbles of the W bytes at p.
+inline vf vload_nib(const uint8_t* p, int shift) {
+  const __m128i raw = _mm_srli_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), shift);
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, _mm_set1_epi8(0x0F))));
+}
 inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline void vstore(bf16* p, vf v) {
   const __m512i u = _mm512_castps_si512(v);
@@ -103,6 +108,10 @@ inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
 inline vf vload(const bf16* p) {
   __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline vf vload_nib(const uint8_t* p, int shift) {
+  const __m128i raw = _mm_srli_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), shift);
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(raw, _mm_set1_epi8(0x0F))));
 }
 inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline void vstore(bf16* p, vf v) {
@@ -139,6 +148,12 @@ inline vf vload(const float* p) { return vld1q_f32(p); }
 inline vf vload(const bf16* p) {
   return vreinterpretq_f32_u32(vshlq_n_u32(vmovl_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p))), 16));
 }
+inline vf vload_nib(const uint8_t* p, int shift) {
+  uint32_t four;
+  std::memcpy(&four, p, sizeof(four));
+  const uint8x8_t raw = vshl_u8(vreinterpret_u8_u32(vdup_n_u32(four)), vdup_n_s8(static_cast<int8_t>(-shift)));
+  return vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vand_u8(raw, vdup_n_u8(0x0F))))));
+}
 inline void vstore(float* p, vf v) { vst1q_f32(p, v); }
 inline void vstore(bf16* p, vf v) {
   const uint32x4_t u = vreinterpretq_u32_f32(v);
@@ -164,6 +179,7 @@ inline vf vzero() { return 0.f; }
 inline vf vset(float v) { return v; }
 inline vf vload(const float* p) { return *p; }
 inline vf vload(const bf16* p) { return widen(*p); }
+inline vf vload_nib(const uint8_t* p, int shift) { return static_cast<float>((*p >> shift) & 0x0F); }
 inline void vstore(float* p, vf v) { *p = v; }
 inline void vstore(bf16* p, vf v) { p->x = narrow_bits(v); }
 inline vf vadd(vf a, vf b) { return a + b; }
