@@ -209,7 +209,9 @@ async def latency(r: Rig, requests: int, warmup: int) -> dict[str, list[float]]:
 async def streams(url: str, key: str | None, n: int, max_tokens: int, repeats: int) -> tuple[Stream, float]:
     """(median of `repeats` single streams, aggregate tok/s of `n` concurrent streams)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    limits = httpx.Limits(max_connections=n + 2)
+    # No keep-alive: llama-server hangs up an idle kept-alive connection, and the next request on it failed
+    # ("Server disconnected"); a loopback connect adds well under a millisecond to a TTFT.
+    limits = httpx.Limits(max_connections=n + 2, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, headers=headers, limits=limits) as client:
         await stream_chat(client, url, SHORT, 8)  # warm-up
         story = [{"role": "user", "content": STORY}]

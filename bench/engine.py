@@ -145,7 +145,9 @@ _FRESH = httpx.Limits(max_keepalive_connections=0)
 
 async def _single(url: str, messages: Any, max_tokens: int, repeats: int) -> Stream:
     async with httpx.AsyncClient(timeout=600, limits=_FRESH) as client:
-        await stream_chat(client, url, [{"role": "user", "content": "Hi"}], 8)  # warm-up
+        # Warm-up at full length: llama-server's first 128-token answers ran 25-30% below its later ones
+        # (132-155 vs 180-193 tok/s, 2026-12-05), which an 8-token warm-up did not absorb.
+        await stream_chat(client, url, messages, max_tokens)
         runs = [await stream_chat(client, url, messages, max_tokens) for _ in range(repeats)]
     return median_stream(runs)
 
@@ -254,9 +256,11 @@ def llama_cmd(gguf: Path, threads: int, server: Path | None, streams: int) -> li
     """llama.cpp's own `llama-server` binary when given (or on PATH), else llama-cpp-python's server."""
     binary = server or (Path(found) if (found := shutil.which("llama-server")) else None)
     if binary is not None:
-        # -np: one slot per concurrent stream (continuous batching across slots); -c is split among them.
+        # -np: one slot per concurrent stream (continuous batching across slots); -c is split among them,
+        # at least 2048 in all: one slot of 512 could not hold bench/edge's prompt and answer (it hung up).
         return [str(binary), "-m", str(gguf), "--port", "{port}", "-a", "smollm2", "-t", str(threads),
-                "-tb", str(threads), "-np", str(streams), "-c", str(512 * streams), "-cb"]  # fmt: skip
+                "-tb", str(threads), "-np", str(streams), "-c", str(max(2048, 512 * streams)),
+                "-cb"]  # fmt: skip
     if importlib.util.find_spec("llama_cpp") is None:
         return None
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", "{port}",

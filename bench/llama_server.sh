@@ -11,7 +11,8 @@
 # own ISA (-DGGML_NATIVE=ON, as issue 18 measured it) except AMX, Release, and nothing that needs the
 # network (no prebuilt web UI download, no HTTPS client). AMX stays off unless LLAMA_AMX=on: on a Sapphire
 # Rapids VM (2026-12-05) the vendored ggml's AMX path died at its first `tilezero` (SIGILL) before loading
-# the model, so a native build could not serve at all.
+# the model, so a native build could not serve at all. LLAMA_ISA=avx2 builds for AVX2+FMA only (no AVX-512,
+# whatever this CPU has), for the AVX2-forced run of bench/engine on an AVX-512 machine (docs/BENCHMARKS.md).
 set -euo pipefail
 
 VERSION=0.3.36
@@ -35,11 +36,17 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
   tar xzf "$SDIST" -C "$WORKDIR"
 fi
 
+ISA=(-DGGML_NATIVE=ON)
+if [ "${LLAMA_ISA:-native}" = avx2 ]; then
+  ISA=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+       -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF)
+fi
+
 GENERATOR=()
 if command -v ninja >/dev/null; then GENERATOR=(-G Ninja); fi
 cmake -S "$SRC" -B "$WORKDIR/build" "${GENERATOR[@]}" \
   -DCMAKE_BUILD_TYPE=Release \
-  -DGGML_NATIVE=ON \
+  "${ISA[@]}" \
   -DBUILD_SHARED_LIBS=OFF \
   -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF \
