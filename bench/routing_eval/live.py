@@ -248,7 +248,12 @@ def prefix_counters(urls: Mapping[str, str]) -> tuple[float, float]:
 
 
 def simulate_measured(
-    jobs: list[Job], policy: object, seed: int, curve: StepModel, system_tokens: Mapping[str, int]
+    jobs: list[Job],
+    policy: object,
+    seed: int,
+    curve: StepModel,
+    system_tokens: Mapping[str, int],
+    shared_cores: float | None = None,
 ) -> list[Job]:
     """The simulator on the replayed requests with their measured token counts (an agent turn's shared
     system prompt as the engine's tokenizer counts it), same fleet shape."""
@@ -261,7 +266,7 @@ def simulate_measured(
         for j in jobs
     ]
     trace = sorted(measured, key=lambda r: r.arrival_s)
-    return Simulation(fleet, seed).run(trace, policy).jobs  # type: ignore[arg-type]
+    return Simulation(fleet, seed, shared_cores=shared_cores).run(trace, policy).jobs  # type: ignore[arg-type]
 
 
 def _stats(jobs: list[Job], prefix_hit: float | None = None) -> dict[str, float]:
@@ -314,6 +319,11 @@ def main(argv: list[str] | None = None) -> None:
         "--curve", type=Path, default=CURVE_PATH,
         help="the step-time curve (calibrate.py --engines 3 measures one under the replay's conditions)",
     )  # fmt: skip
+    parser.add_argument(
+        "--shared-cores", type=float, default=None,
+        help="simulate the replicas as one-thread processes sharing this many cores (give it a curve of one "
+        "engine alone, `calibrate.py --engines 1`); default: each replica steps at the curve's rate",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     curve = load_curve(args.curve)
     trace = live_trace(args.minutes, args.load_boxes, args.seed, curve)
@@ -331,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             load.append(round(os.getloadavg()[0], 2))
             after = prefix_counters(urls)
             hit = (after[1] - before[1]) / (after[0] - before[0]) if after[0] > before[0] else 0.0
-            simulated = simulate_measured(jobs, make(), args.seed, curve, system_tokens)
+            simulated = simulate_measured(jobs, make(), args.seed, curve, system_tokens, args.shared_cores)
             results[policy.name] = (_stats(jobs, hit), _stats(simulated))
     for label, (live, sim) in results.items():
         rows += _row(label, live, sim)
@@ -344,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         f"average {load} (start, after each replay; other helpers share this machine).",
         "",
         f"Command: `python -m bench.routing_eval.live --minutes {args.minutes:g} "
-        f"--load-boxes {args.load_boxes:g} --seed {args.seed} --curve {_rel(args.curve)}{out}`. Curve: "
+        f"--load-boxes {args.load_boxes:g} --seed {args.seed} --curve {_rel(args.curve)}"
+        f"{f' --shared-cores {args.shared_cores:g}' if args.shared_cores else ''}{out}`. Curve: "
         f"{curve.source}. {len(trace)} requests of "
         f"`bursty-agents` (outputs capped at {MAX_OUTPUT} tokens, edge-floor requests left out), open loop; "
         f"{REPLICAS} engine replicas "

@@ -50,6 +50,7 @@ class Box:
     decoding: list[Job] = field(default_factory=list)
     t: float = 0.0
     version: int = 0
+    slowdown: float = 1.0  # > 1 while boxes sharing cores outnumber them (Simulation's shared_cores)
     busy_s: float = 0.0
     prefill_computed: int = 0
     decoded: int = 0
@@ -79,8 +80,10 @@ class Box:
         pending = sum(j.prefill_left for j in self.prefilling)
         chunk = min(m.max_prefill_tokens, pending)
         step_s = (
-            m.step_base_ms + m.step_ms_per_stream * len(self.decoding) + m.prefill_ms_per_token * chunk
-        ) / 1000
+            (m.step_base_ms + m.step_ms_per_stream * len(self.decoding) + m.prefill_ms_per_token * chunk)
+            * self.slowdown
+            / 1000
+        )
         return step_s, 1 / step_s, chunk / step_s
 
     def advance(self, now: float) -> None:
@@ -199,8 +202,12 @@ class Result:
 class Simulation:
     """One policy over one trace on one fleet. Read-only state for policies: `boxes`, `cloud_in_flight`."""
 
-    def __init__(self, fleet: Fleet, seed: int) -> None:
+    def __init__(self, fleet: Fleet, seed: int, *, shared_cores: float | None = None) -> None:
+        """`shared_cores`: the boxes are one-thread processes on this many cores (the live replay's engine
+        replicas on one machine), so while more of them are busy than there are cores each steps that much
+        slower; None: every box has its own hardware (the fleets of the evaluation)."""
         self.fleet = fleet
+        self.shared_cores = shared_cores
         self.boxes = {b.name: Box(b) for b in fleet.boxes}
         self.cloud_in_flight = 0
         self.rng = random.Random(seed)
@@ -216,6 +223,19 @@ class Simulation:
         t = box.next_event_s()
         if t < math.inf:
             self._push(t, "box", box.version, None, box.spec.name)
+
+    def _contend(self, now: float) -> None:
+        """Re-rate every box for the number busy now (with `shared_cores`): each box is first advanced to now
+        at its old rate, then rescheduled at the new one."""
+        if self.shared_cores is None:
+            return
+        busy = sum(1 for b in self.boxes.values() if b.running)
+        slowdown = max(1.0, busy / self.shared_cores)
+        for box in self.boxes.values():
+            if box.slowdown != slowdown:
+                box.advance(now)
+                box.slowdown = slowdown
+                self._reschedule(box)
 
     def _dispatch(self, req: Request, target: str, now: float, counted_prompt: int = -1) -> Job:
         job = Job(req, target, now, counted_prompt=counted_prompt)
@@ -233,6 +253,7 @@ class Simulation:
         box.waiting.append(job)
         box.admit()
         self._reschedule(box)
+        self._contend(now)
         return job
 
     def run(self, trace: list[Request], policy: Policy) -> Result:
@@ -265,5 +286,6 @@ class Simulation:
             for done in box.settle():
                 policy.observe(done)
             self._reschedule(box)
+            self._contend(t)
         end = max([trace[-1].arrival_s if trace else 0.0, *(b.t for b in self.boxes.values())])
         return Result(policy.name, self.fleet, end, jobs, rejected, self.boxes)

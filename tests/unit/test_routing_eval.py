@@ -172,3 +172,33 @@ def test_an_agent_turn_sends_its_previous_turns_messages_then_its_own(trace: lis
     first = next(r for r in trace if r.session >= 0 and r.history_tokens == 0)
     assert [m["role"] for m in messages_of(first, by_rid)] == ["system", "user"]
     assert messages_of(first, by_rid, 1)[0] != messages_of(first, by_rid, 2)[0]  # replays share no block
+
+
+@dataclasses.dataclass
+class _Alternate:
+    """Request i goes to engine-(i mod 2)."""
+
+    name: str = "alternate"
+
+    def route(self, req: Request, now: float, sim: Simulation) -> str | None:
+        return f"engine-{req.rid % 2}"
+
+    def observe(self, job: object) -> None:
+        return None
+
+
+def test_boxes_sharing_cores_step_slower_only_while_more_are_busy_than_there_are_cores() -> None:
+    # Two identical answers on two boxes at once: with one shared core both take twice as long; with two
+    # cores (or none shared) as long as alone. A lone answer on one shared core runs at full speed.
+    pair = [dataclasses.replace(BASE, rid=i, prefix_key=f"p{i}", session=-1) for i in range(2)]
+
+    def e2e(reqs: list[Request], cores: float | None) -> list[float]:
+        fleet = make_fleet(MODEL, 2, "test")
+        fleet = dataclasses.replace(fleet, boxes=fleet.owned)
+        return [j.e2e_s for j in Simulation(fleet, seed=1, shared_cores=cores).run(reqs, _Alternate()).jobs]
+
+    alone = e2e(pair, None)
+    assert alone[0] == pytest.approx(alone[1])
+    assert e2e(pair, 2) == pytest.approx(alone)
+    assert e2e(pair, 1) == pytest.approx([2 * t for t in alone], rel=1e-6)
+    assert e2e(pair[:1], 1) == pytest.approx(alone[:1])
