@@ -9,9 +9,12 @@ reply standing in for that turn's answer (a turn whose history was cut short get
 then its own message, so a turn starts with its previous turn's whole prompt, as in the trace. The
 simulator then replays the trace with each request's measured token counts on a fleet of the same shape.
 Edge-floor requests are left out (no edge node here). Run:
-`python -m bench.routing_eval.live [--minutes 2] [--load-boxes 4] [--curve PATH] [--out docs/BENCHMARKS.md]`;
-for a fair comparison give it a curve measured with as many engines busy at once as it runs
-(`python -m bench.routing_eval.calibrate --engines 3 --out bench/data/routing_eval_curve_3engines.json`).
+`python -m bench.routing_eval.live [--minutes 2] [--load-boxes 4] [--curve PATH] [--shared-cores N]
+[--out docs/BENCHMARKS.md]`. The replicas share this machine's cores, so the closest simulation is the curve
+of one engine alone (`python -m bench.routing_eval.calibrate --engines 1 --out PATH`) with `--shared-cores`
+the machine's core count: a replica steps slower only while more are busy than there are cores. A curve
+measured with all three busy at once (`calibrate --engines 3`) charges every step for contention the replay
+has only at its peaks (docs/BENCHMARKS.md, "Reading the live check").
 """
 
 from __future__ import annotations
