@@ -201,10 +201,6 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
     if options.device == "cpu":
         # RMSNorm, RoPE + KV write, and for bf16 the GEMV of decode rows: C++ kernels (docs/ENGINE.md).
         log.info("C++ CPU kernels on %d modules", attach_cpu_kernels(model))
-        from backends.local.engine.crossover import calibrate
-
-        with stage("int4 GEMV / GEMM crossover"):
-            in_thread(lambda: calibrate(model, runner.dtype), options.threads or available_cores())
     if options.warm_up:
         from backends.local.warmup import warm_up
 

@@ -27,7 +27,6 @@ from torch import nn  # noqa: E402
 from backends.local.engine.linear_kernels import GemvLinear, use_gemv_kernel  # noqa: E402
 from backends.local.engine.quant import (  # noqa: E402
     INT4_GROUP_SIZES,
-    INT_KERNEL_MAX_ROWS,
     Int4Linear,
     Int8Linear,
     LayerScheme,
@@ -146,9 +145,6 @@ def test_int4_linear_equals_dequantized_matmul(in_features: int, out_features: i
     prefill = torch.randn(40, in_features)  # more rows than the int kernels take: dequantize + GEMM
     want = (prefill if layer.packing == "switchboard" else prefill.bfloat16().float()) @ weight.T
     assert rel_err(layer(prefill), want + fp32.bias.detach()) <= 4e-3
-    if layer.packing == "switchboard":  # decode rows handed to the GEMM (engine/crossover.py) agree too
-        rows = torch.randn(8, in_features)
-        assert rel_err(layer(rows, gemm_rows=1), rows @ weight.T + fp32.bias.detach()) <= 4e-3
 
 
 def test_quantized_layers_take_bf16_and_non_contiguous_inputs() -> None:
@@ -370,20 +366,3 @@ def test_gemv_swap_keeps_a_tiny_llama_close_and_leaves_fp32_alone() -> None:
     assert model.lm_head.weight is model.model.embed_tokens.weight
     logits = logits_of(model, ids[:1, :1])
     assert (logits - reference).abs().max().item() <= 0.05 * reference.abs().max().item()
-
-
-def test_crossover_sets_every_int4_layer_to_a_row_count_the_gemv_path_allows() -> None:
-    from backends.local.engine.crossover import ROWS, calibrate
-
-    model = nn.Sequential(linear(576, 1536), linear(1536, 576))
-    for i, child in enumerate(list(model)):
-        model[i] = Int4Linear.from_linear(child, 32)
-    first = calibrate(model, torch.float32)
-    if model[0].packing != "switchboard":
-        assert first is None  # torch's int4 kernel has no such choice
-        return
-    assert first in (*ROWS, INT_KERNEL_MAX_ROWS + 1)
-    assert {layer.gemm_rows for layer in model} == {first}
-    x = torch.randn(max(1, first - 1), 576)
-    # two layers, each GEMV with int8-quantized activations (~0.4% apiece) against the float GEMM
-    assert rel_err(model(x), model[1](model[0](x, gemm_rows=1), gemm_rows=1)) <= 0.012

@@ -40,8 +40,7 @@ _SOURCES = ("paged_attention.cpp", "gemv.cpp", "rms_norm.cpp", "rope.cpp", "quan
 _HEADERS = ("simd.h", "elementwise_impl.h", "attention_impl.h", "quant_impl.h")
 # what the sources register
 OP_NAMES = (
-    "paged_attention", "bf16_gemv", "rms_norm", "rope_write", "int4_gemv", "int8_gemv", "int4_dequant",
-    "int4_dequant_into",
+    "paged_attention", "bf16_gemv", "rms_norm", "rope_write", "int4_gemv", "int8_gemv", "int4_dequant"
 )  # fmt: skip
 _STALE_LOCK_S = 600.0  # torch's build lock left by a process killed mid-build (a build takes ~10-60 s)
 _lock = threading.Lock()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import threading
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -247,24 +246,6 @@ class Int8Linear(nn.Module):
         )
 
 
-_SCRATCH_MAX_BYTES = 16 << 20  # a larger dequantized weight (an int4 lm_head) gets a fresh tensor each call
-_scratch = threading.local()  # per thread: two engines in one process each run their own layers
-
-
-def _dequant_scratch(n: int, k: int, dtype: torch.dtype) -> Tensor:
-    """An (n, k) buffer for a dequantized weight, reused across calls and layers: a fresh allocation per call
-    cost more in page faults than the dequantization (a 1536 x 576 layer: ~250 us of ~330). The model runs
-    its layers one after another, and each GEMM is done with the buffer before the next layer fills it."""
-    numel = n * k
-    if numel * torch.empty((), dtype=dtype).element_size() > _SCRATCH_MAX_BYTES:
-        return torch.empty(n, k, dtype=dtype)
-    buffers: dict[torch.dtype, Tensor] = _scratch.__dict__.setdefault("buffers", {})
-    held = buffers.get(dtype)
-    if held is None or held.numel() < numel:
-        buffers[dtype] = held = torch.empty(numel, dtype=dtype)
-    return held[:numel].view(n, k)
-
-
 class Int4Linear(nn.Module):
     """y = x @ W.T + bias with W[n, k] = (q[n, k] - 8) * scale[n, k // gs] + zero[n, k // gs].
 
@@ -291,7 +272,6 @@ class Int4Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
-        self.gemm_rows = INT_KERNEL_MAX_ROWS + 1  # see forward
         self.padded_in_features = _round_up(in_features, group_size)
         k = self.padded_in_features
         self.register_buffer("weight", torch.zeros(out_features, k // 2, dtype=torch.uint8))
@@ -352,17 +332,14 @@ class Int4Linear(nn.Module):
             layer.bias.copy_(bias.detach().float())
         return layer
 
-    def forward(self, x: Tensor, *, gemm_rows: int | None = None) -> Tensor:
-        """`gemm_rows`: from this many rows on, dequantize and GEMM (default: `self.gemm_rows`, which
-        engine/crossover.py times at start; before that, beyond the kernel's 32-row cap)."""
+    def forward(self, x: Tensor) -> Tensor:
         if self.packing == "switchboard":
             x2 = rows_input(x, self.in_features, self.padded_in_features)
-            if 0 < x2.shape[0] < min(gemm_rows or self.gemm_rows, INT_KERNEL_MAX_ROWS + 1):
+            if 0 < x2.shape[0] <= INT_KERNEL_MAX_ROWS:
                 out = int_kernel("int4_gemv")(x2, self.weight, self.scales_and_zeros, self.group_size)
             else:  # prefill: dequantize once, and the GEMM reuses the weight for every row
-                weight = _dequant_scratch(self.out_features, self.padded_in_features, x2.dtype)
-                int_kernel("int4_dequant_into")(self.weight, self.scales_and_zeros, self.group_size, weight)
-                out = F.linear(x2, weight)
+                dequant = int_kernel("int4_dequant")
+                out = F.linear(x2, dequant(self.weight, self.scales_and_zeros, self.group_size, x2.dtype))
             return _kernel_output(out, x, self.bias, self.out_features)
         x2 = _kernel_input(x, self.in_features, self.padded_in_features)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -7,8 +7,7 @@
 // torch.ops.switchboard.int8_gemv(x, qweight, scales) -> y
 //   qweight (N, K) int8, K % 32 == 0; scales (N,) bfloat16: weight = q * scale
 // torch.ops.switchboard.int4_dequant(qweight, scales_zeros, group_size, dtype) -> (N, K) weight, for the GEMM
-//   that takes larger row counts (prefill), where the weight is reused by every row; int4_dequant_into(...,
-//   out) writes it into a given (N, K) float32 or bfloat16 tensor instead.
+//   that takes larger row counts (prefill), where the weight is reused by every row.
 // y is (M, N) in x's dtype. x is quantized per 32-block to int8 once per call (quant_impl.h); the weight is
 // streamed once for all rows, split over torch's threads by output rows.
 
@@ -101,15 +100,13 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   });
 }
 
-// Fill `w` (N, K) float32 or bfloat16, contiguous, with the dequantized weight. The GEMM path passes a reused
-// buffer: a fresh 1.7 MB tensor per call cost more in page faults than the dequantization itself.
-void int4_dequant_into(const at::Tensor& qweight, const at::Tensor& sz, int64_t group, at::Tensor& w) {
+at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& sz, int64_t group, at::ScalarType dtype) {
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && sz.is_contiguous() &&
                   sz.scalar_type() == at::kBFloat16,
               "qweight must be contiguous uint8 and scales_zeros contiguous bfloat16");
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "dtype must be float32 or bfloat16");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
   const int64_t n = qweight.size(0), k = qweight.size(1) * 2, groups = k / group;
-  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(0) == n && w.size(1) == k, "out must be a contiguous (N, K) tensor");
+  at::Tensor w = at::empty({n, k}, qweight.options().dtype(dtype));
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
   const bf16* sp = reinterpret_cast<const bf16*>(sz.data_ptr<c10::BFloat16>());
   auto fill = [&](auto* wp) {
@@ -123,16 +120,11 @@ void int4_dequant_into(const at::Tensor& qweight, const at::Tensor& sz, int64_t 
         }
     });
   };
-  if (w.scalar_type() == at::kFloat) {
+  if (dtype == at::kFloat) {
     fill(w.data_ptr<float>());
   } else {
     fill(reinterpret_cast<bf16*>(w.data_ptr<c10::BFloat16>()));
   }
-}
-
-at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& sz, int64_t group, at::ScalarType dtype) {
-  at::Tensor w = at::empty({qweight.size(0), qweight.size(1) * 2}, qweight.options().dtype(dtype));
-  int4_dequant_into(qweight, sz, group, w);
   return w;
 }
 
@@ -145,6 +137,4 @@ TORCH_LIBRARY_FRAGMENT(switchboard, m) {
   m.impl("int8_gemv", c10::DispatchKey::CPU, TORCH_FN(int8_gemv));
   m.def("int4_dequant(Tensor qweight, Tensor scales_zeros, int group_size, ScalarType dtype) -> Tensor");
   m.impl("int4_dequant", c10::DispatchKey::CPU, TORCH_FN(int4_dequant));
-  m.def("int4_dequant_into(Tensor qweight, Tensor scales_zeros, int group_size, Tensor(a!) out) -> ()");
-  m.impl("int4_dequant_into", c10::DispatchKey::CPU, TORCH_FN(int4_dequant_into));
 }
