@@ -16,6 +16,8 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -187,6 +189,22 @@ def _prefill_bound(
     return Prediction(
         base, slot_per_token, base, slot_per_token + stream_ms, waiting, ms_per_prompt, unreserved
     )
+
+
+TAIL_QUANTILE = 0.9  # the SLO is a p95; judging by the p90 of the lateness leaves room for the rest
+TAIL_MIN_SAMPLES = 20  # fewer measured requests than this: no correction (factor 1)
+
+
+def tail_factor(ratios: Sequence[float]) -> float:
+    """`DeploymentStats.ttft_tail_factor` from recent measured / predicted TTFT ratios: their
+    `TAIL_QUANTILE` (nearest rank), at least 1 (predictions that run early are left as they are), 1 with
+    fewer than `TAIL_MIN_SAMPLES`. A queue the load figures cannot show (a slot held by a long answer, an
+    evicted prefix the prediction counted as cached) shows up here."""
+    if len(ratios) < TAIL_MIN_SAMPLES:
+        return 1.0
+    ordered = sorted(ratios)
+    value = ordered[min(len(ordered) - 1, max(0, math.ceil(TAIL_QUANTILE * len(ordered)) - 1))]
+    return value if value > 1.0 and math.isfinite(value) else 1.0
 
 
 def owned_share_micro_usd(busy_ms: float, usd_per_hour: Decimal) -> int:

@@ -3,19 +3,18 @@
 `by_slo`: with an SLO in the policy (`slo_p95_ttft_ms`, `slo_p95_e2e_ms`), deployments predicted to meet it
 come first, the cheapest first (owned capacity costs 0 at the margin, so it wins while it has room), then
 those predicted to miss it, the closest to meeting it first: a request that may not leave queues on owned
-capacity rather than overflow. A request that could go elsewhere (some eligible deployment is not owned)
-meets the SLO on an owned box only outside the box's reserve for must-stay traffic (`Capacity.reserve_*`):
-a free unreserved slot, and a predicted TTFT within the reserve's bound. `by_affinity`: with a prefix key,
-the owned replicas that tie for first place (same requested-order position and marginal cost, SLO met, or
-all missing it when none meets it) are reordered by rendezvous hashing of the key, skipping a replica with
-more than `affinity_max_waiting` requests waiting for a slot. For a later turn whose previous one went to
-an owned replica (`RouteRequest.prefix_tokens`, `prefix_holder`) and where the prediction models prefill
-(a `capacity.prefill_tokens_per_s`), the rest are then ordered by predicted TTFT, rendezvous order on
-ties: the holder's prediction counts only the prompt its prefix cache lacks (`routing.scoring`), so the
-conversation stays there unless another replica would still answer sooner (other requests spill by the
-waiting limit alone). Pure and
-deterministic: every gateway replica places a prefix on the same engine.
-"""
+capacity rather than overflow. A request that could be served on a less private tier than an owned box's (the
+cloud; for an edge node, the engines too) meets the SLO on that box only outside its reserve for the traffic
+that needs its tier (`Capacity.reserve_*`): a free unreserved slot, and a predicted TTFT within the reserve's
+bound. `by_affinity`: with a prefix key, the owned replicas that tie for first place (same kind as the best-
+ranked one: engine replicas, or edge nodes; same requested-order position and marginal cost, SLO met, or all
+missing it when none meets it) are reordered by rendezvous hashing of the key, skipping a replica with more
+than `affinity_max_waiting` requests waiting for a slot. For a later turn whose previous one went to an owned
+replica (`RouteRequest.prefix_tokens`, `prefix_holder`) and where the prediction models prefill (a
+`capacity.prefill_tokens_per_s`), the rest are then ordered by predicted TTFT, rendezvous order on ties: the
+holder's prediction counts only the prompt its prefix cache lacks (`routing.scoring`), so the conversation
+stays there unless another replica would still answer sooner (other requests spill by the waiting limit
+alone). Pure and deterministic: every gateway replica places a prefix on the same engine."""
 
 from __future__ import annotations
 
@@ -50,11 +49,13 @@ _POSITION, _COST = itemgetter(0), itemgetter(3)  # fields of ScoredCandidate
 _SLO_MET, _AFFINITY = 7, 8  # field indices of ScoredCandidate
 
 
-def overshoot(c: ScoredCandidate, policy: RoutePolicy) -> float:
-    """Predicted / target for the tighter of the SLO's terms: <= 1 meets it."""
+def overshoot(c: ScoredCandidate, policy: RoutePolicy, tail: float = 1.0) -> float:
+    """Predicted / target for the tighter of the SLO's terms: <= 1 meets it. `tail`: the deployment's
+    `ttft_tail_factor`, applied to the predicted TTFT."""
     ratio = 0.0
     if policy.slo_p95_ttft_ms is not None:
-        ratio = c.ttft_ms / policy.slo_p95_ttft_ms if policy.slo_p95_ttft_ms > 0 else math.inf
+        ttft = c.ttft_ms * tail
+        ratio = ttft / policy.slo_p95_ttft_ms if policy.slo_p95_ttft_ms > 0 else math.inf
     if policy.slo_p95_e2e_ms is not None:
         e2e = c.latency_ms / policy.slo_p95_e2e_ms if policy.slo_p95_e2e_ms > 0 else math.inf
         ratio = max(ratio, e2e)
@@ -66,24 +67,41 @@ def has_slo(policy: RoutePolicy) -> bool:
 
 
 def by_slo(
-    ranked: list[ScoredCandidate], policy: RoutePolicy, owned: Mapping[str, Entry] | None = None
+    ranked: list[ScoredCandidate],
+    policy: RoutePolicy,
+    owned: Mapping[str, Entry] | None = None,
+    tails: Mapping[str, float] | None = None,
+    loosest_rank: int | None = None,
 ) -> list[ScoredCandidate]:
     """Meeting the SLO first, cheapest first (ties keep the objective's order); then misses, closest first;
     the requested `order` stays outermost. Stable single-key sorts, least significant first. `owned`: id ->
-    entry of the owned eligible deployments, whose reserves bind when some candidate is not owned."""
+    entry of the owned eligible deployments, whose reserves bind for a request that could be served on a
+    less private tier (`loosest_rank`: the largest privacy rank among the eligible; the cloud's, or for an
+    edge node's reserve also the engines'), so each private tier is kept for the traffic that needs it;
+    without `loosest_rank`, when some candidate is not owned. `tails`:
+    id -> `ttft_tail_factor` where above 1: the SLO is a p95, so a deployment whose measured TTFTs run
+    later than predicted (a queue the load figures do not show, an evicted prefix) is judged by its predicted
+    TTFT x that factor, here and against the reserve's bound."""
     max_ttft = math.inf if policy.slo_p95_ttft_ms is None else policy.slo_p95_ttft_ms
     max_e2e = math.inf if policy.slo_p95_e2e_ms is None else policy.slo_p95_e2e_ms
     get = (owned or {}).get
+    tail_of = (tails or {}).get
     may_leave = owned is not None and len(owned) < len(ranked)  # every owned entry is a candidate
+    by_tier = loosest_rank is not None
     met: list[ScoredCandidate] = []
     missed: list[tuple[float, ScoredCandidate]] = []
     for c in ranked:
-        e = get(c.deployment_id) if may_leave else None
-        reserved = e is not None and (not e.unreserved or c.ttft_ms > e.reserve_ttft_ms)
-        if c.ttft_ms <= max_ttft and c.latency_ms <= max_e2e and not reserved:
+        tail = tail_of(c.deployment_id, 1.0)
+        ttft = c.ttft_ms * tail
+        e = get(c.deployment_id) if may_leave or by_tier else None
+        if e is not None and loosest_rank is not None and e.privacy_rank >= loosest_rank:
+            e = None  # nowhere less private to go: this box's reserve is for such requests
+        reserved = e is not None and (not e.unreserved or ttft > e.reserve_ttft_ms)
+        if ttft <= max_ttft and c.latency_ms <= max_e2e and not reserved:
             met.append(c)
         else:
-            missed.append((overshoot(c, policy), _new(ScoredCandidate, (*c[:_SLO_MET], False, c[_AFFINITY]))))
+            flagged = _new(ScoredCandidate, (*c[:_SLO_MET], False, c[_AFFINITY]))
+            missed.append((overshoot(c, policy, tail), flagged))
     met.sort(key=_COST)
     missed.sort(key=_first)
     out = met + [c for _, c in missed]
@@ -116,13 +134,14 @@ def by_affinity(
         if lead is None:
             return ranked, None
     position, cost = lead.order_position, lead.cost_pusd
+    kind = owned[lead.deployment_id].spec.backend_kind  # replicas: an edge node is no engine replica's peer
     slots: list[int] = []
     members: list[tuple[int, int, ScoredCandidate]] = []  # (HRW weight, waiting, candidate)
     get = owned.get
     for i, c in enumerate(ranked):
         if c.slo_met == met and c.cost_pusd == cost and c.order_position == position:
             e = get(c.deployment_id)
-            if e is not None:
+            if e is not None and e.spec.backend_kind == kind:
                 slots.append(i)
                 members.append((hrw_weight(prefix_key, e.affinity_seed), e.waiting, c))
     if len(slots) < 2:
@@ -173,5 +192,7 @@ def overflow_text(ranked: Sequence[ScoredCandidate], owned: Mapping[str, Entry],
     if not missed:
         return ""
     c = missed[0]
-    text = f"; overflow: {c.deployment_id} predicted ttft {c.ttft_ms:.0f} ms, {c.latency_ms:.0f} ms"
-    return text if overshoot(c, policy) > 1 else f"{text} (reserve kept for must-stay traffic)"
+    tail = owned[c.deployment_id].ttft_tail_factor
+    late = f" (x{tail:.1f} measured lateness)" if tail > 1.0 else ""
+    text = f"; overflow: {c.deployment_id} predicted ttft {c.ttft_ms:.0f} ms{late}, {c.latency_ms:.0f} ms"
+    return text if overshoot(c, policy, tail) > 1 else f"{text} (reserve kept for must-stay traffic)"

@@ -324,7 +324,9 @@ def _place(
         return ranked, None
     entries = {e.deployment_id: e for _, _, e, _ in rows if e.owned}  # the owned eligible ones
     if slo:
-        ranked = by_slo(ranked, policy, entries)
+        tails = {e.deployment_id: e.ttft_tail_factor for _, _, e, _ in rows if e.ttft_tail_factor > 1.0}
+        loosest = max(e.privacy_rank for _, _, e, _ in rows)
+        ranked = by_slo(ranked, policy, entries, tails, loosest)
     affinity = None
     if key is not None:
         cached = request.prefix_tokens if request.prefix_holder in entries else 0

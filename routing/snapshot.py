@@ -82,8 +82,13 @@ class DeploymentStats:
     sample_count: int = 0  # 0: these are the config priors
     running: int | None = None  # the engine's running requests (its /metrics); None: not reported
     pending_prompt_tokens: int = 0  # prompt tokens of the gateway's in-flight requests without a first token
+    # How far late the predictions run here: the 90th percentile of measured / predicted TTFT over recent
+    # requests (>= 1; 1 until enough are measured). SLO checks use predicted TTFT x this (routing.placement).
+    ttft_tail_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.ttft_tail_factor < 1.0 or not math.isfinite(self.ttft_tail_factor):
+            raise ValueError(f"ttft_tail_factor must be finite and >= 1, got {self.ttft_tail_factor}")
         if self.decode_tokens_per_s <= 0 or self.ttft_ms < 0:
             raise ValueError(
                 f"decode_tokens_per_s must be > 0 and ttft_ms >= 0, got {self.decode_tokens_per_s}, "
@@ -128,6 +133,7 @@ class Entry:
     ms_per_prompt_token: float = 0.0  # added to predicted TTFT and latency per prompt token (prefill)
     unreserved: bool = True  # a request that could go elsewhere fits outside the must-stay reserve
     reserve_ttft_ms: float = math.inf  # such a request only where its predicted TTFT is at most this
+    ttft_tail_factor: float = 1.0  # stats.ttft_tail_factor: SLO checks use predicted TTFT x this
 
     def hot(self) -> HotRow:
         """The fields `choose` screens every entry by, in the order its loop unpacks them."""
@@ -208,6 +214,7 @@ def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
         ms_per_prompt_token=p.ms_per_prompt_token,
         unreserved=p.unreserved,
         reserve_ttft_ms=math.inf if reserve_ttft_ms is None else reserve_ttft_ms,
+        ttft_tail_factor=stats.ttft_tail_factor,
     )
 
 
@@ -244,6 +251,30 @@ class RoutingSnapshot:
         object.__setattr__(self, "by_model", MappingProxyType({m: tuple(es) for m, es in grouped.items()}))
         hot = {m: tuple(e.hot() for e in es) for m, es in grouped.items()}
         object.__setattr__(self, "hot_by_model", MappingProxyType(hot))
+
+    def with_stats(self, changed: Mapping[str, DeploymentStats]) -> RoutingSnapshot:
+        """This snapshot with the stats of the deployments in `changed` replaced: only their entries are
+        rebuilt (and their models' rows), so a gateway can keep its load counts current between rebuilds
+        for the cost of the deployments whose load moved. Unknown ids raise KeyError."""
+        deployments = dict(self.deployments)
+        models: set[str] = set()
+        for deployment_id, stats in changed.items():
+            spec, _ = deployments[deployment_id]
+            deployments[deployment_id] = (spec, stats)
+            models.add(spec.public_model)
+        by_model, hot = dict(self.by_model), dict(self.hot_by_model)
+        for model in models:
+            entries = tuple(
+                _entry(*deployments[e.deployment_id]) if e.deployment_id in changed else e
+                for e in self.by_model[model]
+            )
+            by_model[model] = entries
+            hot[model] = tuple(e.hot() for e in entries)
+        out: RoutingSnapshot = object.__new__(RoutingSnapshot)
+        object.__setattr__(out, "deployments", MappingProxyType(deployments))
+        object.__setattr__(out, "by_model", MappingProxyType(by_model))
+        object.__setattr__(out, "hot_by_model", MappingProxyType(hot))
+        return out
 
 
 class Objective(StrEnum):

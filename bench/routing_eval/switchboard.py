@@ -6,7 +6,8 @@ list price; boxes carry their prefill rate and a reserve for must-stay traffic (
 what the gateway would see: its own in-flight count and the prompt tokens of its requests still without a
 first token per deployment, the engine's running and waiting counts (its /metrics), TTFT and per-stream
 decode rate as moving averages of finished requests, and the median latency of the last 100. Like the
-gateway (`gateway/live/state.py`), a snapshot is reused for up to 50 ms. Team policies carry the
+gateway (`gateway/live/state.py`), a snapshot is rebuilt at most every 50 ms, and between rebuilds only the
+gateway's own load counts (in flight, prompt tokens pending) move. Team policies carry the
 objective and SLOs. As the gateway keys a conversation by its opening (`gateway/pipeline/prefix.py`), an
 agent turn's prefix key is its session's, and, like the gateway (`gateway.live.state.PrefixHolders`), it
 remembers which box served a session's last turn: a later turn expects its earlier turns cached there
@@ -18,14 +19,14 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from backends.base import BackendKind
 from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel
 from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.workload import TEAMS, Request
 from routing.decision import Price, RouteDecision
-from routing.fleet import Capacity, stable_hash64
+from routing.fleet import Capacity, stable_hash64, tail_factor
 from routing.scoring import choose
 from routing.snapshot import (
     DeploymentSpec,
@@ -114,6 +115,12 @@ class _Seen:
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100))
     p50_ms: float = 0.0
     samples: int = 0
+    ratios: deque[float] = field(default_factory=lambda: deque(maxlen=100))  # measured / predicted TTFT
+    tail: float = 1.0
+
+    def add_ratio(self, ratio: float) -> None:
+        self.ratios.append(ratio)
+        self.tail = tail_factor(self.ratios)
 
     def add(self, job: Job) -> None:
         a = _ALPHA
@@ -144,8 +151,13 @@ class Switchboard:
     last: RouteDecision | None = None
     _specs: dict[str, DeploymentSpec] = field(default_factory=dict)
     _seen: dict[str, _Seen] = field(default_factory=dict)
+    tail_aware: bool = True  # False: SLO checks trust the predicted TTFT as it is (no ttft_tail_factor)
+    routed_to: dict[int, str] = field(default_factory=dict)  # request id -> the target its prediction was for
+    fresh_load: bool = True  # False: the whole snapshot is 50 ms stale, as the gateway's was before
     _snapshot: RoutingSnapshot | None = None
+    _built: RoutingSnapshot | None = None
     _built_s: float = -1.0
+    _built_load: dict[str, tuple[int, int]] = field(default_factory=dict)
     _policies: dict[str, RoutePolicy] = field(default_factory=dict)
     predicted_ttft_ms: dict[int, float] = field(default_factory=dict)  # request id -> routing's prediction
     _counted: int = 0
@@ -175,15 +187,34 @@ class Switchboard:
             healthy=self.use_cloud or name != CLOUD,
             running=running,
             pending_prompt_tokens=pending,
+            ttft_tail_factor=seen.tail,
         )
 
     def snapshot(self, now: float, sim: Simulation) -> RoutingSnapshot:
         if not self._specs:
             self._setup(sim.fleet)
-        if self._snapshot is None or now - self._built_s >= REFRESH_S:
+        if self._built is None or now - self._built_s >= REFRESH_S:
             deployments = {s.deployment_id: (s, self._stats(n, sim)) for n, s in self._specs.items()}
-            self._snapshot, self._built_s = RoutingSnapshot(deployments), now
+            self._built = self._snapshot = RoutingSnapshot(deployments)
+            self._built_s = now
+            self._built_load = {n: self._load(n, sim) for n in sim.boxes}
+        elif self.fresh_load:  # the gateway's own counts are current between rebuilds (gateway/live/state.py)
+            changed = {}
+            for name, (in_flight_0, pending_0) in self._built_load.items():
+                in_flight, pending = self._load(name, sim)
+                if in_flight != in_flight_0 or pending != pending_0:
+                    spec, stats = self._built.deployments[dep_id(name)]
+                    changed[spec.deployment_id] = replace(
+                        stats, in_flight=in_flight, pending_prompt_tokens=pending
+                    )
+            self._snapshot = self._built.with_stats(changed) if changed else self._built
+        assert self._snapshot is not None
         return self._snapshot
+
+    @staticmethod
+    def _load(name: str, sim: Simulation) -> tuple[int, int]:
+        box = sim.boxes[name]
+        return box.in_system, box.pending_prompt_tokens
 
     def request_of(self, req: Request) -> RouteRequest:
         team = next(t for t in TEAMS if t.name == req.team)
@@ -212,6 +243,7 @@ class Switchboard:
         target = decision.candidates[0].backend if decision.candidates else None
         if decision.ranked:
             self.predicted_ttft_ms[req.rid] = decision.ranked[0].ttft_ms
+            self.routed_to[req.rid] = decision.ranked[0].deployment.backend
             if decision.ranked[0].deployment_id == request.prefix_holder:  # the cached part is not pending
                 self._counted = req.prompt_tokens - request.prefix_tokens
         if request.prefix_key is not None:  # where this conversation is served now (the cloud: nowhere)
@@ -226,4 +258,8 @@ class Switchboard:
         return self._counted if req.prompt_tokens >= self._counted else req.prompt_tokens
 
     def observe(self, job: Job) -> None:
-        self._seen[job.target].add(job)
+        seen = self._seen[job.target]
+        seen.add(job)
+        predicted = self.predicted_ttft_ms.get(job.req.rid, 0.0)
+        if self.tail_aware and predicted > 0 and self.routed_to.get(job.req.rid) == job.target:
+            seen.add_ratio(job.ttft_s * 1000 / predicted)

@@ -1,7 +1,11 @@
 """The gateway's live routing state: deployment specs from config, live stats, breakers, engine pollers.
 
 `snapshot(now_s)` hands routing a frozen `RoutingSnapshot`; it is rebuilt at most every `_REFRESH_S` so a
-decision costs no rebuild. Stats are keyed by deployment id (`model@backend`); one team's policy comes from
+decision costs no rebuild. This replica's own load on deployments with a capacity curve (in-flight requests
+and prompt tokens pending prefill, which `routing.fleet.predict` turns into queue waits) is kept current
+between rebuilds: when it moved, only those deployments' entries are patched (`RoutingSnapshot.with_stats`),
+so a burst of requests inside one refresh interval sees each other instead of all landing on the box that
+looked idle. Stats are keyed by deployment id (`model@backend`); one team's policy comes from
 `[teams.*]` config (defaults for teams created only in SQL). With several replicas, `set_shared` installs the
 other replicas' stats (gateway/live/sync.py); they are merged into each rebuilt snapshot only, never
 into this replica's own `StatsBook`, so nothing is counted twice. Edge nodes (`set_edge_source`: the ones this
@@ -148,6 +152,7 @@ def _stats(live: LiveStats, breaker: BreakerView, *, healthy: bool = True) -> De
         healthy=healthy,
         running=live.running,
         pending_prompt_tokens=live.pending_prompt_tokens,
+        ttft_tail_factor=live.ttft_tail_factor,
     )
 
 
@@ -201,6 +206,9 @@ class RoutingState:
         }
         self._default_policy = RoutePolicy(affinity_max_waiting=waiting)
         self._snapshot: RoutingSnapshot | None = None
+        self._built: RoutingSnapshot | None = None  # the last full rebuild; `_snapshot` may patch its load
+        self._built_load: dict[str, tuple[int, int]] = {}  # curve deployment id -> load_of at the rebuild
+        self._load_version = -1
         self._built_s = -math.inf
         self._pollers: list[MetricsPoller] = []
         self._shared: SharedStats | None = None
@@ -254,23 +262,50 @@ class RoutingState:
         return cfg.privacy_floor, cfg.on_sensitive
 
     def snapshot(self, now_s: float) -> RoutingSnapshot:
-        if self._snapshot is None or now_s - self._built_s >= _REFRESH_S:
-            edge = self._edge_deployments(now_s)
-            live = self.stats.snapshot(now_s)
-            if self._shared is not None:
-                live = self._shared.merge(live, self.stats.evidence(now_s), now_s)
-            breakers = self.breakers.snapshot(now_s)
-            down = self._down
-            entries = {
-                dep_id: (spec, _stats(live[dep_id], breakers[dep_id], healthy=spec.backend not in down))
-                for dep_id, spec in self.specs.items()
-            }
-            for spec, node in edge:
-                stats = _stats(live[spec.deployment_id], self.breakers.view(spec.deployment_id, now_s))
-                entries[spec.deployment_id] = (spec, with_node_load(stats, node))
-            self._snapshot = RoutingSnapshot(entries)
-            self._built_s = now_s
+        if self._snapshot is None or self._built is None or now_s - self._built_s >= _REFRESH_S:
+            self._rebuild(now_s)
+        elif self.stats.load_version != self._load_version:
+            self._snapshot = self._patched(self._built)
+        self._load_version = self.stats.load_version
+        assert self._snapshot is not None
         return self._snapshot
+
+    def _patched(self, built: RoutingSnapshot) -> RoutingSnapshot:
+        """`built` with this replica's load on curve deployments moved by what changed since the rebuild
+        (a delta, so other replicas' share merged into the rebuild stays)."""
+        changed: dict[str, DeploymentStats] = {}
+        for dep_id, (in_flight_0, pending_0) in self._built_load.items():
+            in_flight, pending = self.stats.load_of(dep_id)
+            if in_flight != in_flight_0 or pending != pending_0:
+                stats = built.deployments[dep_id][1]
+                changed[dep_id] = dataclasses.replace(
+                    stats,
+                    in_flight=max(0, stats.in_flight + in_flight - in_flight_0),
+                    pending_prompt_tokens=max(0, stats.pending_prompt_tokens + pending - pending_0),
+                )
+        return built.with_stats(changed) if changed else built
+
+    def _rebuild(self, now_s: float) -> None:
+        edge = self._edge_deployments(now_s)
+        live = self.stats.snapshot(now_s)
+        if self._shared is not None:
+            live = self._shared.merge(live, self.stats.evidence(now_s), now_s)
+        breakers = self.breakers.snapshot(now_s)
+        down = self._down
+        entries = {
+            dep_id: (spec, _stats(live[dep_id], breakers[dep_id], healthy=spec.backend not in down))
+            for dep_id, spec in self.specs.items()
+        }
+        for spec, node in edge:
+            stats = _stats(live[spec.deployment_id], self.breakers.view(spec.deployment_id, now_s))
+            entries[spec.deployment_id] = (spec, with_node_load(stats, node))
+        self._snapshot = self._built = RoutingSnapshot(entries)
+        self._built_load = {
+            dep_id: self.stats.load_of(dep_id)
+            for dep_id, (spec, _) in entries.items()
+            if spec.capacity is not None
+        }
+        self._built_s = now_s
 
     def _edge_deployments(self, now_s: float) -> list[tuple[DeploymentSpec, LiveNode]]:
         if self._edge is None or not self.edge_templates:

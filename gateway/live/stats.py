@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from routing.fleet import tail_factor
+
 DEFAULT_ALPHA = 0.2  # moves 90% of the way to a new steady value in 11 observations
 DEFAULT_WINDOW = 256
 DEFAULT_ENGINE_TTL_S = 10.0
@@ -62,6 +64,7 @@ class LiveStats:
     last_update_s: float | None  # latest request observation or engine reading
     engine_at_s: float | None = None  # when the engine reading above was taken
     pending_prompt_tokens: int = 0  # prompt tokens of in-flight requests without a first token (prefill)
+    ttft_tail_factor: float = 1.0  # routing.fleet.tail_factor of measured / predicted TTFT; 1 until known
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,7 @@ class _Live:
         "recent_at_s",
         "latencies",
         "ttfts",
+        "lateness",
         "engine",
         "cached",
         "cached_from_s",
@@ -172,6 +176,7 @@ class _Live:
         self.recent_at_s = 0.0
         self.latencies = _Ring(window)
         self.ttfts = _Ring(window)
+        self.lateness = _Ring(window)  # measured / predicted TTFT of requests routing predicted
         self.engine: _Engine | None = None
         self.cached: LiveStats | None = None  # valid for now_s in [cached_from_s, cached_until_s]
         self.cached_from_s = 0.0
@@ -202,6 +207,9 @@ class StatsBook:
         self.engine_ttl_s = engine_ttl_s
         self._tau_s = recent_tau_s
         self._live = {name: _Live(prior, window) for name, prior in priors.items()}
+        # Bumped whenever an in-flight count or pending prompt count moves: a cached routing snapshot
+        # compares it to know whether its load figures are still this replica's own (gateway/live/state.py).
+        self.load_version = 0
 
     def ensure(self, deployment_id: str, prior: Prior) -> None:
         """Track a deployment that appeared after start (an edge node); a known one is left as it is."""
@@ -215,6 +223,11 @@ class StatsBook:
     def in_flight_of(self, deployment_id: str) -> int:
         live = self._live.get(deployment_id)
         return 0 if live is None else live.in_flight
+
+    def load_of(self, deployment_id: str) -> tuple[int, int]:
+        """(in-flight requests, prompt tokens pending prefill) this replica has on `deployment_id`."""
+        live = self._live.get(deployment_id)
+        return (0, 0) if live is None else (live.in_flight, live.pending_prompt_tokens)
 
     def _get(self, deployment_id: str) -> _Live:
         """The state to change; drops its cached LiveStats (every caller is about to change it)."""
@@ -236,10 +249,12 @@ class StatsBook:
         ttft_ms: float | None = None,
         completion_tokens: int = 0,
         decode_ms: float | None = None,
+        predicted_ttft_ms: float = 0.0,
     ) -> None:
         """One finished request. For streams pass `ttft_ms`; `decode_ms` (time after the first token)
         defaults to `latency_ms - ttft_ms`. Decode rate counts the tokens after the first one, since the
-        first token's time is TTFT: (completion_tokens - 1) / decode time."""
+        first token's time is TTFT: (completion_tokens - 1) / decode time. `predicted_ttft_ms` (> 0: what
+        routing predicted for it here) adds measured / predicted to the lateness behind `ttft_tail_factor`."""
         live = self._get(deployment_id)
         a = self._alpha
         live.samples += 1
@@ -258,6 +273,8 @@ class StatsBook:
             return
         live.ttft_ms += a * (ttft_ms - live.ttft_ms)
         live.ttfts.push(ttft_ms)
+        if predicted_ttft_ms > 0:
+            live.lateness.push(ttft_ms / predicted_ttft_ms)
         if decode_ms is None:
             decode_ms = latency_ms - ttft_ms
         if completion_tokens >= 2 and decode_ms > 0:
@@ -294,11 +311,13 @@ class StatsBook:
         live = self._get(deployment_id)
         live.in_flight += 1
         live.pending_prompt_tokens += prompt_tokens
+        self.load_version += 1
 
     def prefill_done(self, deployment_id: str, prompt_tokens: int) -> None:
         """Its first token came: its prompt no longer stands ahead of new requests. Never below zero."""
         live = self._get(deployment_id)
         live.pending_prompt_tokens = max(0, live.pending_prompt_tokens - prompt_tokens)
+        self.load_version += 1
 
     def request_finished(self, deployment_id: str, pending_prompt_tokens: int = 0) -> None:
         """Pairs with `request_started` (`pending_prompt_tokens`: its prompt, if no `prefill_done` came).
@@ -306,6 +325,7 @@ class StatsBook:
         live = self._get(deployment_id)
         live.in_flight = max(0, live.in_flight - 1)
         live.pending_prompt_tokens = max(0, live.pending_prompt_tokens - pending_prompt_tokens)
+        self.load_version += 1
 
     @contextmanager
     def in_flight(self, deployment_id: str) -> Iterator[None]:
@@ -368,6 +388,7 @@ class StatsBook:
             last_update_s=live.last_update_s,
             engine_at_s=engine.at_s if engine else None,
             pending_prompt_tokens=live.pending_prompt_tokens,
+            ttft_tail_factor=tail_factor(live.lateness.sorted()),
         )
 
 
@@ -395,7 +416,7 @@ def merge_stats(
     TTFT, decode rate and percentiles use successes only (a failure moves only the error rate); a replica
     still on its priors has weight 0, so it never pulls real evidence back toward them. In-flight counts
     and pending prompt tokens add up; the freshest engine reading (queue depth, KV use) within
-    `engine_ttl_s` wins.
+    `engine_ttl_s` wins; the TTFT tail factor is the largest any replica measured.
     """
     local = rows[0][0]
     if len(rows) == 1:
@@ -426,4 +447,5 @@ def merge_stats(
         last_update_s=max(updates) if updates else None,
         engine_at_s=engine.engine_at_s if engine else None,
         pending_prompt_tokens=sum(s.pending_prompt_tokens for s, _ in rows),
+        ttft_tail_factor=max(s.ttft_tail_factor for s, _ in rows),
     )

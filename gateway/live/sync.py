@@ -130,6 +130,7 @@ _MAYBE_NUMBERS = ("kv_cache_used_frac", "latency_p50_ms", "latency_p95_ms", "ttf
 _COUNTS = ("in_flight", "samples", "pending_prompt_tokens")
 _MAYBE_COUNTS = ("queue_depth", "running")
 _TIMES = ("last_update_s", "engine_at_s")
+_NUMBERS_SINCE_V1 = ("ttft_tail_factor",)  # >= 1; absent from older replicas' summaries: 1
 
 
 def encode_summary(
@@ -146,7 +147,10 @@ def encode_summary(
         trip = trips.get(dep_id)
         if s.samples == 0 and s.in_flight == 0 and s.engine_at_s is None and trip is None:
             continue
-        row = {f: getattr(s, f) for f in (*_NUMBERS, *_MAYBE_NUMBERS, *_COUNTS, *_MAYBE_COUNTS)}
+        row = {
+            f: getattr(s, f)
+            for f in (*_NUMBERS, *_MAYBE_NUMBERS, *_COUNTS, *_MAYBE_COUNTS, *_NUMBERS_SINCE_V1)
+        }
         for f in _TIMES:
             t = getattr(s, f)
             row[f] = None if t is None else (t + offset_s) * 1000.0
@@ -190,6 +194,7 @@ def decode_summary(raw: bytes | str, *, replica_id: str, offset_s: float) -> dic
             fields |= {f: _maybe_float(d[f]) for f in _MAYBE_NUMBERS}
             fields |= {f: int(_float(d[f])) for f in _COUNTS} | {f: _maybe_int(d[f]) for f in _MAYBE_COUNTS}
             fields |= {f: mono_s(d[f]) for f in _TIMES}
+            fields |= {f: max(1.0, _float(d.get(f, 1.0))) for f in _NUMBERS_SINCE_V1}
             open_s, hold_s = mono_s(d["open_ms"]), mono_s(d["hold_ms"])
             claim = (
                 None if open_s is None or hold_s is None else Claim(replica_id, d["open_ms"], open_s, hold_s)

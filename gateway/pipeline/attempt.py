@@ -27,15 +27,23 @@ class DeploymentUse:
     ended: bool = False
     sharers: int = 1  # requests in flight on the deployment once this one started, itself included
     pending: int = 0  # its prompt tokens, counted as pending prefill on the deployment until the first token
+    predicted_ttft_ms: float = 0.0  # routing's prediction for it here (0: none); measured / this -> lateness
 
     @classmethod
     def begin(
-        cls, dep: Deployment, public_model: str, routing: RoutingState, now_s: float, prompt_tokens: int = 0
+        cls,
+        dep: Deployment,
+        public_model: str,
+        routing: RoutingState,
+        now_s: float,
+        prompt_tokens: int = 0,
+        predicted_ttft_ms: float = 0.0,
     ) -> DeploymentUse:
         dep_id = deployment_id(public_model, dep.backend)
         routing.stats.request_started(dep_id, prompt_tokens)
         sharers = max(1, routing.stats.in_flight_of(dep_id))
-        return cls(dep, dep_id, routing, now_s, sharers=sharers, pending=prompt_tokens)
+        return cls(dep, dep_id, routing, now_s, sharers=sharers, pending=prompt_tokens,
+                   predicted_ttft_ms=predicted_ttft_ms)  # fmt: skip
 
     def prefilled(self) -> None:
         """The first token came: the prompt no longer waits ahead of new requests on the deployment."""
@@ -69,6 +77,7 @@ class DeploymentUse:
             latency_ms=(now_s - self.started_s) * 1000,
             ttft_ms=ttft_ms,
             completion_tokens=completion_tokens,
+            predicted_ttft_ms=self.predicted_ttft_ms,
         )
         if ok:
             routing.breakers.record_success(self.dep_id, now_s)

@@ -156,7 +156,9 @@ async def _run_attempts(
         number += 1
         started, error = now_s(), "cancelled"
         try:
-            use, value = await _attempt_once(dep, request, plan, attempt, deadline)
+            use, value = await _attempt_once(
+                dep, request, plan, attempt, deadline, _predicted_ttft_ms(decision, dep)
+            )
             error = ""
             return use, value, number
         except SwitchboardError as exc:
@@ -192,12 +194,21 @@ async def _run_attempts(
         raise AllBackendsFailed(plan.causes) from None
 
 
+def _predicted_ttft_ms(decision: RouteDecision, dep: Deployment) -> float:
+    """Routing's predicted TTFT on `dep` for this request; 0 when it ranked none (a fixed route)."""
+    for c in decision.ranked:
+        if c.deployment is dep:
+            return c.ttft_ms
+    return 0.0
+
+
 async def _attempt_once(
     dep: Deployment,
     request: C,
     plan: Plan,
     attempt: Callable[[Deployment, C], Awaitable[T]],
     deadline: float,
+    predicted_ttft_ms: float = 0.0,
 ) -> tuple[DeploymentUse, T]:
     routing, now_s = plan.routing, plan.clock.now_s
     if not routing.breakers.allow(deployment_id(request.model, dep.backend), now_s()):
@@ -207,7 +218,7 @@ async def _attempt_once(
     timeout_s = max(0.0, min(plan.timeouts_s.get(dep.backend, request.timeout_s), deadline - now_s()))
     cached_on, cached = plan.prefix_cached
     pending = plan.prompt_tokens - (cached if dep.backend == cached_on else 0)
-    use = DeploymentUse.begin(dep, request.model, routing, now_s(), pending)
+    use = DeploymentUse.begin(dep, request.model, routing, now_s(), pending, predicted_ttft_ms)
     err: SwitchboardError
     try:
         async with asyncio.timeout(timeout_s):

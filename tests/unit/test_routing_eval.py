@@ -139,10 +139,12 @@ def test_switchboard_decides_with_routing_scoring_choose(
     trace: list[Request], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[object] = []
+    inputs: list[tuple[object, ...]] = []
 
     def spy(*args: object, **kwargs: object) -> object:
         decision = choose(*args, **kwargs)  # type: ignore[arg-type]
         calls.append(decision)
+        inputs.append(args)
         return decision
 
     monkeypatch.setattr(sb_module, "choose", spy)
@@ -155,9 +157,10 @@ def test_switchboard_decides_with_routing_scoring_choose(
     last = policy.last
     assert last is not None and last is calls[-1]
     assert routed.get(req.rid) == (last.candidates[0].backend if last.candidates else None)
-    again = choose(
-        policy.request_of(req), policy.snapshot(req.arrival_s, sim), policy_of(req.team), now_s=req.arrival_s
-    )
+    request, snapshot, team_policy = inputs[-1]
+    assert request.prompt_tokens == req.prompt_tokens and team_policy == policy_of(req.team)  # type: ignore[attr-defined]
+    # The snapshot it decided on is a RoutingSnapshot of the simulated fleet: same inputs, same choice.
+    again = choose(request, snapshot, team_policy, now_s=req.arrival_s)  # type: ignore[arg-type]
     assert again.candidates == last.candidates
     assert last.ranked and last.privacy_verdict
 

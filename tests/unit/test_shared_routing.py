@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import orjson
 import pytest
 
 from backends.base import BackendKind
@@ -172,7 +173,7 @@ def test_summaries_round_trip_onto_the_readers_clock() -> None:
 def test_the_wire_format_carries_every_live_stats_field() -> None:
     groups = (
         shared_routing._NUMBERS, shared_routing._MAYBE_NUMBERS, shared_routing._COUNTS,
-        shared_routing._MAYBE_COUNTS, shared_routing._TIMES,
+        shared_routing._MAYBE_COUNTS, shared_routing._TIMES, shared_routing._NUMBERS_SINCE_V1,
     )  # fmt: skip
     assert sorted(f for g in groups for f in g) == sorted(f.name for f in dataclasses.fields(LiveStats))
 
@@ -293,3 +294,17 @@ def test_routing_state_snapshots_use_the_shared_view_until_it_is_removed() -> No
     assert state.stats.snapshot(0.0)["m@gpu"].in_flight == 1  # the local book is untouched
     state.set_shared(None)
     assert state.snapshot(0.0).deployments["m@gpu"][1].in_flight == 1
+
+
+def test_the_tail_factor_travels_and_an_older_replicas_summary_reads_as_one() -> None:
+    stats = {"d": dataclasses.replace(seen(100.0, in_flight=1), ttft_tail_factor=2.5)}
+    raw = encode_summary(stats, {"d": Evidence(1.0, 1.0)}, {}, offset_s=0.0)
+    decoded = decode_summary(raw, replica_id="w", offset_s=0.0)
+    assert decoded is not None and decoded["d"].stats.ttft_tail_factor == 2.5
+    older = orjson.loads(raw)
+    del older["deps"]["d"]["ttft_tail_factor"]  # a replica from before the field
+    decoded = decode_summary(orjson.dumps(older), replica_id="w", offset_s=0.0)
+    assert decoded is not None and decoded["d"].stats.ttft_tail_factor == 1.0
+    # Merged, the largest any replica measured stands.
+    view = SharedView({"d": (remote(stats["d"], 0.0),)}, 10.0, 10.0)
+    assert view.merge({"d": PRIORS}, {}, 10.0)["d"].ttft_tail_factor == 2.5

@@ -1,0 +1,94 @@
+"""The gateway's routing state between snapshot rebuilds: its own load counts stay current (a burst inside
+one refresh interval does not all land on the box that looked idle), and measured / predicted TTFT of the
+requests it routes becomes each deployment's `ttft_tail_factor`. Real `RoutingState` and `DeploymentUse`,
+scripted backends; no I/O."""
+
+from __future__ import annotations
+
+from backends.base import BackendKind
+from gateway.config import parse_config
+from gateway.live.state import RoutingState, build_specs
+from gateway.pipeline.attempt import DeploymentUse
+from gateway.pipeline.dispatch import _predicted_ttft_ms
+from routing.decision import FREE, Deployment
+from routing.fleet import TAIL_MIN_SAMPLES
+from routing.privacy import PrivacyTier
+from routing.scoring import choose
+from routing.snapshot import RouteRequest
+from tests.support.scripted import ScriptedBackend
+
+CURVE = {"tokens_per_s": [[1, 40], [4, 120]], "max_concurrency": 4, "prefill_tokens_per_s": 200}
+
+
+def state() -> RoutingState:
+    names = ("b0", "b1")
+    backends = {n: ScriptedBackend(n, "ok") for n in names}
+    config = parse_config(
+        {
+            "backends": {
+                n: {
+                    "kind": "openai",
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "usd_per_hour": 1,
+                    "capacity": CURVE,
+                }
+                for n in names
+            },
+            "models": {"m": {"deployments": [{"backend": n, "upstream_model": "up"} for n in names]}},
+            "teams": {"t": {"slo_p95_ttft_ms": 4000}},
+        }
+    )
+    deps = {"m": tuple(Deployment("m", n, BackendKind.OPENAI, "up", FREE) for n in names)}
+    return RoutingState(config, build_specs(config, backends, deps))
+
+
+REQUEST = RouteRequest("m", prompt_tokens=400, expected_output_tokens=50, privacy_floor=PrivacyTier.INTERNAL)
+
+
+def test_a_burst_inside_one_refresh_interval_sees_its_own_load() -> None:
+    routing = state()
+    first = routing.snapshot(100.0)
+    assert routing.snapshot(100.001) is first  # nothing moved: the cached snapshot itself
+    picked = choose(REQUEST, first, routing.policy("t"), now_s=100.0).candidates[0]
+    routing.stats.request_started(f"m@{picked.backend}", 400)
+    second = routing.snapshot(100.002)  # 2 ms later, well inside the 50 ms refresh
+    busy = second.deployments[f"m@{picked.backend}"][1]
+    assert (busy.in_flight, busy.pending_prompt_tokens) == (1, 400)
+    nxt = choose(REQUEST, second, routing.policy("t"), now_s=100.002).candidates[0]
+    assert nxt.backend != picked.backend  # the next request goes to the idle box, not the same one
+    other = second.deployments[f"m@{nxt.backend}"]
+    assert other is first.deployments[f"m@{nxt.backend}"]  # the untouched deployment is not rebuilt
+    routing.stats.prefill_done(f"m@{picked.backend}", 400)
+    routing.stats.request_finished(f"m@{picked.backend}")
+    third = routing.snapshot(100.003)
+    idle = third.deployments[f"m@{picked.backend}"][1]
+    assert (idle.in_flight, idle.pending_prompt_tokens) == (0, 0)
+    # A rebuild after the interval reads the same counts from the stats themselves.
+    again = routing.snapshot(100.2).deployments[f"m@{picked.backend}"][1]
+    assert (again.in_flight, again.pending_prompt_tokens) == (0, 0)
+
+
+def test_requests_that_run_later_than_predicted_raise_the_tail_factor() -> None:
+    routing = state()
+    dep = Deployment("m", "b0", BackendKind.OPENAI, "up", FREE)
+    for i in range(TAIL_MIN_SAMPLES):
+        use = DeploymentUse.begin(dep, "m", routing, float(i), 400, predicted_ttft_ms=100.0)
+        use.prefilled()
+        use.finish(ok=True, counted=True, now_s=i + 0.5, ttft_ms=250.0, completion_tokens=10)
+        factor = routing.snapshot(1000.0 + i).deployments["m@b0"][1].ttft_tail_factor
+        assert factor == (2.5 if i + 1 >= TAIL_MIN_SAMPLES else 1.0)
+    # Without a prediction (a fixed route) or without a first token, nothing is added.
+    use = DeploymentUse.begin(dep, "m", routing, 50.0, 400)
+    use.finish(ok=True, counted=True, now_s=51.0, ttft_ms=5000.0, completion_tokens=10)
+    assert routing.snapshot(2000.0).deployments["m@b0"][1].ttft_tail_factor == 2.5
+    assert routing.snapshot(2000.0).deployments["m@b1"][1].ttft_tail_factor == 1.0
+
+
+def test_each_attempt_is_measured_against_what_routing_predicted_for_its_deployment() -> None:
+    routing = state()
+    snapshot = routing.snapshot(0.0)
+    decision = choose(REQUEST, snapshot, routing.policy("t"), now_s=0.0)
+    for c in decision.ranked:
+        assert _predicted_ttft_ms(decision, c.deployment) == c.ttft_ms > 0
+    elsewhere = Deployment("m", "nowhere", BackendKind.OPENAI, "up", FREE)
+    assert _predicted_ttft_ms(decision, elsewhere) == 0.0
