@@ -131,11 +131,14 @@ class CapacityConfig(_Strict):
     prefill_tokens_per_s: float = Field(default=0.0, ge=0)
     reserve_slots: int = Field(default=0, ge=0)  # below the box's slots
     reserve_ttft_ms: float | None = Field(default=None, gt=0)
+    # The engine's KV cache in tokens (`switchboard engine serve` logs it at start); with it, a conversation's
+    # next turn counts on its earlier turns being cached only while that can still be so. 0: always.
+    kv_cache_tokens: int = Field(default=0, ge=0)
 
     def curve(self) -> Capacity:
         return Capacity(
             tuple(self.tokens_per_s), tuple(self.ttft_ms), self.max_concurrency, self.prefill_tokens_per_s,
-            self.reserve_slots, self.reserve_ttft_ms,
+            self.reserve_slots, self.reserve_ttft_ms, self.kv_cache_tokens,
         )  # fmt: skip
 
 

@@ -40,6 +40,8 @@ class Capacity:
     The reserve for must-stay traffic, honoured by requests that could go to the cloud instead:
     `reserve_slots` slots they leave free, and `reserve_ttft_ms`: they are placed here only while their
     predicted TTFT is at most this, so a must-stay request arriving next finds a short prefill queue.
+    `kv_cache_tokens`: the engine's KV cache in tokens, which its prefix cache shares with running requests;
+    > 0 lets routing judge whether a conversation's earlier turns can still be cached there (`holds_prefix`).
     """
 
     tokens_per_s: tuple[tuple[float, float], ...]
@@ -48,6 +50,7 @@ class Capacity:
     prefill_tokens_per_s: float = 0.0
     reserve_slots: int = 0
     reserve_ttft_ms: float | None = None
+    kv_cache_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name, points, x_min in (("tokens_per_s", self.tokens_per_s, 1), ("ttft_ms", self.ttft_ms, 0)):
@@ -69,6 +72,8 @@ class Capacity:
             )
         if self.reserve_ttft_ms is not None and self.reserve_ttft_ms <= 0:
             raise ValueError(f"capacity.reserve_ttft_ms must be > 0, got {self.reserve_ttft_ms}")
+        if self.kv_cache_tokens < 0:
+            raise ValueError(f"capacity.kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}")
 
     @property
     def slots(self) -> int:
@@ -189,6 +194,20 @@ def _prefill_bound(
     return Prediction(
         base, slot_per_token, base, slot_per_token + stream_ms, waiting, ms_per_prompt, unreserved
     )
+
+
+PREFIX_KEPT_SHARE = 0.5  # of the KV cache: the rest holds running requests and the prefixes all share
+
+
+def holds_prefix(capacity: Capacity | None, written_since: int) -> bool:
+    """Whether an engine can still hold a conversation's earlier turns in its prefix cache, given the KV
+    tokens written on it since that turn (prompts computed and tokens generated there, as the gateway
+    counts them). Its cache evicts the least recently used blocks first, and shares its room with running
+    requests and with the prefixes every request touches, so the turn counts as evicted once more than
+    `PREFIX_KEPT_SHARE` of the cache was written after it. Without a known cache size: kept."""
+    if capacity is None or capacity.kv_cache_tokens == 0:
+        return True
+    return written_since <= PREFIX_KEPT_SHARE * capacity.kv_cache_tokens
 
 
 TAIL_QUANTILE = 0.9  # the SLO is a p95; judging by the p90 of the lateness leaves room for the rest

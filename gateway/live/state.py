@@ -29,6 +29,7 @@ from gateway.live.breaker import BreakerBoard, BreakerPolicy, BreakerState, Brea
 from gateway.live.engine_load import EngineLoad, MetricsPoller
 from gateway.live.stats import Evidence, LiveStats, Prior, StatsBook
 from routing.decision import Deployment
+from routing.fleet import holds_prefix
 from routing.privacy import PrivacyTier, SensitivePolicy
 from routing.snapshot import (
     DeploymentSpec,
@@ -164,18 +165,24 @@ class PrefixHolders:
 
     def __init__(self, capacity: int = 65_536) -> None:
         self._capacity = capacity
-        self._holders: OrderedDict[int, str] = OrderedDict()
+        self._holders: OrderedDict[int, tuple[str, int]] = OrderedDict()
 
     def get(self, key: int | None) -> str | None:
+        held = self.held(key)
+        return None if held is None else held[0]
+
+    def held(self, key: int | None) -> tuple[str, int] | None:
+        """(deployment id, KV tokens written on it when the turn was placed there), or None."""
         return None if key is None else self._holders.get(key)
 
-    def record(self, key: int | None, deployment_id: str | None) -> None:
+    def record(self, key: int | None, deployment_id: str | None, written: int = 0) -> None:
+        """`written`: `StatsBook.kv_written_of(deployment_id)` now, against which later writes are counted."""
         if key is None:
             return
         if deployment_id is None:
             self._holders.pop(key, None)
             return
-        self._holders[key] = deployment_id
+        self._holders[key] = (deployment_id, written)
         self._holders.move_to_end(key)
         if len(self._holders) > self._capacity:
             self._holders.popitem(last=False)
@@ -251,6 +258,18 @@ class RoutingState:
         """Use other replicas' stats from the next snapshot on (None: this replica's alone)."""
         self._shared = shared
         self._built_s = -math.inf
+
+    def prefix_holder(self, key: int | None) -> str | None:
+        """The owned deployment that served this conversation's last turn, while its engine can still hold
+        that turn in its prefix cache (`routing.fleet.holds_prefix`, from the KV tokens this replica has had
+        written there since and the box's `capacity.kv_cache_tokens`); else None."""
+        held = self.prefix_holders.held(key)
+        if held is None:
+            return None
+        dep_id, written_at = held
+        spec = self.specs.get(dep_id)
+        since = self.stats.kv_written_of(dep_id) - written_at
+        return dep_id if holds_prefix(spec.capacity if spec else None, since) else None
 
     def policy(self, team: str) -> RoutePolicy:
         return self.policies.get(team, self._default_policy)

@@ -156,6 +156,7 @@ class _Live:
         "latencies",
         "ttfts",
         "lateness",
+        "kv_written",
         "engine",
         "cached",
         "cached_from_s",
@@ -177,6 +178,7 @@ class _Live:
         self.latencies = _Ring(window)
         self.ttfts = _Ring(window)
         self.lateness = _Ring(window)  # measured / predicted TTFT of requests routing predicted
+        self.kv_written = 0  # prompt tokens sent to be computed and tokens generated here, since start
         self.engine: _Engine | None = None
         self.cached: LiveStats | None = None  # valid for now_s in [cached_from_s, cached_until_s]
         self.cached_from_s = 0.0
@@ -224,6 +226,12 @@ class StatsBook:
         live = self._live.get(deployment_id)
         return 0 if live is None else live.in_flight
 
+    def kv_written_of(self, deployment_id: str) -> int:
+        """KV tokens this replica has had written on `deployment_id` since start: the prompt tokens it
+        counted as pending prefill there plus the tokens generated there (routing.fleet.holds_prefix)."""
+        live = self._live.get(deployment_id)
+        return 0 if live is None else live.kv_written
+
     def load_of(self, deployment_id: str) -> tuple[int, int]:
         """(in-flight requests, prompt tokens pending prefill) this replica has on `deployment_id`."""
         live = self._live.get(deployment_id)
@@ -266,6 +274,7 @@ class StatsBook:
         live.error_rate += a * ((0.0 if ok else 1.0) - live.error_rate)
         if not ok:
             return
+        live.kv_written += completion_tokens
         live.latency_ms += a * (latency_ms - live.latency_ms)
         live.latencies.push(latency_ms)
         if ttft_ms is None:
@@ -311,6 +320,7 @@ class StatsBook:
         live = self._get(deployment_id)
         live.in_flight += 1
         live.pending_prompt_tokens += prompt_tokens
+        live.kv_written += prompt_tokens
         self.load_version += 1
 
     def prefill_done(self, deployment_id: str, prompt_tokens: int) -> None:

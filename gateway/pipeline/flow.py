@@ -353,4 +353,5 @@ def _remember_holder(routed: Routed, use: DeploymentUse) -> None:
     """The conversation's next turn expects its messages in this deployment's prefix cache, if it is owned."""
     if routed.prefix_key is not None:
         owned = use.deployment.usd_per_hour is not None
-        use.routing.prefix_holders.record(routed.prefix_key, use.dep_id if owned else None)
+        written = use.routing.stats.kv_written_of(use.dep_id)
+        use.routing.prefix_holders.record(routed.prefix_key, use.dep_id if owned else None, written)

@@ -180,7 +180,7 @@ def plan(
         privacy_reason=verdict.reason,
         prefix_key=key,
         prefix_tokens=cached_tokens,
-        prefix_holder=routing.prefix_holders.get(key) if cached_tokens else None,
+        prefix_holder=routing.prefix_holder(key) if cached_tokens else None,
     )
     snapshot = routing.snapshot(now_s)
     check_preference_names(prefs, snapshot, routing, call.model)

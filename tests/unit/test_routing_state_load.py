@@ -92,3 +92,44 @@ def test_each_attempt_is_measured_against_what_routing_predicted_for_its_deploym
         assert _predicted_ttft_ms(decision, c.deployment) == c.ttft_ms > 0
     elsewhere = Deployment("m", "nowhere", BackendKind.OPENAI, "up", FREE)
     assert _predicted_ttft_ms(decision, elsewhere) == 0.0
+
+
+def test_a_conversation_counts_on_its_engine_cache_only_until_that_much_was_written_there() -> None:
+    evictable = {**CURVE, "kv_cache_tokens": 4000}
+    names = ("b0", "b1")
+    config = parse_config(
+        {
+            "backends": {
+                n: {
+                    "kind": "openai",
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "usd_per_hour": 1,
+                    "capacity": evictable,
+                }
+                for n in names
+            },
+            "models": {"m": {"deployments": [{"backend": n, "upstream_model": "up"} for n in names]}},
+        }
+    )
+    deps = {"m": tuple(Deployment("m", n, BackendKind.OPENAI, "up", FREE) for n in names)}
+    routing = RoutingState(config, build_specs(config, {n: ScriptedBackend(n, "ok") for n in names}, deps))
+    dep = deps["m"][0]
+    turn = DeploymentUse.begin(dep, "m", routing, 0.0, 900)
+    routing.prefix_holders.record(42, "m@b0", routing.stats.kv_written_of("m@b0"))
+    turn.prefilled()
+    turn.finish(ok=True, counted=True, now_s=1.0, ttft_ms=100.0, completion_tokens=100)
+    assert routing.prefix_holder(42) == "m@b0"  # its own answer (100 tokens) is within the cache's half
+    for i in range(2):  # other requests write 2 x (800 + 150) = 1900 more: still within 2000
+        other = DeploymentUse.begin(dep, "m", routing, 2.0 + i, 800)
+        other.finish(ok=True, counted=True, now_s=3.0 + i, ttft_ms=100.0, completion_tokens=150)
+    assert routing.prefix_holder(42) == "m@b0"
+    DeploymentUse.begin(dep, "m", routing, 9.0, 100)  # 2100 written since: past half the 4000-token cache
+    assert routing.prefix_holder(42) is None
+    # Writes elsewhere do not count, and a box without a known cache size always holds it.
+    routing.prefix_holders.record(7, "m@b1", routing.stats.kv_written_of("m@b1"))
+    assert routing.prefix_holder(7) == "m@b1"
+    assert routing.prefix_holder(None) is None and routing.prefix_holder(99) is None
+    plain = state()
+    plain.prefix_holders.record(5, "m@b0", 0)
+    DeploymentUse.begin(dep, "m", plain, 0.0, 10**6)
+    assert plain.prefix_holder(5) == "m@b0"

@@ -12,7 +12,7 @@ import pytest
 
 from backends.base import BackendKind
 from routing.decision import Price
-from routing.fleet import TAIL_MIN_SAMPLES, Capacity, tail_factor
+from routing.fleet import TAIL_MIN_SAMPLES, Capacity, holds_prefix, tail_factor
 from routing.privacy import PrivacyTier as T
 from routing.scoring import choose
 from routing.snapshot import (
@@ -148,3 +148,11 @@ def test_an_edge_nodes_reserve_is_kept_for_edge_floor_requests() -> None:
     # A request that must stay on the edge takes the reserved slot.
     on_edge = choose(req(300, T.EDGE), fleet, slo, now_s=0)
     assert on_edge.candidates[0].backend == "edge" and on_edge.ranked[0].slo_met
+
+
+def test_holds_prefix_counts_writes_against_half_the_engines_kv_cache() -> None:
+    sized = dataclasses.replace(CURVE, kv_cache_tokens=10_000)
+    assert holds_prefix(sized, 0) and holds_prefix(sized, 5000) and not holds_prefix(sized, 5001)
+    assert holds_prefix(CURVE, 10**9) and holds_prefix(None, 10**9)  # no size known: kept
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        dataclasses.replace(CURVE, kv_cache_tokens=-1)
