@@ -59,7 +59,8 @@ def _setup(args: argparse.Namespace, boxes: dict[str, StepModel]) -> list[str]:
         "",
         "Fleet. Owned engine boxes run the bundled engine's step model (`step ms = a + b x streams + c x "
         "prompt tokens`, 8 slots, 512 prompt tokens per step, the engine's prefix cache: blocks shared "
-        "with running requests and kept after a request ends, LRU within a 23k-token KV cache; an agent "
+        "with running requests and kept after a request ends, LRU within the engine's KV cache "
+        f"({next(iter(boxes.values())).kv_tokens} tokens); an agent "
         "turn extends its previous turn's prompt) "
         f"at {BOX_USD_PER_HOUR} USD/h each; {EDGE_NODES} edge nodes (2x slower, "
         f"4 slots) at "

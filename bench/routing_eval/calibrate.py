@@ -1,14 +1,14 @@
 """Measure the bundled engine's step-time model on this machine: the curve the simulator's boxes run on.
 
-One `switchboard engine serve --threads 1` process (SmolLM2-135M, bf16 compute, int8 weights: autotune's
-pick here) is driven over its OpenAI API with streams: decode at 1, 2, 4 and 8 concurrent streams, and
-long prompts alone (prefill). The fit is the engine scheduler's step: `step_ms = a + b * decoding +
-c * prefill tokens`, so one stream decodes at 1000 / (a + b) tok/s and n streams at n * 1000 / (a + b n).
-Writes `bench/data/routing_eval_curve.json`. Run: `python -m bench.routing_eval.calibrate [--engines N]
-[--out PATH]` (about 1 min). `--engines N` measures N engines at once, each under the others' load (the
-median of each figure): the conditions of a live replay on N replicas. The engines run with
-`--no-prefix-cache`: the prompts share leading words, and the curve is the cost of computing tokens (the
-simulator models what the prefix cache saves on top of it).
+One `switchboard engine serve --threads 1` process (SmolLM2-135M, float32 compute over int4 weights: what
+`--dtype auto --quant auto` picked on both CPUs measured for issue 18, AVX-512 and AVX2 forced) is driven over
+its OpenAI API with streams: decode at 1, 2, 4 and 8 concurrent streams, and long prompts alone (prefill). The
+fit is the engine scheduler's step: `step_ms = a + b * decoding + c * prefill tokens`, so one stream decodes
+at 1000 / (a + b) tok/s and n streams at n * 1000 / (a + b n). Writes `bench/data/routing_eval_curve.json`.
+Run: `python -m bench.routing_eval.calibrate [--engines N] [--out PATH]` (about 1 min). `--engines N` measures
+N engines at once, each under the others' load (the median of each figure): the conditions of a live replay on
+N replicas. The engines run with `--no-prefix-cache`: the prompts share leading words, and the curve is the
+cost of computing tokens (the simulator models what the prefix cache saves on top of it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import httpx
 from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
 
 CURVE_PATH = Path(__file__).resolve().parents[1] / "data" / "routing_eval_curve.json"
-ENGINE_FLAGS = ("--threads", "1", "--dtype", "bfloat16", "--quant", "int8", "--max-batch", "8")
+ENGINE_FLAGS = ("--threads", "1", "--dtype", "float32", "--quant", "int4", "--max-batch", "8")
+KV_BLOCK_TOKENS = 16  # the engine's default --block-size
 _PROSE = "the quick review of each service shows what the team changed and why it matters now"
 _WORDS = tuple(_PROSE.split())
 
@@ -90,7 +91,21 @@ async def measure(url: str) -> dict[str, object]:
             ttfts = [(await stream_once(client, filler(words, s), 1))[1] for s in range(3)]
             prefill[words] = statistics.median(ttfts)
         counted = (await client.post("/tokenize", json={"prompt": filler(800)})).json()["count"]
-    return {"decode_tok_s": decode, "prefill_ttft_s_by_words": prefill, "tokens_per_word": counted / 800}
+        kv_tokens = KV_BLOCK_TOKENS * _gauge((await client.get("/metrics")).text, "kv_blocks_total")
+    return {
+        "decode_tok_s": decode,
+        "prefill_ttft_s_by_words": prefill,
+        "tokens_per_word": counted / 800,
+        "kv_tokens": kv_tokens,
+    }
+
+
+def _gauge(text: str, name: str) -> int:
+    """One `switchboard_engine_<name>` gauge from the engine's /metrics."""
+    for line in text.splitlines():
+        if line.startswith(f"switchboard_engine_{name} "):
+            return int(float(line.split()[1]))
+    raise ValueError(f"the engine's /metrics has no switchboard_engine_{name}")
 
 
 def fit(decode: dict[int, float], prefill: dict[int, float], tokens_per_word: float) -> dict[str, float]:
@@ -124,6 +139,7 @@ async def measure_all(urls: list[str]) -> dict[str, object]:
         "decode_tok_s": median_of("decode_tok_s"),
         "prefill_ttft_s_by_words": median_of("prefill_ttft_s_by_words"),
         "tokens_per_word": per_word,
+        "kv_tokens": raws[0]["kv_tokens"],
     }
 
 
@@ -163,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "decode_tok_s": {str(k): round(v, 1) for k, v in decode.items()},
         "prefill_ttft_s_by_tokens": {str(round(w * per_word)): round(s, 3) for w, s in prefill.items()},
+        "kv_tokens": raw["kv_tokens"],
         **fit(decode, prefill, per_word),
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 from routing.privacy import PrivacyTier
 
 CURVE_PATH = Path(__file__).resolve().parents[1] / "data" / "routing_eval_curve.json"
+DEFAULT_KV_TOKENS = 23_296  # a curve file without its engine's KV size (measured before calibrate read it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +34,9 @@ class StepModel:
     max_prefill_tokens: int = 512
     block_size: int = 16
     source: str = ""
-    # The engine's KV cache in tokens: 512 MiB (its default) at 22.5 KiB a token (SmolLM2-135M in bf16).
-    kv_tokens: int = 23_296
+    # The engine's KV cache in tokens: 512 MiB (its default) at 22.5 KiB a token (SmolLM2-135M in bf16); a
+    # curve measured by calibrate.py says what its engine had (float32 compute: half as many).
+    kv_tokens: int = 23_296  # DEFAULT_KV_TOKENS
     prefix_caching: bool = True  # the engine's default (`--no-prefix-cache`: False)
 
     def aggregate_tok_s(self, streams: int) -> float:
@@ -56,6 +58,7 @@ def load_curve(path: Path = CURVE_PATH) -> StepModel:
         float(data["step_ms_per_stream"]),
         float(data["prefill_ms_per_token"]),
         source=f"{data['engine']}, measured {data['measured']} (load {data['load_average']})",
+        kv_tokens=int(data.get("kv_tokens", DEFAULT_KV_TOKENS)),
     )
 
 

@@ -4,7 +4,8 @@ The engine keeps a finished request's full KV blocks cached (evictable, least re
 new request reuses its longest cached block-prefix (`backends/local/engine/prefix_cache.py`). A trace
 knows which requests share leading tokens: every request with a prefix key starts with that key's
 `prefix_tokens` (an agent kind's system prompt, a team's), and an agent turn that `follows` its previous
-turn starts with that turn's whole prompt. So a box holds entries "prefix key" and "turn rid", in LRU
+turn starts with that turn's whole prompt. So a box holds entries "prefix key", "turn rid" and, for every
+other finished request, "done rid" (its blocks too stay cached, though nothing asks for them again), in LRU
 order, each charged the KV tokens it added; when entries and running requests pass the box's KV cache,
 the least recently used go, a system prompt with the turns under it (the engine evicts a block together
 with every block indexed under it). Whole blocks only; the last prompt token is always computed.
@@ -67,11 +68,11 @@ class PrefixCache:
             self._put(parent, _Entry(req.prefix_tokens // bs * bs, req.prefix_tokens // bs * bs, None))
         elif parent is not None:
             self._touch(parent)
-        if req.session >= 0:  # only agent turns are followed by another turn
-            own = (
-                req.prompt_tokens + req.output_tokens - max(cached_tokens, req.prefix_tokens if parent else 0)
-            )
-            self._put(f"turn:{req.rid}", _Entry(req.prompt_tokens // bs * bs, max(0, own), parent))
+        own = req.prompt_tokens + req.output_tokens - max(cached_tokens, req.prefix_tokens if parent else 0)
+        # Every finished request's blocks stay cached, as in the engine, and take their share of the KV cache;
+        # only an agent turn's are ever asked for again (by the turn that follows it).
+        name = f"turn:{req.rid}" if req.session >= 0 else f"done:{req.rid}"
+        self._put(name, _Entry(req.prompt_tokens // bs * bs, max(0, own), parent))
         self._evict(running_tokens)
 
     def _touch(self, key: str) -> None:

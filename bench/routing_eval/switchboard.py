@@ -26,7 +26,7 @@ from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel
 from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.workload import TEAMS, Request
 from routing.decision import Price, RouteDecision
-from routing.fleet import Capacity, stable_hash64, tail_factor
+from routing.fleet import Capacity, holds_prefix, stable_hash64, tail_factor
 from routing.scoring import choose
 from routing.snapshot import (
     DeploymentSpec,
@@ -73,6 +73,7 @@ def capacity_of(model: StepModel) -> Capacity:
         prefill_tokens_per_s=1000 * chunk / step_ms,
         reserve_slots=max(1, round(RESERVE_SHARE * model.max_batch)),
         reserve_ttft_ms=RESERVE_TTFT_MS,
+        kv_cache_tokens=model.kv_tokens,
     )
 
 
@@ -161,7 +162,10 @@ class Switchboard:
     _policies: dict[str, RoutePolicy] = field(default_factory=dict)
     predicted_ttft_ms: dict[int, float] = field(default_factory=dict)  # request id -> routing's prediction
     _counted: int = 0
-    _holders: dict[int, str] = field(default_factory=dict)  # prefix key -> deployment id of its last turn
+    # prefix key -> (box of its last turn, KV tokens written on that box by then)
+    _holders: dict[int, tuple[str, int]] = field(default_factory=dict)
+    _written: dict[str, int] = field(default_factory=dict)  # box -> KV tokens written there (gateway-style)
+    eviction_aware: bool = True  # False: a holder is trusted however much was written on its box since
 
     def _setup(self, fleet: Fleet) -> None:
         self._specs = {s.backend: s for s in specs_of(fleet)}
@@ -221,8 +225,17 @@ class Switchboard:
         key, cached, holder = None, 0, None
         if self.affinity and req.prefix_tokens >= AFFINITY_MIN_PREFIX_TOKENS:
             key = stable_hash64(f"session:{req.session}" if req.session >= 0 else req.prefix_key)
-            holder = self._holders.get(key)
-            if req.history_tokens and holder is not None:  # a later turn: all but its new message was served
+            held = self._holders.get(key)
+            if held is not None:
+                holder, written_at = held
+                box = holder.split("@", 1)[1]
+                since = self._written.get(box, 0) - written_at
+                if self.eviction_aware and not holds_prefix(self._specs[box].capacity, since):
+                    holder = None  # its box has written more than its cache keeps since: evicted
+            # A later turn: all but its new message was served there. Once its oldest turns are cut (the
+            # trace's `follows` -1), its opening changed: the gateway, which keys a conversation by its
+            # opening, finds no holder for it.
+            if req.history_tokens and req.follows >= 0 and holder is not None:
                 cached = req.prefix_tokens + req.history_tokens
         return RouteRequest(
             public_model=MODEL,
@@ -246,9 +259,11 @@ class Switchboard:
             self.routed_to[req.rid] = decision.ranked[0].deployment.backend
             if decision.ranked[0].deployment_id == request.prefix_holder:  # the cached part is not pending
                 self._counted = req.prompt_tokens - request.prefix_tokens
+        if target is not None and target != CLOUD:
+            self._written[target] = self._written.get(target, 0) + self._counted
         if request.prefix_key is not None:  # where this conversation is served now (the cloud: nowhere)
             if target is not None and target != CLOUD:
-                self._holders[request.prefix_key] = dep_id(target)
+                self._holders[request.prefix_key] = (dep_id(target), self._written[target])
             else:
                 self._holders.pop(request.prefix_key, None)
         return target
@@ -260,6 +275,8 @@ class Switchboard:
     def observe(self, job: Job) -> None:
         seen = self._seen[job.target]
         seen.add(job)
+        if job.target != CLOUD:
+            self._written[job.target] = self._written.get(job.target, 0) + job.req.output_tokens
         predicted = self.predicted_ttft_ms.get(job.req.rid, 0.0)
         if self.tail_aware and predicted > 0 and self.routed_to.get(job.req.rid) == job.target:
             seen.add_ratio(job.ttft_s * 1000 / predicted)
