@@ -165,6 +165,7 @@ class Switchboard:
     # prefix key -> (box of its last turn, KV tokens written on that box by then)
     _holders: dict[int, tuple[str, int]] = field(default_factory=dict)
     _written: dict[str, int] = field(default_factory=dict)  # box -> KV tokens written there (gateway-style)
+    system_affinity: bool = True  # a conversation without a holder: the system prompt's last replica
     eviction_aware: bool = True  # False: a holder is trusted however much was written on its box since
 
     def _setup(self, fleet: Fleet) -> None:
@@ -220,23 +221,31 @@ class Switchboard:
         box = sim.boxes[name]
         return box.in_system, box.pending_prompt_tokens
 
+    def _holder(self, key: int) -> str | None:
+        held = self._holders.get(key)
+        if held is None:
+            return None
+        holder, written_at = held
+        box = holder.split("@", 1)[1]
+        since = self._written.get(box, 0) - written_at
+        if self.eviction_aware and not holds_prefix(self._specs[box].capacity, since):
+            return None  # its box has written more than its cache keeps since: evicted
+        return holder
+
     def request_of(self, req: Request) -> RouteRequest:
         team = next(t for t in TEAMS if t.name == req.team)
         key, cached, holder = None, 0, None
         if self.affinity and req.prefix_tokens >= AFFINITY_MIN_PREFIX_TOKENS:
             key = stable_hash64(f"session:{req.session}" if req.session >= 0 else req.prefix_key)
-            held = self._holders.get(key)
-            if held is not None:
-                holder, written_at = held
-                box = holder.split("@", 1)[1]
-                since = self._written.get(box, 0) - written_at
-                if self.eviction_aware and not holds_prefix(self._specs[box].capacity, since):
-                    holder = None  # its box has written more than its cache keeps since: evicted
+            holder = self._holder(key)
             # A later turn: all but its new message was served there. Once its oldest turns are cut (the
             # trace's `follows` -1), its opening changed: the gateway, which keys a conversation by its
             # opening, finds no holder for it.
             if req.history_tokens and req.follows >= 0 and holder is not None:
                 cached = req.prefix_tokens + req.history_tokens
+            elif self.system_affinity:  # else the replica that last served its system prompt holds that
+                holder = self._holder(stable_hash64(f"system:{req.prefix_key}"))
+                cached = req.prefix_tokens if holder is not None else 0
         return RouteRequest(
             public_model=MODEL,
             prompt_tokens=req.prompt_tokens,
@@ -264,6 +273,9 @@ class Switchboard:
         if request.prefix_key is not None:  # where this conversation is served now (the cloud: nowhere)
             if target is not None and target != CLOUD:
                 self._holders[request.prefix_key] = (dep_id(target), self._written[target])
+                if self.system_affinity:
+                    system = stable_hash64(f"system:{req.prefix_key}")
+                    self._holders[system] = (dep_id(target), self._written[target])
             else:
                 self._holders.pop(request.prefix_key, None)
         return target

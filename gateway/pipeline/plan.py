@@ -27,7 +27,7 @@ from gateway.errors import (
 )
 from gateway.live.state import RoutingState, with_model_slo
 from gateway.pipeline.access import ModelAccess
-from gateway.pipeline.prefix import cached_messages, held_prefix, prefix_key
+from gateway.pipeline.prefix import cached_messages, held_prefix, prefix_keys
 from gateway.pipeline.request import (
     LABELS_HEADER,
     NO_HINTS,
@@ -67,6 +67,7 @@ class Routed:
     # only the rest as pending prefill. prefix_key: the conversation's (where it is served: PrefixHolders).
     prefix_cached: tuple[str, int] = ("", 0)
     prefix_key: int | None = None
+    system_key: int | None = None  # its system prompt's (gateway.pipeline.prefix.prefix_keys), or None
 
 
 def requested_floor(header: str | None) -> PrivacyTier | None:
@@ -159,16 +160,22 @@ def plan(
     if model_cfg is not None:
         policy = with_model_slo(policy, model_cfg.slo_p95_ttft_ms, model_cfg.slo_p95_e2e_ms)
     rc = routing.config.routing
-    key, cached_tokens = None, 0
+    key, system_key, cached_tokens, holder = None, None, 0, None
     if isinstance(call, EmbeddingRequest):
         prompt_tokens, output_tokens, tools, json = estimate_input_tokens(call), 0, False, False
     else:
         prompt_tokens = estimate_prompt_tokens(call.messages)
         output_tokens = call.max_tokens or rc.default_output_tokens
         tools, json = call.tools is not None, call.response_format is not None
-        key = prefix_key(call.messages, min_chars=rc.prefix_min_chars, max_chars=rc.prefix_max_chars)
+        key, system_key, system_count = prefix_keys(
+            call.messages, min_chars=rc.prefix_min_chars, max_chars=rc.prefix_max_chars
+        )
         if key is not None and (shared := cached_messages(call.messages)):
             cached_tokens = estimate_prompt_tokens(call.messages[:shared])
+            holder = routing.prefix_holder(key)
+        if holder is None and system_key is not None:  # no replica holds this conversation: its system prompt
+            holder = routing.prefix_holder(system_key)
+            cached_tokens = estimate_prompt_tokens(call.messages[:system_count]) if holder else 0
     request = RouteRequest(
         public_model=call.model,
         prompt_tokens=prompt_tokens,
@@ -180,14 +187,14 @@ def plan(
         privacy_reason=verdict.reason,
         prefix_key=key,
         prefix_tokens=cached_tokens,
-        prefix_holder=routing.prefix_holder(key) if cached_tokens else None,
+        prefix_holder=holder if cached_tokens else None,
     )
     snapshot = routing.snapshot(now_s)
     check_preference_names(prefs, snapshot, routing, call.model)
     decision = choose(request, snapshot, policy, now_s=now_s)
     missing = () if decision.candidates else edge_missing(routing, snapshot, call.model, policy)
     cached = held_prefix(decision, request.prefix_holder, cached_tokens)
-    return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing, cached, key)
+    return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing, cached, key, system_key)
 
 
 class Planner:

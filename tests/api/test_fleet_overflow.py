@@ -46,6 +46,10 @@ def fleet_config(site: str, cloud: str, tmp: str) -> Config:
     box = {"tokens_per_s": [[1, 50], [2, 80]], "ttft_ms": [[0, 100], [1, 2000]], "max_concurrency": 2}
     owned = {"kind": "openai", "base_url": site, "privacy_tier": "internal", "usd_per_hour": USD_PER_HOUR,
              "capacity": box, "prior_ttft_ms": 100, "prior_tokens_per_s": 50}  # fmt: skip
+    prefilling = {
+        **owned,
+        "capacity": {**box, "ttft_ms": [], "max_concurrency": 4, "prefill_tokens_per_s": 200},
+    }
     return parse_config(
         {
             "server": {"admin_key_env": "SB_TEST_ADMIN_KEY"},
@@ -59,6 +63,7 @@ def fleet_config(site: str, cloud: str, tmp: str) -> Config:
                 "gpu_r1": owned,
                 "gpu_r2": owned,
                 "gpu_r3": owned,
+                **{f"gpu_p{i}": prefilling for i in (1, 2, 3)},
                 "cloud": {
                     "kind": "openai",
                     "base_url": cloud,
@@ -81,6 +86,9 @@ def fleet_config(site: str, cloud: str, tmp: str) -> Config:
                 },
                 "agents": {
                     "deployments": [{"backend": f"gpu_r{i}", "upstream_model": f"ag-r{i}"} for i in (1, 2, 3)]
+                },
+                "agents_pf": {
+                    "deployments": [{"backend": f"gpu_p{i}", "upstream_model": f"ag-p{i}"} for i in (1, 2, 3)]
                 },
             },  # fmt: skip
             "teams": TEAMS,
@@ -238,6 +246,23 @@ def test_prefix_affinity_keeps_a_conversation_on_one_replica(env: Env) -> None:
     assert len({next(iter(r)) for r in homes.values()}) >= 2  # sessions spread over replicas
     short = ask(env, "slo", "agents")  # a short prompt has no prefix worth keeping
     assert "x-switchboard-affinity" not in short.headers
+
+
+def test_a_new_conversation_starts_where_its_system_prompt_was_last_served(env: Env) -> None:
+    def first_turn(system: str, session: int) -> Any:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": f"session {session}"}]
+        return ask(env, "slo", "agents_pf", messages)
+
+    # Sessions of one agent: after the first, each starts on the replica that served that system prompt last,
+    # which predicts the prompt's ~500 tokens already cached (1 s less of prefill at 200 tokens/s).
+    home = first_turn(SYSTEM, 100).headers["x-switchboard-backend"]
+    for s in range(101, 109):
+        raw = first_turn(SYSTEM, s)
+        assert raw.headers["x-switchboard-backend"] == home
+        assert float(raw.headers["x-switchboard-predicted-ttft-ms"]) < 600  # elsewhere: 2.4 s of prefill
+    # Sessions of different agents have nothing cached anywhere: rendezvous hashing spreads them.
+    spread = {first_turn(f"Agent {s}. " + SYSTEM, s).headers["x-switchboard-backend"] for s in range(12)}
+    assert len(spread) >= 2
 
 
 def test_under_concurrent_load_only_requests_that_may_leave_overflow(env: Env) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 from gateway.live.state import policy_of, with_model_slo
-from gateway.pipeline.prefix import cached_messages, prefix_key
+from gateway.pipeline.prefix import cached_messages, prefix_key, prefix_keys
 
 SYSTEM = {"role": "system", "content": "You are a careful agent. " * 60}  # 1500 characters
 
@@ -100,3 +100,21 @@ def test_prefix_holders_remember_the_latest_owned_deployment_of_recent_conversat
     assert holders.get(2) is None and holders.get(3) == "m@gpu-a"
     holders.record(1, None)  # served by the cloud: no engine holds its latest turn
     assert holders.get(1) is None
+
+
+def test_the_system_prompt_has_a_key_of_its_own_shared_by_every_conversation_it_opens() -> None:
+    def keys(*messages: dict[str, object], min_chars: int = 1024) -> tuple[int | None, int | None, int]:
+        return prefix_keys(list(messages), min_chars=min_chars, max_chars=16_384)  # type: ignore[arg-type]
+
+    developer = {"role": "developer", "content": "Answer in French."}
+    a = keys(SYSTEM, developer, {"role": "user", "content": "plan the migration"})
+    b = keys(SYSTEM, developer, {"role": "user", "content": "summarise the incident"})
+    assert a[0] != b[0] and a[1] is not None and a[1] == b[1] and a[2] == b[2] == 2
+    assert a[0] == key(SYSTEM, developer, {"role": "user", "content": "plan the migration"})
+    assert keys(SYSTEM, {"role": "user", "content": "x"})[1] != a[1]  # another system prompt, another key
+    # A short system prompt, none at all, or an opening that is all system prompt: no key of its own.
+    short = {"role": "system", "content": "Be brief."}
+    assert keys(short, {"role": "user", "content": "y" * 2000})[1:] == (None, 0)
+    assert keys({"role": "user", "content": "y" * 2000})[1:] == (None, 0)
+    assert keys(SYSTEM)[0] is not None and keys(SYSTEM)[1:] == (None, 0)
+    assert keys(SYSTEM, {"role": "user", "content": "x"}, min_chars=0) == (None, None, 0)
