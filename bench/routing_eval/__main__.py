@@ -22,7 +22,7 @@ from bench.routing_eval.fleet import (
     StepModel,
     load_curve,
 )
-from bench.routing_eval.report import goals, run_workload, table
+from bench.routing_eval.report import goals, must_stay_line, run_workload, table
 from bench.routing_eval.workload import SENSITIVE_SHARE, TEAMS, WORKLOADS, Request
 
 DECODE_BOUND_PREFILL_FACTOR = 20  # the decode-bound variant: prefill this many times cheaper than measured
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
                 _trace_line(name, trace, args.minutes) + f" Simulated in {wall_s:.0f} s.",
                 "",
                 *table(runs),
+                "",
+                must_stay_line(trace, model, args.minutes * 60, runs),
                 "",
                 "Goals:",
                 "",

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from bench.routing_eval.baselines import baselines
-from bench.routing_eval.fleet import StepModel, box_capacity_tok_s, make_fleet
+from bench.routing_eval.fleet import EDGE_NODES, StepModel, box_capacity_tok_s, make_fleet
 from bench.routing_eval.metrics import Metrics, percentile, summarise
 from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.switchboard import Switchboard
@@ -70,6 +70,36 @@ def evaluate(trace: list[Request], model: StepModel, duration_s: float, seed: in
     return runs
 
 
+def _box_s(model: StepModel, prompt_tokens: float, output_tokens: float) -> float:
+    """Seconds of one box at full batch a request of this shape takes (its prompt uncached)."""
+    n = model.max_batch
+    per_token_ms = (model.step_base_ms + model.step_ms_per_stream * n) / n
+    return (output_tokens * per_token_ms + prompt_tokens * model.prefill_ms_per_token) / 1000
+
+
+def must_stay_line(trace: list[Request], model: StepModel, duration_s: float, runs: list[Run]) -> str:
+    """How much work may not leave owned capacity, against what each fleet size owns: where the mean or
+    the busiest minute passes it, no policy that keeps the privacy floors can meet every SLO."""
+    stay = [r for r in trace if r.floor.rank <= 1]
+    minutes: dict[int, float] = {}
+    for r in stay:
+        minutes[int(r.arrival_s // 60)] = minutes.get(int(r.arrival_s // 60), 0.0) + _box_s(
+            model, r.prompt_tokens, r.output_tokens
+        )
+    mean = sum(minutes.values()) / duration_s
+    peak = max(minutes.values(), default=0.0) / 60
+    prompt, output = mean_work(trace)
+    edge = model.scaled(2.0, max_batch=4)
+    edge_boxes = EDGE_NODES * _box_s(model, prompt, output) / _box_s(edge, prompt, output)
+    sizes = sorted({(r.size, r.boxes) for r in runs})
+    owned = ", ".join(f"{b} at {s:.0%}" for s, b in sizes)
+    return (
+        f"Work that may not leave (floor internal or edge: {len(stay)} requests), in boxes busy at full "
+        f"batch with prompts uncached: {mean:.1f} on average, {peak:.1f} in the busiest minute; owned boxes: "
+        f"{owned}, plus {EDGE_NODES} edge nodes worth {edge_boxes:.1f}."
+    )
+
+
 def _ms(v: float) -> str:
     return f"{v / 1000:.1f} s" if v >= 10_000 else f"{v:.0f}"
 
@@ -113,9 +143,16 @@ def goals(runs: list[Run]) -> list[str]:
             f"  - {size:.0%}: switchboard TTFT on owned boxes vs routing's prediction: p50 {error[0]:.1f}x, "
             f"p95 {error[1]:.1f}x"
         )
+        private = [m for m in meeting if m.privacy_violations == 0 and m.policy != "switchboard"]
+        rival = min(private, key=lambda m: m.cloud_usd) if private else None
+        kept = (
+            f"; of those that also keep every privacy floor: {rival.policy} {rival.cloud_usd:.3f} USD"
+            if rival
+            else "; none other keeps every privacy floor"
+        )
         out.append(
             f"  - {size:.0%}: switchboard {sb.cloud_usd:.3f} USD, meets SLO: "
-            f"{'yes' if sb.meets_slo else 'no'}; {who}: {'met' if ok else '**not met**'}"
+            f"{'yes' if sb.meets_slo else 'no'}; {who}{kept}: {'met' if ok else '**not met**'}"
         )
     at60 = [r.metrics for r in runs if r.size == 0.6]
     sb = next(m for m in at60 if m.policy == "switchboard")
