@@ -19,6 +19,7 @@ from backends.local import autotune  # noqa: E402
 from backends.local.engine.kernels import attach_cpu_kernels  # noqa: E402
 from backends.local.engine.quant import compare_logits, quantize_model  # noqa: E402
 from backends.local.engine.runner import build_runner  # noqa: E402
+from backends.local.engine.types import SeqChunk, StepPlan  # noqa: E402
 from backends.local.engine.weights import build_model  # noqa: E402
 from backends.local.server import QuietPolls  # noqa: E402
 from backends.local.warmup import warm_up  # noqa: E402
@@ -60,23 +61,49 @@ def test_choice_is_a_candidate_within_its_quality_bound_and_is_cached(cache_dir:
     timed = {(t.dtype, t.quant) for t in choice.table}
     assert timed == {(d, q) for d, q in autotune.candidates(flags) if not autotune.pruned(d, q)}
     assert any(line.startswith("*") for line in choice.rows())
-    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))
-    reference = logits_of(build_model(hf, dtype=torch.float32, device="cpu", release_source=False), ids)
-    model = build_model(hf, dtype=getattr(torch, choice.dtype), device="cpu", release_source=False)
-    if choice.quant != "none":
-        quantize_model(model, choice.quant, group_size=32)
-    attach_cpu_kernels(model)
-    agreement = compare_logits(reference, logits_of(model, ids))
-    min_top1, max_kl = QUALITY[choice.quant]
-    if choice.dtype == "bfloat16":
-        min_top1, max_kl = min(min_top1, 0.9), max(max_kl, 2e-3)
-    assert agreement.top1 >= min_top1 and agreement.kl_mean <= max_kl, (choice, agreement)
+    # Its quality: every candidate meets its bound on SmolLM2 (the next test). A random 64-wide model is no
+    # judge of int4 (float32 over int4 agrees on 54% of top-1s here, KL 0.18, and autotune picks it once the
+    # fused decode layers make it the fastest), so only the configurations it can judge are checked here.
+    if choice.quant != "int4":
+        ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))
+        reference = logits_of(build_model(hf, dtype=torch.float32, device="cpu", release_source=False), ids)
+        model = build_model(hf, dtype=getattr(torch, choice.dtype), device="cpu", release_source=False)
+        if choice.quant != "none":
+            quantize_model(model, choice.quant, group_size=32)
+        attach_cpu_kernels(model)
+        assert_within_bound(choice.dtype, choice.quant, compare_logits(reference, logits_of(model, ids)))
     again = autotune.choose(Loaded(hf), dtype="auto", quant="auto", threads=1)
     assert again.cached and (again.dtype, again.quant, again.table) == (
         choice.dtype,
         choice.quant,
         choice.table,
     )
+
+
+def assert_within_bound(dtype: str, quant: str, agreement: Any) -> None:
+    min_top1, max_kl = QUALITY[quant]
+    if dtype == "bfloat16":
+        min_top1, max_kl = min(min_top1, 0.9), max(max_kl, 2e-3)
+    assert agreement.top1 >= min_top1 and agreement.kl_mean <= max_kl, (dtype, quant, agreement)
+
+
+@pytest.mark.model
+def test_every_candidate_meets_its_quality_bound_on_smollm2(smollm2: Any) -> None:
+    """Whatever autotune picks on this CPU is within its bound: each candidate as autotune builds it
+    (`build_candidate`: int4 group 32 with an int8 lm_head), teacher-forced against float32 on 128 tokens."""
+    _, flags = autotune.cpu_description()
+    text = "The lighthouse keeper climbed the stairs each evening to light the lamp. " * 12
+    ids = smollm2.tokenizer(text, return_tensors="pt").input_ids[0, :128]
+    reference = None
+    for dtype, quant in [("float32", "none"), *autotune.candidates(flags)]:
+        runner = autotune.build_candidate(smollm2, dtype, quant)
+        n = ids.shape[0]
+        plan = StepPlan((SeqChunk(0, tuple(ids.tolist()), 0, tuple(range(-(-n // 16))), n),))
+        logits = runner.execute(plan)
+        if reference is None:
+            reference = logits
+            continue
+        assert_within_bound(dtype, quant, compare_logits(reference, logits))
 
 
 def test_a_fixed_dtype_or_quant_narrows_the_candidates(cache_dir: Path) -> None:

@@ -154,14 +154,19 @@ def kernel_op(name: str) -> Callable[..., Any] | None:
 
 
 def attach_cpu_kernels(model: Any) -> int:
-    """Give a CPU float32/bf16 `Transformer` the kernels (norms, RoPE + KV write, bf16 GEMV); modules changed.
+    """Give a CPU float32/bf16 `Transformer` the kernels (norms, RoPE + KV write, bf16 GEMV) and its layers
+    their decode closures (`fused.py`); modules changed.
 
     Attention's `paged` kernel is the runner's choice (`--attn`), not the model's. Without the kernels: 0.
     """
     if not _loaded():
         return 0
+    from backends.local.engine.fused import fuse_decode
     from backends.local.engine.linear_kernels import use_gemv_kernel
     from backends.local.engine.model import use_cpu_kernels
 
     count = use_cpu_kernels(model, norm=_ops["rms_norm"], rope=_ops["rope_write"])
-    return count + use_gemv_kernel(model) if count else count
+    if not count:
+        return count
+    count += use_gemv_kernel(model)
+    return count + fuse_decode(model)  # last: it binds the projections as they now are

@@ -142,10 +142,15 @@ class Block(nn.Module):
         self.attention = Attention(args, layer_idx)
         self.mlp_norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.mlp = MLP(args)
+        # The same layer as one closure over its kernels, for decode steps (`fused.fuse_decode`); it returns
+        # None for a step it does not serve.
+        self.decode: Callable[..., torch.Tensor | None] | None = None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata, kv: KVCache
     ) -> torch.Tensor:
+        if self.decode is not None and (out := self.decode(x, cos, sin, attn, kv)) is not None:
+            return out
         x = x + self.attention(self.attention_norm(x), cos, sin, attn, kv)
         return x + self.mlp(self.mlp_norm(x))
 
