@@ -276,9 +276,15 @@ def in_thread(fn: Callable[[], T], threads: int) -> T:
 
     Timing and warm-up need the engine's thread count, but an OpenMP team left on this (loading) thread
     would slow the engine thread's team for good (see `one_compute_thread`); a team dies with its thread.
+    The caller's thread count is set again afterwards: ATen keeps the last `torch.set_num_threads` process
+    wide, and a thread that has not asked for its count yet takes that one up the first time it does, so a
+    loading thread that had only set its one thread built the model on the worker's two, and that team
+    stayed beside the engine's (measured 2026-12-05: a cached autotune lookup before the build made every
+    later decode step 2.4x slower, 5.0 -> 11.8 ms; served, 65-78 instead of 150-170 tok/s).
     """
     import torch
 
+    caller_threads = torch.get_num_threads()
     result: list[T] = []
     errors: list[BaseException] = []
 
@@ -292,6 +298,7 @@ def in_thread(fn: Callable[[], T], threads: int) -> T:
     worker = threading.Thread(target=body, name="switchboard-engine-tune")
     worker.start()
     worker.join()
+    torch.set_num_threads(caller_threads)
     if errors:
         raise errors[0]
     return result[0]

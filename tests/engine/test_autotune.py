@@ -220,3 +220,24 @@ def test_engine_info_shows_the_cached_choice_and_its_table(
     assert "not timed yet" in other.output
     bad = CliRunner().invoke(app, ["engine", "info", "--model", "pkg:nope/x.gguf"])
     assert bad.exit_code == 2
+
+
+def test_a_worker_thread_leaves_the_loading_threads_count_as_it_was() -> None:
+    """`in_thread` (autotune, warm-up) sets its worker's torch threads. ATen keeps that count process-wide
+    and a thread takes it up the first time it asks, so a loading thread that had only ever set its one
+    thread then built the model on two: a second OpenMP team beside the engine thread's, which made every
+    decode step 2.4x slower for good (docs/ENGINE.md "Threads"). In a fresh process, as the engine starts."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from backends.local.build import in_thread, one_compute_thread\n"
+        "one_compute_thread()\n"
+        "assert in_thread(torch.get_num_threads, 2) == 2\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "1", done.stdout + done.stderr
