@@ -20,20 +20,18 @@ from tests.support.scripted import ScriptedBackend
 CURVE = {"tokens_per_s": [[1, 40], [4, 120]], "max_concurrency": 4, "prefill_tokens_per_s": 200}
 
 
-def state() -> RoutingState:
+def state(capacity: dict[str, object] | None = None) -> RoutingState:
     names = ("b0", "b1")
     backends = {n: ScriptedBackend(n, "ok") for n in names}
+    owned = {
+        "kind": "openai",
+        "base_url": "http://127.0.0.1:9/v1",
+        "usd_per_hour": 1,
+        "capacity": capacity or CURVE,
+    }
     config = parse_config(
         {
-            "backends": {
-                n: {
-                    "kind": "openai",
-                    "base_url": "http://127.0.0.1:9/v1",
-                    "usd_per_hour": 1,
-                    "capacity": CURVE,
-                }
-                for n in names
-            },
+            "backends": dict.fromkeys(names, owned),
             "models": {"m": {"deployments": [{"backend": n, "upstream_model": "up"} for n in names]}},
             "teams": {"t": {"slo_p95_ttft_ms": 4000}},
         }
@@ -95,25 +93,8 @@ def test_each_attempt_is_measured_against_what_routing_predicted_for_its_deploym
 
 
 def test_a_conversation_counts_on_its_engine_cache_only_until_that_much_was_written_there() -> None:
-    evictable = {**CURVE, "kv_cache_tokens": 4000}
-    names = ("b0", "b1")
-    config = parse_config(
-        {
-            "backends": {
-                n: {
-                    "kind": "openai",
-                    "base_url": "http://127.0.0.1:9/v1",
-                    "usd_per_hour": 1,
-                    "capacity": evictable,
-                }
-                for n in names
-            },
-            "models": {"m": {"deployments": [{"backend": n, "upstream_model": "up"} for n in names]}},
-        }
-    )
-    deps = {"m": tuple(Deployment("m", n, BackendKind.OPENAI, "up", FREE) for n in names)}
-    routing = RoutingState(config, build_specs(config, {n: ScriptedBackend(n, "ok") for n in names}, deps))
-    dep = deps["m"][0]
+    routing = state({**CURVE, "kv_cache_tokens": 4000})
+    dep = Deployment("m", "b0", BackendKind.OPENAI, "up", FREE)
     turn = DeploymentUse.begin(dep, "m", routing, 0.0, 900)
     routing.prefix_holders.record(42, "m@b0", routing.stats.kv_written_of("m@b0"))
     turn.prefilled()

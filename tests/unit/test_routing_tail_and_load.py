@@ -11,7 +11,6 @@ from decimal import Decimal
 import pytest
 
 from backends.base import BackendKind
-from routing.decision import Price
 from routing.fleet import TAIL_MIN_SAMPLES, Capacity, holds_prefix, tail_factor
 from routing.privacy import PrivacyTier as T
 from routing.scoring import choose
@@ -21,8 +20,8 @@ from routing.snapshot import (
     HourlyPrice,
     RoutePolicy,
     RouteRequest,
-    RoutingSnapshot,
 )
+from tests.unit.test_fleet_prefill_reserve import cloud, snap
 
 CURVE = Capacity(tokens_per_s=((1, 40.0), (4, 120.0)), max_concurrency=4, prefill_tokens_per_s=200.0)
 SLO = RoutePolicy(slo_p95_ttft_ms=2500)
@@ -36,18 +35,6 @@ def owned(
         privacy_tier=T.INTERNAL, price=HourlyPrice(Decimal("1")), capacity=CURVE,
     )  # fmt: skip
     return spec, DeploymentStats(ttft_ms=150, decode_tokens_per_s=40, **stats)  # type: ignore[arg-type]
-
-
-def cloud() -> tuple[DeploymentSpec, DeploymentStats]:
-    spec = DeploymentSpec(
-        public_model="m", deployment_id="cloud", backend="cloud", backend_kind=BackendKind.CLOUD,
-        upstream_model="up", privacy_tier=T.EXTERNAL, price=Price(Decimal("0.15"), Decimal("0.60")),
-    )  # fmt: skip
-    return spec, DeploymentStats(ttft_ms=500, decode_tokens_per_s=70)
-
-
-def snap(*pairs: tuple[DeploymentSpec, DeploymentStats]) -> RoutingSnapshot:
-    return RoutingSnapshot({s.deployment_id: (s, st) for s, st in pairs})
 
 
 def req(prompt: int, floor: T = T.EXTERNAL, **extra: object) -> RouteRequest:
