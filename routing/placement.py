@@ -69,34 +69,32 @@ def has_slo(policy: RoutePolicy) -> bool:
 def by_slo(
     ranked: list[ScoredCandidate],
     policy: RoutePolicy,
-    owned: Mapping[str, Entry] | None = None,
+    owned: Mapping[str, Entry],
+    loosest_rank: int,
     tails: Mapping[str, float] | None = None,
-    loosest_rank: int | None = None,
 ) -> list[ScoredCandidate]:
     """Meeting the SLO first, cheapest first (ties keep the objective's order); then misses, closest first;
     the requested `order` stays outermost. Stable single-key sorts, least significant first. `owned`: id ->
     entry of the owned eligible deployments, whose reserves bind for a request that could be served on a
     less private tier (`loosest_rank`: the largest privacy rank among the eligible; the cloud's, or for an
-    edge node's reserve also the engines'), so each private tier is kept for the traffic that needs it;
-    without `loosest_rank`, when some candidate is not owned. `tails`:
-    id -> `ttft_tail_factor` where above 1: the SLO is a p95, so a deployment whose measured TTFTs run
-    later than predicted (a queue the load figures do not show, an evicted prefix) is judged by its predicted
-    TTFT x that factor, here and against the reserve's bound."""
+    edge node's reserve also the engines'), so each private tier is kept for the traffic that needs it.
+    `tails`: id -> `ttft_tail_factor` where above 1: the SLO is a p95, so a deployment whose measured
+    TTFTs run later than predicted (a queue the load figures do not show, an evicted prefix) is judged by
+    its predicted TTFT x that factor, here and against the reserve's bound."""
     max_ttft = math.inf if policy.slo_p95_ttft_ms is None else policy.slo_p95_ttft_ms
     max_e2e = math.inf if policy.slo_p95_e2e_ms is None else policy.slo_p95_e2e_ms
-    get = (owned or {}).get
+    get = owned.get
     tail_of = (tails or {}).get
-    may_leave = owned is not None and len(owned) < len(ranked)  # every owned entry is a candidate
-    by_tier = loosest_rank is not None
     met: list[ScoredCandidate] = []
     missed: list[tuple[float, ScoredCandidate]] = []
     for c in ranked:
         tail = tail_of(c.deployment_id, 1.0)
         ttft = c.ttft_ms * tail
-        e = get(c.deployment_id) if may_leave or by_tier else None
-        if e is not None and loosest_rank is not None and e.privacy_rank >= loosest_rank:
-            e = None  # nowhere less private to go: this box's reserve is for such requests
-        reserved = e is not None and (not e.unreserved or ttft > e.reserve_ttft_ms)
+        e = get(c.deployment_id)
+        # Where nothing eligible is less private than the box, its reserve is for requests like this one.
+        reserved = (
+            e is not None and e.privacy_rank < loosest_rank and (not e.unreserved or ttft > e.reserve_ttft_ms)
+        )
         if ttft <= max_ttft and c.latency_ms <= max_e2e and not reserved:
             met.append(c)
         else:

@@ -326,7 +326,7 @@ def _place(
     if slo:
         tails = {e.deployment_id: e.ttft_tail_factor for _, _, e, _ in rows if e.ttft_tail_factor > 1.0}
         loosest = max(e.privacy_rank for _, _, e, _ in rows)
-        ranked = by_slo(ranked, policy, entries, tails, loosest)
+        ranked = by_slo(ranked, policy, entries, loosest, tails)
     affinity = None
     if key is not None:
         cached = request.prefix_tokens if request.prefix_holder in entries else 0

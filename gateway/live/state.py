@@ -167,10 +167,6 @@ class PrefixHolders:
         self._capacity = capacity
         self._holders: OrderedDict[int, tuple[str, int]] = OrderedDict()
 
-    def get(self, key: int | None) -> str | None:
-        held = self.held(key)
-        return None if held is None else held[0]
-
     def held(self, key: int | None) -> tuple[str, int] | None:
         """(deployment id, KV tokens written on it when the turn was placed there), or None."""
         return None if key is None else self._holders.get(key)
@@ -281,7 +277,7 @@ class RoutingState:
         return cfg.privacy_floor, cfg.on_sensitive
 
     def snapshot(self, now_s: float) -> RoutingSnapshot:
-        if self._snapshot is None or self._built is None or now_s - self._built_s >= _REFRESH_S:
+        if self._built is None or now_s - self._built_s >= _REFRESH_S:
             self._rebuild(now_s)
         elif self.stats.load_version != self._load_version:
             self._snapshot = self._patched(self._built)

@@ -92,14 +92,19 @@ def test_prefix_holders_remember_the_latest_owned_deployment_of_recent_conversat
     from gateway.live.state import PrefixHolders
 
     holders = PrefixHolders(capacity=2)
+
+    def holder(key: int | None) -> str | None:
+        held = holders.held(key)
+        return None if held is None else held[0]
+
     holders.record(1, "m@gpu-a")
     holders.record(2, "m@gpu-b")
     holders.record(1, "m@gpu-c")  # the conversation moved (a spill): its cache is there now
-    assert holders.get(1) == "m@gpu-c" and holders.get(None) is None
+    assert holder(1) == "m@gpu-c" and holder(None) is None
     holders.record(3, "m@gpu-a")  # over capacity: the least recently served conversation (2) is forgotten
-    assert holders.get(2) is None and holders.get(3) == "m@gpu-a"
+    assert holder(2) is None and holder(3) == "m@gpu-a"
     holders.record(1, None)  # served by the cloud: no engine holds its latest turn
-    assert holders.get(1) is None
+    assert holder(1) is None
 
 
 def test_the_system_prompt_has_a_key_of_its_own_shared_by_every_conversation_it_opens() -> None:
