@@ -2,8 +2,9 @@
 
 Settings: the env litellm needs to stay offline, and the converted-weights cache (in the system temp dir,
 shared by test runs and the processes tests start). Where PostgreSQL and Redis are: tests/support/services.py.
-Database fixtures (tests/support/db.py) and the log scan (tests/support/logscan.py: no key, token or planted
-prompt text in a log line or error message) are loaded here as plugins.
+Database fixtures (tests/support/db.py), the log scan (tests/support/logscan.py: no key, token or planted
+prompt text in a log line or error message) and the hang backstop (tests/support/backstop.py: a test that
+outlives its timeout by minutes ends the run with every thread's stack) are loaded here as plugins.
 
 Tiers are markers, set at collection (`pytest_collection_modifyitems`) from what a test uses, so a new test
 lands in the right tier without marking it by hand:
@@ -30,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("SWITCHBOARD_CACHE_DIR", str(Path(tempfile.gettempdir()) / "switchboard-test-cache"))
 
-pytest_plugins = ("tests.support.db", "tests.support.logscan")
+pytest_plugins = ("tests.support.db", "tests.support.logscan", "tests.support.backstop")
 
 TIERS = ("slow", "model", "redis", "postgres", "gpu")
 SLOW_DIRS = ("api", "replicas", "e2e")  # live gateways, replica processes, the engine server

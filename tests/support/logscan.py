@@ -61,7 +61,10 @@ class Scan:
     counts: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(("records", "errors", "texts", "files"), 0)
     )
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Re-entrant: a finalizer that logs (asyncio's "Task was destroyed", say) can run on a thread that holds
+    # the lock, when the garbage collector wakes inside `add`; a plain lock deadlocked that thread, then every
+    # thread that logged after it (a CI run hung in tests/api/test_openai_sdk.py until its 90 minutes ran).
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
     def registered(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,22 @@ def test_a_leaking_run_fails_without_printing_the_secrets(tmp_path: Path) -> Non
     assert len(secrets) == 4
     for secret in secrets:
         assert secret not in out, "a scan report printed the secret it found"
+
+
+def test_a_record_made_while_the_scan_holds_its_lock_does_not_deadlock() -> None:
+    """What a finalizer that logs does when the garbage collector runs it inside `Scan.add` on the same
+    thread: the scan's lock is taken again by its holder."""
+    scan = logscan.Scan()
+
+    def nested() -> None:
+        with scan._lock:
+            scan.add(lambda: "outer", lambda: "outer text", "records")
+            with scan._lock:  # the finalizer's record, on the thread inside `add`
+                scan.add(lambda: "finalizer", lambda: "finalizer text", "records")
+
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the scan's lock deadlocked its own holder"
+    assert scan.counts["records"] == 2
+    assert scan.drain() == [] and scan.pending == []
