@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,33 @@ class LoadedModel:
     load_s: float
     rss_mb: float
     # Where the engine reads the weights, one tensor at a time (`engine.assemble.WeightSource`): a GGUF
-    # (`load_engine_model`), whose `model` then holds configs only, on the meta device. None: `model`'s own.
+    # (`load_engine_model`), whose `model` is then a `ConfigHolder`. None: `model`'s own.
     weights: Any = None
+
+
+class ConfigHolder:
+    """What the engine reads of a GGUF's `model`: its config and generation config, and no weights.
+
+    It stands where a transformers model on the meta device stood: building that imported the model's
+    modeling code and made its module tree, ~60 MB of resident memory the engine never used (and the
+    modeling import alone took ~0.5 s). `eval`, `to`, `parameters` and `state_dict` answer as an empty
+    module would, for the callers that treat every `LoadedModel.model` alike (`build.release`)."""
+
+    def __init__(self, config: Any, generation_config: Any) -> None:
+        self.config = config
+        self.generation_config = generation_config
+
+    def eval(self) -> ConfigHolder:
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> ConfigHolder:
+        return self
+
+    def parameters(self) -> Iterator[Any]:
+        return iter(())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
 
 def _model_name_from_gguf(file_name: str) -> str:
@@ -139,9 +165,6 @@ def load_engine_model(spec: str, *, cache: bool = True, cache_root: Path | None 
     source = resolve_spec(spec)
     if source.gguf_file is None:
         return load_model(spec, cache=cache, cache_root=cache_root)
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from backends.local.gguf_weights import GgufWeights
 
     started_s = time.perf_counter()
@@ -151,9 +174,7 @@ def load_engine_model(spec: str, *, cache: bool = True, cache_root: Path | None 
         raise ModelSpecError(f"model `{source.name}` has no chat template; the engine serves chat only")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with torch.device("meta"):  # the configs' holder: no weights are allocated
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = generation
+    model = ConfigHolder(config, generation)
     weights = GgufWeights(gguf, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads)
     loaded = LoadedModel(
         model=model.eval(),
@@ -174,18 +195,20 @@ def load_engine_model(spec: str, *, cache: bool = True, cache_root: Path | None 
 
 def _gguf_metadata(source: ModelSource, gguf: Path, root: Path, cache: bool) -> tuple[Any, Any, Any]:
     """(tokenizer, config, generation config) of a GGUF: from a cache entry, else converted (and cached)."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     for entry in (model_cache.entry_path(gguf, root), model_cache.metadata_entry_path(gguf, root)):
         if cache and model_cache.is_complete(entry):
             try:
                 return (
-                    AutoTokenizer.from_pretrained(entry, local_files_only=True),
+                    _cached_tokenizer(entry),
                     AutoConfig.from_pretrained(entry, local_files_only=True),
                     GenerationConfig.from_pretrained(entry, local_files_only=True),
                 )
             except (OSError, ValueError) as exc:
                 log.warning("cannot read the cached tokenizer %s (%s); converting it again", entry, exc)
+    from transformers import AutoTokenizer
+
     extra: dict[str, Any] = {"local_files_only": True, "gguf_file": source.gguf_file}
     tokenizer = AutoTokenizer.from_pretrained(source.directory, **extra)
     config = AutoConfig.from_pretrained(source.directory, **extra)
@@ -194,6 +217,30 @@ def _gguf_metadata(source: ModelSource, gguf: Path, root: Path, cache: bool) -> 
         entry = model_cache.metadata_entry_path(gguf, root)
         model_cache.save_metadata_entry(tokenizer, config, generation, gguf, entry)
     return tokenizer, config, generation
+
+
+# Tokenizer classes that are `PreTrainedTokenizerFast` itself (transformers 5 names it `TokenizersBackend`):
+# the class every GGUF tokenizer converts to. Loading one by that class skips `AutoTokenizer`'s registry of
+# every tokenizer transformers knows, ~25 MB resident in the engine's process.
+_FAST_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _cached_tokenizer(entry: Path) -> Any:
+    """The tokenizer saved in a cache entry: by its own class when that is the plain fast tokenizer, else
+    through `AutoTokenizer`."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        saved = json.loads((entry / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if saved in _FAST_TOKENIZER_CLASSES:
+        return PreTrainedTokenizerFast.from_pretrained(entry, local_files_only=True)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(entry, local_files_only=True)
 
 
 def _read_cached(entry: Path, name: str) -> tuple[Any, Any] | None:

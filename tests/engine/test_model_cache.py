@@ -8,6 +8,8 @@ second load reads the cache and gives the same weights and tokenizer as a load s
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -156,7 +158,8 @@ def test_the_engine_opens_a_gguf_without_its_weights_and_caches_only_the_tokeniz
     tmp_path: Path, smollm2: Any
 ) -> None:
     """`load_engine_model`: tokenizer and configs (converted once, then from a metadata entry), the model a
-    meta-device holder of its configs, the weights left in the file (`GgufWeights`)."""
+    holder of its configs (`ConfigHolder`: no module, no weights), the weights left in the file
+    (`GgufWeights`)."""
     from backends.local.engine.config import ModelArgs
     from backends.local.gguf_weights import GgufWeights
 
@@ -170,10 +173,23 @@ def test_the_engine_opens_a_gguf_without_its_weights_and_caches_only_the_tokeniz
     again = loader.load_engine_model(DEFAULT_MODEL_SPEC, cache_root=tmp_path)
     for loaded in (first, again):
         assert isinstance(loaded.weights, GgufWeights) and loaded.name == smollm2.name
-        assert all(p.is_meta for p in loaded.model.parameters())
+        assert isinstance(loaded.model, loader.ConfigHolder) and list(loaded.model.parameters()) == []
+        assert type(loaded.tokenizer) is type(smollm2.tokenizer)
         assert ModelArgs.from_hf_config(loaded.model.config) == ModelArgs.from_hf_config(smollm2.model.config)
         assert loaded.model.generation_config.eos_token_id == smollm2.model.generation_config.eos_token_id
         text = "Say hello in five words."
         assert loaded.tokenizer(text).input_ids == smollm2.tokenizer(text).input_ids
         assert loaded.tokenizer.chat_template == smollm2.tokenizer.chat_template
         loaded.weights.close()
+    # A fresh process opening the cached entry builds no transformers model and reads no tokenizer registry
+    # (~50 MB resident that the engine never used).
+    script = (
+        "import sys; from pathlib import Path; from backends.local import loader; "
+        f"loader.load_engine_model({DEFAULT_MODEL_SPEC!r}, cache_root=Path({str(tmp_path)!r})); "
+        "print(sorted(m for m in sys.modules if m.endswith(('.modeling_llama', '.tokenization_auto'))))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-c", script]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
