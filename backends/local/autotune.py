@@ -141,11 +141,12 @@ def write_cached(choice: Choice) -> None:
     tmp.replace(path)  # atomic: processes starting together never read half a file
 
 
-def build_candidate(loaded: Any, dtype: str, quant: str) -> Any:
-    """One candidate's runner, built from the loaded weights (left intact) over a small cache."""
+def build_candidate(loaded: Any, dtype: str, quant: str, *, kv_dtype: str = "auto") -> Any:
+    """One candidate's runner, built from the loaded weights (left intact) over a small cache (`kv_dtype`:
+    the engine's `--kv-dtype`, `auto` as it runs by default)."""
     import torch
 
-    from backends.local.build import assemble_engine_model
+    from backends.local.build import assemble_engine_model, kv_cache_dtype
     from backends.local.engine.kernels import attach_cpu_kernels
     from backends.local.engine.runner import build_runner
 
@@ -159,7 +160,8 @@ def build_candidate(loaded: Any, dtype: str, quant: str) -> Any:
     finally:
         torch.set_num_threads(threads)
     attach_cpu_kernels(model)
-    return build_runner(model, kv_cache_mb=32, block_size=16, attn_impl="auto")
+    kv = getattr(torch, kv_cache_dtype(kv_dtype, dtype, "cpu"))
+    return build_runner(model, kv_cache_mb=32, block_size=16, attn_impl="auto", kv_dtype=kv)
 
 
 def pruned(dtype: str, quant: str) -> str:

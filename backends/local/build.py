@@ -28,6 +28,7 @@ T = TypeVar("T")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 QUANT_MODES = ("auto", "none", "int8", "int4")
+KV_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash", "paged")  # attention.ATTN_CHOICES, without torch
 SPEC_KINDS = ("none", "draft", "self", "ngram")
 
@@ -43,6 +44,7 @@ class EngineOptions:
     num_spec_tokens: int = 4  # draft slots per decode when `spec` is not "none"
     max_batch: int = 32
     kv_cache_mb: float = 512.0
+    kv_dtype: str = "auto"  # the KV cache's dtype: `kv_cache_dtype`
     threads: int | None = None
     block_size: int = 16
     max_prefill_tokens: int = 512
@@ -56,13 +58,13 @@ class EngineOptions:
             ("device", DEVICES),
             ("dtype", DTYPES),
             ("quant", QUANT_MODES),
+            ("kv_dtype", KV_DTYPES),
             ("attn", ATTN_IMPLS),
             ("spec", SPEC_KINDS),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"--{name} `{getattr(self, name)}` is unknown; use one of {', '.join(allowed)}"
-                )
+                flag, value = name.replace("_", "-"), getattr(self, name)
+                raise ValueError(f"--{flag} `{value}` is unknown; use one of {', '.join(allowed)}")
         if self.spec == "draft" and not self.draft_model:
             raise ValueError(
                 "--spec draft needs --draft-model (a GGUF file, HF directory or pkg:PACKAGE/FILE)"
@@ -173,12 +175,14 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
             manifest.bytes_before / 2**20,
             manifest.bytes_after / 2**20,
         )
-    with stage(f"KV cache ({options.kv_cache_mb:.0f} MB)"):
+    kv_dtype = kv_cache_dtype(options.kv_dtype, options.dtype, options.device)
+    with stage(f"KV cache ({options.kv_cache_mb:.0f} MB, {kv_dtype})"):
         runner = build_runner(
             model,
             kv_cache_mb=options.kv_cache_mb,
             block_size=options.block_size,
             attn_impl=options.attn,
+            kv_dtype=getattr(torch, kv_dtype),
         )
     cache = runner.kv_cache
     log.info("attention: %s (--attn %s)", runner.attn_impl, options.attn)
@@ -302,6 +306,24 @@ def in_thread(fn: Callable[[], T], threads: int) -> T:
     if errors:
         raise errors[0]
     return result[0]
+
+
+def kv_cache_dtype(kv_dtype: str, dtype: str, device: str) -> str:
+    """The KV cache's dtype for compute `dtype` (resolved, not `auto`) on `device`.
+
+    `auto`: bfloat16 under float32 compute on CPU, else the compute dtype. A float32 engine (what autotune
+    picks where the CPU has no native bf16) then holds twice the tokens in its `--kv-cache-mb`, as llama.cpp's
+    16-bit cache does; keys and values are rounded once when written and widened exactly when read, and
+    attention still computes in float32. An explicit `--kv-dtype` must be the compute dtype, or bfloat16 under
+    float32 on CPU (what the C++ kernels read)."""
+    if kv_dtype == "auto":
+        return "bfloat16" if device == "cpu" and dtype == "float32" else dtype
+    if kv_dtype != dtype and not (kv_dtype == "bfloat16" and dtype == "float32" and device == "cpu"):
+        raise ValueError(
+            f"--kv-dtype {kv_dtype} with --dtype {dtype} on {device}: the KV cache takes the compute dtype, "
+            "or bfloat16 under float32 on CPU; use --kv-dtype auto"
+        )
+    return kv_dtype
 
 
 def resolve_auto(loaded: LoadedModel, options: EngineOptions) -> tuple[EngineOptions, Any]:

@@ -37,6 +37,13 @@ def engine_serve(
     draft_model: Annotated[str | None, typer.Option(help="Draft model spec for --spec draft.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests running at once.")] = 32,
     kv_cache_mb: Annotated[float, typer.Option(min=1, help="KV-cache memory budget in MiB.")] = 512,
+    kv_dtype: Annotated[
+        str,
+        typer.Option(
+            help="KV-cache dtype: auto | float32 | bfloat16 | float16. auto: bfloat16 under float32 "
+            "compute on CPU (twice the tokens per MiB), else the compute dtype."
+        ),
+    ] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU compute threads (default: all).")] = None,
     block_size: Annotated[int, typer.Option(min=1, help="Tokens per KV-cache block.")] = 16,
     max_prefill_tokens: Annotated[
@@ -79,6 +86,7 @@ def engine_serve(
             draft_model=draft_model,
             max_batch=max_batch,
             kv_cache_mb=kv_cache_mb,
+            kv_dtype=kv_dtype,
             threads=threads,
             block_size=block_size,
             max_prefill_tokens=max_prefill_tokens,

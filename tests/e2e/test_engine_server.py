@@ -57,9 +57,15 @@ class RunningEngine:
 @pytest.fixture(scope="module")
 def engine() -> Iterator[RunningEngine]:
     loaded = load_model(DEFAULT_MODEL_SPEC)
-    # Pinned (not auto): greedy output is compared with float32 transformers token for token.
+    # Pinned (not auto): greedy output is compared with float32 transformers token for token, so the KV
+    # cache is float32 too (`auto` would store it in bf16).
     options = EngineOptions(
-        dtype="float32", quant="none", kv_cache_mb=KV_CACHE_MB, max_batch=16, max_prefill_tokens=256
+        dtype="float32",
+        quant="none",
+        kv_dtype="float32",
+        kv_cache_mb=KV_CACHE_MB,
+        max_batch=16,
+        max_prefill_tokens=256,
     )
     app = create_engine_app(loaded, served_names=("smollm2", "SmolLM2-135M-Instruct"), options=options)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

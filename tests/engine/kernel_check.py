@@ -119,10 +119,16 @@ def check_int(ops, g: torch.Generator) -> None:  # noqa: ANN001
 
 
 def check_attention(ops, g: torch.Generator) -> None:  # noqa: ANN001
+    # (query dtype, cache dtype): the engine's three, bf16 cache under float32 compute included.
+    pairs = (
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    )
     for head_dim, n_kv, rep in ((64, 3, 3), (40, 2, 2), (24, 1, 5)):
-        for dtype in (torch.float32, torch.bfloat16):
-            k_cache = torch.randn(40, 16, n_kv, head_dim, generator=g).to(dtype)
-            v_cache = torch.randn(40, 16, n_kv, head_dim, generator=g).to(dtype)
+        for dtype, cache_dtype in pairs:
+            k_cache = torch.randn(40, 16, n_kv, head_dim, generator=g).to(cache_dtype)
+            v_cache = torch.randn(40, 16, n_kv, head_dim, generator=g).to(cache_dtype)
             table = torch.randperm(40, generator=g)[:20].view(2, 10).contiguous()
             q = torch.randn(3, n_kv * rep, head_dim, generator=g).to(dtype)
             seqs, seen = torch.tensor([0, 1, 1]), torch.tensor([150, 77, 1])
@@ -134,7 +140,9 @@ def check_attention(ops, g: torch.Generator) -> None:  # noqa: ANN001
                 probs = (torch.einsum("hd,lhd->hl", q[row].double(), kk) * 0.125).softmax(-1)
                 want = torch.einsum("hl,lhd->hd", probs, vv)
                 tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
-                close(out[row], want, want.abs().amax() + 1, tol, ("paged", head_dim, dtype, row))
+                close(
+                    out[row], want, want.abs().amax() + 1, tol, ("paged", head_dim, dtype, cache_dtype, row)
+                )
 
 
 def check_norm_rope(ops, g: torch.Generator) -> None:  # noqa: ANN001
@@ -151,13 +159,17 @@ def check_norm_rope(ops, g: torch.Generator) -> None:  # noqa: ANN001
             1e-5,
             "norm",
         )
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, cache_dtype in (
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    ):
         for head_dim in (64, 36):
             n_heads, n_kv, tokens, half = 9, 3, 5, head_dim // 2
             qkv = torch.randn(tokens, n_heads + 2 * n_kv, head_dim, generator=g).to(dtype)
             angles = torch.rand(tokens, half, generator=g) * 6
             cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-            k_cache = torch.zeros(4, 16, n_kv, head_dim, dtype=dtype)
+            k_cache = torch.zeros(4, 16, n_kv, head_dim, dtype=cache_dtype)
             v_cache = torch.zeros_like(k_cache)
             slots = torch.tensor([3, 17, 18, 40, 63])
             q = ops.rope_write(qkv, cos, sin, slots, k_cache, v_cache, n_heads)
@@ -167,12 +179,10 @@ def check_norm_rope(ops, g: torch.Generator) -> None:  # noqa: ANN001
                 heads * c + torch.cat([-heads[..., half:], heads[..., :half]], -1) * s
             )  # torch's rounding
             assert torch.equal(q, rotated[:, :n_heads]), ("rope q", dtype, head_dim)
-            assert torch.equal(k_cache.flatten(0, 1)[slots], rotated[:, n_heads:]), (
-                "rope k",
-                dtype,
-                head_dim,
-            )
-            assert torch.equal(v_cache.flatten(0, 1)[slots], qkv[:, n_heads + n_kv :]), ("rope v", dtype)
+            # The cache holds the rotated key and the value rounded once to its dtype (as `.to` rounds).
+            want_k, want_v = rotated[:, n_heads:].to(cache_dtype), qkv[:, n_heads + n_kv :].to(cache_dtype)
+            assert torch.equal(k_cache.flatten(0, 1)[slots], want_k), ("rope k", dtype, cache_dtype, head_dim)
+            assert torch.equal(v_cache.flatten(0, 1)[slots], want_v), ("rope v", dtype, cache_dtype)
 
 
 def main() -> None:

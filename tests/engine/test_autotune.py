@@ -84,26 +84,33 @@ def assert_within_bound(dtype: str, quant: str, agreement: Any) -> None:
     min_top1, max_kl = QUALITY[quant]
     if dtype == "bfloat16":
         min_top1, max_kl = min(min_top1, 0.9), max(max_kl, 2e-3)
+    else:  # float32 over its default bf16 KV cache: on SmolLM2's 128 tokens KL 1.6e-5, every top-1 kept
+        max_kl = max(max_kl, 1e-4)
     assert agreement.top1 >= min_top1 and agreement.kl_mean <= max_kl, (dtype, quant, agreement)
 
 
 @pytest.mark.model
 def test_every_candidate_meets_its_quality_bound_on_smollm2(smollm2: Any) -> None:
     """Whatever autotune picks on this CPU is within its bound: each candidate as autotune builds it
-    (`build_candidate`: int4 group 32 with an int8 lm_head), teacher-forced against float32 on 128 tokens."""
+    (`build_candidate`: int4 group 32 with an int8 lm_head; float32 compute over a bf16 KV cache),
+    teacher-forced against float32 (with a float32 cache) on 128 tokens."""
     _, flags = autotune.cpu_description()
     text = "The lighthouse keeper climbed the stairs each evening to light the lamp. " * 12
     ids = smollm2.tokenizer(text, return_tensors="pt").input_ids[0, :128]
     reference = None
     for dtype, quant in [("float32", "none"), *autotune.candidates(flags)]:
-        runner = autotune.build_candidate(smollm2, dtype, quant)
+        runner = autotune.build_candidate(
+            smollm2, dtype, quant, kv_dtype="float32" if reference is None else "auto"
+        )
         n = ids.shape[0]
         plan = StepPlan((SeqChunk(0, tuple(ids.tolist()), 0, tuple(range(-(-n // 16))), n),))
         logits = runner.execute(plan)
         if reference is None:
             reference = logits
             continue
-        assert_within_bound(dtype, quant, compare_logits(reference, logits))
+        agreement = compare_logits(reference, logits)
+        print(f"{dtype} {quant}: {agreement}")  # what the bounds hold against, with -s
+        assert_within_bound(dtype, quant, agreement)
 
 
 def test_a_fixed_dtype_or_quant_narrows_the_candidates(cache_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Fused decode layers (`engine/fused.py`) on the real SmolLM2 engine: a step's logits are bit for bit the
 module path's, for every configuration the engine builds on CPU with its kernels (int4 and int8 weights,
-float32 and bf16 compute), at one and many decode rows; prefill steps go through the modules."""
+float32 and bf16 compute, float32 over its default bf16 KV cache and over a float32 one), at one and many
+decode rows; prefill steps go through the modules."""
 
 from __future__ import annotations
 
@@ -18,16 +19,28 @@ from backends.local.engine.types import SeqChunk, StepPlan  # noqa: E402
 
 pytestmark = pytest.mark.model
 
-CONFIGS = [("float32", "int4"), ("bfloat16", "int4"), ("float32", "int8"), ("bfloat16", "none")]
+# (dtype, quant, kv_dtype): `auto` is bf16 under float32 compute (build.kv_cache_dtype).
+CONFIGS = [
+    ("float32", "int4", "auto"),
+    ("float32", "int4", "float32"),
+    ("bfloat16", "int4", "auto"),
+    ("float32", "int8", "auto"),
+    ("bfloat16", "none", "auto"),
+]
 
 
-@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.fixture(scope="module", params=CONFIGS, ids=lambda c: "-".join(c))
 def parts(request: pytest.FixtureRequest, smollm2: Any) -> BuiltEngine:
     if kernel_op("paged_attention") is None:
         pytest.skip("the C++ kernels did not build here (SWITCHBOARD_KERNELS=off?)")
-    dtype, quant = request.param
-    options = EngineOptions(dtype=dtype, quant=quant, kv_cache_mb=96, attn="paged", warm_up=False)
-    return build_engine_parts(smollm2, options)
+    dtype, quant, kv_dtype = request.param
+    options = EngineOptions(
+        dtype=dtype, quant=quant, kv_dtype=kv_dtype, kv_cache_mb=96, attn="paged", warm_up=False
+    )
+    built = build_engine_parts(smollm2, options)
+    expected = "bfloat16" if kv_dtype == "auto" else kv_dtype
+    assert built.runner.kv_cache.dtype == getattr(torch, expected)
+    return built
 
 
 def _blocks(parts: BuiltEngine) -> list[Block]:

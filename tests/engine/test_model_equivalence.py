@@ -388,3 +388,67 @@ def test_rope_write_kernel_reproduces_the_torch_path(dtype: Any) -> None:
     caches[3].view(-1, n_kv, head_dim).index_copy_(0, slots, qkv[:, n_q + n_kv :])
     assert torch.equal(q, qk[:, :n_q])
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+def test_rope_write_kernel_writes_a_bf16_cache_under_float32_as_the_torch_path() -> None:
+    """float32 compute over a bfloat16 KV cache: q as the float32 path gives it, k and v rounded to bf16 once
+    (as `KVCache.write` rounds them on the torch path)."""
+    from backends.local.engine.model import apply_rope
+
+    op = kernel_op("rope_write")
+    assert op is not None
+    g = torch.Generator().manual_seed(4)
+    n_q, n_kv, head_dim, tokens = 9, 3, 64, 7
+    qkv = torch.randn(tokens, n_q + 2 * n_kv, head_dim, generator=g)
+    angles = torch.randn(tokens, head_dim // 2, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([5, 0, 17, 3, 30, 31, 8])
+    caches = [torch.full((4, 8, n_kv, head_dim), 7.0, dtype=torch.bfloat16) for _ in range(4)]
+    q = op(qkv, cos, sin, slots, caches[0], caches[1], n_q)
+    qk = apply_rope(qkv[:, : n_q + n_kv], cos, sin)
+    caches[2].view(-1, n_kv, head_dim).index_copy_(0, slots, qk[:, n_q:].to(torch.bfloat16))
+    caches[3].view(-1, n_kv, head_dim).index_copy_(0, slots, qkv[:, n_q + n_kv :].to(torch.bfloat16))
+    assert q.dtype == torch.float32 and torch.equal(q, qk[:, :n_q])
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    with pytest.raises(RuntimeError, match="bfloat16 under float32"):
+        op(qkv.to(torch.bfloat16), cos.to(torch.bfloat16), sin.to(torch.bfloat16), slots,
+           caches[0].float(), caches[1].float(), n_q)  # fmt: skip
+
+
+@pytest.mark.parametrize("head_dim", [64, 20])  # the vector path and the scalar one
+def test_paged_kernel_reads_a_bf16_cache_under_float32_queries(head_dim: int) -> None:
+    """The mixed kernel widens bf16 keys and values exactly: its output is the float32 kernel's over the same
+    cache widened to float32, bit for bit, and matches the float64 reference as closely."""
+    block_size = 16
+    case = _random_attention_case(
+        torch.float32, block_size=block_size, seed=2, chunks=((200, 1), (0, 1), (16, 5), (47, 3)),
+        n_blocks=64, n_kv=3, n_heads=9, head_dim=head_dim,
+    )  # fmt: skip
+    q, k_cache, v_cache, spans, slots = case
+    k16, v16 = k_cache.to(torch.bfloat16), v_cache.to(torch.bfloat16)
+    meta = build_metadata(spans, slots, block_size=block_size, n_rep=3, impl="paged", dtype=torch.float32)
+    scale = head_dim**-0.5
+    got = attend(q, k16, v16, meta, scale=scale)
+    widened = attend(q, k16.float(), v16.float(), meta, scale=scale)
+    assert got.dtype == torch.float32 and torch.equal(got, widened)
+    reference = _naive_attention((q, k16.float(), v16.float(), spans, slots), block_size).float()
+    assert (got - reference).abs().max().item() < 1e-5
+
+
+def test_a_bf16_cache_under_float32_compute_stays_close_to_transformers() -> None:
+    """A float32 model over a bfloat16 KV cache (what `--kv-dtype auto` gives float32 engines on CPU): the C++
+    kernels and the torch path agree, and the logits sit between float32's and bfloat16 compute's distance
+    from transformers (on the tiny model, logits up to ~7: ~0.10 against bf16 compute's ~0.22)."""
+    hf = tiny_hf_model("llama")
+
+    def diff(**options: Any) -> float:
+        runner = tiny_runner(hf, **options)
+        return _teacher_forced_max_diff(runner, hf, _random_seqs(SCHEDULE, hf.config.vocab_size))
+
+    kernels = tiny_runner(hf, attn_impl="auto", kv_dtype=torch.bfloat16)
+    assert kernels.kv_cache.dtype == torch.bfloat16 and kernels.dtype == torch.float32
+    mixed = _teacher_forced_max_diff(kernels, hf, _random_seqs(SCHEDULE, hf.config.vocab_size))
+    bf16 = diff(dtype=torch.bfloat16)
+    assert TINY_ATOL < mixed < 0.7 * bf16, (mixed, bf16)  # really 16-bit, and closer than bf16 compute
+    plain = diff(attn_impl="sdpa", kv_dtype=torch.bfloat16, kernels=False)
+    assert abs(plain - mixed) < 1e-3, (plain, mixed)

@@ -75,6 +75,7 @@ def tiny_runner(
     kv_cache_mb: float = 2.0,
     device: str = "cpu",
     kernels: bool = True,
+    kv_dtype: Any = None,  # the cache's dtype (default: the model's)
 ) -> ModelRunner:
     """Our model from `hf_model` (which stays usable as the reference) behind a runner.
 
@@ -84,7 +85,9 @@ def tiny_runner(
     model = build_model(hf_model, dtype=dtype or torch.float32, device=device, release_source=False)
     if kernels and device == "cpu":
         attach_cpu_kernels(model)
-    return build_runner(model, kv_cache_mb=kv_cache_mb, block_size=block_size, attn_impl=attn_impl)
+    return build_runner(
+        model, kv_cache_mb=kv_cache_mb, block_size=block_size, attn_impl=attn_impl, kv_dtype=kv_dtype
+    )
 
 
 @dataclass(slots=True)

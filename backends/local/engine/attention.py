@@ -291,6 +291,8 @@ def _attend_group(
         out = _flash(q_pad, k_cache, v_cache, group, scale)
     else:
         k, v = gather_blocks(k_cache, group.block_table), gather_blocks(v_cache, group.block_table)
+        if k.dtype != q_pad.dtype:  # a 16-bit cache under float32 compute: widened exactly
+            k, v = k.to(q_pad.dtype), v.to(q_pad.dtype)
         assert group.mask is not None
         fn = _eager if impl == "eager" else _sdpa  # "paged" groups that reach here are long: SDPA
         out = fn(q_pad, k, v, group.mask, scale)

@@ -175,7 +175,10 @@ class KVCache:
         return self._storage.numel() * self._storage.element_size()
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store new keys and values (T, n_kv_heads, head_dim) at flat slots (T,) of `layer`."""
+        """Store new keys and values (T, n_kv_heads, head_dim) at flat slots (T,) of `layer`, rounded to the
+        cache's dtype where the compute's differs (a bfloat16 cache under float32 compute)."""
+        if k.dtype != self.dtype:
+            k, v = k.to(self.dtype), v.to(self.dtype)
         self._k_flat[layer].index_copy_(0, slots, k)
         self._v_flat[layer].index_copy_(0, slots, v)
 

@@ -37,10 +37,13 @@ class ModelRunner:
         max_batched_q: int = MAX_BATCHED_Q,
     ) -> None:
         weight = model.embed_tokens.weight
-        if kv_cache.dtype != weight.dtype or kv_cache.device != weight.device:
+        cpu = weight.device.type == "cpu"
+        widened = cpu and weight.dtype == torch.float32 and kv_cache.dtype == torch.bfloat16
+        if (kv_cache.dtype != weight.dtype and not widened) or kv_cache.device != weight.device:
             raise ValueError(
                 f"KV cache is {kv_cache.dtype} on {kv_cache.device} but the model is {weight.dtype} on "
-                f"{weight.device}; build the cache with the model's dtype and device"
+                f"{weight.device}; build the cache on the model's device, in its dtype (or bfloat16 under a "
+                "float32 model on CPU)"
             )
         if kv_cache.n_layers != model.args.n_layers:
             raise ValueError(f"KV cache has {kv_cache.n_layers} layers, the model {model.args.n_layers}")
@@ -173,8 +176,10 @@ def build_runner(
     kv_cache_mb: float,
     block_size: int = 16,
     attn_impl: str = "sdpa",
+    kv_dtype: torch.dtype | None = None,
 ) -> ModelRunner:
-    """A runner over a fresh KV cache sized to `kv_cache_mb` MiB in the model's dtype and device."""
+    """A runner over a fresh KV cache sized to `kv_cache_mb` MiB on the model's device, in `kv_dtype`
+    (default: the model's dtype; bfloat16 under a float32 model on CPU halves it: `build.kv_cache_dtype`)."""
     weight = model.embed_tokens.weight
     cache = KVCache.from_budget(
         kv_cache_mb=kv_cache_mb,
@@ -182,7 +187,7 @@ def build_runner(
         n_kv_heads=model.args.n_kv_heads,
         head_dim=model.args.head_dim,
         block_size=block_size,
-        dtype=weight.dtype,
+        dtype=kv_dtype or weight.dtype,
         device=weight.device,
     )
     return ModelRunner(model, cache, attn_impl=attn_impl)

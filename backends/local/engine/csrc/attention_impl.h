@@ -1,7 +1,8 @@
 // Torch-free body of paged decode attention: one (query row, KV head) task, written once over simd.h.
 //
 // The n_rep query heads sharing KV head `kvh` are scored against every visible key in one pass over K (GQA
-// reads each key once), softmax in float32, then one pass over V. `attend_scalar` is the reference loop and
+// reads each key once), softmax in float32, then one pass over V. Queries and output are T, the cache C: T, or
+// bf16 under float32 queries (a 16-bit KV cache for float32 compute), widened exactly as it is read. `attend_scalar` is the reference loop and
 // the fallback for head sizes the vector path does not take.
 #pragma once
 
@@ -28,8 +29,8 @@ inline bool attend_vec_fits(int64_t head_dim, int64_t n_rep) {
   return head_dim % W == 0 && head_dim / W <= kMaxChunks && n_rep <= kMaxRep;
 }
 
-template <typename T>
-void attend_vec(const T* q_row, int64_t q_head_stride, const T* k_ptr, const T* v_ptr, const int64_t* table,
+template <typename T, typename C = T>
+void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* v_ptr, const int64_t* table,
                 int64_t n_keys, int64_t kvh, int64_t n_rep, int64_t head_dim, const PagedLayout& lay,
                 float scale, std::vector<float>& scores, T* dst) {
   const int64_t chunks = head_dim / W;
@@ -41,7 +42,7 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const T* k_ptr, const T* 
   float best[kMaxRep];
   for (int64_t r = 0; r < n_rep; ++r) best[r] = -std::numeric_limits<float>::infinity();
   for (int64_t pos = 0; pos < n_keys; ++pos) {
-    const T* key = lay.row(k_ptr, table, pos, kvh, head_dim);
+    const C* key = lay.row(k_ptr, table, pos, kvh, head_dim);
     vf kv[kMaxChunks];
     for (int64_t c = 0; c < chunks; ++c) kv[c] = vload(key + c * W);
     for (int64_t r = 0; r < n_rep; ++r) {
@@ -69,7 +70,7 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const T* k_ptr, const T* 
   for (int64_t r = 0; r < n_rep; ++r)
     for (int64_t c = 0; c < chunks; ++c) acc[r][c] = vzero();
   for (int64_t pos = 0; pos < n_keys; ++pos) {
-    const T* value = lay.row(v_ptr, table, pos, kvh, head_dim);
+    const C* value = lay.row(v_ptr, table, pos, kvh, head_dim);
     vf vv[kMaxChunks];
     for (int64_t c = 0; c < chunks; ++c) vv[c] = vload(value + c * W);
     for (int64_t r = 0; r < n_rep; ++r) {
@@ -84,8 +85,8 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const T* k_ptr, const T* 
 }
 
 // The reference: the same arithmetic one lane at a time, with libm's exp.
-template <typename T>
-void attend_scalar(const T* q_row, int64_t q_head_stride, const T* k_ptr, const T* v_ptr, const int64_t* table,
+template <typename T, typename C = T>
+void attend_scalar(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* v_ptr, const int64_t* table,
                    int64_t n_keys, int64_t kvh, int64_t n_rep, int64_t head_dim, const PagedLayout& lay,
                    float scale, std::vector<float>& scores, T* dst) {
   std::vector<float> qf(n_rep * head_dim), acc(n_rep * head_dim, 0.f), best(n_rep), total(n_rep, 0.f);
@@ -95,7 +96,7 @@ void attend_scalar(const T* q_row, int64_t q_head_stride, const T* k_ptr, const 
   }
   scores.resize(n_rep * n_keys);
   for (int64_t pos = 0; pos < n_keys; ++pos) {
-    const T* key = lay.row(k_ptr, table, pos, kvh, head_dim);
+    const C* key = lay.row(k_ptr, table, pos, kvh, head_dim);
     for (int64_t r = 0; r < n_rep; ++r) {
       float s = 0.f;
       for (int64_t d = 0; d < head_dim; ++d) s += qf[r * head_dim + d] * widen(key[d]);
@@ -109,7 +110,7 @@ void attend_scalar(const T* q_row, int64_t q_head_stride, const T* k_ptr, const 
       total[r] += scores[r * n_keys + pos];
     }
   for (int64_t pos = 0; pos < n_keys; ++pos) {
-    const T* value = lay.row(v_ptr, table, pos, kvh, head_dim);
+    const C* value = lay.row(v_ptr, table, pos, kvh, head_dim);
     for (int64_t r = 0; r < n_rep; ++r)
       for (int64_t d = 0; d < head_dim; ++d) acc[r * head_dim + d] += scores[r * n_keys + pos] * widen(value[d]);
   }

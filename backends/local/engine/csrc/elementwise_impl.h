@@ -5,6 +5,8 @@
 // is built with -ffp-contract=off and these bodies call vmul/vsub, never vfma).
 #pragma once
 
+#include <type_traits>
+
 #include "simd.h"
 
 namespace sb {
@@ -38,9 +40,12 @@ inline void rms_norm_row(const T* x, const T* w, T* y, int64_t dim, float eps) {
   }
 }
 
-// dst = rotate_half RoPE of src (head_dim = 2 * half): each product and the sum rounded to T.
-template <typename T>
-inline void rope_rotate(const T* src, const T* c, const T* s, T* dst, int64_t half) {
+// dst = rotate_half RoPE of src (head_dim = 2 * half): each product and the sum rounded to T, the sum then
+// stored as D (a bf16 KV cache under float32 compute: the torch path's rotation in T, then `.to(D)`). D is T,
+// or bf16 under float T, so one rounding of the float sum to D is both.
+template <typename T, typename D = T>
+inline void rope_rotate(const T* src, const T* c, const T* s, D* dst, int64_t half) {
+  static_assert(std::is_same_v<T, D> || std::is_same_v<T, float>, "D is T, or T is float");
   int64_t i = 0;
   for (; i + W <= half; i += W) {
     const vf x1 = vload(src + i), x2 = vload(src + i + half), ci = vload(c + i), si = vload(s + i);
@@ -49,9 +54,17 @@ inline void rope_rotate(const T* src, const T* c, const T* s, T* dst, int64_t ha
   }
   for (; i < half; ++i) {
     const float x1 = widen(src[i]), x2 = widen(src[i + half]), ci = widen(c[i]), si = widen(s[i]);
-    dst[i] = from_float<T>(widen(from_float<T>(x1 * ci)) - widen(from_float<T>(x2 * si)));
-    dst[i + half] = from_float<T>(widen(from_float<T>(x2 * ci)) + widen(from_float<T>(x1 * si)));
+    dst[i] = from_float<D>(widen(from_float<T>(x1 * ci)) - widen(from_float<T>(x2 * si)));
+    dst[i + half] = from_float<D>(widen(from_float<T>(x2 * ci)) + widen(from_float<T>(x1 * si)));
   }
+}
+
+// dst = src, element by element, stored as D (the V rows of a cache whose dtype differs from the compute's).
+template <typename T, typename D>
+inline void convert_row(const T* src, D* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vstore(dst + i, vload(src + i));
+  for (; i < n; ++i) dst[i] = from_float<D>(widen(src[i]));
 }
 
 // out[r][m] = x[m] . w[r] for R weight rows (bf16) and MC rows of x (T), float32 accumulation.

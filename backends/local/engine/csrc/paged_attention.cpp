@@ -2,7 +2,7 @@
 //
 // torch.ops.switchboard.paged_attention(q, k_cache, v_cache, block_tables, token_seq, token_keys, scale) -> out
 //   q            (T, H, D)        float32 or bfloat16; rows may be strided, the last dim contiguous
-//   k/v_cache    (N, bs, Hkv, D)  same dtype, contiguous: the engine's block pool for one layer
+//   k/v_cache    (N, bs, Hkv, D)  q's dtype, or bfloat16 under float32 q; contiguous: one layer's block pool
 //   block_tables (S, nb) int64    blocks of each sequence, in position order
 //   token_seq    (T,) int64       which block-table row query row t belongs to
 //   token_keys   (T,) int64       how many leading positions query row t sees (causal limit, >= 1)
@@ -30,7 +30,7 @@ T* as(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr<S>());
 }
 
-template <typename T, typename S>
+template <typename T, typename S, typename C = T, typename SC = S>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
          const at::Tensor& block_tables, const at::Tensor& token_seq, const at::Tensor& token_keys,
          double scale, at::Tensor& out) {
@@ -40,8 +40,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   const int64_t q_tok_stride = q.stride(0), q_head_stride = q.stride(1);
   const int64_t pos_stride = n_kv * head_dim, block_stride = block_size * pos_stride;
   const T* q_ptr = as<T, S>(q);
-  const T* k_ptr = as<T, S>(k_cache);
-  const T* v_ptr = as<T, S>(v_cache);
+  const C* k_ptr = as<C, SC>(k_cache);
+  const C* v_ptr = as<C, SC>(v_cache);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* seq_of = token_seq.data_ptr<int64_t>();
   const int64_t* keys_of = token_keys.data_ptr<int64_t>();
@@ -75,8 +75,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "k_cache and v_cache must be contiguous (blocks, block_size, kv_heads, head_dim)");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache shapes differ");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q, k_cache and v_cache must share a dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
+  const bool mixed = q.scalar_type() != k_cache.scalar_type();
+  TORCH_CHECK(!mixed || (q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16),
+              "the caches must have q's dtype, or be bfloat16 under float32 q");
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0,
               "q heads must be a multiple of the cache's kv heads, with the same head_dim");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kLong && block_tables.is_contiguous(),
@@ -87,7 +89,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
               "token_seq and token_keys must be contiguous int64 tensors with one entry per query row");
   TORCH_CHECK(q.device().is_cpu(), "paged_attention runs on CPU");
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  if (q.scalar_type() == at::kFloat) {
+  if (mixed) {
+    run<float, float, sb::bf16, c10::BFloat16>(q, k_cache, v_cache, block_tables, token_seq, token_keys, scale, out);
+  } else if (q.scalar_type() == at::kFloat) {
     run<float, float>(q, k_cache, v_cache, block_tables, token_seq, token_keys, scale, out);
   } else if (q.scalar_type() == at::kBFloat16) {
     run<sb::bf16, c10::BFloat16>(q, k_cache, v_cache, block_tables, token_seq, token_keys, scale, out);

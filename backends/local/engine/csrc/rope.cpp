@@ -4,7 +4,8 @@
 //   qkv     (T, H + 2*Hkv, D) float32 or bfloat16: the stacked projection's output, heads contiguous
 //   cos/sin (T, D/2) same dtype, contiguous: the tables' rows at each token's position
 //   slots   (T,) int64: flat cache slot (block * block_size + offset) of each token
-//   k/v_cache (N, block_size, Hkv, D) contiguous: rotated keys and the values are written at the slots
+//   k/v_cache (N, block_size, Hkv, D) contiguous, qkv's dtype or bfloat16 under float32 qkv: rotated keys and
+//             the values are written at the slots (rounded to the cache's dtype after the rotation)
 //   q       (T, H, D) contiguous: the rotated query heads
 // Each rotated element is rounded exactly as the torch path (`model.apply_rope`) rounds it: the two products,
 // then their sum, each to the tensor dtype (the library is built with -ffp-contract=off, so float32 sums are
@@ -18,6 +19,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "elementwise_impl.h"
 
@@ -29,7 +31,7 @@ T* as(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr<S>());
 }
 
-template <typename T, typename S>
+template <typename T, typename S, typename C = T, typename SC = S>
 void run(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
          at::Tensor& k_cache, at::Tensor& v_cache, int64_t n_heads, at::Tensor& q) {
   const int64_t num_tokens = qkv.size(0), head_dim = qkv.size(2), half = head_dim / 2;
@@ -38,8 +40,8 @@ void run(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, co
   const T* cp = as<T, S>(cos);
   const T* sp = as<T, S>(sin);
   const int64_t* slot = slots.data_ptr<int64_t>();
-  T* kp = as<T, S>(k_cache);
-  T* vp = as<T, S>(v_cache);
+  C* kp = as<C, SC>(k_cache);
+  C* vp = as<C, SC>(v_cache);
   T* qp = as<T, S>(q);
   at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -47,9 +49,15 @@ void run(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, co
       const T* c = cp + t * half;
       const T* s = sp + t * half;
       for (int64_t h = 0; h < n_heads; ++h) sb::rope_rotate(row + h * head_dim, c, s, qp + (t * n_heads + h) * head_dim, half);
-      T* k_dst = kp + slot[t] * n_kv * head_dim;
+      C* k_dst = kp + slot[t] * n_kv * head_dim;
       for (int64_t h = 0; h < n_kv; ++h) sb::rope_rotate(row + (n_heads + h) * head_dim, c, s, k_dst + h * head_dim, half);
-      std::memcpy(vp + slot[t] * n_kv * head_dim, row + (n_heads + n_kv) * head_dim, n_kv * head_dim * sizeof(T));
+      const T* v_src = row + (n_heads + n_kv) * head_dim;
+      C* v_dst = vp + slot[t] * n_kv * head_dim;
+      if constexpr (std::is_same_v<T, C>) {
+        std::memcpy(v_dst, v_src, n_kv * head_dim * sizeof(T));
+      } else {
+        sb::convert_row(v_src, v_dst, n_kv * head_dim);
+      }
     }
   });
 }
@@ -69,12 +77,17 @@ at::Tensor rope_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
               "cos and sin must be contiguous (T, D/2) tensors");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == qkv.size(0),
               "slots must be a contiguous int64 tensor with one entry per token");
-  TORCH_CHECK(qkv.scalar_type() == k_cache.scalar_type() && qkv.scalar_type() == cos.scalar_type() &&
-                  qkv.scalar_type() == sin.scalar_type() && qkv.scalar_type() == v_cache.scalar_type(),
-              "qkv, cos, sin and the caches must share a dtype");
+  TORCH_CHECK(qkv.scalar_type() == cos.scalar_type() && qkv.scalar_type() == sin.scalar_type() &&
+                  k_cache.scalar_type() == v_cache.scalar_type(),
+              "qkv, cos and sin must share a dtype, and so must the caches");
+  const bool mixed = k_cache.scalar_type() != qkv.scalar_type();
+  TORCH_CHECK(!mixed || (qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kBFloat16),
+              "the caches must have qkv's dtype, or be bfloat16 under float32 qkv");
   TORCH_CHECK(qkv.device().is_cpu(), "rope_write runs on CPU");
   at::Tensor q = at::empty({qkv.size(0), n_heads, head_dim}, qkv.options());
-  if (qkv.scalar_type() == at::kFloat) {
+  if (mixed) {
+    run<float, float, sb::bf16, c10::BFloat16>(qkv, cos, sin, slots, k_cache, v_cache, n_heads, q);
+  } else if (qkv.scalar_type() == at::kFloat) {
     run<float, float>(qkv, cos, sin, slots, k_cache, v_cache, n_heads, q);
   } else if (qkv.scalar_type() == at::kBFloat16) {
     run<sb::bf16, c10::BFloat16>(qkv, cos, sin, slots, k_cache, v_cache, n_heads, q);
