@@ -75,6 +75,8 @@ class EngineOptions:
             )
         if self.kv_cache_mb <= 0:
             raise ValueError(f"--kv-cache-mb must be positive, got {self.kv_cache_mb}")
+        if self.dtype != "auto":  # refused before the model loads (an `auto` dtype: once resolved)
+            kv_cache_dtype(self.kv_dtype, self.dtype, self.device)
 
 
 @dataclass(frozen=True, slots=True)

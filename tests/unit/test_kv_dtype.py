@@ -41,3 +41,10 @@ def test_an_unknown_kv_dtype_names_the_flag() -> None:
         ValueError, match="--kv-dtype `int8` is unknown; use one of auto, float32, bfloat16, float16"
     ):
         EngineOptions(kv_dtype="int8")
+
+
+def test_a_pinned_dtype_with_a_kv_dtype_it_cannot_take_is_refused_before_loading() -> None:
+    with pytest.raises(ValueError, match="--kv-dtype float16 with --dtype float32 on cpu"):
+        EngineOptions(dtype="float32", kv_dtype="float16")
+    assert EngineOptions(dtype="float32", kv_dtype="bfloat16").kv_dtype == "bfloat16"
+    assert EngineOptions(dtype="auto", kv_dtype="float32").kv_dtype == "float32"  # checked once resolved
