@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from backends.local.engine.engine import NoProposer, Proposer
-from backends.local.engine.kv_cache import BlockAllocator
+from backends.local.engine.kv_cache import BlockAllocator, cache_dtype_fits
 from backends.local.engine.scheduler import Scheduler, SchedulerConfig
 from backends.local.loader import LoadedModel, current_rss_mb
 
@@ -320,7 +320,7 @@ def kv_cache_dtype(kv_dtype: str, dtype: str, device: str) -> str:
     float32 on CPU (what the C++ kernels read)."""
     if kv_dtype == "auto":
         return "bfloat16" if device == "cpu" and dtype == "float32" else dtype
-    if kv_dtype != dtype and not (kv_dtype == "bfloat16" and dtype == "float32" and device == "cpu"):
+    if not cache_dtype_fits(kv_dtype, dtype, device):
         raise ValueError(
             f"--kv-dtype {kv_dtype} with --dtype {dtype} on {device}: the KV cache takes the compute dtype, "
             "or bfloat16 under float32 on CPU; use --kv-dtype auto"

@@ -58,25 +58,19 @@ class ConfigHolder:
     """What the engine reads of a GGUF's `model`: its config and generation config, and no weights.
 
     It stands where a transformers model on the meta device stood: building that imported the model's
-    modeling code and made its module tree, ~60 MB of resident memory the engine never used (and the
-    modeling import alone took ~0.5 s). `eval`, `to`, `parameters` and `state_dict` answer as an empty
-    module would, for the callers that treat every `LoadedModel.model` alike (`build.release`)."""
+    modeling code and made its module tree, ~50 MB of resident memory the engine never used. `to` and
+    `parameters` answer as an empty module would, for `build.release`, which moves every `LoadedModel.model`
+    off its device, and for callers that count its weights (none)."""
 
     def __init__(self, config: Any, generation_config: Any) -> None:
         self.config = config
         self.generation_config = generation_config
-
-    def eval(self) -> ConfigHolder:
-        return self
 
     def to(self, *args: Any, **kwargs: Any) -> ConfigHolder:
         return self
 
     def parameters(self) -> Iterator[Any]:
         return iter(())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
 
 def _model_name_from_gguf(file_name: str) -> str:
@@ -177,7 +171,7 @@ def load_engine_model(spec: str, *, cache: bool = True, cache_root: Path | None 
     model = ConfigHolder(config, generation)
     weights = GgufWeights(gguf, num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads)
     loaded = LoadedModel(
-        model=model.eval(),
+        model=model,
         tokenizer=tokenizer,
         name=source.name,
         load_s=time.perf_counter() - started_s,

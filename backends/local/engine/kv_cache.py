@@ -91,6 +91,13 @@ class BlockAllocator:
         return self._refs[block]
 
 
+def cache_dtype_fits(kv_dtype: str, dtype: str, device: str) -> bool:
+    """Whether a KV cache of `kv_dtype` serves a model computing in `dtype` on `device` (torch dtype names
+    without the `torch.` prefix): its own dtype, or bfloat16 under float32 on CPU, which the C++ kernels read
+    and the torch path widens."""
+    return kv_dtype == dtype or (kv_dtype == "bfloat16" and dtype == "float32" and device == "cpu")
+
+
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     """Blocks that hold `num_tokens` positions."""
     return -(-num_tokens // block_size)

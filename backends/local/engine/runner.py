@@ -18,7 +18,7 @@ from backends.local.engine.attention import (
     build_metadata,
     resolve_impl,
 )
-from backends.local.engine.kv_cache import KVCache
+from backends.local.engine.kv_cache import KVCache, cache_dtype_fits
 from backends.local.engine.model import Transformer
 from backends.local.engine.types import SeqChunk, StepPlan
 
@@ -37,9 +37,8 @@ class ModelRunner:
         max_batched_q: int = MAX_BATCHED_Q,
     ) -> None:
         weight = model.embed_tokens.weight
-        cpu = weight.device.type == "cpu"
-        widened = cpu and weight.dtype == torch.float32 and kv_cache.dtype == torch.bfloat16
-        if (kv_cache.dtype != weight.dtype and not widened) or kv_cache.device != weight.device:
+        names = (str(kv_cache.dtype).removeprefix("torch."), str(weight.dtype).removeprefix("torch."))
+        if not cache_dtype_fits(*names, weight.device.type) or kv_cache.device != weight.device:
             raise ValueError(
                 f"KV cache is {kv_cache.dtype} on {kv_cache.device} but the model is {weight.dtype} on "
                 f"{weight.device}; build the cache on the model's device, in its dtype (or bfloat16 under a "

@@ -2,8 +2,8 @@
 //
 // The n_rep query heads sharing KV head `kvh` are scored against every visible key in one pass over K (GQA
 // reads each key once), softmax in float32, then one pass over V. Queries and output are T, the cache C: T, or
-// bf16 under float32 queries (a 16-bit KV cache for float32 compute), widened exactly as it is read. `attend_scalar` is the reference loop and
-// the fallback for head sizes the vector path does not take.
+// bf16 under float32 queries (a 16-bit KV cache for float32 compute), widened exactly as it is read.
+// `attend_scalar` is the reference loop and the fallback for head sizes the vector path does not take.
 #pragma once
 
 #include <algorithm>
