@@ -181,3 +181,24 @@ async def test_a_live_slot_is_left_alone_and_a_dead_ones_is_adopted(engine: Engi
             child.kill()
             child.wait()
     assert read_usage(engine) == [make_record(1000 + i) for i in range(25)]
+
+
+async def test_an_idle_writer_and_journal_hold_a_steady_task_count(engine: Engine, tmp_path: Path) -> None:
+    """The task gauge bench/soak watches for leaks: an idle ledger's loops wake on their timers without
+    spawning a task per wait (asyncio.wait_for does on Python 3.11), so every reading shows the same count."""
+    writer, _ = make_writer(
+        engine, tmp_path, fsync_interval_s=0.01, flush_interval_s=0.01, replay_interval_s=0.01
+    )
+    writer.start()
+    try:
+        writer.record(make_record(0))
+        await wait_for(lambda: count_usage(engine)[0] == 1)
+        counts = set()
+        for _ in range(300):  # 1.5 s: many of each loop's waits, syncs and replay passes
+            counts.add(len(asyncio.all_tasks()))
+            await asyncio.sleep(0.005)
+        assert counts == {len(asyncio.all_tasks())}, sorted(
+            repr(t.get_coro())[:60] for t in asyncio.all_tasks()
+        )
+    finally:
+        await writer.aclose()
