@@ -39,6 +39,7 @@ _TOP_NAMES = {
 }
 _RECOMPUTED = ("rope_freqs.weight",)  # llama3 GGUFs store RoPE factors; the engine computes them from config
 _INT4_BLOCK = 32
+_Q8_BLOCK = 32  # Q8_0: 32 int8 values per fp16 scale
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -111,6 +112,20 @@ class GgufWeights:
             self._unpermute(name, packed),
             self._unpermute(name, scales_and_zeros),
         )
+
+    def q8_0_rows(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """(q (N, K) int8, d (N, K / 32) float32) of a Q8_0 tensor, copied out of the mapped file; None for
+        other types. q x d in float32 is what `tensor` gives, element for element."""
+        from gguf import GGMLQuantizationType
+
+        stored = self._tensors[name]
+        if stored.tensor_type != GGMLQuantizationType.Q8_0:
+            return None
+        n = stored.data.shape[0]
+        blocks = np.asarray(stored.data).reshape(n, -1, 2 + _Q8_BLOCK)  # fp16 d, then 32 int8
+        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, -1))
+        d = _fp16(blocks[..., 0:2]).reshape(n, -1)
+        return self._unpermute(name, q), self._unpermute(name, d)
 
     def _unpermute(self, name: str, rows: Tensor) -> Tensor:
         """llama.cpp stores q/k rows per head as (2, dim/2) interleaved; back to transformers' order."""

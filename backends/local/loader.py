@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from backends.local import model_cache
@@ -71,6 +72,23 @@ class ConfigHolder:
 
     def parameters(self) -> Iterator[Any]:
         return iter(())
+
+
+class PlainConfig(SimpleNamespace):
+    """A cached GGUF's config.json as attributes: all the engine reads of it (`ModelArgs.from_hf_config`).
+
+    `AutoConfig` would import the model's configuration module and with it transformers' model-loading
+    chain (torch.distributed, sympy, accelerate hooks: ~40 MB resident) to fill in the same values; the cache
+    wrote every field (`save_pretrained`), so defaults are not needed."""
+
+    @classmethod
+    def read(cls, path: Path) -> PlainConfig:
+        import json
+
+        fields = json.loads(path.read_text())
+        if not isinstance(fields, dict) or "model_type" not in fields:
+            raise ValueError(f"{path} is not a model config (no model_type)")
+        return cls(**fields)
 
 
 def _model_name_from_gguf(file_name: str) -> str:
@@ -189,19 +207,19 @@ def load_engine_model(spec: str, *, cache: bool = True, cache_root: Path | None 
 
 def _gguf_metadata(source: ModelSource, gguf: Path, root: Path, cache: bool) -> tuple[Any, Any, Any]:
     """(tokenizer, config, generation config) of a GGUF: from a cache entry, else converted (and cached)."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     for entry in (model_cache.entry_path(gguf, root), model_cache.metadata_entry_path(gguf, root)):
         if cache and model_cache.is_complete(entry):
             try:
                 return (
                     _cached_tokenizer(entry),
-                    AutoConfig.from_pretrained(entry, local_files_only=True),
+                    PlainConfig.read(entry / "config.json"),
                     GenerationConfig.from_pretrained(entry, local_files_only=True),
                 )
             except (OSError, ValueError) as exc:
                 log.warning("cannot read the cached tokenizer %s (%s); converting it again", entry, exc)
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     extra: dict[str, Any] = {"local_files_only": True, "gguf_file": source.gguf_file}
     tokenizer = AutoTokenizer.from_pretrained(source.directory, **extra)

@@ -25,6 +25,7 @@ from backends.local.engine.quant import (  # noqa: E402
     Int4Linear,
     Int8Linear,
     compare_logits,
+    model_bytes,
     pack_int4_blocks,
     quantize_int4,
     quantize_model,
@@ -172,7 +173,63 @@ def test_int4_from_gguf_blocks_stays_within_the_int4_bounds(smollm2: Any, gguf_w
     floats = [
         n for n, t in tensors if t.dtype == torch.float32 and t.numel() > 64 * args.dim and "rope" not in n
     ]
-    assert floats == ["embed_tokens.weight"]  # no float copy of any linear layer stays
+    # No float copy of any linear layer stays, nor of the Q8_0 embedding (one float32 scale per 32 values).
+    assert floats == ["embed_tokens.scales"]
     attach_cpu_kernels(model)
     agreement = compare_logits(reference, logits_of(model, ids))
     assert agreement.top1 >= 0.95 and agreement.kl_mean <= 0.004, agreement
+
+
+class FloatEmbeddingSource:
+    """The GGUF with its Q8_0 embedding handed out as a float table only (the engine before it kept Q8_0)."""
+
+    def __init__(self, weights: Any) -> None:
+        self.weights = weights
+
+    def names(self) -> Any:
+        return self.weights.names()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.weights.tensor(name)
+
+    def int4_blocks(self, name: str, group_size: int) -> Any:
+        return self.weights.int4_blocks(name, group_size)
+
+    def q8_0_rows(self, name: str) -> None:
+        return None
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_q8_0_embedding_stays_q8_0_and_computes_what_the_float_table_did(
+    smollm2: Any, gguf_weights: Any, dtype: Any
+) -> None:
+    from backends.local.engine.model import BlockQuantEmbedding
+
+    args = ModelArgs.from_hf_config(smollm2.model.config)
+    model, manifest = assemble_model(args, gguf_weights, dtype=dtype, quant="int4")
+    floats, _ = assemble_model(args, FloatEmbeddingSource(gguf_weights), dtype=dtype, quant="int4")
+    embed = model.embed_tokens
+    assert isinstance(embed, BlockQuantEmbedding) and isinstance(floats.embed_tokens, nn.Embedding)
+    table = floats.embed_tokens.weight
+    # Every row, odd token shapes included, is the float table's row bit for bit.
+    assert torch.equal(embed.dequantized(), table)
+    tokens = torch.tensor([[0, 1, 49151], [17, 17, 300]])
+    assert torch.equal(embed(tokens), table[tokens]) and embed(tokens).dtype == dtype
+    # The tied int8 lm_head is made from the same table, so the two models are the same model.
+    assert torch.equal(model.lm_head.weight, floats.lm_head.weight)
+    assert torch.equal(model.lm_head.scales, floats.lm_head.scales)
+    ids = smollm2.tokenizer(TEXT_PATH.read_text(), return_tensors="pt").input_ids[0, :64]
+    assert torch.equal(logits_of(model, ids), logits_of(floats, ids))
+    # And the model holds the Q8_0 rows in place of the table: int8 plus a float32 scale per 32 values.
+    q8_bytes = embed.q.numel() + embed.scales.numel() * 4
+    assert q8_bytes <= 0.3 * table.numel() * 4
+    assert manifest.bytes_after == model_bytes(floats) - table.numel() * table.element_size() + q8_bytes
+
+
+@pytest.mark.model
+def test_a_float_lm_head_tied_to_the_embedding_keeps_the_float_table(gguf_weights: Any, smollm2: Any) -> None:
+    args = ModelArgs.from_hf_config(smollm2.model.config)
+    model, _ = assemble_model(args, gguf_weights, quant="int4", lm_head="keep")
+    assert isinstance(model.embed_tokens, nn.Embedding)
+    assert model.lm_head.weight is model.embed_tokens.weight

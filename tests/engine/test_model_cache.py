@@ -181,12 +181,13 @@ def test_the_engine_opens_a_gguf_without_its_weights_and_caches_only_the_tokeniz
         assert loaded.tokenizer(text).input_ids == smollm2.tokenizer(text).input_ids
         assert loaded.tokenizer.chat_template == smollm2.tokenizer.chat_template
         loaded.weights.close()
-    # A fresh process opening the cached entry builds no transformers model and reads no tokenizer registry
-    # (~50 MB resident that the engine never used).
+    # A fresh process opening the cached entry builds no transformers model, reads no tokenizer registry
+    # and imports no config class (~90 MB resident in all that the engine never used).
     script = (
         "import sys; from pathlib import Path; from backends.local import loader; "
         f"loader.load_engine_model({DEFAULT_MODEL_SPEC!r}, cache_root=Path({str(tmp_path)!r})); "
-        "print(sorted(m for m in sys.modules if m.endswith(('.modeling_llama', '.tokenization_auto'))))"
+        "print(sorted(m for m in sys.modules if m.endswith(('.modeling_llama', '.tokenization_auto', "
+        "'.configuration_llama', '.modeling_rope_utils'))))"
     )
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-c", script]

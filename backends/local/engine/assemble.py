@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from backends.local.engine.config import ModelArgs
-from backends.local.engine.model import Transformer
+from backends.local.engine.model import BlockQuantEmbedding, Transformer
 from backends.local.engine.quant import (
     MODE_SCHEME,
     Int4Linear,
@@ -49,6 +49,11 @@ class WeightSource(Protocol):
         """`Int4Linear.from_blocks`' (packed, scales_and_zeros) for weight `name`; None if not stored so."""
         ...
 
+    def q8_0_rows(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """`BlockQuantEmbedding`'s (q (N, K) int8, scales (N, K / 32) float32) for `name`, where it is stored
+        as Q8_0 (GGUF); None otherwise."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class StateDictSource:
@@ -63,6 +68,9 @@ class StateDictSource:
         return self.state[name]
 
     def int4_blocks(self, name: str, group_size: int) -> tuple[Tensor, Tensor] | None:
+        return None
+
+    def q8_0_rows(self, name: str) -> tuple[Tensor, Tensor] | None:
         return None
 
 
@@ -116,11 +124,6 @@ def assemble_model(
     model.init_rope_tables(device, dtype)
     bytes_before = _bytes_in(model, dtype, args.tie_word_embeddings)
     linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    for key in list(model.state_dict()):
-        module_name, _, kind = key.rpartition(".")
-        if module_name not in linears:
-            value = source.tensor(names[key]).detach().to(device=device, dtype=dtype)
-            setattr(model.get_submodule(module_name), kind, nn.Parameter(value, requires_grad=False))
     plan = []  # checked whole before any layer is built, as quantize_model does
     for name, meta in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         scheme, note = layer_scheme(name, meta, mode, head)
@@ -131,6 +134,19 @@ def assemble_model(
                 "(quantize before moving the model, or use mode none)"
             )
         plan.append((name, meta, scheme, note))
+    # A float lm_head tied to the embedding shares its table; otherwise a Q8_0-stored embedding stays so.
+    float_tied_head = args.tie_word_embeddings and any(
+        n == "lm_head" and scheme is LayerScheme.KEEP for n, _, scheme, _ in plan
+    )
+    on_cpu = torch.device(device).type == "cpu"
+    embed_rows = source.q8_0_rows(names["embed_tokens.weight"]) if on_cpu and not float_tied_head else None
+    for key in list(model.state_dict()):
+        module_name, _, kind = key.rpartition(".")
+        if key == "embed_tokens.weight" and embed_rows is not None:
+            model.embed_tokens = BlockQuantEmbedding(*embed_rows, dtype=dtype)
+        elif module_name not in linears:
+            value = source.tensor(names[key]).detach().to(device=device, dtype=dtype)
+            setattr(model.get_submodule(module_name), kind, nn.Parameter(value, requires_grad=False))
     build = _Build(model, names, source, dtype, device, group_size, kernels)
     layers = []
     for name, meta, scheme, note in plan:
@@ -139,7 +155,7 @@ def assemble_model(
             model.set_submodule(name, new)
         layers.append(record)
     if args.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
-        model.lm_head.weight = model.embed_tokens.weight
+        model.tie_lm_head()
     manifest = QuantManifest(
         mode=mode,
         group_size=group_size if LayerScheme.INT4 in (head, MODE_SCHEME[mode]) else None,
@@ -180,7 +196,7 @@ class _Build:
                 note = note or "int4 as stored"
                 return layer_record(name, sized, direct, scheme, self.group_size, note), direct
         linear = nn.Linear(*shape, bias=bias is not None, device="meta")
-        weight = self.model.embed_tokens.weight if tied else self.cat(weight_parts)
+        weight = _embedding_table(self.model) if tied else self.cat(weight_parts)
         linear.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             linear.bias = nn.Parameter(bias, requires_grad=False)
@@ -191,6 +207,12 @@ class _Build:
         """The parts in the compute dtype, rows concatenated (one part: converted only, sharing if it can)."""
         tensors = [self.source.tensor(p).detach().to(device=self.device, dtype=self.dtype) for p in parts]
         return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _embedding_table(model: Transformer) -> Tensor:
+    """The embedding as a float table in the compute dtype (a tied quantized lm_head is made from it)."""
+    embed = model.embed_tokens
+    return embed.dequantized() if isinstance(embed, BlockQuantEmbedding) else embed.weight
 
 
 def _bytes_in(model: Transformer, dtype: torch.dtype, tied: bool) -> int:

@@ -38,12 +38,57 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+class BlockQuantEmbedding(nn.Module):
+    """A token embedding kept as a GGUF stores it in Q8_0: int8 values with one float scale per block of
+    `BLOCK` columns of a row (SmolLM2: 32 MB where a float32 table is 113 MB). A lookup widens only the rows
+    asked for, with the arithmetic of the GGUF's dequantization (q x d in float32, then the compute dtype),
+    so it gives bit for bit the rows a float table built from the same file holds. CPU only, built by
+    `assemble_model` in the compute dtype (never cast afterwards: `.to(dtype)` would round the scales)."""
+
+    BLOCK = 32
+
+    q: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        if q.dim() != 2 or q.dtype != torch.int8 or q.shape[1] % self.BLOCK:
+            raise ValueError(f"Q8_0 rows must be (vocab, dim) int8 with dim a multiple of {self.BLOCK}")
+        if scales.shape != (q.shape[0], q.shape[1] // self.BLOCK):
+            raise ValueError(f"Q8_0 scales must be (vocab, dim / {self.BLOCK}), got {tuple(scales.shape)}")
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.dtype = dtype
+        self.register_buffer("q", q)
+        self.register_buffer("scales", scales.float())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        return self._rows(self.q.index_select(0, flat), self.scales.index_select(0, flat)).reshape(
+            *tokens.shape, self.embedding_dim
+        )
+
+    def _rows(self, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        out = (q.reshape(n, -1, self.BLOCK).float() * scales.unsqueeze(-1)).reshape(n, self.embedding_dim)
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+    def dequantized(self, rows_at_a_time: int = 4096) -> torch.Tensor:
+        """The whole table in the compute dtype (a tied float lm_head's weight), built in row chunks."""
+        parts = [
+            self._rows(self.q[i : i + rows_at_a_time], self.scales[i : i + rows_at_a_time])
+            for i in range(0, self.num_embeddings, rows_at_a_time)
+        ]
+        return torch.cat(parts)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, Q8_0 blocks of {self.BLOCK}, out {self.dtype}"
+
+
 def use_cpu_kernels(
     model: Transformer, *, norm: Callable[..., torch.Tensor], rope: Callable[..., torch.Tensor]
 ) -> int:
     """Give a float32/bfloat16 CPU model's norms and attention layers the C++ kernels; how many modules."""
-    weight = model.embed_tokens.weight
-    if not weight.is_cpu or weight.dtype not in (torch.float32, torch.bfloat16):
+    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return 0
     count = 0
     for module in model.modules():
@@ -161,12 +206,12 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.embed_tokens: nn.Embedding | BlockQuantEmbedding = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            self.tie_lm_head()
         self.rope_cos: torch.Tensor
         self.rope_sin: torch.Tensor
         self.init_rope_tables()
@@ -175,11 +220,25 @@ class Transformer(nn.Module):
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> None:
         """(Re)build the RoPE tables: computed in float32, stored in the compute dtype (as transformers)."""
-        weight = self.embed_tokens.weight
-        cos, sin = rope_tables(self.args, device or weight.device)
-        dtype = dtype or weight.dtype
+        cos, sin = rope_tables(self.args, device or self.device)
+        dtype = dtype or self.dtype
         self.register_buffer("rope_cos", cos.to(dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(dtype), persistent=False)
+
+    def tie_lm_head(self) -> None:
+        """A float lm_head shares the embedding's float table (a quantized embedding has none to share)."""
+        if not isinstance(self.embed_tokens, nn.Embedding):
+            raise TypeError("a float lm_head can be tied to a float embedding table only")
+        self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the final norm's weight holds it; the embedding may be stored quantized)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def forward(
         self,

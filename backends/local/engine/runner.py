@@ -36,21 +36,21 @@ class ModelRunner:
         attn_impl: str = "sdpa",
         max_batched_q: int = MAX_BATCHED_Q,
     ) -> None:
-        weight = model.embed_tokens.weight
-        names = (str(kv_cache.dtype).removeprefix("torch."), str(weight.dtype).removeprefix("torch."))
-        if not cache_dtype_fits(*names, weight.device.type) or kv_cache.device != weight.device:
+        dtype, device = model.dtype, model.device
+        names = (str(kv_cache.dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+        if not cache_dtype_fits(*names, device.type) or kv_cache.device != device:
             raise ValueError(
-                f"KV cache is {kv_cache.dtype} on {kv_cache.device} but the model is {weight.dtype} on "
-                f"{weight.device}; build the cache on the model's device, in its dtype (or bfloat16 under a "
+                f"KV cache is {kv_cache.dtype} on {kv_cache.device} but the model is {dtype} on "
+                f"{device}; build the cache on the model's device, in its dtype (or bfloat16 under a "
                 "float32 model on CPU)"
             )
         if kv_cache.n_layers != model.args.n_layers:
             raise ValueError(f"KV cache has {kv_cache.n_layers} layers, the model {model.args.n_layers}")
         self.model = model
         self.kv_cache = kv_cache
-        self.attn_impl = resolve_impl(attn_impl, device=weight.device, dtype=weight.dtype)
-        self.device = weight.device
-        self.dtype = weight.dtype
+        self.attn_impl = resolve_impl(attn_impl, device=device, dtype=dtype)
+        self.device = device
+        self.dtype = dtype
         self.block_size = kv_cache.block_size
         self.n_rep = model.args.n_heads // model.args.n_kv_heads
         self.max_batched_q = max_batched_q
@@ -179,14 +179,13 @@ def build_runner(
 ) -> ModelRunner:
     """A runner over a fresh KV cache sized to `kv_cache_mb` MiB on the model's device, in `kv_dtype`
     (default: the model's dtype; bfloat16 under a float32 model on CPU halves it: `build.kv_cache_dtype`)."""
-    weight = model.embed_tokens.weight
     cache = KVCache.from_budget(
         kv_cache_mb=kv_cache_mb,
         n_layers=model.args.n_layers,
         n_kv_heads=model.args.n_kv_heads,
         head_dim=model.args.head_dim,
         block_size=block_size,
-        dtype=kv_dtype or weight.dtype,
-        device=weight.device,
+        dtype=kv_dtype or model.dtype,
+        device=model.device,
     )
     return ModelRunner(model, cache, attn_impl=attn_impl)

@@ -313,7 +313,7 @@ def build_proposer(
 def _draft_of(spec: str, loaded: Any, target: Transformer, device: str) -> Transformer:
     from backends.local.engine.weights import build_model
 
-    dtype = target.embed_tokens.weight.dtype
+    dtype = target.dtype
     drafter = build_model(loaded.model, dtype=dtype, device=device, release_source=True)
     if drafter.args.vocab_size != target.args.vocab_size:
         raise ValueError(

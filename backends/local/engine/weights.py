@@ -84,7 +84,7 @@ def build_model_from_state_dict(
         raise ValueError(f"the state_dict has weights the model lacks: {', '.join(unexpected[:3])}")
     model.load_state_dict(state, strict=True, assign=True)
     if args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+        model.tie_lm_head()
     model.init_rope_tables(device, dtype)
     return model.eval().requires_grad_(False)
 
