@@ -199,7 +199,7 @@ def time_candidates(loaded: Any, pool: list[tuple[str, str]]) -> tuple[Timing, .
     rounds of `DECODE_STEPS` steps, keeping each shape's fastest, so a burst of other work on a shared
     machine during one round does not decide the choice.
     """
-    from backends.local.build import trim_heap
+    from backends.local.engine.heap import trim_heap
     from backends.local.warmup import timing_tables
 
     table: list[Timing] = []

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from backends.local.engine.engine import NoProposer, Proposer
+from backends.local.engine.heap import trim_heap
 from backends.local.engine.kv_cache import BlockAllocator, cache_dtype_fits
 from backends.local.engine.scheduler import Scheduler, SchedulerConfig
 from backends.local.loader import LoadedModel, current_rss_mb
@@ -263,18 +264,6 @@ def release(loaded: LoadedModel) -> None:
         loaded.weights.close()
     gc.collect()
     trim_heap()
-
-
-def trim_heap() -> None:
-    """Hand memory that glibc keeps in its arenas after `free` back to the system (`malloc_trim`).
-
-    A layer-by-layer build, autotune's candidates and warm-up free many large temporaries; without this the
-    idle RSS keeps them. Elsewhere than glibc there is nothing to call."""
-    import ctypes
-
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only; elsewhere there is none to call
-    if trim is not None:
-        trim(0)
 
 
 def in_thread(fn: Callable[[], T], threads: int) -> T:

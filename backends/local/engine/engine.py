@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from backends.local.engine.heap import trim_heap
 from backends.local.engine.sampler import make_generator, sample
 from backends.local.engine.scheduler import FinishCause, Priority, SamplingParams, Scheduler, Seq
 from backends.local.engine.types import StepPlan
@@ -327,9 +328,17 @@ class Engine:
             import torch
 
             torch.set_num_threads(self._threads)  # this thread's OpenMP team (see build.one_compute_thread)
-        while not self._halted and self._drain(block=not self._scheduler.has_work):
+        stepped = False
+        while not self._halted:
+            idle = not self._scheduler.has_work
+            if idle and stepped:  # gone idle: the steps' freed temporaries go back before the thread waits
+                trim_heap()
+                stepped = False
+            if not self._drain(block=idle):
+                break
             if self._scheduler.has_work:
                 self._step()
+                stepped = True
         for seq_id in list(self._live):
             seq = self._scheduler.abort(seq_id, FinishCause.ERROR)
             self._fail(seq_id, seq, "engine is shutting down")

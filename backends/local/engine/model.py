@@ -128,6 +128,9 @@ def rope_tables(args: ModelArgs, device: torch.device | str = "cpu") -> tuple[to
 
     transformers builds cat(freqs, freqs) so both halves of its tables are equal; we keep one half.
     """
+    if torch.device(device).type == "meta":  # shapes only: torch's meta arange would import sympy (~30 MB)
+        shape = (args.max_seq_len, args.head_dim // 2)
+        return torch.empty(shape, device="meta"), torch.empty(shape, device="meta")
     positions = torch.arange(args.max_seq_len, device=device).float()
     freqs = positions[:, None] * rope_inv_freq(args, device)[None, :]
     return freqs.cos(), freqs.sin()
@@ -206,7 +209,13 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens: nn.Embedding | BlockQuantEmbedding = nn.Embedding(args.vocab_size, args.dim)
+        # Weights always come from a checkpoint (`weights.py`, `assemble.py` build this on the meta device):
+        # no initializer runs. nn.Embedding's own (normal_) on a meta tensor goes through torch._refs, whose
+        # first call imports torch._dynamo and sympy: ~70 MB resident for the process's whole life.
+        empty = torch.empty(args.vocab_size, args.dim)
+        self.embed_tokens: nn.Embedding | BlockQuantEmbedding = nn.Embedding(
+            args.vocab_size, args.dim, _weight=empty
+        )
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
