@@ -205,3 +205,32 @@ def test_boxes_sharing_cores_step_slower_only_while_more_are_busy_than_there_are
     assert e2e(pair, 2) == pytest.approx(alone)
     assert e2e(pair, 1) == pytest.approx([2 * t for t in alone], rel=1e-6)
     assert e2e(pair[:1], 1) == pytest.approx(alone[:1])
+
+
+def test_late_requests_are_told_apart_by_what_could_have_saved_them() -> None:
+    from bench.routing_eval.report import late_kinds
+    from bench.routing_eval.sim import Job
+
+    slow = StepModel(step_base_ms=10.0, step_ms_per_stream=5.0, prefill_ms_per_token=3.0)
+    fleet = make_fleet(slow, 1, "test")  # engine-0 (internal) and edge nodes twice as slow
+    internal = dataclasses.replace(BASE, floor=PrivacyTier.INTERNAL)
+
+    def job(req: Request, ttft_s: float, target: str = "engine-0", cached: int = 0) -> Job:
+        return Job(req, target, 0.0, cached_tokens=cached, ttft_s=ttft_s, e2e_s=ttft_s + 1.0)
+
+    turn = dataclasses.replace(internal, prompt_tokens=2000, history_tokens=1200, follows=3)
+    jobs = [
+        # A cut conversation: only its 640-token system prompt could be cached; 1360 tokens take 4.1 s > 4 s.
+        job(dataclasses.replace(internal, prompt_tokens=2000, history_tokens=1200), 5.0, cached=640),
+        # A later turn whose earlier turns could have been cached (160 new tokens), but were not.
+        job(turn, 6.2),
+        # The same turn with its earlier turns cached, late anyway: queueing.
+        job(turn, 4.5, cached=1840),
+        job(dataclasses.replace(BASE, prompt_tokens=2000), 7.0, target=CLOUD),  # may leave: other
+        job(internal, 1.0),  # in time: not counted
+        # May run on edge nodes only: 1500 tokens there take 9 s (4.5 s on an engine box) > field's 8 s.
+        job(dataclasses.replace(internal, team="field", floor=PrivacyTier.EDGE, prompt_tokens=1500,
+                                prefix_tokens=0), 9.5, target="edge-0"),
+    ]  # fmt: skip
+    kinds = late_kinds(jobs, fleet)
+    assert (kinds.beyond_reach, kinds.cold, kinds.other) == (2, 1, 2)
