@@ -3,8 +3,10 @@
 The engine keeps a finished request's full KV blocks cached (evictable, least recently used first) and a
 new request reuses its longest cached block-prefix (`backends/local/engine/prefix_cache.py`). A trace
 knows which requests share leading tokens: every request with a prefix key starts with that key's
-`prefix_tokens` (an agent kind's system prompt, a team's), and an agent turn that `follows` its previous
-turn starts with that turn's whole prompt. So a box holds entries "prefix key", "turn rid" and, for every
+`prefix_tokens` (an agent kind's system prompt, a team's), and an agent turn starts with the whole prompt
+of each earlier turn of its session since its history was last cut (`ancestors`; `follows` is the latest),
+so a box that served any of them holds that much of it, as the engine's block-prefix match finds. So a
+box holds entries "prefix key", "turn rid" and, for every
 other finished request, "done rid" (its blocks too stay cached, though nothing asks for them again), in LRU
 order, each charged the KV tokens it added; when entries and running requests pass the box's KV cache,
 the least recently used go, a system prompt with the turns under it (the engine evicts a block together
@@ -26,6 +28,7 @@ class _Req(Protocol):
     prefix_tokens: int
     session: int
     follows: int
+    ancestors: tuple[int, ...]
 
 
 @dataclass(slots=True)
@@ -50,7 +53,8 @@ class PrefixCache:
         if not self.enabled:
             return 0
         held = 0
-        for key in (req.prefix_key, f"turn:{req.follows}" if req.follows >= 0 else ""):
+        turns = req.ancestors or ((req.follows,) if req.follows >= 0 else ())
+        for key in (req.prefix_key, *(f"turn:{rid}" for rid in turns)):
             entry = self._entries.get(key) if key else None
             if entry is not None:
                 held = max(held, entry.tokens)

@@ -122,13 +122,13 @@ class Box:
 
     def cached_for(self, req: Request) -> int:
         """Prompt tokens of `req` this box holds (whole blocks only): in running requests' computed blocks
-        (the same prefix key, or the turn it follows), or in its prefix cache."""
+        (the same prefix key, or an earlier turn it extends), or in its prefix cache."""
         held = self.cache.lookup(req)
         for j in (*self.decoding, *self.prefilling):
             computed = j.req.prompt_tokens - math.ceil(j.prefill_left)
             if req.prefix_key and j.req.prefix_key == req.prefix_key:
                 held = max(held, min(j.req.prefix_tokens, computed))
-            if req.follows >= 0 and j.req.rid == req.follows:
+            if j.req.rid in req.ancestors or (req.follows >= 0 and j.req.rid == req.follows):
                 held = max(held, computed)
         usable = min(held, req.prompt_tokens - 1)
         block = self.spec.model.block_size

@@ -162,8 +162,9 @@ class Switchboard:
     _policies: dict[str, RoutePolicy] = field(default_factory=dict)
     predicted_ttft_ms: dict[int, float] = field(default_factory=dict)  # request id -> routing's prediction
     _counted: int = 0
-    # prefix key -> (box of its last turn, KV tokens written on that box by then)
-    _holders: dict[int, tuple[str, int]] = field(default_factory=dict)
+    # prefix key -> (box of its last turn on owned capacity, KV tokens written there by then, tokens it holds:
+    # that turn's prompt and reply; 0 for a system prompt's key)
+    _holders: dict[int, tuple[str, int, int]] = field(default_factory=dict)
     _written: dict[str, int] = field(default_factory=dict)  # box -> KV tokens written there (gateway-style)
     system_affinity: bool = True  # a conversation without a holder: the system prompt's last replica
     eviction_aware: bool = True  # False: a holder is trusted however much was written on its box since
@@ -221,28 +222,36 @@ class Switchboard:
         box = sim.boxes[name]
         return box.in_system, box.pending_prompt_tokens
 
-    def _holder(self, key: int) -> str | None:
+    def _held(self, key: int) -> tuple[str, int] | None:
+        """(holder, tokens it holds) as `RoutingState.prefix_held` gives them, or None."""
         held = self._holders.get(key)
         if held is None:
             return None
-        holder, written_at = held
+        holder, written_at, tokens = held
         box = holder.split("@", 1)[1]
         since = self._written.get(box, 0) - written_at
         if self.eviction_aware and not holds_prefix(self._specs[box].capacity, since):
             return None  # its box has written more than its cache keeps since: evicted
-        return holder
+        return holder, tokens
+
+    def _holder(self, key: int) -> str | None:
+        held = self._held(key)
+        return None if held is None else held[0]
 
     def request_of(self, req: Request) -> RouteRequest:
         team = next(t for t in TEAMS if t.name == req.team)
         key, cached, holder = None, 0, None
         if self.affinity and req.prefix_tokens >= AFFINITY_MIN_PREFIX_TOKENS:
             key = stable_hash64(f"session:{req.session}" if req.session >= 0 else req.prefix_key)
-            holder = self._holder(key)
-            # A later turn: all but its new message was served there. Once its oldest turns are cut (the
-            # trace's `follows` -1), its opening changed: the gateway, which keys a conversation by its
-            # opening, finds no holder for it.
-            if req.history_tokens and req.follows >= 0 and holder is not None:
-                cached = req.prefix_tokens + req.history_tokens
+            held = self._held(key)
+            holder = None if held is None else held[0]
+            # A later turn: what its holder served, all but its new message if the previous turn ran there
+            # (turns the cloud served since are not). Once its oldest turns are cut (the trace's `follows`
+            # -1), its opening changed: the gateway, which keys a conversation by its opening, finds no
+            # holder for it.
+            if req.history_tokens and req.follows >= 0 and held is not None:
+                whole = req.prefix_tokens + req.history_tokens
+                cached = min(held[1] or whole, whole)
             elif self.system_affinity:  # else the replica that last served its system prompt holds that
                 holder = self._holder(stable_hash64(f"system:{req.prefix_key}"))
                 cached = req.prefix_tokens if holder is not None else 0
@@ -270,14 +279,13 @@ class Switchboard:
                 self._counted = req.prompt_tokens - request.prefix_tokens
         if target is not None and target != CLOUD:
             self._written[target] = self._written.get(target, 0) + self._counted
-        if request.prefix_key is not None:  # where this conversation is served now (the cloud: nowhere)
-            if target is not None and target != CLOUD:
-                self._holders[request.prefix_key] = (dep_id(target), self._written[target])
-                if self.system_affinity:
-                    system = stable_hash64(f"system:{req.prefix_key}")
-                    self._holders[system] = (dep_id(target), self._written[target])
-            else:
-                self._holders.pop(request.prefix_key, None)
+        # Where this conversation is served now; a cloud turn leaves the holder of the turns before it.
+        if request.prefix_key is not None and target is not None and target != CLOUD:
+            held = req.prompt_tokens + req.output_tokens
+            self._holders[request.prefix_key] = (dep_id(target), self._written[target], held)
+            if self.system_affinity:
+                system = stable_hash64(f"system:{req.prefix_key}")
+                self._holders[system] = (dep_id(target), self._written[target], 0)
         return target
 
     def counted_prompt(self, req: Request) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from routing.privacy import PrivacyTier, SensitivePolicy, detect_request, privacy_floor
 
@@ -63,6 +63,8 @@ class Request:
     detected: tuple[str, ...]
     history_tokens: int = 0  # an agent turn's earlier turns (their messages and replies) in its prompt
     follows: int = -1  # rid of the session's previous turn whose whole prompt this one starts with; -1: none
+    # Every earlier turn whose whole prompt this one starts with, latest first (`follows` is the first).
+    ancestors: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +161,7 @@ class _Session:
     next_s: float
     turns_left: int
     last_rid: int = -1  # the previous turn, while the history still holds it whole
+    whole: list[int] = field(default_factory=list)  # turns since the last cut, oldest first
 
 
 def _text(rng: random.Random, planted: str) -> str:
@@ -180,7 +183,7 @@ def generate(workload: Workload, *, rate_per_s: float, duration_s: float, seed: 
     rng = random.Random(seed)
     names, weights = _shares(workload)
     sessions: list[_Session] = []
-    drafts: list[tuple[float, str, int, int, str, int, int, int, int]] = []
+    drafts: list[tuple[float, str, int, int, str, int, int, int, int, tuple[int, ...]]] = []
     for t in arrival_times(workload, rate_per_s, duration_s, rng):
         team = TEAM_BY_NAME[rng.choices(names, weights)[0]]
         out = _lognormal(rng, team.output_median, 0.8, 1, team.max_tokens)
@@ -194,12 +197,15 @@ def generate(workload: Workload, *, rate_per_s: float, duration_s: float, seed: 
             new = _lognormal(rng, 60, 0.7, 8, 400)
             prompt = AGENT_SYSTEM_TOKENS + s.history_tokens + new
             history, follows = s.history_tokens, s.last_rid
+            ancestors = tuple(reversed(s.whole)) if follows >= 0 else ()
             drafts.append(
-                (t, team.name, prompt, out, f"agent:{s.kind}", AGENT_SYSTEM_TOKENS, s.sid, history, follows)
-            )
+                (t, team.name, prompt, out, f"agent:{s.kind}", AGENT_SYSTEM_TOKENS, s.sid, history, follows,
+                 ancestors)
+            )  # fmt: skip
             grown = s.history_tokens + new + out
             s.history_tokens = min(grown, 1200)  # past 1200 the oldest turns are cut: no whole prompt stays
             s.last_rid = len(drafts) - 1 if grown <= 1200 else -1
+            s.whole = [*s.whole, len(drafts) - 1] if grown <= 1200 else []
             s.turns_left -= 1
             s.next_s = t + rng.expovariate(1 / 20)
             continue
@@ -208,15 +214,15 @@ def generate(workload: Workload, *, rate_per_s: float, duration_s: float, seed: 
         else:
             user = _lognormal(rng, 100, 0.9, 8, 2000)
         drafts.append(
-            (t, team.name, SYSTEM_TOKENS + user, out, f"team:{team.name}", SYSTEM_TOKENS, -1, 0, -1)
+            (t, team.name, SYSTEM_TOKENS + user, out, f"team:{team.name}", SYSTEM_TOKENS, -1, 0, -1, ())
         )
     return [_finish(rid, d, rng) for rid, d in enumerate(drafts)]
 
 
 def _finish(
-    rid: int, draft: tuple[float, str, int, int, str, int, int, int, int], rng: random.Random
+    rid: int, draft: tuple[float, str, int, int, str, int, int, int, int, tuple[int, ...]], rng: random.Random
 ) -> Request:
-    t, team_name, prompt, out, key, prefix, sid, history, follows = draft
+    t, team_name, prompt, out, key, prefix, sid, history, follows, ancestors = draft
     planted = rng.choice(list(PLANTED)) if rng.random() < SENSITIVE_SHARE else ""
     text = _text(rng, planted)
     team = TEAM_BY_NAME[team_name]
@@ -237,6 +243,7 @@ def _finish(
         detected,
         history,
         follows,
+        ancestors,
     )
 
 

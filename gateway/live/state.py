@@ -158,27 +158,32 @@ def _stats(live: LiveStats, breaker: BreakerView, *, healthy: bool = True) -> De
 
 
 class PrefixHolders:
-    """Where this gateway replica last served each conversation (prefix key -> owned deployment id), for the
-    `capacity` most recent: its next turn expects its earlier messages in that engine's prefix cache
-    (`RouteRequest.prefix_holder`). A turn served by the cloud leaves no holder. Other gateway replicas keep
-    their own (a conversation another replica served has none here: no discount, the rendezvous favourite)."""
+    """Where this gateway replica last served each conversation on owned capacity (prefix key -> owned
+    deployment id), for the `capacity` most recent: its next turn expects its earlier messages in that
+    engine's prefix cache (`RouteRequest.prefix_holder`), as many as were served there. A turn the cloud
+    serves leaves the holder as it was: that engine still holds the turns before it, a prefix of every later
+    turn. Other gateway replicas keep their own (a conversation another replica served has none here: no
+    discount, the rendezvous favourite)."""
 
     def __init__(self, capacity: int = 65_536) -> None:
         self._capacity = capacity
-        self._holders: OrderedDict[int, tuple[str, int]] = OrderedDict()
+        self._holders: OrderedDict[int, tuple[str, int, int]] = OrderedDict()
 
-    def held(self, key: int | None) -> tuple[str, int] | None:
-        """(deployment id, KV tokens written on it when the turn was placed there), or None."""
+    def held(self, key: int | None) -> tuple[str, int, int] | None:
+        """(deployment id, KV tokens written on it when the turn was placed there, leading messages it holds:
+        that turn's prompt and reply; 0 when not counted), or None."""
         return None if key is None else self._holders.get(key)
 
-    def record(self, key: int | None, deployment_id: str | None, written: int = 0) -> None:
-        """`written`: `StatsBook.kv_written_of(deployment_id)` now, against which later writes are counted."""
+    def record(self, key: int | None, deployment_id: str | None, written: int = 0, messages: int = 0) -> None:
+        """`written`: `StatsBook.kv_written_of(deployment_id)` now, against which later writes are counted.
+        `deployment_id` None: the turn went to the cloud; the holder of the turns before it stays."""
         if key is None:
             return
         if deployment_id is None:
-            self._holders.pop(key, None)
+            if key in self._holders:
+                self._holders.move_to_end(key)
             return
-        self._holders[key] = (deployment_id, written)
+        self._holders[key] = (deployment_id, written, messages)
         self._holders.move_to_end(key)
         if len(self._holders) > self._capacity:
             self._holders.popitem(last=False)
@@ -256,16 +261,21 @@ class RoutingState:
         self._built_s = -math.inf
 
     def prefix_holder(self, key: int | None) -> str | None:
-        """The owned deployment that served this conversation's last turn, while its engine can still hold
-        that turn in its prefix cache (`routing.fleet.holds_prefix`, from the KV tokens this replica has had
-        written there since and the box's `capacity.kv_cache_tokens`); else None."""
+        """The owned deployment that served this conversation's last turn on owned capacity, while its engine
+        can still hold that turn in its prefix cache (`routing.fleet.holds_prefix`, from the KV tokens this
+        replica has had written there since and the box's `capacity.kv_cache_tokens`); else None."""
+        held = self.prefix_held(key)
+        return None if held is None else held[0]
+
+    def prefix_held(self, key: int | None) -> tuple[str, int] | None:
+        """`prefix_holder` with the leading messages it holds (0: not counted, take every shared one)."""
         held = self.prefix_holders.held(key)
         if held is None:
             return None
-        dep_id, written_at = held
+        dep_id, written_at, messages = held
         spec = self.specs.get(dep_id)
         since = self.stats.kv_written_of(dep_id) - written_at
-        return dep_id if holds_prefix(spec.capacity if spec else None, since) else None
+        return (dep_id, messages) if holds_prefix(spec.capacity if spec else None, since) else None
 
     def policy(self, team: str) -> RoutePolicy:
         return self.policies.get(team, self._default_policy)

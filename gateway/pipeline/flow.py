@@ -350,11 +350,14 @@ class ChunkStream:
 
 
 def _remember_holder(routed: Routed, use: DeploymentUse) -> None:
-    """The conversation's next turn expects its messages in this deployment's prefix cache, if it is owned;
-    so does the next conversation with the same system prompt that no replica holds yet."""
+    """The conversation's next turn expects its messages and this reply in this deployment's prefix cache, if
+    it is owned (a cloud turn leaves the holder of the turns before it); so does the next conversation with
+    the same system prompt that no replica holds yet."""
     if routed.prefix_key is not None:
         owned = use.deployment.usd_per_hour is not None
         written = use.routing.stats.kv_written_of(use.dep_id)
-        use.routing.prefix_holders.record(routed.prefix_key, use.dep_id if owned else None, written)
+        use.routing.prefix_holders.record(
+            routed.prefix_key, use.dep_id if owned else None, written, messages=routed.messages + 1
+        )
         if routed.system_key is not None and owned:  # served elsewhere, other replicas may still hold it
             use.routing.prefix_holders.record(routed.system_key, use.dep_id, written)

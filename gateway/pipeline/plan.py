@@ -68,6 +68,7 @@ class Routed:
     prefix_cached: tuple[str, int] = ("", 0)
     prefix_key: int | None = None
     system_key: int | None = None  # its system prompt's (gateway.pipeline.prefix.prefix_keys), or None
+    messages: int = 0  # a chat's messages; an owned deployment that serves it then holds them and the reply
 
 
 def requested_floor(header: str | None) -> PrivacyTier | None:
@@ -160,19 +161,22 @@ def plan(
     if model_cfg is not None:
         policy = with_model_slo(policy, model_cfg.slo_p95_ttft_ms, model_cfg.slo_p95_e2e_ms)
     rc = routing.config.routing
-    key, system_key, cached_tokens, holder = None, None, 0, None
+    key, system_key, cached_tokens, holder, messages = None, None, 0, None, 0
     if isinstance(call, EmbeddingRequest):
         prompt_tokens, output_tokens, tools, json = estimate_input_tokens(call), 0, False, False
     else:
         prompt_tokens = estimate_prompt_tokens(call.messages)
         output_tokens = call.max_tokens or rc.default_output_tokens
         tools, json = call.tools is not None, call.response_format is not None
+        messages = len(call.messages)
         key, system_key, system_count = prefix_keys(
             call.messages, min_chars=rc.prefix_min_chars, max_chars=rc.prefix_max_chars
         )
         if key is not None and (shared := cached_messages(call.messages)):
-            cached_tokens = estimate_prompt_tokens(call.messages[:shared])
-            holder = routing.prefix_holder(key)
+            held = routing.prefix_held(key)
+            if held is not None:  # as many leading messages as were served there (later turns: the cloud's)
+                holder, count = held
+                cached_tokens = estimate_prompt_tokens(call.messages[: min(shared, count or shared)])
         if holder is None and system_key is not None:  # no replica holds this conversation: its system prompt
             holder = routing.prefix_holder(system_key)
             cached_tokens = estimate_prompt_tokens(call.messages[:system_count]) if holder else 0
@@ -194,7 +198,9 @@ def plan(
     decision = choose(request, snapshot, policy, now_s=now_s)
     missing = () if decision.candidates else edge_missing(routing, snapshot, call.model, policy)
     cached = held_prefix(decision, request.prefix_holder, cached_tokens)
-    return Routed(decision, verdict, policy, prompt_tokens, output_tokens, missing, cached, key, system_key)
+    return Routed(
+        decision, verdict, policy, prompt_tokens, output_tokens, missing, cached, key, system_key, messages
+    )
 
 
 class Planner:

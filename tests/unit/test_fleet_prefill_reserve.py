@@ -193,7 +193,7 @@ def test_the_replica_holding_the_prefix_predicts_only_the_prompt_its_cache_lacks
     holder = next(name for name in by_id if name != fav)
     moved = choose(_turn(key, 800, holder), _replicas({}), SLO, now_s=0)
     assert moved.candidates[0].backend == holder
-    # Without a holder (the previous turn went to the cloud), nothing is discounted.
+    # Without a holder (only the cloud has served the conversation), nothing is discounted.
     none = choose(_turn(key, 800), _replicas({}), SLO, now_s=0)
     assert len({round(c.ttft_ms) for c in none.ranked}) == 1
 

@@ -103,8 +103,12 @@ def test_prefix_holders_remember_the_latest_owned_deployment_of_recent_conversat
     assert holder(1) == "m@gpu-c" and holder(None) is None
     holders.record(3, "m@gpu-a")  # over capacity: the least recently served conversation (2) is forgotten
     assert holder(2) is None and holder(3) == "m@gpu-a"
-    holders.record(1, None)  # served by the cloud: no engine holds its latest turn
-    assert holder(1) is None
+    holders.record(1, None)  # a turn the cloud served: gpu-c still holds the turns before it
+    assert holder(1) == "m@gpu-c"
+    holders.record(4, None)  # a conversation only the cloud has served: no holder
+    assert holder(4) is None
+    holders.record(5, "m@gpu-b", written=7, messages=3)  # its prompt's 2 messages and the reply
+    assert holders.held(5) == ("m@gpu-b", 7, 3)
 
 
 def test_the_system_prompt_has_a_key_of_its_own_shared_by_every_conversation_it_opens() -> None:

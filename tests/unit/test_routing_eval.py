@@ -123,6 +123,26 @@ def test_a_finished_turns_prompt_stays_cached_for_the_next_turn_until_evicted() 
     assert _cached(small, [BASE, other, turn]) == {0: 0, 3: 0, 2: 0}
 
 
+def test_a_turn_finds_the_earlier_turns_a_box_served_though_the_last_went_elsewhere() -> None:
+    @dataclasses.dataclass
+    class _ByRid:
+        name: str = "by-rid"
+
+        def route(self, req: Request, now: float, sim: Simulation) -> str | None:
+            return CLOUD if req.rid == 1 else "engine-0"
+
+        def observe(self, job: object) -> None:
+            return None
+
+    second = dataclasses.replace(BASE, rid=1, arrival_s=300.0, prompt_tokens=990, follows=0, ancestors=(0,))
+    third = dataclasses.replace(BASE, rid=2, arrival_s=600.0, prompt_tokens=1300, follows=1, ancestors=(1, 0))
+    result = Simulation(make_fleet(MODEL, 1, "test"), seed=1).run([BASE, second, third], _ByRid())
+    cached = {j.req.rid: (j.target, j.cached_tokens) for j in result.jobs}
+    # The cloud served turn 1; engine-0 still holds turn 0's whole prompt (700 -> 43 blocks), not only the
+    # system prompt (640).
+    assert cached == {0: ("engine-0", 0), 1: (CLOUD, 0), 2: ("engine-0", 688)}
+
+
 @dataclasses.dataclass
 class _Fixed:
     target: str
@@ -234,3 +254,20 @@ def test_late_requests_are_told_apart_by_what_could_have_saved_them() -> None:
     ]  # fmt: skip
     kinds = late_kinds(jobs, fleet)
     assert (kinds.beyond_reach, kinds.cold, kinds.other) == (2, 1, 2)
+
+
+def test_an_agent_turns_ancestors_are_its_sessions_uncut_earlier_turns_latest_first(
+    trace: list[Request],
+) -> None:
+    by_rid = {r.rid: r for r in trace}
+    chained = [r for r in trace if r.follows >= 0]
+    assert chained and all(r.ancestors[0] == r.follows for r in chained)
+    for r in chained:
+        assert r.ancestors == (
+            r.follows,
+            *by_rid[r.follows].ancestors,
+        )  # each earlier prompt a prefix of this
+        assert all(
+            by_rid[a].session == r.session and by_rid[a].prompt_tokens < r.prompt_tokens for a in r.ancestors
+        )
+    assert all(r.ancestors == () for r in trace if r.follows < 0)

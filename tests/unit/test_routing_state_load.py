@@ -114,3 +114,33 @@ def test_a_conversation_counts_on_its_engine_cache_only_until_that_much_was_writ
     plain.prefix_holders.record(5, "m@b0", 0)
     DeploymentUse.begin(dep, "m", plain, 0.0, 10**6)
     assert plain.prefix_holder(5) == "m@b0"
+
+
+def test_a_turn_after_cloud_turns_counts_on_what_its_engine_served_not_on_the_whole_history() -> None:
+    from backends.base import ChatRequest
+    from gateway.pipeline.plan import estimate_prompt_tokens, plan
+
+    routing = state()
+    system = {"role": "system", "content": "You are the migration agent. Follow the runbook. " * 40}
+
+    def turn(n: int) -> ChatRequest:  # the system prompt, then n user/assistant exchanges and a question
+        history: list[dict[str, str]] = []
+        for i in range(n):
+            history += [
+                {"role": "user", "content": f"step {i} " * 30},
+                {"role": "assistant", "content": "ok " * 40},
+            ]
+        messages = (system, *history, {"role": "user", "content": f"step {n} " * 30})
+        return ChatRequest("m", messages, f"r{n}", max_tokens=50)
+
+    first = plan(routing, "t", turn(0), now_s=0.0)
+    assert first.prefix_key is not None and first.messages == 2
+    # Served on b0: it holds the opening's 2 messages and the reply. Then two turns go to the cloud.
+    routing.prefix_holders.record(first.prefix_key, "m@b0", 0, messages=first.messages + 1)
+    routing.prefix_holders.record(first.prefix_key, None)
+    routing.prefix_holders.record(first.prefix_key, None)
+    later = turn(3)
+    routed = plan(routing, "t", later, now_s=1.0)
+    held = estimate_prompt_tokens(later.messages[:3])
+    assert routed.prefix_cached == ("b0", held)
+    assert held < estimate_prompt_tokens(later.messages[:-1])  # not the whole history, which b0 never saw
