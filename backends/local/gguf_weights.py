@@ -121,11 +121,9 @@ class GgufWeights:
         stored = self._tensors[name]
         if stored.tensor_type != GGMLQuantizationType.Q8_0:
             return None
-        n = stored.data.shape[0]
-        blocks = np.asarray(stored.data).reshape(n, -1, 2 + _Q8_BLOCK)  # fp16 d, then 32 int8
-        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, -1))
-        d = _fp16(blocks[..., 0:2]).reshape(n, -1)
-        return self._unpermute(name, q), self._unpermute(name, d)
+        q, d = _q8_0_blocks(stored)
+        n = q.shape[0]
+        return self._unpermute(name, q.reshape(n, -1)), self._unpermute(name, d.reshape(n, -1))
 
     def _unpermute(self, name: str, rows: Tensor) -> Tensor:
         """llama.cpp stores q/k rows per head as (2, dim/2) interleaved; back to transformers' order."""
@@ -146,6 +144,13 @@ def _fp16(raw: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)).float()
 
 
+def _q8_0_blocks(stored: Any) -> tuple[Tensor, Tensor]:
+    """A Q8_0 tensor's (q (N, G, 32) int8, d (N, G, 1) float32), copied out of the mapped file."""
+    n = stored.data.shape[0]
+    blocks = np.asarray(stored.data).reshape(n, -1, 2 + _Q8_BLOCK)  # fp16 d, then 32 int8
+    return torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8)), _fp16(blocks[..., 0:2])
+
+
 def _dequantize_blocks(stored: Any) -> Tensor | None:
     """Q4_0 / Q4_1 / Q8_0 to float32 with torch, the same arithmetic as gguf-py's numpy (one rounding per
     product and per sum, in the same order: bit for bit, tested) in a fraction of its time; None for
@@ -157,11 +162,11 @@ def _dequantize_blocks(stored: Any) -> Tensor | None:
     if header is None:
         return None
     n = stored.data.shape[0]
-    blocks = np.asarray(stored.data).reshape(n, -1, header + (32 if kind == T.Q8_0 else 16))
-    d = _fp16(blocks[..., 0:2])  # (N, G, 1)
     if kind == T.Q8_0:
-        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8)).float()
-        return (q * d).reshape(n, -1)
+        q, d = _q8_0_blocks(stored)
+        return (q.float() * d).reshape(n, -1)
+    blocks = np.asarray(stored.data).reshape(n, -1, header + 16)
+    d = _fp16(blocks[..., 0:2])  # (N, G, 1)
     qs = torch.from_numpy(np.ascontiguousarray(blocks[..., header:]))  # (N, G, 16)
     nibbles = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # (N, G, 32) in element order
     if kind == T.Q4_0:
