@@ -27,8 +27,9 @@ class _Req(Protocol):
     prefix_key: str
     prefix_tokens: int
     session: int
-    follows: int
-    ancestors: tuple[int, ...]
+
+    @property
+    def earlier_turns(self) -> tuple[int, ...]: ...
 
 
 @dataclass(slots=True)
@@ -53,8 +54,7 @@ class PrefixCache:
         if not self.enabled:
             return 0
         held = 0
-        turns = req.ancestors or ((req.follows,) if req.follows >= 0 else ())
-        for key in (req.prefix_key, *(f"turn:{rid}" for rid in turns)):
+        for key in (req.prefix_key, *(f"turn:{rid}" for rid in req.earlier_turns)):
             entry = self._entries.get(key) if key else None
             if entry is not None:
                 held = max(held, entry.tokens)

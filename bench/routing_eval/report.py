@@ -16,7 +16,7 @@ from bench.routing_eval.fleet import EDGE_NODES, Fleet, StepModel, box_capacity_
 from bench.routing_eval.metrics import Metrics, percentile, summarise, violates_slo
 from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.switchboard import Switchboard
-from bench.routing_eval.workload import TEAMS, WORKLOADS, Request, generate, mean_work
+from bench.routing_eval.workload import TEAM_BY_NAME, WORKLOADS, Request, generate, mean_work
 from routing.privacy import PrivacyTier
 
 SIZES = (0.3, 0.6, 1.0)
@@ -58,7 +58,7 @@ def late_kinds(jobs: list[Job], fleet: Fleet) -> LateKinds:
         if not violates_slo(job):
             continue
         req = job.req
-        slo = next(t for t in TEAMS if t.name == req.team).slo_p95_ttft_ms
+        slo = TEAM_BY_NAME[req.team].slo_p95_ttft_ms
         if req.floor.rank > PrivacyTier.INTERNAL.rank or slo is None:
             other += 1
             continue

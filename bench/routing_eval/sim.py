@@ -128,7 +128,7 @@ class Box:
             computed = j.req.prompt_tokens - math.ceil(j.prefill_left)
             if req.prefix_key and j.req.prefix_key == req.prefix_key:
                 held = max(held, min(j.req.prefix_tokens, computed))
-            if j.req.rid in req.ancestors or (req.follows >= 0 and j.req.rid == req.follows):
+            if j.req.rid in req.earlier_turns:
                 held = max(held, computed)
         usable = min(held, req.prompt_tokens - 1)
         block = self.spec.model.block_size

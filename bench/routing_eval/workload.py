@@ -66,6 +66,12 @@ class Request:
     # Every earlier turn whose whole prompt this one starts with, latest first (`follows` is the first).
     ancestors: tuple[int, ...] = ()
 
+    @property
+    def earlier_turns(self) -> tuple[int, ...]:
+        """The turns a box may hold a prefix of this prompt from: `ancestors`, else `follows` alone (a
+        request made by hand with only that)."""
+        return self.ancestors or ((self.follows,) if self.follows >= 0 else ())
+
 
 @dataclass(frozen=True, slots=True)
 class Workload:
