@@ -1,5 +1,5 @@
 """`python -m gateway.cli`: the `switchboard` command."""
 
-from gateway.cli import app
+from gateway.cli import main
 
-app()
+main()

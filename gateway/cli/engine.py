@@ -1,12 +1,12 @@
-"""`switchboard engine serve`: the self-hosted engine as an OpenAI-compatible server (backends/local/)."""
+"""`switchboard engine serve`: the self-hosted engine as an OpenAI-compatible server (backends/local/).
+
+It imports no other gateway module: the engine's process runs this group alone (gateway/cli/__init__.py)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
-
-from gateway.cli.common import err_console
 
 engine_app = typer.Typer(help="The self-hosted inference engine.", no_args_is_help=True)
 
@@ -94,7 +94,7 @@ def engine_serve(
             prefix_cache=prefix_cache,
         )
     except ValueError as exc:
-        err_console.print(f"[red]{exc}[/red]")
+        typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
     serve_engine(
         model,
@@ -126,7 +126,7 @@ def engine_info(
     try:
         info = gather(model, threads)
     except ModelSpecError as exc:
-        err_console.print(f"[red]{exc}[/red]")
+        typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(info.as_json(), indent=1))
