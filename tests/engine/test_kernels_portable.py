@@ -75,3 +75,33 @@ def test_neon_paths_match_double_loops_under_qemu(march: str, tmp_path: Path) ->
     )  # fmt: skip
     done = subprocess.run([emulator, str(binary)], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.startswith("neon ok neon"), done.stdout + done.stderr
+
+
+def test_a_finished_build_loads_without_torchs_builder() -> None:
+    """A start whose library was built and loaded before loads it directly: torch's builder (which reruns
+    ninja and leaves setuptools imported, ~4 MB resident) runs only for a build with other flags."""
+    if kernels_disabled():
+        pytest.skip("SWITCHBOARD_KERNELS=off")
+    from backends.local.engine.kernels import built_marker
+
+    script = (
+        "import sys; from backends.local.engine import kernels; print(kernels.kernel_isa()); "
+        "print(sorted(m for m in ('setuptools', 'torch.utils.cpp_extension') if m in sys.modules))"
+    )
+
+    def start() -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.split("\n")[-3:-1]
+
+    start()  # builds, or finds the build a test before made
+    marker = built_marker()
+    flags = marker.read_text()
+    isa, imported = start()
+    assert isa != "off" and imported == "[]"
+    marker.write_text('["-O0"]')  # a build with other flags is not this one: the builder runs again
+    isa_again, imported = start()
+    assert isa_again == isa and imported == "['setuptools', 'torch.utils.cpp_extension']"
+    assert marker.read_text() == flags

@@ -18,6 +18,7 @@ kernel. Set `SWITCHBOARD_KERNELS=off` to skip the build altogether.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -42,6 +43,9 @@ _HEADERS = ("simd.h", "elementwise_impl.h", "attention_impl.h", "quant_impl.h")
 OP_NAMES = (
     "paged_attention", "bf16_gemv", "rms_norm", "rope_write", "int4_gemv", "int8_gemv", "int4_dequant"
 )  # fmt: skip
+_LIBRARY = "switchboard_kernels"
+_LIBRARY_FILE = f"{_LIBRARY}.so"  # what torch's builder writes in the build directory
+_BUILT_MARKER = "switchboard-built.json"  # the flags of a build that loaded: written last
 _STALE_LOCK_S = 600.0  # torch's build lock left by a process killed mid-build (a build takes ~10-60 s)
 _lock = threading.Lock()
 _ops: dict[str, Any] = {}  # op name -> op, filled once the library loaded
@@ -71,6 +75,20 @@ def source_digest() -> str:
     return hashlib.sha256(b"".join(path.read_bytes() for path in paths)).hexdigest()[:12]
 
 
+def build_directory() -> Path:
+    """Where this torch, these sources and `SWITCHBOARD_KERNEL_ISA` build the library."""
+    import torch
+
+    isa = kernel_isa_setting()
+    suffix = "" if isa == "native" else f"-{isa}"
+    return kernels_dir() / f"{torch.__version__}-{source_digest()}{suffix}".replace("+", "_")
+
+
+def built_marker() -> Path:
+    """The file a build that loaded leaves in `build_directory()`: the compiler flags it used."""
+    return build_directory() / _BUILT_MARKER
+
+
 def _build() -> bool:
     import torch
 
@@ -78,24 +96,32 @@ def _build() -> bool:
         log.info("C++ kernels disabled by %s; the engine uses torch's own ops", KERNELS_ENV)
         return False
     sources = [_CSRC / name for name in _SOURCES]
-    digest = source_digest()
     isa = kernel_isa_setting()
-    suffix = "" if isa == "native" else f"-{isa}"
-    build_dir = kernels_dir() / f"{torch.__version__}-{digest}{suffix}".replace("+", "_")
+    build_dir = build_directory()
+    # -ffp-contract=off: no FMA torch would not do, so rope/norm round exactly as the torch path.
+    cflags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *ISA_FLAGS[isa]]
+    marker = built_marker()
     try:
-        from torch.utils import cpp_extension
+        if _read_marker(marker) == cflags:
+            # built before with these flags (the directory's name carries torch's version and the sources'
+            # hash): load it as it is, without torch's builder, which reruns ninja and keeps setuptools
+            # imported (~4 MB resident for the engine's life)
+            torch.ops.load_library(str(build_dir / _LIBRARY_FILE))
+        else:
+            from torch.utils import cpp_extension
 
-        build_dir.mkdir(parents=True, exist_ok=True)
-        _prepare_build(build_dir)
-        cpp_extension.load(
-            name="switchboard_kernels",
-            sources=[str(path) for path in sources],
-            # -ffp-contract=off: no FMA torch would not do, so rope/norm round exactly as the torch path.
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *ISA_FLAGS[isa]],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
+            build_dir.mkdir(parents=True, exist_ok=True)
+            marker.unlink(missing_ok=True)
+            _prepare_build(build_dir)
+            cpp_extension.load(
+                name=_LIBRARY,
+                sources=[str(path) for path in sources],
+                extra_cflags=cflags,
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
+            marker.write_text(json.dumps(cflags))
     except Exception as exc:  # noqa: BLE001 - any build failure means: fall back, and say why
         log.warning(
             "the engine's C++ kernels did not build (%s: %s); decode uses torch's own ops instead (slower). "
@@ -108,6 +134,13 @@ def _build() -> bool:
     _ops.update({name: getattr(torch.ops.switchboard, name) for name in OP_NAMES})
     log.info("C++ kernels: %s paths (%s=%s)", torch.ops.switchboard.kernel_isa(), ISA_ENV, isa)
     return True
+
+
+def _read_marker(marker: Path) -> Any:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _prepare_build(build_dir: Path) -> None:
