@@ -203,7 +203,9 @@ def encode_chat(
         )
     except jinja2.TemplateError as exc:
         raise ApiError(
-            400, f"the model's chat template refused these messages: {exc.message}", param="messages"
+            400,
+            f"the model's chat template refused these messages: {exc.message or type(exc).__name__}",
+            param="messages",
         ) from exc
     return list(encoded["input_ids"])
 
