@@ -361,7 +361,8 @@ def serve_engine(
     )
     config = app.state.engine.config
     logging.getLogger("uvicorn.access").addFilter(QuietPolls())
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    # ws="none": the engine has no WebSocket route, and uvicorn's default would import a WebSocket stack
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, ws="none"))
     ready = (
         f"engine ready on http://{host}:{port} (model {loaded.name}, {config['dtype']} on {options.device}, "
         f"quant {config['quant']}, kernels {config['kernels']}, load {time.perf_counter() - started_s:.1f} s)"
