@@ -90,6 +90,8 @@ def check_int(ops, g: torch.Generator) -> None:  # noqa: ANN001
         q8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         s8 = (torch.rand(n, generator=g) / 64).bfloat16()
         w8 = q8.double() * s8.double()[:, None]
+        d8 = torch.rand(n, k // 32, generator=g) / 64  # Q8_0: a float32 scale per 32-block of each row
+        w8_0 = (q8.double().reshape(n, -1, 32) * d8.double()[..., None]).reshape(n, k)
         for rows in (1, 2, 3, 4, 5, 8, 17, 32):
             for dtype in (torch.float32, torch.bfloat16):
                 x = torch.randn(rows, k, generator=g).to(dtype)
@@ -97,6 +99,7 @@ def check_int(ops, g: torch.Generator) -> None:  # noqa: ANN001
                 for name, got, w in (
                     ("int4", ops.int4_gemv(x, packed, sz, group), w4),
                     ("int8", ops.int8_gemv(x, q8, s8), w8),
+                    ("q8_0", ops.q8_0_gemv(x, q8, d8), w8_0),
                 ):
                     assert got.dtype == dtype and got.shape == (rows, n)
                     scale = xq.abs() @ w.abs().T + 1e-3

@@ -69,7 +69,7 @@ static int check_int4() {
   for (auto& v : w8) v = int8_t(int(rng() % 255) - 127);
   for (auto& v : s8) v = from_float<bf16>(0.01f);
   by_row_chunks<float>(m_rows, [&](auto mc, int64_t m0) {
-    int8_rows<decltype(mc)::value, float>(acts, m0, w8.data(), s8.data(), y.data(), n, 0, n);
+    int8_rows<decltype(mc)::value, float>(acts, m0, w8.data(), s8.data(), nullptr, y.data(), n, 0, n);
   });
   for (int m = 0; m < m_rows; ++m)
     for (int r = 0; r < n; ++r) {
@@ -79,6 +79,21 @@ static int check_int4() {
         want += p, mag += std::fabs(p);
       }
       if (std::fabs(y[m * n + r] - want) > 1e-5 * mag) return fail("int8", y[m * n + r], want);
+    }
+  std::vector<float> blocks(n * k / 32);  // Q8_0: a scale per 32-block of each row
+  for (auto& v : blocks) v = 0.001f * float(1 + rng() % 100);
+  by_row_chunks<float>(m_rows, [&](auto mc, int64_t m0) {
+    int8_rows<decltype(mc)::value, float>(acts, m0, w8.data(), nullptr, blocks.data(), y.data(), n, 0, n);
+  });
+  for (int m = 0; m < m_rows; ++m)
+    for (int r = 0; r < n; ++r) {
+      double want = 0, mag = 1e-3;
+      for (int j = 0; j < k; ++j) {
+        const double p = double(w8[r * k + j]) * blocks[r * k / 32 + j / 32] * double(xq[m * k + j]) *
+                         d[m * k / 32 + j / 32];
+        want += p, mag += std::fabs(p);
+      }
+      if (std::fabs(y[m * n + r] - want) > 1e-5 * mag) return fail("q8_0", y[m * n + r], want);
     }
   return 0;
 }

@@ -22,12 +22,14 @@ from backends.local.engine.config import ModelArgs
 from backends.local.engine.model import BlockQuantEmbedding, Transformer
 from backends.local.engine.quant import (
     MODE_SCHEME,
+    BlockQuantLinear,
     Int4Linear,
     LayerQuant,
     LayerScheme,
     QuantManifest,
     build_layer,
     check_group_size,
+    int_kernel,
     layer_record,
     layer_scheme,
     model_bytes,
@@ -182,6 +184,21 @@ class _Build:
     ) -> tuple[LayerQuant, nn.Module]:
         """One linear layer, built from the source and quantized; its float weights die with this call."""
         tied = name == "lm_head" and "lm_head.weight" not in self.names
+        embed = self.model.embed_tokens
+        if (
+            tied
+            and scheme is LayerScheme.INT8
+            and isinstance(embed, BlockQuantEmbedding)
+            and self.kernels
+            and int_kernel("q8_0_gemv") is not None
+        ):
+            # an int8 lm_head over the embedding's own Q8_0 blocks: no second copy of the table
+            shared = BlockQuantLinear(embed.q, embed.scales)
+            sized = nn.Linear(
+                meta.in_features, meta.out_features, bias=False, device="meta", dtype=self.dtype
+            )
+            note = note or "int8 as stored: the embedding's Q8_0 blocks"
+            return layer_record(name, sized, shared, scheme, self.group_size, note), shared
         weight_parts = [] if tied else [self.names[p] for p in _unstacked(f"{name}.weight")]
         bias_parts = [self.names[p] for p in _unstacked(f"{name}.bias")] if meta.bias is not None else []
         bias = self.cat(bias_parts) if bias_parts else None

@@ -354,6 +354,37 @@ class Int4Linear(nn.Module):
         )
 
 
+class BlockQuantLinear(nn.Module):
+    """y = x @ W.T with W a GGUF Q8_0 table: int8 `q` (N, K) and a float32 scale per 32 columns of a row
+    (`scales`, (N, K / 32)), read by the `q8_0_gemv` kernel 32 rows of x at a time. A tied `lm_head` built
+    over the `BlockQuantEmbedding`'s own tensors (`assemble_model`): one copy of the table where an
+    `Int8Linear` made from it was a second (SmolLM2: 27 MB), and the GGUF's block scales where that
+    re-quantized per row. CPU, with the C++ kernels; no bias."""
+
+    q: Tensor
+    scales: Tensor
+
+    def __init__(self, q: Tensor, scales: Tensor) -> None:
+        super().__init__()
+        if q.dtype != torch.int8 or scales.dtype != torch.float32 or scales.shape[-1] * 32 != q.shape[-1]:
+            raise ValueError("BlockQuantLinear takes int8 q (N, K) and float32 scales (N, K / 32)")
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q)
+        self.register_buffer("scales", scales)
+
+    def forward(self, x: Tensor) -> Tensor:
+        op = int_kernel("q8_0_gemv")
+        x2 = rows_input(x, self.in_features, self.in_features)
+        parts = [
+            op(x2[i : i + INT_KERNEL_MAX_ROWS], self.q, self.scales)
+            for i in range(0, x2.shape[0], INT_KERNEL_MAX_ROWS)
+        ]
+        return _kernel_output(parts[0] if len(parts) == 1 else torch.cat(parts), x, None, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 blocks of 32"
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers, each storage counted once (tied weights: once)."""
     storages: dict[int, int] = {}

@@ -6,6 +6,8 @@
 //   scales_zeros (N, K/group_size, 2) bfloat16: weight = (q - 8) * scale + zero
 // torch.ops.switchboard.int8_gemv(x, qweight, scales) -> y
 //   qweight (N, K) int8, K % 32 == 0; scales (N,) bfloat16: weight = q * scale
+// torch.ops.switchboard.q8_0_gemv(x, qweight, scales) -> y
+//   qweight (N, K) int8, K % 32 == 0; scales (N, K/32) float32: weight = q * scale per 32-block (GGUF Q8_0)
 // torch.ops.switchboard.int4_dequant(qweight, scales_zeros, group_size, dtype) -> (N, K) weight, for the GEMM
 //   that takes larger row counts (prefill), where the weight is reused by every row.
 // y is (M, N) in x's dtype. x is quantized per 32-block to int8 once per call (quant_impl.h); the weight is
@@ -94,7 +96,27 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
     const Acts<T> acts(xp, x.size(0), k);
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) {
-        sb::int8_rows<decltype(mc)::value, T>(acts.view, m0, qp, sp, yp, n, begin, end);
+        sb::int8_rows<decltype(mc)::value, T>(acts.view, m0, qp, sp, nullptr, yp, n, begin, end);
+      });
+    });
+  });
+}
+
+at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  const int64_t n = qweight.size(0), k = qweight.size(1);
+  check_x(x, k);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous(), "qweight must be contiguous int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == n && scales.size(1) == k / sb::QK,
+              "scales must be a contiguous (N, K/32) float32 tensor");
+  const int8_t* qp = qweight.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  return with_types(x, n, [&](const auto* xp, auto* yp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    const Acts<T> acts(xp, x.size(0), k);
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) {
+        sb::int8_rows<decltype(mc)::value, T>(acts.view, m0, qp, nullptr, sp, yp, n, begin, end);
       });
     });
   });
@@ -135,6 +157,8 @@ TORCH_LIBRARY_FRAGMENT(switchboard, m) {
   m.impl("int4_gemv", c10::DispatchKey::CPU, TORCH_FN(int4_gemv));
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.impl("int8_gemv", c10::DispatchKey::CPU, TORCH_FN(int8_gemv));
+  m.def("q8_0_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.impl("q8_0_gemv", c10::DispatchKey::CPU, TORCH_FN(q8_0_gemv));
   m.def("int4_dequant(Tensor qweight, Tensor scales_zeros, int group_size, ScalarType dtype) -> Tensor");
   m.impl("int4_dequant", c10::DispatchKey::CPU, TORCH_FN(int4_dequant));
 }

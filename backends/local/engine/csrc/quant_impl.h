@@ -222,23 +222,27 @@ inline void int4_rows(const QuantActs& a, int64_t m0, const uint8_t* qw, const b
   }
 }
 
+// Rows [begin, end) of y for int8 weights (N, K): scaled per row by bf16 `scales` (int8_gemv), or, where
+// `block_scales` is given, per 32-block by its float32 (N, K/32) values, a GGUF's Q8_0 (q8_0_gemv).
 template <int MC, typename T>
-inline void int8_rows(const QuantActs& a, int64_t m0, const int8_t* qw, const bf16* scales, T* y, int64_t n,
-                      int64_t begin, int64_t end) {
+inline void int8_rows(const QuantActs& a, int64_t m0, const int8_t* qw, const bf16* scales,
+                      const float* block_scales, T* y, int64_t n, int64_t begin, int64_t end) {
   const int64_t k = a.k, blocks = k / QK;
   for (int64_t row = begin; row < end; ++row) {
     const int8_t* wrow = qw + row * k;
+    const float* brow = block_scales ? block_scales + row * blocks : nullptr;
     facc acc[2][MC];
     for (int m = 0; m < MC; ++m) acc[0][m] = acc[1][m] = acc_zero();
     auto step = [&](int lane, int64_t b) {
       const Q8 w = load_q8(wrow + b * QK);
+      const float ws = brow ? brow[b] : 1.f;  // x 1 is exact: per-row weights compute as they always did
       for (int m = 0; m < MC; ++m)
-        acc[lane][m] = acc_q8(acc[lane][m], w, a.q + (m0 + m) * k + b * QK, a.d[(m0 + m) * blocks + b]);
+        acc[lane][m] = acc_q8(acc[lane][m], w, a.q + (m0 + m) * k + b * QK, a.d[(m0 + m) * blocks + b] * ws);
     };
     int64_t b = 0;
     for (; b + 2 <= blocks; b += 2) step(0, b), step(1, b + 1);
     if (b < blocks) step(0, b);
-    const float scale = widen(scales[row]);
+    const float scale = brow ? 1.f : widen(scales[row]);
     for (int m = 0; m < MC; ++m) y[(m0 + m) * n + row] = from_float<T>((acc_sum(acc[0][m]) + acc_sum(acc[1][m])) * scale);
   }
 }
