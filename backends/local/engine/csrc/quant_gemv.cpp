@@ -83,43 +83,40 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   });
 }
 
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+// int8_gemv and q8_0_gemv: int8 weights (N, K) scaled per row (bf16) or per 32-block (float32).
+at::Tensor int8_weights(const at::Tensor& x, const at::Tensor& qweight, const bf16* row_scales,
+                        const float* block_scales) {
   const int64_t n = qweight.size(0), k = qweight.size(1);
-  check_x(x, k);
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous(), "qweight must be contiguous int8");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() == n,
-              "scales must be a contiguous (N,) bfloat16 tensor");
   const int8_t* qp = qweight.data_ptr<int8_t>();
-  const bf16* sp = reinterpret_cast<const bf16*>(scales.data_ptr<c10::BFloat16>());
   return with_types(x, n, [&](const auto* xp, auto* yp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     const Acts<T> acts(xp, x.size(0), k);
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) {
-        sb::int8_rows<decltype(mc)::value, T>(acts.view, m0, qp, sp, nullptr, yp, n, begin, end);
+        sb::int8_rows<decltype(mc)::value, T>(acts.view, m0, qp, row_scales, block_scales, yp, n, begin, end);
       });
     });
   });
 }
 
-at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
-  const int64_t n = qweight.size(0), k = qweight.size(1);
-  check_x(x, k);
+void check_int8_weight(const at::Tensor& x, const at::Tensor& qweight) {
+  check_x(x, qweight.size(1));
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous(), "qweight must be contiguous int8");
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  check_int8_weight(x, qweight);
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() && scales.numel() == qweight.size(0),
+              "scales must be a contiguous (N,) bfloat16 tensor");
+  return int8_weights(x, qweight, reinterpret_cast<const bf16*>(scales.data_ptr<c10::BFloat16>()), nullptr);
+}
+
+at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  check_int8_weight(x, qweight);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(0) == n && scales.size(1) == k / sb::QK,
+                  scales.size(0) == qweight.size(0) && scales.size(1) == qweight.size(1) / sb::QK,
               "scales must be a contiguous (N, K/32) float32 tensor");
-  const int8_t* qp = qweight.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  return with_types(x, n, [&](const auto* xp, auto* yp) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-    const Acts<T> acts(xp, x.size(0), k);
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) {
-        sb::int8_rows<decltype(mc)::value, T>(acts.view, m0, qp, nullptr, sp, yp, n, begin, end);
-      });
-    });
-  });
+  return int8_weights(x, qweight, nullptr, scales.data_ptr<float>());
 }
 
 at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& sz, int64_t group, at::ScalarType dtype) {
