@@ -27,6 +27,7 @@ from torch import nn  # noqa: E402
 from backends.local.engine.linear_kernels import GemvLinear, use_gemv_kernel  # noqa: E402
 from backends.local.engine.quant import (  # noqa: E402
     INT4_GROUP_SIZES,
+    BlockQuantLinear,
     Int4Linear,
     Int8Linear,
     LayerScheme,
@@ -145,6 +146,25 @@ def test_int4_linear_equals_dequantized_matmul(in_features: int, out_features: i
     prefill = torch.randn(40, in_features)  # more rows than the int kernels take: dequantize + GEMM
     want = (prefill if layer.packing == "switchboard" else prefill.bfloat16().float()) @ weight.T
     assert rel_err(layer(prefill), want + fp32.bias.detach()) <= 4e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_q8_0_linear_takes_any_row_count(dtype: Any) -> None:
+    """`BlockQuantLinear` (a tied lm_head over Q8_0 blocks): no rows (a prefill chunk that ends no prompt),
+    one, and more than the kernel's 32 (in 32-row calls), each row as the kernel computes it alone."""
+    if int_kernel("q8_0_gemv") is None:
+        pytest.skip("the C++ kernels did not build here")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (96, 64), generator=g, dtype=torch.int8)
+    layer = BlockQuantLinear(q, torch.rand(96, 2, generator=g) / 64)
+    assert layer(torch.empty(0, 64, dtype=dtype)).shape == (0, 96)
+    x = torch.randn(70, 64, generator=g).to(dtype)
+    y = layer(x)
+    assert y.shape == (70, 96) and y.dtype == dtype
+    for i in (0, 31, 32, 69):
+        assert torch.equal(y[i], layer(x[i : i + 1])[0])
+    w = (q.double().reshape(96, 2, 32) * layer.scales.double()[..., None]).reshape(96, 64)
+    assert rel_err(y, x.double() @ w.T) <= 2**-6
 
 
 def test_quantized_layers_take_bf16_and_non_contiguous_inputs() -> None:

@@ -379,6 +379,8 @@ class BlockQuantLinear(nn.Module):
             op(x2[i : i + INT_KERNEL_MAX_ROWS], self.q, self.scales)
             for i in range(0, x2.shape[0], INT_KERNEL_MAX_ROWS)
         ]
+        if not parts:  # no rows: a prefill chunk that ends no prompt asks for no logits
+            return x.new_empty(*x.shape[:-1], self.out_features)
         return _kernel_output(parts[0] if len(parts) == 1 else torch.cat(parts), x, None, self.out_features)
 
     def extra_repr(self) -> str:
