@@ -186,9 +186,8 @@ class GgufWeights:
             return self._unpermute(name, torch.from_numpy(stored.data.astype(np.float32)))  # a copy
         from gguf import GGMLQuantizationType, dequantize
 
+        # every type left here dequantizes into a new array (F32, gguf-py's one view of the file, is above)
         values = dequantize(stored.data, GGMLQuantizationType(stored.tensor_type))
-        if np.may_share_memory(values, stored.data):  # F32 comes back as a view of the mapped file
-            values = np.array(values)
         return self._unpermute(name, torch.from_numpy(values))
 
     def int4_blocks(self, name: str, group_size: int) -> tuple[Tensor, Tensor] | None:

@@ -84,10 +84,8 @@ class PlainConfig(SimpleNamespace):
 
     @classmethod
     def read(cls, path: Path) -> PlainConfig:
-        import json
-
-        fields = json.loads(path.read_text())
-        if not isinstance(fields, dict) or "model_type" not in fields:
+        fields = _json_object(path, "a model config")
+        if "model_type" not in fields:
             raise ValueError(f"{path} is not a model config (no model_type)")
         return cls(**fields)
 
@@ -101,15 +99,20 @@ class PlainGenerationConfig(SimpleNamespace):
 
     @classmethod
     def read(cls, path: Path) -> PlainGenerationConfig:
-        import json
-
-        fields = json.loads(path.read_text())
-        if not isinstance(fields, dict):
-            raise ValueError(f"{path} is not a generation config")
-        return cls(**fields)
+        return cls(**_json_object(path, "a generation config"))
 
     def to_diff_dict(self) -> dict[str, Any]:
         return dict(vars(self))
+
+
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; ValueError (the cache entry is converted again) when it holds none."""
+    import json
+
+    fields = json.loads(path.read_text())
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} is not {what}")
+    return fields
 
 
 def _model_name_from_gguf(file_name: str) -> str:

@@ -101,7 +101,7 @@ def _build() -> bool:
     build_dir = build_directory()
     # -ffp-contract=off: no FMA torch would not do, so rope/norm round exactly as the torch path.
     cflags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *ISA_FLAGS[isa]]
-    marker = built_marker()
+    marker = build_dir / _BUILT_MARKER
     try:
         if _read_marker(marker) == cflags:
             # built before with these flags (the directory's name carries torch's version and the sources'
