@@ -92,15 +92,25 @@ def check_int(ops, g: torch.Generator) -> None:  # noqa: ANN001
         w8 = q8.double() * s8.double()[:, None]
         d8 = torch.rand(n, k // 32, generator=g) / 64  # Q8_0: a float32 scale per 32-block of each row
         w8_0 = (q8.double().reshape(n, -1, 32) * d8.double()[..., None]).reshape(n, k)
+        tiled4, tiled8 = tiled_weights(ops, packed, sz, group, q8, d8)
         for rows in (1, 2, 3, 4, 5, 8, 17, 32):
             for dtype in (torch.float32, torch.bfloat16):
                 x = torch.randn(rows, k, generator=g).to(dtype)
                 xq = quantize_acts(x)
-                for name, got, w in (
-                    ("int4", ops.int4_gemv(x, packed, sz, group), w4),
-                    ("int8", ops.int8_gemv(x, q8, s8), w8),
-                    ("q8_0", ops.q8_0_gemv(x, q8, d8), w8_0),
-                ):
+                calls = [
+                    ("int4", ops.int4_gemv, (packed, sz, group), w4),
+                    ("int8", ops.int8_gemv, (q8, s8), w8),
+                    ("q8_0", ops.q8_0_gemv, (q8, d8), w8_0),
+                ]
+                if tiled4 is not None:
+                    calls.append(("int4 tiled", ops.int4_gemv, (*tiled4, group), w4))
+                if tiled8 is not None:
+                    calls.append(("q8_0 tiled", ops.q8_0_gemv, tiled8, w8_0))
+                for name, op, weight, w in calls:
+                    got = op(x, *weight)
+                    # Each row of x computes alone as it does in a batch: answers never depend on the batch.
+                    alone = op(x[-1:].contiguous(), *weight)
+                    assert torch.equal(alone, got[-1:]), (name, "batch", k, n, rows)
                     assert got.dtype == dtype and got.shape == (rows, n)
                     scale = xq.abs() @ w.abs().T + 1e-3
                     # Against the quantized activations: float32 summation (and a bf16 output) only.
@@ -119,6 +129,27 @@ def check_int(ops, g: torch.Generator) -> None:  # noqa: ANN001
                         2**-6,
                         (name, "x", k, n, rows),
                     )
+
+
+def tiled_weights(ops, packed, sz, group, q8, d8):  # noqa: ANN001, ANN201
+    """The int4 and Q8_0 weights in this build's tiles (None where it reads rows only, or N does not tile).
+
+    The packing is portable: every build packs, and dequantizes a tiled int4 weight to exactly the row
+    layout's values (checked here with tiles of 8 where the build itself keeps rows)."""
+    n = packed.shape[0]
+    rows4, rows8 = ops.int4_tile_rows(), ops.q8_0_tile_rows()
+    if n % 8 == 0:
+        wt, st = ops.int4_tile_pack(packed, sz, rows4 or 8)
+        assert wt.shape == packed.shape and st.shape == (n // (rows4 or 8), sz.shape[1], 2, rows4 or 8)
+        for dtype in (torch.float32, torch.bfloat16):
+            rows_layout = ops.int4_dequant(packed, sz, group, dtype)
+            assert torch.equal(ops.int4_dequant(wt, st, group, dtype), rows_layout)
+    tiled4 = ops.int4_tile_pack(packed, sz, rows4) if rows4 and n % rows4 == 0 else None
+    tiled8 = ops.q8_0_tile_pack(q8, d8, rows8) if rows8 and n % rows8 == 0 else None
+    if tiled8 is not None:  # the stored bytes are the values + 128, four of a row's bytes at a time
+        values = (tiled8[0].reshape(n // rows8, -1, 8, rows8, 4) ^ 0x80).view(torch.int8)
+        assert torch.equal(values.permute(0, 3, 1, 2, 4).reshape(q8.shape), q8)
+    return tiled4, tiled8
 
 
 def check_attention(ops, g: torch.Generator) -> None:  # noqa: ANN001

@@ -143,28 +143,57 @@ def test_int4_linear_equals_dequantized_matmul(in_features: int, out_features: i
     assert y.shape == (3, 5, out_features)
     assert rel_err(y, reference) <= 4e-3
     assert rel_err(y, fp32(x)) <= 0.085
-    prefill = torch.randn(40, in_features)  # more rows than the int kernels take: dequantize + GEMM
-    want = (prefill if layer.packing == "switchboard" else prefill.bfloat16().float()) @ weight.T
-    assert rel_err(layer(prefill), want + fp32.bias.detach()) <= 4e-3
+    prefill = torch.randn(40, in_features)  # more rows than one kernel call takes: calls of 32 rows
+    if layer.packing == "switchboard":
+        want = kernel_activations(prefill, layer.padded_in_features) @ weight.T
+        got = layer(prefill)
+        assert torch.equal(got[33], layer(prefill[33:34])[0])  # each row as it computes alone
+    else:
+        want, got = prefill.bfloat16().float() @ weight.T, layer(prefill)
+    assert rel_err(got, want + fp32.bias.detach()) <= 4e-3
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["rows", "tiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_q8_0_linear_takes_any_row_count(dtype: Any) -> None:
-    """`BlockQuantLinear` (a tied lm_head over Q8_0 blocks): no rows (a prefill chunk that ends no prompt),
-    one, and more than the kernel's 32 (in 32-row calls), each row as the kernel computes it alone."""
+def test_a_q8_0_linear_takes_any_row_count(dtype: Any, tiled: bool) -> None:
+    """`BlockQuantLinear` (a tied lm_head over Q8_0 blocks), in rows or in this build's tiles: no rows (a
+    prefill chunk that ends no prompt), one, and more than the kernel's 32 (in 32-row calls), each row as the
+    kernel computes it alone."""
     if int_kernel("q8_0_gemv") is None:
         pytest.skip("the C++ kernels did not build here")
+    if tiled and not int_kernel("q8_0_tile_rows")():
+        pytest.skip("this build's q8_0_gemv reads rows only")
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (96, 64), generator=g, dtype=torch.int8)
-    layer = BlockQuantLinear(q, torch.rand(96, 2, generator=g) / 64)
+    scales = torch.rand(96, 2, generator=g) / 64
+    stored = int_kernel("q8_0_tile_pack")(q, scales, int_kernel("q8_0_tile_rows")()) if tiled else (q, scales)
+    layer = BlockQuantLinear(*stored)
     assert layer(torch.empty(0, 64, dtype=dtype)).shape == (0, 96)
     x = torch.randn(70, 64, generator=g).to(dtype)
     y = layer(x)
     assert y.shape == (70, 96) and y.dtype == dtype
     for i in (0, 31, 32, 69):
         assert torch.equal(y[i], layer(x[i : i + 1])[0])
-    w = (q.double().reshape(96, 2, 32) * layer.scales.double()[..., None]).reshape(96, 64)
+    w = (q.double().reshape(96, 2, 32) * scales.double()[..., None]).reshape(96, 64)
     assert rel_err(y, x.double() @ w.T) <= 2**-6
+
+
+def test_a_tiled_q8_0_embedding_looks_up_the_rows_it_held() -> None:
+    """Tiling the table for the lm_head kernel (`BlockQuantEmbedding.tile`) changes no lookup: every row,
+    the last tile's included, and the float table, bit for bit."""
+    from backends.local.engine.model import BlockQuantEmbedding
+
+    if int_kernel("q8_0_tile_pack") is None:
+        pytest.skip("the C++ kernels did not build here")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (64, 96), generator=g, dtype=torch.int8)
+    scales = torch.rand(64, 3, generator=g) / 64
+    rows, tiled = BlockQuantEmbedding(q, scales, torch.float32), BlockQuantEmbedding(q, scales, torch.float32)
+    tiled.tile(int_kernel("q8_0_tile_pack"), 16)
+    assert tiled.q.dtype == torch.uint8 and not torch.equal(tiled.q.view(torch.int8), q)  # reordered
+    tokens = torch.tensor([[0, 15, 16, 63], [17, 17, 48, 1]])
+    assert torch.equal(tiled(tokens), rows(tokens))
+    assert torch.equal(tiled.dequantized(rows_at_a_time=24), rows.dequantized())
 
 
 def test_quantized_layers_take_bf16_and_non_contiguous_inputs() -> None:

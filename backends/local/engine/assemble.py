@@ -192,7 +192,11 @@ class _Build:
             and self.kernels
             and int_kernel("q8_0_gemv") is not None
         ):
-            # an int8 lm_head over the embedding's own Q8_0 blocks: no second copy of the table
+            # an int8 lm_head over the embedding's own Q8_0 blocks: no second copy of the table, tiled
+            # where this build's kernel reads tiles (the embedding's lookups read them too)
+            rows = int_kernel("q8_0_tile_rows")()
+            if rows and embed.num_embeddings % rows == 0:
+                embed.tile(int_kernel("q8_0_tile_pack"), rows)
             shared = BlockQuantLinear(embed.q, embed.scales)
             sized = nn.Linear(
                 meta.in_features, meta.out_features, bias=False, device="meta", dtype=self.dtype

@@ -42,7 +42,7 @@ _HEADERS = ("simd.h", "elementwise_impl.h", "attention_impl.h", "quant_impl.h")
 # what the sources register
 OP_NAMES = (
     "paged_attention", "bf16_gemv", "rms_norm", "rope_write", "int4_gemv", "int8_gemv", "q8_0_gemv",
-    "int4_dequant",
+    "int4_dequant", "int4_tile_rows", "int4_tile_pack", "q8_0_tile_rows", "q8_0_tile_pack",
 )  # fmt: skip
 _LIBRARY = "switchboard_kernels"
 _LIBRARY_FILE = f"{_LIBRARY}.so"  # what torch's builder writes in the build directory

@@ -61,11 +61,27 @@ class BlockQuantEmbedding(nn.Module):
         self.register_buffer("q", q)
         self.register_buffer("scales", scales.float())
 
+    def tile(self, pack: Callable[..., tuple[torch.Tensor, torch.Tensor]], rows: int) -> None:
+        """Store the table as the `q8_0_gemv` kernel's tiles of `rows` rows (`q8_0_tile_pack`: the same values
+        reordered, as unsigned bytes), for a tied lm_head that reads it; lookups read the tiles."""
+        self.q, self.scales = pack(self.q, self.scales, rows)
+        self.tile_rows = rows
+
+    tile_rows = 0  # 0: q (vocab, dim) int8 rows and scales (vocab, dim / BLOCK)
+
+    def _gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `index` of the table as (int8 values (n, dim), float32 scales (n, dim / BLOCK))."""
+        if not self.tile_rows:
+            return self.q.index_select(0, index), self.scales.index_select(0, index)
+        t, r = index // self.tile_rows, index % self.tile_rows
+        # tile t, block b, word j, row r: 4 bytes (quant_impl.h, "Tiled Q8_0"); stored as value ^ 0x80
+        words = self.q.view(-1, self.embedding_dim // self.BLOCK, self.BLOCK // 4, self.tile_rows, 4)
+        q = (words[t, :, :, r, :].reshape(-1, self.embedding_dim) ^ 0x80).view(torch.int8)
+        return q, self.scales[t, :, r]
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
-        return self._rows(self.q.index_select(0, flat), self.scales.index_select(0, flat)).reshape(
-            *tokens.shape, self.embedding_dim
-        )
+        return self._rows(*self._gather(flat)).reshape(*tokens.shape, self.embedding_dim)
 
     def _rows(self, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         n = q.shape[0]
@@ -75,7 +91,7 @@ class BlockQuantEmbedding(nn.Module):
     def dequantized(self, rows_at_a_time: int = 4096) -> torch.Tensor:
         """The whole table in the compute dtype (a tied float lm_head's weight), built in row chunks."""
         parts = [
-            self._rows(self.q[i : i + rows_at_a_time], self.scales[i : i + rows_at_a_time])
+            self._rows(*self._gather(torch.arange(i, min(i + rows_at_a_time, self.num_embeddings))))
             for i in range(0, self.num_embeddings, rows_at_a_time)
         ]
         return torch.cat(parts)

@@ -137,6 +137,15 @@ def _kernel_input(x: Tensor, in_features: int, padded_in_features: int) -> Tenso
     return x2 if x2.is_contiguous() else x2.contiguous()
 
 
+def in_row_chunks(op: Any, x2: Tensor, out_features: int, *weight: Any) -> Tensor:
+    """`op(rows, *weight)` over x2 (M, K) in calls of at most INT_KERNEL_MAX_ROWS rows: each row computes as
+    it would alone, in any batch (no rows: a prefill chunk that ends no prompt asks for no logits)."""
+    if x2.shape[0] <= INT_KERNEL_MAX_ROWS:
+        return op(x2, *weight) if x2.shape[0] else x2.new_empty(0, out_features)
+    parts = [op(x2[i : i + INT_KERNEL_MAX_ROWS], *weight) for i in range(0, x2.shape[0], INT_KERNEL_MAX_ROWS)]
+    return torch.cat(parts)
+
+
 def _kernel_output(out: Tensor, x: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
     """The kernel's (M, N) bf16 result in x's dtype and leading shape, plus the bias."""
     if out.dtype != x.dtype:
@@ -251,7 +260,10 @@ class Int4Linear(nn.Module):
 
     Two packings of the same q, chosen at construction. `switchboard` (when the C++ kernels built): `weight`
     (N, K_padded / 2) uint8 in 32-element blocks and `scales_and_zeros` (N, K_padded / gs, 2), read by
-    `int4_gemv` for up to 32 rows (x quantized per block to int8) and dequantized for the GEMM beyond.
+    `int4_gemv` (x quantized per block to int8) in calls of up to 32 rows at every row count, prefill too
+    (measured: a 512-token chunk 2.4x faster than dequantizing for the GEMM; docs/ENGINE.md); on
+    builds whose `int4_gemv` reads tiles of T rows (x86: T = the vector width), both are stored tiled
+    (`int4_tile_pack`: the same bytes reordered, `scales_and_zeros` (N / T, K_padded / gs, 2, T)).
     `torch`: q packed by `_convert_weight_to_int4pack_for_cpu` in a blocked layout only that kernel reads,
     `scales_and_zeros` (K_padded / gs, N, 2), x cast to bf16. K is zero-padded to a multiple of `group_size`.
     """
@@ -299,8 +311,7 @@ class Int4Linear(nn.Module):
             F.pad(weight, (0, layer.padded_in_features - linear.in_features)), group_size
         )
         if packing == "switchboard":
-            layer.weight.copy_(pack_int4_blocks(q))
-            layer.scales_and_zeros.copy_(scales_and_zeros.transpose(0, 1))
+            layer._set_blocks(pack_int4_blocks(q), scales_and_zeros.transpose(0, 1).contiguous())
         else:
             # The CPU packing ignores inner_k_tiles (every value gives the same bytes); 2 is the CUDA default.
             layer.weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
@@ -322,8 +333,7 @@ class Int4Linear(nn.Module):
         if k != layer.padded_in_features or scales_and_zeros.shape != (n, k // group_size, 2):
             raise ValueError(f"int4 blocks {tuple(packed.shape)} do not make groups of {group_size}")
         if packing == "switchboard":
-            layer.weight.copy_(packed)
-            layer.scales_and_zeros.copy_(scales_and_zeros)
+            layer._set_blocks(packed.contiguous(), scales_and_zeros.to(torch.bfloat16).contiguous())
         else:
             q = unpack_int4_blocks(packed).to(torch.int32)
             layer.weight.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
@@ -332,14 +342,19 @@ class Int4Linear(nn.Module):
             layer.bias.copy_(bias.detach().float())
         return layer
 
+    def _set_blocks(self, packed: Tensor, scales_and_zeros: Tensor) -> None:
+        """Hold row-layout blocks (N, K/2) and scales (N, K/gs, 2): tiled where this build's kernel reads
+        tiles (`int4_tile_pack`)."""
+        rows = int_kernel("int4_tile_rows")()
+        if rows:
+            packed, scales_and_zeros = int_kernel("int4_tile_pack")(packed, scales_and_zeros, rows)
+        self.weight, self.scales_and_zeros = packed, scales_and_zeros
+
     def forward(self, x: Tensor) -> Tensor:
         if self.packing == "switchboard":
             x2 = rows_input(x, self.in_features, self.padded_in_features)
-            if 0 < x2.shape[0] <= INT_KERNEL_MAX_ROWS:
-                out = int_kernel("int4_gemv")(x2, self.weight, self.scales_and_zeros, self.group_size)
-            else:  # prefill: dequantize once, and the GEMM reuses the weight for every row
-                dequant = int_kernel("int4_dequant")
-                out = F.linear(x2, dequant(self.weight, self.scales_and_zeros, self.group_size, x2.dtype))
+            weight = (self.weight, self.scales_and_zeros, self.group_size)
+            out = in_row_chunks(int_kernel("int4_gemv"), x2, self.out_features, *weight)
             return _kernel_output(out, x, self.bias, self.out_features)
         x2 = _kernel_input(x, self.in_features, self.padded_in_features)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -356,7 +371,8 @@ class Int4Linear(nn.Module):
 
 class BlockQuantLinear(nn.Module):
     """y = x @ W.T with W a GGUF Q8_0 table: int8 `q` (N, K) and a float32 scale per 32 columns of a row
-    (`scales`, (N, K / 32)), read by the `q8_0_gemv` kernel 32 rows of x at a time. A tied `lm_head` built
+    (`scales`, (N, K / 32)), or the same tiled (`q8_0_tile_pack`), read by the `q8_0_gemv` kernel 32 rows of
+    x at a time. A tied `lm_head` built
     over the `BlockQuantEmbedding`'s own tensors (`assemble_model`): one copy of the table where an
     `Int8Linear` made from it was a second (SmolLM2: 27 MB), and the GGUF's block scales where that
     re-quantized per row. CPU, with the C++ kernels; no bias."""
@@ -366,22 +382,21 @@ class BlockQuantLinear(nn.Module):
 
     def __init__(self, q: Tensor, scales: Tensor) -> None:
         super().__init__()
-        if q.dtype != torch.int8 or scales.dtype != torch.float32 or scales.shape[-1] * 32 != q.shape[-1]:
-            raise ValueError("BlockQuantLinear takes int8 q (N, K) and float32 scales (N, K / 32)")
+        tiled = q.dtype == torch.uint8 and scales.dim() == 3 and scales.shape[1] * 32 == q.shape[-1]
+        rows = q.dtype == torch.int8 and scales.dim() == 2 and scales.shape[-1] * 32 == q.shape[-1]
+        if scales.dtype != torch.float32 or not (tiled or rows):
+            raise ValueError(
+                "BlockQuantLinear takes int8 q (N, K) and float32 scales (N, K / 32), or their tiles "
+                "(`q8_0_tile_pack`)"
+            )
         self.out_features, self.in_features = q.shape
         self.register_buffer("q", q)
         self.register_buffer("scales", scales)
 
     def forward(self, x: Tensor) -> Tensor:
-        op = int_kernel("q8_0_gemv")
         x2 = rows_input(x, self.in_features, self.in_features)
-        parts = [
-            op(x2[i : i + INT_KERNEL_MAX_ROWS], self.q, self.scales)
-            for i in range(0, x2.shape[0], INT_KERNEL_MAX_ROWS)
-        ]
-        if not parts:  # no rows: a prefill chunk that ends no prompt asks for no logits
-            return x.new_empty(*x.shape[:-1], self.out_features)
-        return _kernel_output(parts[0] if len(parts) == 1 else torch.cat(parts), x, None, self.out_features)
+        out = in_row_chunks(int_kernel("q8_0_gemv"), x2, self.out_features, self.q, self.scales)
+        return _kernel_output(out, x, None, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 blocks of 32"

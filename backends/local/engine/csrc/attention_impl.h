@@ -25,6 +25,26 @@ struct PagedLayout {
   }
 };
 
+// Positions 0, 1, 2, ... of one sequence's head in the paged cache, in order, without a division per key.
+template <typename T>
+struct PagedCursor {
+  const T* base;
+  const int64_t* table;
+  const PagedLayout& lay;
+  int64_t head_offset, block = 0, offset = 0;
+  const T* at = base + table[0] * lay.block_stride + head_offset;
+  const T* next() {  // the next position's row (a block's entry is read when its first position is)
+    if (offset == lay.block_size) {
+      offset = 0;
+      at = base + table[++block] * lay.block_stride + head_offset;
+    }
+    const T* row = at;
+    at += lay.pos_stride;
+    ++offset;
+    return row;
+  }
+};
+
 inline bool attend_vec_fits(int64_t head_dim, int64_t n_rep) {
   return head_dim % W == 0 && head_dim / W <= kMaxChunks && n_rep <= kMaxRep;
 }
@@ -41,8 +61,9 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* 
   scores.resize(n_rep * padded);
   float best[kMaxRep];
   for (int64_t r = 0; r < n_rep; ++r) best[r] = -std::numeric_limits<float>::infinity();
+  PagedCursor<C> keys{k_ptr, table, lay, kvh * head_dim};
   for (int64_t pos = 0; pos < n_keys; ++pos) {
-    const C* key = lay.row(k_ptr, table, pos, kvh, head_dim);
+    const C* key = keys.next();
     vf kv[kMaxChunks];
     for (int64_t c = 0; c < chunks; ++c) kv[c] = vload(key + c * W);
     for (int64_t r = 0; r < n_rep; ++r) {
@@ -69,8 +90,9 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* 
   vf acc[kMaxRep][kMaxChunks];
   for (int64_t r = 0; r < n_rep; ++r)
     for (int64_t c = 0; c < chunks; ++c) acc[r][c] = vzero();
+  PagedCursor<C> values{v_ptr, table, lay, kvh * head_dim};
   for (int64_t pos = 0; pos < n_keys; ++pos) {
-    const C* value = lay.row(v_ptr, table, pos, kvh, head_dim);
+    const C* value = values.next();
     vf vv[kMaxChunks];
     for (int64_t c = 0; c < chunks; ++c) vv[c] = vload(value + c * W);
     for (int64_t r = 0; r < n_rep; ++r) {

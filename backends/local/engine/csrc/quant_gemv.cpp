@@ -2,16 +2,25 @@
 //
 // torch.ops.switchboard.int4_gemv(x, qweight, scales_zeros, group_size) -> y
 //   x            (M, K) float32 or bfloat16, contiguous, K % group_size == 0, group_size % 32 == 0
-//   qweight      (N, K/2) uint8: per row, blocks of 32 elements in 16 bytes (quant_impl.h)
-//   scales_zeros (N, K/group_size, 2) bfloat16: weight = (q - 8) * scale + zero
+//   qweight      (N, K/2) uint8: per row, blocks of 32 elements in 16 bytes (quant_impl.h), or tiled
+//   scales_zeros (N, K/group_size, 2) bfloat16: weight = (q - 8) * scale + zero; or, tiled,
+//                (N/T, K/group_size, 2, T) from int4_tile_pack
+// torch.ops.switchboard.int4_tile_rows() -> T: the tile height int4_gemv is fastest with on this build (the
+//   vector width on x86: 16 with AVX-512, 8 with AVX2), 0 where it keeps the row layout (NEON, scalar)
+// torch.ops.switchboard.int4_tile_pack(qweight, scales_zeros, rows) -> (qweight, scales_zeros), tiled: the same
+//   bytes and scales, reordered (quant_impl.h, "Tiled int4"); N % rows == 0
 // torch.ops.switchboard.int8_gemv(x, qweight, scales) -> y
 //   qweight (N, K) int8, K % 32 == 0; scales (N,) bfloat16: weight = q * scale
 // torch.ops.switchboard.q8_0_gemv(x, qweight, scales) -> y
-//   qweight (N, K) int8, K % 32 == 0; scales (N, K/32) float32: weight = q * scale per 32-block (GGUF Q8_0)
-// torch.ops.switchboard.int4_dequant(qweight, scales_zeros, group_size, dtype) -> (N, K) weight, for the GEMM
-//   that takes larger row counts (prefill), where the weight is reused by every row.
+//   qweight (N, K) int8, K % 32 == 0; scales (N, K/32) float32: weight = q * scale per 32-block (GGUF Q8_0);
+//   or tiled: qweight (N, K) uint8 and scales (N/T, K/32, T) from q8_0_tile_pack
+// torch.ops.switchboard.q8_0_tile_rows() -> T, q8_0_tile_pack(q, scales, rows) -> (qweight, scales): as int4's,
+//   for Q8_0 (x86 with VNNI or AVX2; quant_impl.h, "Tiled Q8_0")
+// torch.ops.switchboard.int4_dequant(qweight, scales_zeros, group_size, dtype) -> (N, K) weight, either layout:
+//   the values int4_gemv multiplies by, for checks and tools (the engine's layers call int4_gemv at every row
+//   count, in 32-row calls).
 // y is (M, N) in x's dtype. x is quantized per 32-block to int8 once per call (quant_impl.h); the weight is
-// streamed once for all rows, split over torch's threads by output rows.
+// streamed once for all rows, split over torch's threads by output rows (by tiles when tiled).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +28,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "quant_impl.h"
@@ -61,19 +72,48 @@ at::Tensor with_types(const at::Tensor& x, int64_t n, Body&& body) {
   return y;
 }
 
+// The tile height of a tiled scales_zeros (N/T, G, 2, T), 0 for the row layout (N, G, 2); checks either.
+int64_t check_int4(const at::Tensor& qweight, const at::Tensor& sz, int64_t group) {
+  const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.dim() == 2,
+              "qweight must be a contiguous (N, K/2) uint8 tensor");
+  TORCH_CHECK(group > 0 && group % sb::QK == 0 && k % group == 0, "group_size must be a multiple of 32 dividing K");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous(), "scales_zeros must be contiguous bfloat16");
+  if (sz.dim() == 4) {
+    const int64_t t = sz.size(3);
+    TORCH_CHECK(t > 0 && n % t == 0 && sz.size(0) == n / t && sz.size(1) == k / group && sz.size(2) == 2,
+                "tiled scales_zeros must be (N/T, K/group_size, 2, T), as int4_tile_pack makes them");
+    return t;
+  }
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == n && sz.size(1) == k / group && sz.size(2) == 2,
+              "scales_zeros must be a (N, K/group_size, 2) bfloat16 tensor");
+  return 0;
+}
+
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sz, int64_t group) {
   const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
   check_x(x, k);
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "qweight must be contiguous uint8");
-  TORCH_CHECK(group % sb::QK == 0 && k % group == 0, "group_size must be a multiple of 32 dividing K");
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == n &&
-                  sz.size(1) == k / group && sz.size(2) == 2,
-              "scales_zeros must be a contiguous (N, K/group_size, 2) bfloat16 tensor");
+  const int64_t tile = check_int4(qweight, sz, group);
+  TORCH_CHECK(tile == 0 || tile == sb::TILE, "a weight tiled by ", tile, " rows; this build's int4_gemv reads ",
+              sb::TILE ? "tiles of " + std::to_string(sb::TILE) + " rows" : std::string("the row layout only"));
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
   const bf16* sp = reinterpret_cast<const bf16*>(sz.data_ptr<c10::BFloat16>());
   return with_types(x, n, [&](const auto* xp, auto* yp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     const Acts<T> acts(xp, x.size(0), k);
+#if defined(SB_AVX512) || defined(SB_AVX2)
+    if (tile) {
+      const int64_t tile_bytes = tile * k / 2, tile_scales = tile * 2 * (k / group);
+      at::parallel_for(0, n / tile, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t)
+          sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) {
+            sb::int4_tile<decltype(mc)::value, T>(acts.view, m0, qp + t * tile_bytes, sp + t * tile_scales,
+                                                  group / sb::QK, yp, n, t * tile);
+          });
+      });
+      return;
+    }
+#endif
     // Grain 16 rows: a 576-wide layer's 16 rows are 4.6 KB of int4; the 3072-row gate/up splits evenly.
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) {
@@ -112,6 +152,30 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 }
 
 at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  if (scales.dim() == 3) {  // tiled (q8_0_tile_pack)
+    const int64_t n = qweight.size(0), k = qweight.size(1), tile = scales.size(2);
+    check_x(x, k);
+    TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "tiled qweight must be contiguous uint8");
+    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && tile > 0 && n % tile == 0 &&
+                    scales.size(0) == n / tile && scales.size(1) == k / sb::QK,
+                "tiled scales must be a contiguous (N/T, K/32, T) float32 tensor, as q8_0_tile_pack makes them");
+    TORCH_CHECK(tile == sb::Q8_TILE, "a Q8_0 weight tiled by ", tile, " rows; this build reads ", sb::Q8_TILE);
+#if defined(SB_TILE_VNNI) || defined(SB_AVX2)
+    const uint8_t* qp = qweight.data_ptr<uint8_t>();
+    const float* sp = scales.data_ptr<float>();
+    return with_types(x, n, [&](const auto* xp, auto* yp) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+      const Acts<T> acts(xp, x.size(0), k);
+      at::parallel_for(0, n / tile, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t)
+          sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) {
+            sb::q8_0_tile<decltype(mc)::value, T>(acts.view, m0, qp + t * tile * k, sp + t * tile * (k / sb::QK),
+                                                  yp, n, t * tile);
+          });
+      });
+    });
+#endif
+  }
   check_int8_weight(x, qweight);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
                   scales.size(0) == qweight.size(0) && scales.size(1) == qweight.size(1) / sb::QK,
@@ -120,9 +184,7 @@ at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 }
 
 at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& sz, int64_t group, at::ScalarType dtype) {
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && sz.is_contiguous() &&
-                  sz.scalar_type() == at::kBFloat16,
-              "qweight must be contiguous uint8 and scales_zeros contiguous bfloat16");
+  const int64_t tile = check_int4(qweight, sz, group);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype must be float32 or bfloat16");
   const int64_t n = qweight.size(0), k = qweight.size(1) * 2, groups = k / group;
   at::Tensor w = at::empty({n, k}, qweight.options().dtype(dtype));
@@ -130,12 +192,24 @@ at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& sz, int64_t
   const bf16* sp = reinterpret_cast<const bf16*>(sz.data_ptr<c10::BFloat16>());
   auto fill = [&](auto* wp) {
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      uint8_t block[16];
       for (int64_t row = begin; row < end; ++row)
         for (int64_t b = 0; b < k / sb::QK; ++b) {
           const int64_t g = b * sb::QK / group;
-          const float scale = sb::widen(sp[(row * groups + g) * 2]);
-          const float offset = sb::widen(sp[(row * groups + g) * 2 + 1]) - 8.f * scale;
-          sb::dequant_block(qp + row * (k / 2) + b * 16, scale, offset, wp + row * k + b * sb::QK);
+          const uint8_t* src = qp + row * (k / 2) + b * 16;
+          const bf16* s = sp + (row * groups + g) * 2;  // scale, zero
+          int64_t stride = 1;
+          if (tile) {  // row's block: 4-byte words 4 * tile bytes apart; its scale and zero tile apart
+            const int64_t t = row / tile, r = row % tile;
+            const uint8_t* words = qp + t * tile * (k / 2) + b * tile * 16 + r * 4;
+            for (int j = 0; j < 4; ++j) std::memcpy(block + 4 * j, words + j * tile * 4, 4);
+            src = block;
+            s = sp + (t * groups + g) * 2 * tile + r;
+            stride = tile;
+          }
+          const float scale = sb::widen(s[0]);
+          const float offset = sb::widen(s[stride]) - 8.f * scale;
+          sb::dequant_block(src, scale, offset, wp + row * k + b * sb::QK);
         }
     });
   };
@@ -145,6 +219,61 @@ at::Tensor int4_dequant(const at::Tensor& qweight, const at::Tensor& sz, int64_t
     fill(reinterpret_cast<bf16*>(w.data_ptr<c10::BFloat16>()));
   }
   return w;
+}
+
+int64_t int4_tile_rows() { return sb::TILE; }
+int64_t q8_0_tile_rows() { return sb::Q8_TILE; }
+
+std::tuple<at::Tensor, at::Tensor> q8_0_tile_pack(const at::Tensor& q, const at::Tensor& scales, int64_t rows) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2 && q.size(1) % sb::QK == 0,
+              "q must be a contiguous (N, K) int8 tensor, K % 32 == 0");
+  TORCH_CHECK(rows > 0 && q.size(0) % rows == 0, "rows must divide N");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == q.size(0) && scales.size(1) == q.size(1) / sb::QK,
+              "scales must be a contiguous (N, K/32) float32 tensor");
+  const int64_t n = q.size(0), k = q.size(1), blocks = k / sb::QK;
+  at::Tensor wt = at::empty({n, k}, q.options().dtype(at::kByte));
+  at::Tensor st = at::empty({n / rows, blocks, rows}, scales.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  uint8_t* wp = wt.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* tp = st.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row / rows, r = row % rows;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t i = 0; i < sb::QK; ++i)  // word i / 4, byte i % 4
+          wp[t * rows * k + (b * 8 + i / 4) * rows * 4 + r * 4 + i % 4] =
+              static_cast<uint8_t>(qp[row * k + b * sb::QK + i]) ^ 0x80;
+        tp[(t * blocks + b) * rows + r] = sp[row * blocks + b];
+      }
+    }
+  });
+  return {wt, st};
+}
+
+std::tuple<at::Tensor, at::Tensor> int4_tile_pack(const at::Tensor& qweight, const at::Tensor& sz, int64_t rows) {
+  TORCH_CHECK(rows > 0 && rows % 4 == 0 && qweight.dim() == 2 && qweight.size(0) % rows == 0,
+              "rows must be a positive multiple of 4 dividing N");
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == qweight.size(0) && sz.size(2) == 2,
+              "scales_zeros must be (N, K/group_size, 2), the row layout");
+  const int64_t n = qweight.size(0), k = qweight.size(1) * 2, groups = sz.size(1);
+  check_int4(qweight, sz, k / groups);
+  at::Tensor wt = at::empty(qweight.sizes(), qweight.options());
+  at::Tensor st = at::empty({n / rows, groups, 2, rows}, sz.options());
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  uint8_t* wp = wt.data_ptr<uint8_t>();
+  const c10::BFloat16* sp = sz.data_ptr<c10::BFloat16>();
+  c10::BFloat16* tp = st.data_ptr<c10::BFloat16>();
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t t = row / rows, r = row % rows;
+    for (int64_t b = 0; b < k / sb::QK; ++b)
+      for (int j = 0; j < 4; ++j)
+        std::memcpy(wp + t * rows * (k / 2) + (b * 4 + j) * rows * 4 + r * 4, qp + row * (k / 2) + b * 16 + j * 4, 4);
+    for (int64_t g = 0; g < groups; ++g)
+      for (int i = 0; i < 2; ++i) tp[((t * groups + g) * 2 + i) * rows + r] = sp[(row * groups + g) * 2 + i];
+  }
+  return {wt, st};
 }
 
 }  // namespace
@@ -158,4 +287,10 @@ TORCH_LIBRARY_FRAGMENT(switchboard, m) {
   m.impl("q8_0_gemv", c10::DispatchKey::CPU, TORCH_FN(q8_0_gemv));
   m.def("int4_dequant(Tensor qweight, Tensor scales_zeros, int group_size, ScalarType dtype) -> Tensor");
   m.impl("int4_dequant", c10::DispatchKey::CPU, TORCH_FN(int4_dequant));
+  m.def("int4_tile_rows() -> int", &int4_tile_rows);
+  m.def("int4_tile_pack(Tensor qweight, Tensor scales_zeros, int rows) -> (Tensor, Tensor)");
+  m.def("q8_0_tile_rows() -> int", &q8_0_tile_rows);
+  m.def("q8_0_tile_pack(Tensor q, Tensor scales, int rows) -> (Tensor, Tensor)");
+  m.impl("q8_0_tile_pack", c10::DispatchKey::CPU, TORCH_FN(q8_0_tile_pack));
+  m.impl("int4_tile_pack", c10::DispatchKey::CPU, TORCH_FN(int4_tile_pack));
 }

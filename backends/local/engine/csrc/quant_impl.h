@@ -181,6 +181,148 @@ inline int64_t int4_g32_x86(const QuantActs& a, int64_t m0, const uint8_t* wrow,
 }
 #endif
 
+// Tiled int4 (x86): TILE = W weight rows at a time, one per int32 lane of a vector. `int4_tile_pack` lays the
+// rows out so that a block's values of all TILE rows are 4 vectors: per 32-block b, word j (0..3) of the tile
+// holds bytes 4j..4j+3 of each row's block (values 4j.. in the low nibbles, 16+4j.. in the high ones), row r in
+// lane r. Each row of x meets them with its 4-byte groups broadcast, so one integer dot instruction serves TILE
+// weight rows, and a block costs one conversion and two FMAs per row of x for all of them (the row layout pays
+// a conversion, a permute and an FMA per weight row and block). Scales tiled alike: (N/TILE, G, 2, TILE) bf16.
+#if defined(SB_AVX512) || defined(SB_AVX2)
+constexpr int64_t TILE = W;
+#if defined(SB_AVX512)
+using vi = __m512i;
+inline vi iload(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline vi inibbles(vi raw, int shift) { return _mm512_and_si512(_mm512_srli_epi16(raw, shift), _mm512_set1_epi8(0x0F)); }
+inline vi ibcast(int32_t v) { return _mm512_set1_epi32(v); }
+inline vf itof(vi v) { return _mm512_cvtepi32_ps(v); }
+inline vi izero() { return _mm512_setzero_si512(); }
+inline vi iadd32(vi a, vi b) { return _mm512_add_epi32(a, b); }
+inline vi iadd16(vi a, vi b) { return _mm512_add_epi16(a, b); }
+inline vi imaddubs(vi u, vi s) { return _mm512_maddubs_epi16(u, s); }
+inline vi ipairs(vi t) { return _mm512_madd_epi16(t, _mm512_set1_epi16(1)); }
+#if defined(__AVX512VNNI__)
+#define SB_TILE_VNNI 1
+inline vi idot(vi acc, vi u, vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
+#endif
+#else
+using vi = __m256i;
+inline vi iload(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vi inibbles(vi raw, int shift) { return _mm256_and_si256(_mm256_srli_epi16(raw, shift), _mm256_set1_epi8(0x0F)); }
+inline vi ibcast(int32_t v) { return _mm256_set1_epi32(v); }
+inline vf itof(vi v) { return _mm256_cvtepi32_ps(v); }
+inline vi izero() { return _mm256_setzero_si256(); }
+inline vi iadd32(vi a, vi b) { return _mm256_add_epi32(a, b); }
+inline vi iadd16(vi a, vi b) { return _mm256_add_epi16(a, b); }
+inline vi imaddubs(vi u, vi s) { return _mm256_maddubs_epi16(u, s); }
+inline vi ipairs(vi t) { return _mm256_madd_epi16(t, _mm256_set1_epi16(1)); }
+#endif
+
+inline vi bcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, sizeof(v));
+  return ibcast(v);
+}
+
+// One block of a tile (w: its 8 nibble vectors, low quads then high) against 32 int8 values of x: the TILE
+// rows' integer dot products, lane r for row r.
+inline vi tile_dot(const vi* w, const int8_t* x) {
+#if defined(SB_TILE_VNNI)
+  vi lo = idot(izero(), w[0], bcast4(x)), hi = idot(izero(), w[4], bcast4(x + 16));
+  for (int j = 1; j < 4; ++j) {
+    lo = idot(lo, w[j], bcast4(x + 4 * j));
+    hi = idot(hi, w[4 + j], bcast4(x + 16 + 4 * j));
+  }
+  return iadd32(lo, hi);
+#else
+  // int16 pair sums: each |q x + q' x'| <= 2 * 15 * 127, so eight of them fit (30480 < 32767).
+  vi t = imaddubs(w[0], bcast4(x));
+  for (int j = 1; j < 8; ++j) t = iadd16(t, imaddubs(w[j], bcast4(x + 4 * (j % 4) + 16 * (j / 4))));
+  return ipairs(t);
+#endif
+}
+
+// y[m, row0 .. row0 + TILE) for MC rows of x from m0; wt and st: the tile's bytes and scales.
+template <int MC, typename T>
+inline void int4_tile(const QuantActs& a, int64_t m0, const uint8_t* wt, const bf16* st, int64_t per_group, T* y,
+                      int64_t n, int64_t row0) {
+  const int64_t k = a.k, blocks = k / QK;
+  vf acc[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = vzero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const bf16* sg = st + (b / per_group) * 2 * TILE;
+    const vf scale = vload(sg), offset = vsub(vload(sg + TILE), vmul(vset(8.f), scale));
+    vi w[8];
+    for (int j = 0; j < 4; ++j) {
+      const vi raw = iload(wt + (b * 4 + j) * TILE * 4);
+      w[j] = inibbles(raw, 0);
+      w[4 + j] = inibbles(raw, 4);
+    }
+    for (int m = 0; m < MC; ++m) {
+      const int64_t xm = (m0 + m) * blocks + b;
+      const vf dot = itof(tile_dot(w, a.q + (m0 + m) * k + b * QK));
+      acc[m] = vfma(dot, vmul(scale, vset(a.d[xm])), acc[m]);
+      acc[m] = vfma(offset, vset(a.s[xm]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MC; ++m) vstore(y + (m0 + m) * n + row0, acc[m]);
+}
+#else
+constexpr int64_t TILE = 0;  // the row layout only
+#endif
+
+// Tiled Q8_0 (GGUF's int8 blocks with a float32 scale each), for the tied lm_head: per 32-block b, word j
+// (0..7) of the tile holds bytes 4j..4j+3 of each row's block, row r in lane r, stored as w ^ 0x80 (w + 128,
+// unsigned); scales (N/TILE, K/32, TILE) float32. With VNNI the unsigned weights meet x's signed bytes in one
+// instruction and the +128 comes off with x's block sum (QuantActs::s), as int4's -8 does; without it the
+// weight's sign moves onto x (AVX2's maddubs takes one unsigned operand) and the products are exact.
+#if defined(SB_TILE_VNNI) || defined(SB_AVX2)
+constexpr int64_t Q8_TILE = TILE;
+
+template <int MC, typename T>
+inline void q8_0_tile(const QuantActs& a, int64_t m0, const uint8_t* wt, const float* st, T* y, int64_t n,
+                      int64_t row0) {
+  const int64_t k = a.k, blocks = k / QK;
+  vf acc[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = vzero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const vf scale = vload(st + b * TILE);
+    vi w[8];
+    for (int j = 0; j < 8; ++j) w[j] = iload(wt + (b * 8 + j) * TILE * 4);
+#if defined(SB_TILE_VNNI)
+    const vf offset = vmul(vset(-128.f), scale);
+    for (int m = 0; m < MC; ++m) {
+      const int64_t xm = (m0 + m) * blocks + b;
+      const int8_t* x = a.q + (m0 + m) * k + b * QK;
+      vi lo = idot(izero(), w[0], bcast4(x)), hi = idot(izero(), w[4], bcast4(x + 16));
+      for (int j = 1; j < 4; ++j) {
+        lo = idot(lo, w[j], bcast4(x + 4 * j));
+        hi = idot(hi, w[4 + j], bcast4(x + 16 + 4 * j));
+      }
+      acc[m] = vfma(itof(iadd32(lo, hi)), vmul(scale, vset(a.d[xm])), acc[m]);
+      acc[m] = vfma(offset, vset(a.s[xm]), acc[m]);
+    }
+#else
+    vi mag[8];
+    for (int j = 0; j < 8; ++j) {
+      w[j] = _mm256_xor_si256(w[j], _mm256_set1_epi8(static_cast<char>(0x80)));  // back to signed
+      mag[j] = _mm256_abs_epi8(w[j]);
+    }
+    for (int m = 0; m < MC; ++m) {
+      const int64_t xm = (m0 + m) * blocks + b;
+      const int8_t* x = a.q + (m0 + m) * k + b * QK;
+      vi sum = izero();
+      for (int j = 0; j < 8; ++j)  // |w| * (x with w's sign): each int16 pair sum <= 2 * 127 * 127
+        sum = iadd32(sum, ipairs(imaddubs(mag[j], _mm256_sign_epi8(bcast4(x + 4 * j), w[j]))));
+      acc[m] = vfma(itof(sum), vmul(scale, vset(a.d[xm])), acc[m]);
+    }
+#endif
+  }
+  for (int m = 0; m < MC; ++m) vstore(y + (m0 + m) * n + row0, acc[m]);
+}
+#else
+constexpr int64_t Q8_TILE = 0;
+#endif
+
 // y[m, row] = x[m] . dequant(W[row]) for rows [begin, end) and MC rows of x starting at m0; y row stride n.
 // Two blocks per iteration into separate accumulators: one chain of dependent FMAs per block would bound the
 // loop by the FMA latency, not by the weight stream.
@@ -258,7 +400,8 @@ inline void dequant_block(const uint8_t* src, float scale, float offset, T* dst)
   }
 }
 
-// Dispatch M rows in register-sized chunks of up to 4.
+// Dispatch M rows in register-sized chunks of up to 4 (8, tried for the tiled kernels with AVX-512's 32
+// registers, was slower: docs/ENGINE.md).
 template <typename T, typename Rows>
 inline void by_row_chunks(int64_t m_rows, Rows&& rows) {
   int64_t m0 = 0;
