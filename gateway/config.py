@@ -123,7 +123,8 @@ class CapacityConfig(_Strict):
     prefill_tokens_per_s (prompt tokens/s, e.g. 165) makes predicted TTFT grow with the prompts ahead and
     the request's own; 0: prompt length is not modelled. The reserve for must-stay traffic (requests whose
     privacy floor forbids the cloud): reserve_slots slots that requests able to overflow leave free, and
-    reserve_ttft_ms: such requests go here only while their predicted TTFT is at most this."""
+    reserve_ttft_ms: such requests go here only while their predicted TTFT is at most this (or, for a longer
+    prompt, while the queue ahead of it is, and most of the tier's boxes keep that room without this one)."""
 
     tokens_per_s: list[tuple[float, float]] = Field(min_length=1)
     ttft_ms: list[tuple[float, float]] = Field(default_factory=list)

@@ -8,7 +8,7 @@ the live load (gateway in-flight count and pending prompt tokens, engine /metric
 into the terms of a latency prediction that is linear in the request's prompt and output tokens. A curve
 may keep a reserve for must-stay traffic (requests whose privacy floor forbids the cloud): requests that
 could overflow use only the unreserved slots, and only while their predicted TTFT is within the reserve's
-bound (`routing.placement.by_slo`). The ledger's
+bound (past it, only on a box the tier can spare: `routing.placement.by_slo`). The ledger's
 chargeback figure (`owned_share_micro_usd`) uses the same busy-time arithmetic as the savings report.
 Pure: no I/O, no clock.
 """
@@ -39,7 +39,9 @@ class Capacity:
     the wait for a slot, when longer). 0: prompt length is not modelled (the measured TTFT stands in).
     The reserve for must-stay traffic, honoured by requests that could go to the cloud instead:
     `reserve_slots` slots they leave free, and `reserve_ttft_ms`: they are placed here only while their
-    predicted TTFT is at most this, so a must-stay request arriving next finds a short prefill queue.
+    predicted TTFT is at most this, so a must-stay request arriving next finds a short prefill queue; or, for
+    a prompt whose own prefill takes it past this, while the queue ahead of it is and most of the tier's
+    boxes keep such room without this one (`routing.placement.by_slo`).
     `kv_cache_tokens`: the engine's KV cache in tokens, which its prefix cache shares with running requests;
     > 0 lets routing judge whether a conversation's earlier turns can still be cached there (`holds_prefix`).
     """

@@ -6,20 +6,23 @@ those predicted to miss it, the closest to meeting it first: a request that may 
 capacity rather than overflow. A request that could be served on a less private tier than an owned box's (the
 cloud; for an edge node, the engines too) meets the SLO on that box only outside its reserve for the traffic
 that needs its tier (`Capacity.reserve_*`): a free unreserved slot, and a predicted TTFT within the reserve's
-bound. `by_affinity`: with a prefix key, the owned replicas that tie for first place (same kind as the best-
-ranked one: engine replicas, or edge nodes; same requested-order position and marginal cost, SLO met, or all
-missing it when none meets it) are reordered by rendezvous hashing of the key, skipping a replica with more
-than `affinity_max_waiting` requests waiting for a slot. For a later turn whose previous one went to an owned
-replica (`RouteRequest.prefix_tokens`, `prefix_holder`) and where the prediction models prefill (a
-`capacity.prefill_tokens_per_s`), the rest are then ordered by predicted TTFT, rendezvous order on ties: the
-holder's prediction counts only the prompt its prefix cache lacks (`routing.scoring`), so the conversation
-stays there unless another replica would still answer sooner (other requests spill by the waiting limit
-alone). Pure and deterministic: every gateway replica places a prefix on the same engine."""
+bound, or, for a prompt that takes the box past that bound, a queue ahead of it within the bound while most
+of the tier's boxes would still have room (a must-stay request arriving next finds a short queue on one of
+them, and a long prompt does not overflow from an idle fleet). `by_affinity`: with a prefix key, the owned
+replicas that tie for first place (same kind as the best-ranked one: engine replicas, or edge nodes; same
+requested-order position and marginal cost, SLO met, or all missing it when none meets it) are reordered
+by rendezvous hashing of the key, skipping a replica with more than `affinity_max_waiting` requests waiting
+for a slot. For a later turn whose previous one went to an owned replica (`RouteRequest.prefix_tokens`,
+`prefix_holder`) and where the prediction models prefill (a `capacity.prefill_tokens_per_s`), the rest are
+then ordered by predicted TTFT, rendezvous order on ties: the holder's prediction counts only the prompt its
+prefix cache lacks (`routing.scoring`), so the conversation stays there unless another replica would still
+answer sooner (other requests spill by the waiting limit alone). Pure and deterministic: every gateway
+replica places a prefix on the same engine."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -80,21 +83,28 @@ def by_slo(
     edge node's reserve also the engines'), so each private tier is kept for the traffic that needs it.
     `tails`: id -> `ttft_tail_factor` where above 1: the SLO is a p95, so a deployment whose measured
     TTFTs run later than predicted (a queue the load figures do not show, an evicted prefix) is judged by
-    its predicted TTFT x that factor, here and against the reserve's bound."""
+    its predicted TTFT x that factor, here and against the reserve's bound. A request whose predicted TTFT
+    passes the bound (its own prompt, mostly) may still take a box whose queue ahead of it is within the
+    bound while, without that box, most of its tier's boxes keep room (`_tiers_to_spare`)."""
     max_ttft = math.inf if policy.slo_p95_ttft_ms is None else policy.slo_p95_ttft_ms
     max_e2e = math.inf if policy.slo_p95_e2e_ms is None else policy.slo_p95_e2e_ms
     get = owned.get
     tail_of = (tails or {}).get
     met: list[ScoredCandidate] = []
     missed: list[tuple[float, ScoredCandidate]] = []
+    spare: set[int] | None = None  # built on first need: most boxes keep room without one (privacy ranks)
     for c in ranked:
         tail = tail_of(c.deployment_id, 1.0)
         ttft = c.ttft_ms * tail
         e = get(c.deployment_id)
         # Where nothing eligible is less private than the box, its reserve is for requests like this one.
-        reserved = (
-            e is not None and e.privacy_rank < loosest_rank and (not e.unreserved or ttft > e.reserve_ttft_ms)
-        )
+        reserved = False
+        if e is not None and e.privacy_rank < loosest_rank:
+            reserved = not e.unreserved
+            if not reserved and ttft > e.reserve_ttft_ms:  # past the bound: only a box the tier can spare
+                if spare is None:
+                    spare = _tiers_to_spare(owned, loosest_rank, tail_of)
+                reserved = e.privacy_rank not in spare or not _has_room(e, tail)
         if ttft <= max_ttft and c.latency_ms <= max_e2e and not reserved:
             met.append(c)
         else:
@@ -106,6 +116,27 @@ def by_slo(
     if ranked and ranked[-1].order_position:  # some request `order` applies: it stays outermost
         out.sort(key=_POSITION)
     return out
+
+
+def _has_room(e: Entry, tail: float) -> bool:
+    """Whether a must-stay request arriving now finds room on the box: a free slot outside the reserve
+    and the queue ahead of its own prompt (x the box's measured lateness) within the reserve's bound."""
+    return e.unreserved and e.ttft_base_ms * tail <= e.reserve_ttft_ms
+
+
+def _tiers_to_spare(
+    owned: Mapping[str, Entry], loosest_rank: int, tail_of: Callable[[str, float], float]
+) -> set[int]:
+    """The privacy ranks (of owned boxes more private than `loosest_rank`) where, with one of the boxes
+    that have room taken, more than half of the tier's boxes still have room."""
+    boxes: dict[int, int] = {}
+    roomy: dict[int, int] = {}
+    for e in owned.values():
+        if e.privacy_rank < loosest_rank:
+            boxes[e.privacy_rank] = boxes.get(e.privacy_rank, 0) + 1
+            if _has_room(e, tail_of(e.deployment_id, 1.0)):
+                roomy[e.privacy_rank] = roomy.get(e.privacy_rank, 0) + 1
+    return {rank for rank, n in roomy.items() if 2 * (n - 1) > boxes[rank]}
 
 
 def _first(pair: tuple[float, ScoredCandidate]) -> float:

@@ -211,3 +211,44 @@ def test_affinity_spills_by_predicted_ttft_not_by_the_queue() -> None:
     # Without a cached-prefix estimate the prediction cannot see the cache: the queue rule alone applies.
     first_turn = choose(_turn(key), _replicas({fav: 1600}), SLO, now_s=0)
     assert first_turn.candidates[0].backend == fav
+
+
+# ---- a prompt longer than the reserve's bound, on a fleet with room ----------------------------------------
+
+
+def _fleet(*pending: int) -> RoutingSnapshot:
+    """Reserved boxes b0, b1, ... with these prompt tokens pending (0: idle), and the cloud."""
+    pairs = []
+    for i, tokens in enumerate(pending):
+        spec, stats = box(RESERVED, in_flight=1 if tokens else 0, pending=tokens)
+        pairs.append((dataclasses.replace(spec, deployment_id=f"b{i}", backend=f"b{i}"), stats))
+    return snap(*pairs, cloud())
+
+
+def test_a_long_prompt_takes_an_idle_box_while_most_of_the_fleet_keeps_room() -> None:
+    # 400 prompt tokens at 200/s: 2 s on an idle box, past the 1.5 s bound but within the 4 s SLO. Its own
+    # prompt is no queue a must-stay request must wait behind when the other boxes are idle.
+    spread = choose(req(400), _fleet(0, 0, 0), SLO, now_s=0)
+    assert spread.candidates[0].backend.startswith("b") and spread.ranked[0].slo_met
+    assert choose(req(400, T.INTERNAL), _fleet(0, 0, 0), SLO, now_s=0).candidates[0].backend.startswith("b")
+
+
+def test_the_reserve_still_binds_where_too_few_boxes_would_keep_room() -> None:
+    # One box: taking it would leave no room for a must-stay request arriving next.
+    alone = choose(req(400), _fleet(0), SLO, now_s=0)
+    assert alone.candidates[0].backend == "cloud" and "(reserve kept for must-stay traffic)" in alone.reason
+    # Two of three boxes already have a prefill queue past the bound (320 tokens: 1.6 s): taking the idle
+    # one would leave none with room.
+    assert choose(req(400), _fleet(320, 320, 0), SLO, now_s=0).candidates[0].backend == "cloud"
+    # Two boxes: with one taken, one of two (not most) would keep room.
+    assert choose(req(400), _fleet(0, 0), SLO, now_s=0).candidates[0].backend == "cloud"
+
+
+def test_a_box_whose_queue_is_already_past_the_bound_is_not_lent() -> None:
+    # b0's 1.6 s queue + 2 s of its own would meet the 4 s SLO, but b0 has no room left to lend; the idle
+    # boxes do, and 3 of the other 4 keep it with one of them taken.
+    decision = choose(req(400), _fleet(320, 0, 0, 0, 0), SLO, now_s=0)
+    by_id = {c.deployment_id: c for c in decision.ranked}
+    assert not by_id["b0"].slo_met
+    assert all(by_id[f"b{i}"].slo_met for i in range(1, 5))
+    assert decision.candidates[0].backend != "b0"
