@@ -119,7 +119,7 @@ static int check_attention_norm_rope() {
   for (auto* v : {&q, &kc, &vc})
     for (auto& e : *v) e = randn();
   const int64_t table[3] = {2, 0, 1};
-  const PagedLayout lay{bs, head_dim, bs * head_dim};
+  const PagedLayout lay{bs, head_dim, bs * head_dim, head_dim * 4};
   std::vector<float> scores;
   attend_vec(q.data(), head_dim, kc.data(), vc.data(), table, n_keys, 0, n_rep, head_dim, lay, 0.125f, scores, out.data());
   attend_scalar(q.data(), head_dim, kc.data(), vc.data(), table, n_keys, 0, n_rep, head_dim, lay, 0.125f, scores, ref.data());

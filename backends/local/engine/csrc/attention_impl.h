@@ -19,6 +19,7 @@ constexpr int64_t kMaxChunks = 256 / W;  // head_dim / W: up to head_dim 256
 
 struct PagedLayout {
   int64_t block_size, pos_stride, block_stride;  // elements
+  int64_t row_bytes;                             // one head's row: head_dim elements of the cache
   template <typename T>
   const T* row(const T* base, const int64_t* table, int64_t pos, int64_t kvh, int64_t head_dim) const {
     return base + table[pos / block_size] * block_stride + (pos % block_size) * pos_stride + kvh * head_dim;
@@ -26,21 +27,38 @@ struct PagedLayout {
 };
 
 // Positions 0, 1, 2, ... of one sequence's head in the paged cache, in order, without a division per key.
+// With `ahead` (the pass over K), it also asks for the K and V rows kAhead positions on: a head's row is 1 of
+// n_kv rows of every position, a stride the hardware prefetcher followed too late (docs/ENGINE.md), and the
+// V rows are then warm for the second pass.
 template <typename T>
 struct PagedCursor {
+  static constexpr int64_t kAhead = 8;
   const T* base;
   const int64_t* table;
   const PagedLayout& lay;
-  int64_t head_offset, block = 0, offset = 0;
+  int64_t head_offset, n_keys;
+  const T* also = nullptr;  // a second pool to prefetch at the same place (V, during the pass over K)
+  bool ahead = false;
+  int64_t block = 0, offset = 0, pos = 0;
   const T* at = base + table[0] * lay.block_stride + head_offset;
   const T* next() {  // the next position's row (a block's entry is read when its first position is)
     if (offset == lay.block_size) {
       offset = 0;
       at = base + table[++block] * lay.block_stride + head_offset;
     }
+    if (ahead && pos + kAhead < n_keys) {
+      int64_t to = offset + kAhead, hop = 0;
+      for (; to >= lay.block_size; to -= lay.block_size) ++hop;
+      const int64_t place = table[block + hop] * lay.block_stride + head_offset + to * lay.pos_stride;
+      for (int64_t b = 0; b < lay.row_bytes; b += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(base + place) + b);
+        if (also) __builtin_prefetch(reinterpret_cast<const char*>(also + place) + b);
+      }
+    }
     const T* row = at;
     at += lay.pos_stride;
     ++offset;
+    ++pos;
     return row;
   }
 };
@@ -61,7 +79,7 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* 
   scores.resize(n_rep * padded);
   float best[kMaxRep];
   for (int64_t r = 0; r < n_rep; ++r) best[r] = -std::numeric_limits<float>::infinity();
-  PagedCursor<C> keys{k_ptr, table, lay, kvh * head_dim};
+  PagedCursor<C> keys{k_ptr, table, lay, kvh * head_dim, n_keys, v_ptr, true};
   for (int64_t pos = 0; pos < n_keys; ++pos) {
     const C* key = keys.next();
     vf kv[kMaxChunks];
@@ -90,7 +108,7 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* 
   vf acc[kMaxRep][kMaxChunks];
   for (int64_t r = 0; r < n_rep; ++r)
     for (int64_t c = 0; c < chunks; ++c) acc[r][c] = vzero();
-  PagedCursor<C> values{v_ptr, table, lay, kvh * head_dim};
+  PagedCursor<C> values{v_ptr, table, lay, kvh * head_dim, n_keys};
   for (int64_t pos = 0; pos < n_keys; ++pos) {
     const C* value = values.next();
     vf vv[kMaxChunks];

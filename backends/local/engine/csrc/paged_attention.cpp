@@ -46,7 +46,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   const int64_t* seq_of = token_seq.data_ptr<int64_t>();
   const int64_t* keys_of = token_keys.data_ptr<int64_t>();
   T* out_ptr = as<T, S>(out);
-  const sb::PagedLayout lay{block_size, pos_stride, block_stride};
+  const sb::PagedLayout lay{block_size, pos_stride, block_stride, head_dim * static_cast<int64_t>(sizeof(C))};
   const float fscale = static_cast<float>(scale);
   const bool vec = sb::attend_vec_fits(head_dim, n_rep);
 
