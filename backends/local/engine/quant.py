@@ -206,7 +206,11 @@ def dequantize_int4(q: Tensor, scales_and_zeros: Tensor, group_size: int) -> Ten
 
 
 class Int8Linear(nn.Module):
-    """y = bf16(x) @ (q * scales[:, None]).T + bias; q (N, K_padded) int8, one symmetric scale per row."""
+    """y = bf16(x) @ (q * scales[:, None]).T + bias; q (N, K_padded) int8, one symmetric scale per row.
+
+    Where this build's `q8_0_gemv` reads tiles (x86) and N and K_padded allow, the layer is held as Q8_0
+    tiles instead (`q8_0_tile_pack`: `weight` (N, K_padded) uint8, `scales` the row's scale for every
+    32-block, (N / T, K_padded / 32, T) float32) and every row count runs that kernel in 32-row calls."""
 
     weight: Tensor
     scales: Tensor
@@ -233,13 +237,35 @@ class Int8Linear(nn.Module):
             layer.scales[rows].copy_(scales)
         if linear.bias is not None and layer.bias is not None:
             layer.bias.copy_(linear.bias.detach().float())
+        layer._tile()
         return layer
+
+    tiled = False
+
+    def _tile(self) -> None:
+        pack, rows = int_kernel("q8_0_tile_pack"), int_kernel("q8_0_tile_rows")
+        n, k = self.weight.shape
+        if pack is None or not rows() or n % rows() or k % 32:
+            return
+        blocks = self.scales.float()[:, None].expand(n, k // 32).contiguous()  # exact: bf16 widens
+        self.weight, self.scales = pack(self.weight, blocks, rows())
+        self.tiled = True
 
     def dequantized_weight(self) -> Tensor:
         """(N, K) float32: what the kernel multiplies by (padding columns dropped)."""
+        if self.tiled:
+            n, k = self.out_features, self.padded_in_features
+            t = self.scales.shape[-1]
+            q = (self.weight.view(n // t, k // 32, 8, t, 4) ^ 0x80).view(torch.int8).permute(0, 3, 1, 2, 4)
+            scales = self.scales.permute(0, 2, 1).reshape(n, k // 32).repeat_interleave(32, dim=1)
+            return (q.reshape(n, k).float() * scales)[:, : self.in_features]
         return (self.weight.float() * self.scales.float()[:, None])[:, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.tiled:
+            x2 = rows_input(x, self.in_features, self.padded_in_features)
+            out = in_row_chunks(int_kernel("q8_0_gemv"), x2, self.out_features, self.weight, self.scales)
+            return _kernel_output(out, x, self.bias, self.out_features)
         rows = x.numel() // self.in_features
         op = int_kernel("int8_gemv") if 0 < rows <= INT_KERNEL_MAX_ROWS else None
         if op is not None and self.padded_in_features % 32 == 0:
