@@ -210,6 +210,24 @@ class _Alternate:
         return None
 
 
+def test_a_leftover_smaller_than_the_clock_can_step_still_finishes() -> None:
+    """Late in a long run (t ~ 900 s, an ulp of ~1e-13 s) a prompt's last 1.5e-9 tokens, behind a long prompt
+    (so the next event is that prompt's own end), are less time than the clock can step: the event still moves
+    the clock and the prompt finishes, where the loop used to livelock (a 15-minute decode-bound trace)."""
+    from bench.routing_eval.sim import Job
+
+    model = dataclasses.replace(MODEL, prefill_ms_per_token=0.005)
+    box = Simulation(make_fleet(model, 1, "test"), seed=1).boxes["engine-0"]
+    box.t = 900.0
+    tail = Job(BASE, "engine-0", 0.0, prefill_left=1.5e-9)
+    box.prefilling += [tail, Job(dataclasses.replace(BASE, rid=1), "engine-0", 0.0, prefill_left=10_000.0)]
+    at = box.next_event_s()
+    assert at > box.t
+    box.advance(at)
+    box.settle()
+    assert tail in box.decoding and tail.prefill_left == 0.0
+
+
 def test_boxes_sharing_cores_step_slower_only_while_more_are_busy_than_there_are_cores() -> None:
     # Two identical answers on two boxes at once: with one shared core both take twice as long; with two
     # cores (or none shared) as long as alone. A lone answer on one shared core runs at full speed.
