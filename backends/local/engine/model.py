@@ -21,6 +21,7 @@ from torch import nn
 from backends.local.engine.attention import AttentionMetadata, attend
 from backends.local.engine.config import ModelArgs
 from backends.local.engine.kv_cache import KVCache
+from backends.local.engine.quant import untile_q8_0
 
 
 class RMSNorm(nn.Module):
@@ -73,11 +74,7 @@ class BlockQuantEmbedding(nn.Module):
         """Rows `index` of the table as (int8 values (n, dim), float32 scales (n, dim / BLOCK))."""
         if not self.tile_rows:
             return self.q.index_select(0, index), self.scales.index_select(0, index)
-        t, r = index // self.tile_rows, index % self.tile_rows
-        # tile t, block b, word j, row r: 4 bytes (quant_impl.h, "Tiled Q8_0"); stored as value ^ 0x80
-        words = self.q.view(-1, self.embedding_dim // self.BLOCK, self.BLOCK // 4, self.tile_rows, 4)
-        q = (words[t, :, :, r, :].reshape(-1, self.embedding_dim) ^ 0x80).view(torch.int8)
-        return q, self.scales[t, :, r]
+        return untile_q8_0(self.q, self.scales, index)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)

@@ -146,6 +146,16 @@ def in_row_chunks(op: Any, x2: Tensor, out_features: int, *weight: Any) -> Tenso
     return torch.cat(parts)
 
 
+def untile_q8_0(q: Tensor, scales: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows `index` of a Q8_0 table in `q8_0_tile_pack`'s tiles (q (N, K) uint8, scales (N / T, K / 32, T))
+    as (int8 values (n, K), float32 scales (n, K / 32)): per tile t, block b, word j and row r, 4 bytes
+    (quant_impl.h, "Tiled Q8_0"), stored as value ^ 0x80."""
+    rows, k = scales.shape[-1], q.shape[1]
+    t, r = index // rows, index % rows
+    words = q.view(-1, k // 32, 8, rows, 4)
+    return (words[t, :, :, r, :].reshape(-1, k) ^ 0x80).view(torch.int8), scales[t, :, r]
+
+
 def _kernel_output(out: Tensor, x: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
     """The kernel's (M, N) bf16 result in x's dtype and leading shape, plus the bias."""
     if out.dtype != x.dtype:
@@ -254,11 +264,8 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self) -> Tensor:
         """(N, K) float32: what the kernel multiplies by (padding columns dropped)."""
         if self.tiled:
-            n, k = self.out_features, self.padded_in_features
-            t = self.scales.shape[-1]
-            q = (self.weight.view(n // t, k // 32, 8, t, 4) ^ 0x80).view(torch.int8).permute(0, 3, 1, 2, 4)
-            scales = self.scales.permute(0, 2, 1).reshape(n, k // 32).repeat_interleave(32, dim=1)
-            return (q.reshape(n, k).float() * scales)[:, : self.in_features]
+            q, scales = untile_q8_0(self.weight, self.scales, torch.arange(self.out_features))
+            return (q.float() * scales.repeat_interleave(32, dim=1))[:, : self.in_features]
         return (self.weight.float() * self.scales.float()[:, None])[:, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -27,9 +27,9 @@ struct PagedLayout {
 };
 
 // Positions 0, 1, 2, ... of one sequence's head in the paged cache, in order, without a division per key.
-// With `ahead` (the pass over K), it also asks for the K and V rows kAhead positions on: a head's row is 1 of
-// n_kv rows of every position, a stride the hardware prefetcher followed too late (docs/ENGINE.md), and the
-// V rows are then warm for the second pass.
+// Given `also` (the pass over K, with V's pool), it also asks for the K and V rows kAhead positions on: a
+// head's row is 1 of n_kv rows of every position, a stride the hardware prefetcher followed too late
+// (docs/ENGINE.md), and the V rows are then warm for the second pass.
 template <typename T>
 struct PagedCursor {
   static constexpr int64_t kAhead = 8;
@@ -37,8 +37,7 @@ struct PagedCursor {
   const int64_t* table;
   const PagedLayout& lay;
   int64_t head_offset, n_keys;
-  const T* also = nullptr;  // a second pool to prefetch at the same place (V, during the pass over K)
-  bool ahead = false;
+  const T* also = nullptr;  // V's pool during the pass over K: prefetch both there; none in the pass over V
   int64_t block = 0, offset = 0, pos = 0;
   const T* at = base + table[0] * lay.block_stride + head_offset;
   const T* next() {  // the next position's row (a block's entry is read when its first position is)
@@ -46,13 +45,13 @@ struct PagedCursor {
       offset = 0;
       at = base + table[++block] * lay.block_stride + head_offset;
     }
-    if (ahead && pos + kAhead < n_keys) {
+    if (also && pos + kAhead < n_keys) {
       int64_t to = offset + kAhead, hop = 0;
       for (; to >= lay.block_size; to -= lay.block_size) ++hop;
       const int64_t place = table[block + hop] * lay.block_stride + head_offset + to * lay.pos_stride;
       for (int64_t b = 0; b < lay.row_bytes; b += 64) {
         __builtin_prefetch(reinterpret_cast<const char*>(base + place) + b);
-        if (also) __builtin_prefetch(reinterpret_cast<const char*>(also + place) + b);
+        __builtin_prefetch(reinterpret_cast<const char*>(also + place) + b);
       }
     }
     const T* row = at;
@@ -79,7 +78,7 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* 
   scores.resize(n_rep * padded);
   float best[kMaxRep];
   for (int64_t r = 0; r < n_rep; ++r) best[r] = -std::numeric_limits<float>::infinity();
-  PagedCursor<C> keys{k_ptr, table, lay, kvh * head_dim, n_keys, v_ptr, true};
+  PagedCursor<C> keys{k_ptr, table, lay, kvh * head_dim, n_keys, v_ptr};
   for (int64_t pos = 0; pos < n_keys; ++pos) {
     const C* key = keys.next();
     vf kv[kMaxChunks];

@@ -72,6 +72,34 @@ at::Tensor with_types(const at::Tensor& x, int64_t n, Body&& body) {
   return y;
 }
 
+#if defined(SB_AVX512) || defined(SB_AVX2)
+// y for a tiled weight: tiles of `tile` rows split over torch's threads, each tile's rows of x in register
+// chunks; tile_fn(mc, acts, m0, t, y) computes y[m0 .. m0 + mc, t * tile ..) (int4_tile, q8_0_tile).
+template <typename TileFn>
+at::Tensor over_tiles(const at::Tensor& x, int64_t n, int64_t k, int64_t tile, TileFn&& tile_fn) {
+  return with_types(x, n, [&](const auto* xp, auto* yp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    const Acts<T> acts(xp, x.size(0), k);
+    at::parallel_for(0, n / tile, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) { tile_fn(mc, acts.view, m0, t, yp); });
+    });
+  });
+}
+#endif
+
+// Rows of `row_bytes` bytes reordered into tiles of `rows` rows: per tile, 4-byte word w of every row, row r
+// at w * rows * 4 + r * 4 (quant_impl.h, "Tiled int4" and "Tiled Q8_0"), each byte ^ `flip`.
+void tile_words(const uint8_t* src, uint8_t* dst, int64_t n, int64_t row_bytes, int64_t rows, uint8_t flip) {
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row / rows, r = row % rows;
+      for (int64_t i = 0; i < row_bytes; ++i)
+        dst[t * rows * row_bytes + (i / 4) * rows * 4 + r * 4 + i % 4] = src[row * row_bytes + i] ^ flip;
+    }
+  });
+}
+
 // The tile height of a tiled scales_zeros (N/T, G, 2, T), 0 for the row layout (N, G, 2); checks either.
 int64_t check_int4(const at::Tensor& qweight, const at::Tensor& sz, int64_t group) {
   const int64_t n = qweight.size(0), k = qweight.size(1) * 2;
@@ -98,22 +126,18 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
               sb::TILE ? "tiles of " + std::to_string(sb::TILE) + " rows" : std::string("the row layout only"));
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
   const bf16* sp = reinterpret_cast<const bf16*>(sz.data_ptr<c10::BFloat16>());
+#if defined(SB_AVX512) || defined(SB_AVX2)
+  if (tile) {
+    const int64_t tile_bytes = tile * k / 2, tile_scales = tile * 2 * (k / group);
+    return over_tiles(x, n, k, tile, [&](auto mc, const sb::QuantActs& acts, int64_t m0, int64_t t, auto* yp) {
+      sb::int4_tile<decltype(mc)::value>(acts, m0, qp + t * tile_bytes, sp + t * tile_scales, group / sb::QK, yp,
+                                         n, t * tile);
+    });
+  }
+#endif
   return with_types(x, n, [&](const auto* xp, auto* yp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     const Acts<T> acts(xp, x.size(0), k);
-#if defined(SB_AVX512) || defined(SB_AVX2)
-    if (tile) {
-      const int64_t tile_bytes = tile * k / 2, tile_scales = tile * 2 * (k / group);
-      at::parallel_for(0, n / tile, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t)
-          sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) {
-            sb::int4_tile<decltype(mc)::value, T>(acts.view, m0, qp + t * tile_bytes, sp + t * tile_scales,
-                                                  group / sb::QK, yp, n, t * tile);
-          });
-      });
-      return;
-    }
-#endif
     // Grain 16 rows: a 576-wide layer's 16 rows are 4.6 KB of int4; the 3072-row gate/up splits evenly.
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) {
@@ -163,16 +187,8 @@ at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 #if defined(SB_TILE_VNNI) || defined(SB_AVX2)
     const uint8_t* qp = qweight.data_ptr<uint8_t>();
     const float* sp = scales.data_ptr<float>();
-    return with_types(x, n, [&](const auto* xp, auto* yp) {
-      using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
-      const Acts<T> acts(xp, x.size(0), k);
-      at::parallel_for(0, n / tile, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t)
-          sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) {
-            sb::q8_0_tile<decltype(mc)::value, T>(acts.view, m0, qp + t * tile * k, sp + t * tile * (k / sb::QK),
-                                                  yp, n, t * tile);
-          });
-      });
+    return over_tiles(x, n, k, tile, [&](auto mc, const sb::QuantActs& acts, int64_t m0, int64_t t, auto* yp) {
+      sb::q8_0_tile<decltype(mc)::value>(acts, m0, qp + t * tile * k, sp + t * tile * (k / sb::QK), yp, n, t * tile);
     });
 #endif
   }
@@ -234,21 +250,11 @@ std::tuple<at::Tensor, at::Tensor> q8_0_tile_pack(const at::Tensor& q, const at:
   const int64_t n = q.size(0), k = q.size(1), blocks = k / sb::QK;
   at::Tensor wt = at::empty({n, k}, q.options().dtype(at::kByte));
   at::Tensor st = at::empty({n / rows, blocks, rows}, scales.options());
-  const int8_t* qp = q.data_ptr<int8_t>();
-  uint8_t* wp = wt.data_ptr<uint8_t>();
+  tile_words(reinterpret_cast<const uint8_t*>(q.data_ptr<int8_t>()), wt.data_ptr<uint8_t>(), n, k, rows, 0x80);
   const float* sp = scales.data_ptr<float>();
   float* tp = st.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t t = row / rows, r = row % rows;
-      for (int64_t b = 0; b < blocks; ++b) {
-        for (int64_t i = 0; i < sb::QK; ++i)  // word i / 4, byte i % 4
-          wp[t * rows * k + (b * 8 + i / 4) * rows * 4 + r * 4 + i % 4] =
-              static_cast<uint8_t>(qp[row * k + b * sb::QK + i]) ^ 0x80;
-        tp[(t * blocks + b) * rows + r] = sp[row * blocks + b];
-      }
-    }
-  });
+  for (int64_t row = 0; row < n; ++row)
+    for (int64_t b = 0; b < blocks; ++b) tp[((row / rows) * blocks + b) * rows + row % rows] = sp[row * blocks + b];
   return {wt, st};
 }
 
@@ -261,18 +267,13 @@ std::tuple<at::Tensor, at::Tensor> int4_tile_pack(const at::Tensor& qweight, con
   check_int4(qweight, sz, k / groups);
   at::Tensor wt = at::empty(qweight.sizes(), qweight.options());
   at::Tensor st = at::empty({n / rows, groups, 2, rows}, sz.options());
-  const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  uint8_t* wp = wt.data_ptr<uint8_t>();
+  tile_words(qweight.data_ptr<uint8_t>(), wt.data_ptr<uint8_t>(), n, k / 2, rows, 0);
   const c10::BFloat16* sp = sz.data_ptr<c10::BFloat16>();
   c10::BFloat16* tp = st.data_ptr<c10::BFloat16>();
-  for (int64_t row = 0; row < n; ++row) {
-    const int64_t t = row / rows, r = row % rows;
-    for (int64_t b = 0; b < k / sb::QK; ++b)
-      for (int j = 0; j < 4; ++j)
-        std::memcpy(wp + t * rows * (k / 2) + (b * 4 + j) * rows * 4 + r * 4, qp + row * (k / 2) + b * 16 + j * 4, 4);
+  for (int64_t row = 0; row < n; ++row)
     for (int64_t g = 0; g < groups; ++g)
-      for (int i = 0; i < 2; ++i) tp[((t * groups + g) * 2 + i) * rows + r] = sp[(row * groups + g) * 2 + i];
-  }
+      for (int i = 0; i < 2; ++i)
+        tp[(((row / rows) * groups + g) * 2 + i) * rows + row % rows] = sp[(row * groups + g) * 2 + i];
   return {wt, st};
 }
 

@@ -223,8 +223,9 @@ inline vi bcast4(const int8_t* x) {
   return ibcast(v);
 }
 
-// One block of a tile (w: its 8 nibble vectors, low quads then high) against 32 int8 values of x: the TILE
-// rows' integer dot products, lane r for row r.
+// One block of a tile (w: 8 vectors of 4 bytes a row, for bytes 0..15 then 16..31 of the block: int4's low
+// and high nibbles, or Q8_0's words in order) against 32 int8 values of x: the TILE rows' integer dot
+// products, lane r for row r. Without VNNI the int16 sums hold only for int4's values (0..15).
 inline vi tile_dot(const vi* w, const int8_t* x) {
 #if defined(SB_TILE_VNNI)
   vi lo = idot(izero(), w[0], bcast4(x)), hi = idot(izero(), w[4], bcast4(x + 16));
@@ -292,13 +293,7 @@ inline void q8_0_tile(const QuantActs& a, int64_t m0, const uint8_t* wt, const f
     const vf offset = vmul(vset(-128.f), scale);
     for (int m = 0; m < MC; ++m) {
       const int64_t xm = (m0 + m) * blocks + b;
-      const int8_t* x = a.q + (m0 + m) * k + b * QK;
-      vi lo = idot(izero(), w[0], bcast4(x)), hi = idot(izero(), w[4], bcast4(x + 16));
-      for (int j = 1; j < 4; ++j) {
-        lo = idot(lo, w[j], bcast4(x + 4 * j));
-        hi = idot(hi, w[4 + j], bcast4(x + 16 + 4 * j));
-      }
-      acc[m] = vfma(itof(iadd32(lo, hi)), vmul(scale, vset(a.d[xm])), acc[m]);
+      acc[m] = vfma(itof(tile_dot(w, a.q + (m0 + m) * k + b * QK)), vmul(scale, vset(a.d[xm])), acc[m]);
       acc[m] = vfma(offset, vset(a.s[xm]), acc[m]);
     }
 #else
