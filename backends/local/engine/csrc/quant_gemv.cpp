@@ -73,8 +73,8 @@ at::Tensor with_types(const at::Tensor& x, int64_t n, Body&& body) {
 }
 
 #if defined(SB_AVX512) || defined(SB_AVX2)
-// y for a tiled weight: tiles of `tile` rows split over torch's threads, each tile's rows of x in register
-// chunks; tile_fn(mc, acts, m0, t, y) computes y[m0 .. m0 + mc, t * tile ..) (int4_tile, q8_0_tile).
+// y for a tiled weight: tiles of `tile` rows split over torch's threads; tile_fn(acts, m_rows, t, y) computes
+// y[.., t * tile .. (t + 1) * tile) for all rows of x (int4_tile, q8_0_tile).
 template <typename TileFn>
 at::Tensor over_tiles(const at::Tensor& x, int64_t n, int64_t k, int64_t tile, TileFn&& tile_fn) {
   return with_types(x, n, [&](const auto* xp, auto* yp) {
@@ -82,7 +82,7 @@ at::Tensor over_tiles(const at::Tensor& x, int64_t n, int64_t k, int64_t tile, T
     const Acts<T> acts(xp, x.size(0), k);
     at::parallel_for(0, n / tile, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
-        sb::by_row_chunks<T>(x.size(0), [&](auto mc, int64_t m0) { tile_fn(mc, acts.view, m0, t, yp); });
+        tile_fn(acts.view, x.size(0), t, yp);
     });
   });
 }
@@ -129,9 +129,8 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 #if defined(SB_AVX512) || defined(SB_AVX2)
   if (tile) {
     const int64_t tile_bytes = tile * k / 2, tile_scales = tile * 2 * (k / group);
-    return over_tiles(x, n, k, tile, [&](auto mc, const sb::QuantActs& acts, int64_t m0, int64_t t, auto* yp) {
-      sb::int4_tile<decltype(mc)::value>(acts, m0, qp + t * tile_bytes, sp + t * tile_scales, group / sb::QK, yp,
-                                         n, t * tile);
+    return over_tiles(x, n, k, tile, [&](const sb::QuantActs& acts, int64_t m_rows, int64_t t, auto* yp) {
+      sb::int4_tile(acts, m_rows, qp + t * tile_bytes, sp + t * tile_scales, group / sb::QK, yp, n, t * tile);
     });
   }
 #endif
@@ -187,8 +186,8 @@ at::Tensor q8_0_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 #if defined(SB_TILE_VNNI) || defined(SB_AVX2)
     const uint8_t* qp = qweight.data_ptr<uint8_t>();
     const float* sp = scales.data_ptr<float>();
-    return over_tiles(x, n, k, tile, [&](auto mc, const sb::QuantActs& acts, int64_t m0, int64_t t, auto* yp) {
-      sb::q8_0_tile<decltype(mc)::value>(acts, m0, qp + t * tile * k, sp + t * tile * (k / sb::QK), yp, n, t * tile);
+    return over_tiles(x, n, k, tile, [&](const sb::QuantActs& acts, int64_t m_rows, int64_t t, auto* yp) {
+      sb::q8_0_tile(acts, m_rows, qp + t * tile * k, sp + t * tile * (k / sb::QK), yp, n, t * tile);
     });
 #endif
   }

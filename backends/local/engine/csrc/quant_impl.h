@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "simd.h"
 
@@ -181,6 +182,20 @@ inline int64_t int4_g32_x86(const QuantActs& a, int64_t m0, const uint8_t* wrow,
 }
 #endif
 
+// Dispatch M rows in register-sized chunks of up to 4 (8, tried for the tiled kernels with AVX-512's 32
+// registers, was slower: docs/ENGINE.md).
+template <typename T, typename Rows>
+inline void by_row_chunks(int64_t m_rows, Rows&& rows) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= m_rows; m0 += 4) rows(std::integral_constant<int, 4>{}, m0);
+  switch (m_rows - m0) {
+    case 3: rows(std::integral_constant<int, 3>{}, m0); break;
+    case 2: rows(std::integral_constant<int, 2>{}, m0); break;
+    case 1: rows(std::integral_constant<int, 1>{}, m0); break;
+    default: break;
+  }
+}
+
 // Tiled int4 (x86): TILE = W weight rows at a time, one per int32 lane of a vector. `int4_tile_pack` lays the
 // rows out so that a block's values of all TILE rows are 4 vectors: per 32-block b, word j (0..3) of the tile
 // holds bytes 4j..4j+3 of each row's block (values 4j.. in the low nibbles, 16+4j.. in the high ones), row r in
@@ -242,22 +257,39 @@ inline vi tile_dot(const vi* w, const int8_t* x) {
 #endif
 }
 
-// y[m, row0 .. row0 + TILE) for MC rows of x from m0; wt and st: the tile's bytes and scales.
-template <int MC, typename T>
-inline void int4_tile(const QuantActs& a, int64_t m0, const uint8_t* wt, const bf16* st, int64_t per_group, T* y,
-                      int64_t n, int64_t row0) {
+// An int4 tile's block b as tile_dot takes it (w: 8 vectors), with its scale and offset (weight = q * scale +
+// offset).
+inline void int4_block(const uint8_t* wt, const bf16* st, int64_t per_group, int64_t b, vi* w, vf& scale,
+                       vf& offset) {
+  const bf16* sg = st + (b / per_group) * 2 * TILE;
+  scale = vload(sg);
+  offset = vsub(vload(sg + TILE), vmul(vset(8.f), scale));
+  for (int j = 0; j < 4; ++j) {
+    const vi raw = iload(wt + (b * 4 + j) * TILE * 4);
+    w[j] = inibbles(raw, 0);
+    w[4 + j] = inibbles(raw, 4);
+  }
+}
+
+struct Int4Block {  // int4_block's outputs, kept (int4_tile's buffer)
+  vi w[8];
+  vf scale, offset;
+};
+
+// y[m, row0 .. row0 + TILE) for MC rows of x from m0; wt and st: the tile's bytes and scales, or with Ready,
+// `ready`: its blocks already unpacked (int4_tile).
+template <int MC, bool Ready, typename T>
+inline void int4_chunk(const QuantActs& a, int64_t m0, const uint8_t* wt, const bf16* st, int64_t per_group,
+                       const Int4Block* ready, T* y, int64_t n, int64_t row0) {
   const int64_t k = a.k, blocks = k / QK;
   vf acc[MC];
   for (int m = 0; m < MC; ++m) acc[m] = vzero();
   for (int64_t b = 0; b < blocks; ++b) {
-    const bf16* sg = st + (b / per_group) * 2 * TILE;
-    const vf scale = vload(sg), offset = vsub(vload(sg + TILE), vmul(vset(8.f), scale));
-    vi w[8];
-    for (int j = 0; j < 4; ++j) {
-      const vi raw = iload(wt + (b * 4 + j) * TILE * 4);
-      w[j] = inibbles(raw, 0);
-      w[4 + j] = inibbles(raw, 4);
-    }
+    vi w_[8];
+    vf scale_, offset_;
+    if constexpr (!Ready) int4_block(wt, st, per_group, b, w_, scale_, offset_);
+    const vi* w = Ready ? ready[b].w : w_;
+    const vf scale = Ready ? ready[b].scale : scale_, offset = Ready ? ready[b].offset : offset_;
     for (int m = 0; m < MC; ++m) {
       const int64_t xm = (m0 + m) * blocks + b;
       const vf dot = itof(tile_dot(w, a.q + (m0 + m) * k + b * QK));
@@ -266,6 +298,32 @@ inline void int4_tile(const QuantActs& a, int64_t m0, const uint8_t* wt, const b
     }
   }
   for (int m = 0; m < MC; ++m) vstore(y + (m0 + m) * n + row0, acc[m]);
+}
+
+// int4_tile's rows when there are more than 4 (more than one chunk): the tile's blocks are unpacked once,
+// into a per-thread buffer every chunk reads (a 32-row call unpacked each block 8 times). Its own function:
+// inlined into int4_tile, it made the one-row path a quarter slower (AVX-512, 1.2 -> 1.5 ms for the model's
+// int4 layers).
+template <typename T>
+__attribute__((noinline)) void int4_tile_reused(const QuantActs& a, int64_t m_rows, const uint8_t* wt,
+                                                const bf16* st, int64_t per_group, T* y, int64_t n, int64_t row0) {
+  thread_local std::vector<Int4Block> ready;
+  ready.resize(a.k / QK);
+  for (int64_t b = 0; b < a.k / QK; ++b) int4_block(wt, st, per_group, b, ready[b].w, ready[b].scale, ready[b].offset);
+  by_row_chunks<T>(m_rows, [&](auto mc, int64_t m0) {
+    int4_chunk<decltype(mc)::value, true>(a, m0, wt, st, per_group, ready.data(), y, n, row0);
+  });
+}
+
+// One tile against all m_rows rows of x, in chunks of up to 4 rows. Each row of x meets the same values in
+// the same order on either path: results do not depend on the batch.
+template <typename T>
+inline void int4_tile(const QuantActs& a, int64_t m_rows, const uint8_t* wt, const bf16* st, int64_t per_group,
+                      T* y, int64_t n, int64_t row0) {
+  if (m_rows > 8) return int4_tile_reused(a, m_rows, wt, st, per_group, y, n, row0);
+  by_row_chunks<T>(m_rows, [&](auto mc, int64_t m0) {
+    int4_chunk<decltype(mc)::value, false>(a, m0, wt, st, per_group, nullptr, y, n, row0);
+  });
 }
 #else
 constexpr int64_t TILE = 0;  // the row layout only
@@ -280,8 +338,8 @@ constexpr int64_t TILE = 0;  // the row layout only
 constexpr int64_t Q8_TILE = TILE;
 
 template <int MC, typename T>
-inline void q8_0_tile(const QuantActs& a, int64_t m0, const uint8_t* wt, const float* st, T* y, int64_t n,
-                      int64_t row0) {
+inline void q8_0_chunk(const QuantActs& a, int64_t m0, const uint8_t* wt, const float* st, T* y, int64_t n,
+                       int64_t row0) {
   const int64_t k = a.k, blocks = k / QK;
   vf acc[MC];
   for (int m = 0; m < MC; ++m) acc[m] = vzero();
@@ -313,6 +371,14 @@ inline void q8_0_tile(const QuantActs& a, int64_t m0, const uint8_t* wt, const f
 #endif
   }
   for (int m = 0; m < MC; ++m) vstore(y + (m0 + m) * n + row0, acc[m]);
+}
+
+// One tile against all m_rows rows of x, in chunks of up to 4 rows. Unlike int4's, the blocks are prepared
+// again per chunk: reading them back from a buffer was slower than the xor and abs (docs/ENGINE.md).
+template <typename T>
+inline void q8_0_tile(const QuantActs& a, int64_t m_rows, const uint8_t* wt, const float* st, T* y, int64_t n,
+                      int64_t row0) {
+  by_row_chunks<T>(m_rows, [&](auto mc, int64_t m0) { q8_0_chunk<decltype(mc)::value>(a, m0, wt, st, y, n, row0); });
 }
 #else
 constexpr int64_t Q8_TILE = 0;
@@ -392,20 +458,6 @@ inline void dequant_block(const uint8_t* src, float scale, float offset, T* dst)
   for (int j = 0; j < 16; j += W) {
     vstore(dst + j, vfma(vload_nib(src + j, 0), vs, vo));
     vstore(dst + 16 + j, vfma(vload_nib(src + j, 4), vs, vo));
-  }
-}
-
-// Dispatch M rows in register-sized chunks of up to 4 (8, tried for the tiled kernels with AVX-512's 32
-// registers, was slower: docs/ENGINE.md).
-template <typename T, typename Rows>
-inline void by_row_chunks(int64_t m_rows, Rows&& rows) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= m_rows; m0 += 4) rows(std::integral_constant<int, 4>{}, m0);
-  switch (m_rows - m0) {
-    case 3: rows(std::integral_constant<int, 3>{}, m0); break;
-    case 2: rows(std::integral_constant<int, 2>{}, m0); break;
-    case 1: rows(std::integral_constant<int, 1>{}, m0); break;
-    default: break;
   }
 }
 
