@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -87,8 +88,15 @@ def cpu_description() -> tuple[str, tuple[str, ...]]:
 
 
 def native_bf16(flags: tuple[str, ...]) -> bool:
-    """Whether the CPU computes in bf16 natively (else bf16 arithmetic is emulated and float32 is faster)."""
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+    """Whether the CPU computes in bf16 natively (else bf16 arithmetic is emulated and float32 is faster).
+
+    A narrower ISA forced on this machine (`SWITCHBOARD_KERNEL_ISA=avx2|scalar`, or torch's
+    `ATEN_CPU_CAPABILITY=avx2|default`) stands for a CPU without bf16 instructions, as issue 18's AVX2 run
+    means it to: bf16 compute is then no candidate, as on that CPU, whatever this one's flags say."""
+    forced = os.environ.get("SWITCHBOARD_KERNEL_ISA", "").lower() in ("avx2", "scalar") or os.environ.get(
+        "ATEN_CPU_CAPABILITY", ""
+    ).lower() in ("avx2", "default")
+    return not forced and any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
 def candidates(flags: tuple[str, ...]) -> list[tuple[str, str]]:

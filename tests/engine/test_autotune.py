@@ -159,9 +159,16 @@ def test_cache_key_changes_with_torch_kernel_sources_and_cpu_flags(
     assert autotune.cache_key("m", 2, dtype="auto", quant="auto") != before
 
 
-def test_bf16_compute_is_a_candidate_only_with_native_bf16() -> None:
+def test_bf16_compute_is_a_candidate_only_with_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    for knob in ("SWITCHBOARD_KERNEL_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(knob, raising=False)
     assert {d for d, _ in autotune.candidates(("avx2", "fma"))} == {"float32"}
     assert {d for d, _ in autotune.candidates(("avx2", "avx512_bf16"))} == {"float32", "bfloat16"}
+    # An AVX2 run forced on a bf16 machine stands for a CPU without bf16: no bf16 candidate there.
+    for knob, value in (("SWITCHBOARD_KERNEL_ISA", "avx2"), ("ATEN_CPU_CAPABILITY", "avx2")):
+        with monkeypatch.context() as forced:
+            forced.setenv(knob, value)
+            assert {d for d, _ in autotune.candidates(("avx2", "avx512_bf16"))} == {"float32"}
 
 
 def test_warm_up_runs_every_shape_without_changing_later_logits() -> None:
