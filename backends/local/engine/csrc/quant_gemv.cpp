@@ -28,6 +28,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -40,14 +41,15 @@ using sb::bf16;
 constexpr int64_t kMaxRows = 32;
 
 template <typename T>
-struct Acts {  // the call's quantized activations
-  std::vector<int8_t> q;
-  std::vector<float> d, s;
+struct Acts {  // the call's quantized activations (every element written before it is read: no zeroing)
+  std::unique_ptr<int8_t[]> q;
+  std::unique_ptr<float[]> d, s;
   sb::QuantActs view;
-  Acts(const T* x, int64_t m_rows, int64_t k) : q(m_rows * k), d(m_rows * k / sb::QK), s(m_rows * k / sb::QK) {
+  Acts(const T* x, int64_t m_rows, int64_t k)
+      : q(new int8_t[m_rows * k]), d(new float[m_rows * k / sb::QK]), s(new float[m_rows * k / sb::QK]) {
     for (int64_t m = 0; m < m_rows; ++m)
-      sb::quantize_row_q8(x + m * k, k, q.data() + m * k, d.data() + m * k / sb::QK, s.data() + m * k / sb::QK);
-    view = {q.data(), d.data(), s.data(), k};
+      sb::quantize_row_q8(x + m * k, k, q.get() + m * k, d.get() + m * k / sb::QK, s.get() + m * k / sb::QK);
+    view = {q.get(), d.get(), s.get(), k};
   }
 };
 
