@@ -66,22 +66,25 @@ inline bool attend_vec_fits(int64_t head_dim, int64_t n_rep) {
   return head_dim % W == 0 && head_dim / W <= kMaxChunks && n_rep <= kMaxRep;
 }
 
-template <typename T, typename C = T>
-void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* v_ptr, const int64_t* table,
-                int64_t n_keys, int64_t kvh, int64_t n_rep, int64_t head_dim, const PagedLayout& lay,
-                float scale, std::vector<float>& scores, T* dst) {
-  const int64_t chunks = head_dim / W;
-  vf qv[kMaxRep][kMaxChunks];
+// CH and NR: head_dim / W and n_rep as compile-time constants (0: read at run time). The common shapes get
+// their own copies (attend_vec below): with the loop bounds known, the loops unroll and the query and
+// accumulator vectors stay in registers where they fit.
+template <int64_t CH, int64_t NR, typename T, typename C>
+void attend_vec_shaped(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* v_ptr,
+                       const int64_t* table, int64_t n_keys, int64_t kvh, int64_t n_rep_, int64_t head_dim,
+                       const PagedLayout& lay, float scale, std::vector<float>& scores, T* dst) {
+  const int64_t chunks = CH ? CH : head_dim / W, n_rep = NR ? NR : n_rep_;
+  vf qv[NR ? NR : kMaxRep][CH ? CH : kMaxChunks];
   for (int64_t r = 0; r < n_rep; ++r)
     for (int64_t c = 0; c < chunks; ++c) qv[r][c] = vmul(vload(q_row + r * q_head_stride + c * W), vset(scale));
   const int64_t padded = (n_keys + W - 1) / W * W;
   scores.resize(n_rep * padded);
-  float best[kMaxRep];
+  float best[NR ? NR : kMaxRep];
   for (int64_t r = 0; r < n_rep; ++r) best[r] = -std::numeric_limits<float>::infinity();
   PagedCursor<C> keys{k_ptr, table, lay, kvh * head_dim, n_keys, v_ptr};
   for (int64_t pos = 0; pos < n_keys; ++pos) {
     const C* key = keys.next();
-    vf kv[kMaxChunks];
+    vf kv[CH ? CH : kMaxChunks];
     for (int64_t c = 0; c < chunks; ++c) kv[c] = vload(key + c * W);
     for (int64_t r = 0; r < n_rep; ++r) {
       vf sum = vmul(qv[r][0], kv[0]);
@@ -91,7 +94,7 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* 
       best[r] = std::max(best[r], s);
     }
   }
-  float inv_total[kMaxRep];
+  float inv_total[NR ? NR : kMaxRep];
   for (int64_t r = 0; r < n_rep; ++r) {
     float* row = scores.data() + r * padded;
     for (int64_t pos = n_keys; pos < padded; ++pos) row[pos] = -std::numeric_limits<float>::infinity();
@@ -104,13 +107,13 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* 
     }
     inv_total[r] = 1.f / vsum(total);
   }
-  vf acc[kMaxRep][kMaxChunks];
+  vf acc[NR ? NR : kMaxRep][CH ? CH : kMaxChunks];
   for (int64_t r = 0; r < n_rep; ++r)
     for (int64_t c = 0; c < chunks; ++c) acc[r][c] = vzero();
   PagedCursor<C> values{v_ptr, table, lay, kvh * head_dim, n_keys};
   for (int64_t pos = 0; pos < n_keys; ++pos) {
     const C* value = values.next();
-    vf vv[kMaxChunks];
+    vf vv[CH ? CH : kMaxChunks];
     for (int64_t c = 0; c < chunks; ++c) vv[c] = vload(value + c * W);
     for (int64_t r = 0; r < n_rep; ++r) {
       const vf w = vset(scores[r * padded + pos]);
@@ -121,6 +124,23 @@ void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* 
     const vf inv = vset(inv_total[r]);
     for (int64_t c = 0; c < chunks; ++c) vstore(dst + r * head_dim + c * W, vmul(acc[r][c], inv));
   }
+}
+
+template <typename T, typename C = T>
+void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* v_ptr, const int64_t* table,
+                int64_t n_keys, int64_t kvh, int64_t n_rep, int64_t head_dim, const PagedLayout& lay,
+                float scale, std::vector<float>& scores, T* dst) {
+  if (head_dim == 64 && n_rep == 3)  // SmolLM2-135M (9 query heads over 3 KV heads)
+    return attend_vec_shaped<64 / W, 3>(q_row, q_head_stride, k_ptr, v_ptr, table, n_keys, kvh, n_rep, head_dim,
+                                        lay, scale, scores, dst);
+  if (head_dim == 64 && n_rep == 4)
+    return attend_vec_shaped<64 / W, 4>(q_row, q_head_stride, k_ptr, v_ptr, table, n_keys, kvh, n_rep, head_dim,
+                                        lay, scale, scores, dst);
+  if (head_dim == 128 && n_rep == 4)
+    return attend_vec_shaped<128 / W, 4>(q_row, q_head_stride, k_ptr, v_ptr, table, n_keys, kvh, n_rep, head_dim,
+                                         lay, scale, scores, dst);
+  attend_vec_shaped<0, 0>(q_row, q_head_stride, k_ptr, v_ptr, table, n_keys, kvh, n_rep, head_dim, lay, scale,
+                          scores, dst);
 }
 
 // The reference: the same arithmetic one lane at a time, with libm's exp.
