@@ -219,6 +219,33 @@ def test_paged_kernel_matches_reference_for_decode_batches(head_dim: int, dtype:
     assert (got - reference).abs().max().item() < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def test_a_prompt_prefilled_whole_attends_as_its_tail_does_after_a_prefix_hit() -> None:
+    """bf16 under the paged impl: a long chunk (SDPA) and the same last queries as a short chunk (the C++
+    kernel, as after a prefix-cache hit) compute alike (both in float32, rounded once). In bf16 SDPA they
+    differed enough to change a greedy answer between a request and its repeat."""
+    if kernel_op("paged_attention") is None:
+        pytest.skip("the paged kernel did not build")
+    block_size, tail = 16, 4
+    case = _random_attention_case(
+        torch.bfloat16, block_size=block_size, seed=3, chunks=((0, 40),), n_kv=3, n_heads=9, head_dim=64
+    )
+    q, k_cache, v_cache, spans, slots = case
+    scale = 64**-0.5
+    whole_meta = build_metadata(spans, slots, block_size=block_size, n_rep=3, impl="paged", dtype=q.dtype)
+    assert whole_meta.groups[0].token_seq is None  # the long chunk goes to SDPA
+    whole = attend(q, k_cache, v_cache, whole_meta, scale=scale)[-tail:]
+    span = SeqSpan(40 - tail, tail, spans[0].block_table)
+    short_meta = build_metadata(
+        [span], slots[-tail:], block_size=block_size, n_rep=3, impl="paged", dtype=q.dtype
+    )
+    assert short_meta.groups[0].token_seq is not None  # the short chunk goes to the kernel
+    short = attend(q[-tail:].contiguous(), k_cache, v_cache, short_meta, scale=scale)
+    # Both round float32 results of the same math once: at most one bf16 step apart, and nearly all equal.
+    step = whole.float().abs().clamp_min(2**-20) * 2**-7
+    assert ((whole.float() - short.float()).abs() <= step).all()
+    assert (whole == short).float().mean().item() > 0.95
+
+
 def test_paged_kernel_is_built_here() -> None:
     """CI and every machine with g++ and ninja must run the kernel, not silently fall back to SDPA."""
     if kernels_disabled():

@@ -291,11 +291,18 @@ def _attend_group(
         out = _flash(q_pad, k_cache, v_cache, group, scale)
     else:
         k, v = gather_blocks(k_cache, group.block_table), gather_blocks(v_cache, group.block_table)
-        if k.dtype != q_pad.dtype:  # a 16-bit cache under float32 compute: widened exactly
-            k, v = k.to(q_pad.dtype), v.to(q_pad.dtype)
-        assert group.mask is not None
+        mask, dtype = group.mask, q_pad.dtype
+        assert mask is not None
+        if impl == "paged" and dtype == torch.bfloat16:
+            # The paged kernel's long chunks, in bf16: in float32, as the kernel computes its short ones
+            # (bf16 widened exactly, float32 softmax and sums, one rounding at the end). In bf16 SDPA a prompt
+            # prefilled whole and the same prompt's last tokens after a prefix-cache hit (a short chunk)
+            # differed enough to change a greedy answer (tests/edge/test_node.py, on a bf16 machine).
+            q_pad, k, v, mask = q_pad.float(), k.float(), v.float(), mask.float()
+        elif k.dtype != dtype:  # a 16-bit cache under float32 compute: widened exactly
+            k, v = k.to(dtype), v.to(dtype)
         fn = _eager if impl == "eager" else _sdpa  # "paged" groups that reach here are long: SDPA
-        out = fn(q_pad, k, v, group.mask, scale)
+        out = fn(q_pad, k, v, mask, scale).to(dtype)
     return out.reshape(batch * q_len, n_heads * head_dim)
 
 
