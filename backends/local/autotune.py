@@ -93,9 +93,10 @@ def native_bf16(flags: tuple[str, ...]) -> bool:
     A narrower ISA forced on this machine (`SWITCHBOARD_KERNEL_ISA=avx2|scalar`, or torch's
     `ATEN_CPU_CAPABILITY=avx2|default`) stands for a CPU without bf16 instructions, as issue 18's AVX2 run
     means it to: bf16 compute is then no candidate, as on that CPU, whatever this one's flags say."""
-    forced = os.environ.get("SWITCHBOARD_KERNEL_ISA", "").lower() in ("avx2", "scalar") or os.environ.get(
-        "ATEN_CPU_CAPABILITY", ""
-    ).lower() in ("avx2", "default")
+    from backends.local.engine.kernels import kernel_isa_setting
+
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    forced = kernel_isa_setting() != "native" or aten in ("avx2", "default")
     return not forced and any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
