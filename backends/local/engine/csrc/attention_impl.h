@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -130,17 +131,19 @@ template <typename T, typename C = T>
 void attend_vec(const T* q_row, int64_t q_head_stride, const C* k_ptr, const C* v_ptr, const int64_t* table,
                 int64_t n_keys, int64_t kvh, int64_t n_rep, int64_t head_dim, const PagedLayout& lay,
                 float scale, std::vector<float>& scores, T* dst) {
-  if (head_dim == 64 && n_rep == 3)  // SmolLM2-135M (9 query heads over 3 KV heads)
-    return attend_vec_shaped<64 / W, 3>(q_row, q_head_stride, k_ptr, v_ptr, table, n_keys, kvh, n_rep, head_dim,
-                                        lay, scale, scores, dst);
-  if (head_dim == 64 && n_rep == 4)
-    return attend_vec_shaped<64 / W, 4>(q_row, q_head_stride, k_ptr, v_ptr, table, n_keys, kvh, n_rep, head_dim,
-                                        lay, scale, scores, dst);
-  if (head_dim == 128 && n_rep == 4)
-    return attend_vec_shaped<128 / W, 4>(q_row, q_head_stride, k_ptr, v_ptr, table, n_keys, kvh, n_rep, head_dim,
-                                         lay, scale, scores, dst);
-  attend_vec_shaped<0, 0>(q_row, q_head_stride, k_ptr, v_ptr, table, n_keys, kvh, n_rep, head_dim, lay, scale,
-                          scores, dst);
+  auto shaped = [&](auto ch, auto nr) {
+    attend_vec_shaped<decltype(ch)::value, decltype(nr)::value>(q_row, q_head_stride, k_ptr, v_ptr, table, n_keys,
+                                                                kvh, n_rep, head_dim, lay, scale, scores, dst);
+  };
+  using C64 = std::integral_constant<int64_t, 64 / W>;
+  using C128 = std::integral_constant<int64_t, 128 / W>;
+  using R3 = std::integral_constant<int64_t, 3>;
+  using R4 = std::integral_constant<int64_t, 4>;
+  using Any = std::integral_constant<int64_t, 0>;  // read at run time
+  if (head_dim == 64 && n_rep == 3) return shaped(C64{}, R3{});  // SmolLM2-135M (9 query heads over 3 KV heads)
+  if (head_dim == 64 && n_rep == 4) return shaped(C64{}, R4{});
+  if (head_dim == 128 && n_rep == 4) return shaped(C128{}, R4{});
+  shaped(Any{}, Any{});
 }
 
 // The reference: the same arithmetic one lane at a time, with libm's exp.
