@@ -58,7 +58,8 @@ def _setup(args: argparse.Namespace, boxes: dict[str, StepModel]) -> list[str]:
         "(`bench/routing_eval/switchboard.py`).",
         "",
         "Fleet. Owned engine boxes run the bundled engine's step model (`step ms = a + b x streams + c x "
-        "prompt tokens`, 8 slots, 512 prompt tokens per step, the engine's prefix cache: blocks shared "
+        "prompt tokens + d x the decoding streams' context tokens`, 8 slots, 512 prompt tokens per step, "
+        "the engine's prefix cache: blocks shared "
         "with running requests and kept after a request ends, LRU within the engine's KV cache "
         f"({next(iter(boxes.values())).kv_tokens} tokens); an agent "
         "turn extends its previous turn's prompt) "
@@ -68,13 +69,15 @@ def _setup(args: argparse.Namespace, boxes: dict[str, StepModel]) -> list[str]:
         f"{CLOUD.output_usd_per_mtok} USD per Mtok in / out, TTFT lognormal "
         f"(median {CLOUD.ttft_median_ms:.0f} ms), {CLOUD.decode_tok_s:.0f} tok/s per stream, no queue.",
         "",
-        "| box model | a ms | b ms per stream | c ms per prompt token | 1 / 8 streams tok/s | source |",
-        "|---|---:|---:|---:|---:|---|",
+        "| box model | a ms | b ms per stream | c ms per prompt token | d µs per context token "
+        "| 1 / 8 streams tok/s | source |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, m in boxes.items():
         lines.append(
             f"| {name} | {m.step_base_ms:.1f} | {m.step_ms_per_stream:.2f} | {m.prefill_ms_per_token:.3f} | "
-            f"{m.aggregate_tok_s(1):.0f} / {m.aggregate_tok_s(8):.0f} | {m.source} |"
+            f"{1000 * m.decode_ms_per_context_token:.2f} | {m.aggregate_tok_s(1):.0f} / "
+            f"{m.aggregate_tok_s(8):.0f} | {m.source} |"
         )
     lines += [
         "",

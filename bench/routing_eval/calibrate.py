@@ -4,7 +4,8 @@ One `switchboard engine serve --threads 1` process (SmolLM2-135M, float32 comput
 `--dtype auto --quant auto` picked on both CPUs measured for issue 18, AVX-512 and AVX2 forced) is driven over
 its OpenAI API with streams: decode at 1, 2, 4 and 8 concurrent streams, and long prompts alone (prefill). The
 fit is the engine scheduler's step: `step_ms = a + b * decoding + c * prefill tokens`, so one stream decodes
-at 1000 / (a + b) tok/s and n streams at n * 1000 / (a + b n). Writes `bench/data/routing_eval_curve.json`.
+at 1000 / (a + b) tok/s and n streams at n * 1000 / (a + b n); each decoding stream adds d per token of its
+context (one stream's step at ~20 and ~1,200 context tokens). Writes `bench/data/routing_eval_curve.json`.
 Run: `python -m bench.routing_eval.calibrate [--engines N] [--out PATH]` (about 1 min). `--engines N` measures
 N engines at once, each under the others' load (the median of each figure): the conditions of a live replay on
 N replicas. The engines run with `--no-prefix-cache`: the prompts share leading words, and the curve is the
@@ -30,6 +31,7 @@ from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
 CURVE_PATH = Path(__file__).resolve().parents[1] / "data" / "routing_eval_curve.json"
 ENGINE_FLAGS = ("--threads", "1", "--dtype", "float32", "--quant", "int4", "--max-batch", "8")
 KV_BLOCK_TOKENS = 16  # the engine's default --block-size
+LONG_CONTEXT_WORDS = 1200  # about as many tokens (the filler is ~1 a word): an agent turn's conversation
 _PROSE = "the quick review of each service shows what the team changed and why it matters now"
 _WORDS = tuple(_PROSE.split())
 
@@ -86,6 +88,14 @@ async def measure(url: str) -> dict[str, object]:
             # decode rate per stream after its first token, aggregated over the streams
             rates = [(tok - 1) / (total - ttft) for ttft, total, tok in results if tok > 1]
             decode[n] = statistics.median(rates) * n
+        # One stream at a short and a long context: what each context token adds to a decode step.
+        context: dict[int, float] = {}
+        for words in (20, LONG_CONTEXT_WORDS):
+            steps = []
+            for s in range(3):
+                ttft, total, tok = await stream_once(client, filler(words, s), 64)
+                steps.append((total - ttft) * 1000 / (tok - 1))
+            context[words] = statistics.median(steps)
         prefill: dict[int, float] = {}
         for words in (50, 400, 800):
             ttfts = [(await stream_once(client, filler(words, s), 1))[1] for s in range(3)]
@@ -94,6 +104,7 @@ async def measure(url: str) -> dict[str, object]:
         kv_tokens = KV_BLOCK_TOKENS * _gauge((await client.get("/metrics")).text, "kv_blocks_total")
     return {
         "decode_tok_s": decode,
+        "decode_step_ms_by_context_words": context,
         "prefill_ttft_s_by_words": prefill,
         "tokens_per_word": counted / 800,
         "kv_tokens": kv_tokens,
@@ -108,8 +119,14 @@ def _gauge(text: str, name: str) -> int:
     raise ValueError(f"the engine's /metrics has no switchboard_engine_{name}")
 
 
-def fit(decode: dict[int, float], prefill: dict[int, float], tokens_per_word: float) -> dict[str, float]:
-    """Least squares of step ms = a + b n over the decode points; c from the prefill slope."""
+def fit(
+    decode: dict[int, float],
+    prefill: dict[int, float],
+    tokens_per_word: float,
+    context: dict[int, float] | None = None,
+) -> dict[str, float]:
+    """Least squares of step ms = a + b n over the decode points; c from the prefill slope; d (ms per
+    context token of a decoding stream) from one stream's step at a short and a long context."""
     ns = list(decode)
     step_ms = [1000 * n / decode[n] for n in ns]
     n_mean, s_mean = statistics.fmean(ns), statistics.fmean(step_ms)
@@ -119,11 +136,16 @@ def fit(decode: dict[int, float], prefill: dict[int, float], tokens_per_word: fl
     a = s_mean - b * n_mean
     words = sorted(prefill)
     c = (prefill[words[-1]] - prefill[words[0]]) * 1000 / ((words[-1] - words[0]) * tokens_per_word)
-    return {
+    out = {
         "step_base_ms": round(a, 3),
         "step_ms_per_stream": round(b, 3),
         "prefill_ms_per_token": round(c, 4),
     }
+    if context:
+        short, long = sorted(context)
+        d = (context[long] - context[short]) / ((long - short) * tokens_per_word)
+        out["decode_ms_per_context_token"] = round(max(0.0, d), 6)
+    return out
 
 
 async def measure_all(urls: list[str]) -> dict[str, object]:
@@ -137,6 +159,7 @@ async def measure_all(urls: list[str]) -> dict[str, object]:
     per_word = statistics.median(float(raw["tokens_per_word"]) for raw in raws)  # type: ignore[arg-type]
     return {
         "decode_tok_s": median_of("decode_tok_s"),
+        "decode_step_ms_by_context_words": median_of("decode_step_ms_by_context_words"),
         "prefill_ttft_s_by_words": median_of("prefill_ttft_s_by_words"),
         "tokens_per_word": per_word,
         "kv_tokens": raws[0]["kv_tokens"],
@@ -167,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     per_word = float(raw["tokens_per_word"])  # type: ignore[arg-type]
     decode = raw["decode_tok_s"]
     prefill = raw["prefill_ttft_s_by_words"]
-    assert isinstance(decode, dict) and isinstance(prefill, dict)
+    context = raw["decode_step_ms_by_context_words"]
+    assert isinstance(decode, dict) and isinstance(prefill, dict) and isinstance(context, dict)
     info = machine_info()
     result = {
         "source": "python -m bench.routing_eval.calibrate",
@@ -178,9 +202,12 @@ def main(argv: list[str] | None = None) -> None:
         "commit": info["commit"],
         "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "decode_tok_s": {str(k): round(v, 1) for k, v in decode.items()},
+        "decode_step_ms_by_context_tokens": {
+            str(round(w * per_word)): round(s, 2) for w, s in context.items()
+        },
         "prefill_ttft_s_by_tokens": {str(round(w * per_word)): round(s, 3) for w, s in prefill.items()},
         "kv_tokens": raw["kv_tokens"],
-        **fit(decode, prefill, per_word),
+        **fit(decode, prefill, per_word, context),
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -38,16 +38,35 @@ class StepModel:
     # curve measured by calibrate.py says what its engine had (float32 compute: half as many).
     kv_tokens: int = 23_296  # DEFAULT_KV_TOKENS
     prefix_caching: bool = True  # the engine's default (`--no-prefix-cache`: False)
+    # Each decoding stream's attention reads its whole context every step: this much more per context token
+    # (prompt and tokens so far). 0 for a curve measured before calibrate.py measured it.
+    decode_ms_per_context_token: float = 0.0
+
+    def step_ms(self, decoding: int, prefill_tokens: float, context_tokens: float = 0.0) -> float:
+        """One step's time: `decoding` streams, whose contexts hold `context_tokens` in all, each decode a
+        token, and `prefill_tokens` prompt tokens are computed."""
+        return (
+            self.step_base_ms
+            + self.step_ms_per_stream * decoding
+            + self.prefill_ms_per_token * prefill_tokens
+            + self.decode_ms_per_context_token * context_tokens
+        )
+
+    def full_batch_ms_per_token(self, prompt_tokens: float, output_tokens: float) -> float:
+        """Box ms per output token of one stream at full batch, for requests of this shape: its share of a
+        step, where every stream's context averages the prompt and half the output."""
+        n = self.max_batch
+        return self.step_ms(n, 0, n * (prompt_tokens + output_tokens / 2)) / n
 
     def aggregate_tok_s(self, streams: int) -> float:
-        return 1000 * streams / (self.step_base_ms + self.step_ms_per_stream * streams)
+        return 1000 * streams / self.step_ms(streams, 0)
 
     def scaled(self, factor: float, max_batch: int) -> StepModel:
         """The same engine on a box `factor` times slower (an edge node)."""
         return StepModel(
             self.step_base_ms * factor, self.step_ms_per_stream * factor, self.prefill_ms_per_token * factor,
             max_batch, self.max_prefill_tokens, self.block_size, f"{self.source}, x{factor:g} slower",
-            self.kv_tokens, self.prefix_caching,
+            self.kv_tokens, self.prefix_caching, self.decode_ms_per_context_token * factor,
         )  # fmt: skip
 
 
@@ -59,6 +78,7 @@ def load_curve(path: Path = CURVE_PATH) -> StepModel:
         float(data["prefill_ms_per_token"]),
         source=f"{data['engine']}, measured {data['measured']} (load {data['load_average']})",
         kv_tokens=int(data.get("kv_tokens", DEFAULT_KV_TOKENS)),
+        decode_ms_per_context_token=float(data.get("decode_ms_per_context_token", 0.0)),
     )
 
 
@@ -125,8 +145,7 @@ EDGE_NODES = 2
 
 def box_capacity_tok_s(model: StepModel, prompt_tokens: float, output_tokens: float) -> float:
     """Output tok/s one box sustains at full batch for requests of this mean shape (prefill included)."""
-    n = model.max_batch
-    decode_s = output_tokens * (model.step_base_ms + model.step_ms_per_stream * n) / n / 1000
+    decode_s = output_tokens * model.full_batch_ms_per_token(prompt_tokens, output_tokens) / 1000
     prefill_s = prompt_tokens * model.prefill_ms_per_token / 1000
     return output_tokens / (decode_s + prefill_s)
 

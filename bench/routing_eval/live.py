@@ -10,11 +10,13 @@ then its own message, so a turn starts with its previous turn's whole prompt, as
 simulator then replays the trace with each request's measured token counts on a fleet of the same shape.
 Edge-floor requests are left out (no edge node here). Run:
 `python -m bench.routing_eval.live [--minutes 2] [--load-boxes 4] [--curve PATH] [--shared-cores N]
-[--out docs/BENCHMARKS.md]`. The replicas share this machine's cores, so the closest simulation is the curve
-of one engine alone (`python -m bench.routing_eval.calibrate --engines 1 --out PATH`) with `--shared-cores`
-the machine's core count: a replica steps slower only while more are busy than there are cores. A curve
-measured with all three busy at once (`calibrate --engines 3`) charges every step for contention the replay
-has only at its peaks (docs/BENCHMARKS.md, "Reading the live check").
+[--contended-curve PATH] [--out docs/BENCHMARKS.md]`. The replicas share this machine's cores, so the
+closest simulation is the curve of one engine alone (`python -m bench.routing_eval.calibrate --engines 1
+--out PATH`) with `--shared-cores` the machine's core count: a replica steps slower only while more are busy
+than there are cores. A curve measured with all three busy at once (`calibrate --engines 3`) charges every
+step for contention the replay has only at its peaks (docs/BENCHMARKS.md, "Reading the live check"); given
+as `--contended-curve`, it is what a replica steps at while all three are busy (time slicing, caches and
+memory make that slower than busy / cores), blended in linearly from the cores' count of busy replicas.
 """
 
 from __future__ import annotations
@@ -257,6 +259,7 @@ def simulate_measured(
     curve: StepModel,
     system_tokens: Mapping[str, int],
     shared_cores: float | None = None,
+    contended: StepModel | None = None,
 ) -> list[Job]:
     """The simulator on the replayed requests with their measured token counts (an agent turn's shared
     system prompt as the engine's tokenizer counts it), same fleet shape."""
@@ -269,7 +272,8 @@ def simulate_measured(
         for j in jobs
     ]
     trace = sorted(measured, key=lambda r: r.arrival_s)
-    return Simulation(fleet, seed, shared_cores=shared_cores).run(trace, policy).jobs  # type: ignore[arg-type]
+    sim = Simulation(fleet, seed, shared_cores=shared_cores, contended=contended)
+    return sim.run(trace, policy).jobs  # type: ignore[arg-type]
 
 
 def _stats(jobs: list[Job], prefix_hit: float | None = None) -> dict[str, float]:
@@ -327,8 +331,16 @@ def main(argv: list[str] | None = None) -> None:
         help="simulate the replicas as one-thread processes sharing this many cores (give it a curve of one "
         "engine alone, `calibrate.py --engines 1`); default: each replica steps at the curve's rate",
     )  # fmt: skip
+    parser.add_argument(
+        "--contended-curve", type=Path, default=None,
+        help="with --shared-cores: the curve of all replicas busy at once (`calibrate.py --engines 3`), "
+        "which the simulated replicas step at while all are busy, instead of busy / cores slower",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.contended_curve and not args.shared_cores:
+        parser.error("--contended-curve needs --shared-cores (the cores the replicas share)")
     curve = load_curve(args.curve)
+    contended = load_curve(args.contended_curve) if args.contended_curve else None
     trace = live_trace(args.minutes, args.load_boxes, args.seed, curve)
     load = [round(os.getloadavg()[0], 2)]
     system_tokens = shared_system_tokens()
@@ -344,7 +356,9 @@ def main(argv: list[str] | None = None) -> None:
             load.append(round(os.getloadavg()[0], 2))
             after = prefix_counters(urls)
             hit = (after[1] - before[1]) / (after[0] - before[0]) if after[0] > before[0] else 0.0
-            simulated = simulate_measured(jobs, make(), args.seed, curve, system_tokens, args.shared_cores)
+            simulated = simulate_measured(
+                jobs, make(), args.seed, curve, system_tokens, args.shared_cores, contended
+            )
             results[policy.name] = (_stats(jobs, hit), _stats(simulated))
     for label, (live, sim) in results.items():
         rows += _row(label, live, sim)
@@ -358,8 +372,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Command: `python -m bench.routing_eval.live --minutes {args.minutes:g} "
         f"--load-boxes {args.load_boxes:g} --seed {args.seed} --curve {_rel(args.curve)}"
-        f"{f' --shared-cores {args.shared_cores:g}' if args.shared_cores else ''}{out}`. Curve: "
-        f"{curve.source}. {len(trace)} requests of "
+        f"{f' --shared-cores {args.shared_cores:g}' if args.shared_cores else ''}"
+        f"{f' --contended-curve {_rel(args.contended_curve)}' if args.contended_curve else ''}{out}`. Curve: "
+        f"{curve.source}{f'; all {REPLICAS} busy: {contended.source}' if contended else ''}. "
+        f"{len(trace)} requests of "
         f"`bursty-agents` (outputs capped at {MAX_OUTPUT} tokens, edge-floor requests left out), open loop; "
         f"{REPLICAS} engine replicas "
         f"(`{' '.join(engine_cmd(0)[3:])}`) and the cloud fake (TTFT {CLOUD_MODEL.ttft_median_ms:.0f} ms, "

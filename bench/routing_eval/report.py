@@ -118,8 +118,7 @@ def evaluate(trace: list[Request], model: StepModel, duration_s: float, seed: in
 
 def _box_s(model: StepModel, prompt_tokens: float, output_tokens: float) -> float:
     """Seconds of one box at full batch a request of this shape takes (its prompt uncached)."""
-    n = model.max_batch
-    per_token_ms = (model.step_base_ms + model.step_ms_per_stream * n) / n
+    per_token_ms = model.full_batch_ms_per_token(prompt_tokens, output_tokens)
     return (output_tokens * per_token_ms + prompt_tokens * model.prefill_ms_per_token) / 1000
 
 

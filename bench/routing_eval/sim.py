@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
 
-from bench.routing_eval.fleet import BoxSpec, Fleet
+from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel
 from bench.routing_eval.prefix_model import PrefixCache
 from bench.routing_eval.workload import Request
 
@@ -51,6 +51,10 @@ class Box:
     t: float = 0.0
     version: int = 0
     slowdown: float = 1.0  # > 1 while boxes sharing cores outnumber them (Simulation's shared_cores)
+    # With a measured curve of every box busy at once (Simulation's `contended`): how far its step time is
+    # blended in (0: the box's own curve, 1: the contended one), instead of `slowdown`.
+    contended: StepModel | None = None
+    blend: float = 0.0
     busy_s: float = 0.0
     prefill_computed: int = 0
     decoded: int = 0
@@ -79,11 +83,15 @@ class Box:
         m = self.spec.model
         pending = sum(j.prefill_left for j in self.prefilling)
         chunk = min(m.max_prefill_tokens, pending)
-        step_s = (
-            (m.step_base_ms + m.step_ms_per_stream * len(self.decoding) + m.prefill_ms_per_token * chunk)
-            * self.slowdown
-            / 1000
+        context = (
+            sum(j.req.prompt_tokens + j.req.output_tokens - j.decode_left for j in self.decoding)
+            if m.decode_ms_per_context_token
+            else 0.0
         )
+        step_ms = m.step_ms(len(self.decoding), chunk, context)
+        if self.blend and self.contended is not None:
+            step_ms += self.blend * (self.contended.step_ms(len(self.decoding), chunk, context) - step_ms)
+        step_s = step_ms * self.slowdown / 1000
         return step_s, 1 / step_s, chunk / step_s
 
     def advance(self, now: float) -> None:
@@ -205,13 +213,24 @@ class Result:
 class Simulation:
     """One policy over one trace on one fleet. Read-only state for policies: `boxes`, `cloud_in_flight`."""
 
-    def __init__(self, fleet: Fleet, seed: int, *, shared_cores: float | None = None) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        seed: int,
+        *,
+        shared_cores: float | None = None,
+        contended: StepModel | None = None,
+    ) -> None:
         """`shared_cores`: the boxes are one-thread processes on this many cores (the live replay's engine
         replicas on one machine), so while more of them are busy than there are cores each steps that much
-        slower; None: every box has its own hardware (the fleets of the evaluation)."""
+        slower; None: every box has its own hardware (the fleets of the evaluation). `contended`, with
+        `shared_cores`: the step model measured with every box busy at once (`calibrate --engines N`), which
+        time slicing, caches and memory make slower than busy / cores; while more boxes are busy than there
+        are cores, a box's step time moves from its own curve towards that one, reaching it with all busy."""
         self.fleet = fleet
         self.shared_cores = shared_cores
-        self.boxes = {b.name: Box(b) for b in fleet.boxes}
+        self.boxes = {b.name: Box(b, contended=contended) for b in fleet.boxes}
+        self._contended = contended is not None
         self.cloud_in_flight = 0
         self.rng = random.Random(seed)
         self._heap: list[tuple[float, int, str, int, Job | None]] = []
@@ -233,11 +252,14 @@ class Simulation:
         if self.shared_cores is None:
             return
         busy = sum(1 for b in self.boxes.values() if b.running)
-        slowdown = max(1.0, busy / self.shared_cores)
+        slowdown, blend = max(1.0, busy / self.shared_cores), 0.0
+        if self._contended:
+            over = len(self.boxes) - self.shared_cores  # boxes past the cores when all are busy
+            slowdown, blend = 1.0, min(1.0, max(0.0, busy - self.shared_cores) / over) if over > 0 else 0.0
         for box in self.boxes.values():
-            if box.slowdown != slowdown:
+            if box.slowdown != slowdown or box.blend != blend:
                 box.advance(now)
-                box.slowdown = slowdown
+                box.slowdown, box.blend = slowdown, blend
                 self._reschedule(box)
 
     def _dispatch(self, req: Request, target: str, now: float, counted_prompt: int = -1) -> Job:

@@ -245,6 +245,55 @@ def test_boxes_sharing_cores_step_slower_only_while_more_are_busy_than_there_are
     assert e2e(pair[:1], 1) == pytest.approx(alone[:1])
 
 
+def test_with_a_contended_curve_boxes_step_at_it_only_while_all_are_busy() -> None:
+    # One shared core, two boxes. With a curve measured with both busy (here 3x slower than alone, where
+    # busy / cores would say 2x) both answers take 3x as long; a lone answer runs at its own curve.
+    pair = [dataclasses.replace(BASE, rid=i, prefix_key=f"p{i}", session=-1) for i in range(2)]
+    slow = dataclasses.replace(
+        MODEL, step_base_ms=3 * MODEL.step_base_ms, step_ms_per_stream=3 * MODEL.step_ms_per_stream,
+        prefill_ms_per_token=3 * MODEL.prefill_ms_per_token,
+    )  # fmt: skip
+
+    def e2e(reqs: list[Request], contended: StepModel | None) -> list[float]:
+        fleet = make_fleet(MODEL, 2, "test")
+        fleet = dataclasses.replace(fleet, boxes=fleet.owned)
+        sim = Simulation(fleet, seed=1, shared_cores=1 if contended else None, contended=contended)
+        return [j.e2e_s for j in sim.run(reqs, _Alternate()).jobs]
+
+    alone = e2e(pair, None)
+    assert e2e(pair, slow) == pytest.approx([3 * t for t in alone], rel=1e-6)
+    assert e2e(pair[:1], slow) == pytest.approx(alone[:1])
+
+
+def test_a_decoding_streams_step_grows_with_its_context() -> None:
+    # d ms per context token: after its 700-token prompt, a stream's 2 remaining tokens each take
+    # a + b + d x its context (~701 tokens) instead of a + b; its first token comes as before.
+    req = dataclasses.replace(BASE, prefix_key="p", session=-1, output_tokens=3)
+
+    def job(d: float) -> tuple[float, float]:
+        fleet = make_fleet(dataclasses.replace(MODEL, decode_ms_per_context_token=d), 1, "test")
+        done = Simulation(dataclasses.replace(fleet, boxes=fleet.owned), seed=1).run([req], _Alternate()).jobs
+        return done[0].ttft_s, done[0].e2e_s
+
+    (ttft0, e2e0), (ttft1, e2e1) = job(0.0), job(0.01)
+    assert ttft1 == pytest.approx(ttft0)
+    assert e2e1 - e2e0 == pytest.approx(2 * 0.01 * 701 / 1000, rel=1e-3)
+
+
+def test_calibrate_fits_the_step_model_from_its_measurements() -> None:
+    from bench.routing_eval.calibrate import fit
+
+    decode = {n: 1000 * n / (12.0 + 5.0 * n) for n in (1, 2, 4, 8)}  # a = 12 ms, b = 5 ms a stream
+    prefill = {50: 0.1, 850: 0.5}  # seconds to the first token: 0.5 ms a token at 1 token a word
+    context = {20: 17.0, 1220: 29.0}  # one stream's step at 20 and 1220 context tokens: 0.01 ms a token
+    got = fit(decode, prefill, 1.0, context)
+    assert got == pytest.approx(
+        {"step_base_ms": 12.0, "step_ms_per_stream": 5.0, "prefill_ms_per_token": 0.5,
+         "decode_ms_per_context_token": 0.01}
+    )  # fmt: skip
+    assert "decode_ms_per_context_token" not in fit(decode, prefill, 1.0)  # an older curve's fit
+
+
 def test_late_requests_are_told_apart_by_what_could_have_saved_them() -> None:
     from bench.routing_eval.report import late_kinds
     from bench.routing_eval.sim import Job
