@@ -26,7 +26,7 @@ from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel
 from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.workload import TEAMS, Request
 from routing.decision import Price, RouteDecision
-from routing.fleet import Capacity, holds_prefix, stable_hash64, tail_factor
+from routing.fleet import Capacity, holds_prefix, lateness, stable_hash64, tail_factor
 from routing.scoring import choose
 from routing.snapshot import (
     DeploymentSpec,
@@ -299,4 +299,4 @@ class Switchboard:
             self._written[job.target] = self._written.get(job.target, 0) + job.req.output_tokens
         predicted = self.predicted_ttft_ms.get(job.req.rid, 0.0)
         if self.tail_aware and predicted > 0 and self.routed_to.get(job.req.rid) == job.target:
-            seen.add_ratio(job.ttft_s * 1000 / predicted)
+            seen.add_ratio(lateness(job.ttft_s * 1000, predicted))

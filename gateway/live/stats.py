@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from routing.fleet import tail_factor
+from routing.fleet import lateness, tail_factor
 
 DEFAULT_ALPHA = 0.2  # moves 90% of the way to a new steady value in 11 observations
 DEFAULT_WINDOW = 256
@@ -177,7 +177,7 @@ class _Live:
         self.recent_at_s = 0.0
         self.latencies = _Ring(window)
         self.ttfts = _Ring(window)
-        self.lateness = _Ring(window)  # measured / predicted TTFT of requests routing predicted
+        self.lateness = _Ring(window)  # routing.fleet.lateness of requests routing predicted
         self.kv_written = 0  # prompt tokens sent to be computed and tokens generated here, since start
         self.engine: _Engine | None = None
         self.cached: LiveStats | None = None  # valid for now_s in [cached_from_s, cached_until_s]
@@ -262,7 +262,8 @@ class StatsBook:
         """One finished request. For streams pass `ttft_ms`; `decode_ms` (time after the first token)
         defaults to `latency_ms - ttft_ms`. Decode rate counts the tokens after the first one, since the
         first token's time is TTFT: (completion_tokens - 1) / decode time. `predicted_ttft_ms` (> 0: what
-        routing predicted for it here) adds measured / predicted to the lateness behind `ttft_tail_factor`."""
+        routing predicted for it here) adds `routing.fleet.lateness` (measured against predicted) to the
+        samples behind `ttft_tail_factor`."""
         live = self._get(deployment_id)
         a = self._alpha
         live.samples += 1
@@ -283,7 +284,7 @@ class StatsBook:
         live.ttft_ms += a * (ttft_ms - live.ttft_ms)
         live.ttfts.push(ttft_ms)
         if predicted_ttft_ms > 0:
-            live.lateness.push(ttft_ms / predicted_ttft_ms)
+            live.lateness.push(lateness(ttft_ms, predicted_ttft_ms))
         if decode_ms is None:
             decode_ms = latency_ms - ttft_ms
         if completion_tokens >= 2 and decode_ms > 0:

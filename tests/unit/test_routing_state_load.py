@@ -5,13 +5,15 @@ scripted backends; no I/O."""
 
 from __future__ import annotations
 
+import pytest
+
 from backends.base import BackendKind
 from gateway.config import parse_config
 from gateway.live.state import RoutingState, build_specs
 from gateway.pipeline.attempt import DeploymentUse
 from gateway.pipeline.dispatch import _predicted_ttft_ms
 from routing.decision import FREE, Deployment
-from routing.fleet import TAIL_MIN_SAMPLES
+from routing.fleet import TAIL_MIN_SAMPLES, lateness
 from routing.privacy import PrivacyTier
 from routing.scoring import choose
 from routing.snapshot import RouteRequest
@@ -74,11 +76,13 @@ def test_requests_that_run_later_than_predicted_raise_the_tail_factor() -> None:
         use.prefilled()
         use.finish(ok=True, counted=True, now_s=i + 0.5, ttft_ms=250.0, completion_tokens=10)
         factor = routing.snapshot(1000.0 + i).deployments["m@b0"][1].ttft_tail_factor
-        assert factor == (2.5 if i + 1 >= TAIL_MIN_SAMPLES else 1.0)
+        assert factor == pytest.approx(lateness(250.0, 100.0) if i + 1 >= TAIL_MIN_SAMPLES else 1.0)
     # Without a prediction (a fixed route) or without a first token, nothing is added.
     use = DeploymentUse.begin(dep, "m", routing, 50.0, 400)
     use.finish(ok=True, counted=True, now_s=51.0, ttft_ms=5000.0, completion_tokens=10)
-    assert routing.snapshot(2000.0).deployments["m@b0"][1].ttft_tail_factor == 2.5
+    assert routing.snapshot(2000.0).deployments["m@b0"][1].ttft_tail_factor == pytest.approx(
+        lateness(250, 100)
+    )
     assert routing.snapshot(2000.0).deployments["m@b1"][1].ttft_tail_factor == 1.0
 
 

@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 
 from backends.base import BackendKind
-from routing.fleet import TAIL_MIN_SAMPLES, Capacity, holds_prefix, tail_factor
+from routing.fleet import TAIL_MIN_SAMPLES, Capacity, holds_prefix, lateness, tail_factor
 from routing.privacy import PrivacyTier as T
 from routing.scoring import choose
 from routing.snapshot import (
@@ -42,6 +42,16 @@ def req(prompt: int, floor: T = T.EXTERNAL, **extra: object) -> RouteRequest:
 
 
 # ---- the tail factor ---------------------------------------------------------------------------------------
+
+
+def test_lateness_weighs_a_first_tokens_fixed_wait_less_on_a_short_prediction() -> None:
+    # 170 ms later than predicted: most of an 80 ms prediction, little of a 2 s one, and the factor that
+    # the long prediction is multiplied by should not come from the short one's step wait.
+    assert lateness(250.0, 80.0) == pytest.approx(500 / 330)
+    assert lateness(250.0, 80.0) < 250.0 / 80.0
+    assert lateness(2170.0, 2000.0) == pytest.approx(2420 / 2250)
+    assert lateness(6000.0, 2000.0) == pytest.approx(6250 / 2250)  # a queue running late still shows
+    assert lateness(100.0, 100.0) == 1.0
 
 
 def test_tail_factor_is_the_90th_percentile_of_lateness_and_never_below_one() -> None:
