@@ -126,7 +126,9 @@ def test_slow_heads_are_answered_408_and_closed_within_the_timeout_while_others_
                 served_in_s = time.monotonic() - started
         assert sorted(closed_after_s) == [0, 1, 2, 3], f"still open after 6 s: {closed_after_s}"
         # The timeout is 1 s; the slack is for a loaded 2-core machine (the finding: still open after 75 s).
-        assert all(1.0 <= t < 4.0 for t in closed_after_s.values()), closed_after_s
+        # Below: uvicorn's loop is uvloop when installed, whose timers run on libuv's millisecond clock, read
+        # once per loop iteration, so a 1 s timer may fire up to ~1 ms early (0.9999 s was seen in CI).
+        assert all(0.998 <= t < 4.0 for t in closed_after_s.values()), closed_after_s
         assert all(status_of(a) == 408 and b"request_timeout" in a for a in answers.values())
         assert served_in_s is not None and served_in_s < 2.0
         assert read_all(silent, timeout_s=2.0) == b""  # the idle connection is closed quietly
