@@ -1,10 +1,13 @@
 """What the live replay sends: each request's chat messages, and how many leading tokens they share.
 
 An agent turn sends its conversation: the agent kind's system prompt, then each earlier turn's message and
-a reply standing in for that turn's answer (a turn whose history was cut short gets a stand-in of that
-size, its own), then its own message; so a turn starts with its previous turn's whole prompt, as in the
-trace (`workload.Request.follows`). Other requests send their team's short system prompt and a message.
-Deterministic: the same request always sends the same text.
+its answer, then its own message; so a turn starts with its previous turn's whole prompt and answer, as in
+the trace (`workload.Request.follows`). The answer is the one the replay got back for that turn, as an
+agent loop sends it (so a replica that served the turn holds its blocks: the engine caches generated
+tokens too), or, where the replay has none yet (the turn is still running, or failed), a stand-in of the
+trace's length. A turn whose history was cut short gets a stand-in of that size, its own. Other requests
+send their team's short system prompt and a message. Without answers, deterministic: the same request
+always sends the same text.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ def team_system(team: str) -> str:
     return f"You help the {team} team."
 
 
-def messages_of(req: Request, by_rid: Mapping[int, Request], run: int = 0) -> list[dict[str, str]]:
-    """What `req` sends; an agent turn repeats its previous turn's messages exactly (`by_rid`: the trace).
-    Each replay (`run`) opens every system prompt with its own tag, so no replay finds the blocks an earlier
-    one left in the engines' prefix caches."""
+def messages_of(
+    req: Request, by_rid: Mapping[int, Request], run: int = 0, answers: Mapping[int, str] | None = None
+) -> list[dict[str, str]]:
+    """What `req` sends; an agent turn repeats its previous turn's messages exactly (`by_rid`: the trace),
+    then that turn's answer (`answers`, by rid: what the replay got back; else a stand-in). Each replay
+    (`run`) opens every system prompt with its own tag, so no replay finds the blocks an earlier one left
+    in the engines' prefix caches."""
     new = req.prompt_tokens - req.prefix_tokens - req.history_tokens
     pad = filler(random.Random(req.rid), max(0, new - 40))
     user = {"role": "user", "content": f"{req.text}\n{pad}"}
@@ -38,8 +44,10 @@ def messages_of(req: Request, by_rid: Mapping[int, Request], run: int = 0) -> li
         return [{"role": "system", "content": run_tag(run) + team_system(req.team)}, user]
     prev = by_rid.get(req.follows)
     if prev is not None:
-        reply = filler(random.Random(-1 - prev.rid), prev.output_tokens)  # the answer's stand-in
-        return [*messages_of(prev, by_rid, run), {"role": "assistant", "content": reply}, user]
+        reply = (answers or {}).get(prev.rid)
+        if reply is None:
+            reply = filler(random.Random(-1 - prev.rid), prev.output_tokens)  # the answer's stand-in
+        return [*messages_of(prev, by_rid, run, answers), {"role": "assistant", "content": reply}, user]
     head = [{"role": "system", "content": run_tag(run) + SYSTEM_TEXT[req.prefix_key.split(":", 1)[1]]}]
     if req.history_tokens:  # cut short: what is left of the conversation, its own
         summary = filler(random.Random(-1 - req.rid), req.history_tokens)

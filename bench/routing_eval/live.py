@@ -4,9 +4,10 @@ Three `switchboard engine serve --threads 1` replicas (SmolLM2) and the loopback
 its TTFT and tok/s knobs set to the simulator's cloud medians) serve a short `bursty-agents` trace, open
 loop at its arrival times. A policy (the same `Switchboard` adapter the simulator uses, or round-robin over
 the replicas) places each request from live counts; responses stream, and TTFT, latency and usage are
-measured. An agent turn sends its conversation: the system prompt, then each earlier turn's message and a
-reply standing in for that turn's answer (a turn whose history was cut short gets a stand-in of that size),
-then its own message, so a turn starts with its previous turn's whole prompt, as in the trace. The
+measured. An agent turn sends its conversation: the system prompt, then each earlier turn's message and
+the answer the replay got for it (a stand-in of the trace's length while that turn still runs; a turn whose
+history was cut short gets a stand-in of that size), then its own message, so a turn starts with its
+previous turn's whole prompt and answer, as in the trace and as an agent loop sends it. The
 simulator then replays the trace with each request's measured token counts on a fleet of the same shape.
 Edge-floor requests are left out (no edge node here). Run:
 `python -m bench.routing_eval.live [--minutes 2] [--load-boxes 4] [--curve PATH] [--shared-cores N]
@@ -101,7 +102,7 @@ async def _send(
     messages: list[dict[str, str]],
     req: Request,
     on_first: Callable[[], None],
-) -> tuple[float, float, int, int]:
+) -> tuple[float, float, int, int, str]:
     body = {
         "model": model,
         "messages": messages,
@@ -111,6 +112,7 @@ async def _send(
     }
     started = time.perf_counter()
     first, usage = 0.0, {"prompt_tokens": 0, "completion_tokens": 0}
+    text: list[str] = []
     async with client.stream("POST", url, json=body) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
@@ -119,17 +121,29 @@ async def _send(
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            if not first and chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
-                first = time.perf_counter() - started
-                on_first()
+            content = chunk["choices"][0].get("delta", {}).get("content") if chunk.get("choices") else None
+            if content:
+                text.append(content)
+                if not first:
+                    first = time.perf_counter() - started
+                    on_first()
     total = time.perf_counter() - started
-    return first or total, total, usage["prompt_tokens"], usage["completion_tokens"]
+    return first or total, total, usage["prompt_tokens"], usage["completion_tokens"], "".join(text)
 
 
 async def replay(
-    trace: list[Request], policy: object, view: LiveView, urls: dict[str, str], run: int = 0
+    trace: list[Request],
+    policy: object,
+    view: LiveView,
+    urls: dict[str, str],
+    run: int = 0,
+    answered: list[int] | None = None,
 ) -> list[Job]:
+    """Each request at its arrival time, placed by `policy`; an agent turn sends back the answers its session
+    got so far (`conversation.messages_of`). `answered`, if given, gets the rids of the turns that sent their
+    previous turn's real answer (the rest sent a stand-in: it was still running)."""
     jobs: list[Job] = []
+    answers: dict[int, str] = {}
     by_rid = {r.rid: r for r in trace}
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -152,8 +166,13 @@ async def replay(
                     view.first_token(target, held.pop())
 
             try:
-                messages = messages_of(req, by_rid, run)
-                ttft, total, p_tok, o_tok = await _send(client, urls[target], model, messages, req, prefilled)
+                messages = messages_of(req, by_rid, run, answers)
+                if answered is not None and req.follows in answers:
+                    answered.append(req.rid)
+                ttft, total, p_tok, o_tok, text = await _send(
+                    client, urls[target], model, messages, req, prefilled
+                )
+                answers[req.rid] = text
             finally:
                 prefilled()
                 view.end(target)
@@ -347,12 +366,15 @@ def main(argv: list[str] | None = None) -> None:
     fleet = make_fleet(curve, REPLICAS, "live")
     rows: list[str] = []
     results = {}
+    resent: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="sb-eval-live-") as tmp, rig(Path(tmp)) as urls:
         for run, make in enumerate((Switchboard, _replicas_only, RoundRobinReplicas), 1):
             policy = make()
             view = LiveView(dataclasses.replace(fleet, boxes=fleet.owned))
             before = prefix_counters(urls)
-            jobs = asyncio.run(replay(trace, policy, view, urls, run))
+            answered: list[int] = []
+            jobs = asyncio.run(replay(trace, policy, view, urls, run, answered))
+            resent[policy.name] = len(answered)
             load.append(round(os.getloadavg()[0], 2))
             after = prefix_counters(urls)
             hit = (after[1] - before[1]) / (after[0] - before[0]) if after[0] > before[0] else 0.0
@@ -363,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, (live, sim) in results.items():
         rows += _row(label, live, sim)
     sb, rr = results[REPLICAS_ONLY][0], results["round-robin"][0]
+    followups = sum(1 for r in trace if r.follows >= 0)
     speedup = rr["agent_ttft_p50"] / sb["agent_ttft_p50"] if sb["agent_ttft_p50"] else float("nan")
     info = machine_info()
     out = f" --out {args.out}" if args.out else ""
@@ -390,6 +413,10 @@ def main(argv: list[str] | None = None) -> None:
         f"`{REPLICAS_ONLY}` {sb['agent_ttft_p50']:.0f} ms: {speedup:.2f}x (goal >= 2x): "
         f"{'met' if speedup >= 2 else '**not met**'}. Both place every request on the 3 replicas (the cloud "
         "reads as unhealthy to that Switchboard run), so the difference is placement, not overflow.",
+        f"- Agent turns that follow an earlier turn: {followups}; of them, sent back the real answer of that "
+        f"turn (the rest a stand-in: it was still running): "
+        + ", ".join(f"{name} {n}" for name, n in resent.items())
+        + ".",
     ]
     text = "\n".join(lines)
     print(text)

@@ -4,13 +4,14 @@ The engine keeps a finished request's full KV blocks cached (evictable, least re
 new request reuses its longest cached block-prefix (`backends/local/engine/prefix_cache.py`). A trace
 knows which requests share leading tokens: every request with a prefix key starts with that key's
 `prefix_tokens` (an agent kind's system prompt, a team's), and an agent turn starts with the whole prompt
-of each earlier turn of its session since its history was last cut (`ancestors`; `follows` is the latest),
-so a box that served any of them holds that much of it, as the engine's block-prefix match finds. So a
-box holds entries "prefix key", "turn rid" and, for every
-other finished request, "done rid" (its blocks too stay cached, though nothing asks for them again), in LRU
-order, each charged the KV tokens it added; when entries and running requests pass the box's KV cache,
-the least recently used go, a system prompt with the turns under it (the engine evicts a block together
-with every block indexed under it). Whole blocks only; the last prompt token is always computed.
+and answer of each earlier turn of its session since its history was last cut (`ancestors`; `follows` is
+the latest): the engine caches a sequence's generated tokens' blocks too, and an agent sends its model's
+answer back. So a box that served any of them holds that much of it, as the engine's block-prefix match
+finds, and it holds entries "prefix key", "turn rid" and, for every other finished request, "done rid" (its
+blocks too stay cached, though nothing asks for them again), in LRU order, each charged the KV tokens it
+added; when entries and running requests pass the box's KV cache, the least recently used go, a system
+prompt with the turns under it (the engine evicts a block together with every block indexed under it).
+Whole blocks only; the last prompt token is always computed.
 """
 
 from __future__ import annotations
@@ -75,8 +76,12 @@ class PrefixCache:
         own = req.prompt_tokens + req.output_tokens - max(cached_tokens, req.prefix_tokens if parent else 0)
         # Every finished request's blocks stay cached, as in the engine, and take their share of the KV cache;
         # only an agent turn's are ever asked for again (by the turn that follows it).
+        # A turn's answer is cached too: the engine indexes every full computed block of a sequence, its
+        # generated tokens' included (all but the last sampled one, which is never fed back), and the next
+        # turn sends that answer back after the prompt (`workload`: history grows by message and answer).
         name = f"turn:{req.rid}" if req.session >= 0 else f"done:{req.rid}"
-        self._put(name, _Entry(req.prompt_tokens // bs * bs, max(0, own), parent))
+        computed = req.prompt_tokens + req.output_tokens - 1
+        self._put(name, _Entry(computed // bs * bs, max(0, own), parent))
         self._evict(running_tokens)
 
     def _touch(self, key: str) -> None:

@@ -111,11 +111,13 @@ def test_without_prefix_caching_prefix_blocks_are_shared_only_while_a_holder_run
     assert _cached(model, [BASE, concurrent, later]) == {0: 0, 1: 640, 2: 0}
 
 
-def test_a_finished_turns_prompt_stays_cached_for_the_next_turn_until_evicted() -> None:
+def test_a_finished_turns_prompt_and_answer_stay_cached_for_the_next_turn_until_evicted() -> None:
     later = dataclasses.replace(BASE, rid=1, arrival_s=500.0)  # the system prompt stays cached
     turn = dataclasses.replace(BASE, rid=2, arrival_s=600.0, prompt_tokens=990, history_tokens=300, follows=0)
     other = dataclasses.replace(BASE, rid=3, arrival_s=601.0, prefix_key="agent:triage", session=1)
-    assert _cached(MODEL, [BASE, later, turn, other]) == {0: 0, 1: 640, 2: 688, 3: 0}  # 700 -> 43 blocks
+    # Turn 0's prompt and answer: 700 + 200 - 1 computed tokens (the last sampled one is never fed back) ->
+    # 56 blocks of 16.
+    assert _cached(MODEL, [BASE, later, turn, other]) == {0: 0, 1: 640, 2: 896, 3: 0}
     # A cache of 1000 tokens: the first session's entries go when the other session's prompt needs room.
     small = dataclasses.replace(MODEL, kv_tokens=1000)
     other = dataclasses.replace(other, arrival_s=100.0)
@@ -138,9 +140,9 @@ def test_a_turn_finds_the_earlier_turns_a_box_served_though_the_last_went_elsewh
     third = dataclasses.replace(BASE, rid=2, arrival_s=600.0, prompt_tokens=1300, follows=1, ancestors=(1, 0))
     result = Simulation(make_fleet(MODEL, 1, "test"), seed=1).run([BASE, second, third], _ByRid())
     cached = {j.req.rid: (j.target, j.cached_tokens) for j in result.jobs}
-    # The cloud served turn 1; engine-0 still holds turn 0's whole prompt (700 -> 43 blocks), not only the
-    # system prompt (640).
-    assert cached == {0: ("engine-0", 0), 1: (CLOUD, 0), 2: ("engine-0", 688)}
+    # The cloud served turn 1; engine-0 still holds turn 0's whole prompt and answer (899 computed tokens ->
+    # 56 blocks), not only the system prompt (640).
+    assert cached == {0: ("engine-0", 0), 1: (CLOUD, 0), 2: ("engine-0", 896)}
 
 
 @dataclasses.dataclass
@@ -192,6 +194,12 @@ def test_an_agent_turn_sends_its_previous_turns_messages_then_its_own(trace: lis
     for turn in follows[:20]:
         prev, mine = messages_of(by_rid[turn.follows], by_rid, 1), messages_of(turn, by_rid, 1)
         assert mine[: len(prev)] == prev and mine[len(prev)]["role"] == "assistant"
+    # Given the answer the replay got for the previous turn, a turn sends that back, as an agent loop does.
+    turn = follows[0]
+    prev = messages_of(by_rid[turn.follows], by_rid, 1)
+    answer = {"role": "assistant", "content": "The real answer."}
+    mine = messages_of(turn, by_rid, 1, {turn.follows: answer["content"]})
+    assert mine[: len(prev)] == prev and mine[len(prev)] == answer
     first = next(r for r in trace if r.session >= 0 and r.history_tokens == 0)
     assert [m["role"] for m in messages_of(first, by_rid)] == ["system", "user"]
     assert messages_of(first, by_rid, 1)[0] != messages_of(first, by_rid, 2)[0]  # replays share no block
