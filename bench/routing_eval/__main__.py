@@ -33,6 +33,7 @@ def models(which: str) -> dict[str, StepModel]:
     cheap = dataclasses.replace(
         measured,
         prefill_ms_per_token=measured.prefill_ms_per_token / DECODE_BOUND_PREFILL_FACTOR,
+        prefill_ms_per_context_token=measured.prefill_ms_per_context_token / DECODE_BOUND_PREFILL_FACTOR,
         source=f"{measured.source}; prefill {DECODE_BOUND_PREFILL_FACTOR}x cheaper (assumed, not measured)",
     )
     both = {"measured": measured, "decode-bound": cheap}
@@ -58,11 +59,12 @@ def _setup(args: argparse.Namespace, boxes: dict[str, StepModel]) -> list[str]:
         "(`bench/routing_eval/switchboard.py`).",
         "",
         "Fleet. Owned engine boxes run the bundled engine's step model (`step ms = a + b x streams + c x "
-        "prompt tokens + d x the decoding streams' context tokens`, 8 slots, 512 prompt tokens per step, "
+        "prompt tokens + d x the decoding streams' context tokens + e x the prompt tokens' positions`, 8 "
+        "slots, 512 prompt tokens per step, "
         "the engine's prefix cache: blocks shared "
         "with running requests and kept after a request ends, LRU within the engine's KV cache "
         f"({next(iter(boxes.values())).kv_tokens} tokens); an agent "
-        "turn extends its previous turn's prompt) "
+        "turn extends its previous turn's prompt and answer) "
         f"at {BOX_USD_PER_HOUR} USD/h each; {EDGE_NODES} edge nodes (2x slower, "
         f"4 slots) at "
         f"{EDGE_USD_PER_HOUR} USD/h; the cloud `{CLOUD.name}` at {CLOUD.input_usd_per_mtok} / "
@@ -70,13 +72,14 @@ def _setup(args: argparse.Namespace, boxes: dict[str, StepModel]) -> list[str]:
         f"(median {CLOUD.ttft_median_ms:.0f} ms), {CLOUD.decode_tok_s:.0f} tok/s per stream, no queue.",
         "",
         "| box model | a ms | b ms per stream | c ms per prompt token | d µs per context token "
-        "| 1 / 8 streams tok/s | source |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| e µs per position | 1 / 8 streams tok/s | source |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, m in boxes.items():
         lines.append(
             f"| {name} | {m.step_base_ms:.1f} | {m.step_ms_per_stream:.2f} | {m.prefill_ms_per_token:.3f} | "
-            f"{1000 * m.decode_ms_per_context_token:.2f} | {m.aggregate_tok_s(1):.0f} / "
+            f"{1000 * m.decode_ms_per_context_token:.2f} | {1000 * m.prefill_ms_per_context_token:.2f} | "
+            f"{m.aggregate_tok_s(1):.0f} / "
             f"{m.aggregate_tok_s(8):.0f} | {m.source} |"
         )
     lines += [

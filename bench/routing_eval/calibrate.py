@@ -5,7 +5,9 @@ One `switchboard engine serve --threads 1` process (SmolLM2-135M, float32 comput
 its OpenAI API with streams: decode at 1, 2, 4 and 8 concurrent streams, and long prompts alone (prefill). The
 fit is the engine scheduler's step: `step_ms = a + b * decoding + c * prefill tokens`, so one stream decodes
 at 1000 / (a + b) tok/s and n streams at n * 1000 / (a + b n); each decoding stream adds d per token of its
-context (one stream's step at ~20 and ~1,200 context tokens). Writes `bench/data/routing_eval_curve.json`.
+context (one stream's step at ~20 and ~1,200 context tokens), and each prompt token e per token before it
+(the time to the first token of prompts of ~50, ~400 and ~800 tokens: c x tokens + e x tokens^2 / 2).
+Writes `bench/data/routing_eval_curve.json`.
 Run: `python -m bench.routing_eval.calibrate [--engines N] [--out PATH]` (about 1 min). `--engines N` measures
 N engines at once, each under the others' load (the median of each figure): the conditions of a live replay on
 N replicas. The engines run with `--no-prefix-cache`: the prompts share leading words, and the curve is the
@@ -125,8 +127,10 @@ def fit(
     tokens_per_word: float,
     context: dict[int, float] | None = None,
 ) -> dict[str, float]:
-    """Least squares of step ms = a + b n over the decode points; c from the prefill slope; d (ms per
-    context token of a decoding stream) from one stream's step at a short and a long context."""
+    """Least squares of step ms = a + b n over the decode points; c from the prefill slope, or with three
+    prefill points c and e (ms per token before a prompt token) from TTFT = k + c T + e T^2 / 2 through
+    them (e = 0 where noise bends it down); d (ms per context token of a decoding stream) from one
+    stream's step at a short and a long context."""
     ns = list(decode)
     step_ms = [1000 * n / decode[n] for n in ns]
     n_mean, s_mean = statistics.fmean(ns), statistics.fmean(step_ms)
@@ -136,11 +140,20 @@ def fit(
     a = s_mean - b * n_mean
     words = sorted(prefill)
     c = (prefill[words[-1]] - prefill[words[0]]) * 1000 / ((words[-1] - words[0]) * tokens_per_word)
+    e = None
+    if len(words) == 3:
+        t1, t2, t3 = (w * tokens_per_word for w in words)
+        y1, y2, y3 = (1000 * prefill[w] for w in words)
+        s12, s23 = (y2 - y1) / (t2 - t1), (y3 - y2) / (t3 - t2)
+        e = max(0.0, 2 * (s23 - s12) / (t3 - t1))
+        c = (y3 - y1) / (t3 - t1) - e * (t1 + t3) / 2
     out = {
         "step_base_ms": round(a, 3),
         "step_ms_per_stream": round(b, 3),
         "prefill_ms_per_token": round(c, 4),
     }
+    if e is not None:
+        out["prefill_ms_per_context_token"] = round(e, 7)
     if context:
         short, long = sorted(context)
         d = (context[long] - context[short]) / ((long - short) * tokens_per_word)

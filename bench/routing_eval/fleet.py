@@ -2,10 +2,12 @@
 
 An owned box runs the bundled engine's scheduler as a fluid: each step decodes one token for every running
 stream and computes up to `max_prefill_tokens` prompt tokens, and lasts `a + b * streams + c * prompt
-tokens` ms. a, b and c come from `bench/data/routing_eval_curve.json` (measured on this machine by
-`python -m bench.routing_eval.calibrate`), so aggregate tok/s against concurrency and TTFT against the
-queue follow from the engine's own behaviour. Owned boxes and edge nodes cost a fixed amount per hour;
-the cloud charges its list price per token and has no queue.
+tokens + d * the decoding streams' context tokens + e * the prompt tokens' positions` ms (attention: a
+decoding stream reads its whole context, a prompt token every token before it). a to e come from
+`bench/data/routing_eval_curve.json` (measured on this machine by `python -m bench.routing_eval.calibrate`),
+so aggregate tok/s against concurrency and TTFT against the queue follow from the engine's own behaviour.
+Owned boxes and edge nodes cost a fixed amount per hour; the cloud charges its list price per token and has
+no queue.
 """
 
 from __future__ import annotations
@@ -41,16 +43,33 @@ class StepModel:
     # Each decoding stream's attention reads its whole context every step: this much more per context token
     # (prompt and tokens so far). 0 for a curve measured before calibrate.py measured it.
     decode_ms_per_context_token: float = 0.0
+    # A prompt token computed attends to every token before it in its sequence (cached or not): this much
+    # more per such token, so a prompt's prefill grows as its square and a warm turn's short tail costs
+    # more a token than a fresh short prompt. 0 for a curve measured before calibrate.py fitted it.
+    prefill_ms_per_context_token: float = 0.0
 
-    def step_ms(self, decoding: int, prefill_tokens: float, context_tokens: float = 0.0) -> float:
+    def step_ms(
+        self,
+        decoding: int,
+        prefill_tokens: float,
+        context_tokens: float = 0.0,
+        prefill_context: float = 0.0,
+    ) -> float:
         """One step's time: `decoding` streams, whose contexts hold `context_tokens` in all, each decode a
-        token, and `prefill_tokens` prompt tokens are computed."""
+        token, and `prefill_tokens` prompt tokens are computed, which have `prefill_context` tokens before
+        them in all (each token's position in its prompt, summed)."""
         return (
             self.step_base_ms
             + self.step_ms_per_stream * decoding
             + self.prefill_ms_per_token * prefill_tokens
             + self.decode_ms_per_context_token * context_tokens
+            + self.prefill_ms_per_context_token * prefill_context
         )
+
+    def prompt_ms(self, tokens: float, start: float = 0.0) -> float:
+        """What computing `tokens` prompt tokens from position `start` adds to the steps (ms; the steps' own
+        overhead, a + b x streams, not included)."""
+        return tokens * (self.prefill_ms_per_token + self.prefill_ms_per_context_token * (start + tokens / 2))
 
     def full_batch_ms_per_token(self, prompt_tokens: float, output_tokens: float) -> float:
         """Box ms per output token of one stream at full batch, for requests of this shape: its share of a
@@ -67,6 +86,7 @@ class StepModel:
             self.step_base_ms * factor, self.step_ms_per_stream * factor, self.prefill_ms_per_token * factor,
             max_batch, self.max_prefill_tokens, self.block_size, f"{self.source}, x{factor:g} slower",
             self.kv_tokens, self.prefix_caching, self.decode_ms_per_context_token * factor,
+            self.prefill_ms_per_context_token * factor,
         )  # fmt: skip
 
 
@@ -79,6 +99,7 @@ def load_curve(path: Path = CURVE_PATH) -> StepModel:
         source=f"{data['engine']}, measured {data['measured']} (load {data['load_average']})",
         kv_tokens=int(data.get("kv_tokens", DEFAULT_KV_TOKENS)),
         decode_ms_per_context_token=float(data.get("decode_ms_per_context_token", 0.0)),
+        prefill_ms_per_context_token=float(data.get("prefill_ms_per_context_token", 0.0)),
     )
 
 
@@ -146,7 +167,7 @@ EDGE_NODES = 2
 def box_capacity_tok_s(model: StepModel, prompt_tokens: float, output_tokens: float) -> float:
     """Output tok/s one box sustains at full batch for requests of this mean shape (prefill included)."""
     decode_s = output_tokens * model.full_batch_ms_per_token(prompt_tokens, output_tokens) / 1000
-    prefill_s = prompt_tokens * model.prefill_ms_per_token / 1000
+    prefill_s = model.prompt_ms(prompt_tokens) / 1000
     return output_tokens / (decode_s + prefill_s)
 
 

@@ -45,10 +45,11 @@ class LateKinds:
     other: int
 
 
-def idle_ttft_ms(model: StepModel, tokens: int) -> float:
-    """TTFT of `tokens` uncached prompt tokens alone on an idle box: chunked prefill, one stream per step."""
+def idle_ttft_ms(model: StepModel, tokens: int, start: int = 0) -> float:
+    """TTFT of `tokens` uncached prompt tokens after `start` cached ones, alone on an idle box: chunked
+    prefill, one stream per step."""
     chunks = max(1, -(-tokens // model.max_prefill_tokens))
-    return chunks * (model.step_base_ms + model.step_ms_per_stream) + tokens * model.prefill_ms_per_token
+    return chunks * (model.step_base_ms + model.step_ms_per_stream) + model.prompt_ms(tokens, start)
 
 
 def late_kinds(jobs: list[Job], fleet: Fleet) -> LateKinds:
@@ -65,9 +66,10 @@ def late_kinds(jobs: list[Job], fleet: Fleet) -> LateKinds:
         usable = [m for tier, m in fastest.items() if req.floor.allows(tier)]
         best = min(usable, key=lambda m: m.prefill_ms_per_token)
         reachable = req.prefix_tokens + (req.history_tokens if req.follows >= 0 else 0)
-        if idle_ttft_ms(best, req.prompt_tokens - min(reachable, req.prompt_tokens)) > slo:
+        reachable = min(reachable, req.prompt_tokens)
+        if idle_ttft_ms(best, req.prompt_tokens - reachable, reachable) > slo:
             beyond += 1
-        elif idle_ttft_ms(best, req.prompt_tokens - job.cached_tokens) > slo:
+        elif idle_ttft_ms(best, req.prompt_tokens - job.cached_tokens, job.cached_tokens) > slo:
             cold += 1
         else:
             other += 1
@@ -119,7 +121,7 @@ def evaluate(trace: list[Request], model: StepModel, duration_s: float, seed: in
 def _box_s(model: StepModel, prompt_tokens: float, output_tokens: float) -> float:
     """Seconds of one box at full batch a request of this shape takes (its prompt uncached)."""
     per_token_ms = model.full_batch_ms_per_token(prompt_tokens, output_tokens)
-    return (output_tokens * per_token_ms + prompt_tokens * model.prefill_ms_per_token) / 1000
+    return (output_tokens * per_token_ms + model.prompt_ms(prompt_tokens)) / 1000
 
 
 def must_stay_line(trace: list[Request], model: StepModel, duration_s: float, runs: list[Run]) -> str:

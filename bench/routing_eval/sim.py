@@ -88,9 +88,19 @@ class Box:
             if m.decode_ms_per_context_token
             else 0.0
         )
-        step_ms = m.step_ms(len(self.decoding), chunk, context)
+        # The step's prompt tokens, oldest request first, each at its position (cached blocks come first).
+        positions, budget = 0.0, chunk
+        if m.prefill_ms_per_context_token:
+            for j in self.prefilling:
+                k = min(j.prefill_left, budget)
+                if k <= 0:
+                    break
+                positions += k * (j.req.prompt_tokens - j.prefill_left + k / 2)
+                budget -= k
+        step_ms = m.step_ms(len(self.decoding), chunk, context, positions)
         if self.blend and self.contended is not None:
-            step_ms += self.blend * (self.contended.step_ms(len(self.decoding), chunk, context) - step_ms)
+            busy = self.contended.step_ms(len(self.decoding), chunk, context, positions)
+            step_ms += self.blend * (busy - step_ms)
         step_s = step_ms * self.slowdown / 1000
         return step_s, 1 / step_s, chunk / step_s
 

@@ -62,11 +62,7 @@ def capacity_of(model: StepModel) -> Capacity:
         n *= 2
     points.append((float(model.max_batch), model.aggregate_tok_s(model.max_batch)))
     chunk = model.max_prefill_tokens
-    step_ms = (
-        model.step_base_ms
-        + model.step_ms_per_stream * model.max_batch / 2
-        + model.prefill_ms_per_token * chunk
-    )
+    step_ms = model.step_base_ms + model.step_ms_per_stream * model.max_batch / 2 + model.prompt_ms(chunk)
     return Capacity(
         tokens_per_s=tuple(points),
         max_concurrency=model.max_batch,
@@ -139,7 +135,7 @@ def _prior(box: BoxSpec | None, fleet: Fleet) -> _Seen:
     if box is None:
         return _Seen(fleet.cloud.ttft_median_ms, fleet.cloud.decode_tok_s)
     m = box.model
-    ttft_ms = m.step_base_ms + 300 * m.prefill_ms_per_token  # a 300-token prompt on an idle box
+    ttft_ms = m.step_base_ms + m.prompt_ms(300)  # a 300-token prompt on an idle box
     return _Seen(ttft_ms, m.aggregate_tok_s(1))
 
 

@@ -300,6 +300,32 @@ def test_calibrate_fits_the_step_model_from_its_measurements() -> None:
          "decode_ms_per_context_token": 0.01}
     )  # fmt: skip
     assert "decode_ms_per_context_token" not in fit(decode, prefill, 1.0)  # an older curve's fit
+    # Three prefill points: TTFT = 20 + 0.4 T + 0.0005 T^2 / 2 ms, so c = 0.4 and e = 0.0005 ms a token
+    # before each prompt token; a curve whose noise bends it down keeps e = 0 and the endpoints' slope.
+    ttft_s = {t: (20 + 0.4 * t + 0.0005 * t * t / 2) / 1000 for t in (50, 400, 800)}
+    got = fit(decode, ttft_s, 1.0)
+    assert got["prefill_ms_per_token"] == pytest.approx(0.4)
+    assert got["prefill_ms_per_context_token"] == pytest.approx(0.0005)
+    bent = fit(decode, {50: 0.04, 400: 0.3, 800: 0.5}, 1.0)
+    assert bent["prefill_ms_per_context_token"] == 0.0
+    assert bent["prefill_ms_per_token"] == pytest.approx((0.5 - 0.04) * 1000 / 750, abs=1e-4)  # rounded
+
+
+def test_a_prompt_tokens_cost_grows_with_the_tokens_before_it() -> None:
+    # e ms per earlier token: a 700-token prompt alone costs c x 700 + e x 700^2 / 2 more than its steps'
+    # overhead; the same 60 new tokens cost more after a cached 640-token prefix than as a fresh prompt.
+    model = dataclasses.replace(MODEL, prefill_ms_per_context_token=0.001)
+    assert model.prompt_ms(700) == pytest.approx(0.5 * 700 + 0.001 * 700 * 700 / 2)
+    assert model.prompt_ms(60, start=640) == pytest.approx(60 * (0.5 + 0.001 * 670))
+    req = dataclasses.replace(BASE, prefix_key="p", session=-1, output_tokens=1, prompt_tokens=500)
+
+    def ttft(m: StepModel) -> float:
+        fleet = make_fleet(m, 1, "test")
+        done = Simulation(dataclasses.replace(fleet, boxes=fleet.owned), seed=1).run([req], _Alternate()).jobs
+        return done[0].ttft_s
+
+    # One step of 500 prompt tokens (within the 512-token budget): e x 500^2 / 2 ms more.
+    assert ttft(model) - ttft(MODEL) == pytest.approx(0.001 * 500 * 500 / 2 / 1000, rel=1e-6)
 
 
 def test_late_requests_are_told_apart_by_what_could_have_saved_them() -> None:
