@@ -74,6 +74,33 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert torch.equal(only_top, torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]]))
 
 
+def _sort_whole_vocabulary(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """The rule by a full sort of every row (what `top_p_filter` did before ranking candidates first)."""
+    limit = torch.tensor(top_p)[:, None]
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = ((sorted_probs.cumsum(dim=-1) - sorted_probs) < limit) | (limit >= 1.0)
+    keep[:, 0] = True
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def test_top_p_ranks_candidates_first_and_sorts_whole_rows_only_where_the_nucleus_reaches_past_them() -> None:
+    # A vocabulary of 49,152 like SmolLM2's: peaked rows (temperature 0.2, the model card's) keep a few
+    # tokens; flat rows (temperature 5) need more than the 64 candidates and take the full sort; a top_p 1
+    # row in the same batch is unchanged. Every row matches sorting the whole vocabulary.
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 49_152, generator=gen) * 3
+    temperature = [0.2, 0.2, 5.0, 5.0, 1.0, 0.7]
+    top_p = [0.9, 0.5, 0.9, 0.999, 1.0, 0.95]
+    probs = torch.softmax(apply_temperature(logits, temperature), dim=-1)
+    ours = top_p_filter(probs, top_p)
+    assert torch.equal(ours > 0, _sort_whole_vocabulary(probs, top_p) > 0)
+    assert torch.allclose(ours, _sort_whole_vocabulary(probs, top_p), atol=1e-7)
+    kept = (ours > 0).sum(dim=-1).tolist()
+    assert kept[0] < 64 and kept[2] > 64 and kept[4] == 49_152  # both paths ran
+    assert torch.equal(ours[4], probs[4] / probs[4].sum())
+
+
 @pytest.mark.parametrize("top_p", [0.3, 0.7, 0.9, 0.99])
 def test_top_p_support_matches_transformers(top_p: float) -> None:
     logits = _logits(rows=8, vocab=200, seed=3)

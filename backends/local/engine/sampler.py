@@ -36,21 +36,42 @@ def apply_temperature(logits: torch.Tensor, temperature: Sequence[float]) -> tor
     return logits.float() / t[:, None]
 
 
+# The most likely tokens `top_p_filter` ranks first; a row whose nucleus reaches past them is sorted whole.
+TOP_P_CANDIDATES = 64
+
+
 def top_p_filter(probs: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
     """Keep each row's smallest most-likely set whose mass reaches top_p, renormalised (N, V).
 
     A token survives when the mass of the tokens ranked strictly above it is < top_p (so the first always
     does); this is transformers' TopPLogitsWarper rule. Rows with top_p >= 1 are unchanged.
+    Ranks only the `TOP_P_CANDIDATES` most likely tokens (`topk`) where their mass reaches top_p, which is
+    the same set: every token after them has at least that mass ranked above it. Sorting the whole vocabulary
+    (49,152 ids for SmolLM2) took ~4 ms a row on one core, as long as a decode step of the 135M model.
     """
     if all(p >= 1.0 for p in top_p):
         return probs
     limit = torch.tensor(top_p, dtype=probs.dtype, device=probs.device)[:, None]
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep = (mass_before < limit) | (limit >= 1.0)
+    top, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
+    mass = top.cumsum(dim=-1)
+    keep = (mass - top) < limit
     keep[:, 0] = True
-    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+    kept = torch.zeros_like(probs).scatter_(-1, order, top * keep)
+    whole = (limit >= 1.0).squeeze(-1)  # unchanged rows
+    beyond = (mass[:, -1:] < limit).squeeze(-1) & ~whole  # the nucleus reaches past the candidates
+    if bool(whole.any()):
+        kept[whole] = probs[whole]
+    if bool(beyond.any()):
+        kept[beyond] = _sorted_nucleus(probs[beyond], limit[beyond])
     return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def _sorted_nucleus(probs: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """`top_p_filter`'s kept mass (not renormalised) by sorting whole rows: (n, V) and (n, 1) limits < 1."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < limit
+    keep[:, 0] = True
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
 
 
 def probabilities(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float]) -> torch.Tensor:
