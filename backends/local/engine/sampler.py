@@ -53,25 +53,26 @@ def top_p_filter(probs: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
         return probs
     limit = torch.tensor(top_p, dtype=probs.dtype, device=probs.device)[:, None]
     top, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
-    mass = top.cumsum(dim=-1)
-    keep = (mass - top) < limit
-    keep[:, 0] = True
-    kept = torch.zeros_like(probs).scatter_(-1, order, top * keep)
+    kept = _nucleus(probs, top, order, limit)
     whole = (limit >= 1.0).squeeze(-1)  # unchanged rows
-    beyond = (mass[:, -1:] < limit).squeeze(-1) & ~whole  # the nucleus reaches past the candidates
+    # The nucleus reaches past the candidates (their cumulative mass, as `_nucleus` sums it, stays short).
+    beyond = (top.cumsum(dim=-1)[:, -1:] < limit).squeeze(-1) & ~whole
     if bool(whole.any()):
         kept[whole] = probs[whole]
     if bool(beyond.any()):
-        kept[beyond] = _sorted_nucleus(probs[beyond], limit[beyond])
+        ranked, ids = probs[beyond].sort(dim=-1, descending=True)
+        kept[beyond] = _nucleus(probs[beyond], ranked, ids, limit[beyond])
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def _sorted_nucleus(probs: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
-    """`top_p_filter`'s kept mass (not renormalised) by sorting whole rows: (n, V) and (n, 1) limits < 1."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < limit
+def _nucleus(
+    probs: torch.Tensor, ranked: torch.Tensor, ids: torch.Tensor, limit: torch.Tensor
+) -> torch.Tensor:
+    """The kept mass of `probs` (N, V), not renormalised, from each row's most likely probabilities in
+    descending order (`ranked`) and their ids: a token stays while the mass ranked above it is < `limit`."""
+    keep = (ranked.cumsum(dim=-1) - ranked) < limit
     keep[:, 0] = True
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+    return torch.zeros_like(probs).scatter_(-1, ids, ranked * keep)
 
 
 def probabilities(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float]) -> torch.Tensor:
