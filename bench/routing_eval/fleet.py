@@ -69,7 +69,8 @@ class StepModel:
     def prompt_ms(self, tokens: float, start: float = 0.0) -> float:
         """What computing `tokens` prompt tokens from position `start` adds to the steps (ms; the steps' own
         overhead, a + b x streams, not included)."""
-        return tokens * (self.prefill_ms_per_token + self.prefill_ms_per_context_token * (start + tokens / 2))
+        before = positions(tokens, start)
+        return self.prefill_ms_per_token * tokens + self.prefill_ms_per_context_token * before
 
     def full_batch_ms_per_token(self, prompt_tokens: float, output_tokens: float) -> float:
         """Box ms per output token of one stream at full batch, for requests of this shape: its share of a
@@ -88,6 +89,12 @@ class StepModel:
             self.kv_tokens, self.prefix_caching, self.decode_ms_per_context_token * factor,
             self.prefill_ms_per_context_token * factor,
         )  # fmt: skip
+
+
+def positions(tokens: float, start: float) -> float:
+    """The tokens before each of `tokens` prompt tokens computed from position `start`, summed (what
+    `StepModel.prefill_ms_per_context_token` is charged on)."""
+    return tokens * (start + tokens / 2)
 
 
 def load_curve(path: Path = CURVE_PATH) -> StepModel:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
 
-from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel
+from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel, positions
 from bench.routing_eval.prefix_model import PrefixCache
 from bench.routing_eval.workload import Request
 
@@ -89,17 +89,17 @@ class Box:
             else 0.0
         )
         # The step's prompt tokens, oldest request first, each at its position (cached blocks come first).
-        positions, budget = 0.0, chunk
+        before, budget = 0.0, chunk
         if m.prefill_ms_per_context_token:
             for j in self.prefilling:
                 k = min(j.prefill_left, budget)
                 if k <= 0:
                     break
-                positions += k * (j.req.prompt_tokens - j.prefill_left + k / 2)
+                before += positions(k, j.req.prompt_tokens - j.prefill_left)
                 budget -= k
-        step_ms = m.step_ms(len(self.decoding), chunk, context, positions)
+        step_ms = m.step_ms(len(self.decoding), chunk, context, before)
         if self.blend and self.contended is not None:
-            busy = self.contended.step_ms(len(self.decoding), chunk, context, positions)
+            busy = self.contended.step_ms(len(self.decoding), chunk, context, before)
             step_ms += self.blend * (busy - step_ms)
         step_s = step_ms * self.slowdown / 1000
         return step_s, 1 / step_s, chunk / step_s
