@@ -49,6 +49,7 @@ class EngineOptions:
     threads: int | None = None
     block_size: int = 16
     max_prefill_tokens: int = 512
+    short_prefill_tokens: int = 128  # interactive prompts this short go ahead of long ones' chunks
     batch_rows_beside_interactive: int | None = None  # batch rows per step beside interactive work
     prefix_cache: bool = True  # keep finished requests' full prompt blocks cached (evictable) for reuse
     release_source: bool = False  # free the transformers weights once converted (the server does)
@@ -74,6 +75,8 @@ class EngineOptions:
             raise ValueError(
                 f"--batch-rows-beside-interactive must be 0 or more, got {self.batch_rows_beside_interactive}"
             )
+        if self.short_prefill_tokens < 0:
+            raise ValueError(f"--short-prefill-tokens must be 0 or more, got {self.short_prefill_tokens}")
         if self.kv_cache_mb <= 0:
             raise ValueError(f"--kv-cache-mb must be positive, got {self.kv_cache_mb}")
         if self.dtype != "auto":  # refused before the model loads (an `auto` dtype: once resolved)
@@ -223,6 +226,7 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
     config = SchedulerConfig(
         max_batch=options.max_batch,
         max_prefill_tokens=options.max_prefill_tokens,
+        short_prefill_tokens=options.short_prefill_tokens,
         block_size=options.block_size,
         num_spec_tokens=0 if isinstance(proposer, NoProposer) else options.num_spec_tokens,
         batch_rows_beside_interactive=options.batch_rows_beside_interactive,

@@ -49,6 +49,15 @@ def engine_serve(
     max_prefill_tokens: Annotated[
         int, typer.Option(min=1, help="Prompt tokens computed per step (longer prompts are chunked).")
     ] = 512,
+    short_prefill_tokens: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Interactive prompts with at most this many tokens left to compute (an agent's next turn "
+            "whose history is cached, a short question) go ahead of longer prompts' chunks, within half "
+            "of --max-prefill-tokens per step. 0: prompts are computed oldest first.",
+        ),
+    ] = 128,
     batch_rows_beside_interactive: Annotated[
         int | None,
         typer.Option(
@@ -90,6 +99,7 @@ def engine_serve(
             threads=threads,
             block_size=block_size,
             max_prefill_tokens=max_prefill_tokens,
+            short_prefill_tokens=short_prefill_tokens,
             batch_rows_beside_interactive=batch_rows_beside_interactive,
             prefix_cache=prefix_cache,
         )

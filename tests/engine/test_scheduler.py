@@ -34,6 +34,7 @@ def make(
     budget: int = 64,
     spec: int = 0,
     caching: bool = True,
+    short: int = 128,
 ) -> tuple[Scheduler, BlockAllocator]:
     blocks = BlockAllocator(num_blocks)
     config = SchedulerConfig(
@@ -42,6 +43,7 @@ def make(
         block_size=block_size,
         num_spec_tokens=spec,
         prefix_caching=caching,
+        short_prefill_tokens=short,
     )
     return Scheduler(config, blocks), blocks
 
@@ -171,6 +173,60 @@ def test_long_prompt_is_chunked_and_interleaves_with_decodes() -> None:
         chunk_sizes.append((len(by_seq[2].token_ids), by_seq[2].num_logits))
     assert chunk_sizes == [(8, 0), (8, 0), (8, 0), (6, 1)]  # logits only for the prompt's last token
     assert scheduler.get(2).output_ids == [token_at(30)]  # type: ignore[union-attr]
+
+
+def first_token_steps(scheduler: Scheduler, steps: int) -> dict[int, int]:
+    """seq_id -> the step (from 1) whose plan computed its last prompt token."""
+    firsts: dict[int, int] = {}
+    for i in range(1, steps + 1):
+        plan, _ = step(scheduler)
+        for c in plan.chunks:
+            seq = scheduler.get(c.seq_id)
+            if c.num_logits and seq is not None and len(seq.output_ids) == 1:
+                firsts.setdefault(c.seq_id, i)
+    return firsts
+
+
+@pytest.mark.parametrize(("short", "step_of_short"), [(128, 1), (0, 4)])
+def test_a_short_prompt_goes_ahead_of_a_long_prompts_remaining_chunks(short: int, step_of_short: int) -> None:
+    # Budget 16: a 64-token prompt takes four steps. A 6-token prompt arriving after its first chunk computes
+    # whole in the next step, beside the long prompt's chunk; oldest first (short=0) it waits out all three.
+    scheduler, _ = make(budget=16, short=short)
+    scheduler.add(1, prompt(64, 1), params(2))
+    step(scheduler)
+    scheduler.add(2, prompt(6, 2), params(2))
+    firsts = first_token_steps(scheduler, 5)
+    assert firsts[2] == step_of_short
+    assert firsts[1] == (4 if short else 3)  # what it costs the long prompt: its 6 tokens, a step here
+
+
+def test_short_prompts_take_at_most_half_of_a_steps_budget() -> None:
+    scheduler, _ = make(budget=16)
+    scheduler.add(1, prompt(64, 1), params(2))
+    step(scheduler)
+    for seq_id in range(2, 8):
+        scheduler.add(seq_id, prompt(4, seq_id), params(8))
+    for _ in range(3):
+        plan, _ = step(scheduler)
+        chunks = {c.seq_id: len(c.token_ids) for c in plan.chunks}
+        shorts = sum(n for seq_id, n in chunks.items() if seq_id != 1 and n > 1)
+        assert shorts <= 8 and chunks[1] >= 8  # the long prompt keeps at least half the budget
+
+
+def test_an_agent_turn_is_short_by_what_its_cached_history_leaves_to_compute() -> None:
+    # Turn 1 (40 tokens) finishes and stays cached; turn 2 repeats it and its answer and adds 5 tokens: 48
+    # tokens of prompt, 8 of them to compute, so it goes ahead of a long prompt already prefilling.
+    scheduler, _ = make(budget=16)
+    scheduler.add(1, prompt(40, 1), params(4))
+    done = run_all(scheduler)
+    scheduler.add(2, prompt(64, 2), params(2))
+    step(scheduler)
+    turn2 = [*prompt(40, 1), *done[1].output_ids[:3], 7_000_001, 7_000_002, 7_000_003, 7_000_004, 7_000_005]
+    scheduler.add(3, turn2, params(2))
+    plan, _ = step(scheduler)
+    chunks = {c.seq_id: c for c in plan.chunks}
+    assert chunks[3].start_pos == 40 and chunks[3].num_logits == 1  # cached 40, computes the last 8
+    assert len(chunks[2].token_ids) == 16 - 8
 
 
 def test_prefill_tokens_per_step_stay_within_the_budget_and_batch() -> None:

@@ -1,11 +1,14 @@
 """Iteration-level scheduling over a paged KV cache: which tokens of which sequences run in the next step.
 
-`schedule() -> StepPlan`, then `update(plan, sampled) -> finished`. Decodes go first, then prefill chunks
-(oldest first) within `max_prefill_tokens`, then waiting requests join, so a long prompt never stalls the
-running decodes. When blocks run out the youngest running sequence is preempted: its blocks are freed and it
-is recomputed later from its prompt plus the tokens it already produced. Full, computed blocks are indexed by
-content (`prefix_cache.PrefixIndex`), so a sequence starting with the same tokens shares them (ref-counted)
-instead of recomputing; with prefix caching they stay cached after their sequence ends, evictable (LRU).
+`schedule() -> StepPlan`, then `update(plan, sampled) -> finished`. Decodes go first, then short prompts
+(running or waiting interactive ones with at most `short_prefill_tokens` left after their cached prefix,
+within half the budget), then the other prefill chunks (oldest first) within `max_prefill_tokens`, then
+waiting requests join, so a long prompt never stalls the running decodes, nor a short prompt (an agent's
+next turn) for more than a step. When blocks run out the youngest running sequence is preempted: its
+blocks are freed and it is recomputed later from its prompt plus the tokens it already produced. Full,
+computed blocks are indexed by content (`prefix_cache.PrefixIndex`), so a sequence starting with the same
+tokens shares them (ref-counted) instead of recomputing; with prefix caching they stay cached after their
+sequence ends, evictable (LRU).
 Priority classes: interactive sequences order ahead of batch ones (waiting and running alike), so batch
 work is admitted only behind interactive work, is preempted first, and is preempted to admit interactive work.
 Invariants: a block is written only by its one holder, and shared only once full; a request is accepted only
@@ -97,11 +100,17 @@ class SchedulerConfig:
     # others sit it out holding their KV blocks (no recomputation), so a step, and with it interactive
     # latency, stays close to what interactive work alone costs. None: batch rows are not capped.
     batch_rows_beside_interactive: int | None = None
+    # Interactive prefills with at most this many prompt tokens left to compute (an agent's next turn whose
+    # history is cached, a short question) go ahead of longer prompts' chunks, within half of a step's
+    # `max_prefill_tokens`, so they do not wait out a long prompt's remaining chunks. 0: oldest first.
+    short_prefill_tokens: int = 128
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_prefill_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.short_prefill_tokens < 0:
+            raise ValueError(f"short_prefill_tokens must be >= 0, got {self.short_prefill_tokens}")
         if self.num_spec_tokens < 0:
             raise ValueError(f"num_spec_tokens must be >= 0, got {self.num_spec_tokens}")
         if self.batch_rows_beside_interactive is not None and self.batch_rows_beside_interactive < 0:
@@ -271,10 +280,35 @@ class Scheduler:
             )
             if room > 0:
                 self._draft_rooms[seq.seq_id] = room
-        for seq in [s for s in self._running if not s.is_decoding]:
-            budget = self._budget_left(planned, prefills)
+        short = self.config.short_prefill_tokens
+        if short:  # short interactive prefills first, running then waiting, within half the budget
+            cap = self.config.max_prefill_tokens // 2
+            preempted = self._plan_prefills(planned, prefills, rows, short, cap) or preempted
+            if not preempted:
+                planned = self._admit_into(planned, prefills, rows, short, cap)
+        preempted = self._plan_prefills(planned, prefills, rows) or preempted
+        if not preempted:
+            planned = self._admit_into(planned, prefills, rows)
+        return StepPlan(tuple(planned.values()))
+
+    def _plan_prefills(
+        self,
+        planned: dict[int, SeqChunk],
+        prefills: set[int],
+        rows: _BatchRows,
+        short: int | None = None,
+        cap: int | None = None,
+    ) -> bool:
+        """Plan the next chunk of running prefills, oldest first, within the step's budget (and `cap`
+        prompt tokens; only interactive ones with at most `short` tokens left, if given); True if a
+        sequence had to be preempted for room."""
+        preempted = False
+        for seq in [s for s in self._running if not s.is_decoding and s.seq_id not in planned]:
+            budget = self._budget_left(planned, prefills, cap)
             if budget <= 0:
                 break
+            if short is not None and not self._is_short(seq, seq.num_computed, min(short, budget)):
+                continue
             if seq.status is not SeqStatus.RUNNING or not rows.take(seq):
                 continue
             end = min(seq.num_tokens, seq.num_computed + budget)
@@ -283,17 +317,33 @@ class Scheduler:
                 continue
             planned[seq.seq_id] = self._prefill_chunk(seq, end)
             prefills.add(seq.seq_id)
-        # Before admitting: a sequence preempted above and readmitted below must not keep its draft room.
+        # A sequence preempted above and readmitted later must not keep its draft room.
         self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k in planned}
-        if not preempted:
-            evicted: set[int] = set()
-            admitted = self._admit(self._budget_left(planned, prefills), evicted, rows)
-            # Interactive admissions may have preempted batch sequences planned above (and even readmitted
-            # them from their start): their planned chunks and draft rooms are stale.
-            planned = {k: c for k, c in planned.items() if k not in evicted}
-            planned.update((c.seq_id, c) for c in admitted)
-            self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k not in evicted}
-        return StepPlan(tuple(planned.values()))
+        return preempted
+
+    @staticmethod
+    def _is_short(seq: Seq, computed: int, most: int) -> bool:
+        """Whether interactive `seq`'s prompt, `computed` tokens of it done, finishes within `most` tokens."""
+        return seq.params.priority is Priority.INTERACTIVE and seq.num_tokens - computed <= most
+
+    def _admit_into(
+        self,
+        planned: dict[int, SeqChunk],
+        prefills: set[int],
+        rows: _BatchRows,
+        short: int | None = None,
+        cap: int | None = None,
+    ) -> dict[int, SeqChunk]:
+        """`planned` with waiting sequences admitted into the step's budget (see `_admit`)."""
+        evicted: set[int] = set()
+        admitted = self._admit(self._budget_left(planned, prefills, cap), evicted, rows, short)
+        # Interactive admissions may have preempted batch sequences planned above (and even readmitted
+        # them from their start): their planned chunks and draft rooms are stale.
+        planned = {k: c for k, c in planned.items() if k not in evicted}
+        planned.update((c.seq_id, c) for c in admitted)
+        prefills.update(c.seq_id for c in admitted)
+        self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k not in evicted}
+        return planned
 
     def hold(self, seq_ids: Collection[int]) -> None:
         """Set these running sequences aside while their step is suspended mid-forward (K/V writes to come):
@@ -317,9 +367,11 @@ class Scheduler:
         present = (s.params.priority is Priority.INTERACTIVE for s in (*self._running, *self._waiting))
         return cap if any(present) else None
 
-    def _budget_left(self, planned: Mapping[int, SeqChunk], prefills: set[int]) -> int:
-        spent = sum(len(planned[s].token_ids) for s in prefills if s in planned)
-        return self.config.max_prefill_tokens - spent
+    def _budget_left(
+        self, planned: Mapping[int, SeqChunk], prefills: set[int], cap: int | None = None
+    ) -> int:
+        limit = self.config.max_prefill_tokens if cap is None else min(cap, self.config.max_prefill_tokens)
+        return limit - sum(len(planned[s].token_ids) for s in prefills if s in planned)
 
     def draft_rooms(self) -> dict[int, int]:
         """Decode chunks of the last plan that have draft slots reserved: seq_id -> most drafts allowed."""
@@ -412,12 +464,24 @@ class Scheduler:
                     self._allocator.uncache(orphan)
         return blocks
 
-    def _admit(self, budget: int, evicted: set[int], rows: _BatchRows) -> list[SeqChunk]:
+    def _admit(
+        self, budget: int, evicted: set[int], rows: _BatchRows, short: int | None = None
+    ) -> list[SeqChunk]:
         """Start waiting sequences in order while there is budget, batch room, free blocks and (for batch
-        ones) batch rows; interactive ones preempt running batch ones for room (their ids go to `evicted`)."""
+        ones) batch rows; interactive ones preempt running batch ones for room (their ids go to `evicted`).
+        With `short`: only interactive ones with at most that many prompt tokens left after their cached
+        prefix, passing over longer ones."""
         admitted = []
-        while self._waiting and budget > 0:
-            seq = self._waiting[0]
+        skipped = 0  # waiting sequences passed over as not short
+        while len(self._waiting) > skipped and budget > 0:
+            seq = self._waiting[skipped]
+            if short is not None:
+                if seq.params.priority is not Priority.INTERACTIVE:
+                    break  # waiting is in priority order: only batch sequences are left
+                cached = len(self._match_prefix(seq)) * self.config.block_size
+                if not self._is_short(seq, cached, min(short, budget)):
+                    skipped += 1
+                    continue
             if not rows.take(seq):
                 break  # waiting is in priority order: only batch sequences are left
             while True:
@@ -429,14 +493,14 @@ class Scheduler:
                 revived = sum(1 for b in shared if self._allocator.ref_count(b) == 0)
                 # Headroom of one block per running sequence, so admitting this one does not force a
                 # preemption at the very next decode; with nothing running, the whole cache is available.
-                short = needed + revived + len(self._running) > self._allocator.num_free
-                if not (short or len(self._running) >= self.config.max_batch) or not self._displaces(seq):
+                no_room = needed + revived + len(self._running) > self._allocator.num_free
+                if not (no_room or len(self._running) >= self.config.max_batch) or not self._displaces(seq):
                     break
                 evicted.add(self._running[-1].seq_id)
                 self._preempt(self._running[-1])
-            if short or len(self._running) >= self.config.max_batch:
+            if no_room or len(self._running) >= self.config.max_batch:
                 break
-            self._waiting.pop(0)
+            self._waiting.remove(seq)
             self._allocator.share(shared)
             seq.block_table = shared + self._take(needed)
             seq.num_computed = start
