@@ -135,11 +135,17 @@ class CapacityConfig(_Strict):
     # The engine's KV cache in tokens (`switchboard engine serve` logs it at start); with it, a conversation's
     # next turn counts on its earlier turns being cached only while that can still be so. 0: always.
     kv_cache_tokens: int = Field(default=0, ge=0)
+    # The engine's --max-prefill-tokens and --short-prefill-tokens (512 and 128 for `switchboard engine
+    # serve`): with both, a conversation's next turn on the replica caching its history is predicted to
+    # wait for at most two chunks of the prompts pending there, as that engine computes short prompts first.
+    prefill_chunk_tokens: int = Field(default=0, ge=0)
+    short_prefill_tokens: int = Field(default=0, ge=0)
 
     def curve(self) -> Capacity:
         return Capacity(
             tuple(self.tokens_per_s), tuple(self.ttft_ms), self.max_concurrency, self.prefill_tokens_per_s,
-            self.reserve_slots, self.reserve_ttft_ms, self.kv_cache_tokens,
+            self.reserve_slots, self.reserve_ttft_ms, self.kv_cache_tokens, self.prefill_chunk_tokens,
+            self.short_prefill_tokens,
         )  # fmt: skip
 
 

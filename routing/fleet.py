@@ -44,6 +44,11 @@ class Capacity:
     boxes keep such room without this one (`routing.placement.by_slo`).
     `kv_cache_tokens`: the engine's KV cache in tokens, which its prefix cache shares with running requests;
     > 0 lets routing judge whether a conversation's earlier turns can still be cached there (`holds_prefix`).
+    `prefill_chunk_tokens` and `short_prefill_tokens`: the engine's `--max-prefill-tokens` and
+    `--short-prefill-tokens`. With both, a request with at most `short_prefill_tokens` of prompt left to
+    compute (a conversation's next turn on the replica that caches its history) is computed ahead of the
+    prompts pending there, so it waits for at most two steps' chunks of them (the one in progress and the
+    rest of its own), not all. 0: prompts are computed oldest first.
     """
 
     tokens_per_s: tuple[tuple[float, float], ...]
@@ -53,6 +58,8 @@ class Capacity:
     reserve_slots: int = 0
     reserve_ttft_ms: float | None = None
     kv_cache_tokens: int = 0
+    prefill_chunk_tokens: int = 0
+    short_prefill_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name, points, x_min in (("tokens_per_s", self.tokens_per_s, 1), ("ttft_ms", self.ttft_ms, 0)):
@@ -76,6 +83,13 @@ class Capacity:
             raise ValueError(f"capacity.reserve_ttft_ms must be > 0, got {self.reserve_ttft_ms}")
         if self.kv_cache_tokens < 0:
             raise ValueError(f"capacity.kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}")
+        if self.prefill_chunk_tokens < 0 or self.short_prefill_tokens < 0:
+            raise ValueError("capacity.prefill_chunk_tokens and capacity.short_prefill_tokens must be >= 0")
+        if self.short_prefill_tokens and not self.prefill_chunk_tokens:
+            raise ValueError(
+                "capacity.short_prefill_tokens needs capacity.prefill_chunk_tokens (the engine's "
+                "--max-prefill-tokens)"
+            )
 
     @property
     def slots(self) -> int:
@@ -109,7 +123,9 @@ class Prediction:
     """TTFT = ttft_base + out * ttft_per_token + prompt * per_prompt, e2e = base + out * per_token +
     prompt * per_prompt (out, prompt: the request's output and prompt tokens). `waiting`: requests that
     would queue for a slot ahead of and including this one (0: starts at once). `unreserved`: whether a
-    request that could go elsewhere fits in the slots outside the reserve for must-stay traffic."""
+    request that could go elsewhere fits in the slots outside the reserve for must-stay traffic.
+    `short_saving_ms`: how much sooner a request with at most `short_prompt_tokens` of prompt left to
+    compute gets its first token (the engine computes it ahead of the prompts pending; `Capacity`)."""
 
     ttft_base_ms: float
     ttft_ms_per_output_token: float
@@ -118,6 +134,8 @@ class Prediction:
     waiting: int
     ms_per_prompt_token: float = 0.0
     unreserved: bool = True
+    short_prompt_tokens: int = 0
+    short_saving_ms: float = 0.0
 
 
 def predict(
@@ -193,9 +211,14 @@ def _prefill_bound(
             rounds = waiting / capacity.slots
             slot_ms, slot_per_token = rounds * ttft_ms, rounds * stream_ms
     base = stream_ms + max(pending_prompt_tokens * ms_per_prompt, slot_ms)
+    short, saving = capacity.short_prefill_tokens, 0.0
+    if short:  # ahead of a short prompt: the chunk in progress and the rest of its own step's, at most
+        ahead = min(pending_prompt_tokens, 2 * capacity.prefill_chunk_tokens)
+        saving = base - (stream_ms + max(ahead * ms_per_prompt, slot_ms))
     return Prediction(
-        base, slot_per_token, base, slot_per_token + stream_ms, waiting, ms_per_prompt, unreserved
-    )
+        base, slot_per_token, base, slot_per_token + stream_ms, waiting, ms_per_prompt, unreserved, short,
+        saving,
+    )  # fmt: skip
 
 
 PREFIX_KEPT_SHARE = 0.5  # of the KV cache: the rest holds running requests and the prefixes all share

@@ -302,12 +302,17 @@ def _reason(
 def _discount_cached_prefix(rows: list[Row], holder: str, cached: int, prompt_tokens: int) -> list[Row]:
     """The owned deployment `holder` holds `cached` of the prompt tokens in its prefix cache (the engine
     recomputes at least the last one): its predicted TTFT and latency count only the rest at its prefill
-    rate. Others, and a holder that is not eligible, owned or without a prefill rate, are unchanged."""
+    rate, and when the rest is short enough for its engine to compute it ahead of the prompts pending there,
+    only the part of those it still waits for (`Entry.short_saving_ms`). Others, and a holder that is not
+    eligible, owned or without a prefill rate, are unchanged."""
     best = next((i for i, row in enumerate(rows) if row[2].deployment_id == holder and row[2].owned), -1)
     if best < 0:
         return rows
     latency_ms, cost_pusd, e, ttft_ms = rows[best]
-    saved_ms = min(cached, prompt_tokens - 1) * e.ms_per_prompt_token
+    kept = min(cached, prompt_tokens - 1)
+    saved_ms = kept * e.ms_per_prompt_token
+    if saved_ms > 0 and prompt_tokens - kept <= e.short_prompt_tokens:
+        saved_ms += e.short_saving_ms
     if saved_ms <= 0:
         return rows
     out = list(rows)

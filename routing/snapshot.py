@@ -134,6 +134,10 @@ class Entry:
     unreserved: bool = True  # a request that could go elsewhere fits outside the must-stay reserve
     reserve_ttft_ms: float = math.inf  # such a request only where its predicted TTFT is at most this
     ttft_tail_factor: float = 1.0  # stats.ttft_tail_factor: SLO checks use predicted TTFT x this
+    # A request with at most this many prompt tokens left to compute (after a cached prefix) starts this much
+    # sooner: the engine computes short prompts ahead of those pending (routing.fleet.Prediction).
+    short_prompt_tokens: int = 0
+    short_saving_ms: float = 0.0
 
     def hot(self) -> HotRow:
         """The fields `choose` screens every entry by, in the order its loop unpacks them."""
@@ -213,6 +217,8 @@ def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
         affinity_seed=stable_hash64(spec.deployment_id),
         ms_per_prompt_token=p.ms_per_prompt_token,
         unreserved=p.unreserved,
+        short_prompt_tokens=p.short_prompt_tokens,
+        short_saving_ms=p.short_saving_ms,
         reserve_ttft_ms=math.inf if reserve_ttft_ms is None else reserve_ttft_ms,
         ttft_tail_factor=stats.ttft_tail_factor,
     )

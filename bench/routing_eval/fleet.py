@@ -47,6 +47,9 @@ class StepModel:
     # more per such token, so a prompt's prefill grows as its square and a warm turn's short tail costs
     # more a token than a fresh short prompt. 0 for a curve measured before calibrate.py fitted it.
     prefill_ms_per_context_token: float = 0.0
+    # The engine's `--short-prefill-tokens`: prompts with at most this many tokens left compute ahead of
+    # longer ones' chunks, within half of `max_prefill_tokens` a step. 0: oldest first.
+    short_prefill_tokens: int = 128
 
     def step_ms(
         self,
@@ -87,7 +90,7 @@ class StepModel:
             self.step_base_ms * factor, self.step_ms_per_stream * factor, self.prefill_ms_per_token * factor,
             max_batch, self.max_prefill_tokens, self.block_size, f"{self.source}, x{factor:g} slower",
             self.kv_tokens, self.prefix_caching, self.decode_ms_per_context_token * factor,
-            self.prefill_ms_per_context_token * factor,
+            self.prefill_ms_per_context_token * factor, self.short_prefill_tokens,
         )  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 
 Events are arrivals, prefill completions and decode completions; between two events every box's rates are
 constant (`fleet.StepModel`: one step decodes a token per running stream and computes up to
-`max_prefill_tokens` prompt tokens, oldest first). A box admits up to `max_batch` requests and queues the
+`max_prefill_tokens` prompt tokens: short prompts first, then the others oldest first, as the engine
+orders them). A box admits up to `max_batch` requests and queues the
 rest in arrival order. Its prefix cache works like the engine's: prompt blocks are shared with requests
 still running on the same box and, with prefix caching (the engine's default), kept after a request ends
 until evicted (`prefix_model.PrefixCache`; `docs/ENGINE.md`, "Prefix sharing and automatic prefix
@@ -46,7 +47,7 @@ class Job:
 class Box:
     spec: BoxSpec
     waiting: deque[Job] = field(default_factory=deque)
-    prefilling: list[Job] = field(default_factory=list)  # oldest first
+    prefilling: list[Job] = field(default_factory=list)  # oldest first; computed in `_prefill_order`
     decoding: list[Job] = field(default_factory=list)
     t: float = 0.0
     version: int = 0
@@ -78,6 +79,22 @@ class Box:
         prefilling; it sees no prefill progress, and of prefix-cache hits only what it predicted)."""
         return sum(_counted(j) for j in self.waiting) + sum(_counted(j) for j in self.prefilling)
 
+    def _prefill_order(self) -> list[Job]:
+        """The prefilling jobs in the engine's order: those with at most `short_prefill_tokens` left that
+        fit in half a step's budget (oldest first), then the rest oldest first (`Scheduler.schedule`)."""
+        m = self.spec.model
+        if not m.short_prefill_tokens:
+            return self.prefilling
+        room = m.max_prefill_tokens // 2
+        first, rest = [], []
+        for j in self.prefilling:
+            if j.prefill_left <= min(m.short_prefill_tokens, room):
+                first.append(j)
+                room -= math.ceil(j.prefill_left)
+            else:
+                rest.append(j)
+        return first + rest if first else self.prefilling
+
     def _rates(self) -> tuple[float, float, float]:
         """(step s, decode tok/s per stream, prefill tok/s) at the current composition."""
         m = self.spec.model
@@ -88,10 +105,10 @@ class Box:
             if m.decode_ms_per_context_token
             else 0.0
         )
-        # The step's prompt tokens, oldest request first, each at its position (cached blocks come first).
+        # The step's prompt tokens, in the engine's order, each at its position (cached blocks come first).
         before, budget = 0.0, chunk
         if m.prefill_ms_per_context_token:
-            for j in self.prefilling:
+            for j in self._prefill_order():
                 k = min(j.prefill_left, budget)
                 if k <= 0:
                     break
@@ -114,7 +131,7 @@ class Box:
         for j in self.decoding:
             j.decode_left -= per_stream * dt
         work = prefill_rate * dt
-        for j in self.prefilling:
+        for j in self._prefill_order():
             done = min(j.prefill_left, work)
             j.prefill_left -= done
             work -= done
@@ -135,7 +152,7 @@ class Box:
             if pending <= self.spec.model.max_prefill_tokens:
                 times.append(self.t + step_s)  # one step finishes every prompt in flight
             else:
-                times.append(self.t + self.prefilling[0].prefill_left / prefill_rate)
+                times.append(self.t + self._prefill_order()[0].prefill_left / prefill_rate)
         # Late in a long run a leftover of 1e-9 tokens is less time than the clock can step (an ulp of t is
         # ~1e-13 s at t ~ 900 s): the event must still move the clock, or the loop livelocks (it did, on a
         # 15-minute decode-bound trace at 0.056 ms a prompt token).

@@ -70,6 +70,8 @@ def capacity_of(model: StepModel) -> Capacity:
         reserve_slots=max(1, round(RESERVE_SHARE * model.max_batch)),
         reserve_ttft_ms=RESERVE_TTFT_MS,
         kv_cache_tokens=model.kv_tokens,
+        prefill_chunk_tokens=chunk,
+        short_prefill_tokens=model.short_prefill_tokens,
     )
 
 

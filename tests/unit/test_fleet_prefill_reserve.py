@@ -135,6 +135,8 @@ def test_the_reserve_does_not_bind_when_the_cloud_is_not_an_option() -> None:
         ({"reserve_slots": 4}, "capacity.reserve_slots"),
         ({"reserve_slots": -1}, "capacity.reserve_slots"),
         ({"reserve_ttft_ms": 0.0}, "capacity.reserve_ttft_ms"),
+        ({"short_prefill_tokens": 128}, "capacity.prefill_chunk_tokens"),
+        ({"prefill_chunk_tokens": -1}, "capacity.prefill_chunk_tokens"),
     ],
 )
 def test_bad_capacity_settings_name_the_setting(kwargs: dict[str, float], setting: str) -> None:
@@ -162,10 +164,10 @@ def test_prefix_affinity_still_applies_when_no_owned_replica_meets_the_slo() -> 
 # ---- prefix affinity with a prefix cache: the holder counts only the uncached prompt -----------------------
 
 
-def _replicas(pending: dict[str, int]) -> RoutingSnapshot:
+def _replicas(pending: dict[str, int], capacity: Capacity = PREFILL) -> RoutingSnapshot:
     pairs = []
     for name in ("r0", "r1", "r2"):
-        spec, stats = box(PREFILL, in_flight=1 if pending.get(name) else 0, pending=pending.get(name, 0))
+        spec, stats = box(capacity, in_flight=1 if pending.get(name) else 0, pending=pending.get(name, 0))
         pairs.append((dataclasses.replace(spec, deployment_id=name, backend=name), stats))
     return snap(*pairs)
 
@@ -211,6 +213,26 @@ def test_affinity_spills_by_predicted_ttft_not_by_the_queue() -> None:
     # Without a cached-prefix estimate the prediction cannot see the cache: the queue rule alone applies.
     first_turn = choose(_turn(key), _replicas({fav: 1600}), SLO, now_s=0)
     assert first_turn.candidates[0].backend == fav
+
+
+def test_a_short_tail_on_an_engine_that_computes_short_prompts_first_waits_for_two_chunks_at_most() -> None:
+    # The same 1600 pending tokens, on engines computing short prompts (<= 128 tokens left) ahead of others'
+    # 256-token chunks: the holder's 200-token tail is not short, so it still spills; a 100-token tail waits
+    # for 2 x 256 of them (2.56 s) + its own 0.5 s, where an idle replica computes all 1000 (5 s).
+    short_first = dataclasses.replace(PREFILL, prefill_chunk_tokens=256, short_prefill_tokens=128)
+    key = 7
+    fav = _favourite(key)
+    busy = _replicas({fav: 1600}, short_first)
+    assert choose(_turn(key, 800, fav), busy, SLO, now_s=0).candidates[0].backend != fav
+    kept = choose(_turn(key, 900, fav), busy, SLO, now_s=0)
+    assert kept.candidates[0].backend == fav and "spilled" not in kept.reason
+    by_id = {c.deployment_id: c for c in kept.ranked}
+    idle = next(c for name, c in by_id.items() if name != fav)
+    # (plus one step: 25 ms a token alone, 30 ms beside the holder's one request)
+    assert idle.ttft_ms - by_id[fav].ttft_ms == pytest.approx((25 + 5000) - (30 + 2560 + 500))
+    # Engines computing oldest first (no short_prefill_tokens): the same tail waits for all 1600 (8 s).
+    fifo = choose(_turn(key, 900, fav), _replicas({fav: 1600}), SLO, now_s=0)
+    assert fifo.candidates[0].backend != fav
 
 
 # ---- a prompt longer than the reserve's bound, on a fleet with room ----------------------------------------

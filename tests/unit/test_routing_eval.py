@@ -273,6 +273,28 @@ def test_with_a_contended_curve_boxes_step_at_it_only_while_all_are_busy() -> No
     assert e2e(pair[:1], slow) == pytest.approx(alone[:1])
 
 
+def test_a_short_prompt_computes_ahead_of_a_long_ones_remaining_chunks_as_the_engine_orders_them() -> None:
+    # A 2,000-token prompt (four 512-token steps), then a 60-token one 0.1 s later on the same box: with the
+    # engine's short-prefill rule the short one is done in a fraction of one step's prefill, and costs the
+    # long one just its own 60 tokens; oldest first it waits out the long prompt.
+    long = dataclasses.replace(BASE, prefix_key="long", session=-1, prompt_tokens=2000, output_tokens=2)
+    short = dataclasses.replace(
+        long, rid=2, arrival_s=0.1, prefix_key="short", prompt_tokens=60, output_tokens=1
+    )
+
+    def ttfts(short_prefill: int) -> tuple[float, float]:
+        fleet = make_fleet(dataclasses.replace(MODEL, short_prefill_tokens=short_prefill), 1, "test")
+        sim = Simulation(dataclasses.replace(fleet, boxes=fleet.owned), seed=1)
+        jobs = {j.req.rid: j for j in sim.run([long, short], _Alternate()).jobs}
+        return jobs[0].ttft_s, jobs[2].ttft_s
+
+    (long_first, short_first), (long_fifo, short_fifo) = ttfts(128), ttfts(0)
+    chunk_s = (MODEL.step_base_ms + MODEL.prefill_ms_per_token * 512) / 1000  # a step with a full chunk
+    assert short_first == pytest.approx(60 / 512 * chunk_s, rel=1e-6)
+    assert short_fifo > long_fifo - 0.1
+    assert long_first - long_fifo == pytest.approx(short_first, rel=1e-6)
+
+
 def test_a_decoding_streams_step_grows_with_its_context() -> None:
     # d ms per context token: after its 700-token prompt, a stream's 2 remaining tokens each take
     # a + b + d x its context (~701 tokens) instead of a + b; its first token comes as before.
