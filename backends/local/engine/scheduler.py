@@ -283,26 +283,23 @@ class Scheduler:
         short = self.config.short_prefill_tokens
         if short:  # short interactive prefills first, running then waiting, within half the budget
             cap = self.config.max_prefill_tokens // 2
-            preempted = self._plan_prefills(planned, prefills, rows, short, cap) or preempted
-            if not preempted:
-                planned = self._admit_into(planned, prefills, rows, short, cap)
-        preempted = self._plan_prefills(planned, prefills, rows) or preempted
-        if not preempted:
-            planned = self._admit_into(planned, prefills, rows)
+            planned, preempted = self._fill(planned, prefills, rows, preempted, short, cap)
+        planned, _ = self._fill(planned, prefills, rows, preempted)
         return StepPlan(tuple(planned.values()))
 
-    def _plan_prefills(
+    def _fill(
         self,
         planned: dict[int, SeqChunk],
         prefills: set[int],
         rows: _BatchRows,
+        preempted: bool,
         short: int | None = None,
         cap: int | None = None,
-    ) -> bool:
-        """Plan the next chunk of running prefills, oldest first, within the step's budget (and `cap`
-        prompt tokens; only interactive ones with at most `short` tokens left, if given); True if a
-        sequence had to be preempted for room."""
-        preempted = False
+    ) -> tuple[dict[int, SeqChunk], bool]:
+        """`planned` with the next chunks of running prefills (oldest first), then, unless a sequence had to
+        be preempted for room (now or before: `preempted`), waiting sequences admitted (`_admit`), all within
+        the step's budget and `cap` prompt tokens; only interactive ones whose prompt finishes within `short`
+        tokens, if given. Also returns whether a sequence was preempted."""
         for seq in [s for s in self._running if not s.is_decoding and s.seq_id not in planned]:
             budget = self._budget_left(planned, prefills, cap)
             if budget <= 0:
@@ -317,24 +314,10 @@ class Scheduler:
                 continue
             planned[seq.seq_id] = self._prefill_chunk(seq, end)
             prefills.add(seq.seq_id)
-        # A sequence preempted above and readmitted later must not keep its draft room.
+        # Before admitting: a sequence preempted above and readmitted below must not keep its draft room.
         self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k in planned}
-        return preempted
-
-    @staticmethod
-    def _is_short(seq: Seq, computed: int, most: int) -> bool:
-        """Whether interactive `seq`'s prompt, `computed` tokens of it done, finishes within `most` tokens."""
-        return seq.params.priority is Priority.INTERACTIVE and seq.num_tokens - computed <= most
-
-    def _admit_into(
-        self,
-        planned: dict[int, SeqChunk],
-        prefills: set[int],
-        rows: _BatchRows,
-        short: int | None = None,
-        cap: int | None = None,
-    ) -> dict[int, SeqChunk]:
-        """`planned` with waiting sequences admitted into the step's budget (see `_admit`)."""
+        if preempted:
+            return planned, True
         evicted: set[int] = set()
         admitted = self._admit(self._budget_left(planned, prefills, cap), evicted, rows, short)
         # Interactive admissions may have preempted batch sequences planned above (and even readmitted
@@ -343,7 +326,12 @@ class Scheduler:
         planned.update((c.seq_id, c) for c in admitted)
         prefills.update(c.seq_id for c in admitted)
         self._draft_rooms = {k: v for k, v in self._draft_rooms.items() if k not in evicted}
-        return planned
+        return planned, False
+
+    @staticmethod
+    def _is_short(seq: Seq, computed: int, most: int) -> bool:
+        """Whether interactive `seq`'s prompt, `computed` tokens of it done, finishes within `most` tokens."""
+        return seq.params.priority is Priority.INTERACTIVE and seq.num_tokens - computed <= most
 
     def hold(self, seq_ids: Collection[int]) -> None:
         """Set these running sequences aside while their step is suspended mid-forward (K/V writes to come):
