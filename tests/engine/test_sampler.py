@@ -98,7 +98,8 @@ def test_top_p_ranks_candidates_first_and_sorts_whole_rows_only_where_the_nucleu
     assert torch.allclose(ours, _sort_whole_vocabulary(probs, top_p), atol=1e-7)
     kept = (ours > 0).sum(dim=-1).tolist()
     assert kept[0] < 64 and kept[2] > 64 and kept[4] == 49_152  # both paths ran
-    assert torch.equal(ours[4], probs[4] / probs[4].sum())
+    # unchanged but for renormalising (a batched sum rounds apart from a row's own on some SIMD widths)
+    assert torch.allclose(ours[4], probs[4] / probs[4].sum(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.7, 0.9, 0.99])
