@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from backends.local.engine.kv_cache import BlockAllocator
 from backends.local.engine.scheduler import (
+    SHORT_SCAN_LIMIT,
     FinishCause,
     Priority,
     RequestTooLarge,
@@ -227,6 +228,23 @@ def test_an_agent_turn_is_short_by_what_its_cached_history_leaves_to_compute() -
     chunks = {c.seq_id: c for c in plan.chunks}
     assert chunks[3].start_pos == 40 and chunks[3].num_logits == 1  # cached 40, computes the last 8
     assert len(chunks[2].token_ids) == 16 - 8
+
+
+@pytest.mark.parametrize(("ahead", "jumps"), [(SHORT_SCAN_LIMIT - 1, True), (SHORT_SCAN_LIMIT, False)])
+def test_the_short_pass_looks_only_so_far_down_the_waiting_queue(ahead: int, jumps: bool) -> None:
+    # A question behind `ahead` waiting long prompts goes first only if the short pass reaches it; past the
+    # limit it waits its turn (oldest first), so an overloaded queue is not prefix-matched whole every step.
+    scheduler, _ = make(num_blocks=400, budget=16, max_batch=3)
+    scheduler.add(1, prompt(64, 1), params(2))
+    step(scheduler)
+    for seq_id in range(2, 2 + ahead):
+        scheduler.add(seq_id, prompt(64, seq_id), params(2))
+    question = 2 + ahead
+    scheduler.add(question, prompt(6, question), params(2))
+    plan, _ = step(scheduler)
+    planned = {c.seq_id for c in plan.chunks}
+    assert (question in planned) is jumps
+    assert 1 in planned  # the long prompt's next chunk either way
 
 
 def test_prefill_tokens_per_step_stay_within_the_budget_and_batch() -> None:

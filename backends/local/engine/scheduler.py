@@ -26,6 +26,10 @@ from typing import Protocol
 from backends.local.engine.prefix_cache import PrefixIndex
 from backends.local.engine.types import SeqChunk, StepPlan
 
+# The short pass looks at most this far down the waiting queue past longer prompts: judging one short means
+# matching its prefix, which under overload would otherwise cost a match per waiting sequence every step.
+SHORT_SCAN_LIMIT = 32
+
 
 class Priority(StrEnum):
     INTERACTIVE = "interactive"  # someone waits for it
@@ -458,22 +462,24 @@ class Scheduler:
         """Start waiting sequences in order while there is budget, batch room, free blocks and (for batch
         ones) batch rows; interactive ones preempt running batch ones for room (their ids go to `evicted`).
         With `short`: only interactive ones with at most that many prompt tokens left after their cached
-        prefix, passing over longer ones."""
+        prefix, passing over at most `SHORT_SCAN_LIMIT` longer ones."""
         admitted = []
         skipped = 0  # waiting sequences passed over as not short
         while len(self._waiting) > skipped and budget > 0:
             seq = self._waiting[skipped]
+            shared: list[int] | None = None
             if short is not None:
-                if seq.params.priority is not Priority.INTERACTIVE:
-                    break  # waiting is in priority order: only batch sequences are left
-                cached = len(self._match_prefix(seq)) * self.config.block_size
-                if not self._is_short(seq, cached, min(short, budget)):
+                if seq.params.priority is not Priority.INTERACTIVE or skipped >= SHORT_SCAN_LIMIT:
+                    break  # only batch ones are left (waiting is in priority order), or looked far enough
+                shared = self._match_prefix(seq)
+                if not self._is_short(seq, len(shared) * self.config.block_size, min(short, budget)):
                     skipped += 1
                     continue
             if not rows.take(seq):
                 break  # waiting is in priority order: only batch sequences are left
             while True:
-                shared = self._match_prefix(seq)  # again after a preemption: it may free indexed blocks
+                if shared is None:  # again after a preemption: it may free indexed blocks
+                    shared = self._match_prefix(seq)
                 start = len(shared) * self.config.block_size
                 end = min(seq.num_tokens, start + budget)
                 needed = blocks_for(end, self.config.block_size) - len(shared)
@@ -486,6 +492,7 @@ class Scheduler:
                     break
                 evicted.add(self._running[-1].seq_id)
                 self._preempt(self._running[-1])
+                shared = None
             if no_room or len(self._running) >= self.config.max_batch:
                 break
             self._waiting.remove(seq)
