@@ -34,6 +34,10 @@ ATTN_IMPLS = ("auto", "sdpa", "eager", "flash", "paged")  # attention.ATTN_CHOIC
 SPEC_KINDS = ("none", "draft", "self", "ngram")
 
 
+CPU_PREFILL_TOKENS = 256  # `--max-prefill-tokens` by default on CPU (`default_prefill_tokens`)
+DEVICE_PREFILL_TOKENS = 512  # and on CUDA
+
+
 @dataclass(frozen=True, slots=True)
 class EngineOptions:
     device: str = "cpu"
@@ -48,7 +52,7 @@ class EngineOptions:
     kv_dtype: str = "auto"  # the KV cache's dtype: `kv_cache_dtype`
     threads: int | None = None
     block_size: int = 16
-    max_prefill_tokens: int = 512
+    max_prefill_tokens: int | None = None  # None: `default_prefill_tokens(device)`
     short_prefill_tokens: int = 128  # interactive prompts this short go ahead of long ones' chunks
     batch_rows_beside_interactive: int | None = None  # batch rows per step beside interactive work
     prefix_cache: bool = True  # keep finished requests' full prompt blocks cached (evictable) for reuse
@@ -77,10 +81,26 @@ class EngineOptions:
             )
         if self.short_prefill_tokens < 0:
             raise ValueError(f"--short-prefill-tokens must be 0 or more, got {self.short_prefill_tokens}")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError(f"--max-prefill-tokens must be at least 1, got {self.max_prefill_tokens}")
         if self.kv_cache_mb <= 0:
             raise ValueError(f"--kv-cache-mb must be positive, got {self.kv_cache_mb}")
         if self.dtype != "auto":  # refused before the model loads (an `auto` dtype: once resolved)
             kv_cache_dtype(self.kv_dtype, self.dtype, self.device)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens computed per step: `max_prefill_tokens`, or the device's default."""
+        return self.max_prefill_tokens or default_prefill_tokens(self.device)
+
+
+def default_prefill_tokens(device: str) -> int:
+    """`--max-prefill-tokens` when not given: 256 on CPU, 512 elsewhere. A step lasts as long as its prompt
+    tokens take, and every decoding stream and waiting question waits it out: on a CPU, 512 tokens at ~1,000
+    tokens of context are a 1-2 s step (docs/ENGINE.md, "The scheduler"); 256 halves that and computes a long
+    prompt no slower (a chunk's attention covers its whole key range, so smaller chunks waste less of it),
+    while half of it, what short prompts may take, still holds an agent's next turn."""
+    return CPU_PREFILL_TOKENS if device == "cpu" else DEVICE_PREFILL_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,14 +238,14 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
         with stage("warm-up (prefill and decode shapes, sampler)"):
             in_thread(
                 lambda: warm_up(
-                    runner, max_batch=options.max_batch, max_prefill_tokens=options.max_prefill_tokens
+                    runner, max_batch=options.max_batch, max_prefill_tokens=options.prefill_tokens
                 ),
                 threads,
             )
     trim_heap()
     config = SchedulerConfig(
         max_batch=options.max_batch,
-        max_prefill_tokens=options.max_prefill_tokens,
+        max_prefill_tokens=options.prefill_tokens,
         short_prefill_tokens=options.short_prefill_tokens,
         block_size=options.block_size,
         num_spec_tokens=0 if isinstance(proposer, NoProposer) else options.num_spec_tokens,

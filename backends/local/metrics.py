@@ -46,6 +46,17 @@ class _LoadCollector(Collector):
                 "Accepted / proposed speculative draft tokens since start (0 before any draft)",
                 s.accepted_tokens / s.drafted_tokens if s.drafted_tokens else 0.0,
             ),
+            (
+                "prefill_tokens_per_step",
+                "Prompt tokens computed per step at most (--max-prefill-tokens; longer prompts are chunked)",
+                s.prefill_tokens_per_step,
+            ),
+            (
+                "short_prefill_tokens",
+                "Interactive prompts with at most this many tokens left go ahead of longer ones' chunks "
+                "(--short-prefill-tokens; 0: oldest first)",
+                s.short_prefill_tokens,
+            ),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)

@@ -47,8 +47,13 @@ def engine_serve(
     threads: Annotated[int | None, typer.Option(min=1, help="CPU compute threads (default: all).")] = None,
     block_size: Annotated[int, typer.Option(min=1, help="Tokens per KV-cache block.")] = 16,
     max_prefill_tokens: Annotated[
-        int, typer.Option(min=1, help="Prompt tokens computed per step (longer prompts are chunked).")
-    ] = 512,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Prompt tokens computed per step (longer prompts are chunked). Default: 256 on CPU, "
+            "512 on CUDA.",
+        ),
+    ] = None,
     short_prefill_tokens: Annotated[
         int,
         typer.Option(

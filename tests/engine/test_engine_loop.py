@@ -67,6 +67,7 @@ async def test_overloaded_cache_gives_every_request_its_solo_greedy_tokens(tiny_
         assert outcome.completion_tokens == len(want)
     assert stats.preemptions > 0, "the load never filled the cache"
     assert stats.kv_blocks_free == stats.kv_blocks_total == 12
+    assert stats.prefill_tokens_per_step == 8  # the scheduler's budget, as /metrics publishes it
 
 
 async def test_requests_sharing_a_prompt_prefix_share_blocks_and_match(tiny_model: Transformer) -> None:

@@ -35,3 +35,24 @@ def test_the_engine_publishes_what_the_reader_parses() -> None:
         "switchboard_engine_kv_cache_usage_ratio",
     }
     assert engine_load(values) == EngineLoad(queue_depth=3, running=2, kv_cache_used_frac=0.25)
+
+
+def test_the_engine_publishes_its_prefill_budget_and_short_prompt_rule() -> None:
+    # What calibrate.py records with a measured curve, so the simulator chunks prompts as that engine did.
+    metrics = EngineMetrics()
+    stats = EngineStats(
+        waiting=0,
+        running=0,
+        kv_blocks_total=8,
+        kv_blocks_free=8,
+        preemptions=0,
+        prefix_hit_tokens=0,
+        drafted_tokens=0,
+        accepted_tokens=0,
+        prefill_tokens_per_step=256,
+        short_prefill_tokens=128,
+    )
+    metrics.watch(lambda: stats)
+    page = generate_latest(metrics.registry).decode()
+    assert "switchboard_engine_prefill_tokens_per_step 256.0" in page
+    assert "switchboard_engine_short_prefill_tokens 128.0" in page

@@ -151,6 +151,8 @@ class EngineStats:
     accepted_tokens: int
     suspended_steps: int = 0  # steps with batch rows suspended mid-forward for interactive arrivals
     interleaved_steps: int = 0  # interactive steps run inside suspended ones
+    prefill_tokens_per_step: int = 0  # the scheduler's `max_prefill_tokens`
+    short_prefill_tokens: int = 0  # and `short_prefill_tokens`
 
     @property
     def kv_blocks_used(self) -> int:
@@ -319,6 +321,8 @@ class Engine:
             accepted_tokens=self._accepted,
             suspended_steps=self._suspended,
             interleaved_steps=self._interleaved,
+            prefill_tokens_per_step=self._scheduler.config.max_prefill_tokens,
+            short_prefill_tokens=self._scheduler.config.short_prefill_tokens,
         )
 
     # -- the loop, on the engine thread --------------------------------------------------------------------
