@@ -103,8 +103,11 @@ async def measure(url: str) -> dict[str, object]:
             ttfts = [(await stream_once(client, filler(words, s), 1))[1] for s in range(3)]
             prefill[words] = statistics.median(ttfts)
         counted = (await client.post("/tokenize", json={"prompt": filler(800)})).json()["count"]
-        kv_tokens = KV_BLOCK_TOKENS * _gauge((await client.get("/metrics")).text, "kv_blocks_total")
+        metrics = (await client.get("/metrics")).text
+        kv_tokens = KV_BLOCK_TOKENS * _gauge(metrics, "kv_blocks_total")
     return {
+        "max_prefill_tokens": _gauge(metrics, "prefill_tokens_per_step"),
+        "short_prefill_tokens": _gauge(metrics, "short_prefill_tokens"),
         "decode_tok_s": decode,
         "decode_step_ms_by_context_words": context,
         "prefill_ttft_s_by_words": prefill,
@@ -176,6 +179,8 @@ async def measure_all(urls: list[str]) -> dict[str, object]:
         "prefill_ttft_s_by_words": median_of("prefill_ttft_s_by_words"),
         "tokens_per_word": per_word,
         "kv_tokens": raws[0]["kv_tokens"],
+        "max_prefill_tokens": raws[0]["max_prefill_tokens"],
+        "short_prefill_tokens": raws[0]["short_prefill_tokens"],
     }
 
 
@@ -220,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         "prefill_ttft_s_by_tokens": {str(round(w * per_word)): round(s, 3) for w, s in prefill.items()},
         "kv_tokens": raw["kv_tokens"],
+        "max_prefill_tokens": raw["max_prefill_tokens"],
+        "short_prefill_tokens": raw["short_prefill_tokens"],
         **fit(decode, prefill, per_word, context),
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")

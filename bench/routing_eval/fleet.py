@@ -33,7 +33,7 @@ class StepModel:
     step_ms_per_stream: float
     prefill_ms_per_token: float
     max_batch: int = 8
-    max_prefill_tokens: int = 512
+    max_prefill_tokens: int = 256  # the engine's `--max-prefill-tokens` (its default on CPU)
     block_size: int = 16
     source: str = ""
     # The engine's KV cache in tokens: 512 MiB (its default) at 22.5 KiB a token (SmolLM2-135M in bf16); a
@@ -110,6 +110,9 @@ def load_curve(path: Path = CURVE_PATH) -> StepModel:
         kv_tokens=int(data.get("kv_tokens", DEFAULT_KV_TOKENS)),
         decode_ms_per_context_token=float(data.get("decode_ms_per_context_token", 0.0)),
         prefill_ms_per_context_token=float(data.get("prefill_ms_per_context_token", 0.0)),
+        # What its engine ran with (a curve measured before calibrate.py read them: the defaults of then).
+        max_prefill_tokens=int(data.get("max_prefill_tokens", 512)),
+        short_prefill_tokens=int(data.get("short_prefill_tokens", 128)),
     )
 
 

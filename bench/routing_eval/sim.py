@@ -148,10 +148,12 @@ class Box:
             else []
         )
         if self.prefilling:
+            # One step finishes every prompt in flight, or computes its chunk of them: the next step's
+            # rate is then re-read, its tokens at their new positions (a long prompt's later chunks attend
+            # to more tokens before them).
+            times.append(self.t + step_s)
             pending = sum(j.prefill_left for j in self.prefilling)
-            if pending <= self.spec.model.max_prefill_tokens:
-                times.append(self.t + step_s)  # one step finishes every prompt in flight
-            else:
+            if pending > self.spec.model.max_prefill_tokens:
                 times.append(self.t + self._prefill_order()[0].prefill_left / prefill_rate)
         # Late in a long run a leftover of 1e-9 tokens is less time than the clock can step (an ulp of t is
         # ~1e-13 s at t ~ 900 s): the event must still move the clock, or the loop livelocks (it did, on a
