@@ -60,7 +60,7 @@ def _setup(args: argparse.Namespace, boxes: dict[str, StepModel]) -> list[str]:
         "",
         "Fleet. Owned engine boxes run the bundled engine's step model (`step ms = a + b x streams + c x "
         "prompt tokens + d x the decoding streams' context tokens + e x the prompt tokens' positions`, 8 "
-        "slots, 512 prompt tokens per step, "
+        f"slots, {next(iter(boxes.values())).max_prefill_tokens} prompt tokens per step, "
         "the engine's prefix cache: blocks shared "
         "with running requests and kept after a request ends, LRU within the engine's KV cache "
         f"({next(iter(boxes.values())).kv_tokens} tokens); an agent "
