@@ -145,7 +145,10 @@ async def replay(
     jobs: list[Job] = []
     answers: dict[int, str] = {}
     by_rid = {r.rid: r for r in trace}
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    # Idle connections are dropped well before the servers' own keep-alive timeout (uvicorn's: 5 s, httpx's
+    # default expiry too): at equal timeouts a request sent on a connection the server was closing failed
+    # with a ReadError 13 minutes into a run.
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         t0 = time.perf_counter()
 
