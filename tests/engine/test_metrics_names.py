@@ -14,20 +14,26 @@ from backends.local.metrics import EngineMetrics  # noqa: E402
 from gateway.live.engine_load import EngineLoad, engine_load, parse_prometheus  # noqa: E402
 
 
-def test_the_engine_publishes_what_the_reader_parses() -> None:
+def _page(**stats: int) -> str:
+    """The /metrics page for an engine at these stats (the rest: idle, 8 KV blocks, all free)."""
     metrics = EngineMetrics()
-    stats = EngineStats(
-        waiting=3,
-        running=2,
+    fields = dict(
+        waiting=0,
+        running=0,
         kv_blocks_total=8,
-        kv_blocks_free=6,
+        kv_blocks_free=8,
         preemptions=0,
         prefix_hit_tokens=0,
         drafted_tokens=0,
         accepted_tokens=0,
     )
-    metrics.watch(lambda: stats)
-    page = generate_latest(metrics.registry).decode()
+    snapshot = EngineStats(**(fields | stats))
+    metrics.watch(lambda: snapshot)
+    return generate_latest(metrics.registry).decode()
+
+
+def test_the_engine_publishes_what_the_reader_parses() -> None:
+    page = _page(waiting=3, running=2, kv_blocks_free=6)
     values = parse_prometheus(page)
     assert set(values) == {
         "switchboard_engine_queue_depth",
@@ -39,20 +45,6 @@ def test_the_engine_publishes_what_the_reader_parses() -> None:
 
 def test_the_engine_publishes_its_prefill_budget_and_short_prompt_rule() -> None:
     # What calibrate.py records with a measured curve, so the simulator chunks prompts as that engine did.
-    metrics = EngineMetrics()
-    stats = EngineStats(
-        waiting=0,
-        running=0,
-        kv_blocks_total=8,
-        kv_blocks_free=8,
-        preemptions=0,
-        prefix_hit_tokens=0,
-        drafted_tokens=0,
-        accepted_tokens=0,
-        prefill_tokens_per_step=256,
-        short_prefill_tokens=128,
-    )
-    metrics.watch(lambda: stats)
-    page = generate_latest(metrics.registry).decode()
+    page = _page(prefill_tokens_per_step=256, short_prefill_tokens=128)
     assert "switchboard_engine_prefill_tokens_per_step 256.0" in page
     assert "switchboard_engine_short_prefill_tokens 128.0" in page
