@@ -274,12 +274,15 @@ def test_with_a_contended_curve_boxes_step_at_it_only_while_all_are_busy() -> No
 
 
 def test_a_short_prompt_computes_ahead_of_a_long_ones_remaining_chunks_as_the_engine_orders_them() -> None:
-    # A 2,000-token prompt (eight 256-token steps), then a 60-token one 0.1 s later on the same box: with the
+    # A prompt of eight whole chunks, then a 60-token one as its first chunk ends, on the same box: with the
     # engine's short-prefill rule the short one is done in a fraction of one step's prefill, and costs the
-    # long one at most its own 60 tokens; oldest first it waits out the long prompt.
-    long = dataclasses.replace(BASE, prefix_key="long", session=-1, prompt_tokens=2000, output_tokens=2)
+    # long one just its own 60 tokens; oldest first it waits out the long prompt (which fills its last step
+    # alone, so the short one starts after it).
+    chunk = MODEL.max_prefill_tokens
+    chunk_s = (MODEL.step_base_ms + MODEL.prefill_ms_per_token * chunk) / 1000  # a step with a full chunk
+    long = dataclasses.replace(BASE, prefix_key="long", session=-1, prompt_tokens=8 * chunk, output_tokens=2)
     short = dataclasses.replace(
-        long, rid=2, arrival_s=0.1, prefix_key="short", prompt_tokens=60, output_tokens=1
+        long, rid=2, arrival_s=chunk_s, prefix_key="short", prompt_tokens=60, output_tokens=1
     )
 
     def ttfts(short_prefill: int) -> tuple[float, float]:
@@ -289,13 +292,9 @@ def test_a_short_prompt_computes_ahead_of_a_long_ones_remaining_chunks_as_the_en
         return jobs[0].ttft_s, jobs[2].ttft_s
 
     (long_first, short_first), (long_fifo, short_fifo) = ttfts(128), ttfts(0)
-    chunk = MODEL.max_prefill_tokens
-    chunk_s = (MODEL.step_base_ms + MODEL.prefill_ms_per_token * chunk) / 1000  # a step with a full chunk
     assert short_first == pytest.approx(60 / chunk * chunk_s, rel=1e-6)
-    assert 0.1 + short_fifo >= long_fifo - 1e-9  # oldest first: it is done no sooner than the long prompt
-    # What going first costs the long prompt: at most the short one's own tokens (oldest first, the short
-    # one shares the long one's last step and costs it some of them too).
-    assert 0 <= long_first - long_fifo <= short_first + 1e-9
+    assert short_fifo > long_fifo - chunk_s
+    assert long_first - long_fifo == pytest.approx(short_first, rel=1e-6)
 
 
 def test_a_decoding_streams_step_grows_with_its_context() -> None:
