@@ -15,6 +15,9 @@ from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 PRIORITY_HEADER = "x-switchboard-priority"  # "batch": the engine schedules it behind interactive requests
+# Milliseconds from its arrival within which the request's first token is wanted (its team's p95 TTFT SLO):
+# the engine queues earliest deadline first. Any other server ignores it.
+DEADLINE_HEADER = "x-switchboard-deadline-ms"
 
 
 class BackendKind(StrEnum):
@@ -64,6 +67,9 @@ class ChatRequest:
     passthrough_headers: tuple[tuple[str, str], ...] = ()
     # A `/v1/batches` item: a self-hosted engine runs it behind interactive work (PRIORITY_HEADER).
     batch: bool = False
+    # Within how many ms its first token is wanted (its team's SLO): a self-hosted engine serves the earliest
+    # deadline first (DEADLINE_HEADER). None: no deadline sent.
+    deadline_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import httpx
 import orjson
 
 from backends.base import (
+    DEADLINE_HEADER,
     PRIORITY_HEADER,
     BackendHealth,
     BackendInfo,
@@ -186,11 +187,16 @@ class OpenAICompatBackend:
         """One `httpx.Request` straight for the transport. httpx's client layer (auth flow, cookies, event
         hooks) and `Request(content=...)` (which re-normalises every header) cost more than the exchange
         itself here; `FastTransport` writes Host and Content-Length for a `stream=` body on the wire."""
-        batch = isinstance(request, ChatRequest) and request.batch
+        headers = self._headers
+        if isinstance(request, ChatRequest):
+            headers = self._batch_headers if request.batch else headers
+            if request.deadline_ms is not None:  # the engine's queue order (EDF); other servers ignore it
+                headers = httpx.Headers(headers)
+                headers[DEADLINE_HEADER] = f"{request.deadline_ms:.0f}"
         return httpx.Request(
             "POST",
             url,
-            headers=self._batch_headers if batch else self._headers,
+            headers=headers,
             stream=httpx.ByteStream(body),
             extensions={"timeout": self._timeouts_for(request)},
         )

@@ -54,6 +54,7 @@ class EngineOptions:
     block_size: int = 16
     max_prefill_tokens: int | None = None  # None: `default_prefill_tokens(device)`
     short_prefill_tokens: int = 128  # interactive prompts this short go ahead of long ones' chunks
+    default_deadline_ms: float = 10_000.0  # when a request that names no deadline is due (earliest first)
     batch_rows_beside_interactive: int | None = None  # batch rows per step beside interactive work
     prefix_cache: bool = True  # keep finished requests' full prompt blocks cached (evictable) for reuse
     release_source: bool = False  # free the transformers weights once converted (the server does)
@@ -81,6 +82,8 @@ class EngineOptions:
             )
         if self.short_prefill_tokens < 0:
             raise ValueError(f"--short-prefill-tokens must be 0 or more, got {self.short_prefill_tokens}")
+        if not 0 < self.default_deadline_ms < float("inf"):
+            raise ValueError(f"--default-deadline-ms must be positive, got {self.default_deadline_ms}")
         if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
             raise ValueError(f"--max-prefill-tokens must be at least 1, got {self.max_prefill_tokens}")
         if self.kv_cache_mb <= 0:
@@ -247,6 +250,7 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
         max_batch=options.max_batch,
         max_prefill_tokens=options.prefill_tokens,
         short_prefill_tokens=options.short_prefill_tokens,
+        default_deadline_ms=options.default_deadline_ms,
         block_size=options.block_size,
         num_spec_tokens=0 if isinstance(proposer, NoProposer) else options.num_spec_tokens,
         batch_rows_beside_interactive=options.batch_rows_beside_interactive,

@@ -28,7 +28,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from backends.base import PRIORITY_HEADER
 from backends.local.build import EngineOptions, one_compute_thread, stage
 from backends.local.embedding import Embedder
 from backends.local.embedding_api import EmbeddingService, embeddings
@@ -42,7 +41,8 @@ from backends.local.serving import (
     build_engine_state,
     check_model,
     failure,
-    priority_of,
+    queued,
+    queueing_of,
     start,
     start_chat,
 )
@@ -159,7 +159,7 @@ async def chat_completions(request: Request) -> Response:
     state: EngineState = request.app.state.engine
     try:
         body = parse_json(await request.body(), ChatCompletionBody)
-        gen = start_chat(state, body, priority_of(request.headers.get(PRIORITY_HEADER)))
+        gen = start_chat(state, body, queueing_of(request.headers))
     except ApiError:
         state.metrics.requests.labels(outcome="rejected").inc()
         raise
@@ -189,7 +189,7 @@ async def completions(request: Request) -> Response:
             prompt_param="prompt",
             defaults=state.sampling,
         )
-        gen = start(state, prompt_ids, params)
+        gen = start(state, prompt_ids, queued(params, queueing_of(request.headers)))
     except ApiError:
         state.metrics.requests.labels(outcome="rejected").inc()
         raise

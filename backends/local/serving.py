@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterable
+import math
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from backends.base import FinishReason
+from backends.base import DEADLINE_HEADER, PRIORITY_HEADER, FinishReason
 from backends.local.build import EngineOptions, available_cores, build_engine_parts
 from backends.local.engine.engine import Engine, Failed, Finished, RequestHandle, Tokens
 from backends.local.engine.kernels import kernel_isa
@@ -177,12 +178,45 @@ def check_model(state: EngineState, model: str) -> None:
         )
 
 
-def priority_of(header: str | None) -> Priority:
-    """The request's class from PRIORITY_HEADER: "batch" runs behind interactive work; anything else is
-    interactive (the header can only lower a request's priority, never raise it)."""
-    return (
-        Priority.BATCH if header is not None and header.strip().lower() == "batch" else Priority.INTERACTIVE
-    )
+MAX_DEADLINE_MS = 86_400_000.0  # a day: past it a deadline orders nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Queueing:
+    """Where a request joins the engine's queue: its class, and when its first token is due (ms after it
+    arrives; None: the scheduler's default)."""
+
+    priority: Priority = Priority.INTERACTIVE
+    deadline_ms: float | None = None
+
+
+INTERACTIVE = Queueing()
+
+
+def queueing_of(headers: Mapping[str, str]) -> Queueing:
+    """The request's place in the queue from its headers. PRIORITY_HEADER "batch" runs it behind interactive
+    work; anything else is interactive (the header can only lower a request's priority, never raise it).
+    DEADLINE_HEADER: milliseconds within which its first token is wanted; the engine serves the earliest
+    deadline first."""
+    header = headers.get(PRIORITY_HEADER)
+    batch = header is not None and header.strip().lower() == "batch"
+    priority = Priority.BATCH if batch else Priority.INTERACTIVE
+    raw = headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return Queueing(priority) if batch else INTERACTIVE
+    try:
+        deadline_ms = float(raw)
+    except ValueError:
+        deadline_ms = math.nan
+    if not 0 < deadline_ms <= MAX_DEADLINE_MS:  # NaN fails too
+        raise ApiError(
+            400,
+            f"header {DEADLINE_HEADER} must be a number of milliseconds above 0 and at most "
+            f"{MAX_DEADLINE_MS:.0f} (within how long the first token is wanted)",
+            param=DEADLINE_HEADER,
+            code="invalid_deadline",
+        )
+    return Queueing(priority, deadline_ms)
 
 
 def start(state: EngineState, prompt_ids: list[int], params: SamplingParams) -> Generation:
@@ -193,9 +227,7 @@ def start(state: EngineState, prompt_ids: list[int], params: SamplingParams) -> 
     return Generation(state, handle, params, len(prompt_ids))
 
 
-def start_chat(
-    state: EngineState, body: ChatCompletionBody, priority: Priority = Priority.INTERACTIVE
-) -> Generation:
+def start_chat(state: EngineState, body: ChatCompletionBody, queueing: Queueing = INTERACTIVE) -> Generation:
     """Check a chat body against the served names and the engine's limits, template it, and submit it."""
     check_model(state, body.model)
     reject_unsupported(body)
@@ -208,4 +240,10 @@ def start_chat(
         kv_tokens=state.engine.max_kv_tokens(),
         defaults=state.sampling,
     )
-    return start(state, prompt_ids, dataclasses.replace(params, priority=priority))
+    return start(state, prompt_ids, queued(params, queueing))
+
+
+def queued(params: SamplingParams, queueing: Queueing) -> SamplingParams:
+    if queueing is INTERACTIVE:
+        return params
+    return dataclasses.replace(params, priority=queueing.priority, deadline_ms=queueing.deadline_ms)

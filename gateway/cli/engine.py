@@ -63,6 +63,15 @@ def engine_serve(
             "of --max-prefill-tokens per step. 0: prompts are computed oldest first.",
         ),
     ] = 128,
+    default_deadline_ms: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="Requests are admitted and prefilled earliest deadline first; the gateway sends each "
+            "request's deadline (its team's p95 TTFT SLO, header x-switchboard-deadline-ms). A request "
+            "without one is due this many milliseconds after it arrives.",
+        ),
+    ] = 10_000.0,
     batch_rows_beside_interactive: Annotated[
         int | None,
         typer.Option(
@@ -105,6 +114,7 @@ def engine_serve(
             block_size=block_size,
             max_prefill_tokens=max_prefill_tokens,
             short_prefill_tokens=short_prefill_tokens,
+            default_deadline_ms=default_deadline_ms,
             batch_rows_beside_interactive=batch_rows_beside_interactive,
             prefix_cache=prefix_cache,
         )

@@ -24,7 +24,7 @@ from gateway.limits.gate import Gate
 from gateway.pipeline.attempt import DeploymentUse
 from gateway.pipeline.decision_view import prediction_headers
 from gateway.pipeline.dispatch import Dispatcher, OpenStream, await_chunk, close_stream, ready_chunk
-from gateway.pipeline.plan import Planner, Routed, fail_closed_error
+from gateway.pipeline.plan import Planner, Routed, fail_closed_error, with_deadline
 from gateway.pipeline.record import RecordSink, RequestRecord
 from gateway.pipeline.request import CACHE_HEADER, SYSTEM_CLOCK, Clock, GatewayRequest, Timing
 from gateway.records import RequestStatus
@@ -108,8 +108,10 @@ class Pipeline:
                 return answer
             routed = admitted.routed
             rec.dispatched = True
+            call = request.call
+            call = with_deadline(call, routed.policy) if isinstance(call, ChatRequest) else call
             served = await self.dispatcher.complete(
-                routed.decision, request.call, timing, routed.policy.max_attempts, routed.prompt_tokens,
+                routed.decision, call, timing, routed.policy.max_attempts, routed.prompt_tokens,
                 routed.prefix_cached,
             )  # fmt: skip
             rec.use, rec.attempts = served.use, served.attempts
@@ -144,7 +146,8 @@ class Pipeline:
             routed = admitted.routed
             rec.dispatched = True
             opened = await self.dispatcher.open_stream(
-                routed.decision, call, timing, routed.policy.max_attempts, routed.prompt_tokens,
+                routed.decision, with_deadline(call, routed.policy), timing, routed.policy.max_attempts,
+                routed.prompt_tokens,
                 routed.prefix_cached,
             )  # fmt: skip
         rec.use, rec.attempts = opened.use, opened.attempts

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import EmbeddingRequest
+from backends.base import ChatRequest, EmbeddingRequest
 from gateway.edge.pool import split_node_backend
 from gateway.errors import (
     DeadlineUnmeetable,
@@ -201,6 +201,16 @@ def plan(
     return Routed(
         decision, verdict, policy, prompt_tokens, output_tokens, missing, cached, key, system_key, messages
     )
+
+
+def with_deadline(call: ChatRequest, policy: RoutePolicy) -> ChatRequest:
+    """A chat call carrying when its first token is wanted: the policy's p95 TTFT SLO, else its end-to-end
+    one (the first token is due by then too). A self-hosted engine queues earliest deadline first
+    (backends.base.DEADLINE_HEADER); nothing is sent without an SLO."""
+    deadline_ms = policy.slo_p95_ttft_ms or policy.slo_p95_e2e_ms
+    if deadline_ms is None or call.deadline_ms == deadline_ms:
+        return call
+    return dataclasses.replace(call, deadline_ms=deadline_ms)
 
 
 class Planner:

@@ -39,6 +39,8 @@ TEAMS: dict[str, dict[str, Any]] = {
     "slo": {"objective": "latency", "slo_p95_ttft_ms": 600},
     "private": {"privacy_floor": "internal", "slo_p95_ttft_ms": 600},
     "deadline": {"privacy_floor": "internal", "slo_p95_ttft_ms": 600, "max_latency_ms": 1500},
+    "batchy": {"privacy_floor": "internal", "slo_p95_e2e_ms": 60_000},
+    "plain": {"privacy_floor": "internal"},
 }
 
 
@@ -179,6 +181,33 @@ def test_an_idle_box_serves_at_marginal_cost_zero_and_charges_back_its_share(env
         ("cloud", ranked[1]["cost_usd"], True, None),
     ]
     assert float(ranked[1]["cost_usd"]) > 0
+
+
+def test_the_box_is_told_when_the_first_token_is_due_by_the_teams_slo(env: Env) -> None:
+    # x-switchboard-deadline-ms: the engine queues earliest deadline first. The TTFT SLO, else the
+    # end-to-end one; no SLO, no header.
+    for team, text in (("slo", "due probe 1"), ("batchy", "due probe 2"), ("plain", "due probe 3")):
+        assert ask(env, team, text=text).headers["x-switchboard-backend"] == "gpu"
+        stream = env.client(team).chat.completions.create(
+            model="fleet",
+            messages=[{"role": "user", "content": text + " streamed"}],
+            max_tokens=8,
+            stream=True,
+        )
+        assert [c for c in stream]
+    sent = {
+        r["body"]["messages"][-1]["content"]: r["headers"].get("x-switchboard-deadline-ms")
+        for r in env.site.received("fl-gpu")
+        if "due probe" in json.dumps(r["body"])
+    }
+    assert sent == {
+        "due probe 1": "600",
+        "due probe 1 streamed": "600",
+        "due probe 2": "60000",
+        "due probe 2 streamed": "60000",
+        "due probe 3": None,
+        "due probe 3 streamed": None,
+    }
 
 
 @pytest.mark.usefixtures("busy_box")

@@ -118,6 +118,33 @@ def test_batch_priority_requests_get_the_same_greedy_answer(client: openai.OpenA
     assert behind.choices[0].message.content == usual.choices[0].message.content
 
 
+def test_a_deadline_changes_the_order_not_the_answer(engine: RunningEngine, client: openai.OpenAI) -> None:
+    # x-switchboard-deadline-ms (what the gateway sends: the team's TTFT SLO) orders the engine's queue.
+    ask = {"model": "smollm2", "messages": QUESTION, "max_tokens": 8, "temperature": 0}
+    usual = client.chat.completions.create(**ask)  # type: ignore[call-overload]
+    due = client.chat.completions.create(**ask, extra_headers={"x-switchboard-deadline-ms": "2500"})  # type: ignore[call-overload]
+    assert due.choices[0].message.content == usual.choices[0].message.content
+    body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    url = f"{engine.base_url}/v1/completions"
+    texts = [
+        httpx.post(url, json=body, headers=h).json()["choices"][0]["text"]
+        for h in ({}, {"x-switchboard-deadline-ms": "1500.5", "x-switchboard-priority": "batch"})
+    ]
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan", "inf", "1e12"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_bad_deadline_is_400_naming_the_header(engine: RunningEngine, value: str, path: str) -> None:
+    body = {"model": "smollm2", "max_tokens": 2}
+    body |= {"messages": QUESTION} if "chat" in path else {"prompt": "hi"}
+    response = httpx.post(engine.base_url + path, json=body, headers={"x-switchboard-deadline-ms": value})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "x-switchboard-deadline-ms" and error["code"] == "invalid_deadline"
+    assert "milliseconds" in error["message"]
+
+
 def test_greedy_matches_transformers_generate(engine: RunningEngine, client: openai.OpenAI) -> None:
     messages: list[ChatCompletionMessageParam] = [
         {"role": "user", "content": "Write one sentence about the sea."}

@@ -272,6 +272,91 @@ def batch(max_tokens: int = 4) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, priority=Priority.BATCH)
 
 
+class Clock:
+    """The scheduler's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def due_in(
+    ms: float | None, max_tokens: int = 1, priority: Priority = Priority.INTERACTIVE
+) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, priority=priority, deadline_ms=ms)
+
+
+def timed(clock: Clock, **kwargs: int) -> Scheduler:
+    scheduler, blocks = make(**kwargs)
+    return Scheduler(scheduler.config, blocks, clock=clock)
+
+
+def test_waiting_requests_are_admitted_earliest_deadline_first() -> None:
+    scheduler = timed(Clock(), max_batch=1)
+    scheduler.add(1, prompt(2, 1), due_in(None))  # the default: 10 s
+    scheduler.add(2, prompt(2, 2), due_in(4000))
+    scheduler.add(3, prompt(2, 3), due_in(2500))
+    scheduler.add(4, prompt(2, 4), due_in(4000))  # same deadline as 2: arrival order between them
+    order = [step(scheduler)[1][0].seq_id for _ in range(4)]
+    assert order == [3, 2, 4, 1]
+
+
+def test_a_request_without_a_deadline_is_overtaken_only_by_those_due_before_it() -> None:
+    clock = Clock()
+    scheduler = timed(clock, max_batch=1)
+    scheduler.add(1, prompt(2, 1), due_in(None, max_tokens=3))
+    step(scheduler)  # 1 runs: the others wait
+    scheduler.add(2, prompt(2, 2), due_in(None))  # due at 110 s
+    clock.now += 9
+    scheduler.add(3, prompt(2, 3), due_in(2500))  # due at 111.5 s: after 2
+    clock.now -= 4
+    scheduler.add(4, prompt(2, 4), due_in(2500))  # due at 107.5 s: before 2
+    done = []
+    while scheduler.has_work:
+        done += [s.seq_id for s in step(scheduler)[1]]
+    assert done == [1, 4, 2, 3]
+
+
+def test_the_earliest_due_prompt_gets_the_steps_prefill_budget() -> None:
+    scheduler = timed(Clock(), budget=8, short=0)
+    scheduler.add(1, prompt(32, 1), due_in(None))
+    scheduler.add(2, prompt(32, 2), due_in(2500, max_tokens=4))
+    for _ in range(4):  # 2 is computed whole before 1 gets a token
+        plan, _ = step(scheduler)
+        assert [(c.seq_id, len(c.token_ids)) for c in plan.chunks] == [(2, 8)]
+    plan, _ = step(scheduler)
+    assert [c.seq_id for c in plan.chunks] == [2, 1]  # 2 decodes, 1 prefills
+
+
+def test_a_deadline_does_not_lift_batch_work_above_interactive_work() -> None:
+    scheduler = timed(Clock(), max_batch=1)
+    scheduler.add(1, prompt(2, 1), due_in(1, priority=Priority.BATCH))
+    scheduler.add(2, prompt(2, 2), due_in(None))
+    order = [step(scheduler)[1][0].seq_id for _ in range(2)]
+    assert order == [2, 1]
+
+
+def test_the_latest_due_running_request_is_preempted_first() -> None:
+    # As test_the_youngest_is_preempted_..., but the younger request is due sooner: the older one yields.
+    scheduler = timed(Clock(), num_blocks=6, caching=False)
+    scheduler.add(1, prompt(8, 1), due_in(None, max_tokens=8))
+    scheduler.add(2, prompt(8, 2), due_in(1000, max_tokens=8))
+    while scheduler.num_preemptions == 0:
+        step(scheduler)
+    assert scheduler.get(1).status is SeqStatus.PREEMPTED  # type: ignore[union-attr]
+    assert scheduler.get(2).status is SeqStatus.RUNNING  # type: ignore[union-attr]
+    done = run_all(scheduler)
+    assert done[1].output_ids == expected_output(8, 8) and done[2].output_ids == expected_output(8, 8)
+
+
+@pytest.mark.parametrize("ms", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_default_deadline_must_be_positive_and_finite(ms: float) -> None:
+    with pytest.raises(ValueError, match="default_deadline_ms"):
+        SchedulerConfig(default_deadline_ms=ms)
+
+
 def test_interactive_requests_are_admitted_ahead_of_earlier_batch_ones() -> None:
     scheduler, _ = make(max_batch=1)
     scheduler.add(1, prompt(2, 1), batch(1))

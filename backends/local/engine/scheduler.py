@@ -2,15 +2,19 @@
 
 `schedule() -> StepPlan`, then `update(plan, sampled) -> finished`. Decodes go first, then short prompts
 (running or waiting interactive ones with at most `short_prefill_tokens` left after their cached prefix,
-within half the budget), then the other prefill chunks (oldest first) within `max_prefill_tokens`, then
-waiting requests join, so a long prompt never stalls the running decodes, nor a short prompt (an agent's
-next turn) for more than a step. When blocks run out the youngest running sequence is preempted: its
-blocks are freed and it is recomputed later from its prompt plus the tokens it already produced. Full,
-computed blocks are indexed by content (`prefix_cache.PrefixIndex`), so a sequence starting with the same
-tokens shares them (ref-counted) instead of recomputing; with prefix caching they stay cached after their
-sequence ends, evictable (LRU).
+within half the budget), then the other prefill chunks (earliest due first) within `max_prefill_tokens`,
+then waiting requests join, so a long prompt never stalls the running decodes, nor a short prompt (an
+agent's next turn) for more than a step. When blocks run out the latest-due running sequence (without
+deadlines: the youngest) is preempted: its blocks are freed and it is recomputed later from its prompt plus
+the tokens it already produced. Full, computed blocks are indexed by content (`prefix_cache.PrefixIndex`),
+so a sequence starting with the same tokens shares them (ref-counted) instead of recomputing; with prefix
+caching they stay cached after their sequence ends, evictable (LRU).
 Priority classes: interactive sequences order ahead of batch ones (waiting and running alike), so batch
 work is admitted only behind interactive work, is preempted first, and is preempted to admit interactive work.
+Within a class, sequences order by deadline, earliest first (`SamplingParams.deadline_ms`, the caller's
+time-to-first-token target; `default_deadline_ms` for one that gives none), then by arrival: admission and
+prefill chunks go to the request with the least slack, and the latest-due running one is preempted first.
+Without deadlines (or all alike) that is arrival order.
 Invariants: a block is written only by its one holder, and shared only once full; a request is accepted only
 if it could run alone in the whole cache, so the first running sequence always makes progress.
 """
@@ -18,7 +22,8 @@ if it could run alone in the whole cache, so the first running sequence always m
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Container, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -29,6 +34,8 @@ from backends.local.engine.types import SeqChunk, StepPlan
 # The short pass looks at most this far down the waiting queue past longer prompts: judging one short means
 # matching its prefix, which under overload would otherwise cost a match per waiting sequence every step.
 SHORT_SCAN_LIMIT = 32
+# When a request that names no deadline is due, after its arrival (`SchedulerConfig.default_deadline_ms`).
+DEFAULT_DEADLINE_MS = 10_000.0
 
 
 class Priority(StrEnum):
@@ -50,6 +57,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     priority: Priority = Priority.INTERACTIVE
+    # Its first token is wanted within this many ms of its arrival (a team's p95 TTFT target, sent by the
+    # gateway): it orders the queue (earliest deadline first). None: the scheduler's `default_deadline_ms`.
+    deadline_ms: float | None = None
 
 
 class SeqStatus(StrEnum):
@@ -108,6 +118,9 @@ class SchedulerConfig:
     # history is cached, a short question) go ahead of longer prompts' chunks, within half of a step's
     # `max_prefill_tokens`, so they do not wait out a long prompt's remaining chunks. 0: oldest first.
     short_prefill_tokens: int = 128
+    # A request that names no deadline is due this long after it arrives. Finite, so a request without one
+    # is overtaken only by those due before it: never starved by a stream of tighter ones.
+    default_deadline_ms: float = DEFAULT_DEADLINE_MS
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_prefill_tokens", "block_size"):
@@ -115,6 +128,10 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.short_prefill_tokens < 0:
             raise ValueError(f"short_prefill_tokens must be >= 0, got {self.short_prefill_tokens}")
+        if not 0 < self.default_deadline_ms < float("inf"):
+            raise ValueError(
+                f"default_deadline_ms must be positive and finite, got {self.default_deadline_ms}"
+            )
         if self.num_spec_tokens < 0:
             raise ValueError(f"num_spec_tokens must be >= 0, got {self.num_spec_tokens}")
         if self.batch_rows_beside_interactive is not None and self.batch_rows_beside_interactive < 0:
@@ -139,15 +156,16 @@ class Seq:
     num_indexed_blocks: int = 0  # leading blocks already offered to the prefix index
     num_preemptions: int = 0
     finish_cause: FinishCause | None = None
+    due: float = 0.0  # when its first token is due, on the scheduler's clock (s)
 
     @property
     def tokens(self) -> list[int]:
         return [*self.prompt_ids, *self.output_ids]
 
     @property
-    def order(self) -> tuple[bool, int]:
-        """Scheduling order: interactive before batch, then by arrival."""
-        return (self.params.priority is Priority.BATCH, self.arrival)
+    def order(self) -> tuple[bool, float, int]:
+        """Scheduling order: interactive before batch, then by deadline, then by arrival."""
+        return (self.params.priority is Priority.BATCH, self.due, self.arrival)
 
     @property
     def num_tokens(self) -> int:
@@ -165,13 +183,16 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 class Scheduler:
     """Owns every live sequence; the engine thread is its only caller."""
 
-    def __init__(self, config: SchedulerConfig, allocator: Allocator) -> None:
+    def __init__(
+        self, config: SchedulerConfig, allocator: Allocator, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
         self._allocator = allocator
+        self._clock = clock
         self._seqs: dict[int, Seq] = {}
-        # Both by `Seq.order` (priority class, then arrival); preempted ones keep their place.
+        # Both by `Seq.order` (priority class, deadline, arrival); preempted ones keep their place.
         self._waiting: list[Seq] = []  # WAITING and PREEMPTED
-        self._running: list[Seq] = []  # the last (the youngest batch one, if any) is preempted first
+        self._running: list[Seq] = []  # the last (the latest-due batch one, if any) is preempted first
         self._held: list[Seq] = []  # running, set aside while their suspended step is in flight (`hold`)
         self._arrivals = 0
         self._draft_rooms: dict[int, int] = {}
@@ -214,10 +235,12 @@ class Scheduler:
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
         self.check_fits(len(prompt_ids), params.max_tokens)
+        wanted = self.config.default_deadline_ms if params.deadline_ms is None else params.deadline_ms
         seq = Seq(seq_id, tuple(prompt_ids), params, self._arrivals, frozenset(stop_token_ids))
+        seq.due = self._clock() + wanted / 1000
         self._arrivals += 1
         self._seqs[seq_id] = seq
-        bisect.insort(self._waiting, seq, key=_order)  # the newest arrival of its class sorts last
+        bisect.insort(self._waiting, seq, key=_order)  # after every one of its class due no later
         return seq
 
     def abort(self, seq_id: int, cause: FinishCause = FinishCause.ABORT) -> Seq | None:
@@ -300,10 +323,10 @@ class Scheduler:
         short: int | None = None,
         cap: int | None = None,
     ) -> tuple[dict[int, SeqChunk], bool]:
-        """`planned` with the next chunks of running prefills (oldest first), then, unless a sequence had to
-        be preempted for room (now or before: `preempted`), waiting sequences admitted (`_admit`), all within
-        the step's budget and `cap` prompt tokens; only interactive ones whose prompt finishes within `short`
-        tokens, if given. Also returns whether a sequence was preempted."""
+        """`planned` with the next chunks of running prefills (earliest due first), then, unless a sequence
+        had to be preempted for room (now or before: `preempted`), waiting sequences admitted (`_admit`),
+        all within the step's budget and `cap` prompt tokens; only interactive ones whose prompt finishes
+        within `short` tokens, if given. Also returns whether a sequence was preempted."""
         for seq in [s for s in self._running if not s.is_decoding and s.seq_id not in planned]:
             budget = self._budget_left(planned, prefills, cap)
             if budget <= 0:
@@ -571,5 +594,5 @@ class _BatchRows:
         return True
 
 
-def _order(seq: Seq) -> tuple[bool, int]:
+def _order(seq: Seq) -> tuple[bool, float, int]:
     return seq.order
