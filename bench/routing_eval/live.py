@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 
+from backends.base import DEADLINE_HEADER
 from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
 from bench.routing_eval.calibrate import engine_cmd
 from bench.routing_eval.conversation import messages_of, shared_system_tokens
@@ -102,6 +103,7 @@ async def _send(
     messages: list[dict[str, str]],
     req: Request,
     on_first: Callable[[], None],
+    deadline_ms: float | None = None,
 ) -> tuple[float, float, int, int, str]:
     body = {
         "model": model,
@@ -113,7 +115,8 @@ async def _send(
     started = time.perf_counter()
     first, usage = 0.0, {"prompt_tokens": 0, "completion_tokens": 0}
     text: list[str] = []
-    async with client.stream("POST", url, json=body) as resp:
+    headers = {} if deadline_ms is None else {DEADLINE_HEADER: f"{deadline_ms:.0f}"}
+    async with client.stream("POST", url, json=body, headers=headers) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
             if not line.startswith("data: {"):
@@ -163,6 +166,7 @@ async def replay(
             view.start(target, pending)
             model = CLOUD_MODEL.name if target == CLOUD else "smollm2"
             held = [pending]
+            deadline = getattr(policy, "deadline_ms", None)  # what its gateway tells the engine (EDF)
 
             def prefilled() -> None:  # once: at the first token, or at the end
                 if held:
@@ -173,7 +177,7 @@ async def replay(
                 if answered is not None and req.follows in answers:
                     answered.append(req.rid)
                 ttft, total, p_tok, o_tok, text = await _send(
-                    client, urls[target], model, messages, req, prefilled
+                    client, urls[target], model, messages, req, prefilled, deadline(req) if deadline else None
                 )
                 answers[req.rid] = text
             finally:

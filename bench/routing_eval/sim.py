@@ -2,26 +2,27 @@
 
 Events are arrivals, prefill completions and decode completions; between two events every box's rates are
 constant (`fleet.StepModel`: one step decodes a token per running stream and computes up to
-`max_prefill_tokens` prompt tokens: short prompts first, then the others oldest first, as the engine
-orders them). A box admits up to `max_batch` requests and queues the
-rest in arrival order. Its prefix cache works like the engine's: prompt blocks are shared with requests
-still running on the same box and, with prefix caching (the engine's default), kept after a request ends
-until evicted (`prefix_model.PrefixCache`; `docs/ENGINE.md`, "Prefix sharing and automatic prefix
-caching"). Invariants: every
-request ends completed or rejected; on a box, cached + computed prompt tokens equal the prompt, and decoded
-tokens equal the output.
+`max_prefill_tokens` prompt tokens: short prompts first, then the others earliest deadline first, as the
+engine orders them). A box admits up to `max_batch` requests and queues the rest earliest deadline first (a
+request is due its policy's `deadline_ms` after it arrives, as the gateway tells the engine, or the engine's
+default: without deadlines, arrival order). Its prefix cache works like the engine's: prompt blocks are
+shared with requests still running on the same box and, with prefix caching (the engine's default), kept
+after a request ends until evicted (`prefix_model.PrefixCache`; `docs/ENGINE.md`, "Prefix sharing and
+automatic prefix caching"). Invariants: every request ends completed or rejected; on a box, cached +
+computed prompt tokens equal the prompt, and decoded tokens equal the output.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
-from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
 
+from backends.local.engine.scheduler import DEFAULT_DEADLINE_MS
 from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel, positions
 from bench.routing_eval.prefix_model import PrefixCache
 from bench.routing_eval.workload import Request
@@ -39,6 +40,7 @@ class Job:
     prefill_left: float = 0.0
     decode_left: float = 0.0
     ttft_s: float = math.nan  # from arrival
+    due_s: float = math.inf  # when its first token is due: the engine's queue order (earliest first)
     e2e_s: float = math.nan
     cost_usd: Decimal = Decimal(0)
 
@@ -46,8 +48,8 @@ class Job:
 @dataclass(slots=True)
 class Box:
     spec: BoxSpec
-    waiting: deque[Job] = field(default_factory=deque)
-    prefilling: list[Job] = field(default_factory=list)  # oldest first; computed in `_prefill_order`
+    waiting: list[Job] = field(default_factory=list)  # earliest due first (then arrival)
+    prefilling: list[Job] = field(default_factory=list)  # earliest due first; computed in `_prefill_order`
     decoding: list[Job] = field(default_factory=list)
     t: float = 0.0
     version: int = 0
@@ -81,7 +83,7 @@ class Box:
 
     def _prefill_order(self) -> list[Job]:
         """The prefilling jobs in the engine's order: those with at most `short_prefill_tokens` left that
-        fit in half a step's budget (oldest first), then the rest oldest first (`Scheduler.schedule`)."""
+        fit in half a step's budget, then the rest, each part earliest due first (`Scheduler.schedule`)."""
         m = self.spec.model
         if not m.short_prefill_tokens:
             return self.prefilling
@@ -184,10 +186,10 @@ class Box:
 
     def admit(self) -> None:
         while self.waiting and self.running < self.spec.model.max_batch:
-            j = self.waiting.popleft()
+            j = self.waiting.pop(0)
             j.cached_tokens = self.cached_for(j.req)
             j.prefill_left = j.req.prompt_tokens - j.cached_tokens
-            self.prefilling.append(j)
+            bisect.insort(self.prefilling, j, key=_due)
 
     def settle(self, eps: float = 1e-6) -> list[Job]:
         """Move finished prefills to decoding and return the jobs that finished; admit from the queue."""
@@ -213,6 +215,10 @@ class Box:
             self.cache.retain(j.req, j.cached_tokens, self.running_tokens)
         self.admit()
         return finished
+
+
+def _due(job: Job) -> float:
+    return job.due_s
 
 
 def _counted(job: Job) -> int:
@@ -291,8 +297,16 @@ class Simulation:
                 box.slowdown, box.blend = slowdown, blend
                 self._reschedule(box)
 
-    def _dispatch(self, req: Request, target: str, now: float, counted_prompt: int = -1) -> Job:
+    def _dispatch(
+        self,
+        req: Request,
+        target: str,
+        now: float,
+        counted_prompt: int = -1,
+        deadline_ms: float | None = None,
+    ) -> Job:
         job = Job(req, target, now, counted_prompt=counted_prompt)
+        job.due_s = req.arrival_s + (DEFAULT_DEADLINE_MS if deadline_ms is None else deadline_ms) / 1000
         if target == CLOUD:
             cloud = self.fleet.cloud
             ttft, rate = cloud.sample(self.rng)
@@ -304,7 +318,7 @@ class Simulation:
             return job
         box = self.boxes[target]
         box.advance(now)
-        box.waiting.append(job)
+        bisect.insort(box.waiting, job, key=_due)  # after those due no later: FIFO among equals
         box.admit()
         self._reschedule(box)
         self._contend(now)
@@ -326,7 +340,16 @@ class Simulation:
                     rejected.append(req)
                 else:
                     counted = getattr(policy, "counted_prompt", None)  # what its gateway counts as pending
-                    jobs.append(self._dispatch(req, target, now, counted(req) if counted else -1))
+                    deadline = getattr(policy, "deadline_ms", None)  # what its gateway tells the engine
+                    jobs.append(
+                        self._dispatch(
+                            req,
+                            target,
+                            now,
+                            counted(req) if counted else -1,
+                            deadline(req) if deadline else None,
+                        )
+                    )
                 continue
             t, _, kind, version, job = heapq.heappop(self._heap)
             if kind == "cloud:" and job is not None:

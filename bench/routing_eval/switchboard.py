@@ -286,6 +286,12 @@ class Switchboard:
                 self._holders[system] = (dep_id(target), self._written[target], 0)
         return target
 
+    def deadline_ms(self, req: Request) -> float | None:
+        """The first token's deadline the gateway sends an engine (`gateway.pipeline.plan.with_deadline`): the
+        team's p95 TTFT SLO, else its end-to-end one."""
+        policy = self._policies.get(req.team) or policy_of(req.team)
+        return policy.slo_p95_ttft_ms or policy.slo_p95_e2e_ms
+
     def counted_prompt(self, req: Request) -> int:
         """The prompt tokens the gateway counts as pending prefill for the request just routed."""
         return self._counted if req.prompt_tokens >= self._counted else req.prompt_tokens

@@ -218,6 +218,38 @@ class _Alternate:
         return None
 
 
+@dataclasses.dataclass
+class _Due(_Fixed):
+    """`_Fixed` whose gateway tells the engine each request's deadline, as Switchboard's does."""
+
+    def deadline_ms(self, req: Request) -> float | None:
+        return Switchboard().deadline_ms(req)
+
+
+def test_a_box_queues_and_prefills_earliest_deadline_first_when_its_policy_sends_deadlines() -> None:
+    # Two prompts of four whole chunks on one box, behind a short one with a long answer. An analytics
+    # prompt (60 s end-to-end SLO) arrives first, a support one (2.5 s TTFT SLO) a moment later. Sent with
+    # deadlines, the support prompt's chunks go first, both while they share the box's steps and (one slot)
+    # while both wait; without, arrival order.
+    chunk = MODEL.max_prefill_tokens
+    first = dataclasses.replace(BASE, prefix_key="f", session=-1, prompt_tokens=16, output_tokens=100)
+    slow = dataclasses.replace(
+        first, rid=1, arrival_s=0.001, team="analytics", prefix_key="a", prompt_tokens=4 * chunk
+    )
+    urgent = dataclasses.replace(slow, rid=2, arrival_s=0.002, team="support", prefix_key="s")
+    assert (Switchboard().deadline_ms(slow), Switchboard().deadline_ms(urgent)) == (60_000, 2500)
+    for slots in (8, 1):
+        fleet = make_fleet(dataclasses.replace(MODEL, max_batch=slots, short_prefill_tokens=0), 1, "test")
+        fleet = dataclasses.replace(fleet, boxes=fleet.owned)
+        ttft = {}
+        for policy in (_Due("engine-0"), _Fixed("engine-0")):
+            jobs = Simulation(fleet, seed=1).run([first, slow, urgent], policy).jobs
+            ttft[type(policy).__name__] = {j.req.team: j.ttft_s for j in jobs}
+        assert ttft["_Due"]["support"] < ttft["_Due"]["analytics"], slots
+        assert ttft["_Fixed"]["support"] > ttft["_Fixed"]["analytics"], slots
+        assert ttft["_Due"]["support"] < ttft["_Fixed"]["support"]
+
+
 def test_a_leftover_smaller_than_the_clock_can_step_still_finishes() -> None:
     """Late in a long run (t ~ 900 s, an ulp of ~1e-13 s) a prompt's last 1.5e-9 tokens, behind a long prompt
     (so the next event is that prompt's own end), are less time than the clock can step: the event still moves
