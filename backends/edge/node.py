@@ -40,7 +40,16 @@ from backends.local.build import one_compute_thread, stage
 from backends.local.engine.engine import Finished, Tokens
 from backends.local.engine.scheduler import SamplingParams
 from backends.local.loader import LoadedModel, current_rss_mb, load_engine_model
-from backends.local.serving import Done, EngineState, TextDelta, build_engine_state, start_chat
+from backends.local.serving import (
+    INTERACTIVE,
+    MAX_DEADLINE_MS,
+    Done,
+    EngineState,
+    Queueing,
+    TextDelta,
+    build_engine_state,
+    start_chat,
+)
 from backends.local.wire import ApiError, ChatCompletionBody, encode_chat, parse_json
 
 __all__ = ["EXIT_OK", "EXIT_UNAUTHORIZED", "TOKEN_ENV", "NodeOptions", "main_node", "run_node"]
@@ -186,7 +195,7 @@ class EdgeNode:
 
     async def generate(self, request: wire.Request, send: Send) -> None:
         """Run one request on the engine, sending `chunk`s then `done`; bad input raises ApiError."""
-        gen = start_chat(self.state, _chat_body(request))
+        gen = start_chat(self.state, _chat_body(request), _queueing(request))
         first_token_s: float | None = None
         try:
             async for item in gen.texts():
@@ -308,6 +317,13 @@ def _chat_body(request: wire.Request) -> ChatCompletionBody:
     if request.stop:
         fields["stop"] = list(request.stop)
     return parse_json(orjson.dumps(fields), ChatCompletionBody)
+
+
+def _queueing(request: wire.Request) -> Queueing:
+    """The engine's queue order for it: earliest deadline first, as the engine server does for the header."""
+    if request.deadline_ms is None:
+        return INTERACTIVE
+    return Queueing(deadline_ms=min(request.deadline_ms, MAX_DEADLINE_MS))
 
 
 def _version() -> str:

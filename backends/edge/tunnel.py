@@ -72,6 +72,7 @@ def request_frame(request: ChatRequest, frame_id: str) -> wire.Request:
         top_p=request.top_p,
         stop=request.stop,
         seed=request.seed,
+        deadline_ms=request.deadline_ms,
     )
 
 

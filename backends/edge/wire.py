@@ -5,7 +5,9 @@ node -> gateway: hello{node_id, models, labels, capacity{max_batch, kv_cache_mb}
   chunk{id, delta{content}}; done{id, finish_reason, usage{prompt_tokens, completion_tokens}};
   error{id, status, code, message}.
 gateway -> node: welcome{node_id, labels, heartbeat_s?}; request{id, model, messages, max_tokens, temperature,
-  top_p, stop, seed}; cancel{id}. Close codes: `CloseCode`. Every frame is `{"type": ..., fields}`.
+  top_p, stop, seed, deadline_ms?}; cancel{id}. `deadline_ms`: within how long the first token is wanted (the
+  team's SLO); the node's engine queues earliest deadline first. Close codes: `CloseCode`. Every frame is
+  `{"type": ..., fields}`.
 Pure: no I/O. `decode` raises `FrameError` naming the field on any malformed frame and never echoes values
 (a frame may carry prompt text); unknown fields are ignored so a newer peer can add optional ones.
 """
@@ -93,6 +95,7 @@ class Request:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    deadline_ms: float | None = None  # the first token's deadline (ms after arrival); None: engine default
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,7 @@ def _body(frame: Frame) -> dict[str, Any]:
             "top_p": frame.top_p,
             "stop": list(frame.stop),
             "seed": frame.seed,
+            "deadline_ms": frame.deadline_ms,
         }
     if isinstance(frame, Chunk):
         return {"id": frame.id, "delta": {"content": frame.content}}
@@ -296,6 +300,7 @@ def _decode_fields(kind: str, f: _Fields) -> Frame:
             top_p=f.optional_float("top_p"),
             stop=f.strings("stop") if f.present("stop") else (),
             seed=f.optional_int("seed"),
+            deadline_ms=f.number("deadline_ms", minimum=1.0) if f.present("deadline_ms") else None,
         )
     if kind == "chunk":
         return Chunk(id=f.text("id"), content=f.obj("delta").text("content", empty=True))

@@ -113,6 +113,12 @@ async def test_complete_joins_the_chunks_and_sends_the_request_fields() -> None:
     assert tunnel.sent[1].id == "req-1.2"  # a retry on the same node never reuses a pending id
 
 
+async def test_the_teams_deadline_travels_in_the_request_frame() -> None:
+    backend, tunnel = _backend(chunk("Paris"), DONE)
+    await _drain(backend, dataclasses.replace(REQUEST, deadline_ms=2500.0))
+    assert tunnel.sent[0].deadline_ms == 2500.0  # the node's engine queues earliest deadline first
+
+
 async def test_stream_yields_deltas_then_a_last_chunk_with_usage() -> None:
     backend, tunnel = _backend(chunk("Pa"), chunk("ris"), DONE)
     chunks = await _drain(backend)
