@@ -18,6 +18,7 @@ PRIORITY_HEADER = "x-switchboard-priority"  # "batch": the engine schedules it b
 # Milliseconds from its arrival within which the request's first token is wanted (its team's p95 TTFT SLO):
 # the engine queues earliest deadline first. Any other server ignores it.
 DEADLINE_HEADER = "x-switchboard-deadline-ms"
+DEADLINE_RANGE_MS = (1.0, 86_400_000.0)  # what an engine takes: from a millisecond to a day
 
 
 class BackendKind(StrEnum):

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from backends.base import Usage
+from backends.base import DEADLINE_RANGE_MS, Usage
 from backends.edge import wire
 from backends.edge.options import (
     TOKEN_ENV,
@@ -42,7 +42,6 @@ from backends.local.engine.scheduler import SamplingParams
 from backends.local.loader import LoadedModel, current_rss_mb, load_engine_model
 from backends.local.serving import (
     INTERACTIVE,
-    MAX_DEADLINE_MS,
     Done,
     EngineState,
     Queueing,
@@ -323,7 +322,7 @@ def _queueing(request: wire.Request) -> Queueing:
     """The engine's queue order for it: earliest deadline first, as the engine server does for the header."""
     if request.deadline_ms is None:
         return INTERACTIVE
-    return Queueing(deadline_ms=min(request.deadline_ms, MAX_DEADLINE_MS))
+    return Queueing(deadline_ms=min(request.deadline_ms, DEADLINE_RANGE_MS[1]))
 
 
 def _version() -> str:

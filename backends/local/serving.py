@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from backends.base import DEADLINE_HEADER, PRIORITY_HEADER, FinishReason
+from backends.base import DEADLINE_HEADER, DEADLINE_RANGE_MS, PRIORITY_HEADER, FinishReason
 from backends.local.build import EngineOptions, available_cores, build_engine_parts
 from backends.local.engine.engine import Engine, Failed, Finished, RequestHandle, Tokens
 from backends.local.engine.kernels import kernel_isa
@@ -178,9 +178,6 @@ def check_model(state: EngineState, model: str) -> None:
         )
 
 
-MAX_DEADLINE_MS = 86_400_000.0  # a day: past it a deadline orders nothing
-
-
 @dataclass(frozen=True, slots=True)
 class Queueing:
     """Where a request joins the engine's queue: its class, and when its first token is due (ms after it
@@ -208,11 +205,12 @@ def queueing_of(headers: Mapping[str, str]) -> Queueing:
         deadline_ms = float(raw)
     except ValueError:
         deadline_ms = math.nan
-    if not 0 < deadline_ms <= MAX_DEADLINE_MS:  # NaN fails too
+    low, high = DEADLINE_RANGE_MS
+    if not low <= deadline_ms <= high:  # NaN fails too
         raise ApiError(
             400,
-            f"header {DEADLINE_HEADER} must be a number of milliseconds above 0 and at most "
-            f"{MAX_DEADLINE_MS:.0f} (within how long the first token is wanted)",
+            f"header {DEADLINE_HEADER} must be a number of milliseconds from {low:.0f} to {high:.0f} "
+            "(within how long the first token is wanted)",
             param=DEADLINE_HEADER,
             code="invalid_deadline",
         )

@@ -133,7 +133,7 @@ def test_a_deadline_changes_the_order_not_the_answer(engine: RunningEngine, clie
     assert texts[0] == texts[1]
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan", "inf", "1e12"])
+@pytest.mark.parametrize("value", ["0", "0.5", "-5", "soon", "nan", "inf", "1e12"])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_a_bad_deadline_is_400_naming_the_header(engine: RunningEngine, value: str, path: str) -> None:
     body = {"model": "smollm2", "max_tokens": 2}
