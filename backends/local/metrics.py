@@ -101,6 +101,12 @@ class EngineMetrics:
         self.completion_tokens = Counter(
             f"{PREFIX}_completion_tokens", "Tokens generated", registry=self.registry
         )
+        self.late_first_tokens = Counter(
+            f"{PREFIX}_late_first_tokens",
+            "First tokens later than their request's deadline (x-switchboard-deadline-ms, else "
+            "--default-deadline-ms)",
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
             "Arrival to first generated token",
@@ -142,8 +148,10 @@ class EngineMetrics:
 
     # EngineObserver, on the engine thread
 
-    def first_token(self, ttft_s: float, prompt_tokens: int) -> None:
+    def first_token(self, ttft_s: float, prompt_tokens: int, late: bool) -> None:
         self.ttft.observe(ttft_s)
+        if late:
+            self.late_first_tokens.inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.completion_tokens.inc()
 

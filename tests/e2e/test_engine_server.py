@@ -133,6 +133,17 @@ def test_a_deadline_changes_the_order_not_the_answer(engine: RunningEngine, clie
     assert texts[0] == texts[1]
 
 
+def test_first_tokens_past_their_deadline_are_counted(engine: RunningEngine, client: openai.OpenAI) -> None:
+    name = "switchboard_engine_late_first_tokens_total"
+    before = _metric(engine, name)
+    ask = {"model": "smollm2", "messages": QUESTION, "max_tokens": 2, "temperature": 0}
+    client.chat.completions.create(**ask, extra_headers={"x-switchboard-deadline-ms": "1"})  # type: ignore[call-overload]
+    assert _metric(engine, name) == before + 1  # no prefill takes under a millisecond
+    client.chat.completions.create(**ask, extra_headers={"x-switchboard-deadline-ms": "60000"})  # type: ignore[call-overload]
+    client.chat.completions.create(**ask)  # type: ignore[call-overload]  # the default: 10 s
+    assert _metric(engine, name) == before + 1
+
+
 @pytest.mark.parametrize("value", ["0", "0.5", "-5", "soon", "nan", "inf", "1e12"])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_a_bad_deadline_is_400_naming_the_header(engine: RunningEngine, value: str, path: str) -> None:

@@ -143,7 +143,7 @@ class Observed:
     def __init__(self, log: list[tuple[str, Any]]) -> None:
         self._log = log
 
-    def first_token(self, ttft_s: float, prompt_tokens: int) -> None:
+    def first_token(self, ttft_s: float, prompt_tokens: int, late: bool) -> None:
         self._log.append(("first_token", prompt_tokens))
 
     def next_tokens(self, count: int, gap_s: float) -> None:

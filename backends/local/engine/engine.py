@@ -121,7 +121,7 @@ class NoProposer:
 class EngineObserver(Protocol):
     """Per-token timings and outcomes, called on the engine thread (for metrics)."""
 
-    def first_token(self, ttft_s: float, prompt_tokens: int) -> None: ...
+    def first_token(self, ttft_s: float, prompt_tokens: int, late: bool) -> None: ...
 
     def next_tokens(self, count: int, gap_s: float) -> None: ...
 
@@ -129,7 +129,7 @@ class EngineObserver(Protocol):
 
 
 class NullObserver:
-    def first_token(self, ttft_s: float, prompt_tokens: int) -> None:
+    def first_token(self, ttft_s: float, prompt_tokens: int, late: bool) -> None:
         return None
 
     def next_tokens(self, count: int, gap_s: float) -> None:
@@ -538,7 +538,9 @@ class Engine:
                 continue
             new = tuple(seq.output_ids[old_len:])
             if live.last_token_s is None:
-                self._observer.first_token(now - live.arrived_s, len(seq.prompt_ids))
+                ttft_s = now - live.arrived_s
+                wanted_ms = seq.params.deadline_ms or self._scheduler.config.default_deadline_ms
+                self._observer.first_token(ttft_s, len(seq.prompt_ids), ttft_s * 1000 > wanted_ms)
                 if len(new) > 1:
                     self._observer.next_tokens(len(new) - 1, 0.0)
             else:
