@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from backends.base import DEADLINE_RANGE_MS, Usage
+from backends.base import Usage
 from backends.edge import wire
 from backends.edge.options import (
     TOKEN_ENV,
@@ -40,15 +40,7 @@ from backends.local.build import one_compute_thread, stage
 from backends.local.engine.engine import Finished, Tokens
 from backends.local.engine.scheduler import SamplingParams
 from backends.local.loader import LoadedModel, current_rss_mb, load_engine_model
-from backends.local.serving import (
-    INTERACTIVE,
-    Done,
-    EngineState,
-    Queueing,
-    TextDelta,
-    build_engine_state,
-    start_chat,
-)
+from backends.local.serving import Done, EngineState, TextDelta, build_engine_state, due_within, start_chat
 from backends.local.wire import ApiError, ChatCompletionBody, encode_chat, parse_json
 
 __all__ = ["EXIT_OK", "EXIT_UNAUTHORIZED", "TOKEN_ENV", "NodeOptions", "main_node", "run_node"]
@@ -194,7 +186,7 @@ class EdgeNode:
 
     async def generate(self, request: wire.Request, send: Send) -> None:
         """Run one request on the engine, sending `chunk`s then `done`; bad input raises ApiError."""
-        gen = start_chat(self.state, _chat_body(request), _queueing(request))
+        gen = start_chat(self.state, _chat_body(request), due_within(request.deadline_ms))
         first_token_s: float | None = None
         try:
             async for item in gen.texts():
@@ -316,13 +308,6 @@ def _chat_body(request: wire.Request) -> ChatCompletionBody:
     if request.stop:
         fields["stop"] = list(request.stop)
     return parse_json(orjson.dumps(fields), ChatCompletionBody)
-
-
-def _queueing(request: wire.Request) -> Queueing:
-    """The engine's queue order for it: earliest deadline first, as the engine server does for the header."""
-    if request.deadline_ms is None:
-        return INTERACTIVE
-    return Queueing(deadline_ms=min(request.deadline_ms, DEADLINE_RANGE_MS[1]))
 
 
 def _version() -> str:

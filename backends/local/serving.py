@@ -217,6 +217,15 @@ def queueing_of(headers: Mapping[str, str]) -> Queueing:
     return Queueing(priority, deadline_ms)
 
 
+def due_within(deadline_ms: float | None) -> Queueing:
+    """Interactive, its first token due `deadline_ms` after arrival (within what the engine takes; an edge
+    frame's); None: the scheduler's default."""
+    if deadline_ms is None:
+        return INTERACTIVE
+    low, high = DEADLINE_RANGE_MS
+    return Queueing(deadline_ms=min(max(deadline_ms, low), high))
+
+
 def start(state: EngineState, prompt_ids: list[int], params: SamplingParams) -> Generation:
     try:
         handle = state.engine.submit(prompt_ids, params)
