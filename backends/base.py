@@ -21,6 +21,12 @@ DEADLINE_HEADER = "x-switchboard-deadline-ms"
 DEADLINE_RANGE_MS = (1.0, 86_400_000.0)  # what an engine takes: from a millisecond to a day
 
 
+def deadline_in_range(deadline_ms: float) -> float:
+    """`deadline_ms` moved into DEADLINE_RANGE_MS."""
+    low, high = DEADLINE_RANGE_MS
+    return min(max(deadline_ms, low), high)
+
+
 class BackendKind(StrEnum):
     CLOUD = "cloud"  # a cloud LLM API through litellm
     OPENAI = "openai"  # any OpenAI-compatible server, reached with httpx

@@ -363,6 +363,12 @@ class RoutePolicy:
     slo_p95_e2e_ms: float | None = None
     affinity_max_waiting: int = 2  # prefix affinity skips a replica with more requests waiting for a slot
 
+    @property
+    def first_token_deadline_ms(self) -> float | None:
+        """When a request's first token is due, what a self-hosted engine orders its queue by: the TTFT
+        target, else the end-to-end one (the first token is due by then too); None without a target."""
+        return self.slo_p95_ttft_ms or self.slo_p95_e2e_ms
+
 
 @dataclass(frozen=True, slots=True)
 class RouteRequest:

@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from backends.base import DEADLINE_HEADER, DEADLINE_RANGE_MS, PRIORITY_HEADER, FinishReason
+from backends.base import DEADLINE_HEADER, DEADLINE_RANGE_MS, PRIORITY_HEADER, FinishReason, deadline_in_range
 from backends.local.build import EngineOptions, available_cores, build_engine_parts
 from backends.local.engine.engine import Engine, Failed, Finished, RequestHandle, Tokens
 from backends.local.engine.kernels import kernel_isa
@@ -220,10 +220,7 @@ def queueing_of(headers: Mapping[str, str]) -> Queueing:
 def due_within(deadline_ms: float | None) -> Queueing:
     """Interactive, its first token due `deadline_ms` after arrival (within what the engine takes; an edge
     frame's); None: the scheduler's default."""
-    if deadline_ms is None:
-        return INTERACTIVE
-    low, high = DEADLINE_RANGE_MS
-    return Queueing(deadline_ms=min(max(deadline_ms, low), high))
+    return INTERACTIVE if deadline_ms is None else Queueing(deadline_ms=deadline_in_range(deadline_ms))
 
 
 def start(state: EngineState, prompt_ids: list[int], params: SamplingParams) -> Generation:

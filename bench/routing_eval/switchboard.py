@@ -287,10 +287,8 @@ class Switchboard:
         return target
 
     def deadline_ms(self, req: Request) -> float | None:
-        """The first token's deadline the gateway sends an engine (`gateway.pipeline.plan.with_deadline`): the
-        team's p95 TTFT SLO, else its end-to-end one."""
-        policy = self._policies.get(req.team) or policy_of(req.team)
-        return policy.slo_p95_ttft_ms or policy.slo_p95_e2e_ms
+        """The first token's deadline the gateway sends an engine (`gateway.pipeline.plan.with_deadline`)."""
+        return (self._policies.get(req.team) or policy_of(req.team)).first_token_deadline_ms
 
     def counted_prompt(self, req: Request) -> int:
         """The prompt tokens the gateway counts as pending prefill for the request just routed."""

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import DEADLINE_RANGE_MS, ChatRequest, EmbeddingRequest
+from backends.base import ChatRequest, EmbeddingRequest, deadline_in_range
 from gateway.edge.pool import split_node_backend
 from gateway.errors import (
     DeadlineUnmeetable,
@@ -207,11 +207,10 @@ def with_deadline(call: ChatRequest, policy: RoutePolicy) -> ChatRequest:
     """A chat call carrying when its first token is wanted: the policy's p95 TTFT SLO, else its end-to-end
     one (the first token is due by then too), within what an engine takes. A self-hosted engine queues
     earliest deadline first (backends.base.DEADLINE_HEADER); nothing is sent without an SLO."""
-    slo_ms = policy.slo_p95_ttft_ms or policy.slo_p95_e2e_ms
+    slo_ms = policy.first_token_deadline_ms
     if slo_ms is None:
         return call
-    low, high = DEADLINE_RANGE_MS
-    deadline_ms = min(max(slo_ms, low), high)
+    deadline_ms = deadline_in_range(slo_ms)
     if call.deadline_ms == deadline_ms:
         return call
     return dataclasses.replace(call, deadline_ms=deadline_ms)

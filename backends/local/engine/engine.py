@@ -538,9 +538,8 @@ class Engine:
                 continue
             new = tuple(seq.output_ids[old_len:])
             if live.last_token_s is None:
-                ttft_s = now - live.arrived_s
-                wanted_ms = seq.params.deadline_ms or self._scheduler.config.default_deadline_ms
-                self._observer.first_token(ttft_s, len(seq.prompt_ids), ttft_s * 1000 > wanted_ms)
+                late = self._scheduler.past_due(seq)
+                self._observer.first_token(now - live.arrived_s, len(seq.prompt_ids), late)
                 if len(new) > 1:
                     self._observer.next_tokens(len(new) - 1, 0.0)
             else:

@@ -236,12 +236,16 @@ class Scheduler:
             raise ValueError(f"max_tokens must be at least 1, got {params.max_tokens}")
         self.check_fits(len(prompt_ids), params.max_tokens)
         wanted = self.config.default_deadline_ms if params.deadline_ms is None else params.deadline_ms
-        seq = Seq(seq_id, tuple(prompt_ids), params, self._arrivals, frozenset(stop_token_ids))
-        seq.due = self._clock() + wanted / 1000
+        due = self._clock() + wanted / 1000
+        seq = Seq(seq_id, tuple(prompt_ids), params, self._arrivals, frozenset(stop_token_ids), due=due)
         self._arrivals += 1
         self._seqs[seq_id] = seq
         bisect.insort(self._waiting, seq, key=_order)  # after every one of its class due no later
         return seq
+
+    def past_due(self, seq: Seq) -> bool:
+        """Whether `seq`'s deadline (the one its queue place follows) has passed."""
+        return self._clock() > seq.due
 
     def abort(self, seq_id: int, cause: FinishCause = FinishCause.ABORT) -> Seq | None:
         """End a live sequence now and free its blocks; None if it is unknown or already finished."""
