@@ -91,6 +91,8 @@ class OpenAICompatBackend:
             headers["authorization"] = f"Bearer {api_key}"
         self._headers = httpx.Headers(headers)
         self._batch_headers = httpx.Headers({**headers, PRIORITY_HEADER: "batch"})
+        # (batch, deadline) -> headers: a request's deadline is its team's SLO, so there are few of them
+        self._deadline_headers: dict[tuple[bool, float], httpx.Headers] = {}
         self._tokenize = TokenizeEndpoint(base, self._headers, timeout_s, connect_timeout_s)
         self._transport = FastTransport(max_connections=max_connections)
         self._client = httpx.AsyncClient(  # for the cold paths; chat goes to the transport directly
@@ -191,8 +193,7 @@ class OpenAICompatBackend:
         if isinstance(request, ChatRequest):
             headers = self._batch_headers if request.batch else headers
             if request.deadline_ms is not None:  # the engine's queue order (EDF); other servers ignore it
-                headers = httpx.Headers(headers)
-                headers[DEADLINE_HEADER] = f"{request.deadline_ms:.0f}"
+                headers = self._with_deadline(headers, request.batch, request.deadline_ms)
         return httpx.Request(
             "POST",
             url,
@@ -200,6 +201,14 @@ class OpenAICompatBackend:
             stream=httpx.ByteStream(body),
             extensions={"timeout": self._timeouts_for(request)},
         )
+
+    def _with_deadline(self, headers: httpx.Headers, batch: bool, deadline_ms: float) -> httpx.Headers:
+        key = (batch, deadline_ms)
+        found = self._deadline_headers.get(key)
+        if found is None:
+            found = self._deadline_headers[key] = httpx.Headers(headers)
+            found[DEADLINE_HEADER] = f"{deadline_ms:.0f}"
+        return found
 
     def _timeouts_for(self, request: ChatRequest | EmbeddingRequest) -> dict[str, float | None]:
         """The backend's timeouts unless the request asks for less (no object churn in the common case)."""
