@@ -79,6 +79,12 @@ class _LoadCollector(Collector):
                 s.suspended_steps,
             ),
             ("interleaved_steps", "Interactive steps run inside suspended ones", s.interleaved_steps),
+            (
+                "requeued_late",
+                "Requests that missed their own x-switchboard-deadline-ms before a first token, re-queued "
+                "as if without one (behind those still on time, for --default-deadline-ms at most)",
+                s.requeued_late,
+            ),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)

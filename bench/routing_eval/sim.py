@@ -5,11 +5,12 @@ constant (`fleet.StepModel`: one step decodes a token per running stream and com
 `max_prefill_tokens` prompt tokens: short prompts first, then the others earliest deadline first, as the
 engine orders them). A box admits up to `max_batch` requests and queues the rest earliest deadline first (a
 request is due its policy's `deadline_ms` after it arrives, as the gateway tells the engine, or the engine's
-default: without deadlines, arrival order). Its prefix cache works like the engine's: prompt blocks are
-shared with requests still running on the same box and, with prefix caching (the engine's default), kept
-after a request ends until evicted (`prefix_model.PrefixCache`; `docs/ENGINE.md`, "Prefix sharing and
-automatic prefix caching"). Invariants: every request ends completed or rejected; on a box, cached +
-computed prompt tokens equal the prompt, and decoded tokens equal the output.
+default: without deadlines, arrival order); a request that named a deadline and missed it before its first
+token is re-queued as if due the engine's default after it, as the engine does. Its prefix cache works like
+the engine's: prompt blocks are shared with requests still running on the same box and, with prefix caching
+(the engine's default), kept after a request ends until evicted (`prefix_model.PrefixCache`; `docs/ENGINE.md`,
+"Prefix sharing and automatic prefix caching"). Invariants: every request ends completed or rejected; on a
+box, cached + computed prompt tokens equal the prompt, and decoded tokens equal the output.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class Job:
     prefill_left: float = 0.0
     decode_left: float = 0.0
     ttft_s: float = math.nan  # from arrival
-    due_s: float = math.inf  # when its first token is due: the engine's queue order (earliest first)
+    due_s: float = math.inf  # when its first token is due
+    rank_s: float = math.inf  # the due time it is queued by: `due_s`, later once it missed one it named
+    requeue_s: float = math.inf  # past this without a first token, it is re-queued (`Box.requeue_late`)
     e2e_s: float = math.nan
     cost_usd: Decimal = Decimal(0)
 
@@ -48,8 +51,8 @@ class Job:
 @dataclass(slots=True)
 class Box:
     spec: BoxSpec
-    waiting: list[Job] = field(default_factory=list)  # earliest due first (then arrival)
-    prefilling: list[Job] = field(default_factory=list)  # earliest due first; computed in `_prefill_order`
+    waiting: list[Job] = field(default_factory=list)  # earliest `rank_s` first (then arrival)
+    prefilling: list[Job] = field(default_factory=list)  # the same; computed in `_prefill_order`
     decoding: list[Job] = field(default_factory=list)
     t: float = 0.0
     version: int = 0
@@ -58,6 +61,7 @@ class Box:
     # blended in (0: the box's own curve, 1: the contended one), instead of `slowdown`.
     contended: StepModel | None = None
     blend: float = 0.0
+    next_requeue_s: float = math.inf  # the earliest `requeue_s` of its jobs
     busy_s: float = 0.0
     prefill_computed: int = 0
     decoded: int = 0
@@ -128,6 +132,10 @@ class Box:
         self.t = now
         if dt <= 0 or not self.running:
             return
+        self._progress(dt)
+        self.requeue_late()
+
+    def _progress(self, dt: float) -> None:
         self.busy_s += dt
         _, per_stream, prefill_rate = self._rates()
         for j in self.decoding:
@@ -184,12 +192,31 @@ class Box:
             j.req.prompt_tokens + j.req.output_tokens - int(j.decode_left) for j in self.decoding
         )
 
+    def requeue_late(self) -> None:
+        """As the engine's scheduler at each step (`Scheduler._requeue_late`): a job whose named deadline has
+        passed without a first token is queued as if due the engine's default after it."""
+        if self.t <= self.next_requeue_s:
+            return
+        self.next_requeue_s = math.inf
+        moved = False
+        for j in (*self.waiting, *self.prefilling):
+            if j.requeue_s == math.inf:
+                continue
+            if self.t > j.requeue_s:
+                j.rank_s, j.requeue_s, moved = j.due_s + DEFAULT_DEADLINE_MS / 1000, math.inf, True
+            else:
+                self.next_requeue_s = min(self.next_requeue_s, j.requeue_s)
+        if moved:
+            self.waiting.sort(key=_rank)
+            self.prefilling.sort(key=_rank)
+
     def admit(self) -> None:
+        self.requeue_late()
         while self.waiting and self.running < self.spec.model.max_batch:
             j = self.waiting.pop(0)
             j.cached_tokens = self.cached_for(j.req)
             j.prefill_left = j.req.prompt_tokens - j.cached_tokens
-            bisect.insort(self.prefilling, j, key=_due)
+            bisect.insort(self.prefilling, j, key=_rank)
 
     def settle(self, eps: float = 1e-6) -> list[Job]:
         """Move finished prefills to decoding and return the jobs that finished; admit from the queue."""
@@ -217,8 +244,8 @@ class Box:
         return finished
 
 
-def _due(job: Job) -> float:
-    return job.due_s
+def _rank(job: Job) -> float:
+    return job.rank_s
 
 
 def _counted(job: Job) -> int:
@@ -307,6 +334,7 @@ class Simulation:
     ) -> Job:
         job = Job(req, target, now, counted_prompt=counted_prompt)
         job.due_s = req.arrival_s + (DEFAULT_DEADLINE_MS if deadline_ms is None else deadline_ms) / 1000
+        job.rank_s = job.due_s
         if target == CLOUD:
             cloud = self.fleet.cloud
             ttft, rate = cloud.sample(self.rng)
@@ -318,7 +346,10 @@ class Simulation:
             return job
         box = self.boxes[target]
         box.advance(now)
-        bisect.insort(box.waiting, job, key=_due)  # after those due no later: FIFO among equals
+        bisect.insort(box.waiting, job, key=_rank)  # after those due no later: FIFO among equals
+        if deadline_ms is not None:
+            job.requeue_s = job.due_s
+            box.next_requeue_s = min(box.next_requeue_s, job.due_s)
         box.admit()
         self._reschedule(box)
         self._contend(now)

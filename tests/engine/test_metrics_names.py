@@ -48,3 +48,7 @@ def test_the_engine_publishes_its_prefill_budget_and_short_prompt_rule() -> None
     page = _page(prefill_tokens_per_step=256, short_prefill_tokens=128)
     assert "switchboard_engine_prefill_tokens_per_step 256.0" in page
     assert "switchboard_engine_short_prefill_tokens 128.0" in page
+
+
+def test_the_engine_counts_requests_re_queued_for_missing_their_deadline() -> None:
+    assert "switchboard_engine_requeued_late_total 3.0" in _page(requeued_late=3)

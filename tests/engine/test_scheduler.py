@@ -351,6 +351,81 @@ def test_the_latest_due_running_request_is_preempted_first() -> None:
     assert done[1].output_ids == expected_output(8, 8) and done[2].output_ids == expected_output(8, 8)
 
 
+def test_a_request_that_missed_its_deadline_waits_behind_those_still_on_time() -> None:
+    clock = Clock()
+    scheduler = timed(clock, max_batch=1)
+    scheduler.add(1, prompt(2, 1), due_in(None, max_tokens=3))
+    step(scheduler)  # 1 runs: the others wait
+    scheduler.add(2, prompt(2, 2), due_in(100))  # due at 100.1 s
+    scheduler.add(3, prompt(2, 3), due_in(2000))  # due at 102 s
+    clock.now += 0.5  # 2 can no longer be on time; 3 still can
+    done = []
+    while scheduler.has_work:
+        done += [s.seq_id for s in step(scheduler)[1]]
+    assert done == [1, 3, 2]
+    assert scheduler.num_requeued_late == 1
+
+
+def test_a_late_request_is_re_queued_as_one_without_a_deadline_arriving_then() -> None:
+    # Missed at 100.1 s, 2 is ordered as if due 110.1 s: behind a request without a deadline that arrived
+    # before it missed (due 110.05 s), ahead of one that arrived after (due 110.2 s): never starved.
+    clock = Clock()
+    scheduler = timed(clock, max_batch=1)
+    scheduler.add(1, prompt(2, 1), due_in(None, max_tokens=3))
+    step(scheduler)
+    scheduler.add(2, prompt(2, 2), due_in(100))
+    clock.now += 0.05
+    scheduler.add(3, prompt(2, 3), due_in(None))
+    clock.now += 0.15
+    scheduler.add(4, prompt(2, 4), due_in(None))
+    done = []
+    while scheduler.has_work:
+        done += [s.seq_id for s in step(scheduler)[1]]
+    assert done == [1, 3, 2, 4]
+
+
+def test_requests_without_a_deadline_keep_arrival_order_however_long_they_wait() -> None:
+    clock = Clock()
+    scheduler = timed(clock, max_batch=1)
+    scheduler.add(1, prompt(2, 1), due_in(None, max_tokens=3))
+    step(scheduler)
+    scheduler.add(2, prompt(2, 2), due_in(None))
+    clock.now += 30  # 2 is long past its default deadline
+    scheduler.add(3, prompt(2, 3), due_in(None))
+    done = []
+    while scheduler.has_work:
+        done += [s.seq_id for s in step(scheduler)[1]]
+    assert done == [1, 2, 3]
+    assert scheduler.num_requeued_late == 0
+
+
+def test_a_late_prompt_yields_the_steps_prefill_budget_to_an_on_time_one() -> None:
+    clock = Clock()
+    scheduler = timed(clock, budget=8, short=0)
+    scheduler.add(1, prompt(32, 1), due_in(100))
+    scheduler.add(2, prompt(32, 2), due_in(5000, max_tokens=4))
+    clock.now += 1  # 1 missed its deadline before its first step
+    for _ in range(4):  # 2 is computed whole before 1 gets a token
+        plan, _ = step(scheduler)
+        assert [(c.seq_id, len(c.token_ids)) for c in plan.chunks] == [(2, 8)]
+    done = run_all(scheduler)
+    assert done[1].output_ids == expected_output(32, 1) and done[2].output_ids == expected_output(32, 4)
+
+
+def test_a_request_past_its_deadline_after_its_first_token_keeps_its_place() -> None:
+    # Re-queueing is for the first token only: one already decoding is not pushed back (nor counted).
+    clock = Clock()
+    scheduler = timed(clock, num_blocks=6, caching=False)
+    scheduler.add(1, prompt(8, 1), due_in(100, max_tokens=8))
+    scheduler.add(2, prompt(8, 2), due_in(1000, max_tokens=8))
+    step(scheduler)  # both prefill and get a first token on time
+    clock.now += 5
+    while scheduler.num_preemptions == 0:
+        step(scheduler)
+    assert scheduler.get(2).status is SeqStatus.PREEMPTED  # type: ignore[union-attr]
+    assert scheduler.num_requeued_late == 0
+
+
 @pytest.mark.parametrize("ms", [0.0, -1.0, float("inf"), float("nan")])
 def test_a_default_deadline_must_be_positive_and_finite(ms: float) -> None:
     with pytest.raises(ValueError, match="default_deadline_ms"):

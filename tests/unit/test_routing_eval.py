@@ -250,6 +250,25 @@ def test_a_box_queues_and_prefills_earliest_deadline_first_when_its_policy_sends
         assert ttft["_Due"]["support"] < ttft["_Fixed"]["support"]
 
 
+def test_a_request_that_missed_the_deadline_its_gateway_sent_waits_behind_one_still_on_time() -> None:
+    # One slot, held ~3.4 s by a long answer. A support question (2.5 s TTFT SLO) arrives first, an hr one
+    # (4 s) a moment later. When the slot frees, support has missed its deadline and hr still can make its
+    # own: hr goes first (earliest deadline first alone would take support), then support at once.
+    first = dataclasses.replace(BASE, prefix_key="f", session=-1, prompt_tokens=16, output_tokens=200)
+    support = dataclasses.replace(first, rid=1, arrival_s=0.001, team="support", prefix_key="s")
+    support = dataclasses.replace(support, output_tokens=1)
+    hr = dataclasses.replace(support, rid=2, arrival_s=0.002, team="hr", prefix_key="h")
+    fleet = make_fleet(dataclasses.replace(MODEL, max_batch=1), 1, "test")
+    fleet = dataclasses.replace(fleet, boxes=fleet.owned)
+    ttft = {}
+    for policy in (_Due("engine-0"), _Fixed("engine-0")):
+        jobs = Simulation(fleet, seed=1).run([first, support, hr], policy).jobs
+        ttft[type(policy).__name__] = {j.req.team: j.ttft_s for j in jobs}
+    assert 2.5 < ttft["_Due"]["hr"] < 4.0  # support is late by then, hr still on time
+    assert ttft["_Due"]["hr"] < ttft["_Due"]["support"] < ttft["_Due"]["hr"] + 0.1
+    assert ttft["_Fixed"]["support"] < ttft["_Fixed"]["hr"]
+
+
 def test_a_leftover_smaller_than_the_clock_can_step_still_finishes() -> None:
     """Late in a long run (t ~ 900 s, an ulp of ~1e-13 s) a prompt's last 1.5e-9 tokens, behind a long prompt
     (so the next event is that prompt's own end), are less time than the clock can step: the event still moves

@@ -153,6 +153,7 @@ class EngineStats:
     interleaved_steps: int = 0  # interactive steps run inside suspended ones
     prefill_tokens_per_step: int = 0  # the scheduler's `max_prefill_tokens`
     short_prefill_tokens: int = 0  # and `short_prefill_tokens`
+    requeued_late: int = 0  # requests re-queued for missing their own deadline before a first token
 
     @property
     def kv_blocks_used(self) -> int:
@@ -323,6 +324,7 @@ class Engine:
             interleaved_steps=self._interleaved,
             prefill_tokens_per_step=self._scheduler.config.max_prefill_tokens,
             short_prefill_tokens=self._scheduler.config.short_prefill_tokens,
+            requeued_late=self._scheduler.num_requeued_late,
         )
 
     # -- the loop, on the engine thread --------------------------------------------------------------------

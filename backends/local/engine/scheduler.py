@@ -14,7 +14,10 @@ work is admitted only behind interactive work, is preempted first, and is preemp
 Within a class, sequences order by deadline, earliest first (`SamplingParams.deadline_ms`, the caller's
 time-to-first-token target; `default_deadline_ms` for one that gives none), then by arrival: admission and
 prefill chunks go to the request with the least slack, and the latest-due running one is preempted first.
-Without deadlines (or all alike) that is arrival order.
+Without deadlines (or all alike) that is arrival order. A request whose own deadline passes before its first
+token is re-queued as one without a deadline would be that arrived then (due `default_deadline_ms` later):
+it can no longer be on time, so it stops holding back those that still can (as Triton's DELAY timeout
+action), for a bounded while, never starved.
 Invariants: a block is written only by its one holder, and shared only once full; a request is accepted only
 if it could run alone in the whole cache, so the first running sequence always makes progress.
 """
@@ -157,6 +160,7 @@ class Seq:
     num_preemptions: int = 0
     finish_cause: FinishCause | None = None
     due: float = 0.0  # when its first token is due, on the scheduler's clock (s)
+    rank: float = 0.0  # the due time it is ordered by: `due`, later once it missed its own (`_requeue_late`)
 
     @property
     def tokens(self) -> list[int]:
@@ -165,7 +169,7 @@ class Seq:
     @property
     def order(self) -> tuple[bool, float, int]:
         """Scheduling order: interactive before batch, then by deadline, then by arrival."""
-        return (self.params.priority is Priority.BATCH, self.due, self.arrival)
+        return (self.params.priority is Priority.BATCH, self.rank, self.arrival)
 
     @property
     def num_tokens(self) -> int:
@@ -200,6 +204,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prefix_hit_tokens = 0  # prompt tokens reused from the prefix index, first admission only
         self.num_evicted_blocks = 0  # cached blocks reused for other content (automatic prefix caching)
+        self.num_requeued_late = 0  # requests re-queued for missing their own deadline (`_requeue_late`)
+        self._next_due = float("inf")  # the earliest deadline a request named and may still miss
 
     # -- requests in and out ---------------------------------------------------------------------------------
 
@@ -237,7 +243,10 @@ class Scheduler:
         self.check_fits(len(prompt_ids), params.max_tokens)
         wanted = self.config.default_deadline_ms if params.deadline_ms is None else params.deadline_ms
         due = self._clock() + wanted / 1000
-        seq = Seq(seq_id, tuple(prompt_ids), params, self._arrivals, frozenset(stop_token_ids), due=due)
+        stop = frozenset(stop_token_ids)
+        seq = Seq(seq_id, tuple(prompt_ids), params, self._arrivals, stop, due=due, rank=due)
+        if params.deadline_ms is not None:
+            self._next_due = min(self._next_due, due)
         self._arrivals += 1
         self._seqs[seq_id] = seq
         bisect.insort(self._waiting, seq, key=_order)  # after every one of its class due no later
@@ -299,6 +308,7 @@ class Scheduler:
         self._draft_rooms = {}
         preempted = False
         rows = _BatchRows(self._batch_row_cap())
+        self._requeue_late()
         for seq in [s for s in self._running if s.is_decoding]:
             if seq.status is not SeqStatus.RUNNING or not rows.take(seq):
                 continue  # preempted earlier in this loop, or a batch row sitting this step out
@@ -317,6 +327,26 @@ class Scheduler:
             planned, preempted = self._fill(planned, prefills, rows, preempted, short, cap)
         planned, _ = self._fill(planned, prefills, rows, preempted)
         return StepPlan(tuple(planned.values()))
+
+    def _requeue_late(self) -> None:
+        """Order each request that named a deadline and passed it without a first token as one that named
+        none and arrived at that deadline: an O(1) check until the earliest such deadline passes."""
+        now = self._clock()
+        if now <= self._next_due:
+            return
+        self._next_due = float("inf")
+        before = self.num_requeued_late
+        for seq in self._seqs.values():
+            if seq.params.deadline_ms is None or seq.output_ids or seq.rank != seq.due:
+                continue
+            if now > seq.due:
+                seq.rank = seq.due + self.config.default_deadline_ms / 1000
+                self.num_requeued_late += 1
+            else:
+                self._next_due = min(self._next_due, seq.due)
+        if self.num_requeued_late > before:
+            self._waiting.sort(key=_order)
+            self._running.sort(key=_order)
 
     def _fill(
         self,
