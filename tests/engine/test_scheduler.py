@@ -288,6 +288,14 @@ def due_in(
     return SamplingParams(max_tokens=max_tokens, temperature=0, priority=priority, deadline_ms=ms)
 
 
+def finish_order(scheduler: Scheduler) -> list[int]:
+    """Step until idle; the ids in the order their sequences finished."""
+    done = []
+    while scheduler.has_work:
+        done += [s.seq_id for s in step(scheduler)[1]]
+    return done
+
+
 def timed(clock: Clock, **kwargs: int) -> Scheduler:
     scheduler, blocks = make(**kwargs)
     return Scheduler(scheduler.config, blocks, clock=clock)
@@ -313,10 +321,7 @@ def test_a_request_without_a_deadline_is_overtaken_only_by_those_due_before_it()
     scheduler.add(3, prompt(2, 3), due_in(2500))  # due at 111.5 s: after 2
     clock.now -= 4
     scheduler.add(4, prompt(2, 4), due_in(2500))  # due at 107.5 s: before 2
-    done = []
-    while scheduler.has_work:
-        done += [s.seq_id for s in step(scheduler)[1]]
-    assert done == [1, 4, 2, 3]
+    assert finish_order(scheduler) == [1, 4, 2, 3]
 
 
 def test_the_earliest_due_prompt_gets_the_steps_prefill_budget() -> None:
@@ -359,10 +364,7 @@ def test_a_request_that_missed_its_deadline_waits_behind_those_still_on_time() -
     scheduler.add(2, prompt(2, 2), due_in(100))  # due at 100.1 s
     scheduler.add(3, prompt(2, 3), due_in(2000))  # due at 102 s
     clock.now += 0.5  # 2 can no longer be on time; 3 still can
-    done = []
-    while scheduler.has_work:
-        done += [s.seq_id for s in step(scheduler)[1]]
-    assert done == [1, 3, 2]
+    assert finish_order(scheduler) == [1, 3, 2]
     assert scheduler.num_requeued_late == 1
 
 
@@ -378,10 +380,7 @@ def test_a_late_request_is_re_queued_as_one_without_a_deadline_arriving_then() -
     scheduler.add(3, prompt(2, 3), due_in(None))
     clock.now += 0.15
     scheduler.add(4, prompt(2, 4), due_in(None))
-    done = []
-    while scheduler.has_work:
-        done += [s.seq_id for s in step(scheduler)[1]]
-    assert done == [1, 3, 2, 4]
+    assert finish_order(scheduler) == [1, 3, 2, 4]
 
 
 def test_requests_without_a_deadline_keep_arrival_order_however_long_they_wait() -> None:
@@ -392,10 +391,7 @@ def test_requests_without_a_deadline_keep_arrival_order_however_long_they_wait()
     scheduler.add(2, prompt(2, 2), due_in(None))
     clock.now += 30  # 2 is long past its default deadline
     scheduler.add(3, prompt(2, 3), due_in(None))
-    done = []
-    while scheduler.has_work:
-        done += [s.seq_id for s in step(scheduler)[1]]
-    assert done == [1, 2, 3]
+    assert finish_order(scheduler) == [1, 2, 3]
     assert scheduler.num_requeued_late == 0
 
 
