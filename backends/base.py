@@ -19,6 +19,9 @@ PRIORITY_HEADER = "x-switchboard-priority"  # "batch": the engine schedules it b
 # the engine queues earliest deadline first. Any other server ignores it.
 DEADLINE_HEADER = "x-switchboard-deadline-ms"
 DEADLINE_RANGE_MS = (1.0, 86_400_000.0)  # what an engine takes: from a millisecond to a day
+# When a request that names no deadline is due, after its arrival: the bundled engine's default
+# (`--default-deadline-ms`), and what a vLLM with priority scheduling is told for it (`openai_compat`).
+DEFAULT_DEADLINE_MS = 10_000.0
 
 
 def deadline_in_range(deadline_ms: float) -> float:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
 
-from backends.local.engine.scheduler import DEFAULT_DEADLINE_MS
+from backends.base import DEFAULT_DEADLINE_MS
 from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel, positions
 from bench.routing_eval.prefix_model import PrefixCache
 from bench.routing_eval.workload import Request

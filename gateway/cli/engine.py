@@ -69,7 +69,8 @@ def engine_serve(
             min=1,
             help="Requests are admitted and prefilled earliest deadline first; the gateway sends each "
             "request's deadline (its team's p95 TTFT SLO, header x-switchboard-deadline-ms). A request "
-            "without one is due this many milliseconds after it arrives.",
+            "without one is due this many milliseconds after it arrives; one that passes its own deadline "
+            "before its first token steps back as far, behind those still on time.",
         ),
     ] = 10_000.0,
     batch_rows_beside_interactive: Annotated[

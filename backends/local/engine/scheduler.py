@@ -31,14 +31,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from backends.base import DEFAULT_DEADLINE_MS
 from backends.local.engine.prefix_cache import PrefixIndex
 from backends.local.engine.types import SeqChunk, StepPlan
 
 # The short pass looks at most this far down the waiting queue past longer prompts: judging one short means
 # matching its prefix, which under overload would otherwise cost a match per waiting sequence every step.
 SHORT_SCAN_LIMIT = 32
-# When a request that names no deadline is due, after its arrival (`SchedulerConfig.default_deadline_ms`).
-DEFAULT_DEADLINE_MS = 10_000.0
 
 
 class Priority(StrEnum):
