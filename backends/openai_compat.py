@@ -7,11 +7,17 @@ Invariant: only `BackendError`s leave this module, and every httpx failure / ups
 in one place, `_translate_errors`. Error messages carry upstream's error text, never the request body.
 `timeout_s` bounds each wait on the upstream (connect excluded), not the whole answer; the gateway's
 dispatch owns the per-attempt deadline.
+A request's deadline (its team's SLO) goes as header `x-switchboard-deadline-ms`, which the bundled engine
+queues by and other servers ignore; with `send_priority` (a vLLM started with `--scheduling-policy
+priority`), also as vLLM's `priority` body field: when its first token is due, in ms since the epoch
+(`DEFAULT_DEADLINE_MS` without one; batch work `BATCH_PRIORITY_LATER_MS` later), lower served first, so
+vLLM serves the earliest deadline first too and, when it must preempt, batch work first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
@@ -20,6 +26,7 @@ import orjson
 
 from backends.base import (
     DEADLINE_HEADER,
+    DEFAULT_DEADLINE_MS,
     PRIORITY_HEADER,
     BackendHealth,
     BackendInfo,
@@ -53,6 +60,9 @@ from backends.sse_wire import (
 from backends.tokenize_wire import TokenizeEndpoint, parse_count
 
 _STREAM_OPTIONS = {"include_usage": True}
+# Batch work's vLLM priority: this much later than interactive work due at the same time (a day: behind
+# any interactive deadline the gateway sends, `DEADLINE_RANGE_MS`).
+BATCH_PRIORITY_LATER_MS = 86_400_000.0
 
 
 class OpenAICompatBackend:
@@ -71,6 +81,7 @@ class OpenAICompatBackend:
         max_connections: int,
         supports_tools: bool,
         supports_response_format: bool,
+        send_priority: bool = False,
     ) -> None:
         self._info = BackendInfo(
             name=name,
@@ -84,6 +95,7 @@ class OpenAICompatBackend:
         self._embeddings_url = httpx.URL(base + "/embeddings")
         self._models_url = base + "/models"
         self._timeout_s = timeout_s
+        self._send_priority = send_priority
         self._connect_timeout_s = connect_timeout_s
         self._timeouts = httpx.Timeout(timeout_s, connect=connect_timeout_s).as_dict()
         headers = {"content-type": "application/json", "accept": "application/json"}
@@ -107,7 +119,8 @@ class OpenAICompatBackend:
         return self._info
 
     async def complete(self, request: ChatRequest) -> ChatResult:
-        upstream = self._post(self._text_url(request), _request_body(request, stream=False), request)
+        body = _request_body(request, stream=False, priority=self._priority(request))
+        upstream = self._post(self._text_url(request), body, request)
         return _parse_result(self._info.name, await self._exchange(upstream), request)
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
@@ -148,7 +161,8 @@ class OpenAICompatBackend:
         return response
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        upstream = self._post(self._text_url(request), _request_body(request, stream=True), request)
+        body = _request_body(request, stream=True, priority=self._priority(request))
+        upstream = self._post(self._text_url(request), body, request)
         name = self._info.name
         with _translate_errors(name, mid_stream=False):
             response = await self._transport.handle_async_request(upstream)
@@ -201,6 +215,14 @@ class OpenAICompatBackend:
             stream=httpx.ByteStream(body),
             extensions={"timeout": self._timeouts_for(request)},
         )
+
+    def _priority(self, request: ChatRequest) -> int | None:
+        """vLLM's `priority` for `request` with `send_priority` (when its first token is due), else None."""
+        if not self._send_priority:
+            return None
+        wanted = DEFAULT_DEADLINE_MS if request.deadline_ms is None else request.deadline_ms
+        later = BATCH_PRIORITY_LATER_MS if request.batch else 0.0
+        return int(time.time() * 1000 + wanted + later)
 
     def _with_deadline(self, headers: httpx.Headers, batch: bool, deadline_ms: float) -> httpx.Headers:
         key = (batch, deadline_ms)
@@ -284,7 +306,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def _request_body(request: ChatRequest, *, stream: bool) -> bytes:
+def _request_body(request: ChatRequest, *, stream: bool, priority: int | None = None) -> bytes:
     body: dict[str, Any] = {"model": request.model}
     if request.prompt is None:
         body["messages"] = request.messages
@@ -308,6 +330,8 @@ def _request_body(request: ChatRequest, *, stream: bool) -> bytes:
         body["tool_choice"] = request.tool_choice
     if request.response_format is not None:
         body["response_format"] = request.response_format
+    if priority is not None:
+        body["priority"] = priority
     if stream:
         body["stream"] = True
         body["stream_options"] = _STREAM_OPTIONS

@@ -185,6 +185,10 @@ class OpenAIBackendConfig(_RoutedBackend):
     supports_tools: bool = True
     supports_response_format: bool = True
     metrics_url: str | None = None  # an engine's Prometheus /metrics: queue depth and KV use feed routing
+    # A vLLM started with --scheduling-policy priority: each chat call carries vLLM's `priority` field (when
+    # its first token is due, from its team's SLO), so vLLM serves the earliest deadline first. Off by
+    # default: vLLM refuses a priority other than 0 without that policy.
+    send_priority: bool = False
     # GET {base_url}/models this often; a server failing it leaves routing until it answers again.
     # None: every EDGE_HEALTH_INTERVAL_S for privacy_tier = "edge" (a box at a site), off otherwise; 0: off.
     health_interval_s: float | None = Field(default=None, ge=0)

@@ -81,6 +81,7 @@ def build_backend(name: str, cfg: CloudBackendConfig | OpenAIBackendConfig) -> B
         max_connections=cfg.max_connections,
         supports_tools=cfg.supports_tools,
         supports_response_format=cfg.supports_response_format,
+        send_priority=cfg.send_priority,
     )
 
 

@@ -61,7 +61,7 @@ def fleet_config(site: str, cloud: str, tmp: str) -> Config:
                 "flush_interval_s": 0.02,
             },  # fmt: skip
             "backends": {
-                "gpu": owned,
+                "gpu": {**owned, "send_priority": True},  # as a vLLM with priority scheduling
                 "gpu_r1": owned,
                 "gpu_r2": owned,
                 "gpu_r3": owned,
@@ -185,7 +185,9 @@ def test_an_idle_box_serves_at_marginal_cost_zero_and_charges_back_its_share(env
 
 def test_the_box_is_told_when_the_first_token_is_due_by_the_teams_slo(env: Env) -> None:
     # x-switchboard-deadline-ms: the engine queues earliest deadline first. The TTFT SLO, else the
-    # end-to-end one; no SLO, no header.
+    # end-to-end one; no SLO, no header. With send_priority (a vLLM with priority scheduling) also vLLM's
+    # `priority`: the due time in ms since the epoch, the engine's default 10 s without an SLO.
+    started = time.time() * 1000
     for team, text in (("slo", "due probe 1"), ("batchy", "due probe 2"), ("plain", "due probe 3")):
         assert ask(env, team, text=text).headers["x-switchboard-backend"] == "gpu"
         stream = env.client(team).chat.completions.create(
@@ -208,6 +210,14 @@ def test_the_box_is_told_when_the_first_token_is_due_by_the_teams_slo(env: Env) 
         "due probe 3": None,
         "due probe 3 streamed": None,
     }
+    due = {
+        r["body"]["messages"][-1]["content"]: r["body"]["priority"] - started
+        for r in env.site.received("fl-gpu")
+        if "due probe" in json.dumps(r["body"])
+    }
+    for text, wanted in (("due probe 1", 600), ("due probe 2", 60_000), ("due probe 3", 10_000)):
+        for key in (text, text + " streamed"):
+            assert wanted <= due[key] <= wanted + 15_000, key
 
 
 @pytest.mark.usefixtures("busy_box")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from backends.base import Backend, ChatRequest, StreamChunk
+from backends.base import DEFAULT_DEADLINE_MS, Backend, ChatRequest, StreamChunk
 from backends.errors import (
     BackendBadResponse,
     BackendError,
@@ -17,7 +18,7 @@ from backends.errors import (
     BackendTimeout,
     BackendUnavailable,
 )
-from backends.openai_compat import OpenAICompatBackend
+from backends.openai_compat import BATCH_PRIORITY_LATER_MS, OpenAICompatBackend
 from tests.support.fake_provider import FakeProvider
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -35,7 +36,7 @@ TOOLS = (
 
 
 def make_backend(
-    base_url: str, *, timeout_s: float = 5.0, api_key: str | None = "sk-test"
+    base_url: str, *, timeout_s: float = 5.0, api_key: str | None = "sk-test", send_priority: bool = False
 ) -> OpenAICompatBackend:
     return OpenAICompatBackend(
         "gpu0",
@@ -46,6 +47,7 @@ def make_backend(
         max_connections=16,
         supports_tools=True,
         supports_response_format=True,
+        send_priority=send_priority,
     )
 
 
@@ -240,6 +242,35 @@ async def test_no_api_key_sends_no_authorization(fake_provider: FakeProvider) ->
     finally:
         await backend.aclose()
     assert "authorization" not in fake_provider.received("oa-nokey")[-1]["headers"]
+
+
+async def test_send_priority_tells_vllm_when_each_first_token_is_due(fake_provider: FakeProvider) -> None:
+    # vLLM with --scheduling-policy priority serves the lowest `priority` first: the due time, in ms since
+    # the epoch (the request's deadline, else the engine's default; batch work a day later).
+    backend = make_backend(fake_provider.openai_base_url, send_priority=True)
+    sent = time.time() * 1000
+    try:
+        await backend.complete(chat("oa-prio", deadline_ms=2500))
+        await collect(backend, chat("oa-prio", deadline_ms=2500))
+        await backend.complete(chat("oa-prio"))
+        await backend.complete(chat("oa-prio", deadline_ms=2500, batch=True))
+    finally:
+        await backend.aclose()
+    due = [body["priority"] - sent for body in fake_provider.requests("oa-prio")[-4:]]
+    assert all(isinstance(body["priority"], int) for body in fake_provider.requests("oa-prio")[-4:])
+    for got, wanted in zip(
+        due, (2500, 2500, DEFAULT_DEADLINE_MS, 2500 + BATCH_PRIORITY_LATER_MS), strict=True
+    ):
+        assert wanted - 1 <= got <= wanted + 5000  # sent within the test's few seconds
+    assert due[0] < due[2] < due[3]
+
+
+async def test_without_send_priority_no_priority_is_sent(
+    backend: OpenAICompatBackend, fake_provider: FakeProvider
+) -> None:
+    # vLLM refuses a priority other than 0 unless started with --scheduling-policy priority.
+    await backend.complete(chat("oa-noprio", deadline_ms=2500))
+    assert "priority" not in fake_provider.requests("oa-noprio")[-1]
 
 
 @pytest.mark.timeout(10)
