@@ -6,6 +6,8 @@ batched, chunked or recomputed, and a test can check every chunk against the seq
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -622,7 +624,14 @@ def test_prefix_sharing_can_be_turned_off() -> None:
     budget=st.integers(1, 20),
     spec=st.integers(0, 3),
     requests=st.lists(
-        st.tuples(st.integers(1, 12), st.integers(1, 10), st.integers(0, 5), st.integers(0, 2)), max_size=12
+        st.tuples(
+            st.integers(1, 12),
+            st.integers(1, 10),
+            st.integers(0, 5),
+            st.integers(0, 2),
+            st.sampled_from([None, 50.0, 300.0, 2000.0]),
+        ),
+        max_size=12,
     ),
 )
 def test_any_load_completes_within_the_blocks(
@@ -631,20 +640,23 @@ def test_any_load_completes_within_the_blocks(
     max_batch: int,
     budget: int,
     spec: int,
-    requests: list[tuple[int, int, int, int]],
+    requests: list[tuple[int, int, int, int, float | None]],
 ) -> None:
-    """Random prompts (some sharing prefixes), lengths, arrival steps, draft slots and priority classes: every
-    request that fits finishes with the right tokens, no written block is shared, and every block comes
-    back."""
-    scheduler, blocks = make(num_blocks, block_size=block_size, max_batch=max_batch, budget=budget, spec=spec)
+    """Random prompts (some sharing prefixes), lengths, arrival steps, draft slots, priority classes and
+    deadlines (a step is 100 ms, so some are missed and stepped back): every request that fits finishes with
+    the right tokens, no written block is shared, and every block comes back."""
+    made, blocks = make(num_blocks, block_size=block_size, max_batch=max_batch, budget=budget, spec=spec)
+    clock = Clock()
+    scheduler = Scheduler(made.config, blocks, clock=clock)
     pending = sorted(enumerate(requests), key=lambda r: r[1][2])
     accepted: dict[int, tuple[int, int]] = {}
     done: dict[int, Seq] = {}
     for now in range(5000):
         while pending and pending[0][1][2] <= now:
-            seq_id, (prompt_len, max_tokens, _, salt) = pending.pop(0)
+            seq_id, (prompt_len, max_tokens, _, salt, ms) = pending.pop(0)
             try:
                 kind = batch(max_tokens) if seq_id % 3 == 1 else params(max_tokens)  # a mix of both classes
+                kind = dataclasses.replace(kind, deadline_ms=ms)
                 scheduler.add(seq_id, prompt(prompt_len, salt), kind)
             except RequestTooLarge:
                 assert prompt_len + max_tokens - 1 > num_blocks * block_size
@@ -653,6 +665,7 @@ def test_any_load_completes_within_the_blocks(
         if not pending and not scheduler.has_work:
             break
         _, finished = step(scheduler)
+        clock.now += 0.1
         done.update((s.seq_id, s) for s in finished)
         held = {b for i in accepted if (seq := scheduler.get(i)) is not None for b in seq.block_table}
         assert len(held) + blocks.num_free == num_blocks
