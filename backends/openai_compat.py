@@ -26,6 +26,7 @@ import orjson
 
 from backends.base import (
     DEADLINE_HEADER,
+    DEADLINE_RANGE_MS,
     DEFAULT_DEADLINE_MS,
     PRIORITY_HEADER,
     BackendHealth,
@@ -60,9 +61,9 @@ from backends.sse_wire import (
 from backends.tokenize_wire import TokenizeEndpoint, parse_count
 
 _STREAM_OPTIONS = {"include_usage": True}
-# Batch work's vLLM priority: this much later than interactive work due at the same time (a day: behind
-# any interactive deadline the gateway sends, `DEADLINE_RANGE_MS`).
-BATCH_PRIORITY_LATER_MS = 86_400_000.0
+# Batch work's vLLM priority: this much later than interactive work due at the same time, the longest
+# deadline the gateway sends (a day), so behind any interactive one.
+BATCH_PRIORITY_LATER_MS = DEADLINE_RANGE_MS[1]
 
 
 class OpenAICompatBackend:
@@ -119,8 +120,7 @@ class OpenAICompatBackend:
         return self._info
 
     async def complete(self, request: ChatRequest) -> ChatResult:
-        body = _request_body(request, stream=False, priority=self._priority(request))
-        upstream = self._post(self._text_url(request), body, request)
+        upstream = self._chat_post(request, stream=False)
         return _parse_result(self._info.name, await self._exchange(upstream), request)
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
@@ -161,8 +161,7 @@ class OpenAICompatBackend:
         return response
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
-        body = _request_body(request, stream=True, priority=self._priority(request))
-        upstream = self._post(self._text_url(request), body, request)
+        upstream = self._chat_post(request, stream=True)
         name = self._info.name
         with _translate_errors(name, mid_stream=False):
             response = await self._transport.handle_async_request(upstream)
@@ -196,8 +195,11 @@ class OpenAICompatBackend:
     async def aclose(self) -> None:
         await self._client.aclose()  # closes the transport and every pooled connection
 
-    def _text_url(self, request: ChatRequest) -> httpx.URL:
-        return self._chat_url if request.prompt is None else self._completions_url
+    def _chat_post(self, request: ChatRequest, *, stream: bool) -> httpx.Request:
+        """The upstream request for a chat call (or a raw prompt's completion), streamed or not."""
+        url = self._chat_url if request.prompt is None else self._completions_url
+        body = _request_body(request, stream=stream, priority=self._priority(request))
+        return self._post(url, body, request)
 
     def _post(self, url: httpx.URL, body: bytes, request: ChatRequest | EmbeddingRequest) -> httpx.Request:
         """One `httpx.Request` straight for the transport. httpx's client layer (auth flow, cookies, event

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from backends.base import Usage
+from backends.base import DEADLINE_RANGE_MS, Usage
 
 PROTOCOL_VERSION = 1
 CONNECT_PATH = "/v1/edge/connect"
@@ -300,7 +300,9 @@ def _decode_fields(kind: str, f: _Fields) -> Frame:
             top_p=f.optional_float("top_p"),
             stop=f.strings("stop") if f.present("stop") else (),
             seed=f.optional_int("seed"),
-            deadline_ms=f.number("deadline_ms", minimum=1.0) if f.present("deadline_ms") else None,
+            deadline_ms=(
+                f.number("deadline_ms", minimum=DEADLINE_RANGE_MS[0]) if f.present("deadline_ms") else None
+            ),
         )
     if kind == "chunk":
         return Chunk(id=f.text("id"), content=f.obj("delta").text("content", empty=True))
