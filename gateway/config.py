@@ -137,7 +137,7 @@ class CapacityConfig(_Strict):
     kv_cache_tokens: int = Field(default=0, ge=0)
     # The engine's --max-prefill-tokens and --short-prefill-tokens (512 and 128 for `switchboard engine
     # serve`): with both, a conversation's next turn on the replica caching its history is predicted to
-    # wait for at most two chunks of the prompts pending there, as that engine computes short prompts first.
+    # wait for at most one chunk of the prompts pending there, as that engine computes short prompts first.
     prefill_chunk_tokens: int = Field(default=0, ge=0)
     short_prefill_tokens: int = Field(default=0, ge=0)
 

@@ -47,8 +47,8 @@ class Capacity:
     `prefill_chunk_tokens` and `short_prefill_tokens`: the engine's `--max-prefill-tokens` and
     `--short-prefill-tokens`. With both, a request with at most `short_prefill_tokens` of prompt left to
     compute (a conversation's next turn on the replica that caches its history) is computed ahead of the
-    prompts pending there, so it waits for at most two steps' chunks of them (the one in progress and the
-    rest of its own), not all. 0: prompts are computed oldest first.
+    prompts pending there, alone in its own step, so it waits for at most one chunk of them (the step in
+    progress), not all. 0: prompts are computed oldest first.
     """
 
     tokens_per_s: tuple[tuple[float, float], ...]
@@ -212,8 +212,8 @@ def _prefill_bound(
             slot_ms, slot_per_token = rounds * ttft_ms, rounds * stream_ms
     base = stream_ms + max(pending_prompt_tokens * ms_per_prompt, slot_ms)
     short, saving = capacity.short_prefill_tokens, 0.0
-    if short:  # ahead of a short prompt: the chunk in progress and the rest of its own step's, at most
-        ahead = min(pending_prompt_tokens, 2 * capacity.prefill_chunk_tokens)
+    if short:  # ahead of a short prompt: the chunk in progress, at most (its own step runs it alone)
+        ahead = min(pending_prompt_tokens, capacity.prefill_chunk_tokens)
         saving = base - (stream_ms + max(ahead * ms_per_prompt, slot_ms))
     return Prediction(
         base, slot_per_token, base, slot_per_token + stream_ms, waiting, ms_per_prompt, unreserved, short,

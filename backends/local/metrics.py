@@ -85,6 +85,12 @@ class _LoadCollector(Collector):
                 "as if without one (behind those still on time, for --default-deadline-ms at most)",
                 s.requeued_late,
             ),
+            (
+                "short_steps",
+                "Steps that computed short prompts (--short-prefill-tokens) alone, longer prompts' chunks "
+                "put off to the next step",
+                s.short_steps,
+            ),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)

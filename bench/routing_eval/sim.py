@@ -62,6 +62,7 @@ class Box:
     contended: StepModel | None = None
     blend: float = 0.0
     next_requeue_s: float = math.inf  # the earliest `requeue_s` of its jobs
+    long_owed_until: float = -math.inf  # until then, a step carrying the longer prompts' chunk (`settle`)
     busy_s: float = 0.0
     prefill_computed: int = 0
     decoded: int = 0
@@ -88,24 +89,36 @@ class Box:
     def _prefill_order(self) -> list[Job]:
         """The prefilling jobs in the engine's order: those with at most `short_prefill_tokens` left that
         fit in half a step's budget, then the rest, each part earliest due first (`Scheduler.schedule`)."""
+        return self._prefill_plan()[0]
+
+    def _prefill_plan(self) -> tuple[list[Job], float, bool]:
+        """(`_prefill_order`, the prompt tokens the step computes, whether short ones run alone): alone while
+        a longer one is prefilling, unless a step of short ones alone just ended (the next step then carries
+        the longer ones' chunk: `long_owed_until`), as the engine's scheduler does."""
         m = self.spec.model
+        pending = sum(j.prefill_left for j in self.prefilling)
+        chunk = min(m.max_prefill_tokens, pending)
         if not m.short_prefill_tokens:
-            return self.prefilling
+            return self.prefilling, chunk, False
+        most = min(m.short_prefill_tokens, m.max_prefill_tokens // 2)
         room = m.max_prefill_tokens // 2
         first, rest = [], []
         for j in self.prefilling:
-            if j.prefill_left <= min(m.short_prefill_tokens, room):
+            if j.prefill_left <= min(most, room):
                 first.append(j)
                 room -= math.ceil(j.prefill_left)
             else:
                 rest.append(j)
-        return first + rest if first else self.prefilling
+        if not first:
+            return self.prefilling, chunk, False
+        if self.t >= self.long_owed_until and any(j.prefill_left > most for j in rest):
+            return first + rest, sum(j.prefill_left for j in first), True
+        return first + rest, chunk, False
 
     def _rates(self) -> tuple[float, float, float]:
         """(step s, decode tok/s per stream, prefill tok/s) at the current composition."""
         m = self.spec.model
-        pending = sum(j.prefill_left for j in self.prefilling)
-        chunk = min(m.max_prefill_tokens, pending)
+        order, chunk, _ = self._prefill_plan()
         context = (
             sum(j.req.prompt_tokens + j.req.output_tokens - j.decode_left for j in self.decoding)
             if m.decode_ms_per_context_token
@@ -114,7 +127,7 @@ class Box:
         # The step's prompt tokens, in the engine's order, each at its position (cached blocks come first).
         before, budget = 0.0, chunk
         if m.prefill_ms_per_context_token:
-            for j in self._prefill_order():
+            for j in order:
                 k = min(j.prefill_left, budget)
                 if k <= 0:
                     break
@@ -222,6 +235,7 @@ class Box:
         """Move finished prefills to decoding and return the jobs that finished; admit from the queue."""
         finished: list[Job] = []
         still: list[Job] = []
+        alone = self._prefill_plan()[2]
         for j in self.prefilling:
             if j.prefill_left > eps:
                 still.append(j)
@@ -231,6 +245,9 @@ class Box:
             j.ttft_s = self.t - j.req.arrival_s
             j.decode_left = j.req.output_tokens - 1
             (self.decoding if j.decode_left > 0 else finished).append(j)
+        if alone and len(still) < len(self.prefilling):  # a step of short ones alone ended: the next is not
+            self.prefilling, self.long_owed_until = still, math.inf
+            self.long_owed_until = self.t + self._rates()[0]
         self.prefilling = still
         keep = []
         for j in self.decoding:

@@ -52,3 +52,7 @@ def test_the_engine_publishes_its_prefill_budget_and_short_prompt_rule() -> None
 
 def test_the_engine_counts_requests_re_queued_for_missing_their_deadline() -> None:
     assert "switchboard_engine_requeued_late_total 3.0" in _page(requeued_late=3)
+
+
+def test_the_engine_counts_steps_of_short_prompts_alone() -> None:
+    assert "switchboard_engine_short_steps_total 5.0" in _page(short_steps=5)

@@ -203,17 +203,23 @@ def test_a_short_prompt_goes_ahead_of_a_long_prompts_remaining_chunks(short: int
     assert firsts[1] == (4 if short else 3)  # what it costs the long prompt: its 6 tokens, a step here
 
 
-def test_short_prompts_take_at_most_half_of_a_steps_budget() -> None:
+def test_short_prompts_take_at_most_half_a_step_and_the_long_prompt_every_other_step() -> None:
+    # Six 4-token questions behind a 64-token prompt, budget 16: two questions fit in half a step. They run
+    # alone in one step, and the next carries the long prompt's chunk (at least half the budget) beside
+    # the next two, so however many short ones arrive the long prompt waits at most every other step.
     scheduler, _ = make(budget=16)
     scheduler.add(1, prompt(64, 1), params(2))
     step(scheduler)
     for seq_id in range(2, 8):
         scheduler.add(seq_id, prompt(4, seq_id), params(8))
-    for _ in range(3):
+    long_chunks = []
+    for _ in range(6):
         plan, _ = step(scheduler)
         chunks = {c.seq_id: len(c.token_ids) for c in plan.chunks}
-        shorts = sum(n for seq_id, n in chunks.items() if seq_id != 1 and n > 1)
-        assert shorts <= 8 and chunks[1] >= 8  # the long prompt keeps at least half the budget
+        assert sum(n for seq_id, n in chunks.items() if seq_id != 1 and n > 1) <= 8
+        long_chunks.append(chunks.get(1, 0))
+    assert long_chunks == [0, 8, 0, 16, 16, 8]  # two alone, two beside it, the last two alone, then its own
+    assert scheduler.num_short_steps == 2
 
 
 def test_an_agent_turn_is_short_by_what_its_cached_history_leaves_to_compute() -> None:
@@ -229,7 +235,9 @@ def test_an_agent_turn_is_short_by_what_its_cached_history_leaves_to_compute() -
     plan, _ = step(scheduler)
     chunks = {c.seq_id: c for c in plan.chunks}
     assert chunks[3].start_pos == 40 and chunks[3].num_logits == 1  # cached 40, computes the last 8
-    assert len(chunks[2].token_ids) == 16 - 8
+    assert 2 not in chunks  # alone: the long prompt's next chunk waits for the next step
+    plan, _ = step(scheduler)
+    assert {c.seq_id: len(c.token_ids) for c in plan.chunks}[2] == 16
 
 
 @pytest.mark.parametrize(("ahead", "jumps"), [(SHORT_SCAN_LIMIT - 1, True), (SHORT_SCAN_LIMIT, False)])
@@ -246,7 +254,7 @@ def test_the_short_pass_looks_only_so_far_down_the_waiting_queue(ahead: int, jum
     plan, _ = step(scheduler)
     planned = {c.seq_id for c in plan.chunks}
     assert (question in planned) is jumps
-    assert 1 in planned  # the long prompt's next chunk either way
+    assert (1 in planned) is not jumps  # a question that jumps runs alone; else the long prompt's chunk
 
 
 def test_prefill_tokens_per_step_stay_within_the_budget_and_batch() -> None:

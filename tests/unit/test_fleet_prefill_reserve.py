@@ -215,10 +215,11 @@ def test_affinity_spills_by_predicted_ttft_not_by_the_queue() -> None:
     assert first_turn.candidates[0].backend == fav
 
 
-def test_a_short_tail_on_an_engine_that_computes_short_prompts_first_waits_for_two_chunks_at_most() -> None:
-    # The same 1600 pending tokens, on engines computing short prompts (<= 128 tokens left) ahead of others'
-    # 256-token chunks: the holder's 200-token tail is not short, so it still spills; a 100-token tail waits
-    # for 2 x 256 of them (2.56 s) + its own 0.5 s, where an idle replica computes all 1000 (5 s).
+def test_a_short_tail_on_an_engine_that_computes_short_prompts_first_waits_for_one_chunk_at_most() -> None:
+    # The same 1600 pending tokens, on engines computing short prompts (<= 128 tokens left) alone, ahead of
+    # others' 256-token chunks: the holder's 200-token tail is not short, so it still spills; a 100-token
+    # tail waits for the chunk in progress, 256 of them (1.28 s), + its own 0.5 s, where an idle replica
+    # computes all 1000 (5 s).
     short_first = dataclasses.replace(PREFILL, prefill_chunk_tokens=256, short_prefill_tokens=128)
     key = 7
     fav = _favourite(key)
@@ -229,7 +230,7 @@ def test_a_short_tail_on_an_engine_that_computes_short_prompts_first_waits_for_t
     by_id = {c.deployment_id: c for c in kept.ranked}
     idle = next(c for name, c in by_id.items() if name != fav)
     # (plus one step: 25 ms a token alone, 30 ms beside the holder's one request)
-    assert idle.ttft_ms - by_id[fav].ttft_ms == pytest.approx((25 + 5000) - (30 + 2560 + 500))
+    assert idle.ttft_ms - by_id[fav].ttft_ms == pytest.approx((25 + 5000) - (30 + 1280 + 500))
     # Engines computing oldest first (no short_prefill_tokens): the same tail waits for all 1600 (8 s).
     fifo = choose(_turn(key, 900, fav), _replicas({fav: 1600}), SLO, now_s=0)
     assert fifo.candidates[0].backend != fav

@@ -326,9 +326,9 @@ def test_with_a_contended_curve_boxes_step_at_it_only_while_all_are_busy() -> No
 
 def test_a_short_prompt_computes_ahead_of_a_long_ones_remaining_chunks_as_the_engine_orders_them() -> None:
     # A prompt of eight whole chunks, then a 60-token one as its first chunk ends, on the same box: with the
-    # engine's short-prefill rule the short one is done in a fraction of one step's prefill, and costs the
-    # long one just its own 60 tokens; oldest first it waits out the long prompt (which fills its last step
-    # alone, so the short one starts after it).
+    # engine's short-prefill rule the short one runs alone in the next step, and costs the long one just
+    # that step; oldest first it waits out the long prompt (which fills its last step alone, so the short
+    # one starts after it).
     chunk = MODEL.max_prefill_tokens
     chunk_s = (MODEL.step_base_ms + MODEL.prefill_ms_per_token * chunk) / 1000  # a step with a full chunk
     long = dataclasses.replace(BASE, prefix_key="long", session=-1, prompt_tokens=8 * chunk, output_tokens=2)
@@ -343,9 +343,28 @@ def test_a_short_prompt_computes_ahead_of_a_long_ones_remaining_chunks_as_the_en
         return jobs[0].ttft_s, jobs[2].ttft_s
 
     (long_first, short_first), (long_fifo, short_fifo) = ttfts(128), ttfts(0)
-    assert short_first == pytest.approx(60 / chunk * chunk_s, rel=1e-6)
+    assert short_first == pytest.approx((MODEL.step_base_ms + 60 * MODEL.prefill_ms_per_token) / 1000)
     assert short_fifo > long_fifo - chunk_s
     assert long_first - long_fifo == pytest.approx(short_first, rel=1e-6)
+
+
+def test_after_a_step_of_short_prompts_alone_the_next_carries_the_long_ones_chunk() -> None:
+    # As the engine's scheduler: short prompts run alone at most every other step. A second 60-token prompt
+    # arriving as the first one's step (alone) ends shares the next step with the long prompt's chunk: it is
+    # computed at a full chunk's rate (the fluid's share of that step), not in a step of its own.
+    chunk = MODEL.max_prefill_tokens
+    chunk_s = (MODEL.step_base_ms + MODEL.prefill_ms_per_token * chunk) / 1000
+    alone_s = (MODEL.step_base_ms + MODEL.prefill_ms_per_token * 60) / 1000
+    long = dataclasses.replace(BASE, prefix_key="long", session=-1, prompt_tokens=8 * chunk, output_tokens=2)
+    first = dataclasses.replace(
+        long, rid=2, arrival_s=chunk_s, prefix_key="a", prompt_tokens=60, output_tokens=1
+    )
+    second = dataclasses.replace(first, rid=4, arrival_s=chunk_s + alone_s + 1e-9, prefix_key="b")
+    fleet = make_fleet(MODEL, 1, "test")
+    sim = Simulation(dataclasses.replace(fleet, boxes=fleet.owned), seed=1)
+    jobs = {j.req.rid: j for j in sim.run([long, first, second], _Alternate()).jobs}
+    assert jobs[2].ttft_s == pytest.approx(alone_s)
+    assert jobs[4].ttft_s == pytest.approx(60 / chunk * chunk_s, rel=1e-3)  # not alone_s: a step of its own
 
 
 def test_a_decoding_streams_step_grows_with_its_context() -> None:

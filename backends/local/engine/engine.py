@@ -154,6 +154,7 @@ class EngineStats:
     prefill_tokens_per_step: int = 0  # the scheduler's `max_prefill_tokens`
     short_prefill_tokens: int = 0  # and `short_prefill_tokens`
     requeued_late: int = 0  # requests re-queued for missing their own deadline before a first token
+    short_steps: int = 0  # steps that computed short prompts alone, longer prompts' chunks put off a step
 
     @property
     def kv_blocks_used(self) -> int:
@@ -325,6 +326,7 @@ class Engine:
             prefill_tokens_per_step=self._scheduler.config.max_prefill_tokens,
             short_prefill_tokens=self._scheduler.config.short_prefill_tokens,
             requeued_late=self._scheduler.num_requeued_late,
+            short_steps=self._scheduler.num_short_steps,
         )
 
     # -- the loop, on the engine thread --------------------------------------------------------------------

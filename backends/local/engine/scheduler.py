@@ -2,13 +2,15 @@
 
 `schedule() -> StepPlan`, then `update(plan, sampled) -> finished`. Decodes go first, then short prompts
 (running or waiting interactive ones with at most `short_prefill_tokens` left after their cached prefix,
-within half the budget), then the other prefill chunks (earliest due first) within `max_prefill_tokens`,
-then waiting requests join, so a long prompt never stalls the running decodes, nor a short prompt (an
-agent's next turn) for more than a step. When blocks run out the latest-due running sequence (without
-deadlines: the youngest) is preempted: its blocks are freed and it is recomputed later from its prompt plus
-the tokens it already produced. Full, computed blocks are indexed by content (`prefix_cache.PrefixIndex`),
-so a sequence starting with the same tokens shares them (ref-counted) instead of recomputing; with prefix
-caching they stay cached after their sequence ends, evictable (LRU).
+within half the budget), then the other prefill chunks (earliest due first) within `max_prefill_tokens`, then
+waiting requests join, so a long prompt never stalls the running decodes for more than a step. A step with
+short prompts to compute runs them alone (beside the decodes) while longer ones wait, and the next step
+carries the longer ones' chunks whatever is short: a short prompt (an agent's next turn) waits only for the
+step in progress, and a long prompt's chunks skip at most every other step. When blocks run out the latest-due
+running sequence (without deadlines: the youngest) is preempted: its blocks are freed and it is recomputed
+later from its prompt plus the tokens it already produced. Full, computed blocks are indexed by content
+(`prefix_cache.PrefixIndex`), so a sequence starting with the same tokens shares them (ref-counted) instead of
+recomputing; with prefix caching they stay cached after their sequence ends, evictable (LRU).
 Priority classes: interactive sequences order ahead of batch ones (waiting and running alike), so batch
 work is admitted only behind interactive work, is preempted first, and is preempted to admit interactive work.
 Within a class, sequences order by deadline, earliest first (`SamplingParams.deadline_ms`, the caller's
@@ -205,6 +207,10 @@ class Scheduler:
         self.num_evicted_blocks = 0  # cached blocks reused for other content (automatic prefix caching)
         self.num_requeued_late = 0  # requests re-queued for missing their own deadline (`_requeue_late`)
         self._next_due = float("inf")  # the earliest deadline a request named and may still miss
+        # Steps that computed short prompts alone, the longer prompts' chunks put off to the next step, which
+        # then carries them whatever is short (so they wait at most one step in two).
+        self.num_short_steps = 0
+        self._short_step_last = False
 
     # -- requests in and out ---------------------------------------------------------------------------------
 
@@ -324,8 +330,21 @@ class Scheduler:
         if short:  # short interactive prefills first, running then waiting, within half the budget
             cap = self.config.max_prefill_tokens // 2
             planned, preempted = self._fill(planned, prefills, rows, preempted, short, cap)
+            if prefills and not self._short_step_last and self._longer_pending(planned, min(short, cap)):
+                self._short_step_last = True  # they run alone; the longer prompts' chunk comes next step
+                self.num_short_steps += 1
+                return StepPlan(tuple(planned.values()))
+        self._short_step_last = False
         planned, _ = self._fill(planned, prefills, rows, preempted)
         return StepPlan(tuple(planned.values()))
+
+    def _longer_pending(self, planned: Container[int], short: int) -> bool:
+        """Whether a prompt with more than `short` tokens left to compute waits: a running prefill the short
+        pass left, or a waiting request (judged by its whole prompt: no prefix match for this)."""
+        return any(s.num_tokens > short for s in self._waiting) or any(
+            not s.is_decoding and s.seq_id not in planned and s.num_tokens - s.num_computed > short
+            for s in self._running
+        )
 
     def _requeue_late(self) -> None:
         """Order each request that named a deadline and passed it without a first token as one that named
