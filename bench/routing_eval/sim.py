@@ -111,8 +111,10 @@ class Box:
                 rest.append(j)
         if not first:
             return self.prefilling, chunk, False
-        if self.t >= self.long_owed_until and any(j.prefill_left > most for j in rest):
-            return first + rest, sum(j.prefill_left for j in first), True
+        alone = sum(j.prefill_left for j in first)
+        # (a job done to the last 1e-9 tokens, not yet settled, is no step of its own)
+        if alone > 1e-6 and self.t >= self.long_owed_until and any(j.prefill_left > most for j in rest):
+            return first + rest, alone, True
         return first + rest, chunk, False
 
     def _rates(self) -> tuple[float, float, float]:
