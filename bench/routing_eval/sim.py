@@ -63,6 +63,7 @@ class Box:
     blend: float = 0.0
     next_requeue_s: float = math.inf  # the earliest `requeue_s` of its jobs
     long_owed_until: float = -math.inf  # until then, a step carrying the longer prompts' chunk (`settle`)
+    step_alone: bool = False  # whether the step that ran up to `t` computed short prompts alone
     busy_s: float = 0.0
     prefill_computed: int = 0
     decoded: int = 0
@@ -152,6 +153,7 @@ class Box:
 
     def _progress(self, dt: float) -> None:
         self.busy_s += dt
+        self.step_alone = self._prefill_plan()[2]
         _, per_stream, prefill_rate = self._rates()
         for j in self.decoding:
             j.decode_left -= per_stream * dt
@@ -237,7 +239,6 @@ class Box:
         """Move finished prefills to decoding and return the jobs that finished; admit from the queue."""
         finished: list[Job] = []
         still: list[Job] = []
-        alone = self._prefill_plan()[2]
         for j in self.prefilling:
             if j.prefill_left > eps:
                 still.append(j)
@@ -247,7 +248,7 @@ class Box:
             j.ttft_s = self.t - j.req.arrival_s
             j.decode_left = j.req.output_tokens - 1
             (self.decoding if j.decode_left > 0 else finished).append(j)
-        if alone and len(still) < len(self.prefilling):  # a step of short ones alone ended: the next is not
+        if self.step_alone and len(still) < len(self.prefilling):  # short ones alone ended: the next is not
             self.prefilling, self.long_owed_until = still, math.inf
             self.long_owed_until = self.t + self._rates()[0]
         self.prefilling = still
