@@ -48,11 +48,15 @@ class Job:
     cost_usd: Decimal = Decimal(0)
 
 
+# `Box._prefill_plan`: the prefilling jobs in the engine's order, the step's prompt tokens, short ones alone
+Plan = tuple[list[Job], float, bool]
+
+
 @dataclass(slots=True)
 class Box:
     spec: BoxSpec
     waiting: list[Job] = field(default_factory=list)  # earliest `rank_s` first (then arrival)
-    prefilling: list[Job] = field(default_factory=list)  # the same; computed in `_prefill_order`
+    prefilling: list[Job] = field(default_factory=list)  # the same; computed in `_prefill_plan`'s order
     decoding: list[Job] = field(default_factory=list)
     t: float = 0.0
     version: int = 0
@@ -87,15 +91,12 @@ class Box:
         prefilling; it sees no prefill progress, and of prefix-cache hits only what it predicted)."""
         return sum(_counted(j) for j in self.waiting) + sum(_counted(j) for j in self.prefilling)
 
-    def _prefill_order(self) -> list[Job]:
-        """The prefilling jobs in the engine's order: those with at most `short_prefill_tokens` left that
-        fit in half a step's budget, then the rest, each part earliest due first (`Scheduler.schedule`)."""
-        return self._prefill_plan()[0]
-
-    def _prefill_plan(self) -> tuple[list[Job], float, bool]:
-        """(`_prefill_order`, the prompt tokens the step computes, whether short ones run alone): alone while
-        a longer one is prefilling, unless a step of short ones alone just ended (the next step then carries
-        the longer ones' chunk: `long_owed_until`), as the engine's scheduler does."""
+    def _prefill_plan(self) -> Plan:
+        """(the prefilling jobs in the engine's order, the prompt tokens the step computes, whether short
+        ones run alone). The order: those with at most `short_prefill_tokens` left that fit in half a step's
+        budget, then the rest, each part earliest due first (`Scheduler.schedule`). Short ones run alone
+        while a longer one is prefilling, unless a step of short ones alone just ended (the next step then
+        carries the longer ones' chunk: `long_owed_until`), as the engine's scheduler does."""
         m = self.spec.model
         pending = sum(j.prefill_left for j in self.prefilling)
         chunk = min(m.max_prefill_tokens, pending)
@@ -118,10 +119,11 @@ class Box:
             return first + rest, alone, True
         return first + rest, chunk, False
 
-    def _rates(self) -> tuple[float, float, float]:
-        """(step s, decode tok/s per stream, prefill tok/s) at the current composition."""
+    def _rates(self, plan: Plan | None = None) -> tuple[float, float, float]:
+        """(step s, decode tok/s per stream, prefill tok/s) at the current composition (`plan`: its
+        `_prefill_plan`, if the caller has it already)."""
         m = self.spec.model
-        order, chunk, _ = self._prefill_plan()
+        order, chunk, _ = self._prefill_plan() if plan is None else plan
         context = (
             sum(j.req.prompt_tokens + j.req.output_tokens - j.decode_left for j in self.decoding)
             if m.decode_ms_per_context_token
@@ -153,12 +155,13 @@ class Box:
 
     def _progress(self, dt: float) -> None:
         self.busy_s += dt
-        self.step_alone = self._prefill_plan()[2]
-        _, per_stream, prefill_rate = self._rates()
+        plan = self._prefill_plan()
+        order, _, self.step_alone = plan
+        _, per_stream, prefill_rate = self._rates(plan)
         for j in self.decoding:
             j.decode_left -= per_stream * dt
         work = prefill_rate * dt
-        for j in self._prefill_order():
+        for j in order:
             done = min(j.prefill_left, work)
             j.prefill_left -= done
             work -= done
@@ -168,7 +171,8 @@ class Box:
     def next_event_s(self) -> float:
         if not self.running:
             return math.inf
-        step_s, per_stream, prefill_rate = self._rates()
+        plan = self._prefill_plan()
+        step_s, per_stream, prefill_rate = self._rates(plan)
         times = (
             [self.t + max(0.0, min(j.decode_left for j in self.decoding)) / per_stream]
             if self.decoding
@@ -181,7 +185,7 @@ class Box:
             times.append(self.t + step_s)
             pending = sum(j.prefill_left for j in self.prefilling)
             if pending > self.spec.model.max_prefill_tokens:
-                times.append(self.t + self._prefill_order()[0].prefill_left / prefill_rate)
+                times.append(self.t + plan[0][0].prefill_left / prefill_rate)
         # Late in a long run a leftover of 1e-9 tokens is less time than the clock can step (an ulp of t is
         # ~1e-13 s at t ~ 900 s): the event must still move the clock, or the loop livelocks (it did, on a
         # 15-minute decode-bound trace at 0.056 ms a prompt token).
@@ -248,10 +252,11 @@ class Box:
             j.ttft_s = self.t - j.req.arrival_s
             j.decode_left = j.req.output_tokens - 1
             (self.decoding if j.decode_left > 0 else finished).append(j)
-        if self.step_alone and len(still) < len(self.prefilling):  # short ones alone ended: the next is not
-            self.prefilling, self.long_owed_until = still, math.inf
-            self.long_owed_until = self.t + self._rates()[0]
+        ended_alone = self.step_alone and len(still) < len(self.prefilling)
         self.prefilling = still
+        if ended_alone:  # a step of short prompts alone ended: the next carries the longer ones' chunk, so
+            self.long_owed_until = math.inf  # it is timed as a full step
+            self.long_owed_until = self.t + self._rates()[0]
         keep = []
         for j in self.decoding:
             (finished if j.decode_left <= eps else keep).append(j)
