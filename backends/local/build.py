@@ -214,7 +214,8 @@ def build_engine_parts(loaded: LoadedModel, options: EngineOptions) -> BuiltEngi
             kv_dtype=getattr(torch, kv_dtype),
         )
     cache = runner.kv_cache
-    log.info("attention: %s (--attn %s)", runner.attn_impl, options.attn)
+    bf16 = ", prompt chunks in bf16" if runner.prefill_dtype else ""
+    log.info("attention: %s (--attn %s%s)", runner.attn_impl, options.attn, bf16)
     log.info(
         "memory: weights %.1f MB + KV cache %.1f MB = %.1f MB (RSS %.0f MB)",
         manifest.bytes_after / 2**20,

@@ -26,7 +26,8 @@ def _blocks_for(runner: Any, seqs: int, tokens: int) -> list[tuple[int, ...]] | 
 
 def _prefill(runner: Any, tables: list[tuple[int, ...]], tokens: int) -> None:
     prompt = tuple((7 * i) % 100 + 5 for i in range(tokens))
-    runner.execute(StepPlan(tuple(SeqChunk(s, prompt, 0, table) for s, table in enumerate(tables))))
+    chunks = tuple(SeqChunk(s, prompt, 0, table, prefill=True) for s, table in enumerate(tables))
+    runner.execute(StepPlan(chunks))
 
 
 def _decode(runner: Any, tables: list[tuple[int, ...]], pos: int) -> Any:

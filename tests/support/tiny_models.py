@@ -137,9 +137,8 @@ def drive(
             seq.blocks += more
             last_prefill = prefill_left > 0 and end == seq.prompt_len
             wanted = n if all_logits else (1 if prefill_left <= 0 or last_prefill else 0)
-            chunk = SeqChunk(
-                seq.seq_id, tuple(seq.tokens[seq.done_pos : end]), seq.done_pos, tuple(seq.blocks), wanted
-            )
+            tokens, prefill = tuple(seq.tokens[seq.done_pos : end]), prefill_left > 0
+            chunk = SeqChunk(seq.seq_id, tokens, seq.done_pos, tuple(seq.blocks), wanted, prefill=prefill)
             chunks.append((seq, chunk))
         plan = StepPlan(tuple(c for _, c in chunks))
         logits = runner.execute(plan)

@@ -4,8 +4,10 @@ The implementation is chosen per step by `AttentionMetadata.impl` (the runner's 
 no module-level switch): "sdpa" (torch scaled_dot_product_attention), "eager" (reference math, what
 transformers' eager path computes), "flash" (flash_attn on CUDA) or "paged" (CPU: our C++ kernel,
 `kernels.py`, for the short chunks, reading K/V blocks in place; SDPA for long prefill chunks). "auto" picks
-one per device (`resolve_impl`). Sequences are grouped: all short chunks (decode tokens, speculative drafts)
-go in one batch, each long prefill chunk attends on its own.
+one per device (`resolve_impl`). Under "paged" over a bfloat16 cache on a CPU that multiplies bf16 natively
+(AMX, AVX512-BF16), prompt chunks' SDPA computes in bf16 (`prefill_dtype`), the tail of a prompt after a
+prefix-cache hit included. Sequences are grouped: all short chunks (decode tokens, speculative drafts) go in
+one batch, each long prefill chunk on its own.
 Queries are left-padded so the real ones end at the sequence's last key: query row j of a group with q_len Q
 sits at position ctx_len - Q + j, and it sees key positions <= that (bottom-right causal, as flash does).
 """
@@ -20,7 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from backends.local.engine.kernels import kernel_op
+from backends.local.engine.kernels import kernel_isa, kernel_op
 from backends.local.engine.kv_cache import blocks_needed
 
 AttnImpl = Literal["sdpa", "eager", "flash", "paged"]
@@ -47,6 +49,7 @@ class AttnGroup:
     # many leading positions it sees. Then q_rows/real_rows are None and out_rows picks the packed rows.
     token_seq: torch.Tensor | None = None  # (n,) long
     token_keys: torch.Tensor | None = None  # (n,) long
+    compute_dtype: torch.dtype | None = None  # SDPA's inputs and mask (`prefill_dtype`); None: the model's
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,7 @@ class SeqSpan:
     start_pos: int
     num_tokens: int
     block_table: Sequence[int]
+    prefill: bool = False  # prompt tokens: with a `long_dtype`, attended as a long chunk however few
 
 
 def flash_available() -> bool:
@@ -104,6 +108,20 @@ def check_impl(impl: str, *, device: torch.device, dtype: torch.dtype) -> AttnIm
     return impl
 
 
+def prefill_dtype(impl: AttnImpl, dtype: torch.dtype, cache_dtype: torch.dtype) -> torch.dtype | None:
+    """bfloat16 where prompt chunks' SDPA computes in bf16 (K/V read as cached, queries rounded once, softmax
+    and sums in float32): under "paged", over a bfloat16 cache, with float32 or bf16 compute, where the
+    kernels and torch run bf16 natively (AMX, AVX512-BF16). About twice float32's speed on a warm agent
+    turn's chunk over its history. None elsewhere: float32, as the kernel computes short chunks
+    (`--kv-dtype float32` keeps all of attention in float32)."""
+    # torch's bf16 SDPA must run its AVX-512 code too: under ATEN_CPU_CAPABILITY=avx2 on such a CPU it fails
+    native = (
+        impl == "paged" and "bf16" in kernel_isa() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    )
+    fits = cache_dtype == torch.bfloat16 and dtype in (torch.float32, torch.bfloat16)
+    return torch.bfloat16 if native and fits else None
+
+
 def build_metadata(
     spans: Sequence[SeqSpan],
     slots: torch.Tensor,
@@ -113,15 +131,20 @@ def build_metadata(
     impl: AttnImpl = "sdpa",
     max_batched_q: int = MAX_BATCHED_Q,
     dtype: torch.dtype = torch.float32,
+    long_dtype: torch.dtype | None = None,
 ) -> AttentionMetadata:
-    """Group the spans and precompute masks and row maps for all layers of one step (`dtype`: the model's)."""
+    """Group the spans and precompute masks and row maps for all layers of one step (`dtype`: the model's;
+    `long_dtype`: prompt chunks' SDPA dtype from `prefill_dtype`; None: the default path)."""
     row_starts, row = [], 0
     for s in spans:
         row_starts.append(row)
         row += s.num_tokens
-    short = [i for i, s in enumerate(spans) if s.num_tokens <= max_batched_q]
+    # With a `long_dtype`, a prompt's last few tokens (after a prefix-cache hit) are computed as they would be
+    # in a longer chunk, so a prompt sent twice gets the same logits however much of it was cached.
+    cap = max_batched_q
+    short = [i for i, s in enumerate(spans) if s.num_tokens <= cap and not (long_dtype and s.prefill)]
     members = [(short, True)] if short else []  # (span indices, whether it is the short group)
-    members += [([i], False) for i, s in enumerate(spans) if s.num_tokens > max_batched_q]
+    members += [([i], False) for i in sorted(set(range(len(spans))) - set(short))]
     groups = []
     for m, is_short in members:
         group_spans, starts = [spans[i] for i in m], [row_starts[i] for i in m]
@@ -130,9 +153,9 @@ def build_metadata(
             groups.append(_build_paged_group(group_spans, starts, block_size, alone, slots.device))
             continue
         group_impl: AttnImpl = "sdpa" if impl == "paged" else impl  # paged: long prefill chunks use SDPA
-        groups.append(
-            _build_group(group_spans, starts, block_size, n_rep, group_impl, alone, slots.device, dtype)
-        )
+        group_dtype = long_dtype if group_impl == "sdpa" else None
+        args = (block_size, n_rep, group_impl, alone, slots.device, dtype, group_dtype)
+        groups.append(_build_group(group_spans, starts, *args))
     identity = len(groups) == 1 and groups[0].q_rows is None
     return AttentionMetadata(slots=slots, groups=tuple(groups), num_tokens=row, impl=impl, identity=identity)
 
@@ -154,6 +177,7 @@ def _build_group(
     alone: bool,
     device: torch.device,
     dtype: torch.dtype,
+    compute_dtype: torch.dtype | None = None,
 ) -> AttnGroup:
     batch, q_len = len(spans), max(s.num_tokens for s in spans)
     ctx, nb, table = _context(spans, block_size)
@@ -172,10 +196,11 @@ def _build_group(
         q_len=q_len,
         block_table=torch.tensor(table, dtype=torch.long, device=device),
         ctx_lens=torch.tensor(ctx, dtype=torch.int32, device=device),
-        mask=_mask(ctx, q_len, nb * block_size, n_rep, impl, device, dtype),
+        mask=_mask(ctx, q_len, nb * block_size, n_rep, impl, device, compute_dtype or dtype),
         q_rows=None if identity else torch.tensor(q_rows, dtype=torch.long, device=device),
         real_rows=None if identity else torch.tensor(real_rows, dtype=torch.long, device=device),
         out_rows=None if identity else torch.tensor(out_rows, dtype=torch.long, device=device),
+        compute_dtype=compute_dtype,
     )
 
 
@@ -293,7 +318,9 @@ def _attend_group(
         k, v = gather_blocks(k_cache, group.block_table), gather_blocks(v_cache, group.block_table)
         mask, dtype = group.mask, q_pad.dtype
         assert mask is not None
-        if impl == "paged" and dtype == torch.bfloat16:
+        if group.compute_dtype is not None:  # `prefill_dtype`: K/V and the mask are in it already
+            q_pad = q_pad.to(group.compute_dtype)
+        elif impl == "paged" and dtype == torch.bfloat16:
             # The paged kernel's long chunks, in bf16: in float32, as the kernel computes its short ones
             # (bf16 widened exactly, float32 softmax and sums, one rounding at the end). In bf16 SDPA a prompt
             # prefilled whole and the same prompt's last tokens after a prefix-cache hit (a short chunk)

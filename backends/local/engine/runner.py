@@ -16,6 +16,7 @@ from backends.local.engine.attention import (
     AttentionMetadata,
     SeqSpan,
     build_metadata,
+    prefill_dtype,
     resolve_impl,
 )
 from backends.local.engine.kv_cache import KVCache, cache_dtype_fits
@@ -49,6 +50,7 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.attn_impl = resolve_impl(attn_impl, device=device, dtype=dtype)
+        self.prefill_dtype = prefill_dtype(self.attn_impl, dtype, kv_cache.dtype)
         self.device = device
         self.dtype = dtype
         self.block_size = kv_cache.block_size
@@ -94,7 +96,7 @@ class ModelRunner:
             positions += range(start, start + n)
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             logits_rows += range(row + n - chunk.num_logits, row + n)
-            spans.append(SeqSpan(start_pos=start, num_tokens=n, block_table=table))
+            spans.append(SeqSpan(start_pos=start, num_tokens=n, block_table=table, prefill=chunk.prefill))
         if not tokens:
             return None
         device = self.device
@@ -106,6 +108,7 @@ class ModelRunner:
             impl=self.attn_impl,
             max_batched_q=self.max_batched_q,
             dtype=self.dtype,
+            long_dtype=self.prefill_dtype,
         )
         rows = (
             None

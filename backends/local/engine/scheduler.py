@@ -505,6 +505,7 @@ class Scheduler:
             seq.num_computed,
             tuple(seq.block_table),
             num_logits=1 if end == seq.num_tokens else 0,
+            prefill=True,
         )
 
     def _reserve(self, seq: Seq, num_tokens: int, planned: dict[int, SeqChunk]) -> bool:

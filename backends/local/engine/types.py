@@ -20,6 +20,7 @@ class SeqChunk:
     start_pos: int  # position of token_ids[0]; tokens before it are already in the cache
     block_table: tuple[int, ...]  # physical block ids, in logical order
     num_logits: int = 1  # logits wanted for the last n tokens (0: a prefill chunk that is not the last)
+    prefill: bool = False  # prompt tokens (the scheduler's prefill chunks), not decode tokens or drafts
 
 
 @dataclass(frozen=True, slots=True)
