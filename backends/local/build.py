@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from backends.local.engine.engine import NoProposer, Proposer
 from backends.local.engine.heap import trim_heap
 from backends.local.engine.kv_cache import BlockAllocator, cache_dtype_fits
-from backends.local.engine.scheduler import Scheduler, SchedulerConfig
+from backends.local.engine.scheduler import DEFAULT_DEADLINE_MS, Scheduler, SchedulerConfig
 from backends.local.loader import LoadedModel, current_rss_mb
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class EngineOptions:
     block_size: int = 16
     max_prefill_tokens: int | None = None  # None: `default_prefill_tokens(device)`
     short_prefill_tokens: int = 128  # interactive prompts this short go ahead of long ones' chunks
-    default_deadline_ms: float = 10_000.0  # when a request that names no deadline is due (earliest first)
+    default_deadline_ms: float = DEFAULT_DEADLINE_MS  # when a request naming no deadline is due (EDF)
     batch_rows_beside_interactive: int | None = None  # batch rows per step beside interactive work
     prefix_cache: bool = True  # keep finished requests' full prompt blocks cached (evictable) for reuse
     release_source: bool = False  # free the transformers weights once converted (the server does)

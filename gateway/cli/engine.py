@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from backends.base import DEFAULT_DEADLINE_MS
+
 engine_app = typer.Typer(help="The self-hosted inference engine.", no_args_is_help=True)
 
 
@@ -72,7 +74,7 @@ def engine_serve(
             "without one is due this many milliseconds after it arrives; one that passes its own deadline "
             "before its first token steps back as far, behind those still on time.",
         ),
-    ] = 10_000.0,
+    ] = DEFAULT_DEADLINE_MS,
     batch_rows_beside_interactive: Annotated[
         int | None,
         typer.Option(
