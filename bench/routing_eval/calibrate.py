@@ -6,7 +6,8 @@ its OpenAI API with streams: decode at 1, 2, 4 and 8 concurrent streams, and lon
 fit is the engine scheduler's step: `step_ms = a + b * decoding + c * prefill tokens`, so one stream decodes
 at 1000 / (a + b) tok/s and n streams at n * 1000 / (a + b n); each decoding stream adds d per token of its
 context (one stream's step at ~20 and ~1,200 context tokens), and each prompt token e per token before it
-(the time to the first token of prompts of ~50, ~400 and ~800 tokens: c x tokens + e x tokens^2 / 2).
+(the time to the first token of prompts of ~50, ~400, ~800 and ~1,200 tokens: c x tokens + e x tokens^2 / 2,
+least squares).
 Writes `bench/data/routing_eval_curve.json`.
 Run: `python -m bench.routing_eval.calibrate [--engines N] [--out PATH]` (about 1 min). `--engines N` measures
 N engines at once, each under the others' load (the median of each figure): the conditions of a live replay on
@@ -34,6 +35,9 @@ CURVE_PATH = Path(__file__).resolve().parents[1] / "data" / "routing_eval_curve.
 ENGINE_FLAGS = ("--threads", "1", "--dtype", "float32", "--quant", "int4", "--max-batch", "8")
 KV_BLOCK_TOKENS = 16  # the engine's default --block-size
 LONG_CONTEXT_WORDS = 1200  # about as many tokens (the filler is ~1 a word): an agent turn's conversation
+# prompts timed alone for c and e: four, so one noisy short prompt (three engines time-slicing two cores)
+# does not bend the curvature to nothing, as three points through it did (docs/BENCHMARKS.md, 2026-12-07)
+PREFILL_WORDS = (50, 400, 800, 1200)
 _PROSE = "the quick review of each service shows what the team changed and why it matters now"
 _WORDS = tuple(_PROSE.split())
 
@@ -99,7 +103,7 @@ async def measure(url: str) -> dict[str, object]:
                 steps.append((total - ttft) * 1000 / (tok - 1))
             context[words] = statistics.median(steps)
         prefill: dict[int, float] = {}
-        for words in (50, 400, 800):
+        for words in PREFILL_WORDS:
             ttfts = [(await stream_once(client, filler(words, s), 1))[1] for s in range(3)]
             prefill[words] = statistics.median(ttfts)
         counted = (await client.post("/tokenize", json={"prompt": filler(800)})).json()["count"]
@@ -131,9 +135,9 @@ def fit(
     context: dict[int, float] | None = None,
 ) -> dict[str, float]:
     """Least squares of step ms = a + b n over the decode points; c from the prefill slope, or with three
-    prefill points c and e (ms per token before a prompt token) from TTFT = k + c T + e T^2 / 2 through
-    them (e = 0 where noise bends it down); d (ms per context token of a decoding stream) from one
-    stream's step at a short and a long context."""
+    or more prefill points c and e (ms per token before a prompt token) from TTFT = k + c T + e T^2 / 2,
+    least squares through them (where noise bends it down, e = 0 and c the least-squares slope); d (ms per
+    context token of a decoding stream) from one stream's step at a short and a long context."""
     ns = list(decode)
     step_ms = [1000 * n / decode[n] for n in ns]
     n_mean, s_mean = statistics.fmean(ns), statistics.fmean(step_ms)
@@ -144,12 +148,11 @@ def fit(
     words = sorted(prefill)
     c = (prefill[words[-1]] - prefill[words[0]]) * 1000 / ((words[-1] - words[0]) * tokens_per_word)
     e = None
-    if len(words) == 3:
-        t1, t2, t3 = (w * tokens_per_word for w in words)
-        y1, y2, y3 = (1000 * prefill[w] for w in words)
-        s12, s23 = (y2 - y1) / (t2 - t1), (y3 - y2) / (t3 - t2)
-        e = max(0.0, 2 * (s23 - s12) / (t3 - t1))
-        c = (y3 - y1) / (t3 - t1) - e * (t1 + t3) / 2
+    if len(words) >= 3:
+        ts, ys = [w * tokens_per_word for w in words], [1000 * prefill[w] for w in words]
+        c, e = _quadratic(ts, ys)
+        if e < 0:
+            c, e = _slope(ts, ys), 0.0
     out = {
         "step_base_ms": round(a, 3),
         "step_ms_per_stream": round(b, 3),
@@ -162,6 +165,31 @@ def fit(
         d = (context[long] - context[short]) / ((long - short) * tokens_per_word)
         out["decode_ms_per_context_token"] = round(max(0.0, d), 6)
     return out
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    x_mean, y_mean = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - x_mean) ** 2 for x in xs
+    )
+
+
+def _quadratic(ts: list[float], ys: list[float]) -> tuple[float, float]:
+    """(c, e) of the least-squares y = k + c t + e t^2 / 2: the normal equations, by Cramer's rule."""
+    cols = [[1.0] * len(ts), ts, [t * t / 2 for t in ts]]
+    gram = [[sum(u * v for u, v in zip(a, b, strict=True)) for b in cols] for a in cols]
+    rhs = [sum(u * y for u, y in zip(a, ys, strict=True)) for a in cols]
+
+    def det(m: list[list[float]]) -> float:
+        return (
+            m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+        )
+
+    whole = det(gram)
+    for_c, for_e = ([row[:j] + [rhs[i]] + row[j + 1 :] for i, row in enumerate(gram)] for j in (1, 2))
+    return det(for_c) / whole, det(for_e) / whole
 
 
 async def measure_all(urls: list[str]) -> dict[str, object]:

@@ -394,15 +394,21 @@ def test_calibrate_fits_the_step_model_from_its_measurements() -> None:
          "decode_ms_per_context_token": 0.01}
     )  # fmt: skip
     assert "decode_ms_per_context_token" not in fit(decode, prefill, 1.0)  # an older curve's fit
-    # Three prefill points: TTFT = 20 + 0.4 T + 0.0005 T^2 / 2 ms, so c = 0.4 and e = 0.0005 ms a token
-    # before each prompt token; a curve whose noise bends it down keeps e = 0 and the endpoints' slope.
-    ttft_s = {t: (20 + 0.4 * t + 0.0005 * t * t / 2) / 1000 for t in (50, 400, 800)}
-    got = fit(decode, ttft_s, 1.0)
-    assert got["prefill_ms_per_token"] == pytest.approx(0.4)
-    assert got["prefill_ms_per_context_token"] == pytest.approx(0.0005)
+    # Prefill points on TTFT = 20 + 0.4 T + 0.0005 T^2 / 2 ms: c = 0.4 and e = 0.0005 ms a token before
+    # each prompt token, from three points or four (least squares); off the curve, the least-squares fit.
+    for points in ((50, 400, 800), (50, 400, 800, 1200)):
+        ttft_s = {t: (20 + 0.4 * t + 0.0005 * t * t / 2) / 1000 for t in points}
+        got = fit(decode, ttft_s, 1.0)
+        assert got["prefill_ms_per_token"] == pytest.approx(0.4)
+        assert got["prefill_ms_per_context_token"] == pytest.approx(0.0005)
+    ttft_s[800] += 0.01  # a noisy point: not through the others any more
+    noisy = fit(decode, ttft_s, 1.0)
+    assert 0.0004 < noisy["prefill_ms_per_context_token"] < 0.0006 and noisy["prefill_ms_per_token"] != 0.4
+    # A curve whose noise bends it down keeps e = 0 and the least-squares slope: (50, 40), (400, 300), (800,
+    # 500) ms: sum (T - 416.7)(y - 280) / sum (T - 416.7)^2 = 172,000 / 281,667 ms a token.
     bent = fit(decode, {50: 0.04, 400: 0.3, 800: 0.5}, 1.0)
     assert bent["prefill_ms_per_context_token"] == 0.0
-    assert bent["prefill_ms_per_token"] == pytest.approx((0.5 - 0.04) * 1000 / 750, abs=1e-4)  # rounded
+    assert bent["prefill_ms_per_token"] == pytest.approx(172_000 / 281_667, abs=1e-4)  # rounded
 
 
 def test_a_prompt_tokens_cost_grows_with_the_tokens_before_it() -> None:
