@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -140,11 +141,8 @@ def fit(
     context token of a decoding stream) from one stream's step at a short and a long context."""
     ns = list(decode)
     step_ms = [1000 * n / decode[n] for n in ns]
-    n_mean, s_mean = statistics.fmean(ns), statistics.fmean(step_ms)
-    b = sum((n - n_mean) * (s - s_mean) for n, s in zip(ns, step_ms, strict=True)) / sum(
-        (n - n_mean) ** 2 for n in ns
-    )
-    a = s_mean - b * n_mean
+    b = _slope(ns, step_ms)
+    a = statistics.fmean(step_ms) - b * statistics.fmean(ns)
     words = sorted(prefill)
     c = (prefill[words[-1]] - prefill[words[0]]) * 1000 / ((words[-1] - words[0]) * tokens_per_word)
     e = None
@@ -167,7 +165,8 @@ def fit(
     return out
 
 
-def _slope(xs: list[float], ys: list[float]) -> float:
+def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """The least-squares slope of ys on xs."""
     x_mean, y_mean = statistics.fmean(xs), statistics.fmean(ys)
     return sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True)) / sum(
         (x - x_mean) ** 2 for x in xs
