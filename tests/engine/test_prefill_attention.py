@@ -50,32 +50,42 @@ def kernels() -> None:
 
 @pytest.fixture
 def native_bf16(kernels: None) -> None:
-    """Where the engine takes the bf16 path (elsewhere torch's bf16 SDPA may not run: under
-    ATEN_CPU_CAPABILITY=avx2 on an AMX CPU it fails; the engine then keeps float32, tested here too)."""
-    if prefill_dtype("paged", torch.float32, torch.bfloat16) is None:
-        pytest.skip("this CPU computes long prefill chunks in float32: no native bf16")
+    """Where torch runs bf16 SDPA natively (AVX512-BF16 or AMX, under its AVX-512 code: under
+    ATEN_CPU_CAPABILITY=avx2 on an AMX CPU it fails), which the engine's bf16 path needs; the engine takes it
+    on AMX CPUs only (`prefill_dtype`), but what it computes is tested wherever it can run."""
+    if not (torch.cpu._is_avx512_bf16_supported() and torch.backends.cpu.get_cpu_capability() == "AVX512"):
+        pytest.skip("torch does not run bf16 SDPA natively here (no AVX512-BF16, or not its AVX-512 code)")
 
 
 BF16 = "avx512+vnni+bf16"
 
 
 @pytest.mark.parametrize(
-    ("isa", "aten", "dtype", "cache", "impl", "expected"),
+    ("isa", "amx", "aten", "dtype", "cache", "impl", "expected"),
     [
-        (BF16, "AVX512", "float32", "bfloat16", "paged", "bfloat16"),
-        ("avx512+vnni", "AVX512", "float32", "bfloat16", "paged", None),  # no native bf16 (e.g. Skylake-X)
-        ("avx2+fma", "AVX2", "float32", "bfloat16", "paged", None),  # AVX2-only CPUs: float32 is faster
-        (BF16, "AVX2", "float32", "bfloat16", "paged", None),  # ATEN_CPU_CAPABILITY=avx2 on a bf16 CPU
-        (BF16, "AVX512", "float32", "float32", "paged", None),  # --kv-dtype float32: all float32
-        (BF16, "AVX512", "bfloat16", "bfloat16", "paged", "bfloat16"),  # bf16 compute (else float32 SDPA)
-        (BF16, "AVX512", "float16", "float16", "paged", None),
-        (BF16, "AVX512", "float32", "bfloat16", "sdpa", None),  # only the paged impl's long chunks
+        (BF16, True, "AVX512", "float32", "bfloat16", "paged", "bfloat16"),
+        (BF16, False, "AVX512", "float32", "bfloat16", "paged", None),  # AVX512-BF16 alone (Zen 4): no gain
+        ("avx512+vnni", False, "AVX512", "float32", "bfloat16", "paged", None),  # no bf16 (e.g. Skylake-X)
+        ("avx2+fma", False, "AVX2", "float32", "bfloat16", "paged", None),  # AVX2-only CPUs
+        (BF16, True, "AVX2", "float32", "bfloat16", "paged", None),  # ATEN_CPU_CAPABILITY=avx2 on AMX
+        (BF16, True, "AVX512", "float32", "float32", "paged", None),  # --kv-dtype float32: all float32
+        (BF16, True, "AVX512", "bfloat16", "bfloat16", "paged", "bfloat16"),  # bf16 compute (else float32)
+        (BF16, True, "AVX512", "float16", "float16", "paged", None),
+        (BF16, True, "AVX512", "float32", "bfloat16", "sdpa", None),  # only the paged impl's long chunks
     ],
 )
-def test_prefill_dtype_is_bf16_only_over_a_bf16_cache_with_native_bf16(
-    monkeypatch: pytest.MonkeyPatch, isa: str, aten: str, dtype: str, cache: str, impl: Any, expected: Any
+def test_prefill_dtype_is_bf16_only_over_a_bf16_cache_on_an_amx_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+    isa: str,
+    amx: bool,
+    aten: str,
+    dtype: str,
+    cache: str,
+    impl: Any,
+    expected: Any,
 ) -> None:
     monkeypatch.setattr(attention, "kernel_isa", lambda: isa)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
     got = prefill_dtype(impl, getattr(torch, dtype), getattr(torch, cache))
     assert got == (None if expected is None else getattr(torch, expected))

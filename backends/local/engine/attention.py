@@ -111,13 +111,12 @@ def check_impl(impl: str, *, device: torch.device, dtype: torch.dtype) -> AttnIm
 def prefill_dtype(impl: AttnImpl, dtype: torch.dtype, cache_dtype: torch.dtype) -> torch.dtype | None:
     """bfloat16 where prompt chunks' SDPA computes in bf16 (K/V read as cached, queries rounded once, softmax
     and sums in float32): under "paged", over a bfloat16 cache, with float32 or bf16 compute, where the
-    kernels and torch run bf16 natively (AMX, AVX512-BF16). About twice float32's speed on a warm agent
-    turn's chunk over its history. None elsewhere: float32, as the kernel computes short chunks
-    (`--kv-dtype float32` keeps all of attention in float32)."""
+    kernels run bf16 and the CPU has AMX: ~1.5x float32's speed on a warm agent turn's chunk over its
+    history there; AVX512-BF16 without AMX (Zen 4) timed 0.92-1.04x, so float32. None elsewhere: float32, as
+    the kernel computes short chunks (`--kv-dtype float32` keeps all of attention in float32)."""
     # torch's bf16 SDPA must run its AVX-512 code too: under ATEN_CPU_CAPABILITY=avx2 on such a CPU it fails
-    native = (
-        impl == "paged" and "bf16" in kernel_isa() and torch.backends.cpu.get_cpu_capability() == "AVX512"
-    )
+    amx = impl == "paged" and "bf16" in kernel_isa() and torch.cpu._is_amx_tile_supported()
+    native = amx and torch.backends.cpu.get_cpu_capability() == "AVX512"
     fits = cache_dtype == torch.bfloat16 and dtype in (torch.float32, torch.bfloat16)
     return torch.bfloat16 if native and fits else None
 
