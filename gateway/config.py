@@ -140,12 +140,15 @@ class CapacityConfig(_Strict):
     # wait for at most one chunk of the prompts pending there, as that engine computes short prompts first.
     prefill_chunk_tokens: int = Field(default=0, ge=0)
     short_prefill_tokens: int = Field(default=0, ge=0)
+    # With prefill_tokens_per_s: µs a prompt token costs more per token before it (its attention over them;
+    # `python -m bench.routing_eval.calibrate` measures it), so a long prompt is predicted at its own pace.
+    prefill_us_per_context_token: float = Field(default=0.0, ge=0)
 
     def curve(self) -> Capacity:
         return Capacity(
             tuple(self.tokens_per_s), tuple(self.ttft_ms), self.max_concurrency, self.prefill_tokens_per_s,
             self.reserve_slots, self.reserve_ttft_ms, self.kv_cache_tokens, self.prefill_chunk_tokens,
-            self.short_prefill_tokens,
+            self.short_prefill_tokens, self.prefill_us_per_context_token,
         )  # fmt: skip
 
 

@@ -49,6 +49,11 @@ class Capacity:
     compute (a conversation's next turn on the replica that caches its history) is computed ahead of the
     prompts pending there, alone in its own step, so it waits for at most one chunk of them (the step in
     progress), not all. 0: prompts are computed oldest first.
+    `prefill_us_per_context_token`, with a prefill rate: what a prompt token costs more for each token before
+    it in its sequence (its attention over them), in µs: a prompt of n uncached tokens after s cached ones
+    takes n / rate plus this x n x (s + n / 2) µs, so a long prompt is not predicted at a short one's rate
+    (`python -m bench.routing_eval.calibrate` measures it: its `prefill_ms_per_context_token` x 1000). 0:
+    a flat rate.
     """
 
     tokens_per_s: tuple[tuple[float, float], ...]
@@ -60,6 +65,7 @@ class Capacity:
     kv_cache_tokens: int = 0
     prefill_chunk_tokens: int = 0
     short_prefill_tokens: int = 0
+    prefill_us_per_context_token: float = 0.0
 
     def __post_init__(self) -> None:
         for name, points, x_min in (("tokens_per_s", self.tokens_per_s, 1), ("ttft_ms", self.ttft_ms, 0)):
@@ -85,6 +91,12 @@ class Capacity:
             raise ValueError(f"capacity.kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}")
         if self.prefill_chunk_tokens < 0 or self.short_prefill_tokens < 0:
             raise ValueError("capacity.prefill_chunk_tokens and capacity.short_prefill_tokens must be >= 0")
+        if self.prefill_us_per_context_token < 0 or (
+            self.prefill_us_per_context_token and not self.prefill_tokens_per_s
+        ):
+            raise ValueError(
+                "capacity.prefill_us_per_context_token must be >= 0, and needs capacity.prefill_tokens_per_s"
+            )
         if self.short_prefill_tokens and not self.prefill_chunk_tokens:
             raise ValueError(
                 "capacity.short_prefill_tokens needs capacity.prefill_chunk_tokens (the engine's "
@@ -125,7 +137,9 @@ class Prediction:
     would queue for a slot ahead of and including this one (0: starts at once). `unreserved`: whether a
     request that could go elsewhere fits in the slots outside the reserve for must-stay traffic.
     `short_saving_ms`: how much sooner a request with at most `short_prompt_tokens` of prompt left to
-    compute gets its first token (the engine computes it ahead of the prompts pending; `Capacity`)."""
+    compute gets its first token (the engine computes it ahead of the prompts pending; `Capacity`).
+    `ms_per_prompt_token_sq`: added per prompt token squared, on TTFT and e2e alike (a prompt's attention
+    over its own earlier tokens: half of `Capacity.prefill_us_per_context_token`, in ms)."""
 
     ttft_base_ms: float
     ttft_ms_per_output_token: float
@@ -136,6 +150,7 @@ class Prediction:
     unreserved: bool = True
     short_prompt_tokens: int = 0
     short_saving_ms: float = 0.0
+    ms_per_prompt_token_sq: float = 0.0
 
 
 def predict(
@@ -217,7 +232,7 @@ def _prefill_bound(
         saving = base - (stream_ms + max(ahead * ms_per_prompt, slot_ms))
     return Prediction(
         base, slot_per_token, base, slot_per_token + stream_ms, waiting, ms_per_prompt, unreserved, short,
-        saving,
+        saving, capacity.prefill_us_per_context_token / 2000,
     )  # fmt: skip
 
 

@@ -162,8 +162,8 @@ def _scan(hot: tuple[HotRow, ...], ctx: _Context, now_s: float) -> tuple[list[Ro
     floor_rank, needed, needs, narrowed = ctx.floor_rank, ctx.needed_tokens, ctx.needs, ctx.narrowed
     min_quality, max_latency_ms, max_pusd = ctx.policy.min_quality_tier, ctx.max_latency_ms, ctx.max_pusd
     for e, privacy_rank, ctx_tokens, lacks, quality, blocked_s, base_ms, ms_per_tok, in_pusd, out_pusd, \
-            ttft_ms, ttft_per_tok, ms_per_prompt in hot:  # fmt: skip
-        prefill_ms = prompt_tokens * ms_per_prompt
+            ttft_ms, ttft_per_tok, ms_per_prompt, ms_per_prompt_sq in hot:  # fmt: skip
+        prefill_ms = prompt_tokens * (ms_per_prompt + prompt_tokens * ms_per_prompt_sq)
         latency_ms = base_ms + out_tokens * ms_per_tok + prefill_ms
         cost_pusd = prompt_tokens * in_pusd + out_tokens * out_pusd
         below = privacy_rank > floor_rank
@@ -302,15 +302,17 @@ def _reason(
 def _discount_cached_prefix(rows: list[Row], holder: str, cached: int, prompt_tokens: int) -> list[Row]:
     """The owned deployment `holder` holds `cached` of the prompt tokens in its prefix cache (the engine
     recomputes at least the last one): its predicted TTFT and latency count only the rest at its prefill
-    rate, and when the rest is short enough for its engine to compute it ahead of the prompts pending there,
-    only the part of those it still waits for (`Entry.short_saving_ms`). Others, and a holder that is not
-    eligible, owned or without a prefill rate, are unchanged."""
+    rate (the rest still attends to the `kept` tokens: c x n + q x n^2 becomes c x (n - kept) + q x (n^2 -
+    kept^2), c and q the entry's per-token and per-token-squared terms), and when the rest is short enough
+    for its engine to compute it ahead of the prompts pending there, only the part of those it still waits
+    for (`Entry.short_saving_ms`). Others, and a holder that is not eligible, owned or without a prefill
+    rate, are unchanged."""
     best = next((i for i, row in enumerate(rows) if row[2].deployment_id == holder and row[2].owned), -1)
     if best < 0:
         return rows
     latency_ms, cost_pusd, e, ttft_ms = rows[best]
     kept = min(cached, prompt_tokens - 1)
-    saved_ms = kept * e.ms_per_prompt_token
+    saved_ms = kept * (e.ms_per_prompt_token + kept * e.ms_per_prompt_token_sq)
     if saved_ms > 0 and prompt_tokens - kept <= e.short_prompt_tokens:
         saved_ms += e.short_saving_ms
     if saved_ms <= 0:

@@ -138,6 +138,9 @@ class Entry:
     # sooner: the engine computes short prompts ahead of those pending (routing.fleet.Prediction).
     short_prompt_tokens: int = 0
     short_saving_ms: float = 0.0
+    # Added to predicted TTFT and latency per prompt token squared: its attention over the prompt's own
+    # earlier tokens (routing.fleet.Prediction.ms_per_prompt_token_sq).
+    ms_per_prompt_token_sq: float = 0.0
 
     def hot(self) -> HotRow:
         """The fields `choose` screens every entry by, in the order its loop unpacks them."""
@@ -145,12 +148,12 @@ class Entry:
             self, self.privacy_rank, self.context_tokens, self.lacks, self.quality_tier, self.blocked_until_s,
             self.base_latency_ms, self.latency_ms_per_output_token, self.input_pusd_per_token,
             self.output_pusd_per_token, self.ttft_base_ms, self.ttft_ms_per_output_token,
-            self.ms_per_prompt_token,
+            self.ms_per_prompt_token, self.ms_per_prompt_token_sq,
         )  # fmt: skip
 
 
 # An entry's fields as `choose` unpacks them in its loop: tuple unpacking is ~3x cheaper than attribute loads.
-HotRow = tuple[Entry, int, int, int, int, float, float, float, int, int, float, float, float]
+HotRow = tuple[Entry, int, int, int, int, float, float, float, int, int, float, float, float, float]
 
 
 def _pusd(usd_per_token: Decimal) -> int:
@@ -219,6 +222,7 @@ def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
         unreserved=p.unreserved,
         short_prompt_tokens=p.short_prompt_tokens,
         short_saving_ms=p.short_saving_ms,
+        ms_per_prompt_token_sq=p.ms_per_prompt_token_sq,
         reserve_ttft_ms=math.inf if reserve_ttft_ms is None else reserve_ttft_ms,
         ttft_tail_factor=stats.ttft_tail_factor,
     )

@@ -55,14 +55,19 @@ RESERVE_TTFT_MS = 1250.0
 
 def capacity_of(model: StepModel) -> Capacity:
     """The box's curve as a config would give it: aggregate decode tok/s at 1, 2, 4 ... max_batch streams;
-    its prefill rate (a full prompt chunk per step beside half a batch of decoding streams); its reserve."""
+    its prefill rate (a full prompt chunk per step beside half a batch of decoding streams, each token at its
+    flat cost) and what a prompt token costs more per token before it (calibrate's `e`); its reserve."""
     points, n = [], 1
     while n < model.max_batch:
         points.append((float(n), model.aggregate_tok_s(n)))
         n *= 2
     points.append((float(model.max_batch), model.aggregate_tok_s(model.max_batch)))
     chunk = model.max_prefill_tokens
-    step_ms = model.step_base_ms + model.step_ms_per_stream * model.max_batch / 2 + model.prompt_ms(chunk)
+    step_ms = (
+        model.step_base_ms
+        + model.step_ms_per_stream * model.max_batch / 2
+        + model.prefill_ms_per_token * chunk
+    )
     return Capacity(
         tokens_per_s=tuple(points),
         max_concurrency=model.max_batch,
@@ -72,6 +77,7 @@ def capacity_of(model: StepModel) -> Capacity:
         kv_cache_tokens=model.kv_tokens,
         prefill_chunk_tokens=chunk,
         short_prefill_tokens=model.short_prefill_tokens,
+        prefill_us_per_context_token=1000 * model.prefill_ms_per_context_token,
     )
 
 

@@ -77,6 +77,32 @@ def test_ttft_grows_with_this_prompt_and_the_prompts_pending_ahead() -> None:
     assert latency == pytest.approx(step + 4000 + 50 * step)  # prefill counts toward end-to-end too
 
 
+# 2.5 µs a prompt token per token before it: n tokens from the start take n / 200 s + 2.5 µs x n^2 / 2.
+CONTEXT = dataclasses.replace(PREFILL, prefill_us_per_context_token=2.5)
+
+
+def test_a_long_prompt_is_predicted_at_its_own_pace_with_a_context_cost() -> None:
+    """A prompt token's attention over the tokens before it: TTFT and e2e grow with the prompt's square."""
+
+    def ranked(prompt: int, capacity: Capacity) -> tuple[float, float]:
+        c = choose(req(prompt, T.INTERNAL), snap(box(capacity, in_flight=1)), SLO, now_s=0).ranked[0]
+        return c.ttft_ms, c.latency_ms
+
+    step = 1000 * 2 / CONTEXT.aggregate_tokens_per_s(2)
+    for prompt, extra in ((100, 12.5), (800, 800.0), (2000, 5000.0)):  # 2.5e-3 ms x n^2 / 2
+        flat_ttft, flat_latency = ranked(prompt, PREFILL)
+        ttft, latency = ranked(prompt, CONTEXT)
+        assert ttft == pytest.approx(step + prompt * 5 + extra)
+        assert (ttft - flat_ttft, latency - flat_latency) == pytest.approx((extra, extra))
+    # 2000 tokens: 10 s flat, 15 s with their context: over a 12 s SLO the cloud takes it
+    s = snap(box(CONTEXT, in_flight=1), cloud())
+    assert choose(req(2000), s, RoutePolicy(slo_p95_ttft_ms=12_000), now_s=0).candidates[0].backend == "cloud"
+    flat = snap(box(PREFILL, in_flight=1), cloud())
+    assert (
+        choose(req(2000), flat, RoutePolicy(slo_p95_ttft_ms=12_000), now_s=0).candidates[0].backend == "box"
+    )
+
+
 def test_without_a_prefill_rate_the_prompt_length_is_ignored_as_before() -> None:
     plain = Capacity(tokens_per_s=((1, 40.0), (4, 120.0)), max_concurrency=4)
     short, long = (choose(req(n), snap(box(plain)), SLO, now_s=0).ranked[0].ttft_ms for n in (50, 3000))
@@ -137,6 +163,8 @@ def test_the_reserve_does_not_bind_when_the_cloud_is_not_an_option() -> None:
         ({"reserve_ttft_ms": 0.0}, "capacity.reserve_ttft_ms"),
         ({"short_prefill_tokens": 128}, "capacity.prefill_chunk_tokens"),
         ({"prefill_chunk_tokens": -1}, "capacity.prefill_chunk_tokens"),
+        ({"prefill_us_per_context_token": 1.0}, "capacity.prefill_us_per_context_token"),  # no rate
+        ({"prefill_us_per_context_token": -1.0, "prefill_tokens_per_s": 200.0}, "per_context_token"),
     ],
 )
 def test_bad_capacity_settings_name_the_setting(kwargs: dict[str, float], setting: str) -> None:
@@ -275,3 +303,16 @@ def test_a_box_whose_queue_is_already_past_the_bound_is_not_lent() -> None:
     assert not by_id["b0"].slo_met
     assert all(by_id[f"b{i}"].slo_met for i in range(1, 5))
     assert decision.candidates[0].backend != "b0"
+
+
+def test_the_holder_of_a_prefix_saves_its_flat_and_context_cost() -> None:
+    """1000 tokens, 800 cached on the holder: it computes 200 that attend to all 1000 (c x 200 + q x (1000^2 -
+    800^2)), the others all 1000 (c x 1000 + q x 1000^2); q = 1.25e-3 ms."""
+    key = 7
+    fav = _favourite(key)
+    decision = choose(_turn(key, 800, fav), _replicas({}, CONTEXT), SLO, now_s=0)
+    by_id = {c.deployment_id: c for c in decision.ranked}
+    other = next(c for name, c in by_id.items() if name != fav)
+    step = 1000 / CONTEXT.aggregate_tokens_per_s(1)
+    assert by_id[fav].ttft_ms == pytest.approx(step + 200 * 5 + 1.25e-3 * (1000**2 - 800**2))
+    assert other.ttft_ms == pytest.approx(step + 1000 * 5 + 1.25e-3 * 1000**2)

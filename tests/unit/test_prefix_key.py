@@ -86,6 +86,13 @@ def test_prefill_rate_and_must_stay_reserve_config() -> None:
         parse_config(_config(capacity={"tokens_per_s": [[1, 40], [8, 200]], "reserve_slots": 8}))
     with pytest.raises(ConfigError, match=r"reserve_ttft_ms"):
         parse_config(_config(capacity={"tokens_per_s": [[1, 40]], "reserve_ttft_ms": 0}))
+    capacity = {"tokens_per_s": [[1, 40]], "prefill_tokens_per_s": 165, "prefill_us_per_context_token": 0.9}
+    curve = parse_config(_config(capacity=capacity)).backends["gpu"].capacity.curve()  # type: ignore[union-attr]
+    assert curve.prefill_us_per_context_token == 0.9
+    with pytest.raises(
+        ConfigError, match=r"capacity\.prefill_us_per_context_token .*needs .*prefill_tokens_per_s"
+    ):
+        parse_config(_config(capacity={"tokens_per_s": [[1, 40]], "prefill_us_per_context_token": 0.9}))
 
 
 def test_prefix_holders_remember_the_latest_owned_deployment_of_recent_conversations() -> None:

@@ -473,3 +473,21 @@ def test_an_agent_turns_ancestors_are_its_sessions_uncut_earlier_turns_latest_fi
             by_rid[a].session == r.session and by_rid[a].prompt_tokens < r.prompt_tokens for a in r.ancestors
         )
     assert all(r.ancestors == () for r in trace if r.follows < 0)
+
+
+@pytest.mark.parametrize("prompt", [100, 800, 2000])
+def test_routing_predicts_a_prompt_on_an_idle_box_as_the_box_computes_it(prompt: int) -> None:
+    """The curve the `switchboard` policy gives routing (`capacity_of`: a flat prefill rate and the cost of
+    attending to the tokens before) predicts an idle box's TTFT for short and long prompts alike; with the
+    flat rate alone a 2,000-token prompt was predicted at ~60% of its time on the measured curve."""
+    from bench.routing_eval.fleet import load_curve
+    from bench.routing_eval.report import idle_ttft_ms
+    from routing.fleet import predict
+
+    model = load_curve()
+    p = predict(
+        ttft_ms=100, decode_tokens_per_s=50, p50_latency_ms=0, in_flight=0, queue_depth=0, running=0,
+        capacity=sb_module.capacity_of(model),
+    )  # fmt: skip
+    predicted = p.ttft_base_ms + prompt * (p.ms_per_prompt_token + prompt * p.ms_per_prompt_token_sq)
+    assert predicted == pytest.approx(idle_ttft_ms(model, prompt), rel=0.06)
