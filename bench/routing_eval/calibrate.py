@@ -8,7 +8,7 @@ at 1000 / (a + b) tok/s and n streams at n * 1000 / (a + b n); each decoding str
 context (one stream's step at ~20 and ~1,200 context tokens), and each prompt token e per token before it
 (the time to the first token of prompts of ~50, ~400, ~800 and ~1,200 tokens: c x tokens + e x tokens^2 / 2,
 least squares).
-Writes `bench/data/routing_eval_curve.json`.
+Writes `bench/data/routing_eval_curve.json`, and prints the curve as a gateway config's `capacity` line.
 Run: `python -m bench.routing_eval.calibrate [--engines N] [--out PATH]` (about 1 min). `--engines N` measures
 N engines at once, each under the others' load (the median of each figure): the conditions of a live replay on
 N replicas. The engines run with `--no-prefix-cache`: the prompts share leading words, and the curve is the
@@ -31,6 +31,8 @@ from pathlib import Path
 import httpx
 
 from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
+from bench.routing_eval.fleet import StepModel, load_curve
+from bench.routing_eval.switchboard import capacity_of
 
 CURVE_PATH = Path(__file__).resolve().parents[1] / "data" / "routing_eval_curve.json"
 ENGINE_FLAGS = ("--threads", "1", "--dtype", "float32", "--quant", "int4", "--max-batch", "8")
@@ -258,6 +260,24 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+    print(
+        f"\n# the gateway's [backends.X] for an engine run as measured:\n{config_line(load_curve(args.out))}"
+    )
+
+
+def config_line(model: StepModel) -> str:
+    """The `capacity` line of a gateway config (`[backends.X]`) for an engine with this curve: what the
+    simulator's `switchboard` policy gives routing (`capacity_of`), less the reserve for must-stay traffic,
+    which is a fleet's choice."""
+    cap = capacity_of(model)
+    points = ", ".join(f"[{x:g}, {y:.1f}]" for x, y in cap.tokens_per_s)
+    return (
+        f"capacity = {{ tokens_per_s = [{points}], max_concurrency = {cap.max_concurrency}, "
+        f"prefill_tokens_per_s = {cap.prefill_tokens_per_s:.1f}, "
+        f"prefill_us_per_context_token = {cap.prefill_us_per_context_token:.3f}, "
+        f"kv_cache_tokens = {cap.kv_cache_tokens}, prefill_chunk_tokens = {cap.prefill_chunk_tokens}, "
+        f"short_prefill_tokens = {cap.short_prefill_tokens} }}"
+    )
 
 
 if __name__ == "__main__":

@@ -491,3 +491,24 @@ def test_routing_predicts_a_prompt_on_an_idle_box_as_the_box_computes_it(prompt:
     )  # fmt: skip
     predicted = p.ttft_base_ms + prompt * (p.ms_per_prompt_token + prompt * p.ms_per_prompt_token_sq)
     assert predicted == pytest.approx(idle_ttft_ms(model, prompt), rel=0.06)
+
+
+def test_calibrate_prints_a_capacity_line_the_gateway_reads_as_the_simulators_curve() -> None:
+    """The line calibrate prints parses as a gateway config's capacity and gives routing the curve the
+    simulator's `switchboard` policy uses (less the must-stay reserve, a fleet's choice)."""
+    import tomllib
+
+    from bench.routing_eval.calibrate import config_line
+    from bench.routing_eval.fleet import load_curve
+    from gateway.config import CapacityConfig
+
+    model = load_curve()
+    got = CapacityConfig(**tomllib.loads(config_line(model))["capacity"]).curve()
+    want = sb_module.capacity_of(model)
+    assert got.prefill_us_per_context_token == pytest.approx(want.prefill_us_per_context_token, abs=1e-3)
+    assert got.prefill_tokens_per_s == pytest.approx(want.prefill_tokens_per_s, abs=0.05)
+    assert [x for x, _ in got.tokens_per_s] == [x for x, _ in want.tokens_per_s]
+    assert [y for _, y in got.tokens_per_s] == pytest.approx([y for _, y in want.tokens_per_s], abs=0.05)
+    same = ("max_concurrency", "kv_cache_tokens", "prefill_chunk_tokens", "short_prefill_tokens")
+    assert all(getattr(got, name) == getattr(want, name) for name in same)
+    assert (got.reserve_slots, got.reserve_ttft_ms) == (0, None)
