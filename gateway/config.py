@@ -330,6 +330,9 @@ class TeamConfig(_Strict):
     # the cloud only when it would break them (a request that may not leave queues instead).
     slo_p95_ttft_ms: float | None = Field(default=None, gt=0)
     slo_p95_e2e_ms: float | None = Field(default=None, gt=0)
+    # The first token's deadline: deployments predicted past it are skipped; a request that may not leave
+    # gets 503 deadline_unmeetable instead of queueing beyond it. None: it queues.
+    max_ttft_ms: float | None = Field(default=None, gt=0)
     max_usd_per_request: Decimal | None = Field(default=None, gt=0)
     min_quality_tier: int = Field(default=0, ge=0)
     required_labels: dict[str, list[str]] = Field(default_factory=dict)  # e.g. {site = ["plant-7"]}

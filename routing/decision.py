@@ -61,6 +61,7 @@ class RejectCode(StrEnum):
     IGNORED = "ignored"
     PRICE = "price"
     LATENCY = "latency"
+    TTFT = "ttft"  # predicted past the first token's deadline (`RoutePolicy.max_ttft_ms`)
     COST = "cost"
 
 

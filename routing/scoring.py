@@ -322,6 +322,20 @@ def _discount_cached_prefix(rows: list[Row], holder: str, cached: int, prompt_to
     return out
 
 
+def _within_first_token_deadline(rows: list[Row], max_ttft_ms: float, rejected: list[Rejection]) -> list[Row]:
+    """The rows predicted to give the first token within `max_ttft_ms` (after the prefix holder's saving);
+    each other one goes to `rejected`."""
+    kept = []
+    for row in rows:
+        if row[3] <= max_ttft_ms:
+            kept.append(row)
+            continue
+        e = row[2]
+        why = f"predicted first token {row[3]:.0f} ms > max {max_ttft_ms:.0f} ms"
+        rejected.append(_new(Rejection, (e.deployment_id, e.spec.backend, (RejectCode.TTFT,), (why,))))
+    return kept
+
+
 def _place(
     rows: list[Row], ranked: list[ScoredCandidate], policy: RoutePolicy, request: RouteRequest
 ) -> tuple[list[ScoredCandidate], tuple[Mapping[str, Entry], Affinity | None] | None]:
@@ -352,6 +366,8 @@ def choose(
         rows = _discount_cached_prefix(
             rows, request.prefix_holder, request.prefix_tokens, request.prompt_tokens
         )
+    if policy.max_ttft_ms is not None:
+        rows = _within_first_token_deadline(rows, policy.max_ttft_ms, rejected)
     placed_list, placed = _place(rows, _rank(rows, policy), policy, request)
     ranked = tuple(placed_list)
     attempts = policy.max_attempts if policy.allow_fallbacks else 1

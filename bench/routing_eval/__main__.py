@@ -87,13 +87,19 @@ def _setup(args: argparse.Namespace, boxes: dict[str, StepModel]) -> list[str]:
         )
     lines += [
         "",
-        "| team | floor | objective | SLO p95 TTFT ms | SLO p95 e2e ms | max_tokens |",
-        "|---|---|---|---:|---:|---:|",
+        "| team | floor | objective | SLO p95 TTFT ms | SLO p95 e2e ms | first token's deadline ms "
+        "| max_tokens |",
+        "|---|---|---|---:|---:|---:|---:|",
         *(
             f"| {t.name} | {t.floor} | {t.objective} | {t.slo_p95_ttft_ms or '-'} | "
-            f"{t.slo_p95_e2e_ms or '-'} | {t.max_tokens} |"
+            f"{t.slo_p95_e2e_ms or '-'} | {t.max_ttft_ms or '-'} | {t.max_tokens} |"
             for t in TEAMS
         ),
+        "",
+        "Switchboard's teams carry a first token's deadline (`teams.X.max_ttft_ms`, twice the p95 TTFT "
+        "target): a request that may not leave, predicted past it on every box it may use, is refused at "
+        "once (503) rather than queued; a refusal counts as an SLO violation and as infinitely late in its "
+        "team's p95. The other policies queue or fall back as they do.",
     ]
     return lines
 

@@ -141,10 +141,12 @@ async def replay(
     urls: dict[str, str],
     run: int = 0,
     answered: list[int] | None = None,
+    refused: list[int] | None = None,
 ) -> list[Job]:
     """Each request at its arrival time, placed by `policy`; an agent turn sends back the answers its session
     got so far (`conversation.messages_of`). `answered`, if given, gets the rids of the turns that sent their
-    previous turn's real answer (the rest sent a stand-in: it was still running)."""
+    previous turn's real answer (the rest sent a stand-in: it was still running); `refused`, the rids the
+    policy refused (Switchboard's 503 past a first token's deadline)."""
     jobs: list[Job] = []
     answers: dict[int, str] = {}
     by_rid = {r.rid: r for r in trace}
@@ -160,6 +162,8 @@ async def replay(
             now = time.perf_counter() - t0
             target = policy.route(req, now, view)  # type: ignore[attr-defined]
             if target is None:
+                if refused is not None:
+                    refused.append(req.rid)
                 return
             counted = getattr(policy, "counted_prompt", None)  # what its gateway counts as pending
             pending = counted(req) if counted is not None else req.prompt_tokens
@@ -322,14 +326,15 @@ def _stats(jobs: list[Job], prefix_hit: float | None = None) -> dict[str, float]
     }
 
 
-def _row(label: str, live: dict[str, float], sim: dict[str, float]) -> list[str]:
+def _row(label: str, live: dict[str, float], sim: dict[str, float], refused: int = 0) -> list[str]:
     def cell(key: str, fmt: str) -> str:
         a, b = live[key], sim[key]
         diff = f"{100 * (b - a) / a:+.0f}%" if a else "n/a"
         return f"{a:{fmt}} / {b:{fmt}} ({diff})"
 
+    lost = f" (+{refused} refused)" if refused else ""
     return [
-        f"| {label} | {live['n']:.0f} | {cell('ttft_p50', '.0f')} | {cell('ttft_p95', '.0f')} | "
+        f"| {label} | {live['n']:.0f}{lost} | {cell('ttft_p50', '.0f')} | {cell('ttft_p95', '.0f')} | "
         f"{cell('e2e_p95', '.0f')} | {cell('agent_ttft_p50', '.0f')} | {cell('cloud_usd', '.5f')} | "
         f"{live['cloud_share']:.0%} | {live['prefix_hit']:.0%} / {sim['prefix_hit']:.0%} |"
     ]
@@ -374,14 +379,16 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[str] = []
     results = {}
     resent: dict[str, int] = {}
+    refused: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="sb-eval-live-") as tmp, rig(Path(tmp)) as urls:
         for run, make in enumerate((Switchboard, _replicas_only, RoundRobinReplicas), 1):
             policy = make()
             view = LiveView(dataclasses.replace(fleet, boxes=fleet.owned))
             before = prefix_counters(urls)
             answered: list[int] = []
-            jobs = asyncio.run(replay(trace, policy, view, urls, run, answered))
-            resent[policy.name] = len(answered)
+            lost: list[int] = []
+            jobs = asyncio.run(replay(trace, policy, view, urls, run, answered, lost))
+            resent[policy.name], refused[policy.name] = len(answered), len(lost)
             load.append(round(os.getloadavg()[0], 2))
             after = prefix_counters(urls)
             hit = (after[1] - before[1]) / (after[0] - before[0]) if after[0] > before[0] else 0.0
@@ -390,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             results[policy.name] = (_stats(jobs, hit), _stats(simulated))
     for label, (live, sim) in results.items():
-        rows += _row(label, live, sim)
+        rows += _row(label, live, sim, refused[label])
     sb, rr = results[REPLICAS_ONLY][0], results["round-robin"][0]
     followups = sum(1 for r in trace if r.follows >= 0)
     speedup = rr["agent_ttft_p50"] / sb["agent_ttft_p50"] if sb["agent_ttft_p50"] else float("nan")

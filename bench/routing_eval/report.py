@@ -38,11 +38,13 @@ class LateKinds:
     there (the system prompt, and a session's earlier turns where this turn extends them), takes longer than
     their TTFT SLO: no policy that keeps the privacy floors serves them in time. `cold`: requests that may
     not leave and would have made it with that cache, but ran with less (their session's earlier turns went
-    elsewhere, or were evicted). `other`: the rest (queueing, a prediction that ran late)."""
+    elsewhere, or were evicted). `other`: the rest (queueing, a prediction that ran late). `refused`: not
+    served at all (`Result.rejected`)."""
 
     beyond_reach: int
     cold: int
     other: int
+    refused: int = 0  # refused at once (503): predicted past their first token's deadline on every box
 
 
 def idle_ttft_ms(model: StepModel, tokens: int, start: int = 0) -> float:
@@ -52,7 +54,7 @@ def idle_ttft_ms(model: StepModel, tokens: int, start: int = 0) -> float:
     return chunks * (model.step_base_ms + model.step_ms_per_stream) + model.prompt_ms(tokens, start)
 
 
-def late_kinds(jobs: list[Job], fleet: Fleet) -> LateKinds:
+def late_kinds(jobs: list[Job], fleet: Fleet, refused: int = 0) -> LateKinds:
     fastest = {b.tier: b.model for b in fleet.boxes}  # engine boxes INTERNAL, edge nodes EDGE
     beyond = cold = other = 0
     for job in jobs:
@@ -73,7 +75,7 @@ def late_kinds(jobs: list[Job], fleet: Fleet) -> LateKinds:
             cold += 1
         else:
             other += 1
-    return LateKinds(beyond, cold, other)
+    return LateKinds(beyond, cold, other, refused)
 
 
 def ttft_error(policy: Switchboard, jobs: list[Job]) -> tuple[float, float]:
@@ -111,7 +113,8 @@ def evaluate(trace: list[Request], model: StepModel, duration_s: float, seed: in
             fleet = make_fleet(model, n, f"{size:.0%}")
             result = Simulation(fleet, seed).run(trace, policy)
             if isinstance(policy, Switchboard):
-                error, late = ttft_error(policy, result.jobs), late_kinds(result.jobs, fleet)
+                error = ttft_error(policy, result.jobs)
+                late = late_kinds(result.jobs, fleet, len(result.rejected))
             else:
                 error, late = (math.nan, math.nan), None
             runs.append(Run(size, n, summarise(result), error, late))
@@ -160,10 +163,11 @@ def table(runs: list[Run]) -> list[str]:
     for r in runs:
         m = r.metrics
         meets = "yes" if m.meets_slo else f"no ({m.worst_team})"
+        refused = f"; {m.rejected} refused" if m.rejected else ""
         lines.append(
             f"| {r.size:.0%} ({r.boxes} boxes) | {m.policy} | {m.cloud_usd:.3f} | {m.total_usd:.3f} | "
             f"{_ms(m.ttft_p50_ms)} / {_ms(m.ttft_p95_ms)} | {_ms(m.e2e_p50_ms)} / {_ms(m.e2e_p95_ms)} | "
-            f"{m.slo_violations} ({100 * m.slo_violations / max(1, m.requests):.1f}%) | {meets} | "
+            f"{m.slo_violations} ({100 * m.slo_violations / max(1, m.requests):.1f}%{refused}) | {meets} | "
             f"{m.privacy_violations} | {m.owned_busy:.0%} | {m.prefix_hit:.0%} | {_ms(m.agent_ttft_p50_ms)} |"
         )
     return lines
@@ -210,7 +214,7 @@ def goals(runs: list[Run]) -> list[str]:
     late = next(r.late for r in runs if r.size == 0.6 and r.metrics.policy == "switchboard")
     kinds = (
         f" (of Switchboard's: {late.beyond_reach} beyond any privacy-keeping policy's reach, {late.cold} "
-        f"cold, {late.other} other; `LateKinds`)"
+        f"cold, {late.other} other, {late.refused} refused; `LateKinds`)"
         if late is not None and sb.slo_violations
         else ""
     )

@@ -108,6 +108,7 @@ def policy_of(team_name: str) -> RoutePolicy:
         objective=Objective(team.objective),
         slo_p95_ttft_ms=team.slo_p95_ttft_ms,
         slo_p95_e2e_ms=team.slo_p95_e2e_ms,
+        max_ttft_ms=team.max_ttft_ms,
     )
 
 

@@ -20,6 +20,8 @@ from routing.privacy import PrivacyTier, SensitivePolicy, detect_request, privac
 
 SENSITIVE_SHARE = 0.2
 
+DEADLINE_PER_TARGET = 2.0  # a team's first-token deadline, in multiples of its p95 TTFT target
+
 
 @dataclass(frozen=True, slots=True)
 class Team:
@@ -32,6 +34,12 @@ class Team:
     agents: bool = False  # its requests are turns of shared-prefix agent sessions
     output_median: int = 60
     max_tokens: int = 256  # what its clients send; outputs are cut there
+
+    @property
+    def max_ttft_ms(self) -> float | None:
+        """Its first token's hard deadline (`teams.X.max_ttft_ms`): twice its p95 TTFT target. Switchboard
+        refuses (503) a request that may not leave when every box it may use is predicted past it."""
+        return None if self.slo_p95_ttft_ms is None else DEADLINE_PER_TARGET * self.slo_p95_ttft_ms
 
 
 TEAMS = (

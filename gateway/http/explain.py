@@ -111,6 +111,7 @@ def _policy_view(policy: RoutePolicy) -> dict[str, object]:
     return {
         "objective": policy.objective,
         "max_latency_ms": policy.max_latency_ms,
+        "max_ttft_ms": policy.max_ttft_ms,
         "max_usd_per_request": _usd(policy.max_usd_per_request),
         "max_input_usd_per_mtok": _usd(policy.max_input_usd_per_mtok),
         "max_output_usd_per_mtok": _usd(policy.max_output_usd_per_mtok),

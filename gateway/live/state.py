@@ -113,6 +113,7 @@ def policy_of(
         max_attempts=min(team.max_attempts, max_attempts_cap or team.max_attempts),
         slo_p95_ttft_ms=team.slo_p95_ttft_ms,
         slo_p95_e2e_ms=team.slo_p95_e2e_ms,
+        max_ttft_ms=team.max_ttft_ms,
         affinity_max_waiting=affinity_max_waiting,
     )
 

@@ -324,6 +324,8 @@ _HINTS = {
     RejectCode.UNHEALTHY: "its health probe fails; see backends.{backend}.health_interval_s",
     RejectCode.LATENCY: "config: teams.{team}.max_latency_ms is the deadline, or the request's "
     "switchboard.max_latency_ms; its queue is too deep to meet it now",
+    RejectCode.TTFT: "config: teams.{team}.max_ttft_ms is the first token's deadline; its queue is too deep "
+    "to meet it now",
 }
 
 
@@ -365,6 +367,6 @@ def fail_closed_error(
         return NoLiveEdgeNode(message)
     if routed.edge_missing or any(_TRANSIENT.intersection(r.codes) for r in decision.rejected):
         return NoHealthyDeployment(message)
-    if any(RejectCode.LATENCY in r.codes for r in decision.rejected):
+    if any(RejectCode.LATENCY in r.codes or RejectCode.TTFT in r.codes for r in decision.rejected):
         return DeadlineUnmeetable(message)  # load passes: 503, not a 400 the client cannot fix
     return NoEligibleDeployment(message, param="model")

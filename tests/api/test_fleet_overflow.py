@@ -39,6 +39,7 @@ TEAMS: dict[str, dict[str, Any]] = {
     "slo": {"objective": "latency", "slo_p95_ttft_ms": 600},
     "private": {"privacy_floor": "internal", "slo_p95_ttft_ms": 600},
     "deadline": {"privacy_floor": "internal", "slo_p95_ttft_ms": 600, "max_latency_ms": 1500},
+    "first": {"privacy_floor": "internal", "slo_p95_ttft_ms": 600, "max_ttft_ms": 1200},
     "batchy": {"privacy_floor": "internal", "slo_p95_e2e_ms": 60_000},
     "plain": {"privacy_floor": "internal"},
 }
@@ -262,6 +263,14 @@ def test_a_request_that_may_not_leave_gets_a_503_past_its_deadline_or_queues(env
     assert "`cloud`: tier external < floor internal" in err["message"]
     row = env.gw.usage_row(info.value.response.headers["x-request-id"])
     assert row["http_status"] == 503 and row["backend"] is None
+    with pytest.raises(openai.APIStatusError) as first:
+        ask(env, "first", text="first token probe")  # predicted first token 2000 ms > its 1200 ms deadline
+    err = first.value.response.json()["error"]
+    assert first.value.status_code == 503 and err["code"] == "deadline_unmeetable"
+    assert (
+        "teams.first.max_ttft_ms" in err["message"]
+        and "predicted first token 2000 ms > max 1200 ms" in (err["message"])
+    )
     raw = ask(env, "private", text="private probe")  # no deadline: it waits for the box, never the cloud
     assert raw.headers["x-switchboard-backend"] == "gpu"
     assert raw.headers["x-switchboard-slo"] == "p95 ttft<=600ms; predicted missed"

@@ -5,6 +5,7 @@ affinity by rendezvous hashing. Pure functions over made-up snapshots; no I/O.""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
@@ -136,6 +137,36 @@ def test_a_request_that_may_not_leave_fails_closed_when_its_deadline_cannot_be_m
     assert choose(req(), snap(owned("gpu", in_flight=8), cloud()), deadline, now_s=0).ranked[
         0
     ].deployment_id == ("cloud")
+
+
+def test_a_first_token_deadline_skips_the_boxes_predicted_past_it_and_fails_closed_past_all() -> None:
+    fleet = snap(owned("busy", in_flight=8), owned("idle"), cloud())
+    predicted = {c.deployment_id: c.ttft_ms for c in choose(req(T.INTERNAL), fleet, SLO, now_s=0).ranked}
+    assert predicted["busy"] > 1500 > predicted["idle"]
+    deadline = RoutePolicy(slo_p95_ttft_ms=1000, max_ttft_ms=1500)
+    decision = choose(req(T.INTERNAL), fleet, deadline, now_s=0)
+    assert [c.deployment_id for c in decision.ranked] == ["idle"]
+    busy = next(r for r in decision.rejected if r.deployment_id == "busy")
+    assert busy.codes == (RejectCode.TTFT,)
+    assert busy.reasons == (f"predicted first token {predicted['busy']:.0f} ms > max 1500 ms",)
+    alone = choose(req(T.INTERNAL), snap(owned("busy", in_flight=8), cloud()), deadline, now_s=0)
+    assert alone.candidates == () and "busy: predicted first token" in alone.reason
+    # One that may leave overflows instead, and without the deadline the must-stay one queues.
+    busy_and_cloud = snap(owned("busy", in_flight=8), cloud())
+    assert choose(req(), busy_and_cloud, deadline, now_s=0).candidates[0].backend == "cloud"
+    assert choose(req(T.INTERNAL), busy_and_cloud, SLO, now_s=0).candidates[0].backend == "busy"
+
+
+def test_a_first_token_deadline_counts_what_the_prefix_holder_has_cached() -> None:
+    prefilling = Capacity(tokens_per_s=((1, 40.0),), max_concurrency=4, prefill_tokens_per_s=200)
+    fleet = snap(owned("gpu", capacity=prefilling, ttft_ms=100.0))
+    deadline = RoutePolicy(max_ttft_ms=2000)
+    turn = RouteRequest("m", prompt_tokens=2000, expected_output_tokens=10, privacy_floor=T.INTERNAL,
+                        prefix_key=7, prefix_tokens=1900, prefix_holder="gpu")  # fmt: skip
+    held = choose(turn, fleet, deadline, now_s=0)
+    assert held.candidates and held.ranked[0].ttft_ms < 2000  # 100 new tokens at 200/s
+    cold = choose(replace(turn, prefix_holder=None), fleet, deadline, now_s=0)  # all 2000 at 200/s: 10 s
+    assert cold.candidates == () and cold.rejected[0].codes == (RejectCode.TTFT,)
 
 
 # ---- prefix affinity --------------------------------------------------------------------------------------

@@ -512,3 +512,26 @@ def test_calibrate_prints_a_capacity_line_the_gateway_reads_as_the_simulators_cu
     same = ("max_concurrency", "kv_cache_tokens", "prefill_chunk_tokens", "short_prefill_tokens")
     assert all(getattr(got, name) == getattr(want, name) for name in same)
     assert (got.reserve_slots, got.reserve_ttft_ms) == (0, None)
+
+
+def test_switchboard_refuses_must_stay_work_predicted_past_its_first_token_deadline() -> None:
+    from bench.routing_eval.report import late_kinds
+
+    slow = StepModel(step_base_ms=10.0, step_ms_per_stream=5.0, prefill_ms_per_token=3.0)
+    fleet = make_fleet(slow, 1, "test")
+    hr = dataclasses.replace(
+        BASE, team="hr", floor=PrivacyTier.INTERNAL, prompt_tokens=800, prefix_tokens=0, session=-1
+    )
+    burst = [dataclasses.replace(hr, rid=i, arrival_s=0.05 * i) for i in range(40)]  # ~2.4 s of prefill each
+    deadline = TEAM_BY_NAME["hr"].max_ttft_ms
+    assert deadline == 2 * TEAM_BY_NAME["hr"].slo_p95_ttft_ms
+    policy = Switchboard()
+    result = Simulation(fleet, 7).run(burst, policy)
+    refused = {r.rid for r in result.rejected}
+    assert 0 < len(refused) < len(burst) and {j.req.rid for j in result.jobs}.isdisjoint(refused)
+    assert min(refused) > min(j.req.rid for j in result.jobs)  # the first arrivals served, not the tail
+    assert all(policy.predicted_ttft_ms[j.req.rid] <= deadline for j in result.jobs)
+    assert all(j.target != CLOUD for j in result.jobs)  # refused, never sent out
+    metrics = summarise(result)
+    assert metrics.rejected == len(refused) and metrics.slo_violations >= len(refused)
+    assert late_kinds(result.jobs, fleet, len(refused)).refused == len(refused)
