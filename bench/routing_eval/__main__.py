@@ -92,7 +92,8 @@ def _setup(args: argparse.Namespace, boxes: dict[str, StepModel]) -> list[str]:
         "|---|---|---|---:|---:|---:|---:|",
         *(
             f"| {t.name} | {t.floor} | {t.objective} | {t.slo_p95_ttft_ms or '-'} | "
-            f"{t.slo_p95_e2e_ms or '-'} | {t.max_ttft_ms or '-'} | {t.max_tokens} |"
+            f"{t.slo_p95_e2e_ms or '-'} | {'-' if t.max_ttft_ms is None else f'{t.max_ttft_ms:.0f}'} | "
+            f"{t.max_tokens} |"
             for t in TEAMS
         ),
         "",
