@@ -25,6 +25,7 @@ _KNOWN = (
     "allow_fallbacks",
     "max_price",
     "max_latency_ms",
+    "max_ttft_ms",
 )
 _Cap = TypeVar("_Cap", Decimal, float)
 _PRICE_KEYS = {
@@ -110,6 +111,7 @@ def narrow(policy: RoutePolicy, prefs: RoutePreferences) -> RoutePolicy:
         policy,
         objective=prefs.sort.objective if prefs.sort is not None else policy.objective,
         max_latency_ms=_smaller(policy.max_latency_ms, prefs.max_latency_ms),
+        max_ttft_ms=_smaller(policy.max_ttft_ms, prefs.max_ttft_ms),
         max_usd_per_request=_smaller(policy.max_usd_per_request, cap.request_usd),
         max_input_usd_per_mtok=_smaller(policy.max_input_usd_per_mtok, cap.prompt_usd_per_mtok),
         max_output_usd_per_mtok=_smaller(policy.max_output_usd_per_mtok, cap.completion_usd_per_mtok),

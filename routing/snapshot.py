@@ -333,6 +333,7 @@ class RoutePreferences:
     allow_fallbacks: bool | None = None
     max_price: MaxPrice = MaxPrice()
     max_latency_ms: float | None = None
+    max_ttft_ms: float | None = None  # the first token's deadline (`RoutePolicy.max_ttft_ms`)
 
 
 NO_PREFERENCES = RoutePreferences()

@@ -19,7 +19,8 @@ from backends.base import ChatRequest, EmbeddingRequest
 KEY_VERSION = 2  # bump when key normalisation changes: old entries then simply miss
 # Routing preferences that restrict *which backend may answer*. A hit must not hand a client an answer from
 # a backend it excluded, so these are in the key. The rest (sort, order, max_price, max_latency_ms,
-# allow_fallbacks, require_parameters) only rank or cap, and a hit (cost 0, sub-ms) satisfies any cap.
+# max_ttft_ms, allow_fallbacks, require_parameters) only rank or cap, and a hit (cost 0, sub-ms) satisfies
+# any cap.
 _ELIGIBILITY_PREFS = ("only", "ignore")
 
 

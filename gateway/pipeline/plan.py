@@ -324,8 +324,8 @@ _HINTS = {
     RejectCode.UNHEALTHY: "its health probe fails; see backends.{backend}.health_interval_s",
     RejectCode.LATENCY: "config: teams.{team}.max_latency_ms is the deadline, or the request's "
     "switchboard.max_latency_ms; its queue is too deep to meet it now",
-    RejectCode.TTFT: "config: teams.{team}.max_ttft_ms is the first token's deadline; its queue is too deep "
-    "to meet it now",
+    RejectCode.TTFT: "config: teams.{team}.max_ttft_ms is the first token's deadline, or the request's "
+    "switchboard.max_ttft_ms; its queue is too deep to meet it now",
 }
 
 

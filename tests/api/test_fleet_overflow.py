@@ -269,8 +269,17 @@ def test_a_request_that_may_not_leave_gets_a_503_past_its_deadline_or_queues(env
     assert first.value.status_code == 503 and err["code"] == "deadline_unmeetable"
     assert (
         "teams.first.max_ttft_ms" in err["message"]
-        and "predicted first token 2000 ms > max 1200 ms" in (err["message"])
+        and "predicted first token 2000 ms > max 1200 ms" in err["message"]
     )
+    with pytest.raises(openai.APIStatusError) as asked:  # a request may set its own (narrowing only)
+        env.client("private").chat.completions.create(
+            model="fleet",
+            messages=[{"role": "user", "content": "own deadline probe"}],
+            max_tokens=8,
+            extra_body={"switchboard": {"max_ttft_ms": 1000}},
+        )
+    err = asked.value.response.json()["error"]
+    assert asked.value.status_code == 503 and "switchboard.max_ttft_ms" in err["message"]
     raw = ask(env, "private", text="private probe")  # no deadline: it waits for the box, never the cloud
     assert raw.headers["x-switchboard-backend"] == "gpu"
     assert raw.headers["x-switchboard-slo"] == "p95 ttft<=600ms; predicted missed"

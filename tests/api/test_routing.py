@@ -516,6 +516,7 @@ def test_preferences_change_the_choice(env: Env, prefs: dict[str, Any] | None, b
         ({"ignore": [""]}, "switchboard.ignore", "expected a list"),
         ({"sort": "cheapest"}, "switchboard.sort", "price"),
         ({"max_latency_ms": 0}, "switchboard.max_latency_ms", "> 0"),
+        ({"max_ttft_ms": "soon"}, "switchboard.max_ttft_ms", "> 0"),
         ({"max_price": {"tokens": 1}}, "switchboard.max_price", "unknown field `tokens`"),
         ({"colour": "red"}, "switchboard", "unknown field `colour`"),
     ],

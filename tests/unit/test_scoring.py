@@ -243,14 +243,14 @@ def test_parse_preferences_reads_the_openrouter_shape() -> None:
     prefs = parse_preferences(
         {
             "order": ["slow", "be-fast"], "only": ["slow", "fast"], "ignore": ["middle"], "sort": "price",
-            "require_parameters": True, "allow_fallbacks": False, "max_latency_ms": 2000,
+            "require_parameters": True, "allow_fallbacks": False, "max_latency_ms": 2000, "max_ttft_ms": 900,
             "max_price": {"prompt": 1, "completion": 2.5, "request": 0.01},
         }
     )  # fmt: skip
     assert prefs == RoutePreferences(
         order=("slow", "be-fast"), only=frozenset({"slow", "fast"}), ignore=frozenset({"middle"}),
         sort=SortBy.PRICE, require_parameters=True, allow_fallbacks=False, max_latency_ms=2000.0,
-        max_price=MaxPrice(Decimal(1), Decimal("2.5"), Decimal("0.01")),
+        max_ttft_ms=900.0, max_price=MaxPrice(Decimal(1), Decimal("2.5"), Decimal("0.01")),
     )  # fmt: skip
     assert parse_preferences(None) == parse_preferences({}) == RoutePreferences()
 
@@ -272,6 +272,7 @@ def test_parse_preferences_reads_the_openrouter_shape() -> None:
         ({"max_price": {"request": True}}, "switchboard.max_price.request: expected a number >= 0"),
         ({"max_price": {"completion": math.nan}}, "switchboard.max_price.completion: expected a number"),
         ({"max_latency_ms": 0}, "switchboard.max_latency_ms: expected a number > 0"),
+        ({"max_ttft_ms": -5}, "switchboard.max_ttft_ms: expected a number > 0"),
     ],
 )
 def test_parse_preferences_names_the_bad_field(raw: object, message: str) -> None:
@@ -281,12 +282,13 @@ def test_parse_preferences_names_the_bad_field(raw: object, message: str) -> Non
 
 def test_narrow_never_widens_the_team_policy() -> None:
     team = RoutePolicy(
-        objective=Objective.BALANCED, max_latency_ms=1000, max_usd_per_request=Decimal("0.01"),
-        max_input_usd_per_mtok=Decimal(1), require_parameters=True, allow_fallbacks=False,
-        ignore=frozenset({"a"}), only=frozenset({"a", "b"}),
+        objective=Objective.BALANCED, max_latency_ms=1000, max_ttft_ms=800,
+        max_usd_per_request=Decimal("0.01"), max_input_usd_per_mtok=Decimal(1), require_parameters=True,
+        allow_fallbacks=False, ignore=frozenset({"a"}), only=frozenset({"a", "b"}),
     )  # fmt: skip
     loose = RoutePreferences(
-        max_latency_ms=5000, max_price=MaxPrice(Decimal(9), Decimal(9), Decimal(9)), require_parameters=False,
+        max_latency_ms=5000, max_ttft_ms=3000, max_price=MaxPrice(Decimal(9), Decimal(9), Decimal(9)),
+        require_parameters=False,
         allow_fallbacks=True, ignore=frozenset({"c"}), only=frozenset({"a", "b", "z"}), sort=SortBy.LATENCY,
     )  # fmt: skip
     got = narrow(team, loose)
@@ -295,11 +297,16 @@ def test_narrow_never_widens_the_team_policy() -> None:
         Decimal("0.01"),
         1,
     )
+    assert got.max_ttft_ms == 800
     assert got.max_output_usd_per_mtok == Decimal(9)  # the team had no cap: the request's applies
     assert got.require_parameters and not got.allow_fallbacks
     assert got.ignore == {"a", "c"} and got.only == team.only  # a request's `only` is checked on top
     assert got.objective is Objective.LATENCY  # ranking only
-    tight = RoutePreferences(max_latency_ms=500, max_price=MaxPrice(request_usd=Decimal("0.001")))
+    tight = RoutePreferences(
+        max_latency_ms=500, max_ttft_ms=300, max_price=MaxPrice(request_usd=Decimal("0.001"))
+    )
+    assert narrow(team, tight).max_ttft_ms == 300
+    assert narrow(RoutePolicy(), RoutePreferences(max_ttft_ms=700)).max_ttft_ms == 700
     assert (narrow(team, tight).max_latency_ms, narrow(team, tight).max_usd_per_request) == (
         500,
         Decimal("0.001"),
