@@ -21,6 +21,9 @@ FULL_QUEUE = 8
 class _Base:
     name = ""
 
+    def route(self, req: Request, now: float, sim: Simulation) -> str | None:
+        raise NotImplementedError
+
     def observe(self, job: Job) -> None:
         return None
 

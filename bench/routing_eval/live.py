@@ -381,7 +381,12 @@ def main(argv: list[str] | None = None) -> None:
     resent: dict[str, int] = {}
     refused: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="sb-eval-live-") as tmp, rig(Path(tmp)) as urls:
-        for run, make in enumerate((Switchboard, _replicas_only, RoundRobinReplicas), 1):
+        makers: tuple[Callable[[], Switchboard | RoundRobinReplicas], ...] = (
+            Switchboard,
+            _replicas_only,
+            RoundRobinReplicas,
+        )
+        for run, make in enumerate(makers, 1):
             policy = make()
             view = LiveView(dataclasses.replace(fleet, boxes=fleet.owned))
             before = prefix_counters(urls)

@@ -21,13 +21,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
-class _Req(Protocol):
-    rid: int
-    prompt_tokens: int
-    output_tokens: int
-    prefix_key: str
-    prefix_tokens: int
-    session: int
+class _Req(Protocol):  # what it reads of a `workload.Request` (frozen: read-only members)
+    @property
+    def rid(self) -> int: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def prefix_key(self) -> str: ...
+    @property
+    def prefix_tokens(self) -> int: ...
+    @property
+    def session(self) -> int: ...
 
     @property
     def earlier_turns(self) -> tuple[int, ...]: ...

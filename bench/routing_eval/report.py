@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from bench.routing_eval.baselines import baselines
 from bench.routing_eval.fleet import EDGE_NODES, Fleet, StepModel, box_capacity_tok_s, make_fleet
 from bench.routing_eval.metrics import Metrics, percentile, summarise, violates_slo
-from bench.routing_eval.sim import CLOUD, Job, Simulation
+from bench.routing_eval.sim import CLOUD, Job, Policy, Simulation
 from bench.routing_eval.switchboard import Switchboard
 from bench.routing_eval.workload import TEAM_BY_NAME, WORKLOADS, Request, generate, mean_work
 from routing.privacy import PrivacyTier
@@ -109,7 +109,8 @@ def evaluate(trace: list[Request], model: StepModel, duration_s: float, seed: in
     runs = []
     for size in SIZES:
         n = boxes_for(trace, model, duration_s, size)
-        for policy in [*baselines(), Switchboard()]:
+        policies: list[Policy] = [*baselines(), Switchboard()]
+        for policy in policies:
             fleet = make_fleet(model, n, f"{size:.0%}")
             result = Simulation(fleet, seed).run(trace, policy)
             if isinstance(policy, Switchboard):

@@ -257,7 +257,7 @@ class Box:
         if ended_alone:  # a step of short prompts alone ended: the next carries the longer ones' chunk, so
             self.long_owed_until = math.inf  # it is timed as a full step
             self.long_owed_until = self.t + self._rates()[0]
-        keep = []
+        keep: list[Job] = []
         for j in self.decoding:
             (finished if j.decode_left <= eps else keep).append(j)
         self.decoding = keep

@@ -150,7 +150,8 @@ def arrival_times(
     """A non-homogeneous Poisson process by thinning a homogeneous one at the peak rate."""
     shape = _rate_shape(workload, duration_s, rng)
     peak = 3.0 * rate_per_s
-    times, t = [], 0.0
+    times: list[float] = []
+    t = 0.0
     while True:
         t += rng.expovariate(peak)
         if t >= duration_s:
