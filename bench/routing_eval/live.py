@@ -11,13 +11,14 @@ previous turn's whole prompt and answer, as in the trace and as an agent loop se
 simulator then replays the trace with each request's measured token counts on a fleet of the same shape.
 Edge-floor requests are left out (no edge node here). Run:
 `python -m bench.routing_eval.live [--minutes 2] [--load-boxes 4] [--curve PATH] [--shared-cores N]
-[--contended-curve PATH] [--out docs/BENCHMARKS.md]`. The replicas share this machine's cores, so the
-closest simulation is the curve of one engine alone (`python -m bench.routing_eval.calibrate --engines 1
---out PATH`) with `--shared-cores` the machine's core count: a replica steps slower only while more are busy
-than there are cores. A curve measured with all three busy at once (`calibrate --engines 3`) charges every
-step for contention the replay has only at its peaks (docs/BENCHMARKS.md, "Reading the live check"); given
-as `--contended-curve`, it is what a replica steps at while all three are busy (time slicing, caches and
-memory make that slower than busy / cores), blended in linearly from the cores' count of busy replicas.
+[--contended-curve PATH] [--policies switchboard,replicas-only,round-robin] [--out docs/BENCHMARKS.md]`.
+The replicas share this machine's cores, so the closest simulation is the curve of one engine alone
+(`python -m bench.routing_eval.calibrate --engines 1 --out PATH`) with `--shared-cores` the machine's core
+count: a replica steps slower only while more are busy than there are cores. A curve measured with all three
+busy at once (`calibrate --engines 3`) charges every step for contention the replay has only at its peaks
+(docs/BENCHMARKS.md, "Reading the live check"); given as `--contended-curve`, it is what a replica steps at
+while all three are busy (time slicing, caches and memory make that slower than busy / cores), blended in
+linearly from the cores' count of busy replicas.
 """
 
 from __future__ import annotations
@@ -222,6 +223,13 @@ class RoundRobinReplicas:
         return None
 
 
+POLICIES: dict[str, Callable[[], Switchboard | RoundRobinReplicas]] = {
+    "switchboard": Switchboard,
+    "replicas-only": _replicas_only,
+    "round-robin": RoundRobinReplicas,
+}
+
+
 @contextmanager
 def rig(tmp: Path) -> Iterator[dict[str, str]]:
     procs = []
@@ -322,7 +330,7 @@ def _stats(jobs: list[Job], prefix_hit: float | None = None) -> dict[str, float]
         "e2e_p95": percentile([j.e2e_s * 1000 for j in jobs], 95),
         "agent_ttft_p50": percentile(agents, 50),
         "cloud_usd": float(sum((j.cost_usd for j in jobs), Decimal(0))),
-        "cloud_share": sum(1 for j in jobs if j.target == CLOUD) / max(1, len(jobs)),
+        "cloud_n": sum(1 for j in jobs if j.target == CLOUD),
     }
 
 
@@ -336,7 +344,7 @@ def _row(label: str, live: dict[str, float], sim: dict[str, float], refused: int
     return [
         f"| {label} | {live['n']:.0f}{lost} | {cell('ttft_p50', '.0f')} | {cell('ttft_p95', '.0f')} | "
         f"{cell('e2e_p95', '.0f')} | {cell('agent_ttft_p50', '.0f')} | {cell('cloud_usd', '.5f')} | "
-        f"{live['cloud_share']:.0%} | {live['prefix_hit']:.0%} / {sim['prefix_hit']:.0%} |"
+        f"{live['cloud_n']:.0f} / {sim['cloud_n']:.0f} | {live['prefix_hit']:.0%} / {sim['prefix_hit']:.0%} |"
     ]
 
 
@@ -367,7 +375,14 @@ def main(argv: list[str] | None = None) -> None:
         help="with --shared-cores: the curve of all replicas busy at once (`calibrate.py --engines 3`), "
         "which the simulated replicas step at while all are busy, instead of busy / cores slower",
     )  # fmt: skip
+    parser.add_argument(
+        "--policies", default=",".join(POLICIES),
+        help=f"which to replay, comma-separated, of {', '.join(POLICIES)} (affinity needs the last two)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    chosen = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not chosen or any(p not in POLICIES for p in chosen):
+        parser.error(f"--policies: expected some of {', '.join(POLICIES)}, got {args.policies!r}")
     if args.contended_curve and not args.shared_cores:
         parser.error("--contended-curve needs --shared-cores (the cores the replicas share)")
     curve = load_curve(args.curve)
@@ -381,12 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     resent: dict[str, int] = {}
     refused: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="sb-eval-live-") as tmp, rig(Path(tmp)) as urls:
-        makers: tuple[Callable[[], Switchboard | RoundRobinReplicas], ...] = (
-            Switchboard,
-            _replicas_only,
-            RoundRobinReplicas,
-        )
-        for run, make in enumerate(makers, 1):
+        for run, make in enumerate((POLICIES[p] for p in chosen), 1):
             policy = make()
             view = LiveView(dataclasses.replace(fleet, boxes=fleet.owned))
             before = prefix_counters(urls)
@@ -403,9 +413,18 @@ def main(argv: list[str] | None = None) -> None:
             results[policy.name] = (_stats(jobs, hit), _stats(simulated))
     for label, (live, sim) in results.items():
         rows += _row(label, live, sim, refused[label])
-    sb, rr = results[REPLICAS_ONLY][0], results["round-robin"][0]
     followups = sum(1 for r in trace if r.follows >= 0)
-    speedup = rr["agent_ttft_p50"] / sb["agent_ttft_p50"] if sb["agent_ttft_p50"] else float("nan")
+    affinity = "- Prefix affinity: not measured (it compares `replicas-only` with `round-robin`)."
+    if REPLICAS_ONLY in results and "round-robin" in results:
+        sb, rr = results[REPLICAS_ONLY][0], results["round-robin"][0]
+        speedup = rr["agent_ttft_p50"] / sb["agent_ttft_p50"] if sb["agent_ttft_p50"] else float("nan")
+        affinity = (
+            f"- Prefix affinity (live): agent-turn p50 TTFT round-robin {rr['agent_ttft_p50']:.0f} ms vs "
+            f"`{REPLICAS_ONLY}` {sb['agent_ttft_p50']:.0f} ms: {speedup:.2f}x (goal >= 2x): "
+            f"{'met' if speedup >= 2 else '**not met**'}. Both place every request on the 3 replicas (the "
+            "cloud reads as unhealthy to that Switchboard run), so the difference is placement, not overflow."
+        )
+    picked = f" --policies {','.join(chosen)}" if chosen != list(POLICIES) else ""
     info = machine_info()
     out = f" --out {args.out}" if args.out else ""
     lines = [
@@ -415,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `python -m bench.routing_eval.live --minutes {args.minutes:g} "
         f"--load-boxes {args.load_boxes:g} --seed {args.seed} --curve {_rel(args.curve)}"
         f"{f' --shared-cores {args.shared_cores:g}' if args.shared_cores else ''}"
-        f"{f' --contended-curve {_rel(args.contended_curve)}' if args.contended_curve else ''}{out}`. Curve: "
+        f"{f' --contended-curve {_rel(args.contended_curve)}' if args.contended_curve else ''}"
+        f"{picked}{out}`. Curve: "
         f"{curve.source}{f'; all {REPLICAS} busy: {contended.source}' if contended else ''}. "
         f"{len(trace)} requests of "
         f"`bursty-agents` (outputs capped at {MAX_OUTPUT} tokens, edge-floor requests left out), open loop; "
@@ -424,14 +444,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{CLOUD_MODEL.decode_tok_s:.0f} tok/s). Cells: live / simulated (simulated vs live).",
         "",
         "| policy | requests | TTFT p50 ms | TTFT p95 ms | e2e p95 ms | agent TTFT p50 ms | cloud USD "
-        "| cloud share | prefix hit live / sim |",
+        "| cloud requests live / sim | prefix hit live / sim |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"- Prefix affinity (live): agent-turn p50 TTFT round-robin {rr['agent_ttft_p50']:.0f} ms vs "
-        f"`{REPLICAS_ONLY}` {sb['agent_ttft_p50']:.0f} ms: {speedup:.2f}x (goal >= 2x): "
-        f"{'met' if speedup >= 2 else '**not met**'}. Both place every request on the 3 replicas (the cloud "
-        "reads as unhealthy to that Switchboard run), so the difference is placement, not overflow.",
+        affinity,
         f"- Agent turns that follow an earlier turn: {followups}; of them, sent back the real answer of that "
         f"turn (the rest a stand-in: it was still running): "
         + ", ".join(f"{name} {n}" for name, n in resent.items())
