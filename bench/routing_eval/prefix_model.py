@@ -18,25 +18,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Protocol
 
-
-class _Req(Protocol):  # what it reads of a `workload.Request` (frozen: read-only members)
-    @property
-    def rid(self) -> int: ...
-    @property
-    def prompt_tokens(self) -> int: ...
-    @property
-    def output_tokens(self) -> int: ...
-    @property
-    def prefix_key(self) -> str: ...
-    @property
-    def prefix_tokens(self) -> int: ...
-    @property
-    def session(self) -> int: ...
-
-    @property
-    def earlier_turns(self) -> tuple[int, ...]: ...
+from bench.routing_eval.workload import Request
 
 
 @dataclass(slots=True)
@@ -56,7 +39,7 @@ class PrefixCache:
     _entries: OrderedDict[str, _Entry] = field(default_factory=OrderedDict)
     _charged: int = 0
 
-    def lookup(self, req: _Req) -> int:
+    def lookup(self, req: Request) -> int:
         """Tokens of `req`'s prompt the cache holds (not yet rounded to blocks); marks them recently used."""
         if not self.enabled:
             return 0
@@ -68,7 +51,7 @@ class PrefixCache:
                 self._touch(key)
         return held
 
-    def retain(self, req: _Req, cached_tokens: int, running_tokens: int) -> None:
+    def retain(self, req: Request, cached_tokens: int, running_tokens: int) -> None:
         """A request ended: its prompt's full blocks stay cached; evict past the KV budget (beside the
         `running_tokens` running requests hold)."""
         if not self.enabled:
