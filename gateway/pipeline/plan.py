@@ -52,6 +52,7 @@ from routing.scoring import choose
 from routing.snapshot import RoutePolicy, RoutePreferences, RouteRequest, RoutingSnapshot
 
 _TRANSIENT = {RejectCode.UNHEALTHY, RejectCode.CIRCUIT_OPEN}
+_DEADLINE = {RejectCode.LATENCY, RejectCode.TTFT}  # predicted past a deadline: load passes, so a 503
 _LABEL_TEXT = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 
 
@@ -367,6 +368,6 @@ def fail_closed_error(
         return NoLiveEdgeNode(message)
     if routed.edge_missing or any(_TRANSIENT.intersection(r.codes) for r in decision.rejected):
         return NoHealthyDeployment(message)
-    if any(RejectCode.LATENCY in r.codes or RejectCode.TTFT in r.codes for r in decision.rejected):
+    if any(_DEADLINE.intersection(r.codes) for r in decision.rejected):
         return DeadlineUnmeetable(message)  # load passes: 503, not a 400 the client cannot fix
     return NoEligibleDeployment(message, param="model")
