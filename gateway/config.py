@@ -260,6 +260,9 @@ class ModelConfig(_Strict):
     deployments: list[DeploymentConfig] = Field(default_factory=list)
     slo_p95_ttft_ms: float | None = Field(default=None, gt=0)  # with the team's: the tighter one applies
     slo_p95_e2e_ms: float | None = Field(default=None, gt=0)
+    # Deadlines (as teams.X's; with the team's and the request's, the tightest applies)
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    max_ttft_ms: float | None = Field(default=None, gt=0)
     cache_ttl_s: float | None = Field(default=None, ge=0)  # overrides cache.ttl_s for this model; 0: off
     mode: Literal["chat", "embedding"] = "chat"  # embedding: served by POST /v1/embeddings only
     supports_dimensions: bool = False  # embedding models that honour the `dimensions` request field

@@ -366,8 +366,8 @@ class RoutePolicy:
     # cheapest first; owned capacity overflows to the cloud only when it would break them. None: no target.
     slo_p95_ttft_ms: float | None = None
     slo_p95_e2e_ms: float | None = None
-    # The first token's hard deadline (config: teams.X.max_ttft_ms): deployments predicted past it are not
-    # eligible, so a request that may not leave gets a 503 rather than queueing beyond it. None: it queues.
+    # The first token's hard deadline (teams.X / models.X max_ttft_ms): deployments predicted past it are
+    # not eligible, so a request that may not leave gets a 503 rather than queueing beyond it. None: queues.
     max_ttft_ms: float | None = None
     affinity_max_waiting: int = 2  # prefix affinity skips a replica with more requests waiting for a slot
 

@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import Protocol
 
 from backends.base import Backend
-from gateway.config import Config, EdgeBackendConfig, OpenAIBackendConfig, TeamConfig
+from gateway.config import Config, EdgeBackendConfig, ModelConfig, OpenAIBackendConfig, TeamConfig
 from gateway.edge.pool import LiveNode, edge_templates, expand, prior_for, with_node_load
 from gateway.live.breaker import BreakerBoard, BreakerPolicy, BreakerState, BreakerView
 from gateway.live.engine_load import EngineLoad, MetricsPoller
@@ -118,18 +118,18 @@ def policy_of(
     )
 
 
-def with_model_slo(policy: RoutePolicy, ttft_ms: float | None, e2e_ms: float | None) -> RoutePolicy:
-    """The team's policy under the model's SLO too: for each term, the tighter of the two."""
-    if ttft_ms is None and e2e_ms is None:
-        return policy
+def with_model_slo(policy: RoutePolicy, model: ModelConfig) -> RoutePolicy:
+    """The team's policy under the model's SLO and deadlines too (`models.X`): for each, the tighter."""
 
     def tighter(a: float | None, b: float | None) -> float | None:
         return b if a is None else a if b is None else min(a, b)
 
     return dataclasses.replace(
         policy,
-        slo_p95_ttft_ms=tighter(policy.slo_p95_ttft_ms, ttft_ms),
-        slo_p95_e2e_ms=tighter(policy.slo_p95_e2e_ms, e2e_ms),
+        slo_p95_ttft_ms=tighter(policy.slo_p95_ttft_ms, model.slo_p95_ttft_ms),
+        slo_p95_e2e_ms=tighter(policy.slo_p95_e2e_ms, model.slo_p95_e2e_ms),
+        max_latency_ms=tighter(policy.max_latency_ms, model.max_latency_ms),
+        max_ttft_ms=tighter(policy.max_ttft_ms, model.max_ttft_ms),
     )
 
 

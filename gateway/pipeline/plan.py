@@ -160,7 +160,7 @@ def plan(
         )
     model_cfg = routing.config.models.get(call.model)
     if model_cfg is not None:
-        policy = with_model_slo(policy, model_cfg.slo_p95_ttft_ms, model_cfg.slo_p95_e2e_ms)
+        policy = with_model_slo(policy, model_cfg)
     rc = routing.config.routing
     key, system_key, cached_tokens, holder, messages = None, None, 0, None, 0
     if isinstance(call, EmbeddingRequest):
@@ -323,10 +323,10 @@ _HINTS = {
     RejectCode.LABEL: "config: teams.{team}.required_labels, or the request's "
     + f"{SITE_HEADER} / {LABELS_HEADER} header",
     RejectCode.UNHEALTHY: "its health probe fails; see backends.{backend}.health_interval_s",
-    RejectCode.LATENCY: "config: teams.{team}.max_latency_ms is the deadline, or the request's "
-    "switchboard.max_latency_ms; its queue is too deep to meet it now",
-    RejectCode.TTFT: "config: teams.{team}.max_ttft_ms is the first token's deadline, or the request's "
-    "switchboard.max_ttft_ms; its queue is too deep to meet it now",
+    RejectCode.LATENCY: "config: teams.{team}.max_latency_ms or models.{model}.max_latency_ms is the "
+    "deadline, or the request's switchboard.max_latency_ms; its queue is too deep to meet it now",
+    RejectCode.TTFT: "config: teams.{team}.max_ttft_ms or models.{model}.max_ttft_ms is the first token's "
+    "deadline, or the request's switchboard.max_ttft_ms; its queue is too deep to meet it now",
 }
 
 

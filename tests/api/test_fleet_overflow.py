@@ -87,6 +87,15 @@ def fleet_config(site: str, cloud: str, tmp: str) -> Config:
                         },
                     ]
                 },
+                # The same deployments under a model's own deadlines (tighter than an idle box's 100 ms)
+                "fleet_first": {
+                    "deployments": [{"backend": "gpu", "upstream_model": "fl-gpu"}],
+                    "max_ttft_ms": 50,
+                },
+                "fleet_quick": {
+                    "deployments": [{"backend": "gpu", "upstream_model": "fl-gpu"}],
+                    "max_latency_ms": 50,
+                },
                 "agents": {
                     "deployments": [{"backend": f"gpu_r{i}", "upstream_model": f"ag-r{i}"} for i in (1, 2, 3)]
                 },
@@ -284,6 +293,20 @@ def test_a_request_that_may_not_leave_gets_a_503_past_its_deadline_or_queues(env
     assert raw.headers["x-switchboard-backend"] == "gpu"
     assert raw.headers["x-switchboard-slo"] == "p95 ttft<=600ms; predicted missed"
     assert not [b for b in env.cloud.received("fl-cloud") if "probe" in json.dumps(b)]
+
+
+def test_a_model_sets_its_own_deadlines(env: Env) -> None:
+    # An idle box predicts its first token at 100 ms: past fleet_first's 50 ms; the team sets none.
+    for model, setting, why in (
+        ("fleet_first", "max_ttft_ms", "predicted first token 100 ms > max 50 ms"),
+        ("fleet_quick", "max_latency_ms", "> max 50 ms"),
+    ):
+        with pytest.raises(openai.APIStatusError) as info:
+            ask(env, "plain", model, text="model deadline probe")
+        err = info.value.response.json()["error"]
+        assert info.value.status_code == 503 and err["code"] == "deadline_unmeetable"
+        assert f"models.{model}.{setting}" in err["message"] and why in err["message"], err["message"]
+    assert ask(env, "plain").headers["x-switchboard-backend"] == "gpu"  # the model without them serves
 
 
 def test_prefix_affinity_keeps_a_conversation_on_one_replica(env: Env) -> None:

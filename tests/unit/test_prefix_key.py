@@ -61,8 +61,18 @@ def test_only_the_first_max_chars_are_hashed() -> None:
 def _config(**backend: object) -> dict[str, object]:
     return {
         "backends": {"gpu": {"kind": "openai", "base_url": "http://127.0.0.1:1/v1", **backend}},
-        "models": {"m": {"backend": "gpu", "slo_p95_ttft_ms": 800}},
-        "teams": {"t": {"slo_p95_ttft_ms": 1200, "slo_p95_e2e_ms": 9000}},
+        "models": {
+            "m": {"backend": "gpu", "slo_p95_ttft_ms": 800, "max_ttft_ms": 3000, "max_latency_ms": 30_000},
+            "bare": {"backend": "gpu"},
+        },
+        "teams": {
+            "t": {
+                "slo_p95_ttft_ms": 1200,
+                "slo_p95_e2e_ms": 9000,
+                "max_ttft_ms": 4000,
+                "max_latency_ms": 20_000,
+            }
+        },
     }
 
 
@@ -70,8 +80,10 @@ def test_capacity_and_slo_config() -> None:
     cfg = parse_config(_config(usd_per_hour="2", capacity={"tokens_per_s": [[1, 40], [8, 200]]}))
     curve = cfg.backends["gpu"].capacity.curve()  # type: ignore[union-attr]
     assert curve.slots == 8 and curve.aggregate_tokens_per_s(8) == 200
-    policy = with_model_slo(policy_of(cfg.teams["t"]), cfg.models["m"].slo_p95_ttft_ms, None)
+    policy = with_model_slo(policy_of(cfg.teams["t"]), cfg.models["m"])
     assert (policy.slo_p95_ttft_ms, policy.slo_p95_e2e_ms) == (800, 9000)  # the tighter of team and model
+    assert (policy.max_ttft_ms, policy.max_latency_ms) == (3000, 20_000)
+    assert with_model_slo(policy, cfg.models["bare"]) == policy  # a model without them leaves the team's
     with pytest.raises(ConfigError, match=r"backends\.gpu\.capacity\.tokens_per_s: x values must increase"):
         parse_config(_config(capacity={"tokens_per_s": [[4, 100], [2, 50]]}))
 
