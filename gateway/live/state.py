@@ -25,6 +25,7 @@ from typing import Protocol
 from backends.base import Backend
 from gateway.config import Config, EdgeBackendConfig, ModelConfig, OpenAIBackendConfig, TeamConfig
 from gateway.edge.pool import LiveNode, edge_templates, expand, prior_for, with_node_load
+from gateway.live.boxes import BoxPeers
 from gateway.live.breaker import BreakerBoard, BreakerPolicy, BreakerState, BreakerView
 from gateway.live.engine_load import EngineLoad, MetricsPoller
 from gateway.live.stats import Evidence, LiveStats, Prior, StatsBook
@@ -227,6 +228,7 @@ class RoutingState:
         self._edge_pruned_s = -math.inf
         self._down: set[str] = set()  # failing their health probe (gateway/live/health.py)
         self.prefix_holders = PrefixHolders()
+        self.boxes = BoxPeers(specs)  # public models sharing a box share its load and prefix cache
 
     def mark_down(self, backend: str) -> bool:
         """Take a backend out of routing; True when it was in."""
@@ -275,7 +277,7 @@ class RoutingState:
             return None
         dep_id, written_at, messages = held
         spec = self.specs.get(dep_id)
-        since = self.stats.kv_written_of(dep_id) - written_at
+        since = self.boxes.written(self.stats, dep_id) - written_at
         return (dep_id, messages) if holds_prefix(spec.capacity if spec else None, since) else None
 
     def policy(self, team: str) -> RoutePolicy:
@@ -301,7 +303,7 @@ class RoutingState:
         (a delta, so other replicas' share merged into the rebuild stays)."""
         changed: dict[str, DeploymentStats] = {}
         for dep_id, (in_flight_0, pending_0) in self._built_load.items():
-            in_flight, pending = self.stats.load_of(dep_id)
+            in_flight, pending = self.boxes.load(self.stats, dep_id)
             if in_flight != in_flight_0 or pending != pending_0:
                 stats = built.deployments[dep_id][1]
                 changed[dep_id] = dataclasses.replace(
@@ -325,9 +327,9 @@ class RoutingState:
         for spec, node in edge:
             stats = _stats(live[spec.deployment_id], self.breakers.view(spec.deployment_id, now_s))
             entries[spec.deployment_id] = (spec, with_node_load(stats, node))
-        self._snapshot = self._built = RoutingSnapshot(entries)
+        self._snapshot = self._built = RoutingSnapshot(self.boxes.pooled(entries))
         self._built_load = {
-            dep_id: self.stats.load_of(dep_id)
+            dep_id: self.boxes.load(self.stats, dep_id)
             for dep_id, (spec, _) in entries.items()
             if spec.capacity is not None
         }

@@ -358,7 +358,7 @@ def _remember_holder(routed: Routed, use: DeploymentUse) -> None:
     the same system prompt that no replica holds yet."""
     if routed.prefix_key is not None:
         owned = use.deployment.usd_per_hour is not None
-        written = use.routing.stats.kv_written_of(use.dep_id)
+        written = use.routing.boxes.written(use.routing.stats, use.dep_id)
         use.routing.prefix_holders.record(
             routed.prefix_key, use.dep_id if owned else None, written, messages=routed.messages + 1
         )

@@ -148,3 +148,41 @@ def test_a_turn_after_cloud_turns_counts_on_what_its_engine_served_not_on_the_wh
     held = estimate_prompt_tokens(later.messages[:3])
     assert routed.prefix_cached == ("b0", held)
     assert held < estimate_prompt_tokens(later.messages[:-1])  # not the whole history, which b0 never saw
+
+
+def test_public_models_on_one_box_share_its_load_and_its_prefix_cache() -> None:
+    backends = {n: ScriptedBackend(n, "ok") for n in ("gpu", "cloud")}
+    box = {**CURVE, "kv_cache_tokens": 2000}  # a held prefix survives ~1000 tokens written after it
+    owned = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "usd_per_hour": 1, "capacity": box}
+    cloud = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}
+    both = [{"backend": "gpu", "upstream_model": "up"}, {"backend": "cloud", "upstream_model": "c"}]
+    config = parse_config(
+        {
+            "backends": {"gpu": owned, "cloud": cloud},
+            "models": {"m": {"deployments": both}, "auto": {"deployments": both}},
+        }
+    )
+    deps = {
+        name: tuple(Deployment(name, b, BackendKind.OPENAI, "up", FREE) for b in ("gpu", "cloud"))
+        for name in ("m", "auto")
+    }
+    routing = RoutingState(config, build_specs(config, backends, deps))
+    routing.snapshot(100.0)
+    routing.stats.request_started("m@gpu", 400)
+    routing.stats.request_started("auto@gpu", 300)
+    routing.stats.request_started("m@cloud", 50)
+    for when in (100.001, 100.2):  # patched between rebuilds, then rebuilt
+        deployments = routing.snapshot(when).deployments
+        for name in ("m", "auto"):
+            stats = deployments[f"{name}@gpu"][1]
+            assert (stats.in_flight, stats.pending_prompt_tokens) == (2, 700)  # the box's, whichever name
+    deployments = routing.snapshot(100.2).deployments
+    assert deployments["m@cloud"][1].in_flight == 1 and deployments["auto@cloud"][1].in_flight == 0  # apart
+    routing.stats.request_finished("auto@gpu", 300)
+    assert routing.snapshot(100.201).deployments["m@gpu"][1].in_flight == 1
+    # A conversation held on the box under one name is evicted by what the other name writes there too.
+    routing.prefix_holders.record(7, "m@gpu", routing.boxes.written(routing.stats, "m@gpu"))
+    routing.stats.request_started("auto@gpu", 800)
+    assert routing.prefix_holder(7) == "m@gpu"
+    routing.stats.request_started("auto@gpu", 300)
+    assert routing.prefix_holder(7) is None

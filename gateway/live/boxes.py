@@ -1,0 +1,62 @@
+"""Public models that share one owned box: what one has running there, the others must wait behind.
+
+Two public names may route to one backend (an alias such as `auto` beside the model's own name). Routing sees
+each as its own deployment (`model@backend`) with its own counts, but the box's slots, its queue of prompts
+and its prefix cache are one. `BoxPeers` sums this replica's in-flight requests, pending prompt tokens and KV
+tokens written over the deployments on the same curve-described backend (`backends.X.capacity`), so the
+prediction for one counts what the others have there between the engine's /metrics readings as well as at
+them, and a holder's prefix is judged evicted by everything written on its box. Backends without a curve
+(the cloud, a box routing knows nothing about) keep their deployments' counts apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from gateway.live.stats import StatsBook
+from routing.snapshot import DeploymentSpec, DeploymentStats
+
+Entries = dict[str, tuple[DeploymentSpec, DeploymentStats]]
+
+
+class BoxPeers:
+    """For each curve deployment, the deployments (itself included) on the same backend."""
+
+    def __init__(self, specs: Mapping[str, DeploymentSpec]) -> None:
+        by_backend: dict[str, list[str]] = {}
+        for dep_id, spec in specs.items():
+            if spec.capacity is not None:
+                by_backend.setdefault(spec.backend, []).append(dep_id)
+        self._peers = {dep_id: tuple(ids) for ids in by_backend.values() for dep_id in ids}
+
+    def of(self, dep_id: str) -> tuple[str, ...]:
+        return self._peers.get(dep_id, (dep_id,))
+
+    def load(self, stats: StatsBook, dep_id: str) -> tuple[int, int]:
+        """`StatsBook.load_of` summed over the box: (in-flight requests, prompt tokens pending prefill)."""
+        loads = [stats.load_of(peer) for peer in self.of(dep_id)]
+        return sum(n for n, _ in loads), sum(t for _, t in loads)
+
+    def written(self, stats: StatsBook, dep_id: str) -> int:
+        """`StatsBook.kv_written_of` summed over the box: what its prefix cache has had to make room for."""
+        return sum(stats.kv_written_of(peer) for peer in self.of(dep_id))
+
+    def pooled(self, entries: Entries) -> Entries:
+        """`entries` with a shared box's in-flight and pending prompt counts, its deployments' sum, on each
+        deployment it serves (counts merged from other gateway replicas included)."""
+        out = dict(entries)
+        for dep_id, peers in self._peers.items():
+            if len(peers) < 2 or dep_id not in entries:
+                continue
+            rows = [entries[p][1] for p in peers if p in entries]
+            spec, stats = entries[dep_id]
+            out[dep_id] = (
+                spec,
+                dataclasses.replace(
+                    stats,
+                    in_flight=sum(s.in_flight for s in rows),
+                    pending_prompt_tokens=sum(s.pending_prompt_tokens for s in rows),
+                ),
+            )
+        return out
