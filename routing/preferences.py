@@ -96,7 +96,8 @@ def parse_preferences(raw: object, field: str = FIELD) -> RoutePreferences:
     return RoutePreferences(**got)  # type: ignore[arg-type]
 
 
-def _smaller(team: _Cap | None, request: _Cap | None) -> _Cap | None:
+def smaller(team: _Cap | None, request: _Cap | None) -> _Cap | None:
+    """The tighter of two optional caps (None: no cap)."""
     if team is None:
         return request
     return team if request is None else min(team, request)
@@ -110,11 +111,11 @@ def narrow(policy: RoutePolicy, prefs: RoutePreferences) -> RoutePolicy:
     return dataclasses.replace(
         policy,
         objective=prefs.sort.objective if prefs.sort is not None else policy.objective,
-        max_latency_ms=_smaller(policy.max_latency_ms, prefs.max_latency_ms),
-        max_ttft_ms=_smaller(policy.max_ttft_ms, prefs.max_ttft_ms),
-        max_usd_per_request=_smaller(policy.max_usd_per_request, cap.request_usd),
-        max_input_usd_per_mtok=_smaller(policy.max_input_usd_per_mtok, cap.prompt_usd_per_mtok),
-        max_output_usd_per_mtok=_smaller(policy.max_output_usd_per_mtok, cap.completion_usd_per_mtok),
+        max_latency_ms=smaller(policy.max_latency_ms, prefs.max_latency_ms),
+        max_ttft_ms=smaller(policy.max_ttft_ms, prefs.max_ttft_ms),
+        max_usd_per_request=smaller(policy.max_usd_per_request, cap.request_usd),
+        max_input_usd_per_mtok=smaller(policy.max_input_usd_per_mtok, cap.prompt_usd_per_mtok),
+        max_output_usd_per_mtok=smaller(policy.max_output_usd_per_mtok, cap.completion_usd_per_mtok),
         require_parameters=policy.require_parameters or prefs.require_parameters is True,
         allow_fallbacks=policy.allow_fallbacks and prefs.allow_fallbacks is not False,
         ignore=policy.ignore | prefs.ignore,

@@ -21,33 +21,37 @@ Entries = dict[str, tuple[DeploymentSpec, DeploymentStats]]
 
 
 class BoxPeers:
-    """For each curve deployment, the deployments (itself included) on the same backend."""
+    """For each curve deployment that shares its backend, the deployments (itself included) on it. A box
+    under one name is left out, so its counts are read as they are (`_patched` asks on every load change)."""
 
     def __init__(self, specs: Mapping[str, DeploymentSpec]) -> None:
         by_backend: dict[str, list[str]] = {}
         for dep_id, spec in specs.items():
             if spec.capacity is not None:
                 by_backend.setdefault(spec.backend, []).append(dep_id)
-        self._peers = {dep_id: tuple(ids) for ids in by_backend.values() for dep_id in ids}
-
-    def of(self, dep_id: str) -> tuple[str, ...]:
-        return self._peers.get(dep_id, (dep_id,))
+        shared = [tuple(ids) for ids in by_backend.values() if len(ids) > 1]
+        self._peers = {dep_id: ids for ids in shared for dep_id in ids}
 
     def load(self, stats: StatsBook, dep_id: str) -> tuple[int, int]:
         """`StatsBook.load_of` summed over the box: (in-flight requests, prompt tokens pending prefill)."""
-        loads = [stats.load_of(peer) for peer in self.of(dep_id)]
+        peers = self._peers.get(dep_id)
+        if peers is None:
+            return stats.load_of(dep_id)
+        loads = [stats.load_of(peer) for peer in peers]
         return sum(n for n, _ in loads), sum(t for _, t in loads)
 
     def written(self, stats: StatsBook, dep_id: str) -> int:
         """`StatsBook.kv_written_of` summed over the box: what its prefix cache has had to make room for."""
-        return sum(stats.kv_written_of(peer) for peer in self.of(dep_id))
+        return sum(stats.kv_written_of(peer) for peer in self._peers.get(dep_id, (dep_id,)))
 
     def pooled(self, entries: Entries) -> Entries:
         """`entries` with a shared box's in-flight and pending prompt counts, its deployments' sum, on each
         deployment it serves (counts merged from other gateway replicas included)."""
+        if not self._peers:
+            return entries
         out = dict(entries)
         for dep_id, peers in self._peers.items():
-            if len(peers) < 2 or dep_id not in entries:
+            if dep_id not in entries:
                 continue
             rows = [entries[p][1] for p in peers if p in entries]
             spec, stats = entries[dep_id]

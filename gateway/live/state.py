@@ -31,6 +31,7 @@ from gateway.live.engine_load import EngineLoad, MetricsPoller
 from gateway.live.stats import Evidence, LiveStats, Prior, StatsBook
 from routing.decision import Deployment
 from routing.fleet import holds_prefix
+from routing.preferences import smaller
 from routing.privacy import PrivacyTier, SensitivePolicy
 from routing.snapshot import (
     DeploymentSpec,
@@ -121,16 +122,15 @@ def policy_of(
 
 def with_model_slo(policy: RoutePolicy, model: ModelConfig) -> RoutePolicy:
     """The team's policy under the model's SLO and deadlines too (`models.X`): for each, the tighter."""
-
-    def tighter(a: float | None, b: float | None) -> float | None:
-        return b if a is None else a if b is None else min(a, b)
-
+    caps = (model.slo_p95_ttft_ms, model.slo_p95_e2e_ms, model.max_latency_ms, model.max_ttft_ms)
+    if all(cap is None for cap in caps):
+        return policy  # most models set none: no copy on every request
     return dataclasses.replace(
         policy,
-        slo_p95_ttft_ms=tighter(policy.slo_p95_ttft_ms, model.slo_p95_ttft_ms),
-        slo_p95_e2e_ms=tighter(policy.slo_p95_e2e_ms, model.slo_p95_e2e_ms),
-        max_latency_ms=tighter(policy.max_latency_ms, model.max_latency_ms),
-        max_ttft_ms=tighter(policy.max_ttft_ms, model.max_ttft_ms),
+        slo_p95_ttft_ms=smaller(policy.slo_p95_ttft_ms, model.slo_p95_ttft_ms),
+        slo_p95_e2e_ms=smaller(policy.slo_p95_e2e_ms, model.slo_p95_e2e_ms),
+        max_latency_ms=smaller(policy.max_latency_ms, model.max_latency_ms),
+        max_ttft_ms=smaller(policy.max_ttft_ms, model.max_ttft_ms),
     )
 
 

@@ -314,6 +314,14 @@ def edge_missing(
     return tuple(sorted(backends))
 
 
+def _deadline_hint(setting: str, what: str) -> str:
+    """Where a deadline is set: the team's, the model's or the request's (the tightest applies)."""
+    return (
+        f"config: teams.{{team}}.{setting} or models.{{model}}.{setting} is {what}, or the request's "
+        f"switchboard.{setting}; its queue is too deep to meet it now"
+    )
+
+
 _HINTS = {
     RejectCode.PRIVACY: "config: teams.{team}.privacy_floor, backends.{backend}.privacy_tier or {header}",
     RejectCode.TOOLS: "config: backends.{backend}.supports_tools",
@@ -323,10 +331,8 @@ _HINTS = {
     RejectCode.LABEL: "config: teams.{team}.required_labels, or the request's "
     + f"{SITE_HEADER} / {LABELS_HEADER} header",
     RejectCode.UNHEALTHY: "its health probe fails; see backends.{backend}.health_interval_s",
-    RejectCode.LATENCY: "config: teams.{team}.max_latency_ms or models.{model}.max_latency_ms is the "
-    "deadline, or the request's switchboard.max_latency_ms; its queue is too deep to meet it now",
-    RejectCode.TTFT: "config: teams.{team}.max_ttft_ms or models.{model}.max_ttft_ms is the first token's "
-    "deadline, or the request's switchboard.max_ttft_ms; its queue is too deep to meet it now",
+    RejectCode.LATENCY: _deadline_hint("max_latency_ms", "the deadline"),
+    RejectCode.TTFT: _deadline_hint("max_ttft_ms", "the first token's deadline"),
 }
 
 
