@@ -293,9 +293,9 @@ def stable_hash64(text: str) -> int:
 
 
 def hrw_weight(prefix_key: int, seed: int) -> int:
-    """Rendezvous weight of one replica (`seed`: stable_hash64 of its deployment id) for one prefix key:
-    splitmix64's finalizer over their xor, so every gateway replica ranks replicas alike with no shared
-    state, and removing one replica moves only the keys it held."""
+    """Rendezvous weight of one replica (`seed`: stable_hash64 of its backend, so a box ranks alike under
+    every public name) for one prefix key: splitmix64's finalizer over their xor, so every gateway replica
+    ranks replicas alike with no shared state, and removing one replica moves only the keys it held."""
     z = (prefix_key ^ seed) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64

@@ -129,7 +129,7 @@ class Entry:
     ttft_ms_per_output_token: float = 0.0
     owned: bool = False  # owned capacity (HourlyPrice): fixed cost, marginal 0
     waiting: int = 0  # requests that would queue for a slot, this one included (0: it starts at once)
-    affinity_seed: int = 0  # routing.fleet.stable_hash64(deployment_id): its rendezvous-hashing identity
+    affinity_seed: int = 0  # routing.fleet.stable_hash64(backend): its box's rendezvous identity, any name
     ms_per_prompt_token: float = 0.0  # added to predicted TTFT and latency per prompt token (prefill)
     unreserved: bool = True  # a request that could go elsewhere fits outside the must-stay reserve
     reserve_ttft_ms: float = math.inf  # such a request only where its predicted TTFT is at most this
@@ -217,7 +217,7 @@ def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
         ttft_ms_per_output_token=p.ttft_ms_per_output_token,
         owned=owned,
         waiting=p.waiting,
-        affinity_seed=stable_hash64(spec.deployment_id),
+        affinity_seed=stable_hash64(spec.backend),
         ms_per_prompt_token=p.ms_per_prompt_token,
         unreserved=p.unreserved,
         short_prompt_tokens=p.short_prompt_tokens,

@@ -5,8 +5,10 @@ each as its own deployment (`model@backend`) with its own counts, but the box's 
 and its prefix cache are one. `BoxPeers` sums this replica's in-flight requests, pending prompt tokens and KV
 tokens written over the deployments on the same curve-described backend (`backends.X.capacity`), so the
 prediction for one counts what the others have there between the engine's /metrics readings as well as at
-them, and a holder's prefix is judged evicted by everything written on its box. Backends without a curve
-(the cloud, a box routing knows nothing about) keep their deployments' counts apart.
+them, and a holder's prefix is judged evicted by everything written on its box. A conversation's holder,
+recorded under the name its last turn asked for, is the same box for a turn that asks for it under another
+(`under`). Backends without a curve (the cloud, a box routing knows nothing about) keep their deployments'
+counts apart.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class BoxPeers:
                 by_backend.setdefault(spec.backend, []).append(dep_id)
         shared = [tuple(ids) for ids in by_backend.values() if len(ids) > 1]
         self._peers = {dep_id: ids for ids in shared for dep_id in ids}
+        self._model = {dep_id: spec.public_model for dep_id, spec in specs.items()}
 
     def load(self, stats: StatsBook, dep_id: str) -> tuple[int, int]:
         """`StatsBook.load_of` summed over the box: (in-flight requests, prompt tokens pending prefill)."""
@@ -39,6 +42,14 @@ class BoxPeers:
             return stats.load_of(dep_id)
         loads = [stats.load_of(peer) for peer in peers]
         return sum(n for n, _ in loads), sum(t for _, t in loads)
+
+    def under(self, dep_id: str, public_model: str) -> str | None:
+        """The deployment serving `public_model` on `dep_id`'s box (`dep_id` itself when it does), None when
+        the box does not serve that name."""
+        for peer in self._peers.get(dep_id, (dep_id,)):
+            if self._model.get(peer) == public_model:
+                return peer
+        return None
 
     def written(self, stats: StatsBook, dep_id: str) -> int:
         """`StatsBook.kv_written_of` summed over the box: what its prefix cache has had to make room for."""

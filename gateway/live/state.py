@@ -263,14 +263,16 @@ class RoutingState:
         self._shared = shared
         self._built_s = -math.inf
 
-    def prefix_holder(self, key: int | None) -> str | None:
+    def prefix_holder(self, key: int | None, model: str) -> str | None:
         """The owned deployment that served this conversation's last turn on owned capacity, while its engine
         can still hold that turn in its prefix cache (`routing.fleet.holds_prefix`, from the KV tokens this
-        replica has had written there since and the box's `capacity.kv_cache_tokens`); else None."""
-        held = self.prefix_held(key)
+        replica has had written there since and the box's `capacity.kv_cache_tokens`); else None. It is the
+        deployment of `model` on that box (`BoxPeers.under`: the last turn may have named the box otherwise),
+        None if the box does not serve `model`."""
+        held = self.prefix_held(key, model)
         return None if held is None else held[0]
 
-    def prefix_held(self, key: int | None) -> tuple[str, int] | None:
+    def prefix_held(self, key: int | None, model: str) -> tuple[str, int] | None:
         """`prefix_holder` with the leading messages it holds (0: not counted, take every shared one)."""
         held = self.prefix_holders.held(key)
         if held is None:
@@ -278,7 +280,10 @@ class RoutingState:
         dep_id, written_at, messages = held
         spec = self.specs.get(dep_id)
         since = self.boxes.written(self.stats, dep_id) - written_at
-        return (dep_id, messages) if holds_prefix(spec.capacity if spec else None, since) else None
+        if not holds_prefix(spec.capacity if spec else None, since):
+            return None
+        here = self.boxes.under(dep_id, model)
+        return None if here is None else (here, messages)
 
     def policy(self, team: str) -> RoutePolicy:
         return self.policies.get(team, self._default_policy)

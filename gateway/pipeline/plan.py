@@ -174,12 +174,12 @@ def plan(
             call.messages, min_chars=rc.prefix_min_chars, max_chars=rc.prefix_max_chars
         )
         if key is not None and (shared := cached_messages(call.messages)):
-            held = routing.prefix_held(key)
+            held = routing.prefix_held(key, call.model)
             if held is not None:  # as many leading messages as were served there (later turns: the cloud's)
                 holder, count = held
                 cached_tokens = estimate_prompt_tokens(call.messages[: min(shared, count or shared)])
         if holder is None and system_key is not None:  # no replica holds this conversation: its system prompt
-            holder = routing.prefix_holder(system_key)
+            holder = routing.prefix_holder(system_key, call.model)
             cached_tokens = estimate_prompt_tokens(call.messages[:system_count]) if holder else 0
     request = RouteRequest(
         public_model=call.model,

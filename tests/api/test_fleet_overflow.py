@@ -99,7 +99,14 @@ def fleet_config(site: str, cloud: str, tmp: str) -> Config:
                 "agents": {
                     "deployments": [{"backend": f"gpu_r{i}", "upstream_model": f"ag-r{i}"} for i in (1, 2, 3)]
                 },
+                # The same replicas under a second public name (an alias, as `auto` beside a model's own)
+                "agents_alias": {
+                    "deployments": [{"backend": f"gpu_r{i}", "upstream_model": f"ag-r{i}"} for i in (1, 2, 3)]
+                },
                 "agents_pf": {
+                    "deployments": [{"backend": f"gpu_p{i}", "upstream_model": f"ag-p{i}"} for i in (1, 2, 3)]
+                },
+                "agents_pf_alias": {
                     "deployments": [{"backend": f"gpu_p{i}", "upstream_model": f"ag-p{i}"} for i in (1, 2, 3)]
                 },
             },  # fmt: skip
@@ -328,6 +335,25 @@ def test_prefix_affinity_keeps_a_conversation_on_one_replica(env: Env) -> None:
     assert "x-switchboard-affinity" not in short.headers
 
 
+def test_a_conversation_that_renames_its_model_keeps_its_replica(env: Env) -> None:
+    # Each session's first turn asks for one name, its next for another name of the same three boxes. Without
+    # a prefill rate, rendezvous hashing keeps it (it ranks a box alike under any name); with one, the next
+    # turn finds the box that served the first holding its history under the new name (the first turns all
+    # start where the system prompt was served, so rendezvous order alone would spread the next turns).
+    for first, second in (("agents", "agents_alias"), ("agents_pf", "agents_pf_alias")):
+        for session in range(8):
+            opening = {"role": "user", "content": f"renamed {session}"}
+            messages = [{"role": "system", "content": SYSTEM}, opening]
+            home = ask(env, "slo", first, messages).headers["x-switchboard-backend"]
+            messages += [{"role": "assistant", "content": "step 0"}, {"role": "user", "content": "next"}]
+            raw = ask(env, "slo", second, messages)
+            assert raw.headers["x-switchboard-backend"] == home
+            if first == "agents":
+                assert raw.headers["x-switchboard-affinity"].startswith(f"{second}@{home}")
+            else:  # its history counted as cached there: elsewhere 2.4 s of prefill
+                assert float(raw.headers["x-switchboard-predicted-ttft-ms"]) < 600
+
+
 def test_a_new_conversation_starts_where_its_system_prompt_was_last_served(env: Env) -> None:
     def first_turn(system: str, session: int) -> Any:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": f"session {session}"}]
@@ -338,7 +364,7 @@ def test_a_new_conversation_starts_where_its_system_prompt_was_last_served(env: 
     home = first_turn(SYSTEM, 100).headers["x-switchboard-backend"]
     for s in range(101, 109):
         raw = first_turn(SYSTEM, s)
-        assert raw.headers["x-switchboard-backend"] == home
+        assert raw.headers["x-switchboard-backend"] == home, raw.headers["x-switchboard-route"]
         assert float(raw.headers["x-switchboard-predicted-ttft-ms"]) < 600  # elsewhere: 2.4 s of prefill
     # Sessions of different agents have nothing cached anywhere: rendezvous hashing spreads them.
     spread = {first_turn(f"Agent {s}. " + SYSTEM, s).headers["x-switchboard-backend"] for s in range(12)}

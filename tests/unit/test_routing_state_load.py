@@ -103,21 +103,21 @@ def test_a_conversation_counts_on_its_engine_cache_only_until_that_much_was_writ
     routing.prefix_holders.record(42, "m@b0", routing.stats.kv_written_of("m@b0"))
     turn.prefilled()
     turn.finish(ok=True, counted=True, now_s=1.0, ttft_ms=100.0, completion_tokens=100)
-    assert routing.prefix_holder(42) == "m@b0"  # its own answer (100 tokens) is within the cache's half
+    assert routing.prefix_holder(42, "m") == "m@b0"  # its own answer (100 tokens) is within the cache's half
     for i in range(2):  # other requests write 2 x (800 + 150) = 1900 more: still within 2000
         other = DeploymentUse.begin(dep, "m", routing, 2.0 + i, 800)
         other.finish(ok=True, counted=True, now_s=3.0 + i, ttft_ms=100.0, completion_tokens=150)
-    assert routing.prefix_holder(42) == "m@b0"
+    assert routing.prefix_holder(42, "m") == "m@b0"
     DeploymentUse.begin(dep, "m", routing, 9.0, 100)  # 2100 written since: past half the 4000-token cache
-    assert routing.prefix_holder(42) is None
+    assert routing.prefix_holder(42, "m") is None
     # Writes elsewhere do not count, and a box without a known cache size always holds it.
     routing.prefix_holders.record(7, "m@b1", routing.stats.kv_written_of("m@b1"))
-    assert routing.prefix_holder(7) == "m@b1"
-    assert routing.prefix_holder(None) is None and routing.prefix_holder(99) is None
+    assert routing.prefix_holder(7, "m") == "m@b1"
+    assert routing.prefix_holder(None, "m") is None and routing.prefix_holder(99, "m") is None
     plain = state()
     plain.prefix_holders.record(5, "m@b0", 0)
     DeploymentUse.begin(dep, "m", plain, 0.0, 10**6)
-    assert plain.prefix_holder(5) == "m@b0"
+    assert plain.prefix_holder(5, "m") == "m@b0"
 
 
 def test_a_turn_after_cloud_turns_counts_on_what_its_engine_served_not_on_the_whole_history() -> None:
@@ -183,6 +183,8 @@ def test_public_models_on_one_box_share_its_load_and_its_prefix_cache() -> None:
     # A conversation held on the box under one name is evicted by what the other name writes there too.
     routing.prefix_holders.record(7, "m@gpu", routing.boxes.written(routing.stats, "m@gpu"))
     routing.stats.request_started("auto@gpu", 800)
-    assert routing.prefix_holder(7) == "m@gpu"
+    assert routing.prefix_holder(7, "m") == "m@gpu"
+    # The next turn asks for the box under the other name: the same box holds it, as that name's deployment.
+    assert routing.prefix_holder(7, "auto") == "auto@gpu" and routing.prefix_holder(7, "other") is None
     routing.stats.request_started("auto@gpu", 300)
-    assert routing.prefix_holder(7) is None
+    assert routing.prefix_holder(7, "m") is None and routing.prefix_holder(7, "auto") is None
