@@ -12,6 +12,9 @@ simulator then replays the trace with each request's measured token counts on a 
 Edge-floor requests are left out (no edge node here). Run:
 `python -m bench.routing_eval.live [--minutes 2] [--load-boxes 4] [--curve PATH] [--shared-cores N]
 [--contended-curve PATH] [--policies switchboard,replicas-only,round-robin] [--out docs/BENCHMARKS.md]`.
+Without `--curve` it first measures this machine's two curves below (`calibrate`, about a minute and a
+half) and replays on them with `--shared-cores` this machine's core count: a curve measured on another CPU
+sets the trace's rate for an engine of another speed, and the simulator then describes another load.
 The replicas share this machine's cores, so the closest simulation is the curve of one engine alone
 (`python -m bench.routing_eval.calibrate --engines 1 --out PATH`) with `--shared-cores` the machine's core
 count: a replica steps slower only while more are busy than there are cores. A curve measured with all three
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,10 +44,11 @@ import httpx
 
 from backends.base import DEADLINE_HEADER
 from bench.overhead import _spawn, _wait_http, free_port, machine_info, stop_all
+from bench.routing_eval import calibrate
 from bench.routing_eval.calibrate import engine_cmd
 from bench.routing_eval.conversation import messages_of, shared_system_tokens
 from bench.routing_eval.fleet import CLOUD as CLOUD_MODEL
-from bench.routing_eval.fleet import CURVE_PATH, StepModel, load_curve, make_fleet
+from bench.routing_eval.fleet import StepModel, load_curve, make_fleet
 from bench.routing_eval.metrics import percentile
 from bench.routing_eval.report import make_trace
 from bench.routing_eval.sim import CLOUD, Job, Simulation
@@ -355,6 +360,16 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
+def measured_here() -> tuple[StepModel, StepModel]:
+    """This machine's curves, measured now: one engine alone and all the replicas busy at once."""
+    with tempfile.TemporaryDirectory(prefix="sb-eval-curves-") as tmp:
+        alone, busy = Path(tmp) / "alone.json", Path(tmp) / "busy.json"
+        with contextlib.redirect_stdout(sys.stderr):  # calibrate prints each curve; the report stays clean
+            calibrate.main(["--engines", "1", "--out", str(alone)])
+            calibrate.main(["--engines", str(REPLICAS), "--out", str(busy)])
+        return load_curve(alone), load_curve(busy)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=2)
@@ -362,8 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path)
     parser.add_argument(
-        "--curve", type=Path, default=CURVE_PATH,
-        help="the step-time curve (calibrate.py --engines 3 measures one under the replay's conditions)",
+        "--curve", type=Path, default=None,
+        help="the step-time curve of one engine alone (`calibrate.py --engines 1`); default: measure this "
+        "machine's, and the contended one, before the replay",
     )  # fmt: skip
     parser.add_argument(
         "--shared-cores", type=float, default=None,
@@ -385,8 +401,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--policies: expected some of {', '.join(POLICIES)}, got {args.policies!r}")
     if args.contended_curve and not args.shared_cores:
         parser.error("--contended-curve needs --shared-cores (the cores the replicas share)")
-    curve = load_curve(args.curve)
-    contended = load_curve(args.contended_curve) if args.contended_curve else None
+    contended: StepModel | None
+    if args.curve is None:
+        if args.contended_curve:
+            parser.error("--contended-curve needs --curve (without both, both are measured here)")
+        curve, contended = measured_here()
+        args.shared_cores = args.shared_cores or os.cpu_count() or 1
+    else:
+        curve = load_curve(args.curve)
+        contended = load_curve(args.contended_curve) if args.contended_curve else None
     trace = live_trace(args.minutes, args.load_boxes, args.seed, curve)
     load = [round(os.getloadavg()[0], 2)]
     system_tokens = shared_system_tokens()
@@ -432,10 +455,11 @@ def main(argv: list[str] | None = None) -> None:
         f"average {load} (start, after each replay; other helpers share this machine).",
         "",
         f"Command: `python -m bench.routing_eval.live --minutes {args.minutes:g} "
-        f"--load-boxes {args.load_boxes:g} --seed {args.seed} --curve {_rel(args.curve)}"
+        f"--load-boxes {args.load_boxes:g} --seed {args.seed}"
+        f"{f' --curve {_rel(args.curve)}' if args.curve else ''}"
         f"{f' --shared-cores {args.shared_cores:g}' if args.shared_cores else ''}"
         f"{f' --contended-curve {_rel(args.contended_curve)}' if args.contended_curve else ''}"
-        f"{picked}{out}`. Curve: "
+        f"{picked}{out}`. Curve{'' if args.curve else 's, measured here before the replay'}: "
         f"{curve.source}{f'; all {REPLICAS} busy: {contended.source}' if contended else ''}. "
         f"{len(trace)} requests of "
         f"`bursty-agents` (outputs capped at {MAX_OUTPUT} tokens, edge-floor requests left out), open loop; "
