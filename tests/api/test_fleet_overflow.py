@@ -364,7 +364,7 @@ def test_a_new_conversation_starts_where_its_system_prompt_was_last_served(env: 
     home = first_turn(SYSTEM, 100).headers["x-switchboard-backend"]
     for s in range(101, 109):
         raw = first_turn(SYSTEM, s)
-        assert raw.headers["x-switchboard-backend"] == home, raw.headers["x-switchboard-route"]
+        assert raw.headers["x-switchboard-backend"] == home
         assert float(raw.headers["x-switchboard-predicted-ttft-ms"]) < 600  # elsewhere: 2.4 s of prefill
     # Sessions of different agents have nothing cached anywhere: rendezvous hashing spreads them.
     spread = {first_turn(f"Agent {s}. " + SYSTEM, s).headers["x-switchboard-backend"] for s in range(12)}
