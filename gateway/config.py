@@ -143,12 +143,15 @@ class CapacityConfig(_Strict):
     # With prefill_tokens_per_s: µs a prompt token costs more per token before it (its attention over them;
     # `python -m bench.routing_eval.calibrate` measures it), so a long prompt is predicted at its own pace.
     prefill_us_per_context_token: float = Field(default=0.0, ge=0)
+    # µs a decoding stream's step costs more per token in its context (its attention over them; calibrate
+    # measures it): with it, a box whose running requests hold long prompts is predicted at its slower steps.
+    decode_us_per_context_token: float = Field(default=0.0, ge=0)
 
     def curve(self) -> Capacity:
         return Capacity(
             tuple(self.tokens_per_s), tuple(self.ttft_ms), self.max_concurrency, self.prefill_tokens_per_s,
             self.reserve_slots, self.reserve_ttft_ms, self.kv_cache_tokens, self.prefill_chunk_tokens,
-            self.short_prefill_tokens, self.prefill_us_per_context_token,
+            self.short_prefill_tokens, self.prefill_us_per_context_token, self.decode_us_per_context_token,
         )  # fmt: skip
 
 

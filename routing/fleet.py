@@ -51,9 +51,13 @@ class Capacity:
     progress), not all. 0: prompts are computed oldest first.
     `prefill_us_per_context_token`, with a prefill rate: what a prompt token costs more for each token before
     it in its sequence (its attention over them), in µs: a prompt of n uncached tokens after s cached ones
-    takes n / rate plus this x n x (s + n / 2) µs, so a long prompt is not predicted at a short one's rate
-    (`python -m bench.routing_eval.calibrate` measures it: its `prefill_ms_per_context_token` x 1000). 0:
-    a flat rate.
+    takes n / rate plus this x n x (s + n / 2) µs (`prompt_context`), so a long prompt is not predicted at a
+    short one's rate, nor are the prompts pending ahead of a request (`python -m
+    bench.routing_eval.calibrate` measures it: its `prefill_ms_per_context_token` x 1000). 0: a flat rate.
+    `decode_us_per_context_token`: what each decoding stream's step costs more per token in its context
+    (prompt and answer so far), in µs: with it, a step on a box whose running requests hold c prompt tokens
+    in all takes this x c µs more than `tokens_per_s` says (measured with short contexts), for the first
+    token and every one after it (calibrate: `decode_ms_per_context_token` x 1000). 0: not modelled.
     """
 
     tokens_per_s: tuple[tuple[float, float], ...]
@@ -66,6 +70,7 @@ class Capacity:
     prefill_chunk_tokens: int = 0
     short_prefill_tokens: int = 0
     prefill_us_per_context_token: float = 0.0
+    decode_us_per_context_token: float = 0.0
 
     def __post_init__(self) -> None:
         for name, points, x_min in (("tokens_per_s", self.tokens_per_s, 1), ("ttft_ms", self.ttft_ms, 0)):
@@ -96,6 +101,10 @@ class Capacity:
         ):
             raise ValueError(
                 "capacity.prefill_us_per_context_token must be >= 0, and needs capacity.prefill_tokens_per_s"
+            )
+        if self.decode_us_per_context_token < 0:
+            raise ValueError(
+                f"capacity.decode_us_per_context_token must be >= 0, got {self.decode_us_per_context_token}"
             )
         if self.short_prefill_tokens and not self.prefill_chunk_tokens:
             raise ValueError(
@@ -163,6 +172,8 @@ def predict(
     running: int | None,
     capacity: Capacity | None,
     pending_prompt_tokens: int = 0,
+    pending_prompt_context: float = 0.0,
+    in_flight_context: int = 0,
 ) -> Prediction:
     """Latency terms on one deployment from its live stats and (if configured) its capacity curve.
 
@@ -171,7 +182,12 @@ def predict(
     the box are max(in-flight, running + queue depth); the new one starts when a slot frees (each completion
     frees one of `slots`), decodes at aggregate(c)/c tokens/s with c the requests running beside it. With a
     prefill rate, its first token comes after the prompt tokens pending on the box (`pending_prompt_tokens`:
-    the gateway's in-flight requests without a first token yet) and its own, or after its slot wait.
+    the gateway's in-flight requests without a first token yet) and its own, or after its slot wait; with a
+    context cost too, the pending prompts' attention is charged on `pending_prompt_context` (their
+    `prompt_context`, summed), as the request's own is. With the engine's chunk size, each chunk of prompt
+    also waits for a step of the streams decoding beside it. With a decode context cost, every step grows by
+    the running streams' context: `in_flight_context` (the gateway's in-flight prompts, whole) scaled to the
+    share of them that hold a slot.
     """
     ms_per_token = 1000.0 / decode_tokens_per_s
     if capacity is None:
@@ -185,10 +201,14 @@ def predict(
     waiting = max(0, on_box + 1 - slots)
     concurrency = min(on_box + 1, slots)
     stream_ms_per_token = 1000.0 * concurrency / capacity.aggregate_tokens_per_s(concurrency)
+    if capacity.decode_us_per_context_token and on_box:  # the running streams' attention, each step
+        running_context = in_flight_context * min(1.0, slots / on_box)
+        stream_ms_per_token += capacity.decode_us_per_context_token / 1000 * running_context
     unreserved = capacity.reserve_slots == 0 or on_box + 1 <= slots - capacity.reserve_slots
     if capacity.prefill_tokens_per_s > 0:
-        return _prefill_bound(capacity, p50_latency_ms, ttft_ms, pending_prompt_tokens, waiting,
-                              stream_ms_per_token, unreserved)  # fmt: skip
+        pending = (pending_prompt_tokens, pending_prompt_context)
+        return _prefill_bound(capacity, p50_latency_ms, ttft_ms, pending, waiting, stream_ms_per_token,
+                              unreserved)  # fmt: skip
     curve_ttft = capacity.ttft_at(waiting)
     if curve_ttft is not None:
         ttft_base, ttft_per_token = curve_ttft, 0.0
@@ -202,19 +222,29 @@ def predict(
     )
 
 
+def prompt_context(tokens: int, cached_tokens: int = 0) -> float:
+    """What `Capacity.prefill_us_per_context_token` is charged on for a prompt's `tokens` computed after
+    `cached_tokens` cached ones: the tokens before each of them, summed (tokens x (cached + tokens / 2))."""
+    return tokens * (cached_tokens + tokens / 2)
+
+
 def _prefill_bound(
     capacity: Capacity,
     p50_latency_ms: float,
     ttft_ms: float,
-    pending_prompt_tokens: int,
+    pending: tuple[int, float],
     waiting: int,
     stream_ms: float,
     unreserved: bool,
 ) -> Prediction:
     """`predict` with a prefill rate: one step + max(prefill of the pending prompts, slot wait) + own prompt.
     The slot wait is the curve's TTFT at that queue depth, else queue x the measured p50 / slots, else
-    rounds of this request's own service time."""
+    rounds of this request's own service time. `pending`: (prompt tokens, their context; `predict`)."""
     ms_per_prompt = 1000.0 / capacity.prefill_tokens_per_s
+    if capacity.prefill_chunk_tokens:  # each chunk rides in a step with the decoding streams
+        ms_per_prompt += stream_ms / capacity.prefill_chunk_tokens
+    ms_per_context = capacity.prefill_us_per_context_token / 1000
+    pending_tokens, pending_context = pending
     slot_ms, slot_per_token = 0.0, 0.0
     if waiting:
         curve = capacity.ttft_at(waiting)
@@ -225,11 +255,13 @@ def _prefill_bound(
         else:
             rounds = waiting / capacity.slots
             slot_ms, slot_per_token = rounds * ttft_ms, rounds * stream_ms
-    base = stream_ms + max(pending_prompt_tokens * ms_per_prompt, slot_ms)
+    base = stream_ms + max(pending_tokens * ms_per_prompt + pending_context * ms_per_context, slot_ms)
     short, saving = capacity.short_prefill_tokens, 0.0
     if short:  # ahead of a short prompt: the chunk in progress, at most (its own step runs it alone)
-        ahead = min(pending_prompt_tokens, capacity.prefill_chunk_tokens)
-        saving = base - (stream_ms + max(ahead * ms_per_prompt, slot_ms))
+        ahead = min(pending_tokens, capacity.prefill_chunk_tokens)
+        # that chunk at the pending prompts' mean context a token
+        context = ahead * pending_context / pending_tokens if pending_tokens else 0.0
+        saving = base - (stream_ms + max(ahead * ms_per_prompt + context * ms_per_context, slot_ms))
     return Prediction(
         base, slot_per_token, base, slot_per_token + stream_ms, waiting, ms_per_prompt, unreserved, short,
         saving, capacity.prefill_us_per_context_token / 2000,

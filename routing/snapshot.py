@@ -4,9 +4,9 @@ A `RoutingSnapshot` is built once per stats refresh (off the request path) and p
 does not depend on the request: the per-model index, each deployment's marginal per-token price (0 on owned
 capacity: `HourlyPrice`), its latency terms (`routing.fleet.predict`, from live load and the optional
 `DeploymentSpec.capacity` curve, prompt length included where it gives a prefill rate) and the
-dispatch-facing `Deployment`. SLOs (`RoutePolicy.slo_p95_*`) and
-prefix affinity (`RouteRequest.prefix_key`) are read by `routing.scoring.choose`. Invariant: nothing here
-changes after construction, so `choose` can share a snapshot across requests and threads without locks.
+dispatch-facing `Deployment`. SLOs (`RoutePolicy.slo_p95_*`) and prefix affinity (`RouteRequest.prefix_key`)
+are read by `routing.scoring.choose`. Invariant: nothing here changes after construction, so `choose` can
+share a snapshot across requests and threads without locks.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ class DeploymentStats:
     sample_count: int = 0  # 0: these are the config priors
     running: int | None = None  # the engine's running requests (its /metrics); None: not reported
     pending_prompt_tokens: int = 0  # prompt tokens of the gateway's in-flight requests without a first token
+    pending_prompt_context: float = 0.0  # their attention's share: routing.fleet.predict
+    in_flight_context: int = 0  # prompt tokens of the gateway's in-flight requests: routing.fleet.predict
     # How far late the predictions run here: the 90th percentile of measured / predicted TTFT over recent
     # requests (>= 1; 1 until enough are measured). SLO checks use predicted TTFT x this (routing.placement).
     ttft_tail_factor: float = 1.0
@@ -101,10 +103,8 @@ LACKS_TOOLS, LACKS_JSON = 1, 2  # bits of `Entry.lacks`
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """A spec and its stats, flattened into what `choose` reads per request. Built by `RoutingSnapshot`.
-
-    The copies of spec/stats fields save attribute hops in the loop that runs once per deployment per request.
-    """
+    """A spec and its stats, flattened into what `choose` reads per request (built by `RoutingSnapshot`): the
+    copies of spec/stats fields save attribute hops in the loop that runs once per deployment per request."""
 
     spec: DeploymentSpec
     stats: DeploymentStats
@@ -185,15 +185,11 @@ def _entry(spec: DeploymentSpec, stats: DeploymentStats) -> Entry:
     open_until_s = -math.inf if stats.circuit_open_until_s is None else stats.circuit_open_until_s
     lacks = (0 if spec.supports_tools else LACKS_TOOLS) | (0 if spec.supports_json else LACKS_JSON)
     p = predict(
-        ttft_ms=stats.ttft_ms,
-        decode_tokens_per_s=stats.decode_tokens_per_s,
-        p50_latency_ms=stats.p50_latency_ms,
-        in_flight=stats.in_flight,
-        queue_depth=stats.queue_depth,
-        running=stats.running,
-        capacity=spec.capacity,
-        pending_prompt_tokens=stats.pending_prompt_tokens,
-    )
+        ttft_ms=stats.ttft_ms, decode_tokens_per_s=stats.decode_tokens_per_s,
+        p50_latency_ms=stats.p50_latency_ms, in_flight=stats.in_flight, queue_depth=stats.queue_depth,
+        running=stats.running, capacity=spec.capacity, pending_prompt_tokens=stats.pending_prompt_tokens,
+        pending_prompt_context=stats.pending_prompt_context, in_flight_context=stats.in_flight_context,
+    )  # fmt: skip
     reserve_ttft_ms = spec.capacity.reserve_ttft_ms if spec.capacity is not None else None
     return Entry(
         spec=spec,

@@ -275,6 +275,7 @@ def config_line(model: StepModel) -> str:
         f"capacity = {{ tokens_per_s = [{points}], max_concurrency = {cap.max_concurrency}, "
         f"prefill_tokens_per_s = {cap.prefill_tokens_per_s:.1f}, "
         f"prefill_us_per_context_token = {cap.prefill_us_per_context_token:.3f}, "
+        f"decode_us_per_context_token = {cap.decode_us_per_context_token:.3f}, "
         f"kv_cache_tokens = {cap.kv_cache_tokens}, prefill_chunk_tokens = {cap.prefill_chunk_tokens}, "
         f"short_prefill_tokens = {cap.short_prefill_tokens} }}"
     )

@@ -54,6 +54,7 @@ from bench.routing_eval.report import make_trace
 from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.switchboard import Switchboard
 from bench.routing_eval.workload import Request
+from routing.fleet import prompt_context
 
 REPLICAS = 3
 MAX_OUTPUT = 32  # short outputs keep the replay to a few minutes on two shared cores
@@ -65,6 +66,8 @@ class _BoxView:
     in_system: int = 0
     waiting: list[int] = dataclasses.field(default_factory=list)  # only its length is read
     pending_prompt_tokens: int = 0  # as the gateway counts them: until each request's first token
+    pending_prompt_context: float = 0.0  # theirs (routing.fleet.prompt_context)
+    in_flight_context: int = 0  # the whole prompts of the requests in flight here
 
     @property
     def running(self) -> int:
@@ -79,7 +82,7 @@ class LiveView:
         self.boxes = {b.name: _BoxView(b) for b in fleet.boxes}  # type: ignore[attr-defined]
         self.cloud_in_flight = 0
 
-    def start(self, target: str, prompt_tokens: int) -> None:
+    def start(self, target: str, prompt_tokens: int, cached_tokens: int) -> None:
         if target == CLOUD:
             self.cloud_in_flight += 1
             return
@@ -87,19 +90,24 @@ class LiveView:
         box.in_system += 1
         box.waiting = [0] * max(0, box.in_system - 8)
         box.pending_prompt_tokens += prompt_tokens
+        box.pending_prompt_context += prompt_context(prompt_tokens, cached_tokens)
+        box.in_flight_context += prompt_tokens + cached_tokens
 
-    def first_token(self, target: str, prompt_tokens: int) -> None:
+    def first_token(self, target: str, prompt_tokens: int, cached_tokens: int) -> None:
         if target != CLOUD:
             box = self.boxes[target]
             box.pending_prompt_tokens = max(0, box.pending_prompt_tokens - prompt_tokens)
+            context = box.pending_prompt_context - prompt_context(prompt_tokens, cached_tokens)
+            box.pending_prompt_context = max(0.0, context) if box.pending_prompt_tokens else 0.0
 
-    def end(self, target: str) -> None:
+    def end(self, target: str, prompt_tokens: int) -> None:
         if target == CLOUD:
             self.cloud_in_flight -= 1
             return
         box = self.boxes[target]
         box.in_system -= 1
         box.waiting = [0] * max(0, box.in_system - 8)
+        box.in_flight_context = max(0, box.in_flight_context - prompt_tokens)
 
 
 async def _send(
@@ -173,14 +181,14 @@ async def replay(
                 return
             counted = getattr(policy, "counted_prompt", None)  # what its gateway counts as pending
             pending = counted(req) if counted is not None else req.prompt_tokens
-            view.start(target, pending)
+            view.start(target, pending, req.prompt_tokens - pending)
             model = CLOUD_MODEL.name if target == CLOUD else "smollm2"
-            held = [pending]
+            held = [(pending, req.prompt_tokens - pending)]
             deadline = getattr(policy, "deadline_ms", None)  # what its gateway tells the engine (EDF)
 
             def prefilled() -> None:  # once: at the first token, or at the end
                 if held:
-                    view.first_token(target, held.pop())
+                    view.first_token(target, *held.pop())
 
             try:
                 messages = messages_of(req, by_rid, run, answers)
@@ -192,7 +200,7 @@ async def replay(
                 answers[req.rid] = text
             finally:
                 prefilled()
-                view.end(target)
+                view.end(target, req.prompt_tokens)
             measured = dataclasses.replace(req, prompt_tokens=p_tok or req.prompt_tokens, output_tokens=o_tok)
             job = Job(measured, target, now, ttft_s=ttft, e2e_s=total)
             job.cost_usd = CLOUD_MODEL.cost_usd(p_tok, o_tok) if target == CLOUD else Decimal(0)

@@ -27,6 +27,7 @@ from backends.base import DEFAULT_DEADLINE_MS
 from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel, positions
 from bench.routing_eval.prefix_model import PrefixCache
 from bench.routing_eval.workload import Request
+from routing.fleet import prompt_context
 
 CLOUD = "cloud"
 
@@ -90,6 +91,17 @@ class Box:
         """What a gateway counts: prompt tokens of its requests here without a first token yet (waiting or
         prefilling; it sees no prefill progress, and of prefix-cache hits only what it predicted)."""
         return sum(_counted(j) for j in self.waiting) + sum(_counted(j) for j in self.prefilling)
+
+    @property
+    def in_flight_context(self) -> int:
+        """Prompt tokens of the requests here, as a gateway counts them (`routing.fleet.predict`)."""
+        return sum(j.req.prompt_tokens for j in (*self.waiting, *self.prefilling, *self.decoding))
+
+    @property
+    def pending_prompt_context(self) -> float:
+        """Their attention's share, as the gateway counts it (`routing.fleet.prompt_context`: each one's
+        counted tokens after the rest of its prompt)."""
+        return sum(_context(j) for j in self.waiting) + sum(_context(j) for j in self.prefilling)
 
     def _prefill_plan(self) -> Plan:
         """(the prefilling jobs in the engine's order, the prompt tokens the step computes, whether short
@@ -275,6 +287,11 @@ def _rank(job: Job) -> float:
 
 def _counted(job: Job) -> int:
     return job.req.prompt_tokens if job.counted_prompt < 0 else job.counted_prompt
+
+
+def _context(job: Job) -> float:
+    n = _counted(job)
+    return prompt_context(n, job.req.prompt_tokens - n)
 
 
 class Policy(Protocol):

@@ -63,11 +63,7 @@ def capacity_of(model: StepModel) -> Capacity:
         n *= 2
     points.append((float(model.max_batch), model.aggregate_tok_s(model.max_batch)))
     chunk = model.max_prefill_tokens
-    step_ms = (
-        model.step_base_ms
-        + model.step_ms_per_stream * model.max_batch / 2
-        + model.prefill_ms_per_token * chunk
-    )
+    step_ms = model.prefill_ms_per_token * chunk
     return Capacity(
         tokens_per_s=tuple(points),
         max_concurrency=model.max_batch,
@@ -78,6 +74,7 @@ def capacity_of(model: StepModel) -> Capacity:
         prefill_chunk_tokens=chunk,
         short_prefill_tokens=model.short_prefill_tokens,
         prefill_us_per_context_token=1000 * model.prefill_ms_per_context_token,
+        decode_us_per_context_token=1000 * model.decode_ms_per_context_token,
     )
 
 
@@ -163,7 +160,7 @@ class Switchboard:
     _snapshot: RoutingSnapshot | None = None
     _built: RoutingSnapshot | None = None
     _built_s: float = -1.0
-    _built_load: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _built_load: dict[str, tuple[int, int, float, int]] = field(default_factory=dict)
     _policies: dict[str, RoutePolicy] = field(default_factory=dict)
     predicted_ttft_ms: dict[int, float] = field(default_factory=dict)  # request id -> routing's prediction
     _counted: int = 0
@@ -187,7 +184,7 @@ class Switchboard:
         else:
             box = sim.boxes[name]
             in_flight, waiting, running = box.in_system, len(box.waiting), box.running
-        pending = 0 if name == CLOUD else sim.boxes[name].pending_prompt_tokens
+        pending, context, held = (0, 0.0, 0) if name == CLOUD else self._load(name, sim)[1:]
         return DeploymentStats(
             ttft_ms=seen.ttft_ms,
             decode_tokens_per_s=max(seen.decode_tok_s, 1e-3),
@@ -198,6 +195,8 @@ class Switchboard:
             healthy=self.use_cloud or name != CLOUD,
             running=running,
             pending_prompt_tokens=pending,
+            pending_prompt_context=context,
+            in_flight_context=held,
             ttft_tail_factor=seen.tail,
         )
 
@@ -211,21 +210,22 @@ class Switchboard:
             self._built_load = {n: self._load(n, sim) for n in sim.boxes}
         elif self.fresh_load:  # the gateway's own counts are current between rebuilds (gateway/live/state.py)
             changed = {}
-            for name, (in_flight_0, pending_0) in self._built_load.items():
-                in_flight, pending = self._load(name, sim)
-                if in_flight != in_flight_0 or pending != pending_0:
+            for name, load_0 in self._built_load.items():
+                in_flight, pending, context, held = load = self._load(name, sim)
+                if load != load_0:
                     spec, stats = self._built.deployments[dep_id(name)]
                     changed[spec.deployment_id] = replace(
-                        stats, in_flight=in_flight, pending_prompt_tokens=pending
-                    )
+                        stats, in_flight=in_flight, pending_prompt_tokens=pending,
+                        pending_prompt_context=context, in_flight_context=held,
+                    )  # fmt: skip
             self._snapshot = self._built.with_stats(changed) if changed else self._built
         assert self._snapshot is not None
         return self._snapshot
 
     @staticmethod
-    def _load(name: str, sim: Simulation) -> tuple[int, int]:
+    def _load(name: str, sim: Simulation) -> tuple[int, int, float, int]:
         box = sim.boxes[name]
-        return box.in_system, box.pending_prompt_tokens
+        return box.in_system, box.pending_prompt_tokens, box.pending_prompt_context, box.in_flight_context
 
     def _held(self, key: int) -> tuple[str, int] | None:
         """(holder, tokens it holds) as `RoutingState.prefix_held` gives them, or None."""

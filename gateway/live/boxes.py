@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from gateway.live.stats import StatsBook
+from gateway.live.stats import Load, StatsBook
 from routing.snapshot import DeploymentSpec, DeploymentStats
 
 Entries = dict[str, tuple[DeploymentSpec, DeploymentStats]]
@@ -35,13 +35,12 @@ class BoxPeers:
         self._peers = {dep_id: ids for ids in shared for dep_id in ids}
         self._model = {dep_id: spec.public_model for dep_id, spec in specs.items()}
 
-    def load(self, stats: StatsBook, dep_id: str) -> tuple[int, int]:
-        """`StatsBook.load_of` summed over the box: (in-flight requests, prompt tokens pending prefill)."""
+    def load(self, stats: StatsBook, dep_id: str) -> Load:
+        """`StatsBook.load_of` summed over the box."""
         peers = self._peers.get(dep_id)
         if peers is None:
             return stats.load_of(dep_id)
-        loads = [stats.load_of(peer) for peer in peers]
-        return sum(n for n, _ in loads), sum(t for _, t in loads)
+        return Load(*(sum(column) for column in zip(*(stats.load_of(peer) for peer in peers), strict=True)))
 
     def under(self, dep_id: str, public_model: str) -> str | None:
         """The deployment serving `public_model` on `dep_id`'s box (`dep_id` itself when it does), None when
@@ -72,6 +71,8 @@ class BoxPeers:
                     stats,
                     in_flight=sum(s.in_flight for s in rows),
                     pending_prompt_tokens=sum(s.pending_prompt_tokens for s in rows),
+                    pending_prompt_context=sum(s.pending_prompt_context for s in rows),
+                    in_flight_context=sum(s.in_flight_context for s in rows),
                 ),
             )
         return out

@@ -28,7 +28,7 @@ from gateway.edge.pool import LiveNode, edge_templates, expand, prior_for, with_
 from gateway.live.boxes import BoxPeers
 from gateway.live.breaker import BreakerBoard, BreakerPolicy, BreakerState, BreakerView
 from gateway.live.engine_load import EngineLoad, MetricsPoller
-from gateway.live.stats import Evidence, LiveStats, Prior, StatsBook
+from gateway.live.stats import Evidence, LiveStats, Load, Prior, StatsBook
 from routing.decision import Deployment
 from routing.fleet import holds_prefix
 from routing.preferences import smaller
@@ -155,6 +155,8 @@ def _stats(live: LiveStats, breaker: BreakerView, *, healthy: bool = True) -> De
         healthy=healthy,
         running=live.running,
         pending_prompt_tokens=live.pending_prompt_tokens,
+        pending_prompt_context=live.pending_prompt_context,
+        in_flight_context=live.in_flight_context,
         ttft_tail_factor=live.ttft_tail_factor,
     )
 
@@ -217,7 +219,7 @@ class RoutingState:
         self._default_policy = RoutePolicy(affinity_max_waiting=waiting)
         self._snapshot: RoutingSnapshot | None = None
         self._built: RoutingSnapshot | None = None  # the last full rebuild; `_snapshot` may patch its load
-        self._built_load: dict[str, tuple[int, int]] = {}  # curve deployment id -> load_of at the rebuild
+        self._built_load: dict[str, Load] = {}  # curve deployment id -> load_of at the rebuild
         self._load_version = -1
         self._built_s = -math.inf
         self._pollers: list[MetricsPoller] = []
@@ -307,15 +309,13 @@ class RoutingState:
         """`built` with this replica's load on curve deployments moved by what changed since the rebuild
         (a delta, so other replicas' share merged into the rebuild stays)."""
         changed: dict[str, DeploymentStats] = {}
-        for dep_id, (in_flight_0, pending_0) in self._built_load.items():
-            in_flight, pending = self.boxes.load(self.stats, dep_id)
-            if in_flight != in_flight_0 or pending != pending_0:
+        for dep_id, load_0 in self._built_load.items():
+            load = self.boxes.load(self.stats, dep_id)
+            if load != load_0:
                 stats = built.deployments[dep_id][1]
-                changed[dep_id] = dataclasses.replace(
-                    stats,
-                    in_flight=max(0, stats.in_flight + in_flight - in_flight_0),
-                    pending_prompt_tokens=max(0, stats.pending_prompt_tokens + pending - pending_0),
-                )
+                fields = zip(Load._fields, load, load_0, strict=True)
+                moved = {f: max(0, getattr(stats, f) + now - then) for f, now, then in fields}
+                changed[dep_id] = dataclasses.replace(stats, **moved)
         return built.with_stats(changed) if changed else built
 
     def _rebuild(self, now_s: float) -> None:

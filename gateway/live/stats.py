@@ -15,8 +15,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import NamedTuple
 
-from routing.fleet import lateness, tail_factor
+from routing.fleet import lateness, prompt_context, tail_factor
 
 DEFAULT_ALPHA = 0.2  # moves 90% of the way to a new steady value in 11 observations
 DEFAULT_WINDOW = 256
@@ -64,7 +65,21 @@ class LiveStats:
     last_update_s: float | None  # latest request observation or engine reading
     engine_at_s: float | None = None  # when the engine reading above was taken
     pending_prompt_tokens: int = 0  # prompt tokens of in-flight requests without a first token (prefill)
+    pending_prompt_context: float = 0.0  # their attention's share (`prompt_context`; routing.fleet.predict)
+    in_flight_context: int = 0  # prompt tokens of in-flight requests, cached ones included (their decoding)
     ttft_tail_factor: float = 1.0  # routing.fleet.tail_factor of measured / predicted TTFT; 1 until known
+
+
+class Load(NamedTuple):
+    """What this replica has on a deployment (`StatsBook.load_of`), as `LiveStats` names it."""
+
+    in_flight: int = 0
+    pending_prompt_tokens: int = 0
+    pending_prompt_context: float = 0.0
+    in_flight_context: int = 0
+
+
+NO_LOAD = Load()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +163,8 @@ class _Live:
         "latency_ms",
         "in_flight",
         "pending_prompt_tokens",
+        "pending_prompt_context",
+        "in_flight_context",
         "samples",
         "last_update_s",
         "recent",
@@ -170,6 +187,8 @@ class _Live:
         self.latency_ms = prior.latency_ms
         self.in_flight = 0
         self.pending_prompt_tokens = 0
+        self.pending_prompt_context = 0.0
+        self.in_flight_context = 0
         self.samples = 0
         self.last_update_s: float | None = None
         self.recent = 0.0  # decayed observation counts as of recent_at_s (see Evidence)
@@ -232,10 +251,15 @@ class StatsBook:
         live = self._live.get(deployment_id)
         return 0 if live is None else live.kv_written
 
-    def load_of(self, deployment_id: str) -> tuple[int, int]:
-        """(in-flight requests, prompt tokens pending prefill) this replica has on `deployment_id`."""
+    def load_of(self, deployment_id: str) -> Load:
+        """The in-flight requests this replica has on `deployment_id`, their prompts pending prefill and
+        their context."""
         live = self._live.get(deployment_id)
-        return (0, 0) if live is None else (live.in_flight, live.pending_prompt_tokens)
+        if live is None:
+            return NO_LOAD
+        return Load(
+            live.in_flight, live.pending_prompt_tokens, live.pending_prompt_context, live.in_flight_context
+        )
 
     def _get(self, deployment_id: str) -> _Live:
         """The state to change; drops its cached LiveStats (every caller is about to change it)."""
@@ -316,27 +340,43 @@ class StatsBook:
         live.ttft_ms += a * (live.ttft_ms * ratio - live.ttft_ms)
         live.decode_tokens_per_s += a * (live.decode_tokens_per_s / ratio - live.decode_tokens_per_s)
 
-    def request_started(self, deployment_id: str, prompt_tokens: int = 0) -> None:
-        """A request is in flight, its `prompt_tokens` pending prefill until `prefill_done` or the end."""
+    def request_started(self, deployment_id: str, prompt_tokens: int = 0, cached_tokens: int = 0) -> None:
+        """A request is in flight, its `prompt_tokens` (those after the `cached_tokens` it expects cached)
+        pending prefill until `prefill_done` or the end, and the whole prompt in flight until the end."""
         live = self._get(deployment_id)
         live.in_flight += 1
+        live.in_flight_context += prompt_tokens + cached_tokens
         live.pending_prompt_tokens += prompt_tokens
+        live.pending_prompt_context += prompt_context(prompt_tokens, cached_tokens)
         live.kv_written += prompt_tokens
         self.load_version += 1
 
-    def prefill_done(self, deployment_id: str, prompt_tokens: int) -> None:
+    def prefill_done(self, deployment_id: str, prompt_tokens: int, cached_tokens: int = 0) -> None:
         """Its first token came: its prompt no longer stands ahead of new requests. Never below zero."""
-        live = self._get(deployment_id)
-        live.pending_prompt_tokens = max(0, live.pending_prompt_tokens - prompt_tokens)
+        self._unpend(self._get(deployment_id), prompt_tokens, cached_tokens)
         self.load_version += 1
 
-    def request_finished(self, deployment_id: str, pending_prompt_tokens: int = 0) -> None:
-        """Pairs with `request_started` (`pending_prompt_tokens`: its prompt, if no `prefill_done` came).
-        Never goes below zero, so a double call cannot hide real load."""
+    def request_finished(
+        self,
+        deployment_id: str,
+        pending_prompt_tokens: int = 0,
+        cached_tokens: int = 0,
+        prompt_tokens: int = 0,
+    ) -> None:
+        """Pairs with `request_started` (`pending_prompt_tokens`: as it started, if no `prefill_done` came;
+        `cached_tokens` as it started; `prompt_tokens`: the whole prompt, cached ones included). Never goes
+        below zero, so a double call cannot hide real load."""
         live = self._get(deployment_id)
         live.in_flight = max(0, live.in_flight - 1)
-        live.pending_prompt_tokens = max(0, live.pending_prompt_tokens - pending_prompt_tokens)
+        live.in_flight_context = max(0, live.in_flight_context - prompt_tokens) if live.in_flight else 0
+        self._unpend(live, pending_prompt_tokens, cached_tokens)
         self.load_version += 1
+
+    @staticmethod
+    def _unpend(live: _Live, prompt_tokens: int, cached_tokens: int) -> None:
+        live.pending_prompt_tokens = max(0, live.pending_prompt_tokens - prompt_tokens)
+        context = live.pending_prompt_context - prompt_context(prompt_tokens, cached_tokens)
+        live.pending_prompt_context = max(0.0, context) if live.pending_prompt_tokens else 0.0
 
     @contextmanager
     def in_flight(self, deployment_id: str) -> Iterator[None]:
@@ -399,6 +439,8 @@ class StatsBook:
             last_update_s=live.last_update_s,
             engine_at_s=engine.at_s if engine else None,
             pending_prompt_tokens=live.pending_prompt_tokens,
+            pending_prompt_context=live.pending_prompt_context,
+            in_flight_context=live.in_flight_context,
             ttft_tail_factor=tail_factor(live.lateness.sorted()),
         )
 
@@ -458,5 +500,7 @@ def merge_stats(
         last_update_s=max(updates) if updates else None,
         engine_at_s=engine.engine_at_s if engine else None,
         pending_prompt_tokens=sum(s.pending_prompt_tokens for s, _ in rows),
+        pending_prompt_context=sum(s.pending_prompt_context for s, _ in rows),
+        in_flight_context=sum(s.in_flight_context for s, _ in rows),
         ttft_tail_factor=max(s.ttft_tail_factor for s, _ in rows),
     )

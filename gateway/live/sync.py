@@ -131,6 +131,13 @@ _COUNTS = ("in_flight", "samples", "pending_prompt_tokens")
 _MAYBE_COUNTS = ("queue_depth", "running")
 _TIMES = ("last_update_s", "engine_at_s")
 _NUMBERS_SINCE_V1 = ("ttft_tail_factor",)  # >= 1; absent from older replicas' summaries: 1
+# Absent from older replicas' summaries: 0.
+_NUMBERS_ZERO_WHEN_ABSENT = ("pending_prompt_context",)
+_COUNTS_ZERO_WHEN_ABSENT = ("in_flight_context",)
+_SENT_AS_IS = (
+    *_NUMBERS, *_MAYBE_NUMBERS, *_COUNTS, *_MAYBE_COUNTS, *_NUMBERS_SINCE_V1, *_NUMBERS_ZERO_WHEN_ABSENT,
+    *_COUNTS_ZERO_WHEN_ABSENT,
+)  # fmt: skip
 
 
 def encode_summary(
@@ -147,10 +154,7 @@ def encode_summary(
         trip = trips.get(dep_id)
         if s.samples == 0 and s.in_flight == 0 and s.engine_at_s is None and trip is None:
             continue
-        row = {
-            f: getattr(s, f)
-            for f in (*_NUMBERS, *_MAYBE_NUMBERS, *_COUNTS, *_MAYBE_COUNTS, *_NUMBERS_SINCE_V1)
-        }
+        row = {f: getattr(s, f) for f in _SENT_AS_IS}
         for f in _TIMES:
             t = getattr(s, f)
             row[f] = None if t is None else (t + offset_s) * 1000.0
@@ -195,6 +199,8 @@ def decode_summary(raw: bytes | str, *, replica_id: str, offset_s: float) -> dic
             fields |= {f: int(_float(d[f])) for f in _COUNTS} | {f: _maybe_int(d[f]) for f in _MAYBE_COUNTS}
             fields |= {f: mono_s(d[f]) for f in _TIMES}
             fields |= {f: max(1.0, _float(d.get(f, 1.0))) for f in _NUMBERS_SINCE_V1}
+            fields |= {f: _float(d.get(f, 0.0)) for f in _NUMBERS_ZERO_WHEN_ABSENT}
+            fields |= {f: int(_float(d.get(f, 0))) for f in _COUNTS_ZERO_WHEN_ABSENT}
             open_s, hold_s = mono_s(d["open_ms"]), mono_s(d["hold_ms"])
             claim = (
                 None if open_s is None or hold_s is None else Claim(replica_id, d["open_ms"], open_s, hold_s)

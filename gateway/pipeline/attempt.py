@@ -27,6 +27,8 @@ class DeploymentUse:
     ended: bool = False
     sharers: int = 1  # requests in flight on the deployment once this one started, itself included
     pending: int = 0  # its prompt tokens, counted as pending prefill on the deployment until the first token
+    cached: int = 0  # the prompt tokens before them it expects cached there (their attention is counted too)
+    prompt: int = 0  # the whole prompt, cached tokens included: in flight there until the end
     predicted_ttft_ms: float = 0.0  # routing's prediction for it here (0: none); measured / this -> lateness
 
     @classmethod
@@ -38,17 +40,18 @@ class DeploymentUse:
         now_s: float,
         prompt_tokens: int = 0,
         predicted_ttft_ms: float = 0.0,
+        cached_tokens: int = 0,
     ) -> DeploymentUse:
         dep_id = deployment_id(public_model, dep.backend)
-        routing.stats.request_started(dep_id, prompt_tokens)
+        routing.stats.request_started(dep_id, prompt_tokens, cached_tokens)
         sharers = max(1, routing.stats.in_flight_of(dep_id))
-        return cls(dep, dep_id, routing, now_s, sharers=sharers, pending=prompt_tokens,
-                   predicted_ttft_ms=predicted_ttft_ms)  # fmt: skip
+        return cls(dep, dep_id, routing, now_s, sharers=sharers, pending=prompt_tokens, cached=cached_tokens,
+                   prompt=prompt_tokens + cached_tokens, predicted_ttft_ms=predicted_ttft_ms)  # fmt: skip
 
     def prefilled(self) -> None:
         """The first token came: the prompt no longer waits ahead of new requests on the deployment."""
         if self.pending and not self.ended:
-            self.routing.stats.prefill_done(self.dep_id, self.pending)
+            self.routing.stats.prefill_done(self.dep_id, self.pending, self.cached)
         self.pending = 0
 
     def finish(
@@ -66,7 +69,7 @@ class DeploymentUse:
             return
         self.ended = True
         routing = self.routing
-        routing.stats.request_finished(self.dep_id, self.pending)
+        routing.stats.request_finished(self.dep_id, self.pending, self.cached, self.prompt)
         if not counted:
             routing.breakers.release(self.dep_id, now_s)
             return

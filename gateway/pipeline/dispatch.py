@@ -217,8 +217,10 @@ async def _attempt_once(
         raise refused
     timeout_s = max(0.0, min(plan.timeouts_s.get(dep.backend, request.timeout_s), deadline - now_s()))
     cached_on, cached = plan.prefix_cached
-    pending = plan.prompt_tokens - (cached if dep.backend == cached_on else 0)
-    use = DeploymentUse.begin(dep, request.model, routing, now_s(), pending, predicted_ttft_ms)
+    cached = cached if dep.backend == cached_on else 0
+    use = DeploymentUse.begin(
+        dep, request.model, routing, now_s(), plan.prompt_tokens - cached, predicted_ttft_ms, cached
+    )
     err: SwitchboardError
     try:
         async with asyncio.timeout(timeout_s):

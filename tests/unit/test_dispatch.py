@@ -108,12 +108,28 @@ async def test_a_request_counts_its_prompt_as_pending_prefill_until_its_first_to
     assert stats.snapshot(1.0)["m@b1"].pending_prompt_tokens == 0
 
     decision, backends, plan = setup("hello")
-    plan = dataclasses.replace(plan, prompt_tokens=700)
+    plan = dataclasses.replace(plan, prompt_tokens=700, prefix_cached=("b0", 600))  # b0 holds 600 of them
     opened = await dispatch.open_stream(decision, REQUEST, timing(), plan)  # a stream: at its first token
-    assert plan.routing.stats.snapshot(0.0)["m@b0"].pending_prompt_tokens == 0
-    assert plan.routing.stats.snapshot(0.0)["m@b0"].in_flight == 1
+    now = plan.routing.stats.snapshot(0.0)["m@b0"]
+    assert (now.pending_prompt_tokens, now.pending_prompt_context, now.in_flight) == (0, 0.0, 1)
+    assert now.in_flight_context == 700  # the whole prompt, cached tokens included, until the end
     opened.use.finish(ok=True, counted=True, now_s=1.0)
-    assert plan.routing.stats.snapshot(1.0)["m@b0"].in_flight == 0
+    after = plan.routing.stats.snapshot(1.0)["m@b0"]
+    assert (after.in_flight, after.in_flight_context) == (0, 0)
+
+
+async def test_a_prompt_pending_after_a_cached_prefix_counts_its_attention_from_there() -> None:
+    decision, backends, plan = setup(0.2)
+    plan = dataclasses.replace(plan, prompt_tokens=700, prefix_cached=("b0", 600))
+    task = asyncio.create_task(dispatch.complete(decision, REQUEST, timing(), plan))
+    await asyncio.sleep(0.05)
+    now = plan.routing.stats.snapshot(0.0)["m@b0"]
+    assert (now.pending_prompt_tokens, now.pending_prompt_context) == (100, 100 * 650)  # after 600 cached
+    assert now.in_flight_context == 700
+    served = await task
+    served.use.finish(ok=True, counted=True, now_s=1.0)
+    after = plan.routing.stats.snapshot(1.0)["m@b0"]
+    assert (after.pending_prompt_tokens, after.pending_prompt_context, after.in_flight_context) == (0, 0.0, 0)
 
 
 class FakeClock:

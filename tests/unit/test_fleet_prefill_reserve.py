@@ -12,7 +12,7 @@ import pytest
 
 from backends.base import BackendKind
 from routing.decision import Price
-from routing.fleet import Capacity, predict
+from routing.fleet import Capacity, Prediction, predict, prompt_context
 from routing.privacy import PrivacyTier as T
 from routing.scoring import choose
 from routing.snapshot import (
@@ -34,15 +34,16 @@ SLO = RoutePolicy(slo_p95_ttft_ms=4000)
 
 
 def box(
-    capacity: Capacity, *, in_flight: int = 0, pending: int = 0
+    capacity: Capacity, *, in_flight: int = 0, pending: int = 0, pending_context: float = 0.0
 ) -> tuple[DeploymentSpec, DeploymentStats]:
     spec = DeploymentSpec(
         public_model="m", deployment_id="box", backend="box", backend_kind=BackendKind.LOCAL,
         upstream_model="up", privacy_tier=T.INTERNAL, price=HourlyPrice(Decimal("1")), capacity=capacity,
     )  # fmt: skip
     stats = DeploymentStats(
-        ttft_ms=150, decode_tokens_per_s=40, in_flight=in_flight, pending_prompt_tokens=pending
-    )
+        ttft_ms=150, decode_tokens_per_s=40, in_flight=in_flight, pending_prompt_tokens=pending,
+        pending_prompt_context=pending_context,
+    )  # fmt: skip
     return spec, stats
 
 
@@ -101,6 +102,76 @@ def test_a_long_prompt_is_predicted_at_its_own_pace_with_a_context_cost() -> Non
     assert (
         choose(req(2000), flat, RoutePolicy(slo_p95_ttft_ms=12_000), now_s=0).candidates[0].backend == "box"
     )
+
+
+def test_the_prompts_pending_ahead_are_charged_their_own_attention() -> None:
+    """A request behind a long prompt waits for that prompt's prefill at its own pace, context included: a
+    2,000-token prompt pending ahead takes 10 s flat + 5 s of attention, not 10 s. A prompt that the
+    gateway expects cached after 1,000 tokens is charged from there."""
+
+    def ttft(prompt: int, pending: int, context: float) -> float:
+        b = box(CONTEXT, in_flight=1, pending=pending, pending_context=context)
+        return choose(req(prompt, T.INTERNAL), snap(b), SLO, now_s=0).ranked[0].ttft_ms
+
+    step = 1000 * 2 / CONTEXT.aggregate_tokens_per_s(2)
+    own = 100 * 5 + 12.5  # its own 100 tokens
+    assert prompt_context(2000) == 2000 * 1000 and prompt_context(500, 1000) == 500 * 1250
+    assert ttft(100, 2000, prompt_context(2000)) == pytest.approx(step + 10_000 + 5000 + own)
+    assert ttft(100, 500, prompt_context(500, 1000)) == pytest.approx(step + 2500 + 1562.5 + own)
+    assert ttft(100, 2000, 0.0) == pytest.approx(step + 10_000 + own)  # a gateway counting no context
+    # 2,000 pending: 15 s, not 10 s, ahead of a 400-token prompt: past a 16 s SLO, the cloud takes it
+    policy = RoutePolicy(slo_p95_ttft_ms=16_000)
+    ahead = snap(box(CONTEXT, in_flight=1, pending=2000, pending_context=prompt_context(2000)), cloud())
+    assert choose(req(400), ahead, policy, now_s=0).candidates[0].backend == "cloud"
+    flat = snap(box(CONTEXT, in_flight=1, pending=2000), cloud())
+    assert choose(req(400), flat, policy, now_s=0).candidates[0].backend == "box"
+
+
+def test_a_short_turn_waits_for_one_chunk_at_the_pending_prompts_mean_context() -> None:
+    """With the engine's short-prompt priority, a conversation's short next turn on its holder waits only
+    for the chunk in progress: 256 tokens of the pending prompt, charged at their mean context a token
+    (`Prediction.short_saving_ms` is what it saves on the whole queue)."""
+    short = dataclasses.replace(CONTEXT, prefill_chunk_tokens=256, short_prefill_tokens=128)
+    p = predict(
+        ttft_ms=150, decode_tokens_per_s=40, p50_latency_ms=0, in_flight=1, queue_depth=0, running=None,
+        capacity=short, pending_prompt_tokens=2000, pending_prompt_context=prompt_context(2000),
+    )  # fmt: skip
+    step = 1000 * 2 / short.aggregate_tokens_per_s(2)  # each 256-token chunk also waits for a decode step
+    queue = 2000 * 5 + 5000 + 2000 / 256 * step  # the whole pending prompt, its attention included
+    chunk = 256 * 5 + 2.5e-3 * 256 * 1000 + step  # 256 of its tokens at a mean 1,000 tokens before each
+    assert p.short_saving_ms == pytest.approx(queue - chunk)
+
+
+def test_a_box_whose_running_requests_hold_long_prompts_is_predicted_at_its_slower_steps() -> None:
+    """Each decoding stream's step reads its whole context: with 3 µs a context token, 3 running requests
+    holding 6,000 prompt tokens make every step 18 ms longer than the curve's short-context figure, for the
+    first token and each one after it. With more requests than slots, only those holding a slot decode."""
+    slow = dataclasses.replace(PREFILL, decode_us_per_context_token=3.0)
+
+    def predicted(capacity: Capacity, in_flight: int, context: int) -> Prediction:
+        return predict(
+            ttft_ms=150, decode_tokens_per_s=40, p50_latency_ms=0, in_flight=in_flight, queue_depth=0,
+            running=None, capacity=capacity, in_flight_context=context,
+        )  # fmt: skip
+
+    plain, held = predicted(PREFILL, 3, 6000), predicted(slow, 3, 6000)
+    assert held.ttft_base_ms - plain.ttft_base_ms == pytest.approx(18.0)
+    assert held.ms_per_output_token - plain.ms_per_output_token == pytest.approx(18.0)
+    assert predicted(slow, 3, 0) == plain  # nothing held: the curve as it is
+    # 8 in flight on 4 slots: half of their 16,000 tokens decode at a time (24 ms a step more), and the new
+    # request, fifth in line for a slot, waits 5 / 4 rounds of its own answer at that pace before its own
+    crowded = (
+        predicted(slow, 8, 16_000).ms_per_output_token - predicted(PREFILL, 8, 16_000).ms_per_output_token
+    )
+    assert crowded == pytest.approx(24.0 * (1 + 5 / 4))
+    # Over a tight e2e SLO, the box whose requests hold long prompts loses a 200-token answer to the cloud.
+    policy = RoutePolicy(slo_p95_e2e_ms=8000)  # ~7.4 s with 300 tokens held, ~13 s with 9,000
+    spec, stats = box(slow, in_flight=3)
+    light = snap((spec, dataclasses.replace(stats, in_flight_context=300)), cloud())
+    heavy = snap((spec, dataclasses.replace(stats, in_flight_context=9000)), cloud())
+    answer = RouteRequest("m", prompt_tokens=100, expected_output_tokens=200, privacy_floor=T.EXTERNAL)
+    assert choose(answer, light, policy, now_s=0).candidates[0].backend == "box"
+    assert choose(answer, heavy, policy, now_s=0).candidates[0].backend == "cloud"
 
 
 def test_without_a_prefill_rate_the_prompt_length_is_ignored_as_before() -> None:
@@ -165,6 +236,7 @@ def test_the_reserve_does_not_bind_when_the_cloud_is_not_an_option() -> None:
         ({"prefill_chunk_tokens": -1}, "capacity.prefill_chunk_tokens"),
         ({"prefill_us_per_context_token": 1.0}, "capacity.prefill_us_per_context_token"),  # no rate
         ({"prefill_us_per_context_token": -1.0, "prefill_tokens_per_s": 200.0}, "per_context_token"),
+        ({"decode_us_per_context_token": -0.1}, "capacity.decode_us_per_context_token"),
     ],
 )
 def test_bad_capacity_settings_name_the_setting(kwargs: dict[str, float], setting: str) -> None:
@@ -257,8 +329,12 @@ def test_a_short_tail_on_an_engine_that_computes_short_prompts_first_waits_for_o
     assert kept.candidates[0].backend == fav and "spilled" not in kept.reason
     by_id = {c.deployment_id: c for c in kept.ranked}
     idle = next(c for name, c in by_id.items() if name != fav)
-    # (plus one step: 25 ms a token alone, 30 ms beside the holder's one request)
-    assert idle.ttft_ms - by_id[fav].ttft_ms == pytest.approx((25 + 5000) - (30 + 1280 + 500))
+    # (plus one step: 25 ms a token alone, 30 ms beside the holder's one request; and a step for each chunk
+    # of prompt: 1000 / 256 of them alone, the one in progress and 100 / 256 beside that request)
+    idle_ms = 25 + 5000 + 1000 / 256 * 25
+    assert idle.ttft_ms - by_id[fav].ttft_ms == pytest.approx(
+        idle_ms - (30 + 1280 + 30 + 500 + 100 / 256 * 30)
+    )
     # Engines computing oldest first (no short_prefill_tokens): the same tail waits for all 1600 (8 s).
     fifo = choose(_turn(key, 900, fav), _replicas({fav: 1600}), SLO, now_s=0)
     assert fifo.candidates[0].backend != fav

@@ -101,6 +101,11 @@ def test_prefill_rate_and_must_stay_reserve_config() -> None:
     capacity = {"tokens_per_s": [[1, 40]], "prefill_tokens_per_s": 165, "prefill_us_per_context_token": 0.9}
     curve = parse_config(_config(capacity=capacity)).backends["gpu"].capacity.curve()  # type: ignore[union-attr]
     assert curve.prefill_us_per_context_token == 0.9
+    capacity = {"tokens_per_s": [[1, 40]], "decode_us_per_context_token": 2.9}
+    assert (
+        parse_config(_config(capacity=capacity)).backends["gpu"].capacity.curve().decode_us_per_context_token
+        == 2.9
+    )  # type: ignore[union-attr]
     with pytest.raises(
         ConfigError, match=r"capacity\.prefill_us_per_context_token .*needs .*prefill_tokens_per_s"
     ):

@@ -506,6 +506,8 @@ def test_calibrate_prints_a_capacity_line_the_gateway_reads_as_the_simulators_cu
     got = CapacityConfig(**tomllib.loads(config_line(model))["capacity"]).curve()
     want = sb_module.capacity_of(model)
     assert got.prefill_us_per_context_token == pytest.approx(want.prefill_us_per_context_token, abs=1e-3)
+    assert got.decode_us_per_context_token == pytest.approx(want.decode_us_per_context_token, abs=1e-3)
+    assert got.decode_us_per_context_token > 0  # the curve file measured it
     assert got.prefill_tokens_per_s == pytest.approx(want.prefill_tokens_per_s, abs=0.05)
     assert [x for x, _ in got.tokens_per_s] == [x for x, _ in want.tokens_per_s]
     assert [y for _, y in got.tokens_per_s] == pytest.approx([y for _, y in want.tokens_per_s], abs=0.05)

@@ -53,7 +53,8 @@ def test_a_burst_inside_one_refresh_interval_sees_its_own_load() -> None:
     routing.stats.request_started(f"m@{picked.backend}", 400)
     second = routing.snapshot(100.002)  # 2 ms later, well inside the 50 ms refresh
     busy = second.deployments[f"m@{picked.backend}"][1]
-    assert (busy.in_flight, busy.pending_prompt_tokens) == (1, 400)
+    assert (busy.in_flight, busy.pending_prompt_tokens, busy.pending_prompt_context) == (1, 400, 400 * 200)
+    assert busy.in_flight_context == 400
     nxt = choose(REQUEST, second, routing.policy("t"), now_s=100.002).candidates[0]
     assert nxt.backend != picked.backend  # the next request goes to the idle box, not the same one
     other = second.deployments[f"m@{nxt.backend}"]
@@ -62,10 +63,10 @@ def test_a_burst_inside_one_refresh_interval_sees_its_own_load() -> None:
     routing.stats.request_finished(f"m@{picked.backend}")
     third = routing.snapshot(100.003)
     idle = third.deployments[f"m@{picked.backend}"][1]
-    assert (idle.in_flight, idle.pending_prompt_tokens) == (0, 0)
+    assert (idle.in_flight, idle.pending_prompt_tokens, idle.pending_prompt_context) == (0, 0, 0.0)
     # A rebuild after the interval reads the same counts from the stats themselves.
     again = routing.snapshot(100.2).deployments[f"m@{picked.backend}"][1]
-    assert (again.in_flight, again.pending_prompt_tokens) == (0, 0)
+    assert (again.in_flight, again.pending_prompt_tokens, again.pending_prompt_context) == (0, 0, 0.0)
 
 
 def test_requests_that_run_later_than_predicted_raise_the_tail_factor() -> None:
@@ -168,7 +169,7 @@ def test_public_models_on_one_box_share_its_load_and_its_prefix_cache() -> None:
     }
     routing = RoutingState(config, build_specs(config, backends, deps))
     routing.snapshot(100.0)
-    routing.stats.request_started("m@gpu", 400)
+    routing.stats.request_started("m@gpu", 400, 1000)  # after 1,000 tokens it expects cached there
     routing.stats.request_started("auto@gpu", 300)
     routing.stats.request_started("m@cloud", 50)
     for when in (100.001, 100.2):  # patched between rebuilds, then rebuilt
@@ -176,6 +177,7 @@ def test_public_models_on_one_box_share_its_load_and_its_prefix_cache() -> None:
         for name in ("m", "auto"):
             stats = deployments[f"{name}@gpu"][1]
             assert (stats.in_flight, stats.pending_prompt_tokens) == (2, 700)  # the box's, whichever name
+            assert stats.pending_prompt_context == 400 * 1200 + 300 * 150
     deployments = routing.snapshot(100.2).deployments
     assert deployments["m@cloud"][1].in_flight == 1 and deployments["auto@cloud"][1].in_flight == 0  # apart
     routing.stats.request_finished("auto@gpu", 300)

@@ -174,6 +174,7 @@ def test_the_wire_format_carries_every_live_stats_field() -> None:
     groups = (
         shared_routing._NUMBERS, shared_routing._MAYBE_NUMBERS, shared_routing._COUNTS,
         shared_routing._MAYBE_COUNTS, shared_routing._TIMES, shared_routing._NUMBERS_SINCE_V1,
+        shared_routing._NUMBERS_ZERO_WHEN_ABSENT, shared_routing._COUNTS_ZERO_WHEN_ABSENT,
     )  # fmt: skip
     assert sorted(f for g in groups for f in g) == sorted(f.name for f in dataclasses.fields(LiveStats))
 
@@ -308,3 +309,34 @@ def test_the_tail_factor_travels_and_an_older_replicas_summary_reads_as_one() ->
     # Merged, the largest any replica measured stands.
     view = SharedView({"d": (remote(stats["d"], 0.0),)}, 10.0, 10.0)
     assert view.merge({"d": PRIORS}, {}, 10.0)["d"].ttft_tail_factor == 2.5
+
+
+def test_prompt_load_travels_adds_up_and_an_older_replicas_summary_reads_as_zero() -> None:
+    """Pending prompts' context and the in-flight prompts' tokens (routing.fleet.predict) go to the other
+    replicas, add up there, and read as 0 from a replica that sends neither."""
+    busy = dataclasses.replace(
+        seen(100.0, in_flight=1),
+        pending_prompt_tokens=900,
+        pending_prompt_context=4.5e5,
+        in_flight_context=1500,
+    )
+    raw = encode_summary({"d": busy}, {"d": Evidence(1.0, 1.0)}, {}, offset_s=0.0)
+    decoded = decode_summary(raw, replica_id="w", offset_s=0.0)
+    assert decoded is not None
+    assert (decoded["d"].stats.pending_prompt_context, decoded["d"].stats.in_flight_context) == (4.5e5, 1500)
+    older = orjson.loads(raw)
+    del older["deps"]["d"]["pending_prompt_context"], older["deps"]["d"]["in_flight_context"]
+    decoded = decode_summary(orjson.dumps(older), replica_id="w", offset_s=0.0)
+    assert decoded is not None
+    assert (decoded["d"].stats.pending_prompt_context, decoded["d"].stats.in_flight_context) == (0.0, 0)
+    # Merged with this replica's own, both count: the prompts wait on one box.
+    view = SharedView({"d": (remote(busy, 0.0),)}, 10.0, 10.0)
+    mine = dataclasses.replace(
+        PRIORS, pending_prompt_tokens=100, pending_prompt_context=5e3, in_flight_context=300
+    )
+    merged = view.merge({"d": mine}, {}, 10.0)["d"]
+    assert (merged.pending_prompt_tokens, merged.pending_prompt_context, merged.in_flight_context) == (
+        1000,
+        4.55e5,
+        1800,
+    )

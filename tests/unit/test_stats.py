@@ -10,6 +10,7 @@ import pytest
 from gateway.live.stats import (
     DEFAULT_ALPHA,
     LiveStats,
+    Load,
     Prior,
     StatsBook,
     observations_to_converge,
@@ -179,6 +180,24 @@ def test_pending_prompt_tokens_count_until_the_first_token_or_the_end() -> None:
     assert (stats(b).pending_prompt_tokens, stats(b).in_flight) == (0, 0)
     b.prefill_done("b", 100)  # more than it holds: clamps at zero
     assert stats(b, "b").pending_prompt_tokens == 0
+
+
+def test_pending_prompts_context_counts_from_the_tokens_expected_cached() -> None:
+    """Beside the pending tokens, their attention's share (routing.fleet.prompt_context): 300 tokens after
+    1,000 cached ones count 300 x 1,150; given back with the tokens, to exactly zero. The whole prompts,
+    cached tokens included, stay in flight until each request ends (`in_flight_context`)."""
+    b = book()
+    b.request_started("a", 300, 1000)
+    b.request_started("a", 500)
+    assert stats(b).pending_prompt_context == 300 * 1150 + 500 * 250
+    assert b.load_of("a") == Load(2, 800, 300 * 1150 + 500 * 250, 1800)
+    b.prefill_done("a", 300, 1000)
+    assert (stats(b).pending_prompt_context, stats(b).in_flight_context) == (500 * 250, 1800)
+    b.request_finished("a", 0, 1000, 1300)  # prefilled before: its whole prompt leaves
+    b.request_finished("a", 500, 0, 500)  # ended before its first token
+    assert b.load_of("a") == Load() and b.load_of("never") == Load()
+    b.request_finished("a", 10, 10, 10)  # one too many: clamps at zero
+    assert (stats(b).pending_prompt_context, stats(b).in_flight_context) == (0.0, 0)
 
 
 def test_engine_reading_is_reported_until_ttl() -> None:
