@@ -55,8 +55,9 @@ RESERVE_TTFT_MS = 1250.0
 
 def capacity_of(model: StepModel) -> Capacity:
     """The box's curve as a config would give it: aggregate decode tok/s at 1, 2, 4 ... max_batch streams;
-    its prefill rate (a full prompt chunk per step beside half a batch of decoding streams, each token at its
-    flat cost) and what a prompt token costs more per token before it (calibrate's `e`); its reserve."""
+    its prefill rate (each prompt token at its flat cost: routing adds a step of the decoding streams per
+    chunk), what a prompt token costs more per token before it (calibrate's `e`) and a decoding stream's step
+    per context token (`d`); its reserve."""
     points, n = [], 1
     while n < model.max_batch:
         points.append((float(n), model.aggregate_tok_s(n)))
