@@ -47,6 +47,15 @@ class Job:
     requeue_s: float = math.inf  # past this without a first token, it is re-queued (`Box.requeue_late`)
     e2e_s: float = math.nan
     cost_usd: Decimal = Decimal(0)
+    # The prompt positions [from, to) of the chunk its step is computing: fixed when the step begins, so an
+    # event inside the step (a stream finishing, an arrival) does not move the chunk (`Box._rates`).
+    chunk: tuple[float, float] = (0.0, 0.0)
+
+    def in_chunk(self) -> bool:
+        """Whether a chunk is in progress: the prompt stands inside it (a leftover under 1e-6 tokens is no
+        chunk, or the clock could not move past it)."""
+        done = self.req.prompt_tokens - self.prefill_left
+        return self.chunk[0] <= done < self.chunk[1] - 1e-6
 
 
 # `Box._prefill_plan`: the prefilling jobs in the engine's order, the step's prompt tokens, short ones alone
@@ -141,15 +150,24 @@ class Box:
             if m.decode_ms_per_context_token
             else 0.0
         )
-        # The step's prompt tokens, in the engine's order, each at its position (cached blocks come first).
-        before, budget = 0.0, chunk
+        # The step's prompt tokens, in the engine's order, each at its position (cached blocks come first); a
+        # job's chunk in progress counts whole, at the positions it began with (`Job.chunk`), so an event
+        # inside a step neither charges the rest of the chunk as if it began where the prompt now stands nor
+        # makes the chunk's last tokens a step of their own (its overhead over fewer tokens). Only on a curve
+        # with a context cost (every measured one); a prompt arriving inside a step joins it here, where the
+        # engine would start it with the next one.
+        before, budget, tokens = 0.0, chunk, 0.0
         if m.prefill_ms_per_context_token:
             for j in order:
-                k = min(j.prefill_left, budget)
+                done = j.req.prompt_tokens - j.prefill_left
+                lo, hi = j.chunk
+                k, start = (hi - lo, lo) if j.in_chunk() else (min(j.prefill_left, budget), done)
                 if k <= 0:
                     break
-                before += positions(k, j.req.prompt_tokens - j.prefill_left)
+                before += positions(k, start)
+                tokens += k
                 budget -= k
+            chunk = tokens or chunk
         step_ms = m.step_ms(len(self.decoding), chunk, context, before)
         if self.blend and self.contended is not None:
             busy = self.contended.step_ms(len(self.decoding), chunk, context, before)
@@ -172,6 +190,15 @@ class Box:
         _, per_stream, prefill_rate = self._rates(plan)
         for j in self.decoding:
             j.decode_left -= per_stream * dt
+        budget = plan[1]
+        for j in order:  # each job's chunk of this step begins where it stands, unless one is in progress
+            k = min(j.prefill_left, budget)
+            if k <= 0:
+                break
+            if not j.in_chunk():
+                done = j.req.prompt_tokens - j.prefill_left
+                j.chunk = (done, done + k)
+            budget -= k
         work = prefill_rate * dt
         for j in order:
             done = min(j.prefill_left, work)
@@ -195,6 +222,10 @@ class Box:
             # rate is then re-read, its tokens at their new positions (a long prompt's later chunks attend
             # to more tokens before them).
             times.append(self.t + step_s)
+            first = plan[0][0]  # its chunk in progress ends: the next step's chunk is read then
+            if first.in_chunk():
+                done = first.req.prompt_tokens - first.prefill_left
+                times.append(self.t + (first.chunk[1] - done) / prefill_rate)
             pending = sum(j.prefill_left for j in self.prefilling)
             if pending > self.spec.model.max_prefill_tokens:
                 times.append(self.t + plan[0][0].prefill_left / prefill_rate)
