@@ -181,9 +181,10 @@ async def replay(
                 return
             counted = getattr(policy, "counted_prompt", None)  # what its gateway counts as pending
             pending = counted(req) if counted is not None else req.prompt_tokens
-            view.start(target, pending, req.prompt_tokens - pending)
+            cached = req.prompt_tokens - pending  # what its gateway expects the box to hold
+            view.start(target, pending, cached)
             model = CLOUD_MODEL.name if target == CLOUD else "smollm2"
-            held = [(pending, req.prompt_tokens - pending)]
+            held = [(pending, cached)]
             deadline = getattr(policy, "deadline_ms", None)  # what its gateway tells the engine (EDF)
 
             def prefilled() -> None:  # once: at the first token, or at the end

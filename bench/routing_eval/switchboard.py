@@ -25,6 +25,7 @@ from backends.base import BackendKind
 from bench.routing_eval.fleet import BoxSpec, Fleet, StepModel
 from bench.routing_eval.sim import CLOUD, Job, Simulation
 from bench.routing_eval.workload import TEAMS, Request
+from gateway.live.stats import Load
 from routing.decision import Price, RouteDecision
 from routing.fleet import Capacity, holds_prefix, lateness, stable_hash64, tail_factor
 from routing.scoring import choose
@@ -63,16 +64,14 @@ def capacity_of(model: StepModel) -> Capacity:
         points.append((float(n), model.aggregate_tok_s(n)))
         n *= 2
     points.append((float(model.max_batch), model.aggregate_tok_s(model.max_batch)))
-    chunk = model.max_prefill_tokens
-    step_ms = model.prefill_ms_per_token * chunk
     return Capacity(
         tokens_per_s=tuple(points),
         max_concurrency=model.max_batch,
-        prefill_tokens_per_s=1000 * chunk / step_ms,
+        prefill_tokens_per_s=1000 / model.prefill_ms_per_token,
         reserve_slots=max(1, round(RESERVE_SHARE * model.max_batch)),
         reserve_ttft_ms=RESERVE_TTFT_MS,
         kv_cache_tokens=model.kv_tokens,
-        prefill_chunk_tokens=chunk,
+        prefill_chunk_tokens=model.max_prefill_tokens,
         short_prefill_tokens=model.short_prefill_tokens,
         prefill_us_per_context_token=1000 * model.prefill_ms_per_context_token,
         decode_us_per_context_token=1000 * model.decode_ms_per_context_token,
@@ -161,7 +160,7 @@ class Switchboard:
     _snapshot: RoutingSnapshot | None = None
     _built: RoutingSnapshot | None = None
     _built_s: float = -1.0
-    _built_load: dict[str, tuple[int, int, float, int]] = field(default_factory=dict)
+    _built_load: dict[str, Load] = field(default_factory=dict)
     _policies: dict[str, RoutePolicy] = field(default_factory=dict)
     predicted_ttft_ms: dict[int, float] = field(default_factory=dict)  # request id -> routing's prediction
     _counted: int = 0
@@ -212,21 +211,19 @@ class Switchboard:
         elif self.fresh_load:  # the gateway's own counts are current between rebuilds (gateway/live/state.py)
             changed = {}
             for name, load_0 in self._built_load.items():
-                in_flight, pending, context, held = load = self._load(name, sim)
+                load = self._load(name, sim)
                 if load != load_0:
                     spec, stats = self._built.deployments[dep_id(name)]
-                    changed[spec.deployment_id] = replace(
-                        stats, in_flight=in_flight, pending_prompt_tokens=pending,
-                        pending_prompt_context=context, in_flight_context=held,
-                    )  # fmt: skip
+                    changed[spec.deployment_id] = replace(stats, **load._asdict())
             self._snapshot = self._built.with_stats(changed) if changed else self._built
         assert self._snapshot is not None
         return self._snapshot
 
     @staticmethod
-    def _load(name: str, sim: Simulation) -> tuple[int, int, float, int]:
-        box = sim.boxes[name]
-        return box.in_system, box.pending_prompt_tokens, box.pending_prompt_context, box.in_flight_context
+    def _load(name: str, sim: Simulation) -> Load:
+        """What the box's gateway counts (`gateway.live.stats.Load`)."""
+        b = sim.boxes[name]
+        return Load(b.in_system, b.pending_prompt_tokens, b.pending_prompt_context, b.in_flight_context)
 
     def _held(self, key: int) -> tuple[str, int] | None:
         """(holder, tokens it holds) as `RoutingState.prefix_held` gives them, or None."""

@@ -55,8 +55,9 @@ class BoxPeers:
         return sum(stats.kv_written_of(peer) for peer in self._peers.get(dep_id, (dep_id,)))
 
     def pooled(self, entries: Entries) -> Entries:
-        """`entries` with a shared box's in-flight and pending prompt counts, its deployments' sum, on each
-        deployment it serves (counts merged from other gateway replicas included)."""
+        """`entries` with a shared box's load (the `Load` counts: in flight, prompts pending and their
+        context), its deployments' sum, on each deployment it serves (counts merged from other gateway
+        replicas included)."""
         if not self._peers:
             return entries
         out = dict(entries)
@@ -65,14 +66,6 @@ class BoxPeers:
                 continue
             rows = [entries[p][1] for p in peers if p in entries]
             spec, stats = entries[dep_id]
-            out[dep_id] = (
-                spec,
-                dataclasses.replace(
-                    stats,
-                    in_flight=sum(s.in_flight for s in rows),
-                    pending_prompt_tokens=sum(s.pending_prompt_tokens for s in rows),
-                    pending_prompt_context=sum(s.pending_prompt_context for s in rows),
-                    in_flight_context=sum(s.in_flight_context for s in rows),
-                ),
-            )
+            summed = {f: sum(getattr(s, f) for s in rows) for f in Load._fields}
+            out[dep_id] = (spec, dataclasses.replace(stats, **summed))
         return out
